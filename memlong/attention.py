@@ -1,0 +1,193 @@
+"""Retrieval causal attention, plugged into transformers through its attention-function registry.
+
+Contract of one attention call (one layer, one forward):
+    queries ``q``: ``(B, H, Lq, D)`` of the new tokens, already rotated by the model at their positions;
+    keys/values = ``[prefix | local | new]`` where
+        * prefix: K-V every query may see (retrieved memory of this layer, the attention sink, and
+          while streaming the bounded local cache), already rotated to their layout positions;
+        * local: K-V of earlier tokens of the same generation call (decode cache);
+        * new: the K-V of the queries' own tokens, causal.
+    One joint softmax over all of them (memory visible to every query, local causal), never two
+    softmaxes summed. GQA: ``n_kv_heads`` may divide ``H``.
+
+Backends computing the same function: ``eager`` (explicit float32 softmax; the reference used in
+tests), ``sdpa`` (one SDPA call with a boolean mask; fast enough on CPU and for decode), ``flex``
+(FlexAttention with a block mask; the fast path for long windows on CUDA).
+
+The model (`memlong.model`) sets a :class:`AttentionContext` on the forward call through the
+``memlong_context`` keyword, which transformers forwards untouched to every attention call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ATTN_NAME", "AttentionContext", "joint_attention", "register", "rotate", "unrotate"]
+
+ATTN_NAME = "memlong"
+
+
+# ------------------------------------------------------------------ RoPE helpers
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE: ``x`` (B, h, T, D) pre-RoPE, ``cos``/``sin`` (B, T, D) from the model's rotary module."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Invert :func:`rotate` (also for RoPE variants whose cos/sin carry a scaling factor)."""
+    cos, sin = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
+    xf = x.float()
+    return ((xf * cos - _rotate_half(xf) * sin) / (cos * cos + sin * sin)).to(x.dtype)
+
+
+# ------------------------------------------------------------------ the joint softmax
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _attention_eager(q, k, v, n_visible, scaling):
+    """Exact reference: explicit mask, float32 softmax. Shapes: q (B,H,Lq,D), k/v (B,Hkv,Lk,D)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = _expand_kv(k, groups).float(), _expand_kv(v, groups).float()
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scaling  # (B, H, Lq, Lk)
+    scores = scores.masked_fill(~_mask(q.shape[2], k.shape[2], n_visible, q.device), float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
+
+
+def _mask(lq: int, lk: int, n_visible: int, device) -> torch.Tensor:
+    """(Lq, Lk) bool: key j visible to query i iff j < n_visible or j - n_visible <= i."""
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return (j < n_visible) | (j - n_visible <= i)
+
+
+def _attention_sdpa(q, k, v, n_visible, scaling, dropout: float = 0.0):
+    lq, lk = q.shape[2], k.shape[2]
+    groups = q.shape[1] // k.shape[1]
+    if lq == 1:  # decode: everything is visible, no mask keeps SDPA on its fast kernels
+        mask, causal = None, False
+    elif n_visible == 0:
+        mask, causal = None, True
+    else:
+        mask, causal = _mask(lq, lk, n_visible, q.device), False
+    if groups > 1 and q.device.type != "cuda":
+        k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+        groups = 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                          scale=scaling, enable_gqa=groups > 1)
+
+
+_flex_compiled: Callable | None = None
+
+
+def _attention_flex(q, k, v, n_visible, scaling):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _flex_compiled
+    lq, lk = q.shape[2], k.shape[2]
+
+    def visible_or_causal(b, h, qi, kj):
+        return (kj < n_visible) | (kj - n_visible <= qi)
+
+    fn = flex_attention
+    if q.device.type == "cuda":
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention, dynamic=True)
+        fn = _flex_compiled
+    block = create_block_mask(visible_or_causal, None, None, lq, lk, device=q.device)
+    return fn(q, k, v, block_mask=block, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_visible: int, scaling: float,
+                    backend: str = "sdpa", dropout: float = 0.0) -> torch.Tensor:
+    """Softmax attention of ``q`` over ``k``/``v`` where the first ``n_visible`` keys are visible to every
+    query and the last ``Lq`` keys (the queries' own tokens) are causal. Returns ``(B, H, Lq, D)``."""
+    if k.shape[2] != n_visible + q.shape[2]:
+        raise ValueError(f"expected {n_visible} visible + {q.shape[2]} causal keys, got {k.shape[2]}.")
+    if backend == "eager":
+        return _attention_eager(q, k, v, n_visible, scaling)
+    if backend == "flex" and q.shape[2] > 1:
+        return _attention_flex(q, k, v, n_visible, scaling)
+    return _attention_sdpa(q, k, v, n_visible, scaling, dropout)
+
+
+# ------------------------------------------------------------------ per-forward context
+@dataclass
+class AttentionContext:
+    """What one forward call of the model attends to besides its own tokens.
+
+    ``prefix[layer]``: (keys, values) ``(B, Hkv, P, D)``, rotated, visible to every query (memory, sink,
+    streaming cache). ``local[layer]``: rotated K-V of earlier tokens of this context (decode cache),
+    extended in place by every forward when ``grow`` is set. ``capture``: keep the new tokens'
+    pre-RoPE keys and values per layer in ``captured`` (what the bank and the streaming cache store).
+    ``cos``/``sin``: rotary tables of the new tokens, needed to undo RoPE for capture.
+    """
+
+    prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    local: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    grow: bool = False
+    capture: bool = False
+    backend: str = "sdpa"
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def memlong_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, scaling: float | None = None,
+                              dropout: float = 0.0, memlong_context: AttentionContext | None = None, **kwargs):
+    """The function registered as ``attn_implementation="memlong"``; returns ``(B, Lq, H, D), None``."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    ctx = memlong_context
+    if ctx is None:  # a plain call (e.g. HF generate): ordinary causal attention
+        out = _attention_sdpa(query, key, value, 0, scaling, dropout) if attention_mask is None else \
+            F.scaled_dot_product_attention(query, _expand_kv(key, query.shape[1] // key.shape[1]),
+                                           _expand_kv(value, query.shape[1] // key.shape[1]),
+                                           attn_mask=attention_mask, scale=scaling, dropout_p=dropout)
+        return out.transpose(1, 2).contiguous(), None
+    layer = module.layer_idx
+    if ctx.capture:
+        ctx.captured[layer] = (unrotate(key, ctx.cos, ctx.sin), value)
+    parts_k, parts_v = [], []
+    for store in (ctx.prefix, ctx.local):
+        if layer in store:
+            parts_k.append(store[layer][0].to(key.dtype))
+            parts_v.append(store[layer][1].to(value.dtype))
+    n_visible = sum(p.shape[2] for p in parts_k)
+    if ctx.grow:
+        old = ctx.local.get(layer)
+        ctx.local[layer] = (key, value) if old is None else (torch.cat([old[0], key], 2), torch.cat([old[1], value], 2))
+    k = torch.cat(parts_k + [key], dim=2) if parts_k else key
+    v = torch.cat(parts_v + [value], dim=2) if parts_v else value
+    out = joint_attention(query, k, v, n_visible, scaling, ctx.backend, dropout if module.training else 0.0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # the attention function builds its own mask
+
+
+_registered = False
+
+
+def register() -> str:
+    """Register the attention function (and a no-op mask builder) under ``"memlong"``; idempotent."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(ATTN_NAME, memlong_attention_forward)
+        AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+        _registered = True
+    return ATTN_NAME

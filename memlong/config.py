@@ -1,0 +1,181 @@
+"""`MemLongConfig`: every knob of the method in one typed, validated dataclass.
+
+Defaults follow the paper and its reference code where those make sense for a stock model:
+chunks of 128 tokens, top-k 8, a 1,024-token local window and a 32,768-token memory. Layer choices
+depend on the model's depth, so they are left as ``None`` and resolved by :meth:`MemLongConfig.resolve`
+once the model is known.
+
+Example:
+    >>> cfg = MemLongConfig(top_k=4).resolve(num_layers=26)
+    >>> cfg.memory_layer, cfg.retrieval_layers
+    (13, (13, 17, 21, 25))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+KVSource = Literal["memory_layer", "per_layer"]
+PositionLayout = Literal["zero", "continual"]
+AttentionBackend = Literal["auto", "sdpa", "flex", "eager"]
+
+__all__ = ["MemLongConfig"]
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(kw_only=True)
+class MemLongConfig:
+    """Configuration of a :class:`memlong.MemLong` model.
+
+    Attributes:
+        chunk_size: tokens per memory chunk (the unit of retrieval and eviction).
+        memory_layer: index ``m`` of the memory layer; layers ``0..m`` stay frozen in training.
+            ``None``: half the model depth (13 for the paper's 26 layers).
+        retrieval_layers: layers whose attention reads retrieved K-V. ``None`` resolves to the
+            paper's four layers spread over ``m..L-1`` for ``kv_source="memory_layer"`` and to
+            *every* layer for ``"per_layer"`` (measured best on the default model, see README).
+            The strings ``"upper"`` (every layer ``m..L-1``) and ``"all"`` are accepted too.
+        kv_source: ``"memory_layer"`` (the paper: all retrieval layers read the memory layer's
+            stored K-V; needs fine-tuned upper layers) or ``"per_layer"`` (training-free: each
+            retrieval layer reads the K-V it stored itself).
+        position_layout: ``"continual"``: sink at 0, retrieved chunks at 1..M in document order,
+            local tokens after them; ``"zero"``: memory keys unrotated (position 0), local tokens
+            from 1 (the paper's layout, for fine-tuned models).
+        top_k: chunks retrieved per window.
+        local_window: tokens of local attention (the bounded cache while streaming).
+        ingest_step: tokens processed per streaming step (``None``: half the local window); the
+            cache keeps the last ``local_window - ingest_step`` tokens between steps.
+        attention_sink: keep one shared sink token (the tokenizer's BOS) at position 0 of every
+            window, stream and generation; without one, retrieved K-V collapsed perplexity in our
+            prototype (README).
+        memory_capacity: tokens the bank holds per namespace before eviction.
+        evict_oldest: share of the oldest chunks always dropped on eviction (paper: 10 %).
+        keep_newest: share of the newest chunks always kept on eviction (paper: 10 %).
+        memory_dtype: dtype of stored K-V (``"float16"`` halves memory; ``"float32"`` is exact).
+        memory_device: where stored K-V lives: ``"cpu"`` (only retrieved chunks move to the model's
+            device) or ``"model"`` (same device as the model).
+        attention_backend: ``"auto"`` (FlexAttention on CUDA, SDPA elsewhere), ``"sdpa"``,
+            ``"flex"`` or ``"eager"`` (the exact float32 reference).
+    """
+
+    chunk_size: int = 128
+    memory_layer: int | None = None
+    retrieval_layers: tuple[int, ...] | Literal["upper", "all"] | None = None
+    kv_source: KVSource = "per_layer"
+    position_layout: PositionLayout = "continual"
+    top_k: int = 8
+    local_window: int = 1024
+    ingest_step: int | None = None
+    attention_sink: bool = True
+    memory_capacity: int = 32_768
+    evict_oldest: float = 0.10
+    keep_newest: float = 0.10
+    memory_dtype: str = "float16"
+    memory_device: Literal["cpu", "model"] = "cpu"
+    attention_backend: AttentionBackend = "auto"
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def torch_memory_dtype(self) -> torch.dtype:
+        return _DTYPES[self.memory_dtype]
+
+    @property
+    def step(self) -> int:
+        """Tokens per streaming step (resolved ``ingest_step``)."""
+        return self.ingest_step if self.ingest_step is not None else max(self.chunk_size, self.local_window // 2)
+
+    @property
+    def source_layers(self) -> tuple[int, ...]:
+        """Layers whose K-V the bank stores."""
+        assert isinstance(self.retrieval_layers, tuple), "call resolve() first"
+        if self.kv_source == "memory_layer":
+            assert self.memory_layer is not None
+            return (self.memory_layer,)
+        return self.retrieval_layers
+
+    def source_index(self, layer: int) -> int:
+        """Index into the stored K-V that retrieval layer ``layer`` reads."""
+        return 0 if self.kv_source == "memory_layer" else self.source_layers.index(layer)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        if isinstance(data["retrieval_layers"], tuple):
+            data["retrieval_layers"] = list(data["retrieval_layers"])
+        return data
+
+    # --------------------------------------------------------------- validation
+    def resolve(self, num_layers: int) -> MemLongConfig:
+        """Return a copy with model-dependent defaults filled in, after validating every field.
+
+        Raises:
+            ValueError: naming the field, the bad value and what is allowed.
+        """
+        if num_layers < 2:
+            raise ValueError(f"MemLong needs a model with at least 2 layers, got {num_layers}.")
+        _check(self.kv_source in ("memory_layer", "per_layer"),
+               f"kv_source must be 'memory_layer' or 'per_layer', got {self.kv_source!r}.")
+        _check(self.position_layout in ("zero", "continual"),
+               f"position_layout must be 'zero' or 'continual', got {self.position_layout!r}.")
+        _check(self.attention_backend in ("auto", "sdpa", "flex", "eager"),
+               f"attention_backend must be one of auto, sdpa, flex, eager; got {self.attention_backend!r}.")
+        _check(self.memory_dtype in _DTYPES,
+               f"memory_dtype must be one of {sorted(_DTYPES)}, got {self.memory_dtype!r}.")
+        _check(self.memory_device in ("cpu", "model"),
+               f"memory_device must be 'cpu' or 'model', got {self.memory_device!r}.")
+        for name in ("chunk_size", "local_window", "memory_capacity"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}.")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}.")
+        step = self.step
+        _check(step % self.chunk_size == 0 and 0 < step <= self.local_window,
+               f"ingest_step ({step}) must be a multiple of chunk_size ({self.chunk_size}) and at most "
+               f"local_window ({self.local_window}).")
+        _check(self.memory_capacity >= self.chunk_size,
+               f"memory_capacity ({self.memory_capacity}) must hold at least one chunk ({self.chunk_size} tokens).")
+        _check(0.0 <= self.evict_oldest < 1.0 and 0.0 <= self.keep_newest < 1.0
+               and self.evict_oldest + self.keep_newest < 1.0,
+               f"evict_oldest ({self.evict_oldest}) and keep_newest ({self.keep_newest}) must be in [0, 1) "
+               "and sum to less than 1.")
+
+        memory_layer = num_layers // 2 if self.memory_layer is None else self.memory_layer
+        _check(isinstance(memory_layer, int) and 0 <= memory_layer < num_layers,
+               f"memory_layer must be in 0..{num_layers - 1} for this {num_layers}-layer model, got {memory_layer!r}.")
+
+        layers = self.retrieval_layers
+        if layers is None:
+            layers = "all" if self.kv_source == "per_layer" else _spread(memory_layer, num_layers)
+        if layers == "all":
+            layers = tuple(range(num_layers))
+        elif layers == "upper":
+            layers = tuple(range(memory_layer, num_layers))
+        elif isinstance(layers, str):
+            raise ValueError(f"retrieval_layers must be a list of layer indices, 'upper' or 'all'; got {layers!r}.")
+        layers = tuple(sorted(set(int(i) for i in layers)))
+        _check(len(layers) > 0, "retrieval_layers is empty; give at least one layer index.")
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        _check(not bad, f"retrieval_layers {bad} are out of range: this model has layers 0..{num_layers - 1}.")
+        if self.kv_source == "memory_layer":
+            below = [i for i in layers if i < memory_layer]
+            _check(not below,
+                   f"retrieval_layers {below} lie below memory_layer {memory_layer}: with kv_source='memory_layer' "
+                   "every retrieval layer reads the memory layer's K-V, so it must be at or above it. "
+                   "Raise them, lower memory_layer, or use kv_source='per_layer'.")
+        return dataclasses.replace(self, memory_layer=memory_layer, retrieval_layers=layers)
+
+
+def _spread(memory_layer: int, num_layers: int, count: int = 4) -> tuple[int, ...]:
+    """The paper's choice for 26 layers, m=13: (13, 17, 21, 25): `count` layers evenly over m..L-1."""
+    top = num_layers - 1
+    if top == memory_layer:
+        return (memory_layer,)
+    return tuple(sorted({round(memory_layer + i * (top - memory_layer) / (count - 1)) for i in range(count)}))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

@@ -1,0 +1,515 @@
+"""`MemLong`: a pretrained Llama-family decoder + a `MemoryBank` + retrieval causal attention.
+
+How a document flows through it (``ingest``): the token stream is cut into steps of
+``config.step`` tokens. For each step we (1) retrieve ``top_k`` chunks using the *previous* chunk's
+text as the query (never the step's own tokens), skipping chunks still in the local cache; (2) run the
+step with attention over ``[retrieved K-V | sink | local cache | step]``; (3) write the step's chunks
+(their pre-RoPE K-V of the source layers, computed with their real preceding context) to the bank;
+(4) keep only the last ``local_window - step`` tokens in the local cache. Memory is bounded by the bank's
+capacity, compute per step by the local window.
+
+``generate`` encodes only the prompt: retrieved chunks (by explicit id, or found with the prompt as
+query) enter the retrieval layers as stored K-V.
+
+Example:
+    >>> from memlong import MemLong
+    >>> ml = MemLong.from_pretrained("default", top_k=4)
+    >>> ml.ingest(open("hamlet.txt").read(), namespace="hamlet")
+    >>> ml.generate("Who killed Polonius?", namespace="hamlet", max_new_tokens=20)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memlong.attention import AttentionContext, register, rotate
+from memlong.config import MemLongConfig
+from memlong.embedder import Embedder, TextEmbedder
+from memlong.memory import MemoryBank
+
+__all__ = ["GenerationStats", "IngestStats", "MemLong", "SUPPORTED_ARCHITECTURES"]
+
+# Decoders whose attention is q/k/v/o projections + standard RoPE + the transformers attention registry.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class IngestStats:
+    """What one ``ingest`` call did."""
+
+    documents: int = 0
+    tokens: int = 0
+    chunks: int = 0
+    chunk_ids: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class GenerationStats:
+    """What the last ``generate`` call encoded and retrieved."""
+
+    prompt_tokens: int = 0  # tokens the decoder encoded for the prompt (retrieved text is never re-encoded)
+    memory_tokens: int = 0  # tokens of retrieved K-V the retrieval layers attended to
+    chunk_ids: list[str] = field(default_factory=list)
+    new_tokens: int = 0
+    time_to_first_token: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Stream:
+    """Streaming state of one document: the bounded local cache and what is inside it."""
+
+    doc_id: str
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # pre-RoPE (1,Hkv,C,D)
+    cache_len: int = 0
+    recent: list[tuple[str, int]] = field(default_factory=list)  # (chunk id, end offset) of stored chunks
+    last_chunk_text: str | None = None
+    offset: int = 0
+
+
+class MemLong:
+    """A decoder with a chunk-level K-V memory (MemLong, Liu et al. 2024).
+
+    Args:
+        model: a transformers causal LM of a supported architecture (``SUPPORTED_ARCHITECTURES``).
+        tokenizer: its tokenizer.
+        config: a :class:`MemLongConfig` (layer defaults are resolved against the model depth).
+        embedder: the retriever embedder (default: packaged all-MiniLM-L6-v2).
+        bank: an existing :class:`MemoryBank` to share; a new one otherwise.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, config: MemLongConfig | None = None, *,
+                 embedder: TextEmbedder | str | None = None, bank: MemoryBank | None = None) -> None:
+        arch = getattr(model.config, "model_type", None)
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"Unsupported model architecture {arch!r}: MemLong supports {SUPPORTED_ARCHITECTURES} "
+                             "(Llama-family decoders with standard RoPE attention). Pick a model of one of these types.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.num_layers = int(model.config.num_hidden_layers)
+        self.config = (config or MemLongConfig()).resolve(self.num_layers)
+        register()
+        model.config._attn_implementation = "memlong"
+        model.eval()
+        self.decoder = model.model  # embeddings + layers + final norm
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        if bank is None:
+            emb = Embedder() if embedder in (None, "default") else (Embedder(embedder) if isinstance(embedder, str)
+                                                                     else embedder)
+            bank = MemoryBank(embedder=emb, capacity=self.config.memory_capacity,
+                              evict_oldest=self.config.evict_oldest, keep_newest=self.config.keep_newest,
+                              dtype=self.config.torch_memory_dtype,
+                              device="cpu" if self.config.memory_device == "cpu" else self.device)
+        self.bank = bank
+        self.last_generation = GenerationStats()
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self._sink_ids = [int(bos)] if (self.config.attention_sink and bos is not None) else []
+        self._sink: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "default", *, embedder: TextEmbedder | str | None = None,
+                        device: str | None = None, dtype: torch.dtype | str | None = None,
+                        **config: Any) -> MemLong:
+        """Load ``"default"`` (embedded SmolLM2-135M-Instruct), any HF model id, or a local path.
+
+        Extra keywords are :class:`MemLongConfig` fields, e.g. ``top_k=4, local_window=1024``.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = str(name_or_path)
+        if path == "default":
+            from memlong.default_model import default_model_path
+
+            path = str(default_model_path())
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None:
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        return cls(model, tokenizer, MemLongConfig(**config), embedder=embedder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------------ helpers
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens added."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``(1, T, D)`` of the model's own rotary embedding at ``positions``."""
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        return self.decoder.rotary_emb(probe, positions.view(1, -1).to(self.device))
+
+    def _run(self, ids: Sequence[int] | torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
+             logits_for: slice | None = slice(None)) -> torch.Tensor | None:
+        """One forward of ``ids`` at ``positions`` under ``ctx``; logits of the selected positions."""
+        ids = torch.as_tensor(ids, device=self.device).view(1, -1)
+        positions = positions.view(1, -1).to(self.device)
+        if ctx.capture:
+            ctx.cos, ctx.sin = self._rope(positions)
+        hidden = self.decoder(input_ids=ids, position_ids=positions, use_cache=False,
+                              memlong_context=ctx).last_hidden_state
+        return None if logits_for is None else self.model.lm_head(hidden[:, logits_for]).float()
+
+    def _sink_kv(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Pre-RoPE K-V of the sink token per layer. A lone first token attends only to itself, so its
+        K-V is the same in every window: computed once."""
+        if self._sink is None:
+            self._sink = {}
+            if self._sink_ids:
+                ctx = AttentionContext(capture=True, backend="eager")
+                with torch.no_grad():
+                    self._run(self._sink_ids, torch.zeros(1, dtype=torch.long), ctx, logits_for=None)
+                self._sink = ctx.captured
+        return self._sink
+
+    def _backend(self) -> str:
+        backend = self.config.attention_backend
+        if backend == "auto":
+            return "flex" if self.device.type == "cuda" else "sdpa"
+        return backend
+
+    def _memory(self, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not chunk_ids:
+            return None
+        keys, values = self.bank.fetch(chunk_ids, namespace=namespace, device=self.device, dtype=self.dtype)
+        expected = (len(self.config.source_layers), self._kv_heads(), self._head_dim())
+        if (keys.shape[0], keys.shape[1], keys.shape[3]) != expected:
+            raise ValueError(f"Stored K-V has shape (layers, heads, dim) = {(keys.shape[0], keys.shape[1], keys.shape[3])}"
+                             f" but this model/config expects {expected}: the bank was filled by another model "
+                             "or kv_source. Use a fresh namespace or the model that built it.")
+        return keys, values
+
+    def _kv_heads(self) -> int:
+        return int(getattr(self.model.config, "num_key_value_heads", None) or self.model.config.num_attention_heads)
+
+    def _head_dim(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+    def _context(self, memory: tuple[torch.Tensor, torch.Tensor] | None,
+                 cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None, cache_len: int,
+                 capture: bool = False, grow: bool = False) -> tuple[AttentionContext, int]:
+        """Build the visible prefix ``[memory | sink | cache]`` for every layer, rotated to the layout.
+
+        Returns the context and the position of the first new token.
+        """
+        cfg = self.config
+        sink = self._sink_kv()
+        base = 1 if sink else 0
+        n_mem = 0 if memory is None else memory[0].shape[2]
+        if cfg.position_layout == "continual":
+            mem_start, cache_start = base, base + n_mem
+        else:  # "zero": memory keys unrotated at 0, local tokens re-based from 1
+            mem_start, cache_start = 0, 1
+        ctx = AttentionContext(capture=capture, grow=grow, backend=self._backend())
+        rope = {}
+        if n_mem:
+            mem_pos = torch.arange(n_mem) + mem_start if cfg.position_layout == "continual" else torch.zeros(n_mem, dtype=torch.long)
+            rope["mem"] = self._rope(mem_pos)
+        if sink:
+            rope["sink"] = self._rope(torch.zeros(1, dtype=torch.long))
+        if cache_len:
+            rope["cache"] = self._rope(torch.arange(cache_len) + cache_start)
+        retrieval = set(cfg.retrieval_layers)
+        for layer in range(self.num_layers):
+            ks, vs = [], []
+            if n_mem and layer in retrieval:
+                src = cfg.source_index(layer)
+                ks.append(rotate(memory[0][src].unsqueeze(0), *rope["mem"]))
+                vs.append(memory[1][src].unsqueeze(0))
+            if sink:
+                ks.append(rotate(sink[layer][0], *rope["sink"]).to(self.dtype))
+                vs.append(sink[layer][1].to(self.dtype))
+            if cache_len:
+                ks.append(rotate(cache[layer][0], *rope["cache"]))
+                vs.append(cache[layer][1])
+            if ks:
+                ctx.prefix[layer] = (torch.cat(ks, 2), torch.cat(vs, 2))
+        return ctx, cache_start + cache_len
+
+    # ------------------------------------------------------------------ streaming
+    def _retrieve_for_stream(self, state: _Stream, namespace: str) -> list[str]:
+        if self.config.top_k <= 0 or state.last_chunk_text is None:
+            return []
+        in_cache = [cid for cid, end in state.recent if end > state.offset - state.cache_len]
+        hits = self.bank.search(state.last_chunk_text, namespace=namespace, k=self.config.top_k, exclude=in_cache)
+        return [h.chunk_id for h in hits]
+
+    def _stream_step(self, tokens: Sequence[int], state: _Stream, namespace: str, *, write: bool = True,
+                     logits: bool = False, retrieve: bool = True) -> torch.Tensor | None:
+        """Process one step of a document: retrieve, run, write its chunks, slide the cache."""
+        cfg = self.config
+        chunk_ids = self._retrieve_for_stream(state, namespace) if retrieve else []
+        memory = self._memory(chunk_ids, namespace)
+        ctx, start = self._context(memory, state.cache, state.cache_len, capture=True)
+        positions = torch.arange(len(tokens)) + start
+        if start + len(tokens) > self.max_positions:
+            raise ValueError(f"A step needs positions up to {start + len(tokens)} but the model has "
+                             f"{self.max_positions}; lower top_k, chunk_size or local_window.")
+        out = self._run(tokens, positions, ctx, logits_for=slice(None) if logits else None)
+        captured = ctx.captured
+        # write the step's chunks, K-V from this pass (real preceding context), after use
+        if write:
+            srcs = cfg.source_layers
+            texts, keys, values, spans = [], [], [], []
+            for s in range(0, len(tokens), cfg.chunk_size):
+                e = min(s + cfg.chunk_size, len(tokens))
+                text = self.tokenizer.decode(tokens[s:e])
+                if not text.strip():
+                    continue  # whitespace-only chunk: nothing to retrieve it by
+                texts.append(text)
+                keys.append(torch.stack([captured[layer][0][0, :, s:e] for layer in srcs]))
+                values.append(torch.stack([captured[layer][1][0, :, s:e] for layer in srcs]))
+                spans.append((state.offset + s, state.offset + e))
+            ids = self.bank.add_chunks(texts, keys=keys, values=values, namespace=namespace, doc_id=state.doc_id,
+                                       spans=spans)
+            state.recent.extend((cid, span[1]) for cid, span in zip(ids, spans))
+            state.recent = state.recent[-(cfg.local_window // cfg.chunk_size + 2):]
+        last = len(tokens) - cfg.chunk_size * ((len(tokens) - 1) // cfg.chunk_size)
+        state.last_chunk_text = self.tokenizer.decode(tokens[-last:])
+        # slide the local cache: keep the last local_window - step tokens
+        keep = cfg.local_window - cfg.step
+        for layer in range(self.num_layers):
+            k_new, v_new = captured[layer]
+            if layer in state.cache:
+                k_new = torch.cat([state.cache[layer][0], k_new], 2)
+                v_new = torch.cat([state.cache[layer][1], v_new], 2)
+            state.cache[layer] = (k_new[:, :, -keep:].detach(), v_new[:, :, -keep:].detach()) if keep else \
+                (k_new[:, :, :0].detach(), v_new[:, :, :0].detach())
+        state.cache_len = state.cache[0][0].shape[2]
+        state.offset += len(tokens)
+        return out
+
+    def ingest(self, texts: str | Sequence[str], *, namespace: str = "default", doc_ids: Sequence[str] | None = None,
+               progress: bool = True) -> IngestStats:
+        """Stream documents of any length into memory, window by window (see module docstring).
+
+        Args:
+            texts: one document or a list of documents (each streamed separately).
+            namespace: the memory namespace to write to (one per document set, user or session).
+            doc_ids: optional ids for the documents (used by ``MemoryBank.delete(doc_id=...)``).
+            progress: show a tqdm progress bar over tokens.
+        Raises:
+            ValueError: a document that is empty or only whitespace.
+        """
+        docs = [texts] if isinstance(texts, str) else list(texts)
+        if doc_ids is not None and len(doc_ids) != len(docs):
+            raise ValueError(f"Got {len(docs)} documents but {len(doc_ids)} doc_ids.")
+        encoded = []
+        for i, doc in enumerate(docs):
+            if not isinstance(doc, str) or not doc.strip():
+                raise ValueError(f"Document {i} is empty: there is nothing to ingest. Pass non-empty text.")
+            encoded.append(self.tokenize(doc))
+        stats = IngestStats(documents=len(docs))
+        t0 = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(map(len, encoded)), unit="tok", desc=f"ingest[{namespace}]", disable=not progress)
+        with torch.no_grad():
+            for i, tokens in enumerate(encoded):
+                state = _Stream(doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}")
+                before = len(state.recent)
+                for s in range(0, len(tokens), self.config.step):
+                    step = tokens[s:s + self.config.step]
+                    self._stream_step(step, state, namespace)
+                    bar.update(len(step))
+                stats.tokens += len(tokens)
+                stats.chunk_ids += [cid for cid, _ in state.recent[before:]]
+        bar.close()
+        stats.chunks = len(stats.chunk_ids)
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def perplexity(self, text: str | Sequence[int], *, score_last: int = 2048, namespace: str | None = None,
+                   use_memory: bool = True, progress: bool = False) -> dict[str, float]:
+        """Perplexity of the last ``score_last`` tokens, the rest streamed through memory.
+
+        ``use_memory=False`` gives the local-window baseline (same stream, nothing retrieved).
+        Uses (and afterwards resets) a scratch namespace unless ``namespace`` is given.
+        """
+        tokens = self.tokenize(text) if isinstance(text, str) else list(text)
+        if len(tokens) < 2:
+            raise ValueError("Perplexity needs at least 2 tokens of text.")
+        score_last = min(score_last, len(tokens) - 1)
+        scratch = namespace is None
+        ns = namespace or f"_ppl-{time.time_ns()}"
+        state = _Stream(doc_id="ppl")
+        first_scored = len(tokens) - score_last  # target index of the first scored token
+        nll, count = 0.0, 0
+        from tqdm.auto import tqdm
+
+        try:
+            with torch.no_grad():
+                for s in tqdm(range(0, len(tokens), self.config.step), disable=not progress, desc="ppl"):
+                    step = tokens[s:s + self.config.step]
+                    want = s + len(step) > first_scored
+                    logits = self._stream_step(step, state, ns, logits=want, retrieve=use_memory, write=use_memory)
+                    if not want:
+                        continue
+                    targets = torch.as_tensor(tokens[s + 1:s + len(step) + 1], device=self.device)
+                    lp = torch.log_softmax(logits[0, :len(targets)], -1).gather(1, targets[:, None])[:, 0]
+                    idx = torch.arange(s + 1, s + 1 + len(targets), device=self.device)
+                    sel = idx >= first_scored
+                    nll -= lp[sel].sum().item()
+                    count += int(sel.sum())
+        finally:
+            if scratch:
+                self.bank.reset(ns)
+        return {"tokens": len(tokens), "scored_tokens": count, "ppl": math.exp(nll / max(count, 1))}
+
+    # ------------------------------------------------------------------ training / scoring
+    def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None, namespace: str = "default",
+                chunk_ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """One segment (``(1, T)``, ``T <= local_window``) with retrieved memory; differentiable.
+
+        Memory: ``chunk_ids`` if given, else the namespace's ``top_k`` chunks found with the most recently
+        stored chunk as the query (the segment's own tokens are never the query). ``labels`` (``(1, T)``,
+        -100 = ignore) are shifted inside, as in transformers; returns ``{"logits", "loss"}``.
+        """
+        ids = input_ids.view(-1).tolist()
+        if len(ids) > self.config.local_window:
+            raise ValueError(f"Segment of {len(ids)} tokens exceeds local_window {self.config.local_window}.")
+        if chunk_ids is None and self.config.top_k > 0:
+            stored = self.bank.chunk_ids(namespace)
+            if stored:
+                query = self.bank.get(stored[-1], namespace=namespace).text
+                chunk_ids = [h.chunk_id for h in self.bank.search(query, namespace=namespace, k=self.config.top_k)]
+        ctx, start = self._context(self._memory(chunk_ids or [], namespace), None, 0)
+        logits = self._run(ids, torch.arange(len(ids)) + start, ctx)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(
+                logits[0, :-1], labels.view(-1)[1:].to(logits.device), ignore_index=-100)
+        return out
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt: str, *, namespace: str = "default", chunk_ids: Sequence[str] | None = None,
+                 max_new_tokens: int = 64, stream: bool = False, chat: bool = False, retrieve: bool = True,
+                 query: str | None = None, temperature: float = 0.0, seed: int | None = None,
+                 stop: Sequence[str] = ()) -> str | Iterator[str]:
+        """Answer ``prompt`` with memory in the retrieval layers; only the prompt is encoded.
+
+        Args:
+            prompt: the text to continue (with ``chat=True``: a user message wrapped in the chat template).
+            namespace: memory namespace to read.
+            chunk_ids: explicit chunks to attend to (document order is restored); skips retrieval.
+            max_new_tokens: generation budget.
+            stream: return an iterator of text pieces instead of the full string.
+            retrieve: with no ``chunk_ids``, search the namespace with ``query`` (default: the prompt).
+            temperature: 0 = greedy; otherwise sampling with this temperature.
+            stop: strings that end generation (not included in the output).
+        Raises:
+            ValueError: empty prompt or a prompt longer than ``local_window``.
+            memlong.memory.UnknownChunkError: a chunk id not in ``namespace``.
+        """
+        pieces = self._generate(prompt, namespace, chunk_ids, max_new_tokens, chat, retrieve, query, temperature,
+                                seed, tuple(stop))
+        if stream:
+            return pieces
+        return "".join(pieces)
+
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        """Token ids the decoder encodes for ``prompt`` (the leading sink/BOS token is shared, not re-encoded)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("The prompt is empty: give the model some text to answer.")
+        if chat:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                     tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:
+            ids = self.tokenize(prompt)
+        if self._sink_ids and ids[:1] == self._sink_ids:
+            ids = ids[1:]
+        if len(ids) > self.config.local_window:
+            raise ValueError(f"The prompt is {len(ids)} tokens, longer than the local window "
+                             f"({self.config.local_window}). Put long context into memory with ingest() and ask a "
+                             "shorter question, or raise local_window.")
+        return ids
+
+    def _generate(self, prompt, namespace, chunk_ids, max_new_tokens, chat, retrieve, query, temperature, seed,
+                  stop) -> Iterator[str]:
+        t0 = time.perf_counter()
+        ids = self.encode_prompt(prompt, chat)
+        if chunk_ids is None and retrieve and self.config.top_k > 0 and namespace in self.bank.namespaces():
+            chunk_ids = [h.chunk_id for h in self.bank.search(query or prompt, namespace=namespace, k=self.config.top_k)]
+        chunk_ids = list(chunk_ids or [])
+        memory = self._memory(chunk_ids, namespace)  # raises UnknownChunkError before any work
+        stats = GenerationStats(prompt_tokens=len(ids), chunk_ids=chunk_ids,
+                                memory_tokens=0 if memory is None else int(memory[0].shape[2]))
+        self.last_generation = stats
+        return self._decode_loop(ids, memory, max_new_tokens, temperature, seed, stop, stats, t0)
+
+    def _decode_loop(self, ids, memory, max_new_tokens, temperature, seed, stop, stats, t0) -> Iterator[str]:
+        eos = {t for t in (self.tokenizer.eos_token_id,) if t is not None}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tokenizer.get_vocab() else None
+        if im_end is not None:
+            eos.add(im_end)
+        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            ctx, pos = self._context(memory, None, 0, grow=True)
+            if pos + len(ids) + max_new_tokens > self.max_positions:
+                raise ValueError(f"Prompt + memory + max_new_tokens need {pos + len(ids) + max_new_tokens} positions; "
+                                 f"the model has {self.max_positions}. Lower max_new_tokens or top_k.")
+            logits = self._run(ids, torch.arange(len(ids)) + pos, ctx, logits_for=slice(-1, None))
+            pos += len(ids)
+            out: list[int] = []
+            emitted = ""
+            for _ in range(max_new_tokens):
+                scores = logits[0, -1]
+                if temperature and temperature > 0:
+                    probs = torch.softmax(scores / temperature, -1).cpu()
+                    token = int(torch.multinomial(probs, 1, generator=generator))
+                else:
+                    token = int(scores.argmax())
+                if token in eos:
+                    break
+                out.append(token)
+                if stats.new_tokens == 0:
+                    stats.time_to_first_token = time.perf_counter() - t0
+                stats.new_tokens += 1
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                cut = min((text.find(s) for s in stop if s in text), default=-1)
+                if cut >= 0:
+                    if cut > len(emitted):
+                        yield text[len(emitted):cut]
+                    break
+                if not text.endswith("\ufffd") and len(text) > len(emitted):  # wait for complete characters
+                    yield text[len(emitted):]
+                    emitted = text
+                logits = self._run([token], torch.tensor([pos]), ctx, logits_for=slice(-1, None))
+                pos += 1
+        stats.seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ memory control
+    def reset(self, namespace: str | None = None) -> None:
+        """Forget one namespace's memory, or all memory."""
+        self.bank.reset(namespace)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"MemLong({getattr(self.model.config, '_name_or_path', '?')!r}, layers={self.num_layers}, "
+                f"kv_source={c.kv_source!r}, retrieval_layers={c.retrieval_layers}, top_k={c.top_k}, "
+                f"local_window={c.local_window}, bank={self.bank!r})")
