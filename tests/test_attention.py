@@ -1,0 +1,54 @@
+import math
+
+import pytest
+import torch
+
+from memlong.attention import joint_attention, rotate, unrotate
+
+
+def naive(q, k, v, n_visible, scaling):
+    """Loop-by-loop joint softmax in float64: memory/prefix visible to all, the rest causal."""
+    b, h, lq, d = q.shape
+    groups = h // k.shape[1]
+    out = torch.zeros(b, h, lq, d, dtype=torch.float64)
+    for head in range(h):
+        kh, vh = k[:, head // groups].double(), v[:, head // groups].double()
+        for i in range(lq):
+            visible = n_visible + i + 1
+            s = (q[:, head, i : i + 1].double() @ kh[:, :visible].transpose(-1, -2)) * scaling
+            out[:, head, i] = (torch.softmax(s, -1) @ vh[:, :visible])[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("lq, n_visible", [(7, 0), (7, 5), (1, 9), (16, 32)])
+def test_backends_equal_exact_joint_softmax(backend, lq, n_visible):
+    torch.manual_seed(lq + n_visible)
+    q = torch.randn(1, 6, lq, 16)
+    k = torch.randn(1, 2, n_visible + lq, 16)  # GQA: 3 query heads per KV head
+    v = torch.randn(1, 2, n_visible + lq, 16)
+    out = joint_attention(q, k, v, n_visible, 1 / math.sqrt(16), backend)
+    assert out.shape == (1, 6, lq, 16)
+    torch.testing.assert_close(out.double(), naive(q, k, v, n_visible, 1 / math.sqrt(16)), atol=1e-5, rtol=1e-5)
+
+
+def test_one_softmax_not_two():
+    """Adding a memory key must renormalise the local weights (a sum of two softmaxes would not)."""
+    q = torch.ones(1, 1, 1, 4)
+    local_k, local_v = torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4)
+    mem_k, mem_v = torch.zeros(1, 1, 1, 4), torch.ones(1, 1, 1, 4)
+    out = joint_attention(q, torch.cat([mem_k, local_k], 2), torch.cat([mem_v, local_v], 2), 1, 1.0, "sdpa")
+    assert torch.allclose(out, torch.full_like(out, 0.5))  # equal scores: half from memory, half local
+
+
+def test_key_count_is_checked():
+    with pytest.raises(ValueError, match="visible"):
+        joint_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), 1, 1.0)
+
+
+def test_unrotate_inverts_rotate():
+    x = torch.randn(1, 2, 5, 8)
+    angles = torch.arange(5)[:, None] * torch.linspace(0.1, 1.0, 4)[None]
+    emb = torch.cat([angles, angles], -1)[None]
+    cos, sin = emb.cos() * 1.3, emb.sin() * 1.3  # a scaled RoPE variant (e.g. YaRN's attention factor)
+    torch.testing.assert_close(unrotate(rotate(x, cos, sin), cos, sin), x, atol=1e-5, rtol=1e-5)

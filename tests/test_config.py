@@ -1,0 +1,47 @@
+import pytest
+
+from memlong import MemLongConfig
+
+
+def test_paper_defaults_for_26_layers():
+    cfg = MemLongConfig(kv_source="memory_layer").resolve(26)
+    assert cfg.memory_layer == 13
+    assert cfg.retrieval_layers == (13, 17, 21, 25)
+    assert cfg.source_layers == (13,)
+    assert cfg.source_index(21) == 0
+
+
+def test_per_layer_default_and_named_layer_sets():
+    assert MemLongConfig().resolve(30).retrieval_layers == tuple(range(30))
+    cfg = MemLongConfig(retrieval_layers="upper").resolve(30)
+    assert cfg.retrieval_layers == tuple(range(15, 30))
+    assert cfg.source_layers == cfg.retrieval_layers
+    assert cfg.source_index(17) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"kv_source": "memory_layer", "memory_layer": 10, "retrieval_layers": (5, 12)}, "below memory_layer"),
+        ({"retrieval_layers": (0, 40)}, "out of range"),
+        ({"memory_layer": 26}, "memory_layer must be in 0..25"),
+        ({"kv_source": "both"}, "kv_source"),
+        ({"position_layout": "rotated"}, "position_layout"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"ingest_step": 100}, "multiple of chunk_size"),
+        ({"memory_capacity": 64}, "at least one chunk"),
+        ({"evict_oldest": 0.6, "keep_newest": 0.5}, "sum to less than 1"),
+        ({"memory_dtype": "int8"}, "memory_dtype"),
+        ({"retrieval_layers": "middle"}, "retrieval_layers"),
+    ],
+)
+def test_invalid_configs_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MemLongConfig(**kwargs).resolve(26)
+
+
+def test_resolve_does_not_mutate_and_step_default():
+    cfg = MemLongConfig(local_window=1024)
+    resolved = cfg.resolve(26)
+    assert cfg.retrieval_layers is None and resolved.retrieval_layers is not None
+    assert resolved.step == 512

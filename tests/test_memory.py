@@ -1,0 +1,150 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from memlong import MemoryBank, UnknownChunkError
+
+TEXTS = [
+    "The cat sat on the warm mat by the fire.",
+    "Quarterly revenue grew by twelve percent in Europe.",
+    "Hamlet speaks with the ghost of his father at midnight.",
+    "A recipe for bread: flour, water, salt and yeast.",
+    "The rocket reached orbit after a nine minute burn.",
+]
+
+
+def kv(tokens=4, layers=2, heads=2, dim=8, fill=None):
+    k = torch.randn(layers, heads, tokens, dim) if fill is None else torch.full((layers, heads, tokens, dim), fill)
+    return k, k + 1
+
+
+def add(bank, texts, namespace="ns", fills=None, doc_id=None):
+    keys, values = zip(*[kv(fill=None if fills is None else fills[i]) for i in range(len(texts))])
+    return bank.add_chunks(list(texts), keys=list(keys), values=list(values), namespace=namespace, doc_id=doc_id)
+
+
+@pytest.fixture()
+def bank(embedder):
+    return MemoryBank(embedder=embedder, capacity=1000, dtype=torch.float32)
+
+
+def test_search_finds_the_relevant_chunk(bank):
+    ids = add(bank, TEXTS)
+    hits = bank.search("What did the ghost tell the prince?", namespace="ns", k=2)
+    assert hits[0].chunk_id == ids[2]
+    assert hits[0].score >= hits[1].score
+    assert bank.get(ids[2], namespace="ns").retrievals == 1
+
+
+def test_fetch_restores_document_order_and_values(bank):
+    ids = add(bank, TEXTS[:3], fills=[0.0, 1.0, 2.0])
+    keys, values = bank.fetch([ids[2], ids[0]], namespace="ns")
+    assert keys.shape == (2, 2, 8, 8)
+    assert keys[0, 0, :4].eq(0.0).all() and keys[0, 0, 4:].eq(2.0).all()  # doc order: chunk 0 then chunk 2
+    assert torch.equal(values, keys + 1)
+
+
+def test_namespaces_are_isolated(bank):
+    mine = add(bank, TEXTS[:2], namespace="alice")
+    theirs = add(bank, TEXTS[2:], namespace="bob")
+    assert {h.chunk_id for h in bank.search("ghost of his father", namespace="alice", k=5)} <= set(mine)
+    with pytest.raises(UnknownChunkError, match="not in namespace 'alice'"):
+        bank.fetch([theirs[0]], namespace="alice")
+    with pytest.raises(UnknownChunkError):
+        bank.delete([theirs[0]], namespace="alice")
+    assert len(bank.chunk_ids("bob")) == 3  # nothing of bob's was touched
+
+
+def test_unknown_id_raises_and_loses_nothing(bank):
+    ids = add(bank, TEXTS)
+    with pytest.raises(UnknownChunkError, match="never stored"):
+        bank.fetch([ids[0], "deadbeef"], namespace="ns")
+    assert bank.chunk_ids("ns") == ids
+
+
+def test_delete_by_doc_keeps_index_aligned(bank):
+    a = add(bank, TEXTS[:2], doc_id="a")
+    b = add(bank, TEXTS[2:], doc_id="b")
+    assert bank.delete(namespace="ns", doc_id="a") == 2
+    assert bank.chunk_ids("ns") == b
+    hit = bank.search("revenue in Europe", namespace="ns", k=1)[0]
+    assert hit.chunk_id in b  # the deleted chunk is gone from the index too
+    for cid in bank.chunk_ids("ns"):  # every row of the index still finds its own chunk first
+        text = bank.get(cid, namespace="ns").text
+        assert bank.search(text, namespace="ns", k=1, count=False)[0].chunk_id == cid
+    with pytest.raises(UnknownChunkError):
+        bank.get(a[0], namespace="ns")
+
+
+def test_eviction_follows_the_paper_rule(embedder):
+    # 20 chunks of 10 tokens, capacity 190: the 20th chunk triggers eviction down to <= 95 tokens.
+    bank = MemoryBank(embedder=embedder, capacity=190, dtype=torch.float32)
+    texts = [f"note number {i} about topic {i * 7 % 13}" for i in range(20)]
+    ids = []
+    for i, text in enumerate(texts[:19]):
+        k, v = kv(tokens=10)
+        ids += bank.add_chunks([text], keys=[k], values=[v], namespace="ns")
+    popular = {ids[5], ids[9], ids[12]}
+    for cid in popular:
+        bank._chunks[cid].retrievals = 3  # as if retrieved three times
+    k, v = kv(tokens=10)
+    ids += bank.add_chunks([texts[19]], keys=[k], values=[v], namespace="ns")
+    kept = bank.chunk_ids("ns")
+    assert bank.num_tokens("ns") <= 95
+    assert ids[0] not in kept and ids[1] not in kept  # oldest 10 % dropped
+    assert ids[18] in kept and ids[19] in kept  # newest 10 % kept
+    assert popular <= set(kept)  # most-retrieved survive
+    # 180 tokens left after the oldest two; the 9 least-retrieved (oldest first) of the middle go
+    assert set(kept) == popular | {ids[i] for i in (14, 15, 16, 17, 18, 19)}
+    # K-V, text and index stay aligned after eviction
+    for cid in kept:
+        chunk = bank.get(cid, namespace="ns")
+        assert bank.search(chunk.text, namespace="ns", k=1, count=False)[0].chunk_id == cid
+    assert bank._spaces["ns"].index.ntotal == len(kept)
+
+
+def test_reset_and_bad_input(bank):
+    add(bank, TEXTS, namespace="x")
+    add(bank, TEXTS, namespace="y")
+    bank.reset("x")
+    assert bank.chunk_ids("x") == [] and len(bank.chunk_ids("y")) == 5
+    assert bank.search("anything", namespace="x") == []
+    k, v = kv()
+    with pytest.raises(ValueError, match="empty chunk text"):
+        bank.add_chunks(["  "], keys=[k], values=[v], namespace="y")
+    with pytest.raises(ValueError, match="equal shapes"):
+        bank.add_chunks(["text"], keys=[k], values=[v[:, :, :2]], namespace="y")
+    assert len(bank.chunk_ids("y")) == 5
+
+
+def test_search_by_vector_and_exclude(bank, embedder):
+    ids = add(bank, TEXTS)
+    vector = embedder.encode(["bread recipe"])[0]
+    assert bank.search(vector, namespace="ns", k=1)[0].chunk_id == ids[3]
+    assert bank.search(vector, namespace="ns", k=1, exclude=[ids[3]])[0].chunk_id != ids[3]
+
+
+def test_concurrent_search_while_adding(bank):
+    add(bank, TEXTS)
+    errors = []
+
+    def reader():
+        try:
+            for _ in range(20):
+                for hit in bank.search("ghost", namespace="ns", k=3):
+                    bank.fetch([hit.chunk_id], namespace="ns")
+        except Exception as exc:  # pragma: no cover - the assertion below reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(10):
+        add(bank, [f"extra line {i} about ships"])
+    for t in threads:
+        t.join()
+    assert not errors
+    assert bank._spaces["ns"].index.ntotal == len(bank.chunk_ids("ns")) == 15
+    assert np.allclose(np.linalg.norm(bank._spaces["ns"].embeddings, axis=1), 1.0, atol=1e-5)

@@ -1,0 +1,140 @@
+import pytest
+import torch
+
+from memlong import MemLong, MemLongConfig, UnknownChunkError
+from memlong.attention import AttentionContext
+
+TEXT = " ".join(f"Line {i}: the {['red', 'blue', 'green'][i % 3]} ship sails to port {i * 7 % 11}." for i in range(120))
+
+
+def ids_with_sink(ml, ids):
+    return torch.cat([torch.tensor([ml._sink_ids]), ids], 1)
+
+
+def test_empty_memory_equals_stock_model(make_tiny):
+    ml, reference = make_tiny()
+    ids = torch.randint(3, 5000, (1, 300))
+    with torch.no_grad():
+        expected = reference(ids_with_sink(ml, ids)).logits[0, 1:]
+        got = ml.forward(ids, namespace="empty")["logits"][0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+def test_continual_memory_equals_full_attention(make_tiny, backend):
+    """per_layer + continual, memory = exactly the preceding chunks (K-V from one full pass) == full pass."""
+    ml, reference = make_tiny(retrieval_layers="all", attention_backend=backend)
+    ids = torch.randint(3, 5000, (1, 256 + 60))
+    full = ids_with_sink(ml, ids)
+    ctx = AttentionContext(capture=True, backend="eager")
+    with torch.no_grad():
+        expected = reference(full).logits[0, 1:]
+        ml._run(full[0].tolist(), torch.arange(full.shape[1]), ctx, logits_for=None)
+    spans = [(0, 128), (128, 256)]
+    keys = [torch.stack([ctx.captured[layer][0][0, :, 1 + s : 1 + e] for layer in range(4)]) for s, e in spans]
+    values = [torch.stack([ctx.captured[layer][1][0, :, 1 + s : 1 + e] for layer in range(4)]) for s, e in spans]
+    texts = [ml.tokenizer.decode(ids[0, s:e]) for s, e in spans]
+    chunk_ids = ml.bank.add_chunks(texts, keys=keys, values=values, namespace="doc")
+    with torch.no_grad():
+        got = ml.forward(ids[:, 256:], namespace="doc", chunk_ids=chunk_ids[::-1])["logits"][0]  # order restored
+    torch.testing.assert_close(got, expected[256:], atol=1e-4, rtol=1e-4)
+    assert (got - expected[256:]).abs().max() < 1e-4
+
+
+def test_zero_layout_and_memory_layer_mode_change_only_retrieval_layers(make_tiny):
+    ml, _ = make_tiny(kv_source="memory_layer", memory_layer=2, retrieval_layers=(2, 3), position_layout="zero")
+    stats = ml.ingest(TEXT, namespace="doc", progress=False)
+    chunk = ml.bank.get(stats.chunk_ids[0], namespace="doc")
+    assert chunk.keys.shape[0] == 1  # only the memory layer's K-V is stored
+    ctx, start = ml._context(ml._memory(stats.chunk_ids[:2], "doc"), None, 0)
+    assert start == 1  # zero layout: local tokens start at 1 whatever the memory size
+    assert ctx.prefix[3][0].shape[2] == 256 + 1 and ctx.prefix[1][0].shape[2] == 1  # memory only in layers 2, 3
+
+
+def test_ingest_streams_with_bounded_cache_and_previous_chunk_queries(make_tiny):
+    ml, _ = make_tiny(local_window=512, ingest_step=256, top_k=2)
+    queries = []
+    search = ml.bank.search
+
+    def spy(query, **kwargs):
+        queries.append(query)
+        return search(query, **kwargs)
+
+    ml.bank.search = spy
+    tokens = ml.tokenize(TEXT)
+    stats = ml.ingest(TEXT, namespace="doc", progress=False)
+    assert stats.tokens == len(tokens) and stats.chunks == len(ml.bank.chunk_ids("doc")) == -(-len(tokens) // 128)
+    # every step after the first retrieved with the previous chunk's text, never with its own tokens
+    steps = [tokens[s : s + 256] for s in range(0, len(tokens), 256)]
+    assert len(queries) == len(steps) - 1
+    for i, query in enumerate(queries, start=1):
+        assert query == ml.tokenizer.decode(steps[i - 1][-128:])
+    # spans cover the document in order
+    spans = [ml.bank.get(c, namespace="doc").span for c in stats.chunk_ids]
+    assert spans[0] == (0, 128) and spans[-1][1] == len(tokens)
+
+
+def test_generate_uses_explicit_chunks_and_streams(make_tiny):
+    ml, _ = make_tiny(top_k=2)
+    stats = ml.ingest(TEXT, namespace="doc", progress=False)
+    pieces = list(ml.generate("Where does the red ship sail?", namespace="doc", chunk_ids=stats.chunk_ids[:3],
+                              max_new_tokens=5, stream=True))
+    assert ml.last_generation.memory_tokens == 3 * 128
+    assert ml.last_generation.prompt_tokens == len(ml.tokenize("Where does the red ship sail?"))
+    assert ml.last_generation.chunk_ids == stats.chunk_ids[:3]
+    text = ml.generate("Where does the red ship sail?", namespace="doc", chunk_ids=stats.chunk_ids[:3],
+                       max_new_tokens=5)
+    assert text == "".join(pieces)  # greedy: streaming and blocking agree
+    ml.generate("Where does the red ship sail?", namespace="doc", max_new_tokens=2)
+    assert len(ml.last_generation.chunk_ids) == 2  # automatic retrieval with the prompt as query
+
+
+def test_bad_input_is_refused_without_losing_memory(make_tiny):
+    ml, _ = make_tiny(local_window=256, ingest_step=128)
+    stats = ml.ingest(TEXT, namespace="doc", progress=False)
+    before = ml.bank.chunk_ids("doc")
+    with pytest.raises(ValueError, match="empty"):
+        ml.ingest("   ", namespace="doc")
+    with pytest.raises(ValueError, match="empty"):
+        ml.generate("", namespace="doc")
+    with pytest.raises(UnknownChunkError, match="not in namespace 'other'"):
+        ml.generate("Where?", namespace="other", chunk_ids=stats.chunk_ids[:1])
+    with pytest.raises(UnknownChunkError):
+        ml.generate("Where?", namespace="doc", chunk_ids=["0" * 24])
+    with pytest.raises(ValueError, match="longer than the local window"):
+        ml.generate(TEXT, namespace="doc")
+    assert ml.bank.chunk_ids("doc") == before
+
+
+def test_unsupported_architecture(tokenizer, embedder):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(ValueError, match="Unsupported model architecture 'gpt2'"):
+        MemLong(model, tokenizer, MemLongConfig(), embedder=embedder)
+
+
+def test_training_forward_has_gradients_only_where_asked(make_tiny):
+    ml, _ = make_tiny(top_k=2)
+    ml.ingest(TEXT, namespace="doc", progress=False)
+    for layer in ml.decoder.layers[:2]:
+        layer.requires_grad_(False)
+    ml.model.train()
+    ids = torch.tensor([ml.tokenize(TEXT)[:64]])
+    out = ml.forward(ids, labels=ids, namespace="doc")
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert ml.decoder.layers[3].self_attn.q_proj.weight.grad is not None
+    assert ml.decoder.layers[0].self_attn.q_proj.weight.grad is None
+
+
+def test_window_perplexity_matches_full_attention_within_window(make_tiny):
+    """With a window that holds the whole text and no memory, streaming perplexity == full attention."""
+    ml, reference = make_tiny(local_window=1024, ingest_step=512)
+    tokens = ml.tokenize(TEXT)[:600]
+    with torch.no_grad():
+        logits = reference(torch.tensor([ml._sink_ids + tokens])).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits[-100:], torch.tensor(tokens[-100:]))
+    got = ml.perplexity(tokens, score_last=100, use_memory=False)
+    assert got["scored_tokens"] == 100
+    assert abs(got["ppl"] - float(torch.exp(nll))) < 1e-3 * got["ppl"]
