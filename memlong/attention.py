@@ -149,12 +149,10 @@ def memlong_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     """The function registered as ``attn_implementation="memlong"``; returns ``(B, Lq, H, D), None``."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     ctx = memlong_context
-    if ctx is None:  # a plain call (e.g. HF generate): ordinary causal attention
-        out = _attention_sdpa(query, key, value, 0, scaling, dropout) if attention_mask is None else \
-            F.scaled_dot_product_attention(query, _expand_kv(key, query.shape[1] // key.shape[1]),
-                                           _expand_kv(value, query.shape[1] // key.shape[1]),
-                                           attn_mask=attention_mask, scale=scaling, dropout_p=dropout)
-        return out.transpose(1, 2).contiguous(), None
+    if ctx is None:  # a plain call (no memory, e.g. a full-attention baseline): ordinary causal attention
+        if attention_mask is not None:
+            raise ValueError("memlong attention builds its own mask; padded batches are not supported.")
+        return _attention_sdpa(query, key, value, 0, scaling, dropout).transpose(1, 2).contiguous(), None
     layer = module.layer_idx
     if ctx.capture:
         ctx.captured[layer] = (unrotate(key, ctx.cos, ctx.sin), value)

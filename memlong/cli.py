@@ -23,7 +23,7 @@ def _model(args: argparse.Namespace):
     from memlong import MemLong
 
     config: dict[str, Any] = {"top_k": args.top_k, "local_window": args.local_window}
-    for name in ("kv_source", "position_layout"):
+    for name in ("kv_source", "position_layout", "memory_capacity"):
         if getattr(args, name, None):
             config[name] = getattr(args, name)
     return MemLong.from_pretrained(args.model, device=args.device, **config)
@@ -51,6 +51,9 @@ def _write_json(path: str | None, records: list[dict[str, Any]]) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from memlong.evaluation import shakespeare_text
+
+    if args.memory_capacity is None:
+        args.memory_capacity = 65_536  # the whole play fits: nothing is evicted before the question
 
     t0 = time.perf_counter()
     ml = _model(args)
@@ -130,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per_layer (training-free, default) or memory_layer (the paper; needs fine-tuning)")
     common.add_argument("--position-layout", choices=["continual", "zero"], default=None,
                         help="positions of retrieved chunks (default continual)")
+    common.add_argument("--memory-capacity", type=int, default=None,
+                        help="tokens of memory per namespace before eviction (default 32768; demo: 65536)")
     common.add_argument("--json", metavar="OUT", default=None, help="also write the records as JSON to OUT")
     common.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -226,8 +226,8 @@ class MemLong:
         ctx = AttentionContext(capture=capture, grow=grow, backend=self._backend())
         rope = {}
         if n_mem:
-            mem_pos = torch.arange(n_mem) + mem_start if cfg.position_layout == "continual" else torch.zeros(n_mem, dtype=torch.long)
-            rope["mem"] = self._rope(mem_pos)
+            zero = cfg.position_layout == "zero"
+            rope["mem"] = self._rope(torch.zeros(n_mem, dtype=torch.long) if zero else torch.arange(n_mem) + mem_start)
         if sink:
             rope["sink"] = self._rope(torch.zeros(1, dtype=torch.long))
         if cache_len:
@@ -465,9 +465,8 @@ class MemLong:
         eos = {t for t in (self.tokenizer.eos_token_id,) if t is not None}
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tokenizer.get_vocab() else None
-        if im_end is not None:
-            eos.add(im_end)
+        if "<|im_end|>" in self.tokenizer.get_vocab():  # chat models' end of turn
+            eos.add(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         with torch.no_grad():
             ctx, pos = self._context(memory, None, 0, grow=True)

