@@ -26,6 +26,9 @@ def _model(args: argparse.Namespace):
     for name in ("kv_source", "position_layout", "memory_capacity"):
         if getattr(args, name, None):
             config[name] = getattr(args, name)
+    if args.retrieval_layers:
+        layers = args.retrieval_layers
+        config["retrieval_layers"] = layers if layers in ("all", "upper") else tuple(int(x) for x in layers.split(","))
     return MemLong.from_pretrained(args.model, device=args.device, **config)
 
 
@@ -69,7 +72,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     question = "What is the secret ingredient of the royal cake?"
     print(f"\nQ: {question}\nA: ", end="", flush=True)
     answer = ""
-    for piece in ml.generate(question, namespace="demo", chat=True, max_new_tokens=args.max_new_tokens, stream=True):
+    prefix = " The secret ingredient of the royal cake is"
+    print(prefix.strip(), end="", flush=True)
+    # A plain continuation prompt: retrieved chunks sit before it, so the play text flows straight into the
+    # question (a chat header between them confuses a 135M model); the answer's form is forced.
+    for piece in ml.generate(f"\nQuestion: {question}\nAnswer:", query=question, namespace="demo",
+                             answer_prefix=prefix, max_new_tokens=args.max_new_tokens, stream=True):
         answer += piece
         print(piece, end="", flush=True)
     gen = ml.last_generation
@@ -131,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--local-window", type=int, default=1024, help="tokens of local attention (default 1024)")
     common.add_argument("--kv-source", choices=["per_layer", "memory_layer"], default=None,
                         help="per_layer (training-free, default) or memory_layer (the paper; needs fine-tuning)")
+    common.add_argument("--retrieval-layers", default=None, metavar="LAYERS",
+                        help="'all', 'upper' (memory layer and above) or comma-separated indices "
+                             "(default: all for per_layer, the paper's four for memory_layer)")
     common.add_argument("--position-layout", choices=["continual", "zero"], default=None,
                         help="positions of retrieved chunks (default continual)")
     common.add_argument("--memory-capacity", type=int, default=None,

@@ -407,8 +407,8 @@ class MemLong:
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: str, *, namespace: str = "default", chunk_ids: Sequence[str] | None = None,
                  max_new_tokens: int = 64, stream: bool = False, chat: bool = False, retrieve: bool = True,
-                 query: str | None = None, temperature: float = 0.0, seed: int | None = None,
-                 stop: Sequence[str] = ()) -> str | Iterator[str]:
+                 query: str | None = None, answer_prefix: str = "", temperature: float = 0.0,
+                 seed: int | None = None, stop: Sequence[str] = ()) -> str | Iterator[str]:
         """Answer ``prompt`` with memory in the retrieval layers; only the prompt is encoded.
 
         Args:
@@ -418,28 +418,28 @@ class MemLong:
             max_new_tokens: generation budget.
             stream: return an iterator of text pieces instead of the full string.
             retrieve: with no ``chunk_ids``, search the namespace with ``query`` (default: the prompt).
+            answer_prefix: text the answer starts with (prefilled after the prompt, not repeated in the output),
+                e.g. ``"The pass key is"``; small models answer far better when the answer's form is forced.
             temperature: 0 = greedy; otherwise sampling with this temperature.
             stop: strings that end generation (not included in the output).
         Raises:
             ValueError: empty prompt or a prompt longer than ``local_window``.
             memlong.memory.UnknownChunkError: a chunk id not in ``namespace``.
         """
-        pieces = self._generate(prompt, namespace, chunk_ids, max_new_tokens, chat, retrieve, query, temperature,
-                                seed, tuple(stop))
+        pieces = self._generate(prompt, namespace, chunk_ids, max_new_tokens, chat, retrieve, query, answer_prefix,
+                                temperature, seed, tuple(stop))
         if stream:
             return pieces
         return "".join(pieces)
 
-    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+    def encode_prompt(self, prompt: str, chat: bool = False, answer_prefix: str = "") -> list[int]:
         """Token ids the decoder encodes for ``prompt`` (the leading sink/BOS token is shared, not re-encoded)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("The prompt is empty: give the model some text to answer.")
         if chat:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                     tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        else:
-            ids = self.tokenize(prompt)
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                        add_generation_prompt=True)
+        ids = self.tokenize(prompt + answer_prefix)
         if self._sink_ids and ids[:1] == self._sink_ids:
             ids = ids[1:]
         if len(ids) > self.config.local_window:
@@ -448,10 +448,10 @@ class MemLong:
                              "shorter question, or raise local_window.")
         return ids
 
-    def _generate(self, prompt, namespace, chunk_ids, max_new_tokens, chat, retrieve, query, temperature, seed,
-                  stop) -> Iterator[str]:
+    def _generate(self, prompt, namespace, chunk_ids, max_new_tokens, chat, retrieve, query, answer_prefix,
+                  temperature, seed, stop) -> Iterator[str]:
         t0 = time.perf_counter()
-        ids = self.encode_prompt(prompt, chat)
+        ids = self.encode_prompt(prompt, chat, answer_prefix)
         if chunk_ids is None and retrieve and self.config.top_k > 0 and namespace in self.bank.namespaces():
             chunk_ids = [h.chunk_id for h in self.bank.search(query or prompt, namespace=namespace, k=self.config.top_k)]
         chunk_ids = list(chunk_ids or [])

@@ -20,12 +20,14 @@ def test_planted_fact_is_answered_from_memory(default_memlong):
     stats = ml.ingest(play[:cut] + FACT + play[cut:], namespace="e2e", progress=False)
     assert stats.tokens > 4 * ml.config.local_window  # far more than the window: the fact must come from memory
     question = "What is the secret ingredient of the royal cake?"
-    answer = ml.generate(question, namespace="e2e", chat=True, max_new_tokens=24)
+    # a plain continuation prompt: the retrieved play text flows straight into it (see README, "prompts")
+    answer = ml.generate(f"\nQuestion: {question}\nAnswer:", query=question, namespace="e2e",
+                         answer_prefix=" The secret ingredient of the royal cake is", max_new_tokens=16)
     gen = ml.last_generation
     retrieved = [ml.bank.get(c, namespace="e2e").text for c in gen.chunk_ids]
     assert any("purple saffron" in text for text in retrieved)
     assert "saffron" in answer.lower()
-    assert gen.prompt_tokens < 60  # only the question was encoded, the play came in as K-V
+    assert gen.prompt_tokens < 40  # only the question was encoded, the play came in as K-V
     assert gen.memory_tokens == sum(ml.bank.get(c, namespace="e2e").n_tokens for c in gen.chunk_ids)
     ml.reset("e2e")
 
