@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch
 
 from memlong.model import MemLong
 
-__all__ = ["passkey", "perplexity_modes", "shakespeare_text"]
+__all__ = ["PlantedFact", "passkey", "perplexity_modes", "planted_fact_documents", "shakespeare_text"]
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.\n\n")
@@ -176,3 +177,76 @@ def perplexity_modes(ml: MemLong, text: str, *, score_last: int = 2048,
         else:
             raise ValueError(f"Unknown mode {mode!r}; use window, full or memlong.")
     return records
+
+
+# ---------------------------------------------------------------------------------------------- planted facts
+_SUBJECTS = ["the royal cake", "the harbour gate", "the old lighthouse", "the silver chest", "the northern tower",
+             "the king's falcon", "the abbey bell", "the merchant's ship", "the queen's garden", "the castle well",
+             "the hunting lodge", "the court jester", "the stone bridge", "the winter feast", "the iron key",
+             "the painted map", "the secret tunnel", "the grey stallion", "the west chapel", "the copper lamp"]
+_ATTRIBUTES = [("secret ingredient", ["purple saffron", "black pepper", "wild honey", "crushed almonds",
+                                      "lemon zest", "red clover", "sea salt", "dried figs"]),
+               ("password", ["marigold", "thunderbolt", "pineapple", "lantern", "cobblestone", "snowdrop",
+                             "whirlwind", "butterscotch"]),
+               ("keeper", ["Bartholomew Quince", "Rosalind Ashby", "Tobias Wren", "Matilda Crane", "Edmund Hale",
+                           "Beatrix Moss", "Cornelius Pike", "Hester Vane"]),
+               ("colour", ["emerald green", "crimson red", "sky blue", "golden yellow", "deep violet",
+                           "bright orange", "snow white", "jet black"])]
+
+
+@dataclass(frozen=True)
+class PlantedFact:
+    """A fact planted into a long document, with the question that asks for it.
+
+    ``answer_prefix`` is the start of the answer sentence (prefill it so that small models answer in
+    form); ``answer`` is the planted value; ``correct(text)`` checks a generated answer.
+    """
+
+    document: int  # index of the document it was planted into
+    sentence: str
+    question: str
+    answer_prefix: str
+    answer: str
+    depth: float
+
+    def correct(self, text: str) -> bool:
+        return self.answer.split()[0].lower() in text.lower()
+
+
+def planted_fact_documents(n_facts: int = 30, *, plays: tuple[str, ...] = ("hamlet", "macbeth", "othello"),
+                           chars: int = 40_000, seed: int = 0) -> tuple[list[str], list[PlantedFact]]:
+    """Long documents (Shakespeare plays cut to ``chars`` characters) with ``n_facts`` facts planted at
+    random depths, spread evenly over the documents; every fact has a distinct subject.
+
+    Returns ``(documents, facts)``. Deterministic for a given ``seed``.
+
+    Example:
+        >>> docs, facts = planted_fact_documents(3, plays=("macbeth",), chars=20_000)
+        >>> facts[0].question
+        'Who is the keeper of the secret tunnel?'
+    """
+    if n_facts > len(_SUBJECTS) * len(_ATTRIBUTES):
+        raise ValueError(f"At most {len(_SUBJECTS) * len(_ATTRIBUTES)} distinct facts; asked for {n_facts}.")
+    rng = random.Random(seed)
+    pairs = [(s, a) for a in range(len(_ATTRIBUTES)) for s in _SUBJECTS]
+    rng.shuffle(pairs)
+    texts = [shakespeare_text(p)[:chars] for p in plays]
+    per_doc: list[list[tuple[int, str]]] = [[] for _ in plays]  # (char offset, sentence)
+    facts = []
+    for i, (subject, a) in enumerate(pairs[:n_facts]):
+        attribute, values = _ATTRIBUTES[a]
+        value = rng.choice(values)
+        doc = i % len(plays)
+        depth = rng.uniform(0.05, 0.95)
+        offset = texts[doc].rfind("\n", 0, int(len(texts[doc]) * depth)) + 1
+        sentence = f"The {attribute} of {subject} is {value}."
+        per_doc[doc].append((offset, sentence))
+        facts.append(PlantedFact(document=doc, sentence=sentence,
+                                 question=f"{'Who' if attribute == 'keeper' else 'What'} is the {attribute} of {subject}?",
+                                 answer_prefix=f"The {attribute} of {subject} is", answer=value, depth=depth))
+    documents = []
+    for text, planted in zip(texts, per_doc):
+        for offset, sentence in sorted(planted, reverse=True):
+            text = text[:offset] + sentence + "\n" + text[offset:]
+        documents.append(text)
+    return documents, facts

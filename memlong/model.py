@@ -72,6 +72,7 @@ class _Stream:
     """Streaming state of one document: the bounded local cache and what is inside it."""
 
     doc_id: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # copied onto every chunk of the document
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # pre-RoPE (1,Hkv,C,D)
     cache_len: int = 0
     recent: list[tuple[str, int]] = field(default_factory=list)  # (chunk id, end offset) of stored chunks
@@ -284,7 +285,7 @@ class MemLong:
                 values.append(torch.stack([captured[layer][1][0, :, s:e] for layer in srcs]))
                 spans.append((state.offset + s, state.offset + e))
             ids = self.bank.add_chunks(texts, keys=keys, values=values, namespace=namespace, doc_id=state.doc_id,
-                                       spans=spans)
+                                       spans=spans, metadata=[state.metadata] * len(texts))
             state.chunk_ids += ids
             state.recent.extend((cid, span[1]) for cid, span in zip(ids, spans))
             state.recent = state.recent[-(cfg.local_window // cfg.chunk_size + 2):]
@@ -304,13 +305,15 @@ class MemLong:
         return out
 
     def ingest(self, texts: str | Sequence[str], *, namespace: str = "default", doc_ids: Sequence[str] | None = None,
-               progress: bool = True) -> IngestStats:
+               metadatas: Sequence[dict[str, Any]] | None = None, progress: bool = True) -> IngestStats:
         """Stream documents of any length into memory, window by window (see module docstring).
 
         Args:
             texts: one document or a list of documents (each streamed separately).
             namespace: the memory namespace to write to (one per document set, user or session).
             doc_ids: optional ids for the documents (used by ``MemoryBank.delete(doc_id=...)``).
+            metadatas: optional per-document metadata dicts, copied onto each of the document's chunks
+                (``MemoryBank.get(id).metadata``); adapters keep their node/document ids here.
             progress: show a tqdm progress bar over tokens.
         Raises:
             ValueError: a document that is empty or only whitespace.
@@ -318,6 +321,8 @@ class MemLong:
         docs = [texts] if isinstance(texts, str) else list(texts)
         if doc_ids is not None and len(doc_ids) != len(docs):
             raise ValueError(f"Got {len(docs)} documents but {len(doc_ids)} doc_ids.")
+        if metadatas is not None and len(metadatas) != len(docs):
+            raise ValueError(f"Got {len(docs)} documents but {len(metadatas)} metadatas.")
         encoded = []
         for i, doc in enumerate(docs):
             if not isinstance(doc, str) or not doc.strip():
@@ -330,7 +335,8 @@ class MemLong:
         bar = tqdm(total=sum(map(len, encoded)), unit="tok", desc=f"ingest[{namespace}]", disable=not progress)
         with torch.no_grad():
             for i, tokens in enumerate(encoded):
-                state = _Stream(doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}")
+                state = _Stream(doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}",
+                                metadata=dict(metadatas[i]) if metadatas else {})
                 for s in range(0, len(tokens), self.config.step):
                     step = tokens[s:s + self.config.step]
                     self._stream_step(step, state, namespace)

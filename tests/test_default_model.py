@@ -60,3 +60,15 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     empty.write_text("")
     assert main(["eval", "ppl", "--file", str(empty), "--no-progress"]) == 2
     assert "needs more than score_last" in capsys.readouterr().err
+
+
+def test_planted_fact_documents_are_deterministic_and_contain_every_fact():
+    from memlong.evaluation import planted_fact_documents
+
+    docs, facts = planted_fact_documents(12, plays=("macbeth", "tempest"), chars=15_000, seed=3)
+    again, facts2 = planted_fact_documents(12, plays=("macbeth", "tempest"), chars=15_000, seed=3)
+    assert docs == again and facts == facts2
+    assert len({f.question for f in facts}) == 12
+    for fact in facts:
+        assert docs[fact.document].count(fact.sentence) == 1
+        assert fact.correct(f"{fact.answer_prefix} {fact.answer}.") and not fact.correct("nothing here")

@@ -138,3 +138,14 @@ def test_window_perplexity_matches_full_attention_within_window(make_tiny):
     got = ml.perplexity(tokens, score_last=100, use_memory=False)
     assert got["scored_tokens"] == 100
     assert abs(got["ppl"] - float(torch.exp(nll))) < 1e-3 * got["ppl"]
+
+
+def test_ingest_copies_document_metadata_onto_chunks(make_tiny):
+    ml, _ = make_tiny()
+    stats = ml.ingest(["alpha beta gamma " * 40, "delta epsilon " * 40], namespace="m", doc_ids=["a", "b"],
+                      metadatas=[{"source": "one"}, {"source": "two"}], progress=False)
+    sources = {ml.bank.get(c, namespace="m").doc_id: ml.bank.get(c, namespace="m").metadata["source"]
+               for c in stats.chunk_ids}
+    assert sources == {"a": "one", "b": "two"}
+    with pytest.raises(ValueError, match="metadatas"):
+        ml.ingest(["x y z"], namespace="m", metadatas=[{}, {}], progress=False)
