@@ -476,7 +476,13 @@ class MemoryBank:
         if bad:
             raise MemoryFileError(f"Cannot load the memory bank at {path}: its config {config} is invalid.")
         bank = cls(embedder=embedder, **kwargs)
-        bank._restore(Path(path), record, tensors, namespaces, fingerprint)
+        try:
+            bank._restore(Path(path), record, tensors, namespaces, fingerprint)
+        except MemoryFullError as exc:
+            if "max_bytes" in options:
+                raise
+            raise MemoryFileError(f"Cannot load the memory bank at {path}: it holds more than its own saved "
+                                  f"max_bytes ({exc}); the file is inconsistent. Pass max_bytes= to override.") from None
         return bank
 
     def restore(self, path: str | os.PathLike, *, namespaces: Sequence[str] | None = None,
@@ -732,7 +738,9 @@ def _parse_namespaces(path: Path, record: dict[str, Any], tensors: dict[str, tor
         if emb is None or emb.dtype != torch.float32 or tuple(emb.shape) != (len(chunks), dim):
             raise bad(f"the embeddings of namespace {name[:100]!r} are missing or not ({len(chunks)}, {dim}) float32.")
         vectors = np.ascontiguousarray(emb.numpy(), dtype=np.float32)
-        if not (np.isfinite(vectors).all() and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)):
+        with np.errstate(all="ignore"):
+            unit = np.isfinite(vectors).all() and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+        if not unit:
             raise bad(f"the embeddings of namespace {name[:100]!r} are not unit vectors.")
         used.add(f"e.{j}")
         out[name] = (chunks, vectors)

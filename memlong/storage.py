@@ -237,7 +237,6 @@ def read_bank(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.
     path = Path(path)
     if not path.is_dir():
         raise _fail(path, "no such directory. Save a bank there first with MemoryBank.save() / MemLong.save_memory().")
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
@@ -250,7 +249,9 @@ def read_bank(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.
                 raise _fail(path, f"{record_file.name} is not valid JSON ({exc}).") from None
             try:
                 tensors = load_file(tensor_file, device="cpu")
-            except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # SafetensorError, and a Rust panic surfaces as a BaseException
                 raise _fail(path, f"{tensor_file.name} is not a valid safetensors file ({exc}).") from None
     except MemoryFileError:
         raise
