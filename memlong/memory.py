@@ -466,8 +466,8 @@ class MemoryBank:
         if not isinstance(config, dict):
             raise MemoryFileError(f"Cannot load the memory bank at {path}: its config is missing.")
         kwargs: dict[str, Any] = {k: config.get(k) for k in ("capacity", "evict_oldest", "keep_newest", "max_bytes")}
-        dtype = {v: k for k, v in _DTYPE_NAMES.items()}.get(config.get("dtype"))
-        kwargs["dtype"] = dtype
+        name = config.get("dtype")
+        kwargs["dtype"] = {v: k for k, v in _DTYPE_NAMES.items()}.get(name) if isinstance(name, str) else None
         kwargs.update(options)
         bad = not (_is_int(kwargs["capacity"]) and kwargs["capacity"] > 0 and isinstance(kwargs["dtype"], torch.dtype)
                    and all(isinstance(kwargs[k], (int, float)) and not isinstance(kwargs[k], bool)
