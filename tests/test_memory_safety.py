@@ -321,3 +321,29 @@ def test_readers_while_memlong_ingests(make_tiny):
     texts = [ml.bank.get(c, namespace="busy").text for c in space.ids]
     assert np.allclose(space.embeddings, ml.bank.embedder.encode(texts), atol=1e-4)
     assert re.fullmatch(r"[0-9a-f]{24}", busy[0])
+
+
+def test_concurrent_generate_and_ingest_on_one_memlong_match_sequential(make_tiny):
+    """MemLong keeps per-call state (attention context, stream) on the call, so inference calls from several
+    threads on one instance give what they give alone; they share the model's compute (no speed-up)."""
+    ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
+    ml.ingest(" ".join(f"Fact {i}: the {w} is kept in room {i * 11 % 50}." for i, w in
+                       enumerate(["sword", "crown", "ring", "scroll"] * 3)), namespace="kb", progress=False)
+    prompts = ["The sword is kept in", "Room 22 holds", "Where is the ring?"]
+    alone = [ml.generate(p, namespace="kb", max_new_tokens=4) for p in prompts]
+    doc = " ".join(f"Another line {i} about nothing in particular." for i in range(6))
+    results, errors = {}, []
+
+    def ask(i):
+        try:
+            results[i] = ml.generate(prompts[i], namespace="kb", max_new_tokens=4)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    writer = threading.Thread(target=lambda: ml.ingest(doc, namespace="other", progress=False))
+    [t.start() for t in [writer, *threads]]
+    [t.join(120) for t in [writer, *threads]]
+    assert not errors, errors
+    assert [results[i] for i in range(len(prompts))] == alone
+    assert len(ml.bank.chunk_ids("other")) > 0

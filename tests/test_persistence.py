@@ -261,3 +261,35 @@ def test_save_killed_at_a_random_moment(tmp_path, delay):
     lines = _run_child(tmp_path / "bank", kill_at=0, rounds=10, kill_after=4, delay=delay)
     versions = [d for _, d in lines]
     assert digest(MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())) in versions[-2:]
+
+
+def test_tampered_content_with_valid_checksums_is_refused(tmp_path):
+    """Checksums catch accidents; the loader also validates what the files say (fuzzed at length in
+    test_persistence_fuzz.py; these are the cases it found or that matter most)."""
+    bank = MemoryBank(embedder=HashEmbedder())
+    fill(bank, "ns", 3)
+    bank.save(tmp_path / "bank")
+    manifest = json.loads((tmp_path / "bank" / "manifest.json").read_text())
+    record_file = tmp_path / "bank" / manifest["files"][0]["name"]
+    original = json.loads(record_file.read_text())
+
+    def tampered(change):
+        record = json.loads(json.dumps(original))
+        change(record)
+        data = json.dumps(record).encode()
+        record_file.write_bytes(data)
+        manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        (tmp_path / "bank" / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(MemoryFileError, match="memory bank at"):
+            MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
+
+    tampered(lambda r: r["config"].update(dtype=[]))  # found by the fuzzer: was a TypeError
+    tampered(lambda r: r["config"].update(capacity=-1))
+    tampered(lambda r: r["namespaces"][0]["chunks"][1].update(order=r["namespaces"][0]["chunks"][0]["order"]))
+    tampered(lambda r: r["namespaces"][0]["chunks"][0].update(id="../../etc/passwd"))
+    tampered(lambda r: r["namespaces"][0]["chunks"].pop())  # K-V and embeddings of a chunk no record names
+    tampered(lambda r: r.update(version=2))
+    manifest["files"][1]["name"] = "../outside.safetensors"
+    (tmp_path / "bank" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MemoryFileError, match="malformed file entry"):
+        MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
