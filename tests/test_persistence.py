@@ -101,7 +101,7 @@ def test_restore_replaces_namespaces_in_place(tmp_path):
 
 def test_memlong_save_and_load_memory(tmp_path, make_tiny, tiny_hf):
     ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
-    text = " ".join(f"Line {i}: the keeper of key {i * 37 % 101} walks the hall." for i in range(40))
+    text = " ".join(f"Line {i}: the keeper of key {i * 37 % 101} walks the hall." for i in range(20))
     ml.ingest(text, namespace="doc", progress=False)
     ids = ml.bank.search("keeper of key 22", namespace="doc", k=2)
     before = ml.generate("The keeper", namespace="doc", chunk_ids=[h.chunk_id for h in ids], max_new_tokens=8)
