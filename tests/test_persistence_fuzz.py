@@ -22,7 +22,7 @@ from test_persistence import HashEmbedder, digest, fill
 
 from memlong import MemoryBank, MemoryFileError, MemoryFullError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The memory bank at")]  # fuzzed model names warn
 
 BUDGET = float(os.environ.get("MEMLONG_FUZZ_SECONDS", "30")) / 4  # four fuzzers share the budget
 FINGERPRINT = {"architecture": "llama", "num_layers": 4, "kv_heads": 2, "head_dim": 8, "source_layers": [0, 1],
