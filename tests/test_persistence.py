@@ -293,3 +293,12 @@ def test_tampered_content_with_valid_checksums_is_refused(tmp_path):
     (tmp_path / "bank" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(MemoryFileError, match="malformed file entry"):
         MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
+
+
+@pytest.mark.slow
+def test_demo_load_memory_reports_a_missing_directory(tmp_path, capsys):
+    from memlong.cli import main
+
+    assert main(["demo", "--load-memory", str(tmp_path / "none"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "memlong: error: Cannot load the memory bank at" in err and "no such directory" in err
