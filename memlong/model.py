@@ -112,7 +112,7 @@ class MemLong:
                                                                      else embedder)
             bank = MemoryBank(embedder=emb, capacity=self.config.memory_capacity,
                               evict_oldest=self.config.evict_oldest, keep_newest=self.config.keep_newest,
-                              dtype=self.config.torch_memory_dtype,
+                              dtype=self.config.torch_memory_dtype, max_bytes=self.config.memory_max_bytes,
                               device="cpu" if self.config.memory_device == "cpu" else self.device)
         self.bank = bank
         self.last_generation = GenerationStats()
@@ -513,6 +513,38 @@ class MemLong:
     def reset(self, namespace: str | None = None) -> None:
         """Forget one namespace's memory, or all memory."""
         self.bank.reset(namespace)
+
+    def memory_fingerprint(self) -> dict[str, Any]:
+        """What stored K-V depend on: saved with the memory, compared when it is loaded (``model`` only warns)."""
+        cfg = self.model.config
+        return {"architecture": cfg.model_type, "num_layers": self.num_layers, "hidden_size": int(cfg.hidden_size),
+                "kv_heads": self._kv_heads(), "head_dim": self._head_dim(), "vocab_size": int(cfg.vocab_size),
+                "source_layers": list(self.config.source_layers), "kv_source": self.config.kv_source,
+                "chunk_size": self.config.chunk_size, "model": str(getattr(cfg, "_name_or_path", "") or "")}
+
+    def save_memory(self, path: str | Path, *, namespaces: Sequence[str] | None = None) -> Path:
+        """Save the memory bank (or some ``namespaces``) to directory ``path`` with this model's fingerprint.
+
+        Atomic: a save that dies midway leaves the previous save at ``path`` loadable. See
+        :meth:`memlong.MemoryBank.save`.
+
+        Example:
+            >>> ml.ingest(open("hamlet.txt").read(), namespace="hamlet")
+            >>> ml.save_memory("hamlet.memory")
+            >>> MemLong.from_pretrained("default").load_memory("hamlet.memory")
+        """
+        return self.bank.save(path, namespaces=namespaces, fingerprint=self.memory_fingerprint())
+
+    def load_memory(self, path: str | Path, *, namespaces: Sequence[str] | None = None) -> list[str]:
+        """Load saved namespaces into this model's bank in place (same-named namespaces are replaced, others
+        kept; adapters holding ``ml.bank`` see them). Returns the namespaces loaded.
+
+        Raises:
+            memlong.memory.MemoryMismatchError: the memory was made by another model, config or embedder
+                (the message names both).
+            memlong.memory.MemoryFileError: missing, truncated or corrupted files; this bank is left unchanged.
+        """
+        return self.bank.restore(path, namespaces=namespaces, fingerprint=self.memory_fingerprint())
 
     def __repr__(self) -> str:
         c = self.config

@@ -1,0 +1,262 @@
+"""On-disk format of a memory bank: safetensors for tensors, JSON for the rest, committed atomically.
+
+A bank directory (format ``"memlong-bank"``, version 1) holds::
+
+    DIR/manifest.json              the commit point: format, version, and name, size and sha256 of the two files below
+    DIR/bank-<id>.json             config, embedder, model fingerprint, counters, namespaces and chunk records
+                                   (id, doc id, text, span, order, retrievals, metadata)
+    DIR/tensors-<id>.safetensors   "k.<i>", "v.<i>": K-V of chunk i (n_source_layers, n_kv_heads, tokens, head_dim);
+                                   "e.<j>": (n_chunks, dim) float32 embeddings of namespace j
+    DIR/.lock                      advisory lock (POSIX): one writer at a time, and readers never see a cleanup
+
+Saving writes the two data files under fresh names, fsyncs them, writes ``manifest.json.tmp``, fsyncs it,
+``os.replace``-s it over ``manifest.json`` (atomic on POSIX and Windows), fsyncs the directory, and only then
+deletes the files no manifest names. A save that dies at any point leaves either the old manifest or the new
+one, each naming complete, fsynced files; the next save removes the leftovers. (Renaming a whole temporary
+directory over the old one cannot be done atomically on POSIX, so the manifest file is the commit point.)
+
+Loading reads a size-capped manifest, checks format, version, file names, sizes and sha256 digests, then parses
+the JSON and reads the tensors with safetensors (no pickle, no ``torch.load``). Every failure surfaces as
+:class:`MemoryFileError`; the checks on what the files *mean* live with the bank (:mod:`memlong.memory`).
+
+Example:
+    >>> write_bank("bank", {"namespaces": []}, [("e.0", torch.zeros(0, 384))])
+    >>> record, tensors = read_bank("bank")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+__all__ = ["FORMAT", "VERSION", "MemoryFileError", "read_bank", "write_bank"]
+
+FORMAT = "memlong-bank"
+VERSION = 1
+MANIFEST = "manifest.json"
+_MANIFEST_LIMIT = 1 << 20  # a manifest is a few hundred bytes; never read more than this
+_DATA_NAME = re.compile(r"^(bank-[0-9a-f]{16}\.json|tensors-[0-9a-f]{16}\.safetensors)$")
+_OURS = re.compile(r"^(bank-[0-9a-f]{16}\.json|tensors-[0-9a-f]{16}\.safetensors|manifest\.json\.tmp)$")
+_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+
+
+class MemoryFileError(ValueError):
+    """A memory bank directory that cannot be loaded: missing, truncated, corrupted, of an unknown format or
+    version, or made by a different model, config or embedder. The message names the file and the fix."""
+
+
+# ------------------------------------------------------------------ writing
+class _HashingWriter:
+    """Write-through file wrapper that counts bytes and computes their sha256."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.size, self.sha = fh, 0, hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.fh.write(data)
+        self.sha.update(data)
+        self.size += len(data) if isinstance(data, bytes) else data.nbytes
+
+
+def _write_safetensors(out: _HashingWriter, tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Stream ``tensors`` in the safetensors layout (8-byte header size, JSON header, raw little-endian data),
+    one tensor at a time, so saving never holds a second copy of the bank in memory."""
+    header: dict[str, Any] = {"__metadata__": {"format": FORMAT}}
+    offset = 0
+    for name, t in tensors:
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"Cannot store tensor {name!r} of dtype {t.dtype}; use one of {sorted(map(str, _DTYPES))}.")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes with spaces
+    out.write(struct.pack("<Q", len(blob)))
+    out.write(blob)
+    for _, t in tensors:
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        if flat.numel():
+            out.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def _write_file(path: Path, fill: Callable[[_HashingWriter], None]) -> dict[str, Any]:
+    """Create ``path``, fill it, flush and fsync it; returns its manifest entry."""
+    with open(path, "xb") as fh:
+        out = _HashingWriter(fh)
+        fill(out)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return {"name": path.name, "bytes": out.size, "sha256": out.sha.hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows; NTFS journals renames
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, exclusive: bool) -> Iterator[None]:
+    """Advisory flock on ``DIR/.lock`` (POSIX only; a read-only bank without a lock file is read unlocked)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one writer per directory is then the caller's job
+        yield
+        return
+    lock = path / ".lock"
+    try:
+        fd = os.open(lock, (os.O_RDWR | os.O_CREAT) if exclusive else os.O_RDONLY, 0o644)
+    except OSError:
+        if exclusive:
+            raise
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequence[tuple[str, torch.Tensor]]) -> Path:
+    """Atomically replace the bank stored in directory ``path`` with ``record`` (JSON-able) and ``tensors``.
+
+    Raises:
+        ValueError: ``path`` is a file, or a non-empty directory that holds no memory bank (never scribbled on).
+        OSError: the disk refused a write; the previous bank stays loadable and the partial files are removed.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Cannot save a memory bank to {path}: it is a file. Give a directory path.")
+    path.mkdir(parents=True, exist_ok=True)
+    strangers = [p.name for p in path.iterdir() if p.name not in (MANIFEST, ".lock") and not _OURS.match(p.name)]
+    if strangers and not (path / MANIFEST).exists():
+        raise ValueError(f"Refusing to save a memory bank into {path}: it already holds other files "
+                         f"({', '.join(sorted(strangers)[:3])}...). Give a new or empty directory.")
+    body = json.dumps({"format": FORMAT, "version": VERSION, **record}, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":")).encode()
+    token = secrets.token_hex(8)
+    names = [f"bank-{token}.json", f"tensors-{token}.safetensors"]
+    with _locked(path, exclusive=True):
+        try:
+            files = [_write_file(path / names[0], lambda out: out.write(body)),
+                     _write_file(path / names[1], lambda out: _write_safetensors(out, tensors))]
+            manifest = json.dumps({"format": FORMAT, "version": VERSION, "files": files}, indent=1).encode()
+            tmp = path / (MANIFEST + ".tmp")
+            tmp.unlink(missing_ok=True)
+            _write_file(tmp, lambda out: out.write(manifest))
+            os.replace(tmp, path / MANIFEST)  # the commit point
+            _fsync_dir(path)
+        except BaseException:
+            for name in names:
+                (path / name).unlink(missing_ok=True)
+            raise
+        for p in path.iterdir():  # files of older or interrupted saves
+            if _OURS.match(p.name) and p.name not in names:
+                p.unlink(missing_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------ reading
+def _fail(path: Path, problem: str) -> MemoryFileError:
+    return MemoryFileError(f"Cannot load the memory bank at {path}: {problem}")
+
+
+def _manifest(path: Path) -> list[dict[str, Any]]:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise _fail(path, f"there is no {MANIFEST}. Point at a directory written by MemoryBank.save() / "
+                          "MemLong.save_memory().")
+    with open(file, "rb") as fh:
+        raw = fh.read(_MANIFEST_LIMIT + 1)
+    if len(raw) > _MANIFEST_LIMIT:
+        raise _fail(path, f"{MANIFEST} is larger than {_MANIFEST_LIMIT} bytes, so it is not a memlong manifest.")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise _fail(path, f"{MANIFEST} is not valid JSON ({exc}); the file is corrupted.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _fail(path, f"{MANIFEST} does not describe a {FORMAT!r} directory.")
+    version = manifest.get("version")
+    if version != VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > VERSION
+        raise _fail(path, f"format version {version!r} is not supported (this memlong reads version {VERSION})"
+                          + ("; upgrade memlong to read it." if newer else "."))
+    files = manifest.get("files")
+    if not isinstance(files, list) or len(files) != 2:
+        raise _fail(path, f"{MANIFEST} must list exactly two files.")
+    for entry in files:
+        ok = (isinstance(entry, dict) and isinstance(entry.get("name"), str) and _DATA_NAME.match(entry["name"])
+              and type(entry.get("bytes")) is int and entry["bytes"] >= 0
+              and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]))
+        if not ok:
+            raise _fail(path, f"{MANIFEST} has a malformed file entry {str(entry)[:200]}.")
+    if not (files[0]["name"].endswith(".json") and files[1]["name"].endswith(".safetensors")):
+        raise _fail(path, f"{MANIFEST} must name a bank JSON file and then a safetensors file.")
+    return files
+
+
+def _verified(path: Path, entry: dict[str, Any]) -> Path:
+    """Check a data file's size and sha256 against its manifest entry (streamed, never all in memory)."""
+    file = path / entry["name"]
+    if not file.is_file():
+        raise _fail(path, f"{entry['name']} named by {MANIFEST} is missing; the directory was changed by hand.")
+    size = file.stat().st_size
+    if size != entry["bytes"]:
+        raise _fail(path, f"{entry['name']} has {size} bytes, the manifest says {entry['bytes']}: the file is "
+                          "truncated or was replaced.")
+    sha = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    if sha.hexdigest() != entry["sha256"]:
+        raise _fail(path, f"{entry['name']} does not match its sha256 checksum: the file is corrupted.")
+    return file
+
+
+def read_bank(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON record and the tensors (on the CPU) of the bank in directory ``path``, after integrity checks.
+
+    Raises:
+        MemoryFileError: no bank there, or any file missing, truncated, corrupted or of another format/version.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise _fail(path, "no such directory. Save a bank there first with MemoryBank.save() / MemLong.save_memory().")
+    from safetensors.torch import load_file
+
+    try:
+        with _locked(path, exclusive=False):
+            files = _manifest(path)
+            record_file, tensor_file = (_verified(path, f) for f in files)
+            try:
+                record = json.loads(record_file.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                raise _fail(path, f"{record_file.name} is not valid JSON ({exc}).") from None
+            try:
+                tensors = load_file(tensor_file, device="cpu")
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # SafetensorError, and a Rust panic surfaces as a BaseException
+                raise _fail(path, f"{tensor_file.name} is not a valid safetensors file ({exc}).") from None
+    except MemoryFileError:
+        raise
+    except (OSError, MemoryError, RecursionError) as exc:
+        raise _fail(path, f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
+        raise _fail(path, f"{record_file.name} is not a {FORMAT!r} version {VERSION} record.")
+    return record, tensors

@@ -1,0 +1,350 @@
+"""Namespaces as hard boundaries, bounded memory, and many readers beside one writer."""
+
+import random
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from test_persistence import HashEmbedder
+
+from memlong import MemoryBank, MemoryFullError, UnknownChunkError
+from memlong.memory import _RWLock
+
+
+def kv(tokens, value=0.0, layers=2, heads=2, dim=4):
+    k = torch.full((layers, heads, tokens, dim), float(value))
+    return k, -k
+
+
+def snapshot(bank, namespace):
+    out = []
+    for cid in bank.chunk_ids(namespace):
+        c = bank.get(cid, namespace=namespace)
+        out.append((cid, c.text, c.retrievals, c.keys.clone(), c.values.clone()))
+    return out
+
+
+def same(a, b):
+    return len(a) == len(b) and all(x[:3] == y[:3] and torch.equal(x[3], y[3]) and torch.equal(x[4], y[4])
+                                    for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------ isolation
+def test_a_namespace_cannot_retrieve_fetch_delete_or_evict_anothers_chunks(tmp_path):
+    # The hash embedder maps a text to one exact vector: a leak across namespaces would score 1.0 and come first.
+    embedder = HashEmbedder()
+    bank = MemoryBank(embedder=embedder, capacity=60, dtype=torch.float32)
+    secrets_ = ["Bob's vault code is 4471.", "Bob hides the spare key under the blue pot.", "Bob's password is tulip."]
+    bob = bank.add_chunks(secrets_, keys=[kv(5, 1)[0]] * 3, values=[kv(5, 1)[1]] * 3, namespace="bob", doc_id="doc-1")
+    bank.search("vault code", namespace="bob", k=1)  # bob's counters, which eviction reads
+    alice = bank.add_chunks(["Alice likes gardening.", "Alice keeps bees."], keys=[kv(5, 2)[0]] * 2,
+                            values=[kv(5, 2)[1]] * 2, namespace="alice", doc_id="doc-1")
+    before = snapshot(bank, "bob")
+
+    # retrieve: bob's exact text, every k, with exclusions: only alice's chunks ever come back
+    for query in secrets_:
+        assert bank.search(query, namespace="bob", k=1, count=False)[0].score == pytest.approx(1.0)
+        assert {h.chunk_id for h in bank.search(query, namespace="alice", k=100)} <= set(alice)
+    assert bank.search(secrets_[0], namespace="alice", k=100, exclude=alice) == []
+    assert bank.search(bank._spaces["bob"].embeddings[0], namespace="alice", k=1)[0].chunk_id in alice
+    # fetch / get / delete by a stolen id: refused, with the message an id that never existed gets
+    forged = "0" * 24
+    for steal in (lambda cid: bank.fetch([cid], namespace="alice"), lambda cid: bank.get(cid, namespace="alice"),
+                  lambda cid: bank.delete([cid], namespace="alice")):
+        with pytest.raises(UnknownChunkError) as stolen:
+            steal(bob[0])
+        with pytest.raises(UnknownChunkError) as never:
+            steal(forged)
+        assert str(stolen.value).replace(bob[0], "ID") == str(never.value).replace(forged, "ID")
+    with pytest.raises(UnknownChunkError):  # one stolen id spoils the whole request: nothing partial
+        bank.fetch([alice[0], bob[1]], namespace="alice")
+    for odd in (None, 7, bob[0].upper(), bob[0] + " "):
+        with pytest.raises(UnknownChunkError):
+            bank.get(odd, namespace="alice")
+    # same doc id in both namespaces: deleting alice's document leaves bob's
+    assert bank.delete(namespace="alice", doc_id="doc-1") == 2
+    # an unknown namespace's error does not list the others
+    with pytest.raises(KeyError) as err:
+        bank.delete([bob[0]], namespace="mallory")
+    assert "bob" not in str(err.value) and "alice" not in str(err.value)
+    # evict: alice floods her namespace far past capacity; eviction stays inside it
+    for i in range(40):
+        bank.add_chunks([f"Alice's note {i}"], keys=[kv(5, 3)[0]], values=[kv(5, 3)[1]], namespace="alice")
+        assert bank.num_tokens("alice") <= 60
+    assert same(before, snapshot(bank, "bob"))
+    # save one namespace: the other's text is nowhere in the files
+    bank.save(tmp_path / "alice", namespaces=["alice"])
+    assert not any(b"Bob" in p.read_bytes() for p in (tmp_path / "alice").iterdir())
+    assert MemoryBank.load(tmp_path / "alice", embedder=embedder).namespaces() == ["alice"]
+
+
+def test_byte_limit_evicts_only_the_writer_or_refuses(tmp_path):
+    emb = HashEmbedder()
+    one = 2 * (2 * 2 * 2 * 8 * 4) + 4 * emb.dim  # K-V + embedding of a 2-token chunk, plus its text below
+    bank = MemoryBank(embedder=emb, capacity=10**6, dtype=torch.float32, max_bytes=20 * (one + 20))
+    bob = [bank.add_chunks([f"bob line {i:03d}"], keys=[kv(2, i, dim=8)[0]], values=[kv(2, i, dim=8)[1]],
+                           namespace="bob")[0] for i in range(10)]
+    before = snapshot(bank, "bob")
+    for i in range(60):  # alice writes far more than fits: her own oldest chunks make room
+        bank.add_chunks([f"alice line {i:03d}"], keys=[kv(2, i, dim=8)[0]], values=[kv(2, i, dim=8)[1]],
+                        namespace="alice")
+        assert bank.nbytes() <= bank.max_bytes
+    assert same(before, snapshot(bank, "bob")) and bank.chunk_ids("bob") == bob
+    assert 0 < len(bank.chunk_ids("alice")) < 60
+    assert bank.get(bank.chunk_ids("alice")[-1], namespace="alice").text == "alice line 059"
+    # carol cannot fit beside the others without evicting them: refused, nothing written, nobody evicted
+    big = kv(2 * 60, dim=8)
+    with pytest.raises(MemoryFullError, match="other namespaces hold"):
+        bank.add_chunks(["carol's essay"], keys=[big[0]], values=[big[1]], namespace="carol")
+    assert "carol" not in bank.namespaces() and same(before, snapshot(bank, "bob"))
+    with pytest.raises(ValueError, match="can never fit"):
+        MemoryBank(embedder=emb, capacity=4).add_chunks(["long"], keys=[kv(5)[0]], values=[kv(5)[1]])
+    with pytest.raises(ValueError, match="max_bytes"):
+        MemoryBank(embedder=emb, max_bytes=0)
+
+
+def test_memlong_config_bounds_bytes(make_tiny):
+    ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2, memory_max_bytes=40_000)
+    assert ml.bank.max_bytes == 40_000
+    ml.ingest(" ".join(f"Sentence number {i} of a document." for i in range(20)), namespace="d", progress=False)
+    assert 0 < ml.bank.nbytes() <= 40_000
+    with pytest.raises(ValueError, match="memory_max_bytes"):
+        make_tiny(memory_max_bytes=-1)
+
+
+# ------------------------------------------------------------------ concurrency
+def test_readers_share_the_lock_and_a_writer_waits_for_them():
+    lock = _RWLock()
+    both_inside = threading.Barrier(2, timeout=10)
+    errors = []
+
+    def reader():
+        try:
+            with lock.read():
+                both_inside.wait()  # only passes if two readers hold the lock at the same time
+        except threading.BrokenBarrierError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+
+    events = []
+    held = threading.Event()
+    release = threading.Event()
+
+    def long_reader():
+        with lock.read():
+            held.set()
+            release.wait(10)
+            events.append("reader 1 out")
+
+    def writer():
+        with lock.write():
+            events.append("writer")
+
+    def late_reader():
+        with lock.read():
+            events.append("reader 2")
+
+    t1 = threading.Thread(target=long_reader)
+    t1.start()
+    held.wait(10)
+    tw = threading.Thread(target=writer)
+    tw.start()
+    while not lock._writers_waiting:
+        time.sleep(0.001)
+    t2 = threading.Thread(target=late_reader)  # arrives while the writer waits: must not overtake it
+    t2.start()
+    time.sleep(0.1)
+    assert events == []
+    release.set()
+    for t in (t1, tw, t2):
+        t.join(10)
+    assert events == ["reader 1 out", "writer", "reader 2"]
+
+
+def test_bank_searches_run_while_a_reader_holds_the_lock_and_writes_wait(embedder):
+    bank = MemoryBank(embedder=embedder, dtype=torch.float32)
+    bank.add_chunks(["first chunk", "second chunk"], keys=[kv(2)[0]] * 2, values=[kv(2)[1]] * 2, namespace="ns")
+    done = []
+    with bank._lock.read():  # as if a slow reader were inside
+        reader = threading.Thread(target=lambda: done.append(bank.search("first", namespace="ns", k=1)))
+        writer = threading.Thread(target=lambda: done.append(
+            bank.add_chunks(["third chunk"], keys=[kv(2)[0]], values=[kv(2)[1]], namespace="ns")))
+        reader.start()
+        reader.join(30)
+        assert len(done) == 1  # the search did not wait for the other reader
+        writer.start()
+        time.sleep(0.3)
+        assert len(done) == 1 and len(bank) == 2  # the add waits until readers leave
+    writer.join(30)
+    assert len(done) == 2 and len(bank) == 3
+
+
+def test_eight_readers_and_one_writer_keep_every_chunk_aligned(embedder):
+    """8 threads search/fetch while 1 thread adds (with evictions and deletes) for ~3 s. Every read must see a
+    consistent chunk: the score faiss returns equals the query's dot product with the text's own embedding, the
+    K-V are the ones written for that text, and their token count equals the span."""
+    pool = [f"Record {i}: {word} number {i * 7919 % 1000} is filed under {['red', 'green', 'blue'][i % 3]}."
+            for i, word in enumerate(["apple", "anchor", "bridge", "candle", "desert", "engine", "forest", "garden",
+                                      "harbor", "island", "jungle", "kettle"] * 6)]
+    index = {t: i for i, t in enumerate(pool)}
+    vectors = embedder.encode(pool)
+    tokens = [1 + i % 7 for i in range(len(pool))]
+    bank = MemoryBank(embedder=embedder, capacity=120, dtype=torch.float32)
+    rng = random.Random(0)
+    stop = threading.Event()
+    errors, reads, writes = [], [0] * 8, [0]
+
+    def add(batch, encode):
+        keys, values = zip(*[kv(tokens[i], i) for i in batch])
+        spans = [(10 * i, 10 * i + tokens[i]) for i in batch]
+        bank.add_chunks([pool[i] for i in batch], keys=list(keys), values=list(values), namespace="ns", spans=spans,
+                        embeddings=None if encode else vectors[batch])
+
+    def check(cid, text=None):
+        chunk = bank.get(cid, namespace="ns")
+        i = index[chunk.text]
+        k, v = bank.fetch([cid], namespace="ns")
+        assert k.shape == (2, 2, tokens[i], 4) and chunk.span[1] - chunk.span[0] == tokens[i] == chunk.n_tokens
+        assert k.eq(float(i)).all() and v.eq(-float(i)).all(), f"K-V of another chunk under {chunk.text!r}"
+        return i
+
+    def writer():
+        try:
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                batch = rng.sample(range(len(pool)), rng.randint(1, 4))
+                add(batch, encode=rng.random() < 0.3)
+                writes[0] += 1
+                ids = bank.chunk_ids("ns")
+                if ids and rng.random() < 0.2:
+                    bank.delete([rng.choice(ids)], namespace="ns")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    def reader(r):
+        local = random.Random(r)
+        while not stop.is_set():
+            q = local.randrange(len(pool))
+            try:
+                hits = bank.search(vectors[q], namespace="ns", k=4)
+                for hit in hits:
+                    try:
+                        i = check(hit.chunk_id)
+                    except UnknownChunkError:
+                        continue  # evicted or deleted since the search: allowed, and never half-visible
+                    assert abs(hit.score - float(vectors[q] @ vectors[i])) < 1e-4, "faiss row of another chunk"
+                if len(hits) > 1:  # several ids at once come back in document order
+                    try:
+                        k, _ = bank.fetch([h.chunk_id for h in hits], namespace="ns")
+                    except UnknownChunkError:
+                        continue
+                    assert k.shape[2] == sum(bank.get(h.chunk_id, namespace="ns").n_tokens for h in hits)
+                reads[r] += 1
+            except UnknownChunkError:
+                continue
+            except Exception as exc:
+                errors.append(exc)
+                stop.set()
+
+    add([0, 1, 2], encode=False)
+    threads = [threading.Thread(target=reader, args=(r,)) for r in range(8)] + [threading.Thread(target=writer)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert not errors, errors[:3]
+    assert writes[0] >= 10 and min(reads) >= 1, (writes, reads)
+
+    space = bank._spaces["ns"]
+    ids = bank.chunk_ids("ns")
+    assert space.index.ntotal == len(space.ids) == len(ids) == len(bank) and set(space.ids) == set(ids)
+    assert bank.num_tokens("ns") == sum(bank.get(c, namespace="ns").n_tokens for c in ids) <= 120
+    for cid in ids:
+        check(cid)
+    assert np.allclose(space.embeddings, embedder.encode([bank.get(c, namespace="ns").text for c in space.ids]),
+                       atol=1e-4)
+    print(f"\nconcurrency: {writes[0]} adds, reads per reader thread {reads}, {len(ids)} chunks at the end")
+
+
+def test_readers_while_memlong_ingests(make_tiny):
+    """The real ingest path in one thread, 8 searching/fetching threads: the chunks written are bit for bit the
+    ones a quiet ingest of the same text writes, and each chunk's text, span, K-V and embedding agree."""
+    ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
+    lines = [f"Entry {i}: the {w} of the hall is {i * 13 % 97}." for i, w in
+             enumerate(["lamp", "door", "clock", "chair", "rug", "bell", "map", "key"] * 3)]
+    text = " ".join(lines)
+    ml.ingest(text, namespace="quiet", progress=False, doc_ids=["d"])
+    done = threading.Event()
+    errors, reads = [], [0] * 8
+    n_src, heads, dim = len(ml.config.source_layers), ml._kv_heads(), ml._head_dim()
+
+    queries = ml.bank.embedder.encode(lines)
+
+    def reader(r):
+        rng = random.Random(r)
+        while not done.is_set():
+            try:
+                for hit in ml.bank.search(queries[rng.randrange(len(lines))], namespace="busy", k=3):
+                    chunk = ml.bank.get(hit.chunk_id, namespace="busy")
+                    k, _ = ml.bank.fetch([hit.chunk_id], namespace="busy")
+                    assert k.shape == (n_src, heads, chunk.span[1] - chunk.span[0], dim)
+                reads[r] += 1
+                time.sleep(0.002)  # leave the ingest thread some of the GIL on a busy 2-core machine
+            except Exception as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader, args=(r,)) for r in range(8)]
+    [t.start() for t in threads]
+    try:
+        ml.ingest(text, namespace="busy", progress=False, doc_ids=["d"])
+    finally:
+        done.set()
+        [t.join(60) for t in threads]
+    assert not errors, errors[:3]
+    assert sum(reads) > 0
+    tokens = ml.tokenize(text)
+    quiet, busy = ml.bank.chunk_ids("quiet"), ml.bank.chunk_ids("busy")
+    assert len(quiet) == len(busy) > 5
+    for q, b in zip(quiet, busy):
+        cq, cb = ml.bank.get(q, namespace="quiet"), ml.bank.get(b, namespace="busy")
+        assert (cq.text, cq.span) == (cb.text, cb.span)
+        assert cb.text == ml.tokenizer.decode(tokens[cb.span[0]:cb.span[1]]) and cb.n_tokens == cb.span[1] - cb.span[0]
+        assert torch.allclose(cq.keys, cb.keys, atol=1e-5) and torch.allclose(cq.values, cb.values, atol=1e-5)
+    space = ml.bank._spaces["busy"]
+    texts = [ml.bank.get(c, namespace="busy").text for c in space.ids]
+    assert np.allclose(space.embeddings, ml.bank.embedder.encode(texts), atol=1e-4)
+    assert re.fullmatch(r"[0-9a-f]{24}", busy[0])
+
+
+def test_concurrent_generate_and_ingest_on_one_memlong_match_sequential(make_tiny):
+    """MemLong keeps per-call state (attention context, stream) on the call, so inference calls from several
+    threads on one instance give what they give alone; they share the model's compute (no speed-up)."""
+    ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
+    ml.ingest(" ".join(f"Fact {i}: the {w} is kept in room {i * 11 % 50}." for i, w in
+                       enumerate(["sword", "crown", "ring", "scroll"] * 3)), namespace="kb", progress=False)
+    prompts = ["The sword is kept in", "Room 22 holds", "Where is the ring?"]
+    alone = [ml.generate(p, namespace="kb", max_new_tokens=4) for p in prompts]
+    doc = " ".join(f"Another line {i} about nothing in particular." for i in range(6))
+    results, errors = {}, []
+
+    def ask(i):
+        try:
+            results[i] = ml.generate(prompts[i], namespace="kb", max_new_tokens=4)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    writer = threading.Thread(target=lambda: ml.ingest(doc, namespace="other", progress=False))
+    [t.start() for t in [writer, *threads]]
+    [t.join(120) for t in [writer, *threads]]
+    assert not errors, errors
+    assert [results[i] for i in range(len(prompts))] == alone
+    assert len(ml.bank.chunk_ids("other")) > 0

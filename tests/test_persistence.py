@@ -1,0 +1,304 @@
+"""Saving and loading the memory bank: round trips, mismatches, bad paths, and a save killed midway."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memlong import MemLong, MemoryBank, MemoryFileError, MemoryFullError, MemoryMismatchError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class HashEmbedder:
+    """A deterministic stand-in embedder (sha256 of the text), for tests about files rather than retrieval."""
+
+    name = "hash-embedder"
+    dim = 16
+
+    def encode(self, texts):
+        rows = [np.frombuffer(hashlib.sha256(t.encode()).digest(), dtype=np.uint8)[:16].astype(np.float32) - 127.5
+                for t in texts]
+        v = np.array(rows, dtype=np.float32).reshape(len(texts), self.dim)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def fill(bank, namespace, n, tokens=3, seed=0, doc_id=None):
+    g = torch.Generator().manual_seed(seed)
+    texts = [f"{namespace} chunk {seed}-{i} about topic {i % 5}" for i in range(n)]
+    keys = [torch.randn(2, 2, tokens, 8, generator=g) for _ in texts]
+    values = [torch.randn(2, 2, tokens, 8, generator=g) for _ in texts]
+    spans = [(i * tokens, (i + 1) * tokens) for i in range(n)]
+    meta = [{"source": f"doc-{seed}", "page": i, "tags": ["a", None, 1.5]} for i in range(n)]
+    return bank.add_chunks(texts, keys=keys, values=values, namespace=namespace, spans=spans, metadata=meta,
+                           doc_id=doc_id)
+
+
+def assert_same_bank(a, b):
+    assert sorted(a.namespaces()) == sorted(b.namespaces())
+    for ns in a.namespaces():
+        assert a.chunk_ids(ns) == b.chunk_ids(ns)
+        assert np.array_equal(a._spaces[ns].embeddings, b._spaces[ns].embeddings)
+        assert a._spaces[ns].ids == b._spaces[ns].ids  # faiss rows line up with the same ids
+        for cid in a.chunk_ids(ns):
+            x, y = a.get(cid, namespace=ns), b.get(cid, namespace=ns)
+            assert (x.text, x.doc_id, x.span, x.order, x.retrievals, x.metadata) == \
+                   (y.text, y.doc_id, y.span, y.order, y.retrievals, y.metadata)
+            assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values) and x.keys.dtype == y.keys.dtype
+    assert a.num_tokens() == b.num_tokens() and a.nbytes() == b.nbytes()
+
+
+def test_round_trip_keeps_every_field(tmp_path, embedder):
+    bank = MemoryBank(embedder=embedder, capacity=500, dtype=torch.bfloat16, max_bytes=10**7)
+    fill(bank, "alice", 6, seed=1)
+    fill(bank, "bob", 4, seed=2, doc_id="shared-doc")
+    bank.delete(bank.chunk_ids("alice")[1:2], namespace="alice")  # index rows shifted by a removal
+    bank.search("alice chunk about topic 3", namespace="alice", k=2)  # counters
+    bank.add_chunks(["  later  "], keys=[torch.ones(2, 2, 1, 8)], values=[torch.ones(2, 2, 1, 8)], namespace="empty")
+    bank.delete(bank.chunk_ids("empty"), namespace="empty")  # a namespace with no chunks left
+    bank.save(tmp_path / "bank")
+
+    loaded = MemoryBank.load(tmp_path / "bank", embedder=embedder)
+    assert_same_bank(bank, loaded)
+    assert (loaded.capacity, loaded.dtype, loaded.max_bytes) == (500, torch.bfloat16, 10**7)
+    query = "bob chunk about topic 2"
+    assert loaded.search(query, namespace="bob", count=False) == bank.search(query, namespace="bob", count=False)
+    # new chunks come after the loaded ones in document order
+    new = fill(loaded, "alice", 1, seed=9)
+    assert loaded.chunk_ids("alice")[-1] == new[0]
+    # only what was asked for; options override the saved config
+    part = MemoryBank.load(tmp_path / "bank", embedder=embedder, namespaces=["bob"], dtype=torch.float32)
+    assert part.namespaces() == ["bob"] and part.get(part.chunk_ids("bob")[0], namespace="bob").keys.dtype == torch.float32
+    with pytest.raises(MemoryFileError, match="holds"):
+        MemoryBank.load(tmp_path / "bank", embedder=embedder, namespaces=["carol"])
+
+
+def test_restore_replaces_namespaces_in_place(tmp_path):
+    bank = MemoryBank(embedder=HashEmbedder(), capacity=500)
+    fill(bank, "alice", 3, seed=1)
+    saved_alice = bank.chunk_ids("alice")
+    bank.save(tmp_path / "b", namespaces=["alice"])
+    fill(bank, "alice", 2, seed=2)
+    fill(bank, "bob", 2, seed=3)
+    bob = bank.chunk_ids("bob")
+    assert bank.restore(tmp_path / "b") == ["alice"]
+    assert bank.chunk_ids("alice") == saved_alice and bank.chunk_ids("bob") == bob
+    # a restore that does not fit leaves the bank as it was
+    small = MemoryBank(embedder=HashEmbedder(), capacity=500, max_bytes=bank.nbytes("alice") - 1)
+    with pytest.raises(MemoryFullError, match="max_bytes"):
+        small.restore(tmp_path / "b")
+    assert len(small) == 0
+
+
+def test_memlong_save_and_load_memory(tmp_path, make_tiny, tiny_hf):
+    ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
+    text = " ".join(f"Line {i}: the keeper of key {i * 37 % 101} walks the hall." for i in range(20))
+    ml.ingest(text, namespace="doc", progress=False)
+    ids = ml.bank.search("keeper of key 22", namespace="doc", k=2)
+    before = ml.generate("The keeper", namespace="doc", chunk_ids=[h.chunk_id for h in ids], max_new_tokens=8)
+    ml.save_memory(tmp_path / "mem")
+
+    fresh, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
+    bank = fresh.bank
+    assert fresh.load_memory(tmp_path / "mem") == ["doc"]
+    assert fresh.bank is bank  # loaded in place: adapters holding the bank see the memory
+    assert_same_bank(ml.bank, fresh.bank)
+    after = fresh.generate("The keeper", namespace="doc", chunk_ids=[h.chunk_id for h in ids], max_new_tokens=8)
+    assert after == before
+
+
+def test_loading_into_another_model_or_config_names_both(tmp_path, make_tiny, tokenizer, embedder):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ml, _ = make_tiny(chunk_size=16, local_window=64)
+    ml.ingest("A short document about lighthouses and their keepers. " * 6, namespace="doc", progress=False)
+    ml.save_memory(tmp_path / "mem")
+
+    other, _ = make_tiny(chunk_size=32, local_window=64)
+    with pytest.raises(MemoryMismatchError, match=r"chunk_size: saved 16, this model 32") as err:
+        other.load_memory(tmp_path / "mem")
+    assert "Saved:" in str(err.value) and "This model:" in str(err.value)
+    paper, _ = make_tiny(chunk_size=16, local_window=64, kv_source="memory_layer")
+    with pytest.raises(MemoryMismatchError, match="kv_source: saved 'per_layer', this model 'memory_layer'"):
+        paper.load_memory(tmp_path / "mem")
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4)
+    wide = MemLong(LlamaForCausalLM(cfg).eval(), tokenizer, embedder=embedder)
+    with pytest.raises(MemoryMismatchError, match="kv_heads: saved 2, this model 4"):
+        wide.load_memory(tmp_path / "mem")
+    assert len(other.bank) == len(paper.bank) == len(wide.bank) == 0  # nothing half-loaded
+    with pytest.raises(MemoryMismatchError, match="hash-embedder"):
+        MemoryBank.load(tmp_path / "mem", embedder=HashEmbedder())
+    bare = tmp_path / "bare"
+    ml.bank.save(bare)  # no fingerprint: a MemLong refuses it, a plain bank loads it
+    with pytest.raises(MemoryMismatchError, match="no model fingerprint"):
+        ml.load_memory(bare)
+    assert len(MemoryBank.load(bare, embedder=embedder)) == len(ml.bank)
+
+
+def test_bad_paths_and_unsaveable_metadata(tmp_path):
+    emb = HashEmbedder()
+    with pytest.raises(MemoryFileError, match="no such directory"):
+        MemoryBank.load(tmp_path / "nothing", embedder=emb)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MemoryFileError, match="no manifest.json"):
+        MemoryBank.load(tmp_path / "empty", embedder=emb)
+    bank = MemoryBank(embedder=emb)
+    fill(bank, "ns", 2)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        bank.save(tmp_path / "file")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="Refusing to save"):
+        bank.save(tmp_path / "home")
+    assert os.listdir(tmp_path / "home") == ["notes.txt"]
+    bank.save(tmp_path / "ok")
+    k = torch.zeros(2, 2, 1, 8)
+    bank.add_chunks(["odd metadata"], keys=[k], values=[k], namespace="ns", metadata=[{"when": object()}])
+    with pytest.raises(ValueError, match="metadata JSON cannot store"):
+        bank.save(tmp_path / "ok")
+    assert len(MemoryBank.load(tmp_path / "ok", embedder=emb)) == 2  # the previous save is untouched
+    with pytest.raises(ValueError, match="hold no chunks"):
+        bank.save(tmp_path / "ok2", namespaces=["nobody"])
+
+
+# ------------------------------------------------------------------ a save killed midway
+CHILD = textwrap.dedent('''
+    import hashlib, json, os, sys, time
+    import torch
+    sys.path.insert(0, {tests!r})
+    from test_persistence import HashEmbedder, fill, digest
+    from memlong import MemoryBank
+
+    path, kill_at, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    bank = MemoryBank(embedder=HashEmbedder(), capacity=10**6)
+    fill(bank, "ns", 50, tokens=64, seed=0)
+    bank.save(path)
+    print("saved", digest(bank), flush=True)
+    calls = 0
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        global calls
+        calls += 1
+        if calls == kill_at:
+            print("writing", flush=True)
+            time.sleep(60)
+        real_fsync(fd)
+
+    os.fsync = fsync
+    for r in range(1, rounds + 1):
+        fill(bank, "ns", 20, tokens=64, seed=r)
+        print("saving", digest(bank), flush=True)
+        bank.save(path)
+        print("saved", digest(bank), flush=True)
+''')
+
+
+def digest(bank):
+    """Everything a bank holds, as one hash."""
+    h = hashlib.sha256()
+    for ns in sorted(bank.namespaces()):
+        for cid in bank.chunk_ids(ns):
+            c = bank.get(cid, namespace=ns)
+            h.update(json.dumps([ns, c.id, c.text, c.span, c.order, c.retrievals, c.metadata]).encode())
+            h.update(c.keys.float().numpy().tobytes() + c.values.float().numpy().tobytes())
+        h.update(bank._spaces[ns].embeddings.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _run_child(path, kill_at, rounds, kill_after=None, delay=0.0):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(ROOT / "tests")), str(path), str(kill_at),
+                             str(rounds)], stdout=subprocess.PIPE, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.split())
+            if kill_after is None and lines[-1][0] == "writing":
+                break
+            if kill_after is not None and lines[-1][0] == "saving" and len(lines) > kill_after:
+                time.sleep(delay)
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, lines
+    return lines
+
+
+@pytest.mark.parametrize("kill_at, committed", [(1, False), (2, False), (3, False), (4, True)],
+                         ids=["bank-json", "tensors", "manifest-tmp", "after-rename"])
+def test_killed_save_leaves_a_loadable_bank(tmp_path, kill_at, committed):
+    """fsync calls of a save: 1 bank JSON, 2 tensors, 3 manifest.json.tmp, 4 the directory after the rename.
+    The child freezes in the chosen fsync and is SIGKILLed: before the rename the old bank loads intact, after it
+    the new one does; then the next save works and clears the leftovers."""
+    lines = _run_child(tmp_path / "bank", kill_at, rounds=1)
+    old, new = lines[0][1], lines[1][1]
+    bank = MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
+    assert digest(bank) == (new if committed else old)
+    fill(bank, "ns", 1, seed=99)
+    bank.save(tmp_path / "bank")
+    assert digest(MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())) == digest(bank)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "bank").iterdir()) == [".lock", "bank", "manifest.json",
+                                                                                   "tensors"]
+
+
+@pytest.mark.parametrize("delay", [0.005, 0.02])
+def test_save_killed_at_a_random_moment(tmp_path, delay):
+    """Saves in a loop, killed while the third is under way: the bank on disk is the second or the third."""
+    lines = _run_child(tmp_path / "bank", kill_at=0, rounds=10, kill_after=4, delay=delay)
+    versions = [d for _, d in lines]
+    assert digest(MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())) in versions[-2:]
+
+
+def test_tampered_content_with_valid_checksums_is_refused(tmp_path):
+    """Checksums catch accidents; the loader also validates what the files say (fuzzed at length in
+    test_persistence_fuzz.py; these are the cases it found or that matter most)."""
+    bank = MemoryBank(embedder=HashEmbedder())
+    fill(bank, "ns", 3)
+    bank.save(tmp_path / "bank")
+    manifest = json.loads((tmp_path / "bank" / "manifest.json").read_text())
+    record_file = tmp_path / "bank" / manifest["files"][0]["name"]
+    original = json.loads(record_file.read_text())
+
+    def tampered(change):
+        record = json.loads(json.dumps(original))
+        change(record)
+        data = json.dumps(record).encode()
+        record_file.write_bytes(data)
+        manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        (tmp_path / "bank" / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(MemoryFileError, match="memory bank at"):
+            MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
+
+    tampered(lambda r: r["config"].update(dtype=[]))  # found by the fuzzer: was a TypeError
+    tampered(lambda r: r["config"].update(capacity=-1))
+    tampered(lambda r: r["namespaces"][0]["chunks"][1].update(order=r["namespaces"][0]["chunks"][0]["order"]))
+    tampered(lambda r: r["namespaces"][0]["chunks"][0].update(id="../../etc/passwd"))
+    tampered(lambda r: r["namespaces"][0]["chunks"].pop())  # K-V and embeddings of a chunk no record names
+    tampered(lambda r: r.update(version=2))
+    manifest["files"][1]["name"] = "../outside.safetensors"
+    (tmp_path / "bank" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MemoryFileError, match="malformed file entry"):
+        MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
+
+
+@pytest.mark.slow
+def test_demo_load_memory_reports_a_missing_directory(tmp_path, capsys):
+    from memlong.cli import main
+
+    assert main(["demo", "--load-memory", str(tmp_path / "none"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "memlong: error: Cannot load the memory bank at" in err and "no such directory" in err
