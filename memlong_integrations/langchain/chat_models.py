@@ -228,7 +228,7 @@ class ChatMemLong(BaseChatModel):
                 "stop": tuple(stops), "query": question}
 
     def _start(self, messages: list[BaseMessage], stop: list[str] | None,
-               kwargs: dict[str, Any]) -> tuple[Iterator[str], GenerationStats]:
+               kwargs: dict[str, Any]) -> tuple[Iterator[str], GenerationStats, str]:
         """Validate, retrieve and start decoding (the prompt is encoded on the first ``next``)."""
         args = self._prepare(messages, stop, kwargs)
         with _lock(self.memlong):
@@ -237,15 +237,15 @@ class ChatMemLong(BaseChatModel):
                                            max_new_tokens=self.max_tokens, stream=True, stop=args["stop"],
                                            temperature=self.temperature, seed=self.seed)
             stats = self.memlong.last_generation
-        return pieces, stats
+        return pieces, stats, args["namespace"]
 
-    def _metadata(self, stats: GenerationStats) -> tuple[UsageMetadata, dict[str, Any]]:
+    def _metadata(self, stats: GenerationStats, namespace: str) -> tuple[UsageMetadata, dict[str, Any]]:
         usage = UsageMetadata(input_tokens=stats.prompt_tokens + stats.memory_tokens, output_tokens=stats.new_tokens,
                               total_tokens=stats.prompt_tokens + stats.memory_tokens + stats.new_tokens,
                               input_token_details={"cache_read": stats.memory_tokens})
         finish = "length" if stats.new_tokens >= self.max_tokens else "stop"
         response = {"model_name": self.model_name, "model_provider": "memlong", "finish_reason": finish,
-                    "memlong": {"namespace": self.namespace, "chunk_ids": list(stats.chunk_ids),
+                    "memlong": {"namespace": namespace, "chunk_ids": list(stats.chunk_ids),
                                 "prompt_tokens": stats.prompt_tokens, "memory_tokens": stats.memory_tokens,
                                 "time_to_first_token": stats.time_to_first_token, "seconds": stats.seconds}}
         return usage, response
@@ -253,25 +253,25 @@ class ChatMemLong(BaseChatModel):
     # ------------------------------------------------------------------ generation
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        pieces, stats = self._start(messages, stop, kwargs)
+        pieces, stats, namespace = self._start(messages, stop, kwargs)
         text = ""
         for piece in pieces:
             text += piece
             if run_manager is not None and self.streaming:
                 run_manager.on_llm_new_token(piece)
-        usage, response = self._metadata(stats)
+        usage, response = self._metadata(stats, namespace)
         message = AIMessage(content=text, usage_metadata=usage, response_metadata=response)
         return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": self.model_name})
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        pieces, stats = self._start(messages, stop, kwargs)
+        pieces, stats, namespace = self._start(messages, stop, kwargs)
         for piece in pieces:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager is not None:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
-        usage, response = self._metadata(stats)
+        usage, response = self._metadata(stats, namespace)
         yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=response,
                                                          chunk_position="last"))
 
