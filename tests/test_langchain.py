@@ -102,7 +102,8 @@ def test_chat_streams_tokens_through_callbacks(tiny):
     handler = Tokens()
     chunks = list(chat.stream(QUESTION, memlong_chunk_ids=ids, config={"callbacks": [handler]}))
     assert "".join(c.content for c in chunks) == "".join(handler.tokens) == full
-    assert chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata["output_tokens"] == tiny.last_generation.new_tokens
+    assert chunks[-1].chunk_position == "last"
+    assert chunks[-1].usage_metadata["output_tokens"] == tiny.last_generation.new_tokens
     assert sum(1 for c in chunks if c.usage_metadata) == 1
     handler = Tokens()
     streaming = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=8, streaming=True)
@@ -215,7 +216,8 @@ def test_vector_store_failed_upsert_loses_nothing(tiny):
     assert len({tiny.bank.get(c, namespace="vs2").doc_id for c in tiny.bank.chunk_ids("vs2")}) == 1
     with pytest.raises(ValueError, match="embedding=None"):
         MemLongVectorStore.from_texts(["x"], embedding=object(), memlong=tiny)
-    assert MemLongVectorStore.from_texts(["y z"], memlong=tiny, namespace="vs3").similarity_search("y", k=1)[0].page_content == "y z"
+    built = MemLongVectorStore.from_texts(["y z"], memlong=tiny, namespace="vs3")
+    assert built.similarity_search("y", k=1)[0].page_content == "y z"
 
 
 # ------------------------------------------------------------------ chains
