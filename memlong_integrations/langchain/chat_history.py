@@ -12,8 +12,7 @@ Example:
     >>> chat = ChatMemLong(memlong=ml, namespace=history.namespace)
     >>> chat.invoke("What is my locker code?")          # past turns come in as retrieved K-V
 
-With ``RunnableWithMessageHistory`` leave the history out of the prompt (no ``history_messages_key``) and bind the
-namespace per session: ``chat.bind(memlong_namespace=history.namespace)``.
+One model can serve many sessions: ``chat.bind(memlong_namespace=history.namespace)`` per session.
 """
 
 from __future__ import annotations
