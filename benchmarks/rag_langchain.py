@@ -1,0 +1,156 @@
+"""LangChain RAG with MemLong: retrieved chunks as K-V versus the same chain pasting the retrieved text.
+
+Planted-fact documents (``memlong.evaluation.planted_fact_documents``) go into a ``MemLongVectorStore``
+(K-V computed while streaming each document); a ``MemLongRetriever`` finds ``top_k`` chunks per question; the
+same ``create_memlong_rag_chain`` then answers
+
+* ``kv``: chunks reach ``ChatMemLong`` as ``memlong_chunk_ids`` (only the question is encoded),
+* ``paste``: the same chunks' text is pasted into the prompt (``paste=True``), no memory attended,
+* ``kv-chat`` (optional): like ``kv`` but with the chat template between memory and question,
+* ``none`` (optional): no retrieved context at all (does the model know the facts without memory?).
+
+Both ``kv`` and ``paste`` use the plain continuation prompt (``prompt_format="plain"``) and the fact's answer
+prefix as an AI prefill. Per mode: tokens encoded per query, time to first token (model side, from
+``MemLong.last_generation``), accuracy, and agreement of ``kv`` with ``paste`` (same normalised first line).
+
+    python benchmarks/rag_langchain.py --facts 30 --json results/rag-langchain.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+MODES = ("kv", "paste", "kv-chat", "none")
+
+
+def normalise(answer: str) -> str:
+    """First line, lower case, no surrounding punctuation or articles: what two answers must share to agree."""
+    line = answer.strip().split("\n")[0].lower()
+    line = re.sub(r"[^\w\s]", " ", line)
+    words = [w for w in line.split() if w not in ("a", "an", "the")]
+    return " ".join(words)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="MemLong model (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--facts", type=int, default=30, help="planted facts / questions (default 30)")
+    p.add_argument("--plays", default="hamlet,macbeth,othello", help="comma-separated plays used as documents")
+    p.add_argument("--chars", type=int, default=12_000, help="characters of each play (default 12000)")
+    p.add_argument("--top-k", type=int, default=4, help="chunks retrieved per question (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="answer budget (default 12)")
+    p.add_argument("--modes", default="kv,paste,kv-chat,none", help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--seed", type=int, default=0, help="planted-fact seed")
+    p.add_argument("--json", metavar="OUT", help="write the summary and per-question records here (rewritten as it runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while ingesting")
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or "kv" not in args.modes:
+        p.error(f"--modes must include kv and be drawn from {MODES}; got {args.modes}")
+    return args
+
+
+def summarise(records: list[dict], modes: list[str]) -> list[dict]:
+    rows = []
+    for mode in modes:
+        rs = [r[mode] for r in records if mode in r]
+        if not rs:
+            continue
+        row = {"mode": mode, "questions": len(rs),
+               "prompt_tokens_mean": statistics.mean(r["prompt_tokens"] for r in rs),
+               "memory_tokens_mean": statistics.mean(r["memory_tokens"] for r in rs),
+               "ttft_median_s": statistics.median(r["time_to_first_token"] for r in rs),
+               "accuracy": sum(r["correct"] for r in rs) / len(rs)}
+        if mode != "kv":
+            pairs = [(r["kv"], r[mode]) for r in records if mode in r]
+            row["agreement_with_kv"] = sum(normalise(a["answer"]) == normalise(b["answer"]) for a, b in pairs) / len(pairs)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| mode | questions | tokens encoded / query | memory tokens (K-V) / query | time to first token (median) "
+             "| accuracy | answer agreement with kv |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        agree = f"{100 * r['agreement_with_kv']:.0f} %" if "agreement_with_kv" in r else "—"
+        lines.append(f"| {r['mode']} | {r['questions']} | {r['prompt_tokens_mean']:.1f} | {r['memory_tokens_mean']:.0f} | "
+                     f"{r['ttft_median_s']:.2f} s | {100 * r['accuracy']:.0f} % | {agree} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from langchain_core.prompts import ChatPromptTemplate
+
+    from memlong import MemLong
+    from memlong.evaluation import planted_fact_documents
+    from memlong_integrations.langchain import ChatMemLong, MemLongRetriever, MemLongVectorStore, create_memlong_rag_chain
+
+    docs, facts = planted_fact_documents(args.facts, plays=tuple(args.plays.split(",")), chars=args.chars, seed=args.seed)
+    ml = MemLong.from_pretrained(args.model, top_k=args.top_k)
+    namespace = "rag-langchain"
+    store = MemLongVectorStore(ml, namespace=namespace, progress=not args.no_progress)
+    t0 = time.perf_counter()
+    store.add_texts(docs, metadatas=[{"play": p} for p in args.plays.split(",")])
+    ingest = {"documents": len(docs), "tokens": ml.bank.num_tokens(namespace),
+              "chunks": len(ml.bank.chunk_ids(namespace)), "seconds": time.perf_counter() - t0}
+    print(f"ingested {ingest['tokens']} tokens in {ingest['chunks']} chunks, {ingest['seconds']:.0f} s", file=sys.stderr)
+
+    retriever = MemLongRetriever(bank=ml.bank, namespace=namespace, k=args.top_k, count_retrievals=False)
+    qa = [("human", "{question}"), ("ai", "{answer_prefix}")]
+    plain = ChatMemLong(memlong=ml, namespace=namespace, max_tokens=args.max_new_tokens, prompt_format="plain")
+    chat = ChatMemLong(memlong=ml, namespace=namespace, max_tokens=args.max_new_tokens, prompt_format="chat")
+    chains = {"kv": create_memlong_rag_chain(retriever, plain, ChatPromptTemplate.from_messages(qa)),
+              "paste": create_memlong_rag_chain(retriever, plain, ChatPromptTemplate.from_messages(
+                  [("system", "{context}"), *qa]), paste=True),
+              "kv-chat": create_memlong_rag_chain(retriever, chat, ChatPromptTemplate.from_messages(qa))}
+
+    def out_record(mode: str, answer: str, fact) -> dict:
+        g = ml.last_generation
+        return {"answer": answer, "correct": fact.correct(answer), "prompt_tokens": g.prompt_tokens,
+                "memory_tokens": g.memory_tokens, "time_to_first_token": g.time_to_first_token,
+                "chunk_ids": list(g.chunk_ids)}
+
+    records: list[dict] = []
+    config = {k: v for k, v in vars(args).items() if k != "json"}
+    for i, fact in enumerate(facts):
+        question = {"question": fact.question, "answer_prefix": fact.answer_prefix}
+        context = retriever.invoke(fact.question)
+        record = {"question": fact.question, "answer": fact.answer,
+                  "fact_retrieved": any(fact.answer in d.page_content for d in context)}
+        order = args.modes if i % 2 == 0 else list(reversed(args.modes))  # alternate: fair under shared CPUs
+        for mode in order:
+            if mode == "none":
+                msg = plain.invoke([("human", fact.question), ("ai", fact.answer_prefix)], memlong_chunk_ids=[])
+                record[mode] = out_record(mode, msg.content, fact)
+                continue
+            out = chains[mode].invoke(question)
+            record[mode] = out_record(mode, out["answer"], fact)
+            record[mode]["retrieved"] = [d.id for d in out["context"]]
+        if "paste" in record:  # the comparison is only fair on the same chunks
+            assert record["paste"]["retrieved"] == record["kv"]["retrieved"], "kv and paste retrieved different chunks"
+        records.append(record)
+        print(f"[{i + 1}/{len(facts)}] {fact.answer!r}: " + "; ".join(
+            f"{m}={record[m]['answer'].strip()[:40]!r}" for m in args.modes), file=sys.stderr)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"config": config, "ingest": ingest, "partial": True,
+                                                   "summary": summarise(records, args.modes), "records": records}, indent=1))
+    rows = summarise(records, args.modes)
+    print(table(rows))
+    print(f"\nfact's chunk retrieved for {sum(r['fact_retrieved'] for r in records)}/{len(records)} questions; "
+          f"ingest {ingest['tokens']} tokens, {ingest['chunks']} chunks, {ingest['seconds']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": config, "ingest": ingest, "partial": False, "summary": rows,
+                                               "records": records}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""`MemLongChatMessageHistory`: a LangChain chat message history stored in a MemLong bank as K-V.
+
+Contract: every added message is ingested into the history's namespace (one bank document per message, its turn
+rendered as ``"\\nQuestion: ..."`` / ``"\\nAnswer: ..."`` so that retrieved turns read like the plain prompt of
+:class:`ChatMemLong`), with the serialized message in the chunks' metadata. ``messages`` returns them in order,
+exactly as added; ``clear()`` resets the namespace. A :class:`ChatMemLong` reading the same namespace retrieves
+the relevant past turns as K-V, so a long conversation is never re-encoded: give the model only the new question.
+
+Example:
+    >>> history = MemLongChatMessageHistory(memlong=ml, session_id="alice")
+    >>> history.add_messages([HumanMessage("My locker code is 4417."), AIMessage("Noted.")])
+    >>> chat = ChatMemLong(memlong=ml, namespace=history.namespace)
+    >>> chat.invoke("What is my locker code?")          # past turns come in as retrieved K-V
+
+One model can serve many sessions: ``chat.bind(memlong_namespace=history.namespace)`` per session.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from langchain_core.chat_history import BaseChatMessageHistory
+from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
+
+from memlong import MemLong
+
+__all__ = ["MemLongChatMessageHistory"]
+
+_MESSAGE_KEY = "_memlong_message"
+_ROLES = {"human": "Question", "ai": "Answer"}
+
+
+class MemLongChatMessageHistory(BaseChatMessageHistory):
+    """Chat history whose turns live in a MemLong memory bank (text, embedding and K-V per chunk).
+
+    Args:
+        memlong: the MemLong model that computes the turns' K-V (and will read them).
+        session_id: one conversation; its namespace is ``f"{prefix}{session_id}"``.
+        prefix: namespace prefix.
+    """
+
+    def __init__(self, memlong: MemLong, session_id: str, *, prefix: str = "chat:") -> None:
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError(f"session_id must be a non-empty string, got {session_id!r}.")
+        self.memlong = memlong
+        self.session_id = session_id
+        self.namespace = f"{prefix}{session_id}"
+
+    @property
+    def messages(self) -> list[BaseMessage]:  # type: ignore[override]
+        bank, seen, out = self.memlong.bank, set(), []
+        for cid in bank.chunk_ids(self.namespace):
+            chunk = bank.get(cid, namespace=self.namespace)
+            if chunk.doc_id not in seen and _MESSAGE_KEY in chunk.metadata:
+                seen.add(chunk.doc_id)
+                out.append(chunk.metadata[_MESSAGE_KEY])
+        return messages_from_dict(out)
+
+    def add_messages(self, messages: Sequence[BaseMessage]) -> None:
+        """Ingest the messages as K-V (one document per message, in order). Empty messages are refused."""
+        texts, metas = [], []
+        for message in messages:
+            text = message.text
+            if not text.strip():
+                raise ValueError(f"Cannot store an empty {message.type} message: it has no text to remember.")
+            texts.append(f"\n{_ROLES.get(message.type, message.type.capitalize())}: {text}")
+            metas.append({_MESSAGE_KEY: message_to_dict(message), "role": message.type})
+        if texts:
+            self.memlong.ingest(texts, namespace=self.namespace, metadatas=metas, progress=False,
+                                doc_ids=[f"msg-{uuid.uuid4()}" for _ in texts])
+
+    def chunk_ids(self) -> list[str]:
+        """All chunk ids of this conversation (e.g. to attend to the whole history explicitly)."""
+        return self.memlong.bank.chunk_ids(self.namespace)
+
+    def clear(self) -> None:
+        self.memlong.bank.reset(self.namespace)

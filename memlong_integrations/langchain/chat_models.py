@@ -1,0 +1,368 @@
+"""`ChatMemLong`: a LangChain chat model over a :class:`memlong.MemLong` decoder.
+
+Contract:
+    * Messages are rendered to one prompt; only that prompt is encoded. Retrieved chunks enter the retrieval
+      layers as their stored K-V: give them explicitly with the call keyword ``memlong_chunk_ids`` (``invoke``,
+      ``stream``, ``.bind(...)``), or leave them out and the model retrieves ``top_k`` chunks of ``namespace``
+      with the last human message as the query (``retrieve=False`` turns that off).
+    * ``memlong_namespace`` (call keyword) overrides the ``namespace`` field for one call.
+    * A trailing ``AIMessage`` is a prefill: the answer continues it (e.g. ``"The password is"``); the prefill is
+      not repeated in the output. Small models answer far better when the form of the answer is forced.
+    * Prompt layout (``prompt_format``): ``"plain"`` renders a continuation prompt ``"\\nQuestion: ...\\nAnswer:"``
+      right after the memory and stops at ``PLAIN_STOP`` (the next question or a blank line); ``"chat"`` uses
+      the tokenizer's chat template; ``"auto"`` (default) uses ``plain`` when chunks are attended and ``chat``
+      otherwise. Measured on the default 135M model: behind a chat
+      template the model tends to ignore memory (README, "LangChain").
+    * ``usage_metadata``: ``input_tokens`` = prompt tokens encoded + memory tokens attended, the latter also
+      reported as ``input_token_details["cache_read"]`` (they were read from the bank, not encoded);
+      ``output_tokens`` = generated tokens. ``response_metadata["memlong"]`` has the raw
+      :class:`memlong.GenerationStats` (chunk ids, time to first token).
+    * Text only: no tool calling, structured output or multimodal input.
+
+Example:
+    >>> from memlong import MemLong
+    >>> from memlong_integrations.langchain import ChatMemLong
+    >>> ml = MemLong.from_pretrained("default", top_k=4)
+    >>> ml.ingest(open("hamlet.txt").read(), namespace="hamlet")
+    >>> chat = ChatMemLong(memlong=ml, namespace="hamlet", max_tokens=32)
+    >>> chat.invoke("Who killed Polonius?").content               # retrieves from "hamlet"
+    >>> ids = [h.chunk_id for h in ml.bank.search("Polonius", namespace="hamlet", k=4)]
+    >>> chat.invoke("Who killed Polonius?", memlong_chunk_ids=ids)  # explicit chunks
+    >>> for chunk in chat.bind(memlong_chunk_ids=ids).stream("Who is Ophelia?"):
+    ...     print(chunk.content, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models.llms import LLM
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
+from pydantic import ConfigDict, Field
+
+from memlong import GenerationStats, MemLong
+
+__all__ = ["ChatMemLong", "MemLongLLM", "PLAIN_STOP"]
+
+PromptFormat = Literal["auto", "chat", "plain"]
+PLAIN_STOP = ("\nQuestion:", "\n\n")  # a plain-format answer ends at the next question or paragraph
+_CALL_KEYWORDS = {"memlong_chunk_ids", "memlong_namespace", "model", "stream"}
+_locks: weakref.WeakKeyDictionary[MemLong, threading.RLock] = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def _lock(ml: MemLong) -> threading.RLock:
+    """One lock per MemLong: retrieval + the start of a generation are atomic, so ``last_generation`` of
+    concurrent calls (``batch``, async) is never mixed up."""
+    with _locks_guard:
+        return _locks.setdefault(ml, threading.RLock())
+
+
+def _text(message: BaseMessage) -> str:
+    """Plain text of a message; refuses content the model cannot read."""
+    if isinstance(message.content, list):
+        others = [b.get("type") for b in message.content if isinstance(b, dict) and b.get("type") != "text"]
+        if others:
+            raise ValueError(f"ChatMemLong reads text only; the message has {sorted(set(map(str, others)))} blocks. "
+                             "Send text content.")
+    return message.text
+
+
+def _role(message: BaseMessage) -> str:
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, HumanMessage):
+        return "user"
+    if isinstance(message, AIMessage):
+        if message.tool_calls:
+            raise ValueError("ChatMemLong does not support tool calling; remove tool calls from the history.")
+        return "assistant"
+    raise ValueError(f"ChatMemLong takes system, human and AI messages, not {message.type!r} messages.")
+
+
+class ChatMemLong(BaseChatModel):
+    """Chat model over a MemLong decoder whose retrieval layers read retrieved chunks as stored K-V.
+
+    Setup:
+        ``pip install memlong`` (the default model ships offline; see README).
+
+    Instantiate:
+        .. code-block:: python
+
+            from memlong import MemLong
+            from memlong_integrations.langchain import ChatMemLong
+
+            ml = MemLong.from_pretrained("default", top_k=4)
+            chat = ChatMemLong(memlong=ml, namespace="docs", max_tokens=64, temperature=0)
+
+    Invoke:
+        .. code-block:: python
+
+            chat.invoke("What is the password of the harbour gate?")
+            chat.invoke("What is the password of the harbour gate?", memlong_chunk_ids=ids)
+            chat.bind(memlong_chunk_ids=ids).invoke([("human", "What is the password?"),
+                                                     ("ai", "The password of the harbour gate is")])
+
+    Stream:
+        .. code-block:: python
+
+            for chunk in chat.stream("Who is the keeper of the iron key?"):
+                print(chunk.content, end="")
+
+    Usage metadata:
+        .. code-block:: python
+
+            msg = chat.invoke("...", memlong_chunk_ids=ids)
+            msg.usage_metadata   # {'input_tokens': 12 + 512, 'output_tokens': 9, ...,
+                                 #  'input_token_details': {'cache_read': 512}}
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    memlong: MemLong = Field(exclude=True)
+    """The MemLong model (decoder, tokenizer and memory bank)."""
+    namespace: str = "default"
+    """Memory namespace the model reads (retrieval and explicit chunk ids)."""
+    model_name: str | None = Field(default=None, alias="model")
+    """Name reported in metadata; defaults to the decoder's name or path."""
+    temperature: float = 0.0
+    """0 = greedy decoding; otherwise sampling with this temperature."""
+    max_tokens: int = 256
+    """Most tokens to generate."""
+    stop: list[str] | None = None
+    """Default stop sequences (combined with the per-call ``stop``)."""
+    seed: int | None = None
+    """Sampling seed (``temperature > 0``)."""
+    streaming: bool = False
+    """Stream by default in ``invoke`` (tokens reach ``on_llm_new_token``)."""
+    retrieve: bool = True
+    """With no ``memlong_chunk_ids``, retrieve ``top_k`` chunks of the namespace for the last human message."""
+    top_k: int | None = None
+    """Chunks retrieved when no ids are given; ``None`` = the MemLong config's ``top_k``."""
+    prompt_format: PromptFormat = "auto"
+    """``"plain"`` continuation prompt, ``"chat"`` template, or ``"auto"`` (plain with memory, chat without)."""
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        if not isinstance(self.memlong, MemLong):
+            raise TypeError(f"memlong must be a memlong.MemLong, got {type(self.memlong).__name__}.")
+        if self.model_name is None:
+            self.model_name = Path(str(getattr(self.memlong.model.config, "_name_or_path", "") or "memlong")).name
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}.")
+
+    # ------------------------------------------------------------------ LangChain metadata
+    @property
+    def _llm_type(self) -> str:
+        return "memlong-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        cfg = self.memlong.config
+        return {"model_name": self.model_name, "namespace": self.namespace, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "prompt_format": self.prompt_format, "top_k": self._top_k(),
+                "kv_source": cfg.kv_source, "position_layout": cfg.position_layout, "local_window": cfg.local_window}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(ls_provider="memlong", ls_model_type="chat",
+                                 ls_model_name=kwargs.get("model") or self.model_name,
+                                 ls_temperature=self.temperature, ls_max_tokens=self.max_tokens)
+        if stop or self.stop:
+            params["ls_stop"] = list(stop or self.stop or [])
+        return params
+
+    def _top_k(self) -> int:
+        return self.memlong.config.top_k if self.top_k is None else self.top_k
+
+    # ------------------------------------------------------------------ prompt
+    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Everything one generation needs: the chunk ids, the prompt text, the prefill and the stops."""
+        unknown = set(kwargs) - _CALL_KEYWORDS
+        if unknown:
+            raise TypeError(f"ChatMemLong got unknown call keywords {sorted(unknown)}; it accepts "
+                            "memlong_chunk_ids (list of chunk ids) and memlong_namespace.")
+        if kwargs.get("model") not in (None, self.model_name):
+            raise ValueError(f"ChatMemLong serves one loaded model ({self.model_name!r}); it cannot switch to "
+                             f"{kwargs['model']!r} per call. Build another ChatMemLong for another model.")
+        if not messages:
+            raise ValueError("No messages: give the model at least one human message.")
+        namespace = kwargs.get("memlong_namespace") or self.namespace
+        prefill = ""
+        if isinstance(messages[-1], AIMessage):  # a trailing AI message is a prefill the answer continues
+            prefill, messages = _text(messages[-1]), messages[:-1]
+        turns = [(_role(m), _text(m)) for m in messages]
+        if not any(role == "user" for role, _ in turns):
+            raise ValueError("No human message: give the model a question to answer.")
+        question = next(text for role, text in reversed(turns) if role == "user")
+        chunk_ids = kwargs.get("memlong_chunk_ids")
+        if chunk_ids is not None:
+            if isinstance(chunk_ids, str) or not all(isinstance(c, str) for c in chunk_ids):
+                raise TypeError("memlong_chunk_ids must be a list of chunk id strings (Document.metadata"
+                                "['memlong_chunk_id'] or memlong_chunk_ids_from_documents(docs)).")
+            chunk_ids = list(chunk_ids)
+        elif self.retrieve and self._top_k() > 0 and namespace in self.memlong.bank.namespaces():
+            chunk_ids = [h.chunk_id for h in self.memlong.bank.search(question, namespace=namespace, k=self._top_k())]
+        chunk_ids = chunk_ids or []
+        fmt = self.prompt_format if self.prompt_format != "auto" else ("plain" if chunk_ids else "chat")
+        stops = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
+        if fmt == "plain":
+            prompt = _render_plain(turns)
+            stops.extend(s for s in PLAIN_STOP if s not in stops)
+            prefill = f" {prefill.strip()}" if prefill.strip() else ""
+        else:
+            prompt = self.memlong.tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in turns],
+                                                                tokenize=False, add_generation_prompt=True)
+        return {"prompt": prompt, "namespace": namespace, "chunk_ids": chunk_ids, "answer_prefix": prefill,
+                "stop": tuple(stops), "query": question}
+
+    def _start(self, messages: list[BaseMessage], stop: list[str] | None,
+               kwargs: dict[str, Any]) -> tuple[Iterator[str], GenerationStats, str]:
+        """Validate, retrieve and start decoding (the prompt is encoded on the first ``next``)."""
+        args = self._prepare(messages, stop, kwargs)
+        with _lock(self.memlong):
+            pieces = self.memlong.generate(args["prompt"], namespace=args["namespace"], chunk_ids=args["chunk_ids"],
+                                           answer_prefix=args["answer_prefix"], query=args["query"],
+                                           max_new_tokens=self.max_tokens, stream=True, stop=args["stop"],
+                                           temperature=self.temperature, seed=self.seed)
+            stats = self.memlong.last_generation
+        return pieces, stats, args["namespace"]
+
+    def _metadata(self, stats: GenerationStats, namespace: str) -> tuple[UsageMetadata, dict[str, Any]]:
+        usage = UsageMetadata(input_tokens=stats.prompt_tokens + stats.memory_tokens, output_tokens=stats.new_tokens,
+                              total_tokens=stats.prompt_tokens + stats.memory_tokens + stats.new_tokens,
+                              input_token_details={"cache_read": stats.memory_tokens})
+        finish = "length" if stats.new_tokens >= self.max_tokens else "stop"
+        response = {"model_name": self.model_name, "model_provider": "memlong", "finish_reason": finish,
+                    "memlong": {"namespace": namespace, "chunk_ids": list(stats.chunk_ids),
+                                "prompt_tokens": stats.prompt_tokens, "memory_tokens": stats.memory_tokens,
+                                "time_to_first_token": stats.time_to_first_token, "seconds": stats.seconds}}
+        return usage, response
+
+    # ------------------------------------------------------------------ generation
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        pieces, stats, namespace = self._start(messages, stop, kwargs)
+        text = ""
+        for piece in pieces:
+            text += piece
+            if run_manager is not None and self.streaming:
+                run_manager.on_llm_new_token(piece)
+        usage, response = self._metadata(stats, namespace)
+        message = AIMessage(content=text, usage_metadata=usage, response_metadata=response)
+        return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": self.model_name})
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        pieces, stats, namespace = self._start(messages, stop, kwargs)
+        for piece in pieces:
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager is not None:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+        usage, response = self._metadata(stats, namespace)
+        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=response,
+                                                         chunk_position="last"))
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        text, final = "", None
+        async for chunk in self._astream(messages, stop=stop, run_manager=run_manager if self.streaming else None,
+                                         **kwargs):
+            text += chunk.text
+            final = chunk
+        message = AIMessage(content=text, usage_metadata=final.message.usage_metadata,
+                            response_metadata=final.message.response_metadata)
+        return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": self.model_name})
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        """Decoding runs in a worker thread, one token step at a time, so the event loop stays free."""
+        chunks = self._stream(messages, stop=stop, **kwargs)
+        done = object()
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, done)
+            if chunk is done:
+                break
+            if run_manager is not None and chunk.text:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+
+def _render_plain(turns: Sequence[tuple[str, str]]) -> str:
+    """Continuation prompt: ``\\n<system>\\nQuestion: <human>\\nAnswer: <ai>\\n...Question: <last>\\nAnswer:``.
+
+    It starts with a newline so that it reads on from the retrieved chunks placed right before it."""
+    lines = [""]
+    for role, text in turns:
+        if role == "system":
+            lines.append(text)
+        elif role == "user":
+            lines.append(f"Question: {text}")
+        else:
+            lines.append(f"Answer: {text}")
+    if turns and turns[-1][0] == "assistant":
+        lines.append("Question:")  # the last turn was the model's: nothing asked yet
+    return "\n".join(lines) + "\nAnswer:"
+
+
+class MemLongLLM(LLM):
+    """Plain text-completion LLM over MemLong: the prompt is continued as is (no template).
+
+    Same call keywords as :class:`ChatMemLong` (``memlong_chunk_ids``, ``memlong_namespace``); with no ids it
+    retrieves ``top_k`` chunks of ``namespace`` using the prompt as the query.
+
+    Example:
+        >>> llm = MemLongLLM(memlong=ml, namespace="docs", max_tokens=16)
+        >>> llm.invoke("\\nQuestion: What is the password of the harbour gate?\\nAnswer:", memlong_chunk_ids=ids)
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    memlong: MemLong = Field(exclude=True)
+    namespace: str = "default"
+    temperature: float = 0.0
+    max_tokens: int = 256
+    retrieve: bool = True
+
+    @property
+    def _llm_type(self) -> str:
+        return "memlong"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "temperature": self.temperature, "max_tokens": self.max_tokens}
+
+    def _stream(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[GenerationChunk]:
+        unknown = set(kwargs) - {"memlong_chunk_ids", "memlong_namespace"}
+        if unknown:
+            raise TypeError(f"MemLongLLM got unknown call keywords {sorted(unknown)}; it accepts memlong_chunk_ids "
+                            "and memlong_namespace.")
+        ids = kwargs.get("memlong_chunk_ids")
+        with _lock(self.memlong):
+            pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
+                                           chunk_ids=list(ids) if ids is not None else None, retrieve=self.retrieve,
+                                           max_new_tokens=self.max_tokens, temperature=self.temperature,
+                                           stop=tuple(stop or ()), stream=True)
+        for piece in pieces:
+            chunk = GenerationChunk(text=piece)
+            if run_manager is not None:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+
+    def _call(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
+              **kwargs: Any) -> str:
+        return "".join(c.text for c in self._stream(prompt, stop=stop, run_manager=run_manager, **kwargs))

@@ -1,0 +1,90 @@
+"""`MemLongRetriever`: a LangChain retriever over one namespace of a :class:`memlong.MemoryBank`.
+
+Contract: ``invoke(query)`` returns the ``k`` best chunks (faiss inner product over the bank's embeddings) as
+``Document`` s in rank order: ``page_content`` = the chunk text, ``metadata`` = the metadata copied onto the chunk at
+ingest time plus ``memlong_chunk_id``, ``memlong_doc_id``, ``memlong_namespace`` and ``memlong_score``;
+``Document.id`` = the chunk id. Feed them to :class:`ChatMemLong` as K-V with
+``memlong_chunk_ids_from_documents(docs)`` (or :func:`create_memlong_rag_chain`). ``k`` is a field and an
+``invoke`` keyword. An empty or unknown namespace gives ``[]``.
+
+Example:
+    >>> retriever = MemLongRetriever(bank=ml.bank, namespace="hamlet", k=4)
+    >>> docs = retriever.invoke("the ghost on the battlements")
+    >>> docs[0].metadata["memlong_chunk_id"]
+    '3f9c...'
+    >>> retriever.invoke("Ophelia", k=1)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+from pydantic import ConfigDict, Field
+
+from memlong import MemLong, MemoryBank
+
+__all__ = ["CHUNK_ID_KEY", "MemLongRetriever", "chunk_document"]
+
+CHUNK_ID_KEY = "memlong_chunk_id"
+TEXT_KEY = "_memlong_text"  # a vector-store entry's page_content, kept on each of its chunks (a shared reference)
+
+
+def chunk_document(bank: MemoryBank, chunk_id: str, namespace: str, score: float | None = None) -> Document:
+    """The ``Document`` of one stored chunk (metadata carries its chunk id)."""
+    chunk = bank.get(chunk_id, namespace=namespace)
+    metadata = {k: v for k, v in chunk.metadata.items() if k != TEXT_KEY}
+    metadata.update({CHUNK_ID_KEY: chunk.id, "memlong_doc_id": chunk.doc_id, "memlong_namespace": namespace})
+    if score is not None:
+        metadata["memlong_score"] = score
+    return Document(page_content=chunk.text, metadata=metadata, id=chunk.id)
+
+
+class MemLongRetriever(BaseRetriever):
+    """Retrieve chunks of a MemLong memory bank as Documents that carry their chunk id.
+
+    Setup:
+        Ingest documents with ``MemLong.ingest`` or ``MemLongVectorStore.add_documents``.
+
+    Instantiate:
+        .. code-block:: python
+
+            retriever = MemLongRetriever(bank=ml.bank, namespace="docs", k=4)
+            # or: MemLongRetriever.from_memlong(ml, namespace="docs")
+
+    Invoke:
+        .. code-block:: python
+
+            docs = retriever.invoke("who keeps the iron key?")
+            docs = retriever.invoke("who keeps the iron key?", k=2)
+            ids = [d.metadata["memlong_chunk_id"] for d in docs]
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    bank: MemoryBank = Field(exclude=True)
+    """The memory bank to search (``MemLong.bank``)."""
+    namespace: str = "default"
+    """Namespace to search."""
+    k: int = 4
+    """Chunks returned per query (an ``invoke`` keyword ``k`` overrides it)."""
+    count_retrievals: bool = True
+    """Bump the chunks' retrieval counters (they decide eviction, as in the paper)."""
+
+    @classmethod
+    def from_memlong(cls, memlong: MemLong, **kwargs: Any) -> MemLongRetriever:
+        """A retriever over ``memlong.bank``; ``k`` defaults to the model's ``top_k``."""
+        kwargs.setdefault("k", memlong.config.top_k)
+        return cls(bank=memlong.bank, **kwargs)
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
+                                k: int | None = None) -> list[Document]:
+        k = self.k if k is None else k
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an integer >= 0, got {k!r}.")
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("The query is empty: give the retriever some text to search for.")
+        hits = self.bank.search(query, namespace=self.namespace, k=k, count=self.count_retrievals)
+        return [chunk_document(self.bank, h.chunk_id, self.namespace, h.score) for h in hits]

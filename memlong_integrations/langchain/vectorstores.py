@@ -1,0 +1,194 @@
+"""`MemLongVectorStore`: a LangChain vector store whose entries live in a :class:`memlong.MemoryBank` as K-V.
+
+Contract:
+    * An entry is one LangChain ``Document``. ``add_texts`` / ``add_documents`` stream each entry through
+      ``MemLong.ingest(..., doc_ids=[entry id], metadatas=[...])``: the entry becomes one or more chunks of
+      ``chunk_size`` tokens, each with its embedding and the K-V the model computed for it. The entry id is the
+      chunks' ``doc_id``; ids you pass (or ``Document.id``) round-trip unchanged, others are new UUIDs.
+    * Adding an id that exists replaces that entry (upsert): the new chunks are written first, then the old ones
+      deleted, so a failed add loses nothing.
+    * Searches rank chunks and return each entry once (score = its best chunk's cosine similarity), as the
+      ``Document`` you stored: same ``page_content``, ``metadata`` and ``id``. All of an entry's chunks reach
+      :class:`ChatMemLong` as K-V through :meth:`chunk_ids` / :func:`memlong_chunk_ids_from_documents`. For
+      chunk-level hits over long documents use :class:`MemLongRetriever`.
+    * ``delete(ids)`` ignores ids that are not there (LangChain's contract) and returns whether all were found;
+      ``get_by_ids`` returns the entries that exist. The bank's own embedder is used (no ``Embeddings`` object);
+      store searches do not bump eviction counters.
+
+Example:
+    >>> store = MemLongVectorStore(memlong=ml, namespace="docs")
+    >>> ids = store.add_documents([Document("The password of the harbour gate is marigold.", id="gate")])
+    >>> store.similarity_search("harbour gate password", k=1)
+    [Document(id='gate', metadata={}, page_content='The password of the harbour gate is marigold.')]
+    >>> store.chunk_ids(store.similarity_search("harbour gate password", k=1))   # -> ChatMemLong(memlong_chunk_ids=...)
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
+from langchain_core.vectorstores import VectorStore
+
+from memlong import MemLong
+
+from .retrievers import TEXT_KEY
+
+__all__ = ["MemLongVectorStore"]
+
+class MemLongVectorStore(VectorStore):
+    """LangChain ``VectorStore`` over one namespace of a MemLong memory bank; entries are stored as chunk K-V.
+
+    Setup:
+        ``ml = MemLong.from_pretrained("default", top_k=4)``
+
+    Instantiate:
+        .. code-block:: python
+
+            store = MemLongVectorStore(memlong=ml, namespace="docs")
+
+    Add and search:
+        .. code-block:: python
+
+            store.add_documents(docs, ids=[...])            # K-V computed by the model
+            store.similarity_search_with_score("query", k=4)
+            retriever = store.as_retriever(search_kwargs={"k": 4})
+            chat.invoke(question, memlong_chunk_ids=store.chunk_ids(retriever.invoke(question)))
+    """
+
+    def __init__(self, memlong: MemLong, *, namespace: str = "default", progress: bool = False) -> None:
+        if not isinstance(memlong, MemLong):
+            raise TypeError(f"memlong must be a memlong.MemLong, got {type(memlong).__name__}.")
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError(f"namespace must be a non-empty string, got {namespace!r}.")
+        self.memlong = memlong
+        self.namespace = namespace
+        self.progress = progress
+
+    @property
+    def bank(self):
+        return self.memlong.bank
+
+    @property
+    def embeddings(self) -> Embeddings | None:
+        return None  # the bank embeds with its own embedder
+
+    # ------------------------------------------------------------------ entries
+    def _entries(self) -> dict[str, list[str]]:
+        """Entry id -> its chunk ids in document order."""
+        entries: dict[str, list[str]] = {}
+        for cid in self.bank.chunk_ids(self.namespace):
+            entries.setdefault(self.bank.get(cid, namespace=self.namespace).doc_id, []).append(cid)
+        return entries
+
+    def _document(self, entry_id: str, chunk_id: str) -> Document:
+        chunk = self.bank.get(chunk_id, namespace=self.namespace)
+        metadata = {k: v for k, v in chunk.metadata.items() if k != TEXT_KEY}
+        return Document(page_content=chunk.metadata.get(TEXT_KEY, chunk.text), metadata=metadata, id=entry_id)
+
+    def chunk_ids(self, documents: Sequence[Document]) -> list[str]:
+        """Chunk ids to give :class:`ChatMemLong` for ``documents`` (this store's entries, or chunk Documents
+        from :class:`MemLongRetriever`); in document order, without duplicates.
+
+        Raises:
+            memlong.UnknownChunkError: a document that is not (or no longer) in this store's namespace.
+        """
+        from .chains import memlong_chunk_ids_from_documents
+
+        return memlong_chunk_ids_from_documents(documents, bank=self.bank, namespace=self.namespace)
+
+    # ------------------------------------------------------------------ writing
+    def add_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *, ids: list[str | None] | None = None,
+                  **kwargs: Any) -> list[str]:
+        """Ingest ``texts`` (K-V computed by the model); returns their ids. Existing ids are replaced.
+
+        Raises:
+            ValueError: an empty text, or ``metadatas`` / ``ids`` of another length than ``texts``.
+        """
+        texts = list(texts)
+        if metadatas is not None and len(metadatas) != len(texts):
+            raise ValueError(f"Got {len(texts)} texts but {len(metadatas)} metadatas.")
+        if ids is not None and len(ids) != len(texts):
+            raise ValueError(f"Got {len(texts)} texts but {len(ids)} ids.")
+        if not texts:
+            return []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"Text {i} is empty: a vector store entry needs text to embed. Nothing was added.")
+        ids = [str(i) if i is not None else str(uuid.uuid4()) for i in (ids or [None] * len(texts))]
+        if len(set(ids)) != len(ids):
+            raise ValueError("The same id appears twice in one add; ids must be unique.")
+        metas = [{**(m or {}), TEXT_KEY: t} for m, t in zip(metadatas or [{}] * len(texts), texts)]
+        old = self._entries()
+        replaced = [cid for i in ids for cid in old.get(i, [])]
+        self.memlong.ingest(texts, namespace=self.namespace, doc_ids=ids, metadatas=metas, progress=self.progress)
+        if replaced:
+            self.bank.delete(replaced, namespace=self.namespace)
+        return ids
+
+    def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
+        """Delete entries by id (all entries when ``ids`` is None). Missing ids are ignored; returns whether all
+        were found."""
+        if ids is None:
+            self.bank.reset(self.namespace)
+            return True
+        entries = self._entries()
+        drop = [cid for i in ids for cid in entries.get(i, [])]
+        if drop:
+            self.bank.delete(drop, namespace=self.namespace)
+        return all(i in entries for i in ids)
+
+    def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
+        """The stored entries among ``ids`` (missing ids are skipped)."""
+        entries = self._entries()
+        return [self._document(i, entries[i][0]) for i in dict.fromkeys(ids) if i in entries]
+
+    # ------------------------------------------------------------------ search
+    def similarity_search_with_score(self, query: str, k: int = 4, **kwargs: Any) -> list[tuple[Document, float]]:
+        """The ``k`` best entries with their cosine similarity (best chunk), best first."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("The query is empty: give the store some text to search for.")
+        return self._search(query, k)
+
+    def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
+        return [doc for doc, _ in self.similarity_search_with_score(query, k, **kwargs)]
+
+    def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
+        return [doc for doc, _ in self._search(embedding, k)]
+
+    def _search(self, query: Any, k: int) -> list[tuple[Document, float]]:
+        total = len(self.bank.chunk_ids(self.namespace))
+        if k <= 0 or total == 0:
+            return []
+        want = min(total, 4 * k)
+        while True:  # widen until k distinct entries (an entry may own several chunks)
+            best: dict[str, tuple[str, float]] = {}
+            for hit in self.bank.search(query, namespace=self.namespace, k=want, count=False):
+                entry = self.bank.get(hit.chunk_id, namespace=self.namespace).doc_id
+                best.setdefault(entry, (hit.chunk_id, hit.score))
+            if len(best) >= k or want >= total:
+                break
+            want = min(total, want * 4)
+        return [(self._document(entry, cid), score) for entry, (cid, score) in list(best.items())[:k]]
+
+    def _select_relevance_score_fn(self) -> Callable[[float], float]:
+        return lambda similarity: (1.0 + similarity) / 2.0  # cosine in [-1, 1] -> relevance in [0, 1]
+
+    @classmethod
+    def from_texts(cls, texts: list[str], embedding: Embeddings | None = None, metadatas: list[dict] | None = None, *,
+                   ids: list[str] | None = None, memlong: MemLong | None = None, namespace: str = "default",
+                   **kwargs: Any) -> MemLongVectorStore:
+        """Build a store over ``memlong.bank`` and add ``texts``. ``embedding`` must be None: the bank embeds
+        with its own embedder (pass another one to ``MemLong(..., embedder=...)``)."""
+        if embedding is not None:
+            raise ValueError("MemLongVectorStore embeds with its MemoryBank's embedder; pass embedding=None "
+                             "(choose the embedder when building the MemLong model).")
+        if memlong is None:
+            raise ValueError("MemLongVectorStore.from_texts needs memlong=<a MemLong model>.")
+        store = cls(memlong, namespace=namespace, **kwargs)
+        store.add_texts(texts, metadatas, ids=ids)
+        return store
+

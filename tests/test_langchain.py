@@ -1,0 +1,332 @@
+"""LangChain adapters: chat model, LLM, retriever, vector store, chains and chat history (tiny random model), and one
+end-to-end RAG chain on the real default model."""
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
+
+from memlong import UnknownChunkError
+from memlong_integrations.langchain import (
+    CHUNK_ID_KEY,
+    ChatMemLong,
+    MemLongChatMessageHistory,
+    MemLongLLM,
+    MemLongRetriever,
+    MemLongVectorStore,
+    chunk_ids_runnable,
+    create_memlong_rag_chain,
+)
+from memlong_integrations.langchain.chat_models import PLAIN_STOP
+
+TEXT = ("The harbour gate opens at dawn and closes at dusk. Falcons nest in the northern tower every spring. "
+        "The abbey bell rings at noon. Saffron is stored in the silver chest beneath the west chapel. "
+        "The copper lamp lights the chapel at night, and the keeper of the iron key is Tobias Wren.")
+QUESTION = "Where is the saffron stored?"
+
+
+def plain(question: str) -> str:
+    return f"\nQuestion: {question}\nAnswer:"
+
+
+@pytest.fixture()
+def tiny(make_tiny):
+    ml, _ = make_tiny(top_k=2, chunk_size=16, local_window=64)  # several small chunks per text
+    ml.ingest(TEXT, namespace="kb", progress=False)
+    return ml
+
+
+class Tokens(BaseCallbackHandler):
+    def __init__(self):
+        self.tokens = []
+
+    def on_llm_new_token(self, token, **kwargs):
+        self.tokens.append(token)
+
+
+# ------------------------------------------------------------------ chat model
+def test_chat_passes_chunk_ids_as_kv_and_reports_usage(tiny):
+    ids = tiny.bank.chunk_ids("kb")[1:3]
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=6)
+    msg = chat.invoke(QUESTION, memlong_chunk_ids=ids)
+    gen = tiny.last_generation
+    assert gen.chunk_ids == ids
+    assert gen.memory_tokens == sum(tiny.bank.get(c, namespace="kb").n_tokens for c in ids)
+    assert gen.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))  # only the question was encoded
+    # the adapter is the core call, nothing more: same text as MemLong.generate with the same chunks
+    assert msg.content == tiny.generate(plain(QUESTION), namespace="kb", chunk_ids=ids, max_new_tokens=6, stop=PLAIN_STOP)
+    usage = msg.usage_metadata
+    assert usage["input_tokens"] == gen.prompt_tokens + gen.memory_tokens
+    assert usage["input_token_details"]["cache_read"] == gen.memory_tokens
+    assert usage["output_tokens"] == gen.new_tokens <= 6
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert msg.response_metadata["memlong"]["chunk_ids"] == ids
+    # .bind carries the same keyword
+    chat.bind(memlong_chunk_ids=ids[:1]).invoke(QUESTION)
+    assert tiny.last_generation.chunk_ids == ids[:1]
+
+
+def test_chat_retrieves_from_its_namespace_without_ids(tiny):
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4)
+    chat.invoke(QUESTION)
+    expected = [h.chunk_id for h in tiny.bank.search(QUESTION, namespace="kb", k=2, count=False)]
+    assert tiny.last_generation.chunk_ids == expected
+    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))  # auto -> plain with memory
+    # an empty namespace: nothing to attend, the chat template is used
+    ChatMemLong(memlong=tiny, namespace="nothing-here", max_tokens=4).invoke(QUESTION)
+    assert tiny.last_generation.memory_tokens == 0
+    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(QUESTION, chat=True))
+    ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4, retrieve=False).invoke(QUESTION)
+    assert tiny.last_generation.chunk_ids == []
+    chat.invoke(QUESTION, memlong_namespace="nothing-here")  # per-call namespace
+    assert tiny.last_generation.chunk_ids == []
+
+
+def test_chat_prefill_and_conversation_rendering(tiny):
+    ids = tiny.bank.chunk_ids("kb")[:2]
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4)
+    chat.invoke([HumanMessage(QUESTION), AIMessage("It is stored in")], memlong_chunk_ids=ids)
+    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION), answer_prefix=" It is stored in"))
+    chat.invoke([("system", "Be brief."), ("human", "hi"), ("ai", "hello"), ("human", QUESTION)], memlong_chunk_ids=ids)
+    prompt = "\nBe brief.\nQuestion: hi\nAnswer: hello\nQuestion: " + QUESTION + "\nAnswer:"
+    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(prompt))
+
+
+def test_chat_streams_tokens_through_callbacks(tiny):
+    ids = tiny.bank.chunk_ids("kb")[:2]
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=8)
+    full = chat.invoke(QUESTION, memlong_chunk_ids=ids).content
+    handler = Tokens()
+    chunks = list(chat.stream(QUESTION, memlong_chunk_ids=ids, config={"callbacks": [handler]}))
+    assert "".join(c.content for c in chunks) == "".join(handler.tokens) == full
+    assert chunks[-1].chunk_position == "last"
+    assert chunks[-1].usage_metadata["output_tokens"] == tiny.last_generation.new_tokens
+    assert sum(1 for c in chunks if c.usage_metadata) == 1
+    handler = Tokens()
+    streaming = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=8, streaming=True)
+    assert streaming.invoke(QUESTION, memlong_chunk_ids=ids, config={"callbacks": [handler]}).content == full
+    assert "".join(handler.tokens) == full and len([t for t in handler.tokens if t]) > 1
+
+
+async def test_chat_async_matches_sync(tiny):
+    ids = tiny.bank.chunk_ids("kb")[:2]
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=6)
+    full = chat.invoke(QUESTION, memlong_chunk_ids=ids).content
+    assert (await chat.ainvoke(QUESTION, memlong_chunk_ids=ids)).content == full
+    assert "".join([c.content async for c in chat.astream(QUESTION, memlong_chunk_ids=ids)]) == full
+
+
+def test_chat_stop_sequences_and_max_tokens(tiny):
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=12, prompt_format="chat", retrieve=False)
+    text = chat.invoke(QUESTION).content
+    assert len(text) >= 6, text
+    stop = text[3:6]
+    cut = text[:text.find(stop)]
+    assert chat.invoke(QUESTION, stop=[stop]).content == cut
+    assert ChatMemLong(memlong=tiny, namespace="kb", max_tokens=12, prompt_format="chat", retrieve=False,
+                       stop=[stop]).invoke(QUESTION).content == cut
+    short = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=2, prompt_format="chat", retrieve=False).invoke(QUESTION)
+    assert short.usage_metadata["output_tokens"] <= 2 and short.response_metadata["finish_reason"] == "length"
+
+
+def test_concurrent_calls_keep_their_own_chunks(tiny):
+    ids = tiny.bank.chunk_ids("kb")
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4)
+    out = RunnableParallel(a=chat.bind(memlong_chunk_ids=ids[:1]), b=chat.bind(memlong_chunk_ids=ids[2:4])).invoke(QUESTION)
+    assert out["a"].response_metadata["memlong"]["chunk_ids"] == ids[:1]
+    assert out["b"].response_metadata["memlong"]["chunk_ids"] == ids[2:4]
+
+
+def test_chat_bad_input_gets_clear_errors(tiny):
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4)
+    with pytest.raises(UnknownChunkError, match="not in namespace 'kb'"):
+        chat.invoke(QUESTION, memlong_chunk_ids=["no-such-chunk"])
+    with pytest.raises(ValueError, match="longer than the local window"):
+        chat.invoke("word " * 200, memlong_chunk_ids=[])
+    with pytest.raises(TypeError, match="unknown call keywords"):
+        chat.invoke(QUESTION, memlong_chunk_id=["x"])
+    with pytest.raises(TypeError, match="list of chunk id strings"):
+        chat.invoke(QUESTION, memlong_chunk_ids="abc")
+    with pytest.raises(ValueError, match="cannot switch"):
+        chat.invoke(QUESTION, model="gpt-4o")
+    with pytest.raises(ValueError, match="text only"):
+        chat.invoke([HumanMessage([{"type": "image", "url": "https://example.org/a.png"}])])
+    with pytest.raises(ValueError, match="tool"):
+        chat.invoke([HumanMessage("hi"), ToolMessage("3", tool_call_id="1")])
+    with pytest.raises(NotImplementedError):
+        chat.bind_tools([])
+    with pytest.raises(ValueError, match="max_tokens"):
+        ChatMemLong(memlong=tiny, max_tokens=0)
+
+
+def test_llm_is_the_plain_core_call(tiny):
+    ids = tiny.bank.chunk_ids("kb")[:2]
+    llm = MemLongLLM(memlong=tiny, namespace="kb", max_tokens=5)
+    assert llm.invoke(plain(QUESTION), memlong_chunk_ids=ids) == tiny.generate(plain(QUESTION), namespace="kb",
+                                                                              chunk_ids=ids, max_new_tokens=5)
+    assert tiny.last_generation.chunk_ids == ids
+
+
+# ------------------------------------------------------------------ retriever
+def test_retriever_documents_carry_chunk_ids(tiny):
+    retriever = MemLongRetriever.from_memlong(tiny, namespace="kb")
+    docs = retriever.invoke(QUESTION)
+    hits = tiny.bank.search(QUESTION, namespace="kb", k=2, count=False)
+    assert [d.metadata[CHUNK_ID_KEY] for d in docs] == [h.chunk_id for h in hits]
+    assert [d.page_content for d in docs] == [tiny.bank.get(h.chunk_id, namespace="kb").text for h in hits]
+    assert len(retriever.invoke(QUESTION, k=1)) == 1
+    assert MemLongRetriever(bank=tiny.bank, namespace="empty").invoke(QUESTION) == []
+    with pytest.raises(ValueError, match="query is empty"):
+        retriever.invoke("  ")
+
+
+# ------------------------------------------------------------------ vector store
+def test_vector_store_entries_round_trip_and_span_chunks(tiny):
+    store = MemLongVectorStore(tiny, namespace="vs")
+    ids = store.add_documents([Document(TEXT, metadata={"src": "long"}), Document("Bells ring at noon.", id="bell")],
+                              ids=["long", None])
+    assert ids[0] == "long" and ids[1] != "long"  # an explicit kwarg id wins; the missing one is generated
+    owned = [c for c in tiny.bank.chunk_ids("vs") if tiny.bank.get(c, namespace="vs").doc_id == "long"]
+    assert len(owned) > 1  # a long entry spans several K-V chunks
+    hits = store.similarity_search_with_score(QUESTION, k=2)
+    assert [d.id for d, _ in hits].count("long") == 1
+    long_doc = next(d for d, _ in hits if d.id == "long")
+    assert long_doc == Document(TEXT, metadata={"src": "long"}, id="long")
+    assert store.chunk_ids([long_doc]) == owned  # every chunk of the entry, in document order
+    assert all(0.0 <= s <= 1.0 for _, s in store.similarity_search_with_relevance_scores(QUESTION, k=2))
+    assert store.get_by_ids(["long", "missing"]) == [long_doc]
+    assert store.delete(["missing"]) is False and store.delete([ids[1]]) is True
+    assert [d.id for d in store.similarity_search(QUESTION, k=5)] == ["long"]
+
+
+def test_vector_store_failed_upsert_loses_nothing(tiny):
+    store = MemLongVectorStore(tiny, namespace="vs2")
+    store.add_texts(["Falcons nest in the tower."], ids=["a"])
+    before = store.get_by_ids(["a"])
+    with pytest.raises(ValueError, match="empty"):
+        store.add_texts(["   "], ids=["a"])
+    with pytest.raises(ValueError, match="2 ids"):
+        store.add_texts(["x"], ids=["a", "b"])
+    assert store.get_by_ids(["a"]) == before
+    store.add_texts(["Falcons moved to the abbey."], ids=["a"])
+    assert [d.page_content for d in store.get_by_ids(["a"])] == ["Falcons moved to the abbey."]
+    assert len({tiny.bank.get(c, namespace="vs2").doc_id for c in tiny.bank.chunk_ids("vs2")}) == 1
+    with pytest.raises(ValueError, match="embedding=None"):
+        MemLongVectorStore.from_texts(["x"], embedding=object(), memlong=tiny)
+    built = MemLongVectorStore.from_texts(["y z"], memlong=tiny, namespace="vs3")
+    assert built.similarity_search("y", k=1)[0].page_content == "y z"
+
+
+# ------------------------------------------------------------------ chains
+def test_lcel_recipe_sends_retrieved_documents_as_kv(tiny):
+    store = MemLongVectorStore(tiny, namespace="vs")
+    store.add_texts([TEXT, "Bells ring at noon."])
+    retriever = store.as_retriever(search_kwargs={"k": 1})
+    chat = ChatMemLong(memlong=tiny, namespace="vs", max_tokens=4)
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
+    chain = (RunnableParallel(question=RunnablePassthrough(), chunk_ids=retriever | chunk_ids_runnable(retriever))
+             | RunnableLambda(lambda x: prompt | chat.bind(memlong_chunk_ids=x["chunk_ids"]))
+             | StrOutputParser())
+    answer = chain.invoke(QUESTION)
+    gen = tiny.last_generation
+    assert gen.chunk_ids == store.chunk_ids(retriever.invoke(QUESTION)) and gen.chunk_ids
+    assert gen.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))
+    assert answer == "".join(chain.stream(QUESTION))
+
+
+def test_rag_chain_helper_kv_and_paste(tiny):
+    retriever = MemLongRetriever(bank=tiny.bank, namespace="kb", k=2)
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4, prompt_format="plain")
+    out = create_memlong_rag_chain(retriever, chat).invoke(QUESTION)
+    assert set(out) >= {"question", "context", "answer"}
+    ids = [d.metadata[CHUNK_ID_KEY] for d in out["context"]]
+    kv = tiny.last_generation
+    assert sorted(kv.chunk_ids) == sorted(ids) and kv.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))
+    create_memlong_rag_chain(retriever, chat, paste=True).invoke({"question": QUESTION})
+    pasted = tiny.last_generation
+    text = "".join(tiny.bank.get(c, namespace="kb").text for c in kv.chunk_ids)
+    assert pasted.memory_tokens == 0 and pasted.prompt_tokens == len(tiny.encode_prompt(f"\n{text}" + plain(QUESTION)))
+    pieces = [c["answer"] for c in create_memlong_rag_chain(retriever, chat).stream(QUESTION) if "answer" in c]
+    assert "".join(pieces) == out["answer"]
+
+
+def test_chain_bad_input_gets_clear_errors(tiny):
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4)
+    empty = MemLongVectorStore(tiny, namespace="empty-store")
+    with pytest.raises(ValueError, match="is empty: add documents"):
+        create_memlong_rag_chain(empty.as_retriever(), chat).invoke(QUESTION)
+    with pytest.raises(ValueError, match="non-empty question"):
+        create_memlong_rag_chain(MemLongRetriever(bank=tiny.bank, namespace="kb"), chat).invoke({"q": QUESTION})
+    store = MemLongVectorStore(tiny, namespace="kb")
+    with pytest.raises(UnknownChunkError, match="never added"):
+        store.chunk_ids([Document("x", id="not-an-entry")])
+    with pytest.raises(ValueError, match="neither"):
+        store.chunk_ids([Document("x")])
+    with pytest.raises(TypeError, match="which memory bank"):
+        chunk_ids_runnable(object())
+
+
+# ------------------------------------------------------------------ chat history
+def test_chat_history_stores_turns_as_kv(tiny):
+    history = MemLongChatMessageHistory(tiny, session_id="alice")
+    turns = [HumanMessage("My locker code is 4417."), AIMessage("Noted: locker code 4417."), HumanMessage("Thanks!")]
+    history.add_messages(turns)
+    assert history.messages == turns
+    ids = history.chunk_ids()
+    assert ids and tiny.bank.fetch(ids, namespace=history.namespace)[0].shape[2] == tiny.bank.num_tokens(history.namespace)
+    chat = ChatMemLong(memlong=tiny, namespace=history.namespace, max_tokens=4)
+    chat.invoke("What is my locker code?")
+    gen = tiny.last_generation
+    assert gen.chunk_ids and set(gen.chunk_ids) <= set(ids)
+    assert gen.prompt_tokens == len(tiny.encode_prompt(plain("What is my locker code?")))  # history not re-encoded
+    with pytest.raises(ValueError, match="empty"):
+        history.add_messages([AIMessage("")])
+    history.clear()
+    assert history.messages == [] and history.namespace not in tiny.bank.namespaces()
+
+
+# ------------------------------------------------------------------ end to end on the default model
+FACT = "The secret ingredient of the royal cake is purple saffron from the island of Zanthe."
+
+
+def _passages(text: str, size: int = 600) -> list[str]:
+    """A plain splitter: paragraphs packed into passages of about ``size`` characters."""
+    out, cur = [], ""
+    for para in text.split("\n\n"):
+        if cur and len(cur) + len(para) > size:
+            out.append(cur)
+            cur = ""
+        cur = f"{cur}\n\n{para}" if cur else para
+    return out + [cur] if cur.strip() else out
+
+
+@pytest.mark.slow
+def test_end_to_end_documents_store_retriever_chain_answer(default_memlong):
+    from memlong.evaluation import shakespeare_text
+
+    ml = default_memlong
+    play = shakespeare_text("macbeth")[3_000:9_000]
+    cut = play.find("\n\n", len(play) // 2)
+    docs = [Document(p, metadata={"play": "macbeth", "part": i})
+            for i, p in enumerate(_passages(play[:cut] + "\n\n" + FACT + play[cut:]))]
+    ml.reset("lc-e2e")
+    store = MemLongVectorStore(ml, namespace="lc-e2e")
+    ids = store.add_documents(docs)
+    assert ml.bank.num_tokens("lc-e2e") > ml.config.local_window  # more than the window: the fact comes from memory
+    retriever = store.as_retriever(search_kwargs={"k": 2})
+    chat = ChatMemLong(memlong=ml, namespace="lc-e2e", max_tokens=12)
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}"), ("ai", "{answer_prefix}")])
+    question = "What is the secret ingredient of the royal cake?"
+    prefix = "The secret ingredient of the royal cake is"
+    out = create_memlong_rag_chain(retriever, chat, prompt).invoke({"question": question, "answer_prefix": prefix})
+    gen = ml.last_generation
+    fact_entry = next(i for i, d in zip(ids, docs) if FACT in d.page_content)
+    assert fact_entry in [d.id for d in out["context"]]  # the retriever found the passage with the fact
+    assert gen.chunk_ids == store.chunk_ids(out["context"])  # ... and its chunks reached the model as K-V
+    assert gen.memory_tokens == sum(ml.bank.get(c, namespace="lc-e2e").n_tokens for c in gen.chunk_ids)
+    assert gen.prompt_tokens == len(ml.encode_prompt(plain(question), answer_prefix=" " + prefix))  # question only
+    assert "saffron" in out["answer"].lower(), out["answer"]
+    ml.reset("lc-e2e")
