@@ -1,0 +1,235 @@
+"""CPU benchmarks on the default model; every ratio is measured side by side in one run.
+
+* ``ingest``: MemLong.ingest tokens/s vs plain HF prefill of the same tokens in the same window sizes
+  (each window of ``local_window`` tokens prefilled on its own, no memory).
+* ``ttft``: time to first token of a RAG answer with the retrieved chunks as K-V (only the question is
+  encoded) vs re-encoding the same retrieved text with the question (plain HF prefill), for
+  ``N x 512`` retrieved tokens.
+* ``faiss``: retrieval latency vs bank size (synthetic unit vectors, 384-d, k=8): ``MemoryBank.search``
+  up to ``--bank-max`` chunks, the bare faiss index beyond.
+* ``bytes``: bytes of memory per stored token vs a full all-layer K-V cache of the same model.
+
+    python benchmarks/cpu.py --json results/bench-cpu.json --plot results/bench-cpu.png
+
+Run it alone: other jobs on the same cores change absolute times (the ratios are measured in one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_ingest(ml, text: str, tokens: int) -> dict:
+    ids = ml.tokenize(text)[:tokens]
+    doc = ml.tokenizer.decode(ids)
+    ids = ml.tokenize(doc)
+    ml.reset("bench")
+    t0 = time.perf_counter()
+    ml.ingest(doc, namespace="bench", progress=False)
+    memlong_s = time.perf_counter() - t0
+    ml.reset("bench")
+    window = ml.config.local_window
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(ids), window):
+            ml.model(torch.tensor([ids[s:s + window]], device=ml.device), use_cache=False, logits_to_keep=1)
+    plain_s = time.perf_counter() - t0
+    return {"bench": "ingest", "tokens": len(ids), "memlong_tok_s": len(ids) / memlong_s,
+            "plain_prefill_tok_s": len(ids) / plain_s, "ratio": plain_s / memlong_s}
+
+
+def bench_ttft(ml_512, text: str, n_chunks: list[int], repeats: int) -> list[dict]:
+    """``ml_512``: a MemLong with chunk_size 512 (one retrieved chunk = 512 tokens)."""
+    need = max(n_chunks) * 512 + 256
+    ids = ml_512.tokenize(text)[:need]
+    ml_512.reset("ttft")
+    ml_512.ingest(ml_512.tokenizer.decode(ids), namespace="ttft", progress=False)
+    chunk_ids = [c for c in ml_512.bank.chunk_ids("ttft") if ml_512.bank.get(c, namespace="ttft").n_tokens == 512]
+    question = "\nQuestion: Who speaks first in this scene?\nAnswer:"
+    rows = []
+    for n in n_chunks:
+        chosen = chunk_ids[:n]
+        kv = lambda: ml_512.generate(question, namespace="ttft", chunk_ids=chosen, max_new_tokens=1)
+        kv()  # warm up
+        kv_s = _median_time(kv, repeats)
+        encoded = ml_512.last_generation.prompt_tokens
+        context = "".join(ml_512.bank.get(c, namespace="ttft").text for c in chosen)
+        full = torch.tensor([ml_512.tokenize(context + question)], device=ml_512.device)
+
+        def reencode():
+            with torch.no_grad():
+                ml_512.model(full, use_cache=True, logits_to_keep=1).logits[0, -1].argmax()
+
+        reencode()
+        re_s = _median_time(reencode, repeats)
+        rows.append({"bench": "ttft", "retrieved": f"{n} x 512", "kv_tokens_encoded": encoded,
+                     "reencode_tokens_encoded": int(full.shape[1]), "kv_ttft_s": kv_s, "reencode_ttft_s": re_s,
+                     "ratio": re_s / kv_s})
+    ml_512.reset("ttft")
+    return rows
+
+
+def bench_faiss(sizes: list[int], bank_max: int, queries: int = 200) -> list[dict]:
+    import faiss
+
+    from memlong import MemoryBank
+    from memlong.embedder import Embedder
+
+    rng = np.random.default_rng(0)
+    dim = 384
+    qs = rng.standard_normal((queries, dim)).astype(np.float32)
+    faiss.normalize_L2(qs)
+    rows = []
+    for size in sizes:
+        vectors = rng.standard_normal((size, dim)).astype(np.float32)
+        faiss.normalize_L2(vectors)
+        row = {"bench": "faiss", "chunks": size}
+        index = faiss.IndexFlatIP(dim)
+        index.add(vectors)
+        t0 = time.perf_counter()
+        for q in qs:
+            index.search(q[None], 8)
+        row["faiss_ms"] = (time.perf_counter() - t0) / queries * 1e3
+        if size <= bank_max:
+            bank = MemoryBank(embedder=Embedder(), capacity=10**12)
+            kv = torch.zeros(1, 1, 1, 2)
+            step = 10_000
+            for s in range(0, size, step):
+                n = min(step, size - s)
+                bank.add_chunks(["x"] * n, keys=[kv] * n, values=[kv] * n, namespace="b", embeddings=vectors[s:s + n])
+            t0 = time.perf_counter()
+            for q in qs:
+                bank.search(q, namespace="b", k=8)
+            row["bank_ms"] = (time.perf_counter() - t0) / queries * 1e3
+        rows.append(row)
+    return rows
+
+
+def bench_bytes(ml, tokens: int) -> list[dict]:
+    cfg = ml.model.config
+    full = 2 * ml.num_layers * ml._kv_heads * ml._head_dim * torch.finfo(torch.float16).bits // 8
+    rows = []
+    for kv_source in ("per_layer", "memory_layer"):
+        sources = ml.num_layers if kv_source == "per_layer" else 1
+        per_token = 2 * sources * ml._kv_heads * ml._head_dim * torch.finfo(ml.bank.dtype).bits // 8
+        rows.append({"bench": "bytes", "kv_source": kv_source, "memory_bytes_per_token": per_token,
+                     "full_cache_fp16_bytes_per_token": full, "ratio": per_token / full})
+    measured = ml.bank.nbytes("bench") / max(ml.bank.num_tokens("bench"), 1) if "bench" in ml.bank.namespaces() else None
+    rows[0]["measured_bank_bytes_per_token"] = measured
+    del cfg
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    ing = [r for r in rows if r["bench"] == "ingest"]
+    if ing:
+        axes[0].bar(["MemLong ingest", "plain prefill"], [ing[0]["memlong_tok_s"], ing[0]["plain_prefill_tok_s"]],
+                    color=["#2171b5", "#bbbbbb"])
+        axes[0].set_ylabel("tokens / s")
+        axes[0].set_title(f"ingestion ({ing[0]['tokens']} tokens)")
+    ttft = [r for r in rows if r["bench"] == "ttft"]
+    if ttft:
+        x = np.arange(len(ttft))
+        axes[1].bar(x - 0.2, [r["kv_ttft_s"] for r in ttft], 0.4, label="K-V injection", color="#2171b5")
+        axes[1].bar(x + 0.2, [r["reencode_ttft_s"] for r in ttft], 0.4, label="re-encode text", color="#bbbbbb")
+        axes[1].set_xticks(x, [r["retrieved"] for r in ttft])
+        axes[1].set_ylabel("seconds")
+        axes[1].set_title("time to first token")
+        axes[1].legend()
+    fa = [r for r in rows if r["bench"] == "faiss"]
+    if fa:
+        axes[2].loglog([r["chunks"] for r in fa], [r["faiss_ms"] for r in fa], "o-", label="faiss IndexFlatIP")
+        bank = [r for r in fa if "bank_ms" in r]
+        axes[2].loglog([r["chunks"] for r in bank], [r["bank_ms"] for r in bank], "s-", label="MemoryBank.search")
+        axes[2].set_xlabel("chunks in the bank")
+        axes[2].set_ylabel("ms / query")
+        axes[2].set_title("retrieval latency (k=8, 384-d)")
+        axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _table(rows: list[dict]) -> str:
+    out = []
+    for bench in dict.fromkeys(r["bench"] for r in rows):
+        group = [r for r in rows if r["bench"] == bench]
+        cols = list(dict.fromkeys(k for r in group for k in r))
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|" + "|".join(" --- " for _ in cols) + "|")
+        out += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in group]
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benches", default="ingest,ttft,faiss,bytes", help="comma-separated subset to run")
+    p.add_argument("--ingest-tokens", type=int, default=8192, help="document length for the ingest benchmark")
+    p.add_argument("--ttft-chunks", default="8,16", help="retrieved 512-token chunks for the TTFT benchmark")
+    p.add_argument("--faiss-sizes", default="1000,10000,100000,1000000", help="bank sizes (chunks)")
+    p.add_argument("--bank-max", type=int, default=100_000, help="largest size also measured through MemoryBank")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median) per TTFT point")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", metavar="OUT", help="write the records as JSON")
+    p.add_argument("--plot", metavar="PNG", help="write a plot")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from memlong import MemLong
+    from memlong.evaluation import shakespeare_text
+
+    benches = args.benches.split(",")
+    text = shakespeare_text("hamlet")
+    rows: list[dict] = []
+    ml = None
+    if {"ingest", "bytes"} & set(benches):
+        ml = MemLong.from_pretrained("default")
+    if "ingest" in benches:
+        rows.append(bench_ingest(ml, text, args.ingest_tokens))
+        print(_table(rows[-1:]), file=sys.stderr)
+    if "ttft" in benches:
+        ml_512 = MemLong.from_pretrained("default", chunk_size=512, local_window=2048)
+        rows += bench_ttft(ml_512, text, [int(x) for x in args.ttft_chunks.split(",")], args.repeats)
+        del ml_512
+    if "faiss" in benches:
+        rows += bench_faiss([int(x) for x in args.faiss_sizes.split(",")], args.bank_max)
+    if "bytes" in benches:
+        rows += bench_bytes(ml, args.ingest_tokens)
+    print(_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": {"torch_threads": torch.get_num_threads(),
+                                                           "device": "cpu"}, "records": rows}, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

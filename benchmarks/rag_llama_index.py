@@ -1,0 +1,249 @@
+"""K-V injection vs. the stock LlamaIndex text pipeline: same model, same questions, same retrieved chunks.
+
+Facts are planted at random depths of long Shakespeare plays (``memlong.evaluation.planted_fact_documents``).
+The plays go into a ``VectorStoreIndex`` over :class:`MemLongVectorStore` (chunk K-V computed once, at
+ingestion). For every question one stock retriever (``index.as_retriever``) feeds two query engines:
+
+* ``kv``   — ``MemLongQueryEngine``: the retrieved chunk ids go to :class:`MemLongLLM`, the prompt holds only
+  the question; the chunks enter attention as stored K-V.
+* ``text`` — ``RetrieverQueryEngine.from_args`` (stock compact synthesizer) with the same model through
+  :class:`MemLongLLM` (``retrieve=False``, so it sees nothing but the prompt): the retrieved text is pasted into
+  the prompt and encoded again.
+
+Both prompts end the same way, ``"\\nQuestion: {q}\\nAnswer: {answer_prefix}"``; the text prompt starts with
+the retrieved chunks. Two more rows answer through the LLM's chat path (``chat``) with the same chunk ids, with
+the tokenizer's chat template and with a plain transcript, to show how the prompt format affects a small model.
+
+Measured per query: tokens the model encoded (summed over every LLM call the engine made), time to first
+token (``MemLong.last_generation``: from the LLM call to the first generated token), answers, accuracy, and
+whether both engines saw the same chunks.
+
+Example:
+    python benchmarks/rag_llama_index.py --facts 30 --json results/rag-llama-index.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="default", help="MemLong.from_pretrained name or path")
+    p.add_argument("--facts", type=int, default=30, help="planted facts = questions")
+    p.add_argument("--plays", default="hamlet,macbeth,othello", help="comma-separated plays (documents)")
+    p.add_argument("--chars", type=int, default=40_000, help="characters of each play")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=4, help="chunks retrieved per question")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--split", action="store_true",
+                   help="split documents with LlamaIndex's default SentenceSplitter (default: one node per document, "
+                        "so chunk K-V sees the whole document's context)")
+    p.add_argument("--no-chat", action="store_true", help="skip the two chat-path rows")
+    p.add_argument("--json", metavar="OUT", help="write config, summary and per-question records here (updated "
+                                                 "after every question)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--from-json", metavar="IN", help="print the table of a saved --json file and exit (no model run); "
+                                                    "with --json, rewrite that file's summary")
+    return p.parse_args(argv)
+
+
+def normalise(answer: str) -> str:
+    """Lower case, first line, no punctuation or extra spaces: what 'the same answer' means here."""
+    line = answer.strip().split("\n")[0].lower()
+    return " ".join(re.sub(r"[^\w\s]", " ", line).split())
+
+
+def llm_calls(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Generation stats of every LLM call logged since the last look (and clear the log)."""
+    calls = list(log)
+    log.clear()
+    return calls
+
+
+def logging_llm(log: list[dict[str, Any]]) -> type:
+    """MemLongLLM that appends each call's generation stats (``MemLong.last_generation``) to ``log``."""
+    from memlong_integrations.llama_index import MemLongLLM
+
+    class LoggingMemLongLLM(MemLongLLM):
+        def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+            response = super().complete(prompt, formatted, **kwargs)
+            log.append(dict(response.additional_kwargs))
+            return response
+
+        def chat(self, messages: Any, **kwargs: Any) -> Any:
+            response = super().chat(messages, **kwargs)
+            log.append(dict(response.additional_kwargs))
+            return response
+
+    return LoggingMemLongLLM
+
+
+def summarise(records: list[dict[str, Any]], pipelines: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"questions": len(records)}
+    for name in pipelines:
+        rows = [r[name] for r in records if name in r]
+        if not rows:
+            continue
+        ttft = [r["time_to_first_token"] for r in rows]
+        hit = [r[name] for r in records if name in r and r.get("fact_retrieved")]
+        out[name] = {"tokens_encoded_mean": statistics.fmean(r["tokens_encoded"] for r in rows),
+                     "memory_tokens_mean": statistics.fmean(r["memory_tokens"] for r in rows),
+                     "llm_calls_mean": statistics.fmean(r["llm_calls"] for r in rows),
+                     "ttft_mean_s": statistics.fmean(ttft), "ttft_median_s": statistics.median(ttft),
+                     "accuracy": statistics.fmean(r["correct"] for r in rows),
+                     "accuracy_when_fact_retrieved": statistics.fmean(r["correct"] for r in hit) if hit else None}
+    both = [r for r in records if "kv" in r and "text" in r]
+    if both:
+        out["agreement"] = statistics.fmean(normalise(r["kv"]["answer"]) == normalise(r["text"]["answer"]) for r in both)
+        hit = [r for r in both if r["fact_retrieved"]]
+        out["agreement_when_fact_retrieved"] = statistics.fmean(
+            normalise(r["kv"]["answer"]) == normalise(r["text"]["answer"]) for r in hit) if hit else None
+        out["same_chunks"] = statistics.fmean(r["kv"]["chunk_ids"] == r["text"]["chunk_ids"] for r in both)
+        out["fact_retrieved"] = statistics.fmean(r["fact_retrieved"] for r in both)
+        out["ttft_ratio_text_over_kv"] = out["text"]["ttft_mean_s"] / max(out["kv"]["ttft_mean_s"], 1e-9)
+        out["tokens_ratio_text_over_kv"] = out["text"]["tokens_encoded_mean"] / max(out["kv"]["tokens_encoded_mean"], 1e-9)
+    return out
+
+
+LABELS = {"kv": "K-V injection (MemLongQueryEngine)", "text": "stock text pipeline (RetrieverQueryEngine)",
+          "kv_chat_template": "K-V, chat path, chat template", "kv_chat_plain": "K-V, chat path, plain transcript"}
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = ["| pipeline | tokens encoded / query | K-V tokens attended | LLM calls / query | time to first token "
+             "(mean / median) | accuracy | accuracy when the fact was retrieved |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, label in LABELS.items():
+        s = summary.get(name)
+        if s:
+            lines.append(f"| {label} | {s['tokens_encoded_mean']:.1f} | {s['memory_tokens_mean']:.0f} | "
+                         f"{s['llm_calls_mean']:.1f} | {s['ttft_mean_s']:.3f} s / {s['ttft_median_s']:.3f} s | "
+                         f"{s['accuracy']:.0%} | {_pct(s['accuracy_when_fact_retrieved'])} |")
+    if "agreement" in summary:
+        lines.append("")
+        lines.append(f"Questions: {summary['questions']}; same answer (K-V vs text): {summary['agreement']:.0%} "
+                     f"({_pct(summary['agreement_when_fact_retrieved'])} where the fact was retrieved); "
+                     f"same retrieved chunks: {summary['same_chunks']:.0%}; fact among the retrieved chunks: "
+                     f"{summary['fact_retrieved']:.0%}; text/K-V tokens encoded: "
+                     f"{summary['tokens_ratio_text_over_kv']:.1f}x; "
+                     f"text/K-V time to first token: {summary['ttft_ratio_text_over_kv']:.1f}x.")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        names = [n for n in LABELS if any(n in r for r in saved["records"])]
+        saved["summary"] = summarise(saved["records"], names)
+        if args.json:  # refresh the stored summary (e.g. after adding a statistic)
+            Path(args.json).write_text(json.dumps(saved, indent=1))
+        print(table(saved["summary"]))
+        return 0
+    from llama_index.core import Document, PromptTemplate, StorageContext, VectorStoreIndex
+    from llama_index.core.base.llms.types import ChatMessage
+    from llama_index.core.query_engine import RetrieverQueryEngine
+
+    from memlong import MemLong
+    from memlong.evaluation import planted_fact_documents
+    from memlong_integrations.llama_index import (
+        MemLongEmbedding,
+        MemLongQueryEngine,
+        MemLongVectorStore,
+    )
+
+    plays = tuple(p.strip() for p in args.plays.split(",") if p.strip())
+    docs, facts = planted_fact_documents(args.facts, plays=plays, chars=args.chars, seed=args.seed)
+    ml = MemLong.from_pretrained(args.model, top_k=args.top_k)
+    namespace = "rag-llama-index"
+    ml.reset(namespace)
+    store = MemLongVectorStore(ml, namespace=namespace, show_progress=not args.no_progress)
+    t0 = time.perf_counter()
+    index = VectorStoreIndex.from_documents(
+        [Document(text=d, metadata={"play": p}, excluded_llm_metadata_keys=["play"]) for d, p in zip(docs, plays)],
+        storage_context=StorageContext.from_defaults(vector_store=store), embed_model=MemLongEmbedding.from_memlong(ml),
+        **({} if args.split else {"transformations": []}))
+    ingest_s = time.perf_counter() - t0
+    config = {**{k: v for k, v in vars(args).items() if k != "json"}, "plays": list(plays),
+              "documents_tokens": [len(ml.tokenize(d)) for d in docs], "chunks": len(ml.bank.chunk_ids(namespace)),
+              "ingest_seconds": ingest_s, "memlong": repr(ml), "torch_threads": __import__("torch").get_num_threads(),
+              "note": "CPU shared with other jobs; compare the two pipelines within this run (interleaved per question)."}
+    print(f"ingested {sum(config['documents_tokens'])} tokens into {config['chunks']} chunks in {ingest_s:.0f} s",
+          file=sys.stderr)
+
+    debug: list[dict[str, Any]] = []
+    LLM = logging_llm(debug)
+    common = {"namespace": namespace, "max_new_tokens": args.max_new_tokens, "stop": ["\n"]}
+    kv_llm = LLM(ml, **common)
+    text_llm = LLM(ml, retrieve=False, **common)
+    chat_llms = {"kv_chat_template": LLM(ml, chat_template=True, **common),
+                 "kv_chat_plain": LLM(ml, chat_template=False, **common)}
+    retriever = index.as_retriever(similarity_top_k=args.top_k)
+    kv_llm.complete("\nQuestion: warm-up\nAnswer:", memlong_chunk_ids=[])  # one-time costs (sink K-V) out of the timing
+    llm_calls(debug)
+
+    pipelines = ["kv", "text"] + ([] if args.no_chat else list(chat_llms))
+    records: list[dict[str, Any]] = []
+    from tqdm.auto import tqdm
+
+    for i, fact in enumerate(tqdm(facts, desc="questions", disable=args.no_progress)):
+        tail = "\nQuestion: {query_str}\nAnswer: " + fact.answer_prefix
+        kv_engine = MemLongQueryEngine.from_args(retriever, llm=kv_llm, prompt_template=PromptTemplate(tail))
+        text_engine = RetrieverQueryEngine.from_args(retriever, llm=text_llm,
+                                                     text_qa_template=PromptTemplate("{context_str}" + tail))
+        record: dict[str, Any] = {"question": fact.question, "answer": fact.answer, "document": plays[fact.document]}
+        order = [("kv", kv_engine), ("text", text_engine)]
+        for name, engine in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
+            start = time.perf_counter()
+            response = engine.query(fact.question)
+            seconds = time.perf_counter() - start
+            calls = llm_calls(debug)
+            ids = [n.node.node_id for n in response.source_nodes]
+            record[name] = {"answer": str(response.response), "correct": fact.correct(str(response.response)),
+                            "tokens_encoded": sum(c["prompt_tokens"] for c in calls),
+                            "memory_tokens": sum(c["memory_tokens"] for c in calls), "llm_calls": len(calls),
+                            "time_to_first_token": calls[0]["time_to_first_token"], "query_seconds": seconds,
+                            "chunk_ids": ids}
+            if name == "kv":
+                record["fact_retrieved"] = any(fact.sentence in n.node.get_content() for n in response.source_nodes)
+        for name, llm in ({} if args.no_chat else chat_llms).items():
+            start = time.perf_counter()
+            chat = llm.chat([ChatMessage(role="user", content=fact.question)],
+                            memlong_chunk_ids=record["kv"]["chunk_ids"])
+            calls = llm_calls(debug)
+            answer = chat.message.content or ""
+            record[name] = {"answer": answer, "correct": fact.correct(answer),
+                            "tokens_encoded": sum(c["prompt_tokens"] for c in calls),
+                            "memory_tokens": sum(c["memory_tokens"] for c in calls), "llm_calls": len(calls),
+                            "time_to_first_token": calls[0]["time_to_first_token"],
+                            "query_seconds": time.perf_counter() - start, "chunk_ids": record["kv"]["chunk_ids"]}
+        records.append(record)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"config": config, "summary": summarise(records, pipelines),
+                                                   "records": records}, indent=1))
+    summary = summarise(records, pipelines)
+    print(table(summary))
+    ml.reset(namespace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

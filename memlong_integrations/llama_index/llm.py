@@ -1,0 +1,250 @@
+"""`MemLongLLM`: a LlamaIndex ``CustomLLM`` over a :class:`memlong.MemLong` model.
+
+Contract:
+    * Only the prompt is encoded. Retrieved chunks enter the model's retrieval layers as the K-V stored in
+      the memory bank, chosen by, in this order:
+        1. the ``memlong_chunk_ids`` keyword of ``complete`` / ``chat`` / ... (``[]`` = no memory);
+        2. in chat, ids in messages' ``additional_kwargs["memlong_chunk_ids"]`` (all messages, in order);
+        3. otherwise, when ``retrieve=True``, the namespace's ``top_k`` chunks found with the prompt (chat: the
+           last user message) as the query; with ``retrieve=False`` the model answers from the prompt alone.
+    * A chat message with ``additional_kwargs["memlong_text_in_memory"] = True`` (what
+      :class:`~memlong_integrations.llama_index.MemLongMemoryBlock` produces) carries text that is already in
+      the bank: its ids are used, its text is not encoded again. Other LLMs read its text as usual.
+    * Ids outside this LLM's namespace (another namespace, a deleted document, an evicted chunk) raise
+      :class:`memlong.UnknownChunkError` before any generation; a prompt longer than the local window raises
+      ``ValueError``.
+    * ``metadata.context_window`` = ``local_window + max_new_tokens`` (capped by the positions the model has
+      left after the sink and ``top_k`` chunks): LlamaIndex subtracts ``num_output`` and packs at most
+      ``local_window`` tokens of prompt, which is exactly what the model encodes. Retrieved K-V does not count
+      against it. LlamaIndex counts with tiktoken (``cl100k_base``), which needs fewer tokens than most
+      Llama-family tokenizers for English; an over-full prompt is refused with a clear error, not truncated.
+    * Prompting (measured on the 135M default model, README "LlamaIndex"): a plain continuation prompt
+      (``"\\nQuestion: ...\\nAnswer:"``) uses memory well; the chat template between memory and question makes
+      small models ignore it more often.
+
+Example:
+    >>> from memlong import MemLong
+    >>> from memlong_integrations.llama_index import MemLongLLM
+    >>> ml = MemLong.from_pretrained("default", top_k=4)
+    >>> stats = ml.ingest(long_text, namespace="docs")
+    >>> llm = MemLongLLM(ml, namespace="docs", max_new_tokens=32)
+    >>> llm.complete("\\nQuestion: Who is the keeper of the iron key?\\nAnswer:").text        # retrieves itself
+    >>> llm.complete("\\nQuestion: ...\\nAnswer:", memlong_chunk_ids=stats.chunk_ids[:4]).text  # explicit chunks
+    >>> for piece in llm.stream_complete("\\nQuestion: ...\\nAnswer:"):
+    ...     print(piece.delta, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import torch
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from memlong import MemLong
+from memlong_integrations.llama_index._common import ensure_offline_tiktoken
+
+__all__ = ["CHUNK_IDS_KWARG", "TEXT_IN_MEMORY_KWARG", "MemLongLLM"]
+
+CHUNK_IDS_KWARG = "memlong_chunk_ids"  # explicit chunk ids (keyword or message additional_kwargs)
+TEXT_IN_MEMORY_KWARG = "memlong_text_in_memory"  # message whose text is already in the bank as K-V
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "developer": "system"}
+
+
+class MemLongLLM(CustomLLM):
+    """A MemLong model as a LlamaIndex LLM: retrieved chunks are read as stored K-V, not re-encoded text.
+
+    Args:
+        memlong: the :class:`memlong.MemLong` model (its bank is the memory).
+        namespace: the memory namespace this LLM reads.
+        max_new_tokens: generation budget per call (``metadata.num_output``).
+        temperature: 0 = greedy decoding.
+        retrieve: with no explicit ids, retrieve ``top_k`` chunks from ``namespace`` with the prompt as query.
+        stop: strings that end generation.
+        chat_template: in ``chat``, render messages with the tokenizer's chat template (``False``: a plain
+            ``"User: ...\\nAssistant:"`` transcript, which small models combine with memory better).
+    """
+
+    namespace: str = Field(default="default", description="Memory namespace this LLM reads.")
+    max_new_tokens: int = Field(default=64, gt=0, description="Tokens generated per call.")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
+    retrieve: bool = Field(default=True, description="Retrieve from the namespace when no ids are given.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end generation.")
+    chat_template: bool = Field(default=True, description="Render chat messages with the tokenizer's template.")
+
+    _memlong: MemLong = PrivateAttr()
+
+    def __init__(self, memlong: MemLong, **kwargs: Any) -> None:
+        if not isinstance(memlong, MemLong):
+            raise TypeError(f"MemLongLLM needs a memlong.MemLong model, got {type(memlong).__name__}. "
+                            "Load one with MemLong.from_pretrained(...).")
+        super().__init__(**kwargs)
+        self._memlong = memlong
+        ensure_offline_tiktoken()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "default", *, namespace: str = "default", **config: Any) -> MemLongLLM:
+        """Load a model (``MemLong.from_pretrained(name_or_path, **config)``) and wrap it."""
+        return cls(MemLong.from_pretrained(name_or_path, **config), namespace=namespace)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "MemLongLLM"
+
+    @property
+    def memlong(self) -> MemLong:
+        """The wrapped model (``.bank`` is the memory, ``.last_generation`` the last call's statistics)."""
+        return self._memlong
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        ml = self._memlong
+        cfg = ml.config
+        left = ml.max_positions - len(ml._sink_ids) - cfg.top_k * cfg.chunk_size
+        return LLMMetadata(context_window=max(1, min(cfg.local_window + self.max_new_tokens, left)),
+                           num_output=self.max_new_tokens, is_chat_model=False,
+                           model_name=str(getattr(ml.model.config, "_name_or_path", "memlong")))
+
+    # ------------------------------------------------------------------ core
+    def _stream(self, prompt: str, chunk_ids: Sequence[str] | None, query: str | None,
+                kwargs: dict[str, Any]) -> Iterator[str]:
+        """Validate everything (ids, prompt length) eagerly, then return the text pieces lazily."""
+        if chunk_ids is not None and (isinstance(chunk_ids, str) or not all(isinstance(c, str) for c in chunk_ids)):
+            raise TypeError(f"{CHUNK_IDS_KWARG} must be a list of chunk id strings, got {chunk_ids!r}.")
+        unknown = sorted(k for k in kwargs if k.startswith("memlong_"))
+        if unknown:
+            raise TypeError(f"Unknown MemLong keyword(s) {unknown}; the chunk ids keyword is {CHUNK_IDS_KWARG!r}.")
+        max_new = int(kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)))
+        return self._memlong.generate(
+            prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
+            max_new_tokens=max_new, temperature=float(kwargs.get("temperature", self.temperature)),
+            stop=tuple(kwargs.get("stop", self.stop) or ()), stream=True)
+
+    def _stats(self) -> dict[str, Any]:
+        return dataclasses.asdict(self._memlong.last_generation)
+
+    def _prompt(self, prompt: str, formatted: bool) -> str:
+        if not formatted and self.completion_to_prompt is not None:
+            prompt = self.completion_to_prompt(prompt)
+        return prompt
+
+    def _chat_prompt(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+                     ) -> tuple[str, list[str] | None, str | None]:
+        """Render messages to the prompt text; collect chunk ids; the last user message is the retrieval query."""
+        ids = kwargs.pop(CHUNK_IDS_KWARG, None)
+        carried: list[str] = []
+        turns = []
+        for message in messages:
+            extra = message.additional_kwargs or {}
+            carried += list(extra.get(CHUNK_IDS_KWARG) or [])
+            if extra.get(TEXT_IN_MEMORY_KWARG):
+                continue  # its text is in the bank as K-V: attend to it, do not re-encode it
+            role = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
+            turns.append({"role": _ROLES.get(role, "user"), "content": message.content or ""})
+        if ids is None and carried:
+            ids = list(dict.fromkeys(carried))
+        if not turns:
+            raise ValueError("The chat has no message to answer (only memory messages). Add a user message.")
+        query = next((t["content"] for t in reversed(turns) if t["role"] == "user"), turns[-1]["content"])
+        tokenizer = self._memlong.tokenizer
+        if self.chat_template and getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = "".join(f"\n{t['role'].capitalize()}: {t['content']}" for t in turns) + "\nAssistant:"
+        return prompt, ids, query
+
+    # ------------------------------------------------------------------ completion
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Complete ``prompt``; ``memlong_chunk_ids=[...]`` picks the chunks to attend to (see module doc)."""
+        ids = kwargs.pop(CHUNK_IDS_KWARG, None)
+        text = "".join(self._stream(self._prompt(prompt, formatted), ids, None, kwargs))
+        return CompletionResponse(text=text, additional_kwargs=self._stats())
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        """Stream the completion of ``prompt`` (``CompletionResponse.delta`` = new text)."""
+        ids = kwargs.pop(CHUNK_IDS_KWARG, None)
+        pieces = self._stream(self._prompt(prompt, formatted), ids, None, kwargs)
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            for piece in pieces:
+                text += piece
+                yield CompletionResponse(text=text, delta=piece, additional_kwargs=self._stats())
+
+        return gen()
+
+    # ------------------------------------------------------------------ chat
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Answer the conversation; ids from ``memlong_chunk_ids`` or the messages' ``additional_kwargs``."""
+        prompt, ids, query = self._chat_prompt(messages, kwargs)
+        text = "".join(self._stream(prompt, ids, query, kwargs))
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
+                            additional_kwargs=self._stats())
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        """Stream the answer to the conversation (``ChatResponse.delta`` = new text)."""
+        prompt, ids, query = self._chat_prompt(messages, kwargs)
+        pieces = self._stream(prompt, ids, query, kwargs)
+
+        def gen() -> ChatResponseGen:
+            text = ""
+            for piece in pieces:
+                text += piece
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece,
+                                   additional_kwargs=self._stats())
+
+        return gen()
+
+    # ------------------------------------------------------------------ async (the model runs in a worker thread)
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await asyncio.to_thread(self.complete, prompt, formatted, **kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        responses = await asyncio.to_thread(self.stream_complete, prompt, formatted, **kwargs)
+        return _aiter(responses)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return await asyncio.to_thread(self.chat, messages, **kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        responses = await asyncio.to_thread(self.stream_chat, messages, **kwargs)
+        return _aiter(responses)
+
+
+async def _aiter(items: Iterator[Any]) -> AsyncIterator[Any]:
+    """Drive a blocking iterator from worker threads, one item at a time (grad mode is per thread: keep it off)."""
+    done = object()
+
+    def step() -> Any:
+        with torch.no_grad():
+            return next(items, done)
+
+    while True:
+        item = await asyncio.to_thread(step)
+        if item is done:
+            return
+        yield item

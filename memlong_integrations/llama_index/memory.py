@@ -1,0 +1,95 @@
+"""`MemLongMemoryBlock`: a LlamaIndex ``Memory`` block that keeps old chat turns in the bank as K-V.
+
+When LlamaIndex's ``Memory`` flushes turns out of its short-term FIFO, this block streams them through
+``MemLong.ingest`` into its namespace (one bank document per flush, ``"role: text"`` lines). When the memory
+is read, it searches those turns with the latest user message and hands back one system message whose
+``additional_kwargs`` carry the chunk ids (``memlong_chunk_ids``) and ``memlong_text_in_memory=True``:
+:class:`MemLongLLM` attends to those turns' K-V and does not re-encode their text; any other LLM just reads
+the text, which the message also carries.
+
+Example:
+    >>> from llama_index.core.memory import Memory
+    >>> block = MemLongMemoryBlock(memlong=ml, namespace="chat-alice", top_k=2)
+    >>> memory = Memory.from_defaults(session_id="alice", token_limit=400, memory_blocks=[block])
+    >>> memory.put_messages([...])                  # old turns flow into the bank as K-V
+    >>> llm.chat(memory.get(input="What did I say my dog's name was?"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.memory.memory import BaseMemoryBlock
+
+from memlong import MemLong
+from memlong_integrations.llama_index._common import ensure_offline_tiktoken
+from memlong_integrations.llama_index.llm import CHUNK_IDS_KWARG, TEXT_IN_MEMORY_KWARG
+
+__all__ = ["MemLongMemoryBlock"]
+
+
+class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
+    """Long-term chat memory in a MemLong bank namespace, handed back by chunk id.
+
+    Args:
+        memlong: the model whose bank keeps the turns (their K-V is computed with it).
+        namespace: bank namespace for this conversation (or user).
+        top_k: chunks of past turns handed back per read.
+        header: first line of the text the memory message carries for LLMs that read text.
+    """
+
+    name: str = Field(default="memlong_chat_memory", description="The name of the memory block.")
+    namespace: str = Field(default="chat", description="Bank namespace holding the past turns.")
+    top_k: int = Field(default=2, gt=0, description="Past-turn chunks handed back per read.")
+    header: str = Field(default="Earlier in this conversation:", description="Header of the memory message.")
+
+    _memlong: MemLong = PrivateAttr()
+
+    def __init__(self, memlong: MemLong, **kwargs: Any) -> None:
+        if not isinstance(memlong, MemLong):
+            raise TypeError(f"MemLongMemoryBlock needs a memlong.MemLong model, got {type(memlong).__name__}.")
+        super().__init__(**kwargs)
+        self._memlong = memlong
+        ensure_offline_tiktoken()  # Memory counts tokens with tiktoken
+
+    @staticmethod
+    def _render(messages: list[ChatMessage]) -> str:
+        lines = []
+        for message in messages:
+            if (message.additional_kwargs or {}).get(TEXT_IN_MEMORY_KWARG):
+                continue  # a memory message we produced: its text is in the bank already
+            text = (message.content or "").strip()
+            if text:
+                role = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
+                lines.append(f"{role}: {text}")
+        return "\n".join(lines)
+
+    def put(self, messages: list[ChatMessage]) -> list[str]:
+        """Write turns to the bank now (what ``Memory`` does on flush); returns the new chunk ids."""
+        text = self._render(messages)
+        if not text:
+            return []
+        return self._memlong.ingest([text], namespace=self.namespace, metadatas=[{"memlong_kind": "chat"}],
+                                    progress=False).chunk_ids
+
+    async def _aput(self, messages: list[ChatMessage]) -> None:
+        await asyncio.to_thread(self.put, messages)
+
+    def get(self, messages: list[ChatMessage] | None = None) -> list[ChatMessage]:
+        """The memory message for the latest user message (empty list when nothing is stored or asked)."""
+        bank = self._memlong.bank
+        query = next((m.content for m in reversed(messages or []) if m.role == MessageRole.USER and m.content), None)
+        if not query or not bank.chunk_ids(self.namespace):
+            return []
+        hits = bank.search(query, namespace=self.namespace, k=self.top_k)
+        ids = [h.chunk_id for h in hits]
+        chunks = sorted((bank.get(cid, namespace=self.namespace) for cid in ids), key=lambda c: c.order)
+        text = "\n".join([self.header, *(c.text.strip() for c in chunks)])
+        return [ChatMessage(role=MessageRole.SYSTEM, content=text,
+                            additional_kwargs={CHUNK_IDS_KWARG: [c.id for c in chunks], TEXT_IN_MEMORY_KWARG: True})]
+
+    async def _aget(self, messages: list[ChatMessage] | None = None, **block_kwargs: Any) -> list[ChatMessage]:
+        return await asyncio.to_thread(self.get, messages)

@@ -1,0 +1,247 @@
+"""`MemLongVectorStore`: a LlamaIndex vector store whose storage is one namespace of a MemLong memory bank.
+
+Contract:
+    * ``add(nodes)`` streams every node's text through ``MemLong.ingest`` (one progress bar for the batch), so
+      each node becomes one or more ``chunk_size``-token bank chunks with their K-V computed at insert time.
+      Every chunk keeps the node's metadata plus ``memlong_node_id`` / ``memlong_ref_doc_id``; ``add`` returns
+      the node ids. Each node is streamed on its own (its K-V sees the node's own preceding text); to give the
+      K-V a whole document's context, build the index with ``transformations=[]`` (one node per document).
+    * ``query`` searches the bank with its own embedder and ``query.query_str`` (``is_embedding_query=False``:
+      LlamaIndex does not embed the query), so retrieval is the bank's retrieval whatever embed model the index
+      was given. It returns one node per chunk: ``node.id_`` = chunk id, ``metadata["memlong_chunk_id"]`` too
+      (hidden from LLM and embedding text), the ref doc as the SOURCE relationship.
+    * ``delete(ref_doc_id)`` removes every chunk of that document (``MemoryBank.delete(doc_id=...)``);
+      ``delete_nodes`` takes chunk ids or the node ids ``add`` returned, and/or filters.
+    * Filters: ``==``, ``!=``, ``in``, ``nin`` on metadata, combined with ``and`` / ``or`` / ``not`` (nested
+      ``MetadataFilters`` too); other operators raise ``ValueError``. ``doc_ids`` / ``node_ids`` restrict too.
+    * Querying an empty namespace raises ``ValueError`` (nothing was ingested, or everything was deleted) unless
+      ``raise_on_empty=False``; a filter that matches nothing returns no nodes.
+
+Example:
+    >>> from llama_index.core import Document, StorageContext, VectorStoreIndex
+    >>> store = MemLongVectorStore(ml, namespace="plays")
+    >>> index = VectorStoreIndex.from_documents(
+    ...     [Document(text=hamlet, metadata={"play": "hamlet"})],
+    ...     storage_context=StorageContext.from_defaults(vector_store=store),
+    ...     embed_model=MemLongEmbedding.from_memlong(ml))
+    >>> nodes = index.as_retriever(similarity_top_k=4).retrieve("Who is Ophelia?")
+    >>> nodes[0].node.metadata["memlong_chunk_id"] == nodes[0].node.node_id
+    True
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.schema import BaseNode, Document, MetadataMode
+from llama_index.core.vector_stores.types import (
+    BasePydanticVectorStore,
+    FilterCondition,
+    FilterOperator,
+    MetadataFilters,
+    VectorStoreQuery,
+    VectorStoreQueryMode,
+    VectorStoreQueryResult,
+)
+
+from memlong import MemLong
+from memlong_integrations.llama_index._common import (
+    EXCLUDED_KEY,
+    INTERNAL_KEYS,
+    NODE_ID_KEY,
+    REF_DOC_ID_KEY,
+    chunk_node,
+    ensure_offline_tiktoken,
+)
+
+__all__ = ["MemLongVectorStore", "matches"]
+
+_SUPPORTED = (FilterOperator.EQ, FilterOperator.NE, FilterOperator.IN, FilterOperator.NIN)
+_MISSING = object()
+
+
+def matches(metadata: dict[str, Any], filters: MetadataFilters | None) -> bool:
+    """Whether ``metadata`` passes ``filters`` (exact match: ``==``, ``!=``, ``in``, ``nin``; and/or/not).
+
+    Raises:
+        ValueError: an operator other than the four above.
+    """
+    if filters is None or not filters.filters:
+        return True
+    results = []
+    for f in filters.filters:
+        if isinstance(f, MetadataFilters):
+            results.append(matches(metadata, f))
+            continue
+        if f.operator not in _SUPPORTED:
+            names = ", ".join(o.value for o in _SUPPORTED)
+            raise ValueError(f"MemLongVectorStore supports exact-match filters only ({names}); got "
+                             f"{f.operator.value!r} on key {f.key!r}. Filter the retrieved nodes afterwards instead.")
+        value = metadata.get(f.key, _MISSING)
+        if f.operator == FilterOperator.EQ:
+            results.append(value == f.value)
+        elif f.operator == FilterOperator.NE:
+            results.append(value != f.value)
+        else:
+            allowed = f.value if isinstance(f.value, list) else [f.value]
+            results.append((value in allowed) == (f.operator == FilterOperator.IN))
+    condition = filters.condition or FilterCondition.AND
+    if condition == FilterCondition.OR:
+        return any(results)
+    if condition == FilterCondition.NOT:
+        return not any(results)
+    return all(results)
+
+
+
+class MemLongVectorStore(BasePydanticVectorStore):
+    """One namespace of a MemLong memory bank as a LlamaIndex vector store (text, embeddings and K-V).
+
+    Args:
+        memlong: the model whose bank stores the chunks (K-V is computed with it at insert time).
+        namespace: the bank namespace (one per document set, user or session).
+        raise_on_empty: ``query`` on an empty namespace raises ``ValueError`` (else returns no nodes).
+        show_progress: progress bar while ingesting.
+    """
+
+    stores_text: bool = True
+    is_embedding_query: bool = False  # the bank embeds query_str with its own embedder
+    flat_metadata: bool = False
+    namespace: str = Field(default="default", description="Memory bank namespace.")
+    raise_on_empty: bool = Field(default=True, description="Raise when querying an empty namespace.")
+    show_progress: bool = Field(default=True, description="Progress bar while ingesting.")
+
+    _memlong: MemLong = PrivateAttr()
+
+    def __init__(self, memlong: MemLong, **kwargs: Any) -> None:
+        if not isinstance(memlong, MemLong):
+            raise TypeError(f"MemLongVectorStore needs a memlong.MemLong model, got {type(memlong).__name__}.")
+        super().__init__(**kwargs)
+        self._memlong = memlong
+        ensure_offline_tiktoken()  # VectorStoreIndex's node parser counts tokens with tiktoken
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "MemLongVectorStore"
+
+    @property
+    def client(self) -> MemLong:
+        """The wrapped :class:`memlong.MemLong` (``client.bank`` is the memory bank)."""
+        return self._memlong
+
+    @property
+    def memlong(self) -> MemLong:
+        return self._memlong
+
+    # ------------------------------------------------------------------ writing
+    def add(self, nodes: list[BaseNode], **add_kwargs: Any) -> list[str]:
+        """Ingest ``nodes`` into the bank (chunk K-V computed now); returns their node ids."""
+        texts, doc_ids, metadatas = [], [], []
+        for node in nodes:
+            text = node.get_content(metadata_mode=MetadataMode.NONE)
+            if not text.strip():
+                continue  # nothing to compute K-V of or retrieve by
+            ref = node.ref_doc_id or (node.node_id if isinstance(node, Document) else None) or node.node_id
+            texts.append(text)
+            doc_ids.append(str(ref))
+            metadatas.append({**{k: v for k, v in node.metadata.items() if k not in INTERNAL_KEYS},
+                              NODE_ID_KEY: node.node_id, REF_DOC_ID_KEY: str(ref),
+                              EXCLUDED_KEY: {"llm": list(node.excluded_llm_metadata_keys),
+                                             "embed": list(node.excluded_embed_metadata_keys)}})
+        if texts:
+            self._memlong.ingest(texts, namespace=self.namespace, doc_ids=doc_ids, metadatas=metadatas,
+                                 progress=self.show_progress)
+        return [node.node_id for node in nodes]
+
+    async def async_add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
+        return await asyncio.to_thread(self.add, nodes, **kwargs)
+
+    def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
+        """Remove every chunk of document ``ref_doc_id`` (no error if it has none)."""
+        if self.namespace in self._memlong.bank.namespaces():
+            self._memlong.bank.delete(namespace=self.namespace, doc_id=str(ref_doc_id))
+
+    async def adelete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
+        await asyncio.to_thread(self.delete, ref_doc_id)
+
+    def delete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
+                     **delete_kwargs: Any) -> None:
+        """Remove chunks by chunk id or ingested node id, and/or by filters (both given: chunks matching both)."""
+        drop = self._select(node_ids=node_ids, filters=filters)
+        if drop:
+            self._memlong.bank.delete(drop, namespace=self.namespace)
+
+    async def adelete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
+                            **delete_kwargs: Any) -> None:
+        await asyncio.to_thread(self.delete_nodes, node_ids, filters)
+
+    def clear(self) -> None:
+        """Forget the whole namespace."""
+        self._memlong.bank.reset(self.namespace)
+
+    async def aclear(self) -> None:
+        self.clear()
+
+    # ------------------------------------------------------------------ reading
+    def get_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None) -> list[BaseNode]:
+        """Chunks (as nodes) by chunk id or ingested node id, and/or filters; all chunks when neither is given."""
+        return [chunk_node(self._memlong.bank, cid, self.namespace).node
+                for cid in self._select(node_ids=node_ids, filters=filters, everything=True)]
+
+    async def aget_nodes(self, node_ids: list[str] | None = None,
+                         filters: MetadataFilters | None = None) -> list[BaseNode]:
+        return self.get_nodes(node_ids, filters)
+
+    def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        """Top ``similarity_top_k`` chunks for ``query.query_str`` among those passing filters / ids."""
+        if query.mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.TEXT_SEARCH):
+            raise ValueError(f"MemLongVectorStore supports the default (dense) query mode, not {query.mode.value!r}.")
+        bank = self._memlong.bank
+        everything = bank.chunk_ids(self.namespace)
+        if not everything:
+            if self.raise_on_empty:
+                raise ValueError(f"The memory namespace {self.namespace!r} is empty: nothing was ingested (or every "
+                                 "document was deleted), so there is nothing to retrieve. Build the index first, e.g. "
+                                 "VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults("
+                                 "vector_store=store), embed_model=MemLongEmbedding.from_memlong(ml)).")
+            return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
+        restricted = bool(query.filters and query.filters.filters) or bool(query.node_ids) or bool(query.doc_ids)
+        allowed = set(self._select(node_ids=query.node_ids, doc_ids=query.doc_ids, filters=query.filters,
+                                   everything=True)) if restricted else None
+        if query.query_str:
+            probe: Any = query.query_str
+        elif query.query_embedding is not None and len(query.query_embedding) == bank.embedder.dim:
+            probe = query.query_embedding
+        else:
+            raise ValueError("MemLongVectorStore needs query.query_str (it embeds queries with the bank's embedder).")
+        exclude = [] if allowed is None else [cid for cid in everything if cid not in allowed]
+        hits = bank.search(probe, namespace=self.namespace, k=query.similarity_top_k, exclude=exclude)
+        nodes = [chunk_node(bank, h.chunk_id, self.namespace, h.score).node for h in hits]
+        return VectorStoreQueryResult(nodes=nodes, similarities=[h.score for h in hits], ids=[h.chunk_id for h in hits])
+
+    async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        return await asyncio.to_thread(self.query, query, **kwargs)
+
+    # ------------------------------------------------------------------ internals
+    def _select(self, *, node_ids: list[str] | None = None, doc_ids: list[str] | None = None,
+                filters: MetadataFilters | None = None, everything: bool = False) -> list[str]:
+        """Chunk ids of the namespace matching ids (chunk or node), doc ids and filters (all that are given)."""
+        bank = self._memlong.bank
+        if not (node_ids or doc_ids or (filters and filters.filters)) and not everything:
+            return []
+        ids = set(node_ids or ())
+        docs = set(map(str, doc_ids or ()))
+        selected = []
+        for cid in bank.chunk_ids(self.namespace):
+            chunk = bank.get(cid, namespace=self.namespace)
+            if ids and cid not in ids and chunk.metadata.get(NODE_ID_KEY) not in ids:
+                continue
+            if docs and chunk.doc_id not in docs:
+                continue
+            if not matches(chunk.metadata, filters):
+                continue
+            selected.append(cid)
+        return selected
+

@@ -1,0 +1,314 @@
+"""LlamaIndex adapters with real llama-index-core classes: the tiny random Llama for the mechanics, the real
+default model for documents -> index -> query engine -> answer with the chunks read as K-V."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from llama_index.core import Document, PromptTemplate, StorageContext, VectorStoreIndex
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.memory import Memory
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.schema import MetadataMode
+from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter, MetadataFilters
+
+from memlong import UnknownChunkError
+from memlong.evaluation import planted_fact_documents, shakespeare_text
+from memlong_integrations.llama_index import (
+    CHUNK_ID_KEY,
+    DEFAULT_KV_PROMPT,
+    MemLongEmbedding,
+    MemLongLLM,
+    MemLongMemoryBlock,
+    MemLongQueryEngine,
+    MemLongRetriever,
+    MemLongSynthesizer,
+    MemLongVectorStore,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_index(ml, namespace, docs, **kwargs):
+    store = MemLongVectorStore(ml, namespace=namespace, show_progress=False)
+    index = VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults(vector_store=store),
+                                            embed_model=MemLongEmbedding.from_memlong(ml), **kwargs)
+    return index, store
+
+
+@pytest.fixture()
+def tiny_index(make_tiny):
+    ml, _ = make_tiny(top_k=2, chunk_size=64)
+    docs = [Document(text=shakespeare_text("macbeth")[:1500], doc_id="macbeth", metadata={"play": "macbeth"}),
+            Document(text=shakespeare_text("tempest")[:1500], doc_id="tempest", metadata={"play": "tempest"})]
+    index, store = build_index(ml, "plays", docs)
+    return ml, index, store
+
+
+# ---------------------------------------------------------------------------------------------- offline tokens
+def test_tiktoken_token_counting_works_offline(tmp_path):
+    """With an empty TIKTOKEN_CACHE_DIR and no network, tiktoken alone fails; after importing the adapters,
+    LlamaIndex's tokenizer, node parser and Memory count tokens from the encodings shipped in llama-index-core."""
+    script = textwrap.dedent("""
+        import tiktoken
+        try:
+            tiktoken.get_encoding("cl100k_base")
+            print("DOWNLOADED")
+        except Exception:
+            print("NO-NETWORK")
+        import memlong_integrations.llama_index  # noqa: F401
+        from llama_index.core.utils import get_tokenizer
+        from llama_index.core.node_parser import SentenceSplitter
+        from llama_index.core import Document
+        assert len(get_tokenizer()("Hello world")) == 2
+        nodes = SentenceSplitter(chunk_size=64, chunk_overlap=0).get_nodes_from_documents([Document(text="word " * 500)])
+        print("NODES", len(nodes))
+    """)
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "", "PYTHONPATH": REPO}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "NO-NETWORK" in out.stdout
+    assert int(out.stdout.split("NODES")[1]) > 5
+    assert os.listdir(tmp_path) == []  # nothing was written to (or fetched into) the user's cache dir
+
+
+# ---------------------------------------------------------------------------------------------- vector store
+def test_index_ingests_into_bank_and_nodes_carry_hidden_chunk_ids(tiny_index):
+    ml, index, store = tiny_index
+    ids = ml.bank.chunk_ids("plays")
+    assert len(ids) > 8
+    assert {ml.bank.get(c, namespace="plays").doc_id for c in ids} == {"macbeth", "tempest"}
+    hits = index.as_retriever(similarity_top_k=3).retrieve("Thunder and lightning. Enter three Witches")
+    assert len(hits) == 3
+    for hit in hits:
+        node = hit.node
+        assert node.node_id == node.metadata[CHUNK_ID_KEY] and node.node_id in ids
+        chunk = ml.bank.get(node.node_id, namespace="plays")
+        assert node.get_content() == chunk.text
+        for mode in (MetadataMode.LLM, MetadataMode.EMBED):
+            shown = node.get_content(metadata_mode=mode)
+            assert node.node_id not in shown and "memlong" not in shown
+        assert node.ref_doc_id == chunk.doc_id
+    # the stock retriever and MemLongRetriever see the same chunks
+    same = MemLongRetriever(ml, namespace="plays", similarity_top_k=3).retrieve("Thunder and lightning. Enter three Witches")
+    assert [h.node.node_id for h in same] == [h.node.node_id for h in hits]
+    assert all(h.node.metadata["play"] == "macbeth" for h in hits[:1])
+
+
+def test_exact_match_filters_get_nodes_and_delete(tiny_index):
+    ml, index, store = tiny_index
+    only = MetadataFilters(filters=[MetadataFilter(key="play", value="tempest")])
+    hits = index.as_retriever(similarity_top_k=50, filters=only).retrieve("Thunder and lightning. Enter three Witches")
+    assert hits and {h.node.metadata["play"] for h in hits} == {"tempest"}
+    either = MetadataFilters(filters=[MetadataFilter(key="play", value="tempest"),
+                                      MetadataFilter(key="play", value="macbeth")], condition="or")
+    assert len(store.get_nodes(filters=either)) == len(ml.bank.chunk_ids("plays"))
+    assert store.get_nodes(filters=MetadataFilters(filters=[MetadataFilter(key="play", value="lear")])) == []
+    with pytest.raises(ValueError, match="exact-match"):
+        store.get_nodes(filters=MetadataFilters(filters=[MetadataFilter(key="play", value="t", operator=FilterOperator.GT)]))
+    # delete by ref doc id: only that document's chunks go
+    before = len(ml.bank.chunk_ids("plays"))
+    tempest = len(store.get_nodes(filters=only))
+    index.delete_ref_doc("tempest")
+    assert len(ml.bank.chunk_ids("plays")) == before - tempest
+    assert {n.metadata["play"] for n in store.get_nodes()} == {"macbeth"}
+    # delete_nodes by chunk id
+    victim = store.get_nodes()[0].node_id
+    store.delete_nodes([victim])
+    with pytest.raises(UnknownChunkError):
+        ml.bank.get(victim, namespace="plays")
+
+
+def test_empty_index_gives_a_clear_error(make_tiny):
+    ml, _ = make_tiny(top_k=2, chunk_size=64)
+    index, store = build_index(ml, "nothing", [])
+    with pytest.raises(ValueError, match="namespace 'nothing' is empty"):
+        index.as_retriever().retrieve("anything")
+    llm = MemLongLLM(ml, namespace="nothing", max_new_tokens=4)
+    engine = MemLongQueryEngine.from_args(MemLongRetriever(ml, namespace="nothing"), llm=llm)
+    with pytest.raises(ValueError, match="is empty"):
+        engine.query("anything")
+    assert MemLongRetriever(ml, namespace="nothing", raise_on_empty=False).retrieve("anything") == []
+
+
+# ---------------------------------------------------------------------------------------------- LLM
+def test_llm_explicit_ids_streaming_async_and_metadata(tiny_index):
+    ml, index, store = tiny_index
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=6)
+    assert llm.metadata.context_window == ml.config.local_window + 6 and llm.metadata.num_output == 6
+    ids = ml.bank.chunk_ids("plays")[3:5]
+    text = llm.complete("\nQuestion: who?\nAnswer:", memlong_chunk_ids=ids).text
+    gen = ml.last_generation
+    assert gen.chunk_ids == ids and gen.memory_tokens == sum(ml.bank.get(c, namespace="plays").n_tokens for c in ids)
+    assert gen.prompt_tokens == len(ml.encode_prompt("\nQuestion: who?\nAnswer:"))
+    pieces = list(llm.stream_complete("\nQuestion: who?\nAnswer:", memlong_chunk_ids=ids))
+    assert "".join(p.delta for p in pieces) == text == pieces[-1].text
+    # no ids: retrieves top_k itself; retrieve=False: no memory at all
+    llm.complete("\nQuestion: Thunder and lightning?\nAnswer:")
+    assert len(ml.last_generation.chunk_ids) == ml.config.top_k
+    MemLongLLM(ml, namespace="plays", max_new_tokens=2, retrieve=False).complete("Hello")
+    assert ml.last_generation.chunk_ids == [] and ml.last_generation.memory_tokens == 0
+
+    async def run():
+        done = await llm.acomplete("\nQuestion: who?\nAnswer:", memlong_chunk_ids=ids)
+        stream = await llm.astream_chat([ChatMessage(role="user", content="who?")], memlong_chunk_ids=ids)
+        return done.text, [r async for r in stream]
+
+    async_text, chat_pieces = asyncio.run(run())
+    assert async_text == text and chat_pieces and ml.last_generation.chunk_ids == ids
+
+
+def test_chat_ids_from_messages_and_memory_text_is_not_reencoded(tiny_index):
+    ml, index, store = tiny_index
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=3)
+    ids = ml.bank.chunk_ids("plays")[:3]
+    texts = "\n".join(ml.bank.get(c, namespace="plays").text for c in ids)
+    question = ChatMessage(role="user", content="What happened?")
+    llm.chat([ChatMessage(role="system", content=texts), question])
+    as_text = ml.last_generation.prompt_tokens
+    carrier = ChatMessage(role="system", content=texts,
+                          additional_kwargs={"memlong_chunk_ids": ids, "memlong_text_in_memory": True})
+    llm.chat([carrier, question])
+    gen = ml.last_generation
+    assert gen.chunk_ids == ids and gen.memory_tokens > 0
+    assert gen.prompt_tokens < as_text - 0.8 * gen.memory_tokens  # the carried text was not encoded again
+    # ids in additional_kwargs without the flag: attended and the text kept
+    llm.chat([question.model_copy(update={"additional_kwargs": {"memlong_chunk_ids": ids[:1]}})])
+    assert ml.last_generation.chunk_ids == ids[:1]
+
+
+def test_llm_bad_input_is_refused_clearly(tiny_index, make_tiny):
+    ml, index, store = tiny_index
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=3)
+    ml.ingest("Another namespace holds this text about a whale.", namespace="other", progress=False)
+    foreign = ml.bank.chunk_ids("other")
+    n_chunks = len(ml.bank)
+    with pytest.raises(UnknownChunkError, match="not in namespace 'plays'"):
+        llm.complete("Hello", memlong_chunk_ids=foreign)
+    with pytest.raises(UnknownChunkError):
+        list(llm.stream_complete("Hello", memlong_chunk_ids=["deadbeef"]))
+    with pytest.raises(TypeError, match="memlong_chunk_ids"):
+        llm.complete("Hello", memlong_chunk_id=foreign)  # misspelt keyword
+    with pytest.raises(ValueError, match="longer than the local window"):
+        llm.complete("word " * 2000)
+    with pytest.raises(TypeError, match="MemLong"):
+        MemLongLLM("not a model")
+    assert len(ml.bank) == n_chunks  # nothing lost
+
+
+# ---------------------------------------------------------------------------------------------- query engine
+def test_query_engine_passes_ids_not_text(tiny_index):
+    ml, index, store = tiny_index
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=4)
+    question = "Where do the witches meet?"
+    engine = MemLongQueryEngine.from_args(index.as_retriever(similarity_top_k=2), llm=llm)
+    response = engine.query(question)
+    gen = ml.last_generation
+    assert [n.node.node_id for n in response.source_nodes] == gen.chunk_ids
+    assert len(gen.chunk_ids) == 2 and gen.memory_tokens > 0
+    assert gen.prompt_tokens == len(ml.encode_prompt(DEFAULT_KV_PROMPT.format(query_str=question)))
+    # the one-line swap from an index, streaming
+    swap = index.as_query_engine(llm=llm, similarity_top_k=2,
+                                 response_synthesizer=MemLongSynthesizer(llm, streaming=True))
+    streamed = swap.query(question)
+    assert "".join(streamed.response_gen) == str(response)
+    assert ml.last_generation.prompt_tokens == gen.prompt_tokens
+    # the stock text pipeline with the same model encodes the retrieved text
+    text_llm = MemLongLLM(ml, namespace="plays", max_new_tokens=4, retrieve=False)
+    RetrieverQueryEngine.from_args(index.as_retriever(similarity_top_k=2), llm=text_llm).query(question)
+    assert ml.last_generation.memory_tokens == 0 and ml.last_generation.prompt_tokens > gen.prompt_tokens + gen.memory_tokens
+
+    async def run():
+        return await MemLongQueryEngine.from_args(MemLongRetriever(ml, namespace="plays", similarity_top_k=2),
+                                                  llm=llm).aquery(question)
+
+    assert str(asyncio.run(run())) == str(response)
+
+
+def test_query_engine_bad_input(tiny_index):
+    ml, index, store = tiny_index
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=3)
+    synth = MemLongSynthesizer(llm)
+    nodes = index.as_retriever(similarity_top_k=2).retrieve("Thunder and lightning")
+    # chunks of a deleted document
+    doc = nodes[0].node.ref_doc_id
+    index.delete_ref_doc(doc)
+    with pytest.raises(UnknownChunkError, match="not in namespace 'plays'"):
+        synth.synthesize("Who?", [n for n in nodes if n.node.ref_doc_id == doc])
+    # chunks of another namespace
+    ml.ingest(shakespeare_text("lear")[:800], namespace="lear", progress=False)
+    foreign = MemLongRetriever(ml, namespace="lear", similarity_top_k=1).retrieve("king")
+    with pytest.raises(UnknownChunkError, match="namespace 'lear'"):
+        synth.synthesize("Who?", foreign)
+    # a question longer than the window, through the whole engine
+    engine = MemLongQueryEngine.from_args(MemLongRetriever(ml, namespace="plays", similarity_top_k=1), llm=llm)
+    with pytest.raises(ValueError, match="longer than the local window"):
+        engine.query("why " * 1500)
+    assert str(engine.query("Who is the king?"))  # the pipeline still works afterwards
+    with pytest.raises(ValueError, match="query_str"):
+        MemLongSynthesizer(llm, "{context_str}\n{query_str}")
+    with pytest.raises(TypeError, match="do not apply"):
+        MemLongQueryEngine.from_args(index.as_retriever(), llm=llm, text_qa_template=PromptTemplate("{context_str}"))
+    with pytest.raises(TypeError, match="MemLongLLM"):
+        MemLongSynthesizer(object())
+
+
+# ---------------------------------------------------------------------------------------------- memory block
+def test_memory_block_writes_turns_as_kv_and_hands_them_back_by_id(make_tiny):
+    ml, _ = make_tiny(top_k=2, chunk_size=64)
+    block = MemLongMemoryBlock(ml, namespace="chat-alice", top_k=2)
+    memory = Memory.from_defaults(session_id="alice", token_limit=60, chat_history_token_ratio=0.5,
+                                  token_flush_size=20, memory_blocks=[block])
+    turns = ["My dog is called Biscuit and he loves the beach.", "What a lovely name for a dog!",
+             "I live in Lisbon near the river.", "Lisbon is beautiful in spring.",
+             "My favourite colour is teal.", "Teal is a calm colour."]
+    for i, turn in enumerate(turns):
+        memory.put(ChatMessage(role="user" if i % 2 == 0 else "assistant", content=turn))
+    stored = ml.bank.chunk_ids("chat-alice")
+    assert stored, "flushed turns were not written to the bank"
+    assert any("Biscuit" in ml.bank.get(c, namespace="chat-alice").text for c in stored)
+    messages = memory.get(input="What is my dog called?")
+    carriers = [m for m in messages if m.additional_kwargs.get("memlong_chunk_ids")]
+    assert len(carriers) == 1 and set(carriers[0].additional_kwargs["memlong_chunk_ids"]) <= set(stored)
+    assert "Biscuit" in carriers[0].content  # other LLMs can still read it
+    llm = MemLongLLM(ml, namespace="chat-alice", max_new_tokens=3)
+    llm.chat(messages)
+    assert ml.last_generation.chunk_ids == carriers[0].additional_kwargs["memlong_chunk_ids"]
+
+
+# ---------------------------------------------------------------------------------------------- default model
+@pytest.mark.slow
+def test_documents_index_query_engine_answer_on_default_model(default_memlong):
+    """Documents -> VectorStoreIndex over the bank -> query engine -> answer: the retrieved chunks reach the model
+    as K-V (tokens encoded = the question), while the stock text pipeline encodes question + retrieved text."""
+    ml = default_memlong
+    docs, facts = planted_fact_documents(2, plays=("macbeth",), chars=3000)
+    ml.reset("li-e2e")
+    index, store = build_index(ml, "li-e2e", [Document(text=d) for d in docs], transformations=[])
+    fact = facts[1]  # "Who is the keeper of the northern tower?"
+    tail = "\nQuestion: {query_str}\nAnswer: " + fact.answer_prefix
+    llm = MemLongLLM(ml, namespace="li-e2e", max_new_tokens=8, stop=["\n"])
+    retriever = index.as_retriever(similarity_top_k=4)
+    response = MemLongQueryEngine.from_args(retriever, llm=llm, prompt_template=tail).query(fact.question)
+    kv = ml.last_generation
+    assert fact.sentence in "".join(n.node.get_content() for n in response.source_nodes)
+    assert fact.correct(str(response)), str(response)
+    assert kv.chunk_ids and sorted(kv.chunk_ids) == sorted(n.node.node_id for n in response.source_nodes)
+    assert kv.prompt_tokens == len(ml.encode_prompt(tail.format(query_str=fact.question))) < 40
+    assert kv.memory_tokens == sum(ml.bank.get(c, namespace="li-e2e").n_tokens for c in kv.chunk_ids)
+
+    text_llm = MemLongLLM(ml, namespace="li-e2e", max_new_tokens=8, stop=["\n"], retrieve=False)
+    text = RetrieverQueryEngine.from_args(retriever, llm=text_llm, text_qa_template=PromptTemplate("{context_str}" + tail))
+    text_response = text.query(fact.question)
+    plain = ml.last_generation
+    assert plain.memory_tokens == 0
+    assert plain.prompt_tokens > kv.prompt_tokens + 0.9 * kv.memory_tokens  # question + all retrieved text
+    assert [n.node.node_id for n in text_response.source_nodes] == [n.node.node_id for n in response.source_nodes]
+
+    streaming = MemLongQueryEngine.from_args(retriever, llm=llm, prompt_template=tail, streaming=True)
+    assert "".join(streaming.query(fact.question).response_gen) == str(response)
+    ml.reset("li-e2e")
