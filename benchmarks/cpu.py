@@ -66,14 +66,14 @@ def bench_ttft(ml_512, text: str, n_chunks: list[int], repeats: int) -> list[dic
     rows = []
     for n in n_chunks:
         chosen = chunk_ids[:n]
-        kv = lambda: ml_512.generate(question, namespace="ttft", chunk_ids=chosen, max_new_tokens=1)
+        kv = lambda chosen=chosen: ml_512.generate(question, namespace="ttft", chunk_ids=chosen, max_new_tokens=1)
         kv()  # warm up
         kv_s = _median_time(kv, repeats)
         encoded = ml_512.last_generation.prompt_tokens
         context = "".join(ml_512.bank.get(c, namespace="ttft").text for c in chosen)
         full = torch.tensor([ml_512.tokenize(context + question)], device=ml_512.device)
 
-        def reencode():
+        def reencode(full=full):
             with torch.no_grad():
                 ml_512.model(full, use_cache=True, logits_to_keep=1).logits[0, -1].argmax()
 
@@ -123,17 +123,15 @@ def bench_faiss(sizes: list[int], bank_max: int, queries: int = 200) -> list[dic
 
 
 def bench_bytes(ml, tokens: int) -> list[dict]:
-    cfg = ml.model.config
-    full = 2 * ml.num_layers * ml._kv_heads * ml._head_dim * torch.finfo(torch.float16).bits // 8
+    full = 2 * ml.num_layers * ml._kv_heads() * ml._head_dim() * torch.finfo(torch.float16).bits // 8
     rows = []
     for kv_source in ("per_layer", "memory_layer"):
         sources = ml.num_layers if kv_source == "per_layer" else 1
-        per_token = 2 * sources * ml._kv_heads * ml._head_dim * torch.finfo(ml.bank.dtype).bits // 8
+        per_token = 2 * sources * ml._kv_heads() * ml._head_dim() * torch.finfo(ml.bank.dtype).bits // 8
         rows.append({"bench": "bytes", "kv_source": kv_source, "memory_bytes_per_token": per_token,
                      "full_cache_fp16_bytes_per_token": full, "ratio": per_token / full})
     measured = ml.bank.nbytes("bench") / max(ml.bank.num_tokens("bench"), 1) if "bench" in ml.bank.namespaces() else None
     rows[0]["measured_bank_bytes_per_token"] = measured
-    del cfg
     return rows
 
 
