@@ -130,10 +130,11 @@ class TrainResult:
 
     adapter_path: str
     steps: int = 0
+    # counters over the whole run, resumed parts included (carried in the checkpoint)
     segments: int = 0
-    segments_with_memory: int = 0  # segments that attended to retrieved chunks of their document
-    tokens: int = 0  # tokens trained on (scored) in this call (a resumed run counts only its own)
-    seconds: float = 0.0  # training wall time of this call, evaluation excluded
+    segments_with_memory: int = 0  # segments whose document had chunks outside the local cache to retrieve
+    tokens: int = 0  # tokens trained on (scored)
+    seconds: float = 0.0  # training wall time, evaluation and resume re-streaming excluded
     losses: list[float] = field(default_factory=list)  # mean loss per optimizer step, whole run
     peak_rss_mb: float = 0.0  # peak resident memory of the process (Linux ru_maxrss)
     peak_device_mb: float | None = None  # peak CUDA memory allocated, when on a GPU
@@ -335,6 +336,8 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
         scheduler.load_state_dict(ckpt["scheduler"])
         result.steps = result.resumed_from_step = ckpt["step"]
         result.losses = list(ckpt["losses"])
+        for key in _COUNTERS:
+            setattr(result, key, ckpt.get("counters", {}).get(key, getattr(result, key)))
         position = tuple(ckpt["position"])
     ml._sink = None  # the sink K-V follow the weights (LoRA starts at zero, but a resumed run does not)
 
@@ -344,7 +347,8 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
     namespace = f"_train-{time.time_ns()}"
     bar = tqdm(total=total_steps, initial=result.steps, desc="train", unit="step", disable=not config.progress)
     micro, window_loss, window_n = 0, 0.0, 0
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - result.seconds  # result.seconds: training time of earlier (resumed) calls
+    call_start, restream = time.perf_counter(), 0.0
     done = result.steps >= total_steps
     try:
         for epoch in range(position[0], config.epochs):
@@ -360,8 +364,10 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
                 skip = position[2] if (epoch, d) == position[:2] else 0
                 for k, (segment, targets) in enumerate(_segments(encoded[order[d]], step_len)):
                     if k < skip:  # resumed mid-document: rebuild its memory and cache without gradients
+                        r0 = time.perf_counter()
                         with torch.no_grad():
                             ml._stream_step(segment, state, namespace)
+                        restream += time.perf_counter() - r0
                         continue
                     # chunks of this document have left the local cache, so there is memory to retrieve
                     has_memory = ml.config.top_k > 0 and state.offset - state.cache_len > 0
@@ -374,7 +380,7 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
                     result.segments_with_memory += int(has_memory)
                     result.tokens += len(targets)
                     micro += 1
-                    window_loss += float(loss)
+                    window_loss += float(loss.detach())
                     window_n += 1
                     if micro % config.grad_accum:
                         continue
@@ -388,8 +394,9 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
                     bar.set_postfix(loss=f"{result.losses[-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
                     bar.update(1)
                     window_loss, window_n = 0.0, 0
+                    result.seconds = time.perf_counter() - t0 - restream
                     done = result.steps >= total_steps or (
-                        config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds)
+                        config.max_seconds is not None and time.perf_counter() - call_start >= config.max_seconds)
                     if result.steps % config.save_every == 0 or done:
                         _save_checkpoint(ckpt_path, params, optimizer, scheduler, result, (epoch, d, k + 1),
                                          identity)
@@ -399,7 +406,6 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
     finally:
         bar.close()
         ml.bank.reset(namespace)
-        result.seconds = time.perf_counter() - t0
         optimizer.zero_grad(set_to_none=True)
         if config.gradient_checkpointing:
             _checkpointing(ml.model, False)
@@ -414,11 +420,9 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
     for p in ml.model.parameters():
         p.requires_grad_(False)
     ml._sink = None
-    result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.peak_rss_mb = max(result.peak_rss_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if ml.device.type == "cuda":
-        result.peak_device_mb = torch.cuda.max_memory_allocated(ml.device) / 2**20
-    if held_out and config.eval_tokens > 0:
-        result.eval_after = evaluate(ml, held_out, tokens=config.eval_tokens)
+        result.peak_device_mb = max(result.peak_device_mb or 0.0, torch.cuda.max_memory_allocated(ml.device) / 2**20)
     meta = {
         "method": config.method,
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(config.lora_targets)}
@@ -434,8 +438,15 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
         "result": {k: v for k, v in result.to_dict().items() if k != "losses"},
         "losses": result.losses,
     }
-    save_adapter(out, tensors, meta)
+    save_adapter(out, tensors, meta)  # written before the evaluation, which can be long
+    if held_out and config.eval_tokens > 0:
+        result.eval_after = evaluate(ml, held_out, tokens=config.eval_tokens)
+        meta["result"] = {k: v for k, v in result.to_dict().items() if k != "losses"}
+        save_adapter(out, tensors, meta)
     return result
+
+
+_COUNTERS = ("segments", "segments_with_memory", "tokens", "seconds", "peak_rss_mb", "peak_device_mb")
 
 
 def _checkpointing(model, on: bool) -> None:
@@ -449,10 +460,12 @@ def _checkpointing(model, on: bool) -> None:
 
 def _save_checkpoint(path: Path, params, optimizer, scheduler, result: TrainResult, position, identity) -> None:
     tmp = path.with_suffix(".tmp")
+    result.peak_rss_mb = max(result.peak_rss_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     torch.save({"params": {n: p.detach().cpu().clone() for n, p in params.items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": result.steps,
                 "losses": result.losses, "position": list(position), "identity": identity,
-                "eval_before": result.eval_before}, tmp)
+                "eval_before": result.eval_before,
+                "counters": {key: getattr(result, key) for key in _COUNTERS}}, tmp)
     tmp.replace(path)  # atomic: an interrupted save never leaves a broken checkpoint
 
 
