@@ -452,8 +452,10 @@ _COUNTERS = ("segments", "segments_with_memory", "tokens", "seconds", "peak_rss_
 def _checkpointing(model, on: bool) -> None:
     """Gradient (activation) checkpointing on or off, under either name transformers uses."""
     if on:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
