@@ -4,6 +4,7 @@
     memlong eval passkey --lengths 4096,16384,32768 --trials 10 --json passkey.json
     memlong eval ppl --file book.txt --score-last 2048 --json ppl.json
     memlong eval icl --task sentiment --seeds 0,1,2 --json icl.json
+    memlong train --output runs/shakespeare --max-steps 100       # fine-tune the upper layers (LoRA)
 
 Every command runs offline on the default model (``--model`` takes any HF id or path instead).
 """
@@ -23,14 +24,15 @@ __all__ = ["main"]
 def _model(args: argparse.Namespace):
     from memlong import MemLong
 
-    config: dict[str, Any] = {"top_k": args.top_k, "local_window": args.local_window}
+    top_k = args.top_k if args.top_k is not None else getattr(args, "default_top_k", 8)
+    config: dict[str, Any] = {"top_k": top_k, "local_window": args.local_window}
     for name in ("kv_source", "position_layout", "memory_capacity"):
         if getattr(args, name, None):
             config[name] = getattr(args, name)
     if args.retrieval_layers:
         layers = args.retrieval_layers
         config["retrieval_layers"] = layers if layers in ("all", "upper") else tuple(int(x) for x in layers.split(","))
-    return MemLong.from_pretrained(args.model, device=args.device, **config)
+    return MemLong.from_pretrained(args.model, device=args.device, adapter=getattr(args, "adapter", None), **config)
 
 
 def _table(records: list[dict[str, Any]], columns: list[str]) -> str:
@@ -148,6 +150,51 @@ def cmd_eval_icl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from memlong.train import TrainConfig, load_documents, shakespeare_split, train
+
+    if args.adapter:
+        raise ValueError("memlong train starts from the base model; drop --adapter (an adapter trained on top of "
+                         "another would not load on the base model).")
+    if args.data:
+        docs = load_documents(args.data)
+        if args.eval_data:
+            held_out = load_documents(args.eval_data)
+        else:  # the last --held-out-docs documents in path order
+            if len(docs) <= args.held_out_docs:
+                raise ValueError(f"Found {len(docs)} documents, not enough to hold out {args.held_out_docs}; "
+                                 "pass more files, --eval-data, or --held-out-docs 0.")
+            cut = len(docs) - args.held_out_docs
+            docs, held_out = docs[:cut], docs[cut:]
+    else:
+        docs, held_out = shakespeare_split()
+        if args.eval_data:
+            held_out = load_documents(args.eval_data)
+    # the paper's trained mode unless told otherwise: every retrieval layer reads the memory layer's K-V,
+    # memory keys at position 0
+    args.kv_source = args.kv_source or "memory_layer"
+    args.position_layout = args.position_layout or "zero"
+    ml = _model(args)
+    config = TrainConfig(
+        output_dir=args.output, method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        learning_rate=args.lr, grad_accum=args.grad_accum, max_steps=args.max_steps, epochs=args.epochs,
+        max_document_tokens=args.max_document_tokens, gradient_checkpointing=args.gradient_checkpointing,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+        precision=args.precision, eval_tokens=args.eval_tokens, save_every=args.save_every,
+        resume=not args.no_resume, seed=args.seed, progress=not args.no_progress, warmup_steps=args.warmup_steps)
+    print(f"memlong train: {len(docs)} documents, {len(held_out)} held out; model: {ml}")
+    result = train(ml, docs, config, eval_documents=held_out, command="memlong " + " ".join(args.argv),
+                   base_model=args.model)
+    record = {k: v for k, v in result.to_dict().items() if k != "losses"}
+    record["final_loss"] = result.losses[-1] if result.losses else None
+    for key in ("eval_before", "eval_after"):
+        record[key] = record[key].get("ppl") if record[key] else None
+    for key, value in record.items():
+        print(f"  {key:22s} {_fmt(value)}")
+    _write_json(args.json, [record])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memlong", description="MemLong: long documents through a bounded window plus a chunk-level K-V memory.",
@@ -156,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", default="default",
                         help="'default' (embedded SmolLM2-135M-Instruct), an HF model id or a local path")
     common.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    common.add_argument("--top-k", type=int, default=8, help="chunks retrieved per window/prompt (default 8; demo: 4)")
+    common.add_argument("--top-k", type=int, default=None,
+                        help="chunks retrieved per window/prompt (default 8; demo and eval icl: 4)")
     common.add_argument("--local-window", type=int, default=1024, help="tokens of local attention (default 1024)")
     common.add_argument("--kv-source", choices=["per_layer", "memory_layer"], default=None,
                         help="per_layer (training-free, default) or memory_layer (the paper; needs fine-tuning)")
@@ -168,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--memory-capacity", type=int, default=65_536,
                         help="tokens of memory per namespace before eviction (default 65536, so that a 32k-token "
                              "evaluation document is never evicted; the library default is 32768)")
+    common.add_argument("--adapter", default=None, metavar="PATH",
+                        help="a trained adapter folder (memlong train); its training config becomes the default")
     common.add_argument("--json", metavar="OUT", default=None, help="also write the records as JSON to OUT")
     common.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--load-memory", metavar="DIR", default=None,
                       help="load a memory saved with --save-memory instead of ingesting the play again")
     # 4 chunks: with 8, seven chunks of verse around the one with the fact distract the 135M model
-    demo.set_defaults(func=cmd_demo, top_k=4)
+    # (defaults of shared options go through `default_top_k`: set_defaults(top_k=...) would change the shared
+    # action, i.e. every command's default)
+    demo.set_defaults(func=cmd_demo, default_top_k=4)
 
     ev = sub.add_parser("eval", help="evaluations comparing window / full / memlong on the same text")
     ev_sub = ev.add_subparsers(dest="evaluation", required=True)
@@ -214,13 +266,45 @@ def build_parser() -> argparse.ArgumentParser:
     icl.add_argument("--memory-demos", type=int, default=200, help="demonstrations stored in memory (default 200)")
     icl.add_argument("--n-test", type=int, default=100, help="test sentences per seed (default 100)")
     icl.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    icl.set_defaults(func=cmd_eval_icl, top_k=4)
+    icl.set_defaults(func=cmd_eval_icl, default_top_k=4)
+
+    tr = sub.add_parser("train", parents=[common], help="fine-tune the layers above the memory layer (LoRA or full)",
+                        description="Partial fine-tuning (memlong.train): layers 0..memory_layer frozen, the layers "
+                                    "above trained; documents streamed as consecutive segments with memory carried "
+                                    "over; writes an adapter folder for --adapter / MemLong.from_pretrained(adapter=). "
+                                    "Default data: the shakespeare package's plays with a fixed held-out split.")
+    tr.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                    help="text files or folders (*.txt, *.md); default: the shakespeare plays minus the held-out ones")
+    tr.add_argument("--eval-data", nargs="+", default=None, metavar="PATH", help="held-out documents to score")
+    tr.add_argument("--held-out-docs", type=int, default=1,
+                    help="with --data and no --eval-data: hold out the last N documents in path order (default 1)")
+    tr.add_argument("--output", required=True, metavar="DIR", help="adapter + resumable checkpoint folder")
+    tr.add_argument("--method", choices=["lora", "full"], default="lora")
+    tr.add_argument("--lora-rank", type=int, default=16)
+    tr.add_argument("--lora-alpha", type=float, default=32.0)
+    tr.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    tr.add_argument("--warmup-steps", type=int, default=10)
+    tr.add_argument("--grad-accum", type=int, default=4, help="segments per optimizer step (default 4)")
+    tr.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs passes)")
+    tr.add_argument("--max-minutes", type=float, default=None,
+                    help="stop at the first optimizer step after this much training time (adapter still written)")
+    tr.add_argument("--epochs", type=int, default=1)
+    tr.add_argument("--max-document-tokens", type=int, default=None, help="use only the first N tokens of each document")
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto: bf16 autocast on a CUDA GPU that supports it, fp32 otherwise")
+    tr.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each held-out document scored (0: skip)")
+    tr.add_argument("--save-every", type=int, default=25, help="optimizer steps between checkpoints")
+    tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --output")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=cmd_train)  # (set_defaults here would also change the shared options of other commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the defaults need ships in packages
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `train` in the adapter
     try:
         return args.func(args)
     except (ValueError, RuntimeError, KeyError) as exc:

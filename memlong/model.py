@@ -124,10 +124,13 @@ class MemLong:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", *, embedder: TextEmbedder | str | None = None,
                         device: str | None = None, dtype: torch.dtype | str | None = None,
-                        **config: Any) -> MemLong:
+                        adapter: str | Path | None = None, **config: Any) -> MemLong:
         """Load ``"default"`` (embedded SmolLM2-135M-Instruct), any HF model id, or a local path.
 
         Extra keywords are :class:`MemLongConfig` fields, e.g. ``top_k=4, local_window=1024``.
+        ``adapter``: a folder written by ``memlong train`` (:mod:`memlong.adapter`); its trained upper-layer
+        weights are merged in and the config fields it was trained with (kv_source, position_layout, ...)
+        become the defaults, which keywords still override.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,7 +145,16 @@ class MemLong:
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        return cls(model, tokenizer, MemLongConfig(**config), embedder=embedder)
+        if adapter is None:
+            return cls(model, tokenizer, MemLongConfig(**config), embedder=embedder)
+        from memlong.adapter import ADAPTER_CONFIG_FIELDS, load_adapter, read_adapter_config
+
+        trained = read_adapter_config(adapter)["memlong_config"]
+        trained = {k: tuple(v) if isinstance(v, list) else v for k, v in trained.items() if k in ADAPTER_CONFIG_FIELDS}
+        ml = cls(model, tokenizer, MemLongConfig(**{**trained, **config}), embedder=embedder)
+        load_adapter(model, adapter)
+        ml._sink = None  # the sink's K-V depend on the weights just changed
+        return ml
 
     @property
     def device(self) -> torch.device:

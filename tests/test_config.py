@@ -45,3 +45,14 @@ def test_resolve_does_not_mutate_and_step_default():
     resolved = cfg.resolve(26)
     assert cfg.retrieval_layers is None and resolved.retrieval_layers is not None
     assert resolved.step == 512
+
+
+def test_cli_per_command_top_k_defaults_do_not_leak_into_other_commands():
+    from memlong.cli import build_parser
+
+    parser = build_parser()
+    resolved = lambda argv: (lambda a: a.top_k if a.top_k is not None else getattr(a, "default_top_k", 8))(
+        parser.parse_args(argv))
+    assert resolved(["eval", "ppl"]) == 8 and resolved(["eval", "passkey"]) == 8
+    assert resolved(["demo"]) == 4 and resolved(["eval", "icl"]) == 4
+    assert resolved(["eval", "ppl", "--top-k", "2"]) == 2

@@ -1,0 +1,217 @@
+"""Adapters for the upper layers: a small LoRA written with plain torch, and the adapter files.
+
+An adapter is a folder with two files:
+
+* ``adapter.safetensors``: LoRA factors ``{name}.lora_A`` ``(r, in)`` / ``{name}.lora_B`` ``(out, r)`` for
+  each adapted linear layer ``name`` (``method="lora"``), or the trained parameters themselves under their
+  model names (``method="full"``);
+* ``adapter.json``: ``method``, ``lora`` (rank, alpha, targets), ``layers`` (the trained layers), the
+  ``memlong_config`` fields the adapter was trained with (kv_source, position_layout, memory_layer,
+  retrieval_layers, chunk_size, attention_sink), the ``base_model`` name and weight ``fingerprint``, the data
+  split, the command and the training/evaluation records.
+
+Loading merges LoRA into the base weights (``W += alpha / r * B @ A``), so inference runs the plain model at
+full speed. ``MemLong.from_pretrained(..., adapter=PATH)`` does it for you (and refuses an adapter trained on
+other base weights).
+
+Example:
+    >>> ml = MemLong.from_pretrained("default", adapter="runs/shakespeare")   # config from the adapter
+    >>> ml.config.kv_source, ml.config.position_layout
+    ('memory_layer', 'zero')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ADAPTER_CONFIG_FIELDS", "LoRALinear", "PACKAGED_ADAPTERS", "add_lora", "fingerprint", "load_adapter",
+           "lora_state_dict", "merge_lora", "read_adapter_config", "resolve_adapter", "save_adapter"]
+
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "adapter.json"
+FORMAT = "memlong-adapter"
+# MemLongConfig fields that shape what the upper layers were trained to read; carried by the adapter.
+ADAPTER_CONFIG_FIELDS = ("chunk_size", "memory_layer", "retrieval_layers", "kv_source", "position_layout",
+                         "attention_sink")
+# Adapters shipped inside the package (``adapter="<name>"``); filled in only for adapters that measured better.
+PACKAGED_ADAPTERS: dict[str, str] = {}
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + alpha / r * B(A(x))`` with ``base`` frozen; ``B`` starts at zero, so the wrapped layer
+    starts as the base layer exactly. The factors are kept in float32 whatever the base dtype.
+
+    Example:
+        >>> layer = LoRALinear(nn.Linear(64, 32), rank=4, alpha=8)
+        >>> layer(torch.randn(2, 64)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(self, base: nn.Linear, *, rank: int, alpha: float) -> None:
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        self.base = base
+        self.rank, self.alpha = rank, float(alpha)
+        self.scaling = self.alpha / rank
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = (x.to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        return self.base(x) + update.to(x.dtype)
+
+    def merged(self) -> nn.Linear:
+        """The base layer with the update folded into its weight (no extra cost at inference)."""
+        with torch.no_grad():
+            delta = (self.lora_B @ self.lora_A) * self.scaling
+            self.base.weight += delta.to(self.base.weight.dtype)
+        return self.base
+
+
+def _modules(model: nn.Module, layers: Iterable[int], targets: Sequence[str]) -> dict[str, nn.Module]:
+    """``{name: module}`` of the attention projections ``targets`` in decoder layers ``layers``."""
+    found = {}
+    decoder_layers = model.model.layers
+    for i in layers:
+        attn = decoder_layers[i].self_attn
+        for t in targets:
+            if not hasattr(attn, t):
+                raise ValueError(f"Layer {i}'s attention has no module {t!r}; LoRA targets must be among "
+                                 "q_proj, k_proj, v_proj, o_proj.")
+            found[f"model.layers.{i}.self_attn.{t}"] = getattr(attn, t)
+    return found
+
+
+def add_lora(model: nn.Module, layers: Iterable[int], *, rank: int, alpha: float,
+             targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> dict[str, LoRALinear]:
+    """Wrap the attention projections ``targets`` of ``layers`` in :class:`LoRALinear`; returns them by name."""
+    wrapped = {}
+    for name, module in _modules(model, layers, targets).items():
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} already carries a LoRA adapter; merge it first (merge_lora).")
+        lora = LoRALinear(module, rank=rank, alpha=alpha)
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, lora)
+        wrapped[name] = lora
+    return wrapped
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every :class:`LoRALinear` of ``model`` into its base layer and unwrap it; returns how many."""
+    names = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name in names:
+        parent, attr = name.rsplit(".", 1)
+        owner = model.get_submodule(parent)
+        setattr(owner, attr, getattr(owner, attr).merged())
+    return len(names)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name.lora_A, name.lora_B}`` of every LoRA layer of ``model`` (float32, on the CPU)."""
+    return {f"{name}.{p}": getattr(m, p).detach().float().cpu().contiguous()
+            for name, m in model.named_modules() if isinstance(m, LoRALinear) for p in ("lora_A", "lora_B")}
+
+
+def fingerprint(model: nn.Module, layers: Iterable[int]) -> str:
+    """A short hash of the base weights an adapter depends on: the model's shape, its token embeddings
+    (every 16th row) and the attention projections of ``layers``. Computed in bfloat16, so the same weights
+    loaded in float32 or bfloat16 give the same fingerprint."""
+    cfg = model.config
+    h = hashlib.sha256(json.dumps([cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size]).encode())
+    tensors = [model.get_input_embeddings().weight[::16]]
+    for module in _modules(model, layers, ("q_proj", "k_proj", "v_proj", "o_proj")).values():
+        base = module.base if isinstance(module, LoRALinear) else module
+        tensors.append(base.weight)
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``adapter.safetensors`` + ``adapter.json`` into folder ``path`` (created); returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_NAME))
+    (folder / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, "version": 1, **meta}, indent=2) + "\n",
+                                      encoding="utf-8")
+    return folder
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """The adapter folder for ``path``: a packaged adapter's name, a folder, or its ``adapter.json``."""
+    if str(path) in PACKAGED_ADAPTERS:
+        return Path(__file__).parent / "adapters" / PACKAGED_ADAPTERS[str(path)]
+    folder = Path(path)
+    if folder.is_file() and folder.name in (CONFIG_NAME, WEIGHTS_NAME):
+        folder = folder.parent
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        known = f" or one of the packaged adapters {sorted(PACKAGED_ADAPTERS)}" if PACKAGED_ADAPTERS else ""
+        raise ValueError(f"No adapter at {str(path)!r}: expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME} "
+                         f"(what `memlong train` writes){known}.")
+    return folder
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """The adapter's ``adapter.json`` as a dict (checked to be a memlong adapter)."""
+    folder = resolve_adapter(path)
+    meta = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{folder / CONFIG_NAME} is not a memlong adapter (format {meta.get('format')!r}).")
+    return meta
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool = True) -> dict[str, Any]:
+    """Apply the adapter at ``path`` to ``model`` in place (LoRA merged into the weights); returns its metadata.
+
+    Raises:
+        ValueError: not an adapter, or trained on other base weights (fingerprint mismatch), or names that the
+            model lacks.
+    """
+    from safetensors.torch import load_file
+
+    folder = resolve_adapter(path)
+    meta = read_adapter_config(folder)
+    layers = meta["layers"]
+    if check_fingerprint:
+        expected = meta.get("base_model", {}).get("fingerprint")
+        actual = fingerprint(model, layers)
+        if expected and expected != actual:
+            raise ValueError(f"The adapter at {folder} was trained on base model "
+                             f"{meta['base_model'].get('name')!r} (fingerprint {expected}) but this model's weights "
+                             f"have fingerprint {actual}. Load the base model it was trained on.")
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        if meta["method"] == "lora":
+            scaling = float(meta["lora"]["alpha"]) / int(meta["lora"]["rank"])
+            names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+            for name in names:
+                weight = params.get(f"{name}.weight")
+                if weight is None:
+                    raise ValueError(f"The adapter adapts {name!r}, which this model does not have.")
+                delta = (tensors[f"{name}.lora_B"] @ tensors[f"{name}.lora_A"]) * scaling
+                weight += delta.to(weight.device, weight.dtype)
+        elif meta["method"] == "full":
+            for name, value in tensors.items():
+                if name not in params:
+                    raise ValueError(f"The adapter holds {name!r}, which this model does not have.")
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+        else:
+            raise ValueError(f"Unknown adapter method {meta['method']!r}; expected 'lora' or 'full'.")
+    return meta

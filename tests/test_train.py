@@ -1,0 +1,182 @@
+"""Partial fine-tuning (memlong.train) and adapters (memlong.adapter) on the tiny random-weight Llama."""
+
+import json
+
+import pytest
+import torch
+
+from memlong import MemLong
+from memlong.evaluation import shakespeare_text
+from memlong.train import TrainConfig, load_documents, shakespeare_split, train
+
+# 4 layers: memory layer 2, so only layer 3 trains; small windows so a few hundred tokens make many segments
+TINY = dict(kv_source="memory_layer", position_layout="zero", chunk_size=16, local_window=64, ingest_step=32, top_k=2)
+UPPER_ATTN = {f"model.layers.3.self_attn.{p}_proj.weight" for p in "qkvo"}
+
+
+def _text(tokenizer, start: int, n: int) -> str:
+    ids = tokenizer(shakespeare_text("macbeth"), add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[start:start + n])
+
+
+def _changed(before: dict, model) -> set:
+    return {n for n, t in model.state_dict().items() if not torch.equal(before[n], t)}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_one_step_changes_only_upper_layers_and_lowers_loss(make_tiny, tokenizer, tmp_path, method):
+    ml, _ = make_tiny(**TINY)
+    text = _text(tokenizer, 2000, 28)
+    ids = torch.tensor([ml.tokenize(text)])
+    assert ids.shape[1] <= ml.config.step  # one segment: the training batch is exactly this sequence
+    before = {n: t.clone() for n, t in ml.model.state_dict().items()}
+    with torch.no_grad():
+        loss_before = float(ml.forward(ids, labels=ids)["loss"])
+
+    result = train(ml, [text], TrainConfig(output_dir=tmp_path, method=method, max_steps=1, grad_accum=1,
+                                           learning_rate=1e-3, warmup_steps=1, eval_tokens=0, progress=False))
+    assert result.steps == 1 and result.segments == 1
+
+    changed = _changed(before, ml.model)
+    if method == "lora":
+        assert changed == UPPER_ATTN  # LoRA merged into layer 3's attention projections, nothing else
+    else:
+        assert changed and all(n.startswith("model.layers.3.") for n in changed)
+        assert "model.layers.3.mlp.down_proj.weight" in changed
+    assert not any(p.requires_grad for p in ml.model.parameters())  # left frozen for inference
+    with torch.no_grad():
+        loss_after = float(ml.forward(ids, labels=ids)["loss"])
+    assert loss_after < loss_before
+
+
+def test_memory_carries_over_within_a_document_and_resets_between(make_tiny, tokenizer, tmp_path):
+    ml, _ = make_tiny(**TINY)
+    docs = [_text(tokenizer, 0, 256), _text(tokenizer, 5000, 256)]
+    seen = []  # chunks retrieved per segment, in training order
+    memory = ml._memory
+    ml._memory = lambda ids, ns: (seen.append(len(ids)), memory(ids, ns))[1]
+    result = train(ml, docs, TrainConfig(output_dir=tmp_path, grad_accum=2, learning_rate=1e-4, eval_tokens=0,
+                                         progress=False))
+    per_doc = [len(range(0, len(ml.tokenize(d)) - 1, ml.config.step)) for d in docs]
+    assert result.segments == len(seen) == sum(per_doc)
+    first, second = seen[:per_doc[0]], seen[per_doc[0]:]
+    # the first segments of a document have nothing outside the local cache; later ones retrieve earlier chunks
+    assert first[0] == 0 and second[0] == 0 and second[1] == 0  # memory was reset between the documents
+    assert max(first) == ml.config.top_k and max(second) == ml.config.top_k
+    assert 0 < result.segments_with_memory < result.segments
+    assert not [ns for ns in ml.bank.namespaces() if ns.startswith("_train")]
+
+
+def test_adapter_round_trip_and_fingerprint(make_tiny, tiny_hf, tokenizer, embedder, tmp_path):
+    base = tmp_path / "base"
+    tiny_hf.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    ml, _ = make_tiny(**TINY)
+    text = _text(tokenizer, 3000, 200)
+    train(ml, [text], TrainConfig(output_dir=tmp_path / "adapter", max_steps=2, grad_accum=2, learning_rate=1e-2,
+                                  warmup_steps=1, eval_tokens=0, progress=False), command="test")
+    meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+    assert meta["method"] == "lora" and meta["layers"] == [3] and meta["command"] == "test"
+    assert (tmp_path / "adapter" / "adapter.safetensors").stat().st_size < 100_000  # LoRA factors only
+
+    loaded = MemLong.from_pretrained(base, adapter=tmp_path / "adapter", embedder=embedder, device="cpu",
+                                     top_k=2, local_window=64, ingest_step=32)
+    assert (loaded.config.kv_source, loaded.config.position_layout) == ("memory_layer", "zero")
+    assert loaded.config.retrieval_layers == ml.config.retrieval_layers
+    ids = torch.tensor([ml.tokenize(text)[:48]])
+    torch.testing.assert_close(loaded.forward(ids)["logits"], ml.forward(ids)["logits"], atol=1e-5, rtol=1e-5)
+    plain = MemLong.from_pretrained(base, embedder=embedder, device="cpu", **TINY)
+    assert not torch.allclose(plain.forward(ids)["logits"], ml.forward(ids)["logits"], atol=1e-4)
+
+    # streaming with the loaded adapter matches the trained model too (memory and sink recomputed)
+    for m in (ml, loaded):
+        m.config.memory_dtype = "float32"
+        m.bank.dtype = torch.float32
+    assert loaded.perplexity(text, score_last=64)["ppl"] == pytest.approx(ml.perplexity(text, score_last=64)["ppl"],
+                                                                          rel=1e-4)
+
+    with torch.no_grad():  # other base weights: refused with the reason
+        tiny_hf.model.layers[3].self_attn.q_proj.weight.add_(0.1)
+    tiny_hf.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="fingerprint"):
+        MemLong.from_pretrained(tmp_path / "other", adapter=tmp_path / "adapter", embedder=embedder, device="cpu")
+    with pytest.raises(ValueError, match="No adapter"):
+        MemLong.from_pretrained(base, adapter=tmp_path / "missing", embedder=embedder, device="cpu")
+
+
+def test_resume_from_checkpoint(make_tiny, tokenizer, tmp_path):
+    ml, _ = make_tiny(**TINY)
+    docs = [_text(tokenizer, 0, 200), _text(tokenizer, 4000, 200)]
+    cfg = dict(output_dir=tmp_path, grad_accum=2, learning_rate=1e-3, eval_tokens=0, save_every=1, progress=False)
+    first = train(ml, docs, TrainConfig(max_steps=2, **cfg))
+    assert first.steps == 2 and (tmp_path / "checkpoint.pt").exists()
+
+    again, _ = make_tiny(**TINY)  # a fresh process would start from the base weights
+    second = train(again, docs, TrainConfig(max_steps=5, **cfg))
+    assert second.resumed_from_step == 2 and second.steps == 5 and len(second.losses) == 5
+    assert second.losses[:2] == first.losses
+    # counters cover the whole run; the re-streamed segments of the interrupted document are not counted twice
+    assert second.segments == 5 * 2 and second.tokens > first.tokens and second.seconds >= first.seconds
+
+    with pytest.raises(ValueError, match="another run"):
+        train(again, docs[:1], TrainConfig(max_steps=6, **cfg))
+
+
+def test_evaluation_before_after_and_gradient_checkpointing(make_tiny, tokenizer, tmp_path):
+    ml, _ = make_tiny(**TINY)
+    docs, held_out = [_text(tokenizer, 0, 300)], [_text(tokenizer, 9000, 200)]
+    result = train(ml, docs, TrainConfig(output_dir=tmp_path, grad_accum=2, learning_rate=3e-3, eval_tokens=200,
+                                         gradient_checkpointing=True, progress=False), eval_documents=held_out)
+    assert result.eval_before["scored_tokens"] == result.eval_after["scored_tokens"] > 0
+    assert result.eval_after["ppl"] != result.eval_before["ppl"]
+    assert result.tokens_per_second > 0 and result.peak_rss_mb > 0
+    assert not ml.model.training
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in ml.model.modules())
+
+
+def test_data_loading_and_split(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.txt").write_text("first document")
+    (tmp_path / "a" / "skip.bin").write_text("not text")
+    (tmp_path / "two.md").write_text("second document")
+    (tmp_path / "empty.txt").write_text("  \n")
+    docs = load_documents([tmp_path / "a", tmp_path / "two.md", tmp_path / "empty.txt"])
+    assert [t for _, t in docs] == ["first document", "second document"]
+    with pytest.raises(ValueError, match="does not exist"):
+        load_documents([tmp_path / "nope"])
+    train_docs, held_out = shakespeare_split()
+    assert [n for n, _ in held_out] == ["hamlet", "macbeth", "tempest"]
+    assert not {n for n, _ in train_docs} & {"hamlet", "macbeth", "tempest"} and len(train_docs) == 39
+
+
+def test_bad_config_is_refused(make_tiny, tmp_path):
+    ml, _ = make_tiny(**TINY)
+    with pytest.raises(ValueError, match="method"):
+        train(ml, ["some text"], TrainConfig(output_dir=tmp_path, method="qlora"))
+    with pytest.raises(ValueError, match="empty"):
+        train(ml, ["  "], TrainConfig(output_dir=tmp_path))
+    top, _ = make_tiny(**{**TINY, "memory_layer": 3})
+    with pytest.raises(ValueError, match="nothing above it"):
+        train(top, ["some text"], TrainConfig(output_dir=tmp_path))
+
+
+def test_cli_train(tiny_hf, tokenizer, tmp_path, capsys):
+    from memlong.cli import main
+
+    base = tmp_path / "base"
+    tiny_hf.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    for i, start in enumerate((0, 3000, 6000)):
+        (tmp_path / f"doc{i}.txt").write_text(_text(tokenizer, start, 400))
+    out = tmp_path / "run"
+    files = [str(tmp_path / f"doc{i}.txt") for i in range(3)]
+    rc = main(["train", "--model", str(base), "--device", "cpu", "--data", *files,
+               "--output", str(out), "--max-steps", "2", "--grad-accum", "2", "--local-window", "256", "--top-k", "2",
+               "--eval-tokens", "400", "--no-progress", "--json", str(tmp_path / "train.json")])
+    assert rc == 0
+    record = json.loads((tmp_path / "train.json").read_text())[0]
+    assert record["steps"] == 2 and record["eval_before"] > 0 and record["eval_after"] > 0
+    meta = json.loads((out / "adapter.json").read_text())
+    assert meta["data"]["held_out"] == [str(tmp_path / "doc2.txt")]
+    assert meta["memlong_config"]["kv_source"] == "memory_layer" and meta["command"].startswith("memlong train")
