@@ -1,7 +1,7 @@
 """GPU check of `memlong train`: a few hundred LoRA steps of a larger Llama, tokens/s and peak memory.
 
-    python scripts/train_gpu.py --model /path/to/llama --steps 300 --json train-gpu.json
-    python scripts/train_gpu.py --steps 300            # no local model: a random-weight OpenLLaMA-3B-shaped
+    python benchmarks/train_gpu.py --model /path/to/llama --steps 300 --json train-gpu.json
+    python benchmarks/train_gpu.py --steps 300            # no local model: a random-weight OpenLLaMA-3B-shaped
                                                        # Llama (26 layers, hidden 3200), throughput/memory only
 
 Trains on the shakespeare split (memlong.train.shakespeare_split) in the paper's mode (kv_source

@@ -1,6 +1,6 @@
 """Measure saving/loading a real MemLong memory and reader throughput beside a writer (README numbers).
 
-    python scripts/bench_persistence.py --tokens 8192 --json results/persistence.json
+    python benchmarks/persistence.py --tokens 8192 --json results/persistence.json
 
 1. Ingest the first ``--tokens`` tokens of Macbeth (with a planted fact) into the default model's memory,
    answer a question, save the memory, load it into a fresh MemLong on the same weights, answer again.
