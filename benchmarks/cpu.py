@@ -124,7 +124,7 @@ def bench_faiss(sizes: list[int], bank_max: int, queries: int = 200) -> list[dic
     return rows
 
 
-def bench_bytes(ml, tokens: int) -> list[dict]:
+def bench_bytes(ml) -> list[dict]:
     full = 2 * ml.num_layers * ml._kv_heads() * ml._head_dim() * torch.finfo(torch.float16).bits // 8
     rows = []
     for kv_source in ("per_layer", "memory_layer"):
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if "faiss" in benches:
         rows += bench_faiss([int(x) for x in args.faiss_sizes.split(",")], args.bank_max)
     if "bytes" in benches:
-        rows += bench_bytes(ml, args.ingest_tokens)
+        rows += bench_bytes(ml)
     print(_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": {"torch_threads": torch.get_num_threads(),

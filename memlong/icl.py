@@ -161,8 +161,8 @@ def icl_eval(ml: MemLong, *, task: str = "sentiment", shots: int = 4, memory_dem
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:
         raise ValueError(f"Unknown ICL conditions {sorted(unknown)}; choose from {list(CONDITIONS)}.")
-    spec_ = TASKS.get(task) or {}
-    data = load_task(task)
+    data = load_task(task)  # refuses an unknown task
+    spec_ = TASKS[task]
     labels = sorted(set(spec_["labels"].values()))
     label_ids = [_strip_sink(ml, ml.tokenize(" " + lab))[0] for lab in labels]
     if len(set(label_ids)) != len(labels):
