@@ -41,11 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="MemLong model (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--facts", type=int, default=30, help="planted facts / questions (default 30)")
-    p.add_argument("--plays", default="hamlet,macbeth,othello", help="comma-separated plays used as documents")
-    p.add_argument("--chars", type=int, default=12_000, help="characters of each play (default 12000)")
+    p.add_argument("--plays", default="hamlet,macbeth,othello,lear,romeo_and_juliet,twelfth_night",
+                   help="comma-separated plays used as documents")
+    p.add_argument("--chars", type=int, default=20_000, help="characters of each play (default 20000)")
     p.add_argument("--top-k", type=int, default=4, help="chunks retrieved per question (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=12, help="answer budget (default 12)")
     p.add_argument("--modes", default="kv,paste,kv-chat,none", help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--dense", action="store_true",
+                   help="the earlier, harder fact set: values repeat across facts and depths are uniform, so one "
+                        "retrieved chunk can hold several look-alike facts (default: distinct answers, spaced facts)")
     p.add_argument("--seed", type=int, default=0, help="planted-fact seed")
     p.add_argument("--json", metavar="OUT", help="write the summary and per-question records here (rewritten as it runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while ingesting")
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     from memlong.evaluation import planted_fact_documents
     from memlong_integrations.langchain import ChatMemLong, MemLongRetriever, MemLongVectorStore, create_memlong_rag_chain
 
-    docs, facts = planted_fact_documents(args.facts, plays=tuple(args.plays.split(",")), chars=args.chars, seed=args.seed)
+    docs, facts = planted_fact_documents(args.facts, plays=tuple(args.plays.split(",")), chars=args.chars, seed=args.seed,
+                                         distinct=not args.dense)
     ml = MemLong.from_pretrained(args.model, top_k=args.top_k)
     namespace = "rag-langchain"
     store = MemLongVectorStore(ml, namespace=namespace, progress=not args.no_progress)

@@ -43,8 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default", help="MemLong.from_pretrained name or path")
     p.add_argument("--facts", type=int, default=30, help="planted facts = questions")
-    p.add_argument("--plays", default="hamlet,macbeth,othello", help="comma-separated plays (documents)")
-    p.add_argument("--chars", type=int, default=40_000, help="characters of each play")
+    p.add_argument("--plays", default="hamlet,macbeth,othello,lear,romeo_and_juliet,twelfth_night",
+                   help="comma-separated plays (documents)")
+    p.add_argument("--chars", type=int, default=20_000, help="characters of each play (default 20000)")
+    p.add_argument("--dense", action="store_true",
+                   help="the earlier, harder fact set: values repeat across facts and depths are uniform, so one "
+                        "retrieved chunk can hold several look-alike facts (default: distinct answers, spaced facts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-k", type=int, default=4, help="chunks retrieved per question")
     p.add_argument("--max-new-tokens", type=int, default=12)
@@ -170,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     plays = tuple(p.strip() for p in args.plays.split(",") if p.strip())
-    docs, facts = planted_fact_documents(args.facts, plays=plays, chars=args.chars, seed=args.seed)
+    docs, facts = planted_fact_documents(args.facts, plays=plays, chars=args.chars, seed=args.seed,
+                                         distinct=not args.dense)
     ml = MemLong.from_pretrained(args.model, top_k=args.top_k)
     namespace = "rag-llama-index"
     ml.reset(namespace)

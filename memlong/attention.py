@@ -20,6 +20,7 @@ The model (`memlong.model`) sets a :class:`AttentionContext` on the forward call
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,8 +65,10 @@ def _attention_eager(q, k, v, n_visible, scaling):
     return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
 
 
+@functools.lru_cache(maxsize=8)
 def _mask(lq: int, lk: int, n_visible: int, device) -> torch.Tensor:
-    """(Lq, Lk) bool: key j visible to query i iff j < n_visible or j - n_visible <= i."""
+    """(Lq, Lk) bool: key j visible to query i iff j < n_visible or j - n_visible <= i. Cached: every layer
+    of a forward asks for the same mask (callers must not modify it)."""
     i = torch.arange(lq, device=device)[:, None]
     j = torch.arange(lk, device=device)[None, :]
     return (j < n_visible) | (j - n_visible <= i)
@@ -80,9 +83,6 @@ def _attention_sdpa(q, k, v, n_visible, scaling, dropout: float = 0.0):
         mask, causal = None, True
     else:
         mask, causal = _mask(lq, lk, n_visible, q.device), False
-    if groups > 1 and q.device.type != "cuda":
-        k, v = _expand_kv(k, groups), _expand_kv(v, groups)
-        groups = 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
                                           scale=scaling, enable_gqa=groups > 1)
 

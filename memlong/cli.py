@@ -26,8 +26,8 @@ def _model(args: argparse.Namespace):
 
     top_k = args.top_k if args.top_k is not None else getattr(args, "default_top_k", 8)
     config: dict[str, Any] = {"top_k": top_k, "local_window": args.local_window}
-    for name in ("kv_source", "position_layout", "memory_capacity"):
-        if getattr(args, name, None):
+    for name in ("kv_source", "position_layout", "memory_capacity", "ingest_top_k"):
+        if getattr(args, name, None) is not None:
             config[name] = getattr(args, name)
     if args.retrieval_layers:
         layers = args.retrieval_layers
@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     common.add_argument("--top-k", type=int, default=None,
                         help="chunks retrieved per window/prompt (default 8; demo and eval icl: 4)")
+    common.add_argument("--ingest-top-k", type=int, default=None,
+                        help="chunks retrieved per window while storing a document (default 0: stored "
+                             "chunks keep their local window's K-V; measured as good and faster, see README)")
     common.add_argument("--local-window", type=int, default=1024, help="tokens of local attention (default 1024)")
     common.add_argument("--kv-source", choices=["per_layer", "memory_layer"], default=None,
                         help="per_layer (training-free, default) or memory_layer (the paper; needs fine-tuning)")

@@ -214,9 +214,15 @@ class PlantedFact:
 
 
 def planted_fact_documents(n_facts: int = 30, *, plays: tuple[str, ...] = ("hamlet", "macbeth", "othello"),
-                           chars: int = 40_000, seed: int = 0) -> tuple[list[str], list[PlantedFact]]:
+                           chars: int = 40_000, seed: int = 0,
+                           distinct: bool = False) -> tuple[list[str], list[PlantedFact]]:
     """Long documents (Shakespeare plays cut to ``chars`` characters) with ``n_facts`` facts planted at
     random depths, spread evenly over the documents; every fact has a distinct subject.
+
+    ``distinct=True`` makes the facts easier to tell apart, as facts in a real corpus are: every fact has
+    its own answer (no value repeats) and the facts of one document sit at evenly spaced depths (random
+    within their slot), so two facts never share a chunk. The default draws values with repeats and
+    depths uniformly (dense, confusable facts).
 
     Returns ``(documents, facts)``. Deterministic for a given ``seed``.
 
@@ -230,14 +236,30 @@ def planted_fact_documents(n_facts: int = 30, *, plays: tuple[str, ...] = ("haml
     rng = random.Random(seed)
     pairs = [(s, a) for a in range(len(_ATTRIBUTES)) for s in _SUBJECTS]
     rng.shuffle(pairs)
+    if distinct:  # keep only pairs whose attribute still has an unused value
+        left = [list(values) for _, values in _ATTRIBUTES]
+        for values in left:
+            rng.shuffle(values)
+        chosen = []
+        for subject, a in pairs:
+            if left[a]:
+                chosen.append((subject, a, left[a].pop()))
+        if n_facts > len(chosen):
+            raise ValueError(f"distinct=True allows at most {len(chosen)} facts; asked for {n_facts}.")
+    else:
+        chosen = [(subject, a, rng.choice(_ATTRIBUTES[a][1])) for subject, a in pairs[:n_facts]]
     texts = [shakespeare_text(p)[:chars] for p in plays]
     per_doc: list[list[tuple[int, str]]] = [[] for _ in plays]  # (char offset, sentence)
+    in_doc = [sum(1 for i in range(n_facts) if i % len(plays) == d) for d in range(len(plays))]
     facts = []
-    for i, (subject, a) in enumerate(pairs[:n_facts]):
-        attribute, values = _ATTRIBUTES[a]
-        value = rng.choice(values)
+    for i, (subject, a, value) in enumerate(chosen[:n_facts]):
+        attribute = _ATTRIBUTES[a][0]
         doc = i % len(plays)
-        depth = rng.uniform(0.05, 0.95)
+        if distinct:  # slot j of n over 5..95 % depth, random inside the middle half of the slot
+            j, n = i // len(plays), in_doc[doc]
+            depth = 0.05 + 0.9 * (j + rng.uniform(0.25, 0.75)) / n
+        else:
+            depth = rng.uniform(0.05, 0.95)
         offset = texts[doc].rfind("\n", 0, int(len(texts[doc]) * depth)) + 1
         sentence = f"The {attribute} of {subject} is {value}."
         per_doc[doc].append((offset, sentence))

@@ -1,9 +1,9 @@
 """`MemLong`: a pretrained Llama-family decoder + a `MemoryBank` + retrieval causal attention.
 
 How a document flows through it (``ingest``): the token stream is cut into steps of
-``config.step`` tokens. For each step we (1) retrieve ``top_k`` chunks using the *previous* chunk's
-text as the query (never the step's own tokens), skipping chunks still in the local cache; (2) run the
-step with attention over ``[retrieved K-V | sink | local cache | step]``; (3) write the step's chunks
+``config.step`` tokens. For each step we (1) retrieve ``ingest_top_k`` chunks (default 0: none) using the
+*previous* chunk's text as the query (never the step's own tokens), skipping chunks still in the local
+cache; (2) run the step with attention over ``[retrieved K-V | sink | local cache | step]``; (3) write the step's chunks
 (their pre-RoPE K-V of the source layers, computed with their real preceding context) to the bank;
 (4) keep only the last ``local_window - step`` tokens in the local cache. Memory is bounded by the bank's
 capacity, compute per step by the local window.
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from memlong.attention import AttentionContext, register, rotate
@@ -76,7 +77,7 @@ class _Stream:
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # pre-RoPE (1,Hkv,C,D)
     cache_len: int = 0
     recent: list[tuple[str, int]] = field(default_factory=list)  # (chunk id, end offset) of stored chunks
-    last_chunk_text: str | None = None
+    last_query: str | np.ndarray | None = None  # the previous step's last chunk (text, or its stored embedding)
     offset: int = 0
     chunk_ids: list[str] = field(default_factory=list)  # every chunk this stream stored
 
@@ -263,18 +264,20 @@ class MemLong:
         return ctx, cache_start + cache_len
 
     # ------------------------------------------------------------------ streaming
-    def _retrieve_for_stream(self, state: _Stream, namespace: str) -> list[str]:
-        if self.config.top_k <= 0 or state.last_chunk_text is None:
+    def _retrieve_for_stream(self, state: _Stream, namespace: str, k: int) -> list[str]:
+        if k <= 0 or state.last_query is None:
             return []
         in_cache = [cid for cid, end in state.recent if end > state.offset - state.cache_len]
-        hits = self.bank.search(state.last_chunk_text, namespace=namespace, k=self.config.top_k, exclude=in_cache)
+        hits = self.bank.search(state.last_query, namespace=namespace, k=k, exclude=in_cache)
         return [h.chunk_id for h in hits]
 
     def _stream_step(self, tokens: Sequence[int], state: _Stream, namespace: str, *, write: bool = True,
-                     logits: bool = False, retrieve: bool = True) -> torch.Tensor | None:
-        """Process one step of a document: retrieve, run, write its chunks, slide the cache."""
+                     logits: bool = False, retrieve: bool = True, k: int | None = None) -> torch.Tensor | None:
+        """Process one step of a document: retrieve ``k`` chunks (default ``ingest_top_k``), run, write its
+        chunks, slide the cache."""
         cfg = self.config
-        chunk_ids = self._retrieve_for_stream(state, namespace) if retrieve else []
+        k = cfg.ingest_k if k is None else k
+        chunk_ids = self._retrieve_for_stream(state, namespace, k) if retrieve else []
         memory = self._memory(chunk_ids, namespace)
         ctx, start = self._context(memory, state.cache, state.cache_len, capture=True)
         positions = torch.arange(len(tokens)) + start
@@ -284,6 +287,8 @@ class MemLong:
         out = self._run(tokens, positions, ctx, logits_for=slice(None) if logits else None)
         captured = ctx.captured
         # write the step's chunks, K-V from this pass (real preceding context), after use
+        last = len(tokens) - cfg.chunk_size * ((len(tokens) - 1) // cfg.chunk_size)
+        state.last_query = self.tokenizer.decode(tokens[-last:])
         if write:
             srcs = cfg.source_layers
             texts, keys, values, spans = [], [], [], []
@@ -296,13 +301,14 @@ class MemLong:
                 keys.append(torch.stack([captured[layer][0][0, :, s:e] for layer in srcs]))
                 values.append(torch.stack([captured[layer][1][0, :, s:e] for layer in srcs]))
                 spans.append((state.offset + s, state.offset + e))
+            embeddings = self.bank.embedder.encode(texts) if texts else None
             ids = self.bank.add_chunks(texts, keys=keys, values=values, namespace=namespace, doc_id=state.doc_id,
-                                       spans=spans, metadata=[state.metadata] * len(texts))
+                                       spans=spans, embeddings=embeddings, metadata=[state.metadata] * len(texts))
+            if texts and texts[-1] == state.last_query:  # the next step's query was just embedded: reuse it
+                state.last_query = np.asarray(embeddings[-1:], dtype=np.float32)
             state.chunk_ids += ids
             state.recent.extend((cid, span[1]) for cid, span in zip(ids, spans))
             state.recent = state.recent[-(cfg.local_window // cfg.chunk_size + 2):]
-        last = len(tokens) - cfg.chunk_size * ((len(tokens) - 1) // cfg.chunk_size)
-        state.last_chunk_text = self.tokenizer.decode(tokens[-last:])
         # slide the local cache: keep the last local_window - step tokens
         keep = cfg.local_window - cfg.step
         for layer in range(self.num_layers):
@@ -383,7 +389,8 @@ class MemLong:
                 for s in tqdm(range(0, len(tokens), self.config.step), disable=not progress, desc="ppl"):
                     step = tokens[s:s + self.config.step]
                     want = s + len(step) > first_scored
-                    logits = self._stream_step(step, state, ns, logits=want, retrieve=use_memory, write=use_memory)
+                    logits = self._stream_step(step, state, ns, logits=want, retrieve=use_memory, write=use_memory,
+                                               k=self.config.top_k if want else self.config.ingest_k)
                     if not want:
                         continue
                     targets = torch.as_tensor(tokens[s + 1:s + len(step) + 1], device=self.device)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -52,7 +53,7 @@ def test_zero_layout_and_memory_layer_mode_change_only_retrieval_layers(make_tin
 
 
 def test_ingest_streams_with_bounded_cache_and_previous_chunk_queries(make_tiny):
-    ml, _ = make_tiny(local_window=512, ingest_step=256, top_k=2)
+    ml, _ = make_tiny(local_window=512, ingest_step=256, top_k=2, ingest_top_k=2)
     queries = []
     search = ml.bank.search
 
@@ -64,14 +65,29 @@ def test_ingest_streams_with_bounded_cache_and_previous_chunk_queries(make_tiny)
     tokens = ml.tokenize(TEXT)
     stats = ml.ingest(TEXT, namespace="doc", progress=False)
     assert stats.tokens == len(tokens) and stats.chunks == len(ml.bank.chunk_ids("doc")) == -(-len(tokens) // 128)
-    # every step after the first retrieved with the previous chunk's text, never with its own tokens
+    # every step after the first retrieved with the previous chunk, never with its own tokens; that chunk was
+    # just embedded for the bank, so its embedding is the query (not a second encoding of the same text)
     steps = [tokens[s : s + 256] for s in range(0, len(tokens), 256)]
     assert len(queries) == len(steps) - 1
     for i, query in enumerate(queries, start=1):
-        assert query == ml.tokenizer.decode(steps[i - 1][-128:])
+        expected = ml.bank.embedder.encode([ml.tokenizer.decode(steps[i - 1][-128:])])
+        assert isinstance(query, np.ndarray) and query.shape == expected.shape
+        np.testing.assert_allclose(query / np.linalg.norm(query), expected / np.linalg.norm(expected), atol=1e-4)
     # spans cover the document in order
     spans = [ml.bank.get(c, namespace="doc").span for c in stats.chunk_ids]
     assert spans[0] == (0, 128) and spans[-1][1] == len(tokens)
+
+
+def test_ingest_does_not_retrieve_by_default(make_tiny):
+    ml, _ = make_tiny(local_window=512, ingest_step=256, top_k=2)
+    assert ml.config.ingest_top_k == 0
+    calls = []
+    search = ml.bank.search
+    ml.bank.search = lambda query, **kw: calls.append(query) or search(query, **kw)
+    ml.ingest(TEXT, namespace="doc", progress=False)
+    assert calls == []
+    ml.generate("Where does the red ship sail?", namespace="doc", max_new_tokens=1)
+    assert len(calls) == 1 and len(ml.last_generation.chunk_ids) == 2  # reading still retrieves top_k
 
 
 def test_generate_uses_explicit_chunks_and_streams(make_tiny):
