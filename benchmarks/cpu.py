@@ -1,7 +1,8 @@
 """CPU benchmarks on the default model; every ratio is measured side by side in one run.
 
 * ``ingest``: MemLong.ingest tokens/s vs plain HF prefill of the same tokens in the same window sizes
-  (each window of ``local_window`` tokens prefilled on its own, no memory).
+  (each window of ``local_window`` tokens prefilled on its own, no memory), for each ``--ingest-top-k``
+  (chunks retrieved and attended while storing; the library default is 0).
 * ``ttft``: time to first token of a RAG answer with the retrieved chunks as K-V (only the question is
   encoded) vs re-encoding the same retrieved text with the question (plain HF prefill), for
   ``N x 512`` retrieved tokens.
@@ -17,6 +18,7 @@ Run it alone: other jobs on the same cores change absolute times (the ratios are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -36,25 +38,34 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_ingest(ml, text: str, tokens: int) -> dict:
+def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int]) -> list[dict]:
+    """One row per ``ingest_top_k``, each with its own plain-prefill timing taken right after it."""
     ids = ml.tokenize(text)[:tokens]
     doc = ml.tokenizer.decode(ids)
     ids = ml.tokenize(doc)
-    ml.reset("bench")
-    t0 = time.perf_counter()
-    ml.ingest(doc, namespace="bench", progress=False)
-    memlong_s = time.perf_counter() - t0
-    bank_bytes_per_token = ml.bank.nbytes("bench") / ml.bank.num_tokens("bench")
-    ml.reset("bench")
     window = ml.config.local_window
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for s in range(0, len(ids), window):
-            ml.model(torch.tensor([ids[s:s + window]], device=ml.device), use_cache=False, logits_to_keep=1)
-    plain_s = time.perf_counter() - t0
-    return {"bench": "ingest", "tokens": len(ids), "memlong_tok_s": len(ids) / memlong_s,
-            "plain_prefill_tok_s": len(ids) / plain_s, "ratio": plain_s / memlong_s,
-            "bank_bytes_per_token": bank_bytes_per_token}
+    base = ml.config
+    rows = []
+    ml.ingest(doc[:2000], namespace="bench-warmup", progress=False)  # first-call costs out of the timings
+    ml.reset("bench-warmup")
+    for k in ingest_ks:
+        ml.config = dataclasses.replace(base, ingest_top_k=k)
+        ml.reset("bench")
+        t0 = time.perf_counter()
+        ml.ingest(doc, namespace="bench", progress=False)
+        memlong_s = time.perf_counter() - t0
+        bank_bytes_per_token = ml.bank.nbytes("bench") / ml.bank.num_tokens("bench")
+        ml.reset("bench")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for s in range(0, len(ids), window):
+                ml.model(torch.tensor([ids[s:s + window]], device=ml.device), use_cache=False, logits_to_keep=1)
+        plain_s = time.perf_counter() - t0
+        rows.append({"bench": "ingest", "ingest_top_k": k, "tokens": len(ids), "memlong_tok_s": len(ids) / memlong_s,
+                     "plain_prefill_tok_s": len(ids) / plain_s, "ratio": plain_s / memlong_s,
+                     "bank_bytes_per_token": bank_bytes_per_token})
+    ml.config = base
+    return rows
 
 
 def bench_ttft(ml_512, text: str, n_chunks: list[int], repeats: int) -> list[dict]:
@@ -144,8 +155,9 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     ing = [r for r in rows if r["bench"] == "ingest"]
     if ing:
-        axes[0].bar(["MemLong ingest", "plain prefill"], [ing[0]["memlong_tok_s"], ing[0]["plain_prefill_tok_s"]],
-                    color=["#2171b5", "#bbbbbb"])
+        labels = [f"MemLong\ningest_top_k={r['ingest_top_k']}" for r in ing] + ["plain\nprefill"]
+        heights = [r["memlong_tok_s"] for r in ing] + [statistics.mean(r["plain_prefill_tok_s"] for r in ing)]
+        axes[0].bar(labels, heights, color=["#2171b5"] * len(ing) + ["#bbbbbb"])
         axes[0].set_ylabel("tokens / s")
         axes[0].set_title(f"ingestion ({ing[0]['tokens']} tokens)")
     ttft = [r for r in rows if r["bench"] == "ttft"]
@@ -188,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benches", default="ingest,ttft,faiss,bytes", help="comma-separated subset to run")
     p.add_argument("--ingest-tokens", type=int, default=8192, help="document length for the ingest benchmark")
+    p.add_argument("--ingest-top-k", default="0,8",
+                   help="ingest_top_k values to time (default 0,8: the default, and retrieving top_k while storing)")
     p.add_argument("--ttft-chunks", default="8,16", help="retrieved 512-token chunks for the TTFT benchmark")
     p.add_argument("--faiss-sizes", default="1000,10000,100000,1000000", help="bank sizes (chunks)")
     p.add_argument("--bank-max", type=int, default=100_000, help="largest size also measured through MemoryBank")
@@ -208,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if {"ingest", "bytes"} & set(benches):
         ml = MemLong.from_pretrained("default")
     if "ingest" in benches:
-        rows.append(bench_ingest(ml, text, args.ingest_tokens))
-        print(_table(rows[-1:]), file=sys.stderr)
+        rows += bench_ingest(ml, text, args.ingest_tokens, [int(k) for k in args.ingest_top_k.split(",")])
+        print(_table([r for r in rows if r["bench"] == "ingest"]), file=sys.stderr)
     if "ttft" in benches:
         ml_512 = MemLong.from_pretrained("default", chunk_size=512, local_window=2048)
         # 16 x 512 retrieved tokens + the question exceed the default model's 8,192 positions; RoPE is computed

@@ -366,13 +366,14 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
                     if k < skip:  # resumed mid-document: rebuild its memory and cache without gradients
                         r0 = time.perf_counter()
                         with torch.no_grad():
-                            ml._stream_step(segment, state, namespace)
+                            ml._stream_step(segment, state, namespace, k=ml.config.top_k)
                         restream += time.perf_counter() - r0
                         continue
                     # chunks of this document have left the local cache, so there is memory to retrieve
                     has_memory = ml.config.top_k > 0 and state.offset - state.cache_len > 0
                     with _autocast(ml, config):
-                        logits = ml._stream_step(segment, state, namespace, logits=True)
+                        # every trained segment reads top_k retrieved chunks (ingest_top_k is for storing only)
+                        logits = ml._stream_step(segment, state, namespace, logits=True, k=ml.config.top_k)
                         loss = torch.nn.functional.cross_entropy(
                             logits[0, : len(targets)].float(), torch.as_tensor(targets, device=logits.device))
                     (loss / config.grad_accum).backward()
