@@ -24,6 +24,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 MODES = ("kv", "paste", "kv-chat", "none")
@@ -44,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plays", default="hamlet,macbeth,othello,lear,romeo_and_juliet,twelfth_night",
                    help="comma-separated plays used as documents")
     p.add_argument("--chars", type=int, default=20_000, help="characters of each play (default 20000)")
+    p.add_argument("--memory-capacity", type=int, default=131_072,
+                   help="tokens the bank may hold before it evicts (default 131072: every document stays; the library "
+                        "default of 32768 would evict part of the default corpus, and with it facts)")
     p.add_argument("--top-k", type=int, default=4, help="chunks retrieved per question (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=12, help="answer budget (default 12)")
     p.add_argument("--modes", default="kv,paste,kv-chat,none", help=f"comma-separated subset of {','.join(MODES)}")
@@ -93,13 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from langchain_core.prompts import ChatPromptTemplate
 
-    from memlong import MemLong
+    from memlong import MemLong, MemoryEvictionWarning
     from memlong.evaluation import planted_fact_documents
     from memlong_integrations.langchain import ChatMemLong, MemLongRetriever, MemLongVectorStore, create_memlong_rag_chain
 
     docs, facts = planted_fact_documents(args.facts, plays=tuple(args.plays.split(",")), chars=args.chars, seed=args.seed,
                                          distinct=not args.dense)
-    ml = MemLong.from_pretrained(args.model, top_k=args.top_k)
+    warnings.simplefilter("error", MemoryEvictionWarning)  # an evicted fact would make the comparison meaningless
+    ml = MemLong.from_pretrained(args.model, top_k=args.top_k, memory_capacity=args.memory_capacity)
     namespace = "rag-langchain"
     store = MemLongVectorStore(ml, namespace=namespace, progress=not args.no_progress)
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the earlier, harder fact set: values repeat across facts and depths are uniform, so one "
                         "retrieved chunk can hold several look-alike facts (default: distinct answers, spaced facts)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-capacity", type=int, default=131_072,
+                   help="tokens the bank may hold before it evicts (default 131072: every document stays; the library "
+                        "default of 32768 would evict part of the default corpus, and with it facts)")
     p.add_argument("--top-k", type=int, default=4, help="chunks retrieved per question")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--split", action="store_true",
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from llama_index.core.base.llms.types import ChatMessage
     from llama_index.core.query_engine import RetrieverQueryEngine
 
-    from memlong import MemLong
+    from memlong import MemLong, MemoryEvictionWarning
     from memlong.evaluation import planted_fact_documents
     from memlong_integrations.llama_index import (
         MemLongEmbedding,
@@ -176,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     plays = tuple(p.strip() for p in args.plays.split(",") if p.strip())
     docs, facts = planted_fact_documents(args.facts, plays=plays, chars=args.chars, seed=args.seed,
                                          distinct=not args.dense)
-    ml = MemLong.from_pretrained(args.model, top_k=args.top_k)
+    warnings.simplefilter("error", MemoryEvictionWarning)  # an evicted fact would make the comparison meaningless
+    ml = MemLong.from_pretrained(args.model, top_k=args.top_k, memory_capacity=args.memory_capacity)
     namespace = "rag-llama-index"
     ml.reset(namespace)
     store = MemLongVectorStore(ml, namespace=namespace, show_progress=not args.no_progress)

@@ -52,8 +52,8 @@ import torch
 from memlong.embedder import TextEmbedder
 from memlong.storage import MemoryFileError, read_bank, write_bank
 
-__all__ = ["Chunk", "MemoryBank", "MemoryFileError", "MemoryFullError", "MemoryMismatchError", "SearchHit",
-           "UnknownChunkError"]
+__all__ = ["Chunk", "MemoryBank", "MemoryEvictionWarning", "MemoryFileError", "MemoryFullError", "MemoryMismatchError",
+           "SearchHit", "UnknownChunkError"]
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
 _CHUNK_ID = re.compile(r"^[0-9a-f]{24}$")
@@ -70,6 +70,11 @@ class UnknownChunkError(KeyError):
 
 class MemoryFullError(ValueError):
     """An add or load that would exceed the bank's ``max_bytes`` even after evicting in its own namespace."""
+
+
+class MemoryEvictionWarning(UserWarning):
+    """Chunks were evicted because a namespace outgrew ``capacity`` (or the bank ``max_bytes``): the ids
+    that :meth:`MemoryBank.add_chunks` returned earlier may be gone. Raise the limit to keep everything."""
 
 
 class MemoryMismatchError(MemoryFileError):
@@ -599,6 +604,8 @@ class MemoryBank:
                 break
             drop.add(chunk.id)
             tokens -= chunk.n_tokens
+        _warn_evicted(namespace, len(drop), f"memory_capacity={self.capacity} tokens",
+                      "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))")
         self._remove(namespace, drop)
 
     def _evict_bytes(self, namespace: str, protect: set[str]) -> None:
@@ -613,10 +620,18 @@ class MemoryBank:
             if chunk.id not in protect:
                 drop.add(chunk.id)
                 excess -= self._chunk_nbytes(chunk)
+        _warn_evicted(namespace, len(drop), f"max_bytes={self.max_bytes}", "raise max_bytes or reset other namespaces")
         self._remove(namespace, drop)
 
 
 # ------------------------------------------------------------------ helpers
+def _warn_evicted(namespace: str, n: int, limit: str, fix: str) -> None:
+    if n:
+        warnings.warn(f"Namespace {namespace!r} outgrew {limit}: evicted {n} chunks (oldest share first, then the "
+                      f"least retrieved; the paper's rule). To keep every chunk, {fix}.",
+                      MemoryEvictionWarning, stacklevel=4)
+
+
 def _check_namespace(namespace: Any) -> None:
     if not isinstance(namespace, str) or not namespace:
         raise ValueError(f"namespace must be a non-empty string, got {namespace!r}.")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from memlong import MemoryBank, UnknownChunkError
+from memlong import MemoryBank, MemoryEvictionWarning, UnknownChunkError
 
 TEXTS = [
     "The cat sat on the warm mat by the fire.",
@@ -90,7 +90,8 @@ def test_eviction_follows_the_paper_rule(embedder):
     for cid in popular:
         bank._chunks[cid].retrievals = 3  # as if retrieved three times
     k, v = kv(tokens=10)
-    ids += bank.add_chunks([texts[19]], keys=[k], values=[v], namespace="ns")
+    with pytest.warns(MemoryEvictionWarning, match=r"'ns' outgrew memory_capacity=190 tokens: evicted 11 chunks"):
+        ids += bank.add_chunks([texts[19]], keys=[k], values=[v], namespace="ns")
     kept = bank.chunk_ids("ns")
     assert bank.num_tokens("ns") <= 95
     assert ids[0] not in kept and ids[1] not in kept  # oldest 10 % dropped
