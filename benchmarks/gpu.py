@@ -1,0 +1,413 @@
+"""GPU benchmarks (issue 7) on a random-weight OpenLLaMA-3B-shaped Llama; weights do not change speed or memory.
+
+Shape: 26 layers, hidden 3,200, 32 heads (no GQA), MLP 8,640, bf16, the default model's tokenizer; the
+retriever is a random-weight all-MiniLM-L6-v2 (same shape, so the same cost) on the GPU. MemLong runs the
+paper's setting for this shape (``kv_source="memory_layer"``, memory layer 13, retrieval layers 13/17/21/25,
+``position_layout="zero"``), chunks of 128, local window 1,024, top-k 8, K-V stored in fp16 on the CPU.
+
+Measured, each MemLong figure beside its plain-transformers baseline on the same weights:
+
+* ``ingest``: seconds and peak GPU memory to ingest 32k / 80k / 128k-token documents, against one plain
+  full-attention prefill (SDPA, with the KV cache a decode would need) of the same tokens; an OOM is a result.
+* ``decode``: one decode step with memory at 80k tokens of history (MemLong ``generate`` after the 80k
+  ingest: window + top-k chunks) against plain full attention with a 4k and an 80k KV cache.
+* ``ttft``: time to first token with ``N x C`` retrieved tokens as stored K-V (only the question encoded)
+  against re-encoding the same text + question, for 8 x 512, 16 x 512 and 32 x 1,024.
+* ``search``: retrieval latency, k=8, 384-d, 1k to 1M chunks: ``MemoryBank``'s faiss index (faiss-gpu when
+  the installed faiss has GPUs, else faiss-cpu) and exact inner product with torch on the GPU.
+
+The lent GPU machine has no package registry, so prepare what it lacks here and carry it::
+
+    python benchmarks/gpu.py --prepare .gpucarry        # tokenizers, MiniLM's config, a faiss-cpu wheel (~28 MB)
+    # on the device machine, with .gpucarry carried (it is git-ignored):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpucarry/*.whl && \\
+      PYTHONPATH=/tmp/site:. python3 benchmarks/gpu.py --assets .gpucarry --json $OUT/gpu.json --plot $OUT/gpu.png
+
+``--tiny`` runs every code path on a 2-layer model and short documents (a CPU smoke run; the test suite
+runs it); its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+
+SHAPE_3B = dict(num_hidden_layers=26, hidden_size=3200, num_attention_heads=32, num_key_value_heads=32,
+                intermediate_size=8640)
+SHAPE_TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=128)
+MINILM_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "1_Pooling")
+
+
+# ------------------------------------------------------------------ assets
+def prepare(out: Path) -> None:
+    """Copy the tokenizers and MiniLM's config (no weights) to ``out`` and download a faiss-cpu wheel."""
+    import faiss
+
+    from memlong.default_model import default_model_path
+    from memlong.embedder import default_embedder_path
+
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    for f in default_model_path().iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
+            shutil.copy(f, out / "tokenizer" / f.name)
+    (out / "minilm").mkdir(exist_ok=True)
+    for name in MINILM_FILES:
+        src = default_embedder_path() / name
+        if src.is_dir():
+            shutil.copytree(src, out / "minilm" / name, dirs_exist_ok=True)
+        elif src.exists():
+            shutil.copy(src, out / "minilm" / name)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                    "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(out),
+                    f"faiss-cpu=={faiss.__version__}"], check=True)
+    print(f"wrote {out}: carry it to the device machine (see this script's docstring)")
+
+
+def _assets(assets: str | None) -> tuple[Path, Path]:
+    """(tokenizer folder, MiniLM folder without weights): from ``assets`` or from the installed packages."""
+    if assets:
+        return Path(assets) / "tokenizer", Path(assets) / "minilm"
+    from memlong.default_model import default_model_path
+    from memlong.embedder import default_embedder_path
+
+    return default_model_path(), default_embedder_path()
+
+
+def random_embedder(minilm: Path, device: str):
+    """A random-weight model of MiniLM's shape behind :class:`memlong.Embedder` (same cost, meaningless vectors)."""
+    from transformers import BertConfig, BertModel
+
+    from memlong import Embedder
+
+    folder = Path(tempfile.mkdtemp(prefix="minilm-shape-"))
+    for name in MINILM_FILES:
+        src = minilm / name
+        if src.is_dir():
+            shutil.copytree(src, folder / name)
+        elif src.exists():
+            shutil.copy(src, folder / name)
+    torch.manual_seed(0)
+    BertModel(BertConfig.from_pretrained(minilm)).save_pretrained(folder)
+    return Embedder(str(folder), device=device)
+
+
+def build(tiny: bool, device: str, assets: str | None):
+    """The random-weight model (bf16 on CUDA, fp32 on CPU), its tokenizer and the embedder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok_path, minilm = _assets(assets)
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=262_144, attn_implementation="sdpa",
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **(SHAPE_TINY if tiny else SHAPE_3B))
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval(), tokenizer, random_embedder(minilm, device)
+
+
+def document(tokenizer, n_tokens: int, seed: int = 0) -> str:
+    """Text of about ``n_tokens`` tokens (random words of the vocabulary; a random model reads anything)."""
+    rng = np.random.default_rng(seed)
+    words = [w for w in tokenizer.convert_ids_to_tokens(range(len(tokenizer))) if w.startswith("Ġ") and w[1:].isalpha()]
+    text = " ".join(w[1:] for w in rng.choice(words, size=n_tokens))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    return tokenizer.decode(ids)
+
+
+# ------------------------------------------------------------------ timing helpers
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def _plain(model):
+    """Run the HF model with plain SDPA attention for the duration of a ``with`` block."""
+    class _Ctx:
+        def __enter__(self):
+            self.old = model.config._attn_implementation
+            model.config._attn_implementation = "sdpa"
+
+        def __exit__(self, *exc):
+            model.config._attn_implementation = self.old
+
+    return _Ctx()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def full_prefill(model, ids: list[int], device: str):
+    """One plain full-attention prefill with a KV cache; returns (seconds, peak GiB, cache) or an OOM note."""
+    _reset_peak(device)
+    try:
+        with torch.no_grad(), _plain(model):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+            _sync(device)
+        return time.perf_counter() - t0, _peak_gib(device), out
+    except Exception as exc:  # noqa: BLE001 - an OOM is a measurement here
+        if not _is_oom(exc):
+            raise
+        torch.cuda.empty_cache()
+        return None, "OOM", None
+
+
+def full_decode_step(model, out, device: str, steps: int) -> float:
+    """Median seconds per greedy decode step on top of a prefill's KV cache."""
+    cache, token = _cache(out), out.logits[:, -1:].argmax(-1)
+    times = []
+    with torch.no_grad(), _plain(model):
+        for _ in range(steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            cache = _cache(out)
+    return float(np.median(times))
+
+
+def _cache(out):
+    """The KV cache of a forward's output (``past_key_values``, called ``cache`` in newer transformers)."""
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else out.cache
+
+
+# ------------------------------------------------------------------ benchmarks
+def bench_ingest_decode(ml, lengths: list[int], decode_at: int, decode_short: int, steps: int, device: str) -> list[dict]:
+    rows = []
+    for n in lengths:
+        text = document(ml.tokenizer, n, seed=n)
+        ids = ml.tokenize(text)
+        ml.reset()
+        _reset_peak(device)
+        t0 = time.perf_counter()
+        ml.ingest(text, namespace="doc", progress=False)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        row = {"bench": "ingest", "tokens": len(ids), "memlong_s": seconds, "memlong_tok_s": len(ids) / seconds,
+               "memlong_peak_gib": _peak_gib(device), "memory_bank_gib": ml.bank.nbytes("doc") / 2**30}
+        if n == decode_at:  # decode with this document's memory: window + retrieved chunks
+            ml.generate("Question: what happened next?\nAnswer:", namespace="doc", max_new_tokens=steps + 1)
+            g = ml.last_generation
+            per_step = (g.seconds - g.time_to_first_token) / max(g.new_tokens - 1, 1)
+            rows.append({"bench": "decode", "system": "memlong", "history_tokens": len(ids), "step_ms": 1e3 * per_step,
+                         "new_tokens": g.new_tokens, "memory_tokens": g.memory_tokens})
+        ml.reset()
+        full_s, peak, out = full_prefill(ml.model, ids, device)
+        row.update(full_s=full_s, full_peak_gib=peak, ratio_tok_s=(full_s / seconds) if full_s else None)
+        rows.append(row)
+        if n == decode_at and out is not None:
+            rows.append({"bench": "decode", "system": "full attention", "history_tokens": len(ids),
+                         "step_ms": 1e3 * full_decode_step(ml.model, out, device, steps)})
+        del out
+        print(rows[-1], file=sys.stderr, flush=True)
+    ids = ml.tokenize(document(ml.tokenizer, decode_short, seed=1))
+    _, _, out = full_prefill(ml.model, ids, device)
+    if out is not None:
+        rows.append({"bench": "decode", "system": "full attention", "history_tokens": len(ids),
+                     "step_ms": 1e3 * full_decode_step(ml.model, out, device, steps)})
+    return rows
+
+
+def bench_ttft(model, tokenizer, embedder, points: list[tuple[int, int]], device: str, repeats: int) -> list[dict]:
+    from memlong import MemLong, MemLongConfig
+
+    rows = []
+    question = "\nQuestion: what is the password of the harbour gate?\nAnswer:"
+    for n, size in points:
+        ml = MemLong(model, tokenizer, MemLongConfig(chunk_size=size, local_window=2 * size, top_k=n,
+                                                     memory_capacity=2 * n * size), embedder=embedder)
+        stats = ml.ingest(document(tokenizer, n * size, seed=size), namespace="ttft", progress=False)
+        chunk_ids = stats.chunk_ids[:n]
+        context = "".join(ml.bank.get(c, namespace="ttft").text for c in chunk_ids)
+        kv, text = [], []
+        for _ in range(repeats + 1):  # the first of each is a warm-up
+            ml.generate(question, namespace="ttft", chunk_ids=chunk_ids, max_new_tokens=1)
+            kv.append(ml.last_generation.time_to_first_token)
+            ids = tokenizer(context + question, add_special_tokens=False)["input_ids"]
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad(), _plain(model):
+                model(torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1).logits.argmax(-1)
+            _sync(device)
+            text.append(time.perf_counter() - t0)
+        rows.append({"bench": "ttft", "retrieved": f"{n} x {size}", "kv_tokens_encoded": ml.last_generation.prompt_tokens,
+                     "reencode_tokens_encoded": len(ids), "kv_ttft_s": float(np.median(kv[1:])),
+                     "reencode_ttft_s": float(np.median(text[1:])),
+                     "ratio": float(np.median(text[1:]) / np.median(kv[1:]))})
+        ml.reset()
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def bench_search(sizes: list[int], device: str, queries: int = 100) -> list[dict]:
+    import faiss
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        base = rng.standard_normal((n, 384), dtype=np.float32)
+        faiss.normalize_L2(base)
+        q = rng.standard_normal((queries, 384), dtype=np.float32)
+        faiss.normalize_L2(q)
+        index = faiss.IndexFlatIP(384)
+        on_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        if on_gpu:
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        index.add(base)
+        t0 = time.perf_counter()
+        for i in range(queries):
+            index.search(q[i:i + 1], 8)
+        row = {"bench": "search", "chunks": n, "faiss": "faiss-gpu" if on_gpu else "faiss-cpu",
+               "faiss_ms": 1e3 * (time.perf_counter() - t0) / queries}
+        if device.startswith("cuda"):
+            tb, tq = torch.from_numpy(base).to(device, torch.float16), torch.from_numpy(q).to(device, torch.float16)
+            (tb @ tq[0]).topk(8)
+            _sync(device)
+            t0 = time.perf_counter()
+            for i in range(queries):
+                (tb @ tq[i]).topk(8).indices.cpu()
+            row["torch_gpu_ms"] = 1e3 * (time.perf_counter() - t0) / queries
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ output
+def table(rows: list[dict]) -> str:
+    out = []
+    for bench in dict.fromkeys(r["bench"] for r in rows):
+        group = [r for r in rows if r["bench"] == bench]
+        cols = list(dict.fromkeys(k for r in group for k in r if k != "bench"))
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("—" if v is None else str(v))
+        out += [f"{bench}:", "| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+        out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in group]
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    ing = [r for r in rows if r["bench"] == "ingest"]
+    x = np.arange(len(ing))
+    axes[0].bar(x - 0.2, [r["memlong_peak_gib"] or 0 for r in ing], 0.4, label="MemLong ingest", color="#2171b5")
+    axes[0].bar(x + 0.2, [r["full_peak_gib"] if isinstance(r["full_peak_gib"], float) else 0 for r in ing], 0.4,
+                label="full attention (0 = OOM)", color="#bbbbbb")
+    axes[0].set_xticks(x, [f"{r['tokens'] // 1000}k" for r in ing])
+    axes[0].set_ylabel("peak GPU memory (GiB)")
+    axes[0].legend()
+    dec = [r for r in rows if r["bench"] == "decode"]
+    axes[1].bar([f"{r['system']}\n{r['history_tokens'] // 1000}k" for r in dec], [r["step_ms"] for r in dec],
+                color=["#2171b5" if r["system"] == "memlong" else "#bbbbbb" for r in dec])
+    axes[1].set_ylabel("ms per decode step")
+    tt = [r for r in rows if r["bench"] == "ttft"]
+    x = np.arange(len(tt))
+    axes[2].bar(x - 0.2, [r["kv_ttft_s"] for r in tt], 0.4, label="K-V injection", color="#2171b5")
+    axes[2].bar(x + 0.2, [r["reencode_ttft_s"] for r in tt], 0.4, label="re-encode", color="#bbbbbb")
+    axes[2].set_xticks(x, [r["retrieved"] for r in tt])
+    axes[2].set_ylabel("time to first token (s)")
+    axes[2].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepare", metavar="DIR", help="write the assets the device machine lacks to DIR and exit")
+    p.add_argument("--assets", metavar="DIR", help="assets written by --prepare (default: the installed packages)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="2-layer model, short documents: a smoke run of every path")
+    p.add_argument("--benches", default="ingest,ttft,search", help="comma-separated subset")
+    p.add_argument("--lengths", default=None, help="document tokens for ingest (default 32768,81920,131072)")
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", metavar="OUT")
+    p.add_argument("--plot", metavar="PNG")
+    args = p.parse_args(argv)
+    if args.prepare:
+        prepare(Path(args.prepare))
+        return 0
+    from memlong import MemLong, MemLongConfig
+
+    lengths = [int(x) for x in (args.lengths or ("2048,4096" if args.tiny else "32768,81920,131072")).split(",")]
+    decode_at = 4096 if args.tiny else 81_920
+    decode_short = 1024 if args.tiny else 4096
+    ttft_points = [(2, 64), (4, 64)] if args.tiny else [(8, 512), (16, 512), (32, 1024)]
+    sizes = [1000, 10_000] if args.tiny else [1000, 10_000, 100_000, 1_000_000]
+    benches = set(args.benches.split(","))
+    t_start = time.perf_counter()
+    model, tokenizer, embedder = build(args.tiny, args.device, args.assets)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    rows: list[dict] = []
+    if "ingest" in benches:
+        config = MemLongConfig(kv_source="memory_layer", position_layout="zero", top_k=8,
+                               memory_capacity=max(lengths) + 4096)
+        ml = MemLong(model, tokenizer, config, embedder=embedder)
+        rows += bench_ingest_decode(ml, lengths, decode_at if decode_at in lengths else lengths[-1], decode_short,
+                                    args.decode_steps, args.device)
+        ml.reset()
+    if "ttft" in benches:
+        rows += bench_ttft(model, tokenizer, embedder, ttft_points, args.device, args.repeats)
+    if "search" in benches:
+        rows += bench_search(sizes, args.device)
+    print(table(rows))
+    meta = {"device": device_name, "torch": torch.__version__, "shape": SHAPE_TINY if args.tiny else SHAPE_3B,
+            "dtype": "bfloat16" if args.device.startswith("cuda") else "float32", "tiny": args.tiny,
+            "seconds": time.perf_counter() - t_start,
+            "command": "python benchmarks/gpu.py " + " ".join(argv or sys.argv[1:])}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": meta, "records": rows}, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot, f"MemLong vs full attention, {'tiny' if args.tiny else 'OpenLLaMA-3B shape'}, {device_name}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
