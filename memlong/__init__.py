@@ -3,13 +3,13 @@
 from memlong.config import MemLongConfig
 from memlong.embedder import Embedder
 from memlong.memory import (
-                            Chunk,
-                            MemoryBank,
-                            MemoryEvictionWarning,
-                            MemoryFullError,
-                            MemoryMismatchError,
-                            SearchHit,
-                            UnknownChunkError,
+    Chunk,
+    MemoryBank,
+    MemoryEvictionWarning,
+    MemoryFullError,
+    MemoryMismatchError,
+    SearchHit,
+    UnknownChunkError,
 )
 from memlong.model import GenerationStats, IngestStats, MemLong
 from memlong.storage import MemoryFileError
