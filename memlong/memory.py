@@ -342,10 +342,24 @@ class MemoryBank:
             hits = [SearchHit(space.ids[r], float(s)) for s, r in zip(scores[0], rows[0])
                     if r >= 0 and space.ids[r] not in skip][:k]
             if count:
-                with self._count_lock:
-                    for hit in hits:
-                        self._chunks[hit.chunk_id].retrievals += 1
+                self._bump(namespace, [hit.chunk_id for hit in hits])
             return hits
+
+    def mark_retrieved(self, chunk_ids: Iterable[str], *, namespace: str = "default") -> None:
+        """Bump the retrieval counters (which eviction reads) of ``chunk_ids`` as a counted search would.
+
+        For callers that search with ``count=False`` and then keep only some hits (e.g. one chunk per stored
+        entry). Ids no longer in ``namespace`` (deleted or evicted meanwhile) are skipped.
+        """
+        with self._lock.read():
+            self._bump(namespace, chunk_ids)
+
+    def _bump(self, namespace: str, chunk_ids: Iterable[str]) -> None:
+        with self._count_lock:  # readers hold the read lock only: counters need their own
+            for cid in chunk_ids:
+                chunk = self._chunks.get(cid)
+                if chunk is not None and chunk.namespace == namespace:
+                    chunk.retrievals += 1
 
     def fetch(self, chunk_ids: Sequence[str], *, namespace: str = "default", device: str | torch.device | None = None,
               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -193,6 +193,9 @@ def test_vector_store_entries_round_trip_and_span_chunks(tiny):
     assert len(owned) > 1  # a long entry spans several K-V chunks
     hits = store.similarity_search_with_score(QUESTION, k=2)
     assert [d.id for d, _ in hits].count("long") == 1
+    # the search counted one retrieval for each returned entry's best chunk, none for the other candidates
+    counts = {c: tiny.bank.get(c, namespace="vs").retrievals for c in tiny.bank.chunk_ids("vs")}
+    assert sum(counts.values()) == 2 and sum(counts[c] for c in owned) == 1
     long_doc = next(d for d, _ in hits if d.id == "long")
     assert long_doc == Document(TEXT, metadata={"src": "long"}, id="long")
     assert store.chunk_ids([long_doc]) == owned  # every chunk of the entry, in document order

@@ -149,3 +149,13 @@ def test_concurrent_search_while_adding(bank):
     assert not errors
     assert bank._spaces["ns"].index.ntotal == len(bank.chunk_ids("ns")) == 15
     assert np.allclose(np.linalg.norm(bank._spaces["ns"].embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_mark_retrieved_counts_only_live_chunks_of_the_namespace(embedder):
+    bank = MemoryBank(embedder=embedder, dtype=torch.float32)
+    k, v = kv(tokens=4)
+    mine = bank.add_chunks(["a note"], keys=[k], values=[v], namespace="me")[0]
+    theirs = bank.add_chunks(["their note"], keys=[k], values=[v], namespace="them")[0]
+    bank.mark_retrieved([mine, theirs, "0" * 24], namespace="me")  # another namespace's id and a gone id: skipped
+    assert bank.get(mine, namespace="me").retrievals == 1
+    assert bank.get(theirs, namespace="them").retrievals == 0

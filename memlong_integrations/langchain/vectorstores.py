@@ -13,7 +13,7 @@ Contract:
       chunk-level hits over long documents use :class:`MemLongRetriever`.
     * ``delete(ids)`` ignores ids that are not there (LangChain's contract) and returns whether all were found;
       ``get_by_ids`` returns the entries that exist. The bank's own embedder is used (no ``Embeddings`` object);
-      store searches do not bump eviction counters.
+      a search bumps the retrieval counter (which eviction reads) of each returned entry's best chunk.
 
 Example:
     >>> store = MemLongVectorStore(memlong=ml, namespace="docs")
@@ -172,7 +172,9 @@ class MemLongVectorStore(VectorStore):
             if len(best) >= k or want >= total:
                 break
             want = min(total, want * 4)
-        return [(self._document(entry, cid), score) for entry, (cid, score) in list(best.items())[:k]]
+        chosen = list(best.items())[:k]
+        self.bank.mark_retrieved([cid for _, (cid, _) in chosen], namespace=self.namespace)
+        return [(self._document(entry, cid), score) for entry, (cid, score) in chosen]
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
         return lambda similarity: (1.0 + similarity) / 2.0  # cosine in [-1, 1] -> relevance in [0, 1]
