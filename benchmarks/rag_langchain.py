@@ -11,7 +11,8 @@ same ``create_memlong_rag_chain`` then answers
 
 Both ``kv`` and ``paste`` use the plain continuation prompt (``prompt_format="plain"``) and the fact's answer
 prefix as an AI prefill. Per mode: tokens encoded per query, time to first token (model side, from
-``MemLong.last_generation``), accuracy, and agreement of ``kv`` with ``paste`` (same normalised first line).
+``MemLong.last_generation``), accuracy, and agreement of ``kv`` with ``paste``
+(same first clause, ``memlong.evaluation.answer_key``; also reported: same first line).
 
     python benchmarks/rag_langchain.py --facts 30 --json results/rag-langchain.json
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -28,14 +28,6 @@ import warnings
 from pathlib import Path
 
 MODES = ("kv", "paste", "kv-chat", "none")
-
-
-def normalise(answer: str) -> str:
-    """First line, lower case, no surrounding punctuation or articles: what two answers must share to agree."""
-    line = answer.strip().split("\n")[0].lower()
-    line = re.sub(r"[^\w\s]", " ", line)
-    words = [w for w in line.split() if w not in ("a", "an", "the")]
-    return " ".join(words)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def summarise(records: list[dict], modes: list[str]) -> list[dict]:
+    from memlong.evaluation import answer_key
+
     rows = []
     for mode in modes:
         rs = [r[mode] for r in records if mode in r]
@@ -78,7 +72,9 @@ def summarise(records: list[dict], modes: list[str]) -> list[dict]:
                "accuracy": sum(r["correct"] for r in rs) / len(rs)}
         if mode != "kv":
             pairs = [(r["kv"], r[mode]) for r in records if mode in r]
-            row["agreement_with_kv"] = sum(normalise(a["answer"]) == normalise(b["answer"]) for a, b in pairs) / len(pairs)
+            row["agreement_with_kv"] = sum(answer_key(a["answer"]) == answer_key(b["answer"]) for a, b in pairs) / len(pairs)
+            row["agreement_with_kv_first_line"] = sum(answer_key(a["answer"], clause=False) == answer_key(
+                b["answer"], clause=False) for a, b in pairs) / len(pairs)
         rows.append(row)
     return rows
 

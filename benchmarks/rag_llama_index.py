@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -68,12 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def normalise(answer: str) -> str:
-    """Lower case, first line, no punctuation or extra spaces: what 'the same answer' means here."""
-    line = answer.strip().split("\n")[0].lower()
-    return " ".join(re.sub(r"[^\w\s]", " ", line).split())
-
-
 def llm_calls(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Generation stats of every LLM call logged since the last look (and clear the log)."""
     calls = list(log)
@@ -100,6 +93,8 @@ def logging_llm(log: list[dict[str, Any]]) -> type:
 
 
 def summarise(records: list[dict[str, Any]], pipelines: list[str]) -> dict[str, Any]:
+    from memlong.evaluation import answer_key
+
     out: dict[str, Any] = {"questions": len(records)}
     for name in pipelines:
         rows = [r[name] for r in records if name in r]
@@ -115,10 +110,12 @@ def summarise(records: list[dict[str, Any]], pipelines: list[str]) -> dict[str, 
                      "accuracy_when_fact_retrieved": statistics.fmean(r["correct"] for r in hit) if hit else None}
     both = [r for r in records if "kv" in r and "text" in r]
     if both:
-        out["agreement"] = statistics.fmean(normalise(r["kv"]["answer"]) == normalise(r["text"]["answer"]) for r in both)
+        same = lambda r, clause=True: answer_key(r["kv"]["answer"], clause=clause) == answer_key(r["text"]["answer"],
+                                                                                                 clause=clause)
+        out["agreement"] = statistics.fmean(same(r) for r in both)
+        out["agreement_first_line"] = statistics.fmean(same(r, False) for r in both)
         hit = [r for r in both if r["fact_retrieved"]]
-        out["agreement_when_fact_retrieved"] = statistics.fmean(
-            normalise(r["kv"]["answer"]) == normalise(r["text"]["answer"]) for r in hit) if hit else None
+        out["agreement_when_fact_retrieved"] = statistics.fmean(same(r) for r in hit) if hit else None
         out["same_chunks"] = statistics.fmean(r["kv"]["chunk_ids"] == r["text"]["chunk_ids"] for r in both)
         out["fact_retrieved"] = statistics.fmean(r["fact_retrieved"] for r in both)
         out["ttft_ratio_text_over_kv"] = out["text"]["ttft_mean_s"] / max(out["kv"]["ttft_mean_s"], 1e-9)
@@ -142,8 +139,9 @@ def table(summary: dict[str, Any]) -> str:
                          f"{s['accuracy']:.0%} | {_pct(s['accuracy_when_fact_retrieved'])} |")
     if "agreement" in summary:
         lines.append("")
-        lines.append(f"Questions: {summary['questions']}; same answer (K-V vs text): {summary['agreement']:.0%} "
-                     f"({_pct(summary['agreement_when_fact_retrieved'])} where the fact was retrieved); "
+        lines.append(f"Questions: {summary['questions']}; same answer (K-V vs text, first clause): "
+                     f"{summary['agreement']:.0%} ({_pct(summary['agreement_when_fact_retrieved'])} where the fact was "
+                     f"retrieved; same first line: {_pct(summary.get('agreement_first_line'))}); "
                      f"same retrieved chunks: {summary['same_chunks']:.0%}; fact among the retrieved chunks: "
                      f"{summary['fact_retrieved']:.0%}; text/K-V tokens encoded: "
                      f"{summary['tokens_ratio_text_over_kv']:.1f}x; "

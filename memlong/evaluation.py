@@ -29,7 +29,7 @@ import torch
 
 from memlong.model import MemLong
 
-__all__ = ["PlantedFact", "passkey", "perplexity_modes", "planted_fact_documents", "shakespeare_text"]
+__all__ = ["PlantedFact", "answer_key", "passkey", "perplexity_modes", "planted_fact_documents", "shakespeare_text"]
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.\n\n")
@@ -211,6 +211,22 @@ class PlantedFact:
 
     def correct(self, text: str) -> bool:
         return self.answer.split()[0].lower() in text.lower()
+
+
+def answer_key(answer: str, *, clause: bool = True) -> str:
+    """What two short answers must share to count as *the same answer*: the first line (with ``clause``, only
+    up to its first ``. , ; : ! ?``), lower case, without punctuation or articles.
+
+    Example:
+        >>> answer_key(" Matilda Crane, the old keeper.") == answer_key("matilda crane.")
+        True
+        >>> answer_key(" Matilda Crane, the old keeper.", clause=False) == answer_key("matilda crane.", clause=False)
+        False
+    """
+    line = answer.strip().split("\n")[0].lower()
+    if clause:
+        line = re.split(r"[.,;:!?]", line, maxsplit=1)[0]
+    return " ".join(w for w in re.sub(r"[^\w\s]", " ", line).split() if w not in ("a", "an", "the"))
 
 
 def planted_fact_documents(n_facts: int = 30, *, plays: tuple[str, ...] = ("hamlet", "macbeth", "othello"),
