@@ -256,25 +256,23 @@ def planted_fact_documents(n_facts: int = 30, *, plays: tuple[str, ...] = ("haml
         left = [list(values) for _, values in _ATTRIBUTES]
         for values in left:
             rng.shuffle(values)
-        chosen = []
-        for subject, a in pairs:
-            if left[a]:
-                chosen.append((subject, a, left[a].pop()))
+        chosen = [(subject, a, left[a].pop()) for subject, a in pairs if left[a]]
         if n_facts > len(chosen):
             raise ValueError(f"distinct=True allows at most {len(chosen)} facts; asked for {n_facts}.")
-    else:
-        chosen = [(subject, a, rng.choice(_ATTRIBUTES[a][1])) for subject, a in pairs[:n_facts]]
+    else:  # values are drawn in the loop below, in the order earlier versions drew them (same seed, same facts)
+        chosen = [(subject, a, None) for subject, a in pairs[:n_facts]]
     texts = [shakespeare_text(p)[:chars] for p in plays]
     per_doc: list[list[tuple[int, str]]] = [[] for _ in plays]  # (char offset, sentence)
     in_doc = [sum(1 for i in range(n_facts) if i % len(plays) == d) for d in range(len(plays))]
     facts = []
     for i, (subject, a, value) in enumerate(chosen[:n_facts]):
-        attribute = _ATTRIBUTES[a][0]
+        attribute, values = _ATTRIBUTES[a]
         doc = i % len(plays)
         if distinct:  # slot j of n over 5..95 % depth, random inside the middle half of the slot
             j, n = i // len(plays), in_doc[doc]
             depth = 0.05 + 0.9 * (j + rng.uniform(0.25, 0.75)) / n
         else:
+            value = rng.choice(values)
             depth = rng.uniform(0.05, 0.95)
         offset = texts[doc].rfind("\n", 0, int(len(texts[doc]) * depth)) + 1
         sentence = f"The {attribute} of {subject} is {value}."

@@ -72,3 +72,19 @@ def test_planted_fact_documents_are_deterministic_and_contain_every_fact():
     for fact in facts:
         assert docs[fact.document].count(fact.sentence) == 1
         assert fact.correct(f"{fact.answer_prefix} {fact.answer}.") and not fact.correct("nothing here")
+    # the same seed gives the same facts across versions (results/ and the tests were built on them)
+    _, pinned = planted_fact_documents(2, plays=("macbeth",), chars=3000)
+    assert [(f.answer, round(f.depth, 4)) for f in pinned] == [("Edmund Hale", 0.4505), ("Cornelius Pike", 0.3353)]
+
+
+def test_distinct_planted_facts_have_their_own_answers_and_spaced_depths():
+    from memlong.evaluation import answer_key, planted_fact_documents
+
+    docs, facts = planted_fact_documents(30, plays=("macbeth", "hamlet", "othello"), chars=20_000, distinct=True)
+    assert len({f.answer for f in facts}) == 30  # no answer repeats
+    for d in range(3):
+        depths = sorted(f.depth for f in facts if f.document == d)
+        assert all(b - a > 0.9 / len(depths) / 2 for a, b in zip(depths, depths[1:]))  # at least half a slot apart
+        assert all(docs[d].count(f.sentence) == 1 for f in facts if f.document == d)
+    assert answer_key(" Matilda Crane, the old keeper.") == answer_key("matilda crane.") == "matilda crane"
+    assert answer_key(" Matilda Crane, the old keeper.", clause=False) == "matilda crane old keeper"
