@@ -41,8 +41,9 @@ FORMAT = "memlong-adapter"
 # MemLongConfig fields that shape what the upper layers were trained to read; carried by the adapter.
 ADAPTER_CONFIG_FIELDS = ("chunk_size", "memory_layer", "retrieval_layers", "kv_source", "position_layout",
                          "attention_sink")
-# Adapters shipped inside the package (``adapter="<name>"``); filled in only for adapters that measured better.
-PACKAGED_ADAPTERS: dict[str, str] = {}
+# Adapters shipped inside the package (``adapter="<name>"``); only adapters that measured better than the
+# training-free mode ship (README, "Fine-tuning the upper layers").
+PACKAGED_ADAPTERS: dict[str, str] = {"shakespeare": "smollm2-135m-shakespeare"}
 
 
 class LoRALinear(nn.Module):

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from memlong.cli import main
 from memlong.evaluation import shakespeare_text
@@ -88,3 +89,24 @@ def test_distinct_planted_facts_have_their_own_answers_and_spaced_depths():
         assert all(docs[d].count(f.sentence) == 1 for f in facts if f.document == d)
     assert answer_key(" Matilda Crane, the old keeper.") == answer_key("matilda crane.") == "matilda crane"
     assert answer_key(" Matilda Crane, the old keeper.", clause=False) == "matilda crane old keeper"
+
+
+@pytest.mark.slow
+def test_packaged_shakespeare_adapter_loads_and_lowers_held_out_perplexity(default_memlong):
+    from memlong import MemLong
+    from memlong.adapter import read_adapter_config
+
+    meta = read_adapter_config("shakespeare")
+    assert "tempest" in meta["data"]["held_out"] and "tempest" not in meta["data"]["train"]
+    text = shakespeare_text("tempest")[:14_000]  # held out: never trained on
+    trained = MemLong.from_pretrained("default", adapter="shakespeare", top_k=4, embedder=default_memlong.bank.embedder)
+    assert (trained.config.kv_source, trained.config.position_layout) == ("memory_layer", "zero")
+    stock = MemLong.from_pretrained("default", kv_source="memory_layer", position_layout="zero", top_k=4,
+                                   embedder=default_memlong.bank.embedder)
+    # the adapter's changes stay in the layers above the memory layer
+    changed = {n.split(".")[2] for n, p in trained.model.named_parameters()
+               if not torch.equal(p, dict(stock.model.named_parameters())[n])}
+    assert changed and all(int(layer) > trained.config.memory_layer for layer in changed)
+    with_adapter = trained.perplexity(text, score_last=1024)["ppl"]
+    without = stock.perplexity(text, score_last=1024)["ppl"]
+    assert with_adapter < 0.9 * without, (with_adapter, without)
