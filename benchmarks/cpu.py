@@ -51,9 +51,10 @@ def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int]) -> list[dict]
     for k in ingest_ks:
         ml.config = dataclasses.replace(base, ingest_top_k=k)
         ml.reset("bench")
-        t0 = time.perf_counter()
-        ml.ingest(doc, namespace="bench", progress=False)
-        memlong_s = time.perf_counter() - t0
+        with _Timers(ml) as parts:  # where the time goes: model forward, embedder, retrieval, bank writes
+            t0 = time.perf_counter()
+            ml.ingest(doc, namespace="bench", progress=False)
+            memlong_s = time.perf_counter() - t0
         bank_bytes_per_token = ml.bank.nbytes("bench") / ml.bank.num_tokens("bench")
         ml.reset("bench")
         t0 = time.perf_counter()
@@ -63,9 +64,49 @@ def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int]) -> list[dict]
         plain_s = time.perf_counter() - t0
         rows.append({"bench": "ingest", "ingest_top_k": k, "tokens": len(ids), "memlong_tok_s": len(ids) / memlong_s,
                      "plain_prefill_tok_s": len(ids) / plain_s, "ratio": plain_s / memlong_s,
-                     "bank_bytes_per_token": bank_bytes_per_token})
+                     "bank_bytes_per_token": bank_bytes_per_token,
+                     **{f"{name}_s": round(t, 3) for name, t in parts.seconds.items()},
+                     "other_s": round(memlong_s - sum(parts.seconds.values()), 3)})
     ml.config = base
     return rows
+
+
+class _Timers:
+    """Time the parts of an ingest by wrapping (on this instance only) the methods each part goes through.
+
+    ``forward``: the decoder run (``MemLong._run``); ``embed``: the retriever embedder; ``search``: retrieval
+    (faiss + the query's embedding when it is text); ``bank_write``: ``add_chunks`` minus its embedding.
+    """
+
+    def __init__(self, ml) -> None:
+        self.ml = ml
+        self.seconds = {"forward": 0.0, "embed": 0.0, "search": 0.0, "bank_write": 0.0}
+
+    def _wrap(self, obj, name: str, part: str, minus: str | None = None):
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            before = self.seconds[minus] if minus else 0.0
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inner = (self.seconds[minus] - before) if minus else 0.0
+                self.seconds[part] += time.perf_counter() - t0 - inner
+
+        setattr(obj, name, timed)
+        return name
+
+    def __enter__(self):
+        self.patched = [(self.ml, self._wrap(self.ml, "_run", "forward")),
+                        (self.ml.bank.embedder, self._wrap(self.ml.bank.embedder, "encode", "embed")),
+                        (self.ml.bank, self._wrap(self.ml.bank, "search", "search", minus="embed")),
+                        (self.ml.bank, self._wrap(self.ml.bank, "add_chunks", "bank_write", minus="embed"))]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for obj, name in self.patched:
+            delattr(obj, name)  # back to the class's method
 
 
 def bench_ttft(ml_512, text: str, n_chunks: list[int], repeats: int) -> list[dict]:
