@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     ml.reset(namespace)
     store = MemLongVectorStore(ml, namespace=namespace, show_progress=not args.no_progress)
     t0 = time.perf_counter()
-    index = VectorStoreIndex.from_documents(
-        [Document(text=d, metadata={"play": p}, excluded_llm_metadata_keys=["play"]) for d, p in zip(docs, plays)],
-        storage_context=StorageContext.from_defaults(vector_store=store), embed_model=MemLongEmbedding.from_memlong(ml),
-        **({} if args.split else {"transformations": []}))
+    documents = [Document(text=d, metadata={"play": p}, excluded_llm_metadata_keys=["play"]) for d, p in zip(docs, plays)]
+    build = VectorStoreIndex.from_documents if args.split else VectorStoreIndex  # documents as nodes: streamed whole
+    index = build(documents, storage_context=StorageContext.from_defaults(vector_store=store),
+                  embed_model=MemLongEmbedding.from_memlong(ml))
     ingest_s = time.perf_counter() - t0
     config = {**{k: v for k, v in vars(args).items() if k != "json"}, "plays": list(plays),
               "documents_tokens": [len(ml.tokenize(d)) for d in docs], "chunks": len(ml.bank.chunk_ids(namespace)),

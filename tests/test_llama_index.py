@@ -32,10 +32,12 @@ from memlong_integrations.llama_index import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build_index(ml, namespace, docs, **kwargs):
+def build_index(ml, namespace, docs, whole=False):
+    """``whole``: documents passed as the nodes (each streamed whole); else LlamaIndex's default splitting."""
     store = MemLongVectorStore(ml, namespace=namespace, show_progress=False)
-    index = VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults(vector_store=store),
-                                            embed_model=MemLongEmbedding.from_memlong(ml), **kwargs)
+    build = VectorStoreIndex if whole else VectorStoreIndex.from_documents
+    index = build(docs, storage_context=StorageContext.from_defaults(vector_store=store),
+                  embed_model=MemLongEmbedding.from_memlong(ml))
     return index, store
 
 
@@ -288,7 +290,7 @@ def test_documents_index_query_engine_answer_on_default_model(default_memlong):
     ml = default_memlong
     docs, facts = planted_fact_documents(2, plays=("macbeth",), chars=3000)
     ml.reset("li-e2e")
-    index, store = build_index(ml, "li-e2e", [Document(text=d) for d in docs], transformations=[])
+    index, store = build_index(ml, "li-e2e", [Document(text=d) for d in docs], whole=True)
     fact = facts[1]  # "Who is the keeper of the northern tower?"
     tail = "\nQuestion: {query_str}\nAnswer: " + fact.answer_prefix
     llm = MemLongLLM(ml, namespace="li-e2e", max_new_tokens=8, stop=["\n"])
@@ -312,3 +314,16 @@ def test_documents_index_query_engine_answer_on_default_model(default_memlong):
     streaming = MemLongQueryEngine.from_args(retriever, llm=llm, prompt_template=tail, streaming=True)
     assert "".join(streaming.query(fact.question).response_gen) == str(response)
     ml.reset("li-e2e")
+
+
+def test_documents_passed_as_nodes_are_streamed_whole(make_tiny):
+    ml, _ = make_tiny(top_k=2, chunk_size=64)
+    text = shakespeare_text("macbeth")[:6000]  # more than one default LlamaIndex node (1,024 tiktoken tokens)
+    build_index(ml, "whole", [Document(text=text, doc_id="macbeth")], whole=True)
+    spans = [ml.bank.get(c, namespace="whole").span for c in ml.bank.chunk_ids("whole")]
+    n = len(ml.tokenize(text))
+    assert ml.bank.num_tokens("whole") == n and spans[0][0] == 0 and spans[-1][1] == n  # one stream, no overlap
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    # from_documents(..., transformations=[]) would not do this: LlamaIndex reads [] as "use the default splitter"
+    build_index(ml, "split", [Document(text=text, doc_id="macbeth")])
+    assert ml.bank.num_tokens("split") > n  # overlapping nodes: some text stored twice

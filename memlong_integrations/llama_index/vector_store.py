@@ -5,7 +5,8 @@ Contract:
       each node becomes one or more ``chunk_size``-token bank chunks with their K-V computed at insert time.
       Every chunk keeps the node's metadata plus ``memlong_node_id`` / ``memlong_ref_doc_id``; ``add`` returns
       the node ids. Each node is streamed on its own (its K-V sees the node's own preceding text); to give the
-      K-V a whole document's context, build the index with ``transformations=[]`` (one node per document).
+      K-V a whole document's context, pass the documents as the nodes: ``VectorStoreIndex(documents, ...)``
+      (``from_documents(..., transformations=[])`` still splits: LlamaIndex treats ``[]`` as "the default").
     * ``query`` searches the bank with its own embedder and ``query.query_str`` (``is_embedding_query=False``:
       LlamaIndex does not embed the query), so retrieval is the bank's retrieval whatever embed model the index
       was given. It returns one node per chunk: ``node.id_`` = chunk id, ``metadata["memlong_chunk_id"]`` too
