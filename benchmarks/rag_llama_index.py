@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", action="store_true",
                    help="split documents with LlamaIndex's default SentenceSplitter (default: one node per document, "
                         "so chunk K-V sees the whole document's context)")
+    p.add_argument("--text-mode", default="compact", choices=["compact", "simple_summarize"],
+                   help="response mode of the stock text pipeline: compact (LlamaIndex's default; reserves 500 tokens "
+                        "for the answer, so the retrieved text can spill into refine calls) or simple_summarize "
+                        "(one call with all the retrieved text)")
     p.add_argument("--no-chat", action="store_true", help="skip the two chat-path rows")
     p.add_argument("--json", metavar="OUT", help="write config, summary and per-question records here (updated "
                                                  "after every question)")
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, fact in enumerate(tqdm(facts, desc="questions", disable=args.no_progress)):
         tail = "\nQuestion: {query_str}\nAnswer: " + fact.answer_prefix
         kv_engine = MemLongQueryEngine.from_args(retriever, llm=kv_llm, prompt_template=PromptTemplate(tail))
-        text_engine = RetrieverQueryEngine.from_args(retriever, llm=text_llm,
+        text_engine = RetrieverQueryEngine.from_args(retriever, llm=text_llm, response_mode=args.text_mode,
                                                      text_qa_template=PromptTemplate("{context_str}" + tail))
         record: dict[str, Any] = {"question": fact.question, "answer": fact.answer, "document": plays[fact.document]}
         order = [("kv", kv_engine), ("text", text_engine)]
