@@ -30,6 +30,7 @@ runs it); its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -155,17 +156,14 @@ def _peak_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
+@contextlib.contextmanager
 def _plain(model):
-    """Run the HF model with plain SDPA attention for the duration of a ``with`` block."""
-    class _Ctx:
-        def __enter__(self):
-            self.old = model.config._attn_implementation
-            model.config._attn_implementation = "sdpa"
-
-        def __exit__(self, *exc):
-            model.config._attn_implementation = self.old
-
-    return _Ctx()
+    """Run the HF model with plain SDPA attention inside the ``with`` block (MemLong registers its own)."""
+    old, model.config._attn_implementation = model.config._attn_implementation, "sdpa"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = old
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -284,13 +282,13 @@ def bench_search(sizes: list[int], device: str, queries: int = 100) -> list[dict
 
     rows = []
     rng = np.random.default_rng(0)
+    on_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     for n in sizes:
         base = rng.standard_normal((n, 384), dtype=np.float32)
         faiss.normalize_L2(base)
         q = rng.standard_normal((queries, 384), dtype=np.float32)
         faiss.normalize_L2(q)
         index = faiss.IndexFlatIP(384)
-        on_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
         if on_gpu:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         index.add(base)

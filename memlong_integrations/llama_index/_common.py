@@ -64,6 +64,18 @@ def chunk_ids_of(nodes: list[NodeWithScore]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def checked_memlong(owner: str, memlong: Any) -> Any:
+    """``memlong`` after checking it is a :class:`memlong.MemLong` (``TypeError`` saying how to get one), with
+    LlamaIndex's tiktoken counting made offline: what every adapter's ``__init__`` needs first."""
+    from memlong import MemLong
+
+    if not isinstance(memlong, MemLong):
+        raise TypeError(f"{owner} needs a memlong.MemLong model, got {type(memlong).__name__}. "
+                        "Load one with MemLong.from_pretrained(...).")
+    ensure_offline_tiktoken()
+    return memlong
+
+
 def ensure_offline_tiktoken() -> None:
     """Make LlamaIndex's token counting (``llama_index.core.utils.get_tokenizer``) work without a network.
 

@@ -58,7 +58,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 
 from memlong import MemLong
-from memlong_integrations.llama_index._common import ensure_offline_tiktoken
+from memlong_integrations.llama_index._common import checked_memlong
 
 __all__ = ["CHUNK_IDS_KWARG", "TEXT_IN_MEMORY_KWARG", "MemLongLLM"]
 
@@ -91,12 +91,9 @@ class MemLongLLM(CustomLLM):
     _memlong: MemLong = PrivateAttr()
 
     def __init__(self, memlong: MemLong, **kwargs: Any) -> None:
-        if not isinstance(memlong, MemLong):
-            raise TypeError(f"MemLongLLM needs a memlong.MemLong model, got {type(memlong).__name__}. "
-                            "Load one with MemLong.from_pretrained(...).")
+        memlong = checked_memlong("MemLongLLM", memlong)
         super().__init__(**kwargs)
         self._memlong = memlong
-        ensure_offline_tiktoken()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "default", *, namespace: str = "default", **config: Any) -> MemLongLLM:

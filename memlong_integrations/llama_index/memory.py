@@ -25,7 +25,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.memory.memory import BaseMemoryBlock
 
 from memlong import MemLong
-from memlong_integrations.llama_index._common import ensure_offline_tiktoken
+from memlong_integrations.llama_index._common import checked_memlong
 from memlong_integrations.llama_index.llm import CHUNK_IDS_KWARG, TEXT_IN_MEMORY_KWARG
 
 __all__ = ["MemLongMemoryBlock"]
@@ -49,11 +49,9 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
     _memlong: MemLong = PrivateAttr()
 
     def __init__(self, memlong: MemLong, **kwargs: Any) -> None:
-        if not isinstance(memlong, MemLong):
-            raise TypeError(f"MemLongMemoryBlock needs a memlong.MemLong model, got {type(memlong).__name__}.")
+        memlong = checked_memlong("MemLongMemoryBlock", memlong)  # Memory counts tokens with tiktoken
         super().__init__(**kwargs)
         self._memlong = memlong
-        ensure_offline_tiktoken()  # Memory counts tokens with tiktoken
 
     @staticmethod
     def _render(messages: list[ChatMessage]) -> str:

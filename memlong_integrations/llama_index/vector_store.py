@@ -50,11 +50,11 @@ from llama_index.core.vector_stores.types import (
 from memlong import MemLong
 from memlong_integrations.llama_index._common import (
     EXCLUDED_KEY,
-    INTERNAL_KEYS,
     NODE_ID_KEY,
     REF_DOC_ID_KEY,
+    checked_memlong,
     chunk_node,
-    ensure_offline_tiktoken,
+    user_metadata,
 )
 
 __all__ = ["MemLongVectorStore", "matches"]
@@ -117,11 +117,9 @@ class MemLongVectorStore(BasePydanticVectorStore):
     _memlong: MemLong = PrivateAttr()
 
     def __init__(self, memlong: MemLong, **kwargs: Any) -> None:
-        if not isinstance(memlong, MemLong):
-            raise TypeError(f"MemLongVectorStore needs a memlong.MemLong model, got {type(memlong).__name__}.")
+        memlong = checked_memlong("MemLongVectorStore", memlong)  # the node parser counts tokens with tiktoken
         super().__init__(**kwargs)
         self._memlong = memlong
-        ensure_offline_tiktoken()  # VectorStoreIndex's node parser counts tokens with tiktoken
 
     @classmethod
     def class_name(cls) -> str:
@@ -147,7 +145,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
             ref = node.ref_doc_id or (node.node_id if isinstance(node, Document) else None) or node.node_id
             texts.append(text)
             doc_ids.append(str(ref))
-            metadatas.append({**{k: v for k, v in node.metadata.items() if k not in INTERNAL_KEYS},
+            metadatas.append({**user_metadata(node.metadata),
                               NODE_ID_KEY: node.node_id, REF_DOC_ID_KEY: str(ref),
                               EXCLUDED_KEY: {"llm": list(node.excluded_llm_metadata_keys),
                                              "embed": list(node.excluded_embed_metadata_keys)}})
