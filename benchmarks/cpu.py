@@ -76,10 +76,13 @@ class _Timers:
 
     ``forward``: the decoder run (``MemLong._run``); ``embed``: the retriever embedder; ``search``: retrieval
     (faiss + the query's embedding when it is text); ``bank_write``: ``add_chunks`` minus its embedding.
+    ``sync``: called before and after each timed call (``torch.cuda.synchronize`` on a GPU, where kernels
+    run asynchronously and would otherwise be charged to whichever part waits for them).
     """
 
-    def __init__(self, ml) -> None:
+    def __init__(self, ml, sync=None) -> None:
         self.ml = ml
+        self.sync = sync or (lambda: None)
         self.seconds = {"forward": 0.0, "embed": 0.0, "search": 0.0, "bank_write": 0.0}
 
     def _wrap(self, obj, name: str, part: str, minus: str | None = None):
@@ -87,10 +90,12 @@ class _Timers:
 
         def timed(*args, **kwargs):
             before = self.seconds[minus] if minus else 0.0
+            self.sync()
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.sync()
                 inner = (self.seconds[minus] - before) if minus else 0.0
                 self.seconds[part] += time.perf_counter() - t0 - inner
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -50,8 +51,9 @@ warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", categ
 
 SHAPE_3B = dict(num_hidden_layers=26, hidden_size=3200, num_attention_heads=32, num_key_value_heads=32,
                 intermediate_size=8640)
-SHAPE_TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                  intermediate_size=128)
+# head dim 100 like the 3B shape, so that a --tiny run on CUDA tries the same attention kernels first
+SHAPE_TINY = dict(num_hidden_layers=2, hidden_size=200, num_attention_heads=2, num_key_value_heads=2,
+                  intermediate_size=256)
 MINILM_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "1_Pooling")
 
@@ -210,19 +212,44 @@ def _cache(out):
 
 
 # ------------------------------------------------------------------ benchmarks
-def bench_ingest_decode(ml, lengths: list[int], decode_at: int, decode_short: int, steps: int, device: str) -> list[dict]:
+def bench_ingest_decode(ml, lengths: list[int], decode_at: int, decode_short: int, steps: int, device: str,
+                        compare_backend: str | None = None) -> list[dict]:
+    from cpu import _Timers
+
+    # first-call costs (CUDA context, cuBLAS, FlexAttention's compile) out of the timings
+    warm = document(ml.tokenizer, 4096, seed=7)
+    ml.ingest(warm, namespace="warmup", progress=False)
+    ml.reset()
+    full_prefill(ml.model, ml.tokenize(warm), device)
     rows = []
-    for n in lengths:
+    base = ml.config
+    runs = [(n, base.attention_backend) for n in lengths]
+    if compare_backend:
+        runs.insert(1, (lengths[0], compare_backend))
+    for n, backend in runs:
         text = document(ml.tokenizer, n, seed=n)
         ids = ml.tokenize(text)
+        ml.config = dataclasses.replace(base, attention_backend=backend)
+        if backend != base.attention_backend:  # warm this backend up too
+            ml.ingest(warm, namespace="warmup", progress=False)
         ml.reset()
         _reset_peak(device)
-        t0 = time.perf_counter()
-        ml.ingest(text, namespace="doc", progress=False)
-        _sync(device)
-        seconds = time.perf_counter() - t0
-        row = {"bench": "ingest", "tokens": len(ids), "memlong_s": seconds, "memlong_tok_s": len(ids) / seconds,
-               "memlong_peak_gib": _peak_gib(device), "memory_bank_gib": ml.bank.nbytes("doc") / 2**30}
+        with _Timers(ml, sync=lambda: _sync(device)) as parts:  # where the time goes
+            t0 = time.perf_counter()
+            ml.ingest(text, namespace="doc", progress=False)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+        row = {"bench": "ingest", "backend": backend, "tokens": len(ids), "memlong_s": seconds,
+               "memlong_tok_s": len(ids) / seconds, "memlong_peak_gib": _peak_gib(device),
+               "memory_bank_gib": ml.bank.nbytes("doc") / 2**30,
+               **{f"{name}_s": t for name, t in parts.seconds.items()},
+               "other_s": seconds - sum(parts.seconds.values())}
+        ml.config = base
+        if backend != base.attention_backend:  # the backend comparison: no baseline or decode needed again
+            ml.reset()
+            rows.append(row)
+            print(rows[-1], file=sys.stderr, flush=True)
+            continue
         if n == decode_at:  # decode with this document's memory: window + retrieved chunks
             ml.generate("Question: what happened next?\nAnswer:", namespace="doc", max_new_tokens=steps + 1)
             g = ml.last_generation
@@ -246,33 +273,46 @@ def bench_ingest_decode(ml, lengths: list[int], decode_at: int, decode_short: in
     return rows
 
 
-def bench_ttft(model, tokenizer, embedder, points: list[tuple[int, int]], device: str, repeats: int) -> list[dict]:
+def bench_ttft(model, tokenizer, embedder, points: list[tuple[int, int]], device: str, repeats: int,
+               backend: str = "auto") -> list[dict]:
+    """K-V injection with the bank's K-V on the CPU (the default ``memory_device``: retrieved chunks are
+    copied to the GPU per query) and on the GPU (``memory_device="model"``), against re-encoding."""
     from memlong import MemLong, MemLongConfig
 
     rows = []
     question = "\nQuestion: what is the password of the harbour gate?\nAnswer:"
     for n, size in points:
-        ml = MemLong(model, tokenizer, MemLongConfig(chunk_size=size, local_window=2 * size, top_k=n,
-                                                     memory_capacity=2 * n * size), embedder=embedder)
-        stats = ml.ingest(document(tokenizer, n * size, seed=size), namespace="ttft", progress=False)
-        chunk_ids = stats.chunk_ids[:n]
-        context = "".join(ml.bank.get(c, namespace="ttft").text for c in chunk_ids)
-        kv, text = [], []
-        for _ in range(repeats + 1):  # the first of each is a warm-up
-            ml.generate(question, namespace="ttft", chunk_ids=chunk_ids, max_new_tokens=1)
-            kv.append(ml.last_generation.time_to_first_token)
-            ids = tokenizer(context + question, add_special_tokens=False)["input_ids"]
+        row: dict = {"bench": "ttft", "retrieved": f"{n} x {size}"}
+        text_doc = document(tokenizer, n * size, seed=size)
+        for where in ("cpu", "model"):
+            ml = MemLong(model, tokenizer, MemLongConfig(chunk_size=size, local_window=2 * size, top_k=n,
+                                                         memory_capacity=2 * n * size, memory_device=where,
+                                                         attention_backend=backend), embedder=embedder)
+            stats = ml.ingest(text_doc, namespace="ttft", progress=False)
+            chunk_ids = stats.chunk_ids[:n]
+            kv = []
+            for _ in range(repeats + 1):  # the first is a warm-up
+                ml.generate(question, namespace="ttft", chunk_ids=chunk_ids, max_new_tokens=1)
+                kv.append(ml.last_generation.time_to_first_token)
+            row["kv_tokens_encoded"] = ml.last_generation.prompt_tokens
+            row["kv_cpu_ttft_s" if where == "cpu" else "kv_gpu_ttft_s"] = float(np.median(kv[1:]))
+            context = "".join(ml.bank.get(c, namespace="ttft").text for c in chunk_ids)
+            ml.reset()
+            del ml
+            _reset_peak(device)
+        ids = tokenizer(context + question, add_special_tokens=False)["input_ids"]
+        text = []
+        for _ in range(repeats + 1):
             _sync(device)
             t0 = time.perf_counter()
             with torch.no_grad(), _plain(model):
                 model(torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1).logits.argmax(-1)
             _sync(device)
             text.append(time.perf_counter() - t0)
-        rows.append({"bench": "ttft", "retrieved": f"{n} x {size}", "kv_tokens_encoded": ml.last_generation.prompt_tokens,
-                     "reencode_tokens_encoded": len(ids), "kv_ttft_s": float(np.median(kv[1:])),
-                     "reencode_ttft_s": float(np.median(text[1:])),
-                     "ratio": float(np.median(text[1:]) / np.median(kv[1:]))})
-        ml.reset()
+        row.update(reencode_tokens_encoded=len(ids), reencode_ttft_s=float(np.median(text[1:])))
+        row.update(ratio_kv_cpu=row["reencode_ttft_s"] / row["kv_cpu_ttft_s"],
+                   ratio_kv_gpu=row["reencode_ttft_s"] / row["kv_gpu_ttft_s"])
+        rows.append(row)
         print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
@@ -329,7 +369,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    ing = [r for r in rows if r["bench"] == "ingest"]
+    ing = [r for r in rows if r["bench"] == "ingest" and "full_s" in r]  # not the backend comparison
     x = np.arange(len(ing))
     axes[0].bar(x - 0.2, [r["memlong_peak_gib"] or 0 for r in ing], 0.4, label="MemLong ingest", color="#2171b5")
     axes[0].bar(x + 0.2, [r["full_peak_gib"] if isinstance(r["full_peak_gib"], float) else 0 for r in ing], 0.4,
@@ -343,8 +383,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     axes[1].set_ylabel("ms per decode step")
     tt = [r for r in rows if r["bench"] == "ttft"]
     x = np.arange(len(tt))
-    axes[2].bar(x - 0.2, [r["kv_ttft_s"] for r in tt], 0.4, label="K-V injection", color="#2171b5")
-    axes[2].bar(x + 0.2, [r["reencode_ttft_s"] for r in tt], 0.4, label="re-encode", color="#bbbbbb")
+    axes[2].bar(x - 0.27, [r["kv_gpu_ttft_s"] for r in tt], 0.27, label="K-V injection, K-V on GPU", color="#2171b5")
+    axes[2].bar(x, [r["kv_cpu_ttft_s"] for r in tt], 0.27, label="K-V injection, K-V on CPU", color="#6baed6")
+    axes[2].bar(x + 0.27, [r["reencode_ttft_s"] for r in tt], 0.27, label="re-encode", color="#bbbbbb")
+    axes[2].set_yscale("log")
     axes[2].set_xticks(x, [r["retrieved"] for r in tt])
     axes[2].set_ylabel("time to first token (s)")
     axes[2].legend()
@@ -360,8 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--assets", metavar="DIR", help="assets written by --prepare (default: the installed packages)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="2-layer model, short documents: a smoke run of every path")
-    p.add_argument("--benches", default="ingest,ttft,search", help="comma-separated subset")
+    p.add_argument("--benches", default="ttft,search,ingest", help="comma-separated subset, run in this order")
     p.add_argument("--lengths", default=None, help="document tokens for ingest (default 32768,81920,131072)")
+    p.add_argument("--attention-backend", default="auto", help="MemLong's attention backend (auto: flex on CUDA)")
+    p.add_argument("--compare-backend", default=None,
+                   help="also time the shortest ingest with this backend (e.g. sdpa), for comparison")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", metavar="OUT")
@@ -377,29 +422,39 @@ def main(argv: list[str] | None = None) -> int:
     decode_short = 1024 if args.tiny else 4096
     ttft_points = [(2, 64), (4, 64)] if args.tiny else [(8, 512), (16, 512), (32, 1024)]
     sizes = [1000, 10_000] if args.tiny else [1000, 10_000, 100_000, 1_000_000]
-    benches = set(args.benches.split(","))
+    benches = list(dict.fromkeys(args.benches.split(",")))
+    unknown = set(benches) - {"ingest", "ttft", "search"}
+    if unknown:
+        p.error(f"unknown benches {sorted(unknown)}; choose from ingest, ttft, search")
     t_start = time.perf_counter()
     model, tokenizer, embedder = build(args.tiny, args.device, args.assets)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     rows: list[dict] = []
-    if "ingest" in benches:
-        config = MemLongConfig(kv_source="memory_layer", position_layout="zero", top_k=8,
-                               memory_capacity=max(lengths) + 4096)
-        ml = MemLong(model, tokenizer, config, embedder=embedder)
-        rows += bench_ingest_decode(ml, lengths, decode_at if decode_at in lengths else lengths[-1], decode_short,
-                                    args.decode_steps, args.device)
-        ml.reset()
-    if "ttft" in benches:
-        rows += bench_ttft(model, tokenizer, embedder, ttft_points, args.device, args.repeats)
-    if "search" in benches:
-        rows += bench_search(sizes, args.device)
+
+    def save() -> None:  # after every bench, so that a run cut short still leaves its results
+        meta = {"device": device_name, "torch": torch.__version__, "shape": SHAPE_TINY if args.tiny else SHAPE_3B,
+                "dtype": "bfloat16" if args.device.startswith("cuda") else "float32", "tiny": args.tiny,
+                "attention_backend": args.attention_backend, "seconds": time.perf_counter() - t_start,
+                "command": "python benchmarks/gpu.py " + " ".join(argv or sys.argv[1:])}
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": meta, "records": rows}, indent=1))
+
+    for bench in benches:  # in the order asked: a run cut short keeps what came first
+        if bench == "ingest":
+            config = MemLongConfig(kv_source="memory_layer", position_layout="zero", top_k=8,
+                                   memory_capacity=max(lengths) + 4096, attention_backend=args.attention_backend)
+            ml = MemLong(model, tokenizer, config, embedder=embedder)
+            rows += bench_ingest_decode(ml, lengths, decode_at if decode_at in lengths else lengths[-1], decode_short,
+                                        args.decode_steps, args.device, args.compare_backend)
+            ml.reset()
+            del ml
+        elif bench == "ttft":
+            rows += bench_ttft(model, tokenizer, embedder, ttft_points, args.device, args.repeats, args.attention_backend)
+        elif bench == "search":
+            rows += bench_search(sizes, args.device)
+        save()
     print(table(rows))
-    meta = {"device": device_name, "torch": torch.__version__, "shape": SHAPE_TINY if args.tiny else SHAPE_3B,
-            "dtype": "bfloat16" if args.device.startswith("cuda") else "float32", "tiny": args.tiny,
-            "seconds": time.perf_counter() - t_start,
-            "command": "python benchmarks/gpu.py " + " ".join(argv or sys.argv[1:])}
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": meta, "records": rows}, indent=1))
         print(f"wrote {args.json}")
     if args.plot:
         plot(rows, args.plot, f"MemLong vs full attention, {'tiny' if args.tiny else 'OpenLLaMA-3B shape'}, {device_name}")

@@ -15,15 +15,21 @@ def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
 
     out = tmp_path / "gpu.json"
     assert gpu.main(["--tiny", "--device", "cpu", "--repeats", "1", "--decode-steps", "3", "--json", str(out),
-                     "--plot", str(tmp_path / "gpu.png")]) == 0
+                     "--plot", str(tmp_path / "gpu.png"), "--compare-backend", "eager"]) == 0
     records = json.loads(out.read_text())["records"]
-    ingest = [r for r in records if r["bench"] == "ingest"]
+    ingest = [r for r in records if r["bench"] == "ingest" and r["backend"] == "auto"]
     assert [r["tokens"] for r in ingest] == [2048, 4096]  # documents of the asked length
-    assert all(r["memlong_tok_s"] > 0 and r["full_s"] > 0 for r in ingest)
+    assert all(r["memlong_tok_s"] > 0 and r["full_s"] > 0 and r["forward_s"] > 0 for r in ingest)
+    # the time breakdown accounts for the whole ingest
+    assert all(abs(sum(r[f"{p}_s"] for p in ("forward", "embed", "search", "bank_write", "other")) - r["memlong_s"])
+               < 1e-6 for r in ingest)
+    compared = [r for r in records if r["bench"] == "ingest" and r["backend"] == "eager"]
+    assert [r["tokens"] for r in compared] == [2048]
     decode = {(r["system"], r["history_tokens"]) for r in records if r["bench"] == "decode"}
     assert decode == {("memlong", 4096), ("full attention", 4096), ("full attention", 1024)}
     ttft = [r for r in records if r["bench"] == "ttft"]
     # K-V injection encodes only the question; re-encoding encodes the retrieved text too
     assert all(r["kv_tokens_encoded"] < 20 < r["reencode_tokens_encoded"] for r in ttft)
+    assert all(r["kv_cpu_ttft_s"] > 0 and r["kv_gpu_ttft_s"] > 0 for r in ttft)
     assert {r["chunks"] for r in records if r["bench"] == "search"} == {1000, 10_000}
     assert (tmp_path / "gpu.png").stat().st_size > 0
