@@ -191,6 +191,8 @@ class MemoryBank:
         keep_newest: share of the newest chunks always kept on eviction.
         dtype: dtype of stored K-V.
         device: device of stored K-V (``"cpu"`` keeps GPU memory for the model).
+        pin_memory: keep CPU-stored K-V in page-locked memory, so that retrieved chunks copy to a GPU at
+            full PCIe speed (needs CUDA and ``device="cpu"``).
         use_gpu_index: faiss GPU index; ``None``: when ``faiss.get_num_gpus() > 0``.
         max_bytes: bytes (K-V + embeddings + texts) the whole bank may hold; ``None``: bounded by
             ``capacity`` per namespace only. See :class:`MemoryFullError`.
@@ -199,7 +201,7 @@ class MemoryBank:
     def __init__(self, *, embedder: TextEmbedder, capacity: int = 32_768, evict_oldest: float = 0.10,
                  keep_newest: float = 0.10, dtype: torch.dtype = torch.float16,
                  device: str | torch.device = "cpu", use_gpu_index: bool | None = None,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, pin_memory: bool = False) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be a positive number of tokens, got {capacity}.")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
@@ -210,6 +212,11 @@ class MemoryBank:
         self.keep_newest = keep_newest
         self.dtype = dtype
         self.device = torch.device(device)
+        if pin_memory and (self.device.type != "cpu" or not torch.cuda.is_available()):
+            raise ValueError("pin_memory=True pins CPU memory for copies to a GPU: it needs device='cpu' and CUDA "
+                             f"(device={str(self.device)!r}, CUDA available: {torch.cuda.is_available()}). "
+                             "Drop pin_memory, or use memory_device='cpu'.")
+        self.pin_memory = pin_memory
         self.max_bytes = max_bytes
         gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         self.use_gpu_index = gpus > 0 if use_gpu_index is None else (use_gpu_index and gpus > 0)
@@ -219,6 +226,11 @@ class MemoryBank:
         self._lock = _RWLock()
         self._count_lock = threading.Lock()  # retrieval counters, bumped by concurrent readers
         self._gpu_lock = threading.Lock()  # faiss GPU indexes are not safe for concurrent searches
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the bank stores K-V: its device and dtype, contiguous, pinned if asked."""
+        t = t.to(self.device, self.dtype).contiguous()
+        return t.pin_memory() if self.pin_memory else t
 
     # ------------------------------------------------------------------ writing
     def add_chunks(self, texts: Sequence[str], *, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
@@ -262,8 +274,7 @@ class MemoryBank:
         doc = doc_id if doc_id is not None else secrets.token_hex(8)
         spans = list(spans) if spans is not None else [(0, int(k.shape[2])) for k in keys]
         meta = list(metadata) if metadata is not None else [{} for _ in range(n)]
-        kv = [(k.detach().to(self.device, self.dtype).contiguous(), v.detach().to(self.device, self.dtype).contiguous())
-              for k, v in zip(keys, values)]
+        kv = [(self._place(k.detach()), self._place(v.detach())) for k, v in zip(keys, values)]
         incoming = sum(k.nbytes + v.nbytes + len(t.encode("utf-8")) for (k, v), t in zip(kv, texts))
         incoming += vectors.nbytes
         with self._lock.write():
@@ -368,10 +379,15 @@ class MemoryBank:
             chunks = sorted((self._get(cid, namespace) for cid in dict.fromkeys(chunk_ids)), key=lambda c: c.order)
         if not chunks:
             raise ValueError("fetch needs at least one chunk id.")
-        # Stored tensors are never written in place, so they can be concatenated outside the lock.
-        keys = torch.cat([c.keys for c in chunks], dim=2)
-        values = torch.cat([c.values for c in chunks], dim=2)
-        return keys.to(device or keys.device, dtype or keys.dtype), values.to(device or values.device, dtype or values.dtype)
+        # Stored tensors are never written in place, so they can be concatenated outside the lock. Each chunk
+        # moves to the target device first and is concatenated there: one copy of the whole, not a CPU
+        # concatenation and then a second copy. (non_blocking only towards a GPU, where the concatenation
+        # is ordered after the copies on the same stream; towards the CPU it would read unfinished copies.)
+        device = torch.device(device) if device is not None else chunks[0].keys.device
+        nb = device.type == "cuda"
+        keys = torch.cat([c.keys.to(device, non_blocking=nb) for c in chunks], dim=2)
+        values = torch.cat([c.values.to(device, non_blocking=nb) for c in chunks], dim=2)
+        return keys.to(dtype or keys.dtype), values.to(dtype or values.dtype)
 
     def get(self, chunk_id: str, *, namespace: str = "default") -> Chunk:
         """The chunk ``chunk_id`` of ``namespace``; :class:`UnknownChunkError` otherwise."""
@@ -529,8 +545,7 @@ class MemoryBank:
             space = _Namespace(self.embedder.dim, self.use_gpu_index)
             for c in chunks:
                 c.namespace = name
-                c.keys = c.keys.to(self.device, self.dtype)
-                c.values = c.values.to(self.device, self.dtype)
+                c.keys, c.values = self._place(c.keys), self._place(c.values)
                 space.tokens += c.n_tokens
                 space.nbytes += self._chunk_nbytes(c)
             space.add([c.id for c in chunks], vectors)

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -68,6 +69,11 @@ class GenerationStats:
     seconds: float = 0.0
 
 
+# Ingest without retrieval embeds and writes chunks in batches of about this many tokens (one embedder call
+# and one bank write per batch instead of per step; the pending K-V stay on the model's device until then).
+_WRITE_BATCH_TOKENS = 4096
+
+
 @dataclass
 class _Stream:
     """Streaming state of one document: the bounded local cache and what is inside it."""
@@ -80,6 +86,13 @@ class _Stream:
     last_query: str | np.ndarray | None = None  # the previous step's last chunk (text, or its stored embedding)
     offset: int = 0
     chunk_ids: list[str] = field(default_factory=list)  # every chunk this stream stored
+    # chunks waiting to be embedded and written in one batch (None: write every step at once). Only for
+    # streams that never retrieve (ingest with ingest_top_k=0), so that nothing can miss a pending chunk.
+    pending: list[tuple[str, torch.Tensor, torch.Tensor, tuple[int, int]]] | None = None
+
+    @property
+    def pending_tokens(self) -> int:
+        return sum(end - start for *_, (start, end) in self.pending or ())
 
 
 class MemLong:
@@ -114,7 +127,8 @@ class MemLong:
             bank = MemoryBank(embedder=emb, capacity=self.config.memory_capacity,
                               evict_oldest=self.config.evict_oldest, keep_newest=self.config.keep_newest,
                               dtype=self.config.torch_memory_dtype, max_bytes=self.config.memory_max_bytes,
-                              device="cpu" if self.config.memory_device == "cpu" else self.device)
+                              device=self.device if self.config.memory_device == "model" else "cpu",
+                              pin_memory=self.config.memory_device == "pinned")
         self.bank = bank
         self.last_generation = GenerationStats()
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -201,7 +215,7 @@ class MemLong:
     def _backend(self) -> str:
         backend = self.config.attention_backend
         if backend == "auto":
-            return "flex" if self.device.type == "cuda" else "sdpa"
+            return "sdpa"  # flex measured 2x slower for ingest on an H100 (results/bench-gpu-h100-run1.json)
         return backend
 
     def _memory(self, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -291,24 +305,24 @@ class MemLong:
         state.last_query = self.tokenizer.decode(tokens[-last:])
         if write:
             srcs = cfg.source_layers
-            texts, keys, values, spans = [], [], [], []
+            new = []
             for s in range(0, len(tokens), cfg.chunk_size):
                 e = min(s + cfg.chunk_size, len(tokens))
                 text = self.tokenizer.decode(tokens[s:e])
                 if not text.strip():
                     continue  # whitespace-only chunk: nothing to retrieve it by
-                texts.append(text)
-                keys.append(torch.stack([captured[layer][0][0, :, s:e] for layer in srcs]))
-                values.append(torch.stack([captured[layer][1][0, :, s:e] for layer in srcs]))
-                spans.append((state.offset + s, state.offset + e))
-            embeddings = self.bank.embedder.encode(texts) if texts else None
-            ids = self.bank.add_chunks(texts, keys=keys, values=values, namespace=namespace, doc_id=state.doc_id,
-                                       spans=spans, embeddings=embeddings, metadata=[state.metadata] * len(texts))
-            if texts and texts[-1] == state.last_query:  # the next step's query was just embedded: reuse it
-                state.last_query = np.asarray(embeddings[-1:], dtype=np.float32)
-            state.chunk_ids += ids
-            state.recent.extend((cid, span[1]) for cid, span in zip(ids, spans))
-            state.recent = state.recent[-(cfg.local_window // cfg.chunk_size + 2):]
+                new.append((text, torch.stack([captured[layer][0][0, :, s:e] for layer in srcs]),
+                            torch.stack([captured[layer][1][0, :, s:e] for layer in srcs]),
+                            (state.offset + s, state.offset + e)))
+            if state.pending is not None and k == 0:
+                state.pending += new
+                if state.pending_tokens >= _WRITE_BATCH_TOKENS:
+                    self._write_chunks(state, namespace, state.pending)
+                    state.pending = []
+            else:
+                embeddings = self._write_chunks(state, namespace, new)
+                if new and new[-1][0] == state.last_query:  # the next step's query was just embedded: reuse it
+                    state.last_query = np.asarray(embeddings[-1:], dtype=np.float32)
         # slide the local cache: keep the last local_window - step tokens
         keep = cfg.local_window - cfg.step
         for layer in range(self.num_layers):
@@ -321,6 +335,19 @@ class MemLong:
         state.cache_len = state.cache[0][0].shape[2]
         state.offset += len(tokens)
         return out
+
+    def _write_chunks(self, state: _Stream, namespace: str, chunks: list) -> np.ndarray | None:
+        """Embed ``chunks`` (text, keys, values, span) in one batch and add them to the bank."""
+        if not chunks:
+            return None
+        texts, keys, values, spans = (list(x) for x in zip(*chunks))
+        embeddings = self.bank.embedder.encode(texts)
+        ids = self.bank.add_chunks(texts, keys=keys, values=values, namespace=namespace, doc_id=state.doc_id,
+                                   spans=spans, embeddings=embeddings, metadata=[state.metadata] * len(texts))
+        state.chunk_ids += ids
+        state.recent.extend((cid, span[1]) for cid, span in zip(ids, spans))
+        state.recent = state.recent[-(self.config.local_window // self.config.chunk_size + 2):]
+        return embeddings
 
     def ingest(self, texts: str | Sequence[str], *, namespace: str = "default", doc_ids: Sequence[str] | None = None,
                metadatas: Sequence[dict[str, Any]] | None = None, progress: bool = True) -> IngestStats:
@@ -354,11 +381,13 @@ class MemLong:
         with torch.no_grad():
             for i, tokens in enumerate(encoded):
                 state = _Stream(doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}",
-                                metadata=dict(metadatas[i]) if metadatas else {})
+                                metadata=dict(metadatas[i]) if metadatas else {},
+                                pending=[] if self.config.ingest_k == 0 else None)  # nothing retrieved: batch writes
                 for s in range(0, len(tokens), self.config.step):
                     step = tokens[s:s + self.config.step]
                     self._stream_step(step, state, namespace)
                     bar.update(len(step))
+                self._write_chunks(state, namespace, state.pending or [])
                 stats.tokens += len(tokens)
                 stats.chunk_ids += state.chunk_ids
         bar.close()
@@ -486,12 +515,18 @@ class MemLong:
         self.last_generation = stats
         return self._decode_loop(ids, memory, max_new_tokens, temperature, seed, stop, stats, t0)
 
-    def _decode_loop(self, ids, memory, max_new_tokens, temperature, seed, stop, stats, t0) -> Iterator[str]:
+    @functools.cached_property
+    def _eos_ids(self) -> frozenset[int]:
+        """Token ids that end an answer (computed once: ``get_vocab`` alone costs ~20 ms)."""
         eos = {t for t in (self.tokenizer.eos_token_id,) if t is not None}
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         if "<|im_end|>" in self.tokenizer.get_vocab():  # chat models' end of turn
             eos.add(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        return frozenset(eos)
+
+    def _decode_loop(self, ids, memory, max_new_tokens, temperature, seed, stop, stats, t0) -> Iterator[str]:
+        eos = self._eos_ids
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         with torch.no_grad():
             ctx, pos = self._context(memory, None, 0, grow=True)
@@ -524,6 +559,8 @@ class MemLong:
                 if not text.endswith("\ufffd") and len(text) > len(emitted):  # wait for complete characters
                     yield text[len(emitted):]
                     emitted = text
+                if len(out) == max_new_tokens:
+                    break
                 logits = self._run([token], torch.tensor([pos]), ctx, logits_for=slice(-1, None))
                 pos += 1
         stats.seconds = time.perf_counter() - t0

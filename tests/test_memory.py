@@ -159,3 +159,19 @@ def test_mark_retrieved_counts_only_live_chunks_of_the_namespace(embedder):
     bank.mark_retrieved([mine, theirs, "0" * 24], namespace="me")  # another namespace's id and a gone id: skipped
     assert bank.get(mine, namespace="me").retrievals == 1
     assert bank.get(theirs, namespace="them").retrievals == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")
+def test_pinned_memory_without_cuda_is_refused_with_the_fix(embedder, make_tiny):
+    with pytest.raises(ValueError, match="pin_memory=True .* needs device='cpu' and CUDA"):
+        MemoryBank(embedder=embedder, pin_memory=True)
+    with pytest.raises(ValueError, match="memory_device='cpu'"):
+        make_tiny(memory_device="pinned")
+
+
+def test_fetch_to_another_dtype_keeps_values(bank):
+    ids = add(bank, ["one chunk", "two chunk"], fills=[1.5, -2.0])
+    keys, values = bank.fetch(ids, namespace="ns", device="cpu", dtype=torch.float32)
+    assert keys.dtype == values.dtype == torch.float32
+    assert torch.equal(keys[:, :, :4], torch.full_like(keys[:, :, :4], 1.5))
+    assert torch.equal(values[:, :, 4:], torch.full_like(values[:, :, 4:], -1.0))  # values = keys + 1

@@ -90,6 +90,30 @@ def test_ingest_does_not_retrieve_by_default(make_tiny):
     assert len(calls) == 1 and len(ml.last_generation.chunk_ids) == 2  # reading still retrieves top_k
 
 
+def test_batched_ingest_writes_store_what_per_step_writes_store(make_tiny, monkeypatch):
+    """With nothing retrieved while storing, chunks are embedded and written in batches: same bank content."""
+    import memlong.model
+
+    text = TEXT * 3  # ~5.7k tokens: more than one batch, and a partial batch at the end
+    ml, _ = make_tiny(local_window=512, ingest_step=256)
+    writes = []
+    add = ml.bank.add_chunks
+    ml.bank.add_chunks = lambda texts, **kw: writes.append(len(texts)) or add(texts, **kw)
+    batched = ml.ingest([text, TEXT], namespace="a", doc_ids=["d1", "d2"], progress=False)
+    monkeypatch.setattr(memlong.model, "_WRITE_BATCH_TOKENS", 0)  # write every step at once
+    n_batched = len(writes)
+    per_step = ml.ingest([text, TEXT], namespace="b", doc_ids=["d1", "d2"], progress=False)
+    assert n_batched < len(writes) - n_batched  # fewer, bigger writes
+    assert len(batched.chunk_ids) == len(per_step.chunk_ids) > 40
+    for a, b in zip(batched.chunk_ids, per_step.chunk_ids):
+        ca, cb = ml.bank.get(a, namespace="a"), ml.bank.get(b, namespace="b")
+        assert (ca.text, ca.doc_id, ca.span) == (cb.text, cb.doc_id, cb.span)
+        assert torch.equal(ca.keys, cb.keys) and torch.equal(ca.values, cb.values)
+    assert [h.chunk_id for h in ml.bank.search("the blue ship", namespace="a", k=5)] == \
+        [batched.chunk_ids[per_step.chunk_ids.index(h.chunk_id)] for h in ml.bank.search("the blue ship",
+                                                                                           namespace="b", k=5)]
+
+
 def test_generate_uses_explicit_chunks_and_streams(make_tiny):
     ml, _ = make_tiny(top_k=2)
     stats = ml.ingest(TEXT, namespace="doc", progress=False)
