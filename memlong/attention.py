@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 __all__ = ["ATTN_NAME", "AttentionContext", "joint_attention", "register", "rotate", "unrotate"]
 
@@ -74,13 +75,20 @@ def _mask(lq: int, lk: int, n_visible: int, device) -> torch.Tensor:
     return (j < n_visible) | (j - n_visible <= i)
 
 
-def _attention_sdpa(q, k, v, n_visible, scaling, dropout: float = 0.0):
+def _attention_sdpa(q, k, v, n_visible, scaling, dropout: float = 0.0, lower_right: bool | None = None):
+    """``lower_right`` (default: on CUDA): express the mask as a lower-right-aligned causal bias (key j visible
+    to query i iff j <= i + n_visible, the same mask), which SDPA runs with its flash/memory-efficient
+    kernels; a boolean mask there falls back to slower kernels. On the CPU the cached boolean mask is faster."""
     lq, lk = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
+    if lower_right is None:
+        lower_right = q.is_cuda
     if lq == 1:  # decode: everything is visible, no mask keeps SDPA on its fast kernels
         mask, causal = None, False
     elif n_visible == 0:
         mask, causal = None, True
+    elif lower_right:
+        mask, causal = causal_lower_right(lq, lk), False
     else:
         mask, causal = _mask(lq, lk, n_visible, q.device), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,

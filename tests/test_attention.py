@@ -52,3 +52,24 @@ def test_unrotate_inverts_rotate():
     emb = torch.cat([angles, angles], -1)[None]
     cos, sin = emb.cos() * 1.3, emb.sin() * 1.3  # a scaled RoPE variant (e.g. YaRN's attention factor)
     torch.testing.assert_close(unrotate(rotate(x, cos, sin), cos, sin), x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_lower_right_causal_bias_is_the_same_mask(heads, kv_heads):
+    """CUDA runs the mask as SDPA's lower-right causal bias (fast kernels); here both forms run on the CPU."""
+    from memlong.attention import _attention_sdpa
+
+    torch.manual_seed(0)
+    q = torch.randn(1, heads, 7, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, kv_heads, 20 + 7, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, kv_heads, 20 + 7, 16, dtype=torch.float64, requires_grad=True)
+    outs, grads = [], []
+    for lower_right in (False, True):
+        out = _attention_sdpa(q, k, v, 20, 0.25, lower_right=lower_right)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    reference = joint_attention(q, k, v, 20, 0.25, backend="eager")
+    torch.testing.assert_close(outs[1], reference, atol=1e-5, rtol=1e-5)  # the reference runs in float32
