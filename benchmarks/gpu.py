@@ -406,12 +406,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     axes[0].bar(x - 0.2, [r["memlong_peak_gib"] or 0 for r in ing], 0.4, label="MemLong ingest", color="#2171b5")
     axes[0].bar(x + 0.2, [r["full_peak_gib"] if isinstance(r["full_peak_gib"], float) else 0 for r in ing], 0.4,
                 label="full attention (0 = OOM)", color="#bbbbbb")
-    axes[0].set_xticks(x, [f"{r['tokens'] // 1000}k" for r in ing])
+    axes[0].set_xticks(x, [f"{r['tokens'] // 1024}k" for r in ing])
     axes[0].set_ylabel("peak GPU memory (GiB)")
     axes[0].legend()
-    dec = [r for r in rows if r["bench"] == "decode"]
-    axes[1].bar([f"{r['system']}\n{r['history_tokens'] // 1000}k" for r in dec], [r["step_ms"] for r in dec],
+    dec = sorted((r for r in rows if r["bench"] == "decode"), key=lambda r: (r["system"], r["history_tokens"]))
+    axes[1].bar([f"{'MemLong' if r['system'] == 'memlong' else 'full'}\n{r['history_tokens'] // 1024}k" for r in dec],
+                [r["step_ms"] for r in dec],
                 color=["#2171b5" if r["system"] == "memlong" else "#bbbbbb" for r in dec])
+    axes[1].tick_params(axis="x", labelsize=8)
     axes[1].set_ylabel("ms per decode step")
     tt = [r for r in rows if r["bench"] == "ttft"]
     x = np.arange(len(tt))
@@ -425,7 +427,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     axes[2].set_yscale("log")
     axes[2].set_xticks(x, [r["retrieved"] for r in tt])
     axes[2].set_ylabel("time to first token (s)")
-    axes[2].legend()
+    axes[2].legend(fontsize=7, loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -447,7 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--plot", metavar="PNG")
+    p.add_argument("--from-json", metavar="JSON", help="only draw --plot from a saved --json (no GPU needed)")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        plot(saved["records"], args.plot or str(Path(args.from_json).with_suffix(".png")),
+             f"MemLong vs full attention, OpenLLaMA-3B shape, {saved['machine']['device']}")
+        return 0
     if args.prepare:
         prepare(Path(args.prepare))
         return 0
