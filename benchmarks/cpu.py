@@ -1,7 +1,8 @@
 """CPU benchmarks on the default model; every ratio is measured side by side in one run.
 
 * ``ingest``: MemLong.ingest tokens/s vs plain HF prefill of the same tokens in the same window sizes
-  (each window of ``local_window`` tokens prefilled on its own, no memory), for each ``--ingest-top-k``
+  (each window of ``local_window`` tokens prefilled on its own, no memory), alternating the two
+  ``--ingest-repeats`` times and taking medians, for each ``--ingest-top-k``
   (chunks retrieved and attended while storing; the library default is 0).
 * ``ttft``: time to first token of a RAG answer with the retrieved chunks as K-V (only the question is
   encoded) vs re-encoding the same retrieved text with the question (plain HF prefill), for
@@ -38,8 +39,9 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int]) -> list[dict]:
-    """One row per ``ingest_top_k``, each with its own plain-prefill timing taken right after it."""
+def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int], repeats: int = 3) -> list[dict]:
+    """One row per ``ingest_top_k``: MemLong ingest and the plain prefill alternate ``repeats`` times (so a
+    machine that slows down or speeds up during the run affects both alike); medians, and the ratio's range."""
     ids = ml.tokenize(text)[:tokens]
     doc = ml.tokenizer.decode(ids)
     ids = ml.tokenize(doc)
@@ -50,23 +52,30 @@ def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int]) -> list[dict]
     ml.reset("bench-warmup")
     for k in ingest_ks:
         ml.config = dataclasses.replace(base, ingest_top_k=k)
-        ml.reset("bench")
-        with _Timers(ml) as parts:  # where the time goes: model forward, embedder, retrieval, bank writes
+        memlong_runs, plain_runs, parts_runs = [], [], []
+        for _ in range(repeats):
+            ml.reset("bench")
+            with _Timers(ml) as parts:  # where the time goes: model forward, embedder, retrieval, bank writes
+                t0 = time.perf_counter()
+                ml.ingest(doc, namespace="bench", progress=False)
+                memlong_runs.append(time.perf_counter() - t0)
+            parts_runs.append(parts.seconds)
+            bank_bytes_per_token = ml.bank.nbytes("bench") / ml.bank.num_tokens("bench")
+            ml.reset("bench")
             t0 = time.perf_counter()
-            ml.ingest(doc, namespace="bench", progress=False)
-            memlong_s = time.perf_counter() - t0
-        bank_bytes_per_token = ml.bank.nbytes("bench") / ml.bank.num_tokens("bench")
-        ml.reset("bench")
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for s in range(0, len(ids), window):
-                ml.model(torch.tensor([ids[s:s + window]], device=ml.device), use_cache=False, logits_to_keep=1)
-        plain_s = time.perf_counter() - t0
+            with torch.no_grad():
+                for s in range(0, len(ids), window):
+                    ml.model(torch.tensor([ids[s:s + window]], device=ml.device), use_cache=False, logits_to_keep=1)
+            plain_runs.append(time.perf_counter() - t0)
+        memlong_s, plain_s = statistics.median(memlong_runs), statistics.median(plain_runs)
+        ratios = [p / m for p, m in zip(plain_runs, memlong_runs)]
+        middle = parts_runs[memlong_runs.index(sorted(memlong_runs)[(len(memlong_runs) - 1) // 2])]
         rows.append({"bench": "ingest", "ingest_top_k": k, "tokens": len(ids), "memlong_tok_s": len(ids) / memlong_s,
                      "plain_prefill_tok_s": len(ids) / plain_s, "ratio": plain_s / memlong_s,
+                     "ratio_min": min(ratios), "ratio_max": max(ratios), "repeats": repeats,
                      "bank_bytes_per_token": bank_bytes_per_token,
-                     **{f"{name}_s": round(t, 3) for name, t in parts.seconds.items()},
-                     "other_s": round(memlong_s - sum(parts.seconds.values()), 3)})
+                     **{f"{name}_s": round(t, 3) for name, t in middle.items()},  # of the median run
+                     "other_s": round(sorted(memlong_runs)[(len(memlong_runs) - 1) // 2] - sum(middle.values()), 3)})
     ml.config = base
     return rows
 
@@ -252,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faiss-sizes", default="1000,10000,100000,1000000", help="bank sizes (chunks)")
     p.add_argument("--bank-max", type=int, default=100_000, help="largest size also measured through MemoryBank")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median) per TTFT point")
+    p.add_argument("--ingest-repeats", type=int, default=3,
+                   help="alternating MemLong / plain-prefill runs per ingest row (medians; the ratio's range too)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", metavar="OUT", help="write the records as JSON")
     p.add_argument("--plot", metavar="PNG", help="write a plot")
@@ -268,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if {"ingest", "bytes"} & set(benches):
         ml = MemLong.from_pretrained("default")
     if "ingest" in benches:
-        rows += bench_ingest(ml, text, args.ingest_tokens, [int(k) for k in args.ingest_top_k.split(",")])
+        rows += bench_ingest(ml, text, args.ingest_tokens, [int(k) for k in args.ingest_top_k.split(",")],
+                             args.ingest_repeats)
         print(_table([r for r in rows if r["bench"] == "ingest"]), file=sys.stderr)
     if "ttft" in benches:
         ml_512 = MemLong.from_pretrained("default", chunk_size=512, local_window=2048)

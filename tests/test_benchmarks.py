@@ -33,3 +33,20 @@ def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
     assert all(r["kv_cpu_ttft_s"] > 0 and r["kv_gpu_ttft_s"] > 0 for r in ttft)
     assert {r["chunks"] for r in records if r["bench"] == "search"} == {1000, 10_000}
     assert (tmp_path / "gpu.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_smoke_run(tmp_path):
+    import cpu
+
+    out = tmp_path / "cpu.json"
+    assert cpu.main(["--ingest-tokens", "700", "--ingest-top-k", "0,2", "--ingest-repeats", "2", "--ttft-chunks", "1",
+                     "--repeats", "1", "--faiss-sizes", "1000", "--bank-max", "1000", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    ingest = [r for r in records if r["bench"] == "ingest"]
+    assert [r["ingest_top_k"] for r in ingest] == [0, 2]
+    assert all(r["ratio_min"] <= r["ratio"] <= r["ratio_max"] and r["repeats"] == 2 for r in ingest)
+    assert all(r["forward_s"] > 0 and r["embed_s"] > 0 for r in ingest)
+    ttft = [r for r in records if r["bench"] == "ttft"]
+    assert len(ttft) == 1 and ttft[0]["kv_tokens_encoded"] < 30 < ttft[0]["reencode_tokens_encoded"]
+    assert {r["chunks"] for r in records if r["bench"] == "faiss"} == {1000}
