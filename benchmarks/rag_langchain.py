@@ -20,7 +20,6 @@ prefix as an AI prefill. Per mode: tokens encoded per query, time to first token
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -42,9 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens the bank may hold before it evicts (default 131072: every document stays; the library "
                         "default of 32768 would evict part of the default corpus, and with it facts)")
     p.add_argument("--top-k", type=int, default=4, help="chunks retrieved per question (default 4)")
-    p.add_argument("--ingest-window", type=int, default=None,
-                   help="local window (and step) while storing; the chunk size (128) stores every chunk's K-V "
-                        "computed on its own, as pasting it at the start of a prompt would (default: the model's)")
+    p.add_argument("--chunk-context", choices=("chunk", "document"), default="chunk",
+                   help="K-V of each stored chunk computed from the chunk alone (default, as pasting it would) or "
+                        "inside its document's sliding window (the paper's streaming)")
     p.add_argument("--max-new-tokens", type=int, default=12, help="answer budget (default 12)")
     p.add_argument("--modes", default="kv,paste,kv-chat,none", help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--dense", action="store_true",
@@ -106,13 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("error", MemoryEvictionWarning)  # an evicted fact would make the comparison meaningless
     ml = MemLong.from_pretrained(args.model, top_k=args.top_k, memory_capacity=args.memory_capacity)
     namespace = "rag-langchain"
-    store = MemLongVectorStore(ml, namespace=namespace, progress=not args.no_progress)
+    store = MemLongVectorStore(ml, namespace=namespace, progress=not args.no_progress, chunk_context=args.chunk_context)
     t0 = time.perf_counter()
-    reading = ml.config
-    if args.ingest_window:
-        ml.config = dataclasses.replace(reading, local_window=args.ingest_window, ingest_step=args.ingest_window)
     store.add_texts(docs, metadatas=[{"play": p} for p in args.plays.split(",")])
-    ml.config = reading
     ingest = {"documents": len(docs), "tokens": ml.bank.num_tokens(namespace),
               "chunks": len(ml.bank.chunk_ids(namespace)), "seconds": time.perf_counter() - t0}
     print(f"ingested {ingest['tokens']} tokens in {ingest['chunks']} chunks, {ingest['seconds']:.0f} s", file=sys.stderr)

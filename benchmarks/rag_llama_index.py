@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens the bank may hold before it evicts (default 131072: every document stays; the library "
                         "default of 32768 would evict part of the default corpus, and with it facts)")
     p.add_argument("--top-k", type=int, default=4, help="chunks retrieved per question")
+    p.add_argument("--chunk-context", choices=("chunk", "document"), default="chunk",
+                   help="K-V of each stored chunk computed from the chunk alone (default, as pasting it would) or "
+                        "inside its document's sliding window (the paper's streaming)")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--split", action="store_true",
                    help="split documents with LlamaIndex's default SentenceSplitter (default: one node per document, "
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ml = MemLong.from_pretrained(args.model, top_k=args.top_k, memory_capacity=args.memory_capacity)
     namespace = "rag-llama-index"
     ml.reset(namespace)
-    store = MemLongVectorStore(ml, namespace=namespace, show_progress=not args.no_progress)
+    store = MemLongVectorStore(ml, namespace=namespace, show_progress=not args.no_progress,
+                               chunk_context=args.chunk_context)
     t0 = time.perf_counter()
     documents = [Document(text=d, metadata={"play": p}, excluded_llm_metadata_keys=["play"]) for d, p in zip(docs, plays)]
     build = VectorStoreIndex.from_documents if args.split else VectorStoreIndex  # documents as nodes: streamed whole

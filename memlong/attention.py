@@ -21,12 +21,13 @@ The model (`memlong.model`) sets a :class:`AttentionContext` on the forward call
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 __all__ = ["ATTN_NAME", "AttentionContext", "joint_attention", "register", "rotate", "unrotate"]
 
@@ -75,6 +76,10 @@ def _mask(lq: int, lk: int, n_visible: int, device) -> torch.Tensor:
     return (j < n_visible) | (j - n_visible <= i)
 
 
+# older torch releases' causal biases take no enable_gqa: there, grouped-query attention keeps the boolean mask
+_BIAS_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
+
+
 def _attention_sdpa(q, k, v, n_visible, scaling, dropout: float = 0.0, lower_right: bool | None = None):
     """``lower_right`` (default: on CUDA): express the mask as a lower-right-aligned causal bias (key j visible
     to query i iff j <= i + n_visible, the same mask), which SDPA runs with its flash/memory-efficient
@@ -82,7 +87,7 @@ def _attention_sdpa(q, k, v, n_visible, scaling, dropout: float = 0.0, lower_rig
     lq, lk = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
     if lower_right is None:
-        lower_right = q.is_cuda
+        lower_right = q.is_cuda and (groups == 1 or _BIAS_GQA)
     if lq == 1:  # decode: everything is visible, no mask keeps SDPA on its fast kernels
         mask, causal = None, False
     elif n_visible == 0:

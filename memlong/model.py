@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -89,6 +89,7 @@ class _Stream:
     # chunks waiting to be embedded and written in one batch (None: write every step at once). Only for
     # streams that never retrieve (ingest with ingest_top_k=0), so that nothing can miss a pending chunk.
     pending: list[tuple[str, torch.Tensor, torch.Tensor, tuple[int, int]]] | None = None
+    isolated: bool = False  # context="chunk": no cache carried between steps (each step is one chunk)
 
     @property
     def pending_tokens(self) -> int:
@@ -324,7 +325,7 @@ class MemLong:
                 if new and new[-1][0] == state.last_query:  # the next step's query was just embedded: reuse it
                     state.last_query = np.asarray(embeddings[-1:], dtype=np.float32)
         # slide the local cache: keep the last local_window - step tokens
-        keep = cfg.local_window - cfg.step
+        keep = 0 if state.isolated else cfg.local_window - cfg.step
         for layer in range(self.num_layers):
             k_new, v_new = captured[layer]
             if layer in state.cache:
@@ -350,7 +351,8 @@ class MemLong:
         return embeddings
 
     def ingest(self, texts: str | Sequence[str], *, namespace: str = "default", doc_ids: Sequence[str] | None = None,
-               metadatas: Sequence[dict[str, Any]] | None = None, progress: bool = True) -> IngestStats:
+               metadatas: Sequence[dict[str, Any]] | None = None, progress: bool = True,
+               context: Literal["document", "chunk"] = "document") -> IngestStats:
         """Stream documents of any length into memory, window by window (see module docstring).
 
         Args:
@@ -360,9 +362,21 @@ class MemLong:
             metadatas: optional per-document metadata dicts, copied onto each of the document's chunks
                 (``MemoryBank.get(id).metadata``); adapters keep their node/document ids here.
             progress: show a tqdm progress bar over tokens.
+            context: what each chunk's K-V are computed from. ``"document"`` (default, the paper's streaming):
+                the chunk inside its document's sliding local window, best for reading a long document
+                (perplexity, passkey). ``"chunk"``: the chunk alone (after the sink), which is what pasting that
+                chunk at the start of a prompt would compute: best for RAG, where retrieved chunks are read
+                out of their document (README, "RAG"); one forward per chunk, so slower to ingest.
         Raises:
-            ValueError: a document that is empty or only whitespace.
+            ValueError: a document that is empty or only whitespace; an unknown ``context``.
+
+        Example:
+            >>> stats = ml.ingest(open("hamlet.txt").read(), namespace="hamlet")
+            >>> stats.chunks, stats.tokens_per_second
         """
+        if context not in ("document", "chunk"):
+            raise ValueError(f"context must be 'document' (K-V from the document's window) or 'chunk' (K-V from the "
+                             f"chunk alone); got {context!r}.")
         docs = [texts] if isinstance(texts, str) else list(texts)
         if doc_ids is not None and len(doc_ids) != len(docs):
             raise ValueError(f"Got {len(docs)} documents but {len(doc_ids)} doc_ids.")
@@ -382,9 +396,11 @@ class MemLong:
             for i, tokens in enumerate(encoded):
                 state = _Stream(doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}",
                                 metadata=dict(metadatas[i]) if metadatas else {},
-                                pending=[] if self.config.ingest_k == 0 else None)  # nothing retrieved: batch writes
-                for s in range(0, len(tokens), self.config.step):
-                    step = tokens[s:s + self.config.step]
+                                pending=[] if self.config.ingest_k == 0 else None,  # nothing retrieved: batch writes
+                                isolated=context == "chunk")
+                size = self.config.chunk_size if context == "chunk" else self.config.step
+                for s in range(0, len(tokens), size):
+                    step = tokens[s:s + size]
                     self._stream_step(step, state, namespace)
                     bar.update(len(step))
                 self._write_chunks(state, namespace, state.pending or [])

@@ -114,6 +114,28 @@ def test_batched_ingest_writes_store_what_per_step_writes_store(make_tiny, monke
                                                                                            namespace="b", k=5)]
 
 
+def test_chunk_context_stores_what_the_chunk_alone_computes(make_tiny):
+    """context="chunk": a chunk's K-V are those of [sink + the chunk] run on their own (what pasting it at the
+    start of a prompt computes); context="document" K-V of later chunks carry their document window."""
+    ml, _ = make_tiny(local_window=512)
+    alone = ml.ingest(TEXT, namespace="c", context="chunk", progress=False)
+    streamed = ml.ingest(TEXT, namespace="d", progress=False)
+    for cid in (alone.chunk_ids[0], alone.chunk_ids[5]):
+        chunk = ml.bank.get(cid, namespace="c")
+        tokens = ml.tokenize(TEXT)[chunk.span[0]:chunk.span[1]]
+        ctx = AttentionContext(capture=True, backend="eager")
+        with torch.no_grad():
+            ml._run(ml._sink_ids + tokens, torch.arange(len(tokens) + 1), ctx, logits_for=None)
+        expected = torch.stack([ctx.captured[layer][0][0, :, 1:] for layer in ml.config.source_layers])
+        torch.testing.assert_close(chunk.keys, expected, atol=1e-4, rtol=1e-4)
+    later = ml.bank.get(streamed.chunk_ids[5], namespace="d")
+    assert later.span == ml.bank.get(alone.chunk_ids[5], namespace="c").span
+    assert not torch.allclose(later.keys, ml.bank.get(alone.chunk_ids[5], namespace="c").keys, atol=1e-3)
+    with pytest.raises(ValueError, match="context must be 'document'"):
+        ml.ingest(TEXT, namespace="x", context="page", progress=False)
+    assert "x" not in ml.bank.namespaces()
+
+
 def test_generate_uses_explicit_chunks_and_streams(make_tiny):
     ml, _ = make_tiny(top_k=2)
     stats = ml.ingest(TEXT, namespace="doc", progress=False)

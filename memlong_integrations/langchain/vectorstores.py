@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
@@ -50,6 +50,9 @@ class MemLongVectorStore(VectorStore):
 
             store = MemLongVectorStore(memlong=ml, namespace="docs")
 
+    ``chunk_context``: ``"chunk"`` (default) computes each chunk's K-V from the chunk alone, as pasting it into
+    a prompt would; ``"document"`` inside its document's sliding window (see ``MemLong.ingest(context=)``).
+
     Add and search:
         .. code-block:: python
 
@@ -59,14 +62,18 @@ class MemLongVectorStore(VectorStore):
             chat.invoke(question, memlong_chunk_ids=store.chunk_ids(retriever.invoke(question)))
     """
 
-    def __init__(self, memlong: MemLong, *, namespace: str = "default", progress: bool = False) -> None:
+    def __init__(self, memlong: MemLong, *, namespace: str = "default", progress: bool = False,
+                 chunk_context: Literal["chunk", "document"] = "chunk") -> None:
         if not isinstance(memlong, MemLong):
             raise TypeError(f"memlong must be a memlong.MemLong, got {type(memlong).__name__}.")
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(f"namespace must be a non-empty string, got {namespace!r}.")
+        if chunk_context not in ("chunk", "document"):
+            raise ValueError(f"chunk_context must be 'chunk' or 'document', got {chunk_context!r}.")
         self.memlong = memlong
         self.namespace = namespace
         self.progress = progress
+        self.chunk_context = chunk_context
 
     @property
     def bank(self):
@@ -124,7 +131,8 @@ class MemLongVectorStore(VectorStore):
         metas = [{**(m or {}), TEXT_KEY: t} for m, t in zip(metadatas or [{}] * len(texts), texts)]
         old = self._entries()
         replaced = [cid for i in ids for cid in old.get(i, [])]
-        self.memlong.ingest(texts, namespace=self.namespace, doc_ids=ids, metadatas=metas, progress=self.progress)
+        self.memlong.ingest(texts, namespace=self.namespace, doc_ids=ids, metadatas=metas, progress=self.progress,
+                            context=self.chunk_context)
         if replaced:
             self.bank.delete(replaced, namespace=self.namespace)
         return ids

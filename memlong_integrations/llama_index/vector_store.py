@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.schema import BaseNode, Document, MetadataMode
@@ -105,6 +105,8 @@ class MemLongVectorStore(BasePydanticVectorStore):
         namespace: the bank namespace (one per document set, user or session).
         raise_on_empty: ``query`` on an empty namespace raises ``ValueError`` (else returns no nodes).
         show_progress: progress bar while ingesting.
+        chunk_context: ``"chunk"`` (default): each chunk's K-V computed from the chunk alone, as pasting it
+            into a prompt would; ``"document"``: inside its document's sliding window (``MemLong.ingest``).
     """
 
     stores_text: bool = True
@@ -113,6 +115,9 @@ class MemLongVectorStore(BasePydanticVectorStore):
     namespace: str = Field(default="default", description="Memory bank namespace.")
     raise_on_empty: bool = Field(default=True, description="Raise when querying an empty namespace.")
     show_progress: bool = Field(default=True, description="Progress bar while ingesting.")
+    chunk_context: Literal["chunk", "document"] = Field(
+        default="chunk", description="K-V of each chunk computed from the chunk alone ('chunk', as pasting it would) "
+                                     "or inside its document's window ('document'); see MemLong.ingest(context=).")
 
     _memlong: MemLong = PrivateAttr()
 
@@ -151,7 +156,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
                                              "embed": list(node.excluded_embed_metadata_keys)}})
         if texts:
             self._memlong.ingest(texts, namespace=self.namespace, doc_ids=doc_ids, metadatas=metadatas,
-                                 progress=self.show_progress)
+                                 progress=self.show_progress, context=self.chunk_context)
         return [node.node_id for node in nodes]
 
     async def async_add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
