@@ -2,6 +2,7 @@
 end-to-end RAG chain on the real default model."""
 
 import pytest
+import torch
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
@@ -333,3 +334,19 @@ def test_end_to_end_documents_store_retriever_chain_answer(default_memlong):
     assert gen.prompt_tokens == len(ml.encode_prompt(plain(question), answer_prefix=" " + prefix))  # question only
     assert "saffron" in out["answer"].lower(), out["answer"]
     ml.reset("lc-e2e")
+
+
+def test_vector_store_chunk_context(tiny):
+    """The store computes each chunk's K-V from the chunk alone by default (as pasting it would)."""
+    ref_alone = tiny.ingest(TEXT, namespace="ref-alone", context="chunk", progress=False).chunk_ids
+    ref_doc = tiny.ingest(TEXT, namespace="ref-doc", progress=False).chunk_ids
+    for context, ref, ref_ns in ((None, ref_alone, "ref-alone"), ("document", ref_doc, "ref-doc")):
+        kwargs = {} if context is None else {"chunk_context": context}
+        store = MemLongVectorStore(tiny, namespace=f"ctx-{context}", **kwargs)
+        store.add_texts([TEXT], ids=["t"])
+        got = tiny.bank.chunk_ids(store.namespace)
+        assert len(got) == len(ref) > 3
+        for a, b in zip(got, ref):
+            assert torch.equal(tiny.bank.get(a, namespace=store.namespace).keys, tiny.bank.get(b, namespace=ref_ns).keys)
+    with pytest.raises(ValueError, match="chunk_context must be 'chunk' or 'document'"):
+        MemLongVectorStore(tiny, namespace="bad", chunk_context="page")

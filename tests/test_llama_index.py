@@ -327,3 +327,25 @@ def test_documents_passed_as_nodes_are_streamed_whole(make_tiny):
     # from_documents(..., transformations=[]) would not do this: LlamaIndex reads [] as "use the default splitter"
     build_index(ml, "split", [Document(text=text, doc_id="macbeth")])
     assert ml.bank.num_tokens("split") > n  # overlapping nodes: some text stored twice
+
+
+def test_vector_store_chunk_context(make_tiny):
+    """Chunk K-V from the chunk alone by default; chunk_context="document" keeps the document's window."""
+    import torch
+    from pydantic import ValidationError
+
+    ml, _ = make_tiny(top_k=2, chunk_size=64)
+    text = shakespeare_text("macbeth")[:3000]
+    refs = {"chunk": ml.ingest(text, namespace="ref-chunk", context="chunk", progress=False).chunk_ids,
+            "document": ml.ingest(text, namespace="ref-document", progress=False).chunk_ids}
+    for context in ("chunk", "document"):
+        store = MemLongVectorStore(ml, namespace=f"idx-{context}", show_progress=False,
+                                   **({} if context == "chunk" else {"chunk_context": context}))
+        VectorStoreIndex([Document(text=text, doc_id="m")], storage_context=StorageContext.from_defaults(vector_store=store),
+                         embed_model=MemLongEmbedding.from_memlong(ml))
+        got = ml.bank.chunk_ids(store.namespace)
+        assert len(got) == len(refs[context]) > 3
+        assert all(torch.equal(ml.bank.get(a, namespace=store.namespace).keys,
+                               ml.bank.get(b, namespace=f"ref-{context}").keys) for a, b in zip(got, refs[context]))
+    with pytest.raises(ValidationError):
+        MemLongVectorStore(ml, namespace="bad", chunk_context="page")
