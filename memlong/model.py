@@ -69,8 +69,9 @@ class GenerationStats:
     seconds: float = 0.0
 
 
-# Ingest without retrieval embeds and writes chunks in batches of about this many tokens (one embedder call
-# and one bank write per batch instead of per step; the pending K-V stay on the model's device until then).
+# Ingest without retrieval embeds chunks in batches of about this many tokens (one embedder call per batch
+# instead of per step; the pending K-V stay on the model's device until then). The bank is still written step by
+# step, so eviction and byte limits see exactly the writes an unbatched ingest makes.
 _WRITE_BATCH_TOKENS = 4096
 
 
@@ -86,14 +87,14 @@ class _Stream:
     last_query: str | np.ndarray | None = None  # the previous step's last chunk (text, or its stored embedding)
     offset: int = 0
     chunk_ids: list[str] = field(default_factory=list)  # every chunk this stream stored
-    # chunks waiting to be embedded and written in one batch (None: write every step at once). Only for
-    # streams that never retrieve (ingest with ingest_top_k=0), so that nothing can miss a pending chunk.
-    pending: list[tuple[str, torch.Tensor, torch.Tensor, tuple[int, int]]] | None = None
+    # steps whose chunks wait to be embedded in one batch and written (None: write every step at once). Only
+    # for streams that never retrieve (ingest with ingest_top_k=0), so that nothing can miss a pending chunk.
+    pending: list[list[tuple[str, torch.Tensor, torch.Tensor, tuple[int, int]]]] | None = None
     isolated: bool = False  # context="chunk": no cache carried between steps (each step is one chunk)
 
     @property
     def pending_tokens(self) -> int:
-        return sum(end - start for *_, (start, end) in self.pending or ())
+        return sum(end - start for step in self.pending or () for *_, (start, end) in step)
 
 
 class MemLong:
@@ -316,12 +317,12 @@ class MemLong:
                             torch.stack([captured[layer][1][0, :, s:e] for layer in srcs]),
                             (state.offset + s, state.offset + e)))
             if state.pending is not None and k == 0:
-                state.pending += new
+                state.pending.append(new)
                 if state.pending_tokens >= _WRITE_BATCH_TOKENS:
                     self._write_chunks(state, namespace, state.pending)
                     state.pending = []
             else:
-                embeddings = self._write_chunks(state, namespace, new)
+                embeddings = self._write_chunks(state, namespace, [new])
                 if new and new[-1][0] == state.last_query:  # the next step's query was just embedded: reuse it
                     state.last_query = np.asarray(embeddings[-1:], dtype=np.float32)
         # slide the local cache: keep the last local_window - step tokens
@@ -337,16 +338,22 @@ class MemLong:
         state.offset += len(tokens)
         return out
 
-    def _write_chunks(self, state: _Stream, namespace: str, chunks: list) -> np.ndarray | None:
-        """Embed ``chunks`` (text, keys, values, span) in one batch and add them to the bank."""
+    def _write_chunks(self, state: _Stream, namespace: str, steps: list[list]) -> np.ndarray | None:
+        """Embed the chunks (text, keys, values, span) of ``steps`` in one batch, then add them to the bank one
+        step at a time. Returns the embeddings."""
+        chunks = [c for step in steps for c in step]
         if not chunks:
             return None
-        texts, keys, values, spans = (list(x) for x in zip(*chunks))
-        embeddings = self.bank.embedder.encode(texts)
-        ids = self.bank.add_chunks(texts, keys=keys, values=values, namespace=namespace, doc_id=state.doc_id,
-                                   spans=spans, embeddings=embeddings, metadata=[state.metadata] * len(texts))
-        state.chunk_ids += ids
-        state.recent.extend((cid, span[1]) for cid, span in zip(ids, spans))
+        embeddings = self.bank.embedder.encode([c[0] for c in chunks])
+        start = 0
+        for step in filter(None, steps):
+            texts, keys, values, spans = (list(x) for x in zip(*step))
+            ids = self.bank.add_chunks(texts, keys=keys, values=values, namespace=namespace, doc_id=state.doc_id,
+                                       spans=spans, embeddings=embeddings[start:start + len(step)],
+                                       metadata=[state.metadata] * len(texts))
+            start += len(step)
+            state.chunk_ids += ids
+            state.recent.extend((cid, span[1]) for cid, span in zip(ids, spans))
         state.recent = state.recent[-(self.config.local_window // self.config.chunk_size + 2):]
         return embeddings
 

@@ -91,19 +91,21 @@ def test_ingest_does_not_retrieve_by_default(make_tiny):
 
 
 def test_batched_ingest_writes_store_what_per_step_writes_store(make_tiny, monkeypatch):
-    """With nothing retrieved while storing, chunks are embedded and written in batches: same bank content."""
+    """With nothing retrieved while storing, chunks are embedded in batches: same bank content, same writes."""
     import memlong.model
 
     text = TEXT * 3  # ~5.7k tokens: more than one batch, and a partial batch at the end
     ml, _ = make_tiny(local_window=512, ingest_step=256)
-    writes = []
-    add = ml.bank.add_chunks
+    writes, encodes = [], []
+    add, encode = ml.bank.add_chunks, ml.bank.embedder.encode
     ml.bank.add_chunks = lambda texts, **kw: writes.append(len(texts)) or add(texts, **kw)
+    monkeypatch.setattr(ml.bank.embedder, "encode", lambda texts: encodes.append(len(texts)) or encode(texts))
     batched = ml.ingest([text, TEXT], namespace="a", doc_ids=["d1", "d2"], progress=False)
-    monkeypatch.setattr(memlong.model, "_WRITE_BATCH_TOKENS", 0)  # write every step at once
-    n_batched = len(writes)
+    monkeypatch.setattr(memlong.model, "_WRITE_BATCH_TOKENS", 0)  # embed every step at once
+    n_batched, n_encodes = len(writes), len(encodes)
     per_step = ml.ingest([text, TEXT], namespace="b", doc_ids=["d1", "d2"], progress=False)
-    assert n_batched < len(writes) - n_batched  # fewer, bigger writes
+    assert n_batched == len(writes) - n_batched  # the bank is still written step by step
+    assert n_encodes < len(encodes) - n_encodes  # but embedded in fewer, bigger batches
     assert len(batched.chunk_ids) == len(per_step.chunk_ids) > 40
     for a, b in zip(batched.chunk_ids, per_step.chunk_ids):
         ca, cb = ml.bank.get(a, namespace="a"), ml.bank.get(b, namespace="b")
