@@ -9,22 +9,26 @@ Measured, each MemLong figure beside its plain-transformers baseline on the same
 
 * ``ingest``: seconds and peak GPU memory to ingest 32k / 80k / 128k-token documents, against one plain
   full-attention prefill (SDPA, with the KV cache a decode would need) of the same tokens; an OOM is a result.
-* ``decode``: one decode step with memory at 80k tokens of history (MemLong ``generate`` after the 80k
-  ingest: window + top-k chunks) against plain full attention with a 4k and an 80k KV cache.
-* ``ttft``: time to first token with ``N x C`` retrieved tokens as stored K-V (only the question encoded)
-  against re-encoding the same text + question, for 8 x 512, 16 x 512 and 32 x 1,024.
+  Each row splits MemLong's time into decoder forward, embedder, bank writes and the rest (synchronised);
+  ``--compare-backend flex`` adds a row with another attention backend for the shortest document.
+* ``decode``: one decode step with memory after each ingest (MemLong ``generate``: window + top-k chunks)
+  against plain full attention with a 4k and an 80k KV cache.
+* ``ttft``: time to first token with ``N x C`` retrieved tokens as stored K-V (only the question encoded;
+  ``per_layer`` K-V kept on the CPU, in pinned CPU memory and on the GPU, each with its fetch / context /
+  forward split) against re-encoding the same text + question, for 8 x 512, 16 x 512 and 32 x 1,024.
 * ``search``: retrieval latency, k=8, 384-d, 1k to 1M chunks: ``MemoryBank``'s faiss index (faiss-gpu when
   the installed faiss has GPUs, else faiss-cpu) and exact inner product with torch on the GPU.
 
 The lent GPU machine has no package registry, so prepare what it lacks here and carry it::
 
-    python benchmarks/gpu.py --prepare .gpucarry        # tokenizers, MiniLM's config, a faiss-cpu wheel (~28 MB)
+    python benchmarks/gpu.py --prepare .gpucarry        # tokenizers, MiniLM's config, a faiss-cpu wheel (~23 MB)
     # on the device machine, with .gpucarry carried (it is git-ignored):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpucarry/*.whl && \\
       PYTHONPATH=/tmp/site:. python3 benchmarks/gpu.py --assets .gpucarry --json $OUT/gpu.json --plot $OUT/gpu.png
 
 ``--tiny`` runs every code path on a 2-layer model and short documents (a CPU smoke run; the test suite
-runs it); its numbers mean nothing.
+runs it); its numbers mean nothing. ``--from-json FILE --plot PNG`` redraws the plot of a saved run.
+Measured on an H100: README, "Benchmarks (GPU, H100)", and results/bench-gpu-h100*.json.
 """
 
 from __future__ import annotations
