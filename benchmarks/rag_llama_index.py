@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens the bank may hold before it evicts (default 131072: every document stays; the library "
                         "default of 32768 would evict part of the default corpus, and with it facts)")
     p.add_argument("--top-k", type=int, default=4, help="chunks retrieved per question")
+    p.add_argument("--chunk-size", type=int, default=128, help="tokens per stored (and retrieved) chunk (default 128)")
     p.add_argument("--chunk-context", choices=("chunk", "document"), default="chunk",
                    help="K-V of each stored chunk computed from the chunk alone (default, as pasting it would) or "
                         "inside its document's sliding window (the paper's streaming)")
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     docs, facts = planted_fact_documents(args.facts, plays=plays, chars=args.chars, seed=args.seed,
                                          distinct=not args.dense)
     warnings.simplefilter("error", MemoryEvictionWarning)  # an evicted fact would make the comparison meaningless
-    ml = MemLong.from_pretrained(args.model, top_k=args.top_k, memory_capacity=args.memory_capacity)
+    ml = MemLong.from_pretrained(args.model, top_k=args.top_k, memory_capacity=args.memory_capacity,
+                                 chunk_size=args.chunk_size)
     namespace = "rag-llama-index"
     ml.reset(namespace)
     store = MemLongVectorStore(ml, namespace=namespace, show_progress=not args.no_progress,
