@@ -69,30 +69,33 @@ def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int], repeats: int 
             plain_runs.append(time.perf_counter() - t0)
         memlong_s, plain_s = statistics.median(memlong_runs), statistics.median(plain_runs)
         ratios = [p / m for p, m in zip(plain_runs, memlong_runs)]
-        middle = parts_runs[memlong_runs.index(sorted(memlong_runs)[(len(memlong_runs) - 1) // 2])]
+        mid = sorted(range(repeats), key=memlong_runs.__getitem__)[(repeats - 1) // 2]  # the median run's split
         rows.append({"bench": "ingest", "ingest_top_k": k, "tokens": len(ids), "memlong_tok_s": len(ids) / memlong_s,
                      "plain_prefill_tok_s": len(ids) / plain_s, "ratio": plain_s / memlong_s,
                      "ratio_min": min(ratios), "ratio_max": max(ratios), "repeats": repeats,
                      "bank_bytes_per_token": bank_bytes_per_token,
-                     **{f"{name}_s": round(t, 3) for name, t in middle.items()},  # of the median run
-                     "other_s": round(sorted(memlong_runs)[(len(memlong_runs) - 1) // 2] - sum(middle.values()), 3)})
+                     **{f"{name}_s": round(t, 3) for name, t in parts_runs[mid].items()},
+                     "other_s": round(memlong_runs[mid] - sum(parts_runs[mid].values()), 3)})
     ml.config = base
     return rows
 
 
 class _Timers:
-    """Time the parts of an ingest by wrapping (on this instance only) the methods each part goes through.
+    """Time the parts of a call by wrapping (on these instances only) the methods each part goes through.
 
-    ``forward``: the decoder run (``MemLong._run``); ``embed``: the retriever embedder; ``search``: retrieval
-    (faiss + the query's embedding when it is text); ``bank_write``: ``add_chunks`` minus its embedding.
+    ``parts``: ``(object, method name, part, minus)`` tuples; ``minus`` names a part whose time spent inside
+    this method is not counted again. Default: the parts of an ingest. ``forward``: the decoder run
+    (``MemLong._run``); ``embed``: the retriever embedder; ``search``: retrieval (faiss + the query's embedding
+    when it is text); ``bank_write``: ``add_chunks`` minus its embedding.
     ``sync``: called before and after each timed call (``torch.cuda.synchronize`` on a GPU, where kernels
     run asynchronously and would otherwise be charged to whichever part waits for them).
     """
 
-    def __init__(self, ml, sync=None) -> None:
-        self.ml = ml
+    def __init__(self, ml, sync=None, parts=None) -> None:
         self.sync = sync or (lambda: None)
-        self.seconds = {"forward": 0.0, "embed": 0.0, "search": 0.0, "bank_write": 0.0}
+        self.parts = parts or [(ml, "_run", "forward", None), (ml.bank.embedder, "encode", "embed", None),
+                               (ml.bank, "search", "search", "embed"), (ml.bank, "add_chunks", "bank_write", "embed")]
+        self.seconds = {part: 0.0 for _, _, part, _ in self.parts}
 
     def _wrap(self, obj, name: str, part: str, minus: str | None = None):
         fn = getattr(obj, name)
@@ -109,17 +112,14 @@ class _Timers:
                 self.seconds[part] += time.perf_counter() - t0 - inner
 
         setattr(obj, name, timed)
-        return name
 
     def __enter__(self):
-        self.patched = [(self.ml, self._wrap(self.ml, "_run", "forward")),
-                        (self.ml.bank.embedder, self._wrap(self.ml.bank.embedder, "encode", "embed")),
-                        (self.ml.bank, self._wrap(self.ml.bank, "search", "search", minus="embed")),
-                        (self.ml.bank, self._wrap(self.ml.bank, "add_chunks", "bank_write", minus="embed"))]
+        for obj, name, part, minus in self.parts:
+            self._wrap(obj, name, part, minus)
         return self
 
     def __exit__(self, *exc) -> None:
-        for obj, name in self.patched:
+        for obj, name, _, _ in self.parts:
             delattr(obj, name)  # back to the class's method
 
 

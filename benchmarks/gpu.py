@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cpu import _Timers  # benchmarks/cpu.py: this script's folder is on sys.path when it runs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -172,31 +173,6 @@ def _plain(model):
         model.config._attn_implementation = old
 
 
-@contextlib.contextmanager
-def _parts(obj, methods: dict[str, str], device: str):
-    """Seconds spent in some methods of ``obj`` (wrapped on this instance only, synchronised on a GPU)."""
-    seconds = {name: 0.0 for name in methods}
-
-    def wrap(name, fn):
-        def timed(*args, **kwargs):
-            _sync(device)
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _sync(device)
-                seconds[name] += time.perf_counter() - t0
-        return timed
-
-    for name, method in methods.items():
-        setattr(obj, method, wrap(name, getattr(obj, method)))
-    try:
-        yield seconds
-    finally:
-        for method in methods.values():
-            delattr(obj, method)
-
-
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -243,8 +219,6 @@ def _cache(out):
 # ------------------------------------------------------------------ benchmarks
 def bench_ingest_decode(ml, lengths: list[int], decode_at: int, decode_short: int, steps: int, device: str,
                         compare_backend: str | None = None) -> list[dict]:
-    from cpu import _Timers
-
     # first-call costs (CUDA context, cuBLAS, FlexAttention's compile) out of the timings
     warm = document(ml.tokenizer, 4096, seed=7)
     ml.ingest(warm, namespace="warmup", progress=False)
@@ -323,7 +297,8 @@ def bench_ttft(model, tokenizer, embedder, points: list[tuple[int, int]], device
             chunk_ids = stats.chunk_ids[:n]
             kv = []
             ml.generate(question, namespace="ttft", chunk_ids=chunk_ids, max_new_tokens=1)  # warm-up
-            with _parts(ml, {"fetch": "_memory", "context": "_context", "forward": "_run"}, device) as parts:
+            split = [(ml, "_memory", "fetch", None), (ml, "_context", "context", None), (ml, "_run", "forward", None)]
+            with _Timers(ml, sync=lambda: _sync(device), parts=split) as parts:
                 for _ in range(repeats):
                     ml.generate(question, namespace="ttft", chunk_ids=chunk_ids, max_new_tokens=1)
                     kv.append(ml.last_generation.time_to_first_token)
@@ -331,7 +306,7 @@ def bench_ttft(model, tokenizer, embedder, points: list[tuple[int, int]], device
             row["kv_tokens_encoded"] = ml.last_generation.prompt_tokens
             row[f"{tag}_ttft_s"] = float(np.median(kv))
             # where the time goes (means; the rest of the TTFT is tokenizing, sampling and Python)
-            row.update({f"{tag}_{name}_s": t / repeats for name, t in parts.items()})
+            row.update({f"{tag}_{name}_s": t / repeats for name, t in parts.seconds.items()})
             context = "".join(ml.bank.get(c, namespace="ttft").text for c in chunk_ids)
             ml.reset()
             del ml

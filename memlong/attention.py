@@ -77,7 +77,7 @@ def _mask(lq: int, lk: int, n_visible: int, device) -> torch.Tensor:
 
 
 # older torch releases' causal biases take no enable_gqa: there, grouped-query attention keeps the boolean mask
-_BIAS_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
+_BIAS_GQA = "enable_gqa" in inspect.signature(getattr(CausalBias, "_dispatch", lambda: None)).parameters
 
 
 def _attention_sdpa(q, k, v, n_visible, scaling, dropout: float = 0.0, lower_right: bool | None = None):

@@ -303,14 +303,14 @@ class MemLong:
         out = self._run(tokens, positions, ctx, logits_for=slice(None) if logits else None)
         captured = ctx.captured
         # write the step's chunks, K-V from this pass (real preceding context), after use
-        last = len(tokens) - cfg.chunk_size * ((len(tokens) - 1) // cfg.chunk_size)
-        state.last_query = self.tokenizer.decode(tokens[-last:])
+        last_start = cfg.chunk_size * ((len(tokens) - 1) // cfg.chunk_size)
+        state.last_query = self.tokenizer.decode(tokens[last_start:])
         if write:
             srcs = cfg.source_layers
             new = []
             for s in range(0, len(tokens), cfg.chunk_size):
                 e = min(s + cfg.chunk_size, len(tokens))
-                text = self.tokenizer.decode(tokens[s:e])
+                text = state.last_query if s == last_start else self.tokenizer.decode(tokens[s:e])
                 if not text.strip():
                     continue  # whitespace-only chunk: nothing to retrieve it by
                 new.append((text, torch.stack([captured[layer][0][0, :, s:e] for layer in srcs]),
@@ -329,7 +329,7 @@ class MemLong:
         keep = 0 if state.isolated else cfg.local_window - cfg.step
         for layer in range(self.num_layers):
             k_new, v_new = captured[layer]
-            if layer in state.cache:
+            if keep and layer in state.cache:  # (with nothing kept, nothing to join)
                 k_new = torch.cat([state.cache[layer][0], k_new], 2)
                 v_new = torch.cat([state.cache[layer][1], v_new], 2)
             state.cache[layer] = (k_new[:, :, -keep:].detach(), v_new[:, :, -keep:].detach()) if keep else \
@@ -540,7 +540,7 @@ class MemLong:
 
     @functools.cached_property
     def _eos_ids(self) -> frozenset[int]:
-        """Token ids that end an answer (computed once: ``get_vocab`` alone costs ~20 ms)."""
+        """Token ids that end an answer (computed once: ``get_vocab`` builds a dict of the whole vocabulary)."""
         eos = {t for t in (self.tokenizer.eos_token_id,) if t is not None}
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])

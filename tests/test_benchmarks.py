@@ -50,3 +50,14 @@ def test_cpu_benchmark_smoke_run(tmp_path):
     ttft = [r for r in records if r["bench"] == "ttft"]
     assert len(ttft) == 1 and ttft[0]["kv_tokens_encoded"] < 30 < ttft[0]["reencode_tokens_encoded"]
     assert {r["chunks"] for r in records if r["bench"] == "faiss"} == {1000}
+
+
+def test_gpu_attention_benchmark_smoke_run_on_cpu(tmp_path):
+    import gpu_attention
+
+    out = tmp_path / "attention.json"
+    assert gpu_attention.main(["--device", "cpu", "--shapes", "7:20", "--heads", "2", "--head-dim", "16",
+                               "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["records"]
+    assert [r["mask"] for r in rows] == ["boolean", "lower-right bias"]
+    assert all(r["max_abs_diff_vs_fp32"] < 1e-4 for r in rows)  # both forms are the joint mask
