@@ -9,6 +9,9 @@ same ``create_memlong_rag_chain`` then answers
 * ``kv-chat`` (optional): like ``kv`` but with the chat template between memory and question,
 * ``none`` (optional): no retrieved context at all (does the model know the facts without memory?).
 
+``--search-mode`` picks the retriever's ranking (dense, BM25 or hybrid); ``--kv-refresh`` re-encodes a share of
+the retrieved tokens (``MemLongConfig.kv_refresh``; counted in tokens encoded).
+
 Both ``kv`` and ``paste`` use the plain continuation prompt (``prompt_format="plain"``) and the fact's answer
 prefix as an AI prefill. Per mode: tokens encoded per query, time to first token (model side, from
 ``MemLong.last_generation``), accuracy, and agreement of ``kv`` with ``paste``
@@ -45,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-context", choices=("chunk", "document"), default="chunk",
                    help="K-V of each stored chunk computed from the chunk alone (default, as pasting it would) or "
                         "inside its document's sliding window (the paper's streaming)")
+    p.add_argument("--search-mode", choices=("dense", "lexical", "hybrid"), default="dense",
+                   help="how the retriever ranks chunks: embeddings (default), BM25, or both fused by reciprocal rank")
+    p.add_argument("--kv-refresh", type=float, default=0.0,
+                   help="share of retrieved tokens re-encoded with the chunks before them (MemLongConfig.kv_refresh; "
+                        "default 0: K-V used as stored); counted in the kv row's tokens encoded")
     p.add_argument("--max-new-tokens", type=int, default=12, help="answer budget (default 12)")
     p.add_argument("--modes", default="kv,paste,kv-chat,none", help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--dense", action="store_true",
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                                          distinct=not args.dense)
     warnings.simplefilter("error", MemoryEvictionWarning)  # an evicted fact would make the comparison meaningless
     ml = MemLong.from_pretrained(args.model, top_k=args.top_k, memory_capacity=args.memory_capacity,
-                                 chunk_size=args.chunk_size)
+                                 chunk_size=args.chunk_size, kv_refresh=args.kv_refresh)
     namespace = "rag-langchain"
     store = MemLongVectorStore(ml, namespace=namespace, progress=not args.no_progress, chunk_context=args.chunk_context)
     t0 = time.perf_counter()
@@ -114,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
               "chunks": len(ml.bank.chunk_ids(namespace)), "seconds": time.perf_counter() - t0}
     print(f"ingested {ingest['tokens']} tokens in {ingest['chunks']} chunks, {ingest['seconds']:.0f} s", file=sys.stderr)
 
-    retriever = MemLongRetriever(bank=ml.bank, namespace=namespace, k=args.top_k, count_retrievals=False)
+    retriever = MemLongRetriever(bank=ml.bank, namespace=namespace, k=args.top_k, count_retrievals=False,
+                                 search_mode=args.search_mode)
     qa = [("human", "{question}"), ("ai", "{answer_prefix}")]
     plain = ChatMemLong(memlong=ml, namespace=namespace, max_tokens=args.max_new_tokens, prompt_format="plain")
     chat = ChatMemLong(memlong=ml, namespace=namespace, max_tokens=args.max_new_tokens, prompt_format="chat")
@@ -125,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def out_record(mode: str, answer: str, fact) -> dict:
         g = ml.last_generation
-        return {"answer": answer, "correct": fact.correct(answer), "prompt_tokens": g.prompt_tokens,
+        return {"answer": answer, "correct": fact.correct(answer), "prompt_tokens": g.prompt_tokens + g.refreshed_tokens,
+                "refreshed_tokens": g.refreshed_tokens,
                 "memory_tokens": g.memory_tokens, "time_to_first_token": g.time_to_first_token,
                 "chunk_ids": list(g.chunk_ids)}
 

@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-context", choices=("chunk", "document"), default="chunk",
                    help="K-V of each stored chunk computed from the chunk alone (default, as pasting it would) or "
                         "inside its document's sliding window (the paper's streaming)")
+    p.add_argument("--search-mode", choices=("dense", "lexical", "hybrid"), default="dense",
+                   help="retriever ranking (vector_store_query_mode default / text_search / hybrid): embeddings, BM25, "
+                        "or both fused by reciprocal rank")
+    p.add_argument("--kv-refresh", type=float, default=0.0,
+                   help="share of retrieved tokens the K-V pipeline re-encodes with the chunks before them "
+                        "(MemLongConfig.kv_refresh; counted in its tokens encoded)")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--split", action="store_true",
                    help="split documents with LlamaIndex's default SentenceSplitter (default: one node per document, "
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                          distinct=not args.dense)
     warnings.simplefilter("error", MemoryEvictionWarning)  # an evicted fact would make the comparison meaningless
     ml = MemLong.from_pretrained(args.model, top_k=args.top_k, memory_capacity=args.memory_capacity,
-                                 chunk_size=args.chunk_size)
+                                 chunk_size=args.chunk_size, kv_refresh=args.kv_refresh)
     namespace = "rag-llama-index"
     ml.reset(namespace)
     store = MemLongVectorStore(ml, namespace=namespace, show_progress=not args.no_progress,
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     text_llm = LLM(ml, retrieve=False, **common)
     chat_llms = {"kv_chat_template": LLM(ml, chat_template=True, **common),
                  "kv_chat_plain": LLM(ml, chat_template=False, **common)}
-    retriever = index.as_retriever(similarity_top_k=args.top_k)
+    query_mode = {"dense": "default", "lexical": "text_search", "hybrid": "hybrid"}[args.search_mode]
+    retriever = index.as_retriever(similarity_top_k=args.top_k, vector_store_query_mode=query_mode)
     kv_llm.complete("\nQuestion: warm-up\nAnswer:", memlong_chunk_ids=[])  # one-time costs (sink K-V) out of the timing
     llm_calls(debug)
 
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             calls = llm_calls(debug)
             ids = [n.node.node_id for n in response.source_nodes]
             record[name] = {"answer": str(response.response), "correct": fact.correct(str(response.response)),
-                            "tokens_encoded": sum(c["prompt_tokens"] for c in calls),
+                            "tokens_encoded": sum(c["prompt_tokens"] + c.get("refreshed_tokens", 0) for c in calls),
                             "memory_tokens": sum(c["memory_tokens"] for c in calls), "llm_calls": len(calls),
                             "time_to_first_token": calls[0]["time_to_first_token"], "query_seconds": seconds,
                             "chunk_ids": ids}
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             calls = llm_calls(debug)
             answer = chat.message.content or ""
             record[name] = {"answer": answer, "correct": fact.correct(answer),
-                            "tokens_encoded": sum(c["prompt_tokens"] for c in calls),
+                            "tokens_encoded": sum(c["prompt_tokens"] + c.get("refreshed_tokens", 0) for c in calls),
                             "memory_tokens": sum(c["memory_tokens"] for c in calls), "llm_calls": len(calls),
                             "time_to_first_token": calls[0]["time_to_first_token"],
                             "query_seconds": time.perf_counter() - start, "chunk_ids": record["kv"]["chunk_ids"]}

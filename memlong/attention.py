@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-__all__ = ["ATTN_NAME", "AttentionContext", "joint_attention", "register", "rotate", "unrotate"]
+__all__ = ["ATTN_NAME", "AttentionContext", "Blend", "joint_attention", "register", "rotate", "unrotate"]
 
 ATTN_NAME = "memlong"
 
@@ -154,6 +154,20 @@ class AttentionContext:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    blend: Blend | None = None
+
+
+@dataclass
+class Blend:
+    """Recompute some prefix tokens in place (``MemLong`` ``kv_recompute``): the new tokens *are* prefix tokens.
+
+    ``slots`` ``(Lq,)``: the prefix index each new token's fresh K-V replace (in every layer, and in ``prefix``
+    itself, so later layers and the caller see the refreshed K-V). ``visible`` ``(Lq, P)``: which prefix keys
+    each new token sees (those at its position or before). No other keys are attended.
+    """
+
+    slots: torch.Tensor
+    visible: torch.Tensor
 
 
 def memlong_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -169,6 +183,8 @@ def memlong_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     layer = module.layer_idx
     if ctx.capture:
         ctx.captured[layer] = (unrotate(key, ctx.cos, ctx.sin), value)
+    if ctx.blend is not None:
+        return _blend_attention(query, key, value, ctx, layer, scaling), None
     parts_k, parts_v = [], []
     for store in (ctx.prefix, ctx.local):
         if layer in store:
@@ -182,6 +198,27 @@ def memlong_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     v = torch.cat(parts_v + [value], dim=2) if parts_v else value
     out = joint_attention(query, k, v, n_visible, scaling, ctx.backend, dropout if module.training else 0.0)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _blend_attention(query, key, value, ctx: AttentionContext, layer: int, scaling: float) -> torch.Tensor:
+    if layer not in ctx.prefix:
+        raise ValueError(f"layer {layer} has no prefix to recompute tokens of.")
+    pk, pv = ctx.prefix[layer]
+    k, v = pk.clone(), pv.clone()
+    k[:, :, ctx.blend.slots] = key.to(k.dtype)
+    v[:, :, ctx.blend.slots] = value.to(v.dtype)
+    ctx.prefix[layer] = (k, v)
+    q = query
+    groups = q.shape[1] // k.shape[1]
+    if ctx.backend == "eager":
+        k, v = _expand_kv(k, groups).float(), _expand_kv(v, groups).float()
+        scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~ctx.blend.visible, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=ctx.blend.visible,
+                                             scale=scaling, enable_gqa=groups > 1)
+    return out.transpose(1, 2).contiguous()
 
 
 def _no_mask(*args, **kwargs):

@@ -68,6 +68,14 @@ class MemLongConfig:
         memory_device: where stored K-V lives: ``"cpu"`` (only retrieved chunks move to the model's
             device), ``"pinned"`` (CPU page-locked memory: faster copies to a GPU; needs CUDA) or
             ``"model"`` (same device as the model: fastest time to first token, costs GPU memory).
+        search_mode: how the bank ranks chunks for a text query (``generate``'s own retrieval and the
+            framework retrievers): ``"dense"`` (the paper's embedding retriever), ``"lexical"`` (BM25) or
+            ``"hybrid"`` (both, fused by reciprocal rank). Retrieval while streaming a document stays dense.
+        kv_refresh: share of the retrieved tokens ``generate`` re-encodes with the other retrieved chunks before
+            them (CacheBlend-style selective recompute, see ``MemLong.generate``). Stored chunk K-V never saw the
+            chunks retrieved with them; ``0`` (default) uses them as stored (fastest), ``1`` re-encodes all
+            retrieved tokens, which is exactly what pasting their text computes (no saving). Needs
+            ``kv_source="per_layer"`` with every layer a retrieval layer (the default).
         attention_backend: ``"auto"`` (SDPA; FlexAttention measured 2x slower on an H100), ``"sdpa"``,
             ``"flex"`` or ``"eager"`` (the exact float32 reference).
     """
@@ -89,6 +97,8 @@ class MemLongConfig:
     memory_dtype: str = "float16"
     memory_device: Literal["cpu", "pinned", "model"] = "cpu"
     attention_backend: AttentionBackend = "auto"
+    search_mode: Literal["dense", "lexical", "hybrid"] = "dense"
+    kv_refresh: float = 0.0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -141,6 +151,8 @@ class MemLongConfig:
                f"attention_backend must be one of auto, sdpa, flex, eager; got {self.attention_backend!r}.")
         _check(self.memory_dtype in _DTYPES,
                f"memory_dtype must be one of {sorted(_DTYPES)}, got {self.memory_dtype!r}.")
+        _check(self.search_mode in ("dense", "lexical", "hybrid"),
+               f"search_mode must be 'dense', 'lexical' or 'hybrid', got {self.search_mode!r}.")
         _check(self.memory_device in ("cpu", "pinned", "model"),
                f"memory_device must be 'cpu', 'pinned' or 'model', got {self.memory_device!r}.")
         for name in ("chunk_size", "local_window", "memory_capacity"):
@@ -162,6 +174,9 @@ class MemLongConfig:
                f"evict_oldest ({self.evict_oldest}) and keep_newest ({self.keep_newest}) must be in [0, 1) "
                "and sum to less than 1.")
 
+        _check(isinstance(self.kv_refresh, (int, float)) and not isinstance(self.kv_refresh, bool)
+               and 0.0 <= self.kv_refresh <= 1.0,
+               f"kv_refresh must be a share between 0 and 1, got {self.kv_refresh!r}.")
         memory_layer = num_layers // 2 if self.memory_layer is None else self.memory_layer
         _check(isinstance(memory_layer, int) and 0 <= memory_layer < num_layers,
                f"memory_layer must be in 0..{num_layers - 1} for this {num_layers}-layer model, got {memory_layer!r}.")
@@ -185,6 +200,11 @@ class MemLongConfig:
                    f"retrieval_layers {below} lie below memory_layer {memory_layer}: with kv_source='memory_layer' "
                    "every retrieval layer reads the memory layer's K-V, so it must be at or above it. "
                    "Raise them, lower memory_layer, or use kv_source='per_layer'.")
+        if self.kv_refresh > 0:
+            _check(self.kv_source == "per_layer" and layers == tuple(range(num_layers)),
+                   f"kv_refresh={self.kv_refresh} re-encodes retrieved tokens in every layer, so every layer must read "
+                   "its own stored K-V: use kv_source='per_layer' with retrieval_layers='all' (the defaults), or "
+                   "kv_refresh=0.")
         return dataclasses.replace(self, memory_layer=memory_layer, retrieval_layers=layers)
 
 

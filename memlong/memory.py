@@ -5,6 +5,9 @@ Contract:
       bank keeps: an unguessable id, its namespace, document id, text, token span, a unit-norm
       retriever embedding, a retrieval counter, and the keys (before RoPE) and values of each
       *source layer*: ``keys``/``values`` of shape ``(n_source_layers, n_kv_heads, tokens, head_dim)``.
+    * Search (``search_mode``): ``"dense"`` (faiss inner product of embeddings, the paper's retriever),
+      ``"lexical"`` (BM25 over chunk words) or ``"hybrid"`` (both rankings fused by reciprocal rank). Lexical
+      matching finds names, numbers and rare words that a small embedder blurs (README, "RAG").
     * Namespaces are hard boundaries: each has its own faiss inner-product index, its own capacity
       and its own eviction; every call that takes chunk ids also takes the caller's namespace and
       refuses ids that live elsewhere (with the same message as for ids that never existed).
@@ -32,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -43,7 +47,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -95,6 +99,7 @@ class Chunk:
     values: torch.Tensor
     retrievals: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    tokens: tuple[int, ...] | None = None  # the token ids the K-V were computed from (None: not recorded)
 
     @property
     def n_tokens(self) -> int:
@@ -149,12 +154,71 @@ class _RWLock:
                 self._cond.notify_all()
 
 
+SearchMode = Literal["dense", "lexical", "hybrid"]
+_WORD = re.compile(r"\w+")
+_RRF_K = 60  # reciprocal rank fusion: score = sum over rankings of 1 / (_RRF_K + rank), the usual constant
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class _Lexical:
+    """BM25 (k1=1.2, b=0.75) over one namespace's chunk texts: an inverted index, updated with the namespace.
+
+    A query costs time in proportion to the postings of its words (a very common word in a very large
+    namespace is the slow case)."""
+
+    K1, B = 1.2, 0.75
+
+    def __init__(self) -> None:
+        self.postings: dict[str, dict[str, int]] = collections.defaultdict(dict)  # word -> {chunk id: count}
+        self.lengths: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, ids: Sequence[str], texts: Sequence[str]) -> None:
+        for cid, text in zip(ids, texts):
+            words = _words(text)
+            for word, count in collections.Counter(words).items():
+                self.postings[word][cid] = count
+            self.lengths[cid] = len(words)
+            self.total += len(words)
+
+    def remove(self, drop: set[str]) -> None:
+        for word in [w for w, post in self.postings.items() if not drop.isdisjoint(post)]:
+            post = self.postings[word]
+            for cid in drop.intersection(post):
+                del post[cid]
+            if not post:
+                del self.postings[word]
+        for cid in drop.intersection(self.lengths):
+            self.total -= self.lengths.pop(cid)
+
+    def scores(self, query: str) -> dict[str, float]:
+        n = len(self.lengths)
+        if n == 0:
+            return {}
+        mean = max(self.total / n, 1.0)
+        out: dict[str, float] = collections.defaultdict(float)
+        for word in set(_words(query)):
+            post = self.postings.get(word)
+            if not post:
+                continue
+            idf = math.log(1.0 + (n - len(post) + 0.5) / (len(post) + 0.5))
+            for cid, count in post.items():
+                norm = self.K1 * (1.0 - self.B + self.B * self.lengths[cid] / mean)
+                out[cid] += idf * count * (self.K1 + 1.0) / (count + norm)
+        return out
+
+
 class _Namespace:
-    """One namespace's faiss index; row i <-> ids[i]. Changed only under the bank's write lock."""
+    """One namespace's faiss index (row i <-> ids[i]) and lexical index. Changed only under the bank's write
+    lock."""
 
     def __init__(self, dim: int, use_gpu: bool) -> None:
         self.dim = dim
         self.use_gpu = use_gpu
+        self.lexical = _Lexical()
         self.ids: list[str] = []
         self.embeddings = np.zeros((0, dim), dtype=np.float32)
         self.tokens = 0
@@ -167,12 +231,14 @@ class _Namespace:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         return index
 
-    def add(self, ids: list[str], vectors: np.ndarray) -> None:
+    def add(self, ids: list[str], vectors: np.ndarray, texts: Sequence[str]) -> None:
         self.index.add(vectors)
         self.ids.extend(ids)
         self.embeddings = np.concatenate([self.embeddings, vectors], axis=0)
+        self.lexical.add(ids, texts)
 
     def remove(self, drop: set[str]) -> None:
+        self.lexical.remove(drop)
         keep = [i for i, cid in enumerate(self.ids) if cid not in drop]
         self.ids = [self.ids[i] for i in keep]
         self.embeddings = np.ascontiguousarray(self.embeddings[keep])
@@ -196,12 +262,14 @@ class MemoryBank:
         use_gpu_index: faiss GPU index; ``None``: when ``faiss.get_num_gpus() > 0``.
         max_bytes: bytes (K-V + embeddings + texts) the whole bank may hold; ``None``: bounded by
             ``capacity`` per namespace only. See :class:`MemoryFullError`.
+        search_mode: how :meth:`search` ranks chunks when not told otherwise: ``"dense"`` (embeddings),
+            ``"lexical"`` (BM25 over words) or ``"hybrid"`` (both, fused by reciprocal rank).
     """
 
     def __init__(self, *, embedder: TextEmbedder, capacity: int = 32_768, evict_oldest: float = 0.10,
                  keep_newest: float = 0.10, dtype: torch.dtype = torch.float16,
                  device: str | torch.device = "cpu", use_gpu_index: bool | None = None,
-                 max_bytes: int | None = None, pin_memory: bool = False) -> None:
+                 max_bytes: int | None = None, pin_memory: bool = False, search_mode: SearchMode = "dense") -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be a positive number of tokens, got {capacity}.")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
@@ -218,6 +286,7 @@ class MemoryBank:
                              "Drop pin_memory, or use memory_device='cpu'.")
         self.pin_memory = pin_memory
         self.max_bytes = max_bytes
+        self.search_mode = _check_mode(search_mode)
         gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         self.use_gpu_index = gpus > 0 if use_gpu_index is None else (use_gpu_index and gpus > 0)
         self._chunks: dict[str, Chunk] = {}
@@ -236,10 +305,13 @@ class MemoryBank:
     def add_chunks(self, texts: Sequence[str], *, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                    namespace: str = "default", doc_id: str | None = None,
                    spans: Sequence[tuple[int, int]] | None = None, embeddings: np.ndarray | None = None,
-                   metadata: Sequence[dict[str, Any]] | None = None) -> list[str]:
+                   metadata: Sequence[dict[str, Any]] | None = None,
+                   tokens: Sequence[Sequence[int]] | None = None) -> list[str]:
         """Store chunks (in document order) and return their new ids; evicts if the namespace overflows.
 
         ``keys[i]``/``values[i]``: ``(n_source_layers, n_kv_heads, tokens_i, head_dim)``, keys before RoPE.
+        ``tokens[i]`` (optional): the ``tokens_i`` token ids the K-V were computed from (``MemLong`` records
+        them; ``kv_refresh`` re-encodes some of them at generation).
 
         Raises:
             ValueError: empty text, mismatched K-V, a chunk larger than ``capacity``, a bad namespace.
@@ -264,6 +336,14 @@ class MemoryBank:
             raise ValueError(f"add_chunks got {n} texts but {len(spans)} spans.")
         if metadata is not None and len(metadata) != n:
             raise ValueError(f"add_chunks got {n} texts but {len(metadata)} metadata dicts.")
+        if tokens is not None:
+            if len(tokens) != n:
+                raise ValueError(f"add_chunks got {n} texts but {len(tokens)} token lists.")
+            tokens = [tuple(int(t) for t in ts) for ts in tokens]
+            bad = [i for i, (ts, k) in enumerate(zip(tokens, keys)) if len(ts) != k.shape[2]]
+            if bad:
+                raise ValueError(f"chunk {bad[0]} has {len(tokens[bad[0]])} token ids but K-V for "
+                                 f"{keys[bad[0]].shape[2]} tokens; give one id per K-V position.")
         # Everything slow happens before the write lock: embedding, normalising, converting K-V.
         if embeddings is None:
             embeddings = self.embedder.encode(list(texts))
@@ -292,11 +372,12 @@ class MemoryBank:
                 cid = secrets.token_hex(12)  # unguessable: 96 random bits
                 chunk = self._chunks[cid] = Chunk(
                     id=cid, namespace=namespace, doc_id=doc, text=texts[i], span=(int(spans[i][0]), int(spans[i][1])),
-                    order=next(self._order), metadata=dict(meta[i]), keys=kv[i][0], values=kv[i][1])
+                    order=next(self._order), metadata=dict(meta[i]), keys=kv[i][0], values=kv[i][1],
+                    tokens=tokens[i] if tokens is not None else None)
                 ids.append(cid)
                 space.tokens += chunk.n_tokens
                 space.nbytes += self._chunk_nbytes(chunk)
-            space.add(ids, vectors)
+            space.add(ids, vectors, texts)
             if space.tokens > self.capacity:
                 self._evict(namespace)
             if self.max_bytes is not None and self._total_bytes() > self.max_bytes:
@@ -326,32 +407,59 @@ class MemoryBank:
 
     # ------------------------------------------------------------------ reading
     def search(self, query: str | np.ndarray, *, namespace: str = "default", k: int = 8,
-               exclude: Iterable[str] = (), count: bool = True) -> list[SearchHit]:
-        """Top-``k`` chunks of ``namespace`` by inner product with the query (text or vector).
+               exclude: Iterable[str] = (), count: bool = True, mode: SearchMode | None = None) -> list[SearchHit]:
+        """Top-``k`` chunks of ``namespace`` for the query (text, or a vector for dense search).
 
         ``exclude``: ids to skip (e.g. chunks still inside the local window). ``count``: bump the
-        retrieval counters that eviction uses.
+        retrieval counters that eviction uses. ``mode``: ``"dense"`` (score: inner product), ``"lexical"``
+        (score: BM25; only chunks sharing a word with the query), ``"hybrid"`` (score: reciprocal rank fusion
+        of both rankings); default: the bank's ``search_mode``.
+
+        Example:
+            >>> bank.search("Who keeps the iron key?", namespace="docs", k=4, mode="hybrid")
         """
+        mode = _check_mode(self.search_mode if mode is None else mode)
         if k <= 0:
             return []
-        vector = self.embedder.encode([query]) if isinstance(query, str) else np.asarray(query, np.float32)
-        vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
-        if vector.shape[1] != self.embedder.dim:
-            raise ValueError(f"query vector has dimension {vector.shape[1]}, the bank's embedder {self.embedder.dim}.")
-        faiss.normalize_L2(vector)
+        if mode != "dense" and not isinstance(query, str):
+            raise ValueError(f"search mode {mode!r} matches words, so it needs the query text, not a vector; pass "
+                             "the text or use mode='dense'.")
+        vector = None
+        if mode != "lexical":
+            vector = self.embedder.encode([query]) if isinstance(query, str) else np.asarray(query, np.float32)
+            vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
+            if vector.shape[1] != self.embedder.dim:
+                raise ValueError(f"query vector has dimension {vector.shape[1]}, the bank's embedder {self.embedder.dim}.")
+            faiss.normalize_L2(vector)
         skip = set(exclude)
         with self._lock.read():
             space = self._spaces.get(namespace)
             if space is None or not space.ids:
                 return []
-            want = min(len(space.ids), k + len(skip))
-            if self.use_gpu_index:
-                with self._gpu_lock:
+            ranked: list[list[tuple[str, float]]] = []
+            if vector is not None:
+                # hybrid fuses rankings: look deeper than k so that chunks ranked well by one side can surface
+                want = min(len(space.ids), (k if mode == "dense" else max(4 * k, 50)) + len(skip))
+                if self.use_gpu_index:
+                    with self._gpu_lock:
+                        scores, rows = space.index.search(vector, want)
+                else:
                     scores, rows = space.index.search(vector, want)
+                ranked.append([(space.ids[r], float(sc)) for sc, r in zip(scores[0], rows[0])
+                               if r >= 0 and space.ids[r] not in skip])
+            if mode != "dense":
+                lexical = space.lexical.scores(query)
+                ranked.append(sorted(((cid, sc) for cid, sc in lexical.items() if cid not in skip),
+                                     key=lambda item: (-item[1], self._chunks[item[0]].order)))
+            if mode == "hybrid":
+                fused: dict[str, float] = collections.defaultdict(float)
+                for ranking in ranked:
+                    for rank, (cid, _) in enumerate(ranking):
+                        fused[cid] += 1.0 / (_RRF_K + rank + 1)
+                pairs = sorted(fused.items(), key=lambda item: (-item[1], self._chunks[item[0]].order))
             else:
-                scores, rows = space.index.search(vector, want)
-            hits = [SearchHit(space.ids[r], float(s)) for s, r in zip(scores[0], rows[0])
-                    if r >= 0 and space.ids[r] not in skip][:k]
+                pairs = ranked[0]
+            hits = [SearchHit(cid, score) for cid, score in pairs[:k]]
             if count:
                 self._bump(namespace, [hit.chunk_id for hit in hits])
             return hits
@@ -456,7 +564,8 @@ class MemoryBank:
                     i = len(tensors) // 2
                     tensors += [(f"k.{i}", c.keys), (f"v.{i}", c.values)]
                     chunks.append({"id": c.id, "doc_id": c.doc_id, "text": c.text, "span": list(c.span),
-                                   "order": c.order, "retrievals": c.retrievals, "metadata": c.metadata})
+                                   "order": c.order, "retrievals": c.retrievals, "metadata": c.metadata,
+                                   "tokens": None if c.tokens is None else list(c.tokens)})
                 records.append({"name": name, "chunks": chunks})
                 tensors.append((f"e.{j}", torch.from_numpy(space.embeddings.copy())))
             tensors.sort(key=lambda item: item[0].startswith("e."))  # K-V first, then embeddings
@@ -548,7 +657,7 @@ class MemoryBank:
                 c.keys, c.values = self._place(c.keys), self._place(c.values)
                 space.tokens += c.n_tokens
                 space.nbytes += self._chunk_nbytes(c)
-            space.add([c.id for c in chunks], vectors)
+            space.add([c.id for c in chunks], vectors, [c.text for c in chunks])
             spaces[name] = space
         with self._lock.write():
             for name, (chunks, _) in loaded.items():
@@ -661,6 +770,12 @@ def _warn_evicted(namespace: str, n: int, limit: str, fix: str) -> None:
                       MemoryEvictionWarning, stacklevel=4)
 
 
+def _check_mode(mode: Any) -> SearchMode:
+    if mode not in ("dense", "lexical", "hybrid"):
+        raise ValueError(f"search mode must be 'dense', 'lexical' or 'hybrid', got {mode!r}.")
+    return mode
+
+
 def _check_namespace(namespace: Any) -> None:
     if not isinstance(namespace, str) or not namespace:
         raise ValueError(f"namespace must be a non-empty string, got {namespace!r}.")
@@ -762,7 +877,9 @@ def _parse_namespaces(path: Path, record: dict[str, Any], tensors: dict[str, tor
                   and isinstance(c.get("doc_id"), str) and isinstance(c.get("text"), str) and c["text"].strip()
                   and isinstance(c.get("span"), list) and len(c["span"]) == 2 and all(map(_is_int, c["span"]))
                   and 0 <= c["span"][0] <= c["span"][1] and _is_int(c.get("order")) and 0 <= c["order"] < next_order
-                  and _is_int(c.get("retrievals")) and c["retrievals"] >= 0 and isinstance(c.get("metadata"), dict))
+                  and _is_int(c.get("retrievals")) and c["retrievals"] >= 0 and isinstance(c.get("metadata"), dict)
+                  and (c.get("tokens") is None or (isinstance(c["tokens"], list)
+                                                 and all(_is_int(t) and t >= 0 for t in c["tokens"]))))
             if not ok:
                 raise bad(f"chunk record {n_chunk} of namespace {name[:100]!r} is malformed ({str(c)[:200]}).")
             if c["id"] in seen_ids or c["order"] in seen_orders:
@@ -773,10 +890,13 @@ def _parse_namespaces(path: Path, record: dict[str, Any], tensors: dict[str, tor
             if k is None or v is None or k.dim() != 4 or k.shape != v.shape or not k.is_floating_point() \
                     or k.dtype != v.dtype:
                 raise bad(f"the K-V of chunk {c['id']} are missing or malformed.")
+            if c.get("tokens") is not None and len(c["tokens"]) != k.shape[2]:
+                raise bad(f"chunk {c['id']} has {len(c['tokens'])} token ids for K-V of {k.shape[2]} tokens.")
             used |= {f"k.{n_chunk}", f"v.{n_chunk}"}
             chunks.append(Chunk(id=c["id"], namespace=name, doc_id=c["doc_id"], text=c["text"],
                                 span=(c["span"][0], c["span"][1]), order=c["order"], keys=k, values=v,
-                                retrievals=c["retrievals"], metadata=c["metadata"]))
+                                retrievals=c["retrievals"], metadata=c["metadata"],
+                                tokens=None if c.get("tokens") is None else tuple(c["tokens"])))
             n_chunk += 1
         emb = tensors.get(f"e.{j}")
         if emb is None or emb.dtype != torch.float32 or tuple(emb.shape) != (len(chunks), dim):

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from memlong.attention import AttentionContext, register, rotate
+from memlong.attention import AttentionContext, Blend, register, rotate
 from memlong.config import MemLongConfig
 from memlong.embedder import Embedder, TextEmbedder
 from memlong.memory import MemoryBank
@@ -63,6 +63,7 @@ class GenerationStats:
 
     prompt_tokens: int = 0  # tokens the decoder encoded for the prompt (retrieved text is never re-encoded)
     memory_tokens: int = 0  # tokens of retrieved K-V the retrieval layers attended to
+    refreshed_tokens: int = 0  # retrieved tokens re-encoded (``kv_refresh``), on top of ``prompt_tokens``
     chunk_ids: list[str] = field(default_factory=list)
     new_tokens: int = 0
     time_to_first_token: float = 0.0
@@ -94,7 +95,7 @@ class _Stream:
 
     @property
     def pending_tokens(self) -> int:
-        return sum(end - start for step in self.pending or () for *_, (start, end) in step)
+        return sum(span[1] - span[0] for step in self.pending or () for _, _, _, span, _ in step)
 
 
 class MemLong:
@@ -130,7 +131,7 @@ class MemLong:
                               evict_oldest=self.config.evict_oldest, keep_newest=self.config.keep_newest,
                               dtype=self.config.torch_memory_dtype, max_bytes=self.config.memory_max_bytes,
                               device=self.device if self.config.memory_device == "model" else "cpu",
-                              pin_memory=self.config.memory_device == "pinned")
+                              pin_memory=self.config.memory_device == "pinned", search_mode=self.config.search_mode)
         self.bank = bank
         self.last_generation = GenerationStats()
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -279,12 +280,82 @@ class MemLong:
                 ctx.prefix[layer] = (torch.cat(ks, 2), torch.cat(vs, 2))
         return ctx, cache_start + cache_len
 
+    def _chunk_tokens(self, chunk: Any) -> list[int] | None:
+        """Token ids behind a chunk's K-V: the recorded ones, else its text re-tokenized when that gives as many
+        tokens (banks saved before ids were recorded); ``None`` when neither is known."""
+        if chunk.tokens is not None:
+            ids = list(chunk.tokens)
+        else:
+            ids = self.tokenize(chunk.text)
+            if len(ids) != chunk.n_tokens:
+                return None
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if any(t >= vocab for t in ids):
+            raise ValueError(f"Chunk {chunk.id} holds token ids beyond this model's vocabulary ({vocab}): it was "
+                             "stored by another model. Use the model that built the bank or a fresh namespace.")
+        return ids
+
+    def _refresh(self, memory: tuple[torch.Tensor, torch.Tensor], chunk_ids: Sequence[str], namespace: str,
+                 share: float, probe_layer: int = 1) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        """``kv_refresh``: re-encode the ``share`` of retrieved tokens whose stored K-V differ most from what they
+        would be with the other retrieved chunks before them; returns the refreshed memory and the count.
+
+        Stored chunk K-V never saw the chunks retrieved with them. Like CacheBlend (Yao et al., 2025), a probe
+        runs all retrieved tokens through layers ``0..probe_layer`` in their retrieved order (a small share of
+        a full encode), ranks tokens by how far their keys there lie from the stored ones, and runs the top
+        ``share`` through every layer, each attending to the retrieved K-V before it (refreshed ones included).
+        Their fresh K-V replace the stored ones for this answer only; the bank is not changed. ``share=1``
+        computes exactly what encoding the retrieved tokens as text would.
+        """
+        keys, values = memory
+        chunks = sorted((self.bank.get(c, namespace=namespace) for c in dict.fromkeys(chunk_ids)), key=lambda c: c.order)
+        ids: list[int] = []
+        known: list[bool] = []
+        for c in chunks:
+            toks = self._chunk_tokens(c)
+            ids += toks if toks is not None else [0] * c.n_tokens
+            known += [toks is not None] * c.n_tokens
+        m = len(ids)
+        known_t = torch.tensor(known, device=self.device)
+        n = min(math.ceil(share * m), int(known_t.sum()))
+        if n == 0:
+            return memory, 0
+        ids_t = torch.tensor(ids, device=self.device)
+        if n < int(known_t.sum()):  # rank by the probe; with every known token refreshed, no ranking is needed
+            ctx, pos = self._context(None, None, 0, capture=True)
+            hook = self.decoder.layers[probe_layer].register_forward_hook(_stop)
+            try:
+                self._run(ids_t, torch.arange(m) + pos, ctx, logits_for=None)
+            except _Stop:
+                pass
+            finally:
+                hook.remove()
+            fresh = ctx.captured[probe_layer][0][0].float()
+            stale = keys[self.config.source_index(probe_layer)].to(fresh.device).float()
+            deviation = (fresh - stale).norm(dim=-1).sum(0).masked_fill(~known_t, float("-inf"))
+            slots = deviation.topk(n).indices.sort().values
+        else:
+            slots = known_t.nonzero().view(-1)
+        ctx, pos = self._context(memory, None, 0, capture=True)
+        # each layer's prefix is [memory (positions pos-m .. pos-1) | sink (position 0)]
+        key_pos = torch.arange(m, device=self.device) + pos - m
+        if self._sink_ids:
+            key_pos = torch.cat([key_pos, torch.zeros(1, dtype=torch.long, device=self.device)])
+        query_pos = key_pos[slots]
+        ctx.blend = Blend(slots=slots, visible=key_pos[None, :] <= query_pos[:, None])
+        self._run(ids_t[slots], query_pos, ctx, logits_for=None)
+        keys, values = keys.clone(), values.clone()
+        for i, layer in enumerate(self.config.source_layers):
+            keys[i][:, slots] = ctx.captured[layer][0][0].to(keys.dtype)
+            values[i][:, slots] = ctx.captured[layer][1][0].to(values.dtype)
+        return (keys, values), n
+
     # ------------------------------------------------------------------ streaming
     def _retrieve_for_stream(self, state: _Stream, namespace: str, k: int) -> list[str]:
         if k <= 0 or state.last_query is None:
             return []
         in_cache = [cid for cid, end in state.recent if end > state.offset - state.cache_len]
-        hits = self.bank.search(state.last_query, namespace=namespace, k=k, exclude=in_cache)
+        hits = self.bank.search(state.last_query, namespace=namespace, k=k, exclude=in_cache, mode="dense")
         return [h.chunk_id for h in hits]
 
     def _stream_step(self, tokens: Sequence[int], state: _Stream, namespace: str, *, write: bool = True,
@@ -315,7 +386,7 @@ class MemLong:
                     continue  # whitespace-only chunk: nothing to retrieve it by
                 new.append((text, torch.stack([captured[layer][0][0, :, s:e] for layer in srcs]),
                             torch.stack([captured[layer][1][0, :, s:e] for layer in srcs]),
-                            (state.offset + s, state.offset + e)))
+                            (state.offset + s, state.offset + e), tokens[s:e]))
             if state.pending is not None and k == 0:
                 state.pending.append(new)
                 if state.pending_tokens >= _WRITE_BATCH_TOKENS:
@@ -339,7 +410,7 @@ class MemLong:
         return out
 
     def _write_chunks(self, state: _Stream, namespace: str, steps: list[list]) -> np.ndarray | None:
-        """Embed the chunks (text, keys, values, span) of ``steps`` in one batch, then add them to the bank one
+        """Embed the chunks (text, keys, values, span, tokens) of ``steps`` in one batch, then add them to the bank one
         step at a time. Returns the embeddings."""
         chunks = [c for step in steps for c in step]
         if not chunks:
@@ -347,10 +418,10 @@ class MemLong:
         embeddings = self.bank.embedder.encode([c[0] for c in chunks])
         start = 0
         for step in filter(None, steps):
-            texts, keys, values, spans = (list(x) for x in zip(*step))
+            texts, keys, values, spans, tokens = (list(x) for x in zip(*step))
             ids = self.bank.add_chunks(texts, keys=keys, values=values, namespace=namespace, doc_id=state.doc_id,
                                        spans=spans, embeddings=embeddings[start:start + len(step)],
-                                       metadata=[state.metadata] * len(texts))
+                                       metadata=[state.metadata] * len(texts), tokens=tokens)
             start += len(step)
             state.chunk_ids += ids
             state.recent.extend((cid, span[1]) for cid, span in zip(ids, spans))
@@ -472,7 +543,8 @@ class MemLong:
             stored = self.bank.chunk_ids(namespace)
             if stored:
                 query = self.bank.get(stored[-1], namespace=namespace).text
-                chunk_ids = [h.chunk_id for h in self.bank.search(query, namespace=namespace, k=self.config.top_k)]
+                chunk_ids = [h.chunk_id for h in self.bank.search(query, namespace=namespace, k=self.config.top_k,
+                                                                  mode="dense")]
         ctx, start = self._context(self._memory(chunk_ids or [], namespace), None, 0)
         logits = self._run(ids, torch.arange(len(ids)) + start, ctx)
         out = {"logits": logits}
@@ -533,7 +605,11 @@ class MemLong:
             chunk_ids = [h.chunk_id for h in self.bank.search(query or prompt, namespace=namespace, k=self.config.top_k)]
         chunk_ids = list(chunk_ids or [])
         memory = self._memory(chunk_ids, namespace)  # raises UnknownChunkError before any work
-        stats = GenerationStats(prompt_tokens=len(ids), chunk_ids=chunk_ids,
+        refreshed = 0
+        if memory is not None and self.config.kv_refresh > 0 and len(chunk_ids) > 0:
+            with torch.no_grad():
+                memory, refreshed = self._refresh(memory, chunk_ids, namespace, self.config.kv_refresh)
+        stats = GenerationStats(prompt_tokens=len(ids), chunk_ids=chunk_ids, refreshed_tokens=refreshed,
                                 memory_tokens=0 if memory is None else int(memory[0].shape[2]))
         self.last_generation = stats
         return self._decode_loop(ids, memory, max_new_tokens, temperature, seed, stop, stats, t0)
@@ -630,3 +706,11 @@ class MemLong:
         return (f"MemLong({getattr(self.model.config, '_name_or_path', '?')!r}, layers={self.num_layers}, "
                 f"kv_source={c.kv_source!r}, retrieval_layers={c.retrieval_layers}, top_k={c.top_k}, "
                 f"local_window={c.local_window}, bank={self.bank!r})")
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to end a forward after the layer it is registered on."""
+
+
+def _stop(module, args, output):
+    raise _Stop

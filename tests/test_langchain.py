@@ -184,6 +184,15 @@ def test_retriever_documents_carry_chunk_ids(tiny):
         retriever.invoke("  ")
 
 
+def test_retriever_search_modes(tiny):
+    for mode in ("dense", "lexical", "hybrid"):
+        docs = MemLongRetriever(bank=tiny.bank, namespace="kb", k=2, search_mode=mode).invoke(QUESTION)
+        hits = tiny.bank.search(QUESTION, namespace="kb", k=2, mode=mode, count=False)
+        assert [d.metadata[CHUNK_ID_KEY] for d in docs] == [h.chunk_id for h in hits]
+    docs = MemLongRetriever(bank=tiny.bank, namespace="kb", k=3, search_mode="lexical").invoke("saffron")
+    assert len(docs) >= 1 and all("saffron" in d.page_content.lower() for d in docs)  # only word matches
+
+
 # ------------------------------------------------------------------ vector store
 def test_vector_store_entries_round_trip_and_span_chunks(tiny):
     store = MemLongVectorStore(tiny, namespace="vs")
@@ -252,7 +261,7 @@ def test_rag_chain_helper_kv_and_paste(tiny):
     create_memlong_rag_chain(retriever, chat, paste=True).invoke({"question": QUESTION})
     pasted = tiny.last_generation
     text = "".join(tiny.bank.get(c, namespace="kb").text for c in kv.chunk_ids)
-    assert pasted.memory_tokens == 0 and pasted.prompt_tokens == len(tiny.encode_prompt(f"\n{text}" + plain(QUESTION)))
+    assert pasted.memory_tokens == 0 and pasted.prompt_tokens == len(tiny.encode_prompt(text + plain(QUESTION)))
     pieces = [c["answer"] for c in create_memlong_rag_chain(retriever, chat).stream(QUESTION) if "answer" in c]
     assert "".join(pieces) == out["answer"]
 

@@ -101,6 +101,19 @@ def test_index_ingests_into_bank_and_nodes_carry_hidden_chunk_ids(tiny_index):
     assert all(h.node.metadata["play"] == "macbeth" for h in hits[:1])
 
 
+def test_query_modes_map_to_bank_search_modes(tiny_index):
+    ml, index, _ = tiny_index
+    question = "Thunder and lightning. Enter three Witches"
+    for mode, bank_mode in (("default", "dense"), ("hybrid", "hybrid"), ("text_search", "lexical"),
+                            ("sparse", "lexical")):
+        hits = index.as_retriever(similarity_top_k=3, vector_store_query_mode=mode).retrieve(question)
+        expected = ml.bank.search(question, namespace="plays", k=3, mode=bank_mode, count=False)
+        assert [h.node.node_id for h in hits] == [h.chunk_id for h in expected]
+        assert [h.score for h in hits] == pytest.approx([h.score for h in expected])
+    with pytest.raises(ValueError, match="supports the query modes"):
+        index.as_retriever(vector_store_query_mode="mmr").retrieve(question)
+
+
 def test_exact_match_filters_get_nodes_and_delete(tiny_index):
     ml, index, store = tiny_index
     only = MetadataFilters(filters=[MetadataFilter(key="play", value="tempest")])

@@ -175,3 +175,49 @@ def test_fetch_to_another_dtype_keeps_values(bank):
     assert keys.dtype == values.dtype == torch.float32
     assert torch.equal(keys[:, :, :4], torch.full_like(keys[:, :, :4], 1.5))
     assert torch.equal(values[:, :, 4:], torch.full_like(values[:, :, 4:], -1.0))  # values = keys + 1
+
+
+def test_lexical_search_is_bm25_over_words(bank):
+    import math
+
+    ids = add(bank, TEXTS + ["The vault code is XK7741; the ghost does not know it."])
+    hits = bank.search("xk7741 ghost", namespace="ns", k=10, mode="lexical")
+    assert {h.chunk_id for h in hits} == {ids[2], ids[5]}  # only chunks sharing a word with the query
+    assert hits[0].chunk_id == ids[5]
+    # the score, computed by hand: BM25 with k1=1.2, b=0.75 over the six texts' words
+    words = [t.lower().replace(";", " ").replace(":", " ").replace(",", " ").replace(".", " ").split()
+             for t in TEXTS + ["The vault code is XK7741; the ghost does not know it."]]
+    mean = sum(map(len, words)) / len(words)
+
+    def term(word, doc):
+        df = sum(word in w for w in words)
+        idf = math.log(1 + (len(words) - df + 0.5) / (df + 0.5))
+        tf = doc.count(word)
+        return idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len(doc) / mean))
+
+    assert hits[0].score == pytest.approx(term("xk7741", words[5]) + term("ghost", words[5]), rel=1e-6)
+    assert hits[1].score == pytest.approx(term("ghost", words[2]), rel=1e-6)
+    bank.delete([ids[5]], namespace="ns")
+    assert [h.chunk_id for h in bank.search("xk7741 ghost", namespace="ns", k=10, mode="lexical")] == [ids[2]]
+    assert bank.search("xk7741", namespace="ns", k=3, mode="lexical") == []
+
+
+def test_hybrid_search_fuses_both_rankings(bank, embedder):
+    ids = add(bank, TEXTS + ["Memo: the password of the east gate is Zephyrine Pollux."])
+    query = "What is the password of the east gate?"
+    dense = [h.chunk_id for h in bank.search(query, namespace="ns", k=6, mode="dense")]
+    lexical = [h.chunk_id for h in bank.search(query, namespace="ns", k=6, mode="lexical")]
+    hybrid = bank.search(query, namespace="ns", k=6, mode="hybrid")
+    expected = {cid: sum(1 / (61 + r.index(cid)) for r in (dense, lexical) if cid in r) for cid in ids}
+    assert [h.chunk_id for h in hybrid] == sorted(expected, key=lambda c: -expected[c])[:6]
+    assert hybrid[0].chunk_id == ids[5] and hybrid[0].score == pytest.approx(2 / 61)
+    with pytest.raises(ValueError, match="needs the query text"):
+        bank.search(embedder.encode([query])[0], namespace="ns", mode="hybrid")
+    with pytest.raises(ValueError, match="search mode must be"):
+        bank.search(query, namespace="ns", mode="bm25")
+    hybrid_bank = MemoryBank(embedder=embedder, search_mode="hybrid")
+    add(hybrid_bank, TEXTS)
+    # the bank's search_mode is the default mode (ids differ between banks: compare which texts come back)
+    assert [TEXTS.index(hybrid_bank.get(h.chunk_id, namespace="ns").text) for h in hybrid_bank.search(
+        "bread yeast", namespace="ns", k=2)] == [ids.index(h.chunk_id) for h in bank.search(
+            "bread yeast", namespace="ns", k=2, mode="hybrid")]

@@ -213,3 +213,57 @@ def test_ingest_copies_document_metadata_onto_chunks(make_tiny):
     assert sources == {"a": "one", "b": "two"}
     with pytest.raises(ValueError, match="metadatas"):
         ml.ingest(["x y z"], namespace="m", metadatas=[{}, {}], progress=False)
+
+
+def _answer_logits(ml, prompt_ids, memory):
+    with torch.no_grad():
+        ctx, pos = ml._context(memory, None, 0)
+        return ml._run(prompt_ids, torch.arange(len(prompt_ids)) + pos, ctx)[0]
+
+
+def test_kv_refresh_all_equals_encoding_the_retrieved_text(make_tiny):
+    """kv_refresh=1: retrieved chunk-alone K-V re-encoded after the chunks before them == one pass over the text."""
+    ml, reference = make_tiny(kv_refresh=1.0)
+    stats = ml.ingest(TEXT, namespace="doc", context="chunk", progress=False)
+    picked = [stats.chunk_ids[i] for i in (5, 0, 3)]  # not adjacent; order restored by the bank
+    tokens = [t for i in (0, 3, 5) for t in ml.bank.get(stats.chunk_ids[i], namespace="doc").tokens]
+    assert tokens[:128] == ml.tokenize(TEXT)[:128]  # the ids the K-V were computed from are recorded
+    prompt = ml.tokenize(" Where does the red ship sail?")
+    with torch.no_grad():
+        expected = reference(torch.tensor([ml._sink_ids + tokens + prompt])).logits[0, -len(prompt):]
+        stale = ml._memory(picked, "doc")
+        fresh, n = ml._refresh(stale, picked, "doc", 1.0)
+    assert n == len(tokens) == 3 * 128
+    torch.testing.assert_close(_answer_logits(ml, prompt, fresh), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(_answer_logits(ml, prompt, stale), expected, atol=1e-3)  # chunks never saw each other
+    before = ml.bank.get(picked[0], namespace="doc").keys.clone()
+    ml.generate(" Where does the red ship sail?", namespace="doc", chunk_ids=picked, max_new_tokens=2)
+    assert ml.last_generation.refreshed_tokens == 3 * 128 and ml.last_generation.prompt_tokens == len(prompt)
+    assert torch.equal(ml.bank.get(picked[0], namespace="doc").keys, before)  # the bank is left as stored
+
+
+def test_kv_refresh_share_re_encodes_only_what_the_probe_ranks_first(make_tiny):
+    ml, _ = make_tiny(kv_refresh=0.25)
+    stats = ml.ingest(TEXT, namespace="doc", context="chunk", progress=False)
+    picked = [stats.chunk_ids[i] for i in (1, 4)]
+    stale = ml._memory(picked, "doc")
+    with torch.no_grad():
+        (keys, _), n = ml._refresh(stale, picked, "doc", 0.25)
+    assert n == 64  # a quarter of 256 retrieved tokens
+    changed = (keys - stale[0]).abs().amax(dim=(0, 1, 3)) > 0
+    assert int(changed.sum()) == 64
+    # the first chunk's chunk-alone K-V already are what the text would give: the probe never picks them
+    assert not changed[:128].any()
+    ml.generate("Where?", namespace="doc", chunk_ids=picked, max_new_tokens=1)
+    assert ml.last_generation.refreshed_tokens == 64
+    ml.generate("Where?", namespace="doc", chunk_ids=[], max_new_tokens=1)
+    assert ml.last_generation.refreshed_tokens == 0
+
+
+def test_kv_refresh_config_is_checked(make_tiny):
+    with pytest.raises(ValueError, match="kv_refresh must be a share"):
+        make_tiny(kv_refresh=1.5)
+    with pytest.raises(ValueError, match="kv_source='per_layer' with retrieval_layers='all'"):
+        make_tiny(kv_refresh=0.5, kv_source="memory_layer")
+    with pytest.raises(ValueError, match="retrieval_layers='all'"):
+        make_tiny(kv_refresh=0.5, retrieval_layers=(2, 3))

@@ -39,8 +39,9 @@ def fill(bank, namespace, n, tokens=3, seed=0, doc_id=None):
     values = [torch.randn(2, 2, tokens, 8, generator=g) for _ in texts]
     spans = [(i * tokens, (i + 1) * tokens) for i in range(n)]
     meta = [{"source": f"doc-{seed}", "page": i, "tags": ["a", None, 1.5]} for i in range(n)]
+    token_ids = [list(range(i, i + tokens)) for i in range(n)]
     return bank.add_chunks(texts, keys=keys, values=values, namespace=namespace, spans=spans, metadata=meta,
-                           doc_id=doc_id)
+                           doc_id=doc_id, tokens=token_ids)
 
 
 def assert_same_bank(a, b):
@@ -51,8 +52,8 @@ def assert_same_bank(a, b):
         assert a._spaces[ns].ids == b._spaces[ns].ids  # faiss rows line up with the same ids
         for cid in a.chunk_ids(ns):
             x, y = a.get(cid, namespace=ns), b.get(cid, namespace=ns)
-            assert (x.text, x.doc_id, x.span, x.order, x.retrievals, x.metadata) == \
-                   (y.text, y.doc_id, y.span, y.order, y.retrievals, y.metadata)
+            assert (x.text, x.doc_id, x.span, x.order, x.retrievals, x.metadata, x.tokens) == \
+                   (y.text, y.doc_id, y.span, y.order, y.retrievals, y.metadata, y.tokens)
             assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values) and x.keys.dtype == y.keys.dtype
     assert a.num_tokens() == b.num_tokens() and a.nbytes() == b.nbytes()
 
@@ -71,7 +72,9 @@ def test_round_trip_keeps_every_field(tmp_path, embedder):
     assert_same_bank(bank, loaded)
     assert (loaded.capacity, loaded.dtype, loaded.max_bytes) == (500, torch.bfloat16, 10**7)
     query = "bob chunk about topic 2"
-    assert loaded.search(query, namespace="bob", count=False) == bank.search(query, namespace="bob", count=False)
+    for mode in ("dense", "lexical", "hybrid"):  # the lexical index is rebuilt from the texts
+        assert loaded.search(query, namespace="bob", count=False, mode=mode) == \
+            bank.search(query, namespace="bob", count=False, mode=mode)
     # new chunks come after the loaded ones in document order
     new = fill(loaded, "alice", 1, seed=9)
     assert loaded.chunk_ids("alice")[-1] == new[0]
@@ -266,6 +269,28 @@ def test_save_killed_at_a_random_moment(tmp_path, delay):
     assert digest(MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())) in versions[-2:]
 
 
+def test_banks_saved_without_token_ids_still_load(tmp_path):
+    """Token ids (kv_refresh) were added to the format later: records without them load, with ``tokens=None``."""
+    bank = MemoryBank(embedder=HashEmbedder())
+    fill(bank, "ns", 2)
+    assert bank.get(bank.chunk_ids("ns")[0], namespace="ns").tokens == (0, 1, 2)
+    bank.save(tmp_path / "bank")
+    manifest = json.loads((tmp_path / "bank" / "manifest.json").read_text())
+    record_file = tmp_path / "bank" / manifest["files"][0]["name"]
+    record = json.loads(record_file.read_text())
+    for chunk in record["namespaces"][0]["chunks"]:
+        del chunk["tokens"]
+    data = json.dumps(record).encode()
+    record_file.write_bytes(data)
+    manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (tmp_path / "bank" / "manifest.json").write_text(json.dumps(manifest))
+    loaded = MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
+    assert [loaded.get(c, namespace="ns").tokens for c in loaded.chunk_ids("ns")] == [None, None]
+    with pytest.raises(ValueError, match="2 token ids but K-V for 3 tokens"):
+        bank.add_chunks(["x"], keys=[torch.zeros(2, 2, 3, 8)], values=[torch.zeros(2, 2, 3, 8)], namespace="ns",
+                        tokens=[[1, 2]])
+
+
 def test_tampered_content_with_valid_checksums_is_refused(tmp_path):
     """Checksums catch accidents; the loader also validates what the files say (fuzzed at length in
     test_persistence_fuzz.py; these are the cases it found or that matter most)."""
@@ -292,6 +317,9 @@ def test_tampered_content_with_valid_checksums_is_refused(tmp_path):
     tampered(lambda r: r["namespaces"][0]["chunks"][0].update(id="../../etc/passwd"))
     tampered(lambda r: r["namespaces"][0]["chunks"].pop())  # K-V and embeddings of a chunk no record names
     tampered(lambda r: r.update(version=2))
+    tampered(lambda r: r["namespaces"][0]["chunks"][0].update(tokens=[1, 2]))  # 2 ids for K-V of 3 tokens
+    tampered(lambda r: r["namespaces"][0]["chunks"][0].update(tokens=[1, -2, 3]))
+    tampered(lambda r: r["namespaces"][0]["chunks"][0].update(tokens="abc"))
     manifest["files"][1]["name"] = "../outside.safetensors"
     (tmp_path / "bank" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(MemoryFileError, match="malformed file entry"):

@@ -14,7 +14,8 @@ Contract:
       otherwise. Measured on the default 135M model: behind a chat
       template the model tends to ignore memory (README, "LangChain").
     * ``usage_metadata``: ``input_tokens`` = prompt tokens encoded + memory tokens attended, the latter also
-      reported as ``input_token_details["cache_read"]`` (they were read from the bank, not encoded);
+      reported as ``input_token_details["cache_read"]`` (they were read from the bank, not encoded; with
+      ``kv_refresh``, less the re-encoded ones);
       ``output_tokens`` = generated tokens. ``response_metadata["memlong"]`` has the raw
       :class:`memlong.GenerationStats` (chunk ids, time to first token).
     * Text only: no tool calling, structured output or multimodal input.
@@ -218,7 +219,7 @@ class ChatMemLong(BaseChatModel):
         fmt = self.prompt_format if self.prompt_format != "auto" else ("plain" if chunk_ids else "chat")
         stops = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
         if fmt == "plain":
-            prompt = _render_plain(turns)
+            prompt = _render_plain(turns, after_memory=bool(chunk_ids))
             stops.extend(s for s in PLAIN_STOP if s not in stops)
             prefill = f" {prefill.strip()}" if prefill.strip() else ""
         else:
@@ -242,11 +243,12 @@ class ChatMemLong(BaseChatModel):
     def _metadata(self, stats: GenerationStats, namespace: str) -> tuple[UsageMetadata, dict[str, Any]]:
         usage = UsageMetadata(input_tokens=stats.prompt_tokens + stats.memory_tokens, output_tokens=stats.new_tokens,
                               total_tokens=stats.prompt_tokens + stats.memory_tokens + stats.new_tokens,
-                              input_token_details={"cache_read": stats.memory_tokens})
+                              input_token_details={"cache_read": stats.memory_tokens - stats.refreshed_tokens})
         finish = "length" if stats.new_tokens >= self.max_tokens else "stop"
         response = {"model_name": self.model_name, "model_provider": "memlong", "finish_reason": finish,
                     "memlong": {"namespace": namespace, "chunk_ids": list(stats.chunk_ids),
                                 "prompt_tokens": stats.prompt_tokens, "memory_tokens": stats.memory_tokens,
+                                "refreshed_tokens": stats.refreshed_tokens,
                                 "time_to_first_token": stats.time_to_first_token, "seconds": stats.seconds}}
         return usage, response
 
@@ -301,11 +303,14 @@ class ChatMemLong(BaseChatModel):
             yield chunk
 
 
-def _render_plain(turns: Sequence[tuple[str, str]]) -> str:
+def _render_plain(turns: Sequence[tuple[str, str]], *, after_memory: bool = True) -> str:
     """Continuation prompt: ``\\n<system>\\nQuestion: <human>\\nAnswer: <ai>\\n...Question: <last>\\nAnswer:``.
 
-    It starts with a newline so that it reads on from the retrieved chunks placed right before it."""
-    lines = [""]
+    With ``after_memory`` it starts with a newline, so that it reads on from the retrieved chunks whose K-V sit
+    right before it. Without memory it starts with its first line: text pasted into a system message then
+    takes the place retrieved K-V would take (right after the sink), so both layouts put the context at the
+    same positions (answers agree far more often; README, "RAG")."""
+    lines = [""] if after_memory else []
     for role, text in turns:
         if role == "system":
             lines.append(text)

@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
@@ -52,6 +52,7 @@ class MemLongRetriever(BaseRetriever):
         .. code-block:: python
 
             retriever = MemLongRetriever(bank=ml.bank, namespace="docs", k=4)
+            retriever = MemLongRetriever(bank=ml.bank, namespace="docs", k=1, search_mode="hybrid")
             # or: MemLongRetriever.from_memlong(ml, namespace="docs")
 
     Invoke:
@@ -72,6 +73,9 @@ class MemLongRetriever(BaseRetriever):
     """Chunks returned per query (an ``invoke`` keyword ``k`` overrides it)."""
     count_retrievals: bool = True
     """Bump the chunks' retrieval counters (they decide eviction, as in the paper)."""
+    search_mode: Literal["dense", "lexical", "hybrid"] | None = None
+    """``"dense"`` (embeddings), ``"lexical"`` (BM25) or ``"hybrid"`` (both, reciprocal rank fusion); ``None``:
+    the bank's ``search_mode`` (``MemLongConfig.search_mode``). ``memlong_score`` is the chosen ranking's score."""
 
     @classmethod
     def from_memlong(cls, memlong: MemLong, **kwargs: Any) -> MemLongRetriever:
@@ -86,5 +90,6 @@ class MemLongRetriever(BaseRetriever):
             raise ValueError(f"k must be an integer >= 0, got {k!r}.")
         if not isinstance(query, str) or not query.strip():
             raise ValueError("The query is empty: give the retriever some text to search for.")
-        hits = self.bank.search(query, namespace=self.namespace, k=k, count=self.count_retrievals)
+        hits = self.bank.search(query, namespace=self.namespace, k=k, count=self.count_retrievals,
+                                mode=self.search_mode)
         return [chunk_document(self.bank, h.chunk_id, self.namespace, h.score) for h in hits]

@@ -156,7 +156,8 @@ class MemLongVectorStore(VectorStore):
 
     # ------------------------------------------------------------------ search
     def similarity_search_with_score(self, query: str, k: int = 4, **kwargs: Any) -> list[tuple[Document, float]]:
-        """The ``k`` best entries with their cosine similarity (best chunk), best first."""
+        """The ``k`` best entries with their cosine similarity (best chunk), best first. (Always dense: for
+        lexical or hybrid ranking use :class:`MemLongRetriever` with ``search_mode``.)"""
         if not isinstance(query, str) or not query.strip():
             raise ValueError("The query is empty: give the store some text to search for.")
         return self._search(query, k)
@@ -174,7 +175,7 @@ class MemLongVectorStore(VectorStore):
         want = min(total, 4 * k)
         while True:  # widen until k distinct entries (an entry may own several chunks)
             best: dict[str, tuple[str, float]] = {}
-            for hit in self.bank.search(query, namespace=self.namespace, k=want, count=False):
+            for hit in self.bank.search(query, namespace=self.namespace, k=want, count=False, mode="dense"):
                 entry = self.bank.get(hit.chunk_id, namespace=self.namespace).doc_id
                 best.setdefault(entry, (hit.chunk_id, hit.score))
             if len(best) >= k or want >= total:

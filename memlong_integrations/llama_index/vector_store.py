@@ -200,8 +200,12 @@ class MemLongVectorStore(BasePydanticVectorStore):
 
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         """Top ``similarity_top_k`` chunks for ``query.query_str`` among those passing filters / ids."""
-        if query.mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.TEXT_SEARCH):
-            raise ValueError(f"MemLongVectorStore supports the default (dense) query mode, not {query.mode.value!r}.")
+        modes = {VectorStoreQueryMode.DEFAULT: None, VectorStoreQueryMode.HYBRID: "hybrid",
+                 VectorStoreQueryMode.TEXT_SEARCH: "lexical", VectorStoreQueryMode.SPARSE: "lexical"}
+        if query.mode not in modes:
+            raise ValueError(f"MemLongVectorStore supports the query modes default (the bank's search_mode), hybrid, "
+                             f"text_search and sparse (BM25), not {query.mode.value!r}.")
+        mode = modes[query.mode]
         bank = self._memlong.bank
         everything = bank.chunk_ids(self.namespace)
         if not everything:
@@ -216,12 +220,13 @@ class MemLongVectorStore(BasePydanticVectorStore):
                                    everything=True)) if restricted else None
         if query.query_str:
             probe: Any = query.query_str
-        elif query.query_embedding is not None and len(query.query_embedding) == bank.embedder.dim:
-            probe = query.query_embedding
+        elif mode is None and query.query_embedding is not None and len(query.query_embedding) == bank.embedder.dim:
+            probe, mode = query.query_embedding, "dense"
         else:
-            raise ValueError("MemLongVectorStore needs query.query_str (it embeds queries with the bank's embedder).")
+            raise ValueError("MemLongVectorStore needs query.query_str (it embeds queries with the bank's embedder, "
+                             "and lexical or hybrid search match its words).")
         exclude = [] if allowed is None else [cid for cid in everything if cid not in allowed]
-        hits = bank.search(probe, namespace=self.namespace, k=query.similarity_top_k, exclude=exclude)
+        hits = bank.search(probe, namespace=self.namespace, k=query.similarity_top_k, exclude=exclude, mode=mode)
         nodes = [chunk_node(bank, h.chunk_id, self.namespace, h.score).node for h in hits]
         return VectorStoreQueryResult(nodes=nodes, similarities=[h.score for h in hits], ids=[h.chunk_id for h in hits])
 
