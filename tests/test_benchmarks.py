@@ -61,3 +61,18 @@ def test_gpu_attention_benchmark_smoke_run_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["records"]
     assert [r["mask"] for r in rows] == ["boolean", "lower-right bias"]
     assert all(r["max_abs_diff_vs_fp32"] < 1e-4 for r in rows)  # both forms are the joint mask
+
+
+@pytest.mark.slow
+def test_kv_fidelity_benchmark_smoke_run(tmp_path):
+    import kv_fidelity
+
+    out = tmp_path / "fidelity.json"
+    assert kv_fidelity.main(["--facts", "2", "--plays", "macbeth", "--chars", "3000", "--top-k", "2",
+                             "--refresh", "0,1", "--max-new-tokens", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["top_k"], r["kv_refresh"]) for r in rows] == [(2, 0.0), (2, 1.0)]
+    stored, refreshed = rows
+    # refreshing every retrieved token encodes them all (what pasting encodes, less the pasted text's own tokens)
+    assert stored["tokens_encoded_mean"] + 2 * 128 == refreshed["tokens_encoded_mean"]
+    assert refreshed["kl_mean"] <= stored["kl_mean"] and refreshed["first_token_agreement"] == 1.0

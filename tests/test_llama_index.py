@@ -110,6 +110,8 @@ def test_query_modes_map_to_bank_search_modes(tiny_index):
         expected = ml.bank.search(question, namespace="plays", k=3, mode=bank_mode, count=False)
         assert [h.node.node_id for h in hits] == [h.chunk_id for h in expected]
         assert [h.score for h in hits] == pytest.approx([h.score for h in expected])
+        ours = MemLongRetriever(ml, namespace="plays", similarity_top_k=3, vector_store_query_mode=mode)
+        assert [h.node.node_id for h in ours.retrieve(question)] == [h.chunk_id for h in expected]
     with pytest.raises(ValueError, match="supports the query modes"):
         index.as_retriever(vector_store_query_mode="mmr").retrieve(question)
 
