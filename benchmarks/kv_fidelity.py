@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
           "| same first token | same answer |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['top_k']} | {r['kv_refresh']:g} | {r['tokens_encoded_mean']:.1f} ({r['paste_tokens_encoded_mean']:.0f}) | "
+        print(f"| {r['top_k']} | {r['kv_refresh']:g} | {r['tokens_encoded_mean']:.1f} "
+              f"({r['paste_tokens_encoded_mean']:.0f}) | "
               f"{r['kl_mean']:.3f} | "
               f"{100 * r['first_token_agreement']:.0f} % | {100 * r['answer_agreement']:.0f} % |")
     if args.json:
