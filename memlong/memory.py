@@ -166,49 +166,77 @@ def _words(text: str) -> list[str]:
 class _Lexical:
     """BM25 (k1=1.2, b=0.75) over one namespace's chunk texts: an inverted index, updated with the namespace.
 
-    A query costs time in proportion to the postings of its words (a very common word in a very large
-    namespace is the slow case)."""
+    Every chunk gets a slot (insertion order; a removed chunk's slot stays empty). Postings are dicts for cheap
+    updates and are turned into numpy arrays, cached per word until the word's postings change, so a query
+    costs a few vector operations per query word (``benchmarks/cpu.py`` measures it)."""
 
     K1, B = 1.2, 0.75
 
     def __init__(self) -> None:
-        self.postings: dict[str, dict[str, int]] = collections.defaultdict(dict)  # word -> {chunk id: count}
-        self.lengths: dict[str, int] = {}
+        self.postings: dict[str, dict[int, int]] = collections.defaultdict(dict)  # word -> {slot: count}
+        self.slot_of: dict[str, int] = {}
+        self.id_of: list[str | None] = []
+        self.words_of: list[tuple[str, ...]] = []
+        self.length_of: list[int] = []
         self.total = 0
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._lengths: np.ndarray | None = None
 
     def add(self, ids: Sequence[str], texts: Sequence[str]) -> None:
         for cid, text in zip(ids, texts):
             words = _words(text)
-            for word, count in collections.Counter(words).items():
-                self.postings[word][cid] = count
-            self.lengths[cid] = len(words)
+            slot = len(self.id_of)
+            counts = collections.Counter(words)
+            for word, count in counts.items():
+                self.postings[word][slot] = count
+                self._arrays.pop(word, None)
+            self.slot_of[cid] = slot
+            self.id_of.append(cid)
+            self.words_of.append(tuple(counts))
+            self.length_of.append(len(words))
             self.total += len(words)
+        self._lengths = None
 
     def remove(self, drop: set[str]) -> None:
-        for word in [w for w, post in self.postings.items() if not drop.isdisjoint(post)]:
-            post = self.postings[word]
-            for cid in drop.intersection(post):
-                del post[cid]
-            if not post:
-                del self.postings[word]
-        for cid in drop.intersection(self.lengths):
-            self.total -= self.lengths.pop(cid)
+        for cid in drop.intersection(self.slot_of):
+            slot = self.slot_of.pop(cid)
+            for word in self.words_of[slot]:
+                post = self.postings[word]
+                del post[slot]
+                if not post:
+                    del self.postings[word]
+                self._arrays.pop(word, None)
+            self.id_of[slot], self.words_of[slot] = None, ()
+            self.total -= self.length_of[slot]
+            self.length_of[slot] = 0
+        self._lengths = None
 
-    def scores(self, query: str) -> dict[str, float]:
-        n = len(self.lengths)
-        if n == 0:
-            return {}
-        mean = max(self.total / n, 1.0)
-        out: dict[str, float] = collections.defaultdict(float)
+    def top(self, query: str, want: int, skip: set[str]) -> list[tuple[str, float]]:
+        """The ``want`` best-scoring chunks sharing a word with ``query`` (not in ``skip``), best first."""
+        n = len(self.slot_of)
+        if n == 0 or want <= 0:
+            return []
+        if self._lengths is None:
+            self._lengths = np.asarray(self.length_of, dtype=np.float64)
+        norm = self.K1 * (1.0 - self.B + self.B * self._lengths / max(self.total / n, 1.0))
+        scores = np.zeros(len(self.id_of))
         for word in set(_words(query)):
             post = self.postings.get(word)
             if not post:
                 continue
+            if word not in self._arrays:
+                self._arrays[word] = (np.fromiter(post.keys(), dtype=np.int64, count=len(post)),
+                                      np.fromiter(post.values(), dtype=np.float64, count=len(post)))
+            slots, counts = self._arrays[word]
             idf = math.log(1.0 + (n - len(post) + 0.5) / (len(post) + 0.5))
-            for cid, count in post.items():
-                norm = self.K1 * (1.0 - self.B + self.B * self.lengths[cid] / mean)
-                out[cid] += idf * count * (self.K1 + 1.0) / (count + norm)
-        return out
+            scores[slots] += idf * counts * (self.K1 + 1.0) / (counts + norm[slots])
+        for cid in skip.intersection(self.slot_of):
+            scores[self.slot_of[cid]] = 0.0
+        hits = np.flatnonzero(scores)
+        if len(hits) > want:
+            hits = hits[np.argpartition(-scores[hits], want - 1)[:want]]
+        hits = hits[np.argsort(-scores[hits], kind="stable")]
+        return [(self.id_of[i], float(scores[i])) for i in hits]
 
 
 class _Namespace:
@@ -448,9 +476,8 @@ class MemoryBank:
                 ranked.append([(space.ids[r], float(sc)) for sc, r in zip(scores[0], rows[0])
                                if r >= 0 and space.ids[r] not in skip])
             if mode != "dense":
-                lexical = space.lexical.scores(query)
-                ranked.append(sorted(((cid, sc) for cid, sc in lexical.items() if cid not in skip),
-                                     key=lambda item: (-item[1], self._chunks[item[0]].order)))
+                lexical = space.lexical.top(query, k if mode == "lexical" else max(4 * k, 50), skip)
+                ranked.append(sorted(lexical, key=lambda item: (-item[1], self._chunks[item[0]].order)))
             if mode == "hybrid":
                 fused: dict[str, float] = collections.defaultdict(float)
                 for ranking in ranked:

@@ -50,6 +50,7 @@ def test_cpu_benchmark_smoke_run(tmp_path):
     ttft = [r for r in records if r["bench"] == "ttft"]
     assert len(ttft) == 1 and ttft[0]["kv_tokens_encoded"] < 30 < ttft[0]["reencode_tokens_encoded"]
     assert {r["chunks"] for r in records if r["bench"] == "faiss"} == {1000}
+    assert all(r["lexical_ms"] > 0 and r["hybrid_ms"] > 0 for r in records if r["bench"] == "faiss")
 
 
 def test_gpu_attention_benchmark_smoke_run_on_cpu(tmp_path):
