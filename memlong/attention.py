@@ -159,7 +159,7 @@ class AttentionContext:
 
 @dataclass
 class Blend:
-    """Recompute some prefix tokens in place (``MemLong`` ``kv_recompute``): the new tokens *are* prefix tokens.
+    """Recompute some prefix tokens in place (``MemLongConfig.kv_refresh``): the new tokens *are* prefix tokens.
 
     ``slots`` ``(Lq,)``: the prefix index each new token's fresh K-V replace (in every layer, and in ``prefix``
     itself, so later layers and the caller see the refreshed K-V). ``visible`` ``(Lq, P)``: which prefix keys

@@ -75,7 +75,7 @@ class MemLongConfig:
             them (CacheBlend-style selective recompute, see ``MemLong.generate``). Stored chunk K-V never saw the
             chunks retrieved with them; ``0`` (default) uses them as stored (fastest), ``1`` re-encodes all
             retrieved tokens, which is exactly what pasting their text computes (no saving). Needs
-            ``kv_source="per_layer"`` with every layer a retrieval layer (the default).
+            ``kv_source="per_layer"``, every layer a retrieval layer and the ``continual`` layout (the defaults).
         attention_backend: ``"auto"`` (SDPA; FlexAttention measured 2x slower on an H100), ``"sdpa"``,
             ``"flex"`` or ``"eager"`` (the exact float32 reference).
     """
@@ -201,10 +201,11 @@ class MemLongConfig:
                    "every retrieval layer reads the memory layer's K-V, so it must be at or above it. "
                    "Raise them, lower memory_layer, or use kv_source='per_layer'.")
         if self.kv_refresh > 0:
-            _check(self.kv_source == "per_layer" and layers == tuple(range(num_layers)),
-                   f"kv_refresh={self.kv_refresh} re-encodes retrieved tokens in every layer, so every layer must read "
-                   "its own stored K-V: use kv_source='per_layer' with retrieval_layers='all' (the defaults), or "
-                   "kv_refresh=0.")
+            _check(self.kv_source == "per_layer" and layers == tuple(range(num_layers))
+                   and self.position_layout == "continual",
+                   f"kv_refresh={self.kv_refresh} re-encodes retrieved tokens in every layer at their positions, so every "
+                   "layer must read its own stored K-V laid out in order: use kv_source='per_layer', "
+                   "retrieval_layers='all' and position_layout='continual' (the defaults), or kv_refresh=0.")
         return dataclasses.replace(self, memory_layer=memory_layer, retrieval_layers=layers)
 
 

@@ -9,7 +9,8 @@ cache; (2) run the step with attention over ``[retrieved K-V | sink | local cach
 capacity, compute per step by the local window.
 
 ``generate`` encodes only the prompt: retrieved chunks (by explicit id, or found with the prompt as
-query) enter the retrieval layers as stored K-V.
+query) enter the retrieval layers as stored K-V (with ``kv_refresh``, a share of the retrieved tokens is
+re-encoded next to the chunks retrieved with them first).
 
 Example:
     >>> from memlong import MemLong
@@ -61,7 +62,7 @@ class IngestStats:
 class GenerationStats:
     """What the last ``generate`` call encoded and retrieved."""
 
-    prompt_tokens: int = 0  # tokens the decoder encoded for the prompt (retrieved text is never re-encoded)
+    prompt_tokens: int = 0  # tokens the decoder encoded for the prompt (retrieved text: see refreshed_tokens)
     memory_tokens: int = 0  # tokens of retrieved K-V the retrieval layers attended to
     refreshed_tokens: int = 0  # retrieved tokens re-encoded (``kv_refresh``), on top of ``prompt_tokens``
     chunk_ids: list[str] = field(default_factory=list)
@@ -359,9 +360,11 @@ class MemLong:
         return [h.chunk_id for h in hits]
 
     def _stream_step(self, tokens: Sequence[int], state: _Stream, namespace: str, *, write: bool = True,
-                     logits: bool = False, retrieve: bool = True, k: int | None = None) -> torch.Tensor | None:
+                     logits: bool = False, retrieve: bool = True, k: int | None = None,
+                     span: tuple[int, int] | None = None) -> torch.Tensor | None:
         """Process one step of a document: retrieve ``k`` chunks (default ``ingest_top_k``), run, write its
-        chunks, slide the cache."""
+        chunks, slide the cache. ``span``: the document span of a step whose tokens are not the document's own
+        (a stripped chunk); the step is then written as one chunk and the stream advances to the span's end."""
         cfg = self.config
         k = cfg.ingest_k if k is None else k
         chunk_ids = self._retrieve_for_stream(state, namespace, k) if retrieve else []
@@ -374,19 +377,20 @@ class MemLong:
         out = self._run(tokens, positions, ctx, logits_for=slice(None) if logits else None)
         captured = ctx.captured
         # write the step's chunks, K-V from this pass (real preceding context), after use
-        last_start = cfg.chunk_size * ((len(tokens) - 1) // cfg.chunk_size)
+        size = len(tokens) if span else cfg.chunk_size  # a step given its span is one chunk
+        last_start = size * ((len(tokens) - 1) // size)
         state.last_query = self.tokenizer.decode(tokens[last_start:])
         if write:
             srcs = cfg.source_layers
             new = []
-            for s in range(0, len(tokens), cfg.chunk_size):
-                e = min(s + cfg.chunk_size, len(tokens))
+            for s in range(0, len(tokens), size):
+                e = min(s + size, len(tokens))
                 text = state.last_query if s == last_start else self.tokenizer.decode(tokens[s:e])
                 if not text.strip():
                     continue  # whitespace-only chunk: nothing to retrieve it by
                 new.append((text, torch.stack([captured[layer][0][0, :, s:e] for layer in srcs]),
                             torch.stack([captured[layer][1][0, :, s:e] for layer in srcs]),
-                            (state.offset + s, state.offset + e), tokens[s:e]))
+                            span or (state.offset + s, state.offset + e), tokens[s:e]))
             if state.pending is not None and k == 0:
                 state.pending.append(new)
                 if state.pending_tokens >= _WRITE_BATCH_TOKENS:
@@ -406,8 +410,16 @@ class MemLong:
             state.cache[layer] = (k_new[:, :, -keep:].detach(), v_new[:, :, -keep:].detach()) if keep else \
                 (k_new[:, :, :0].detach(), v_new[:, :, :0].detach())
         state.cache_len = state.cache[0][0].shape[2]
-        state.offset += len(tokens)
+        state.offset = span[1] if span else state.offset + len(tokens)
         return out
+
+    def _stripped(self, tokens: Sequence[int]) -> list[int] | None:
+        """The tokens of ``tokens``' text without surrounding whitespace (``None`` if nothing is left). Without
+        its leading space a first word can take a token more, so a stripped chunk may exceed ``chunk_size``."""
+        text = self.tokenizer.decode(tokens)
+        if not text.strip():
+            return None
+        return list(tokens) if text == text.strip() else self.tokenize(text.strip())
 
     def _write_chunks(self, state: _Stream, namespace: str, steps: list[list]) -> np.ndarray | None:
         """Embed the chunks (text, keys, values, span, tokens) of ``steps`` in one batch, then add them to the bank one
@@ -430,7 +442,7 @@ class MemLong:
 
     def ingest(self, texts: str | Sequence[str], *, namespace: str = "default", doc_ids: Sequence[str] | None = None,
                metadatas: Sequence[dict[str, Any]] | None = None, progress: bool = True,
-               context: Literal["document", "chunk"] = "document") -> IngestStats:
+               context: Literal["document", "chunk"] = "document", strip: bool = False) -> IngestStats:
         """Stream documents of any length into memory, window by window (see module docstring).
 
         Args:
@@ -445,8 +457,13 @@ class MemLong:
                 (perplexity, passkey). ``"chunk"``: the chunk alone (after the sink), which is what pasting that
                 chunk at the start of a prompt would compute: best for RAG, where retrieved chunks are read
                 out of their document (README, "RAG"); one forward per chunk, so slower to ingest.
+            strip: with ``context="chunk"``, store each chunk's text without its surrounding whitespace and
+                compute its K-V from that text's tokens (the span stays the chunk's place in the document).
+                LlamaIndex's synthesizers strip every chunk they paste, so its vector store does this, and the
+                K-V then match what the stock text pipeline encodes (README, "LlamaIndex").
         Raises:
-            ValueError: a document that is empty or only whitespace; an unknown ``context``.
+            ValueError: a document that is empty or only whitespace; an unknown ``context``; ``strip`` without
+                ``context="chunk"``.
 
         Example:
             >>> stats = ml.ingest(open("hamlet.txt").read(), namespace="hamlet")
@@ -455,6 +472,9 @@ class MemLong:
         if context not in ("document", "chunk"):
             raise ValueError(f"context must be 'document' (K-V from the document's window) or 'chunk' (K-V from the "
                              f"chunk alone); got {context!r}.")
+        if strip and context != "chunk":
+            raise ValueError("strip=True re-tokenizes each chunk on its own, which needs context='chunk' (in a "
+                             "document's window the chunk's tokens are the document's).")
         docs = [texts] if isinstance(texts, str) else list(texts)
         if doc_ids is not None and len(doc_ids) != len(docs):
             raise ValueError(f"Got {len(docs)} documents but {len(doc_ids)} doc_ids.")
@@ -479,8 +499,15 @@ class MemLong:
                 size = self.config.chunk_size if context == "chunk" else self.config.step
                 for s in range(0, len(tokens), size):
                     step = tokens[s:s + size]
-                    self._stream_step(step, state, namespace)
                     bar.update(len(step))
+                    if strip:
+                        stripped = self._stripped(step)
+                        if stripped is None:  # whitespace only: nothing to store
+                            state.offset = s + len(step)
+                            continue
+                        self._stream_step(stripped, state, namespace, span=(s, s + len(step)))
+                    else:
+                        self._stream_step(step, state, namespace)
                 self._write_chunks(state, namespace, state.pending or [])
                 stats.tokens += len(tokens)
                 stats.chunk_ids += state.chunk_ids
@@ -571,6 +598,10 @@ class MemLong:
                 e.g. ``"The pass key is"``; small models answer far better when the answer's form is forced.
             temperature: 0 = greedy; otherwise sampling with this temperature.
             stop: strings that end generation (not included in the output).
+
+        With ``config.kv_refresh = r > 0`` the share ``r`` of the retrieved tokens is re-encoded first, next to the
+        chunks retrieved with them (see :meth:`_refresh`; counted in ``last_generation.refreshed_tokens``).
+
         Raises:
             ValueError: empty prompt or a prompt longer than ``local_window``.
             memlong.memory.UnknownChunkError: a chunk id not in ``namespace``.

@@ -345,13 +345,14 @@ def test_documents_passed_as_nodes_are_streamed_whole(make_tiny):
 
 
 def test_vector_store_chunk_context(make_tiny):
-    """Chunk K-V from the chunk alone by default; chunk_context="document" keeps the document's window."""
+    """Chunk K-V from the chunk alone (its text stripped, as LlamaIndex pastes it) by default; chunk_context="document"
+    keeps the document's window."""
     import torch
     from pydantic import ValidationError
 
     ml, _ = make_tiny(top_k=2, chunk_size=64)
     text = shakespeare_text("macbeth")[:3000]
-    refs = {"chunk": ml.ingest(text, namespace="ref-chunk", context="chunk", progress=False).chunk_ids,
+    refs = {"chunk": ml.ingest(text, namespace="ref-chunk", context="chunk", strip=True, progress=False).chunk_ids,
             "document": ml.ingest(text, namespace="ref-document", progress=False).chunk_ids}
     for context in ("chunk", "document"):
         store = MemLongVectorStore(ml, namespace=f"idx-{context}", show_progress=False,
@@ -362,5 +363,7 @@ def test_vector_store_chunk_context(make_tiny):
         assert len(got) == len(refs[context]) > 3
         assert all(torch.equal(ml.bank.get(a, namespace=store.namespace).keys,
                                ml.bank.get(b, namespace=f"ref-{context}").keys) for a, b in zip(got, refs[context]))
+        texts = [ml.bank.get(c, namespace=store.namespace).text for c in got]
+        assert all(t == t.strip() for t in texts) == (context == "chunk")
     with pytest.raises(ValidationError):
         MemLongVectorStore(ml, namespace="bad", chunk_context="page")

@@ -263,7 +263,31 @@ def test_kv_refresh_share_re_encodes_only_what_the_probe_ranks_first(make_tiny):
 def test_kv_refresh_config_is_checked(make_tiny):
     with pytest.raises(ValueError, match="kv_refresh must be a share"):
         make_tiny(kv_refresh=1.5)
-    with pytest.raises(ValueError, match="kv_source='per_layer' with retrieval_layers='all'"):
-        make_tiny(kv_refresh=0.5, kv_source="memory_layer")
+    with pytest.raises(ValueError, match="kv_source='per_layer', retrieval_layers='all'"):
+        make_tiny(kv_refresh=0.5, kv_source="memory_layer", retrieval_layers="upper")
     with pytest.raises(ValueError, match="retrieval_layers='all'"):
         make_tiny(kv_refresh=0.5, retrieval_layers=(2, 3))
+    with pytest.raises(ValueError, match="position_layout='continual'"):
+        make_tiny(kv_refresh=0.5, position_layout="zero")
+
+
+def test_chunk_context_strip_stores_the_stripped_text_and_its_kv(make_tiny):
+    """strip=True: chunk text without surrounding whitespace, K-V of exactly those tokens, spans in the document."""
+    ml, _ = make_tiny()
+    plain = ml.ingest(TEXT, namespace="p", context="chunk", progress=False)
+    stripped = ml.ingest(TEXT, namespace="s", context="chunk", strip=True, progress=False)
+    assert len(plain.chunk_ids) == len(stripped.chunk_ids)
+    changed = 0
+    for a, b in zip(plain.chunk_ids, stripped.chunk_ids):
+        x, y = ml.bank.get(a, namespace="p"), ml.bank.get(b, namespace="s")
+        assert y.span == x.span and y.text == x.text.strip()
+        assert list(y.tokens) == ml.tokenize(y.text) and y.n_tokens == len(y.tokens)
+        ctx = AttentionContext(capture=True, backend="eager")
+        with torch.no_grad():
+            ml._run(ml._sink_ids + list(y.tokens), torch.arange(y.n_tokens + 1), ctx, logits_for=None)
+        expected = torch.stack([ctx.captured[layer][0][0, :, 1:] for layer in ml.config.source_layers])
+        torch.testing.assert_close(y.keys, expected, atol=1e-4, rtol=1e-4)
+        changed += x.text != y.text
+    assert changed > 0  # chunks of TEXT start with a space: stripping changed them
+    with pytest.raises(ValueError, match="strip=True .* needs context='chunk'"):
+        ml.ingest(TEXT, namespace="x", strip=True, progress=False)

@@ -107,6 +107,9 @@ class MemLongVectorStore(BasePydanticVectorStore):
         show_progress: progress bar while ingesting.
         chunk_context: ``"chunk"`` (default): each chunk's K-V computed from the chunk alone, as pasting it
             into a prompt would; ``"document"``: inside its document's sliding window (``MemLong.ingest``).
+            With ``"chunk"`` a chunk's text is stored without surrounding whitespace and its K-V are computed
+            from exactly that text (``MemLong.ingest(strip=True)``): LlamaIndex's synthesizers strip every
+            chunk they paste, so the stock text pipeline then encodes the same tokens the K-V hold.
     """
 
     stores_text: bool = True
@@ -156,7 +159,8 @@ class MemLongVectorStore(BasePydanticVectorStore):
                                              "embed": list(node.excluded_embed_metadata_keys)}})
         if texts:
             self._memlong.ingest(texts, namespace=self.namespace, doc_ids=doc_ids, metadatas=metadatas,
-                                 progress=self.show_progress, context=self.chunk_context)
+                                 progress=self.show_progress, context=self.chunk_context,
+                                 strip=self.chunk_context == "chunk")
         return [node.node_id for node in nodes]
 
     async def async_add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
