@@ -246,6 +246,15 @@ def test_query_engine_passes_ids_not_text(tiny_index):
     assert str(asyncio.run(run())) == str(response)
 
 
+def test_empty_generation_is_answered_as_llama_index_does(tiny_index):
+    import string
+
+    ml, index, _ = tiny_index
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=3, stop=list(string.printable))  # stops at once
+    out = MemLongQueryEngine.from_args(index.as_retriever(similarity_top_k=1), llm=llm).query("Thunder?")
+    assert str(out) == "Empty Response" and ml.last_generation.memory_tokens > 0
+
+
 def test_query_engine_bad_input(tiny_index):
     ml, index, store = tiny_index
     llm = MemLongLLM(ml, namespace="plays", max_new_tokens=3)

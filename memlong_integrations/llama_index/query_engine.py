@@ -49,6 +49,9 @@ __all__ = ["DEFAULT_KV_PROMPT", "MemLongQueryEngine", "MemLongSynthesizer"]
 DEFAULT_KV_PROMPT = PromptTemplate("\nQuestion: {query_str}\nAnswer:")
 
 
+EMPTY_RESPONSE = "Empty Response"  # what LlamaIndex's own synthesizers answer when the LLM generates nothing
+
+
 class MemLongSynthesizer(BaseSynthesizer):
     """A response synthesizer that gives :class:`MemLongLLM` the retrieved chunks' ids instead of their text.
 
@@ -58,6 +61,8 @@ class MemLongSynthesizer(BaseSynthesizer):
             not in the prompt). Default: :data:`DEFAULT_KV_PROMPT`.
         streaming: return ``StreamingResponse`` objects.
         empty_response: the answer when no chunk passed retrieval and postprocessing.
+
+    An empty generation is answered ``"Empty Response"``, as LlamaIndex's own synthesizers do.
     """
 
     def __init__(self, llm: MemLongLLM, prompt_template: BasePromptTemplate | str | None = None, *,
@@ -114,7 +119,7 @@ class MemLongSynthesizer(BaseSynthesizer):
         if self._streaming:
             responses = self.llm.stream_complete(prompt, formatted=True, **{CHUNK_IDS_KWARG: ids})
             return _deltas(responses)
-        return self.llm.complete(prompt, formatted=True, **{CHUNK_IDS_KWARG: ids}).text
+        return self.llm.complete(prompt, formatted=True, **{CHUNK_IDS_KWARG: ids}).text or EMPTY_RESPONSE
 
     async def aget_response(self, query_str: str, text_chunks: Sequence[str],
                             **response_kwargs: Any) -> RESPONSE_TEXT_TYPE:
@@ -123,7 +128,7 @@ class MemLongSynthesizer(BaseSynthesizer):
         if self._streaming:
             responses = await self.llm.astream_complete(prompt, formatted=True, **{CHUNK_IDS_KWARG: ids})
             return _adeltas(responses)
-        return (await self.llm.acomplete(prompt, formatted=True, **{CHUNK_IDS_KWARG: ids})).text
+        return (await self.llm.acomplete(prompt, formatted=True, **{CHUNK_IDS_KWARG: ids})).text or EMPTY_RESPONSE
 
 
 class MemLongQueryEngine(RetrieverQueryEngine):
