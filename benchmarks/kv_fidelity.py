@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for k in args.top_k:
-        per = {r: {"kl": [], "top1": 0, "agree": 0, "encoded": [], "seconds": []} for r in args.refresh}
+        per = {r: {"kl": [], "top1": 0, "agree": 0, "encoded": []} for r in args.refresh}
         pasted: list[int] = []
         for fact in facts:
             hits = sorted((h.chunk_id for h in ml.bank.search(fact.question, namespace=ns, k=k, count=False)),
@@ -91,12 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             prompt = ml.encode_prompt(tail)
             stored = ml._memory(hits, ns)
             for share in args.refresh:
-                start = time.perf_counter()
                 with torch.no_grad():
                     memory, n = ml._refresh(stored, hits, ns, share) if share > 0 else (stored, 0)
                 kv_logp, kv_answer = read(prompt, memory)
                 p = per[share]
-                p["seconds"].append(time.perf_counter() - start)
                 p["kl"].append(float(torch.sum(paste_logp.exp() * (paste_logp - kv_logp))))
                 p["top1"] += int(kv_logp.argmax() == paste_logp.argmax())
                 p["agree"] += int(kv_answer == paste_answer)

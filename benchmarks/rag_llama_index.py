@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             calls = llm_calls(debug)
             ids = [n.node.node_id for n in response.source_nodes]
             record[name] = {"answer": str(response.response), "correct": fact.correct(str(response.response)),
-                            "tokens_encoded": sum(c["prompt_tokens"] + c.get("refreshed_tokens", 0) for c in calls),
+                            "tokens_encoded": sum(c["prompt_tokens"] + c["refreshed_tokens"] for c in calls),
                             "memory_tokens": sum(c["memory_tokens"] for c in calls), "llm_calls": len(calls),
                             "time_to_first_token": calls[0]["time_to_first_token"], "query_seconds": seconds,
                             "chunk_ids": ids}
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             calls = llm_calls(debug)
             answer = chat.message.content or ""
             record[name] = {"answer": answer, "correct": fact.correct(answer),
-                            "tokens_encoded": sum(c["prompt_tokens"] + c.get("refreshed_tokens", 0) for c in calls),
+                            "tokens_encoded": sum(c["prompt_tokens"] + c["refreshed_tokens"] for c in calls),
                             "memory_tokens": sum(c["memory_tokens"] for c in calls), "llm_calls": len(calls),
                             "time_to_first_token": calls[0]["time_to_first_token"],
                             "query_seconds": time.perf_counter() - start, "chunk_ids": record["kv"]["chunk_ids"]}

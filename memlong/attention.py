@@ -161,9 +161,9 @@ class AttentionContext:
 class Blend:
     """Recompute some prefix tokens in place (``MemLongConfig.kv_refresh``): the new tokens *are* prefix tokens.
 
-    ``slots`` ``(Lq,)``: the prefix index each new token's fresh K-V replace (in every layer, and in ``prefix``
-    itself, so later layers and the caller see the refreshed K-V). ``visible`` ``(Lq, P)``: which prefix keys
-    each new token sees (those at its position or before). No other keys are attended.
+    ``slots`` ``(Lq,)``: the prefix index whose K-V each new token's fresh K-V replace for this call (the caller
+    reads them from ``captured``). ``visible`` ``(Lq, P)``: which prefix keys each new token sees (those at its
+    position or before). No other keys are attended.
     """
 
     slots: torch.Tensor
@@ -204,10 +204,8 @@ def _blend_attention(query, key, value, ctx: AttentionContext, layer: int, scali
     if layer not in ctx.prefix:
         raise ValueError(f"layer {layer} has no prefix to recompute tokens of.")
     pk, pv = ctx.prefix[layer]
-    k, v = pk.clone(), pv.clone()
-    k[:, :, ctx.blend.slots] = key.to(k.dtype)
-    v[:, :, ctx.blend.slots] = value.to(v.dtype)
-    ctx.prefix[layer] = (k, v)
+    k = pk.index_copy(2, ctx.blend.slots, key.to(pk.dtype))
+    v = pv.index_copy(2, ctx.blend.slots, value.to(pv.dtype))
     q = query
     groups = q.shape[1] // k.shape[1]
     if ctx.backend == "eager":

@@ -91,12 +91,12 @@ class _Stream:
     chunk_ids: list[str] = field(default_factory=list)  # every chunk this stream stored
     # steps whose chunks wait to be embedded in one batch and written (None: write every step at once). Only
     # for streams that never retrieve (ingest with ingest_top_k=0), so that nothing can miss a pending chunk.
-    pending: list[list[tuple[str, torch.Tensor, torch.Tensor, tuple[int, int]]]] | None = None
+    pending: list[list[tuple[str, torch.Tensor, torch.Tensor, tuple[int, int], Sequence[int]]]] | None = None
     isolated: bool = False  # context="chunk": no cache carried between steps (each step is one chunk)
 
     @property
     def pending_tokens(self) -> int:
-        return sum(span[1] - span[0] for step in self.pending or () for _, _, _, span, _ in step)
+        return sum(chunk[3][1] - chunk[3][0] for step in self.pending or () for chunk in step)
 
 
 class MemLong:

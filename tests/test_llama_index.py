@@ -114,6 +114,8 @@ def test_query_modes_map_to_bank_search_modes(tiny_index):
         assert [h.node.node_id for h in ours.retrieve(question)] == [h.chunk_id for h in expected]
     with pytest.raises(ValueError, match="supports the query modes"):
         index.as_retriever(vector_store_query_mode="mmr").retrieve(question)
+    with pytest.raises(ValueError, match="not a LlamaIndex query mode; use 'default', 'hybrid'"):
+        MemLongRetriever(ml, namespace="plays", vector_store_query_mode="bm25")
 
 
 def test_exact_match_filters_get_nodes_and_delete(tiny_index):

@@ -51,7 +51,11 @@ class MemLongRetriever(BaseRetriever):
         if self._top_k <= 0:
             raise ValueError(f"similarity_top_k must be a positive number of chunks, got {self._top_k}.")
         self._filters = filters
-        self._mode = VectorStoreQueryMode(vector_store_query_mode)
+        try:
+            self._mode = VectorStoreQueryMode(vector_store_query_mode)
+        except ValueError:
+            raise ValueError(f"vector_store_query_mode {vector_store_query_mode!r} is not a LlamaIndex query mode; "
+                             "use 'default', 'hybrid', 'text_search' or 'sparse'.") from None
         super().__init__(**kwargs)
 
     @property
