@@ -583,13 +583,14 @@ class MemoryBank:
                 raise ValueError(f"Cannot save namespaces {missing}: they hold no chunks.")
             tensors: list[tuple[str, torch.Tensor]] = []
             records = []
+            n_chunk = 0  # K-V tensors are numbered across namespaces, as the loader reads them
             for j, name in enumerate(names):
                 space = self._spaces[name]
                 chunks = []
                 for cid in space.ids:  # index row order: the embeddings tensor lines up with this list
                     c = self._chunks[cid]
-                    i = len(tensors) // 2
-                    tensors += [(f"k.{i}", c.keys), (f"v.{i}", c.values)]
+                    tensors += [(f"k.{n_chunk}", c.keys), (f"v.{n_chunk}", c.values)]
+                    n_chunk += 1
                     chunks.append({"id": c.id, "doc_id": c.doc_id, "text": c.text, "span": list(c.span),
                                    "order": c.order, "retrievals": c.retrievals, "metadata": c.metadata,
                                    "tokens": None if c.tokens is None else list(c.tokens)})

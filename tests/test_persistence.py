@@ -85,6 +85,20 @@ def test_round_trip_keeps_every_field(tmp_path, embedder):
         MemoryBank.load(tmp_path / "bank", embedder=embedder, namespaces=["carol"])
 
 
+@pytest.mark.parametrize("n_spaces", [3, 5, 9])
+def test_many_namespaces_round_trip(tmp_path, n_spaces):
+    """Regression: with 3+ non-empty namespaces the K-V tensors were numbered counting the embedding tensors
+    of earlier namespaces, so the saved bank could never load (every tenant's data lost)."""
+    bank = MemoryBank(embedder=HashEmbedder(), capacity=10_000)
+    for j in range(n_spaces):
+        fill(bank, f"tenant-{j}", 1 + (7 * j) % 5, tokens=1 + j % 3, seed=j, doc_id=f"doc-{j % 2}")
+    bank.save(tmp_path / "bank")
+    assert_same_bank(bank, MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder()))
+    some = [f"tenant-{j}" for j in range(0, n_spaces, 2)]
+    bank.save(tmp_path / "some", namespaces=some)
+    assert sorted(MemoryBank.load(tmp_path / "some", embedder=HashEmbedder()).namespaces()) == sorted(some)
+
+
 def test_restore_replaces_namespaces_in_place(tmp_path):
     bank = MemoryBank(embedder=HashEmbedder(), capacity=500)
     fill(bank, "alice", 3, seed=1)
