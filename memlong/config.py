@@ -19,13 +19,16 @@ from typing import Literal
 
 import torch
 
+from memlong.dtypes import DTYPES
+
 KVSource = Literal["memory_layer", "per_layer"]
 PositionLayout = Literal["zero", "continual"]
 AttentionBackend = Literal["auto", "sdpa", "flex", "eager"]
 
 __all__ = ["MemLongConfig"]
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# dtypes stored K-V may have (the bank keeps them in memory; float64 would only waste it)
+_MEMORY_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(kw_only=True)
@@ -108,7 +111,7 @@ class MemLongConfig:
 
     @property
     def torch_memory_dtype(self) -> torch.dtype:
-        return _DTYPES[self.memory_dtype]
+        return DTYPES[self.memory_dtype]
 
     @property
     def step(self) -> int:
@@ -149,8 +152,8 @@ class MemLongConfig:
                f"position_layout must be 'zero' or 'continual', got {self.position_layout!r}.")
         _check(self.attention_backend in ("auto", "sdpa", "flex", "eager"),
                f"attention_backend must be one of auto, sdpa, flex, eager; got {self.attention_backend!r}.")
-        _check(self.memory_dtype in _DTYPES,
-               f"memory_dtype must be one of {sorted(_DTYPES)}, got {self.memory_dtype!r}.")
+        _check(self.memory_dtype in _MEMORY_DTYPES,
+               f"memory_dtype must be one of {list(_MEMORY_DTYPES)}, got {self.memory_dtype!r}.")
         _check(self.search_mode in ("dense", "lexical", "hybrid"),
                f"search_mode must be 'dense', 'lexical' or 'hybrid', got {self.search_mode!r}.")
         _check(self.memory_device in ("cpu", "pinned", "model"),
