@@ -4,12 +4,13 @@ import torch
 
 from memlong import MemLong, MemLongConfig, UnknownChunkError
 from memlong.attention import AttentionContext
+from memlong.positions import build_context
 
 TEXT = " ".join(f"Line {i}: the {['red', 'blue', 'green'][i % 3]} ship sails to port {i * 7 % 11}." for i in range(120))
 
 
 def ids_with_sink(ml, ids):
-    return torch.cat([torch.tensor([ml._sink_ids]), ids], 1)
+    return torch.cat([torch.tensor([ml.sink_ids]), ids], 1)
 
 
 def test_empty_memory_equals_stock_model(make_tiny):
@@ -30,7 +31,7 @@ def test_continual_memory_equals_full_attention(make_tiny, backend):
     ctx = AttentionContext(capture=True, backend="eager")
     with torch.no_grad():
         expected = reference(full).logits[0, 1:]
-        ml._run(full[0].tolist(), torch.arange(full.shape[1]), ctx, logits_for=None)
+        ml.run(full[0].tolist(), positions=torch.arange(full.shape[1]), context=ctx, logits_for=None)
     spans = [(0, 128), (128, 256)]
     keys = [torch.stack([ctx.captured[layer][0][0, :, 1 + s : 1 + e] for layer in range(4)]) for s, e in spans]
     values = [torch.stack([ctx.captured[layer][1][0, :, 1 + s : 1 + e] for layer in range(4)]) for s, e in spans]
@@ -47,7 +48,7 @@ def test_zero_layout_and_memory_layer_mode_change_only_retrieval_layers(make_tin
     stats = ml.ingest(TEXT, namespace="doc", progress=False)
     chunk = ml.bank.get(stats.chunk_ids[0], namespace="doc")
     assert chunk.keys.shape[0] == 1  # only the memory layer's K-V is stored
-    ctx, start = ml._context(ml._memory(stats.chunk_ids[:2], "doc"), None, 0)
+    ctx, start = build_context(ml, ml.memory_for(stats.chunk_ids[:2], "doc"))
     assert start == 1  # zero layout: local tokens start at 1 whatever the memory size
     assert ctx.prefix[3][0].shape[2] == 256 + 1 and ctx.prefix[1][0].shape[2] == 1  # memory only in layers 2, 3
 
@@ -92,7 +93,7 @@ def test_ingest_does_not_retrieve_by_default(make_tiny):
 
 def test_batched_ingest_writes_store_what_per_step_writes_store(make_tiny, monkeypatch):
     """With nothing retrieved while storing, chunks are embedded in batches: same bank content, same writes."""
-    import memlong.model
+    import memlong.streaming
 
     text = TEXT * 3  # ~5.7k tokens: more than one batch, and a partial batch at the end
     ml, _ = make_tiny(local_window=512, ingest_step=256)
@@ -101,7 +102,7 @@ def test_batched_ingest_writes_store_what_per_step_writes_store(make_tiny, monke
     ml.bank.add_chunks = lambda texts, **kw: writes.append(len(texts)) or add(texts, **kw)
     monkeypatch.setattr(ml.bank.embedder, "encode", lambda texts: encodes.append(len(texts)) or encode(texts))
     batched = ml.ingest([text, TEXT], namespace="a", doc_ids=["d1", "d2"], progress=False)
-    monkeypatch.setattr(memlong.model, "_WRITE_BATCH_TOKENS", 0)  # embed every step at once
+    monkeypatch.setattr(memlong.streaming, "_WRITE_BATCH_TOKENS", 0)  # embed every step at once
     n_batched, n_encodes = len(writes), len(encodes)
     per_step = ml.ingest([text, TEXT], namespace="b", doc_ids=["d1", "d2"], progress=False)
     assert n_batched == len(writes) - n_batched  # the bank is still written step by step
@@ -127,7 +128,7 @@ def test_chunk_context_stores_what_the_chunk_alone_computes(make_tiny):
         tokens = ml.tokenize(TEXT)[chunk.span[0]:chunk.span[1]]
         ctx = AttentionContext(capture=True, backend="eager")
         with torch.no_grad():
-            ml._run(ml._sink_ids + tokens, torch.arange(len(tokens) + 1), ctx, logits_for=None)
+            ml.run(ml.sink_ids + tokens, positions=torch.arange(len(tokens) + 1), context=ctx, logits_for=None)
         expected = torch.stack([ctx.captured[layer][0][0, :, 1:] for layer in ml.config.source_layers])
         torch.testing.assert_close(chunk.keys, expected, atol=1e-4, rtol=1e-4)
     later = ml.bank.get(streamed.chunk_ids[5], namespace="d")
@@ -197,7 +198,7 @@ def test_window_perplexity_matches_full_attention_within_window(make_tiny):
     ml, reference = make_tiny(local_window=1024, ingest_step=512)
     tokens = ml.tokenize(TEXT)[:600]
     with torch.no_grad():
-        logits = reference(torch.tensor([ml._sink_ids + tokens])).logits[0, :-1]
+        logits = reference(torch.tensor([ml.sink_ids + tokens])).logits[0, :-1]
         nll = torch.nn.functional.cross_entropy(logits[-100:], torch.tensor(tokens[-100:]))
     got = ml.perplexity(tokens, score_last=100, use_memory=False)
     assert got["scored_tokens"] == 100
@@ -217,8 +218,7 @@ def test_ingest_copies_document_metadata_onto_chunks(make_tiny):
 
 def _answer_logits(ml, prompt_ids, memory):
     with torch.no_grad():
-        ctx, pos = ml._context(memory, None, 0)
-        return ml._run(prompt_ids, torch.arange(len(prompt_ids)) + pos, ctx)[0]
+        return ml.run(prompt_ids, memory=memory).logits[0]
 
 
 def test_kv_refresh_all_equals_encoding_the_retrieved_text(make_tiny):
@@ -230,9 +230,9 @@ def test_kv_refresh_all_equals_encoding_the_retrieved_text(make_tiny):
     assert tokens[:128] == ml.tokenize(TEXT)[:128]  # the ids the K-V were computed from are recorded
     prompt = ml.tokenize(" Where does the red ship sail?")
     with torch.no_grad():
-        expected = reference(torch.tensor([ml._sink_ids + tokens + prompt])).logits[0, -len(prompt):]
-        stale = ml._memory(picked, "doc")
-        fresh, n = ml._refresh(stale, picked, "doc", 1.0)
+        expected = reference(torch.tensor([ml.sink_ids + tokens + prompt])).logits[0, -len(prompt):]
+        stale = ml.memory_for(picked, "doc")
+        fresh, n = ml.refresh(stale, picked, "doc", 1.0)
     assert n == len(tokens) == 3 * 128
     torch.testing.assert_close(_answer_logits(ml, prompt, fresh), expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(_answer_logits(ml, prompt, stale), expected, atol=1e-3)  # chunks never saw each other
@@ -246,9 +246,9 @@ def test_kv_refresh_share_re_encodes_only_what_the_probe_ranks_first(make_tiny):
     ml, _ = make_tiny(kv_refresh=0.25)
     stats = ml.ingest(TEXT, namespace="doc", context="chunk", progress=False)
     picked = [stats.chunk_ids[i] for i in (1, 4)]
-    stale = ml._memory(picked, "doc")
+    stale = ml.memory_for(picked, "doc")
     with torch.no_grad():
-        (keys, _), n = ml._refresh(stale, picked, "doc", 0.25)
+        (keys, _), n = ml.refresh(stale, picked, "doc", 0.25)
     assert n == 64  # a quarter of 256 retrieved tokens
     changed = (keys - stale[0]).abs().amax(dim=(0, 1, 3)) > 0
     assert int(changed.sum()) == 64
@@ -284,7 +284,7 @@ def test_chunk_context_strip_stores_the_stripped_text_and_its_kv(make_tiny):
         assert list(y.tokens) == ml.tokenize(y.text) and y.n_tokens == len(y.tokens)
         ctx = AttentionContext(capture=True, backend="eager")
         with torch.no_grad():
-            ml._run(ml._sink_ids + list(y.tokens), torch.arange(y.n_tokens + 1), ctx, logits_for=None)
+            ml.run(ml.sink_ids + list(y.tokens), positions=torch.arange(y.n_tokens + 1), context=ctx, logits_for=None)
         expected = torch.stack([ctx.captured[layer][0][0, :, 1:] for layer in ml.config.source_layers])
         torch.testing.assert_close(y.keys, expected, atol=1e-4, rtol=1e-4)
         changed += x.text != y.text

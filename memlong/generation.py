@@ -1,0 +1,198 @@
+"""Decoding with memory: the one decode loop, its stop handling, per-call statistics and teacher-forced scoring.
+
+``generate`` encodes only the prompt: retrieved chunks (by explicit id, or found with the prompt as query) enter
+the retrieval layers as stored K-V (with ``kv_refresh``, a share of the retrieved tokens is re-encoded next to
+the chunks retrieved with them first, :mod:`memlong.refresh`).
+
+Every generation is a :class:`Generation`: an iterator of text pieces that carries its own
+:class:`GenerationStats`, so concurrent calls never share statistics. ``MemLong.last_generation`` still points
+at the stats of the most recently *started* call, a convenience that is not thread-safe.
+
+Example:
+    >>> g = ml.generate("Who killed Polonius?", namespace="hamlet", stream=True)
+    >>> answer = g.text()              # consume the rest; or iterate: for piece in g: ...
+    >>> g.stats.prompt_tokens, g.stats.memory_tokens, g.stats.new_tokens
+    >>> ml.decode(ids, memory=ml.memory_for(chunk_ids, "hamlet"), max_new_tokens=8).text()
+    >>> ml.score(ids, target_ids).mean()           # mean log-probability of target_ids after ids
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from memlong.positions import Memory, build_context
+
+if TYPE_CHECKING:
+    from memlong.model import MemLong
+
+__all__ = ["Generation", "GenerationStats", "decode", "encode_prompt", "eos_ids", "score", "start_generation"]
+
+
+@dataclass
+class GenerationStats:
+    """What one generation encoded and retrieved (filled in while it runs)."""
+
+    prompt_tokens: int = 0  # tokens the decoder encoded for the prompt (retrieved text: see refreshed_tokens)
+    memory_tokens: int = 0  # tokens of retrieved K-V the retrieval layers attended to
+    refreshed_tokens: int = 0  # retrieved tokens re-encoded (``kv_refresh``), on top of ``prompt_tokens``
+    chunk_ids: list[str] = field(default_factory=list)
+    new_tokens: int = 0
+    time_to_first_token: float = 0.0
+    seconds: float = 0.0
+
+
+class Generation(Iterator[str]):
+    """One call's answer as it is decoded: iterate for text pieces; ``stats`` belongs to this call only.
+
+    Everything that can fail on the input (prompt, chunk ids) has failed before a ``Generation`` exists; the
+    decoder runs lazily, on the first ``next``.
+    """
+
+    def __init__(self, pieces: Iterator[str], stats: GenerationStats) -> None:
+        self._pieces = pieces
+        self.stats = stats
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def text(self) -> str:
+        """The rest of the answer as one string (consumes the generation)."""
+        return "".join(self._pieces)
+
+
+def eos_ids(ml: MemLong) -> frozenset[int]:
+    """Token ids that end an answer: the tokenizer's and generation config's EOS, and ``<|im_end|>``."""
+    tokenizer = ml.tokenizer
+    eos = {t for t in (tokenizer.eos_token_id,) if t is not None}
+    gen_eos = getattr(getattr(ml.model, "generation_config", None), "eos_token_id", None)
+    eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    if "<|im_end|>" in tokenizer.get_vocab():  # chat models' end of turn
+        eos.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return frozenset(eos)
+
+
+def encode_prompt(ml: MemLong, prompt: str, chat: bool = False, answer_prefix: str = "") -> list[int]:
+    """Token ids the decoder encodes for ``prompt`` (the leading sink/BOS token is shared, not re-encoded).
+
+    Raises:
+        ValueError: an empty prompt, or one longer than ``local_window``.
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("The prompt is empty: give the model some text to answer.")
+    if chat:
+        prompt = ml.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+    ids = ml.strip_sink(ml.tokenize(prompt + answer_prefix))
+    if len(ids) > ml.config.local_window:
+        raise ValueError(f"The prompt is {len(ids)} tokens, longer than the local window "
+                         f"({ml.config.local_window}). Put long context into memory with ingest() and ask a "
+                         "shorter question, or raise local_window.")
+    return ids
+
+
+def _next_token(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    """Greedy (``temperature`` 0) or sampled next token from the last position's ``scores`` ``(V,)``."""
+    if temperature and temperature > 0:
+        probs = torch.softmax(scores / temperature, -1).cpu()
+        return int(torch.multinomial(probs, 1, generator=generator))
+    return int(scores.argmax())
+
+
+def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tokens: int, temperature: float,
+                 seed: int | None, stop: Sequence[str], stats: GenerationStats, t0: float) -> Iterator[str]:
+    eos = ml.eos_ids
+    generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        ctx, pos = build_context(ml, memory, grow=True)
+        if pos + len(ids) + max_new_tokens > ml.max_positions:
+            raise ValueError(f"Prompt + memory + max_new_tokens need {pos + len(ids) + max_new_tokens} positions; "
+                             f"the model has {ml.max_positions}. Lower max_new_tokens or top_k.")
+        logits = ml.run(ids, positions=torch.arange(len(ids)) + pos, context=ctx, logits_for=slice(-1, None)).logits
+        pos += len(ids)
+        out: list[int] = []
+        emitted = ""
+        for _ in range(max_new_tokens):
+            token = _next_token(logits[0, -1], temperature, generator)
+            if token in eos:
+                break
+            out.append(token)
+            if stats.new_tokens == 0:
+                stats.time_to_first_token = time.perf_counter() - t0
+            stats.new_tokens += 1
+            text = ml.tokenizer.decode(out, skip_special_tokens=True)
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                if cut > len(emitted):
+                    yield text[len(emitted):cut]
+                break
+            if not text.endswith("\ufffd") and len(text) > len(emitted):  # wait for complete characters
+                yield text[len(emitted):]
+                emitted = text
+            if len(out) == max_new_tokens:
+                break
+            logits = ml.run([token], positions=torch.tensor([pos]), context=ctx, logits_for=slice(-1, None)).logits
+            pos += 1
+    stats.seconds = time.perf_counter() - t0
+
+
+def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max_new_tokens: int = 64,
+           temperature: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
+           stats: GenerationStats | None = None, t0: float | None = None) -> Generation:
+    """Continue token ids ``ids`` (no sink; it is in the prefix) with ``memory`` in the retrieval layers.
+
+    Args:
+        ml: the model.
+        ids: the prompt's token ids (``ml.encode_prompt`` or ``ml.strip_sink(ml.tokenize(...))``).
+        memory: retrieved K-V (``ml.memory_for``), or ``None``.
+        max_new_tokens: generation budget; it ends earlier at an EOS token or a ``stop`` string.
+        temperature: 0 = greedy; otherwise sampling with this temperature (``seed`` fixes the draw).
+        stop: strings that end generation (not included in the output).
+        stats: where to count (default: a fresh :class:`GenerationStats`).
+        t0: when the call started (``time.perf_counter()``; default: now), for the timings.
+    """
+    stats = stats if stats is not None else GenerationStats(prompt_tokens=len(ids), memory_tokens=0 if memory is None
+                                                            else int(memory[0].shape[2]))
+    t0 = time.perf_counter() if t0 is None else t0
+    return Generation(_decode_loop(ml, list(ids), memory, max_new_tokens, temperature, seed, tuple(stop), stats, t0),
+                      stats)
+
+
+def score(ml: MemLong, ids: Sequence[int], target: Sequence[int], memory: Memory | None = None) -> torch.Tensor:
+    """Teacher-forced log-probabilities ``(len(target),)`` of ``target`` following ``ids``, with ``memory``."""
+    seq = list(ids) + list(target)
+    with torch.no_grad():
+        logits = ml.run(seq, memory=memory, logits_for=slice(len(ids) - 1, len(seq) - 1)).logits  # (1, |target|, V)
+        target_t = torch.as_tensor(list(target), device=logits.device)
+        return torch.log_softmax(logits[0], -1).gather(1, target_t[:, None])[:, 0]
+
+
+def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", chunk_ids: Sequence[str] | None = None,
+                     max_new_tokens: int = 64, chat: bool = False, retrieve: bool = True, query: str | None = None,
+                     answer_prefix: str = "", temperature: float = 0.0, seed: int | None = None,
+                     stop: Sequence[str] = ()) -> Generation:
+    """Encode the prompt, retrieve (and refresh) memory eagerly; return the lazily decoded :class:`Generation`.
+
+    See :meth:`memlong.MemLong.generate` for the arguments.
+    """
+    t0 = time.perf_counter()
+    ids = encode_prompt(ml, prompt, chat, answer_prefix)
+    if chunk_ids is None and retrieve and ml.config.top_k > 0 and namespace in ml.bank.namespaces():
+        chunk_ids = [h.chunk_id for h in ml.bank.search(query or prompt, namespace=namespace, k=ml.config.top_k)]
+    chunk_ids = list(chunk_ids or [])
+    memory = ml.memory_for(chunk_ids, namespace)  # raises UnknownChunkError before any work
+    refreshed = 0
+    if memory is not None and ml.config.kv_refresh > 0:
+        with torch.no_grad():
+            memory, refreshed = ml.refresh(memory, chunk_ids, namespace, ml.config.kv_refresh)
+    stats = GenerationStats(prompt_tokens=len(ids), chunk_ids=chunk_ids, refreshed_tokens=refreshed,
+                            memory_tokens=0 if memory is None else int(memory[0].shape[2]))
+    return decode(ml, ids, memory, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop,
+                  stats=stats, t0=t0)

@@ -1,0 +1,309 @@
+"""Streaming a document through the model window by window: :class:`Stream`, ``ingest`` and ``perplexity``.
+
+A :class:`Stream` is one document on its way into memory. Each :meth:`Stream.step` (``config.step`` tokens)
+
+1. retrieves ``k`` chunks (default ``ingest_top_k``; default 0: none) with the *previous* chunk as the query
+   (never the step's own tokens), skipping chunks still in the local cache;
+2. runs the step over ``[retrieved K-V | sink | local cache | step]``;
+3. writes the step's chunks to the bank (pre-RoPE K-V of the source layers, computed with their real
+   preceding context), after use;
+4. keeps only the last ``local_window - step`` tokens in the local cache.
+
+Memory is bounded by the bank's capacity, compute per step by the local window. ``ingest`` (below) streams
+whole documents; ``perplexity`` scores a document's tail; training (:mod:`memlong.train`) streams segments and
+back-propagates through the step's logits.
+
+Example:
+    >>> stream = ml.stream("doc", doc_id="hamlet")
+    >>> for s in range(0, len(tokens), ml.config.step):
+    ...     logits = stream.step(tokens[s:s + ml.config.step], logits=True)   # (1, T, V)
+    >>> stream.flush()
+    >>> stream.chunk_ids[:2]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from memlong.positions import KV, build_context
+
+if TYPE_CHECKING:
+    from memlong.model import MemLong
+
+__all__ = ["IngestStats", "Stream", "ingest", "perplexity"]
+
+# Ingest without retrieval embeds chunks in batches of about this many tokens (one embedder call per batch
+# instead of per step; the pending K-V stay on the model's device until then). The bank is still written step by
+# step, so eviction and byte limits see exactly the writes an unbatched ingest makes.
+_WRITE_BATCH_TOKENS = 4096
+
+# one chunk on its way to the bank: (text, keys (L_src, Hkv, T, D), values, document span, token ids)
+_NewChunk = tuple[str, torch.Tensor, torch.Tensor, tuple[int, int], Sequence[int]]
+
+
+@dataclass
+class IngestStats:
+    """What one ``ingest`` call did."""
+
+    documents: int = 0
+    tokens: int = 0
+    chunks: int = 0
+    chunk_ids: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class Stream:
+    """Streaming state of one document: the bounded local cache and what is inside it.
+
+    Args:
+        ml: the model.
+        namespace: the memory namespace to read and write.
+        doc_id: the document's id in the bank (default: a fresh one).
+        metadata: copied onto every chunk of the document.
+        isolated: no cache carried between steps (``ingest(context="chunk")``: each step is one chunk).
+        store: write the steps' chunks to the bank (``False``: a local-window-only pass, nothing stored).
+        batch_writes: embed chunks of steps that retrieve nothing in batches (written by the next full batch or
+            :meth:`flush`); only for streams whose steps never retrieve, so that nothing can miss a pending chunk.
+
+    Attributes:
+        offset: document tokens consumed so far.
+        cache_len: tokens in the local cache.
+        chunk_ids: every chunk this stream stored.
+    """
+
+    def __init__(self, ml: MemLong, namespace: str, *, doc_id: str | None = None,
+                 metadata: dict[str, Any] | None = None, isolated: bool = False, store: bool = True,
+                 batch_writes: bool = False) -> None:
+        self.ml = ml
+        self.namespace = namespace
+        self.doc_id = doc_id if doc_id is not None else f"doc-{time.time_ns()}"
+        self.metadata = dict(metadata or {})
+        self.isolated = isolated
+        self.store = store
+        self.cache: KV = {}  # layer -> pre-RoPE (1, Hkv, C, D)
+        self.cache_len = 0
+        self.offset = 0
+        self.chunk_ids: list[str] = []
+        self.recent: list[tuple[str, int]] = []  # (chunk id, end offset) of stored chunks
+        self.last_query: str | np.ndarray | None = None  # the previous step's last chunk (text, or its embedding)
+        self.pending: list[list[_NewChunk]] | None = [] if batch_writes else None
+
+    def step(self, tokens: Sequence[int], *, k: int | None = None, logits: bool = False,
+             span: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Process one step: retrieve ``k`` chunks (default ``ingest_top_k``), run, write its chunks, slide the cache.
+
+        Args:
+            tokens: the step's token ids (at most ``config.step``).
+            k: chunks to retrieve for this step (0: none).
+            logits: return the step's logits ``(1, T, V)`` (float32; differentiable outside ``no_grad``).
+            span: the document span of a step whose tokens are not the document's own (a stripped chunk); the
+                step is then written as one chunk and the stream advances to the span's end.
+        """
+        ml, cfg = self.ml, self.ml.config
+        k = cfg.ingest_k if k is None else k
+        memory = ml.memory_for(self._retrieve(k), self.namespace)
+        ctx, start = build_context(ml, memory, self.cache, capture=True)
+        if start + len(tokens) > ml.max_positions:
+            raise ValueError(f"A step needs positions up to {start + len(tokens)} but the model has "
+                             f"{ml.max_positions}; lower top_k, chunk_size or local_window.")
+        out = ml.run(tokens, positions=torch.arange(len(tokens)) + start, context=ctx,
+                     logits_for=slice(None) if logits else None)
+        new = self._new_chunks(tokens, ctx.captured, span)
+        if self.store:
+            self._store(new, k)
+        self._slide(ctx.captured)
+        self.offset = span[1] if span else self.offset + len(tokens)
+        return out.logits
+
+    def flush(self) -> None:
+        """Write chunks still waiting to be embedded (``batch_writes``)."""
+        if self.pending:
+            self._write(self.pending)
+        self.pending = [] if self.pending is not None else None
+
+    # ------------------------------------------------------------------ the step's parts
+    def _retrieve(self, k: int) -> list[str]:
+        if k <= 0 or self.last_query is None:
+            return []
+        in_cache = [cid for cid, end in self.recent if end > self.offset - self.cache_len]
+        hits = self.ml.bank.search(self.last_query, namespace=self.namespace, k=k, exclude=in_cache, mode="dense")
+        return [h.chunk_id for h in hits]
+
+    def _new_chunks(self, tokens: Sequence[int], captured: KV, span: tuple[int, int] | None) -> list[_NewChunk]:
+        """The step's chunks with their K-V; sets ``last_query`` to the step's last chunk's text."""
+        ml = self.ml
+        size = len(tokens) if span else ml.config.chunk_size  # a step given its span is one chunk
+        last_start = size * ((len(tokens) - 1) // size)
+        self.last_query = ml.tokenizer.decode(tokens[last_start:])
+        if not self.store:
+            return []
+        srcs = ml.config.source_layers
+        new = []
+        for s in range(0, len(tokens), size):
+            e = min(s + size, len(tokens))
+            text = self.last_query if s == last_start else ml.tokenizer.decode(tokens[s:e])
+            if not text.strip():
+                continue  # whitespace-only chunk: nothing to retrieve it by
+            new.append((text, torch.stack([captured[layer][0][0, :, s:e] for layer in srcs]),
+                        torch.stack([captured[layer][1][0, :, s:e] for layer in srcs]),
+                        span or (self.offset + s, self.offset + e), tokens[s:e]))
+        return new
+
+    def _store(self, new: list[_NewChunk], k: int) -> None:
+        if self.pending is not None and k == 0:
+            self.pending.append(new)
+            if sum(c[3][1] - c[3][0] for step in self.pending for c in step) >= _WRITE_BATCH_TOKENS:
+                self.flush()
+            return
+        embeddings = self._write([new])
+        if new and new[-1][0] == self.last_query:  # the next step's query was just embedded: reuse it
+            self.last_query = np.asarray(embeddings[-1:], dtype=np.float32)
+
+    def _write(self, steps: list[list[_NewChunk]]) -> np.ndarray | None:
+        """Embed the chunks of ``steps`` in one batch, then add them to the bank one step at a time."""
+        chunks = [c for step in steps for c in step]
+        if not chunks:
+            return None
+        bank = self.ml.bank
+        embeddings = bank.embedder.encode([c[0] for c in chunks])
+        start = 0
+        for step in filter(None, steps):
+            texts, keys, values, spans, tokens = (list(x) for x in zip(*step))
+            ids = bank.add_chunks(texts, keys=keys, values=values, namespace=self.namespace, doc_id=self.doc_id,
+                                  spans=spans, embeddings=embeddings[start:start + len(step)],
+                                  metadata=[self.metadata] * len(texts), tokens=tokens)
+            start += len(step)
+            self.chunk_ids += ids
+            self.recent.extend((cid, span[1]) for cid, span in zip(ids, spans))
+        cfg = self.ml.config
+        self.recent = self.recent[-(cfg.local_window // cfg.chunk_size + 2):]
+        return embeddings
+
+    def _slide(self, captured: KV) -> None:
+        """Keep the last ``local_window - step`` tokens in the local cache."""
+        cfg = self.ml.config
+        keep = 0 if self.isolated else cfg.local_window - cfg.step
+        for layer in range(self.ml.num_layers):
+            k_new, v_new = captured[layer]  # (1, Hkv, T, D)
+            if keep and layer in self.cache:  # (with nothing kept, nothing to join)
+                k_new = torch.cat([self.cache[layer][0], k_new], 2)
+                v_new = torch.cat([self.cache[layer][1], v_new], 2)
+            self.cache[layer] = (k_new[:, :, -keep:].detach(), v_new[:, :, -keep:].detach()) if keep else \
+                (k_new[:, :, :0].detach(), v_new[:, :, :0].detach())
+        self.cache_len = self.cache[0][0].shape[2]
+
+
+def _stripped(ml: MemLong, tokens: Sequence[int]) -> list[int] | None:
+    """The tokens of ``tokens``' text without surrounding whitespace (``None`` if nothing is left). Without
+    its leading space a first word can take a token more, so a stripped chunk may exceed ``chunk_size``."""
+    text = ml.tokenizer.decode(tokens)
+    if not text.strip():
+        return None
+    return list(tokens) if text == text.strip() else ml.tokenize(text.strip())
+
+
+def _check_ingest(texts: str | Sequence[str], doc_ids: Sequence[str] | None,
+                  metadatas: Sequence[dict[str, Any]] | None, context: str, strip: bool) -> list[str]:
+    if context not in ("document", "chunk"):
+        raise ValueError(f"context must be 'document' (K-V from the document's window) or 'chunk' (K-V from the "
+                         f"chunk alone); got {context!r}.")
+    if strip and context != "chunk":
+        raise ValueError("strip=True re-tokenizes each chunk on its own, which needs context='chunk' (in a "
+                         "document's window the chunk's tokens are the document's).")
+    docs = [texts] if isinstance(texts, str) else list(texts)
+    if doc_ids is not None and len(doc_ids) != len(docs):
+        raise ValueError(f"Got {len(docs)} documents but {len(doc_ids)} doc_ids.")
+    if metadatas is not None and len(metadatas) != len(docs):
+        raise ValueError(f"Got {len(docs)} documents but {len(metadatas)} metadatas.")
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, str) or not doc.strip():
+            raise ValueError(f"Document {i} is empty: there is nothing to ingest. Pass non-empty text.")
+    return docs
+
+
+def _ingest_one(ml: MemLong, tokens: list[int], stream: Stream, size: int, strip: bool, bar: Any) -> None:
+    for s in range(0, len(tokens), size):
+        step = tokens[s:s + size]
+        bar.update(len(step))
+        if not strip:
+            stream.step(step)
+            continue
+        stripped = _stripped(ml, step)
+        if stripped is None:  # whitespace only: nothing to store
+            stream.offset = s + len(step)
+            continue
+        stream.step(stripped, span=(s, s + len(step)))
+    stream.flush()
+
+
+def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default",
+           doc_ids: Sequence[str] | None = None, metadatas: Sequence[dict[str, Any]] | None = None,
+           progress: bool = True, context: Literal["document", "chunk"] = "document",
+           strip: bool = False) -> IngestStats:
+    """Stream documents into memory; see :meth:`memlong.MemLong.ingest` (which calls this)."""
+    docs = _check_ingest(texts, doc_ids, metadatas, context, strip)
+    encoded = [ml.tokenize(doc) for doc in docs]
+    stats = IngestStats(documents=len(docs))
+    t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(map(len, encoded)), unit="tok", desc=f"ingest[{namespace}]", disable=not progress)
+    size = ml.config.chunk_size if context == "chunk" else ml.config.step
+    with torch.no_grad():
+        for i, tokens in enumerate(encoded):
+            stream = Stream(ml, namespace, doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}",
+                            metadata=metadatas[i] if metadatas else None, isolated=context == "chunk",
+                            batch_writes=ml.config.ingest_k == 0)  # nothing retrieved: batch writes
+            _ingest_one(ml, tokens, stream, size, strip, bar)
+            stats.tokens += len(tokens)
+            stats.chunk_ids += stream.chunk_ids
+    bar.close()
+    stats.chunks = len(stats.chunk_ids)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def perplexity(ml: MemLong, text: str | Sequence[int], *, score_last: int = 2048, namespace: str | None = None,
+               use_memory: bool = True, progress: bool = False) -> dict[str, float]:
+    """Perplexity of the last ``score_last`` tokens; see :meth:`memlong.MemLong.perplexity` (which calls this)."""
+    tokens = ml.tokenize(text) if isinstance(text, str) else list(text)
+    if len(tokens) < 2:
+        raise ValueError("Perplexity needs at least 2 tokens of text.")
+    score_last = min(score_last, len(tokens) - 1)
+    scratch = namespace is None
+    ns = namespace or f"_ppl-{time.time_ns()}"
+    stream = Stream(ml, ns, doc_id="ppl", store=use_memory)
+    first_scored = len(tokens) - score_last  # target index of the first scored token
+    nll, count = 0.0, 0
+    cfg = ml.config
+    from tqdm.auto import tqdm
+
+    try:
+        with torch.no_grad():
+            for s in tqdm(range(0, len(tokens), cfg.step), disable=not progress, desc="ppl"):
+                step = tokens[s:s + cfg.step]
+                want = s + len(step) > first_scored
+                k = (cfg.top_k if want else cfg.ingest_k) if use_memory else 0
+                logits = stream.step(step, logits=want, k=k)
+                if not want:
+                    continue
+                targets = torch.as_tensor(tokens[s + 1:s + len(step) + 1], device=ml.device)
+                lp = torch.log_softmax(logits[0, :len(targets)], -1).gather(1, targets[:, None])[:, 0]
+                sel = torch.arange(s + 1, s + 1 + len(targets), device=ml.device) >= first_scored
+                nll -= lp[sel].sum().item()
+                count += int(sel.sum())
+    finally:
+        if scratch:
+            ml.bank.reset(ns)
+    return {"tokens": len(tokens), "scored_tokens": count, "ppl": math.exp(nll / max(count, 1))}
