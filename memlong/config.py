@@ -5,10 +5,13 @@ chunks of 128 tokens, top-k 8, a 1,024-token local window and a 32,768-token mem
 depend on the model's depth, so they are left as ``None`` and resolved by :meth:`MemLongConfig.resolve`
 once the model is known.
 
-Example:
-    >>> cfg = MemLongConfig(top_k=4).resolve(num_layers=26)
-    >>> cfg.memory_layer, cfg.retrieval_layers
-    (13, (13, 17, 21, 25))
+Example (a doctest, run by tests/test_config.py):
+    >>> cfg = MemLongConfig(top_k=4).resolve(num_layers=26)  # training-free default: kv_source="per_layer"
+    >>> cfg.memory_layer, cfg.retrieval_layers == tuple(range(26)), cfg.source_layers == cfg.retrieval_layers
+    (13, True, True)
+    >>> paper = MemLongConfig(kv_source="memory_layer").resolve(num_layers=26)  # the paper's layers
+    >>> paper.memory_layer, paper.retrieval_layers, paper.source_layers
+    (13, (13, 17, 21, 25), (13,))
 """
 
 from __future__ import annotations

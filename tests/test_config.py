@@ -56,3 +56,15 @@ def test_cli_per_command_top_k_defaults_do_not_leak_into_other_commands():
     assert resolved(["eval", "ppl"]) == 8 and resolved(["eval", "passkey"]) == 8
     assert resolved(["demo"]) == 4 and resolved(["eval", "icl"]) == 4
     assert resolved(["eval", "ppl", "--top-k", "2"]) == 2
+
+
+def test_module_docstring_examples_hold():
+    """The examples in memlong/config.py's and memlong/dtypes.py's docstrings are doctests."""
+    import doctest
+
+    import memlong.config
+    import memlong.dtypes
+
+    for module in (memlong.config, memlong.dtypes):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
