@@ -51,29 +51,6 @@ def shakespeare_text(play: str = "hamlet") -> str:
     return path.read_text(encoding="utf-8", errors="ignore")
 
 
-def _greedy(ml: MemLong, ids: list[int], memory, n: int) -> list[int]:
-    with torch.no_grad():
-        ctx, pos = ml._context(memory, None, 0, grow=True)
-        logits = ml._run(ids, torch.arange(len(ids)) + pos, ctx, logits_for=slice(-1, None))
-        pos += len(ids)
-        out = []
-        for _ in range(n):
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            logits = ml._run([token], torch.tensor([pos]), ctx, logits_for=slice(-1, None))
-            pos += 1
-    return out
-
-
-def _target_nll(ml: MemLong, ids: list[int], target: list[int], memory) -> float:
-    with torch.no_grad():
-        ctx, pos = ml._context(memory, None, 0)
-        seq = ids + target
-        logits = ml._run(seq, torch.arange(len(seq)) + pos, ctx, logits_for=slice(len(ids) - 1, len(seq) - 1))
-        lp = torch.log_softmax(logits[0], -1).gather(1, torch.as_tensor(target, device=logits.device)[:, None])
-    return float(-lp.mean())
-
-
 def _conversation(ml: MemLong, haystack: str) -> tuple[list[int], list[int]]:
     """Token ids of the chat-formatted conversation split in two: the document (chat header, instruction,
     filler with the needle; without the shared sink token) and the question tail that ends with
@@ -81,10 +58,7 @@ def _conversation(ml: MemLong, haystack: str) -> tuple[list[int], list[int]]:
     text = ml.tokenizer.apply_chat_template([{"role": "user", "content": haystack + "\n" + QUESTION}],
                                             tokenize=False, add_generation_prompt=True) + ANSWER_PREFIX + " "
     split = text.rfind("\n" + QUESTION)
-    doc = ml.tokenize(text[:split])
-    if ml._sink_ids and doc[:1] == ml._sink_ids:
-        doc = doc[1:]
-    return doc, ml.tokenize(text[split:])
+    return ml.strip_sink(ml.tokenize(text[:split])), ml.tokenize(text[split:])
 
 
 def _haystack(ml: MemLong, filler_tokens: list[int], length: int, depth: float, key: str,
@@ -128,15 +102,15 @@ def passkey(ml: MemLong, *, lengths: list[int], trials: int = 10, filler: str | 
                     ml.reset(ns)
                     ml.ingest(ml.tokenizer.decode(doc_ids), namespace=ns, progress=False)
                     hits = ml.bank.search(QUESTION, namespace=ns, k=ml.config.top_k)
-                    memory = ml._memory([h.chunk_id for h in hits], ns)
+                    memory = ml.memory_for([h.chunk_id for h in hits], ns)
                     ids = question
                 else:
                     raise ValueError(f"Unknown mode {mode!r}; use window, full or memlong.")
-                answer = ml.tokenizer.decode(_greedy(ml, ids, memory, 8))
+                answer = ml.decode(ids, memory, max_new_tokens=8).text()
                 found = re.search(r"\d+", answer)
                 tally[mode][0] += int(found is not None and found.group() == key)
                 tally[mode][1] += 1
-                tally[mode][2] += _target_nll(ml, ids, key_ids, memory)
+                tally[mode][2] += float(-ml.score(ids, key_ids, memory).mean())
                 if mode == "memlong":
                     ml.reset(ns)
         for mode, (correct, n, nll) in tally.items():
@@ -161,7 +135,7 @@ def perplexity_modes(ml: MemLong, text: str, *, score_last: int = 2048,
     for mode in modes:
         if mode == "full":
             span = tokens[-(ml.max_positions - 1):]
-            ids = torch.as_tensor(ml._sink_ids + span, device=ml.device).view(1, -1)
+            ids = torch.as_tensor(ml.sink_ids + span, device=ml.device).view(1, -1)
             with torch.no_grad():
                 hidden = ml.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, -score_last - 1:-1]
                 nll = 0.0

@@ -138,14 +138,10 @@ def _balanced(pool: list[tuple[str, str]], n: int, labels: list[str], rng: rando
     return out
 
 
-def _strip_sink(ml: MemLong, ids: list[int]) -> list[int]:
-    return ids[1:] if ml._sink_ids and ids[:1] == ml._sink_ids else ids
-
-
 def _label_scores(ml: MemLong, ids: list[int], memory, label_ids: list[int]) -> list[float]:
+    """Next-token logits of the labels' first tokens after ``ids``."""
     with torch.no_grad():
-        ctx, pos = ml._context(memory, None, 0)
-        logits = ml._run(ids, torch.arange(len(ids)) + pos, ctx, logits_for=slice(-1, None))
+        logits = ml.run(ids, memory=memory, logits_for=slice(-1, None)).logits  # (1, 1, V)
     return logits[0, -1, label_ids].float().tolist()
 
 
@@ -164,7 +160,7 @@ def icl_eval(ml: MemLong, *, task: str = "sentiment", shots: int = 4, memory_dem
     data = load_task(task)  # refuses an unknown task
     spec_ = TASKS[task]
     labels = sorted(set(spec_["labels"].values()))
-    label_ids = [_strip_sink(ml, ml.tokenize(" " + lab))[0] for lab in labels]
+    label_ids = [ml.strip_sink(ml.tokenize(" " + lab))[0] for lab in labels]
     if len(set(label_ids)) != len(labels):
         raise ValueError(f"Labels {labels} do not start with distinct tokens for this tokenizer.")
     from tqdm.auto import tqdm
@@ -194,11 +190,11 @@ def icl_eval(ml: MemLong, *, task: str = "sentiment", shots: int = 4, memory_dem
                 for text, gold in tqdm(test, desc=f"icl {task} seed {seed} {condition}", disable=not progress):
                     query = _demo(spec_["field"], text, None)
                     prompt = head + ("" if condition == "zero_shot" else in_prompt) + query
-                    ids = _strip_sink(ml, ml.tokenize(prompt))
+                    ids = ml.strip_sink(ml.tokenize(prompt))
                     memory = None
                     if condition == "prompt+memory":
                         hits = ml.bank.search(text, namespace=ns, k=ml.config.top_k)
-                        memory = ml._memory([h.chunk_id for h in hits], ns)
+                        memory = ml.memory_for([h.chunk_id for h in hits], ns)
                     scores = _label_scores(ml, ids, memory, label_ids)
                     correct += int(labels[max(range(len(labels)), key=scores.__getitem__)] == gold)
                 records.append({"task": task, "condition": condition, "seed": seed, "accuracy": correct / len(test),

@@ -6,7 +6,7 @@ layers above the memory layer are trained, by default through a LoRA on their at
 and everything below it are frozen, the K-V it stores never go stale while the upper layers learn to read them.
 
 How data flows (the paper's sequential sampler): each document is streamed as consecutive segments of
-``config.step`` tokens through exactly the path of :meth:`MemLong.ingest` (``MemLong._stream_step``): a segment
+``config.step`` tokens through exactly the path of :meth:`MemLong.ingest` (``ml.stream(...).step``): a segment
 retrieves ``top_k`` chunks of the document's *earlier* segments, runs over ``[memory | sink | local cache |
 segment]``, is scored on next-token prediction (the segment's last token predicts the next segment's first),
 and then its chunks are written to the bank with K-V from the current weights. Memory is reset between
@@ -48,7 +48,7 @@ from typing import Any, Literal
 import torch
 
 from memlong.adapter import add_lora, fingerprint, lora_state_dict, merge_lora, save_adapter
-from memlong.model import MemLong, _Stream
+from memlong.model import MemLong
 
 __all__ = ["SHAKESPEARE_HELD_OUT", "TrainConfig", "TrainResult", "evaluate", "load_documents", "shakespeare_split",
            "train", "trainable_layers"]
@@ -339,7 +339,7 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
         for key in _COUNTERS:
             setattr(result, key, ckpt.get("counters", {}).get(key, getattr(result, key)))
         position = tuple(ckpt["position"])
-    ml._sink = None  # the sink K-V follow the weights (LoRA starts at zero, but a resumed run does not)
+    ml.weights_changed()  # the sink K-V follow the weights (LoRA starts at zero, but a resumed run does not)
 
     if config.gradient_checkpointing:
         _checkpointing(ml.model, True)
@@ -360,20 +360,20 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
                 if done:
                     break
                 ml.bank.reset(namespace)  # memory is reset between documents
-                state = _Stream(doc_id=docs[order[d]][0])
+                state = ml.stream(namespace, doc_id=docs[order[d]][0])
                 skip = position[2] if (epoch, d) == position[:2] else 0
                 for k, (segment, targets) in enumerate(_segments(encoded[order[d]], step_len)):
                     if k < skip:  # resumed mid-document: rebuild its memory and cache without gradients
                         r0 = time.perf_counter()
                         with torch.no_grad():
-                            ml._stream_step(segment, state, namespace, k=ml.config.top_k)
+                            state.step(segment, k=ml.config.top_k)
                         restream += time.perf_counter() - r0
                         continue
                     # chunks of this document have left the local cache, so there is memory to retrieve
                     has_memory = ml.config.top_k > 0 and state.offset - state.cache_len > 0
                     with _autocast(ml, config):
                         # every trained segment reads top_k retrieved chunks (ingest_top_k is for storing only)
-                        logits = ml._stream_step(segment, state, namespace, logits=True, k=ml.config.top_k)
+                        logits = state.step(segment, logits=True, k=ml.config.top_k)
                         loss = torch.nn.functional.cross_entropy(
                             logits[0, : len(targets)].float(), torch.as_tensor(targets, device=logits.device))
                     (loss / config.grad_accum).backward()
@@ -389,7 +389,7 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    ml._sink = None  # weights changed: recompute the sink's K-V
+                    ml.weights_changed()  # recompute the sink's K-V
                     result.steps += 1
                     result.losses.append(window_loss / window_n)
                     bar.set_postfix(loss=f"{result.losses[-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
@@ -420,7 +420,7 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
         tensors = {n: p.detach().float().cpu() for n, p in params.items()}
     for p in ml.model.parameters():
         p.requires_grad_(False)
-    ml._sink = None
+    ml.weights_changed()
     result.peak_rss_mb = max(result.peak_rss_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if ml.device.type == "cuda":
         result.peak_device_mb = max(result.peak_device_mb or 0.0, torch.cuda.max_memory_allocated(ml.device) / 2**20)

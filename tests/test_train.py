@@ -53,8 +53,8 @@ def test_memory_carries_over_within_a_document_and_resets_between(make_tiny, tok
     ml, _ = make_tiny(**TINY)
     docs = [_text(tokenizer, 0, 256), _text(tokenizer, 5000, 256)]
     seen = []  # chunks retrieved per segment, in training order
-    memory = ml._memory
-    ml._memory = lambda ids, ns: (seen.append(len(ids)), memory(ids, ns))[1]
+    memory = ml.memory_for
+    ml.memory_for = lambda ids, ns: (seen.append(len(ids)), memory(ids, ns))[1]
     result = train(ml, docs, TrainConfig(output_dir=tmp_path, grad_accum=2, learning_rate=1e-4, eval_tokens=0,
                                          progress=False))
     per_doc = [len(range(0, len(ml.tokenize(d)) - 1, ml.config.step)) for d in docs]
