@@ -86,7 +86,7 @@ class _Timers:
 
     ``parts``: ``(object, method name, part, minus)`` tuples; ``minus`` names a part whose time spent inside
     this method is not counted again. Default: the parts of an ingest. ``forward``: the decoder run
-    (``MemLong._run``); ``embed``: the retriever embedder; ``search``: retrieval (faiss + the query's embedding
+    (``MemLong.run``); ``embed``: the retriever embedder; ``search``: retrieval (faiss + the query's embedding
     when it is text); ``bank_write``: ``add_chunks`` minus its embedding.
     ``sync``: called before and after each timed call (``torch.cuda.synchronize`` on a GPU, where kernels
     run asynchronously and would otherwise be charged to whichever part waits for them).
@@ -94,7 +94,7 @@ class _Timers:
 
     def __init__(self, ml, sync=None, parts=None) -> None:
         self.sync = sync or (lambda: None)
-        self.parts = parts or [(ml, "_run", "forward", None), (ml.bank.embedder, "encode", "embed", None),
+        self.parts = parts or [(ml, "run", "forward", None), (ml.bank.embedder, "encode", "embed", None),
                                (ml.bank, "search", "search", "embed"), (ml.bank, "add_chunks", "bank_write", "embed")]
         self.seconds = {part: 0.0 for _, _, part, _ in self.parts}
 
@@ -209,11 +209,11 @@ def _chunk_texts(n: int, rng: np.random.Generator, words: int = 90) -> list[str]
 
 
 def bench_bytes(ml) -> list[dict]:
-    full = 2 * ml.num_layers * ml._kv_heads() * ml._head_dim() * torch.finfo(torch.float16).bits // 8
+    full = 2 * ml.num_layers * ml.kv_heads * ml.head_dim * torch.finfo(torch.float16).bits // 8
     rows = []
     for kv_source in ("per_layer", "memory_layer"):
         sources = ml.num_layers if kv_source == "per_layer" else 1
-        per_token = 2 * sources * ml._kv_heads() * ml._head_dim() * torch.finfo(ml.bank.dtype).bits // 8
+        per_token = 2 * sources * ml.kv_heads * ml.head_dim * torch.finfo(ml.bank.dtype).bits // 8
         rows.append({"bench": "bytes", "kv_source": kv_source, "memory_bytes_per_token": per_token,
                      "full_cache_fp16_bytes_per_token": full, "ratio": per_token / full})
     return rows

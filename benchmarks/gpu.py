@@ -297,7 +297,7 @@ def bench_ttft(model, tokenizer, embedder, points: list[tuple[int, int]], device
             chunk_ids = stats.chunk_ids[:n]
             kv = []
             ml.generate(question, namespace="ttft", chunk_ids=chunk_ids, max_new_tokens=1)  # warm-up
-            split = [(ml, "_memory", "fetch", None), (ml, "_context", "context", None), (ml, "_run", "forward", None)]
+            split = [(ml, "memory_for", "fetch", None), (ml, "context", "context", None), (ml, "run", "forward", None)]
             with _Timers(ml, sync=lambda: _sync(device), parts=split) as parts:
                 for _ in range(repeats):
                     ml.generate(question, namespace="ttft", chunk_ids=chunk_ids, max_new_tokens=1)

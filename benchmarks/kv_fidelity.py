@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from memlong import MemLong
     from memlong.evaluation import answer_key, planted_fact_documents
-    from memlong.model import GenerationStats
 
     plays = tuple(args.plays.split(","))
     docs, facts = planted_fact_documents(args.facts, plays=plays, chars=args.chars, seed=0, distinct=True)
@@ -66,10 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def read(ids: list[int], memory) -> tuple[torch.Tensor, str]:
         with torch.no_grad():
-            ctx, pos = ml._context(memory, None, 0)
-            logits = ml._run(ids, torch.arange(len(ids)) + pos, ctx, logits_for=slice(-1, None))[0, -1]
-            answer = "".join(ml._decode_loop(ids, memory, args.max_new_tokens, 0.0, None, stop, GenerationStats(),
-                                             time.perf_counter()))
+            logits = ml.run(ids, memory=memory, logits_for=slice(-1, None)).logits[0, -1]
+        answer = ml.decode(ids, memory, max_new_tokens=args.max_new_tokens, stop=stop).text()
         return logits.log_softmax(-1), answer_key(answer)
 
     rows = []
@@ -89,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             pasted.append(len(paste_ids))
             paste_logp, paste_answer = read(paste_ids, None)
             prompt = ml.encode_prompt(tail)
-            stored = ml._memory(hits, ns)
+            stored = ml.memory_for(hits, ns)
             for share in args.refresh:
                 with torch.no_grad():
-                    memory, n = ml._refresh(stored, hits, ns, share) if share > 0 else (stored, 0)
+                    memory, n = ml.refresh(stored, hits, ns, share) if share > 0 else (stored, 0)
                 kv_logp, kv_answer = read(prompt, memory)
                 p = per[share]
                 p["kl"].append(float(torch.sum(paste_logp.exp() * (paste_logp - kv_logp))))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from memlong.positions import Memory, build_context
+from memlong.positions import Memory
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -111,7 +111,7 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
     eos = ml.eos_ids
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     with torch.no_grad():
-        ctx, pos = build_context(ml, memory, grow=True)
+        ctx, pos = ml.context(memory, grow=True)
         if pos + len(ids) + max_new_tokens > ml.max_positions:
             raise ValueError(f"Prompt + memory + max_new_tokens need {pos + len(ids) + max_new_tokens} positions; "
                              f"the model has {ml.max_positions}. Lower max_new_tokens or top_k.")

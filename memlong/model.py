@@ -212,6 +212,17 @@ class MemLong:
         return generation.encode_prompt(self, prompt, chat, answer_prefix)
 
     # ------------------------------------------------------------------ the run step
+    def context(self, memory: Memory | None = None, cache: KV | None = None, *, capture: bool = False,
+                grow: bool = False) -> tuple[AttentionContext, int]:
+        """The attention context with prefix ``[memory | sink | cache]`` and the position of the first new token
+        (:func:`memlong.positions.build_context`): for :meth:`run` calls that continue one another.
+
+        Example:
+            >>> ctx, pos = ml.context(memory, grow=True)        # decoding: the context keeps each token's K-V
+            >>> out = ml.run(ids, positions=torch.arange(len(ids)) + pos, context=ctx)
+        """
+        return build_context(self, memory, cache, capture=capture, grow=grow)
+
     def run(self, ids: Sequence[int] | torch.Tensor, *, memory: Memory | None = None,
             positions: torch.Tensor | None = None, context: AttentionContext | None = None, capture: bool = False,
             logits_for: slice | None = slice(None)) -> RunOutput:
@@ -225,7 +236,7 @@ class MemLong:
             memory: retrieved K-V from :meth:`memory_for` (``None``: the sink only).
             positions: ``(T,)`` positions of the tokens (default: right after the prefix).
             context: an :class:`~memlong.attention.AttentionContext` to run under instead of one built from
-                ``memory`` (streams and decoding reuse theirs: :func:`memlong.positions.build_context`); needs
+                ``memory`` (streams and decoding reuse theirs: :meth:`context`); needs
                 ``positions``; it captures if it was built with ``capture``.
             capture: keep the tokens' pre-RoPE K-V (``RunOutput.kv``) when ``context`` is not given.
             logits_for: which positions get logits (``None``: none, e.g. when only K-V are wanted).
@@ -236,7 +247,7 @@ class MemLong:
             >>> out.logits.shape        # (1, 1, vocab)
         """
         if context is None:
-            context, start = build_context(self, memory, capture=capture)
+            context, start = self.context(memory, capture=capture)
             positions = torch.arange(len(ids)) + start if positions is None else positions
         elif memory is not None or positions is None:
             raise ValueError("run(context=...) takes the memory from the context and needs positions.")

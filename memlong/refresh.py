@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memlong.attention import Blend
-from memlong.positions import Memory, build_context
+from memlong.positions import Memory
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -77,7 +77,7 @@ def _rank(ml: MemLong, ids: torch.Tensor, keys: torch.Tensor, known: torch.Tenso
           probe_layer: int) -> torch.Tensor:
     """Slots of the ``n`` known tokens whose probe-layer keys deviate most from the stored ones, sorted."""
     m = ids.shape[0]
-    ctx, pos = build_context(ml, capture=True)
+    ctx, pos = ml.context(capture=True)
     hook = ml.decoder.layers[probe_layer].register_forward_hook(_stop)
     try:
         ml.run(ids, positions=torch.arange(m) + pos, context=ctx, logits_for=None)
@@ -115,7 +115,7 @@ def refresh(ml: MemLong, memory: Memory, chunk_ids: Sequence[str], namespace: st
     ids_t = torch.tensor(ids, device=ml.device)
     # with every known token refreshed no ranking is needed
     slots = _rank(ml, ids_t, keys, known, n, probe_layer) if n < n_known else known.nonzero().view(-1)
-    ctx, pos = build_context(ml, memory, capture=True)
+    ctx, pos = ml.context(memory, capture=True)
     # each layer's prefix is [memory (positions pos-m .. pos-1) | sink (position 0)]
     key_pos = torch.arange(m, device=ml.device) + pos - m
     if ml.sink_ids:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from memlong.positions import KV, build_context
+from memlong.positions import KV
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -113,7 +113,7 @@ class Stream:
         ml, cfg = self.ml, self.ml.config
         k = cfg.ingest_k if k is None else k
         memory = ml.memory_for(self._retrieve(k), self.namespace)
-        ctx, start = build_context(ml, memory, self.cache, capture=True)
+        ctx, start = ml.context(memory, self.cache, capture=True)
         if start + len(tokens) > ml.max_positions:
             raise ValueError(f"A step needs positions up to {start + len(tokens)} but the model has "
                              f"{ml.max_positions}; lower top_k, chunk_size or local_window.")

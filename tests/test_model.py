@@ -4,7 +4,6 @@ import torch
 
 from memlong import MemLong, MemLongConfig, UnknownChunkError
 from memlong.attention import AttentionContext
-from memlong.positions import build_context
 
 TEXT = " ".join(f"Line {i}: the {['red', 'blue', 'green'][i % 3]} ship sails to port {i * 7 % 11}." for i in range(120))
 
@@ -48,7 +47,7 @@ def test_zero_layout_and_memory_layer_mode_change_only_retrieval_layers(make_tin
     stats = ml.ingest(TEXT, namespace="doc", progress=False)
     chunk = ml.bank.get(stats.chunk_ids[0], namespace="doc")
     assert chunk.keys.shape[0] == 1  # only the memory layer's K-V is stored
-    ctx, start = build_context(ml, ml.memory_for(stats.chunk_ids[:2], "doc"))
+    ctx, start = ml.context(ml.memory_for(stats.chunk_ids[:2], "doc"))
     assert start == 1  # zero layout: local tokens start at 1 whatever the memory size
     assert ctx.prefix[3][0].shape[2] == 256 + 1 and ctx.prefix[1][0].shape[2] == 1  # memory only in layers 2, 3
 

@@ -113,7 +113,7 @@ class MemLongLLM(CustomLLM):
     def metadata(self) -> LLMMetadata:
         ml = self._memlong
         cfg = ml.config
-        left = ml.max_positions - len(ml._sink_ids) - cfg.top_k * cfg.chunk_size
+        left = ml.max_positions - len(ml.sink_ids) - cfg.top_k * cfg.chunk_size
         return LLMMetadata(context_window=max(1, min(cfg.local_window + self.max_new_tokens, left)),
                            num_output=self.max_new_tokens, is_chat_model=False,
                            model_name=str(getattr(ml.model.config, "_name_or_path", "memlong")))
