@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +45,29 @@ from memlong.streaming import IngestStats, Stream
 
 __all__ = ["GenerationStats", "IngestStats", "MemLong", "RunOutput", "SUPPORTED_ARCHITECTURES"]
 
-# Decoders whose attention is q/k/v/o projections + standard RoPE + the transformers attention registry
-# (tested for exactness on tiny random-weight models of each: tests/test_architectures.py).
+# Decoders whose attention is q/k/v/o projections (Qwen2: with biases) + standard RoPE + the transformers attention
+# registry, each tested for exactness on a tiny random-weight model (tests/test_architectures.py). Sliding windows
+# (Mistral) are not applied: exact while a query's visible span fits the window, a warning otherwise.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def _check_sliding_window(model_config: Any, cfg: MemLongConfig) -> None:
+    """Warn when a query may see more than a sliding-window model's window (Mistral; Qwen2 with sliding layers).
+
+    MemLong's attention shows every query ``[sink | memory | local cache]``, the design's point; it applies no
+    sliding window. Within the window that is exactly the stock model (tests/test_architectures.py); beyond it the
+    model reads keys it was never trained to see at that distance.
+    """
+    window = getattr(model_config, "sliding_window", None)
+    layer_types = getattr(model_config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return
+    span = 1 + cfg.top_k * cfg.chunk_size + cfg.local_window
+    if span > window:
+        warnings.warn(f"This model was trained with a sliding window of {window} tokens, but a query may see up to "
+                      f"{span} (sink + top_k * chunk_size + local_window); MemLong applies no sliding window, so "
+                      "outputs differ from the stock model's beyond it. Lower top_k or local_window to stay exact.",
+                      UserWarning, stacklevel=3)
 
 
 @dataclass
@@ -89,6 +110,7 @@ class MemLong:
         model.eval()
         self.decoder = model.model  # embeddings + layers + final norm
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        _check_sliding_window(model.config, self.config)
         self.bank = bank if bank is not None else self._new_bank(embedder)
         self.last_generation = GenerationStats()
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
