@@ -1,0 +1,70 @@
+"""The public core API: per-call generation stats, the run step, streams, decode/score, the sink helpers."""
+
+import torch
+
+from memlong.generation import Generation
+
+TEXT = " ".join(f"Line {i}: the {['red', 'blue', 'green'][i % 3]} ship sails to port {i * 7 % 11}." for i in range(120))
+
+
+def test_interleaved_generations_keep_their_own_stats(make_tiny):
+    ml, _ = make_tiny(local_window=512)
+    stats = ml.ingest(TEXT, namespace="doc", progress=False)
+    a = ml.generate("Where does the red ship sail?", namespace="doc", chunk_ids=stats.chunk_ids[:1],
+                    max_new_tokens=3, stream=True)
+    b = ml.generate("Which ship?", namespace="doc", chunk_ids=stats.chunk_ids[1:4], max_new_tokens=5, stream=True)
+    assert isinstance(a, Generation) and ml.last_generation is b.stats  # the convenience: the latest started
+    first_a, first_b = next(a), next(b)  # decoding interleaved
+    text_a, text_b = first_a + a.text(), first_b + b.text()
+    assert a.stats.chunk_ids == stats.chunk_ids[:1] and b.stats.chunk_ids == stats.chunk_ids[1:4]
+    assert a.stats.memory_tokens == 128 and b.stats.memory_tokens == 3 * 128
+    assert a.stats.new_tokens == 3 and b.stats.new_tokens == 5
+    assert a.stats.prompt_tokens == len(ml.encode_prompt("Where does the red ship sail?"))
+    assert text_a == ml.generate("Where does the red ship sail?", namespace="doc", chunk_ids=stats.chunk_ids[:1],
+                                 max_new_tokens=3)  # interleaving changed nothing
+    assert text_b == ml.generate("Which ship?", namespace="doc", chunk_ids=stats.chunk_ids[1:4], max_new_tokens=5)
+
+
+def test_decode_and_score_agree_with_run(make_tiny):
+    ml, _ = make_tiny(local_window=512)
+    stats = ml.ingest(TEXT, namespace="doc", progress=False)
+    memory = ml.memory_for(stats.chunk_ids[:2], "doc")
+    ids = ml.encode_prompt("Line 7: the")
+    g = ml.decode(ids, memory, max_new_tokens=1)
+    with torch.no_grad():
+        logits = ml.run(ids, memory=memory).logits[0]  # (T, V)
+    first = int(logits[-1].argmax())
+    assert g.text() == ml.tokenizer.decode([first], skip_special_tokens=True) and g.stats.memory_tokens == 256
+    target = [first, 42]
+    with torch.no_grad():
+        full = torch.log_softmax(ml.run(ids + target, memory=memory).logits[0], -1)
+    expected = torch.stack([full[len(ids) - 1, first], full[len(ids), 42]])
+    torch.testing.assert_close(ml.score(ids, target, memory), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_stream_steps_store_what_ingest_stores(make_tiny):
+    ml, _ = make_tiny(local_window=512, ingest_step=256)
+    tokens = ml.tokenize(TEXT)
+    stream = ml.stream("s", doc_id="d")
+    for s in range(0, len(tokens), ml.config.step):
+        logits = stream.step(tokens[s:s + ml.config.step], logits=True)
+        assert logits.shape == (1, len(tokens[s:s + ml.config.step]), ml.model.config.vocab_size)
+        assert stream.cache_len <= ml.config.local_window - ml.config.step
+    stream.flush()
+    assert stream.offset == len(tokens)
+    ingested = ml.ingest(TEXT, namespace="i", doc_ids=["d"], progress=False)
+    assert len(stream.chunk_ids) == len(ingested.chunk_ids)
+    for a, b in zip(stream.chunk_ids, ingested.chunk_ids):
+        ca, cb = ml.bank.get(a, namespace="s"), ml.bank.get(b, namespace="i")
+        assert ca.span == cb.span and torch.allclose(ca.keys, cb.keys, atol=1e-5)
+
+
+def test_sink_helpers_and_shapes(make_tiny):
+    ml, _ = make_tiny()
+    assert ml.sink_ids == [ml.tokenizer.bos_token_id]
+    assert ml.strip_sink(ml.sink_ids + [5, 6]) == [5, 6] and ml.strip_sink([5, 6]) == [5, 6]
+    assert (ml.kv_heads, ml.head_dim) == (2, 16)
+    out = ml.run([5, 6, 7], capture=True, logits_for=None)
+    assert out.logits is None and out.kv[0][0].shape == (1, 2, 3, 16) and out.next_position == 4  # after the sink
+    ml.weights_changed()  # the sink's K-V are recomputed: same weights, same result
+    torch.testing.assert_close(ml.run([5, 6, 7], capture=True, logits_for=None).kv[3][1], out.kv[3][1])
