@@ -182,6 +182,7 @@ def check_chunk(*, text: Any, doc_id: Any, span: Any, keys: Any, values: Any, me
                          f"{str(span)[:60]}.")
     meta = check_metadata({} if metadata is None else metadata)
     if tokens is not None:
+        tokens = tokens.tolist() if hasattr(tokens, "tolist") else tokens  # numpy arrays, torch tensors
         if not (isinstance(tokens, (list, tuple)) and all(_is_int(t) and int(t) >= 0 for t in tokens)):
             raise ValueError("token ids must be non-negative integers.")
         if len(tokens) != keys.shape[2]:
