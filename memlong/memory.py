@@ -69,6 +69,8 @@ from memlong.rwlock import RWLock as _RWLock
 from memlong.search import NamespaceIndex, SearchMode, check_mode, depth, fuse
 from memlong.storage import MemoryFileError
 
+STAGING_PREFIX = "_memlong-staging-"  # transient namespaces of memlong.upsert.ingest_entries
+
 __all__ = ["Chunk", "MemoryBank", "MemoryEvictionWarning", "MemoryFileError", "MemoryFullError", "MemoryMismatchError",
            "SearchHit", "UnknownChunkError"]
 
@@ -148,15 +150,17 @@ class MemoryBank(BankFiles):
                    namespace: str = "default", doc_id: str | None = None,
                    spans: Sequence[tuple[int, int]] | None = None, embeddings: np.ndarray | None = None,
                    metadata: Sequence[dict[str, Any]] | None = None,
-                   tokens: Sequence[Sequence[int]] | None = None, replace: Iterable[str] = ()) -> list[str]:
+                   tokens: Sequence[Sequence[int]] | None = None, replace: Iterable[str] = (),
+                   doc_ids: Sequence[str] | None = None, atomic: bool = False) -> list[str]:
         """Store chunks (in document order) and return their new ids; evicts if the namespace overflows.
 
         ``keys[i]``/``values[i]``: ``(n_source_layers, n_kv_heads, tokens_i, head_dim)``, keys before RoPE.
         ``tokens[i]`` (optional): the ``tokens_i`` token ids the K-V were computed from (``MemLong`` records
-        them; ``kv_refresh`` re-encodes some of them at generation). ``replace``: ids of ``namespace`` removed in
-        the same step (an upsert); the new chunks are then never evicted by this add: if they cannot all fit
-        the limits, nothing changes and the error says so. Every field is checked by the rules the loader
-        applies (:mod:`memlong.records`); an add that raises changes nothing.
+        them; ``kv_refresh`` re-encodes some of them at generation). ``doc_ids`` (instead of ``doc_id``): one
+        document id per chunk, to write several documents in one atomic add. ``replace``: ids of ``namespace``
+        removed in the same step (an upsert). With ``replace`` or ``atomic=True`` the new chunks are never evicted
+        by this add: if they cannot all fit the limits, nothing changes and the error says so. Every field is
+        checked by the rules the loader applies (:mod:`memlong.records`); an add that raises changes nothing.
 
         Raises:
             ValueError: a field that breaks the rules (named), a chunk larger than ``capacity``, a bad namespace.
@@ -168,7 +172,10 @@ class MemoryBank(BankFiles):
         check_namespace(namespace)
         if n == 0 and not replace:
             return []
-        new, vectors = self._prepare(texts, keys, values, doc_id, spans, embeddings, metadata, tokens)
+        if doc_ids is not None and doc_id is not None:
+            raise ValueError("add_chunks takes doc_id (one for all chunks) or doc_ids (one per chunk), not both.")
+        new, vectors = self._prepare(texts, keys, values, doc_ids if doc_ids is not None else doc_id, spans,
+                                     embeddings, metadata, tokens)
         sizes = {c.id: self._size_of(c) for c in new}
         with self._lock.write():
             space = self._spaces.get(namespace)
@@ -177,7 +184,7 @@ class MemoryBank(BankFiles):
             for c in new:
                 c.namespace, c.order = namespace, next(self._order)
             kept = [self._chunks[cid] for cid in (space.ids if space else ()) if cid not in drop]
-            evict_cap, evict_bytes = self._plan(namespace, kept, new, sizes, protect=bool(replace))
+            evict_cap, evict_bytes = self._plan(namespace, kept, new, sizes, protect=atomic or bool(replace))
             space = self._space(namespace, create=True)
             self._remove(namespace, drop | evict_cap | evict_bytes)
             for c in new:
@@ -193,19 +200,21 @@ class MemoryBank(BankFiles):
             return [c.id for c in new]
 
     def _prepare(self, texts: Sequence[str], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                 doc_id: str | None, spans: Sequence[tuple[int, int]] | None, embeddings: np.ndarray | None,
+                 doc_id: str | Sequence[str] | None, spans: Sequence[tuple[int, int]] | None, embeddings: np.ndarray | None,
                  metadata: Sequence[dict[str, Any]] | None,
                  tokens: Sequence[Sequence[int]] | None) -> tuple[list[Chunk], np.ndarray]:
         """Validate and convert chunks outside the lock (the slow part of an add): chunks without namespace
         and order, and their unit embeddings."""
         n = len(texts)
+        many = doc_id if doc_id is not None and not isinstance(doc_id, str) else None
         for name, given in (("keys", keys), ("values", values), ("spans", spans), ("metadata dicts", metadata),
-                            ("token lists", tokens)):
+                            ("token lists", tokens), ("doc_ids", many)):
             if given is not None and len(given) != n:
                 raise ValueError(f"add_chunks got {n} texts but {len(given)} {name}.")
-        doc = doc_id if doc_id is not None else secrets.token_hex(8)
+        one = doc_id if many is None and doc_id is not None else secrets.token_hex(8)
         chunks = []
         for i in range(n):
+            doc = many[i] if many is not None else one
             k, v = keys[i], values[i]
             if isinstance(k, torch.Tensor) and k.dim() == 4 and k.shape[2] > self.capacity:
                 raise ValueError(f"A chunk of {k.shape[2]} tokens can never fit this bank's capacity of "
@@ -255,8 +264,8 @@ class MemoryBank(BankFiles):
                              "fewer or smaller chunks, or raise the capacity.")
         if self.max_bytes is None:
             return cap, set()
-        space = self._spaces.get(namespace)
-        others = self._total_bytes() - (space.nbytes if space is not None else 0)
+        # staging namespaces (memlong.upsert) hold a copy of what is being written: not counted twice
+        others = sum(s.nbytes for n, s in self._spaces.items() if n != namespace and not n.startswith(STAGING_PREFIX))
         incoming = sum(sizes.values())
         if others + incoming > self.max_bytes:
             raise MemoryFullError(
@@ -267,7 +276,12 @@ class MemoryBank(BankFiles):
             return sizes[c.id] if c.id in sizes else self._sizes[c.id]
 
         excess = others + sum(map(size, rest)) - self.max_bytes
-        return cap, bytes_victims(rest, excess, size, self.evict_oldest, self.keep_newest, {c.id for c in new})
+        evict = bytes_victims(rest, excess, size, self.evict_oldest, self.keep_newest, {c.id for c in new})
+        if excess - sum(size(c) for c in rest if c.id in evict) > 0:
+            raise MemoryFullError(f"The {incoming} bytes written to namespace {namespace!r} do not fit the bank's "
+                                  f"max_bytes={self.max_bytes} even alone; nothing was changed. Write smaller chunks "
+                                  "(or less metadata), or raise max_bytes.")
+        return cap, evict
 
     def delete(self, chunk_ids: Iterable[str] = (), *, namespace: str = "default", doc_id: str | None = None) -> int:
         """Delete chunks by id and/or all chunks of ``doc_id``; returns how many were removed.
