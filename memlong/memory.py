@@ -174,6 +174,10 @@ class MemoryBank(BankFiles):
             return []
         if doc_ids is not None and doc_id is not None:
             raise ValueError("add_chunks takes doc_id (one for all chunks) or doc_ids (one per chunk), not both.")
+        if doc_id is not None and not isinstance(doc_id, str):
+            raise ValueError(f"doc_id must be a string, got {type(doc_id).__name__} {str(doc_id)[:50]!r}.")
+        if doc_ids is not None and (isinstance(doc_ids, str) or not isinstance(doc_ids, Sequence)):
+            raise ValueError("doc_ids must be a list with one string per chunk.")
         new, vectors = self._prepare(texts, keys, values, doc_ids if doc_ids is not None else doc_id, spans,
                                      embeddings, metadata, tokens)
         sizes = {c.id: self._size_of(c) for c in new}
