@@ -278,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     # action, i.e. every command's default)
     demo.set_defaults(func=cmd_demo, config_defaults="demo")
 
+    _add_eval_commands(sub, common)
+    _add_train_command(sub, common)
+    return parser
+
+
+def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ev = sub.add_parser("eval", help="evaluations comparing window / full / memlong on the same text")
     ev_sub = ev.add_subparsers(dest="evaluation", required=True)
     pk = ev_sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy at several lengths",
@@ -313,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     icl.add_argument("--seeds", type=_int_list(0), default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     icl.set_defaults(func=cmd_eval_icl, config_defaults="icl")
 
+
+def _add_train_command(sub: Any, common: argparse.ArgumentParser) -> None:
     tr = sub.add_parser("train", parents=[common], help="fine-tune the layers above the memory layer (LoRA or full)",
                         description="Partial fine-tuning (memlong.train): layers 0..memory_layer frozen, the layers "
                                     "above trained; documents streamed as consecutive segments with memory carried "
@@ -345,7 +353,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --output")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=cmd_train, config_defaults="train")
-    return parser
 
 
 def _readable_file(path: str, flag: str) -> str:

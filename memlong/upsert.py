@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from memlong.memory import STAGING_PREFIX
+from memlong.bank_writes import STAGING_PREFIX
 from memlong.model import MemLong
 
 __all__ = ["RESERVED_PREFIXES", "check_user_metadata", "ingest_entries"]
