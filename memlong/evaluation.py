@@ -81,7 +81,13 @@ def passkey(ml: MemLong, *, lengths: list[int], trials: int = 10, filler: str | 
     """Passkey accuracy per mode and length; ``full`` only where the prompt fits the model's positions."""
     from tqdm.auto import tqdm
 
+    if not lengths or any(type(n) is not int or n <= 0 for n in lengths):
+        raise ValueError(f"passkey lengths must be positive token counts, got {lengths!r}.")
+    if type(trials) is not int or trials <= 0:
+        raise ValueError(f"passkey trials must be a positive integer, got {trials!r}.")
     filler_tokens = ml.tokenize(filler if filler is not None else shakespeare_text("hamlet"))
+    if not filler_tokens:  # the haystack wraps the filler around: with no tokens it would never fill
+        raise ValueError("The passkey filler text has no tokens; give a non-empty text (default: Hamlet).")
     records = []
     for length in lengths:
         rng = random.Random(f"{seed}-{length}")

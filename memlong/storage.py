@@ -32,6 +32,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -111,21 +112,36 @@ def _fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def _locked(path: Path, exclusive: bool) -> Iterator[None]:
-    """Advisory flock on ``DIR/.lock`` (POSIX only; a read-only bank without a lock file is read unlocked)."""
+    """Advisory flock on ``DIR/.lock`` (POSIX only; a read-only bank without a lock file is read unlocked).
+
+    The lock file is opened without following a symlink and without blocking, and must be a regular file: a
+    symlink there could make a save create a file elsewhere, a FIFO could make a load wait forever."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; one writer per directory is then the caller's job
         yield
         return
     lock = path / ".lock"
+    flags = (os.O_RDWR | os.O_CREAT) if exclusive else os.O_RDONLY
     try:
-        fd = os.open(lock, (os.O_RDWR | os.O_CREAT) if exclusive else os.O_RDONLY, 0o644)
-    except OSError:
+        fd = os.open(lock, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
+    except FileNotFoundError:
         if exclusive:
             raise
         yield
         return
+    except OSError:
+        if os.path.islink(lock) or (os.path.lexists(lock) and not os.path.isfile(lock)):
+            raise MemoryFileError(f"{lock} is a symbolic link or not a regular file; a memory bank's lock file must "
+                                  "be a regular file. Remove it.") from None
+        if exclusive:
+            raise
+        yield  # e.g. a read-only directory without permission to open it: read unlocked
+        return
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MemoryFileError(f"{lock} is not a regular file (a FIFO, device or directory?); a memory bank's "
+                                  "lock file must be a regular file. Remove it.")
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
     finally:
@@ -147,6 +163,11 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
     if strangers and not (path / MANIFEST).exists():
         raise ValueError(f"Refusing to save a memory bank into {path}: it already holds other files "
                          f"({', '.join(sorted(strangers)[:3])}...). Give a new or empty directory.")
+    odd = [p.name for p in path.iterdir() if (p.name == MANIFEST or _OURS.match(p.name))
+           and (p.is_symlink() or not p.is_file())]
+    if odd:  # found now, not after the commit when the old files are cleaned up
+        raise ValueError(f"Refusing to save a memory bank into {path}: {odd[0]} is not a regular file (a folder or "
+                         "link named like a bank file). Remove it, or give another directory.")
     body = json.dumps({"format": FORMAT, "version": VERSION, **record}, ensure_ascii=False, allow_nan=False,
                       separators=(",", ":")).encode()
     token = secrets.token_hex(8)
@@ -166,7 +187,7 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
                 (path / name).unlink(missing_ok=True)
             raise
         for p in path.iterdir():  # files of older or interrupted saves
-            if _OURS.match(p.name) and p.name not in names:
+            if _OURS.match(p.name) and p.name not in names and not p.is_symlink() and p.is_file():
                 p.unlink(missing_ok=True)
     return path
 
@@ -187,7 +208,7 @@ def _manifest(path: Path) -> list[dict[str, Any]]:
         raise _fail(path, f"{MANIFEST} is larger than {_MANIFEST_LIMIT} bytes, so it is not a memlong manifest.")
     try:
         manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: bad UTF-8, bad JSON, an integer of >4300 digits
         raise _fail(path, f"{MANIFEST} is not valid JSON ({exc}); the file is corrupted.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _fail(path, f"{MANIFEST} does not describe a {FORMAT!r} directory.")
@@ -245,7 +266,7 @@ def read_bank(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.
             record_file, tensor_file = (_verified(path, f) for f in files)
             try:
                 record = json.loads(record_file.read_bytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, an integer of >4300 digits
                 raise _fail(path, f"{record_file.name} is not valid JSON ({exc}).") from None
             try:
                 tensors = load_file(tensor_file, device="cpu")

@@ -48,6 +48,7 @@ from typing import Any, Literal
 import torch
 
 from memlong.adapter import add_lora, fingerprint, lora_state_dict, merge_lora, save_adapter
+from memlong.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from memlong.model import MemLong
 
 __all__ = ["SHAKESPEARE_HELD_OUT", "TrainConfig", "TrainResult", "evaluate", "load_documents", "shakespeare_split",
@@ -56,7 +57,6 @@ __all__ = ["SHAKESPEARE_HELD_OUT", "TrainConfig", "TrainResult", "evaluate", "lo
 # The fixed held-out split for the default model: never trained on. Macbeth is the README's perplexity text,
 # Hamlet the passkey filler; the Tempest is the third held-out play.
 SHAKESPEARE_HELD_OUT = ("hamlet", "macbeth", "tempest")
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass(kw_only=True)
@@ -314,10 +314,11 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
     volatile = ("progress", "resume", "save_every", "max_steps", "max_seconds", "eval_tokens")
     identity = {"documents": [n for n, _ in docs], "train_config": _jsonable(config, skip=volatile),
                 "memlong_config": ml.config.to_dict()}
+    identity = json.loads(json.dumps(identity))  # as a checkpoint's JSON gives it back (tuples become lists)
 
     ckpt_path = out / CHECKPOINT_NAME
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if config.resume and ckpt_path.exists() else None
-    if ckpt is not None and ckpt["identity"] != identity:
+    ckpt = load_checkpoint(out) if config.resume else None  # safetensors + JSON: never unpickles
+    if ckpt is not None and ckpt.get("identity") != identity:
         raise ValueError(f"{ckpt_path} is a checkpoint of another run (different documents, train config or model "
                          "config). Use another output_dir, or resume=False (--no-resume) to start over.")
 
@@ -399,7 +400,7 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
                     done = result.steps >= total_steps or (
                         config.max_seconds is not None and time.perf_counter() - call_start >= config.max_seconds)
                     if result.steps % config.save_every == 0 or done:
-                        _save_checkpoint(ckpt_path, params, optimizer, scheduler, result, (epoch, d, k + 1),
+                        _save_checkpoint(out, params, optimizer, scheduler, result, (epoch, d, k + 1),
                                          identity)
                     if done:
                         break
@@ -461,15 +462,11 @@ def _checkpointing(model, on: bool) -> None:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
 
-def _save_checkpoint(path: Path, params, optimizer, scheduler, result: TrainResult, position, identity) -> None:
-    tmp = path.with_suffix(".tmp")
+def _save_checkpoint(out: Path, params, optimizer, scheduler, result: TrainResult, position, identity) -> None:
     result.peak_rss_mb = max(result.peak_rss_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    torch.save({"params": {n: p.detach().cpu().clone() for n, p in params.items()},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": result.steps,
-                "losses": result.losses, "position": list(position), "identity": identity,
-                "eval_before": result.eval_before,
-                "counters": {key: getattr(result, key) for key in _COUNTERS}}, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a broken checkpoint
+    save_checkpoint(out, params, optimizer, scheduler,
+                    {"step": result.steps, "losses": result.losses, "position": list(position), "identity": identity,
+                     "eval_before": result.eval_before, "counters": {key: getattr(result, key) for key in _COUNTERS}})
 
 
 def _jsonable(cfg: TrainConfig, skip: tuple[str, ...] = ()) -> dict[str, Any]:

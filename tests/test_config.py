@@ -48,11 +48,10 @@ def test_resolve_does_not_mutate_and_step_default():
 
 
 def test_cli_per_command_top_k_defaults_do_not_leak_into_other_commands():
-    from memlong.cli import build_parser
+    from memlong.cli import _config, build_parser
 
     parser = build_parser()
-    resolved = lambda argv: (lambda a: a.top_k if a.top_k is not None else getattr(a, "default_top_k", 8))(
-        parser.parse_args(argv))
+    resolved = lambda argv: _config(parser.parse_args(argv)).get("top_k", MemLongConfig().top_k)
     assert resolved(["eval", "ppl"]) == 8 and resolved(["eval", "passkey"]) == 8
     assert resolved(["demo"]) == 4 and resolved(["eval", "icl"]) == 4
     assert resolved(["eval", "ppl", "--top-k", "2"]) == 2

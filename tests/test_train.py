@@ -110,7 +110,7 @@ def test_resume_from_checkpoint(make_tiny, tokenizer, tmp_path):
     docs = [_text(tokenizer, 0, 200), _text(tokenizer, 4000, 200)]
     cfg = dict(output_dir=tmp_path, grad_accum=2, learning_rate=1e-3, eval_tokens=0, save_every=1, progress=False)
     first = train(ml, docs, TrainConfig(max_steps=2, **cfg))
-    assert first.steps == 2 and (tmp_path / "checkpoint.pt").exists()
+    assert first.steps == 2 and (tmp_path / "checkpoint.json").exists()
 
     again, _ = make_tiny(**TINY)  # a fresh process would start from the base weights
     second = train(again, docs, TrainConfig(max_steps=5, **cfg))

@@ -24,6 +24,7 @@ from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
 from memlong import MemLong
+from memlong.upsert import ingest_entries
 
 __all__ = ["MemLongChatMessageHistory"]
 
@@ -52,7 +53,8 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
         bank, seen, out = self.memlong.bank, set(), []
         for cid in bank.chunk_ids(self.namespace):
             chunk = bank.get(cid, namespace=self.namespace)
-            if chunk.doc_id not in seen and _MESSAGE_KEY in chunk.metadata:
+            # only turns this class wrote (adapters refuse reserved metadata keys from users' documents)
+            if chunk.doc_id not in seen and chunk.doc_id.startswith("msg-") and _MESSAGE_KEY in chunk.metadata:
                 seen.add(chunk.doc_id)
                 out.append(chunk.metadata[_MESSAGE_KEY])
         return messages_from_dict(out)
@@ -65,10 +67,11 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
             if not text.strip():
                 raise ValueError(f"Cannot store an empty {message.type} message: it has no text to remember.")
             texts.append(f"\n{_ROLES.get(message.type, message.type.capitalize())}: {text}")
-            metas.append({_MESSAGE_KEY: message_to_dict(message), "role": message.type})
-        if texts:
-            self.memlong.ingest(texts, namespace=self.namespace, metadatas=metas, progress=False,
-                                doc_ids=[f"msg-{uuid.uuid4()}" for _ in texts])
+            metas.append({_MESSAGE_KEY: message_to_dict(message)})
+        if texts:  # atomic: every message or none; each message's dict stored once, on its first chunk
+            ingest_entries(self.memlong, texts, namespace=self.namespace, progress=False,
+                           metadatas=[{"role": m["type"]} for m in (x[_MESSAGE_KEY] for x in metas)],
+                           entry_metadata=metas, doc_ids=[f"msg-{uuid.uuid4()}" for _ in texts])
 
     def chunk_ids(self) -> list[str]:
         """All chunk ids of this conversation (e.g. to attend to the whole history explicitly)."""

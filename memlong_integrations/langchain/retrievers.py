@@ -25,17 +25,18 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
 
 from memlong import MemLong, MemoryBank
+from memlong.upsert import RESERVED_PREFIXES
 
 __all__ = ["CHUNK_ID_KEY", "MemLongRetriever", "chunk_document"]
 
 CHUNK_ID_KEY = "memlong_chunk_id"
-TEXT_KEY = "_memlong_text"  # a vector-store entry's page_content, kept on each of its chunks (a shared reference)
+TEXT_KEY = "_memlong_text"  # a vector-store entry's page_content, kept once, on its first chunk
 
 
 def chunk_document(bank: MemoryBank, chunk_id: str, namespace: str, score: float | None = None) -> Document:
     """The ``Document`` of one stored chunk (metadata carries its chunk id)."""
     chunk = bank.get(chunk_id, namespace=namespace)
-    metadata = {k: v for k, v in chunk.metadata.items() if k != TEXT_KEY}
+    metadata = {k: v for k, v in chunk.metadata.items() if not k.startswith(RESERVED_PREFIXES)}  # memlong's own
     metadata.update({CHUNK_ID_KEY: chunk.id, "memlong_doc_id": chunk.doc_id, "memlong_namespace": namespace})
     if score is not None:
         metadata["memlong_score"] = score

@@ -34,6 +34,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
 from memlong import MemLong
+from memlong.upsert import RESERVED_PREFIXES, check_user_metadata, ingest_entries
 
 from .retrievers import TEXT_KEY
 
@@ -91,10 +92,14 @@ class MemLongVectorStore(VectorStore):
             entries.setdefault(self.bank.get(cid, namespace=self.namespace).doc_id, []).append(cid)
         return entries
 
-    def _document(self, entry_id: str, chunk_id: str) -> Document:
-        chunk = self.bank.get(chunk_id, namespace=self.namespace)
-        metadata = {k: v for k, v in chunk.metadata.items() if k != TEXT_KEY}
-        return Document(page_content=chunk.metadata.get(TEXT_KEY, chunk.text), metadata=metadata, id=entry_id)
+    def _document(self, entry_id: str, chunk_ids: list[str]) -> Document:
+        """The entry's Document: its text is kept once, on its first chunk (joined chunk texts if evicted)."""
+        chunks = [self.bank.get(cid, namespace=self.namespace) for cid in chunk_ids[:1]]
+        text = chunks[0].metadata.get(TEXT_KEY) if chunks else None
+        if text is None:
+            text = "".join(self.bank.get(cid, namespace=self.namespace).text for cid in chunk_ids)
+        metadata = {k: v for k, v in chunks[0].metadata.items() if not k.startswith(RESERVED_PREFIXES)}
+        return Document(page_content=text, metadata=metadata, id=entry_id)
 
     def chunk_ids(self, documents: Sequence[Document]) -> list[str]:
         """Chunk ids to give :class:`ChatMemLong` for ``documents`` (this store's entries, or chunk Documents
@@ -110,10 +115,13 @@ class MemLongVectorStore(VectorStore):
     # ------------------------------------------------------------------ writing
     def add_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *, ids: list[str | None] | None = None,
                   **kwargs: Any) -> list[str]:
-        """Ingest ``texts`` (K-V computed by the model); returns their ids. Existing ids are replaced.
+        """Ingest ``texts`` (K-V computed by the model); returns their ids. Existing ids are replaced. The add is
+        atomic: all entries (and the removal of the versions they replace) or, on any error, nothing.
 
         Raises:
-            ValueError: an empty text, or ``metadatas`` / ``ids`` of another length than ``texts``.
+            ValueError: an empty text, ``metadatas`` / ``ids`` of another length than ``texts``, a metadata key
+                reserved for memlong (``memlong_*``, ``_memlong*``), or entries larger than the capacity.
+            memlong.MemoryFullError: the entries do not fit the bank's ``max_bytes``.
         """
         texts = list(texts)
         if metadatas is not None and len(metadatas) != len(texts):
@@ -128,13 +136,12 @@ class MemLongVectorStore(VectorStore):
         ids = [str(i) if i is not None else str(uuid.uuid4()) for i in (ids or [None] * len(texts))]
         if len(set(ids)) != len(ids):
             raise ValueError("The same id appears twice in one add; ids must be unique.")
-        metas = [{**(m or {}), TEXT_KEY: t} for m, t in zip(metadatas or [{}] * len(texts), texts)]
+        metas = [check_user_metadata(m, f"metadatas[{i}]") for i, m in enumerate(metadatas or [{}] * len(texts))]
         old = self._entries()
-        replaced = [cid for i in ids for cid in old.get(i, [])]
-        self.memlong.ingest(texts, namespace=self.namespace, doc_ids=ids, metadatas=metas, progress=self.progress,
-                            context=self.chunk_context)
-        if replaced:
-            self.bank.delete(replaced, namespace=self.namespace)
+        ingest_entries(self.memlong, texts, namespace=self.namespace, doc_ids=ids, metadatas=metas,
+                       entry_metadata=[{TEXT_KEY: t} for t in texts],  # the entry's text once, not per chunk
+                       replace=[cid for i in ids for cid in old.get(i, [])], progress=self.progress,
+                       context=self.chunk_context)
         return ids
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
@@ -152,7 +159,7 @@ class MemLongVectorStore(VectorStore):
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         """The stored entries among ``ids`` (missing ids are skipped)."""
         entries = self._entries()
-        return [self._document(i, entries[i][0]) for i in dict.fromkeys(ids) if i in entries]
+        return [self._document(i, entries[i]) for i in dict.fromkeys(ids) if i in entries]
 
     # ------------------------------------------------------------------ search
     def similarity_search_with_score(self, query: str, k: int = 4, **kwargs: Any) -> list[tuple[Document, float]]:
@@ -183,7 +190,8 @@ class MemLongVectorStore(VectorStore):
             want = min(total, want * 4)
         chosen = list(best.items())[:k]
         self.bank.mark_retrieved([cid for _, (cid, _) in chosen], namespace=self.namespace)
-        return [(self._document(entry, cid), score) for entry, (cid, score) in chosen]
+        entries = self._entries()
+        return [(self._document(entry, entries.get(entry, [cid])), score) for entry, (cid, score) in chosen]
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
         return lambda similarity: (1.0 + similarity) / 2.0  # cosine in [-1, 1] -> relevance in [0, 1]

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
@@ -42,7 +43,9 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
     """
 
     name: str = Field(default="memlong_chat_memory", description="The name of the memory block.")
-    namespace: str = Field(default="chat", description="Bank namespace holding the past turns.")
+    namespace: str = Field(default_factory=lambda: f"chat-{uuid.uuid4().hex}",
+                           description="Bank namespace holding the past turns (default: a new one per block, so "
+                                       "that blocks without a namespace never share one).")
     top_k: int = Field(default=2, gt=0, description="Past-turn chunks handed back per read.")
     header: str = Field(default="Earlier in this conversation:", description="Header of the memory message.")
 

@@ -1,0 +1,338 @@
+"""Chunk records: what one stored chunk is, and the ONE set of rules every chunk must satisfy.
+
+Contract:
+    * :class:`Chunk` is one stored chunk (text, token span, K-V, counters, metadata).
+    * :func:`check_chunk` is the single validator of a chunk's fields. :meth:`MemoryBank.add_chunks` applies it
+      on the way in and the loader applies it to every saved record, so whatever a bank holds in memory can
+      always be saved and loaded again (and a file the rules refuse can never enter a bank).
+    * :func:`check_bank_config` is the single validator of a bank's constructor settings (the constructor and
+      the loader use it), :func:`check_embeddings` of retriever vectors, :func:`check_text` of every string
+      that is written to disk (namespaces, doc ids, texts, metadata).
+    * :func:`parse_namespaces` turns a saved record plus its tensors back into chunks, naming the first
+      problem as a :class:`~memlong.storage.MemoryFileError`; :func:`check_compatible` refuses a bank made by
+      another embedder or model.
+
+Rules in brief: texts are non-empty UTF-8 strings (no lone surrogates); doc ids are strings; spans are
+``0 <= start <= end`` integers; token ids are non-negative integers, one per K-V position; metadata is a dict
+of JSON values (string keys, finite numbers, at most :data:`MAX_DEPTH` levels); K-V are finite floating-point
+``(layers, kv_heads, tokens >= 1, head_dim)`` tensors of equal shape; embeddings are finite, non-zero vectors.
+Integers stay below ``2**63`` (what other JSON readers can hold).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memlong.embedder import TextEmbedder
+from memlong.storage import MemoryFileError
+
+__all__ = ["MAX_DEPTH", "Chunk", "MemoryMismatchError", "check_bank_config", "check_chunk", "check_compatible",
+           "check_embeddings", "check_namespace", "check_text", "embedder_info", "metadata_nbytes",
+           "parse_namespaces"]
+
+MAX_DEPTH = 32  # metadata nesting levels (the JSON reader's recursion limit is far above this)
+MAX_INT = 2**63 - 1
+CHUNK_ID = re.compile(r"^[0-9a-f]{24}$")
+# Fingerprint keys recorded for information only: paths differ between machines holding the same model.
+_INFO_KEYS = ("model",)
+
+
+class MemoryMismatchError(MemoryFileError):
+    """A saved bank made by a different model, config or embedder than the one loading it."""
+
+
+@dataclass
+class Chunk:
+    """One stored chunk. ``keys``/``values``: ``(n_source_layers, n_kv_heads, tokens, head_dim)``.
+
+    :meth:`MemoryBank.get` returns a copy: changing it changes nothing in the bank (the K-V tensors are shared
+    with the bank and must not be written in place)."""
+
+    id: str
+    namespace: str
+    doc_id: str
+    text: str
+    span: tuple[int, int]  # token offsets [start, end) in its document
+    order: int  # insertion order in the bank: document order within a document
+    keys: torch.Tensor
+    values: torch.Tensor
+    retrievals: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tokens: tuple[int, ...] | None = None  # the token ids the K-V were computed from (None: not recorded)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.keys.shape[2])
+
+    def copy(self) -> Chunk:
+        """A copy whose fields (metadata included) can be changed without touching the bank."""
+        return dataclasses.replace(self, metadata=json.loads(json.dumps(self.metadata)))
+
+
+# ------------------------------------------------------------------ the shared rules
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and -MAX_INT <= int(x) <= MAX_INT
+
+
+def check_text(value: Any, what: str, *, empty: bool = False) -> str:
+    """``value`` if it is a string UTF-8 can store (non-blank unless ``empty``); ValueError naming ``what``."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__} {str(value)[:50]!r}.")
+    if not empty and not value.strip():
+        raise ValueError(f"empty {what}: every chunk needs text to be retrieved by.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} holds a lone surrogate character, which UTF-8 files cannot store; clean the "
+                         "text (e.g. text.encode('utf-8', 'replace').decode()).") from None
+    return value
+
+
+def check_namespace(namespace: Any) -> str:
+    if not isinstance(namespace, str) or not namespace:
+        raise ValueError(f"namespace must be a non-empty string, got {namespace!r}.")
+    return check_text(namespace, "namespace", empty=True)
+
+
+def _json_check(value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if not _is_int(value):
+            raise ValueError(f"integer {str(value)[:20]}... is outside +-2**63")
+        return
+    if isinstance(value, str):
+        check_text(value, "a string", empty=True)
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"non-finite number {value}")
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _json_check(v, depth + 1)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"key {k!r} is not a string")
+            check_text(k, "a key", empty=True)
+            _json_check(v, depth + 1)
+        return
+    raise TypeError(f"value of type {type(value).__name__}")
+
+
+def check_metadata(metadata: Any, what: str = "metadata") -> dict[str, Any]:
+    """``metadata`` as a plain JSON dict (a copy); ValueError naming the problem otherwise."""
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{what} must be a dict, got {type(metadata).__name__}.")
+    try:
+        _json_check(metadata, 0)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} JSON cannot store ({exc}); keep metadata to str/int/float/bool/"
+                         f"None/lists/dicts, finite numbers, at most {MAX_DEPTH} levels deep.") from None
+    return json.loads(json.dumps(metadata, ensure_ascii=False))  # tuples become lists, as after a load
+
+
+def metadata_nbytes(metadata: dict[str, Any]) -> int:
+    """Bytes ``metadata`` takes in a saved bank (what ``max_bytes`` counts for it)."""
+    return len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode("utf-8")) if metadata else 0
+
+
+def check_kv(keys: Any, values: Any) -> None:
+    """ValueError unless ``keys``/``values`` are finite floating-point 4-D tensors of equal shape, >= 1 token."""
+    if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
+        raise ValueError("chunk K-V must be torch tensors.")
+    if keys.dim() != 4 or keys.shape != values.shape or keys.shape[2] < 1 or 0 in keys.shape:
+        raise ValueError(f"chunk K-V must be (layers, kv_heads, tokens >= 1, head_dim) with equal shapes, got keys "
+                         f"{tuple(keys.shape)} and values {tuple(values.shape)}.")
+    if not (keys.is_floating_point() and values.is_floating_point()):
+        raise ValueError(f"chunk K-V must be floating point, got {keys.dtype} and {values.dtype}.")
+    if not (bool(torch.isfinite(keys).all()) and bool(torch.isfinite(values).all())):
+        raise ValueError("chunk K-V hold NaN or infinite values (in the bank's dtype): they would poison every "
+                         "answer that retrieves them. Check the model's outputs, or store K-V in float32.")
+
+
+def check_chunk(*, text: Any, doc_id: Any, span: Any, keys: Any, values: Any, metadata: Any = None,
+                tokens: Any = None) -> tuple[tuple[int, int], dict[str, Any], tuple[int, ...] | None]:
+    """Validate one chunk's fields by the bank's rules; returns (span, metadata, tokens) normalised.
+
+    Raises:
+        ValueError: the first field that breaks a rule, named with its fix.
+    """
+    check_text(text, "chunk text")
+    check_text(doc_id, "doc_id", empty=True)
+    check_kv(keys, values)
+    if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(map(_is_int, span))
+            and 0 <= int(span[0]) <= int(span[1])):
+        raise ValueError(f"span must be two integers 0 <= start <= end (token offsets in the document), got "
+                         f"{str(span)[:60]}.")
+    meta = check_metadata({} if metadata is None else metadata)
+    if tokens is not None:
+        tokens = tokens.tolist() if hasattr(tokens, "tolist") else tokens  # numpy arrays, torch tensors
+        if not (isinstance(tokens, (list, tuple)) and all(_is_int(t) and int(t) >= 0 for t in tokens)):
+            raise ValueError("token ids must be non-negative integers.")
+        if len(tokens) != keys.shape[2]:
+            raise ValueError(f"{len(tokens)} token ids but K-V for {keys.shape[2]} tokens; give one id per K-V "
+                             "position.")
+        tokens = tuple(int(t) for t in tokens)
+    return (int(span[0]), int(span[1])), meta, tokens
+
+
+def check_embeddings(vectors: np.ndarray) -> None:
+    """ValueError unless every row is finite and of unit length (after ``faiss.normalize_L2``)."""
+    with np.errstate(all="ignore"):
+        unit = bool(np.isfinite(vectors).all()) and bool(
+            np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3))
+    if not unit:
+        raise ValueError("embeddings must be finite, non-zero vectors (each is normalised to unit length); check "
+                         "the embedder's output.")
+
+
+def check_bank_config(capacity: Any, evict_oldest: Any, keep_newest: Any, max_bytes: Any) -> None:
+    """ValueError unless the settings keep every namespace within ``capacity`` (and the bank within bytes)."""
+    if not _is_int(capacity) or capacity <= 0:
+        raise ValueError(f"capacity must be a positive integer number of tokens, got {capacity!r}.")
+    for name, share in (("evict_oldest", evict_oldest), ("keep_newest", keep_newest)):
+        if not isinstance(share, numbers.Real) or isinstance(share, bool) or not 0 <= share < 1:
+            raise ValueError(f"{name} must be a share in [0, 1), got {share!r}.")
+    if evict_oldest + keep_newest > 1:
+        raise ValueError(f"evict_oldest + keep_newest must be at most 1 (shares of one namespace), got "
+                         f"{evict_oldest} + {keep_newest}.")
+    if max_bytes is not None and (not _is_int(max_bytes) or max_bytes <= 0):
+        raise ValueError(f"max_bytes must be a positive integer or None, got {max_bytes!r}.")
+
+
+# ------------------------------------------------------------------ loading
+def embedder_info(embedder: TextEmbedder) -> dict[str, Any]:
+    return {"name": str(getattr(embedder, "name", None) or type(embedder).__qualname__), "dim": int(embedder.dim)}
+
+
+def _describe(info: Any) -> str:
+    if not isinstance(info, dict):
+        return repr(info)
+    return ", ".join(f"{k}={v}" for k, v in info.items())
+
+
+def check_compatible(path: Path, record: dict[str, Any], embedder: TextEmbedder,
+                     fingerprint: dict[str, Any] | None) -> None:
+    """Refuse a bank made by another embedder or (when ``fingerprint`` is given) another model/config."""
+    stored_emb, mine = record.get("embedder"), embedder_info(embedder)
+    if stored_emb != mine:
+        raise MemoryMismatchError(
+            f"The memory bank at {path} was built with the embedder {_describe(stored_emb)}, but it is being loaded "
+            f"with {_describe(mine)}. Load it with the embedder that built it (its vectors are not comparable "
+            "across embedders), or re-ingest the documents.")
+    if fingerprint is None:
+        return
+    stored = record.get("fingerprint")
+    if not isinstance(stored, dict):
+        raise MemoryMismatchError(f"The memory bank at {path} records no model fingerprint ({stored!r}), but this "
+                                  f"model is {_describe(fingerprint)}: it was not saved by MemLong.save_memory, so "
+                                  "its K-V cannot be checked. Load it with MemoryBank.load instead.")
+    keys = sorted(set(stored) | set(fingerprint), key=lambda k: (k in _INFO_KEYS, k))
+    differ = [k for k in keys if k not in _INFO_KEYS and stored.get(k) != fingerprint.get(k)]
+    if differ:
+        raise MemoryMismatchError(
+            f"The memory bank at {path} was made by a different model or config: "
+            + "; ".join(f"{k}: saved {stored.get(k)!r}, this model {fingerprint.get(k)!r}" for k in differ)
+            + f". Saved: {_describe(stored)}. This model: {_describe(fingerprint)}. Load it with the model and "
+            "config that built it, or re-ingest the documents with this one.")
+    for k in _INFO_KEYS:
+        if stored.get(k) != fingerprint.get(k):
+            warnings.warn(f"The memory bank at {path} was saved from model {stored.get(k)!r}, loading into "
+                          f"{fingerprint.get(k)!r}; the shapes agree, so this is fine if both are the same weights.",
+                          stacklevel=4)
+
+
+def _parse_chunk(c: Any, name: str, n_chunk: int, next_order: int, tensors: dict[str, torch.Tensor]) -> Chunk:
+    """One saved chunk record and its K-V, by :func:`check_chunk`'s rules; ValueError names the problem."""
+    if not (isinstance(c, dict) and isinstance(c.get("id"), str) and CHUNK_ID.match(c["id"])):
+        raise ValueError(f"chunk record {n_chunk} of namespace {name[:100]!r} has no valid id ({str(c)[:200]}).")
+    if not (_is_int(c.get("order")) and 0 <= c["order"] < next_order and _is_int(c.get("retrievals"))
+            and c["retrievals"] >= 0):
+        raise ValueError(f"chunk {c['id']} has a malformed order or retrieval count.")
+    k, v = tensors.get(f"k.{n_chunk}"), tensors.get(f"v.{n_chunk}")
+    if k is None or v is None or k.dtype != v.dtype:
+        raise ValueError(f"the K-V of chunk {c['id']} are missing or malformed.")
+    try:
+        span, meta, tokens = check_chunk(text=c.get("text"), doc_id=c.get("doc_id"), span=c.get("span"), keys=k,
+                                         values=v, metadata=c.get("metadata"), tokens=c.get("tokens"))
+    except ValueError as exc:
+        raise ValueError(f"chunk {c['id']} of namespace {name[:100]!r}: {exc}") from None
+    return Chunk(id=c["id"], namespace=name, doc_id=c["doc_id"], text=c["text"], span=span, order=c["order"],
+                 keys=k, values=v, retrievals=c["retrievals"], metadata=meta, tokens=tokens)
+
+
+def parse_namespaces(path: Path, record: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     dim: int) -> tuple[dict[str, tuple[list[Chunk], np.ndarray]], int]:
+    """Validate every field of a saved record against its tensors; returns namespaces and the next order.
+
+    Raises:
+        MemoryFileError: the first problem found, named.
+    """
+    try:
+        return _parse_namespaces(record, tensors, dim)
+    except ValueError as exc:
+        raise MemoryFileError(f"Cannot load the memory bank at {path}: {exc} The files are corrupted or were not "
+                              "written by memlong.") from None
+
+
+def _parse_namespaces(record: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      dim: int) -> tuple[dict[str, tuple[list[Chunk], np.ndarray]], int]:
+    spaces, next_order = record.get("namespaces"), record.get("next_order")
+    if not isinstance(spaces, list) or not _is_int(next_order) or next_order < 0:
+        raise ValueError("'namespaces' or 'next_order' is missing or malformed.")
+    out: dict[str, tuple[list[Chunk], np.ndarray]] = {}
+    seen_ids: set[str] = set()
+    seen_orders: set[int] = set()
+    used = set()
+    n_chunk = 0
+    for j, space in enumerate(spaces):
+        if not isinstance(space, dict) or not isinstance(space.get("name"), str) or not space["name"]:
+            raise ValueError(f"namespace entry {j} is malformed.")
+        name, items = check_namespace(space["name"]), space.get("chunks")
+        if name in out or not isinstance(items, list):
+            raise ValueError(f"namespace {name[:100]!r} is duplicated or malformed.")
+        chunks = []
+        for c in items:
+            chunk = _parse_chunk(c, name, n_chunk, next_order, tensors)
+            if chunk.id in seen_ids or chunk.order in seen_orders:
+                raise ValueError(f"chunk id {chunk.id} or its order {chunk.order} appears twice.")
+            if chunks and (chunk.keys.shape[:2], chunk.keys.shape[3]) != (chunks[0].keys.shape[:2],
+                                                                          chunks[0].keys.shape[3]):
+                raise ValueError(f"chunk {chunk.id} has K-V of shape {tuple(chunk.keys.shape)}, unlike the other "
+                                 f"chunks of namespace {name[:100]!r} ({tuple(chunks[0].keys.shape)}).")
+            seen_ids.add(chunk.id)
+            seen_orders.add(chunk.order)
+            used |= {f"k.{n_chunk}", f"v.{n_chunk}"}
+            chunks.append(chunk)
+            n_chunk += 1
+        emb = tensors.get(f"e.{j}")
+        if emb is None or emb.dtype != torch.float32 or tuple(emb.shape) != (len(chunks), dim):
+            raise ValueError(f"the embeddings of namespace {name[:100]!r} are missing or not ({len(chunks)}, {dim}) "
+                             "float32.")
+        vectors = np.ascontiguousarray(emb.numpy(), dtype=np.float32)
+        try:
+            check_embeddings(vectors)
+        except ValueError:
+            raise ValueError(f"the embeddings of namespace {name[:100]!r} are not unit vectors.") from None
+        used.add(f"e.{j}")
+        out[name] = (chunks, vectors)
+    extra = set(tensors) - used
+    if extra:
+        raise ValueError(f"the tensor file holds unexpected tensors ({sorted(extra)[:3]}).")
+    return out, next_order

@@ -1,0 +1,54 @@
+"""A reader-writer lock: many readers at once, or one writer; a waiting writer holds back new readers.
+
+The memory bank takes it once per public call (it is not reentrant): searches, fetches and reads share it,
+while adds, deletes, evictions and loads hold it alone, and only to publish (slow work happens before)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+__all__ = ["RWLock"]
+
+
+class RWLock:
+    """Many readers at once, or one writer. A waiting writer holds back new readers, so a stream of searches
+    cannot starve an ingest. Not reentrant."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()

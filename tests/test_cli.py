@@ -1,0 +1,176 @@
+"""The command line validates every input before work starts (issue 16, defect 13): one-line errors naming the
+fix, exit code 2, no traceback, no model loaded; flags come from MemLongConfig (issue 17); a bounded fuzz."""
+
+import dataclasses
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memlong import MemLongConfig
+from memlong.cli import CLI_DEFAULTS, CONFIG_FLAGS, build_parser, main
+
+
+class ModelLoaded(BaseException):  # noqa: N818 - BaseException so that main() cannot swallow it
+    """Raised if a command got past validation to loading a model."""
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Fail the test if any command loads a model (validation must come first)."""
+    from memlong.model import MemLong
+
+    def refuse(*args, **kwargs):
+        raise ModelLoaded(f"a model was loaded with {args} {kwargs}")
+
+    monkeypatch.setattr(MemLong, "from_pretrained", classmethod(refuse))
+
+
+def run(argv, capsys):
+    """(exit code, stderr) of ``memlong argv`` in-process."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, *needles):
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["eval", "ppl", "--file", "MISSING"], ["--file", "missing"]),
+    (["eval", "ppl", "--file", "DIR"], ["--file", "directory"]),
+    (["eval", "passkey", "--filler", "MISSING"], ["--filler", "missing"]),
+    (["eval", "passkey", "--filler", "DIR"], ["--filler", "directory"]),
+    (["eval", "passkey", "--filler", "EMPTY"], ["--filler", "empty"]),
+    (["eval", "ppl", "--model", "MISSING/x"], ["--model"]),
+    (["eval", "ppl", "--model", "EMPTY"], ["--model", "not a model folder"]),
+    (["eval", "ppl", "--json", "DIR"], ["--json", "directory"]),
+    (["eval", "ppl", "--json", "MISSING/out.json"], ["--json", "does not exist"]),
+    (["eval", "ppl", "--score-last", "0"], ["--score-last", "minimum 1"]),
+    (["eval", "ppl", "--score-last", "-5"], ["--score-last", "minimum 1"]),
+    (["eval", "passkey", "--trials", "0"], ["--trials"]),
+    (["eval", "passkey", "--trials", "-3"], ["--trials"]),
+    (["eval", "passkey", "--lengths=-100,0"], ["--lengths", "-100"]),
+    (["eval", "passkey", "--lengths", "4096,"], ["--lengths"]),
+    (["train", "--output", "EMPTY"], ["--output", "is a file"]),
+    (["demo", "--load-memory", "MISSING"], ["--load-memory"]),
+    (["eval", "ppl", "--modes", "window,everything"], ["--modes"]),
+])
+def test_bad_inputs_fail_in_one_line_before_any_model_loads(argv, needles, tmp_path, capsys, no_model):
+    (tmp_path / "empty.txt").write_text("   \n")
+    paths = {"MISSING": str(tmp_path / "missing"), "DIR": str(tmp_path), "EMPTY": str(tmp_path / "empty.txt")}
+    argv = [next((a.replace(k, v) for k, v in paths.items() if a.startswith(k)), a) for a in argv]
+    assert_one_line_error(*run(argv, capsys), *needles)
+
+
+def test_an_unwritable_json_is_found_before_the_run(tmp_path, capsys, no_model):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        import os
+
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        assert_one_line_error(*run(["eval", "ppl", "--json", str(locked / "out.json")], capsys), "--json")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_an_empty_filler_is_refused_not_looped_on(make_tiny):
+    from memlong.evaluation import passkey
+
+    ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
+    for bad in (dict(filler=""), dict(lengths=[0]), dict(lengths=[-100]), dict(trials=0)):
+        kwargs = dict(lengths=[128], trials=1, filler="some filler text", progress=False) | bad
+        with pytest.raises(ValueError, match="filler|lengths|trials"):
+            passkey(ml, **kwargs)
+
+
+def test_config_flags_come_from_memlong_config():
+    parser = build_parser()
+    fields = {f.name: f for f in dataclasses.fields(MemLongConfig)}
+    args = parser.parse_args(["eval", "ppl"])
+    from memlong.cli import _config
+
+    # unset flags: the library's defaults, except the CLI's one declared departure (CLI_DEFAULTS)
+    assert _config(args) == CLI_DEFAULTS == {"memory_capacity": 65536}
+    assert _config(parser.parse_args(["eval", "ppl", "--memory-capacity", "100", "--search-mode", "hybrid"])) == \
+        {"memory_capacity": 100, "search_mode": "hybrid"}
+    help_text = " ".join(parser._subparsers._group_actions[0].choices["demo"].format_help().split())
+    for name in CONFIG_FLAGS:
+        assert "--" + name.replace("_", "-") in help_text
+        if fields[name].default is not None:
+            assert f"MemLongConfig default {fields[name].default}" in help_text  # read from the dataclass
+    # both capacity defaults are stated, from their one source each (issue 17: they had drifted silently)
+    assert f"MemLongConfig default {MemLongConfig().memory_capacity}; the CLI uses 65536" in help_text
+
+
+# ------------------------------------------------------------------ fuzz: every command, bounded
+COMMANDS = {"demo": ["demo"], "passkey": ["eval", "passkey"], "ppl": ["eval", "ppl"], "icl": ["eval", "icl"],
+            "train": ["train", "--output", "OUT"]}
+ZERO_OK = {"--top-k", "--ingest-top-k", "--shots", "--memory-demos", "--eval-tokens", "--held-out-docs",
+           "--warmup-steps"}
+INT_FLAGS = ["--top-k", "--ingest-top-k", "--local-window", "--memory-capacity"]
+PER_COMMAND_INTS = {"demo": ["--max-new-tokens"], "passkey": ["--trials"], "ppl": ["--score-last"],
+                    "icl": ["--n-test", "--shots", "--memory-demos"],
+                    "train": ["--lora-rank", "--grad-accum", "--max-steps", "--epochs", "--save-every",
+                              "--eval-tokens", "--held-out-docs", "--warmup-steps", "--max-document-tokens"]}
+PATH_FLAGS = {"demo": ["--load-memory", "--json", "--adapter", "--model"],
+              "passkey": ["--filler", "--json", "--adapter"], "ppl": ["--file", "--json", "--model"],
+              "icl": ["--json", "--adapter"], "train": ["--data", "--eval-data", "--json", "--model"]}
+BAD_PATHS = {  # per flag: values that flag must refuse
+    "--load-memory": ["MISSING", "EMPTY", "/dev/null"], "--adapter": ["MISSING", "EMPTY", "/dev/null"],
+    "--model": ["EMPTY", "/dev/null", "MISSING/child"], "--filler": ["MISSING", "DIR", "EMPTY", "/dev/null", "/"],
+    "--file": ["MISSING", "DIR", "/dev/null", "/"], "--json": ["DIR", "/", "MISSING/child", "EMPTY/child"],
+    "--data": ["MISSING", "MISSING/child"], "--eval-data": ["MISSING", "MISSING/child"]}
+BAD_INTS = st.one_of(st.sampled_from(["0", "-1", "-100", "1.5", "", "x", "1e3", "--", "0x10", "٣"]),
+                     st.integers(max_value=-1).map(str), st.text(max_size=8).filter(lambda t: not _is_int(t)))
+
+
+def _is_int(text):
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+BAD_OTHER = st.sampled_from([["--modes", "bogus"], ["--modes", ""], ["--device", "toaster"], ["--play", "nothing"],
+                             ["--kv-source", "both"], ["--search-mode", "psychic"], ["--retrieval-layers", "1,x"],
+                             ["--position-layout", "zero,continual"], ["--bogus-flag"], ["--seeds", "a,b"],
+                             ["--lengths", "5,,6"], ["--method", "qlora"], ["--lr", "-1"], ["--max-minutes", "nan"]])
+GOOD = st.lists(st.sampled_from([["--no-progress"], ["--top-k", "2"], ["--seed", "3"], ["--local-window", "512"],
+                                 ["--memory-capacity", "4096"]]), max_size=3)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(command=st.sampled_from(sorted(COMMANDS)), data=st.data(), good=GOOD)
+def test_fuzz_every_command_fails_cleanly_on_bad_input(command, data, good, tmp_path, capsys, no_model):
+    """Any command with one bad argument among good ones: exit 2, one line, no traceback, no model loaded.
+    (Flags a command does not have are bad arguments too.)"""
+    (tmp_path / "empty.txt").write_text("")
+    paths = {"MISSING": str(tmp_path / "missing"), "DIR": str(tmp_path), "EMPTY": str(tmp_path / "empty.txt"),
+             "OUT": str(tmp_path / "out")}
+
+    def sub(value):
+        head, slash, rest = value.partition("/")
+        return paths[head] + slash + rest if head in paths else value
+
+    kind = data.draw(st.sampled_from(["int", "path", "other"]))
+    if kind == "int":
+        bad = [data.draw(st.sampled_from(INT_FLAGS + PER_COMMAND_INTS[command])), data.draw(BAD_INTS)]
+        if bad[0] in ZERO_OK and bad[1].strip() in ("0", "-0", "+0"):
+            bad[1] = "-1"  # 0 is a valid value of these flags
+    elif kind == "path":
+        flag = data.draw(st.sampled_from(PATH_FLAGS[command]))
+        bad = [flag, sub(data.draw(st.sampled_from(BAD_PATHS[flag])))]
+    else:
+        bad = data.draw(BAD_OTHER)
+    argv = [*map(sub, COMMANDS[command]), *(a for g in good for a in g), "=".join(bad)]
+    assert_one_line_error(*run(argv, capsys))
