@@ -21,6 +21,7 @@ from memlong_integrations.langchain import (
     chunk_ids_runnable,
     create_memlong_rag_chain,
 )
+from memlong_integrations._answer import answer_text
 from memlong_integrations.langchain.chat_models import PLAIN_STOP
 
 TEXT = ("The harbour gate opens at dawn and closes at dusk. Falcons nest in the northern tower every spring. "
@@ -58,7 +59,8 @@ def test_chat_passes_chunk_ids_as_kv_and_reports_usage(tiny):
     assert gen.memory_tokens == sum(tiny.bank.get(c, namespace="kb").n_tokens for c in ids)
     assert gen.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))  # only the question was encoded
     # the adapter is the core call, nothing more: same text as MemLong.generate with the same chunks
-    assert msg.content == tiny.generate(plain(QUESTION), namespace="kb", chunk_ids=ids, max_new_tokens=6, stop=PLAIN_STOP)
+    core = tiny.generate(plain(QUESTION), namespace="kb", chunk_ids=ids, max_new_tokens=6, stream=True)
+    assert msg.content == answer_text(core, PLAIN_STOP, strip=True)
     usage = msg.usage_metadata
     assert usage["input_tokens"] == gen.prompt_tokens + gen.memory_tokens
     assert usage["input_token_details"]["cache_read"] == gen.memory_tokens
@@ -70,14 +72,29 @@ def test_chat_passes_chunk_ids_as_kv_and_reports_usage(tiny):
     assert tiny.last_generation.chunk_ids == ids[:1]
 
 
+def test_chat_reads_memory_only_when_asked(tiny):
+    """Issue 18, finding 3: with no ids the chat model reads only its messages (a stock LCEL chain pasting text
+    must not also attend the bank); ``retrieve=True`` retrieves."""
+    ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4).invoke(QUESTION)
+    assert tiny.last_generation.chunk_ids == [] and tiny.last_generation.memory_tokens == 0
+    paste = ChatPromptTemplate.from_messages([("system", "{context}"), ("human", "{question}")])
+    (paste | ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4) | StrOutputParser()).invoke(
+        {"context": "Saffron is in the chest.", "question": QUESTION})
+    assert tiny.last_generation.memory_tokens == 0
+    MemLongLLM(memlong=tiny, namespace="kb", max_tokens=3).invoke(plain(QUESTION))
+    assert tiny.last_generation.memory_tokens == 0
+    MemLongLLM(memlong=tiny, namespace="kb", max_tokens=3, retrieve=True).invoke(plain(QUESTION))
+    assert len(tiny.last_generation.chunk_ids) == 2
+
+
 def test_chat_retrieves_from_its_namespace_without_ids(tiny):
-    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4)
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4, retrieve=True)
     chat.invoke(QUESTION)
     expected = [h.chunk_id for h in tiny.bank.search(QUESTION, namespace="kb", k=2, count=False)]
     assert tiny.last_generation.chunk_ids == expected
     assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))  # auto -> plain with memory
     # an empty namespace: nothing to attend, the chat template is used
-    ChatMemLong(memlong=tiny, namespace="nothing-here", max_tokens=4).invoke(QUESTION)
+    ChatMemLong(memlong=tiny, namespace="nothing-here", max_tokens=4, retrieve=True).invoke(QUESTION)
     assert tiny.last_generation.memory_tokens == 0
     assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(QUESTION, chat=True))
     ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4, retrieve=False).invoke(QUESTION)
@@ -167,7 +184,7 @@ def test_llm_is_the_plain_core_call(tiny):
     ids = tiny.bank.chunk_ids("kb")[:2]
     llm = MemLongLLM(memlong=tiny, namespace="kb", max_tokens=5)
     assert llm.invoke(plain(QUESTION), memlong_chunk_ids=ids) == tiny.generate(plain(QUESTION), namespace="kb",
-                                                                              chunk_ids=ids, max_new_tokens=5)
+                                                                              chunk_ids=ids, max_new_tokens=5).rstrip()
     assert tiny.last_generation.chunk_ids == ids
 
 
@@ -270,7 +287,8 @@ def test_chain_bad_input_gets_clear_errors(tiny):
     chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4)
     empty = MemLongVectorStore(tiny, namespace="empty-store")
     with pytest.raises(ValueError, match="is empty: add documents"):
-        create_memlong_rag_chain(empty.as_retriever(), chat).invoke(QUESTION)
+        create_memlong_rag_chain(empty.as_retriever(), chat.model_copy(update={"namespace": "empty-store"})
+                                 ).invoke(QUESTION)
     with pytest.raises(ValueError, match="non-empty question"):
         create_memlong_rag_chain(MemLongRetriever(bank=tiny.bank, namespace="kb"), chat).invoke({"q": QUESTION})
     store = MemLongVectorStore(tiny, namespace="kb")
@@ -290,7 +308,7 @@ def test_chat_history_stores_turns_as_kv(tiny):
     assert history.messages == turns
     ids = history.chunk_ids()
     assert ids and tiny.bank.fetch(ids, namespace=history.namespace)[0].shape[2] == tiny.bank.num_tokens(history.namespace)
-    chat = ChatMemLong(memlong=tiny, namespace=history.namespace, max_tokens=4)
+    chat = ChatMemLong(memlong=tiny, namespace=history.namespace, max_tokens=4, retrieve=True)
     chat.invoke("What is my locker code?")
     gen = tiny.last_generation
     assert gen.chunk_ids and set(gen.chunk_ids) <= set(ids)

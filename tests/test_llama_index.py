@@ -52,8 +52,8 @@ def tiny_index(make_tiny):
 
 # ---------------------------------------------------------------------------------------------- offline tokens
 def test_tiktoken_token_counting_works_offline(tmp_path):
-    """With an empty TIKTOKEN_CACHE_DIR and no network, tiktoken alone fails; after importing the adapters,
-    LlamaIndex's tokenizer, node parser and Memory count tokens from the encodings shipped in llama-index-core."""
+    """With an empty TIKTOKEN_CACHE_DIR and no network, tiktoken alone fails; importing the adapters changes
+    nothing global (issue 17); after ensure_offline_tiktoken (run when an adapter is built) LlamaIndex's tokenizer, node parser and Memory count tokens from the encodings shipped in llama-index-core."""
     script = textwrap.dedent("""
         import tiktoken
         try:
@@ -61,7 +61,10 @@ def test_tiktoken_token_counting_works_offline(tmp_path):
             print("DOWNLOADED")
         except Exception:
             print("NO-NETWORK")
-        import memlong_integrations.llama_index  # noqa: F401
+        import llama_index.core
+        import memlong_integrations.llama_index
+        assert llama_index.core.global_tokenizer is None  # importing sets nothing global
+        memlong_integrations.llama_index.ensure_offline_tiktoken()  # what building the first adapter does
         from llama_index.core.utils import get_tokenizer
         from llama_index.core.node_parser import SentenceSplitter
         from llama_index.core import Document
@@ -166,11 +169,11 @@ def test_llm_explicit_ids_streaming_async_and_metadata(tiny_index):
     assert gen.prompt_tokens == len(ml.encode_prompt("\nQuestion: who?\nAnswer:"))
     pieces = list(llm.stream_complete("\nQuestion: who?\nAnswer:", memlong_chunk_ids=ids))
     assert "".join(p.delta for p in pieces) == text == pieces[-1].text
-    # no ids: retrieves top_k itself; retrieve=False: no memory at all
+    # no ids: no memory at all (issue 18, finding 3); retrieve=True: retrieves top_k itself
     llm.complete("\nQuestion: Thunder and lightning?\nAnswer:")
-    assert len(ml.last_generation.chunk_ids) == ml.config.top_k
-    MemLongLLM(ml, namespace="plays", max_new_tokens=2, retrieve=False).complete("Hello")
     assert ml.last_generation.chunk_ids == [] and ml.last_generation.memory_tokens == 0
+    MemLongLLM(ml, namespace="plays", max_new_tokens=2, retrieve=True).complete("\nQuestion: Thunder?\nAnswer:")
+    assert len(ml.last_generation.chunk_ids) == ml.config.top_k
 
     async def run():
         done = await llm.acomplete("\nQuestion: who?\nAnswer:", memlong_chunk_ids=ids)

@@ -8,10 +8,13 @@
 * :class:`MemLongChatMessageHistory`: conversation turns stored in the bank as K-V.
 """
 
+from memlong_integrations.metadata import CHUNK_ID_KEY
+
 from .chains import chunk_ids_runnable, create_memlong_rag_chain, memlong_chunk_ids_from_documents
 from .chat_history import MemLongChatMessageHistory
-from .chat_models import ChatMemLong, MemLongLLM
-from .retrievers import CHUNK_ID_KEY, MemLongRetriever
+from .chat_models import ChatMemLong
+from .llms import MemLongLLM
+from .retrievers import MemLongRetriever
 from .vectorstores import MemLongVectorStore
 
 __all__ = ["CHUNK_ID_KEY", "ChatMemLong", "MemLongChatMessageHistory", "MemLongLLM", "MemLongRetriever",

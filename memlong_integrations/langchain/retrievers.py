@@ -25,10 +25,10 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
 
 from memlong import MemLong, MemoryBank
+from memlong_integrations.metadata import CHUNK_ID_KEY, DOC_ID_KEY, NAMESPACE_KEY, SCORE_KEY
 
 __all__ = ["CHUNK_ID_KEY", "MemLongRetriever", "chunk_document"]
 
-CHUNK_ID_KEY = "memlong_chunk_id"
 TEXT_KEY = "_memlong_text"  # a vector-store entry's page_content, kept on each of its chunks (a shared reference)
 
 
@@ -36,9 +36,9 @@ def chunk_document(bank: MemoryBank, chunk_id: str, namespace: str, score: float
     """The ``Document`` of one stored chunk (metadata carries its chunk id)."""
     chunk = bank.get(chunk_id, namespace=namespace)
     metadata = {k: v for k, v in chunk.metadata.items() if k != TEXT_KEY}
-    metadata.update({CHUNK_ID_KEY: chunk.id, "memlong_doc_id": chunk.doc_id, "memlong_namespace": namespace})
+    metadata.update({CHUNK_ID_KEY: chunk.id, DOC_ID_KEY: chunk.doc_id, NAMESPACE_KEY: namespace})
     if score is not None:
-        metadata["memlong_score"] = score
+        metadata[SCORE_KEY] = score
     return Document(page_content=chunk.text, metadata=metadata, id=chunk.id)
 
 
