@@ -18,9 +18,13 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-__all__ = ["PLAIN_STOP", "answer_pieces", "answer_text"]
+__all__ = ["KV_ANSWER_PREFIX", "PLAIN_STOP", "answer_pieces", "answer_text"]
 
 PLAIN_STOP = ("\nQuestion:", "\n\n")  # a plain-prompt answer ends at the next question or paragraph
+# Prefilled after "Answer:" when retrieved chunks are attended: with no prefill the 135M default model often ends
+# at once (end of sequence) or answers "The answer is: <the question's subject>"; with it, it reads the chunks
+# ("..., the keeper of the iron key is Tobias Wren."). Measured on the default model, examples/ and notebooks/.
+KV_ANSWER_PREFIX = "According to the text,"
 
 
 def _held(text: str, stops: Sequence[str]) -> int:

@@ -12,7 +12,9 @@ Contract:
       models often start with one). An answer of nothing is ``""``.
     * ``memlong_namespace`` (call keyword) overrides the ``namespace`` field for one call.
     * A trailing ``AIMessage`` is a prefill: the answer continues it (e.g. ``"The password is"``); the prefill is
-      not repeated in the output. Small models answer far better when the form of the answer is forced.
+      not repeated in the output. Small models answer far better when the form of the answer is forced: with
+      chunks attended and no prefill of yours, the plain layout prefills ``kv_answer_prefix``
+      (``"According to the text,"``).
     * Prompt layout (``prompt_format``): ``"plain"`` renders a continuation prompt ``"\\nQuestion: ...\\nAnswer:"``
       right after the memory and stops at ``PLAIN_STOP`` (the next question or a blank line); ``"chat"`` uses
       the tokenizer's chat template; ``"auto"`` (default) uses ``plain`` when chunks are attended and ``chat``
@@ -58,7 +60,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, Field
 
 from memlong import GenerationStats, MemLong
-from memlong_integrations._answer import PLAIN_STOP, answer_pieces
+from memlong_integrations._answer import KV_ANSWER_PREFIX, PLAIN_STOP, answer_pieces
 from memlong_integrations.langchain._common import lock, not_supported
 
 __all__ = ["ChatMemLong", "PLAIN_STOP"]
@@ -149,6 +151,10 @@ class ChatMemLong(BaseChatModel):
     Off by default: used as a plain chat model (a stock LCEL chain that pastes text), it reads only its input."""
     top_k: int | None = None
     """Chunks retrieved when no ids are given; ``None`` = the MemLong config's ``top_k``."""
+    kv_answer_prefix: str = KV_ANSWER_PREFIX
+    """Prefilled answer start in the plain layout when chunks are attended and the messages bring no prefill of
+    their own (a trailing AI message); not part of the output. Small models read memory far better with one;
+    ``""`` turns it off."""
     prompt_format: PromptFormat = "auto"
     """``"plain"`` continuation prompt, ``"chat"`` template, or ``"auto"`` (plain with memory, chat without)."""
 
@@ -218,6 +224,8 @@ class ChatMemLong(BaseChatModel):
         if fmt == "plain":
             prompt = _render_plain(turns, after_memory=bool(chunk_ids))
             stops.extend(s for s in PLAIN_STOP if s not in stops)
+            if not prefill.strip() and chunk_ids:
+                prefill = self.kv_answer_prefix
             prefill = f" {prefill.strip()}" if prefill.strip() else ""
         else:
             prompt = self.memlong.tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in turns],
