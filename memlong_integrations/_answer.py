@@ -8,12 +8,14 @@ Contract of :func:`answer_pieces` (shared by the LlamaIndex and LangChain adapte
       Whitespace before the answer's first visible character never ends it: a stop match counts only if it
       reaches past that character (``stop=["\\n"]`` still ends ``"\\nQuince.\\nQuestion"`` after ``"Quince."``).
     * ``strip=True``: the answer has no leading or trailing whitespace (an answer of only whitespace is ``""``);
-      trailing whitespace is held back until visible text follows it.
+      trailing whitespace is held back until visible text follows it. Labels small models put before an answer
+      (``"Answer:"``, ``"A:"``, ``"user:"``, ``"assistant:"``, ``"The answer is:"``) are dropped from its start.
     * When a stop string is found the underlying generator is closed, which ends decoding at once.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -25,6 +27,29 @@ PLAIN_STOP = ("\nQuestion:", "\n\n")  # a plain-prompt answer ends at the next q
 # at once (end of sequence) or answers "The answer is: <the question's subject>"; with it, it reads the chunks
 # ("..., the keeper of the iron key is Tobias Wren."). Measured on the default model, examples/ and notebooks/.
 KV_ANSWER_PREFIX = "According to the text,"
+
+
+_LABELS = ("user", "assistant", "system", "answer", "a", "response", "the answer is")
+_LABEL = re.compile(rf"(?:{'|'.join(_LABELS)})[ \t]*:", re.IGNORECASE)
+_LABEL_ONLY = re.compile(rf"(?:{'|'.join(_LABELS)})\s*", re.IGNORECASE)
+
+
+def _label_end(text: str) -> int | None:
+    """Where the answer's body starts after leading whitespace and labels (``"A: The answer is:"``); ``None``
+    while the start could still turn into a label (or is only whitespace)."""
+    pos = 0
+    while True:
+        rest = text[pos:]
+        body = rest.lstrip()
+        pos += len(rest) - len(body)
+        label = _LABEL.match(body)
+        if label:
+            pos += label.end()
+            continue
+        low = body.lower()
+        if not body or _LABEL_ONLY.fullmatch(body) or any(f"{w}:".startswith(low) for w in _LABELS):
+            return None
+        return pos
 
 
 def _held(text: str, stops: Sequence[str]) -> int:
@@ -65,14 +90,21 @@ def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bo
     started = time.perf_counter()
     stops = [s for s in dict.fromkeys(stops) if s]
     text, sent = "", 0  # everything generated so far; how much of it was yielded (or dropped as leading space)
+    body = None  # strip: where the answer's body starts (after whitespace and labels), once known
     try:
         for piece in pieces:
             text += piece
-            visible = len(text) - len(text.lstrip())
-            if visible == len(text):  # only whitespace so far: not an answer yet
-                continue
-            if strip and sent == 0:
-                sent = visible
+            if strip:
+                if body is None:
+                    body = _label_end(text)
+                    if body is None:  # whitespace or a label forming: not an answer yet
+                        continue
+                    sent = body
+                visible = body
+            else:
+                visible = len(text) - len(text.lstrip())
+                if visible == len(text):  # only whitespace so far: not an answer yet
+                    continue
             cut = _first_stop(text, stops, visible)
             if cut >= 0:
                 end = len(text[:cut].rstrip()) if strip else cut
@@ -85,9 +117,10 @@ def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bo
             if safe > sent:
                 yield text[sent:safe]
                 sent = safe
-        rest = text[sent:].rstrip() if strip else text[sent:]
-        if strip and not text.strip():
-            rest = ""
+        if strip:
+            rest = text.strip() if body is None else text[sent:].rstrip()
+        else:
+            rest = text[sent:]
         if rest:
             yield rest
     finally:

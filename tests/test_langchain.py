@@ -421,6 +421,11 @@ def test_answer_pieces_hold_back_stops_and_whitespace():
     assert answer_text(iter(["\n", "Question: who?"]), PLAIN_STOP, strip=True) == ""
     assert answer_text(iter(["\n", "Tobias Wren.", "\n", "More"]), ["\n"]) == "\nTobias Wren."
     assert answer_text(iter(["Qu"]), ["Quince"]) == "Qu"  # ended without the stop: nothing held back
+    # labels small models put before an answer are not part of it; words that only look like one are kept
+    assert answer_text(iter(["A", ":\n", "Tobias Wren.", "\nB"]), ["\n"], strip=True) == "Tobias Wren."
+    assert answer_text(iter(["user", ": The answer is:", " Tobias Wren."]), PLAIN_STOP, strip=True) == "Tobias Wren."
+    assert answer_text(iter(["A", " cat"]), [], strip=True) == "A cat"
+    assert answer_text(iter(["The answer is", " 42"]), [], strip=True) == "The answer is 42"
     closed = []
 
     def endless():

@@ -488,3 +488,24 @@ def test_one_set_of_metadata_keys_for_both_frameworks():
     assert li.NAMESPACE_KEY is metadata.NAMESPACE_KEY
     with pytest.raises(UnknownChunkError, match="namespace 'a'"):
         metadata.chunk_id_of({metadata.CHUNK_ID_KEY: "c", metadata.NAMESPACE_KEY: "a"}, namespace="b")
+
+
+PASSAGES = ["The harbour gate opens at dawn and closes at dusk. The password of the harbour gate is marigold.",
+            "Falcons nest in the northern tower every spring. The keeper of the iron key is Tobias Wren, who lives at "
+            "the top of the tower.",
+            "The abbey bell rings at noon. Saffron is stored in the silver chest beneath the west chapel."]
+
+
+@pytest.mark.slow
+def test_chat_engine_and_stock_engine_answer_on_default_model(default_memlong):
+    """Finding 7 (and 4): ``index.as_chat_engine("context")`` and the stock query engine answer with the fact,
+    not "Empty Response", with the README's ``stop=["\\n"]``; neither reads memory (text pipelines)."""
+    ml = default_memlong
+    index, _ = build_index(ml, "li-chat", [Document(text=t) for t in PASSAGES], whole=True)
+    llm = MemLongLLM(ml, namespace="li-chat", max_new_tokens=24, stop=["\n"])
+    chat = index.as_chat_engine("context", llm=llm, similarity_top_k=1).chat("Who keeps the iron key?")
+    assert "Tobias Wren" in str(chat) and ml.last_generation.memory_tokens == 0
+    answer = index.as_query_engine(llm=llm, similarity_top_k=1).query("Who keeps the iron key?")
+    assert "Tobias Wren" in str(answer) and ml.last_generation.memory_tokens == 0
+    kv = MemLongQueryEngine.from_args(index.as_retriever(similarity_top_k=1), llm=llm).query("Who keeps the iron key?")
+    assert "Tobias Wren" in str(kv) and ml.last_generation.memory_tokens > 0
