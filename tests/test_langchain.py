@@ -11,7 +11,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
 
 from memlong import UnknownChunkError
-from memlong_integrations._answer import answer_pieces, answer_text
+from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces, answer_text
 from memlong_integrations.langchain import (
     CHUNK_ID_KEY,
     ChatMemLong,
@@ -28,6 +28,9 @@ TEXT = ("The harbour gate opens at dawn and closes at dusk. Falcons nest in the 
         "The abbey bell rings at noon. Saffron is stored in the silver chest beneath the west chapel. "
         "The copper lamp lights the chapel at night, and the keeper of the iron key is Tobias Wren.")
 QUESTION = "Where is the saffron stored?"
+
+
+KV = " " + KV_ANSWER_PREFIX  # prefilled in the plain layout when chunks are attended and no prefill is given
 
 
 def plain(question: str) -> str:
@@ -57,9 +60,10 @@ def test_chat_passes_chunk_ids_as_kv_and_reports_usage(tiny):
     gen = tiny.last_generation
     assert gen.chunk_ids == ids
     assert gen.memory_tokens == sum(tiny.bank.get(c, namespace="kb").n_tokens for c in ids)
-    assert gen.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))  # only the question was encoded
+    assert gen.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION), answer_prefix=KV))  # only the question was encoded
     # the adapter is the core call, nothing more: same text as MemLong.generate with the same chunks
-    core = tiny.generate(plain(QUESTION), namespace="kb", chunk_ids=ids, max_new_tokens=6, stream=True)
+    core = tiny.generate(plain(QUESTION), namespace="kb", chunk_ids=ids, max_new_tokens=6, stream=True,
+                         answer_prefix=KV)
     assert msg.content == answer_text(core, PLAIN_STOP, strip=True)
     usage = msg.usage_metadata
     assert usage["input_tokens"] == gen.prompt_tokens + gen.memory_tokens
@@ -92,7 +96,7 @@ def test_chat_retrieves_from_its_namespace_without_ids(tiny):
     chat.invoke(QUESTION)
     expected = [h.chunk_id for h in tiny.bank.search(QUESTION, namespace="kb", k=2, count=False)]
     assert tiny.last_generation.chunk_ids == expected
-    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))  # auto -> plain with memory
+    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION), answer_prefix=KV))  # plain + memory
     # an empty namespace: nothing to attend, the chat template is used
     ChatMemLong(memlong=tiny, namespace="nothing-here", max_tokens=4, retrieve=True).invoke(QUESTION)
     assert tiny.last_generation.memory_tokens == 0
@@ -110,7 +114,7 @@ def test_chat_prefill_and_conversation_rendering(tiny):
     assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION), answer_prefix=" It is stored in"))
     chat.invoke([("system", "Be brief."), ("human", "hi"), ("ai", "hello"), ("human", QUESTION)], memlong_chunk_ids=ids)
     prompt = "\nBe brief.\nQuestion: hi\nAnswer: hello\nQuestion: " + QUESTION + "\nAnswer:"
-    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(prompt))
+    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(prompt, answer_prefix=KV))
 
 
 def test_chat_streams_tokens_through_callbacks(tiny):
@@ -263,7 +267,7 @@ def test_lcel_recipe_sends_retrieved_documents_as_kv(tiny):
     answer = chain.invoke(QUESTION)
     gen = tiny.last_generation
     assert gen.chunk_ids == store.chunk_ids(retriever.invoke(QUESTION)) and gen.chunk_ids
-    assert gen.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))
+    assert gen.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION), answer_prefix=KV))
     assert answer == "".join(chain.stream(QUESTION))
 
 
@@ -274,7 +278,8 @@ def test_rag_chain_helper_kv_and_paste(tiny):
     assert set(out) >= {"question", "context", "answer"}
     ids = [d.metadata[CHUNK_ID_KEY] for d in out["context"]]
     kv = tiny.last_generation
-    assert sorted(kv.chunk_ids) == sorted(ids) and kv.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))
+    assert sorted(kv.chunk_ids) == sorted(ids) and kv.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION),
+                                                                                         answer_prefix=KV))
     create_memlong_rag_chain(retriever, chat, paste=True).invoke({"question": QUESTION})
     pasted = tiny.last_generation
     text = "".join(tiny.bank.get(c, namespace="kb").text for c in kv.chunk_ids)
@@ -312,7 +317,7 @@ def test_chat_history_stores_turns_as_kv(tiny):
     chat.invoke("What is my locker code?")
     gen = tiny.last_generation
     assert gen.chunk_ids and set(gen.chunk_ids) <= set(ids)
-    assert gen.prompt_tokens == len(tiny.encode_prompt(plain("What is my locker code?")))  # history not re-encoded
+    assert gen.prompt_tokens == len(tiny.encode_prompt(plain("What is my locker code?"), answer_prefix=KV))  # not re-encoded
     with pytest.raises(ValueError, match="empty"):
         history.add_messages([AIMessage("")])
     history.clear()
@@ -535,7 +540,8 @@ def test_message_history_is_read_once(tiny):
         lambda session_id: history, input_messages_key="question", history_messages_key="history")  # unused
     kv_form.invoke({"question": "What is my locker code?"}, config={"configurable": {"session_id": "bob"}})
     gen = tiny.last_generation
-    assert gen.memory_tokens > 0 and gen.prompt_tokens == len(tiny.encode_prompt(plain("What is my locker code?")))
+    assert gen.memory_tokens > 0 and gen.prompt_tokens == len(tiny.encode_prompt(plain("What is my locker code?"),
+                                                                                    answer_prefix=KV))
 
 
 def test_langchain_package_has_no_import_cycle_and_old_paths_work():
