@@ -1,8 +1,10 @@
 """LangChain's standard test suites (langchain-tests) for the MemLong adapters.
 
-Unsupported features are declared through the suites' own properties (no tool calling, structured output,
-JSON mode or multimodal input: the defaults; no per-call model override: ``supports_model_override``), so the
-suites skip those tests themselves. The vector store and retriever suites run on the tiny random model (answers
+Unsupported features are declared through the suites' own properties (no tool calling, structured output:
+``has_tool_calling`` / ``has_structured_output``, since ``ChatMemLong`` overrides ``bind_tools`` and
+``with_structured_output`` to raise a ``NotImplementedError`` that says what to use instead; no JSON mode or
+multimodal input: the defaults; no per-call model override: ``supports_model_override``), so the suites skip those
+tests themselves. The vector store and retriever suites run on the tiny random model (answers
 do not matter there); the chat model integration suite runs on the real default model.
 
 Running them: the suites' async tests are plain ``async def`` functions, so pytest-asyncio must collect them with
@@ -50,6 +52,14 @@ class TestChatMemLongUnit(ChatModelUnitTests):
         return {"memlong": self._ml, "namespace": "lc-unit"}
 
     @property
+    def has_tool_calling(self) -> bool:
+        return False  # bind_tools is overridden only to say what to use instead (the suite infers support from it)
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False  # likewise with_structured_output
+
+    @property
     def supports_model_override(self) -> bool:
         return False  # one loaded model per ChatMemLong
 
@@ -68,6 +78,14 @@ class TestChatMemLongIntegration(ChatModelIntegrationTests):
     def chat_model_params(self):
         # an empty namespace: plain chat, nothing to retrieve; short answers keep CPU time down
         return {"memlong": self._ml, "namespace": "lc-standard-empty", "max_tokens": 8}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False  # bind_tools is overridden only to say what to use instead (the suite infers support from it)
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False  # likewise with_structured_output
 
     @property
     def supports_model_override(self) -> bool:
