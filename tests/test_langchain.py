@@ -11,6 +11,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
 
 from memlong import UnknownChunkError
+from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces, answer_text
 from memlong_integrations.langchain import (
     CHUNK_ID_KEY,
     ChatMemLong,
@@ -27,6 +28,9 @@ TEXT = ("The harbour gate opens at dawn and closes at dusk. Falcons nest in the 
         "The abbey bell rings at noon. Saffron is stored in the silver chest beneath the west chapel. "
         "The copper lamp lights the chapel at night, and the keeper of the iron key is Tobias Wren.")
 QUESTION = "Where is the saffron stored?"
+
+
+KV = " " + KV_ANSWER_PREFIX  # prefilled in the plain layout when chunks are attended and no prefill is given
 
 
 def plain(question: str) -> str:
@@ -56,9 +60,11 @@ def test_chat_passes_chunk_ids_as_kv_and_reports_usage(tiny):
     gen = tiny.last_generation
     assert gen.chunk_ids == ids
     assert gen.memory_tokens == sum(tiny.bank.get(c, namespace="kb").n_tokens for c in ids)
-    assert gen.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))  # only the question was encoded
+    assert gen.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION), answer_prefix=KV))  # only the question was encoded
     # the adapter is the core call, nothing more: same text as MemLong.generate with the same chunks
-    assert msg.content == tiny.generate(plain(QUESTION), namespace="kb", chunk_ids=ids, max_new_tokens=6, stop=PLAIN_STOP)
+    core = tiny.generate(plain(QUESTION), namespace="kb", chunk_ids=ids, max_new_tokens=6, stream=True,
+                         answer_prefix=KV)
+    assert msg.content == answer_text(core, PLAIN_STOP, strip=True)
     usage = msg.usage_metadata
     assert usage["input_tokens"] == gen.prompt_tokens + gen.memory_tokens
     assert usage["input_token_details"]["cache_read"] == gen.memory_tokens
@@ -70,14 +76,29 @@ def test_chat_passes_chunk_ids_as_kv_and_reports_usage(tiny):
     assert tiny.last_generation.chunk_ids == ids[:1]
 
 
+def test_chat_reads_memory_only_when_asked(tiny):
+    """Issue 18, finding 3: with no ids the chat model reads only its messages (a stock LCEL chain pasting text
+    must not also attend the bank); ``retrieve=True`` retrieves."""
+    ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4).invoke(QUESTION)
+    assert tiny.last_generation.chunk_ids == [] and tiny.last_generation.memory_tokens == 0
+    paste = ChatPromptTemplate.from_messages([("system", "{context}"), ("human", "{question}")])
+    (paste | ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4) | StrOutputParser()).invoke(
+        {"context": "Saffron is in the chest.", "question": QUESTION})
+    assert tiny.last_generation.memory_tokens == 0
+    MemLongLLM(memlong=tiny, namespace="kb", max_tokens=3).invoke(plain(QUESTION))
+    assert tiny.last_generation.memory_tokens == 0
+    MemLongLLM(memlong=tiny, namespace="kb", max_tokens=3, retrieve=True).invoke(plain(QUESTION))
+    assert len(tiny.last_generation.chunk_ids) == 2
+
+
 def test_chat_retrieves_from_its_namespace_without_ids(tiny):
-    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4)
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4, retrieve=True)
     chat.invoke(QUESTION)
     expected = [h.chunk_id for h in tiny.bank.search(QUESTION, namespace="kb", k=2, count=False)]
     assert tiny.last_generation.chunk_ids == expected
-    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))  # auto -> plain with memory
+    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION), answer_prefix=KV))  # plain + memory
     # an empty namespace: nothing to attend, the chat template is used
-    ChatMemLong(memlong=tiny, namespace="nothing-here", max_tokens=4).invoke(QUESTION)
+    ChatMemLong(memlong=tiny, namespace="nothing-here", max_tokens=4, retrieve=True).invoke(QUESTION)
     assert tiny.last_generation.memory_tokens == 0
     assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(QUESTION, chat=True))
     ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4, retrieve=False).invoke(QUESTION)
@@ -93,7 +114,7 @@ def test_chat_prefill_and_conversation_rendering(tiny):
     assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION), answer_prefix=" It is stored in"))
     chat.invoke([("system", "Be brief."), ("human", "hi"), ("ai", "hello"), ("human", QUESTION)], memlong_chunk_ids=ids)
     prompt = "\nBe brief.\nQuestion: hi\nAnswer: hello\nQuestion: " + QUESTION + "\nAnswer:"
-    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(prompt))
+    assert tiny.last_generation.prompt_tokens == len(tiny.encode_prompt(prompt, answer_prefix=KV))
 
 
 def test_chat_streams_tokens_through_callbacks(tiny):
@@ -167,7 +188,7 @@ def test_llm_is_the_plain_core_call(tiny):
     ids = tiny.bank.chunk_ids("kb")[:2]
     llm = MemLongLLM(memlong=tiny, namespace="kb", max_tokens=5)
     assert llm.invoke(plain(QUESTION), memlong_chunk_ids=ids) == tiny.generate(plain(QUESTION), namespace="kb",
-                                                                              chunk_ids=ids, max_new_tokens=5)
+                                                                              chunk_ids=ids, max_new_tokens=5).rstrip()
     assert tiny.last_generation.chunk_ids == ids
 
 
@@ -246,7 +267,7 @@ def test_lcel_recipe_sends_retrieved_documents_as_kv(tiny):
     answer = chain.invoke(QUESTION)
     gen = tiny.last_generation
     assert gen.chunk_ids == store.chunk_ids(retriever.invoke(QUESTION)) and gen.chunk_ids
-    assert gen.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))
+    assert gen.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION), answer_prefix=KV))
     assert answer == "".join(chain.stream(QUESTION))
 
 
@@ -257,7 +278,8 @@ def test_rag_chain_helper_kv_and_paste(tiny):
     assert set(out) >= {"question", "context", "answer"}
     ids = [d.metadata[CHUNK_ID_KEY] for d in out["context"]]
     kv = tiny.last_generation
-    assert sorted(kv.chunk_ids) == sorted(ids) and kv.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION)))
+    assert sorted(kv.chunk_ids) == sorted(ids) and kv.prompt_tokens == len(tiny.encode_prompt(plain(QUESTION),
+                                                                                         answer_prefix=KV))
     create_memlong_rag_chain(retriever, chat, paste=True).invoke({"question": QUESTION})
     pasted = tiny.last_generation
     text = "".join(tiny.bank.get(c, namespace="kb").text for c in kv.chunk_ids)
@@ -270,7 +292,8 @@ def test_chain_bad_input_gets_clear_errors(tiny):
     chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4)
     empty = MemLongVectorStore(tiny, namespace="empty-store")
     with pytest.raises(ValueError, match="is empty: add documents"):
-        create_memlong_rag_chain(empty.as_retriever(), chat).invoke(QUESTION)
+        create_memlong_rag_chain(empty.as_retriever(), chat.model_copy(update={"namespace": "empty-store"})
+                                 ).invoke(QUESTION)
     with pytest.raises(ValueError, match="non-empty question"):
         create_memlong_rag_chain(MemLongRetriever(bank=tiny.bank, namespace="kb"), chat).invoke({"q": QUESTION})
     store = MemLongVectorStore(tiny, namespace="kb")
@@ -290,11 +313,11 @@ def test_chat_history_stores_turns_as_kv(tiny):
     assert history.messages == turns
     ids = history.chunk_ids()
     assert ids and tiny.bank.fetch(ids, namespace=history.namespace)[0].shape[2] == tiny.bank.num_tokens(history.namespace)
-    chat = ChatMemLong(memlong=tiny, namespace=history.namespace, max_tokens=4)
+    chat = ChatMemLong(memlong=tiny, namespace=history.namespace, max_tokens=4, retrieve=True)
     chat.invoke("What is my locker code?")
     gen = tiny.last_generation
     assert gen.chunk_ids and set(gen.chunk_ids) <= set(ids)
-    assert gen.prompt_tokens == len(tiny.encode_prompt(plain("What is my locker code?")))  # history not re-encoded
+    assert gen.prompt_tokens == len(tiny.encode_prompt(plain("What is my locker code?"), answer_prefix=KV))  # not re-encoded
     with pytest.raises(ValueError, match="empty"):
         history.add_messages([AIMessage("")])
     history.clear()
@@ -359,3 +382,192 @@ def test_vector_store_chunk_context(tiny):
             assert torch.equal(tiny.bank.get(a, namespace=store.namespace).keys, tiny.bank.get(b, namespace=ref_ns).keys)
     with pytest.raises(ValueError, match="chunk_context must be 'chunk' or 'document'"):
         MemLongVectorStore(tiny, namespace="bad", chunk_context="page")
+
+
+# ------------------------------------------------------------------ issue 18
+def _pieces(chat, **kwargs):
+    return [c.content for c in chat.stream(QUESTION, **kwargs) if c.content]
+
+
+def test_stop_strings_never_leak_even_in_part(tiny):
+    """Finding 2: a stop string forming over two pieces is not returned in part: ``invoke(stop=)``,
+    ``bind(stop=)``, the ``stop`` field, streaming, and the completion LLM."""
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=12, prompt_format="chat")
+    pieces = _pieces(chat)
+    full = "".join(pieces)
+    for k in range(1, len(pieces)):  # a stop = the last 2 characters of one piece + the first 2 of the next
+        at = len("".join(pieces[:k]))
+        stop = full[at - 2:at + 2]
+        if len(stop) == 4 and full.find(stop) == at - 2 and full[:at - 2].strip():
+            break
+    else:
+        pytest.skip("the tiny model's pieces are too short to build a stop across two of them")
+    want = full[:at - 2].rstrip()
+    assert chat.invoke(QUESTION, stop=[stop]).content == want
+    assert chat.bind(stop=[stop]).invoke(QUESTION).content == want
+    assert ChatMemLong(memlong=tiny, namespace="kb", max_tokens=12, prompt_format="chat",
+                       stop=[stop]).invoke(QUESTION).content == want
+    assert "".join(_pieces(chat, stop=[stop])) == want
+    llm = MemLongLLM(memlong=tiny, namespace="kb", max_tokens=12)
+    text = llm.invoke(plain(QUESTION))
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert llm.invoke(plain(QUESTION), stop=[stop]) == text[:text.find(stop)]
+    assert "".join(llm.stream(plain(QUESTION), stop=[stop])) == text[:text.find(stop)]
+
+
+def test_answer_pieces_hold_back_stops_and_whitespace():
+    """Finding 2 and the small-model habits, on the text level: no trailing newline from the built-in stops,
+    an empty answer is "", a newline before the first word does not end the answer."""
+    assert answer_text(iter([" Halvora", " Qu", "ince", " and"]), ["Quince"]) == " Halvora "
+    assert list(answer_pieces(iter([" Halvora", " Qu", "ince"]), ["Quince"], strip=True)) == ["Halvora"]
+    assert answer_text(iter(["\n", "Tobias", " Wren.", "\n", "\n", "Question"]), PLAIN_STOP, strip=True) == "Tobias Wren."
+    assert answer_text(iter(["Tobias Wren.", "\n", "Question:", " who"]), PLAIN_STOP, strip=True) == "Tobias Wren."
+    assert answer_text(iter(["\n", "\n"]), PLAIN_STOP, strip=True) == ""
+    assert answer_text(iter(["\n", "Question: who?"]), PLAIN_STOP, strip=True) == ""
+    assert answer_text(iter(["\n", "Tobias Wren.", "\n", "More"]), ["\n"]) == "\nTobias Wren."
+    assert answer_text(iter(["Qu"]), ["Quince"]) == "Qu"  # ended without the stop: nothing held back
+    # labels small models put before an answer are not part of it; words that only look like one are kept
+    assert answer_text(iter(["A", ":\n", "Tobias Wren.", "\nB"]), ["\n"], strip=True) == "Tobias Wren."
+    assert answer_text(iter(["user", ": The answer is:", " Tobias Wren."]), PLAIN_STOP, strip=True) == "Tobias Wren."
+    assert answer_text(iter(["A", " cat"]), [], strip=True) == "A cat"
+    assert answer_text(iter(["The answer is", " 42"]), [], strip=True) == "The answer is 42"
+    closed = []
+
+    def endless():
+        try:
+            while True:
+                yield "ab"
+        finally:
+            closed.append(True)
+
+    assert answer_text(endless(), ["ba"]) == "a" and closed == [True]  # a stop ends decoding at once
+
+
+def test_vector_store_filters_like_langchains_in_memory_store(tiny):
+    """Finding 6: ``filter=`` (a dict over metadata, or a callable over the Document, as InMemoryVectorStore)
+    is applied by every search, never silently ignored."""
+    store = MemLongVectorStore(tiny, namespace="filtered")
+    docs = [Document(f"{text} The harbour gate.", metadata={"source": src, "n": i}, id=f"d{i}")
+            for i, (src, text) in enumerate([("a", "Falcons nest in the tower."), ("b", "Saffron in the chest."),
+                                             ("a", "The bell rings at noon."), ("b", "The lamp lights the chapel.")])]
+    store.add_documents(docs)
+    for flt in ({"source": "b"}, lambda d: d.metadata["source"] == "b"):
+        found = store.similarity_search("harbour gate", k=4, filter=flt)
+        assert {d.id for d in found} == {"d1", "d3"}
+        assert all(d.metadata["source"] == "b" for d, _ in store.similarity_search_with_score("gate", k=4, filter=flt))
+        assert {d.id for d in store.max_marginal_relevance_search("gate", k=2, filter=flt)} == {"d1", "d3"}
+        assert {d.id for d in store.as_retriever(search_kwargs={"k": 4, "filter": flt}).invoke("gate")} == {"d1", "d3"}
+    assert store.similarity_search("gate", k=4, filter={"source": "b", "n": 3})[0].id == "d3"
+    assert store.similarity_search("gate", k=4, filter={"missing": None}) == []
+    with pytest.raises(TypeError, match="filter must be"):
+        store.similarity_search("gate", filter=["source"])
+
+
+def test_vector_store_mmr_matches_in_memory_store(tiny):
+    """Finding 6: MMR (sync, by vector, async, ``as_retriever(search_type="mmr")``) chooses what LangChain's
+    InMemoryVectorStore chooses over the same texts and embedder."""
+    import asyncio
+
+    from langchain_core.embeddings import Embeddings
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    class BankEmbeddings(Embeddings):
+        def embed_documents(self, texts):
+            return tiny.bank.embedder.encode(list(texts)).tolist()
+
+        def embed_query(self, text):
+            return self.embed_documents([text])[0]
+
+    texts = ["Falcons nest in the tower.", "Falcons nest in the tall tower.", "Saffron is kept in the chest.",
+             "The abbey bell rings at noon.", "Falcons and hawks nest in towers."]
+    ids = [f"t{i}" for i in range(len(texts))]
+    ours = MemLongVectorStore(tiny, namespace="mmr")
+    ours.add_texts(texts, ids=ids)
+    theirs = InMemoryVectorStore(BankEmbeddings())
+    theirs.add_texts(texts, ids=ids)
+    query = "Where do falcons nest?"
+    for lam in (0.0, 0.5, 1.0):
+        want = [d.id for d in theirs.max_marginal_relevance_search(query, k=3, fetch_k=5, lambda_mult=lam)]
+        assert [d.id for d in ours.max_marginal_relevance_search(query, k=3, fetch_k=5, lambda_mult=lam)] == want
+    vector = BankEmbeddings().embed_query(query)
+    want = [d.id for d in theirs.max_marginal_relevance_search_by_vector(vector, k=3, fetch_k=5)]
+    assert [d.id for d in ours.max_marginal_relevance_search_by_vector(vector, k=3, fetch_k=5)] == want
+    assert [d.id for d in asyncio.run(ours.amax_marginal_relevance_search(query, k=3, fetch_k=5))] == want
+    retriever = ours.as_retriever(search_type="mmr", search_kwargs={"k": 3, "fetch_k": 5})
+    assert [d.id for d in retriever.invoke(query)] == want
+
+
+def test_unsupported_features_say_what_to_use_instead(tiny):
+    """Finding 6: ``NotImplementedError`` with a message naming the alternative, not a bare one."""
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        text: str
+
+    chat = ChatMemLong(memlong=tiny, namespace="kb")
+    with pytest.raises(NotImplementedError, match="tool calling.*Use a tool-calling chat model"):
+        chat.bind_tools([Answer])
+    with pytest.raises(NotImplementedError, match="structured output.*PydanticOutputParser"):
+        chat.with_structured_output(Answer)
+
+
+def test_rag_chain_refuses_a_chat_model_of_another_namespace(tiny):
+    """Finding 8: a chat model reading another namespace than its retriever is refused, not overridden."""
+    retriever = MemLongRetriever(bank=tiny.bank, namespace="kb")
+    with pytest.raises(ValueError, match="reads namespace 'default' but the retriever searches 'kb'"):
+        create_memlong_rag_chain(retriever, ChatMemLong(memlong=tiny, max_tokens=4))
+    create_memlong_rag_chain(retriever, ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4))  # same: fine
+
+
+def test_message_history_is_read_once(tiny):
+    """Finding 8: with ``RunnableWithMessageHistory`` and a ``MessagesPlaceholder`` the past turns are read as
+    text only (not also retrieved as K-V); the K-V-only form reads them as K-V only."""
+    from langchain_core.prompts import MessagesPlaceholder
+    from langchain_core.runnables.history import RunnableWithMessageHistory
+
+    history = MemLongChatMessageHistory(tiny, session_id="bob")
+    history.add_messages([HumanMessage("My locker code is 4417."), AIMessage("Noted.")])
+    prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{question}")])
+    chat = ChatMemLong(memlong=tiny, namespace=history.namespace, max_tokens=3, prompt_format="plain")
+    text_form = RunnableWithMessageHistory(  # deprecated in langchain-core 1.x, still shipped and used
+        prompt | chat, lambda session_id: history, input_messages_key="question",
+                                           history_messages_key="history")
+    text_form.invoke({"question": "What is my locker code?"}, config={"configurable": {"session_id": "bob"}})
+    assert tiny.last_generation.memory_tokens == 0  # history pasted as text, once
+    # K-V only: the prompt holds only the question; the model retrieves the past turns from the bank
+    kv_form = RunnableWithMessageHistory(
+        ChatPromptTemplate.from_messages([("human", "{question}")]) | chat.model_copy(update={"retrieve": True}),
+        lambda session_id: history, input_messages_key="question", history_messages_key="history")  # unused
+    kv_form.invoke({"question": "What is my locker code?"}, config={"configurable": {"session_id": "bob"}})
+    gen = tiny.last_generation
+    assert gen.memory_tokens > 0 and gen.prompt_tokens == len(tiny.encode_prompt(plain("What is my locker code?"),
+                                                                                    answer_prefix=KV))
+
+
+def test_langchain_package_has_no_import_cycle_and_old_paths_work():
+    """Issue 17: the modules import one way (no chains <-> vectorstores circle, also not inside functions);
+    ``MemLongLLM`` lives in ``llms.py`` and still imports from the package."""
+    import ast
+    from pathlib import Path
+
+    import memlong_integrations.langchain as package
+    from memlong_integrations.langchain.llms import MemLongLLM as FromModule
+
+    root = Path(package.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                name = node.module or ""
+                if node.level == 1:
+                    deps.add(name)
+                elif name.startswith("memlong_integrations.langchain."):
+                    deps.add(name.rsplit(".", 1)[1])
+        graph[path.stem] = deps - {"__init__"}
+
+    def reaches(start, target, seen=()):
+        return any(d == target or (d not in seen and reaches(d, target, (*seen, d))) for d in graph.get(start, ()))
+
+    assert not [m for m in graph if m != "__init__" and reaches(m, m)], graph
+    assert package.MemLongLLM is FromModule

@@ -52,8 +52,9 @@ def tiny_index(make_tiny):
 
 # ---------------------------------------------------------------------------------------------- offline tokens
 def test_tiktoken_token_counting_works_offline(tmp_path):
-    """With an empty TIKTOKEN_CACHE_DIR and no network, tiktoken alone fails; after importing the adapters,
-    LlamaIndex's tokenizer, node parser and Memory count tokens from the encodings shipped in llama-index-core."""
+    """With an empty TIKTOKEN_CACHE_DIR and no network, tiktoken alone fails; importing the adapters changes
+    nothing global (issue 17); after ensure_offline_tiktoken (run when an adapter is built) LlamaIndex's
+    tokenizer, node parser and Memory count tokens from the encodings shipped in llama-index-core."""
     script = textwrap.dedent("""
         import tiktoken
         try:
@@ -61,7 +62,10 @@ def test_tiktoken_token_counting_works_offline(tmp_path):
             print("DOWNLOADED")
         except Exception:
             print("NO-NETWORK")
-        import memlong_integrations.llama_index  # noqa: F401
+        import llama_index.core
+        import memlong_integrations.llama_index
+        assert llama_index.core.global_tokenizer is None  # importing sets nothing global
+        memlong_integrations.llama_index.ensure_offline_tiktoken()  # what building the first adapter does
         from llama_index.core.utils import get_tokenizer
         from llama_index.core.node_parser import SentenceSplitter
         from llama_index.core import Document
@@ -166,11 +170,11 @@ def test_llm_explicit_ids_streaming_async_and_metadata(tiny_index):
     assert gen.prompt_tokens == len(ml.encode_prompt("\nQuestion: who?\nAnswer:"))
     pieces = list(llm.stream_complete("\nQuestion: who?\nAnswer:", memlong_chunk_ids=ids))
     assert "".join(p.delta for p in pieces) == text == pieces[-1].text
-    # no ids: retrieves top_k itself; retrieve=False: no memory at all
+    # no ids: no memory at all (issue 18, finding 3); retrieve=True: retrieves top_k itself
     llm.complete("\nQuestion: Thunder and lightning?\nAnswer:")
-    assert len(ml.last_generation.chunk_ids) == ml.config.top_k
-    MemLongLLM(ml, namespace="plays", max_new_tokens=2, retrieve=False).complete("Hello")
     assert ml.last_generation.chunk_ids == [] and ml.last_generation.memory_tokens == 0
+    MemLongLLM(ml, namespace="plays", max_new_tokens=2, retrieve=True).complete("\nQuestion: Thunder?\nAnswer:")
+    assert len(ml.last_generation.chunk_ids) == ml.config.top_k
 
     async def run():
         done = await llm.acomplete("\nQuestion: who?\nAnswer:", memlong_chunk_ids=ids)
@@ -378,3 +382,130 @@ def test_vector_store_chunk_context(make_tiny):
         assert all(t == t.strip() for t in texts) == (context == "chunk")
     with pytest.raises(ValidationError):
         MemLongVectorStore(ml, namespace="bad", chunk_context="page")
+
+
+# ---------------------------------------------------------------------------------------------- issue 18
+def _first_words(llm, prompt, **kwargs):
+    """What the tiny model answers to ``prompt`` with no stop (to build stops that fire at known places)."""
+    text = llm.complete(prompt, formatted=True, **kwargs).text
+    assert len(text) >= 6, text
+    return text
+
+
+def test_streaming_an_empty_answer_works_through_llama_index_callbacks(tiny_index):
+    """Finding 1: LlamaIndex builds the stream's end event from its last item; an empty answer must still
+    stream one (real ``llm_completion_callback`` / ``llm_chat_callback``, real query engine)."""
+    ml, index, _ = tiny_index
+    prompt = "\nQuestion: Thunder?\nAnswer:"
+    ids = ml.bank.chunk_ids("plays")[:2]
+    text = _first_words(MemLongLLM(ml, namespace="plays", max_new_tokens=6), prompt, memlong_chunk_ids=ids)
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=6, stop=[text[:2]])  # stops before the first word
+    pieces = list(llm.stream_complete(prompt, memlong_chunk_ids=ids))
+    assert [p.text for p in pieces] == [""] and pieces[-1].delta == ""
+    chat_pieces = list(MemLongLLM(ml, namespace="plays", max_new_tokens=6, stop=list("abcdefghijklmnopqrstuvwxyz"
+                                                                                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ.,'")
+                                  ).stream_chat([ChatMessage(role="user", content="Thunder?")]))
+    assert chat_pieces and chat_pieces[-1].message.content == "".join(r.delta for r in chat_pieces)
+
+    async def run():
+        stream = await llm.astream_complete(prompt, memlong_chunk_ids=ids)
+        return [r.text async for r in stream]
+
+    assert asyncio.run(run()) == [""]
+    engine = MemLongQueryEngine.from_args(index.as_retriever(similarity_top_k=2), llm=llm, streaming=True)
+    response = engine.query("Thunder?")
+    assert isinstance("".join(response.response_gen), str)
+
+
+def test_stop_strings_never_leak_even_in_part(tiny_index):
+    """Finding 2: a stop string that forms over two pieces is not yielded in part (sync, streaming, async)."""
+    ml, _, _ = tiny_index
+    prompt = "\nQuestion: Who reigns?\nAnswer:"
+    ids = ml.bank.chunk_ids("plays")[:2]
+    free = MemLongLLM(ml, namespace="plays", max_new_tokens=12)
+    pieces = [p.delta for p in free.stream_complete(prompt, memlong_chunk_ids=ids)]
+    full = "".join(pieces)
+    # a stop made of the last 2 characters of one piece and the first 2 of the next
+    for k in range(1, len(pieces)):
+        at = len("".join(pieces[:k]))
+        stop = full[at - 2:at + 2]
+        if len(stop) == 4 and full.find(stop) == at - 2 and full[:at - 2].strip():
+            break
+    else:
+        pytest.skip("the tiny model's pieces are too short to build a stop across two of them")
+    want = full[:at - 2].rstrip()
+    assert free.complete(prompt, memlong_chunk_ids=ids, stop=[stop]).text == want
+    streamed = [p.delta for p in free.stream_complete(prompt, memlong_chunk_ids=ids, stop=[stop])]
+    assert "".join(streamed) == want and not any(stop[:2] in p for p in streamed[-1:])
+    assert MemLongLLM(ml, namespace="plays", max_new_tokens=12, stop=[stop]).complete(
+        prompt, memlong_chunk_ids=ids).text == want
+
+
+def test_stock_engine_reads_only_the_pasted_text(tiny_index):
+    """Finding 3: the stock text pipeline with MemLongLLM attends to no memory unless asked to."""
+    ml, index, _ = tiny_index
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=3)
+    index.as_query_engine(llm=llm, similarity_top_k=2).query("Where do the witches meet?")
+    assert ml.last_generation.memory_tokens == 0 and ml.last_generation.chunk_ids == []
+
+
+def test_query_engine_from_args_falls_back_to_settings_llm(tiny_index):
+    """Finding 7: ``MemLongQueryEngine.from_args(retriever)`` takes ``Settings.llm`` as the stock engine does."""
+    from llama_index.core import Settings
+
+    ml, index, _ = tiny_index
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=3)
+    previous = Settings._llm
+    Settings.llm = llm
+    try:
+        engine = MemLongQueryEngine.from_args(index.as_retriever(similarity_top_k=2))
+        engine.query("Where do the witches meet?")
+        assert ml.last_generation.memory_tokens > 0 and len(ml.last_generation.chunk_ids) == 2
+    finally:
+        Settings._llm = previous
+    if previous is None:
+        with pytest.raises(ValueError, match="Settings.llm"):
+            MemLongQueryEngine.from_args(index.as_retriever())
+
+
+def test_too_long_question_through_the_stock_engine_gets_memlongs_error(tiny_index):
+    """Finding 7: not LlamaIndex's 'Calculated available context size -555 ...'."""
+    ml, index, _ = tiny_index
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=3)
+    with pytest.raises(ValueError, match="too long for this model.*longer than the local window"):
+        index.as_query_engine(llm=llm, similarity_top_k=2).query("why " * 1500)
+    with pytest.raises(ValueError, match="too long for this model"):
+        RetrieverQueryEngine.from_args(MemLongRetriever(ml, namespace="plays"), llm=llm).query("why " * 1500)
+
+
+def test_one_set_of_metadata_keys_for_both_frameworks():
+    """Issue 17: one chunk-id key (and one check) shared by the LlamaIndex and LangChain adapters."""
+    import memlong_integrations.langchain as lc
+    import memlong_integrations.llama_index as li
+    from memlong_integrations import metadata
+
+    assert lc.CHUNK_ID_KEY is li.CHUNK_ID_KEY is metadata.CHUNK_ID_KEY
+    assert li.NAMESPACE_KEY is metadata.NAMESPACE_KEY
+    with pytest.raises(UnknownChunkError, match="namespace 'a'"):
+        metadata.chunk_id_of({metadata.CHUNK_ID_KEY: "c", metadata.NAMESPACE_KEY: "a"}, namespace="b")
+
+
+PASSAGES = ["The harbour gate opens at dawn and closes at dusk. The password of the harbour gate is marigold.",
+            "Falcons nest in the northern tower every spring. The keeper of the iron key is Tobias Wren, who lives at "
+            "the top of the tower.",
+            "The abbey bell rings at noon. Saffron is stored in the silver chest beneath the west chapel."]
+
+
+@pytest.mark.slow
+def test_chat_engine_and_stock_engine_answer_on_default_model(default_memlong):
+    """Finding 7 (and 4): ``index.as_chat_engine("context")`` and the stock query engine answer with the fact,
+    not "Empty Response", with the README's ``stop=["\\n"]``; neither reads memory (text pipelines)."""
+    ml = default_memlong
+    index, _ = build_index(ml, "li-chat", [Document(text=t) for t in PASSAGES], whole=True)
+    llm = MemLongLLM(ml, namespace="li-chat", max_new_tokens=24, stop=["\n"])
+    chat = index.as_chat_engine("context", llm=llm, similarity_top_k=1).chat("Who keeps the iron key?")
+    assert "Tobias Wren" in str(chat) and ml.last_generation.memory_tokens == 0
+    answer = index.as_query_engine(llm=llm, similarity_top_k=1).query("Who keeps the iron key?")
+    assert "Tobias Wren" in str(answer) and ml.last_generation.memory_tokens == 0
+    kv = MemLongQueryEngine.from_args(index.as_retriever(similarity_top_k=1), llm=llm).query("Who keeps the iron key?")
+    assert "Tobias Wren" in str(kv) and ml.last_generation.memory_tokens > 0

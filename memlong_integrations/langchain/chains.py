@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.documents import Document
@@ -37,45 +36,14 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 from langchain_core.vectorstores import VectorStoreRetriever
 
-from memlong import MemoryBank, UnknownChunkError
+from memlong import MemoryBank
 
+from ._common import memlong_chunk_ids_from_documents
 from .chat_models import ChatMemLong
-from .retrievers import CHUNK_ID_KEY, MemLongRetriever
+from .retrievers import MemLongRetriever
 from .vectorstores import MemLongVectorStore
 
 __all__ = ["chunk_ids_runnable", "create_memlong_rag_chain", "memlong_chunk_ids_from_documents"]
-
-
-def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: MemoryBank,
-                                     namespace: str = "default") -> list[str]:
-    """Chunk ids for ``documents``: a chunk Document (``metadata["memlong_chunk_id"]``, from
-    :class:`MemLongRetriever`) gives its chunk; a :class:`MemLongVectorStore` entry (``Document.id``) gives all of
-    its chunks. Bank order (document order), no duplicates.
-
-    Raises:
-        memlong.UnknownChunkError: a chunk or entry that is not (or no longer) in ``namespace``.
-        ValueError: a Document that carries neither a chunk id nor an id.
-    """
-    entries: dict[str, list[str]] | None = None
-    ids: list[str] = []
-    for doc in documents:
-        if CHUNK_ID_KEY in doc.metadata:
-            ids.append(bank.get(doc.metadata[CHUNK_ID_KEY], namespace=namespace).id)  # validates
-        elif doc.id:
-            if entries is None:
-                entries = {}
-                for cid in bank.chunk_ids(namespace):
-                    entries.setdefault(bank.get(cid, namespace=namespace).doc_id, []).append(cid)
-            if doc.id not in entries:
-                raise UnknownChunkError(
-                    f"Document id {doc.id!r} has no chunks in namespace {namespace!r}: it was never added there, or "
-                    "it was deleted or evicted. Retrieve from the MemLongVectorStore / MemLongRetriever of that namespace.")
-            ids.extend(entries[doc.id])
-        else:
-            raise ValueError("A Document with neither metadata['memlong_chunk_id'] nor an id cannot be mapped to stored "
-                             "K-V. Retrieve with MemLongRetriever or a MemLongVectorStore retriever.")
-    order = {cid: i for i, cid in enumerate(bank.chunk_ids(namespace))}
-    return sorted(dict.fromkeys(ids), key=order.__getitem__)
 
 
 def _bank_and_namespace(source: Any) -> tuple[MemoryBank, str]:
@@ -113,13 +81,23 @@ def create_memlong_rag_chain(retriever: BaseRetriever, chat: ChatMemLong, prompt
 
     Args:
         retriever: a :class:`MemLongRetriever` or ``MemLongVectorStore.as_retriever()``.
-        chat: the chat model; retrieved chunks reach it as ``memlong_chunk_ids``.
+        chat: the chat model over the same MemLong and namespace as ``retriever`` (``ValueError`` otherwise);
+            retrieved chunks reach it as ``memlong_chunk_ids``.
         prompt: default ``[("human", "{question}")]``; with ``paste=True`` it must use ``{context}``
             (default ``[("system", "{context}"), ("human", "{question}")]``).
         paste: the usual RAG baseline instead: paste the retrieved text into the prompt (``{context}``, chunk
             texts in document order) and attend to no memory. Same retriever and documents, for comparisons.
     """
     bank, namespace = _bank_and_namespace(retriever)
+    if not isinstance(chat, ChatMemLong):
+        raise TypeError(f"create_memlong_rag_chain needs a ChatMemLong (it passes chunk ids, not text), got "
+                        f"{type(chat).__name__}.")
+    if chat.memlong.bank is not bank:
+        raise ValueError("The chat model and the retriever use different MemLong models (memory banks); the chunk "
+                         "ids the retriever finds exist only in its own bank. Build both over the same MemLong.")
+    if chat.namespace != namespace:
+        raise ValueError(f"The chat model reads namespace {chat.namespace!r} but the retriever searches "
+                         f"{namespace!r}. Give both the same namespace: ChatMemLong(memlong=ml, namespace={namespace!r}).")
     to_ids = chunk_ids_runnable(retriever)
     if prompt is None:
         prompt = ChatPromptTemplate.from_messages([("system", "{context}"), ("human", "{question}")] if paste

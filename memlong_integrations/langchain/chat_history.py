@@ -4,13 +4,23 @@ Contract: every added message is ingested into the history's namespace (one bank
 rendered as ``"\\nQuestion: ..."`` / ``"\\nAnswer: ..."`` so that retrieved turns read like the plain prompt of
 :class:`ChatMemLong`), with the serialized message in the chunks' metadata. ``messages`` returns them in order,
 exactly as added; ``clear()`` resets the namespace. A :class:`ChatMemLong` reading the same namespace retrieves
-the relevant past turns as K-V, so a long conversation is never re-encoded: give the model only the new question.
+the relevant past turns as K-V (``retrieve=True``), so a long conversation is never re-encoded: give the model only
+the new question.
 
 Example:
     >>> history = MemLongChatMessageHistory(memlong=ml, session_id="alice")
     >>> history.add_messages([HumanMessage("My locker code is 4417."), AIMessage("Noted.")])
-    >>> chat = ChatMemLong(memlong=ml, namespace=history.namespace)
+    >>> chat = ChatMemLong(memlong=ml, namespace=history.namespace, retrieve=True)
     >>> chat.invoke("What is my locker code?")          # past turns come in as retrieved K-V
+
+With ``RunnableWithMessageHistory`` use the K-V-only form: the prompt holds only the question (no
+``MessagesPlaceholder``: that would paste the past turns as text as well), the history writes each turn to the
+bank, and the model retrieves what it needs::
+
+    chain = RunnableWithMessageHistory(
+        ChatPromptTemplate.from_messages([("human", "{question}")]) | chat,   # chat: retrieve=True, as above
+        lambda session_id: history, input_messages_key="question", history_messages_key="history")
+    chain.invoke({"question": "What is my locker code?"}, config={"configurable": {"session_id": "alice"}})
 
 One model can serve many sessions: ``chat.bind(memlong_namespace=history.namespace)`` per session.
 """

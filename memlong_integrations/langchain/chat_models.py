@@ -2,12 +2,19 @@
 
 Contract:
     * Messages are rendered to one prompt; only that prompt is encoded. Retrieved chunks enter the retrieval
-      layers as their stored K-V: give them explicitly with the call keyword ``memlong_chunk_ids`` (``invoke``,
-      ``stream``, ``.bind(...)``), or leave them out and the model retrieves ``top_k`` chunks of ``namespace``
-      with the last human message as the query (``retrieve=False`` turns that off).
+      layers as their stored K-V when you give them: the call keyword ``memlong_chunk_ids`` (``invoke``,
+      ``stream``, ``.bind(...)``; :func:`create_memlong_rag_chain` does it for you). With no ids the model reads
+      exactly the messages it is given, like any chat model, unless ``retrieve=True``: then it retrieves
+      ``top_k`` chunks of ``namespace`` with the last human message as the query (e.g. a chat history kept in
+      the bank, :class:`MemLongChatMessageHistory`).
+    * Answers carry no stop string, not even its start (text that may begin one is held back while streaming),
+      and no surrounding whitespace; a line break before the answer's first word does not end it (small
+      models often start with one). An answer of nothing is ``""``.
     * ``memlong_namespace`` (call keyword) overrides the ``namespace`` field for one call.
     * A trailing ``AIMessage`` is a prefill: the answer continues it (e.g. ``"The password is"``); the prefill is
-      not repeated in the output. Small models answer far better when the form of the answer is forced.
+      not repeated in the output. Small models answer far better when the form of the answer is forced: with
+      chunks attended and no prefill of yours, the plain layout prefills ``kv_answer_prefix``
+      (``"According to the text,"``).
     * Prompt layout (``prompt_format``): ``"plain"`` renders a continuation prompt ``"\\nQuestion: ...\\nAnswer:"``
       right after the memory and stops at ``PLAIN_STOP`` (the next question or a blank line); ``"chat"`` uses
       the tokenizer's chat template; ``"auto"`` (default) uses ``plain`` when chunks are attended and ``chat``
@@ -18,7 +25,8 @@ Contract:
       ``kv_refresh``, less the re-encoded ones);
       ``output_tokens`` = generated tokens. ``response_metadata["memlong"]`` has the raw
       :class:`memlong.GenerationStats` (chunk ids, time to first token).
-    * Text only: no tool calling, structured output or multimodal input.
+    * Text only: ``bind_tools`` and ``with_structured_output`` raise ``NotImplementedError`` saying what to use
+      instead; multimodal content raises ``ValueError``.
 
 Example:
     >>> from memlong import MemLong
@@ -26,7 +34,8 @@ Example:
     >>> ml = MemLong.from_pretrained("default", top_k=4)
     >>> ml.ingest(open("hamlet.txt").read(), namespace="hamlet")
     >>> chat = ChatMemLong(memlong=ml, namespace="hamlet", max_tokens=32)
-    >>> chat.invoke("Who killed Polonius?").content               # retrieves from "hamlet"
+    >>> chat.invoke("Who killed Polonius?").content               # the question alone, no memory
+    >>> ChatMemLong(memlong=ml, namespace="hamlet", retrieve=True).invoke("Who killed Polonius?")  # retrieves
     >>> ids = [h.chunk_id for h in ml.bank.search("Polonius", namespace="hamlet", k=4)]
     >>> chat.invoke("Who killed Polonius?", memlong_chunk_ids=ids)  # explicit chunks
     >>> for chunk in chat.bind(memlong_chunk_ids=ids).stream("Who is Ophelia?"):
@@ -36,8 +45,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import threading
-import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,28 +54,19 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
 )
 from langchain_core.language_models import BaseChatModel, LangSmithParams
-from langchain_core.language_models.llms import LLM
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field
 
 from memlong import GenerationStats, MemLong
+from memlong_integrations._answer import KV_ANSWER_PREFIX, PLAIN_STOP, answer_pieces
+from memlong_integrations.langchain._common import lock, not_supported
 
-__all__ = ["ChatMemLong", "MemLongLLM", "PLAIN_STOP"]
+__all__ = ["ChatMemLong", "PLAIN_STOP"]
 
 PromptFormat = Literal["auto", "chat", "plain"]
-PLAIN_STOP = ("\nQuestion:", "\n\n")  # a plain-format answer ends at the next question or paragraph
 _CALL_KEYWORDS = {"memlong_chunk_ids", "memlong_namespace", "model", "stream"}
-_locks: weakref.WeakKeyDictionary[MemLong, threading.RLock] = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
-
-def _lock(ml: MemLong) -> threading.RLock:
-    """One lock per MemLong: retrieval + the start of a generation are atomic, so ``last_generation`` of
-    concurrent calls (``batch``, async) is never mixed up."""
-    with _locks_guard:
-        return _locks.setdefault(ml, threading.RLock())
 
 
 def _text(message: BaseMessage) -> str:
@@ -148,10 +146,15 @@ class ChatMemLong(BaseChatModel):
     """Sampling seed (``temperature > 0``)."""
     streaming: bool = False
     """Stream by default in ``invoke`` (tokens reach ``on_llm_new_token``)."""
-    retrieve: bool = True
-    """With no ``memlong_chunk_ids``, retrieve ``top_k`` chunks of the namespace for the last human message."""
+    retrieve: bool = False
+    """With no ``memlong_chunk_ids``, retrieve ``top_k`` chunks of the namespace for the last human message.
+    Off by default: used as a plain chat model (a stock LCEL chain that pastes text), it reads only its input."""
     top_k: int | None = None
     """Chunks retrieved when no ids are given; ``None`` = the MemLong config's ``top_k``."""
+    kv_answer_prefix: str = KV_ANSWER_PREFIX
+    """Prefilled answer start in the plain layout when chunks are attended and the messages bring no prefill of
+    their own (a trailing AI message); not part of the output. Small models read memory far better with one;
+    ``""`` turns it off."""
     prompt_format: PromptFormat = "auto"
     """``"plain"`` continuation prompt, ``"chat"`` template, or ``"auto"`` (plain with memory, chat without)."""
 
@@ -221,6 +224,8 @@ class ChatMemLong(BaseChatModel):
         if fmt == "plain":
             prompt = _render_plain(turns, after_memory=bool(chunk_ids))
             stops.extend(s for s in PLAIN_STOP if s not in stops)
+            if not prefill.strip() and chunk_ids:
+                prefill = self.kv_answer_prefix
             prefill = f" {prefill.strip()}" if prefill.strip() else ""
         else:
             prompt = self.memlong.tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in turns],
@@ -228,17 +233,30 @@ class ChatMemLong(BaseChatModel):
         return {"prompt": prompt, "namespace": namespace, "chunk_ids": chunk_ids, "answer_prefix": prefill,
                 "stop": tuple(stops), "query": question}
 
+    # ------------------------------------------------------------------ what a text model cannot do
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
+        """Not supported: the model has no tool calling."""
+        not_supported("ChatMemLong", "tool calling (bind_tools)",
+                      "Use a tool-calling chat model for the agent, and ChatMemLong (or create_memlong_rag_chain) "
+                      "for answering from retrieved chunks.")
+
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> Any:
+        """Not supported: the model has no structured (JSON / tool) output."""
+        not_supported("ChatMemLong", "structured output (with_structured_output)",
+                      "Ask for the answer's form in a trailing AI prefill message and parse the text, e.g. with "
+                      "langchain_core.output_parsers.PydanticOutputParser.")
+
     def _start(self, messages: list[BaseMessage], stop: list[str] | None,
                kwargs: dict[str, Any]) -> tuple[Iterator[str], GenerationStats, str]:
         """Validate, retrieve and start decoding (the prompt is encoded on the first ``next``)."""
         args = self._prepare(messages, stop, kwargs)
-        with _lock(self.memlong):
+        with lock(self.memlong):  # stops are applied here, not by the core (it yields text before they complete)
             pieces = self.memlong.generate(args["prompt"], namespace=args["namespace"], chunk_ids=args["chunk_ids"],
                                            answer_prefix=args["answer_prefix"], query=args["query"],
-                                           max_new_tokens=self.max_tokens, stream=True, stop=args["stop"],
+                                           max_new_tokens=self.max_tokens, stream=True,
                                            temperature=self.temperature, seed=self.seed)
             stats = self.memlong.last_generation
-        return pieces, stats, args["namespace"]
+        return answer_pieces(pieces, args["stop"], strip=True, stats=stats), stats, args["namespace"]
 
     def _metadata(self, stats: GenerationStats, namespace: str) -> tuple[UsageMetadata, dict[str, Any]]:
         usage = UsageMetadata(input_tokens=stats.prompt_tokens + stats.memory_tokens, output_tokens=stats.new_tokens,
@@ -321,53 +339,3 @@ def _render_plain(turns: Sequence[tuple[str, str]], *, after_memory: bool = True
     if turns and turns[-1][0] == "assistant":
         lines.append("Question:")  # the last turn was the model's: nothing asked yet
     return "\n".join(lines) + "\nAnswer:"
-
-
-class MemLongLLM(LLM):
-    """Plain text-completion LLM over MemLong: the prompt is continued as is (no template).
-
-    Same call keywords as :class:`ChatMemLong` (``memlong_chunk_ids``, ``memlong_namespace``); with no ids it
-    retrieves ``top_k`` chunks of ``namespace`` using the prompt as the query.
-
-    Example:
-        >>> llm = MemLongLLM(memlong=ml, namespace="docs", max_tokens=16)
-        >>> llm.invoke("\\nQuestion: What is the password of the harbour gate?\\nAnswer:", memlong_chunk_ids=ids)
-    """
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    memlong: MemLong = Field(exclude=True)
-    namespace: str = "default"
-    temperature: float = 0.0
-    max_tokens: int = 256
-    retrieve: bool = True
-
-    @property
-    def _llm_type(self) -> str:
-        return "memlong"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "temperature": self.temperature, "max_tokens": self.max_tokens}
-
-    def _stream(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
-                **kwargs: Any) -> Iterator[GenerationChunk]:
-        unknown = set(kwargs) - {"memlong_chunk_ids", "memlong_namespace"}
-        if unknown:
-            raise TypeError(f"MemLongLLM got unknown call keywords {sorted(unknown)}; it accepts memlong_chunk_ids "
-                            "and memlong_namespace.")
-        ids = kwargs.get("memlong_chunk_ids")
-        with _lock(self.memlong):
-            pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
-                                           chunk_ids=list(ids) if ids is not None else None, retrieve=self.retrieve,
-                                           max_new_tokens=self.max_tokens, temperature=self.temperature,
-                                           stop=tuple(stop or ()), stream=True)
-        for piece in pieces:
-            chunk = GenerationChunk(text=piece)
-            if run_manager is not None:
-                run_manager.on_llm_new_token(piece, chunk=chunk)
-            yield chunk
-
-    def _call(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
-              **kwargs: Any) -> str:
-        return "".join(c.text for c in self._stream(prompt, stop=stop, run_manager=run_manager, **kwargs))

@@ -26,10 +26,10 @@ from pydantic import ConfigDict, Field
 
 from memlong import MemLong, MemoryBank
 from memlong.upsert import RESERVED_PREFIXES
+from memlong_integrations.metadata import CHUNK_ID_KEY, DOC_ID_KEY, NAMESPACE_KEY, SCORE_KEY
 
 __all__ = ["CHUNK_ID_KEY", "MemLongRetriever", "chunk_document"]
 
-CHUNK_ID_KEY = "memlong_chunk_id"
 TEXT_KEY = "_memlong_text"  # a vector-store entry's page_content, kept once, on its first chunk
 
 
@@ -37,9 +37,9 @@ def chunk_document(bank: MemoryBank, chunk_id: str, namespace: str, score: float
     """The ``Document`` of one stored chunk (metadata carries its chunk id)."""
     chunk = bank.get(chunk_id, namespace=namespace)
     metadata = {k: v for k, v in chunk.metadata.items() if not k.startswith(RESERVED_PREFIXES)}  # memlong's own
-    metadata.update({CHUNK_ID_KEY: chunk.id, "memlong_doc_id": chunk.doc_id, "memlong_namespace": namespace})
+    metadata.update({CHUNK_ID_KEY: chunk.id, DOC_ID_KEY: chunk.doc_id, NAMESPACE_KEY: namespace})
     if score is not None:
-        metadata["memlong_score"] = score
+        metadata[SCORE_KEY] = score
     return Document(page_content=chunk.text, metadata=metadata, id=chunk.id)
 
 

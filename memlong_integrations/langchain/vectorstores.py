@@ -11,6 +11,9 @@ Contract:
       ``Document`` you stored: same ``page_content``, ``metadata`` and ``id``. All of an entry's chunks reach
       :class:`ChatMemLong` as K-V through :meth:`chunk_ids` / :func:`memlong_chunk_ids_from_documents`. For
       chunk-level hits over long documents use :class:`MemLongRetriever`.
+    * Searches take ``filter=``: a dict (every key equal in the entry's metadata) or a callable over the
+      ``Document``, as LangChain's ``InMemoryVectorStore``; ``max_marginal_relevance_search`` (and ``..._by_vector``,
+      their async forms, ``as_retriever(search_type="mmr")``) pick diverse entries the same way it does.
     * ``delete(ids)`` ignores ids that are not there (LangChain's contract) and returns whether all were found;
       ``get_by_ids`` returns the entries that exist. The bank's own embedder is used (no ``Embeddings`` object);
       a search bumps the retrieval counter (which eviction reads) of each returned entry's best chunk.
@@ -26,19 +29,42 @@ Example:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeAlias
 
+import numpy as np
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
+from langchain_core.vectorstores.utils import maximal_marginal_relevance
 
 from memlong import MemLong
 from memlong.upsert import RESERVED_PREFIXES, check_user_metadata, ingest_entries
 
+from ._common import memlong_chunk_ids_from_documents
 from .retrievers import TEXT_KEY
 
 __all__ = ["MemLongVectorStore"]
+
+MetadataFilter: TypeAlias = Mapping[str, Any] | Callable[[Document], bool]
+
+
+def _filter_fn(filter: MetadataFilter | None) -> Callable[[Document], bool] | None:  # noqa: A002
+    """A predicate over Documents: a callable as is; a dict = every key present in the metadata with that value."""
+    if filter is None or callable(filter):
+        return filter
+    if isinstance(filter, Mapping):
+        wanted = dict(filter)
+        missing = object()
+        return lambda doc: all(doc.metadata.get(key, missing) == value for key, value in wanted.items())
+    raise TypeError(f"filter must be a dict of metadata values or a callable taking a Document, got "
+                    f"{type(filter).__name__}.")
+
+
+def _query_text(query: str) -> str:
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError("The query is empty: give the store some text to search for.")
+    return query
 
 class MemLongVectorStore(VectorStore):
     """LangChain ``VectorStore`` over one namespace of a MemLong memory bank; entries are stored as chunk K-V.
@@ -108,8 +134,6 @@ class MemLongVectorStore(VectorStore):
         Raises:
             memlong.UnknownChunkError: a document that is not (or no longer) in this store's namespace.
         """
-        from .chains import memlong_chunk_ids_from_documents
-
         return memlong_chunk_ids_from_documents(documents, bank=self.bank, namespace=self.namespace)
 
     # ------------------------------------------------------------------ writing
@@ -162,36 +186,77 @@ class MemLongVectorStore(VectorStore):
         return [self._document(i, entries[i]) for i in dict.fromkeys(ids) if i in entries]
 
     # ------------------------------------------------------------------ search
-    def similarity_search_with_score(self, query: str, k: int = 4, **kwargs: Any) -> list[tuple[Document, float]]:
+    def similarity_search_with_score(self, query: str, k: int = 4, filter: MetadataFilter | None = None,  # noqa: A002
+                                     **kwargs: Any) -> list[tuple[Document, float]]:
         """The ``k`` best entries with their cosine similarity (best chunk), best first. (Always dense: for
-        lexical or hybrid ranking use :class:`MemLongRetriever` with ``search_mode``.)"""
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError("The query is empty: give the store some text to search for.")
-        return self._search(query, k)
+        lexical or hybrid ranking use :class:`MemLongRetriever` with ``search_mode``.)
 
-    def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
-        return [doc for doc, _ in self.similarity_search_with_score(query, k, **kwargs)]
+        ``filter``: keep only entries whose ``metadata`` has every key of a dict with an equal value, or for
+        which a callable taking the ``Document`` returns true (as LangChain's ``InMemoryVectorStore``)."""
+        return self._search(_query_text(query), k, filter)
 
-    def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
-        return [doc for doc, _ in self._search(embedding, k)]
+    def similarity_search(self, query: str, k: int = 4, filter: MetadataFilter | None = None,  # noqa: A002
+                          **kwargs: Any) -> list[Document]:
+        return [doc for doc, _ in self.similarity_search_with_score(query, k, filter)]
 
-    def _search(self, query: Any, k: int) -> list[tuple[Document, float]]:
+    def similarity_search_by_vector(self, embedding: list[float], k: int = 4,
+                                    filter: MetadataFilter | None = None, **kwargs: Any) -> list[Document]:  # noqa: A002
+        return [doc for doc, _ in self._search(embedding, k, filter)]
+
+    def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
+                                      filter: MetadataFilter | None = None, **kwargs: Any) -> list[Document]:  # noqa: A002
+        """``k`` entries chosen by maximal marginal relevance among the ``fetch_k`` most similar (``lambda_mult``:
+        1 = relevance only, 0 = diversity only), as LangChain's ``InMemoryVectorStore`` chooses them. ``filter``
+        as in :meth:`similarity_search_with_score`. Also through ``as_retriever(search_type="mmr")``."""
+        return self.max_marginal_relevance_search_by_vector(self._embed(_query_text(query)), k, fetch_k,
+                                                            lambda_mult, filter=filter)
+
+    def max_marginal_relevance_search_by_vector(self, embedding: list[float], k: int = 4, fetch_k: int = 20,
+                                                lambda_mult: float = 0.5, filter: MetadataFilter | None = None,  # noqa: A002
+                                                **kwargs: Any) -> list[Document]:
+        """:meth:`max_marginal_relevance_search` for a query vector (of the bank's embedder)."""
+        hits = self._search(embedding, max(fetch_k, k), filter, count=False)
+        if not hits or k <= 0:
+            return []
+        vectors = self._embed([doc.page_content for doc, _ in hits])
+        chosen = maximal_marginal_relevance(np.asarray(embedding, dtype=np.float32), list(vectors), k=k,
+                                            lambda_mult=lambda_mult)
+        docs = [hits[i][0] for i in chosen]
+        self.bank.mark_retrieved([cid for doc in docs for cid in self._entries().get(doc.id, [])[:1]],
+                                 namespace=self.namespace)
+        return docs
+
+    def _embed(self, texts: str | list[str]) -> Any:
+        """The bank embedder's vectors (one for a string, a matrix for a list)."""
+        vectors = np.asarray(self.bank.embedder.encode([texts] if isinstance(texts, str) else texts), np.float32)
+        return vectors[0] if isinstance(texts, str) else vectors
+
+    def _search(self, query: Any, k: int, filter: MetadataFilter | None = None,  # noqa: A002
+                *, count: bool = True) -> list[tuple[Document, float]]:
+        keep = _filter_fn(filter)
         total = len(self.bank.chunk_ids(self.namespace))
         if k <= 0 or total == 0:
             return []
+        entries = self._entries()
         want = min(total, 4 * k)
-        while True:  # widen until k distinct entries (an entry may own several chunks)
+        while True:  # widen until k distinct entries that pass the filter (an entry may own several chunks)
             best: dict[str, tuple[str, float]] = {}
+            rejected: set[str] = set()
             for hit in self.bank.search(query, namespace=self.namespace, k=want, count=False, mode="dense"):
                 entry = self.bank.get(hit.chunk_id, namespace=self.namespace).doc_id
-                best.setdefault(entry, (hit.chunk_id, hit.score))
+                if entry in best or entry in rejected:
+                    continue
+                if keep is None or keep(self._document(entry, entries[entry])):
+                    best[entry] = (hit.chunk_id, hit.score)
+                else:
+                    rejected.add(entry)
             if len(best) >= k or want >= total:
                 break
             want = min(total, want * 4)
         chosen = list(best.items())[:k]
-        self.bank.mark_retrieved([cid for _, (cid, _) in chosen], namespace=self.namespace)
-        entries = self._entries()
-        return [(self._document(entry, entries.get(entry, [cid])), score) for entry, (cid, score) in chosen]
+        if count:
+            self.bank.mark_retrieved([cid for _, (cid, _) in chosen], namespace=self.namespace)
+        return [(self._document(entry, entries[entry]), score) for entry, (cid, score) in chosen]
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
         return lambda similarity: (1.0 + similarity) / 2.0  # cosine in [-1, 1] -> relevance in [0, 1]

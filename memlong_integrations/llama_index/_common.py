@@ -14,9 +14,8 @@ from typing import Any
 from llama_index.core.schema import NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode
 
 from memlong import MemoryBank
+from memlong_integrations.metadata import CHUNK_ID_KEY, NAMESPACE_KEY, chunk_id_of
 
-CHUNK_ID_KEY = "memlong_chunk_id"  # the bank chunk id of a retrieved node
-NAMESPACE_KEY = "memlong_namespace"  # the bank namespace it lives in
 NODE_ID_KEY = "memlong_node_id"  # the LlamaIndex node that was ingested into this chunk
 REF_DOC_ID_KEY = "memlong_ref_doc_id"  # the LlamaIndex document of that node
 EXCLUDED_KEY = "memlong_excluded_keys"  # the ingested node's own excluded metadata keys {"llm": [...], "embed": [...]}
@@ -47,15 +46,16 @@ def chunk_node(bank: MemoryBank, chunk_id: str, namespace: str, score: float | N
     return NodeWithScore(node=node, score=score)
 
 
-def chunk_ids_of(nodes: list[NodeWithScore]) -> list[str]:
+def chunk_ids_of(nodes: list[NodeWithScore], *, namespace: str | None = None) -> list[str]:
     """The chunk ids carried by retrieved nodes (in the order given).
 
     Raises:
         ValueError: a node that did not come from the memory bank (no ``memlong_chunk_id``).
+        memlong.UnknownChunkError: a node from another namespace than ``namespace``.
     """
     ids = []
     for item in nodes:
-        cid = item.node.metadata.get(CHUNK_ID_KEY)
+        cid = chunk_id_of(item.node.metadata, namespace=namespace)
         if not cid:
             raise ValueError(f"Node {item.node.node_id!r} carries no {CHUNK_ID_KEY!r} in its metadata, so it has no K-V "
                              "in the memory bank. Retrieve with MemLongRetriever or a VectorStoreIndex over "
@@ -66,7 +66,8 @@ def chunk_ids_of(nodes: list[NodeWithScore]) -> list[str]:
 
 def checked_memlong(owner: str, memlong: Any) -> Any:
     """``memlong`` after checking it is a :class:`memlong.MemLong` (``TypeError`` saying how to get one), with
-    LlamaIndex's tiktoken counting made offline: what every adapter's ``__init__`` needs first."""
+    LlamaIndex's tiktoken counting made offline: what every adapter's ``__init__`` needs first. (Importing the
+    package changes nothing global; the offline tokenizer is set up here, when the first adapter is built.)"""
     from memlong import MemLong
 
     if not isinstance(memlong, MemLong):

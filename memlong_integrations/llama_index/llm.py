@@ -5,8 +5,13 @@ Contract:
       the memory bank, chosen by, in this order:
         1. the ``memlong_chunk_ids`` keyword of ``complete`` / ``chat`` / ... (``[]`` = no memory);
         2. in chat, ids in messages' ``additional_kwargs["memlong_chunk_ids"]`` (all messages, in order);
-        3. otherwise, when ``retrieve=True``, the namespace's ``top_k`` chunks found with the prompt (chat: the
-           last user message) as the query; with ``retrieve=False`` the model answers from the prompt alone.
+        3. otherwise nothing: used as a plain LLM (a stock query engine pasting text) it reads exactly its
+           prompt. With ``retrieve=True`` it retrieves the namespace's ``top_k`` chunks with the prompt (chat: the
+           last user message) as the query.
+    * Answers carry no stop string, not even its start (streaming holds back text that may begin one), and no
+      surrounding whitespace; a line break before the first word does not end the answer (small models often
+      answer ``"Answer:"`` with ``"\nBartholomew Quince."``, which ``stop=["\n"]`` would otherwise cut to
+      nothing). Streaming an empty answer yields one empty response, as LlamaIndex expects.
     * A chat message with ``additional_kwargs["memlong_text_in_memory"] = True`` (what
       :class:`~memlong_integrations.llama_index.MemLongMemoryBlock` produces) carries text that is already in
       the bank: its ids are used, its text is not encoded again. Other LLMs read its text as usual.
@@ -28,8 +33,9 @@ Example:
     >>> ml = MemLong.from_pretrained("default", top_k=4)
     >>> stats = ml.ingest(long_text, namespace="docs")
     >>> llm = MemLongLLM(ml, namespace="docs", max_new_tokens=32)
-    >>> llm.complete("\\nQuestion: Who is the keeper of the iron key?\\nAnswer:").text        # retrieves itself
     >>> llm.complete("\\nQuestion: ...\\nAnswer:", memlong_chunk_ids=stats.chunk_ids[:4]).text  # explicit chunks
+    >>> MemLongLLM(ml, namespace="docs", retrieve=True).complete("\\nQuestion: Who is the keeper of the iron key?"
+    ...                                                          "\\nAnswer:").text              # retrieves itself
     >>> for piece in llm.stream_complete("\\nQuestion: ...\\nAnswer:"):
     ...     print(piece.delta, end="")
 """
@@ -58,6 +64,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 
 from memlong import MemLong
+from memlong_integrations._answer import answer_pieces
 from memlong_integrations.llama_index._common import checked_memlong
 
 __all__ = ["CHUNK_IDS_KWARG", "TEXT_IN_MEMORY_KWARG", "MemLongLLM"]
@@ -75,7 +82,8 @@ class MemLongLLM(CustomLLM):
         namespace: the memory namespace this LLM reads.
         max_new_tokens: generation budget per call (``metadata.num_output``).
         temperature: 0 = greedy decoding.
-        retrieve: with no explicit ids, retrieve ``top_k`` chunks from ``namespace`` with the prompt as query.
+        retrieve: with no explicit ids, retrieve ``top_k`` chunks from ``namespace`` with the prompt as query
+            (default ``False``: the model reads only its prompt).
         stop: strings that end generation.
         chat_template: in ``chat``, render messages with the tokenizer's chat template (``False``: a plain
             ``"User: ...\\nAssistant:"`` transcript, which small models combine with memory better).
@@ -84,7 +92,7 @@ class MemLongLLM(CustomLLM):
     namespace: str = Field(default="default", description="Memory namespace this LLM reads.")
     max_new_tokens: int = Field(default=64, gt=0, description="Tokens generated per call.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
-    retrieve: bool = Field(default=True, description="Retrieve from the namespace when no ids are given.")
+    retrieve: bool = Field(default=False, description="Retrieve from the namespace when no ids are given.")
     stop: list[str] = Field(default_factory=list, description="Strings that end generation.")
     chat_template: bool = Field(default=True, description="Render chat messages with the tokenizer's template.")
 
@@ -128,10 +136,11 @@ class MemLongLLM(CustomLLM):
         if unknown:
             raise TypeError(f"Unknown MemLong keyword(s) {unknown}; the chunk ids keyword is {CHUNK_IDS_KWARG!r}.")
         max_new = int(kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)))
-        return self._memlong.generate(
+        pieces = self._memlong.generate(
             prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
-            max_new_tokens=max_new, temperature=float(kwargs.get("temperature", self.temperature)),
-            stop=tuple(kwargs.get("stop", self.stop) or ()), stream=True)
+            max_new_tokens=max_new, temperature=float(kwargs.get("temperature", self.temperature)), stream=True)
+        stops = [*self.stop, *(kwargs.get("stop") or ())]  # applied here: the core yields text before they complete
+        return answer_pieces(pieces, stops, strip=True, stats=self._memlong.last_generation)
 
     def _stats(self) -> dict[str, Any]:
         return dataclasses.asdict(self._memlong.last_generation)
@@ -185,6 +194,8 @@ class MemLongLLM(CustomLLM):
             for piece in pieces:
                 text += piece
                 yield CompletionResponse(text=text, delta=piece, additional_kwargs=self._stats())
+            if not text:  # LlamaIndex ends the stream's event with its last item: there must be one
+                yield CompletionResponse(text="", delta="", additional_kwargs=self._stats())
 
         return gen()
 
@@ -208,6 +219,9 @@ class MemLongLLM(CustomLLM):
             for piece in pieces:
                 text += piece
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece,
+                                   additional_kwargs=self._stats())
+            if not text:  # LlamaIndex ends the stream's event with its last item: there must be one
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=""), delta="",
                                    additional_kwargs=self._stats())
 
         return gen()

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any
 
+from llama_index.core import Settings
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.response.schema import RESPONSE_TYPE
 from llama_index.core.callbacks.base import CallbackManager
@@ -39,14 +40,15 @@ from llama_index.core.response_synthesizers import BaseSynthesizer
 from llama_index.core.schema import NodeWithScore
 from llama_index.core.types import RESPONSE_TEXT_TYPE
 
-from memlong import UnknownChunkError
-from memlong_integrations.llama_index._common import NAMESPACE_KEY, chunk_ids_of
+from memlong_integrations._answer import KV_ANSWER_PREFIX, PLAIN_STOP
+from memlong_integrations.llama_index._common import chunk_ids_of
 from memlong_integrations.llama_index.llm import CHUNK_IDS_KWARG, MemLongLLM
 
 __all__ = ["DEFAULT_KV_PROMPT", "MemLongQueryEngine", "MemLongSynthesizer"]
 
-# A plain continuation prompt: the retrieved chunks (as K-V, in document order) flow straight into it.
-DEFAULT_KV_PROMPT = PromptTemplate("\nQuestion: {query_str}\nAnswer:")
+# A plain continuation prompt: the retrieved chunks (as K-V, in document order) flow straight into it. It ends
+# with the start of an answer (KV_ANSWER_PREFIX): without one small models often answer nothing.
+DEFAULT_KV_PROMPT = PromptTemplate(f"\nQuestion: {{query_str}}\nAnswer: {KV_ANSWER_PREFIX}")
 
 
 EMPTY_RESPONSE = "Empty Response"  # what LlamaIndex's own synthesizers answer when the LLM generates nothing
@@ -62,7 +64,8 @@ class MemLongSynthesizer(BaseSynthesizer):
         streaming: return ``StreamingResponse`` objects.
         empty_response: the answer when no chunk passed retrieval and postprocessing.
 
-    An empty generation is answered ``"Empty Response"``, as LlamaIndex's own synthesizers do.
+    The answer ends at the next ``"\\nQuestion:"`` or blank line (besides the LLM's own stops); an empty
+    generation is answered ``"Empty Response"``, as LlamaIndex's own synthesizers do.
     """
 
     def __init__(self, llm: MemLongLLM, prompt_template: BasePromptTemplate | str | None = None, *,
@@ -89,14 +92,7 @@ class MemLongSynthesizer(BaseSynthesizer):
 
     # ------------------------------------------------------------------ carrying ids
     def _ids(self, nodes: Sequence[NodeWithScore]) -> list[str]:
-        ids = chunk_ids_of(list(nodes))
-        for item in nodes:
-            space = item.node.metadata.get(NAMESPACE_KEY)
-            if space is not None and space != self.llm.namespace:
-                raise UnknownChunkError(
-                    f"Retrieved chunk {item.node.node_id!r} comes from memory namespace {space!r} but the LLM reads "
-                    f"namespace {self.llm.namespace!r}. Give the retriever and MemLongLLM the same namespace.")
-        return ids
+        return chunk_ids_of(list(nodes), namespace=self.llm.namespace)
 
     def synthesize(self, query: Any, nodes: list[NodeWithScore],
                    additional_source_nodes: Sequence[NodeWithScore] | None = None, **response_kwargs: Any
@@ -117,18 +113,21 @@ class MemLongSynthesizer(BaseSynthesizer):
         ids = response_kwargs.pop(CHUNK_IDS_KWARG, [])
         prompt = self._prompt_template.format(query_str=query_str)
         if self._streaming:
-            responses = self.llm.stream_complete(prompt, formatted=True, **{CHUNK_IDS_KWARG: ids})
+            responses = self.llm.stream_complete(prompt, formatted=True, stop=list(PLAIN_STOP), **{CHUNK_IDS_KWARG: ids})
             return _deltas(responses)
-        return self.llm.complete(prompt, formatted=True, **{CHUNK_IDS_KWARG: ids}).text or EMPTY_RESPONSE
+        return (self.llm.complete(prompt, formatted=True, stop=list(PLAIN_STOP), **{CHUNK_IDS_KWARG: ids}).text
+                or EMPTY_RESPONSE)
 
     async def aget_response(self, query_str: str, text_chunks: Sequence[str],
                             **response_kwargs: Any) -> RESPONSE_TEXT_TYPE:
         ids = response_kwargs.pop(CHUNK_IDS_KWARG, [])
         prompt = self._prompt_template.format(query_str=query_str)
         if self._streaming:
-            responses = await self.llm.astream_complete(prompt, formatted=True, **{CHUNK_IDS_KWARG: ids})
+            responses = await self.llm.astream_complete(prompt, formatted=True, stop=list(PLAIN_STOP),
+                                                        **{CHUNK_IDS_KWARG: ids})
             return _adeltas(responses)
-        return (await self.llm.acomplete(prompt, formatted=True, **{CHUNK_IDS_KWARG: ids})).text or EMPTY_RESPONSE
+        response = await self.llm.acomplete(prompt, formatted=True, stop=list(PLAIN_STOP), **{CHUNK_IDS_KWARG: ids})
+        return response.text or EMPTY_RESPONSE
 
 
 class MemLongQueryEngine(RetrieverQueryEngine):
@@ -141,7 +140,8 @@ class MemLongQueryEngine(RetrieverQueryEngine):
                   callback_manager: CallbackManager | None = None, *,
                   prompt_template: BasePromptTemplate | str | None = None, streaming: bool = False,
                   **kwargs: Any) -> MemLongQueryEngine:
-        """Same call as ``RetrieverQueryEngine.from_args(retriever, llm=...)``; ``llm`` must be a MemLongLLM.
+        """Same call as ``RetrieverQueryEngine.from_args(retriever, llm=...)``; ``llm`` must be a MemLongLLM
+        (default: ``Settings.llm``).
 
         Text-pipeline options (``text_qa_template``, ``response_mode``, ...) have no meaning here and raise.
         """
@@ -151,7 +151,10 @@ class MemLongQueryEngine(RetrieverQueryEngine):
                             "use prompt_template='...{query_str}...' for the question's prompt.")
         if response_synthesizer is None:
             if llm is None:
-                raise ValueError("MemLongQueryEngine.from_args needs llm=MemLongLLM(...).")
+                llm = Settings._llm  # as RetrieverQueryEngine.from_args falls back to Settings.llm (unresolved: no OpenAI)
+            if llm is None:
+                raise ValueError("MemLongQueryEngine.from_args needs a MemLongLLM: pass llm=MemLongLLM(...) or set "
+                                 "Settings.llm = MemLongLLM(...).")
             response_synthesizer = MemLongSynthesizer(llm, prompt_template, streaming=streaming,
                                                       callback_manager=callback_manager)
         return cls(retriever=retriever, response_synthesizer=response_synthesizer,

@@ -224,6 +224,10 @@ class MemLongVectorStore(BasePydanticVectorStore):
                                    everything=True)) if restricted else None
         if query.query_str:
             probe: Any = query.query_str
+            try:  # the question must fit the model's local window: say so here, before LlamaIndex packs a prompt
+                self._memlong.encode_prompt(query.query_str)
+            except ValueError as error:
+                raise ValueError(f"The question is too long for this model. {error}") from None
         elif mode is None and query.query_embedding is not None and len(query.query_embedding) == bank.embedder.dim:
             probe, mode = query.query_embedding, "dense"
         else:

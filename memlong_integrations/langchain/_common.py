@@ -1,0 +1,63 @@
+"""Pieces shared by the LangChain adapters: one lock per model, Documents -> chunk ids, clear refusals."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import NoReturn
+
+from langchain_core.documents import Document
+
+from memlong import MemLong, MemoryBank, UnknownChunkError
+from memlong_integrations.metadata import CHUNK_ID_KEY, chunk_id_of
+
+__all__ = ["lock", "memlong_chunk_ids_from_documents", "not_supported"]
+
+_locks: weakref.WeakKeyDictionary[MemLong, threading.RLock] = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def lock(ml: MemLong) -> threading.RLock:
+    """One lock per MemLong: retrieval + the start of a generation are atomic, so ``last_generation`` of
+    concurrent calls (``batch``, async) is never mixed up."""
+    with _locks_guard:
+        return _locks.setdefault(ml, threading.RLock())
+
+
+def not_supported(owner: str, feature: str, instead: str) -> NoReturn:
+    """Raise ``NotImplementedError`` saying what ``owner`` cannot do and what to use instead."""
+    raise NotImplementedError(f"{owner} does not support {feature}. {instead}")
+
+
+def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: MemoryBank,
+                                     namespace: str = "default") -> list[str]:
+    """Chunk ids for ``documents``: a chunk Document (``metadata["memlong_chunk_id"]``, from
+    :class:`MemLongRetriever`) gives its chunk; a :class:`MemLongVectorStore` entry (``Document.id``) gives all of
+    its chunks. Bank order (document order), no duplicates.
+
+    Raises:
+        memlong.UnknownChunkError: a chunk or entry that is not (or no longer) in ``namespace``.
+        ValueError: a Document that carries neither a chunk id nor an id.
+    """
+    entries: dict[str, list[str]] | None = None
+    ids: list[str] = []
+    for doc in documents:
+        cid = chunk_id_of(doc.metadata, namespace=namespace)
+        if cid is not None:
+            ids.append(bank.get(cid, namespace=namespace).id)  # validates
+        elif doc.id:
+            if entries is None:
+                entries = {}
+                for chunk_id in bank.chunk_ids(namespace):
+                    entries.setdefault(bank.get(chunk_id, namespace=namespace).doc_id, []).append(chunk_id)
+            if doc.id not in entries:
+                raise UnknownChunkError(
+                    f"Document id {doc.id!r} has no chunks in namespace {namespace!r}: it was never added there, or "
+                    "it was deleted or evicted. Retrieve from the MemLongVectorStore / MemLongRetriever of that namespace.")
+            ids.extend(entries[doc.id])
+        else:
+            raise ValueError(f"A Document with neither metadata[{CHUNK_ID_KEY!r}] nor an id cannot be mapped to stored "
+                             "K-V. Retrieve with MemLongRetriever or a MemLongVectorStore retriever.")
+    order = {cid: i for i, cid in enumerate(bank.chunk_ids(namespace))}
+    return sorted(dict.fromkeys(ids), key=order.__getitem__)

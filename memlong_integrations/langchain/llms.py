@@ -1,0 +1,90 @@
+"""`MemLongLLM`: a LangChain text-completion ``LLM`` over a :class:`memlong.MemLong` decoder.
+
+Contract: the prompt is continued as is (no template); only the prompt is encoded. Chunks are attended as stored
+K-V when given with the call keyword ``memlong_chunk_ids`` (``memlong_namespace`` overrides ``namespace`` for one
+call); with none the model reads only the prompt, unless ``retrieve=True`` (then it retrieves ``top_k`` chunks of
+``namespace`` with the prompt as the query). Stop strings are not part of the output, not even their start, and
+whitespace before the first visible character never triggers one; the completion is otherwise returned as
+generated (leading space included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models.llms import LLM
+from langchain_core.outputs import GenerationChunk
+from pydantic import ConfigDict, Field
+
+from memlong import MemLong
+from memlong_integrations._answer import answer_pieces
+from memlong_integrations.langchain._common import lock
+
+__all__ = ["MemLongLLM"]
+
+
+class MemLongLLM(LLM):
+    """Plain text-completion LLM over MemLong: the prompt is continued as is (no template).
+
+    Setup:
+        ``ml = MemLong.from_pretrained("default", top_k=4)``
+
+    Instantiate:
+        .. code-block:: python
+
+            from memlong_integrations.langchain import MemLongLLM
+
+            llm = MemLongLLM(memlong=ml, namespace="docs", max_tokens=16)
+
+    Invoke:
+        .. code-block:: python
+
+            llm.invoke("\\nQuestion: What is the password of the harbour gate?\\nAnswer:", memlong_chunk_ids=ids)
+            llm.invoke("The capital of France is", stop=["."])
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    memlong: MemLong = Field(exclude=True)
+    """The MemLong model (decoder, tokenizer and memory bank)."""
+    namespace: str = "default"
+    """Memory namespace read for explicit chunk ids (and retrieval with ``retrieve=True``)."""
+    temperature: float = 0.0
+    """0 = greedy decoding."""
+    max_tokens: int = 256
+    """Most tokens to generate."""
+    retrieve: bool = False
+    """With no ``memlong_chunk_ids``, retrieve ``top_k`` chunks of the namespace with the prompt as query."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "memlong"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "temperature": self.temperature, "max_tokens": self.max_tokens,
+                "retrieve": self.retrieve}
+
+    def _stream(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[GenerationChunk]:
+        unknown = set(kwargs) - {"memlong_chunk_ids", "memlong_namespace"}
+        if unknown:
+            raise TypeError(f"MemLongLLM got unknown call keywords {sorted(unknown)}; it accepts memlong_chunk_ids "
+                            "and memlong_namespace.")
+        ids = kwargs.get("memlong_chunk_ids")
+        with lock(self.memlong):
+            pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
+                                           chunk_ids=list(ids) if ids is not None else None, retrieve=self.retrieve,
+                                           max_new_tokens=self.max_tokens, temperature=self.temperature, stream=True)
+            stats = self.memlong.last_generation
+        for piece in answer_pieces(pieces, stop or (), stats=stats):
+            chunk = GenerationChunk(text=piece)
+            if run_manager is not None:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+
+    def _call(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
+              **kwargs: Any) -> str:
+        return "".join(c.text for c in self._stream(prompt, stop=stop, run_manager=run_manager, **kwargs))
