@@ -82,7 +82,7 @@ def parse_blocks(path: Path) -> list[Block]:
         assert end is not None, f"{path}:{i + 1}: unclosed code fence"
         block = Block(path, start + 1, lang, "\n".join(lines[start + 1:end]) + "\n")
         j = start - 1
-        while j >= 0 and (lines[j].strip() == "" or MARKER.search(lines[j])):  # markers right above the fence
+        while j >= 0 and (lines[j].strip() == "" or lines[j].lstrip().startswith("<!--")):  # comments right above
             for text in MARKER.findall(lines[j]):
                 _apply_marker(block, text)
             j -= 1
