@@ -418,7 +418,8 @@ def _validate(args: argparse.Namespace) -> None:
 
         shakespeare_text(args.play)  # names the plays there are
     if getattr(args, "load_memory", None) and not Path(args.load_memory).is_dir():
-        raise ValueError(f"--load-memory {args.load_memory!r} is not a folder; give one written by --save-memory.")
+        what = "is not a folder" if Path(args.load_memory).exists() else "does not exist (no such directory)"
+        raise ValueError(f"--load-memory {args.load_memory!r} {what}; give a folder written by --save-memory.")
     if getattr(args, "save_memory", None):
         _writable(args.save_memory, "--save-memory", folder=True)
     if args.command == "train":
