@@ -2,6 +2,7 @@
 
 from memlong.config import MemLongConfig
 from memlong.embedder import Embedder
+from memlong.generation import Generation
 from memlong.memory import (
     Chunk,
     MemoryBank,
@@ -11,10 +12,11 @@ from memlong.memory import (
     SearchHit,
     UnknownChunkError,
 )
-from memlong.model import GenerationStats, IngestStats, MemLong
+from memlong.model import GenerationStats, IngestStats, MemLong, RunOutput
 from memlong.storage import MemoryFileError
+from memlong.streaming import Stream
 
-__all__ = ["Chunk", "Embedder", "GenerationStats", "IngestStats", "MemLong", "MemLongConfig", "MemoryBank",
-           "MemoryEvictionWarning", "MemoryFileError", "MemoryFullError", "MemoryMismatchError", "SearchHit",
-           "UnknownChunkError"]
+__all__ = ["Chunk", "Embedder", "Generation", "GenerationStats", "IngestStats", "MemLong", "MemLongConfig", "MemoryBank",
+           "MemoryEvictionWarning", "MemoryFileError", "MemoryFullError", "MemoryMismatchError", "RunOutput",
+           "SearchHit", "Stream", "UnknownChunkError"]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from typing import Any
 
 from memlong.evaluation import shakespeare_text
 from memlong.model import IngestStats, MemLong
+from memlong.prompts import question_prompt
 
 __all__ = ["FACT", "QUESTION", "plant_fact", "run_demo"]
 
@@ -50,11 +51,12 @@ def run_demo(ml: MemLong, *, play: str = "hamlet", load_memory: str | None = Non
     print(ANSWER_PREFIX.strip(), end="", flush=True)
     # A plain continuation prompt: retrieved chunks sit before it, so the play text flows straight into the
     # question (a chat header between them confuses a 135M model); the answer's form is forced.
-    for piece in ml.generate(f"\nQuestion: {QUESTION}\nAnswer:", query=QUESTION, namespace="demo",
-                             answer_prefix=ANSWER_PREFIX, max_new_tokens=max_new_tokens, stream=True):
+    generation = ml.generate(question_prompt(QUESTION), query=QUESTION, namespace="demo",
+                             answer_prefix=ANSWER_PREFIX, max_new_tokens=max_new_tokens, stream=True)
+    for piece in generation:
         answer += piece
         print(piece, end="", flush=True)
-    gen = ml.last_generation
+    gen = generation.stats
     print("\n")
     hits = [ml.bank.get(c, namespace="demo").text for c in gen.chunk_ids]
     return {

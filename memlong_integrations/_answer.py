@@ -20,9 +20,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from memlong.prompts import PLAIN_STOP  # re-exported: a plain-prompt answer ends at the next question or paragraph
+
 __all__ = ["KV_ANSWER_PREFIX", "PLAIN_STOP", "answer_pieces", "answer_text"]
 
-PLAIN_STOP = ("\nQuestion:", "\n\n")  # a plain-prompt answer ends at the next question or paragraph
 # Prefilled after "Answer:" when retrieved chunks are attended: with no prefill the 135M default model often ends
 # at once (end of sequence) or answers "The answer is: <the question's subject>"; with it, it reads the chunks
 # ("..., the keeper of the iron key is Tobias Wren."). Measured on the default model, examples/ and notebooks/.
@@ -84,7 +85,7 @@ def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bo
         pieces: the text pieces of ``MemLong.generate(..., stream=True)`` (called without ``stop``).
         stops: strings that end the answer.
         strip: drop leading and trailing whitespace.
-        stats: the call's ``MemLong.last_generation``; its ``seconds`` is filled in when a stop string ends
+        stats: the call's ``Generation.stats``; its ``seconds`` is filled in when a stop string ends
             decoding early (the closed generator cannot).
     """
     started = time.perf_counter()

@@ -571,3 +571,19 @@ def test_langchain_package_has_no_import_cycle_and_old_paths_work():
 
     assert not [m for m in graph if m != "__init__" and reaches(m, m)], graph
     assert package.MemLongLLM is FromModule
+
+
+def test_interleaved_streams_report_their_own_usage(tiny):
+    """Each call's usage comes from its own Generation, not from the model's shared last_generation: two streams
+    started one after the other and read interleaved keep their own chunk ids and token counts."""
+    ids = tiny.bank.chunk_ids("kb")
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4)
+    a = chat.stream(QUESTION, memlong_chunk_ids=ids[:1])
+    b = chat.stream("Who keeps the iron key? Tell me more about the tower.", memlong_chunk_ids=ids[1:3])
+    first_a = next(a)  # a's prompt is encoded now, then b's: b becomes the model's last_generation
+    first_b = next(b)
+    rest_a, rest_b = [first_a, *a], [first_b, *b]
+    meta_a, meta_b = rest_a[-1].response_metadata["memlong"], rest_b[-1].response_metadata["memlong"]
+    assert meta_a["chunk_ids"] == ids[:1] and meta_b["chunk_ids"] == ids[1:3]
+    assert meta_a["prompt_tokens"] < meta_b["prompt_tokens"]
+    assert meta_a["memory_tokens"] == tiny.bank.get(ids[0], namespace="kb").n_tokens

@@ -14,17 +14,18 @@ def test_doctests():
     assert doctest.testmod(memlong.prompts).failed == 0
 
 
-def test_plain_layout_matches_langchain_and_llama_index_defaults():
-    chat_models = pytest.importorskip("memlong_integrations.langchain.chat_models")
-    render = getattr(chat_models, "_render_plain", None)
-    if render is None:
-        pytest.skip("the LangChain adapter renders with memlong.prompts now")
-    for after in (True, False):
-        assert plain_prompt(TURNS, after_memory=after) == render(TURNS, after_memory=after)
-        assert plain_prompt(TURNS[:3], after_memory=after) == render(TURNS[:3], after_memory=after)
-    assert PLAIN_STOP == chat_models.PLAIN_STOP
-    query_engine = pytest.importorskip("memlong_integrations.llama_index.query_engine")
-    assert query_engine.DEFAULT_KV_PROMPT.format(query_str="Who is Hamlet?") == question_prompt("Who is Hamlet?")
+def test_the_cli_and_both_adapters_render_with_this_module():
+    from memlong import demo
+    from memlong_integrations import _answer
+    from memlong_integrations.langchain import chat_models
+    from memlong_integrations.llama_index import llm, query_engine
+
+    assert chat_models.plain_prompt is plain_prompt and chat_models.chat_prompt is chat_prompt
+    assert llm.role_prompt is role_prompt and llm.chat_prompt is chat_prompt
+    assert demo.question_prompt is question_prompt
+    assert _answer.PLAIN_STOP is PLAIN_STOP and query_engine.PLAIN_STOP is PLAIN_STOP
+    assert query_engine.DEFAULT_KV_PROMPT.format(query_str="Who is Hamlet?") == \
+        question_prompt("Who is Hamlet?") + " " + _answer.KV_ANSWER_PREFIX
 
 
 def test_role_and_chat_layouts(tokenizer):

@@ -1,29 +1,16 @@
-"""Pieces shared by the LangChain adapters: one lock per model, Documents -> chunk ids, clear refusals."""
+"""Pieces shared by the LangChain adapters: Documents -> chunk ids, clear refusals."""
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Sequence
 from typing import NoReturn
 
 from langchain_core.documents import Document
 
-from memlong import MemLong, MemoryBank, UnknownChunkError
+from memlong import MemoryBank, UnknownChunkError
 from memlong_integrations.metadata import CHUNK_ID_KEY, chunk_id_of
 
-__all__ = ["lock", "memlong_chunk_ids_from_documents", "not_supported"]
-
-_locks: weakref.WeakKeyDictionary[MemLong, threading.RLock] = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
-
-def lock(ml: MemLong) -> threading.RLock:
-    """One lock per MemLong: retrieval + the start of a generation are atomic, so ``last_generation`` of
-    concurrent calls (``batch``, async) is never mixed up."""
-    with _locks_guard:
-        return _locks.setdefault(ml, threading.RLock())
-
+__all__ = ["memlong_chunk_ids_from_documents", "not_supported"]
 
 def not_supported(owner: str, feature: str, instead: str) -> NoReturn:
     """Raise ``NotImplementedError`` saying what ``owner`` cannot do and what to use instead."""

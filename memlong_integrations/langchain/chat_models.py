@@ -60,8 +60,9 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, Field
 
 from memlong import GenerationStats, MemLong
-from memlong_integrations._answer import KV_ANSWER_PREFIX, PLAIN_STOP, answer_pieces
-from memlong_integrations.langchain._common import lock, not_supported
+from memlong.prompts import PLAIN_STOP, chat_prompt, plain_prompt
+from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces
+from memlong_integrations.langchain._common import not_supported
 
 __all__ = ["ChatMemLong", "PLAIN_STOP"]
 
@@ -222,14 +223,13 @@ class ChatMemLong(BaseChatModel):
         fmt = self.prompt_format if self.prompt_format != "auto" else ("plain" if chunk_ids else "chat")
         stops = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
         if fmt == "plain":
-            prompt = _render_plain(turns, after_memory=bool(chunk_ids))
+            prompt = plain_prompt(turns, after_memory=bool(chunk_ids))
             stops.extend(s for s in PLAIN_STOP if s not in stops)
             if not prefill.strip() and chunk_ids:
                 prefill = self.kv_answer_prefix
             prefill = f" {prefill.strip()}" if prefill.strip() else ""
         else:
-            prompt = self.memlong.tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in turns],
-                                                                tokenize=False, add_generation_prompt=True)
+            prompt = chat_prompt(self.memlong.tokenizer, turns)
         return {"prompt": prompt, "namespace": namespace, "chunk_ids": chunk_ids, "answer_prefix": prefill,
                 "stop": tuple(stops), "query": question}
 
@@ -250,12 +250,13 @@ class ChatMemLong(BaseChatModel):
                kwargs: dict[str, Any]) -> tuple[Iterator[str], GenerationStats, str]:
         """Validate, retrieve and start decoding (the prompt is encoded on the first ``next``)."""
         args = self._prepare(messages, stop, kwargs)
-        with lock(self.memlong):  # stops are applied here, not by the core (it yields text before they complete)
-            pieces = self.memlong.generate(args["prompt"], namespace=args["namespace"], chunk_ids=args["chunk_ids"],
-                                           answer_prefix=args["answer_prefix"], query=args["query"],
-                                           max_new_tokens=self.max_tokens, stream=True,
-                                           temperature=self.temperature, seed=self.seed)
-            stats = self.memlong.last_generation
+        # stops are applied here, not by the core (it yields text before they complete); the Generation carries
+        # this call's own stats, so concurrent calls (batch, async) never mix them up
+        pieces = self.memlong.generate(args["prompt"], namespace=args["namespace"], chunk_ids=args["chunk_ids"],
+                                       answer_prefix=args["answer_prefix"], query=args["query"],
+                                       max_new_tokens=self.max_tokens, stream=True,
+                                       temperature=self.temperature, seed=self.seed)
+        stats = pieces.stats
         return answer_pieces(pieces, args["stop"], strip=True, stats=stats), stats, args["namespace"]
 
     def _metadata(self, stats: GenerationStats, namespace: str) -> tuple[UsageMetadata, dict[str, Any]]:
@@ -320,22 +321,3 @@ class ChatMemLong(BaseChatModel):
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
-
-def _render_plain(turns: Sequence[tuple[str, str]], *, after_memory: bool = True) -> str:
-    """Continuation prompt: ``\\n<system>\\nQuestion: <human>\\nAnswer: <ai>\\n...Question: <last>\\nAnswer:``.
-
-    With ``after_memory`` it starts with a newline, so that it reads on from the retrieved chunks whose K-V sit
-    right before it. Without memory it starts with its first line: text pasted into a system message then
-    takes the place retrieved K-V would take (right after the sink), so both layouts put the context at the
-    same positions (answers agree far more often; README, "RAG")."""
-    lines = [""] if after_memory else []
-    for role, text in turns:
-        if role == "system":
-            lines.append(text)
-        elif role == "user":
-            lines.append(f"Question: {text}")
-        else:
-            lines.append(f"Answer: {text}")
-    if turns and turns[-1][0] == "assistant":
-        lines.append("Question:")  # the last turn was the model's: nothing asked yet
-    return "\n".join(lines) + "\nAnswer:"

@@ -20,7 +20,6 @@ from pydantic import ConfigDict, Field
 
 from memlong import MemLong
 from memlong_integrations._answer import answer_pieces
-from memlong_integrations.langchain._common import lock
 
 __all__ = ["MemLongLLM"]
 
@@ -74,11 +73,10 @@ class MemLongLLM(LLM):
             raise TypeError(f"MemLongLLM got unknown call keywords {sorted(unknown)}; it accepts memlong_chunk_ids "
                             "and memlong_namespace.")
         ids = kwargs.get("memlong_chunk_ids")
-        with lock(self.memlong):
-            pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
-                                           chunk_ids=list(ids) if ids is not None else None, retrieve=self.retrieve,
-                                           max_new_tokens=self.max_tokens, temperature=self.temperature, stream=True)
-            stats = self.memlong.last_generation
+        pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
+                                       chunk_ids=list(ids) if ids is not None else None, retrieve=self.retrieve,
+                                       max_new_tokens=self.max_tokens, temperature=self.temperature, stream=True)
+        stats = pieces.stats  # this call's own (a Generation carries them)
         for piece in answer_pieces(pieces, stop or (), stats=stats):
             chunk = GenerationChunk(text=piece)
             if run_manager is not None:

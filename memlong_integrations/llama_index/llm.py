@@ -28,7 +28,8 @@ Contract:
       small models ignore it more often.
 
 Example:
-    >>> from memlong import MemLong
+    >>> from memlong import GenerationStats, MemLong
+from memlong.prompts import chat_prompt, role_prompt
     >>> from memlong_integrations.llama_index import MemLongLLM
     >>> ml = MemLong.from_pretrained("default", top_k=4)
     >>> stats = ml.ingest(long_text, namespace="docs")
@@ -63,7 +64,8 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from memlong import MemLong
+from memlong import GenerationStats, MemLong
+from memlong.prompts import chat_prompt, role_prompt
 from memlong_integrations._answer import answer_pieces
 from memlong_integrations.llama_index._common import checked_memlong
 
@@ -114,7 +116,7 @@ class MemLongLLM(CustomLLM):
 
     @property
     def memlong(self) -> MemLong:
-        """The wrapped model (``.bank`` is the memory, ``.last_generation`` the last call's statistics)."""
+        """The wrapped model (``.bank`` is the memory); each response's ``additional_kwargs`` are that call's statistics."""
         return self._memlong
 
     @property
@@ -128,8 +130,9 @@ class MemLongLLM(CustomLLM):
 
     # ------------------------------------------------------------------ core
     def _stream(self, prompt: str, chunk_ids: Sequence[str] | None, query: str | None,
-                kwargs: dict[str, Any]) -> Iterator[str]:
-        """Validate everything (ids, prompt length) eagerly, then return the text pieces lazily."""
+                kwargs: dict[str, Any]) -> tuple[Iterator[str], GenerationStats]:
+        """Validate everything (ids, prompt length) eagerly, then return the text pieces (lazily) and this call's
+        own ``GenerationStats`` (filled in as the pieces are read)."""
         if chunk_ids is not None and (isinstance(chunk_ids, str) or not all(isinstance(c, str) for c in chunk_ids)):
             raise TypeError(f"{CHUNK_IDS_KWARG} must be a list of chunk id strings, got {chunk_ids!r}.")
         unknown = sorted(k for k in kwargs if k.startswith("memlong_"))
@@ -140,10 +143,7 @@ class MemLongLLM(CustomLLM):
             prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
             max_new_tokens=max_new, temperature=float(kwargs.get("temperature", self.temperature)), stream=True)
         stops = [*self.stop, *(kwargs.get("stop") or ())]  # applied here: the core yields text before they complete
-        return answer_pieces(pieces, stops, strip=True, stats=self._memlong.last_generation)
-
-    def _stats(self) -> dict[str, Any]:
-        return dataclasses.asdict(self._memlong.last_generation)
+        return answer_pieces(pieces, stops, strip=True, stats=pieces.stats), pieces.stats
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
         if not formatted and self.completion_to_prompt is not None:
@@ -169,10 +169,11 @@ class MemLongLLM(CustomLLM):
             raise ValueError("The chat has no message to answer (only memory messages). Add a user message.")
         query = next((t["content"] for t in reversed(turns) if t["role"] == "user"), turns[-1]["content"])
         tokenizer = self._memlong.tokenizer
+        pairs = [(t["role"], t["content"]) for t in turns]
         if self.chat_template and getattr(tokenizer, "chat_template", None):
-            prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            prompt = chat_prompt(tokenizer, pairs)
         else:
-            prompt = "".join(f"\n{t['role'].capitalize()}: {t['content']}" for t in turns) + "\nAssistant:"
+            prompt = role_prompt(pairs)
         return prompt, ids, query
 
     # ------------------------------------------------------------------ completion
@@ -180,22 +181,23 @@ class MemLongLLM(CustomLLM):
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """Complete ``prompt``; ``memlong_chunk_ids=[...]`` picks the chunks to attend to (see module doc)."""
         ids = kwargs.pop(CHUNK_IDS_KWARG, None)
-        text = "".join(self._stream(self._prompt(prompt, formatted), ids, None, kwargs))
-        return CompletionResponse(text=text, additional_kwargs=self._stats())
+        pieces, stats = self._stream(self._prompt(prompt, formatted), ids, None, kwargs)
+        text = "".join(pieces)
+        return CompletionResponse(text=text, additional_kwargs=dataclasses.asdict(stats))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         """Stream the completion of ``prompt`` (``CompletionResponse.delta`` = new text)."""
         ids = kwargs.pop(CHUNK_IDS_KWARG, None)
-        pieces = self._stream(self._prompt(prompt, formatted), ids, None, kwargs)
+        pieces, stats = self._stream(self._prompt(prompt, formatted), ids, None, kwargs)
 
         def gen() -> CompletionResponseGen:
             text = ""
             for piece in pieces:
                 text += piece
-                yield CompletionResponse(text=text, delta=piece, additional_kwargs=self._stats())
+                yield CompletionResponse(text=text, delta=piece, additional_kwargs=dataclasses.asdict(stats))
             if not text:  # LlamaIndex ends the stream's event with its last item: there must be one
-                yield CompletionResponse(text="", delta="", additional_kwargs=self._stats())
+                yield CompletionResponse(text="", delta="", additional_kwargs=dataclasses.asdict(stats))
 
         return gen()
 
@@ -204,25 +206,26 @@ class MemLongLLM(CustomLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Answer the conversation; ids from ``memlong_chunk_ids`` or the messages' ``additional_kwargs``."""
         prompt, ids, query = self._chat_prompt(messages, kwargs)
-        text = "".join(self._stream(prompt, ids, query, kwargs))
+        pieces, stats = self._stream(prompt, ids, query, kwargs)
+        text = "".join(pieces)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
-                            additional_kwargs=self._stats())
+                            additional_kwargs=dataclasses.asdict(stats))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """Stream the answer to the conversation (``ChatResponse.delta`` = new text)."""
         prompt, ids, query = self._chat_prompt(messages, kwargs)
-        pieces = self._stream(prompt, ids, query, kwargs)
+        pieces, stats = self._stream(prompt, ids, query, kwargs)
 
         def gen() -> ChatResponseGen:
             text = ""
             for piece in pieces:
                 text += piece
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece,
-                                   additional_kwargs=self._stats())
+                                   additional_kwargs=dataclasses.asdict(stats))
             if not text:  # LlamaIndex ends the stream's event with its last item: there must be one
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=""), delta="",
-                                   additional_kwargs=self._stats())
+                                   additional_kwargs=dataclasses.asdict(stats))
 
         return gen()
 

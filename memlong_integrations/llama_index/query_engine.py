@@ -40,15 +40,16 @@ from llama_index.core.response_synthesizers import BaseSynthesizer
 from llama_index.core.schema import NodeWithScore
 from llama_index.core.types import RESPONSE_TEXT_TYPE
 
-from memlong_integrations._answer import KV_ANSWER_PREFIX, PLAIN_STOP
+from memlong.prompts import PLAIN_STOP, question_prompt
+from memlong_integrations._answer import KV_ANSWER_PREFIX
 from memlong_integrations.llama_index._common import chunk_ids_of
 from memlong_integrations.llama_index.llm import CHUNK_IDS_KWARG, MemLongLLM
 
 __all__ = ["DEFAULT_KV_PROMPT", "MemLongQueryEngine", "MemLongSynthesizer"]
 
-# A plain continuation prompt: the retrieved chunks (as K-V, in document order) flow straight into it. It ends
-# with the start of an answer (KV_ANSWER_PREFIX): without one small models often answer nothing.
-DEFAULT_KV_PROMPT = PromptTemplate(f"\nQuestion: {{query_str}}\nAnswer: {KV_ANSWER_PREFIX}")
+# The plain continuation layout (memlong.prompts): the retrieved chunks (as K-V, in document order) flow straight
+# into it. It ends with the start of an answer (KV_ANSWER_PREFIX): without one small models often answer nothing.
+DEFAULT_KV_PROMPT = PromptTemplate(f"{question_prompt('{query_str}')} {KV_ANSWER_PREFIX}")
 
 
 EMPTY_RESPONSE = "Empty Response"  # what LlamaIndex's own synthesizers answer when the LLM generates nothing
