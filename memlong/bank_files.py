@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from memlong.dtypes import DTYPES
 from memlong.embedder import TextEmbedder
 from memlong.eviction import MemoryFullError, capacity_victims, warn_evicted
 from memlong.records import Chunk, check_bank_config, check_chunk, check_compatible, embedder_info, parse_namespaces
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DTYPE_NAMES", "BankFiles"]
 
-DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # the one table (memlong.dtypes), inverted
 
 
 class BankFiles:

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from memlong.dtypes import DTYPES
+from memlong.search import SEARCH_MODES, SearchMode
 
 KVSource = Literal["memory_layer", "per_layer"]
 PositionLayout = Literal["zero", "continual"]
@@ -103,7 +104,7 @@ class MemLongConfig:
     memory_dtype: str = "float16"
     memory_device: Literal["cpu", "pinned", "model"] = "cpu"
     attention_backend: AttentionBackend = "auto"
-    search_mode: Literal["dense", "lexical", "hybrid"] = "dense"
+    search_mode: SearchMode = "dense"
     kv_refresh: float = 0.0
 
     # ------------------------------------------------------------------ helpers
@@ -157,8 +158,8 @@ class MemLongConfig:
                f"attention_backend must be one of auto, sdpa, flex, eager; got {self.attention_backend!r}.")
         _check(self.memory_dtype in _MEMORY_DTYPES,
                f"memory_dtype must be one of {list(_MEMORY_DTYPES)}, got {self.memory_dtype!r}.")
-        _check(self.search_mode in ("dense", "lexical", "hybrid"),
-               f"search_mode must be 'dense', 'lexical' or 'hybrid', got {self.search_mode!r}.")
+        _check(self.search_mode in SEARCH_MODES,
+               f"search_mode must be one of {', '.join(map(repr, SEARCH_MODES))}, got {self.search_mode!r}.")
         _check(self.memory_device in ("cpu", "pinned", "model"),
                f"memory_device must be 'cpu', 'pinned' or 'model', got {self.memory_device!r}.")
         for name in ("chunk_size", "local_window", "memory_capacity"):

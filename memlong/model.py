@@ -194,13 +194,6 @@ class MemLong:
         cfg = self.model.config
         return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
-    # private aliases kept for tests/test_memory_safety.py (owned by the bank's maintainer); use the properties
-    def _kv_heads(self) -> int:
-        return self.kv_heads
-
-    def _head_dim(self) -> int:
-        return self.head_dim
-
     @property
     def attention_backend(self) -> str:
         """The attention kernel ``config.attention_backend`` resolves to."""

@@ -283,7 +283,7 @@ def test_readers_while_memlong_ingests(make_tiny):
     ml.ingest(text, namespace="quiet", progress=False, doc_ids=["d"])
     done = threading.Event()
     errors, reads = [], [0] * 8
-    n_src, heads, dim = len(ml.config.source_layers), ml._kv_heads(), ml._head_dim()
+    n_src, heads, dim = len(ml.config.source_layers), ml.kv_heads, ml.head_dim
 
     queries = ml.bank.embedder.encode(lines)
 
