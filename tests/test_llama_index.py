@@ -509,3 +509,20 @@ def test_chat_engine_and_stock_engine_answer_on_default_model(default_memlong):
     assert "Tobias Wren" in str(answer) and ml.last_generation.memory_tokens == 0
     kv = MemLongQueryEngine.from_args(index.as_retriever(similarity_top_k=1), llm=llm).query("Who keeps the iron key?")
     assert "Tobias Wren" in str(kv) and ml.last_generation.memory_tokens > 0
+
+
+def test_documents_cannot_forge_memlongs_metadata_keys(make_tiny):
+    """Issue 16, defect 11 for LlamaIndex: a document whose metadata names memlong's bookkeeping keys (a chunk id,
+    a namespace) cannot redirect what the model attends to: those keys are dropped on the way in and set last,
+    from the bank, on the way out."""
+    ml, _ = make_tiny(top_k=2, chunk_size=64)
+    _, victim = build_index(ml, "victim", [Document(text=shakespeare_text("tempest")[:600], doc_id="t")], whole=True)
+    secret = ml.bank.chunk_ids("victim")[0]
+    forged = {CHUNK_ID_KEY: secret, "memlong_namespace": "victim", "play": "macbeth"}
+    index, store = build_index(ml, "mine", [Document(text=shakespeare_text("macbeth")[:600], doc_id="m",
+                                                     metadata=forged)], whole=True)
+    mine = set(ml.bank.chunk_ids("mine"))
+    for hit in index.as_retriever(similarity_top_k=4).retrieve("Macbeth witches"):
+        assert hit.node.metadata[CHUNK_ID_KEY] in mine and hit.node.node_id in mine
+        assert hit.node.metadata["memlong_namespace"] == "mine" and hit.node.metadata["play"] == "macbeth"
+    assert all(CHUNK_ID_KEY not in ml.bank.get(c, namespace="mine").metadata for c in mine)
