@@ -68,3 +68,20 @@ def test_sink_helpers_and_shapes(make_tiny):
     assert out.logits is None and out.kv[0][0].shape == (1, 2, 3, 16) and out.next_position == 4  # after the sink
     ml.weights_changed()  # the sink's K-V are recomputed: same weights, same result
     torch.testing.assert_close(ml.run([5, 6, 7], capture=True, logits_for=None).kv[3][1], out.kv[3][1])
+
+
+def test_a_streamed_generation_never_turns_gradients_off_for_its_caller(make_tiny):
+    """Grad mode is thread-global: a decode loop that kept `torch.no_grad()` open across its yields switched
+    gradients off for the caller between pieces, and for good when an answer was abandoned at a stop string (a
+    later training step then had no grad_fn)."""
+    ml, _ = make_tiny(local_window=512)
+    stats = ml.ingest(TEXT, namespace="doc", progress=False)
+    assert torch.is_grad_enabled()
+    g = ml.generate("Where does the red ship sail?", namespace="doc", chunk_ids=stats.chunk_ids[:2],
+                    max_new_tokens=6, stream=True)
+    next(g)
+    assert torch.is_grad_enabled()  # between pieces
+    del g  # abandoned midway, as an adapter does when a stop string completes
+    assert torch.is_grad_enabled()
+    for _ in ml.generate("Which ship?", namespace="doc", max_new_tokens=4, stream=True):
+        assert torch.is_grad_enabled()
