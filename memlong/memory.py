@@ -186,13 +186,16 @@ class MemoryBank(BankWrites, BankFiles):
             kept = [self._chunks[cid] for cid in (space.ids if space else ()) if cid not in drop]
             evict_cap, evict_bytes = self._plan(namespace, kept, new, sizes, protect=atomic or bool(replace))
             space = self._space(namespace, create=True)
-            self._remove(namespace, drop | evict_cap | evict_bytes)
-            for c in new:
+            # an unprotected write may evict some of its own (older) new chunks: those are never stored
+            victims = drop | evict_cap | evict_bytes
+            stored = [i for i, c in enumerate(new) if c.id not in victims]
+            self._remove(namespace, victims - {c.id for c in new})
+            for c in (new[i] for i in stored):
                 self._chunks[c.id] = c
                 self._sizes[c.id] = sizes[c.id]
                 space.tokens += c.n_tokens
                 space.nbytes += sizes[c.id]
-            space.add([c.id for c in new], vectors, [c.text for c in new])
+            space.add([new[i].id for i in stored], vectors[stored], [new[i].text for i in stored])
             warn_evicted(namespace, len(evict_cap), f"memory_capacity={self.capacity} tokens",
                          "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))")
             warn_evicted(namespace, len(evict_bytes), f"max_bytes={self.max_bytes}",

@@ -221,3 +221,19 @@ def test_hybrid_search_fuses_both_rankings(bank, embedder):
     assert [TEXTS.index(hybrid_bank.get(h.chunk_id, namespace="ns").text) for h in hybrid_bank.search(
         "bread yeast", namespace="ns", k=2)] == [ids.index(h.chunk_id) for h in bank.search(
             "bread yeast", namespace="ns", k=2, mode="hybrid")]
+
+
+def test_one_add_larger_than_capacity_evicts_its_own_oldest_chunks(embedder):
+    """A single add that overflows capacity (no older chunks to evict first) drops its own oldest chunks by the
+    paper's rule; it raised a raw KeyError after the eviction was planned before the chunks were stored."""
+    bank = MemoryBank(embedder=embedder, capacity=12)
+    texts = [f"chunk number {i} about the {['red', 'blue'][i % 2]} ship" for i in range(8)]
+    with pytest.warns(MemoryEvictionWarning):
+        ids = add(bank, texts)  # 8 chunks x 4 tokens = 32 > 12
+    assert len(ids) == 8 and bank.num_tokens("ns") <= 12
+    kept = bank.chunk_ids("ns")
+    assert kept and set(kept) <= set(ids) and kept == [i for i in ids if i in kept]
+    assert ids[-1] in kept  # the newest share is kept
+    for cid in kept:  # index rows, texts and K-V still line up
+        chunk = bank.get(cid, namespace="ns")
+        assert bank.search(chunk.text, namespace="ns", k=1, count=False)[0].chunk_id == cid
