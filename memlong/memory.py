@@ -326,6 +326,19 @@ class MemoryBank(BankWrites, BankFiles):
             space = self._spaces.get(namespace)
             return sorted(space.ids, key=lambda c: self._chunks[c].order) if space else []
 
+    def doc_chunk_ids(self, namespace: str = "default") -> dict[str, list[str]]:
+        """Document id -> its chunk ids in insertion order, for ``namespace`` (one read, no chunk copies).
+
+        Example:
+            >>> bank.doc_chunk_ids("docs")["intro"]     # every chunk of the document stored as "intro"
+        """
+        docs: dict[str, list[str]] = {}
+        with self._lock.read():
+            space = self._spaces.get(namespace)
+            for chunk in sorted((self._chunks[c] for c in (space.ids if space else ())), key=lambda c: c.order):
+                docs.setdefault(chunk.doc_id, []).append(chunk.id)
+        return docs
+
     def namespaces(self) -> list[str]:
         with self._lock.read():
             return list(self._spaces)

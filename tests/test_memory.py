@@ -237,3 +237,14 @@ def test_one_add_larger_than_capacity_evicts_its_own_oldest_chunks(embedder):
     for cid in kept:  # index rows, texts and K-V still line up
         chunk = bank.get(cid, namespace="ns")
         assert bank.search(chunk.text, namespace="ns", k=1, count=False)[0].chunk_id == cid
+
+
+def test_doc_chunk_ids_groups_a_namespace_by_document_in_order(bank):
+    a = add(bank, ["alpha one", "alpha two"], doc_id="a")
+    b = add(bank, ["beta one"], doc_id="b")
+    a += add(bank, ["alpha three"], doc_id="a")
+    add(bank, ["elsewhere"], namespace="other", doc_id="a")
+    assert bank.doc_chunk_ids("ns") == {"a": a, "b": b}
+    bank.delete([a[1]], namespace="ns")
+    assert bank.doc_chunk_ids("ns") == {"a": [a[0], a[2]], "b": b}
+    assert bank.doc_chunk_ids("missing") == {}

@@ -35,9 +35,7 @@ def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: Mem
             ids.append(bank.get(cid, namespace=namespace).id)  # validates
         elif doc.id:
             if entries is None:
-                entries = {}
-                for chunk_id in bank.chunk_ids(namespace):
-                    entries.setdefault(bank.get(chunk_id, namespace=namespace).doc_id, []).append(chunk_id)
+                entries = bank.doc_chunk_ids(namespace)
             if doc.id not in entries:
                 raise UnknownChunkError(
                     f"Document id {doc.id!r} has no chunks in namespace {namespace!r}: it was never added there, or "

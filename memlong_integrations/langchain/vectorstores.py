@@ -113,10 +113,7 @@ class MemLongVectorStore(VectorStore):
     # ------------------------------------------------------------------ entries
     def _entries(self) -> dict[str, list[str]]:
         """Entry id -> its chunk ids in document order."""
-        entries: dict[str, list[str]] = {}
-        for cid in self.bank.chunk_ids(self.namespace):
-            entries.setdefault(self.bank.get(cid, namespace=self.namespace).doc_id, []).append(cid)
-        return entries
+        return self.bank.doc_chunk_ids(self.namespace)
 
     def _document(self, entry_id: str, chunk_ids: list[str]) -> Document:
         """The entry's Document: its text is kept once, on its first chunk (joined chunk texts if evicted)."""
@@ -222,7 +219,8 @@ class MemLongVectorStore(VectorStore):
         chosen = maximal_marginal_relevance(np.asarray(embedding, dtype=np.float32), list(vectors), k=k,
                                             lambda_mult=lambda_mult)
         docs = [hits[i][0] for i in chosen]
-        self.bank.mark_retrieved([cid for doc in docs for cid in self._entries().get(doc.id, [])[:1]],
+        entries = self._entries()
+        self.bank.mark_retrieved([cid for doc in docs for cid in entries.get(doc.id, [])[:1]],
                                  namespace=self.namespace)
         return docs
 
@@ -238,13 +236,14 @@ class MemLongVectorStore(VectorStore):
         if k <= 0 or total == 0:
             return []
         entries = self._entries()
+        entry_of = {cid: entry for entry, ids in entries.items() for cid in ids}
         want = min(total, 4 * k)
         while True:  # widen until k distinct entries that pass the filter (an entry may own several chunks)
             best: dict[str, tuple[str, float]] = {}
             rejected: set[str] = set()
             for hit in self.bank.search(query, namespace=self.namespace, k=want, count=False, mode="dense"):
-                entry = self.bank.get(hit.chunk_id, namespace=self.namespace).doc_id
-                if entry in best or entry in rejected:
+                entry = entry_of.get(hit.chunk_id)  # None: written after the entries were read
+                if entry is None or entry in best or entry in rejected:
                     continue
                 if keep is None or keep(self._document(entry, entries[entry])):
                     best[entry] = (hit.chunk_id, hit.score)
