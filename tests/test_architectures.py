@@ -86,12 +86,15 @@ def test_continual_memory_equals_full_attention(make_arch, backend):
 
 
 def test_window_perplexity_matches_full_attention_within_window(make_arch):
+    """With a window that holds the whole text and no memory, streaming perplexity == full attention (the Llama
+    case is the tiny model of tests/test_model.py)."""
     ml, reference = make_arch(local_window=1024, ingest_step=512)
     tokens = ml.tokenize(TEXT)[:600]
     with torch.no_grad():
         logits = reference(torch.tensor([ml.sink_ids + tokens])).logits[0, :-1]
         nll = torch.nn.functional.cross_entropy(logits[-100:], torch.tensor(tokens[-100:]))
     got = ml.perplexity(tokens, score_last=100, use_memory=False)
+    assert got["scored_tokens"] == 100
     assert abs(got["ppl"] - float(torch.exp(nll))) < 1e-3 * got["ppl"]
 
 

@@ -3,6 +3,7 @@ end-to-end RAG chain on the real default model."""
 
 import pytest
 import torch
+from helpers import stop_across_pieces
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
@@ -394,15 +395,7 @@ def test_stop_strings_never_leak_even_in_part(tiny):
     ``bind(stop=)``, the ``stop`` field, streaming, and the completion LLM."""
     chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=12, prompt_format="chat")
     pieces = _pieces(chat)
-    full = "".join(pieces)
-    for k in range(1, len(pieces)):  # a stop = the last 2 characters of one piece + the first 2 of the next
-        at = len("".join(pieces[:k]))
-        stop = full[at - 2:at + 2]
-        if len(stop) == 4 and full.find(stop) == at - 2 and full[:at - 2].strip():
-            break
-    else:
-        pytest.skip("the tiny model's pieces are too short to build a stop across two of them")
-    want = full[:at - 2].rstrip()
+    stop, want = stop_across_pieces(pieces)  # forms over two pieces: its first half must be held back
     assert chat.invoke(QUESTION, stop=[stop]).content == want
     assert chat.bind(stop=[stop]).invoke(QUESTION).content == want
     assert ChatMemLong(memlong=tiny, namespace="kb", max_tokens=12, prompt_format="chat",

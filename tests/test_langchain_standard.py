@@ -38,18 +38,8 @@ SENTENCES = ["The harbour gate opens at dawn.", "Falcons nest in the northern to
              "Saffron is stored in the silver chest.", "The copper lamp lights the west chapel."]
 
 
-class TestChatMemLongUnit(ChatModelUnitTests):
-    @pytest.fixture(autouse=True)
-    def _memlong(self, make_tiny):
-        self._ml, _ = make_tiny(top_k=2)
-
-    @property
-    def chat_model_class(self):
-        return ChatMemLong
-
-    @property
-    def chat_model_params(self):
-        return {"memlong": self._ml, "namespace": "lc-unit"}
+class _ChatMemLongFeatures:
+    """What ChatMemLong does not support, declared for both suites."""
 
     @property
     def has_tool_calling(self) -> bool:
@@ -64,8 +54,22 @@ class TestChatMemLongUnit(ChatModelUnitTests):
         return False  # one loaded model per ChatMemLong
 
 
+class TestChatMemLongUnit(_ChatMemLongFeatures, ChatModelUnitTests):
+    @pytest.fixture(autouse=True)
+    def _memlong(self, make_tiny):
+        self._ml, _ = make_tiny(top_k=2)
+
+    @property
+    def chat_model_class(self):
+        return ChatMemLong
+
+    @property
+    def chat_model_params(self):
+        return {"memlong": self._ml, "namespace": "lc-unit"}
+
+
 @pytest.mark.slow
-class TestChatMemLongIntegration(ChatModelIntegrationTests):
+class TestChatMemLongIntegration(_ChatMemLongFeatures, ChatModelIntegrationTests):
     @pytest.fixture(autouse=True)
     def _memlong(self, default_memlong):
         self._ml = default_memlong
@@ -78,18 +82,6 @@ class TestChatMemLongIntegration(ChatModelIntegrationTests):
     def chat_model_params(self):
         # an empty namespace: plain chat, nothing to retrieve; short answers keep CPU time down
         return {"memlong": self._ml, "namespace": "lc-standard-empty", "max_tokens": 8}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False  # bind_tools is overridden only to say what to use instead (the suite infers support from it)
-
-    @property
-    def has_structured_output(self) -> bool:
-        return False  # likewise with_structured_output
-
-    @property
-    def supports_model_override(self) -> bool:
-        return False
 
 
 class TestMemLongRetrieverStandard(RetrieversIntegrationTests):

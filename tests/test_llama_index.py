@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import stop_across_pieces
 from llama_index.core import Document, PromptTemplate, StorageContext, VectorStoreIndex
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.memory import Memory
@@ -424,16 +425,7 @@ def test_stop_strings_never_leak_even_in_part(tiny_index):
     ids = ml.bank.chunk_ids("plays")[:2]
     free = MemLongLLM(ml, namespace="plays", max_new_tokens=12)
     pieces = [p.delta for p in free.stream_complete(prompt, memlong_chunk_ids=ids)]
-    full = "".join(pieces)
-    # a stop made of the last 2 characters of one piece and the first 2 of the next
-    for k in range(1, len(pieces)):
-        at = len("".join(pieces[:k]))
-        stop = full[at - 2:at + 2]
-        if len(stop) == 4 and full.find(stop) == at - 2 and full[:at - 2].strip():
-            break
-    else:
-        pytest.skip("the tiny model's pieces are too short to build a stop across two of them")
-    want = full[:at - 2].rstrip()
+    stop, want = stop_across_pieces(pieces)  # forms over two pieces: its first half must be held back
     assert free.complete(prompt, memlong_chunk_ids=ids, stop=[stop]).text == want
     streamed = [p.delta for p in free.stream_complete(prompt, memlong_chunk_ids=ids, stop=[stop])]
     assert "".join(streamed) == want and not any(stop[:2] in p for p in streamed[-1:])

@@ -192,18 +192,6 @@ def test_training_forward_has_gradients_only_where_asked(make_tiny):
     assert ml.decoder.layers[0].self_attn.q_proj.weight.grad is None
 
 
-def test_window_perplexity_matches_full_attention_within_window(make_tiny):
-    """With a window that holds the whole text and no memory, streaming perplexity == full attention."""
-    ml, reference = make_tiny(local_window=1024, ingest_step=512)
-    tokens = ml.tokenize(TEXT)[:600]
-    with torch.no_grad():
-        logits = reference(torch.tensor([ml.sink_ids + tokens])).logits[0, :-1]
-        nll = torch.nn.functional.cross_entropy(logits[-100:], torch.tensor(tokens[-100:]))
-    got = ml.perplexity(tokens, score_last=100, use_memory=False)
-    assert got["scored_tokens"] == 100
-    assert abs(got["ppl"] - float(torch.exp(nll))) < 1e-3 * got["ppl"]
-
-
 def test_ingest_copies_document_metadata_onto_chunks(make_tiny):
     ml, _ = make_tiny()
     stats = ml.ingest(["alpha beta gamma " * 40, "delta epsilon " * 40], namespace="m", doc_ids=["a", "b"],
