@@ -63,6 +63,12 @@ class Generation(Iterator[str]):
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def close(self) -> None:
+        """Stop decoding now (e.g. a caller's stop string completed); the stats keep what was done so far."""
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
     def text(self) -> str:
         """The rest of the answer as one string (consumes the generation)."""
         return "".join(self._pieces)
@@ -110,41 +116,43 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
                  seed: int | None, stop: Sequence[str], stats: GenerationStats, t0: float) -> Iterator[str]:
     eos = ml.eos_ids
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-    # Grad mode is thread-global: no `with torch.no_grad()` may stay open across a `yield`, or the caller runs with
-    # gradients off between pieces (and for good, if the generator is abandoned). Each model call gets its own.
-    with torch.no_grad():
-        ctx, pos = ml.context(memory, grow=True)
-    if pos + len(ids) + max_new_tokens > ml.max_positions:
-        raise ValueError(f"Prompt + memory + max_new_tokens need {pos + len(ids) + max_new_tokens} positions; "
-                         f"the model has {ml.max_positions}. Lower max_new_tokens or top_k.")
-    with torch.no_grad():
-        logits = ml.run(ids, positions=torch.arange(len(ids)) + pos, context=ctx, logits_for=slice(-1, None)).logits
-    pos += len(ids)
-    out: list[int] = []
-    emitted = ""
-    for _ in range(max_new_tokens):
-        token = _next_token(logits[0, -1], temperature, generator)
-        if token in eos:
-            break
-        out.append(token)
-        if stats.new_tokens == 0:
-            stats.time_to_first_token = time.perf_counter() - t0
-        stats.new_tokens += 1
-        text = ml.tokenizer.decode(out, skip_special_tokens=True)
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
-        if cut >= 0:
-            if cut > len(emitted):
-                yield text[len(emitted):cut]
-            break
-        if not text.endswith("\ufffd") and len(text) > len(emitted):  # wait for complete characters
-            yield text[len(emitted):]
-            emitted = text
-        if len(out) == max_new_tokens:
-            break
+    try:
+        # Grad mode is thread-global: no `with torch.no_grad()` may stay open across a `yield`, or the caller runs with
+        # gradients off between pieces (and for good, if the generator is abandoned). Each model call gets its own.
         with torch.no_grad():
-            logits = ml.run([token], positions=torch.tensor([pos]), context=ctx, logits_for=slice(-1, None)).logits
-        pos += 1
-    stats.seconds = time.perf_counter() - t0
+            ctx, pos = ml.context(memory, grow=True)
+        if pos + len(ids) + max_new_tokens > ml.max_positions:
+            raise ValueError(f"Prompt + memory + max_new_tokens need {pos + len(ids) + max_new_tokens} positions; "
+                             f"the model has {ml.max_positions}. Lower max_new_tokens or top_k.")
+        with torch.no_grad():
+            logits = ml.run(ids, positions=torch.arange(len(ids)) + pos, context=ctx, logits_for=slice(-1, None)).logits
+        pos += len(ids)
+        out: list[int] = []
+        emitted = ""
+        for _ in range(max_new_tokens):
+            token = _next_token(logits[0, -1], temperature, generator)
+            if token in eos:
+                break
+            out.append(token)
+            if stats.new_tokens == 0:
+                stats.time_to_first_token = time.perf_counter() - t0
+            stats.new_tokens += 1
+            text = ml.tokenizer.decode(out, skip_special_tokens=True)
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                if cut > len(emitted):
+                    yield text[len(emitted):cut]
+                break
+            if not text.endswith("\ufffd") and len(text) > len(emitted):  # wait for complete characters
+                yield text[len(emitted):]
+                emitted = text
+            if len(out) == max_new_tokens:
+                break
+            with torch.no_grad():
+                logits = ml.run([token], positions=torch.tensor([pos]), context=ctx, logits_for=slice(-1, None)).logits
+            pos += 1
+    finally:  # also when the caller closes the generator early (an adapter's stop string)
+        stats.seconds = time.perf_counter() - t0
 
 
 def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max_new_tokens: int = 64,

@@ -16,9 +16,7 @@ Contract of :func:`answer_pieces` (shared by the LlamaIndex and LangChain adapte
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from memlong.prompts import PLAIN_STOP  # re-exported: a plain-prompt answer ends at the next question or paragraph
 
@@ -76,8 +74,7 @@ def _first_stop(text: str, stops: Sequence[str], visible: int) -> int:
     return cut
 
 
-def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bool = False,
-                  stats: Any = None) -> Iterator[str]:
+def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bool = False) -> Iterator[str]:
     """The answer's text pieces from the model's ``pieces``: cut before the first stop string, never yielding
     a piece that may turn out to begin one (see module contract). Yields no empty pieces.
 
@@ -85,10 +82,9 @@ def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bo
         pieces: the text pieces of ``MemLong.generate(..., stream=True)`` (called without ``stop``).
         stops: strings that end the answer.
         strip: drop leading and trailing whitespace.
-        stats: the call's ``Generation.stats``; its ``seconds`` is filled in when a stop string ends
-            decoding early (the closed generator cannot).
+
+    The model's generator is closed when a stop string ends the answer (its stats then record the time so far).
     """
-    started = time.perf_counter()
     stops = [s for s in dict.fromkeys(stops) if s]
     text, sent = "", 0  # everything generated so far; how much of it was yielded (or dropped as leading space)
     body = None  # strip: where the answer's body starts (after whitespace and labels), once known
@@ -128,8 +124,6 @@ def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bo
         close = getattr(pieces, "close", None)
         if close is not None:
             close()
-        if stats is not None and not getattr(stats, "seconds", 0):
-            stats.seconds = time.perf_counter() - started
 
 
 def answer_text(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bool = False) -> str:

@@ -85,3 +85,15 @@ def test_a_streamed_generation_never_turns_gradients_off_for_its_caller(make_tin
     assert torch.is_grad_enabled()
     for _ in ml.generate("Which ship?", namespace="doc", max_new_tokens=4, stream=True):
         assert torch.is_grad_enabled()
+
+
+def test_a_generation_closed_early_still_records_its_time(make_tiny):
+    """Adapters close a generation when their stop string completes: its stats still record the seconds it ran
+    (measured from the call, prompt encoding included), as a generation run to the end does."""
+    ml, _ = make_tiny(local_window=512)
+    stats = ml.ingest(TEXT, namespace="doc", progress=False)
+    g = ml.generate("Where does the red ship sail?", namespace="doc", chunk_ids=stats.chunk_ids[:2],
+                    max_new_tokens=8, stream=True)
+    next(g)
+    g.close()
+    assert g.stats.seconds >= g.stats.time_to_first_token > 0 and g.stats.new_tokens < 8

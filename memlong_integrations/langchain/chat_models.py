@@ -257,7 +257,7 @@ class ChatMemLong(BaseChatModel):
                                        max_new_tokens=self.max_tokens, stream=True,
                                        temperature=self.temperature, seed=self.seed)
         stats = pieces.stats
-        return answer_pieces(pieces, args["stop"], strip=True, stats=stats), stats, args["namespace"]
+        return answer_pieces(pieces, args["stop"], strip=True), stats, args["namespace"]
 
     def _metadata(self, stats: GenerationStats, namespace: str) -> tuple[UsageMetadata, dict[str, Any]]:
         usage = UsageMetadata(input_tokens=stats.prompt_tokens + stats.memory_tokens, output_tokens=stats.new_tokens,

@@ -76,8 +76,7 @@ class MemLongLLM(LLM):
         pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
                                        chunk_ids=list(ids) if ids is not None else None, retrieve=self.retrieve,
                                        max_new_tokens=self.max_tokens, temperature=self.temperature, stream=True)
-        stats = pieces.stats  # this call's own (a Generation carries them)
-        for piece in answer_pieces(pieces, stop or (), stats=stats):
+        for piece in answer_pieces(pieces, stop or ()):
             chunk = GenerationChunk(text=piece)
             if run_manager is not None:
                 run_manager.on_llm_new_token(piece, chunk=chunk)

@@ -143,7 +143,7 @@ class MemLongLLM(CustomLLM):
             prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
             max_new_tokens=max_new, temperature=float(kwargs.get("temperature", self.temperature)), stream=True)
         stops = [*self.stop, *(kwargs.get("stop") or ())]  # applied here: the core yields text before they complete
-        return answer_pieces(pieces, stops, strip=True, stats=pieces.stats), pieces.stats
+        return answer_pieces(pieces, stops, strip=True), pieces.stats
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
         if not formatted and self.completion_to_prompt is not None:
