@@ -1,4 +1,5 @@
-"""Decoding with memory: the one decode loop, its stop handling, per-call statistics and teacher-forced scoring.
+"""Decoding with memory: the one decode loop, its stop handling, per-call statistics and teacher-forced scoring
+(``score``; ``segment_forward``, the differentiable one-segment forward behind ``MemLong.forward``).
 
 ``generate`` encodes only the prompt: retrieved chunks (by explicit id, or found with the prompt as query) enter
 the retrieval layers as stored K-V (with ``kv_refresh``, a share of the retrieved tokens is re-encoded next to
@@ -14,6 +15,7 @@ Example:
     >>> g.stats.prompt_tokens, g.stats.memory_tokens, g.stats.new_tokens
     >>> ml.decode(ids, memory=ml.memory_for(chunk_ids, "hamlet"), max_new_tokens=8).text()
     >>> ml.score(ids, target_ids).mean()           # mean log-probability of target_ids after ids
+    >>> ml.forward(torch.tensor([ids]), labels=torch.tensor([ids]), namespace="hamlet")["loss"]
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from memlong.positions import Memory
 if TYPE_CHECKING:
     from memlong.model import MemLong
 
-__all__ = ["Generation", "GenerationStats", "decode", "encode_prompt", "eos_ids", "score", "start_generation"]
+__all__ = ["Generation", "GenerationStats", "decode", "encode_prompt", "eos_ids", "score", "segment_forward",
+           "start_generation"]
 
 
 @dataclass
@@ -186,13 +189,59 @@ def score(ml: MemLong, ids: Sequence[int], target: Sequence[int], memory: Memory
         return torch.log_softmax(logits[0], -1).gather(1, target_t[:, None])[:, 0]
 
 
+def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
+                    namespace: str = "default", chunk_ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """One segment with retrieved memory, differentiable; see :meth:`memlong.MemLong.forward` (which calls this).
+
+    Memory: ``chunk_ids`` if given, else the namespace's ``top_k`` chunks found (dense search) with the most
+    recently stored chunk's text as the query (the segment's own tokens are never the query).
+    """
+    ids = input_ids.view(-1).tolist()
+    if len(ids) > ml.config.local_window:
+        raise ValueError(f"Segment of {len(ids)} tokens exceeds local_window {ml.config.local_window}.")
+    if chunk_ids is None and ml.config.top_k > 0:
+        stored = ml.bank.chunk_ids(namespace)
+        if stored:
+            query = ml.bank.get(stored[-1], namespace=namespace).text
+            chunk_ids = [h.chunk_id for h in ml.bank.search(query, namespace=namespace, k=ml.config.top_k,
+                                                            mode="dense")]
+    logits = ml.run(ids, memory=ml.memory_for(chunk_ids or [], namespace)).logits  # (1, T, V)
+    out = {"logits": logits}
+    if labels is not None:  # shifted here, as in transformers
+        out["loss"] = torch.nn.functional.cross_entropy(
+            logits[0, :-1], labels.view(-1)[1:].to(logits.device), ignore_index=-100)
+    return out
+
+
 def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", chunk_ids: Sequence[str] | None = None,
                      max_new_tokens: int = 64, chat: bool = False, retrieve: bool = True, query: str | None = None,
                      answer_prefix: str = "", temperature: float = 0.0, seed: int | None = None,
                      stop: Sequence[str] = ()) -> Generation:
-    """Encode the prompt, retrieve (and refresh) memory eagerly; return the lazily decoded :class:`Generation`.
+    """The body of :meth:`memlong.MemLong.generate`: encode the prompt, retrieve (and refresh) memory eagerly;
+    return the lazily decoded :class:`Generation`. Only the prompt is encoded.
 
-    See :meth:`memlong.MemLong.generate` for the arguments.
+    Args:
+        prompt: the text to continue (with ``chat=True``: a user message wrapped in the chat template).
+        namespace: memory namespace to read.
+        chunk_ids: explicit chunks to attend to (document order is restored); skips retrieval.
+        max_new_tokens: generation budget.
+        retrieve: with no ``chunk_ids``, search the namespace with ``query`` (default: the prompt).
+        answer_prefix: text the answer starts with (prefilled after the prompt, not repeated in the output),
+            e.g. ``"The pass key is"``; small models answer far better when the answer's form is forced.
+        temperature: 0 = greedy; otherwise sampling with this temperature.
+        stop: strings that end generation (not included in the output).
+
+    With ``config.kv_refresh = r > 0`` the share ``r`` of the retrieved tokens is re-encoded first, next to the
+    chunks retrieved with them (:meth:`MemLong.refresh`; counted in ``stats.refreshed_tokens``).
+    ``MemLong.generate(..., stream=False)`` returns ``Generation.text()``; ``stream=True`` this object.
+
+    Raises:
+        ValueError: empty prompt or a prompt longer than ``local_window``.
+        memlong.memory.UnknownChunkError: a chunk id not in ``namespace``.
+
+    Example:
+        >>> g = start_generation(ml, "Who killed Polonius?", namespace="hamlet")   # = ml.generate(..., stream=True)
+        >>> answer, stats = g.text(), g.stats
     """
     t0 = time.perf_counter()
     ids = encode_prompt(ml, prompt, chat, answer_prefix)

@@ -3,10 +3,11 @@
 This file holds the model itself: loading (and merging a trained adapter), the public run step every caller
 above builds on, and the delegation to the modules that hold one idea each::
 
-    model.py       MemLong: loading, properties, ``run`` (one forward with memory), ``memory_for``, persistence
+    model.py       MemLong: properties, ``run`` (one forward with memory), ``memory_for``, thin public methods
+    loading.py     supported decoders, ``from_pretrained`` (adapter merge), the bank, the memory fingerprint
     positions.py   the visible prefix [memory | sink | local cache] and its RoPE layout
     streaming.py   Stream (one document window by window), ingest, perplexity, IngestStats
-    generation.py  the decode loop, stop handling, Generation / GenerationStats, score
+    generation.py  the decode loop, stop handling, Generation / GenerationStats, score, the training forward
     refresh.py     kv_refresh (CacheBlend-style recompute of retrieved K-V)
     prompts.py     prompt layouts shared by the CLI and the framework adapters
     attention.py   the attention function registered with transformers (joint softmax over the prefix)
@@ -25,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,41 +33,17 @@ from typing import Any, Literal
 
 import torch
 
-from memlong import generation, refresh, streaming
+from memlong import generation, loading, refresh, streaming
 from memlong.attention import AttentionContext, register
 from memlong.config import MemLongConfig
-from memlong.dtypes import to_dtype
-from memlong.embedder import Embedder, TextEmbedder
+from memlong.embedder import TextEmbedder
 from memlong.generation import Generation, GenerationStats
+from memlong.loading import SUPPORTED_ARCHITECTURES
 from memlong.memory import MemoryBank
 from memlong.positions import KV, Memory, build_context
 from memlong.streaming import IngestStats, Stream
 
 __all__ = ["GenerationStats", "IngestStats", "MemLong", "RunOutput", "SUPPORTED_ARCHITECTURES"]
-
-# Decoders whose attention is q/k/v/o projections (Qwen2: with biases) + standard RoPE + the transformers attention
-# registry, each tested for exactness on a tiny random-weight model (tests/test_architectures.py). Sliding windows
-# (Mistral) are not applied: exact while a query's visible span fits the window, a warning otherwise.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-
-
-def _check_sliding_window(model_config: Any, cfg: MemLongConfig) -> None:
-    """Warn when a query may see more than a sliding-window model's window (Mistral; Qwen2 with sliding layers).
-
-    MemLong's attention shows every query ``[sink | memory | local cache]``, the design's point; it applies no
-    sliding window. Within the window that is exactly the stock model (tests/test_architectures.py); beyond it the
-    model reads keys it was never trained to see at that distance.
-    """
-    window = getattr(model_config, "sliding_window", None)
-    layer_types = getattr(model_config, "layer_types", None)
-    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
-        return
-    span = 1 + cfg.top_k * cfg.chunk_size + cfg.local_window
-    if span > window:
-        warnings.warn(f"This model was trained with a sliding window of {window} tokens, but a query may see up to "
-                      f"{span} (sink + top_k * chunk_size + local_window); MemLong applies no sliding window, so "
-                      "outputs differ from the stock model's beyond it. Lower top_k or local_window to stay exact.",
-                      UserWarning, stacklevel=3)
 
 
 @dataclass
@@ -97,10 +73,7 @@ class MemLong:
 
     def __init__(self, model: Any, tokenizer: Any, config: MemLongConfig | None = None, *,
                  embedder: TextEmbedder | str | None = None, bank: MemoryBank | None = None) -> None:
-        arch = getattr(model.config, "model_type", None)
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"Unsupported model architecture {arch!r}: MemLong supports {SUPPORTED_ARCHITECTURES} "
-                             "(Llama-family decoders with standard RoPE attention). Pick a model of one of these types.")
+        loading.check_architecture(getattr(model.config, "model_type", None))
         self.model = model
         self.tokenizer = tokenizer
         self.num_layers = int(model.config.num_hidden_layers)
@@ -110,21 +83,12 @@ class MemLong:
         model.eval()
         self.decoder = model.model  # embeddings + layers + final norm
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-        _check_sliding_window(model.config, self.config)
-        self.bank = bank if bank is not None else self._new_bank(embedder)
+        loading.check_sliding_window(model.config, self.config)
+        self.bank = bank if bank is not None else loading.new_bank(self.config, embedder, self.device)
         self.last_generation = GenerationStats()
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._sink_ids = [int(bos)] if (self.config.attention_sink and bos is not None) else []
         self._sink_cache: KV | None = None  # the sink's K-V (memlong.positions.sink_kv)
-
-    def _new_bank(self, embedder: TextEmbedder | str | None) -> MemoryBank:
-        cfg = self.config
-        emb = Embedder() if embedder in (None, "default") else (Embedder(embedder) if isinstance(embedder, str)
-                                                                 else embedder)
-        return MemoryBank(embedder=emb, capacity=cfg.memory_capacity, evict_oldest=cfg.evict_oldest,
-                          keep_newest=cfg.keep_newest, dtype=cfg.torch_memory_dtype, max_bytes=cfg.memory_max_bytes,
-                          device=self.device if cfg.memory_device == "model" else "cpu",
-                          pin_memory=cfg.memory_device == "pinned", search_mode=cfg.search_mode)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -141,28 +105,8 @@ class MemLong:
         Example:
             >>> ml = MemLong.from_pretrained("default", top_k=4, local_window=1024)
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = str(name_or_path)
-        if path == "default":
-            from memlong.default_model import default_model_path
-
-            path = str(default_model_path())
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=to_dtype(dtype)).to(device)
-        if adapter is None:
-            return cls(model, tokenizer, MemLongConfig(**config), embedder=embedder)
-        from memlong.adapter import ADAPTER_CONFIG_FIELDS, load_adapter, read_adapter_config
-
-        trained = read_adapter_config(adapter)["memlong_config"]
-        trained = {k: tuple(v) if isinstance(v, list) else v for k, v in trained.items() if k in ADAPTER_CONFIG_FIELDS}
-        ml = cls(model, tokenizer, MemLongConfig(**{**trained, **config}), embedder=embedder)
-        load_adapter(model, adapter)
-        ml.weights_changed()
-        return ml
+        return loading.load_pretrained(cls, name_or_path, embedder=embedder, device=device, dtype=dtype,
+                                       adapter=adapter, config=config)
 
     def weights_changed(self) -> None:
         """Tell the model its decoder weights changed (training, a merged adapter): K-V it cached from the old
@@ -196,11 +140,9 @@ class MemLong:
 
     @property
     def attention_backend(self) -> str:
-        """The attention kernel ``config.attention_backend`` resolves to."""
-        backend = self.config.attention_backend
-        if backend == "auto":
-            return "sdpa"  # flex measured 2x slower for ingest on an H100 (results/bench-gpu-h100-run1.json)
-        return backend
+        """The attention kernel ``config.attention_backend`` resolves to (``"auto"``: sdpa, as flex measured 2x
+        slower for ingest on an H100, results/bench-gpu-h100-run1.json)."""
+        return "sdpa" if self.config.attention_backend == "auto" else self.config.attention_backend
 
     @functools.cached_property
     def eos_ids(self) -> frozenset[int]:
@@ -314,27 +256,8 @@ class MemLong:
     def ingest(self, texts: str | Sequence[str], *, namespace: str = "default", doc_ids: Sequence[str] | None = None,
                metadatas: Sequence[dict[str, Any]] | None = None, progress: bool = True,
                context: Literal["document", "chunk"] = "document", strip: bool = False) -> IngestStats:
-        """Stream documents of any length into memory, window by window (:mod:`memlong.streaming`).
-
-        Args:
-            texts: one document or a list of documents (each streamed separately).
-            namespace: the memory namespace to write to (one per document set, user or session).
-            doc_ids: optional ids for the documents (used by ``MemoryBank.delete(doc_id=...)``).
-            metadatas: optional per-document metadata dicts, copied onto each of the document's chunks
-                (``MemoryBank.get(id).metadata``); adapters keep their node/document ids here.
-            progress: show a tqdm progress bar over tokens.
-            context: what each chunk's K-V are computed from. ``"document"`` (default, the paper's streaming):
-                the chunk inside its document's sliding local window, best for reading a long document
-                (perplexity, passkey). ``"chunk"``: the chunk alone (after the sink), which is what pasting that
-                chunk at the start of a prompt would compute: best for RAG, where retrieved chunks are read
-                out of their document (README, "RAG"); one forward per chunk, so slower to ingest.
-            strip: with ``context="chunk"``, store each chunk's text without its surrounding whitespace and
-                compute its K-V from that text's tokens (the span stays the chunk's place in the document).
-                LlamaIndex's synthesizers strip every chunk they paste, so its vector store does this, and the
-                K-V then match what the stock text pipeline encodes (README, "LlamaIndex").
-        Raises:
-            ValueError: a document that is empty or only whitespace; an unknown ``context``; ``strip`` without
-                ``context="chunk"``.
+        """Stream documents of any length into memory, window by window; returns this call's
+        :class:`IngestStats`. Arguments and errors: :func:`memlong.streaming.ingest`.
 
         Example:
             >>> stats = ml.ingest(open("hamlet.txt").read(), namespace="hamlet")
@@ -345,10 +268,8 @@ class MemLong:
 
     def perplexity(self, text: str | Sequence[int], *, score_last: int = 2048, namespace: str | None = None,
                    use_memory: bool = True, progress: bool = False) -> dict[str, float]:
-        """Perplexity of the last ``score_last`` tokens, the rest streamed through memory.
-
-        ``use_memory=False`` gives the local-window baseline (same stream, nothing retrieved or stored).
-        Uses (and afterwards resets) a scratch namespace unless ``namespace`` is given.
+        """Perplexity of the last ``score_last`` tokens, the rest streamed through memory
+        (``use_memory=False``: the local-window baseline); details: :func:`memlong.streaming.perplexity`.
 
         Example:
             >>> ml.perplexity(open("macbeth.txt").read(), score_last=2048)
@@ -360,27 +281,10 @@ class MemLong:
     # ------------------------------------------------------------------ training / scoring
     def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None, namespace: str = "default",
                 chunk_ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """One segment (``(1, T)``, ``T <= local_window``) with retrieved memory; differentiable.
-
-        Memory: ``chunk_ids`` if given, else the namespace's ``top_k`` chunks found with the most recently
-        stored chunk as the query (the segment's own tokens are never the query). ``labels`` (``(1, T)``,
-        -100 = ignore) are shifted inside, as in transformers; returns ``{"logits", "loss"}``.
-        """
-        ids = input_ids.view(-1).tolist()
-        if len(ids) > self.config.local_window:
-            raise ValueError(f"Segment of {len(ids)} tokens exceeds local_window {self.config.local_window}.")
-        if chunk_ids is None and self.config.top_k > 0:
-            stored = self.bank.chunk_ids(namespace)
-            if stored:
-                query = self.bank.get(stored[-1], namespace=namespace).text
-                chunk_ids = [h.chunk_id for h in self.bank.search(query, namespace=namespace, k=self.config.top_k,
-                                                                  mode="dense")]
-        logits = self.run(ids, memory=self.memory_for(chunk_ids or [], namespace)).logits  # (1, T, V)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = torch.nn.functional.cross_entropy(
-                logits[0, :-1], labels.view(-1)[1:].to(logits.device), ignore_index=-100)
-        return out
+        """One segment (``(1, T)``, ``T <= local_window``) with retrieved memory; differentiable. ``labels``
+        (``(1, T)``, -100 = ignore) are shifted inside, as in transformers; returns ``{"logits", "loss"}``. Which
+        memory (``chunk_ids``, else retrieved): :func:`memlong.generation.segment_forward`."""
+        return generation.segment_forward(self, input_ids, labels=labels, namespace=namespace, chunk_ids=chunk_ids)
 
     def score(self, ids: Sequence[int], target: Sequence[int], memory: Memory | None = None) -> torch.Tensor:
         """Teacher-forced log-probabilities ``(len(target),)`` of ``target`` after ``ids`` with ``memory``.
@@ -395,28 +299,10 @@ class MemLong:
                  max_new_tokens: int = 64, stream: bool = False, chat: bool = False, retrieve: bool = True,
                  query: str | None = None, answer_prefix: str = "", temperature: float = 0.0,
                  seed: int | None = None, stop: Sequence[str] = ()) -> str | Generation:
-        """Answer ``prompt`` with memory in the retrieval layers; only the prompt is encoded.
-
-        Args:
-            prompt: the text to continue (with ``chat=True``: a user message wrapped in the chat template).
-            namespace: memory namespace to read.
-            chunk_ids: explicit chunks to attend to (document order is restored); skips retrieval.
-            max_new_tokens: generation budget.
-            stream: return a :class:`~memlong.generation.Generation` (an iterator of text pieces that carries
-                this call's own ``stats``) instead of the full string.
-            retrieve: with no ``chunk_ids``, search the namespace with ``query`` (default: the prompt).
-            answer_prefix: text the answer starts with (prefilled after the prompt, not repeated in the output),
-                e.g. ``"The pass key is"``; small models answer far better when the answer's form is forced.
-            temperature: 0 = greedy; otherwise sampling with this temperature.
-            stop: strings that end generation (not included in the output).
-
-        With ``config.kv_refresh = r > 0`` the share ``r`` of the retrieved tokens is re-encoded first, next to the
-        chunks retrieved with them (see :meth:`refresh`; counted in ``stats.refreshed_tokens``). The call's stats
-        are also left in ``last_generation`` (not thread-safe).
-
-        Raises:
-            ValueError: empty prompt or a prompt longer than ``local_window``.
-            memlong.memory.UnknownChunkError: a chunk id not in ``namespace``.
+        """Answer ``prompt`` with memory in the retrieval layers; only the prompt is encoded. Returns the text, or
+        with ``stream=True`` a :class:`~memlong.generation.Generation` (text pieces + this call's own ``stats``;
+        the stats are also left in ``last_generation``, not thread-safe). Arguments and errors:
+        :func:`memlong.generation.start_generation`.
 
         Example:
             >>> g = ml.generate("Who killed Polonius?", namespace="hamlet", stream=True)
@@ -446,11 +332,7 @@ class MemLong:
 
     def memory_fingerprint(self) -> dict[str, Any]:
         """What stored K-V depend on: saved with the memory, compared when it is loaded (``model`` only warns)."""
-        cfg = self.model.config
-        return {"architecture": cfg.model_type, "num_layers": self.num_layers, "hidden_size": int(cfg.hidden_size),
-                "kv_heads": self.kv_heads, "head_dim": self.head_dim, "vocab_size": int(cfg.vocab_size),
-                "source_layers": list(self.config.source_layers), "kv_source": self.config.kv_source,
-                "chunk_size": self.config.chunk_size, "model": str(getattr(cfg, "_name_or_path", "") or "")}
+        return loading.memory_fingerprint(self)
 
     def save_memory(self, path: str | Path, *, namespaces: Sequence[str] | None = None) -> Path:
         """Save the memory bank (or some ``namespaces``) to directory ``path`` with this model's fingerprint.
@@ -459,8 +341,7 @@ class MemLong:
         :meth:`memlong.MemoryBank.save`.
 
         Example:
-            >>> ml.ingest(open("hamlet.txt").read(), namespace="hamlet")
-            >>> ml.save_memory("hamlet.memory")
+            >>> ml.save_memory("hamlet.memory")    # after ml.ingest(..., namespace="hamlet")
             >>> MemLong.from_pretrained("default").load_memory("hamlet.memory")
         """
         return self.bank.save(path, namespaces=namespaces, fingerprint=self.memory_fingerprint())

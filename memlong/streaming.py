@@ -251,7 +251,32 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
            doc_ids: Sequence[str] | None = None, metadatas: Sequence[dict[str, Any]] | None = None,
            progress: bool = True, context: Literal["document", "chunk"] = "document",
            strip: bool = False) -> IngestStats:
-    """Stream documents into memory; see :meth:`memlong.MemLong.ingest` (which calls this)."""
+    """Stream documents of any length into memory, window by window: the body of :meth:`memlong.MemLong.ingest`.
+
+    Args:
+        texts: one document or a list of documents (each streamed separately).
+        namespace: the memory namespace to write to (one per document set, user or session).
+        doc_ids: optional ids for the documents (used by ``MemoryBank.delete(doc_id=...)``).
+        metadatas: optional per-document metadata dicts, copied onto each of the document's chunks
+            (``MemoryBank.get(id).metadata``); adapters keep their node/document ids here.
+        progress: show a tqdm progress bar over tokens.
+        context: what each chunk's K-V are computed from. ``"document"`` (default, the paper's streaming): the
+            chunk inside its document's sliding local window, best for reading a long document (perplexity,
+            passkey). ``"chunk"``: the chunk alone (after the sink), which is what pasting that chunk at the start
+            of a prompt would compute: best for RAG, where retrieved chunks are read out of their document
+            (docs/rag-fidelity.md); one forward per chunk, so slower to ingest.
+        strip: with ``context="chunk"``, store each chunk's text without its surrounding whitespace and compute
+            its K-V from that text's tokens (the span stays the chunk's place in the document). LlamaIndex's
+            synthesizers strip every chunk they paste, so its vector store does this, and the K-V then match
+            what the stock text pipeline encodes (docs/integrations.md, "LlamaIndex").
+    Raises:
+        ValueError: a document that is empty or only whitespace; an unknown ``context``; ``strip`` without
+            ``context="chunk"``.
+
+    Example:
+        >>> stats = ingest(ml, open("hamlet.txt").read(), namespace="hamlet")   # = ml.ingest(...)
+        >>> stats.chunks, stats.tokens_per_second
+    """
     docs = _check_ingest(texts, doc_ids, metadatas, context, strip)
     encoded = [ml.tokenize(doc) for doc in docs]
     stats = IngestStats(documents=len(docs))
@@ -276,7 +301,16 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
 
 def perplexity(ml: MemLong, text: str | Sequence[int], *, score_last: int = 2048, namespace: str | None = None,
                use_memory: bool = True, progress: bool = False) -> dict[str, float]:
-    """Perplexity of the last ``score_last`` tokens; see :meth:`memlong.MemLong.perplexity` (which calls this)."""
+    """Perplexity of the last ``score_last`` tokens, the rest streamed through memory: the body of
+    :meth:`memlong.MemLong.perplexity`.
+
+    ``use_memory=False`` gives the local-window baseline (same stream, nothing retrieved or stored). Uses (and
+    afterwards resets) a scratch namespace unless ``namespace`` is given. Returns ``{"tokens", "scored_tokens",
+    "ppl"}``.
+
+    Raises:
+        ValueError: fewer than 2 tokens.
+    """
     tokens = ml.tokenize(text) if isinstance(text, str) else list(text)
     if len(tokens) < 2:
         raise ValueError("Perplexity needs at least 2 tokens of text.")

@@ -1,0 +1,116 @@
+"""What a :class:`~memlong.MemLong` is built from: the decoders it accepts, loading one by name (with a trained
+adapter merged in), the memory bank it gets, and the fingerprint of what its stored K-V depend on.
+
+``MemLong.__init__`` and ``MemLong.from_pretrained`` call these; nothing here runs the model.
+
+Example:
+    >>> from memlong.loading import SUPPORTED_ARCHITECTURES, check_architecture
+    >>> SUPPORTED_ARCHITECTURES
+    ('llama', 'mistral', 'qwen2')
+    >>> check_architecture("gpt2")
+    Traceback (most recent call last):
+    ValueError: Unsupported model architecture 'gpt2': ...
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from memlong.config import MemLongConfig
+from memlong.dtypes import to_dtype
+from memlong.embedder import Embedder, TextEmbedder
+from memlong.memory import MemoryBank
+
+if TYPE_CHECKING:
+    from memlong.model import MemLong
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "check_architecture", "check_sliding_window", "load_pretrained",
+           "memory_fingerprint", "new_bank"]
+
+# Decoders whose attention is q/k/v/o projections (Qwen2: with biases) + standard RoPE + the transformers attention
+# registry, each tested for exactness on a tiny random-weight model (tests/test_architectures.py). Sliding windows
+# (Mistral) are not applied: exact while a query's visible span fits the window, a warning otherwise.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def check_architecture(model_type: str | None) -> None:
+    """Raise ``ValueError`` unless ``model_type`` (``model.config.model_type``) is a supported decoder."""
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"Unsupported model architecture {model_type!r}: MemLong supports {SUPPORTED_ARCHITECTURES} "
+                         "(Llama-family decoders with standard RoPE attention). Pick a model of one of these types.")
+
+
+def check_sliding_window(model_config: Any, cfg: MemLongConfig) -> None:
+    """Warn when a query may see more than a sliding-window model's window (Mistral; Qwen2 with sliding layers).
+
+    MemLong's attention shows every query ``[sink | memory | local cache]``, the design's point; it applies no
+    sliding window. Within the window that is exactly the stock model (tests/test_architectures.py); beyond it the
+    model reads keys it was never trained to see at that distance.
+    """
+    window = getattr(model_config, "sliding_window", None)
+    layer_types = getattr(model_config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return
+    span = 1 + cfg.top_k * cfg.chunk_size + cfg.local_window
+    if span > window:
+        warnings.warn(f"This model was trained with a sliding window of {window} tokens, but a query may see up to "
+                      f"{span} (sink + top_k * chunk_size + local_window); MemLong applies no sliding window, so "
+                      "outputs differ from the stock model's beyond it. Lower top_k or local_window to stay exact.",
+                      UserWarning, stacklevel=3)  # the caller of MemLong(...)
+
+
+def new_bank(cfg: MemLongConfig, embedder: TextEmbedder | str | None, model_device: torch.device) -> MemoryBank:
+    """The :class:`MemoryBank` a new MemLong gets: ``embedder`` ``None``/``"default"`` (packaged
+    all-MiniLM-L6-v2), a sentence-transformers name, or an embedder object; sizes and placement from ``cfg``."""
+    if embedder in (None, "default"):
+        emb: TextEmbedder = Embedder()
+    else:
+        emb = Embedder(embedder) if isinstance(embedder, str) else embedder
+    return MemoryBank(embedder=emb, capacity=cfg.memory_capacity, evict_oldest=cfg.evict_oldest,
+                      keep_newest=cfg.keep_newest, dtype=cfg.torch_memory_dtype, max_bytes=cfg.memory_max_bytes,
+                      device=model_device if cfg.memory_device == "model" else "cpu",
+                      pin_memory=cfg.memory_device == "pinned", search_mode=cfg.search_mode)
+
+
+def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: TextEmbedder | str | None,
+                    device: str | None, dtype: torch.dtype | str | None, adapter: str | Path | None,
+                    config: dict[str, Any]) -> MemLong:
+    """The body of :meth:`MemLong.from_pretrained` (see there): resolve ``"default"``, pick device and dtype
+    (CUDA + bf16 when available, else CPU + fp32), load tokenizer and model, and merge ``adapter`` with the
+    config it was trained with as defaults (``config`` keywords override them)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(name_or_path)
+    if path == "default":
+        from memlong.default_model import default_model_path
+
+        path = str(default_model_path())
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=to_dtype(dtype)).to(device)
+    if adapter is None:
+        return cls(model, tokenizer, MemLongConfig(**config), embedder=embedder)
+    from memlong.adapter import ADAPTER_CONFIG_FIELDS, load_adapter, read_adapter_config
+
+    trained = read_adapter_config(adapter)["memlong_config"]
+    trained = {k: tuple(v) if isinstance(v, list) else v for k, v in trained.items() if k in ADAPTER_CONFIG_FIELDS}
+    ml = cls(model, tokenizer, MemLongConfig(**{**trained, **config}), embedder=embedder)
+    load_adapter(model, adapter)
+    ml.weights_changed()
+    return ml
+
+
+def memory_fingerprint(ml: MemLong) -> dict[str, Any]:
+    """What ``ml``'s stored K-V depend on; saved with a memory and compared when it is loaded (``model`` only
+    warns). See :meth:`MemLong.save_memory`."""
+    cfg = ml.model.config
+    return {"architecture": cfg.model_type, "num_layers": ml.num_layers, "hidden_size": int(cfg.hidden_size),
+            "kv_heads": ml.kv_heads, "head_dim": ml.head_dim, "vocab_size": int(cfg.vocab_size),
+            "source_layers": list(ml.config.source_layers), "kv_source": ml.config.kv_source,
+            "chunk_size": ml.config.chunk_size, "model": str(getattr(cfg, "_name_or_path", "") or "")}
