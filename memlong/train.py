@@ -18,6 +18,10 @@ from it, re-streaming the current document's earlier segments without gradients 
 Held-out documents are scored before and after (:meth:`MemLong.perplexity` on their first ``eval_tokens``
 tokens, the tokens after the first local window scored). The result is a small adapter folder.
 
+This file holds the configuration, the data, the evaluation and :func:`train`, which runs the named steps in
+order (plan, resume check, evaluation before, prepare parameters, the loop, adapter, evaluation after); the
+loop itself (optimizer, segments, checkpoints) is :class:`memlong.train_loop.Trainer`.
+
 Example:
     >>> from memlong import MemLong
     >>> from memlong.train import TrainConfig, shakespeare_split, train
@@ -31,25 +35,20 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
 import math
-import random
-import resource
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
-from memlong.adapter import add_lora, fingerprint, lora_state_dict, merge_lora, save_adapter
-from memlong.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from memlong.adapter import fingerprint, save_adapter
+from memlong.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from memlong.model import MemLong
+from memlong.train_loop import Trainer, planned_steps, prepare_parameters
 
 __all__ = ["SHAKESPEARE_HELD_OUT", "TrainConfig", "TrainResult", "evaluate", "load_documents", "shakespeare_split",
            "train", "trainable_layers"]
@@ -213,45 +212,6 @@ def trainable_layers(ml: MemLong) -> list[int]:
     return layers
 
 
-def _prepare(ml: MemLong, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
-    """Freeze everything, then make the upper layers trainable (LoRA or full); returns ``{name: parameter}``."""
-    layers = trainable_layers(ml)
-    for p in ml.model.parameters():
-        p.requires_grad_(False)
-    if cfg.method == "lora":
-        torch.manual_seed(cfg.seed)
-        add_lora(ml.model, layers, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
-        params = {n: p for n, p in ml.model.named_parameters() if ".lora_" in n}
-    else:
-        prefixes = tuple(f"model.layers.{i}." for i in layers)
-        params = {n: p for n, p in ml.model.named_parameters() if n.startswith(prefixes)}
-    for p in params.values():
-        p.requires_grad_(True)
-    return params
-
-
-def _autocast(ml: MemLong, cfg: TrainConfig):
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ml.device.type == "cuda"
-                                       and torch.cuda.is_bf16_supported())
-    if bf16 and ml.dtype != torch.bfloat16:
-        return torch.autocast(device_type=ml.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _segments(tokens: list[int], step: int) -> list[tuple[list[int], list[int]]]:
-    """(segment, targets) pairs; the targets are the next tokens (the last segment has one fewer)."""
-    return [(tokens[s:s + step], tokens[s + 1:s + step + 1]) for s in range(0, len(tokens) - 1, step)]
-
-
-def _lr_lambda(cfg: TrainConfig, total: int):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], *, tokens: int = 4096,
              progress: bool = False) -> dict[str, Any]:
@@ -297,134 +257,30 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
     Raises:
         ValueError: bad config, empty documents, a resume checkpoint for other data or settings.
     """
-    from tqdm.auto import tqdm
-
     config.validate()
     docs = _named(documents)
     held_out = _named(eval_documents) if eval_documents else []
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    step_len = ml.config.step
     encoded = [ml.tokenize(text)[: config.max_document_tokens] for _, text in docs]
     layers = trainable_layers(ml)
     base_print = fingerprint(ml.model, layers)  # before any weight changes
-    per_epoch = sum(len(_segments(t, step_len)) for t in encoded)
-    total_steps = config.max_steps or max(1, (per_epoch * config.epochs) // config.grad_accum)
-    # what a checkpoint must match to be resumed (max_steps may grow: a run can be extended)
-    volatile = ("progress", "resume", "save_every", "max_steps", "max_seconds", "eval_tokens")
-    identity = {"documents": [n for n, _ in docs], "train_config": _jsonable(config, skip=volatile),
-                "memlong_config": ml.config.to_dict()}
-    identity = json.loads(json.dumps(identity))  # as a checkpoint's JSON gives it back (tuples become lists)
-
-    ckpt_path = out / CHECKPOINT_NAME
-    ckpt = load_checkpoint(out) if config.resume else None  # safetensors + JSON: never unpickles
-    if ckpt is not None and ckpt.get("identity") != identity:
-        raise ValueError(f"{ckpt_path} is a checkpoint of another run (different documents, train config or model "
-                         "config). Use another output_dir, or resume=False (--no-resume) to start over.")
+    total_steps = planned_steps(config, encoded, ml.config.step)
+    identity = _identity(ml, docs, config)
+    ckpt = _checkpoint_to_resume(out, config, identity)
 
     result = TrainResult(adapter_path=str(out))
-    if held_out and config.eval_tokens > 0:
+    evaluating = bool(held_out) and config.eval_tokens > 0
+    if evaluating:
         result.eval_before = ckpt["eval_before"] if ckpt else evaluate(ml, held_out, tokens=config.eval_tokens)
-    params = _prepare(ml, config)
-    optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
-    position = (0, 0, 0)  # (epoch, document index in the epoch's order, segment index): next segment to train
+    trainer = Trainer(ml, config, prepare_parameters(ml, config, layers), result, total_steps=total_steps, out=out,
+                      identity=identity)
     if ckpt is not None:
-        with torch.no_grad():
-            for name, value in ckpt["params"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        result.steps = result.resumed_from_step = ckpt["step"]
-        result.losses = list(ckpt["losses"])
-        for key in _COUNTERS:
-            setattr(result, key, ckpt.get("counters", {}).get(key, getattr(result, key)))
-        position = tuple(ckpt["position"])
+        trainer.resume(ckpt)
     ml.weights_changed()  # the sink K-V follow the weights (LoRA starts at zero, but a resumed run does not)
+    trainer.run([(name, tokens) for (name, _), tokens in zip(docs, encoded)])
 
-    if config.gradient_checkpointing:
-        _checkpointing(ml.model, True)
-    ml.model.train()  # no dropout in Llama-family models; needed for gradient checkpointing
-    namespace = f"_train-{time.time_ns()}"
-    bar = tqdm(total=total_steps, initial=result.steps, desc="train", unit="step", disable=not config.progress)
-    micro, window_loss, window_n = 0, 0.0, 0
-    t0 = time.perf_counter() - result.seconds  # result.seconds: training time of earlier (resumed) calls
-    call_start, restream = time.perf_counter(), 0.0
-    done = result.steps >= total_steps
-    try:
-        for epoch in range(position[0], config.epochs):
-            if done:
-                break
-            order = list(range(len(docs)))
-            random.Random(f"{config.seed}-{epoch}").shuffle(order)
-            for d in range(position[1] if epoch == position[0] else 0, len(order)):
-                if done:
-                    break
-                ml.bank.reset(namespace)  # memory is reset between documents
-                state = ml.stream(namespace, doc_id=docs[order[d]][0])
-                skip = position[2] if (epoch, d) == position[:2] else 0
-                for k, (segment, targets) in enumerate(_segments(encoded[order[d]], step_len)):
-                    if k < skip:  # resumed mid-document: rebuild its memory and cache without gradients
-                        r0 = time.perf_counter()
-                        with torch.no_grad():
-                            state.step(segment, k=ml.config.top_k)
-                        restream += time.perf_counter() - r0
-                        continue
-                    # chunks of this document have left the local cache, so there is memory to retrieve
-                    has_memory = ml.config.top_k > 0 and state.offset - state.cache_len > 0
-                    with _autocast(ml, config):
-                        # every trained segment reads top_k retrieved chunks (ingest_top_k is for storing only)
-                        logits = state.step(segment, logits=True, k=ml.config.top_k)
-                        loss = torch.nn.functional.cross_entropy(
-                            logits[0, : len(targets)].float(), torch.as_tensor(targets, device=logits.device))
-                    (loss / config.grad_accum).backward()
-                    result.segments += 1
-                    result.segments_with_memory += int(has_memory)
-                    result.tokens += len(targets)
-                    micro += 1
-                    window_loss += float(loss.detach())
-                    window_n += 1
-                    if micro % config.grad_accum:
-                        continue
-                    torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    ml.weights_changed()  # recompute the sink's K-V
-                    result.steps += 1
-                    result.losses.append(window_loss / window_n)
-                    bar.set_postfix(loss=f"{result.losses[-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-                    bar.update(1)
-                    window_loss, window_n = 0.0, 0
-                    result.seconds = time.perf_counter() - t0 - restream
-                    done = result.steps >= total_steps or (
-                        config.max_seconds is not None and time.perf_counter() - call_start >= config.max_seconds)
-                    if result.steps % config.save_every == 0 or done:
-                        _save_checkpoint(out, params, optimizer, scheduler, result, (epoch, d, k + 1),
-                                         identity)
-                    if done:
-                        break
-            ml.bank.reset(namespace)
-    finally:
-        bar.close()
-        ml.bank.reset(namespace)
-        optimizer.zero_grad(set_to_none=True)
-        if config.gradient_checkpointing:
-            _checkpointing(ml.model, False)
-        ml.model.eval()
-
-    # write the adapter, then leave ml with the trained weights merged in
-    if config.method == "lora":
-        tensors = lora_state_dict(ml.model)
-        merge_lora(ml.model)
-    else:
-        tensors = {n: p.detach().float().cpu() for n, p in params.items()}
-    for p in ml.model.parameters():
-        p.requires_grad_(False)
-    ml.weights_changed()
-    result.peak_rss_mb = max(result.peak_rss_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    if ml.device.type == "cuda":
-        result.peak_device_mb = max(result.peak_device_mb or 0.0, torch.cuda.max_memory_allocated(ml.device) / 2**20)
+    tensors = trainer.finish()  # ml now holds the trained weights, LoRA merged in
     meta = {
         "method": config.method,
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(config.lora_targets)}
@@ -437,36 +293,41 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
                  "max_document_tokens": config.max_document_tokens, "eval_tokens": config.eval_tokens},
         "command": command if command is not None else " ".join(sys.argv),
         "train_config": identity["train_config"],
-        "result": {k: v for k, v in result.to_dict().items() if k != "losses"},
+        "result": _result_record(result),
         "losses": result.losses,
     }
     save_adapter(out, tensors, meta)  # written before the evaluation, which can be long
-    if held_out and config.eval_tokens > 0:
+    if evaluating:
         result.eval_after = evaluate(ml, held_out, tokens=config.eval_tokens)
-        meta["result"] = {k: v for k, v in result.to_dict().items() if k != "losses"}
+        meta["result"] = _result_record(result)
         save_adapter(out, tensors, meta)
     return result
 
 
-_COUNTERS = ("segments", "segments_with_memory", "tokens", "seconds", "peak_rss_mb", "peak_device_mb")
+def _identity(ml: MemLong, docs: list[tuple[str, str]], config: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed (max_steps may grow: a run can be extended), as a
+    checkpoint's JSON gives it back (tuples become lists)."""
+    volatile = ("progress", "resume", "save_every", "max_steps", "max_seconds", "eval_tokens")
+    identity = {"documents": [n for n, _ in docs], "train_config": _jsonable(config, skip=volatile),
+                "memlong_config": ml.config.to_dict()}
+    return json.loads(json.dumps(identity))
 
 
-def _checkpointing(model, on: bool) -> None:
-    """Gradient (activation) checkpointing on or off, under either name transformers uses."""
-    if on:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+def _checkpoint_to_resume(out: Path, config: TrainConfig, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """``out``'s checkpoint when resuming and there is one (safetensors + JSON: never unpickles).
+
+    Raises:
+        ValueError: the checkpoint is of another run.
+    """
+    ckpt = load_checkpoint(out) if config.resume else None
+    if ckpt is not None and ckpt.get("identity") != identity:
+        raise ValueError(f"{out / CHECKPOINT_NAME} is a checkpoint of another run (different documents, train config "
+                         "or model config). Use another output_dir, or resume=False (--no-resume) to start over.")
+    return ckpt
 
 
-def _save_checkpoint(out: Path, params, optimizer, scheduler, result: TrainResult, position, identity) -> None:
-    result.peak_rss_mb = max(result.peak_rss_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    save_checkpoint(out, params, optimizer, scheduler,
-                    {"step": result.steps, "losses": result.losses, "position": list(position), "identity": identity,
-                     "eval_before": result.eval_before, "counters": {key: getattr(result, key) for key in _COUNTERS}})
+def _result_record(result: TrainResult) -> dict[str, Any]:
+    return {k: v for k, v in result.to_dict().items() if k != "losses"}
 
 
 def _jsonable(cfg: TrainConfig, skip: tuple[str, ...] = ()) -> dict[str, Any]:
