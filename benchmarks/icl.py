@@ -118,6 +118,11 @@ def main() -> None:
     parser.add_argument("--memory-demos", type=int, default=200)
     parser.add_argument("--sizes", default="0,50,200,1000")
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
+    parser.add_argument("--n-pasted", type=int, default=None, help="full: score the pasted condition on the first "
+                                                                   "N test sentences per seed only (it is the costly one)")
+    parser.add_argument("--memory-k", type=int, default=DEFAULTS["memory_k"])
+    parser.add_argument("--storage", default=DEFAULTS["storage"])
+    parser.add_argument("--retrieval", default=DEFAULTS["retrieval"])
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="sweep: write the plot here (with every sweep JSON given "
                                                      "by --plot-from)")
@@ -132,13 +137,17 @@ def main() -> None:
     if args.what == "explore":
         rows = explore(ml, args.task, args.n_test, seeds[0], args.memory_demos, args.shots)
         _write(args.json, {**meta, "seconds": time.perf_counter() - t0, "rows": rows})
-    elif args.what == "full":
-        records = icl_eval(ml, task=args.task, shots=args.shots, memory_demos=args.memory_demos,
-                           n_test=args.n_test, seeds=seeds, conditions=args.conditions.split(","), progress=False)
-        summary = summarize(records)
-        for row in summary:
-            print(json.dumps(row), flush=True)
-        _write(args.json, {**meta, "seconds": time.perf_counter() - t0, "records": records, "summary": summary})
+    elif args.what == "full":  # seed by seed, the JSON rewritten after each (a stopped run keeps its seeds)
+        records: list[dict] = []
+        for seed in seeds:
+            records += icl_eval(ml, task=args.task, shots=args.shots, memory_demos=args.memory_demos,
+                                n_test=args.n_test, seeds=[seed], conditions=args.conditions.split(","),
+                                storage=args.storage, retrieval=args.retrieval, memory_k=args.memory_k,
+                                n_pasted=args.n_pasted, progress=False)
+            for r in records[-len(args.conditions.split(",")):]:
+                print(json.dumps({k: v for k, v in r.items() if k != "outcomes"}), flush=True)
+            _write(args.json, {**meta, "seconds": time.perf_counter() - t0, "records": records,
+                               "summary": summarize(records)})
     else:
         rows = sweep(ml, args.task, [int(s) for s in args.sizes.split(",")], args.n_test, seeds, args.shots)
         summary = []

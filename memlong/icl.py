@@ -185,13 +185,17 @@ def _wilson(k: int, n: int) -> tuple[float, float]:
 def icl_eval(ml: MemLong, *, task: str | ICLTask = "sentiment", shots: int = 4, memory_demos: int = 200,
              n_test: int = 100, seeds: Sequence[int] = (0, 1, 2), conditions: Sequence[str] = CONDITIONS,
              storage: str = DEFAULTS["storage"], retrieval: str = DEFAULTS["retrieval"],
-             memory_k: int = DEFAULTS["memory_k"], progress: bool = True) -> list[dict[str, Any]]:
+             memory_k: int = DEFAULTS["memory_k"], n_pasted: int | None = None,
+             progress: bool = True) -> list[dict[str, Any]]:
     """Accuracy per condition and seed (see module docstring); the same test set per seed for all conditions.
 
     Each seed draws disjoint, label-balanced sets: ``n_test`` test sentences, ``shots`` prompt
     demonstrations and ``memory_demos`` memory demonstrations, stored as ``storage`` says and retrieved
     ``memory_k`` chunks per test sentence as ``retrieval`` says (:mod:`memlong.icl_memory`). A prediction is
-    the label whose first token has the highest logit after ``"Answer:"``.
+    the label whose first token has the highest logit after ``"Answer:"``. ``n_pasted``: score
+    ``prompt+retrieved_text`` (the costly one: it encodes every retrieved demonstration) on the first
+    ``n_pasted`` test sentences only; each record's ``outcomes`` (1/0 per test sentence, in order) allow paired
+    comparisons on that subset.
     """
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:
@@ -217,16 +221,17 @@ def icl_eval(ml: MemLong, *, task: str | ICLTask = "sentiment", shots: int = 4, 
                                     head=task.instruction + "\n\n")
             runner = ConditionRunner(ml, task, prompt_demos, label_ids, store, retrieval, memory_k)
             for condition in conditions:
-                out = runner.run(condition, test, progress=progress, desc=f"icl {task.name} seed {seed} {condition}")
-                low, high = _wilson(out["correct"], len(test))
+                subset = test[:n_pasted] if condition == "prompt+retrieved_text" and n_pasted else test
+                out = runner.run(condition, subset, progress=progress, desc=f"icl {task.name} seed {seed} {condition}")
+                low, high = _wilson(out["correct"], len(subset))
                 memory_used = condition in ("prompt+memory", "prompt+retrieved_text")
                 records.append({"task": task.name, "condition": condition, "seed": seed,
-                                "accuracy": out["correct"] / len(test), "correct": out["correct"], "n": len(test),
+                                "accuracy": out["correct"] / len(subset), "correct": out["correct"], "n": len(subset),
                                 "shots": 0 if condition == "zero_shot" else shots,
                                 "memory_demos": memory_demos if condition == "prompt+memory" else 0,
                                 "retrieved_demos": memory_demos if memory_used else 0,
                                 "ci95_low": low, "ci95_high": high, "prompt_tokens": out["prompt_tokens"],
-                                "memory_tokens": out["memory_tokens"], **setting})
+                                "memory_tokens": out["memory_tokens"], **setting, "outcomes": out["outcomes"]})
         finally:
             ml.reset(ns)
     return records

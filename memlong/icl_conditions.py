@@ -94,13 +94,15 @@ class ConditionRunner:
 
     def run(self, condition: str, test: Sequence[tuple[str, str]], *, progress: bool = False,
             desc: str = "") -> dict[str, Any]:
-        """``{"correct", "prompt_tokens" (mean per query), "memory_tokens" (mean per query)}`` over ``test``."""
+        """``{"correct", "outcomes" (1/0 per sentence), "prompt_tokens", "memory_tokens" (means per query)}``."""
         from tqdm.auto import tqdm
 
-        correct = tokens = memory = 0
+        outcomes = []
+        tokens = memory = 0
         for text, gold in tqdm(test, desc=desc, disable=not progress):
             scores, n, m = self.score(condition, text)
-            correct += int(self.labels[max(range(len(scores)), key=scores.__getitem__)] == gold)
+            outcomes.append(int(self.labels[max(range(len(scores)), key=scores.__getitem__)] == gold))
             tokens += n
             memory += m
-        return {"correct": correct, "prompt_tokens": tokens / len(test), "memory_tokens": memory / len(test)}
+        return {"correct": sum(outcomes), "outcomes": outcomes, "prompt_tokens": tokens / len(test),
+                "memory_tokens": memory / len(test)}

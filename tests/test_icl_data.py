@@ -155,9 +155,12 @@ def test_every_storage_stores_and_retrieves(make_tiny, storage):
 def test_icl_eval_on_a_users_file_records_every_condition(make_tiny, tmp_path):
     ml, _ = make_tiny()
     task = load_labeled_file(write_csv(tmp_path / "d.csv"), label_words="neg=negative,pos=positive")
-    records = icl_eval(ml, task=task, shots=2, memory_demos=6, n_test=4, seeds=(0,), memory_k=3, progress=False)
+    records = icl_eval(ml, task=task, shots=2, memory_demos=6, n_test=4, seeds=(0,), memory_k=3, n_pasted=2,
+                       progress=False)
     assert [r["condition"] for r in records] == list(CONDITIONS)
     by = {r["condition"]: r for r in records}
+    assert by["prompt+retrieved_text"]["n"] == 2 and by["prompt"]["n"] == 4  # the pasted one on a prefix of the set
+    assert all(len(r["outcomes"]) == r["n"] and sum(r["outcomes"]) == r["correct"] for r in records)
     assert by["prompt+memory"]["memory_tokens"] > 0 and by["prompt+memory"]["memory_demos"] == 6
     assert by["prompt+retrieved_text"]["prompt_tokens"] > by["prompt+memory"]["prompt_tokens"]
     assert by["prompt"]["prompt_tokens"] == by["prompt+memory"]["prompt_tokens"] > by["zero_shot"]["prompt_tokens"]
