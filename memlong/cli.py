@@ -341,8 +341,8 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     icl.add_argument("--shots", type=_int_at_least(0), default=4, help="demonstrations in the prompt (default 4)")
     icl.add_argument("--memory-demos", type=_int_at_least(0), default=200,
                      help="demonstrations stored in memory (default 200)")
-    icl.add_argument("--memory-k", type=_int_at_least(0), default=16,
-                     help="memory demonstrations (chunks) retrieved per test sentence (default 16)")
+    icl.add_argument("--memory-k", type=_int_at_least(0), default=24,
+                     help="memory demonstrations (chunks) retrieved per test sentence (default 24)")
     icl.add_argument("--storage", choices=["demo", "aligned", "stream"], default="demo",
                      help="demo: one demonstration per chunk, K-V from it alone (default); aligned: one per chunk, "
                           "K-V in the stream of demonstrations; stream: one text in 128-token chunks")

@@ -54,7 +54,7 @@ __all__ = ["CONDITIONS", "DEFAULTS", "TASKS", "draw_sets", "get_task", "icl_eval
 
 CONDITIONS = ("zero_shot", "prompt", "prompt+retrieved_text", "prompt+memory")
 # The memory setting icl_eval uses unless told otherwise (chosen by benchmarks/icl.py, docs/icl.md).
-DEFAULTS: dict[str, Any] = {"storage": "demo", "retrieval": "similar", "memory_k": 16}
+DEFAULTS: dict[str, Any] = {"storage": "demo", "retrieval": "similar", "memory_k": 24}
 
 
 def _task(package: str, version: str, inner: str, parse, labels: dict[str, str], instruction: str,
