@@ -5,7 +5,8 @@
     # 2. the full measurement of the chosen default and the baselines (3 seeds x 200 sentences)
     python benchmarks/icl.py full --task topic --n-test 200 --seeds 0,1,2 --json results/icl-full-topic.json
     # 3. accuracy against demonstrations in memory, with a plot
-    python benchmarks/icl.py sweep --task topic --sizes 0,50,200,1000 --json results/icl-sweep-topic.json \
+    python benchmarks/icl.py sweep --task topic --sizes 0,50,200,1000 --json results/icl-sweep-topic.json
+    python benchmarks/icl.py plot --seeds 0 --from results/icl-sweep-topic.json,results/icl-sweep-sentiment.json \
         --plot results/icl-sweep.png
 
 Everything runs on one thread (``torch.set_num_threads(1)``): the machine is shared.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -108,9 +110,41 @@ def plot(path: str, rows_by_task: dict[str, list[dict]]) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def sweep_points(paths: list[str], seeds: list[int]) -> dict[str, list[dict]]:
+    """Per task, one summary row per memory size from sweep and full-run JSONs of the same seeds and test size.
+
+    A full run's ``prompt`` records are the size-0 point and its ``prompt+memory`` records the point at its
+    ``memory_demos``: the same computation as a sweep's (the test set and prompt of a seed do not depend on
+    the memory size, and memory sets are nested), so a sweep need not repeat sizes a full run measured.
+    """
+    by_task: dict[str, dict[int, list[dict]]] = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for r in data["records"]:
+            if r["seed"] not in seeds:
+                continue
+            if r["condition"] == "prompt":
+                size = 0
+            elif r["condition"] == "prompt+memory":
+                size = r["memory_demos"]
+            else:
+                continue
+            by_task.setdefault(r["task"], {}).setdefault(size, []).append(r)
+    out = {}
+    for task, sizes in by_task.items():
+        rows = []
+        for size in sorted(sizes):
+            keys = {(r["seed"], r["n"]) for r in sizes[size]}
+            unique = [next(r for r in sizes[size] if (r["seed"], r["n"]) == key) for key in sorted(keys)]
+            (row,) = summarize([{**r, "condition": "prompt+memory"} for r in unique])
+            rows.append({**row, "memory_demos": size, "seeds_n": sorted(keys)})
+        out[task] = rows
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["explore", "full", "sweep"])
+    parser.add_argument("what", choices=["explore", "full", "sweep", "plot"])
     parser.add_argument("--task", default="topic")
     parser.add_argument("--n-test", type=int, default=60)
     parser.add_argument("--seeds", default="0")
@@ -124,15 +158,14 @@ def main() -> None:
     parser.add_argument("--storage", default=DEFAULTS["storage"])
     parser.add_argument("--retrieval", default=DEFAULTS["retrieval"])
     parser.add_argument("--json", default=None)
-    parser.add_argument("--plot", default=None, help="sweep: write the plot here (with every sweep JSON given "
-                                                     "by --plot-from)")
-    parser.add_argument("--plot-from", default="", help="sweep JSON files of other tasks to draw in the same plot")
-    args = parser.parse_args()
+    parser.add_argument("--plot", default=None, help="plot: the PNG to write (and a JSON of its points beside it)")
+    parser.add_argument("--from", dest="sources", default="", help="plot: comma-separated sweep/full JSON files")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
-    ml = MemLong.from_pretrained("default", memory_capacity=400_000)
+    ml = MemLong.from_pretrained("default", memory_capacity=400_000) if args.what != "plot" else None
     t0 = time.perf_counter()
-    meta = {"command": "python benchmarks/icl.py " + " ".join(__import__("sys").argv[1:]), "model": "default",
+    meta = {"command": "python benchmarks/icl.py " + " ".join(sys.argv[1:] if argv is None else argv), "model": "default",
             "machine": "2-core shared CPU, 1 thread", "date": time.strftime("%Y-%m-%d"), "defaults": DEFAULTS}
     if args.what == "explore":
         rows = explore(ml, args.task, args.n_test, seeds[0], args.memory_demos, args.shots)
@@ -148,20 +181,15 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in r.items() if k != "outcomes"}), flush=True)
             _write(args.json, {**meta, "seconds": time.perf_counter() - t0, "records": records,
                                "summary": summarize(records)})
-    else:
+    elif args.what == "sweep":
         rows = sweep(ml, args.task, [int(s) for s in args.sizes.split(",")], args.n_test, seeds, args.shots)
-        summary = []
-        for size in dict.fromkeys(r["memory_demos"] for r in rows):
-            (row,) = summarize([r for r in rows if r["memory_demos"] == size])
-            summary.append({**row, "memory_demos": size})
-        _write(args.json, {**meta, "seconds": time.perf_counter() - t0, "records": rows, "summary": summary})
-        if args.plot:
-            by_task = {args.task: summary}
-            for other in filter(None, args.plot_from.split(",")):
-                data = json.loads(Path(other).read_text())
-                by_task[data["summary"][0]["task"]] = data["summary"]
-            plot(args.plot, by_task)
-
+        _write(args.json, {**meta, "seconds": time.perf_counter() - t0, "records": rows})
+    else:
+        points = sweep_points([p for p in args.sources.split(",") if p], seeds)
+        plot(args.plot, points)
+        _write(str(Path(args.plot).with_suffix(".json")), {**meta, "sources": args.sources.split(","),
+                                                          "points": points})
+    return 0
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,13 +1,15 @@
 """In-context learning with demonstrations in memory (the paper's second headline).
 
-A labeled sentence-classification task is answered by scoring the label words after a prompt. Three
-conditions, on the same test sentences and the same in-prompt demonstrations:
+A labeled sentence-classification task is answered by scoring the label words after a prompt. Four
+conditions, on the same test sentences and the same in-prompt demonstrations (layouts:
+:mod:`memlong.icl_conditions`):
 
 * ``zero_shot`` — the instruction and the test sentence only;
 * ``prompt`` — ``shots`` demonstrations in the prompt;
-* ``prompt+memory`` — the same ``shots`` in the prompt, plus ``memory_demos`` more demonstrations
-  ingested into the memory bank; for each test sentence the ``top_k`` chunks most similar to it are
-  retrieved and attended to as K-V (nothing extra is encoded in the prompt).
+* ``prompt+retrieved_text`` — the ``memory_k`` memory demonstrations retrieved for the test sentence, pasted
+  as text before the ``prompt`` prompt (retrieval-augmented ICL: the baseline memory competes with);
+* ``prompt+memory`` — the ``prompt`` prompt attending to the same retrieved demonstrations as stored K-V
+  (stored and retrieved as :mod:`memlong.icl_memory` says; nothing extra is encoded in the prompt).
 
 Data (real, labeled, shipped in registry packages; read from the package's wheel, never committed):
 
@@ -21,10 +23,12 @@ Example:
     >>> ml = MemLong.from_pretrained("default")
     >>> records = icl_eval(ml, task="sentiment", seeds=(0, 1, 2), n_test=100)
     >>> summarize(records)
-    [{'task': 'sentiment', 'condition': 'zero_shot', 'accuracy': ..., 'ci95': ..., ...}, ...]
+    [{'task': 'sentiment', 'condition': 'zero_shot', 'accuracy': ..., 'ci95_low': ..., ...}, ...]
+    >>> icl_eval(ml, task=load_labeled_file("mine.csv"), n_test=50)   # your own data (memlong.icl_data)
 
 Records (``memlong eval icl --json``): one per condition and seed
-``{"task", "condition", "seed", "accuracy", "correct", "n", "shots", "memory_demos"}``.
+``{"task", "condition", "seed", "accuracy", "correct", "n", "shots", "memory_demos", "retrieved_demos",
+"ci95_low", "ci95_high", "prompt_tokens", "memory_tokens", "storage", "retrieval", "memory_k", "outcomes"}``.
 """
 
 from __future__ import annotations
