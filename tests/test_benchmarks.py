@@ -77,3 +77,25 @@ def test_kv_fidelity_benchmark_smoke_run(tmp_path):
     # refreshing every retrieved token encodes them all (what pasting encodes, less the pasted text's own tokens)
     assert stored["tokens_encoded_mean"] + 2 * 128 == refreshed["tokens_encoded_mean"]
     assert refreshed["kl_mean"] <= stored["kl_mean"] and refreshed["first_token_agreement"] == 1.0
+
+
+def test_icl_benchmark_plot_merges_sweep_and_full_runs_of_the_same_seed(tmp_path):
+    """A full run's prompt records are the 0-demonstration point and its memory records the point at its size;
+    other seeds are left out; the plot and its points JSON are written (no model is loaded)."""
+    import icl
+
+    def rec(condition, seed, size, correct):
+        return {"task": "t", "condition": condition, "seed": seed, "n": 10, "correct": correct,
+                "accuracy": correct / 10, "memory_demos": size}
+
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"records": [rec("prompt+memory", 0, 50, 6), rec("prompt+memory", 0, 1000, 9)]}))
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps({"records": [rec("prompt", 0, 0, 5), rec("prompt+memory", 0, 200, 8),
+                                            rec("prompt+retrieved_text", 0, 0, 7), rec("prompt", 1, 0, 1)]}))
+    png = tmp_path / "sweep.png"
+    assert icl.main(["plot", "--seeds", "0", "--from", f"{sweep},{full}", "--plot", str(png)]) == 0
+    points = json.loads(png.with_suffix(".json").read_text())["points"]["t"]
+    assert [(p["memory_demos"], p["accuracy"], p["n"]) for p in points] == [(0, 0.5, 10), (50, 0.6, 10),
+                                                                          (200, 0.8, 10), (1000, 0.9, 10)]
+    assert png.stat().st_size > 10_000

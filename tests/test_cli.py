@@ -115,16 +115,16 @@ def test_config_flags_come_from_memlong_config():
 # ------------------------------------------------------------------ fuzz: every command, bounded
 COMMANDS = {"demo": ["demo"], "passkey": ["eval", "passkey"], "ppl": ["eval", "ppl"], "icl": ["eval", "icl"],
             "train": ["train", "--output", "OUT"]}
-ZERO_OK = {"--top-k", "--ingest-top-k", "--shots", "--memory-demos", "--eval-tokens", "--held-out-docs",
+ZERO_OK = {"--top-k", "--ingest-top-k", "--shots", "--memory-demos", "--memory-k", "--eval-tokens", "--held-out-docs",
            "--warmup-steps"}
 INT_FLAGS = ["--top-k", "--ingest-top-k", "--local-window", "--memory-capacity"]
 PER_COMMAND_INTS = {"demo": ["--max-new-tokens"], "passkey": ["--trials"], "ppl": ["--score-last"],
-                    "icl": ["--n-test", "--shots", "--memory-demos"],
+                    "icl": ["--n-test", "--shots", "--memory-demos", "--memory-k"],
                     "train": ["--lora-rank", "--grad-accum", "--max-steps", "--epochs", "--save-every",
                               "--eval-tokens", "--held-out-docs", "--warmup-steps", "--max-document-tokens"]}
 PATH_FLAGS = {"demo": ["--load-memory", "--json", "--adapter", "--model"],
               "passkey": ["--filler", "--json", "--adapter"], "ppl": ["--file", "--json", "--model"],
-              "icl": ["--json", "--adapter"], "train": ["--data", "--eval-data", "--json", "--model"]}
+              "icl": ["--json", "--adapter", "--data"], "train": ["--data", "--eval-data", "--json", "--model"]}
 BAD_PATHS = {  # per flag: values that flag must refuse
     "--load-memory": ["MISSING", "EMPTY", "/dev/null"], "--adapter": ["MISSING", "EMPTY", "/dev/null"],
     "--model": ["EMPTY", "/dev/null", "MISSING/child"], "--filler": ["MISSING", "DIR", "EMPTY", "/dev/null", "/"],
