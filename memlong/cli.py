@@ -22,7 +22,10 @@ import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
+from memlong.cli_args import MODES, int_at_least, int_list, layers, modes_list, positive_float, readable_file, writable
 from memlong.config import MemLongConfig
+from memlong.icl import DEFAULTS as ICL_DEFAULTS
+from memlong.icl_memory import RETRIEVALS, STORAGES
 from memlong.search import SEARCH_MODES
 
 __all__ = ["build_parser", "main"]
@@ -35,10 +38,8 @@ CONFIG_FLAGS = ("top_k", "ingest_top_k", "local_window", "kv_source", "retrieval
 CLI_DEFAULTS = {"memory_capacity": 65_536}  # a 32k-token evaluation document (Hamlet: ~53k) is never evicted
 COMMAND_DEFAULTS = {
     "demo": {"top_k": 4},  # with 8, seven chunks of verse around the one with the fact distract the 135M model
-    "icl": {"top_k": 4},
     "train": {"kv_source": "memory_layer", "position_layout": "zero"},  # the paper's trained mode
 }
-MODES = ("window", "full", "memlong")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,52 +63,6 @@ def _field_help() -> dict[str, str]:
     return found
 
 
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
-    return value
-
-
-def _int_list(low: int) -> Any:
-    def parse(text: str) -> list[int]:
-        items = [x.strip() for x in text.split(",")]
-        if not items or any(not x for x in items):
-            raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated integers, e.g. 4096,16384")
-        return [_int_at_least(low)(x) for x in items]
-
-    parse.__name__ = "comma-separated integers"
-    return parse
-
-
-def _modes(text: str) -> tuple[str, ...]:
-    modes = tuple(x.strip() for x in text.split(","))
-    if not modes or any(m not in MODES for m in modes):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a comma-separated subset of {','.join(MODES)}")
-    return modes
-
-
-def _layers(text: str) -> str | tuple[int, ...]:
-    return text if text in ("all", "upper") else tuple(_int_list(0)(text))
-
-
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     helps = _field_help()
     for field in (f for f in dataclasses.fields(MemLongConfig) if f.name in CONFIG_FLAGS):
@@ -119,14 +74,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                    "help": f"{helps.get(field.name, '')} ({default})"}
         args = typing.get_args(kind)
         if field.name == "retrieval_layers":
-            options.update(type=_layers, metavar="LAYERS",
+            options.update(type=layers, metavar="LAYERS",
                            help=options["help"] + ": 'all', 'upper' or comma-separated layer indices")
         elif field.name == "search_mode":
             options["choices"] = SEARCH_MODES
         elif args and all(isinstance(a, str) for a in args):  # a Literal
             options["choices"] = args
         else:  # int or int | None
-            options["type"] = _int_at_least(0 if field.name.endswith("top_k") else 1)
+            options["type"] = int_at_least(0 if field.name.endswith("top_k") else 1)
         parser.add_argument(flag, **options)
 
 
@@ -285,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Ingest a long public-domain play with a fact planted at half depth, then "
                                       "answer a question about it from memory; prints tokens, memory size, timings.")
     demo.add_argument("--play", default="hamlet", help="play from the shakespeare package (default hamlet)")
-    demo.add_argument("--max-new-tokens", type=_int_at_least(1), default=24)
+    demo.add_argument("--max-new-tokens", type=int_at_least(1), default=24)
     demo.add_argument("--save-memory", metavar="DIR", default=None, help="save the ingested memory to DIR")
     demo.add_argument("--load-memory", metavar="DIR", default=None,
                       help="load a memory saved with --save-memory instead of ingesting the play again")
@@ -304,11 +259,11 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     pk = ev_sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy at several lengths",
                            description="Standard passkey retrieval: a 5-digit key hidden at a random depth of filler "
                                        "text; records {mode, length, accuracy, trials, key_nll}.")
-    pk.add_argument("--lengths", type=_int_list(1), default=[4096, 16384, 32768],
+    pk.add_argument("--lengths", type=int_list(1), default=[4096, 16384, 32768],
                     help="comma-separated document lengths in tokens (default 4096,16384,32768)")
-    pk.add_argument("--trials", type=_int_at_least(1), default=10, help="trials per length (random depths and keys)")
+    pk.add_argument("--trials", type=int_at_least(1), default=10, help="trials per length (random depths and keys)")
     pk.add_argument("--filler", metavar="FILE", default=None, help="filler text file (default: Hamlet)")
-    pk.add_argument("--modes", type=_modes, default=MODES, help="comma-separated subset of window,full,memlong")
+    pk.add_argument("--modes", type=modes_list, default=MODES, help="comma-separated subset of window,full,memlong")
     pk.add_argument("--seed", type=int, default=0)
     pk.set_defaults(func=cmd_eval_passkey)
     ppl = ev_sub.add_parser("ppl", parents=[common], help="perplexity of the last tokens of a long text",
@@ -316,8 +271,8 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                                         "records {mode, tokens, scored_tokens, ppl}.")
     ppl.add_argument("--file", default=None, help="text file (default: a Shakespeare play, see --play)")
     ppl.add_argument("--play", default="macbeth", help="play used when --file is not given (default macbeth)")
-    ppl.add_argument("--score-last", type=_int_at_least(1), default=2048, help="tokens scored at the end (default 2048)")
-    ppl.add_argument("--modes", type=_modes, default=MODES, help="comma-separated subset of window,full,memlong")
+    ppl.add_argument("--score-last", type=int_at_least(1), default=2048, help="tokens scored at the end (default 2048)")
+    ppl.add_argument("--modes", type=modes_list, default=MODES, help="comma-separated subset of window,full,memlong")
     ppl.set_defaults(func=cmd_eval_ppl)
     icl = ev_sub.add_parser("icl", parents=[common], help="in-context learning with demonstrations in memory",
                             description="Label-word classification on a built-in task or your own labeled file "
@@ -338,18 +293,20 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     icl.add_argument("--label-words", default=None, metavar="LABEL=WORD,...",
                      help="the word the model answers for each label (default: the labels themselves)")
     icl.add_argument("--field", default="Text", help="--data: the name each text gets in the prompt (default Text)")
-    icl.add_argument("--shots", type=_int_at_least(0), default=4, help="demonstrations in the prompt (default 4)")
-    icl.add_argument("--memory-demos", type=_int_at_least(0), default=200,
+    icl.add_argument("--shots", type=int_at_least(0), default=4, help="demonstrations in the prompt (default 4)")
+    icl.add_argument("--memory-demos", type=int_at_least(0), default=200,
                      help="demonstrations stored in memory (default 200)")
-    icl.add_argument("--memory-k", type=_int_at_least(0), default=24,
-                     help="memory demonstrations (chunks) retrieved per test sentence (default 24)")
-    icl.add_argument("--storage", choices=["demo", "aligned", "stream"], default="demo",
-                     help="demo: one demonstration per chunk, K-V from it alone (default); aligned: one per chunk, "
-                          "K-V in the stream of demonstrations; stream: one text in 128-token chunks")
-    icl.add_argument("--retrieval", choices=["similar", "balanced"], default="similar",
-                     help="similar: nearest to the test sentence (default); balanced: nearest of each label")
-    icl.add_argument("--n-test", type=_int_at_least(1), default=100, help="test sentences per seed (default 100)")
-    icl.add_argument("--seeds", type=_int_list(0), default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
+    icl.add_argument("--memory-k", type=int_at_least(0), default=ICL_DEFAULTS["memory_k"],
+                     help=f"memory demonstrations (chunks) retrieved per test sentence (default {ICL_DEFAULTS['memory_k']})")
+    icl.add_argument("--storage", choices=STORAGES, default=ICL_DEFAULTS["storage"],
+                     help="demo: one demonstration per chunk, K-V from it alone; aligned: one per chunk, K-V in the "
+                          "stream of demonstrations; stream: one text in 128-token chunks "
+                          f"(default {ICL_DEFAULTS['storage']})")
+    icl.add_argument("--retrieval", choices=RETRIEVALS, default=ICL_DEFAULTS["retrieval"],
+                     help="similar: nearest to the test sentence; balanced: nearest of each label "
+                          f"(default {ICL_DEFAULTS['retrieval']})")
+    icl.add_argument("--n-test", type=int_at_least(1), default=100, help="test sentences per seed (default 100)")
+    icl.add_argument("--seeds", type=int_list(0), default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     icl.set_defaults(func=cmd_eval_icl, config_defaults="icl")
 
 
@@ -362,59 +319,30 @@ def _add_train_command(sub: Any, common: argparse.ArgumentParser) -> None:
     tr.add_argument("--data", nargs="+", default=None, metavar="PATH",
                     help="text files or folders (*.txt, *.md); default: the shakespeare plays minus the held-out ones")
     tr.add_argument("--eval-data", nargs="+", default=None, metavar="PATH", help="held-out documents to score")
-    tr.add_argument("--held-out-docs", type=_int_at_least(0), default=1,
+    tr.add_argument("--held-out-docs", type=int_at_least(0), default=1,
                     help="with --data and no --eval-data: hold out the last N documents in path order (default 1)")
     tr.add_argument("--output", required=True, metavar="DIR", help="adapter + resumable checkpoint folder")
     tr.add_argument("--method", choices=["lora", "full"], default="lora")
-    tr.add_argument("--lora-rank", type=_int_at_least(1), default=16)
-    tr.add_argument("--lora-alpha", type=_positive_float, default=32.0)
-    tr.add_argument("--lr", type=_positive_float, default=2e-4, help="peak learning rate (default 2e-4)")
-    tr.add_argument("--warmup-steps", type=_int_at_least(0), default=10)
-    tr.add_argument("--grad-accum", type=_int_at_least(1), default=4, help="segments per optimizer step (default 4)")
-    tr.add_argument("--max-steps", type=_int_at_least(1), default=None, help="optimizer steps (default: --epochs passes)")
-    tr.add_argument("--max-minutes", type=_positive_float, default=None,
+    tr.add_argument("--lora-rank", type=int_at_least(1), default=16)
+    tr.add_argument("--lora-alpha", type=positive_float, default=32.0)
+    tr.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (default 2e-4)")
+    tr.add_argument("--warmup-steps", type=int_at_least(0), default=10)
+    tr.add_argument("--grad-accum", type=int_at_least(1), default=4, help="segments per optimizer step (default 4)")
+    tr.add_argument("--max-steps", type=int_at_least(1), default=None, help="optimizer steps (default: --epochs passes)")
+    tr.add_argument("--max-minutes", type=positive_float, default=None,
                     help="stop at the first optimizer step after this much training time (adapter still written)")
-    tr.add_argument("--epochs", type=_int_at_least(1), default=1)
-    tr.add_argument("--max-document-tokens", type=_int_at_least(1), default=None,
+    tr.add_argument("--epochs", type=int_at_least(1), default=1)
+    tr.add_argument("--max-document-tokens", type=int_at_least(1), default=None,
                     help="use only the first N tokens of each document")
     tr.add_argument("--gradient-checkpointing", action="store_true")
     tr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 autocast on a CUDA GPU that supports it, fp32 otherwise")
-    tr.add_argument("--eval-tokens", type=_int_at_least(0), default=4096,
+    tr.add_argument("--eval-tokens", type=int_at_least(0), default=4096,
                     help="tokens of each held-out document scored (0: skip)")
-    tr.add_argument("--save-every", type=_int_at_least(1), default=25, help="optimizer steps between checkpoints")
+    tr.add_argument("--save-every", type=int_at_least(1), default=25, help="optimizer steps between checkpoints")
     tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --output")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=cmd_train, config_defaults="train")
-
-
-def _readable_file(path: str, flag: str) -> str:
-    """The text of file ``path``, or ValueError naming ``flag`` and the fix."""
-    p = Path(path)
-    if not p.is_file():
-        what = "a directory" if p.is_dir() else "not a regular file" if p.exists() else "missing"
-        raise ValueError(f"{flag} {path!r} is {what}; give a text file.")
-    try:
-        return p.read_text(encoding="utf-8", errors="ignore")
-    except OSError as exc:
-        raise ValueError(f"{flag} {path!r} cannot be read ({exc.strerror}); give a readable text file.") from None
-
-
-def _writable(path: str, flag: str, folder: bool = False) -> None:
-    """ValueError naming ``flag`` unless ``path`` can be written: a file in an existing writable folder, or a folder
-    (existing and writable, or creatable under its nearest existing parent)."""
-    p = Path(path).expanduser()
-    if folder and p.exists() and not p.is_dir():
-        raise ValueError(f"{flag} {path!r} is a file, not a folder; give a new or existing folder.")
-    if not folder and p.is_dir():
-        raise ValueError(f"{flag} {path!r} is a directory; give a file path.")
-    if not folder and not p.parent.is_dir():
-        raise ValueError(f"{flag} {path!r}: the folder {str(p.parent)!r} does not exist; create it or give another "
-                         "path.")
-    target = p if p.exists() else next(q for q in p.parents if q.exists())
-    if not (target.is_dir() or target == p) or not os.access(target, os.W_OK):
-        raise ValueError(f"{flag} {path!r} cannot be written ({str(target)!r} is not a writable "
-                         f"{'folder' if target != p else 'path'}); give a writable path.")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -435,15 +363,15 @@ def _validate(args: argparse.Namespace) -> None:
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise ValueError(f"--adapter {args.adapter!r} is not a folder; give a folder written by memlong train.")
     if args.json:
-        _writable(args.json, "--json")
+        writable(args.json, "--json")
     if getattr(args, "filler", None):
-        args.filler_text = _readable_file(args.filler, "--filler")
+        args.filler_text = readable_file(args.filler, "--filler")
         if not args.filler_text.strip():
             raise ValueError(f"--filler {args.filler!r} is empty; give a text file with some text in it.")
     else:
         args.filler_text = None
     if getattr(args, "file", None):
-        args.file_text = _readable_file(args.file, "--file")
+        args.file_text = readable_file(args.file, "--file")
     if getattr(args, "play", None):
         from memlong.evaluation import shakespeare_text
 
@@ -452,12 +380,12 @@ def _validate(args: argparse.Namespace) -> None:
         what = "is not a folder" if Path(args.load_memory).exists() else "does not exist (no such directory)"
         raise ValueError(f"--load-memory {args.load_memory!r} {what}; give a folder written by --save-memory.")
     if getattr(args, "save_memory", None):
-        _writable(args.save_memory, "--save-memory", folder=True)
+        writable(args.save_memory, "--save-memory", folder=True)
     if args.command == "train":
         if args.adapter:
             raise ValueError("memlong train starts from the base model; drop --adapter (an adapter trained on top "
                              "of another would not load on the base model).")
-        _writable(args.output, "--output", folder=True)
+        writable(args.output, "--output", folder=True)
         for path in [*(args.data or []), *(args.eval_data or [])]:
             if not Path(path).exists():
                 raise ValueError(f"Training data path {path!r} does not exist; pass text files or folders of them.")

@@ -1,0 +1,93 @@
+"""Argument types and path checks of the ``memlong`` command line: each raises a one-line error naming the flag,
+the problem and the fix (argparse turns ``ArgumentTypeError`` into ``memlong <command>: error: ...``, exit code 2).
+
+Example:
+    >>> int_list(1)("4096,16384")
+    [4096, 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MODES", "int_at_least", "int_list", "layers", "modes_list", "positive_float", "readable_file", "writable"]
+
+MODES = ("window", "full", "memlong")
+
+
+def int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
+    return value
+
+
+def int_list(low: int) -> Any:
+    def parse(text: str) -> list[int]:
+        items = [x.strip() for x in text.split(",")]
+        if not items or any(not x for x in items):
+            raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated integers, e.g. 4096,16384")
+        return [int_at_least(low)(x) for x in items]
+
+    parse.__name__ = "comma-separated integers"
+    return parse
+
+
+def modes_list(text: str) -> tuple[str, ...]:
+    modes = tuple(x.strip() for x in text.split(","))
+    if not modes or any(m not in MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a comma-separated subset of {','.join(MODES)}")
+    return modes
+
+
+def layers(text: str) -> str | tuple[int, ...]:
+    return text if text in ("all", "upper") else tuple(int_list(0)(text))
+
+
+def readable_file(path: str, flag: str) -> str:
+    """The text of file ``path``, or ValueError naming ``flag`` and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        what = "a directory" if p.is_dir() else "not a regular file" if p.exists() else "missing"
+        raise ValueError(f"{flag} {path!r} is {what}; give a text file.")
+    try:
+        return p.read_text(encoding="utf-8", errors="ignore")
+    except OSError as exc:
+        raise ValueError(f"{flag} {path!r} cannot be read ({exc.strerror}); give a readable text file.") from None
+
+
+def writable(path: str, flag: str, folder: bool = False) -> None:
+    """ValueError naming ``flag`` unless ``path`` can be written: a file in an existing writable folder, or a folder
+    (existing and writable, or creatable under its nearest existing parent)."""
+    p = Path(path).expanduser()
+    if folder and p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {path!r} is a file, not a folder; give a new or existing folder.")
+    if not folder and p.is_dir():
+        raise ValueError(f"{flag} {path!r} is a directory; give a file path.")
+    if not folder and not p.parent.is_dir():
+        raise ValueError(f"{flag} {path!r}: the folder {str(p.parent)!r} does not exist; create it or give another "
+                         "path.")
+    target = p if p.exists() else next(q for q in p.parents if q.exists())
+    if not (target.is_dir() or target == p) or not os.access(target, os.W_OK):
+        raise ValueError(f"{flag} {path!r} cannot be written ({str(target)!r} is not a writable "
+                         f"{'folder' if target != p else 'path'}); give a writable path.")
