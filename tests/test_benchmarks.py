@@ -77,3 +77,20 @@ def test_kv_fidelity_benchmark_smoke_run(tmp_path):
     # refreshing every retrieved token encodes them all (what pasting encodes, less the pasted text's own tokens)
     assert stored["tokens_encoded_mean"] + 2 * 128 == refreshed["tokens_encoded_mean"]
     assert refreshed["kl_mean"] <= stored["kl_mean"] and refreshed["first_token_agreement"] == 1.0
+    assert refreshed["reencoded_share_mean"] == 1.0 and stored["reencoded_share_mean"] == 0.0
+
+
+@pytest.mark.slow
+def test_kv_fidelity_benchmark_methods_on_the_gazetteer(tmp_path):
+    import kv_fidelity
+
+    out, png = tmp_path / "fidelity.json", tmp_path / "fidelity.png"
+    assert kv_fidelity.main(["--corpus", "gazetteer", "--facts", "2", "--top-k", "2", "--methods",
+                             "kv,head=4+ape=0.9/0.9", "--max-new-tokens", "3", "--json", str(out),
+                             "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    stored, mixed = data["rows"]
+    assert (mixed["kv_reencode_head"], mixed["memory_temperature"], mixed["memory_scale"]) == (4, 0.9, 0.9)
+    assert mixed["tokens_encoded_mean"] == stored["tokens_encoded_mean"] + 2 * 4  # 4 tokens of each of 2 chunks
+    assert [set(t["kv_answers"]) for t in data["trials"]] == [{"kv", "head=4+ape=0.9/0.9"}] * 2
+    assert png.stat().st_size > 0
