@@ -17,6 +17,7 @@ every trial (fact chunk retrieved?, both answers).
 
     python benchmarks/kv_fidelity.py --top-k 4 --methods kv,head=16,ape=0.9/0.9,refresh=1 \\
         --json results/kv-fidelity-frontier.json --plot results/kv-fidelity-frontier.png
+    python benchmarks/kv_fidelity.py --replot results/a.json,results/b.json --plot both.png   # no model run
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--json", metavar="OUT", help="write the table rows (and every trial) here")
     p.add_argument("--plot", metavar="PNG", help="plot answer agreement against tokens re-encoded per query")
+    p.add_argument("--replot", metavar="JSON", help="comma-separated result files to plot (with --plot) and print "
+                                                     "instead of running")
     args = p.parse_args(argv)
     args.top_k = [int(x) for x in args.top_k.split(",")]
     specs = args.methods.split(",") if args.methods else [f"refresh={x}" for x in args.refresh.split(",")]
@@ -126,6 +129,12 @@ class _Planted:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        rows = [r for f in args.replot.split(",") for r in json.loads(Path(f).read_text())["rows"]]
+        print_table(rows)
+        if args.plot:
+            plot(rows, args.plot)
+        return 0
     import torch
 
     from memlong import MemLong
