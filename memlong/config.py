@@ -33,7 +33,6 @@ __all__ = ["MemLongConfig"]
 
 # dtypes stored K-V may have (the bank keeps them in memory; float64 would only waste it)
 _MEMORY_DTYPES = ("bfloat16", "float16", "float32")
-DEFAULT_REENCODE_HEAD = 32  # kv_reencode_head=None resolves to this where it applies (docs/rag-fidelity.md)
 
 
 @dataclass(kw_only=True)
@@ -97,11 +96,10 @@ class MemLongConfig:
             at answer time (``generate``), each attending to the retrieved K-V before it, as ``kv_refresh`` does;
             those tokens carry the spurious attention a sequence start draws. Composes with ``kv_refresh`` (the
             share is ranked among the other tokens) and with ``memory_temperature`` / ``memory_scale``. ``0``: off.
-            An explicit ``n > 0`` needs the same settings as ``kv_refresh``. ``None`` (default): 32 where those
-            settings hold (the defaults), else 0. Measured (docs/rag-fidelity.md): with 32 the full-Hamlet demo
-            answers at top-k 4 and 8 (it did not without), first-token KL to pasted text fell from 0.35 to 0.26
-            and from 0.26 to 0.11 on two corpora at top-k 4, answer agreement unchanged; 25 % of a 128-token
-            chunk re-encoded.
+            Needs the same settings as ``kv_refresh``. Measured (docs/rag-fidelity.md): 32 made the full-Hamlet demo
+            answer at top-k 4 and 8 and lowered first-token KL to pasted text on two corpora, but turned the
+            README quickstart's and the LangChain example's right answers wrong, so the library default stays 0
+            (``memlong demo`` uses 32).
         attention_backend: ``"auto"`` (SDPA; FlexAttention measured 2x slower on an H100), ``"sdpa"``,
             ``"flex"`` or ``"eager"`` (the exact float32 reference).
     """
@@ -128,7 +126,7 @@ class MemLongConfig:
     # ---- reading several retrieved chunks (issue 15; DESIGN.md section 5): all off by default
     memory_temperature: float = 1.0
     memory_scale: float = 1.0
-    kv_reencode_head: int | None = None  # None: 32 where kv_refresh's settings hold, else 0
+    kv_reencode_head: int = 0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -231,16 +229,14 @@ class MemLongConfig:
                    f"retrieval_layers {below} lie below memory_layer {memory_layer}: with kv_source='memory_layer' "
                    "every retrieval layer reads the memory layer's K-V, so it must be at or above it. "
                    "Raise them, lower memory_layer, or use kv_source='per_layer'.")
-        rereads = self.kv_source == "per_layer" and layers == tuple(range(num_layers)) and \
-            self.position_layout == "continual"
-        head = (DEFAULT_REENCODE_HEAD if rereads else 0) if self.kv_reencode_head is None else self.kv_reencode_head
-        if self.kv_refresh > 0 or head > 0:
-            option = f"kv_refresh={self.kv_refresh}" if self.kv_refresh > 0 else f"kv_reencode_head={head}"
-            _check(rereads,
+        if self.kv_refresh > 0 or self.kv_reencode_head > 0:
+            option = f"kv_refresh={self.kv_refresh}" if self.kv_refresh > 0 else f"kv_reencode_head={self.kv_reencode_head}"
+            _check(self.kv_source == "per_layer" and layers == tuple(range(num_layers))
+                   and self.position_layout == "continual",
                    f"{option} re-encodes retrieved tokens in every layer at their positions, so every "
                    "layer must read its own stored K-V laid out in order: use kv_source='per_layer', "
                    "retrieval_layers='all' and position_layout='continual' (the defaults), or set it to 0.")
-        return dataclasses.replace(self, memory_layer=memory_layer, retrieval_layers=layers, kv_reencode_head=head)
+        return dataclasses.replace(self, memory_layer=memory_layer, retrieval_layers=layers)
 
 
 def _check_reading(cfg: MemLongConfig) -> None:
@@ -250,8 +246,8 @@ def _check_reading(cfg: MemLongConfig) -> None:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
                f"{name} must be a number > 0 (1 = plain attention, APE uses 0.9), got {value!r}.")
     head = cfg.kv_reencode_head
-    _check(head is None or (type(head) is int and 0 <= head <= 32),
-           f"kv_reencode_head must be None or an integer token count in 0..32 (0 = off), got {head!r}.")
+    _check(type(head) is int and 0 <= head <= 32,
+           f"kv_reencode_head must be an integer token count in 0..32 (0 = off), got {head!r}.")
 
 
 def _spread(memory_layer: int, num_layers: int, count: int = 4) -> tuple[int, ...]:

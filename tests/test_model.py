@@ -230,7 +230,7 @@ def test_kv_refresh_all_equals_encoding_the_retrieved_text(make_tiny):
 
 
 def test_kv_refresh_share_re_encodes_only_what_the_probe_ranks_first(make_tiny):
-    ml, _ = make_tiny(kv_refresh=0.25, kv_reencode_head=0)  # the share alone (kv_reencode_head: test_reading.py)
+    ml, _ = make_tiny(kv_refresh=0.25)
     stats = ml.ingest(TEXT, namespace="doc", context="chunk", progress=False)
     picked = [stats.chunk_ids[i] for i in (1, 4)]
     stale = ml.memory_for(picked, "doc")

@@ -135,7 +135,7 @@ def test_head_re_encode_touches_chunk_starts_and_composes_with_the_share(make_ti
     ({"memory_temperature": -1}, "memory_temperature must be a number > 0"),
     ({"memory_scale": 0}, "memory_scale must be a number > 0"),
     ({"memory_scale": True}, "memory_scale must be a number > 0"),
-    ({"kv_reencode_head": 33}, "kv_reencode_head must be None or an integer token count in 0..32"),
+    ({"kv_reencode_head": 33}, "kv_reencode_head must be an integer token count in 0..32"),
     ({"kv_reencode_head": -1}, "kv_reencode_head must be"),
     ({"kv_reencode_head": 8, "kv_source": "memory_layer", "retrieval_layers": "upper"},
      "kv_reencode_head=8 re-encodes retrieved tokens in every layer"),
@@ -148,14 +148,22 @@ def test_reading_options_are_checked(kwargs, message):
         MemLongConfig(**kwargs).resolve(num_layers=4)
 
 
-def test_default_head_is_32_where_it_applies_and_off_elsewhere():
-    """kv_reencode_head=None: 32 with the defaults (per_layer, all layers, continual), 0 where it cannot apply."""
+
+def test_reading_options_are_off_by_default():
     from memlong import MemLongConfig
 
-    assert MemLongConfig().resolve(num_layers=4).kv_reencode_head == 32
-    assert MemLongConfig(kv_source="memory_layer").resolve(num_layers=4).kv_reencode_head == 0
-    assert MemLongConfig(position_layout="zero").resolve(num_layers=4).kv_reencode_head == 0
-    assert MemLongConfig(retrieval_layers=(2, 3)).resolve(num_layers=4).kv_reencode_head == 0
-    assert MemLongConfig(kv_reencode_head=0).resolve(num_layers=4).kv_reencode_head == 0
-    resolved = MemLongConfig().resolve(num_layers=4)
-    assert resolved.resolve(num_layers=4) == resolved  # resolving twice changes nothing
+    cfg = MemLongConfig().resolve(num_layers=4)
+    assert (cfg.kv_reencode_head, cfg.memory_temperature, cfg.memory_scale, cfg.kv_refresh) == (0, 1.0, 1.0, 0.0)
+
+
+def test_demo_command_re_encodes_chunk_starts_where_the_model_can():
+    """`memlong demo` defaults to kv_reencode_head=32 (the full-Hamlet demo answers with it); dropped where the
+    settings cannot re-encode (memory_layer, zero layout, a trained adapter) instead of failing."""
+    from memlong.cli import _config, build_parser
+
+    parser = build_parser()
+    assert _config(parser.parse_args(["demo"]))["kv_reencode_head"] == 32
+    assert "kv_reencode_head" not in _config(parser.parse_args(["demo", "--kv-source", "memory_layer"]))
+    assert "kv_reencode_head" not in _config(parser.parse_args(["demo", "--position-layout", "zero"]))
+    assert "kv_reencode_head" not in _config(parser.parse_args(["demo", "--adapter", "some/folder"]))
+    assert "kv_reencode_head" not in _config(parser.parse_args(["eval", "passkey"]))
