@@ -135,82 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             plot(rows, args.plot)
         return 0
-    import torch
-
     from memlong import MemLong
-    from memlong.evaluation import answer_key
 
     docs, questions = corpus(args)
     ml = MemLong.from_pretrained(args.model, memory_capacity=131_072, local_window=args.window)
-    base = ml.config
-    ns = "fidelity"
     t0 = time.perf_counter()
-    ml.ingest(docs, namespace=ns, context="chunk", progress=False)
-    print(f"ingested {ml.bank.num_tokens(ns)} tokens in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    order = {c: i for i, c in enumerate(ml.bank.chunk_ids(ns))}
-    stop = ("\nQuestion:", "\nQ:", "\n\n")
-
-    def read(ids: list[int], memory, extra_s: float = 0.0) -> tuple[torch.Tensor, str, float]:
-        with torch.no_grad():
-            logits = ml.run(ids, memory=memory, logits_for=slice(-1, None)).logits[0, -1]
-        g = ml.decode(ids, memory, max_new_tokens=args.max_new_tokens, stop=stop)
-        answer = g.text()
-        return logits.log_softmax(-1), answer, extra_s + g.stats.time_to_first_token
-
+    ml.ingest(docs, namespace=NS, context="chunk", progress=False)
+    print(f"ingested {ml.bank.num_tokens(NS)} tokens in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     rows, trials = [], []
     for k in args.top_k:
-        per = {m.name: {"kl": [], "top1": 0, "agree": 0, "correct": 0, "encoded": [], "share": [], "ttft": []}
-               for m in args.methods}
-        pasted, paste_ttft, paste_correct = [], [], 0
-        for q in questions:
-            hits = sorted((h.chunk_id for h in ml.bank.search(q.question, namespace=ns, k=k, count=False)),
-                          key=order.__getitem__)
-            texts = [ml.bank.get(c, namespace=ns).text for c in hits]
-            if args.paste_as == "llama-index":  # PromptHelper.repack: "\n\n".join(t.strip() for t in texts if t.strip())
-                text = "\n\n".join(t.strip() for t in texts if t.strip())
-            else:
-                text = "".join(texts)
-            ml.config = base
-            paste_ids = ml.encode_prompt(text + q.tail)
-            pasted.append(len(paste_ids))
-            paste_logp, paste_answer, ttft = read(paste_ids, None)
-            paste_ttft.append(ttft)
-            paste_correct += q.correct(paste_answer)
-            trial = {"top_k": k, "question": q.question, "answer": q.answer, "fact_chunk_retrieved": q.answer in text,
-                     "paste_answer": paste_answer, "kv_answers": {}}
-            prompt = ml.encode_prompt(q.tail)
-            stored = ml.memory_for(hits, ns)
-            retrieved = int(stored[0].shape[2])
-            for m in args.methods:
-                ml.config = dataclasses.replace(base, kv_refresh=m.kv_refresh, kv_reencode_head=m.kv_reencode_head,
-                                                memory_temperature=m.memory_temperature, memory_scale=m.memory_scale)
-                t1 = time.perf_counter()
-                with torch.no_grad():
-                    memory, n = ml.refresh(stored, hits, ns) if m.kv_refresh or m.kv_reencode_head else (stored, 0)
-                kv_logp, kv_answer, ttft = read(prompt, memory, time.perf_counter() - t1)
-                p = per[m.name]
-                p["kl"].append(float(torch.sum(paste_logp.exp() * (paste_logp - kv_logp))))
-                p["top1"] += int(kv_logp.argmax() == paste_logp.argmax())
-                p["agree"] += int(answer_key(kv_answer) == answer_key(paste_answer))
-                p["correct"] += q.correct(kv_answer)
-                p["encoded"].append(len(prompt) + n)
-                p["share"].append(n / retrieved)
-                p["ttft"].append(ttft)
-                trial["kv_answers"][m.name] = kv_answer
-            trials.append(trial)
-        ml.config = base
-        nq = len(questions)
-        for m in args.methods:
-            p = per[m.name]
-            rows.append({"corpus": args.corpus, "top_k": k, "method": m.name, **dataclasses.asdict(m), "questions": nq,
-                         "kl_mean": statistics.fmean(p["kl"]), "first_token_agreement": p["top1"] / nq,
-                         "answer_agreement": p["agree"] / nq, "kv_accuracy": p["correct"] / nq,
-                         "paste_accuracy": paste_correct / nq, "tokens_encoded_mean": statistics.fmean(p["encoded"]),
-                         "reencoded_share_mean": statistics.fmean(p["share"]),
-                         "paste_tokens_encoded_mean": statistics.fmean(pasted),
-                         "ttft_kv_median_s": statistics.median(p["ttft"]),
-                         "ttft_paste_median_s": statistics.median(paste_ttft)})
-            print(f"top-k {k}, {m.name}: KL {rows[-1]['kl_mean']:.3f}, answers agree {p['agree']}/{nq}", file=sys.stderr)
+        k_rows, k_trials = run_top_k(ml, args, questions, k)
+        rows += k_rows
+        trials += k_trials
     print_table(rows)
     if args.json:
         config = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
@@ -219,6 +155,84 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(rows, args.plot)
     return 0
+
+
+NS = "fidelity"
+STOP = ("\nQuestion:", "\nQ:", "\n\n")
+
+
+def _read(ml, ids: list[int], memory, max_new_tokens: int, extra_s: float = 0.0):
+    """First-answer-token log-probs, the greedy answer and the time to its first token (plus ``extra_s``)."""
+    import torch
+
+    with torch.no_grad():
+        logits = ml.run(ids, memory=memory, logits_for=slice(-1, None)).logits[0, -1]
+    g = ml.decode(ids, memory, max_new_tokens=max_new_tokens, stop=STOP)
+    answer = g.text()
+    return logits.log_softmax(-1), answer, extra_s + g.stats.time_to_first_token
+
+
+def _paste_text(texts: list[str], paste_as: str) -> str:
+    if paste_as == "llama-index":  # PromptHelper.repack: "\n\n".join(t.strip() for t in texts if t.strip())
+        return "\n\n".join(t.strip() for t in texts if t.strip())
+    return "".join(texts)
+
+
+def run_top_k(ml, args: argparse.Namespace, questions: list, k: int) -> tuple[list[dict], list[dict]]:
+    """Every question at top-k ``k``, pasted and with every method: the summary rows and the per-question trials."""
+    import torch
+
+    from memlong.evaluation import answer_key
+
+    base, order = ml.config, {c: i for i, c in enumerate(ml.bank.chunk_ids(NS))}
+    per = {m.name: {"kl": [], "top1": 0, "agree": 0, "correct": 0, "encoded": [], "share": [], "ttft": []}
+           for m in args.methods}
+    pasted, paste_ttft, paste_correct, trials = [], [], 0, []
+    for q in questions:
+        hits = sorted((h.chunk_id for h in ml.bank.search(q.question, namespace=NS, k=k, count=False)),
+                      key=order.__getitem__)
+        text = _paste_text([ml.bank.get(c, namespace=NS).text for c in hits], args.paste_as)
+        ml.config = base
+        paste_ids = ml.encode_prompt(text + q.tail)
+        pasted.append(len(paste_ids))
+        paste_logp, paste_answer, ttft = _read(ml, paste_ids, None, args.max_new_tokens)
+        paste_ttft.append(ttft)
+        paste_correct += q.correct(paste_answer)
+        trial = {"top_k": k, "question": q.question, "answer": q.answer, "fact_chunk_retrieved": q.answer in text,
+                 "paste_answer": paste_answer, "kv_answers": {}}
+        prompt = ml.encode_prompt(q.tail)
+        stored = ml.memory_for(hits, NS)
+        for m in args.methods:
+            ml.config = dataclasses.replace(base, kv_refresh=m.kv_refresh, kv_reencode_head=m.kv_reencode_head,
+                                            memory_temperature=m.memory_temperature, memory_scale=m.memory_scale)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                memory, n = ml.refresh(stored, hits, NS) if m.kv_refresh or m.kv_reencode_head else (stored, 0)
+            kv_logp, kv_answer, ttft = _read(ml, prompt, memory, args.max_new_tokens, time.perf_counter() - t1)
+            p = per[m.name]
+            p["kl"].append(float(torch.sum(paste_logp.exp() * (paste_logp - kv_logp))))
+            p["top1"] += int(kv_logp.argmax() == paste_logp.argmax())
+            p["agree"] += int(answer_key(kv_answer) == answer_key(paste_answer))
+            p["correct"] += q.correct(kv_answer)
+            p["encoded"].append(len(prompt) + n)
+            p["share"].append(n / int(stored[0].shape[2]))
+            p["ttft"].append(ttft)
+            trial["kv_answers"][m.name] = kv_answer
+        trials.append(trial)
+    ml.config = base
+    nq, rows = len(questions), []
+    for m in args.methods:
+        p = per[m.name]
+        rows.append({"corpus": args.corpus, "top_k": k, "method": m.name, **dataclasses.asdict(m), "questions": nq,
+                     "kl_mean": statistics.fmean(p["kl"]), "first_token_agreement": p["top1"] / nq,
+                     "answer_agreement": p["agree"] / nq, "kv_accuracy": p["correct"] / nq,
+                     "paste_accuracy": paste_correct / nq, "tokens_encoded_mean": statistics.fmean(p["encoded"]),
+                     "reencoded_share_mean": statistics.fmean(p["share"]),
+                     "paste_tokens_encoded_mean": statistics.fmean(pasted),
+                     "ttft_kv_median_s": statistics.median(p["ttft"]),
+                     "ttft_paste_median_s": statistics.median(paste_ttft)})
+        print(f"top-k {k}, {m.name}: KL {rows[-1]['kl_mean']:.3f}, answers agree {p['agree']}/{nq}", file=sys.stderr)
+    return rows, trials
 
 
 def print_table(rows: list[dict]) -> None:
