@@ -1,21 +1,29 @@
-"""How close retrieved K-V come to pasting the same chunks' text, as a function of top-k and ``kv_refresh``.
+"""How close retrieved K-V come to pasting the same chunks' text: the frontier of the multi-chunk reading options.
 
-No framework and no retriever choice in the way: for each planted-fact question the same ``top_k`` chunks
-(dense search) are read two ways by the default model,
+No framework and no retriever choice in the way: for each question the same ``top_k`` chunks (dense search)
+are read two ways by the default model,
 
-* ``paste``: ``[sink] + chunk texts + "\\nQuestion: ...\\nAnswer: <prefix>"`` encoded as text;
-* ``kv``: ``[sink] + stored chunk-alone K-V + "\\nQuestion: ...\\nAnswer: <prefix>"`` with ``kv_refresh`` = r
-  (that share of the retrieved tokens re-encoded with the chunks before them; ``1`` re-encodes all of them).
+* ``paste``: ``[sink] + chunk texts + tail`` encoded as text (tail: ``"\\nQuestion: ...\\nAnswer: <prefix>"``
+  for the planted-fact corpus, ``"\\nQ: ...\\nA: <prefix>"`` for the gazetteer);
+* ``kv``: ``[sink] + stored chunk-alone K-V + tail``, read with one *method*: a ``+``-joined list of
+  ``refresh=R`` (``kv_refresh``), ``head=N`` (``kv_reencode_head``, EPIC), ``ape=T/S`` (``memory_temperature``
+  / ``memory_scale``, APE) or ``kv`` (as stored). ``refresh=1`` re-encodes every retrieved token (the pasted
+  reading; the other end of the frontier).
 
-Per setting: KL(paste || kv) of the first answer token's distribution, how often the first token and the
-greedy 12-token answer agree (``memlong.evaluation.answer_key``), and the tokens encoded per query.
+Per (top-k, method): KL(paste || kv) of the first answer token's distribution, how often the first token and the
+greedy answer agree (``memlong.evaluation.answer_key``), both sides' accuracy, tokens encoded and re-encoded
+per query, and the median time to the first answer token (re-encoding included) of both sides. The JSON keeps
+every trial (fact chunk retrieved?, both answers).
 
-    python benchmarks/kv_fidelity.py --top-k 1,4 --refresh 0,0.25,0.5,1 --json results/kv-fidelity.json
+    python benchmarks/kv_fidelity.py --top-k 4 --methods kv,head=16,ape=0.9/0.9,refresh=1 \\
+        --json results/kv-fidelity-frontier.json --plot results/kv-fidelity-frontier.png
+    python benchmarks/kv_fidelity.py --replot results/a.json,results/b.json --plot both.png   # no model run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -24,97 +32,240 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One way of reading the retrieved K-V (the config fields it sets)."""
+
+    name: str
+    kv_refresh: float = 0.0
+    kv_reencode_head: int = 0
+    memory_temperature: float = 1.0
+    memory_scale: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: str) -> Method:
+        """``"head=16+ape=0.9/0.9"`` -> Method. Raises ValueError naming the bad part."""
+        fields: dict = {}
+        for part in spec.split("+"):
+            key, _, value = part.partition("=")
+            if key == "kv" and not value:
+                continue
+            if key == "refresh":
+                fields["kv_refresh"] = float(value)
+            elif key == "head":
+                fields["kv_reencode_head"] = int(value)
+            elif key == "ape":
+                t, _, s = value.partition("/")
+                fields["memory_temperature"], fields["memory_scale"] = float(t), float(s or t)
+            else:
+                raise ValueError(f"unknown method part {part!r}: use kv, refresh=R, head=N or ape=T/S joined by '+'.")
+        return cls(name=spec, **fields)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="MemLong model (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--facts", type=int, default=30, help="planted facts / questions (default 30)")
+    p.add_argument("--corpus", choices=("planted", "gazetteer"), default="planted",
+                   help="planted facts in Shakespeare (default) or the invented-island gazetteer (benchmarks/gazetteer.py)")
+    p.add_argument("--facts", type=int, default=30, help="planted facts / gazetteer islands (default 30; gazetteer <= 24)")
     p.add_argument("--plays", default="hamlet,macbeth,othello,lear,romeo_and_juliet,twelfth_night")
     p.add_argument("--chars", type=int, default=20_000, help="characters of each play (default 20000)")
     p.add_argument("--top-k", default="1,4", help="comma-separated chunk counts (default 1,4)")
-    p.add_argument("--refresh", default="0,0.25,0.5,1", help="comma-separated kv_refresh shares (default 0,0.25,0.5,1)")
+    p.add_argument("--refresh", default="0,0.25,0.5,1",
+                   help="comma-separated kv_refresh shares, used when --methods is not given (default 0,0.25,0.5,1)")
+    p.add_argument("--methods", help="comma-separated methods (see above), e.g. kv,head=16,ape=0.9/0.9,refresh=1")
+    p.add_argument("--window", type=int, default=2048, help="local_window of the model (default 2048: 8 pasted chunks fit)")
     p.add_argument("--paste-as", choices=("text", "llama-index"), default="text",
                    help="how the chunks are pasted: their texts joined as stored (default; what create_memlong_rag_chain "
                         "pastes) or stripped and joined by blank lines, as LlamaIndex's compact/refine synthesizers "
                         "repack them")
     p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--json", metavar="OUT", help="write the table rows here")
+    p.add_argument("--json", metavar="OUT", help="write the table rows (and every trial) here")
+    p.add_argument("--plot", metavar="PNG", help="plot answer agreement against tokens re-encoded per query")
+    p.add_argument("--replot", metavar="JSON", help="comma-separated result files to plot (with --plot) and print "
+                                                     "instead of running")
     args = p.parse_args(argv)
     args.top_k = [int(x) for x in args.top_k.split(",")]
-    args.refresh = [float(x) for x in args.refresh.split(",")]
+    specs = args.methods.split(",") if args.methods else [f"refresh={x}" for x in args.refresh.split(",")]
+    args.methods = [Method.parse(s) for s in specs]
     return args
+
+
+def corpus(args: argparse.Namespace) -> tuple[list[str], list]:
+    """Documents and questions; every question has ``tail``, ``answer`` and ``correct(text)``."""
+    if args.corpus == "gazetteer":
+        from gazetteer import gazetteer
+
+        return gazetteer(args.facts)
+    from memlong.evaluation import planted_fact_documents
+
+    docs, facts = planted_fact_documents(args.facts, plays=tuple(args.plays.split(",")), chars=args.chars, seed=0,
+                                         distinct=True)
+    return docs, [_Planted(f) for f in facts]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Planted:
+    fact: object
+
+    @property
+    def question(self) -> str:
+        return self.fact.question
+
+    @property
+    def answer(self) -> str:
+        return self.fact.answer
+
+    @property
+    def tail(self) -> str:
+        return f"\nQuestion: {self.fact.question}\nAnswer: {self.fact.answer_prefix}"
+
+    def correct(self, text: str) -> bool:
+        return self.fact.correct(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        rows = [r for f in args.replot.split(",") for r in json.loads(Path(f).read_text())["rows"]]
+        print_table(rows)
+        if args.plot:
+            plot(rows, args.plot)
+        return 0
+    from memlong import MemLong
+
+    docs, questions = corpus(args)
+    ml = MemLong.from_pretrained(args.model, memory_capacity=131_072, local_window=args.window)
+    t0 = time.perf_counter()
+    ml.ingest(docs, namespace=NS, context="chunk", progress=False)
+    print(f"ingested {ml.bank.num_tokens(NS)} tokens in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    rows, trials = [], []
+    for k in args.top_k:
+        k_rows, k_trials = run_top_k(ml, args, questions, k)
+        rows += k_rows
+        trials += k_trials
+    print_table(rows)
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
+        config["methods"] = [m.name for m in args.methods]
+        Path(args.json).write_text(json.dumps({"config": config, "rows": rows, "trials": trials}, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+NS = "fidelity"
+STOP = ("\nQuestion:", "\nQ:", "\n\n")
+
+
+def _read(ml, ids: list[int], memory, max_new_tokens: int, extra_s: float = 0.0):
+    """First-answer-token log-probs, the greedy answer and the time to its first token (plus ``extra_s``)."""
     import torch
 
-    from memlong import MemLong
-    from memlong.evaluation import answer_key, planted_fact_documents
+    with torch.no_grad():
+        logits = ml.run(ids, memory=memory, logits_for=slice(-1, None)).logits[0, -1]
+    g = ml.decode(ids, memory, max_new_tokens=max_new_tokens, stop=STOP)
+    answer = g.text()
+    return logits.log_softmax(-1), answer, extra_s + g.stats.time_to_first_token
 
-    plays = tuple(args.plays.split(","))
-    docs, facts = planted_fact_documents(args.facts, plays=plays, chars=args.chars, seed=0, distinct=True)
-    ml = MemLong.from_pretrained(args.model, memory_capacity=131_072)
-    ns = "fidelity"
-    t0 = time.perf_counter()
-    ml.ingest(docs, namespace=ns, context="chunk", progress=False)
-    print(f"ingested {ml.bank.num_tokens(ns)} tokens in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    order = {c: i for i, c in enumerate(ml.bank.chunk_ids(ns))}
-    stop = ("\nQuestion:", "\n\n")
 
-    def read(ids: list[int], memory) -> tuple[torch.Tensor, str]:
-        with torch.no_grad():
-            logits = ml.run(ids, memory=memory, logits_for=slice(-1, None)).logits[0, -1]
-        answer = ml.decode(ids, memory, max_new_tokens=args.max_new_tokens, stop=stop).text()
-        return logits.log_softmax(-1), answer_key(answer)
+def _paste_text(texts: list[str], paste_as: str) -> str:
+    if paste_as == "llama-index":  # PromptHelper.repack: "\n\n".join(t.strip() for t in texts if t.strip())
+        return "\n\n".join(t.strip() for t in texts if t.strip())
+    return "".join(texts)
 
-    rows = []
-    for k in args.top_k:
-        per = {r: {"kl": [], "top1": 0, "agree": 0, "encoded": []} for r in args.refresh}
-        pasted: list[int] = []
-        for fact in facts:
-            hits = sorted((h.chunk_id for h in ml.bank.search(fact.question, namespace=ns, k=k, count=False)),
-                          key=order.__getitem__)
-            tail = f"\nQuestion: {fact.question}\nAnswer: {fact.answer_prefix}"
-            texts = [ml.bank.get(c, namespace=ns).text for c in hits]
-            if args.paste_as == "llama-index":  # PromptHelper.repack: "\n\n".join(t.strip() for t in texts if t.strip())
-                text = "\n\n".join(t.strip() for t in texts if t.strip())
-            else:
-                text = "".join(texts)
-            paste_ids = ml.encode_prompt(text + tail)
-            pasted.append(len(paste_ids))
-            paste_logp, paste_answer = read(paste_ids, None)
-            prompt = ml.encode_prompt(tail)
-            stored = ml.memory_for(hits, ns)
-            for share in args.refresh:
-                with torch.no_grad():
-                    memory, n = ml.refresh(stored, hits, ns, share) if share > 0 else (stored, 0)
-                kv_logp, kv_answer = read(prompt, memory)
-                p = per[share]
-                p["kl"].append(float(torch.sum(paste_logp.exp() * (paste_logp - kv_logp))))
-                p["top1"] += int(kv_logp.argmax() == paste_logp.argmax())
-                p["agree"] += int(kv_answer == paste_answer)
-                p["encoded"].append(len(prompt) + n)
-        for share, p in per.items():
-            rows.append({"top_k": k, "kv_refresh": share, "questions": len(facts), "kl_mean": statistics.fmean(p["kl"]),
-                         "first_token_agreement": p["top1"] / len(facts), "answer_agreement": p["agree"] / len(facts),
-                         "tokens_encoded_mean": statistics.fmean(p["encoded"]),
-                         "paste_tokens_encoded_mean": statistics.fmean(pasted)})
-            print(f"top-k {k}, kv_refresh {share}: KL {rows[-1]['kl_mean']:.3f}, "
-                  f"answers agree {p['agree']}/{len(facts)}", file=sys.stderr)
-    print("| top-k | kv_refresh | tokens encoded / query (paste) | KL(paste ‖ kv), first answer token "
-          "| same first token | same answer |")
-    print("| --- | --- | --- | --- | --- | --- |")
+
+def run_top_k(ml, args: argparse.Namespace, questions: list, k: int) -> tuple[list[dict], list[dict]]:
+    """Every question at top-k ``k``, pasted and with every method: the summary rows and the per-question trials."""
+    import torch
+
+    from memlong.evaluation import answer_key
+
+    base, order = ml.config, {c: i for i, c in enumerate(ml.bank.chunk_ids(NS))}
+    per = {m.name: {"kl": [], "top1": 0, "agree": 0, "correct": 0, "encoded": [], "share": [], "ttft": []}
+           for m in args.methods}
+    pasted, paste_ttft, paste_correct, trials = [], [], 0, []
+    for q in questions:
+        hits = sorted((h.chunk_id for h in ml.bank.search(q.question, namespace=NS, k=k, count=False)),
+                      key=order.__getitem__)
+        text = _paste_text([ml.bank.get(c, namespace=NS).text for c in hits], args.paste_as)
+        ml.config = base
+        paste_ids = ml.encode_prompt(text + q.tail)
+        pasted.append(len(paste_ids))
+        paste_logp, paste_answer, ttft = _read(ml, paste_ids, None, args.max_new_tokens)
+        paste_ttft.append(ttft)
+        paste_correct += q.correct(paste_answer)
+        trial = {"top_k": k, "question": q.question, "answer": q.answer, "fact_chunk_retrieved": q.answer in text,
+                 "paste_answer": paste_answer, "kv_answers": {}}
+        prompt = ml.encode_prompt(q.tail)
+        stored = ml.memory_for(hits, NS)
+        for m in args.methods:
+            ml.config = dataclasses.replace(base, kv_refresh=m.kv_refresh, kv_reencode_head=m.kv_reencode_head,
+                                            memory_temperature=m.memory_temperature, memory_scale=m.memory_scale)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                memory, n = ml.refresh(stored, hits, NS) if m.kv_refresh or m.kv_reencode_head else (stored, 0)
+            kv_logp, kv_answer, ttft = _read(ml, prompt, memory, args.max_new_tokens, time.perf_counter() - t1)
+            p = per[m.name]
+            p["kl"].append(float(torch.sum(paste_logp.exp() * (paste_logp - kv_logp))))
+            p["top1"] += int(kv_logp.argmax() == paste_logp.argmax())
+            p["agree"] += int(answer_key(kv_answer) == answer_key(paste_answer))
+            p["correct"] += q.correct(kv_answer)
+            p["encoded"].append(len(prompt) + n)
+            p["share"].append(n / int(stored[0].shape[2]))
+            p["ttft"].append(ttft)
+            trial["kv_answers"][m.name] = kv_answer
+        trials.append(trial)
+    ml.config = base
+    nq, rows = len(questions), []
+    for m in args.methods:
+        p = per[m.name]
+        rows.append({"corpus": args.corpus, "top_k": k, "method": m.name, **dataclasses.asdict(m), "questions": nq,
+                     "kl_mean": statistics.fmean(p["kl"]), "first_token_agreement": p["top1"] / nq,
+                     "answer_agreement": p["agree"] / nq, "kv_accuracy": p["correct"] / nq,
+                     "paste_accuracy": paste_correct / nq, "tokens_encoded_mean": statistics.fmean(p["encoded"]),
+                     "reencoded_share_mean": statistics.fmean(p["share"]),
+                     "paste_tokens_encoded_mean": statistics.fmean(pasted),
+                     "ttft_kv_median_s": statistics.median(p["ttft"]),
+                     "ttft_paste_median_s": statistics.median(paste_ttft)})
+        print(f"top-k {k}, {m.name}: KL {rows[-1]['kl_mean']:.3f}, answers agree {p['agree']}/{nq}", file=sys.stderr)
+    return rows, trials
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| corpus | top-k | method | re-encoded share | tokens encoded / query (paste) | KL(paste ‖ kv) | same first "
+          "token | same answer | accuracy K-V / paste | TTFT K-V / paste |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['top_k']} | {r['kv_refresh']:g} | {r['tokens_encoded_mean']:.1f} "
-              f"({r['paste_tokens_encoded_mean']:.0f}) | "
-              f"{r['kl_mean']:.3f} | "
-              f"{100 * r['first_token_agreement']:.0f} % | {100 * r['answer_agreement']:.0f} % |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "json"},
-                                               "rows": rows}, indent=1))
-    return 0
+        print(f"| {r['corpus']} | {r['top_k']} | `{r['method']}` | {100 * r['reencoded_share_mean']:.0f} % | "
+              f"{r['tokens_encoded_mean']:.1f} ({r['paste_tokens_encoded_mean']:.0f}) | {r['kl_mean']:.3f} | "
+              f"{100 * r['first_token_agreement']:.0f} % | {100 * r['answer_agreement']:.0f} % | "
+              f"{100 * r['kv_accuracy']:.0f} % / {100 * r['paste_accuracy']:.0f} % | "
+              f"{r['ttft_kv_median_s']:.2f} s / {r['ttft_paste_median_s']:.2f} s |")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Answer agreement against tokens re-encoded per query, one panel per (corpus, top-k)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["corpus"], r["top_k"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (name, k) in zip(axes[0], panels, strict=True):
+        for r in (r for r in rows if (r["corpus"], r["top_k"]) == (name, k)):
+            x = r["tokens_encoded_mean"]
+            ax.scatter(x, 100 * r["answer_agreement"])
+            ax.annotate(r["method"], (x, 100 * r["answer_agreement"]), fontsize=7)
+        ax.set(title=f"{name}, top-k {k}", xlabel="tokens encoded per query (question + re-encoded)",
+               ylabel="answers agreeing with pasted text (%)", ylim=(0, 105))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-__all__ = ["ATTN_NAME", "AttentionContext", "Blend", "joint_attention", "register", "rotate", "unrotate"]
+__all__ = ["ATTN_NAME", "AttentionContext", "Blend", "ape_attention", "joint_attention", "register", "rotate",
+           "unrotate"]
 
 ATTN_NAME = "memlong"
 
@@ -134,6 +135,33 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_visible
     return _attention_sdpa(q, k, v, n_visible, scaling, dropout)
 
 
+def ape_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_visible: int, n_memory: int, scaling: float,
+                  temperature: float, scale: float) -> torch.Tensor:
+    """:func:`joint_attention` with the first ``n_memory`` keys (retrieved chunks, C) read as APE reads them
+    (Yang et al., ICLR 2025; DESIGN.md section 5): weights within C are ``softmax(s/T)`` and C and the other keys
+    O are mixed by ``softmax([S*T*LSE_C(s/T), LSE_O(s)])``. Done as one softmax: C's logits become
+    ``s/T + (S*T - 1) * LSE_C(s/T)``, which gives C exactly that total mass. ``T = S = 1`` is the joint softmax.
+
+    Explicit float32 scores (the memory part needs its own log-sum-exp), so meant for answer-time prompts and
+    decoding, not long windows. Shapes as in :func:`joint_attention`; returns ``(B, H, Lq, D)``.
+
+    Example:
+        >>> out = ape_attention(q, k, v, n_visible=k.shape[2] - q.shape[2], n_memory=512, scaling=0.125,
+        ...                     temperature=0.9, scale=0.9)
+    """
+    if not 0 < n_memory <= n_visible:
+        raise ValueError(f"n_memory ({n_memory}) must be in 1..n_visible ({n_visible}).")
+    groups = q.shape[1] // k.shape[1]
+    k, v = _expand_kv(k, groups).float(), _expand_kv(v, groups).float()
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scaling  # (B, H, Lq, Lk)
+    scores = scores.masked_fill(~_mask(q.shape[2], k.shape[2], n_visible, q.device), float("-inf"))
+    mem = scores[..., :n_memory] / temperature  # (B, H, Lq, C): memory is visible to every query
+    if scale * temperature != 1.0:
+        mem = mem + (scale * temperature - 1.0) * torch.logsumexp(mem, dim=-1, keepdim=True)
+    scores = torch.cat([mem, scores[..., n_memory:]], dim=-1)
+    return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
+
+
 # ------------------------------------------------------------------ per-forward context
 @dataclass
 class AttentionContext:
@@ -144,6 +172,8 @@ class AttentionContext:
     extended in place by every forward when ``grow`` is set. ``capture``: keep the new tokens'
     pre-RoPE keys and values per layer in ``captured`` (what the bank and the streaming cache store).
     ``cos``/``sin``: rotary tables of the new tokens, needed to undo RoPE for capture.
+    ``memory_len[layer]``: how many of that layer's prefix keys are retrieved memory (they come first);
+    ``ape``: ``(temperature, scale)`` to read them with (:func:`ape_attention`), ``None`` for the joint softmax.
     """
 
     prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -155,6 +185,8 @@ class AttentionContext:
     sin: torch.Tensor | None = None
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     blend: Blend | None = None
+    memory_len: dict[int, int] = field(default_factory=dict)
+    ape: tuple[float, float] | None = None
 
 
 @dataclass
@@ -196,7 +228,11 @@ def memlong_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         ctx.local[layer] = (key, value) if old is None else (torch.cat([old[0], key], 2), torch.cat([old[1], value], 2))
     k = torch.cat(parts_k + [key], dim=2) if parts_k else key
     v = torch.cat(parts_v + [value], dim=2) if parts_v else value
-    out = joint_attention(query, k, v, n_visible, scaling, ctx.backend, dropout if module.training else 0.0)
+    n_memory = ctx.memory_len.get(layer, 0)
+    if ctx.ape is not None and n_memory:
+        out = ape_attention(query, k, v, n_visible, n_memory, scaling, *ctx.ape)
+    else:
+        out = joint_attention(query, k, v, n_visible, scaling, ctx.backend, dropout if module.training else 0.0)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -83,6 +83,23 @@ class MemLongConfig:
             chunks retrieved with them; ``0`` (default) uses them as stored (fastest), ``1`` re-encodes all
             retrieved tokens, which is exactly what pasting their text computes (no saving). Needs
             ``kv_source="per_layer"``, every layer a retrieval layer and the ``continual`` layout (the defaults).
+        memory_temperature: APE's temperature ``T`` (Yang et al., "APE: Faster and Longer Context-Augmented
+            Generation via Adaptive Parallel Encoding", ICLR 2025) on the retrieved-memory part of the joint
+            softmax at answer time: weights within the memory are ``softmax(s / T)``, and memory and the rest
+            (sink, prompt, generated tokens) are mixed by ``softmax([S*T*LSE_mem(s/T), LSE_rest(s)])``
+            (DESIGN.md section 5). ``1`` (with ``memory_scale=1``) is the plain joint softmax, bit for bit
+            (the option is then off). Must be > 0; APE's default is 0.9.
+        memory_scale: APE's scale ``S`` on the memory's total attention mass (see ``memory_temperature``).
+            Must be > 0; ``1`` with ``memory_temperature=1`` is off.
+        kv_reencode_head: EPIC / LegoLink-style boundary re-encode (Hu et al., "EPIC: Efficient Position-Independent
+            Context Caching", arXiv 2410.15332): re-encode the first ``n`` (0..32) tokens of every retrieved chunk
+            at answer time (``generate``), each attending to the retrieved K-V before it, as ``kv_refresh`` does;
+            those tokens carry the spurious attention a sequence start draws. Composes with ``kv_refresh`` (the
+            share is ranked among the other tokens) and with ``memory_temperature`` / ``memory_scale``. ``0``: off.
+            Needs the same settings as ``kv_refresh``. Measured (docs/rag-fidelity.md): 32 made the full-Hamlet demo
+            answer at top-k 4 and 8 and lowered first-token KL to pasted text on two corpora, but turned the
+            README quickstart's and the LangChain example's right answers wrong, so the library default stays 0
+            (``memlong demo`` uses 32).
         attention_backend: ``"auto"`` (SDPA; FlexAttention measured 2x slower on an H100), ``"sdpa"``,
             ``"flex"`` or ``"eager"`` (the exact float32 reference).
     """
@@ -106,6 +123,10 @@ class MemLongConfig:
     attention_backend: AttentionBackend = "auto"
     search_mode: SearchMode = "dense"
     kv_refresh: float = 0.0
+    # ---- reading several retrieved chunks (issue 15; DESIGN.md section 5): all off by default
+    memory_temperature: float = 1.0
+    memory_scale: float = 1.0
+    kv_reencode_head: int = 0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -184,6 +205,7 @@ class MemLongConfig:
         _check(isinstance(self.kv_refresh, (int, float)) and not isinstance(self.kv_refresh, bool)
                and 0.0 <= self.kv_refresh <= 1.0,
                f"kv_refresh must be a share between 0 and 1, got {self.kv_refresh!r}.")
+        _check_reading(self)
         memory_layer = num_layers // 2 if self.memory_layer is None else self.memory_layer
         _check(isinstance(memory_layer, int) and 0 <= memory_layer < num_layers,
                f"memory_layer must be in 0..{num_layers - 1} for this {num_layers}-layer model, got {memory_layer!r}.")
@@ -207,13 +229,25 @@ class MemLongConfig:
                    f"retrieval_layers {below} lie below memory_layer {memory_layer}: with kv_source='memory_layer' "
                    "every retrieval layer reads the memory layer's K-V, so it must be at or above it. "
                    "Raise them, lower memory_layer, or use kv_source='per_layer'.")
-        if self.kv_refresh > 0:
+        if self.kv_refresh > 0 or self.kv_reencode_head > 0:
+            option = f"kv_refresh={self.kv_refresh}" if self.kv_refresh > 0 else f"kv_reencode_head={self.kv_reencode_head}"
             _check(self.kv_source == "per_layer" and layers == tuple(range(num_layers))
                    and self.position_layout == "continual",
-                   f"kv_refresh={self.kv_refresh} re-encodes retrieved tokens in every layer at their positions, so every "
+                   f"{option} re-encodes retrieved tokens in every layer at their positions, so every "
                    "layer must read its own stored K-V laid out in order: use kv_source='per_layer', "
-                   "retrieval_layers='all' and position_layout='continual' (the defaults), or kv_refresh=0.")
+                   "retrieval_layers='all' and position_layout='continual' (the defaults), or set it to 0.")
         return dataclasses.replace(self, memory_layer=memory_layer, retrieval_layers=layers)
+
+
+def _check_reading(cfg: MemLongConfig) -> None:
+    """Validate the options for reading several retrieved chunks (``memory_temperature`` .. ``kv_reencode_head``)."""
+    for name in ("memory_temperature", "memory_scale"):
+        value = getattr(cfg, name)
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+               f"{name} must be a number > 0 (1 = plain attention, APE uses 0.9), got {value!r}.")
+    head = cfg.kv_reencode_head
+    _check(type(head) is int and 0 <= head <= 32,
+           f"kv_reencode_head must be an integer token count in 0..32 (0 = off), got {head!r}.")
 
 
 def _spread(memory_layer: int, num_layers: int, count: int = 4) -> tuple[int, ...]:

@@ -250,9 +250,9 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
     chunk_ids = list(chunk_ids or [])
     memory = ml.memory_for(chunk_ids, namespace)  # raises UnknownChunkError before any work
     refreshed = 0
-    if memory is not None and ml.config.kv_refresh > 0:
+    if memory is not None and (ml.config.kv_refresh > 0 or ml.config.kv_reencode_head > 0):
         with torch.no_grad():
-            memory, refreshed = ml.refresh(memory, chunk_ids, namespace, ml.config.kv_refresh)
+            memory, refreshed = ml.refresh(memory, chunk_ids, namespace)
     stats = GenerationStats(prompt_tokens=len(ids), chunk_ids=chunk_ids, refreshed_tokens=refreshed,
                             memory_tokens=0 if memory is None else int(memory[0].shape[2]))
     return decode(ml, ids, memory, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop,

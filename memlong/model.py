@@ -237,10 +237,12 @@ class MemLong:
         return keys, values
 
     def refresh(self, memory: Memory, chunk_ids: Sequence[str], namespace: str,
-                share: float | None = None) -> tuple[Memory, int]:
-        """``kv_refresh``: re-encode the ``share`` (default ``config.kv_refresh``) of retrieved tokens whose stored
-        K-V differ most; returns the refreshed memory and the count. See :mod:`memlong.refresh`."""
-        return refresh.refresh(self, memory, chunk_ids, namespace, self.config.kv_refresh if share is None else share)
+                share: float | None = None, head: int | None = None) -> tuple[Memory, int]:
+        """``kv_refresh``: re-encode the first ``head`` tokens of every chunk (default ``config.kv_reencode_head``)
+        and the ``share`` (default ``config.kv_refresh``) of other retrieved tokens whose stored K-V differ most;
+        returns the refreshed memory and the count. See :mod:`memlong.refresh`."""
+        return refresh.refresh(self, memory, chunk_ids, namespace, self.config.kv_refresh if share is None else share,
+                               head=self.config.kv_reencode_head if head is None else head)
 
     # ------------------------------------------------------------------ streaming
     def stream(self, namespace: str, *, doc_id: str | None = None, metadata: dict[str, Any] | None = None) -> Stream:

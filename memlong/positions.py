@@ -73,6 +73,9 @@ def build_context(ml: MemLong, memory: Memory | None = None, cache: KV | None = 
         capture: keep the new tokens' pre-RoPE K-V in ``ctx.captured``.
         grow: the context keeps the new tokens' K-V for the next call (token-by-token decoding).
 
+    Without ``capture`` or ``cache`` (answer time: ``run``, decoding, scoring) retrieved memory is read with APE's
+    ``config.memory_temperature`` / ``memory_scale`` when either is not 1 (:func:`memlong.attention.ape_attention`).
+
     Returns:
         The context and the position of the first new token.
     """
@@ -82,6 +85,9 @@ def build_context(ml: MemLong, memory: Memory | None = None, cache: KV | None = 
     cache_len = cache[0][0].shape[2] if cache else 0
     mem_start, cache_start = _starts(cfg.position_layout, bool(sink), n_mem)
     ctx = AttentionContext(capture=capture, grow=grow, backend=ml.attention_backend)
+    # APE reads memory at answer time (run/decode/score): not in contexts that store K-V (streams, refresh)
+    if n_mem and not (capture or cache_len) and (cfg.memory_temperature, cfg.memory_scale) != (1.0, 1.0):
+        ctx.ape = (float(cfg.memory_temperature), float(cfg.memory_scale))
     tables = {}
     if n_mem:
         zero = cfg.position_layout == "zero"
@@ -97,6 +103,7 @@ def build_context(ml: MemLong, memory: Memory | None = None, cache: KV | None = 
             src = cfg.source_index(layer)
             ks.append(rotate(memory[0][src].unsqueeze(0), *tables["mem"]))  # (1, Hkv, M, D)
             vs.append(memory[1][src].unsqueeze(0))
+            ctx.memory_len[layer] = n_mem
         if sink:
             ks.append(rotate(sink[layer][0], *tables["sink"]).to(ml.dtype))  # (1, Hkv, 1, D)
             vs.append(sink[layer][1].to(ml.dtype))

@@ -7,6 +7,10 @@ there lie from the stored ones, and runs the top ``share`` through every layer, 
 K-V before it (refreshed ones included). Their fresh K-V replace the stored ones for this answer only; the bank
 is not changed. ``share=1`` computes exactly what encoding the retrieved tokens as text would.
 
+``head=n`` (``MemLongConfig.kv_reencode_head``, EPIC / LegoLink, arXiv 2410.15332) also re-encodes the first ``n``
+tokens of every retrieved chunk, where a chunk encoded alone carries the attention a sequence start draws; the
+``share`` is then ranked among the other tokens. Both select slots; one pass re-encodes them all.
+
 This is also the home for other ways of reading several independently encoded chunks (the parallel-encoding
 options of DESIGN.md section 5).
 
@@ -60,22 +64,27 @@ def chunk_tokens(ml: MemLong, chunk: Any) -> list[int] | None:
     return ids
 
 
-def _retrieved_tokens(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple[list[int], torch.Tensor]:
-    """Token ids of the retrieved chunks in document order (0 where unknown) and which of them are known."""
+def _retrieved_tokens(ml: MemLong, chunk_ids: Sequence[str], namespace: str,
+                      head: int = 0) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Token ids of the retrieved chunks in document order (0 where unknown), which of them are known, and which
+    are among the first ``head`` tokens of their chunk."""
     bank = ml.bank
     chunks = sorted((bank.get(c, namespace=namespace) for c in dict.fromkeys(chunk_ids)), key=lambda c: c.order)
     ids: list[int] = []
     known: list[bool] = []
+    heads: list[bool] = []
     for c in chunks:
         toks = chunk_tokens(ml, c)
         ids += toks if toks is not None else [0] * c.n_tokens
         known += [toks is not None] * c.n_tokens
-    return ids, torch.tensor(known, device=ml.device)
+        heads += [i < head for i in range(c.n_tokens)]
+    return ids, torch.tensor(known, device=ml.device), torch.tensor(heads, device=ml.device) & torch.tensor(
+        known, device=ml.device)
 
 
 def _rank(ml: MemLong, ids: torch.Tensor, keys: torch.Tensor, known: torch.Tensor, n: int,
           probe_layer: int) -> torch.Tensor:
-    """Slots of the ``n`` known tokens whose probe-layer keys deviate most from the stored ones, sorted."""
+    """Slots of the ``n`` ``known`` tokens whose probe-layer keys deviate most from the stored ones, sorted."""
     m = ids.shape[0]
     ctx, pos = ml.context(capture=True)
     hook = ml.decoder.layers[probe_layer].register_forward_hook(_stop)
@@ -92,8 +101,9 @@ def _rank(ml: MemLong, ids: torch.Tensor, keys: torch.Tensor, known: torch.Tenso
 
 
 def refresh(ml: MemLong, memory: Memory, chunk_ids: Sequence[str], namespace: str, share: float,
-            probe_layer: int = 1) -> tuple[Memory, int]:
-    """Re-encode the ``share`` of retrieved tokens whose stored K-V differ most (see module docstring).
+            probe_layer: int = 1, head: int = 0) -> tuple[Memory, int]:
+    """Re-encode the first ``head`` tokens of every chunk and the ``share`` of the other retrieved tokens whose
+    stored K-V differ most (see module docstring).
 
     Args:
         ml: the model (``kv_source="per_layer"``, every layer a retrieval layer, ``continual`` layout).
@@ -102,19 +112,22 @@ def refresh(ml: MemLong, memory: Memory, chunk_ids: Sequence[str], namespace: st
         namespace: their namespace.
         share: in ``[0, 1]``; ``1`` re-encodes every retrieved token whose ids are known.
         probe_layer: the layer whose keys rank the tokens.
+        head: tokens re-encoded at the start of every chunk (``kv_reencode_head``), on top of the share.
 
     Returns:
         The refreshed memory (a copy; the bank is unchanged) and the number of tokens re-encoded.
     """
     keys, values = memory
-    ids, known = _retrieved_tokens(ml, chunk_ids, namespace)
-    m, n_known = len(ids), int(known.sum())
-    n = min(math.ceil(share * m), n_known)
-    if n == 0:
+    ids, known, heads = _retrieved_tokens(ml, chunk_ids, namespace, head)
+    rest = known & ~heads
+    m, n_rest = len(ids), int(rest.sum())
+    n = min(math.ceil(share * m), n_rest)
+    if n == 0 and not heads.any():
         return memory, 0
     ids_t = torch.tensor(ids, device=ml.device)
-    # with every known token refreshed no ranking is needed
-    slots = _rank(ml, ids_t, keys, known, n, probe_layer) if n < n_known else known.nonzero().view(-1)
+    # with every remaining known token refreshed no ranking is needed
+    ranked = _rank(ml, ids_t, keys, rest, n, probe_layer) if 0 < n < n_rest else rest.nonzero().view(-1)[:n]
+    slots = torch.cat([heads.nonzero().view(-1), ranked]).sort().values
     ctx, pos = ml.context(memory, capture=True)
     # each layer's prefix is [memory (positions pos-m .. pos-1) | sink (position 0)]
     key_pos = torch.arange(m, device=ml.device) + pos - m
@@ -127,4 +140,4 @@ def refresh(ml: MemLong, memory: Memory, chunk_ids: Sequence[str], namespace: st
     for i, layer in enumerate(ml.config.source_layers):
         keys[i][:, slots] = ctx.captured[layer][0][0].to(keys.dtype)
         values[i][:, slots] = ctx.captured[layer][1][0].to(values.dtype)
-    return (keys, values), n
+    return (keys, values), int(slots.numel())

@@ -77,6 +77,7 @@ def test_kv_fidelity_benchmark_smoke_run(tmp_path):
     # refreshing every retrieved token encodes them all (what pasting encodes, less the pasted text's own tokens)
     assert stored["tokens_encoded_mean"] + 2 * 128 == refreshed["tokens_encoded_mean"]
     assert refreshed["kl_mean"] <= stored["kl_mean"] and refreshed["first_token_agreement"] == 1.0
+    assert refreshed["reencoded_share_mean"] == 1.0 and stored["reencoded_share_mean"] == 0.0
 
 
 def test_icl_benchmark_plot_merges_sweep_and_full_runs_of_the_same_seed(tmp_path):
@@ -99,3 +100,19 @@ def test_icl_benchmark_plot_merges_sweep_and_full_runs_of_the_same_seed(tmp_path
     assert [(p["memory_demos"], p["accuracy"], p["n"]) for p in points] == [(0, 0.5, 10), (50, 0.6, 10),
                                                                           (200, 0.8, 10), (1000, 0.9, 10)]
     assert png.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_kv_fidelity_benchmark_methods_on_the_gazetteer(tmp_path):
+    import kv_fidelity
+
+    out, png = tmp_path / "fidelity.json", tmp_path / "fidelity.png"
+    assert kv_fidelity.main(["--corpus", "gazetteer", "--facts", "2", "--top-k", "2", "--methods",
+                             "kv,head=4+ape=0.9/0.9", "--max-new-tokens", "3", "--json", str(out),
+                             "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    stored, mixed = data["rows"]
+    assert (mixed["kv_reencode_head"], mixed["memory_temperature"], mixed["memory_scale"]) == (4, 0.9, 0.9)
+    assert mixed["tokens_encoded_mean"] == stored["tokens_encoded_mean"] + 2 * 4  # 4 tokens of each of 2 chunks
+    assert [set(t["kv_answers"]) for t in data["trials"]] == [{"kv", "head=4+ape=0.9/0.9"}] * 2
+    assert png.stat().st_size > 0
