@@ -207,6 +207,8 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
             tmp = path / (MANIFEST + ".tmp")
             tmp.unlink(missing_ok=True)
             _write_file(tmp, lambda out: out.write(manifest))
+            if segments:
+                _fsync_dir(path)  # segments' directory entries are durable before a manifest names them
             os.replace(tmp, path / MANIFEST)  # the commit point
             _fsync_dir(path)
         except BaseException:
