@@ -121,10 +121,16 @@ class MemLong:
         cfg = self.config
         emb = Embedder() if embedder in (None, "default") else (Embedder(embedder) if isinstance(embedder, str)
                                                                  else embedder)
-        return MemoryBank(embedder=emb, capacity=cfg.memory_capacity, evict_oldest=cfg.evict_oldest,
-                          keep_newest=cfg.keep_newest, dtype=cfg.torch_memory_dtype, max_bytes=cfg.memory_max_bytes,
-                          device=self.device if cfg.memory_device == "model" else "cpu",
-                          pin_memory=cfg.memory_device == "pinned", search_mode=cfg.search_mode)
+        options = dict(capacity=cfg.memory_capacity, evict_oldest=cfg.evict_oldest, keep_newest=cfg.keep_newest,
+                       dtype=cfg.torch_memory_dtype, max_bytes=cfg.memory_max_bytes, search_mode=cfg.search_mode,
+                       device=self.device if cfg.memory_device == "model" else "cpu", quantization=cfg.memory_quantization,
+                       pin_memory=cfg.memory_device == "pinned")
+        if cfg.memory_path is not None and (Path(cfg.memory_path) / "manifest.json").exists():  # reopen a disk bank
+            return MemoryBank.load(cfg.memory_path, embedder=emb, fingerprint=self.memory_fingerprint(), **options)
+        bank = MemoryBank(embedder=emb, path=cfg.memory_path, **options)
+        if bank.path is not None:  # a new disk bank: committed empty, so it records the model that fills it
+            bank.commit(fingerprint=self.memory_fingerprint())
+        return bank
 
     # ------------------------------------------------------------------ loading
     @classmethod
