@@ -266,7 +266,7 @@ class BankFiles:
         spaces: dict[str, NamespaceIndex] = {}
         sizes: dict[str, int] = {}
         for name, (chunks, vectors) in loaded.items():  # build everything before touching the live bank
-            space = NamespaceIndex(self.embedder.dim, self.use_gpu_index)
+            space = NamespaceIndex(self.embedder.dim, self.use_gpu_index, self.ann_min_chunks)
             for c in chunks:
                 if not in_place:
                     c.kv = self._adopt_payload(c.kv, path, c.id, copy=segments is not None)

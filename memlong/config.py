@@ -90,6 +90,8 @@ class MemLongConfig:
         memory_path: a directory for a disk bank: K-V go to append-only segment files there, memory-mapped, so
             only retrieved chunks are read (a corpus larger than RAM); ``None``: K-V in memory. A directory that
             already holds a disk bank is reopened (same model and settings); ``ml.bank.commit()`` makes it durable.
+        memory_ann_chunks: namespaces with at least this many chunks (>= 1000) search an approximate IVF index
+            (retrained as they double; deletes stay exact); ``None``: exact search at any size.
         attention_backend: ``"auto"`` (SDPA; FlexAttention measured 2x slower on an H100), ``"sdpa"``,
             ``"flex"`` or ``"eager"`` (the exact float32 reference).
     """
@@ -113,6 +115,7 @@ class MemLongConfig:
     # -- storage tier (issue 20): one block
     memory_quantization: Literal["none", "int8"] = "none"
     memory_path: str | None = None
+    memory_ann_chunks: int | None = None
     # --
     attention_backend: AttentionBackend = "auto"
     search_mode: SearchMode = "dense"
@@ -173,6 +176,8 @@ class MemLongConfig:
                f"memory_quantization must be 'none' or 'int8', got {self.memory_quantization!r}.")
         _check(self.memory_path is None or (isinstance(self.memory_path, (str, os.PathLike)) and str(self.memory_path)),
                f"memory_path must be a directory path or None, got {self.memory_path!r}.")
+        _check(self.memory_ann_chunks is None or (type(self.memory_ann_chunks) is int and self.memory_ann_chunks >= 1000),
+               f"memory_ann_chunks must be None or an integer >= 1000, got {self.memory_ann_chunks!r}.")
         _check(self.memory_path is None or self.memory_device == "cpu",
                f"memory_path keeps K-V in memory-mapped files on the CPU: use memory_device='cpu', not "
                f"{self.memory_device!r}.")

@@ -45,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -114,6 +115,9 @@ class MemoryBank(BankWrites, BankFiles):
             back; :meth:`commit` makes the bank durable there (``None``: K-V in memory). A directory already
             holding a bank is refused (reopen it with :meth:`load`).
         segment_bytes: a disk bank's K-V buffered in RAM before they are written as one segment file.
+        ann_min_chunks: namespaces with at least this many chunks search an approximate IVF index (trained on
+            their embeddings, retrained as they double; deletes stay exact; :class:`memlong.search.NamespaceIndex`);
+            ``None``: exact search at any size.
 
     Raises:
         ValueError: a setting outside the ranges above, named with the value given.
@@ -124,9 +128,13 @@ class MemoryBank(BankWrites, BankFiles):
                  device: str | torch.device = "cpu", use_gpu_index: bool | None = None,
                  max_bytes: int | None = None, pin_memory: bool = False, search_mode: SearchMode = "dense",
                  quantization: Quantization = "none", path: str | os.PathLike | None = None,
-                 segment_bytes: int = 64 << 20) -> None:
+                 segment_bytes: int = 64 << 20, ann_min_chunks: int | None = None) -> None:
         check_bank_config(capacity, evict_oldest, keep_newest, max_bytes)
         self.quantization = check_quantization(quantization)
+        if ann_min_chunks is not None and (type(ann_min_chunks) is not int or ann_min_chunks < 1000):
+            raise ValueError(f"ann_min_chunks must be None (exact search) or at least 1000 (an IVF index trains on the "
+                             f"namespace's own vectors), got {ann_min_chunks!r}.")
+        self.ann_min_chunks = ann_min_chunks
         if dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES.values())}, got {dtype!r}.")
         self.embedder = embedder
@@ -285,13 +293,8 @@ class MemoryBank(BankWrites, BankFiles):
             ranked: list[list[tuple[str, float]]] = []
             if vector is not None:
                 want = min(len(space.ids), depth(mode, k) + len(skip))
-                if self.use_gpu_index:
-                    with self._gpu_lock:
-                        scores, rows = space.index.search(vector, want)
-                else:
-                    scores, rows = space.index.search(vector, want)
-                ranked.append([(space.ids[r], float(sc)) for sc, r in zip(scores[0], rows[0])
-                               if r >= 0 and space.ids[r] not in skip])
+                with self._gpu_lock if self.use_gpu_index else contextlib.nullcontext():
+                    ranked.append([(cid, sc) for cid, sc in space.dense(vector, want) if cid not in skip])
             if mode != "dense":
                 lexical = space.lexical.top(query, depth(mode, k), skip)
                 ranked.append(sorted(lexical, key=lambda item: (-item[1], self._chunks[item[0]].order)))
@@ -393,7 +396,8 @@ class MemoryBank(BankWrites, BankFiles):
             if not create:
                 raise KeyError(f"Namespace {namespace!r} does not exist: nothing was ever stored in it, or it "
                                "was reset.")
-            space = self._spaces[namespace] = NamespaceIndex(self.embedder.dim, self.use_gpu_index)
+            space = self._spaces[namespace] = NamespaceIndex(self.embedder.dim, self.use_gpu_index,
+                                                                          self.ann_min_chunks)
         return space
 
     def _get(self, chunk_id: str, namespace: str) -> Chunk:

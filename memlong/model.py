@@ -124,7 +124,7 @@ class MemLong:
         options = dict(capacity=cfg.memory_capacity, evict_oldest=cfg.evict_oldest, keep_newest=cfg.keep_newest,
                        dtype=cfg.torch_memory_dtype, max_bytes=cfg.memory_max_bytes, search_mode=cfg.search_mode,
                        device=self.device if cfg.memory_device == "model" else "cpu", quantization=cfg.memory_quantization,
-                       pin_memory=cfg.memory_device == "pinned")
+                       pin_memory=cfg.memory_device == "pinned", ann_min_chunks=cfg.memory_ann_chunks)
         if cfg.memory_path is not None and (Path(cfg.memory_path) / "manifest.json").exists():  # reopen a disk bank
             return MemoryBank.load(cfg.memory_path, embedder=emb, fingerprint=self.memory_fingerprint(), **options)
         bank = MemoryBank(embedder=emb, path=cfg.memory_path, **options)
