@@ -63,7 +63,8 @@ def main() -> None:
     step = 100_000
     for lo in range(0, args.n, step):  # added in batches, as a growing namespace is (the IVF retrains as it doubles)
         hi = min(args.n, lo + step)
-        x = unit(centres[rng.integers(0, args.clusters, hi - lo)] + args.spread * rng.standard_normal((hi - lo, args.dim)) / args.dim ** 0.5)
+        noise = args.spread * rng.standard_normal((hi - lo, args.dim)) / args.dim ** 0.5
+        x = unit(centres[rng.integers(0, args.clusters, hi - lo)] + noise)
         for name, index in (("flat", exact), ("ivf", approx)):
             t0 = time.perf_counter()
             index.add(ids[lo:hi], x, [""] * (hi - lo))
