@@ -102,7 +102,8 @@ def ask(ml, bank, needle: dict, namespace: str) -> dict:
 def mirror(src, dst, chunk_ids: list[str], namespace: str) -> None:
     """Copy chunks (text, span, tokens, K-V) from ``src`` into ``dst`` (which quantizes them)."""
     chunks = [src.get(c, namespace=namespace) for c in chunk_ids]
-    dst.add_chunks([c.text for c in chunks], keys=[c.keys for c in chunks], values=[c.values for c in chunks],
+    kv = [src.fetch([c], namespace=namespace) for c in chunk_ids]  # fetch lets a disk bank's pages go again
+    dst.add_chunks([c.text for c in chunks], keys=[k for k, _ in kv], values=[v for _, v in kv],
                    namespace=namespace, doc_ids=[c.doc_id for c in chunks], spans=[c.span for c in chunks],
                    tokens=[c.tokens for c in chunks], atomic=True)
 

@@ -10,8 +10,9 @@ Contract (the seam between the bank and its K-V, in the spirit of vLLM's KV-conn
     * :class:`DiskKVStore` (directory ``path``): ``put`` buffers payloads in RAM; when ``segment_bytes`` are
       buffered (or at a commit) they are written as one new, immutable safetensors *segment*
       (``seg-<16 hex>.safetensors``, tensors ``"<suffix>.<chunk id>"``, fsynced) and every buffered chunk's
-      payload is swapped for views of a read-only memory map of that file: resident memory stays bounded and a
-      fetch reads only the pages of the chunks it asks for. Segments are never modified. :meth:`compact`
+      payload is swapped for views of a read-only memory map of that file: a fetch reads only the pages of the
+      chunks it asks for, and :meth:`release` (the bank calls it after a fetch has copied them) lets those pages
+      go again, so resident memory stays bounded however large the bank. Segments are never modified. :meth:`compact`
       rewrites the live chunks of segments that are mostly dead (deleted or evicted chunks) into a new segment;
       the old files disappear only after the next commit no longer names them (:mod:`memlong.storage`), so a
       kill at any point leaves the last committed state readable.
@@ -27,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import secrets
 import struct
@@ -69,6 +71,9 @@ class KVStore:
     def flush(self, force: bool = False) -> None:
         """Write buffered payloads (disk stores); ``force``: even below the segment size."""
 
+    def release(self, chunks: Iterable[Chunk]) -> None:
+        """A fetch has copied ``chunks``' K-V: a disk store lets their pages go (resident memory stays bounded)."""
+
 
 class Segment:
     """One immutable segment file: its manifest entry, its memory map and which chunks still use it."""
@@ -81,8 +86,12 @@ class Segment:
                 raise ValueError("header longer than the file")
             self.header = json.loads(fh.read(n).decode("utf-8"))
         self.start = 8 + n
-        # copy-on-write mode: never written, but torch accepts a writable array without a warning
-        self.map = np.memmap(path, dtype=np.uint8, mode="c") if entry["bytes"] > self.start else None
+        self.map: np.ndarray | None = None
+        self.mmap: mmap.mmap | None = None
+        if entry["bytes"] > self.start:
+            with open(path, "rb") as fh:  # copy-on-write: never written, but torch wants a writable buffer
+                self.mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            self.map = np.frombuffer(self.mmap, dtype=np.uint8)
         self.live: dict[str, Chunk] = {}  # chunk id -> the bank's chunk whose payload lives here
 
     def tensor(self, name: str) -> torch.Tensor | None:
@@ -98,6 +107,17 @@ class Segment:
         if t is None:
             raise ValueError(f"tensor {name} does not match its shape")
         return t.view(torch.bfloat16) if kind == "BF16" else t
+
+    def release(self, name: str) -> None:
+        """Let the kernel drop the pages of tensor ``name`` from this process (they are read again from the file
+        when next needed), so that resident memory holds only what is being used."""
+        info = self.header.get(name)
+        if self.mmap is None or not isinstance(info, dict) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        a, b = (self.start + x for x in info["data_offsets"])
+        lo, hi = a - a % mmap.PAGESIZE, min(len(self.mmap), -(-b // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if hi > lo:
+            self.mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     @property
     def live_bytes(self) -> int:
@@ -174,6 +194,14 @@ class DiskKVStore(KVStore):
             self.dead.add(s.path.name)
             del self.segments[s.path.name]
         return freed
+
+    def release(self, chunks: Iterable[Chunk]) -> None:
+        """Drop the resident pages of ``chunks``' segment data (after a fetch has copied them)."""
+        for c in chunks:
+            seg = self.segments.get(self.where.get(c.id, ""))
+            if seg is not None:
+                for suffix in c.kv.named():
+                    seg.release(f"{suffix}.{c.id}")
 
     def entries(self) -> list[dict[str, Any]]:
         """Manifest entries of every segment a live chunk uses (call :meth:`flush` with ``force`` first)."""

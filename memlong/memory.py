@@ -335,6 +335,7 @@ class MemoryBank(BankWrites, BankFiles):
         nb = device.type == "cuda"
         keys = torch.cat([c.keys.to(device, non_blocking=nb) for c in chunks], dim=2)
         values = torch.cat([c.values.to(device, non_blocking=nb) for c in chunks], dim=2)
+        self._store.release(chunks)  # a disk bank: the copied pages leave resident memory
         return keys.to(dtype or keys.dtype), values.to(dtype or values.dtype)
 
     def get(self, chunk_id: str, *, namespace: str = "default") -> Chunk:
