@@ -135,9 +135,11 @@ def main() -> None:
     other = None
     if args.mirror != "none":
         path = args.dir / f"bank-{args.mirror}"
-        other = (MemoryBank.load(path, embedder=ml.bank.embedder, search_mode="hybrid") if (path / "manifest.json").exists() else
-                 MemoryBank(embedder=ml.bank.embedder, capacity=4_000_000, quantization=args.mirror, path=path,
-                            search_mode="hybrid"))
+        if (path / "manifest.json").exists():  # resuming
+            other = MemoryBank.load(path, embedder=ml.bank.embedder, search_mode="hybrid")
+        else:
+            other = MemoryBank(embedder=ml.bank.embedder, capacity=4_000_000, quantization=args.mirror, path=path,
+                               search_mode="hybrid")
     sizes = sorted(args.sizes)
     tokens, needles = corpus(ml, sizes[-1], sizes, ml.config.chunk_size, seed=0)
     ns = "corpus"
