@@ -45,7 +45,7 @@ from memlong.storage import SEGMENT_NAME, MemoryFileError, write_segment
 if TYPE_CHECKING:
     from memlong.records import Chunk
 
-__all__ = ["DiskKVStore", "KVStore", "Segment", "open_disk_store", "segment_of"]
+__all__ = ["DiskKVStore", "KVStore", "Segment", "new_store", "open_disk_store", "segment_of"]
 
 _NUMPY = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "BF16": np.uint16}
 
@@ -234,6 +234,14 @@ def segment_of(name: Any) -> str:
     if not isinstance(name, str) or not SEGMENT_NAME.match(name):
         raise ValueError(f"malformed segment name {str(name)[:60]!r}")
     return name
+
+
+def new_store(path: Path | None, quantization: Quantization, dtype: torch.dtype, device: torch.device,
+              segment_bytes: int) -> KVStore:
+    """The store of a new bank: in memory (``path`` None) or a new disk bank in directory ``path``."""
+    if path is None:
+        return KVStore(quantization=quantization, dtype=dtype)
+    return open_disk_store(path, quantization, dtype, device, segment_bytes)
 
 
 def open_disk_store(path: Path, quantization: Quantization, dtype: torch.dtype, device: torch.device,

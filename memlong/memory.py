@@ -63,7 +63,7 @@ from memlong.bank_writes import BankWrites
 from memlong.embedder import TextEmbedder
 from memlong.eviction import MemoryEvictionWarning, MemoryFullError, warn_evicted
 from memlong.kv_payload import Quantization, check_quantization
-from memlong.kv_store import KVStore, open_disk_store
+from memlong.kv_store import new_store
 from memlong.records import (
     Chunk,
     MemoryMismatchError,
@@ -72,7 +72,7 @@ from memlong.records import (
     metadata_nbytes,
 )
 from memlong.rwlock import RWLock as _RWLock
-from memlong.search import NamespaceIndex, SearchMode, check_mode, depth, fuse
+from memlong.search import NamespaceIndex, SearchMode, check_ann_min, check_mode, depth, fuse
 from memlong.storage import MemoryFileError
 
 __all__ = ["Chunk", "MemoryBank", "MemoryEvictionWarning", "MemoryFileError", "MemoryFullError", "MemoryMismatchError",
@@ -131,10 +131,7 @@ class MemoryBank(BankWrites, BankFiles):
                  segment_bytes: int = 64 << 20, ann_min_chunks: int | None = None) -> None:
         check_bank_config(capacity, evict_oldest, keep_newest, max_bytes)
         self.quantization = check_quantization(quantization)
-        if ann_min_chunks is not None and (type(ann_min_chunks) is not int or ann_min_chunks < 1000):
-            raise ValueError(f"ann_min_chunks must be None (exact search) or at least 1000 (an IVF index trains on the "
-                             f"namespace's own vectors), got {ann_min_chunks!r}.")
-        self.ann_min_chunks = ann_min_chunks
+        self.ann_min_chunks = check_ann_min(ann_min_chunks)
         if dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES.values())}, got {dtype!r}.")
         self.embedder = embedder
@@ -160,8 +157,7 @@ class MemoryBank(BankWrites, BankFiles):
         self._count_lock = threading.Lock()  # retrieval counters, bumped by concurrent readers
         self._gpu_lock = threading.Lock()  # faiss GPU indexes are not safe for concurrent searches
         self.path = None if path is None else Path(path)
-        self._store = (KVStore(quantization=quantization, dtype=dtype) if path is None else
-                       open_disk_store(self.path, quantization, dtype, self.device, segment_bytes))
+        self._store = new_store(self.path, quantization, dtype, self.device, segment_bytes)
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the bank stores K-V: its device and dtype, contiguous, pinned if asked."""

@@ -25,7 +25,8 @@ from typing import Any, Literal, get_args
 import faiss
 import numpy as np
 
-__all__ = ["RRF_K", "SEARCH_MODES", "Lexical", "NamespaceIndex", "SearchMode", "check_mode", "depth", "fuse", "words"]
+__all__ = ["RRF_K", "SEARCH_MODES", "Lexical", "NamespaceIndex", "SearchMode", "check_ann_min", "check_mode", "depth",
+           "fuse", "words"]
 
 SearchMode = Literal["dense", "lexical", "hybrid"]
 SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
@@ -38,6 +39,14 @@ def check_mode(mode: Any) -> SearchMode:
     if mode not in SEARCH_MODES:
         raise ValueError(f"search mode must be 'dense', 'lexical' or 'hybrid', got {mode!r}.")
     return mode
+
+
+def check_ann_min(value: Any) -> int | None:
+    """``value`` if it is a valid ``ann_min_chunks`` (None, or an integer >= 1000); ValueError otherwise."""
+    if value is not None and (type(value) is not int or value < 1000):
+        raise ValueError(f"ann_min_chunks must be None (exact search) or at least 1000 (an IVF index trains on the "
+                         f"namespace's own vectors), got {value!r}.")
+    return value
 
 
 def words(text: str) -> list[str]:
