@@ -249,3 +249,31 @@ def test_int8_memlong_runs_close_to_float(make_tiny):
     a = exact.perplexity(TEXT, score_last=256)["ppl"]
     b = q.perplexity(TEXT, score_last=256)["ppl"]
     assert a != b and abs(a - b) / a < 0.01  # quantized (not a silent float path), and close
+
+
+def test_disk_full_at_commit_loses_nothing(tmp_path, monkeypatch):
+    """ENOSPC while a commit writes (injected at the file writer): a clear OSError, the bank in memory unchanged,
+    the directory still the last commit; once there is space the next commit succeeds."""
+    import errno
+
+    import memlong.storage as storage
+
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fill(bank, "ns", 3)
+    bank.commit()
+    committed = digest(bank)
+    fill(bank, "ns", 2, seed=5)
+    before = digest(bank)
+
+    def full(out, tensors):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "_write_safetensors", full)
+    with pytest.raises(OSError, match="No space left on device. The directory still holds the last commit"):
+        bank.commit()
+    assert digest(bank) == before
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == committed
+    monkeypatch.undo()
+    bank.commit()
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == before
+    assert _only_named_files(tmp_path / "b")
