@@ -121,7 +121,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--replot", action="store_true", help="only redraw --plot from the records in --json")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.json.read_text())["records"], args.plot)
+        return
     torch.set_num_threads(args.threads)
     from memlong import MemLong, MemoryBank
 
