@@ -89,7 +89,7 @@ def passkey(ml, q8, args) -> dict:
     from memlong.evaluation import shakespeare_text
 
     filler = ml.tokenize(shakespeare_text("hamlet"))
-    rng = random.Random(0)
+    rng = random.Random(args.seed)
     right = {"fp16": 0, "int8": 0}
     retrieved = 0
     question = "What is the pass key?"
@@ -113,7 +113,7 @@ def passkey(ml, q8, args) -> dict:
         ml.bank.reset(ns)
         q8.reset(ns)
     n = args.passkey_trials
-    return {"length": args.passkey_length, "trials": n, "key_chunk_retrieved": retrieved / n,
+    return {"length": args.passkey_length, "trials": n, "seed": args.seed, "key_chunk_retrieved": retrieved / n,
             "fp16_accuracy": right["fp16"] / n, "int8_accuracy": right["int8"] / n}
 
 
@@ -142,6 +142,7 @@ def main() -> int:
     p.add_argument("--passkey-trials", type=int, default=20)
     p.add_argument("--ppl-tokens", type=int, default=8192)
     p.add_argument("--score-last", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0, help="passkey haystacks and keys")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
