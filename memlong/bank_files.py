@@ -7,6 +7,11 @@ Contract:
       embedder and model fingerprint, validate every record with the rules of :mod:`memlong.records` (the same
       ones :meth:`MemoryBank.add_chunks` applies), build the new namespaces aside, and swap them in under the
       write lock: on any error the bank is unchanged.
+    * A disk bank (``MemoryBank(path=...)``): :meth:`BankFiles.commit` writes its buffered K-V as a segment, then
+      the record, the embeddings and a version-2 manifest naming every live segment (under the write lock: adds
+      wait for the commit); :meth:`BankFiles.compact` rewrites mostly-dead segments and commits. :meth:`load` of
+      such a directory reopens it in place, memory-mapping the segments (nothing is read but the record and
+      the embeddings). A kill at any point leaves the last committed state (the manifest is the commit point).
     * Errors are :class:`~memlong.storage.MemoryFileError` (bad or foreign files),
       :class:`~memlong.records.MemoryMismatchError` (another embedder or model) or
       :class:`~memlong.eviction.MemoryFullError`.
@@ -28,7 +33,17 @@ import torch
 from memlong.dtypes import DTYPES
 from memlong.embedder import TextEmbedder
 from memlong.eviction import MemoryFullError, capacity_victims, warn_evicted
-from memlong.records import Chunk, check_bank_config, check_chunk, check_compatible, embedder_info, parse_namespaces
+from memlong.kv_payload import DenseKV, Int8KV, KVPayload, check_quantization
+from memlong.kv_store import DiskKVStore, Segment, segment_of
+from memlong.records import (
+    Chunk,
+    MemoryMismatchError,
+    check_bank_config,
+    check_chunk,
+    check_compatible,
+    embedder_info,
+    parse_namespaces,
+)
 from memlong.search import NamespaceIndex
 from memlong.storage import MemoryFileError, read_bank, write_bank
 
@@ -63,47 +78,107 @@ class BankFiles:
         if namespaces is not None and not list(namespaces):
             raise ValueError(f"save(namespaces=[]) would replace the bank at {path} with an empty one; name the "
                              "namespaces to save, or pass namespaces=None to save them all.")
+        if self.path is not None and Path(path).resolve() == self.path.resolve():
+            if namespaces is not None:
+                raise ValueError(f"{path} is this disk bank's own directory: commit saves every namespace; save "
+                                 "some namespaces to another directory.")
+            return self.commit(fingerprint=fingerprint)
         with self._lock.read(), self._count_lock:
-            names = list(self._spaces) if namespaces is None else list(dict.fromkeys(namespaces))
-            missing = [n for n in names if n not in self._spaces]
-            if missing:
-                raise ValueError(f"Cannot save namespaces {missing}: they hold no chunks.")
-            tensors: list[tuple[str, torch.Tensor]] = []
-            embeddings: list[tuple[str, torch.Tensor]] = []
-            records = []
-            for j, name in enumerate(names):
-                space = self._spaces[name]
-                chunks = []
-                for cid in space.ids:  # index row order: the embeddings tensor lines up with this list
-                    c = self._chunks[cid]
-                    i = len(tensors) // 2  # K-V are numbered across namespaces, as the loader reads them
-                    tensors += [(f"k.{i}", c.keys), (f"v.{i}", c.values)]
-                    chunks.append({"id": c.id, "doc_id": c.doc_id, "text": c.text, "span": list(c.span),
-                                   "order": c.order, "retrievals": c.retrievals, "metadata": c.metadata,
-                                   "tokens": None if c.tokens is None else list(c.tokens)})
-                records.append({"name": name, "chunks": chunks})
-                embeddings.append((f"e.{j}", torch.from_numpy(space.embeddings.copy())))
-            record = {
-                "config": {"capacity": self.capacity, "evict_oldest": self.evict_oldest,
-                           "keep_newest": self.keep_newest, "dtype": DTYPE_NAMES[self.dtype],
-                           "max_bytes": self.max_bytes},
-                "embedder": embedder_info(self.embedder),
-                "fingerprint": fingerprint,
-                "next_order": max((c.order for c in self._chunks.values()), default=-1) + 1,
-                "namespaces": records,
-            }
+            record, tensors = self._snapshot(namespaces, fingerprint, inline=True)
         # Stored tensors are never written in place, so the files are written outside the lock.
-        return write_bank(path, record, tensors + embeddings)
+        return write_bank(path, record, tensors)
+
+    def commit(self, *, fingerprint: dict[str, Any] | None = None) -> Path:
+        """Make a disk bank durable in its directory: buffered K-V become a segment, then the record and a new
+        manifest (the commit point) are written; segments no chunk uses any more are deleted after it.
+
+        Example:
+            >>> bank = MemoryBank(embedder=Embedder(), path="corpus.bank", quantization="int8")
+            >>> bank.add_chunks(texts, keys=keys, values=values); bank.commit()
+
+        Raises:
+            ValueError: not a disk bank.
+            OSError: the disk refused a write (full, read-only): the directory still holds the last commit and
+                this bank is unchanged; free space and commit again.
+        """
+        if self.path is None:
+            raise ValueError("commit() makes a disk bank durable; this bank keeps K-V in memory. Use save(path), "
+                             "or create it with MemoryBank(path=...).")
+        if fingerprint is not None:
+            self._fingerprint = fingerprint
+        with self._lock.write():
+            try:
+                self._store.flush(force=True)
+                record, tensors = self._snapshot(None, getattr(self, "_fingerprint", None), inline=False)
+                return write_bank(self.path, record, tensors, segments=self._store.entries())
+            except OSError as exc:
+                raise OSError(exc.errno, f"Cannot commit the disk bank at {self.path}: {exc.strerror or exc}. The "
+                                         "directory still holds the last commit and nothing in this bank was lost; "
+                                         "free space (or fix permissions) and commit again.") from None
+
+    def compact(self, threshold: float = 0.5) -> int:
+        """Reclaim disk space of deleted and evicted chunks: segments whose live share is below ``threshold`` are
+        rewritten (their live chunks only) and the bank commits; returns the bytes freed. Safe to kill: until
+        the commit the old segments are what the manifest names.
+
+        Example:
+            >>> bank.delete(doc_id="old"); bank.compact()
+        """
+        if self.path is None:
+            raise ValueError("compact() reclaims a disk bank's segment files; this bank keeps K-V in memory.")
+        with self._lock.write():
+            freed = self._store.compact(threshold)
+        self.commit()
+        return freed
+
+    def _snapshot(self, namespaces: Sequence[str] | None, fingerprint: dict[str, Any] | None,
+                  inline: bool) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
+        """The record and tensors of a save (under a lock): K-V inline, or (a disk bank's commit) by segment."""
+        names = list(self._spaces) if namespaces is None else list(dict.fromkeys(namespaces))
+        missing = [n for n in names if n not in self._spaces]
+        if missing:
+            raise ValueError(f"Cannot save namespaces {missing}: they hold no chunks.")
+        tensors: list[tuple[str, torch.Tensor]] = []
+        embeddings: list[tuple[str, torch.Tensor]] = []
+        records: list[dict[str, Any]] = []
+        n_chunk = 0
+        for j, name in enumerate(names):
+            space = self._spaces[name]
+            chunks = []
+            for cid in space.ids:  # index row order: the embeddings tensor lines up with this list
+                c = self._chunks[cid]
+                i, n_chunk = n_chunk, n_chunk + 1
+                if inline:  # K-V are numbered across namespaces, as the loader reads them
+                    tensors += [(f"{suffix}.{i}", t) for suffix, t in c.kv.named().items()]
+                chunks.append({"id": c.id, "doc_id": c.doc_id, "text": c.text, "span": list(c.span),
+                               "order": c.order, "retrievals": c.retrievals, "metadata": c.metadata,
+                               "tokens": None if c.tokens is None else list(c.tokens)})
+                if not inline:
+                    chunks[-1]["segment"] = self._store.where[c.id]
+            records.append({"name": name, "chunks": chunks})
+            embeddings.append((f"e.{j}", torch.from_numpy(space.embeddings.copy())))
+        record = {
+            "config": {"capacity": self.capacity, "evict_oldest": self.evict_oldest,
+                       "keep_newest": self.keep_newest, "dtype": DTYPE_NAMES[self.dtype],
+                       "max_bytes": self.max_bytes, "quantization": self.quantization},
+            "embedder": embedder_info(self.embedder),
+            "fingerprint": fingerprint,
+            "next_order": max((c.order for c in self._chunks.values()), default=-1) + 1,
+            "namespaces": records,
+        }
+        return record, tensors + embeddings
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, embedder: TextEmbedder, namespaces: Sequence[str] | None = None,
-             fingerprint: dict[str, Any] | None = None, **options: Any) -> MemoryBank:
+             fingerprint: dict[str, Any] | None = None, verify: bool = False, **options: Any) -> MemoryBank:
         """A new bank holding what :meth:`save` wrote to ``path``.
 
         ``embedder`` must be the one the bank was built with (same name and dimension); the faiss indexes are
         rebuilt from the stored embeddings. ``fingerprint``: the loading model's fingerprint; any difference
         from the stored one raises :class:`MemoryMismatchError`. ``options`` override the saved constructor
-        arguments (``capacity``, ``max_bytes``, ``dtype``, ``device``, ...).
+        arguments (``capacity``, ``max_bytes``, ``dtype``, ``device``, ...). A disk bank (written by :meth:`commit`)
+        reopens in place: its segments are memory-mapped, not read, and later commits go to the same directory;
+        ``verify=True`` also checks every segment's sha256 (reads them all once).
 
         Example:
             >>> bank = MemoryBank.load("memory/alice", embedder=Embedder())
@@ -112,24 +187,39 @@ class BankFiles:
             MemoryFileError: missing, truncated, corrupted or unknown files (nothing is loaded).
             MemoryMismatchError: a bank made by another embedder or model (both are named).
         """
-        record, tensors = read_bank(path)
+        record, tensors, segments = read_bank(path, verify=verify)
         config = record.get("config")
         if not isinstance(config, dict):
             raise MemoryFileError(f"Cannot load the memory bank at {path}: its config is missing.")
         kwargs: dict[str, Any] = {k: config.get(k) for k in ("capacity", "evict_oldest", "keep_newest", "max_bytes")}
         name = config.get("dtype")
         kwargs["dtype"] = {v: k for k, v in DTYPE_NAMES.items()}.get(name) if isinstance(name, str) else None
-        kwargs.update(options)
+        stored = {"quantization": config.get("quantization", "none"), "dtype": kwargs["dtype"]}
+        for key in ("quantization",) + (("dtype",) if segments is not None else ()):
+            if key in options and options[key] != stored[key]:
+                raise MemoryMismatchError(f"The memory bank at {path} stores K-V with {key}={stored[key]!r}, but it "
+                                          f"is being opened with {key}={options[key]!r}. Open it with "
+                                          f"{key}={stored[key]!r} (memory_{key} in MemLongConfig), or re-ingest.")
+        kwargs.update(options, quantization=stored["quantization"])
+        kwargs.pop("path", None)
         try:
             if not isinstance(kwargs["dtype"], torch.dtype):
                 raise ValueError(f"unknown dtype {name!r}")
+            check_quantization(kwargs["quantization"])
             check_bank_config(kwargs["capacity"], kwargs["evict_oldest"], kwargs["keep_newest"], kwargs["max_bytes"])
         except ValueError as exc:
             raise MemoryFileError(f"Cannot load the memory bank at {path}: its config {str(config)[:300]} is invalid "
                                   f"({exc}).") from None
         bank = cls(embedder=embedder, **kwargs)
+        if segments is not None:
+            if namespaces is not None:
+                raise ValueError(f"{path} is a disk bank: it reopens whole. Copy some namespaces into another bank "
+                                 "with restore(path, namespaces=...).")
+            store = DiskKVStore(path, quantization=bank.quantization, dtype=bank.dtype,
+                                segment_bytes=kwargs.get("segment_bytes", 64 << 20))
+            bank.path, bank._store, bank._fingerprint = Path(path), store, fingerprint
         try:
-            bank._restore(Path(path), record, tensors, namespaces, fingerprint)
+            bank._restore(Path(path), record, tensors, namespaces, fingerprint, segments)
         except MemoryFullError as exc:
             if "max_bytes" in options:
                 raise
@@ -145,13 +235,29 @@ class BankFiles:
         names loaded. Raises like :meth:`load`, plus :class:`MemoryFullError` when the result would exceed
         ``max_bytes``; on any error this bank is unchanged.
         """
-        record, tensors = read_bank(path)
-        return self._restore(Path(path), record, tensors, namespaces, fingerprint)
+        record, tensors, segments = read_bank(path)
+        quantization = (record.get("config") or {}).get("quantization", "none")
+        if quantization != self.quantization:
+            raise MemoryMismatchError(f"The memory bank at {path} stores K-V with quantization={quantization!r}; "
+                                      f"this bank uses {self.quantization!r}. Restore into a bank with the same "
+                                      "setting, or re-ingest.")
+        return self._restore(Path(path), record, tensors, namespaces, fingerprint, segments)
 
     def _restore(self, path: Path, record: dict[str, Any], tensors: dict[str, torch.Tensor],
-                 namespaces: Sequence[str] | None, fingerprint: dict[str, Any] | None) -> list[str]:
+                 namespaces: Sequence[str] | None, fingerprint: dict[str, Any] | None,
+                 segments: list[dict[str, Any]] | None = None) -> list[str]:
         check_compatible(path, record, self.embedder, fingerprint)
-        loaded, next_order = parse_namespaces(path, record, tensors, self.embedder.dim)
+        in_place = segments is not None and self.path is not None and self.path == path  # a disk bank reopening
+        where: dict[int, str] = {}
+        if segments is not None:
+            source = self._store if in_place else DiskKVStore(path, quantization=self.quantization, dtype=self.dtype)
+            tensors = {**tensors, **_segment_tensors(path, record, source.attach(segments), where)}
+        loaded, next_order = parse_namespaces(path, record, tensors, self.embedder.dim, self.dtype,
+                                              mapped=segments is not None)
+        if in_place:
+            every = (c for chunks, _ in loaded.values() for c in chunks)
+            for n, c in enumerate(every):
+                self._store.adopt(c, where[n])
         if namespaces is not None:
             absent = [n for n in namespaces if n not in loaded]
             if absent:
@@ -160,13 +266,10 @@ class BankFiles:
         spaces: dict[str, NamespaceIndex] = {}
         sizes: dict[str, int] = {}
         for name, (chunks, vectors) in loaded.items():  # build everything before touching the live bank
-            space = NamespaceIndex(self.embedder.dim, self.use_gpu_index)
+            space = NamespaceIndex(self.embedder.dim, self.use_gpu_index, self.ann_min_chunks)
             for c in chunks:
-                c.keys, c.values = self._place(c.keys), self._place(c.values)
-                try:
-                    check_chunk(text=c.text, doc_id=c.doc_id, span=c.span, keys=c.keys, values=c.values)
-                except ValueError as exc:  # finite in the file's dtype, not in this bank's
-                    raise MemoryFileError(f"Cannot load chunk {c.id} of {path} into this bank: {exc}") from None
+                if not in_place:
+                    c.kv = self._adopt_payload(c.kv, path, c.id, copy=segments is not None)
                 sizes[c.id] = self._size_of(c)
                 space.tokens += c.n_tokens
                 space.nbytes += sizes[c.id]
@@ -175,6 +278,23 @@ class BankFiles:
         with self._lock.write():
             self._publish(path, loaded, spaces, sizes, next_order)
         return list(spaces)
+
+    def _adopt_payload(self, kv: KVPayload, path: Path, cid: str, copy: bool) -> KVPayload:
+        """A loaded payload on this bank's device (dense: in its dtype, checked again), owned by this bank."""
+        if isinstance(kv, Int8KV):
+            parts = [self._place_raw(t, copy) for t in (kv.kq, kv.ks, kv.km, kv.vq, kv.vs, kv.vm)]
+            return Int8KV(*parts, dtype=self.dtype)
+        keys, values = self._place(kv.k), self._place(kv.v)
+        keys, values = (keys.clone(), values.clone()) if copy and keys.data_ptr() == kv.k.data_ptr() else (keys, values)
+        try:
+            check_chunk(text="x", doc_id="", span=(0, 0), keys=keys, values=values)
+        except ValueError as exc:  # finite in the file's dtype, not in this bank's
+            raise MemoryFileError(f"Cannot load chunk {cid} of {path} into this bank: {exc}") from None
+        return DenseKV(keys, values)
+
+    def _place_raw(self, t: torch.Tensor, copy: bool) -> torch.Tensor:
+        placed = t.to(self.device).contiguous()
+        return placed.clone() if copy and placed.data_ptr() == t.data_ptr() else placed
 
     def _publish(self, path: Path, loaded: dict[str, tuple[list[Chunk], np.ndarray]], spaces: dict[str, NamespaceIndex],
                  sizes: dict[str, int], next_order: int) -> None:
@@ -193,6 +313,9 @@ class BankFiles:
                                       f"max_bytes={self.max_bytes}. Reset namespaces first or raise max_bytes.")
         for name, space in spaces.items():
             old = self._spaces.pop(name, None)
+            self._store.drop(self._chunks[cid] for cid in (old.ids if old is not None else ()))
+            if not (self.path is not None and self.path == path):  # a disk bank reopening: adopted in place
+                self._store.put(loaded[name][0])
             for cid in old.ids if old is not None else ():
                 del self._chunks[cid]
                 del self._sizes[cid]
@@ -206,3 +329,30 @@ class BankFiles:
             self._remove(name, drop)  # the saving bank's: the usual rule applies
         nxt = next(self._order)
         self._order = itertools.count(max(nxt, next_order))
+
+
+_SUFFIXES = ("k", "v", "ks", "km", "vs", "vm")
+
+
+def _segment_tensors(path: Path, record: dict[str, Any], opened: dict[str, Segment],
+                     where: dict[int, str]) -> dict[str, torch.Tensor]:
+    """Memory-mapped K-V of a disk bank's chunks, named as the loader reads them (``"k.<n>"``: chunk ``n`` in
+    record order); ``where[n]``: chunk ``n``'s segment. MemoryFileError names a chunk without its segment."""
+    tensors: dict[str, torch.Tensor] = {}
+    n = 0
+    try:
+        for space in record.get("namespaces") or ():
+            for c in space.get("chunks") or () if isinstance(space, dict) else ():
+                seg = opened.get(segment_of(c.get("segment") if isinstance(c, dict) else None))
+                if seg is None:
+                    raise ValueError(f"chunk record {n} names a segment the manifest does not list")
+                for suffix in _SUFFIXES:
+                    t = seg.tensor(f"{suffix}.{c.get('id')}")
+                    if t is not None:
+                        tensors[f"{suffix}.{n}"] = t
+                where[n] = seg.path.name
+                n += 1
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise MemoryFileError(f"Cannot load the memory bank at {path}: {exc}. The files are corrupted or were not "
+                              "written by memlong.") from None
+    return tensors

@@ -61,7 +61,7 @@ class BankWrites:
             except ValueError as exc:
                 raise ValueError(f"add_chunks: chunk {i}: {exc}") from None
             chunks.append(Chunk(id=secrets.token_hex(12), namespace="", doc_id=doc, text=texts[i], span=span,
-                                order=-1, keys=k, values=v, metadata=meta, tokens=ids))  # id: 96 random bits
+                                order=-1, kv=self._store.encode(k, v), metadata=meta, tokens=ids))  # id: 96 random bits
         if n and embeddings is None:
             embeddings = self.embedder.encode(list(texts))
         vectors = np.ascontiguousarray(embeddings if n else np.zeros((0, self.embedder.dim)), dtype=np.float32)
@@ -76,12 +76,12 @@ class BankWrites:
     def _check_shapes(self, namespace: str, new: list[Chunk], drop: set[str]) -> None:
         """Every chunk of a namespace has K-V of one (layers, kv_heads, head_dim), or fetch could not join them."""
         space = self._spaces.get(namespace)
-        ref = next((self._chunks[c].keys for c in (space.ids if space else ()) if c not in drop), None)
-        ref = ref if ref is not None else (new[0].keys if new else None)
+        ref = next((self._chunks[c].kv.shape for c in (space.ids if space else ()) if c not in drop), None)
+        ref = ref if ref is not None else (new[0].kv.shape if new else None)
         for c in new:
-            if (c.keys.shape[:2], c.keys.shape[3]) != (ref.shape[:2], ref.shape[3]):
-                raise ValueError(f"chunk K-V of shape {tuple(c.keys.shape)} cannot join namespace {namespace!r}, "
-                                 f"whose chunks have shape (layers, kv_heads, tokens, head_dim) = {tuple(ref.shape)}; "
+            if (c.kv.shape[:2], c.kv.shape[3]) != (ref[:2], ref[3]):
+                raise ValueError(f"chunk K-V of shape {tuple(c.kv.shape)} cannot join namespace {namespace!r}, "
+                                 f"whose chunks have shape (layers, kv_heads, tokens, head_dim) = {tuple(ref)}; "
                                  "use one model and config per namespace.")
 
     def _plan(self, namespace: str, kept: list[Chunk], new: list[Chunk], sizes: dict[str, int],

@@ -17,6 +17,7 @@ Example (a doctest, run by tests/test_config.py):
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -100,6 +101,14 @@ class MemLongConfig:
             answer at top-k 4 and 8 and lowered first-token KL to pasted text on two corpora, but turned the
             README quickstart's and the LangChain example's right answers wrong, so the library default stays 0
             (``memlong demo`` uses 32).
+        memory_quantization: how stored K-V are kept: ``"none"`` (in ``memory_dtype``, exact) or ``"int8"`` (the
+            KIVI layout: per-channel key and per-token value scales, dequantized on fetch; about half the bytes of
+            float16; measured in docs/disk.md).
+        memory_path: a directory for a disk bank: K-V go to append-only segment files there, memory-mapped, so
+            only retrieved chunks are read (a corpus larger than RAM); ``None``: K-V in memory. A directory that
+            already holds a disk bank is reopened (same model and settings); ``ml.bank.commit()`` makes it durable.
+        memory_ann_chunks: namespaces with at least this many chunks (>= 1000) search an approximate IVF index
+            (retrained as they double; deletes stay exact); ``None``: exact search at any size.
         attention_backend: ``"auto"`` (SDPA; FlexAttention measured 2x slower on an H100), ``"sdpa"``,
             ``"flex"`` or ``"eager"`` (the exact float32 reference).
     """
@@ -120,6 +129,11 @@ class MemLongConfig:
     keep_newest: float = 0.10
     memory_dtype: str = "float16"
     memory_device: Literal["cpu", "pinned", "model"] = "cpu"
+    # -- storage tier (issue 20): one block
+    memory_quantization: Literal["none", "int8"] = "none"
+    memory_path: str | None = None
+    memory_ann_chunks: int | None = None
+    # --
     attention_backend: AttentionBackend = "auto"
     search_mode: SearchMode = "dense"
     kv_refresh: float = 0.0
@@ -179,6 +193,15 @@ class MemLongConfig:
                f"attention_backend must be one of auto, sdpa, flex, eager; got {self.attention_backend!r}.")
         _check(self.memory_dtype in _MEMORY_DTYPES,
                f"memory_dtype must be one of {list(_MEMORY_DTYPES)}, got {self.memory_dtype!r}.")
+        _check(self.memory_quantization in ("none", "int8"),
+               f"memory_quantization must be 'none' or 'int8', got {self.memory_quantization!r}.")
+        _check(self.memory_path is None or (isinstance(self.memory_path, (str, os.PathLike)) and str(self.memory_path)),
+               f"memory_path must be a directory path or None, got {self.memory_path!r}.")
+        _check(self.memory_ann_chunks is None or (type(self.memory_ann_chunks) is int and self.memory_ann_chunks >= 1000),
+               f"memory_ann_chunks must be None or an integer >= 1000, got {self.memory_ann_chunks!r}.")
+        _check(self.memory_path is None or self.memory_device == "cpu",
+               f"memory_path keeps K-V in memory-mapped files on the CPU: use memory_device='cpu', not "
+               f"{self.memory_device!r}.")
         _check(self.search_mode in SEARCH_MODES,
                f"search_mode must be one of {', '.join(map(repr, SEARCH_MODES))}, got {self.search_mode!r}.")
         _check(self.memory_device in ("cpu", "pinned", "model"),

@@ -63,17 +63,27 @@ def check_sliding_window(model_config: Any, cfg: MemLongConfig) -> None:
                       UserWarning, stacklevel=3)  # the caller of MemLong(...)
 
 
-def new_bank(cfg: MemLongConfig, embedder: TextEmbedder | str | None, model_device: torch.device) -> MemoryBank:
+def new_bank(ml: MemLong, embedder: TextEmbedder | str | None) -> MemoryBank:
     """The :class:`MemoryBank` a new MemLong gets: ``embedder`` ``None``/``"default"`` (packaged
-    all-MiniLM-L6-v2), a sentence-transformers name, or an embedder object; sizes and placement from ``cfg``."""
+    all-MiniLM-L6-v2), a sentence-transformers name, or an embedder object; sizes, placement and storage tier from
+    ``ml.config``. With ``memory_path`` a directory that already holds a disk bank is reopened (its fingerprint
+    must match ``ml``'s); a new disk bank is committed empty so that it records the model that fills it."""
+    cfg = ml.config
     if embedder in (None, "default"):
         emb: TextEmbedder = Embedder()
     else:
         emb = Embedder(embedder) if isinstance(embedder, str) else embedder
-    return MemoryBank(embedder=emb, capacity=cfg.memory_capacity, evict_oldest=cfg.evict_oldest,
-                      keep_newest=cfg.keep_newest, dtype=cfg.torch_memory_dtype, max_bytes=cfg.memory_max_bytes,
-                      device=model_device if cfg.memory_device == "model" else "cpu",
-                      pin_memory=cfg.memory_device == "pinned", search_mode=cfg.search_mode)
+    options: dict[str, Any] = dict(
+        capacity=cfg.memory_capacity, evict_oldest=cfg.evict_oldest, keep_newest=cfg.keep_newest,
+        dtype=cfg.torch_memory_dtype, max_bytes=cfg.memory_max_bytes, search_mode=cfg.search_mode,
+        device=ml.device if cfg.memory_device == "model" else "cpu", pin_memory=cfg.memory_device == "pinned",
+        quantization=cfg.memory_quantization, ann_min_chunks=cfg.memory_ann_chunks)
+    if cfg.memory_path is not None and (Path(cfg.memory_path) / "manifest.json").exists():  # reopen a disk bank
+        return MemoryBank.load(cfg.memory_path, embedder=emb, fingerprint=memory_fingerprint(ml), **options)
+    bank = MemoryBank(embedder=emb, path=cfg.memory_path, **options)
+    if bank.path is not None:
+        bank.commit(fingerprint=memory_fingerprint(ml))
+    return bank
 
 
 def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: TextEmbedder | str | None,

@@ -30,6 +30,9 @@ Contract:
       reader-writer lock (:mod:`memlong.rwlock`) lets readers run side by side; a writer holds it exclusively
       only to publish (embedding and K-V conversion happen before), and a waiting writer holds back readers.
     * Persistence: :meth:`MemoryBank.save` / :meth:`MemoryBank.load` (format in :mod:`memlong.storage`).
+    * K-V payloads (:mod:`memlong.kv_store`): in memory, or with ``path=`` on disk in append-only segment files,
+      memory-mapped on read (a bank larger than RAM; :meth:`commit` makes it durable, :meth:`load` reopens it
+      in place). ``quantization="int8"`` stores K-V in the KIVI layout (:mod:`memlong.kv_payload`).
 
 Example:
     >>> bank = MemoryBank(embedder=Embedder(), capacity=32768)
@@ -42,10 +45,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -56,6 +62,8 @@ from memlong.bank_files import DTYPE_NAMES, BankFiles
 from memlong.bank_writes import BankWrites
 from memlong.embedder import TextEmbedder
 from memlong.eviction import MemoryEvictionWarning, MemoryFullError, warn_evicted
+from memlong.kv_payload import Quantization, check_quantization
+from memlong.kv_store import new_store
 from memlong.records import (
     Chunk,
     MemoryMismatchError,
@@ -64,7 +72,7 @@ from memlong.records import (
     metadata_nbytes,
 )
 from memlong.rwlock import RWLock as _RWLock
-from memlong.search import NamespaceIndex, SearchMode, check_mode, depth, fuse
+from memlong.search import NamespaceIndex, SearchMode, check_ann_min, check_mode, depth, fuse
 from memlong.storage import MemoryFileError
 
 __all__ = ["Chunk", "MemoryBank", "MemoryEvictionWarning", "MemoryFileError", "MemoryFullError", "MemoryMismatchError",
@@ -101,6 +109,15 @@ class MemoryBank(BankWrites, BankFiles):
             ``capacity`` per namespace only. See :class:`MemoryFullError`.
         search_mode: how :meth:`search` ranks chunks when not told otherwise: ``"dense"`` (embeddings),
             ``"lexical"`` (BM25 over words) or ``"hybrid"`` (both, fused by reciprocal rank).
+        quantization: ``"none"`` (K-V in ``dtype``, exact) or ``"int8"`` (KIVI layout, dequantized to ``dtype``
+            on fetch; about half the bytes of float16).
+        path: a directory for a disk bank: K-V go to segment files there and only retrieved chunks are read
+            back; :meth:`commit` makes the bank durable there (``None``: K-V in memory). A directory already
+            holding a bank is refused (reopen it with :meth:`load`).
+        segment_bytes: a disk bank's K-V buffered in RAM before they are written as one segment file.
+        ann_min_chunks: namespaces with at least this many chunks search an approximate IVF index (trained on
+            their embeddings, retrained as they double; deletes stay exact; :class:`memlong.search.NamespaceIndex`);
+            ``None``: exact search at any size.
 
     Raises:
         ValueError: a setting outside the ranges above, named with the value given.
@@ -109,8 +126,12 @@ class MemoryBank(BankWrites, BankFiles):
     def __init__(self, *, embedder: TextEmbedder, capacity: int = 32_768, evict_oldest: float = 0.10,
                  keep_newest: float = 0.10, dtype: torch.dtype = torch.float16,
                  device: str | torch.device = "cpu", use_gpu_index: bool | None = None,
-                 max_bytes: int | None = None, pin_memory: bool = False, search_mode: SearchMode = "dense") -> None:
+                 max_bytes: int | None = None, pin_memory: bool = False, search_mode: SearchMode = "dense",
+                 quantization: Quantization = "none", path: str | os.PathLike | None = None,
+                 segment_bytes: int = 64 << 20, ann_min_chunks: int | None = None) -> None:
         check_bank_config(capacity, evict_oldest, keep_newest, max_bytes)
+        self.quantization = check_quantization(quantization)
+        self.ann_min_chunks = check_ann_min(ann_min_chunks)
         if dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES.values())}, got {dtype!r}.")
         self.embedder = embedder
@@ -135,6 +156,8 @@ class MemoryBank(BankWrites, BankFiles):
         self._lock = _RWLock()
         self._count_lock = threading.Lock()  # retrieval counters, bumped by concurrent readers
         self._gpu_lock = threading.Lock()  # faiss GPU indexes are not safe for concurrent searches
+        self.path = None if path is None else Path(path)
+        self._store = new_store(self.path, quantization, dtype, self.device, segment_bytes)
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the bank stores K-V: its device and dtype, contiguous, pinned if asked."""
@@ -178,6 +201,7 @@ class MemoryBank(BankWrites, BankFiles):
                                      embeddings, metadata, tokens)
         sizes = {c.id: self._size_of(c) for c in new}
         with self._lock.write():
+            self._store.flush()  # a disk bank writes a full buffer first: if the disk refuses, nothing changed
             space = self._spaces.get(namespace)
             drop = {self._get(cid, namespace).id for cid in replace}
             self._check_shapes(namespace, new, drop)
@@ -196,6 +220,7 @@ class MemoryBank(BankWrites, BankFiles):
                 space.tokens += c.n_tokens
                 space.nbytes += sizes[c.id]
             space.add([new[i].id for i in stored], vectors[stored], [new[i].text for i in stored])
+            self._store.put(new[i] for i in stored)
             warn_evicted(namespace, len(evict_cap), f"memory_capacity={self.capacity} tokens",
                          "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))")
             warn_evicted(namespace, len(evict_bytes), f"max_bytes={self.max_bytes}",
@@ -225,6 +250,7 @@ class MemoryBank(BankWrites, BankFiles):
             for name in names:
                 space = self._spaces.pop(name, None)
                 if space is not None:
+                    self._store.drop(self._chunks[cid] for cid in space.ids)
                     for cid in space.ids:
                         del self._chunks[cid]
                         del self._sizes[cid]
@@ -263,13 +289,8 @@ class MemoryBank(BankWrites, BankFiles):
             ranked: list[list[tuple[str, float]]] = []
             if vector is not None:
                 want = min(len(space.ids), depth(mode, k) + len(skip))
-                if self.use_gpu_index:
-                    with self._gpu_lock:
-                        scores, rows = space.index.search(vector, want)
-                else:
-                    scores, rows = space.index.search(vector, want)
-                ranked.append([(space.ids[r], float(sc)) for sc, r in zip(scores[0], rows[0])
-                               if r >= 0 and space.ids[r] not in skip])
+                with self._gpu_lock if self.use_gpu_index else contextlib.nullcontext():
+                    ranked.append([(cid, sc) for cid, sc in space.dense(vector, want) if cid not in skip])
             if mode != "dense":
                 lexical = space.lexical.top(query, depth(mode, k), skip)
                 ranked.append(sorted(lexical, key=lambda item: (-item[1], self._chunks[item[0]].order)))
@@ -306,10 +327,11 @@ class MemoryBank(BankWrites, BankFiles):
         # moves to the target device first and is concatenated there: one copy of the whole, not a CPU
         # concatenation and then a second copy. (non_blocking only towards a GPU, where the concatenation
         # is ordered after the copies on the same stream; towards the CPU it would read unfinished copies.)
-        device = torch.device(device) if device is not None else chunks[0].keys.device
+        device = torch.device(device) if device is not None else self.device
         nb = device.type == "cuda"
         keys = torch.cat([c.keys.to(device, non_blocking=nb) for c in chunks], dim=2)
         values = torch.cat([c.values.to(device, non_blocking=nb) for c in chunks], dim=2)
+        self._store.release(chunks)  # a disk bank: the copied pages leave resident memory
         return keys.to(dtype or keys.dtype), values.to(dtype or values.dtype)
 
     def get(self, chunk_id: str, *, namespace: str = "default") -> Chunk:
@@ -371,7 +393,8 @@ class MemoryBank(BankWrites, BankFiles):
             if not create:
                 raise KeyError(f"Namespace {namespace!r} does not exist: nothing was ever stored in it, or it "
                                "was reset.")
-            space = self._spaces[namespace] = NamespaceIndex(self.embedder.dim, self.use_gpu_index)
+            space = self._spaces[namespace] = NamespaceIndex(self.embedder.dim, self.use_gpu_index,
+                                                                          self.ann_min_chunks)
         return space
 
     def _get(self, chunk_id: str, namespace: str) -> Chunk:
@@ -385,7 +408,7 @@ class MemoryBank(BankWrites, BankFiles):
 
     def _size_of(self, chunk: Chunk) -> int:
         """Bytes ``chunk`` counts towards ``max_bytes``: K-V, embedding, text, doc id and metadata."""
-        return (chunk.keys.nbytes + chunk.values.nbytes + 4 * self.embedder.dim + len(chunk.text.encode("utf-8"))
+        return (chunk.kv.nbytes + 4 * self.embedder.dim + len(chunk.text.encode("utf-8"))
                 + len(chunk.doc_id.encode("utf-8")) + metadata_nbytes(chunk.metadata))
 
     def _total_bytes(self) -> int:
@@ -395,6 +418,7 @@ class MemoryBank(BankWrites, BankFiles):
         if not drop:
             return
         space = self._spaces[namespace]
+        self._store.drop(self._chunks[cid] for cid in drop)
         for cid in drop:
             chunk = self._chunks.pop(cid)
             space.tokens -= chunk.n_tokens

@@ -84,7 +84,7 @@ class MemLong:
         self.decoder = model.model  # embeddings + layers + final norm
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         loading.check_sliding_window(model.config, self.config)
-        self.bank = bank if bank is not None else loading.new_bank(self.config, embedder, self.device)
+        self.bank = bank if bank is not None else loading.new_bank(self, embedder)
         self.last_generation = GenerationStats()
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._sink_ids = [int(bos)] if (self.config.attention_sink and bos is not None) else []

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from memlong.embedder import TextEmbedder
+from memlong.kv_payload import DenseKV, KVPayload, payload_from
 from memlong.storage import MemoryFileError
 
 __all__ = ["MAX_DEPTH", "Chunk", "MemoryMismatchError", "check_bank_config", "check_chunk", "check_compatible",
@@ -54,10 +55,11 @@ class MemoryMismatchError(MemoryFileError):
 
 @dataclass
 class Chunk:
-    """One stored chunk. ``keys``/``values``: ``(n_source_layers, n_kv_heads, tokens, head_dim)``.
+    """One stored chunk. ``kv``: its payload (:mod:`memlong.kv_payload`); ``keys``/``values``: its K-V,
+    ``(n_source_layers, n_kv_heads, tokens, head_dim)`` (dequantized on every read for int8 payloads).
 
     :meth:`MemoryBank.get` returns a copy: changing it changes nothing in the bank (the K-V tensors are shared
-    with the bank and must not be written in place)."""
+    with the bank, may be memory-mapped from a file, and must not be written in place)."""
 
     id: str
     namespace: str
@@ -65,15 +67,22 @@ class Chunk:
     text: str
     span: tuple[int, int]  # token offsets [start, end) in its document
     order: int  # insertion order in the bank: document order within a document
-    keys: torch.Tensor
-    values: torch.Tensor
+    kv: KVPayload
     retrievals: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
     tokens: tuple[int, ...] | None = None  # the token ids the K-V were computed from (None: not recorded)
 
     @property
+    def keys(self) -> torch.Tensor:
+        return self.kv.keys()
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.kv.values()
+
+    @property
     def n_tokens(self) -> int:
-        return int(self.keys.shape[2])
+        return int(self.kv.shape[2])
 
     def copy(self) -> Chunk:
         """A copy whose fields (metadata included) can be changed without touching the bank."""
@@ -152,7 +161,7 @@ def metadata_nbytes(metadata: dict[str, Any]) -> int:
     return len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode("utf-8")) if metadata else 0
 
 
-def check_kv(keys: Any, values: Any) -> None:
+def check_kv(keys: Any, values: Any, finite: bool = True) -> None:
     """ValueError unless ``keys``/``values`` are finite floating-point 4-D tensors of equal shape, >= 1 token."""
     if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
         raise ValueError("chunk K-V must be torch tensors.")
@@ -161,21 +170,23 @@ def check_kv(keys: Any, values: Any) -> None:
                          f"{tuple(keys.shape)} and values {tuple(values.shape)}.")
     if not (keys.is_floating_point() and values.is_floating_point()):
         raise ValueError(f"chunk K-V must be floating point, got {keys.dtype} and {values.dtype}.")
-    if not (bool(torch.isfinite(keys).all()) and bool(torch.isfinite(values).all())):
+    if finite and not (bool(torch.isfinite(keys).all()) and bool(torch.isfinite(values).all())):
         raise ValueError("chunk K-V hold NaN or infinite values (in the bank's dtype): they would poison every "
                          "answer that retrieves them. Check the model's outputs, or store K-V in float32.")
 
 
 def check_chunk(*, text: Any, doc_id: Any, span: Any, keys: Any, values: Any, metadata: Any = None,
-                tokens: Any = None) -> tuple[tuple[int, int], dict[str, Any], tuple[int, ...] | None]:
+                tokens: Any = None, finite: bool = True) -> tuple[tuple[int, int], dict[str, Any], tuple[int, ...] | None]:
     """Validate one chunk's fields by the bank's rules; returns (span, metadata, tokens) normalised.
+
+    ``finite=False`` skips reading every K-V value (a disk bank's memory-mapped K-V, checked when written).
 
     Raises:
         ValueError: the first field that breaks a rule, named with its fix.
     """
     check_text(text, "chunk text")
     check_text(doc_id, "doc_id", empty=True)
-    check_kv(keys, values)
+    check_kv(keys, values, finite)
     if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(map(_is_int, span))
             and 0 <= int(span[0]) <= int(span[1])):
         raise ValueError(f"span must be two integers 0 <= start <= end (token offsets in the document), got "
@@ -258,41 +269,48 @@ def check_compatible(path: Path, record: dict[str, Any], embedder: TextEmbedder,
                           stacklevel=4)
 
 
-def _parse_chunk(c: Any, name: str, n_chunk: int, next_order: int, tensors: dict[str, torch.Tensor]) -> Chunk:
-    """One saved chunk record and its K-V, by :func:`check_chunk`'s rules; ValueError names the problem."""
+def _parse_chunk(c: Any, name: str, n_chunk: int, next_order: int, tensors: dict[str, torch.Tensor],
+                 dtype: torch.dtype, mapped: bool) -> Chunk:
+    """One saved chunk record and its K-V, by :func:`check_chunk`'s rules; ValueError names the problem.
+    ``mapped``: memory-mapped K-V (a disk bank): their values are not read."""
     if not (isinstance(c, dict) and isinstance(c.get("id"), str) and CHUNK_ID.match(c["id"])):
         raise ValueError(f"chunk record {n_chunk} of namespace {name[:100]!r} has no valid id ({str(c)[:200]}).")
     if not (_is_int(c.get("order")) and 0 <= c["order"] < next_order and _is_int(c.get("retrievals"))
             and c["retrievals"] >= 0):
         raise ValueError(f"chunk {c['id']} has a malformed order or retrieval count.")
-    k, v = tensors.get(f"k.{n_chunk}"), tensors.get(f"v.{n_chunk}")
-    if k is None or v is None or k.dtype != v.dtype:
-        raise ValueError(f"the K-V of chunk {c['id']} are missing or malformed.")
+    try:
+        kv = payload_from(lambda suffix: tensors.get(f"{suffix}.{n_chunk}"), dtype)
+    except ValueError as exc:
+        raise ValueError(f"the K-V of chunk {c['id']} are missing or malformed ({exc}).") from None
+    dense = isinstance(kv, DenseKV)  # int8 codes are finite by construction, their scales checked above
+    k = kv.k if dense else torch.empty(kv.shape, dtype=torch.float32, device="meta")
     try:
         span, meta, tokens = check_chunk(text=c.get("text"), doc_id=c.get("doc_id"), span=c.get("span"), keys=k,
-                                         values=v, metadata=c.get("metadata"), tokens=c.get("tokens"))
+                                         values=kv.v if dense else k, metadata=c.get("metadata"),
+                                         tokens=c.get("tokens"), finite=dense and not mapped)
     except ValueError as exc:
         raise ValueError(f"chunk {c['id']} of namespace {name[:100]!r}: {exc}") from None
     return Chunk(id=c["id"], namespace=name, doc_id=c["doc_id"], text=c["text"], span=span, order=c["order"],
-                 keys=k, values=v, retrievals=c["retrievals"], metadata=meta, tokens=tokens)
+                 kv=kv, retrievals=c["retrievals"], metadata=meta, tokens=tokens)
 
 
-def parse_namespaces(path: Path, record: dict[str, Any], tensors: dict[str, torch.Tensor],
-                     dim: int) -> tuple[dict[str, tuple[list[Chunk], np.ndarray]], int]:
+def parse_namespaces(path: Path, record: dict[str, Any], tensors: dict[str, torch.Tensor], dim: int,
+                     dtype: torch.dtype = torch.float16, mapped: bool = False
+                     ) -> tuple[dict[str, tuple[list[Chunk], np.ndarray]], int]:
     """Validate every field of a saved record against its tensors; returns namespaces and the next order.
 
     Raises:
         MemoryFileError: the first problem found, named.
     """
     try:
-        return _parse_namespaces(record, tensors, dim)
+        return _parse_namespaces(record, tensors, dim, dtype, mapped)
     except ValueError as exc:
         raise MemoryFileError(f"Cannot load the memory bank at {path}: {exc} The files are corrupted or were not "
                               "written by memlong.") from None
 
 
-def _parse_namespaces(record: dict[str, Any], tensors: dict[str, torch.Tensor],
-                      dim: int) -> tuple[dict[str, tuple[list[Chunk], np.ndarray]], int]:
+def _parse_namespaces(record: dict[str, Any], tensors: dict[str, torch.Tensor], dim: int, dtype: torch.dtype,
+                      mapped: bool) -> tuple[dict[str, tuple[list[Chunk], np.ndarray]], int]:
     spaces, next_order = record.get("namespaces"), record.get("next_order")
     if not isinstance(spaces, list) or not _is_int(next_order) or next_order < 0:
         raise ValueError("'namespaces' or 'next_order' is missing or malformed.")
@@ -309,16 +327,16 @@ def _parse_namespaces(record: dict[str, Any], tensors: dict[str, torch.Tensor],
             raise ValueError(f"namespace {name[:100]!r} is duplicated or malformed.")
         chunks = []
         for c in items:
-            chunk = _parse_chunk(c, name, n_chunk, next_order, tensors)
+            chunk = _parse_chunk(c, name, n_chunk, next_order, tensors, dtype, mapped)
             if chunk.id in seen_ids or chunk.order in seen_orders:
                 raise ValueError(f"chunk id {chunk.id} or its order {chunk.order} appears twice.")
-            if chunks and (chunk.keys.shape[:2], chunk.keys.shape[3]) != (chunks[0].keys.shape[:2],
-                                                                          chunks[0].keys.shape[3]):
-                raise ValueError(f"chunk {chunk.id} has K-V of shape {tuple(chunk.keys.shape)}, unlike the other "
-                                 f"chunks of namespace {name[:100]!r} ({tuple(chunks[0].keys.shape)}).")
+            shape, first = chunk.kv.shape, chunks[0].kv.shape if chunks else None
+            if first is not None and (shape[:2], shape[3]) != (first[:2], first[3]):
+                raise ValueError(f"chunk {chunk.id} has K-V of shape {tuple(shape)}, unlike the other "
+                                 f"chunks of namespace {name[:100]!r} ({tuple(first)}).")
             seen_ids.add(chunk.id)
             seen_orders.add(chunk.order)
-            used |= {f"k.{n_chunk}", f"v.{n_chunk}"}
+            used |= {f"{suffix}.{n_chunk}" for suffix in chunk.kv.named()}
             chunks.append(chunk)
             n_chunk += 1
         emb = tensors.get(f"e.{j}")

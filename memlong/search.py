@@ -25,7 +25,8 @@ from typing import Any, Literal, get_args
 import faiss
 import numpy as np
 
-__all__ = ["RRF_K", "SEARCH_MODES", "Lexical", "NamespaceIndex", "SearchMode", "check_mode", "depth", "fuse", "words"]
+__all__ = ["RRF_K", "SEARCH_MODES", "Lexical", "NamespaceIndex", "SearchMode", "check_ann_min", "check_mode", "depth",
+           "fuse", "words"]
 
 SearchMode = Literal["dense", "lexical", "hybrid"]
 SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
@@ -38,6 +39,14 @@ def check_mode(mode: Any) -> SearchMode:
     if mode not in SEARCH_MODES:
         raise ValueError(f"search mode must be 'dense', 'lexical' or 'hybrid', got {mode!r}.")
     return mode
+
+
+def check_ann_min(value: Any) -> int | None:
+    """``value`` if it is a valid ``ann_min_chunks`` (None, or an integer >= 1000); ValueError otherwise."""
+    if value is not None and (type(value) is not int or value < 1000):
+        raise ValueError(f"ann_min_chunks must be None (exact search) or at least 1000 (an IVF index trains on the "
+                         f"namespace's own vectors), got {value!r}.")
+    return value
 
 
 def words(text: str) -> list[str]:
@@ -136,18 +145,30 @@ class Lexical:
 
 
 class NamespaceIndex:
-    """One namespace's faiss index (row i <-> ids[i]), BM25 index, and totals (tokens, bytes). Changed only
-    under the bank's write lock; every removal rebuilds the faiss index from the kept embeddings."""
+    """One namespace's dense index, BM25 index, and totals (tokens, bytes). Changed only under the bank's write
+    lock. ``embeddings`` row i is chunk ``ids[i]``.
 
-    def __init__(self, dim: int, use_gpu: bool) -> None:
+    Dense search is exact (faiss ``IndexFlatIP``, rebuilt from the kept embeddings on every removal) until the
+    namespace holds ``ann_min`` chunks (``None``: always exact). From then on it is an inverted-file index
+    (``IndexIVFFlat``, inner product) with ``nlist ~ 4 sqrt(n)`` lists, trained on the namespace's embeddings and
+    trained again whenever the namespace has doubled since; each chunk is stored under a slot number, deletes
+    remove exactly those slots (``remove_ids``), and a search scans the ``nprobe`` nearest lists
+    (``ann_probe`` of the lists, at least 8): approximate, with recall measured in ``benchmarks/ann.py``."""
+
+    def __init__(self, dim: int, use_gpu: bool, ann_min: int | None = None, ann_probe: float = 1 / 16) -> None:
         self.dim = dim
         self.use_gpu = use_gpu
+        self.ann_min, self.ann_probe = ann_min, ann_probe
         self.lexical = Lexical()
         self.ids: list[str] = []
         self.embeddings = np.zeros((0, dim), dtype=np.float32)
         self.tokens = 0
         self.nbytes = 0  # K-V + embeddings + texts + metadata of its chunks
-        self.index = self._new_index()
+        self.index: faiss.Index | None = self._new_index()
+        self.ann: faiss.IndexIVFFlat | None = None
+        self.slot_of: dict[str, int] = {}  # with an IVF index: chunk id -> its id in the index
+        self.id_at: dict[int, str] = {}
+        self.trained_at = 0
 
     def _new_index(self) -> faiss.Index:
         index = faiss.IndexFlatIP(self.dim)
@@ -156,16 +177,63 @@ class NamespaceIndex:
         return index
 
     def add(self, ids: list[str], vectors: np.ndarray, texts: Sequence[str]) -> None:
-        self.index.add(vectors)
         self.ids.extend(ids)
         self.embeddings = np.concatenate([self.embeddings, vectors], axis=0)
         self.lexical.add(ids, texts)
+        if self.ann is not None and len(self.ids) < 2 * self.trained_at:
+            self._ann_add(ids, vectors)
+        elif self.ann_min is not None and len(self.ids) >= self.ann_min:
+            self._train()
+        elif self.index is not None:
+            self.index.add(vectors)
 
     def remove(self, drop: set[str]) -> None:
         self.lexical.remove(drop)
         keep = [i for i, cid in enumerate(self.ids) if cid not in drop]
         self.ids = [self.ids[i] for i in keep]
         self.embeddings = np.ascontiguousarray(self.embeddings[keep])
+        if self.ann is not None:
+            slots = np.array([self.slot_of.pop(c) for c in drop if c in self.slot_of], dtype=np.int64)
+            for slot in slots.tolist():
+                del self.id_at[slot]
+            self.ann.remove_ids(slots)
+            return
         self.index = self._new_index()
         if len(keep):
             self.index.add(self.embeddings)
+
+    def dense(self, vector: np.ndarray, want: int) -> list[tuple[str, float]]:
+        """The ``want`` chunks with the largest inner product with ``vector`` ``(1, dim)``, best first."""
+        if self.ann is not None:
+            scores, slots = self.ann.search(vector, want)
+            return [(self.id_at[s], float(sc)) for sc, s in zip(scores[0], slots[0]) if s >= 0]
+        assert self.index is not None
+        scores, rows = self.index.search(vector, want)
+        return [(self.ids[r], float(sc)) for sc, r in zip(scores[0], rows[0]) if r >= 0]
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors in the dense index (equal to ``len(ids)`` at all times)."""
+        return self.ann.ntotal if self.ann is not None else self.index.ntotal  # type: ignore[union-attr]
+
+    def _train(self) -> None:
+        """(Re)build the IVF index from every embedding of the namespace."""
+        n = len(self.ids)
+        nlist = int(min(max(16, 4 * math.sqrt(n)), max(16, n // 39)))  # faiss wants >= 39 points per list
+        ann = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ann.cp.max_points_per_centroid, ann.cp.niter = 64, 10  # k-means on a sample of 64 points per list, 10 rounds
+        ann.train(self.embeddings)
+        ann.nprobe = max(8, int(nlist * self.ann_probe))
+        self.ann, self.index, self.trained_at = ann, None, n
+        self.slot_of, self.id_at = {}, {}
+        self._next_slot = 0
+        self._ann_add(self.ids, self.embeddings)
+
+    def _ann_add(self, ids: list[str], vectors: np.ndarray) -> None:
+        assert self.ann is not None
+        slots = np.arange(self._next_slot, self._next_slot + len(ids), dtype=np.int64)
+        self._next_slot += len(ids)
+        for cid, slot in zip(ids, slots.tolist()):
+            self.slot_of[cid], self.id_at[slot] = slot, cid
+        if len(ids):
+            self.ann.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), slots)

@@ -1,12 +1,15 @@
 """On-disk format of a memory bank: safetensors for tensors, JSON for the rest, committed atomically.
 
-A bank directory (format ``"memlong-bank"``, version 1) holds::
+A bank directory (format ``"memlong-bank"``, version 1; version 2 adds K-V segments) holds::
 
     DIR/manifest.json              the commit point: format, version, and name, size and sha256 of the two files below
     DIR/bank-<id>.json             config, embedder, model fingerprint, counters, namespaces and chunk records
                                    (id, doc id, text, span, order, retrievals, metadata)
     DIR/tensors-<id>.safetensors   "k.<i>", "v.<i>": K-V of chunk i (n_source_layers, n_kv_heads, tokens, head_dim);
                                    "e.<j>": (n_chunks, dim) float32 embeddings of namespace j
+    DIR/seg-<id>.safetensors       (version 2: a disk bank, :mod:`memlong.kv_store`) K-V segments; tensors
+                                   "<suffix>.<chunk id>"; the record names each chunk's segment and the
+                                   manifest names every segment with its size and sha256
     DIR/.lock                      advisory lock (POSIX): one writer at a time, and readers never see a cleanup
 
 Saving writes the two data files under fresh names, fsyncs them, writes ``manifest.json.tmp``, fsyncs it,
@@ -16,7 +19,9 @@ one, each naming complete, fsynced files; the next save removes the leftovers. (
 directory over the old one cannot be done atomically on POSIX, so the manifest file is the commit point.)
 
 Loading reads a size-capped manifest, checks format, version, file names, sizes and sha256 digests, then parses
-the JSON and reads the tensors with safetensors (no pickle, no ``torch.load``). Every failure surfaces as
+the JSON and reads the tensors with safetensors (no pickle, no ``torch.load``). Segments (version 2) are checked
+by size and header when opened, so a bank of many gigabytes opens in moments; ``verify=True`` also checks every
+segment's sha256 (reads them all). Every failure surfaces as
 :class:`MemoryFileError`; the checks on what the files *mean* live with the bank (:mod:`memlong.memory`).
 
 Example:
@@ -40,15 +45,18 @@ from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["FORMAT", "VERSION", "MemoryFileError", "read_bank", "write_bank"]
+__all__ = ["FORMAT", "SEGMENT_NAME", "VERSION", "MemoryFileError", "read_bank", "write_bank", "write_segment"]
 
 FORMAT = "memlong-bank"
 VERSION = 1
+SEGMENT_VERSION = 2  # a manifest that also names K-V segments (a disk bank)
 MANIFEST = "manifest.json"
 _MANIFEST_LIMIT = 1 << 20  # a manifest is a few hundred bytes; never read more than this
 _DATA_NAME = re.compile(r"^(bank-[0-9a-f]{16}\.json|tensors-[0-9a-f]{16}\.safetensors)$")
-_OURS = re.compile(r"^(bank-[0-9a-f]{16}\.json|tensors-[0-9a-f]{16}\.safetensors|manifest\.json\.tmp)$")
-_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+_OURS = re.compile(r"^(bank-[0-9a-f]{16}\.json|(tensors|seg)-[0-9a-f]{16}\.safetensors|manifest\.json\.tmp)$")
+SEGMENT_NAME = re.compile(r"^seg-[0-9a-f]{16}\.safetensors$")
+_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+           torch.uint8: "U8"}
 
 
 class MemoryFileError(ValueError):
@@ -100,6 +108,17 @@ def _write_file(path: Path, fill: Callable[[_HashingWriter], None]) -> dict[str,
     return {"name": path.name, "bytes": out.size, "sha256": out.sha.hexdigest()}
 
 
+def write_segment(path: Path, tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """Write one immutable K-V segment (safetensors, fsynced) and return its manifest entry. Tensors are laid out
+    widest dtype first so that every tensor starts at a multiple of its element size (memory maps view them)."""
+    ordered = sorted(tensors, key=lambda item: -item[1].element_size())
+    try:
+        return _write_file(path, lambda out: _write_safetensors(out, ordered))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def _fsync_dir(path: Path) -> None:
     if os.name != "posix":  # directories cannot be opened for fsync on Windows; NTFS journals renames
         return
@@ -148,8 +167,12 @@ def _locked(path: Path, exclusive: bool) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequence[tuple[str, torch.Tensor]]) -> Path:
+def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequence[tuple[str, torch.Tensor]],
+               segments: Sequence[dict[str, Any]] | None = None) -> Path:
     """Atomically replace the bank stored in directory ``path`` with ``record`` (JSON-able) and ``tensors``.
+
+    ``segments``: manifest entries of K-V segment files already written (fsynced) in ``path`` that the record
+    refers to (a disk bank, format version 2); every other segment file there is removed after the commit.
 
     Raises:
         ValueError: ``path`` is a file, or a non-empty directory that holds no memory bank (never scribbled on).
@@ -168,7 +191,8 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
     if odd:  # found now, not after the commit when the old files are cleaned up
         raise ValueError(f"Refusing to save a memory bank into {path}: {odd[0]} is not a regular file (a folder or "
                          "link named like a bank file). Remove it, or give another directory.")
-    body = json.dumps({"format": FORMAT, "version": VERSION, **record}, ensure_ascii=False, allow_nan=False,
+    version = VERSION if segments is None else SEGMENT_VERSION
+    body = json.dumps({"format": FORMAT, "version": version, **record}, ensure_ascii=False, allow_nan=False,
                       separators=(",", ":")).encode()
     token = secrets.token_hex(8)
     names = [f"bank-{token}.json", f"tensors-{token}.safetensors"]
@@ -176,10 +200,15 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
         try:
             files = [_write_file(path / names[0], lambda out: out.write(body)),
                      _write_file(path / names[1], lambda out: _write_safetensors(out, tensors))]
-            manifest = json.dumps({"format": FORMAT, "version": VERSION, "files": files}, indent=1).encode()
+            head: dict[str, Any] = {"format": FORMAT, "version": VERSION, "files": files}
+            if segments is not None:
+                head.update(version=SEGMENT_VERSION, segments=list(segments))
+            manifest = json.dumps(head, indent=1).encode()
             tmp = path / (MANIFEST + ".tmp")
             tmp.unlink(missing_ok=True)
             _write_file(tmp, lambda out: out.write(manifest))
+            if segments:
+                _fsync_dir(path)  # segments' directory entries are durable before a manifest names them
             os.replace(tmp, path / MANIFEST)  # the commit point
             _fsync_dir(path)
         except BaseException:
@@ -187,7 +216,8 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
                 (path / name).unlink(missing_ok=True)
             raise
         for p in path.iterdir():  # files of older or interrupted saves
-            if _OURS.match(p.name) and p.name not in names and not p.is_symlink() and p.is_file():
+            keep = p.name in names or any(p.name == e["name"] for e in segments or ())
+            if _OURS.match(p.name) and not keep and not p.is_symlink() and p.is_file():
                 p.unlink(missing_ok=True)
     return path
 
@@ -197,7 +227,8 @@ def _fail(path: Path, problem: str) -> MemoryFileError:
     return MemoryFileError(f"Cannot load the memory bank at {path}: {problem}")
 
 
-def _manifest(path: Path) -> list[dict[str, Any]]:
+def _manifest(path: Path) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The manifest's version, its two data files and (version 2) its segments, all checked for shape."""
     file = path / MANIFEST
     if not file.is_file():
         raise _fail(path, f"there is no {MANIFEST}. Point at a directory written by MemoryBank.save() / "
@@ -213,26 +244,33 @@ def _manifest(path: Path) -> list[dict[str, Any]]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _fail(path, f"{MANIFEST} does not describe a {FORMAT!r} directory.")
     version = manifest.get("version")
-    if version != VERSION:
-        newer = isinstance(version, int) and not isinstance(version, bool) and version > VERSION
-        raise _fail(path, f"format version {version!r} is not supported (this memlong reads version {VERSION})"
-                          + ("; upgrade memlong to read it." if newer else "."))
+    if version not in (VERSION, SEGMENT_VERSION) or isinstance(version, bool):
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > SEGMENT_VERSION
+        raise _fail(path, f"format version {version!r} is not supported (this memlong reads versions {VERSION} and "
+                          f"{SEGMENT_VERSION})" + ("; upgrade memlong to read it." if newer else "."))
     files = manifest.get("files")
     if not isinstance(files, list) or len(files) != 2:
         raise _fail(path, f"{MANIFEST} must list exactly two files.")
-    for entry in files:
-        ok = (isinstance(entry, dict) and isinstance(entry.get("name"), str) and _DATA_NAME.match(entry["name"])
+    segments = manifest.get("segments") if version == SEGMENT_VERSION else None
+    if version == SEGMENT_VERSION and not isinstance(segments, list):
+        raise _fail(path, f"{MANIFEST} of version {SEGMENT_VERSION} must list its K-V segments.")
+    for entry in files + (segments or []):
+        pattern = _DATA_NAME if entry in files else SEGMENT_NAME
+        ok = (isinstance(entry, dict) and isinstance(entry.get("name"), str) and pattern.match(entry["name"])
               and type(entry.get("bytes")) is int and entry["bytes"] >= 0
               and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]))
         if not ok:
             raise _fail(path, f"{MANIFEST} has a malformed file entry {str(entry)[:200]}.")
     if not (files[0]["name"].endswith(".json") and files[1]["name"].endswith(".safetensors")):
         raise _fail(path, f"{MANIFEST} must name a bank JSON file and then a safetensors file.")
-    return files
+    if segments is not None and len({e["name"] for e in segments}) != len(segments):
+        raise _fail(path, f"{MANIFEST} names a segment twice.")
+    return version, files, segments
 
 
-def _verified(path: Path, entry: dict[str, Any]) -> Path:
-    """Check a data file's size and sha256 against its manifest entry (streamed, never all in memory)."""
+def _verified(path: Path, entry: dict[str, Any], digest: bool = True) -> Path:
+    """Check a data file's size and (``digest``) sha256 against its manifest entry (streamed, never all in
+    memory)."""
     file = path / entry["name"]
     if not file.is_file():
         raise _fail(path, f"{entry['name']} named by {MANIFEST} is missing; the directory was changed by hand.")
@@ -240,6 +278,8 @@ def _verified(path: Path, entry: dict[str, Any]) -> Path:
     if size != entry["bytes"]:
         raise _fail(path, f"{entry['name']} has {size} bytes, the manifest says {entry['bytes']}: the file is "
                           "truncated or was replaced.")
+    if not digest:
+        return file
     sha = hashlib.sha256()
     with open(file, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -249,8 +289,11 @@ def _verified(path: Path, entry: dict[str, Any]) -> Path:
     return file
 
 
-def read_bank(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The JSON record and the tensors (on the CPU) of the bank in directory ``path``, after integrity checks.
+def read_bank(path: str | os.PathLike, *, verify: bool = False
+              ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[dict[str, Any]] | None]:
+    """The JSON record, the tensors (on the CPU) and the K-V segment entries (None: a version-1 bank, all K-V
+    among the tensors) of the bank in directory ``path``, after integrity checks (segments: size only, unless
+    ``verify``).
 
     Raises:
         MemoryFileError: no bank there, or any file missing, truncated, corrupted or of another format/version.
@@ -262,8 +305,10 @@ def read_bank(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.
 
     try:
         with _locked(path, exclusive=False):
-            files = _manifest(path)
+            version, files, segments = _manifest(path)
             record_file, tensor_file = (_verified(path, f) for f in files)
+            for entry in segments or ():
+                _verified(path, entry, digest=verify)
             try:
                 record = json.loads(record_file.read_bytes().decode("utf-8"))
             except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, an integer of >4300 digits
@@ -278,6 +323,6 @@ def read_bank(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.
         raise
     except (OSError, MemoryError, RecursionError) as exc:
         raise _fail(path, f"{type(exc).__name__}: {exc}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
-        raise _fail(path, f"{record_file.name} is not a {FORMAT!r} version {VERSION} record.")
-    return record, tensors
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != version:
+        raise _fail(path, f"{record_file.name} is not a {FORMAT!r} version {version} record.")
+    return record, tensors, segments

@@ -1,0 +1,279 @@
+"""Where a bank's K-V payloads live: in memory (:class:`KVStore`) or on disk (:class:`DiskKVStore`).
+
+Contract (the seam between the bank and its K-V, in the spirit of vLLM's KV-connector base):
+    * The bank keeps its index, texts, embeddings and counters itself; a store only holds payloads
+      (:mod:`memlong.kv_payload`). Every stored chunk's ``chunk.kv`` is readable at any time.
+    * :meth:`KVStore.encode` turns checked K-V (in the bank's dtype and device) into a payload (quantized when
+      the bank's ``quantization`` is ``"int8"``). :meth:`put` hands the store the chunks the bank just published,
+      :meth:`drop` the chunks it removed; neither can fail (no I/O). :meth:`flush` may do I/O and may fail with
+      ``OSError``; the bank stays consistent either way (unflushed payloads simply stay in RAM).
+    * :class:`DiskKVStore` (directory ``path``): ``put`` buffers payloads in RAM; when ``segment_bytes`` are
+      buffered (or at a commit) they are written as one new, immutable safetensors *segment*
+      (``seg-<16 hex>.safetensors``, tensors ``"<suffix>.<chunk id>"``, fsynced) and every buffered chunk's
+      payload is swapped for views of a read-only memory map of that file: a fetch reads only the pages of the
+      chunks it asks for, and :meth:`release` (the bank calls it after a fetch has copied them) lets those pages
+      go again, so resident memory stays bounded however large the bank. Segments are never modified. :meth:`compact`
+      rewrites the live chunks of segments that are mostly dead (deleted or evicted chunks) into a new segment;
+      the old files disappear only after the next commit no longer names them (:mod:`memlong.storage`), so a
+      kill at any point leaves the last committed state readable.
+    * Nothing a store writes is durable until the bank commits (``MemoryBank.commit``): the bank's manifest,
+      written last, is the one commit point, and it names the segments (size and sha256) the bank needs.
+
+Example:
+    >>> store = DiskKVStore("bank.kv", quantization="int8", dtype=torch.float16)
+    >>> chunk.kv = store.encode(keys, values); store.put([chunk]); store.flush()
+    >>> store.entries()  # what the manifest will name
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import secrets
+import struct
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from memlong.kv_payload import KVPayload, Quantization, encode, payload_from
+from memlong.storage import SEGMENT_NAME, MemoryFileError, write_segment
+
+if TYPE_CHECKING:
+    from memlong.records import Chunk
+
+__all__ = ["DiskKVStore", "KVStore", "Segment", "new_store", "open_disk_store", "segment_of"]
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:  # glibc keeps freed tensor memory in its heap; malloc_trim hands it back to the OS
+        return ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_trim()
+_NUMPY = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "BF16": np.uint16}
+
+
+class KVStore:
+    """Payloads in RAM (or on the bank's device): today's behaviour, exact."""
+
+    on_disk = False
+
+    def __init__(self, *, quantization: Quantization, dtype: torch.dtype) -> None:
+        self.quantization = quantization
+        self.dtype = dtype
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> KVPayload:
+        return encode(keys, values, self.quantization, self.dtype)
+
+    def put(self, chunks: Iterable[Chunk]) -> None:
+        """The bank published ``chunks`` (their ``kv`` set by :meth:`encode` or adopted from a file)."""
+
+    def drop(self, chunks: Iterable[Chunk]) -> None:
+        """The bank removed ``chunks``."""
+
+    def flush(self, force: bool = False) -> None:
+        """Write buffered payloads (disk stores); ``force``: even below the segment size."""
+
+    def release(self, chunks: Iterable[Chunk]) -> None:
+        """A fetch has copied ``chunks``' K-V: a disk store lets their pages go (resident memory stays bounded)."""
+
+
+class Segment:
+    """One immutable segment file: its manifest entry, its memory map and which chunks still use it."""
+
+    def __init__(self, path: Path, entry: dict[str, Any]) -> None:
+        self.path, self.entry = path, entry
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > entry["bytes"] - 8:
+                raise ValueError("header longer than the file")
+            self.header = json.loads(fh.read(n).decode("utf-8"))
+        self.start = 8 + n
+        self.map: np.ndarray | None = None
+        self.mmap: mmap.mmap | None = None
+        if entry["bytes"] > self.start:
+            with open(path, "rb") as fh:  # copy-on-write: never written, but torch wants a writable buffer
+                self.mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            self.map = np.frombuffer(self.mmap, dtype=np.uint8)
+        self.live: dict[str, Chunk] = {}  # chunk id -> the bank's chunk whose payload lives here
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        info = self.header.get(name)
+        if not isinstance(info, dict) or self.map is None:
+            return None
+        a, b = info["data_offsets"]
+        shape, kind = info["shape"], info["dtype"]
+        if kind not in _NUMPY or not (0 <= a <= b <= len(self.map) - self.start):
+            raise ValueError(f"tensor {name} has an unknown dtype or lies outside the file")
+        raw = self.map[self.start + a:self.start + b].view(_NUMPY[kind])
+        t = torch.from_numpy(raw.reshape(shape)) if raw.size == int(np.prod(shape)) else None
+        if t is None:
+            raise ValueError(f"tensor {name} does not match its shape")
+        return t.view(torch.bfloat16) if kind == "BF16" else t
+
+    def release(self, name: str) -> None:
+        """Let the kernel drop the pages of tensor ``name`` from this process (they are read again from the file
+        when next needed), so that resident memory holds only what is being used."""
+        info = self.header.get(name)
+        if self.mmap is None or not isinstance(info, dict) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        a, b = (self.start + x for x in info["data_offsets"])
+        lo, hi = a - a % mmap.PAGESIZE, min(len(self.mmap), -(-b // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if hi > lo:
+            self.mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(c.kv.nbytes for c in self.live.values())
+
+
+class DiskKVStore(KVStore):
+    """Payloads in append-only segment files under ``path`` (see the module docstring)."""
+
+    on_disk = True
+
+    def __init__(self, path: str | os.PathLike, *, quantization: Quantization, dtype: torch.dtype,
+                 segment_bytes: int = 64 << 20) -> None:
+        super().__init__(quantization=quantization, dtype=dtype)
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"a disk bank stores float16, bfloat16 or float32 K-V, not {dtype}.")
+        if type(segment_bytes) is not int or segment_bytes <= 0:
+            raise ValueError(f"segment_bytes must be a positive integer, got {segment_bytes!r}.")
+        self.path = Path(path)
+        self.segment_bytes = segment_bytes
+        self.segments: dict[str, Segment] = {}
+        self.where: dict[str, str] = {}  # chunk id -> segment name
+        self.pending: dict[str, Chunk] = {}  # chunks whose payloads are still in RAM
+        self.pending_bytes = 0
+        self.dead: set[str] = set()  # segments no live chunk uses: removed from the next commit
+
+    # ------------------------------------------------------------------ the bank's calls
+    def put(self, chunks: Iterable[Chunk]) -> None:
+        for c in chunks:
+            self.pending[c.id] = c
+            self.pending_bytes += c.kv.nbytes
+
+    def drop(self, chunks: Iterable[Chunk]) -> None:
+        for c in chunks:
+            if self.pending.pop(c.id, None) is not None:
+                self.pending_bytes -= c.kv.nbytes
+            name = self.where.pop(c.id, None)
+            if name is not None:
+                seg = self.segments[name]
+                seg.live.pop(c.id, None)
+                if not seg.live:
+                    self.dead.add(name)
+                    del self.segments[name]
+
+    def flush(self, force: bool = False) -> None:
+        if not self.pending or (not force and self.pending_bytes < self.segment_bytes):
+            return
+        chunks = list(self.pending.values())
+        tensors = [(f"{suffix}.{c.id}", t) for c in chunks for suffix, t in c.kv.named().items()]
+        name = f"seg-{secrets.token_hex(8)}.safetensors"
+        entry = write_segment(self.path / name, tensors)  # fsynced; OSError (e.g. a full disk) leaves it all in RAM
+        seg = Segment(self.path / name, entry)
+        for c in chunks:
+            c.kv = self._mapped(seg, c.id)
+            seg.live[c.id] = c
+            self.where[c.id] = name
+        self.segments[name] = seg
+        self.pending.clear()
+        self.pending_bytes = 0
+        if _TRIM is not None:  # the buffered payloads just freed: without this glibc keeps them (measured: RSS grew
+            _TRIM(0)           # ~1 MB per chunk of the default model; malloc_trim gave it back, docs/disk.md)
+
+    def compact(self, threshold: float = 0.5) -> int:
+        """Rewrite the live chunks of segments whose live share is below ``threshold`` into a new segment;
+        returns the bytes the next commit frees. The old files stay until a commit no longer names them."""
+        victims = [s for s in self.segments.values() if s.live_bytes < threshold * (s.entry["bytes"] - s.start)]
+        freed = sum(s.entry["bytes"] for s in victims) - sum(s.live_bytes for s in victims)
+        if not victims:
+            return 0
+        moving = [c for s in victims for c in s.live.values()]
+        for c in moving:
+            del self.where[c.id]
+        self.put(moving)  # payloads still read from the old maps, written again into the new segment
+        self.flush(force=True)
+        for s in victims:
+            self.dead.add(s.path.name)
+            del self.segments[s.path.name]
+        return freed
+
+    def release(self, chunks: Iterable[Chunk]) -> None:
+        """Drop the resident pages of ``chunks``' segment data (after a fetch has copied them)."""
+        for c in chunks:
+            seg = self.segments.get(self.where.get(c.id, ""))
+            if seg is not None:
+                for suffix in c.kv.named():
+                    seg.release(f"{suffix}.{c.id}")
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Manifest entries of every segment a live chunk uses (call :meth:`flush` with ``force`` first)."""
+        return [s.entry for s in self.segments.values()]
+
+    # ------------------------------------------------------------------ reopening
+    def attach(self, entries: list[dict[str, Any]]) -> dict[str, Segment]:
+        """Open the segments a committed manifest names (sizes already checked); MemoryFileError if unreadable."""
+        opened = {}
+        for entry in entries:
+            try:
+                opened[entry["name"]] = Segment(self.path / entry["name"], entry)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise MemoryFileError(f"Cannot load the memory bank at {self.path}: segment {entry['name']} is "
+                                      f"unreadable ({exc}); the file is corrupted.") from None
+        self.segments.update(opened)
+        return opened
+
+    def adopt(self, chunk: Chunk, segment: str) -> None:
+        """Record that loaded ``chunk``'s payload lives in committed ``segment``."""
+        self.segments[segment].live[chunk.id] = chunk
+        self.where[chunk.id] = segment
+
+    def _mapped(self, seg: Segment, cid: str) -> KVPayload:
+        return payload_from(lambda s: seg.tensor(f"{s}.{cid}"), self.dtype)
+
+
+def segment_of(name: Any) -> str:
+    """``name`` if it is a segment file name; ValueError otherwise."""
+    if not isinstance(name, str) or not SEGMENT_NAME.match(name):
+        raise ValueError(f"malformed segment name {str(name)[:60]!r}")
+    return name
+
+
+def new_store(path: Path | None, quantization: Quantization, dtype: torch.dtype, device: torch.device,
+              segment_bytes: int) -> KVStore:
+    """The store of a new bank: in memory (``path`` None) or a new disk bank in directory ``path``."""
+    if path is None:
+        return KVStore(quantization=quantization, dtype=dtype)
+    return open_disk_store(path, quantization, dtype, device, segment_bytes)
+
+
+def open_disk_store(path: Path, quantization: Quantization, dtype: torch.dtype, device: torch.device,
+                    segment_bytes: int) -> DiskKVStore:
+    """A store for a new disk bank in directory ``path``; ValueError naming the problem and the fix."""
+    if device.type != "cpu":
+        raise ValueError(f"a disk bank keeps K-V on the CPU (memory-mapped files), not on {device}; use "
+                         "memory_device='cpu' with memory_path.")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Cannot keep a disk bank in {path}: it is a file. Give a directory path.")
+    if (path / "manifest.json").exists():
+        raise ValueError(f"{path} already holds a memory bank; reopen it with MemoryBank.load({str(path)!r}) (or "
+                         "MemLong.load_memory), or give a new directory.")
+    if path.is_dir() and any(p.name != ".lock" for p in path.iterdir()):
+        raise ValueError(f"Refusing to keep a disk bank in {path}: it holds other files. Give a new or empty "
+                         "directory.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"Cannot create the disk bank directory {path} ({exc.strerror}); give a writable path.") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"Cannot keep a disk bank in {path}: the directory is read-only. Give a writable path.")
+    return DiskKVStore(path, quantization=quantization, dtype=dtype, segment_bytes=segment_bytes)

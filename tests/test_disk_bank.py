@@ -1,0 +1,279 @@
+"""Disk banks (K-V in segment files) and int8 K-V: round trips, kills at chosen points, bad input.
+
+A child process builds a disk bank, commits, and is killed (``os._exit`` inside the chosen step, or SIGKILL at a
+random moment); the bank reopened afterwards must be exactly its last committed state, and the next commit must
+leave only the files its manifest names."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_persistence import HashEmbedder, digest, fill
+
+from memlong import MemoryBank, MemoryFileError, MemoryMismatchError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    import torch
+    import memlong.storage as storage
+    from test_persistence import HashEmbedder, digest, fill
+    from memlong import MemoryBank
+
+    path, point = sys.argv[1], sys.argv[2]
+
+    def die(*args, **kwargs):
+        os._exit(9)
+
+    fsync_dir = storage._fsync_dir
+
+    def die_after_rename(p):  # the directory fsync after the manifest's rename (not the one before it)
+        if not os.path.exists(os.path.join(p, "manifest.json.tmp")):
+            os._exit(9)
+        fsync_dir(p)
+
+    def half_written(out, tensors):  # a segment or data file cut off midway
+        out.write(b"partial")
+        os._exit(9)
+
+    bank = MemoryBank(embedder=HashEmbedder(), path=path, segment_bytes=2000, dtype=torch.float32)
+    fill(bank, "ns", 8, seed=1)
+    bank.commit()
+    print("A", digest(bank), flush=True)
+    if point == "random":
+        for seed in range(2, 1000):
+            fill(bank, "ns", 3, seed=seed)
+            bank.delete(bank.chunk_ids("ns")[:1], namespace="ns")
+            print("saving", digest(bank), flush=True)  # the state this commit makes durable
+            bank.compact(threshold=0.6) if seed % 3 == 0 else bank.commit()
+    if point.startswith("compact"):
+        bank.delete(bank.chunk_ids("ns")[::2], namespace="ns")
+        bank.commit()
+        print("A", digest(bank), flush=True)
+    arm = {{"segment": ("_write_safetensors", half_written), "rename": ("os.replace", die),
+            "after-rename": ("_fsync_dir", die_after_rename)}}[point.split(":")[1]]
+    if arm[0] == "os.replace":
+        storage.os.replace = die
+    else:
+        setattr(storage, arm[0], arm[1])
+    if point.startswith("ingest"):
+        for seed in range(2, 8):  # each add flushes the segment the one before buffered (killed in "segment")
+            fill(bank, "ns", 5, seed=seed)
+        print("B", digest(bank), flush=True)
+        bank.commit()
+    else:
+        print("B", digest(bank), flush=True)  # compaction changes files, not content
+        bank.compact(threshold=0.9)
+    print("survived", flush=True)
+""")
+
+
+def _child(path, point, kill_after=None):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(ROOT / "tests")), str(path), point],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.split())
+            if kill_after is not None and lines[-1][0] == "saving" and len(lines) > kill_after:
+                time.sleep(0.01)
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        lines += [line.split() for line in proc.stdout if line.strip()]
+        proc.wait(timeout=120)
+    return proc.returncode, lines
+
+
+def _only_named_files(path):
+    manifest = json.loads((path / "manifest.json").read_text())
+    named = {e["name"] for e in manifest["files"] + manifest["segments"]}
+    return {p.name for p in path.iterdir()} == named | {"manifest.json", ".lock"}
+
+
+@pytest.mark.parametrize("point, committed", [
+    ("ingest:segment", "A"), ("ingest:rename", "A"), ("ingest:after-rename", "B"),
+    ("compact:segment", "A"), ("compact:rename", "A"), ("compact:after-rename", "B")])
+def test_killed_disk_bank_reopens_as_its_last_commit(tmp_path, point, committed):
+    """Killed while writing a segment during ingest, before or after a commit's rename, or while compaction
+    rewrites segments: the reopened bank is the last committed state; the next commit clears the leftovers."""
+    code, lines = _child(tmp_path / "bank", point)
+    assert code == 9 and ["survived"] not in lines, lines
+    states = {line[0]: line[1] for line in lines}  # the last "A" (committed before arming) and "B"
+    bank = MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder(), verify=True)
+    assert digest(bank) == states[committed]
+    fill(bank, "ns", 2, seed=50)
+    bank.commit()
+    assert _only_named_files(tmp_path / "bank")
+    assert digest(MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder(), verify=True)) == digest(bank)
+
+
+def test_disk_bank_sigkilled_at_a_random_moment(tmp_path):
+    """Adds, deletes, commits and compactions in a loop, SIGKILLed at a random moment: the bank on disk is the
+    state of the last commit that started or of the one before it."""
+    code, lines = _child(tmp_path / "bank", "random", kill_after=5)
+    assert code == -signal.SIGKILL, lines
+    states = [line[1] for line in lines if line[0] in ("A", "saving")]
+    assert digest(MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder(), verify=True)) in states[-2:]
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_disk_bank_round_trip_reads_only_what_it_fetches(tmp_path, quantization):
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", quantization=quantization, segment_bytes=1500)
+    ids = [cid for seed in range(3) for cid in fill(bank, "ns", 4, tokens=16, seed=seed)]  # 3 adds, 3 segments
+    before = bank.fetch(ids, namespace="ns")
+    bank.commit()
+    assert len(bank._store.segments) > 1 and not bank._store.pending  # several segments, nothing left in RAM
+    reopened = MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())
+    assert reopened.path == tmp_path / "b" and reopened.quantization == quantization
+    after = reopened.fetch(ids, namespace="ns")
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    seg = reopened._store.segments[reopened._store.where[ids[3]]]
+    start = seg.map.ctypes.data
+    for t in reopened._chunks[ids[3]].kv.named().values():  # views of the segment's memory map, not copies
+        assert start <= t.data_ptr() < start + len(seg.map)
+    new = fill(reopened, "ns", 1, seed=7)
+    reopened.commit()
+    assert MemoryBank.load(tmp_path / "b", embedder=HashEmbedder()).chunk_ids("ns") == ids + new
+
+
+def test_int8_kivi_layout_error_is_bounded():
+    """Keys: one scale per channel (over tokens); values: one per token (over channels); error <= half a step."""
+    bank = MemoryBank(embedder=HashEmbedder(), quantization="int8", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 3, 40, 64, generator=g) * torch.linspace(0.1, 20, 64)  # outlier channels, as in real keys
+    v = torch.randn(2, 3, 40, 64, generator=g)
+    (cid,) = bank.add_chunks(["x"], keys=[k], values=[v])
+    kv = bank._chunks[cid].kv
+    assert kv.ks.shape == (2, 3, 1, 64) and kv.vs.shape == (2, 3, 40, 1) and kv.kq.dtype == torch.uint8
+    keys, values = bank.fetch([cid])
+    step_k = (k.amax(2, keepdim=True) - k.amin(2, keepdim=True)) / 255
+    step_v = (v.amax(3, keepdim=True) - v.amin(3, keepdim=True)) / 255
+    assert bool(((keys - k).abs() <= step_k / 2 + 1e-5).all()) and bool(((values - v).abs() <= step_v / 2 + 1e-5).all())
+    assert kv.nbytes < 0.3 * (k.nbytes + v.nbytes)  # float32 in, 1 byte per element + scales out (head_dim 64)
+
+
+def test_int8_bank_saves_loads_and_refuses_another_setting(tmp_path):
+    bank = MemoryBank(embedder=HashEmbedder(), quantization="int8")
+    ids = fill(bank, "ns", 4)
+    bank.save(tmp_path / "q")
+    loaded = MemoryBank.load(tmp_path / "q", embedder=HashEmbedder())
+    assert loaded.quantization == "int8" and torch.equal(loaded.fetch(ids, namespace="ns")[0],
+                                                         bank.fetch(ids, namespace="ns")[0])
+    with pytest.raises(MemoryMismatchError, match="quantization='int8'.*opened with quantization='none'"):
+        MemoryBank.load(tmp_path / "q", embedder=HashEmbedder(), quantization="none")
+    with pytest.raises(MemoryMismatchError, match="quantization='int8'; this bank uses 'none'"):
+        MemoryBank(embedder=HashEmbedder()).restore(tmp_path / "q")
+    with pytest.raises(ValueError, match="memory quantization must be 'none'.*or 'int8'"):
+        MemoryBank(embedder=HashEmbedder(), quantization="int4")
+
+
+def test_disk_bank_bad_input(tmp_path):
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b")
+    fill(bank, "ns", 3)
+    bank.commit()
+    with pytest.raises(ValueError, match="already holds a memory bank; reopen it with MemoryBank.load"):
+        MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="it is a file"):
+        MemoryBank(embedder=HashEmbedder(), path=tmp_path / "file")
+    with pytest.raises(MemoryFileError, match="no such directory"):
+        MemoryBank.load(tmp_path / "missing", embedder=HashEmbedder())
+    with pytest.raises(MemoryMismatchError, match="embedder"):
+        MemoryBank.load(tmp_path / "b", embedder=type("Other", (HashEmbedder,), {"name": "other"})())
+    with pytest.raises(ValueError, match="commit\\(\\) makes a disk bank durable"):
+        MemoryBank(embedder=HashEmbedder()).commit()
+    seg = next((tmp_path / "b").glob("seg-*.safetensors"))
+    seg.write_bytes(seg.read_bytes()[:-5])  # truncated: refused by size, nothing loaded
+    with pytest.raises(MemoryFileError, match="truncated"):
+        MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
+def test_disk_bank_read_only_directory(tmp_path):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        with pytest.raises(ValueError, match="read-only. Give a writable path"):
+            MemoryBank(embedder=HashEmbedder(), path=tmp_path / "ro")
+        bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "rw")
+        fill(bank, "ns", 2)
+        bank.commit()
+        (tmp_path / "rw").chmod(0o500)
+        fill(bank, "ns", 2, seed=3)
+        with pytest.raises(OSError, match="nothing in this bank was lost"):
+            bank.commit()
+        assert len(bank.chunk_ids("ns")) == 4
+        assert len(MemoryBank.load(tmp_path / "rw", embedder=HashEmbedder()).chunk_ids("ns")) == 2  # last commit
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+        (tmp_path / "rw").chmod(0o700)
+
+
+TEXT = " ".join(f"Line {i}: the {['red', 'blue', 'green'][i % 3]} ship sails to port {i * 7 % 11}." for i in range(120))
+
+
+def test_memlong_on_a_disk_bank_is_exact_and_reopens(make_tiny, tmp_path):
+    """memory_path: the same perplexity as the in-memory bank (float32 K-V read back bit for bit); the directory
+    reopens with the model that made it and refuses another quantization."""
+    options = dict(local_window=512, ingest_step=256, top_k=2)
+    ml, _ = make_tiny(**options)
+    in_memory = ml.perplexity(TEXT, score_last=256)["ppl"]
+    disk, _ = make_tiny(memory_path=str(tmp_path / "d"), **options)
+    assert disk.perplexity(TEXT, score_last=256)["ppl"] == in_memory  # streamed through the disk bank, then reset
+    disk.ingest(TEXT, namespace="doc", progress=False)
+    disk.bank.commit()
+    ids = disk.bank.chunk_ids("doc")
+    reopened, _ = make_tiny(memory_path=str(tmp_path / "d"), **options)
+    assert reopened.bank.chunk_ids("doc") == ids and reopened.bank.path == tmp_path / "d"
+    with pytest.raises(MemoryMismatchError, match="quantization='none'.*opened with quantization='int8'"):
+        make_tiny(memory_path=str(tmp_path / "d"), memory_quantization="int8", **options)
+    with pytest.raises(MemoryMismatchError, match="different model or config"):
+        make_tiny(memory_path=str(tmp_path / "d"), chunk_size=64, **options)
+
+
+def test_int8_memlong_runs_close_to_float(make_tiny):
+    options = dict(local_window=512, ingest_step=256, top_k=2)
+    exact, _ = make_tiny(**options)
+    q, _ = make_tiny(memory_quantization="int8", **options)
+    a = exact.perplexity(TEXT, score_last=256)["ppl"]
+    b = q.perplexity(TEXT, score_last=256)["ppl"]
+    assert a != b and abs(a - b) / a < 0.01  # quantized (not a silent float path), and close
+
+
+def test_disk_full_at_commit_loses_nothing(tmp_path, monkeypatch):
+    """ENOSPC while a commit writes (injected at the file writer): a clear OSError, the bank in memory unchanged,
+    the directory still the last commit; once there is space the next commit succeeds."""
+    import errno
+
+    import memlong.storage as storage
+
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fill(bank, "ns", 3)
+    bank.commit()
+    committed = digest(bank)
+    fill(bank, "ns", 2, seed=5)
+    before = digest(bank)
+
+    def full(out, tensors):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "_write_safetensors", full)
+    with pytest.raises(OSError, match="No space left on device. The directory still holds the last commit"):
+        bank.commit()
+    assert digest(bank) == before
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == committed
+    monkeypatch.undo()
+    bank.commit()
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == before
+    assert _only_named_files(tmp_path / "b")
