@@ -193,15 +193,7 @@ class MemLongConfig:
                f"attention_backend must be one of auto, sdpa, flex, eager; got {self.attention_backend!r}.")
         _check(self.memory_dtype in _MEMORY_DTYPES,
                f"memory_dtype must be one of {list(_MEMORY_DTYPES)}, got {self.memory_dtype!r}.")
-        _check(self.memory_quantization in ("none", "int8"),
-               f"memory_quantization must be 'none' or 'int8', got {self.memory_quantization!r}.")
-        _check(self.memory_path is None or (isinstance(self.memory_path, (str, os.PathLike)) and str(self.memory_path)),
-               f"memory_path must be a directory path or None, got {self.memory_path!r}.")
-        _check(self.memory_ann_chunks is None or (type(self.memory_ann_chunks) is int and self.memory_ann_chunks >= 1000),
-               f"memory_ann_chunks must be None or an integer >= 1000, got {self.memory_ann_chunks!r}.")
-        _check(self.memory_path is None or self.memory_device == "cpu",
-               f"memory_path keeps K-V in memory-mapped files on the CPU: use memory_device='cpu', not "
-               f"{self.memory_device!r}.")
+        _check_storage(self)
         _check(self.search_mode in SEARCH_MODES,
                f"search_mode must be one of {', '.join(map(repr, SEARCH_MODES))}, got {self.search_mode!r}.")
         _check(self.memory_device in ("cpu", "pinned", "model"),
@@ -260,6 +252,19 @@ class MemLongConfig:
                    "layer must read its own stored K-V laid out in order: use kv_source='per_layer', "
                    "retrieval_layers='all' and position_layout='continual' (the defaults), or set it to 0.")
         return dataclasses.replace(self, memory_layer=memory_layer, retrieval_layers=layers)
+
+
+def _check_storage(cfg: MemLongConfig) -> None:
+    """Validate the storage-tier options (``memory_quantization``, ``memory_path``, ``memory_ann_chunks``)."""
+    _check(cfg.memory_quantization in ("none", "int8"),
+           f"memory_quantization must be 'none' or 'int8', got {cfg.memory_quantization!r}.")
+    _check(cfg.memory_path is None or (isinstance(cfg.memory_path, (str, os.PathLike)) and str(cfg.memory_path)),
+           f"memory_path must be a directory path or None, got {cfg.memory_path!r}.")
+    _check(cfg.memory_ann_chunks is None or (type(cfg.memory_ann_chunks) is int and cfg.memory_ann_chunks >= 1000),
+           f"memory_ann_chunks must be None or an integer >= 1000, got {cfg.memory_ann_chunks!r}.")
+    _check(cfg.memory_path is None or cfg.memory_device == "cpu",
+           f"memory_path keeps K-V in memory-mapped files on the CPU: use memory_device='cpu', not "
+           f"{cfg.memory_device!r}.")
 
 
 def _check_reading(cfg: MemLongConfig) -> None:

@@ -28,8 +28,8 @@ from memlong.memory import MemoryBank
 if TYPE_CHECKING:
     from memlong.model import MemLong
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "check_architecture", "check_sliding_window", "load_pretrained",
-           "memory_fingerprint", "new_bank"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "check_architecture", "check_sliding_window", "check_stored_kv",
+           "load_pretrained", "memory_fingerprint", "new_bank"]
 
 # Decoders whose attention is q/k/v/o projections (Qwen2: with biases) + standard RoPE + the transformers attention
 # registry, each tested for exactness on a tiny random-weight model (tests/test_architectures.py). Sliding windows
@@ -124,3 +124,14 @@ def memory_fingerprint(ml: MemLong) -> dict[str, Any]:
             "kv_heads": ml.kv_heads, "head_dim": ml.head_dim, "vocab_size": int(cfg.vocab_size),
             "source_layers": list(ml.config.source_layers), "kv_source": ml.config.kv_source,
             "chunk_size": ml.config.chunk_size, "model": str(getattr(cfg, "_name_or_path", "") or "")}
+
+
+def check_stored_kv(ml: MemLong, keys: torch.Tensor) -> None:
+    """ValueError unless fetched ``keys`` ``(L_src, Hkv, M, D)`` fit ``ml``: K-V stored by another model or
+    ``kv_source`` have other layer, head or channel counts."""
+    found, expected = (keys.shape[0], keys.shape[1], keys.shape[3]), (len(ml.config.source_layers), ml.kv_heads,
+                                                                      ml.head_dim)
+    if found != expected:
+        raise ValueError(f"Stored K-V has shape (layers, heads, dim) = {found} but this model/config expects "
+                         f"{expected}: the bank was filled by another model or kv_source. Use a fresh namespace or "
+                         "the model that built it.")

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from memlong.bank_files import DTYPE_NAMES, BankFiles
+from memlong.bank_views import BankViews
 from memlong.bank_writes import BankWrites
 from memlong.embedder import TextEmbedder
 from memlong.eviction import MemoryEvictionWarning, MemoryFullError, warn_evicted
@@ -91,7 +92,7 @@ class SearchHit:
     score: float
 
 
-class MemoryBank(BankWrites, BankFiles):
+class MemoryBank(BankWrites, BankViews, BankFiles):
     """Chunk-level K-V memory with a faiss retriever, namespaces and the paper's eviction rule.
 
     Args:
@@ -333,49 +334,6 @@ class MemoryBank(BankWrites, BankFiles):
         values = torch.cat([c.values.to(device, non_blocking=nb) for c in chunks], dim=2)
         self._store.release(chunks)  # a disk bank: the copied pages leave resident memory
         return keys.to(dtype or keys.dtype), values.to(dtype or values.dtype)
-
-    def get(self, chunk_id: str, *, namespace: str = "default") -> Chunk:
-        """A copy of chunk ``chunk_id`` of ``namespace`` (changing it changes nothing in the bank; its K-V tensors
-        are shared and must not be written in place); :class:`UnknownChunkError` otherwise."""
-        with self._lock.read():
-            chunk = self._get(chunk_id, namespace)
-            with self._count_lock:  # a consistent retrieval counter
-                return chunk.copy()
-
-    def chunk_ids(self, namespace: str = "default") -> list[str]:
-        """Ids of ``namespace`` in insertion order."""
-        with self._lock.read():
-            space = self._spaces.get(namespace)
-            return sorted(space.ids, key=lambda c: self._chunks[c].order) if space else []
-
-    def doc_chunk_ids(self, namespace: str = "default") -> dict[str, list[str]]:
-        """Document id -> its chunk ids in insertion order, for ``namespace`` (one read, no chunk copies).
-
-        Example:
-            >>> bank.doc_chunk_ids("docs")["intro"]     # every chunk of the document stored as "intro"
-        """
-        docs: dict[str, list[str]] = {}
-        with self._lock.read():
-            space = self._spaces.get(namespace)
-            for chunk in sorted((self._chunks[c] for c in (space.ids if space else ())), key=lambda c: c.order):
-                docs.setdefault(chunk.doc_id, []).append(chunk.id)
-        return docs
-
-    def namespaces(self) -> list[str]:
-        with self._lock.read():
-            return list(self._spaces)
-
-    def num_tokens(self, namespace: str | None = None) -> int:
-        with self._lock.read():
-            spaces = self._spaces.values() if namespace is None else [self._spaces.get(namespace)]
-            return sum(s.tokens for s in spaces if s is not None)
-
-    def nbytes(self, namespace: str | None = None) -> int:
-        """Bytes of stored K-V, embeddings, texts and metadata in one namespace or all (what ``max_bytes``
-        bounds)."""
-        with self._lock.read():
-            spaces = self._spaces.values() if namespace is None else [self._spaces.get(namespace)]
-            return sum(s.nbytes for s in spaces if s is not None)
 
     def __len__(self) -> int:
         return len(self._chunks)

@@ -66,9 +66,8 @@ class MemLong:
         bank: an existing :class:`MemoryBank` to share; a new one otherwise.
 
     Attributes:
-        last_generation: the stats of the most recently started ``generate`` call. A convenience for
-            single-threaded use, **not thread-safe**: concurrent calls overwrite it. Read ``Generation.stats``
-            (``generate(..., stream=True)``) for per-call stats.
+        last_generation: the stats of the latest ``generate`` call, **not thread-safe** (concurrent calls overwrite
+            it); per-call stats: ``generate(..., stream=True).stats``.
     """
 
     def __init__(self, model: Any, tokenizer: Any, config: MemLongConfig | None = None, *,
@@ -109,8 +108,8 @@ class MemLong:
                                        adapter=adapter, config=config)
 
     def weights_changed(self) -> None:
-        """Tell the model its decoder weights changed (training, a merged adapter): K-V it cached from the old
-        weights (the sink's) are recomputed on next use. The bank's K-V are the caller's business."""
+        """Decoder weights changed (training, a merged adapter): the sink's cached K-V are recomputed on next use
+        (the bank's K-V are the caller's business)."""
         self._sink_cache = None
 
     # ------------------------------------------------------------------ properties
@@ -229,18 +228,13 @@ class MemLong:
         if not chunk_ids:
             return None
         keys, values = self.bank.fetch(chunk_ids, namespace=namespace, device=self.device, dtype=self.dtype)
-        expected = (len(self.config.source_layers), self.kv_heads, self.head_dim)
-        if (keys.shape[0], keys.shape[1], keys.shape[3]) != expected:
-            raise ValueError(f"Stored K-V has shape (layers, heads, dim) = {(keys.shape[0], keys.shape[1], keys.shape[3])}"
-                             f" but this model/config expects {expected}: the bank was filled by another model "
-                             "or kv_source. Use a fresh namespace or the model that built it.")
+        loading.check_stored_kv(self, keys)
         return keys, values
 
     def refresh(self, memory: Memory, chunk_ids: Sequence[str], namespace: str,
                 share: float | None = None, head: int | None = None) -> tuple[Memory, int]:
-        """``kv_refresh``: re-encode the first ``head`` tokens of every chunk (default ``config.kv_reencode_head``)
-        and the ``share`` (default ``config.kv_refresh``) of other retrieved tokens whose stored K-V differ most;
-        returns the refreshed memory and the count. See :mod:`memlong.refresh`."""
+        """Re-encode each chunk's first ``head`` tokens (``config.kv_reencode_head``) and the ``share``
+        (``config.kv_refresh``) of other retrieved tokens whose K-V differ most; returns (memory, count)."""
         return refresh.refresh(self, memory, chunk_ids, namespace, self.config.kv_refresh if share is None else share,
                                head=self.config.kv_reencode_head if head is None else head)
 
@@ -337,10 +331,8 @@ class MemLong:
         return loading.memory_fingerprint(self)
 
     def save_memory(self, path: str | Path, *, namespaces: Sequence[str] | None = None) -> Path:
-        """Save the memory bank (or some ``namespaces``) to directory ``path`` with this model's fingerprint.
-
-        Atomic: a save that dies midway leaves the previous save at ``path`` loadable. See
-        :meth:`memlong.MemoryBank.save`.
+        """Save the memory bank (or some ``namespaces``) to directory ``path`` with this model's fingerprint;
+        atomic: a save that dies midway leaves the previous save at ``path`` loadable (:meth:`MemoryBank.save`).
 
         Example:
             >>> ml.save_memory("hamlet.memory")    # after ml.ingest(..., namespace="hamlet")
@@ -353,8 +345,7 @@ class MemLong:
         kept; adapters holding ``ml.bank`` see them). Returns the namespaces loaded.
 
         Raises:
-            memlong.memory.MemoryMismatchError: the memory was made by another model, config or embedder
-                (the message names both).
+            memlong.memory.MemoryMismatchError: made by another model, config or embedder (both named).
             memlong.memory.MemoryFileError: missing, truncated or corrupted files; this bank is left unchanged.
         """
         return self.bank.restore(path, namespaces=namespaces, fingerprint=self.memory_fingerprint())

@@ -1,0 +1,64 @@
+"""Read-only views of a :class:`~memlong.memory.MemoryBank`: a chunk's copy, the ids of a namespace (all, or per
+document), the namespaces, and their sizes in tokens and bytes.
+
+Contract: every view takes the bank's read lock and returns values the caller owns (copies, new lists); none
+changes the bank, none bumps retrieval counters (searching does: :meth:`MemoryBank.search`).
+
+:class:`BankViews` is a mixin: these methods belong to :class:`MemoryBank` and use its internals.
+
+Example:
+    >>> bank.chunk_ids("docs")[:2], bank.num_tokens("docs"), bank.nbytes()
+"""
+
+from __future__ import annotations
+
+from memlong.records import Chunk
+
+__all__ = ["BankViews"]
+
+
+class BankViews:
+    """Read-only views of :class:`MemoryBank` (see the module docstring)."""
+
+    def get(self, chunk_id: str, *, namespace: str = "default") -> Chunk:
+        """A copy of chunk ``chunk_id`` of ``namespace`` (changing it changes nothing in the bank; its K-V tensors
+        are shared and must not be written in place); :class:`UnknownChunkError` otherwise."""
+        with self._lock.read():
+            chunk = self._get(chunk_id, namespace)
+            with self._count_lock:  # a consistent retrieval counter
+                return chunk.copy()
+
+    def chunk_ids(self, namespace: str = "default") -> list[str]:
+        """Ids of ``namespace`` in insertion order."""
+        with self._lock.read():
+            space = self._spaces.get(namespace)
+            return sorted(space.ids, key=lambda c: self._chunks[c].order) if space else []
+
+    def doc_chunk_ids(self, namespace: str = "default") -> dict[str, list[str]]:
+        """Document id -> its chunk ids in insertion order, for ``namespace`` (one read, no chunk copies).
+
+        Example:
+            >>> bank.doc_chunk_ids("docs")["intro"]     # every chunk of the document stored as "intro"
+        """
+        docs: dict[str, list[str]] = {}
+        with self._lock.read():
+            space = self._spaces.get(namespace)
+            for chunk in sorted((self._chunks[c] for c in (space.ids if space else ())), key=lambda c: c.order):
+                docs.setdefault(chunk.doc_id, []).append(chunk.id)
+        return docs
+
+    def namespaces(self) -> list[str]:
+        with self._lock.read():
+            return list(self._spaces)
+
+    def num_tokens(self, namespace: str | None = None) -> int:
+        with self._lock.read():
+            spaces = self._spaces.values() if namespace is None else [self._spaces.get(namespace)]
+            return sum(s.tokens for s in spaces if s is not None)
+
+    def nbytes(self, namespace: str | None = None) -> int:
+        """Bytes of stored K-V, embeddings, texts and metadata in one namespace or all (what ``max_bytes``
+        bounds)."""
+        with self._lock.read():
+            spaces = self._spaces.values() if namespace is None else [self._spaces.get(namespace)]
+            return sum(s.nbytes for s in spaces if s is not None)
