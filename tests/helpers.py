@@ -1,6 +1,10 @@
 """Small helpers shared by test files (imported as ``helpers``: pytest puts ``tests/`` on the path)."""
 
 import pytest
+import torch
+
+# A text whose chunks are distinct lines: any two retrieved out of order give different logits than pasted in order.
+SHIP_TEXT = " ".join(f"Line {i}: the {['red', 'blue', 'green'][i % 3]} ship sails to port {i * 7 % 11}." for i in range(120))
 
 
 def stop_across_pieces(pieces: list[str]) -> tuple[str, str]:
@@ -13,3 +17,16 @@ def stop_across_pieces(pieces: list[str]) -> tuple[str, str]:
         if len(stop) == 4 and full.find(stop) == at - 2 and full[:at - 2].strip():
             return stop, full[:at - 2].rstrip()
     pytest.skip("the tiny model's pieces are too short to build a stop across two of them")
+
+
+def three_chunks_pasted(ml, reference):
+    """Ingest ``SHIP_TEXT`` as chunk-context memory and pick three chunks out of order; returns ``(picked ids,
+    their tokens in document order, prompt ids, the stock model's logits of the prompt after sink + those tokens
+    pasted)``: what reading the chunks' K-V must reproduce when every retrieved token is re-encoded."""
+    stats = ml.ingest(SHIP_TEXT, namespace="doc", context="chunk", progress=False)
+    picked = [stats.chunk_ids[i] for i in (5, 0, 3)]
+    tokens = [t for i in (0, 3, 5) for t in ml.bank.get(stats.chunk_ids[i], namespace="doc").tokens]
+    prompt = ml.tokenize(" Where does the red ship sail?")
+    with torch.no_grad():
+        expected = reference(torch.tensor([ml.sink_ids + tokens + prompt])).logits[0, -len(prompt):]
+    return picked, tokens, prompt, expected

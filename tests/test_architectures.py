@@ -8,12 +8,13 @@ attention within the window, and kv_refresh=1 == encoding the retrieved text.
 
 import pytest
 import torch
+from helpers import SHIP_TEXT, three_chunks_pasted
 
 from memlong import MemLong, MemLongConfig
 from memlong.attention import AttentionContext
 from memlong.model import SUPPORTED_ARCHITECTURES
 
-TEXT = " ".join(f"Line {i}: the {['red', 'blue', 'green'][i % 3]} ship sails to port {i * 7 % 11}." for i in range(120))
+TEXT = SHIP_TEXT
 
 
 def _tiny(arch: str, tokenizer, **extra):
@@ -100,12 +101,8 @@ def test_window_perplexity_matches_full_attention_within_window(make_arch):
 
 def test_kv_refresh_all_equals_encoding_the_retrieved_text(make_arch):
     ml, reference = make_arch(kv_refresh=1.0)
-    stats = ml.ingest(TEXT, namespace="doc", context="chunk", progress=False)
-    picked = [stats.chunk_ids[i] for i in (5, 0, 3)]
-    tokens = [t for i in (0, 3, 5) for t in ml.bank.get(stats.chunk_ids[i], namespace="doc").tokens]
-    prompt = ml.tokenize(" Where does the red ship sail?")
+    picked, tokens, prompt, expected = three_chunks_pasted(ml, reference)
     with torch.no_grad():
-        expected = reference(torch.tensor([ml.sink_ids + tokens + prompt])).logits[0, -len(prompt):]
         stale = ml.memory_for(picked, "doc")
         fresh, n = ml.refresh(stale, picked, "doc", 1.0)
         got = ml.run(prompt, memory=fresh).logits[0]

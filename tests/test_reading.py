@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+from helpers import SHIP_TEXT, three_chunks_pasted
 
 from memlong.attention import ape_attention, joint_attention
 
-TEXT = " ".join(f"Line {i}: the {['red', 'blue', 'green'][i % 3]} ship sails to port {i * 7 % 11}." for i in range(120))
+TEXT = SHIP_TEXT
 
 
 def naive_ape(q, k, v, n_visible, n_memory, scaling, t, s):
@@ -97,12 +98,8 @@ def test_ape_changes_answer_time_reading_only(make_tiny):
 def test_head_re_encode_of_whole_chunks_equals_encoding_the_text(make_tiny):
     """EPIC boundary re-encode with n = chunk length re-encodes everything: exactly the pasted reading."""
     ml, reference = make_tiny()
-    stats = ml.ingest(TEXT, namespace="doc", context="chunk", progress=False)
-    picked = [stats.chunk_ids[i] for i in (5, 0, 3)]
-    tokens = [t for i in (0, 3, 5) for t in ml.bank.get(stats.chunk_ids[i], namespace="doc").tokens]
-    prompt = ml.tokenize(" Where does the red ship sail?")
+    picked, _, prompt, expected = three_chunks_pasted(ml, reference)
     with torch.no_grad():
-        expected = reference(torch.tensor([ml.sink_ids + tokens + prompt])).logits[0, -len(prompt):]
         fresh, n = ml.refresh(ml.memory_for(picked, "doc"), picked, "doc", 0.0, head=128)
     assert n == 3 * 128
     torch.testing.assert_close(_answer_logits(ml, prompt, fresh), expected, atol=1e-4, rtol=1e-4)
