@@ -89,14 +89,17 @@ def ask(ml, bank, needle: dict, namespace: str) -> dict:
         t1 = time.perf_counter()
         memory = ml.memory_for([h.chunk_id for h in hits], namespace)
         t2 = time.perf_counter()
+        if ml.config.kv_reencode_head or ml.config.kv_refresh:  # answer-time re-encoding counts as first token
+            memory, _ = ml.refresh(memory, [h.chunk_id for h in hits], namespace)
         ml.decode(ids, memory, max_new_tokens=1).text()
         t3 = time.perf_counter()
         answer = ml.decode(ids, memory, max_new_tokens=8).text()
     finally:
         ml.bank = own
-    retrieved = any(needle["key"] in bank.get(h.chunk_id, namespace=namespace).text for h in hits)
+    ranks = [i for i, h in enumerate(hits, 1) if needle["key"] in bank.get(h.chunk_id, namespace=namespace).text]
     return {"name": needle["name"], "search_s": t1 - t0, "fetch_s": t2 - t1, "first_token_s": t3 - t2,
-            "latency_s": t3 - t0, "retrieved": retrieved, "answered": needle["key"] in answer, "answer": answer}
+            "latency_s": t3 - t0, "retrieved": bool(ranks), "rank": ranks[0] if ranks else None,
+            "answered": needle["key"] in answer, "answer": answer}
 
 
 def mirror(src, dst, chunk_ids: list[str], namespace: str) -> None:
@@ -118,10 +121,16 @@ def main() -> None:
     parser.add_argument("--piece", type=int, default=16_384, help="tokens per ingested document piece")
     parser.add_argument("--top-k", type=int, default=2,
                         help="chunks retrieved per question (other needles' chunks share its words)")
+    parser.add_argument("--kv-reencode-head", type=int, default=0,
+                        help="re-encode each retrieved chunk's first N tokens at answer time (MemLongConfig, 0: off)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--replot", action="store_true", help="only redraw --plot from the records in --json")
+    parser.add_argument("--requery", type=int, default=0, metavar="N",
+                        help="ingest nothing: ask the needles of the banks in --dir N times over and add the "
+                             "latencies to --json under 'requery' (to compare sizes measured back to back)")
+    parser.add_argument("--machine", default="2-core CPU", help="how the machine was shared, for the records")
     args = parser.parse_args()
     if args.replot:
         plot(json.loads(args.json.read_text())["records"], args.plot)
@@ -135,7 +144,7 @@ def main() -> None:
         {"done": 0, "ingest_s": 0.0, "records": [], "args": {k: str(v) for k, v in vars(args).items()}}
     ml = MemLong.from_pretrained("default", memory_path=None if args.memory else str(args.dir / "bank"),
                                  memory_capacity=4_000_000, memory_quantization=args.quantization,
-                                 search_mode="hybrid", top_k=args.top_k)
+                                 search_mode="hybrid", top_k=args.top_k, kv_reencode_head=args.kv_reencode_head)
     other = None
     if args.mirror != "none":
         path = args.dir / f"bank-{args.mirror}"
@@ -147,6 +156,8 @@ def main() -> None:
     sizes = sorted(args.sizes)
     tokens, needles = corpus(ml, sizes[-1], sizes, ml.config.chunk_size, seed=0)
     ns = "corpus"
+    if args.requery:
+        return requery(ml, other, needles, state, ns, args)
     pending = [s for s in sizes if s > state["done"]]
     while pending:
         lo = state["done"]
@@ -181,7 +192,7 @@ def measure(ml, other, needles: list[dict], size: int, state: dict, ns: str, arg
         banks[f"disk-{other.quantization}"] = other
     record = {"size": size, "tokens": state["done"], "ingest_tokens_per_s": state["done"] / state["ingest_s"],
               "chunks": len(ml.bank.chunk_ids(ns)), **rss(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": "2-core CPU, shared with 3 other jobs (contended)", "threads": args.threads, "banks": {}}
+              "machine": args.machine, "threads": args.threads, "banks": {}}
     for name, bank in banks.items():
         if bank.path is not None:
             bank.commit()
@@ -198,6 +209,33 @@ def measure(ml, other, needles: list[dict], size: int, state: dict, ns: str, arg
             "answered": sum(q["answered"] for q in asked), "questions": asked}
     record.update(rss())
     return record
+
+
+def requery(ml, other, needles: list[dict], state: dict, ns: str, args) -> None:
+    """Ask every needle ingested so far ``args.requery`` times on each bank; medians into ``--json``."""
+    banks = {f"disk-{ml.bank.quantization}": ml.bank, **({f"disk-{other.quantization}": other} if other else {})}
+    asked: dict[str, list[dict]] = {name: [] for name in banks}
+    for _ in range(args.requery):
+        for name, bank in banks.items():
+            asked[name] += [ask(ml, bank, n, ns) for n in needles if n["at"] < state["done"]]
+    record = {"tokens": state["done"], "repeats": args.requery, "top_k": ml.config.top_k,
+              "kv_reencode_head": ml.config.kv_reencode_head, **rss(), "machine": args.machine,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "banks": {}}
+    for name, qs in asked.items():
+        record["banks"][name] = {f"{part}_s_median": statistics.median(q[f"{part}_s"] for q in qs)
+                                 for part in ("latency", "search", "fetch", "first_token")}
+        record["banks"][name].update({"top_k": ml.config.top_k, "questions": len(qs),
+                                      "retrieved": sum(q["retrieved"] for q in qs),
+                                      "answered": sum(q["answered"] for q in qs),
+                                      "answered_when_retrieved": sum(q["answered"] for q in qs if q["retrieved"]),
+                                      "at_rank_1": sum(q["rank"] == 1 for q in qs),
+                                      "questions_first_round": [{k: q[k] for k in ("name", "rank", "answer", "answered")}
+                                                                for q in qs[:len(qs) // args.requery]]})
+    print(json.dumps(record), flush=True)
+    if args.json:
+        out = json.loads(args.json.read_text()) if args.json.exists() else {"benchmark": "scale", "records": []}
+        out.setdefault("requery", []).append(record)
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 def plot(records: list[dict], path: Path) -> None:
