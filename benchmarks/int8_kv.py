@@ -86,13 +86,17 @@ def facts(ml, q8, args) -> dict:
 
 
 def passkey(ml, q8, args) -> dict:
+    """Paired passkey trials; every haystack is asked at each ``--passkey-top-k`` (ingestion is the cost)."""
     from memlong.evaluation import shakespeare_text
 
     filler = ml.tokenize(shakespeare_text("hamlet"))
     rng = random.Random(args.seed)
-    right = {"fp16": 0, "int8": 0}
-    retrieved = 0
+    ks = [int(k) for k in (args.passkey_top_k or str(args.top_k)).split(",")]
+    right = {(k, name): 0 for k in ks for name in ("fp16", "int8")}
+    same = dict.fromkeys(ks, 0)
+    retrieved = dict.fromkeys(ks, 0)
     question = "What is the pass key?"
+    trials = []
     for trial in range(args.passkey_trials):
         key = str(rng.randrange(10_000, 100_000))
         start = rng.randrange(0, len(filler) - args.passkey_length)
@@ -103,18 +107,28 @@ def passkey(ml, q8, args) -> dict:
         ns = f"passkey-{trial}"
         ml.ingest(text, namespace=ns, progress=False)
         copy = mirror(ml.bank, q8, ns)
-        hits = [h.chunk_id for h in ml.bank.search(question, namespace=ns, k=args.top_k, count=False)]
-        retrieved += any(key in ml.bank.get(c, namespace=ns).text for c in hits)
         prompt = ml.encode_prompt(f"\nQuestion: {question}\nAnswer: The pass key is")
-        for name, bank, ids in (("fp16", ml.bank, hits), ("int8", q8, [copy[c] for c in hits])):
-            answer = with_bank(ml, bank, lambda: ml.decode(prompt, ml.memory_for(ids, ns), max_new_tokens=8).text())  # noqa: B023
-            found = re.search(r"\d+", answer)
-            right[name] += int(found is not None and found.group() == key)
+        for k in ks:
+            hits = [h.chunk_id for h in ml.bank.search(question, namespace=ns, k=k, count=False)]
+            ranks = [i for i, c in enumerate(hits, 1) if key in ml.bank.get(c, namespace=ns).text]
+            retrieved[k] += bool(ranks)
+            answers = {}
+            for name, bank, ids in (("fp16", ml.bank, hits), ("int8", q8, [copy[c] for c in hits])):
+                answers[name] = with_bank(ml, bank, lambda: ml.decode(prompt, ml.memory_for(ids, ns),  # noqa: B023
+                                                                      max_new_tokens=8).text())
+                found = re.search(r"\d+", answers[name])
+                right[k, name] += int(found is not None and found.group() == key)
+            same[k] += answers["fp16"] == answers["int8"]
+            trials.append({"trial": trial, "top_k": k, "depth": cut / len(body), "key": key,
+                           "key_rank": ranks[0] if ranks else None, **answers})
         ml.bank.reset(ns)
         q8.reset(ns)
     n = args.passkey_trials
-    return {"length": args.passkey_length, "trials": n, "seed": args.seed, "key_chunk_retrieved": retrieved / n,
-            "fp16_accuracy": right["fp16"] / n, "int8_accuracy": right["int8"] / n}
+    by_k = {k: {"key_chunk_retrieved": retrieved[k] / n, "fp16_accuracy": right[k, "fp16"] / n,
+                "int8_accuracy": right[k, "int8"] / n, "same_answer": same[k] / n} for k in ks}
+    # the first k's figures also at the top level, under the record's original field names
+    return {"length": args.passkey_length, "trials": n, "seed": args.seed, "top_k": ks[0], **by_k[ks[0]],
+            "by_top_k": by_k, "per_trial": trials}
 
 
 def ppl(args) -> dict:
@@ -140,6 +154,9 @@ def main() -> int:
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--passkey-length", type=int, default=4096)
     p.add_argument("--passkey-trials", type=int, default=20)
+    p.add_argument("--passkey-top-k", default=None,
+                   help="comma-separated chunks retrieved per passkey question, each asked on the same haystacks "
+                        "(default: --top-k)")
     p.add_argument("--ppl-tokens", type=int, default=8192)
     p.add_argument("--score-last", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0, help="passkey haystacks and keys")
