@@ -3,7 +3,8 @@
 * ``ingest``: MemLong.ingest tokens/s vs plain HF prefill of the same tokens in the same window sizes
   (each window of ``local_window`` tokens prefilled on its own, no memory), alternating the two
   ``--ingest-repeats`` times and taking medians, for each ``--ingest-top-k``
-  (chunks retrieved and attended while storing; the library default is 0).
+  (chunks retrieved and attended while storing; the library default is 0) and each ``--ingest-steps``
+  (tokens per streaming step, ``MemLongConfig.ingest_step``; the cache keeps ``local_window - step`` tokens).
 * ``ttft``: time to first token of a RAG answer with the retrieved chunks as K-V (only the question is
   encoded) vs re-encoding the same retrieved text with the question (plain HF prefill), for
   ``N x 512`` retrieved tokens.
@@ -40,9 +41,11 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int], repeats: int = 3) -> list[dict]:
-    """One row per ``ingest_top_k``: MemLong ingest and the plain prefill alternate ``repeats`` times (so a
-    machine that slows down or speeds up during the run affects both alike); medians, and the ratio's range."""
+def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int], repeats: int = 3,
+                 steps: list[int | None] | None = None) -> list[dict]:
+    """One row per ``ingest_top_k`` and ``ingest_step``: MemLong ingest and the plain prefill alternate ``repeats``
+    times (so a machine that slows down or speeds up during the run affects both alike); medians, and the ratio's
+    range."""
     ids = ml.tokenize(text)[:tokens]
     doc = ml.tokenizer.decode(ids)
     ids = ml.tokenize(doc)
@@ -51,8 +54,8 @@ def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int], repeats: int 
     rows = []
     ml.ingest(doc[:2000], namespace="bench-warmup", progress=False)  # first-call costs out of the timings
     ml.reset("bench-warmup")
-    for k in ingest_ks:
-        ml.config = dataclasses.replace(base, ingest_top_k=k)
+    for k, step in [(k, step) for k in ingest_ks for step in (steps or [None])]:
+        ml.config = dataclasses.replace(base, ingest_top_k=k, ingest_step=step)
         memlong_runs, plain_runs, parts_runs = [], [], []
         for _ in range(repeats):
             ml.reset("bench")
@@ -71,7 +74,8 @@ def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int], repeats: int 
         memlong_s, plain_s = statistics.median(memlong_runs), statistics.median(plain_runs)
         ratios = [p / m for p, m in zip(plain_runs, memlong_runs)]
         mid = sorted(range(repeats), key=memlong_runs.__getitem__)[(repeats - 1) // 2]  # the median run's split
-        rows.append({"bench": "ingest", "ingest_top_k": k, "tokens": len(ids), "memlong_tok_s": len(ids) / memlong_s,
+        rows.append({"bench": "ingest", "ingest_top_k": k, "ingest_step": ml.config.step, "tokens": len(ids),
+                     "memlong_tok_s": len(ids) / memlong_s,
                      "plain_prefill_tok_s": len(ids) / plain_s, "ratio": plain_s / memlong_s,
                      "ratio_min": min(ratios), "ratio_max": max(ratios), "repeats": repeats,
                      "bank_bytes_per_token": bank_bytes_per_token,
@@ -228,7 +232,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     ing = [r for r in rows if r["bench"] == "ingest"]
     if ing:
-        labels = [f"MemLong\ningest_top_k={r['ingest_top_k']}" for r in ing] + ["plain\nprefill"]
+        labels = [f"MemLong\nk={r['ingest_top_k']}, step={r.get('ingest_step', '')}" for r in ing] + ["plain\nprefill"]
         heights = [r["memlong_tok_s"] for r in ing] + [statistics.mean(r["plain_prefill_tok_s"] for r in ing)]
         axes[0].bar(labels, heights, color=["#2171b5"] * len(ing) + ["#bbbbbb"])
         axes[0].set_ylabel("tokens / s")
@@ -278,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingest-tokens", type=int, default=8192, help="document length for the ingest benchmark")
     p.add_argument("--ingest-top-k", default="0,8",
                    help="ingest_top_k values to time (default 0,8: the default, and retrieving top_k while storing)")
+    p.add_argument("--ingest-steps", default=None,
+                   help="comma-separated ingest_step values to time (default: the config's, half the local window)")
     p.add_argument("--ttft-chunks", default="8,16", help="retrieved 512-token chunks for the TTFT benchmark")
     p.add_argument("--faiss-sizes", default="1000,10000,100000,1000000", help="bank sizes (chunks)")
     p.add_argument("--bank-max", type=int, default=100_000, help="largest size also measured through MemoryBank")
@@ -301,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         ml = MemLong.from_pretrained("default")
     if "ingest" in benches:
         rows += bench_ingest(ml, text, args.ingest_tokens, [int(k) for k in args.ingest_top_k.split(",")],
-                             args.ingest_repeats)
+                             args.ingest_repeats,
+                             [int(x) for x in args.ingest_steps.split(",")] if args.ingest_steps else None)
         print(_table([r for r in rows if r["bench"] == "ingest"]), file=sys.stderr)
     if "ttft" in benches:
         ml_512 = MemLong.from_pretrained("default", chunk_size=512, local_window=2048)

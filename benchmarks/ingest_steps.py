@@ -1,0 +1,93 @@
+"""Does a larger streaming step store K-V as good as the default one? Quality of the stored memory per ``ingest_step``.
+
+Ingestion's cost is set by the step: each step of ``ingest_step`` tokens attends to the ``local_window -
+ingest_step`` tokens kept from the step before, so 512-token steps in a 1,024-token window attend to 768 keys on
+average where a plain prefill of the same windows attends to 512 (``benchmarks/cpu.py --ingest-steps`` times
+it). A larger step is cheaper, but the first tokens of each step see less of the text before them when they are
+stored. This measures what that costs the stored K-V, read back the way a user reads them:
+
+* ``ppl``: the body of a play (all but its last ``--tail`` tokens) is ingested with each step; then the tail is
+  scored (its last 2,048 tokens) with the default step, retrieving from that memory. Only the stored memory
+  differs between rows; ``window`` is the same tail with no memory (the floor).
+* ``passkey``: ``memlong.evaluation.passkey`` in memlong mode (the haystack ingested with the step, the question
+  answered from retrieved K-V alone), the same haystacks and keys for every step (same seed): accuracy and the
+  key's mean NLL, which moves before accuracy does.
+
+    python benchmarks/ingest_steps.py --steps 512,768,1024 --json results/ingest-steps.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def tail_ppl(ml, tokens: list[int], step: int | None, tail: int) -> dict:
+    """Perplexity of the last 2,048 of ``tokens[-tail:]`` reading memory of ``tokens[:-tail]`` ingested at ``step``."""
+    base = ml.config
+    ns = f"_steps-{step}"
+    ml.reset(ns)
+    try:
+        if step is not None:
+            ml.config = dataclasses.replace(base, ingest_step=step)
+            t0 = time.perf_counter()
+            ml.ingest(ml.tokenizer.decode(tokens[:-tail]), namespace=ns, progress=False)
+            seconds = time.perf_counter() - t0
+            ml.config = base
+        out = ml.perplexity(tokens[-tail:], score_last=2048, namespace=ns if step is not None else None,
+                            use_memory=step is not None)
+    finally:
+        ml.config = base
+        ml.reset(ns)
+    return {"bench": "ppl", "ingest_step": step or "window", "ppl": out["ppl"], "scored_tokens": out["scored_tokens"],
+            **({"ingest_s": seconds, "ingested_tokens": len(tokens) - tail} if step is not None else {})}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", default="512,768,1024", help="comma-separated ingest_step values")
+    p.add_argument("--play", default="macbeth", help="play whose body is stored and whose tail is scored")
+    p.add_argument("--tail", type=int, default=3072, help="tokens at the end streamed and scored (last 2,048)")
+    p.add_argument("--passkey-length", type=int, default=8192, help="haystack tokens (0: skip passkey)")
+    p.add_argument("--trials", type=int, default=10, help="passkey trials per step (the same for each step)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from memlong import MemLong
+    from memlong.evaluation import passkey, shakespeare_text
+
+    ml = MemLong.from_pretrained("default")
+    steps = [int(s) for s in args.steps.split(",")]
+    tokens = ml.tokenize(shakespeare_text(args.play))
+    rows = [tail_ppl(ml, tokens, None, args.tail)] + [tail_ppl(ml, tokens, s, args.tail) for s in steps]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    if args.passkey_length:
+        base = ml.config
+        for step in steps:
+            ml.config = dataclasses.replace(base, ingest_step=step)
+            rec = passkey(ml, lengths=[args.passkey_length], trials=args.trials, modes=("memlong",), progress=False)[0]
+            rows.append({"bench": "passkey", "ingest_step": step, **{k: rec[k] for k in
+                                                                     ("length", "accuracy", "trials", "key_nll")}})
+            print(json.dumps(rows[-1]), flush=True)
+        ml.config = base
+    print("\n| bench | ingest_step | ppl / passkey accuracy | key NLL |\n| --- | --- | --- | --- |")
+    for r in rows:
+        value = f"{r['ppl']:.3f}" if r["bench"] == "ppl" else f"{r['accuracy']:.2f} ({r['trials']} trials)"
+        print(f"| {r['bench']} | {r['ingest_step']} | {value} | {r.get('key_nll', ''):.4} |"
+              if "key_nll" in r else f"| {r['bench']} | {r['ingest_step']} | {value} | |")
+    if args.json:
+        args.json.write_text(json.dumps({"benchmark": "ingest_steps", "args": vars(args) | {"json": str(args.json)},
+                                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                         "records": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
