@@ -7,7 +7,7 @@ lost it), whether the fact's chunk was retrieved and at which rank, the answer, 
 word, time to first token and the retrieved tokens re-encoded. A summary line splits the wrong answers into
 retrieval misses (fact's chunk not retrieved) and reading misses (retrieved, answer still wrong).
 
-    python benchmarks/demo_facts.py --json results/demo-facts.json            # whole plays: ~15 min on 2 cores each
+    python benchmarks/demo_facts.py --json results/demo-facts.json            # whole plays: ~15 min in all (2 cores)
     python benchmarks/demo_facts.py --tiny --json results/demo-facts-tiny.json  # 24,000-character slices
 
 ``--tiny`` cuts each play to a 24,000-character slice taken around the fact's depth of the whole play, with the
