@@ -17,6 +17,10 @@ prefix as an AI prefill. Per mode: tokens encoded per query, time to first token
 ``MemLong.last_generation``), accuracy, and agreement of ``kv`` with ``paste``
 (same first clause, ``memlong.evaluation.answer_key``; also reported: same first line).
 
+Why answers fail: every question records ``fact_rank``, the 1-based rank of the chunk holding the fact's answer
+among the retrieved (``None``: not retrieved), and each mode's answer; the summary splits each mode's failures
+into retrieval misses (the fact's chunk was not retrieved) and reading misses (it was, the answer is still wrong).
+
     python benchmarks/rag_langchain.py --facts 30 --json results/rag-langchain.json
 """
 
@@ -70,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def summarise(records: list[dict], modes: list[str]) -> list[dict]:
-    from memlong.evaluation import answer_key
+    from memlong.evaluation import answer_key, miss_counts
 
     rows = []
     for mode in modes:
@@ -82,6 +86,10 @@ def summarise(records: list[dict], modes: list[str]) -> list[dict]:
                "memory_tokens_mean": statistics.mean(r["memory_tokens"] for r in rs),
                "ttft_median_s": statistics.median(r["time_to_first_token"] for r in rs),
                "accuracy": sum(r["correct"] for r in rs) / len(rs)}
+        if mode != "none":  # reads the retrieved chunks: a wrong answer is a retrieval or a reading miss
+            misses = miss_counts([{"correct": r[mode]["correct"], "needle_seen": r["fact_retrieved"]}
+                                  for r in records if mode in r])
+            row.update(retrieval_misses=misses["retrieval"], reading_misses=misses["reading"])
         if mode != "kv":
             pairs = [(r["kv"], r[mode]) for r in records if mode in r]
             row["agreement_with_kv"] = sum(answer_key(a["answer"]) == answer_key(b["answer"]) for a, b in pairs) / len(pairs)
@@ -101,12 +109,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def failure_lines(rows: list[dict]) -> list[str]:
+    """One line per mode that read the retrieved chunks: how many answers failed, and why."""
+    from memlong.evaluation import describe_misses
+
+    return [f"{r['mode']}: {r['retrieval_misses'] + r['reading_misses']}/{r['questions']} wrong: "
+            + describe_misses({"retrieval": r["retrieval_misses"], "reading": r["reading_misses"]})
+            for r in rows if "retrieval_misses" in r]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from langchain_core.prompts import ChatPromptTemplate
 
     from memlong import MemLong, MemoryEvictionWarning
-    from memlong.evaluation import planted_fact_documents
+    from memlong.evaluation import fact_rank, planted_fact_documents
     from memlong_integrations.langchain import ChatMemLong, MemLongRetriever, MemLongVectorStore, create_memlong_rag_chain
 
     docs, facts = planted_fact_documents(args.facts, plays=tuple(args.plays.split(",")), chars=args.chars, seed=args.seed,
@@ -144,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, fact in enumerate(facts):
         question = {"question": fact.question, "answer_prefix": fact.answer_prefix}
         context = retriever.invoke(fact.question)
-        record = {"question": fact.question, "answer": fact.answer,
-                  "fact_retrieved": any(fact.answer in d.page_content for d in context)}
+        rank = fact_rank([d.page_content for d in context], fact.answer)  # the retriever's order: best first
+        record = {"question": fact.question, "answer": fact.answer, "fact_retrieved": rank is not None,
+                  "fact_rank": rank}
         order = args.modes if i % 2 == 0 else list(reversed(args.modes))  # alternate: fair under shared CPUs
         for mode in order:
             if mode == "none":
@@ -158,13 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         if "paste" in record:  # the comparison is only fair on the same chunks
             assert record["paste"]["retrieved"] == record["kv"]["retrieved"], "kv and paste retrieved different chunks"
         records.append(record)
-        print(f"[{i + 1}/{len(facts)}] {fact.answer!r}: " + "; ".join(
+        print(f"[{i + 1}/{len(facts)}] {fact.answer!r} (fact's chunk at rank {rank}): " + "; ".join(
             f"{m}={record[m]['answer'].strip()[:40]!r}" for m in args.modes), file=sys.stderr)
         if args.json:
             Path(args.json).write_text(json.dumps({"config": config, "ingest": ingest, "partial": True,
                                                    "summary": summarise(records, args.modes), "records": records}, indent=1))
     rows = summarise(records, args.modes)
     print(table(rows))
+    print("\n".join(["", *failure_lines(rows)]))
     print(f"\nfact's chunk retrieved for {sum(r['fact_retrieved'] for r in records)}/{len(records)} questions; "
           f"ingest {ingest['tokens']} tokens, {ingest['chunks']} chunks, {ingest['seconds']:.0f} s")
     if args.json:

@@ -16,7 +16,11 @@ the tokenizer's chat template and with a plain transcript, to show how the promp
 
 Measured per query: tokens the model encoded (summed over every LLM call the engine made), time to first
 token (``MemLong.last_generation``: from the LLM call to the first generated token), answers, accuracy, and
-whether both engines saw the same chunks.
+whether both engines saw the same chunks. Why answers fail: ``fact_rank`` is the 1-based rank (by retrieval
+score) of the chunk holding the fact's answer among the retrieved (``None``: not retrieved; ``fact_retrieved`` is
+``fact_rank is not None``; runs before 6 December 2026 required the whole planted sentence in one chunk), and each
+pipeline's wrong answers are split into retrieval misses (the fact's chunk was not retrieved) and reading misses
+(it was, and the answer is still wrong).
 
 Example:
     python benchmarks/rag_llama_index.py --facts 30 --json results/rag-llama-index.json
@@ -107,7 +111,7 @@ def logging_llm(log: list[dict[str, Any]]) -> type:
 
 
 def summarise(records: list[dict[str, Any]], pipelines: list[str]) -> dict[str, Any]:
-    from memlong.evaluation import answer_key
+    from memlong.evaluation import answer_key, miss_counts
 
     out: dict[str, Any] = {"questions": len(records)}
     for name in pipelines:
@@ -122,6 +126,9 @@ def summarise(records: list[dict[str, Any]], pipelines: list[str]) -> dict[str, 
                      "ttft_mean_s": statistics.fmean(ttft), "ttft_median_s": statistics.median(ttft),
                      "accuracy": statistics.fmean(r["correct"] for r in rows),
                      "accuracy_when_fact_retrieved": statistics.fmean(r["correct"] for r in hit) if hit else None}
+        misses = miss_counts([{"correct": r[name]["correct"], "needle_seen": bool(r.get("fact_retrieved"))}
+                              for r in records if name in r])
+        out[name].update(retrieval_misses=misses["retrieval"], reading_misses=misses["reading"])
     both = [r for r in records if "kv" in r and "text" in r]
     if both:
         same = lambda r, clause=True: answer_key(r["kv"]["answer"], clause=clause) == answer_key(r["text"]["answer"],
@@ -163,6 +170,28 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def failure_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per pipeline: how many answers failed, and why (retrieval vs reading misses)."""
+    from memlong.evaluation import describe_misses
+
+    lines = []
+    for name, label in LABELS.items():
+        s = summary.get(name)
+        if s and "retrieval_misses" in s:
+            wrong = s["retrieval_misses"] + s["reading_misses"]
+            lines.append(f"{label}: {wrong}/{summary['questions']} wrong: " + describe_misses(
+                {"retrieval": s["retrieval_misses"], "reading": s["reading_misses"]}))
+    return lines
+
+
+def fact_rank_of(nodes: list[Any], answer: str) -> int | None:
+    """1-based rank, by retrieval score, of the first retrieved node whose text holds ``answer``."""
+    from memlong.evaluation import fact_rank
+
+    ranked = sorted(nodes, key=lambda n: -(n.score if n.score is not None else float("-inf")))  # stable on ties
+    return fact_rank([n.node.get_content() for n in ranked], answer)
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.0%}"
 
@@ -176,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:  # refresh the stored summary (e.g. after adding a statistic)
             Path(args.json).write_text(json.dumps(saved, indent=1))
         print(table(saved["summary"]))
+        print("\n".join(["", *failure_lines(saved["summary"])]))
         return 0
     from llama_index.core import Document, PromptTemplate, StorageContext, VectorStoreIndex
     from llama_index.core.base.llms.types import ChatMessage
@@ -247,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                             "time_to_first_token": calls[0]["time_to_first_token"], "query_seconds": seconds,
                             "chunk_ids": ids}
             if name == "kv":
-                record["fact_retrieved"] = any(fact.sentence in n.node.get_content() for n in response.source_nodes)
+                record["fact_rank"] = fact_rank_of(list(response.source_nodes), fact.answer)
+                record["fact_retrieved"] = record["fact_rank"] is not None
         for name, llm in ({} if args.no_chat else chat_llms).items():
             start = time.perf_counter()
             chat = llm.chat([ChatMessage(role="user", content=fact.question)],
@@ -266,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "records": records}, indent=1))
     summary = summarise(records, pipelines)
     print(table(summary))
+    print("\n".join(["", *failure_lines(summary)]))
     ml.reset(namespace)
     return 0
 

@@ -145,7 +145,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> int:
     ml = _model(args)
     records = passkey(ml, lengths=args.lengths, trials=args.trials, filler=args.filler_text, seed=args.seed,
                       modes=args.modes, progress=not args.no_progress)
-    print(_table(records, ["mode", "length", "accuracy", "trials", "key_nll"]))
+    print(_table(records, ["mode", "length", "accuracy", "trials", "key_nll", "failed"]))
     _write_json(args.json, records)
     return 0
 
@@ -264,7 +264,9 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ev_sub = ev.add_subparsers(dest="evaluation", required=True)
     pk = ev_sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy at several lengths",
                            description="Standard passkey retrieval: a 5-digit key hidden at a random depth of filler "
-                                       "text; records {mode, length, accuracy, trials, key_nll}.")
+                                       "text; records {mode, length, accuracy, trials, key_nll, retrieval_misses, "
+                                       "reading_misses, failed, per_trial} (per trial: depth, key, answer, correct, "
+                                       "needle_seen, needle_rank).")
     pk.add_argument("--lengths", type=int_list(1), default=[4096, 16384, 32768],
                     help="comma-separated document lengths in tokens (default 4096,16384,32768)")
     pk.add_argument("--trials", type=int_at_least(1), default=10, help="trials per length (random depths and keys)")

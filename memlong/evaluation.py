@@ -7,7 +7,9 @@
   negative log-likelihood of the key's tokens (teacher-forced), which moves before accuracy does.
 * Perplexity of the last ``score_last`` tokens of a long text, the rest streamed through memory.
 
-Records (``--json``): passkey ``{"mode", "length", "accuracy", "trials", "key_nll"}``;
+Records (``--json``): passkey ``{"mode", "length", "accuracy", "trials", "key_nll", "retrieval_misses",
+"reading_misses", "failed", "per_trial"}`` (``per_trial``: depth, key, answer, correct and where the needle was,
+see :func:`passkey`);
 perplexity ``{"mode", "tokens", "scored_tokens", "ppl"}``.
 
 Example:
@@ -21,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,8 @@ import torch
 
 from memlong.model import MemLong
 
-__all__ = ["PlantedFact", "answer_key", "passkey", "perplexity_modes", "planted_fact_documents", "shakespeare_text"]
+__all__ = ["PlantedFact", "answer_key", "describe_misses", "fact_rank", "miss_counts", "passkey", "perplexity_modes",
+           "planted_fact_documents", "shakespeare_text"]
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.\n\n")
@@ -76,53 +80,114 @@ def _haystack(ml: MemLong, filler_tokens: list[int], length: int, depth: float, 
     return INSTRUCTION + before + needle + after
 
 
+def fact_rank(texts: Sequence[str], needle: str) -> int | None:
+    """1-based rank of the first of ``texts`` (retrieved chunk texts, best first) that contains ``needle``; ``None``
+    when none does. A fact that straddles two chunks counts at the better rank of the chunk holding ``needle``.
+
+    Example:
+        >>> fact_rank(["the king is dead", "the pass key is 41230."], "41230")
+        2
+        >>> fact_rank(["the king is dead"], "41230") is None
+        True
+    """
+    return next((i for i, text in enumerate(texts, start=1) if needle in text), None)
+
+
+def miss_counts(trials: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Failed trials split by cause: ``retrieval`` (the needle or fact was not in what the model read: not among the
+    retrieved chunks, or outside the local window) and ``reading`` (it was there, and the answer is still wrong).
+
+    Example:
+        >>> miss_counts([{"correct": False, "needle_seen": False}, {"correct": True, "needle_seen": True}])
+        {'retrieval': 1, 'reading': 0}
+    """
+    failed = [t for t in trials if not t["correct"]]
+    return {"retrieval": sum(not t["needle_seen"] for t in failed), "reading": sum(bool(t["needle_seen"]) for t in failed)}
+
+
+def describe_misses(counts: dict[str, int], *, window: bool = False) -> str:
+    """The table's one-line summary of :func:`miss_counts`, e.g. ``"1 retrieval miss, 0 reading misses"`` (``window``:
+    the first cause reads ``"outside the window"``)."""
+    first = f"{counts['retrieval']} outside the window" if window else \
+        f"{counts['retrieval']} retrieval miss{'' if counts['retrieval'] == 1 else 'es'}"
+    return f"{first}, {counts['reading']} reading miss{'' if counts['reading'] == 1 else 'es'}"
+
+
+def _trial_input(ml: MemLong, mode: str, doc_ids: list[int], question: list[int], length: int,
+                 key: str) -> tuple[list[int], Any, bool, int | None] | None:
+    """What one mode reads in a trial: ``(ids, memory, needle_seen, needle_rank)``; ``None`` where ``full`` does not
+    fit the model's positions. ``needle_rank`` is the needle's chunk among the retrieved (``memlong`` only)."""
+    if mode == "full":
+        if 1 + len(doc_ids) + len(question) + 8 > ml.max_positions:
+            return None
+        return doc_ids + question, None, True, None
+    if mode == "window":
+        ids = doc_ids[-(ml.config.local_window - len(question)):] + question
+        return ids, None, key in ml.tokenizer.decode(ids), None
+    if mode == "memlong":
+        ns = f"_passkey-{length}"
+        ml.reset(ns)
+        ml.ingest(ml.tokenizer.decode(doc_ids), namespace=ns, progress=False)
+        hits = ml.bank.search(QUESTION, namespace=ns, k=ml.config.top_k) if ml.config.top_k > 0 else []
+        rank = fact_rank([ml.bank.get(h.chunk_id, namespace=ns).text for h in hits], key)
+        return question, ml.memory_for([h.chunk_id for h in hits], ns), rank is not None, rank
+    raise ValueError(f"Unknown mode {mode!r}; use window, full or memlong.")
+
+
+def _record(mode: str, length: int, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    misses = miss_counts(trials)
+    return {"mode": mode, "length": length, "accuracy": sum(t["correct"] for t in trials) / len(trials),
+            "trials": len(trials), "key_nll": sum(t["key_nll"] for t in trials) / len(trials),
+            "retrieval_misses": misses["retrieval"], "reading_misses": misses["reading"],
+            "failed": describe_misses(misses, window=mode == "window"), "per_trial": trials}
+
+
 def passkey(ml: MemLong, *, lengths: list[int], trials: int = 10, filler: str | None = None, seed: int = 0,
             modes: tuple[str, ...] = ("window", "full", "memlong"), progress: bool = True) -> list[dict[str, Any]]:
-    """Passkey accuracy per mode and length; ``full`` only where the prompt fits the model's positions."""
+    """Passkey accuracy per mode and length; ``full`` only where the prompt fits the model's positions.
+
+    Each record also says why trials failed: ``retrieval_misses`` (the needle was not in what the model read: its
+    chunk not among the retrieved, or, for ``window``, outside the window), ``reading_misses`` (it was, and the
+    answer is still wrong), ``failed`` (both in words), and ``per_trial``: one dict per trial with ``depth``
+    (fraction of the haystack before the needle), ``key``, ``answer`` (decoded text), ``correct``, ``key_nll``,
+    ``needle_seen`` and ``needle_rank`` (1-based rank of the needle's chunk among the retrieved; ``None`` when not
+    retrieved, and for ``window`` / ``full``, which retrieve nothing).
+    """
     from tqdm.auto import tqdm
 
     if not lengths or any(type(n) is not int or n <= 0 for n in lengths):
         raise ValueError(f"passkey lengths must be positive token counts, got {lengths!r}.")
     if type(trials) is not int or trials <= 0:
         raise ValueError(f"passkey trials must be a positive integer, got {trials!r}.")
+    unknown = [m for m in modes if m not in ("window", "full", "memlong")]
+    if unknown:
+        raise ValueError(f"Unknown mode {unknown[0]!r}; use window, full or memlong.")
     filler_tokens = ml.tokenize(filler if filler is not None else shakespeare_text("hamlet"))
     if not filler_tokens:  # the haystack wraps the filler around: with no tokens it would never fill
         raise ValueError("The passkey filler text has no tokens; give a non-empty text (default: Hamlet).")
     records = []
     for length in lengths:
         rng = random.Random(f"{seed}-{length}")
-        tally = {m: [0, 0, 0.0] for m in modes}  # correct, trials, sum nll
+        per_mode: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
         for _ in tqdm(range(trials), desc=f"passkey {length}", disable=not progress):
             key = str(rng.randrange(10_000, 100_000))
-            doc_ids, question = _conversation(ml, _haystack(ml, filler_tokens, length, rng.random(), key, rng))
+            depth = rng.random()  # drawn before the haystack's own draws, as before
+            doc_ids, question = _conversation(ml, _haystack(ml, filler_tokens, length, depth, key, rng))
             key_ids = ml.tokenize(key)
             for mode in modes:
-                if mode == "full":
-                    if 1 + len(doc_ids) + len(question) + 8 > ml.max_positions:
-                        continue
-                    ids, memory = doc_ids + question, None
-                elif mode == "window":
-                    ids, memory = doc_ids[-(ml.config.local_window - len(question)):] + question, None
-                elif mode == "memlong":
-                    ns = f"_passkey-{length}"
-                    ml.reset(ns)
-                    ml.ingest(ml.tokenizer.decode(doc_ids), namespace=ns, progress=False)
-                    hits = ml.bank.search(QUESTION, namespace=ns, k=ml.config.top_k)
-                    memory = ml.memory_for([h.chunk_id for h in hits], ns)
-                    ids = question
-                else:
-                    raise ValueError(f"Unknown mode {mode!r}; use window, full or memlong.")
+                read = _trial_input(ml, mode, doc_ids, question, length, key)
+                if read is None:
+                    continue
+                ids, memory, seen, rank = read
                 answer = ml.decode(ids, memory, max_new_tokens=8).text()
                 found = re.search(r"\d+", answer)
-                tally[mode][0] += int(found is not None and found.group() == key)
-                tally[mode][1] += 1
-                tally[mode][2] += float(-ml.score(ids, key_ids, memory).mean())
+                per_mode[mode].append({"depth": round(depth, 4), "key": key, "answer": answer,
+                                       "correct": found is not None and found.group() == key,
+                                       "key_nll": float(-ml.score(ids, key_ids, memory).mean()),
+                                       "needle_seen": seen, "needle_rank": rank})
                 if mode == "memlong":
-                    ml.reset(ns)
-        for mode, (correct, n, nll) in tally.items():
-            if n:
-                records.append({"mode": mode, "length": length, "accuracy": correct / n, "trials": n,
-                                "key_nll": nll / n})
+                    ml.reset(f"_passkey-{length}")
+        records += [_record(mode, length, done) for mode, done in per_mode.items() if done]
     return records
 
 

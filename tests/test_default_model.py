@@ -45,15 +45,21 @@ def test_cli_eval_ppl_writes_records(tmp_path, default_memlong):
         assert record["scored_tokens"] == 256 and 1 < record["ppl"] < 1000
 
 
-def test_cli_eval_passkey_writes_records(tmp_path):
+def test_cli_eval_passkey_writes_records(tmp_path, capsys):
     out = tmp_path / "passkey.json"
     assert main(["eval", "passkey", "--lengths", "1536", "--trials", "1", "--top-k", "4", "--no-progress",
                  "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert {r["mode"] for r in records} == {"window", "full", "memlong"}
     for record in records:
-        assert set(record) >= {"mode", "length", "accuracy", "trials"}
+        assert set(record) >= {"mode", "length", "accuracy", "trials", "retrieval_misses", "reading_misses", "failed"}
         assert record["length"] == 1536 and record["trials"] == 1 and 0.0 <= record["accuracy"] <= 1.0
+        (trial,) = record["per_trial"]
+        assert trial["correct"] == (record["accuracy"] == 1.0)
+        assert not trial["correct"] or trial["key"] in trial["answer"]
+        assert record["retrieval_misses"] + record["reading_misses"] == 1 - trial["correct"]
+    table = capsys.readouterr().out
+    assert "| failed" in table and "reading miss" in table
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
