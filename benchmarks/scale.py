@@ -14,7 +14,9 @@ When the ingested tokens pass a size, both banks commit and every needle planted
   whether the 8-token answer holds the key, for each bank.
 
 Resumable: the banks and ``state.json`` live in ``--dir``; run the same command again to continue. Results
-are rewritten to ``--json`` at every size, so a stopped run keeps what it measured.
+are rewritten to ``--json`` at every size, so a stopped run keeps what it measured. ``--requery N`` ingests
+nothing: it asks the needles of the banks in ``--dir`` N times (with ``--top-k`` / ``--kv-reencode-head``) and
+appends the medians to ``--json`` under ``requery``, so that two sizes can be timed back to back.
 
     python benchmarks/scale.py --dir /tmp/memlong-scale --mirror int8 --json results/scale.json \
         --plot results/scale.png
@@ -133,7 +135,8 @@ def main() -> None:
     parser.add_argument("--machine", default="2-core CPU", help="how the machine was shared, for the records")
     args = parser.parse_args()
     if args.replot:
-        plot(json.loads(args.json.read_text())["records"], args.plot)
+        saved = json.loads(args.json.read_text())
+        plot(saved["records"], args.plot, saved.get("requery"))
         return
     torch.set_num_threads(args.threads)
     from memlong import MemLong, MemoryBank
@@ -238,7 +241,9 @@ def requery(ml, other, needles: list[dict], state: dict, ns: str, args) -> None:
         args.json.write_text(json.dumps(out, indent=1))
 
 
-def plot(records: list[dict], path: Path) -> None:
+def plot(records: list[dict], path: Path, requery: list[dict] | None = None) -> None:
+    """Latency, disk bytes per token and peak RSS against corpus size; ``requery`` rounds (measured back to back,
+    so comparable across sizes) drawn over the latencies measured during ingestion."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,16 +252,26 @@ def plot(records: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     sizes = [r["tokens"] for r in records]
     for name in records[0]["banks"]:
-        axes[0].plot(sizes, [r["banks"][name]["latency_s_median"] * 1e3 for r in records], "o-", label=name)
+        axes[0].plot(sizes, [r["banks"][name]["latency_s_median"] * 1e3 for r in records], "o:", alpha=0.5,
+                     label=f"{name}, during ingestion")
         axes[1].plot(sizes, [(r["banks"][name]["disk_bytes_per_token"] or 0) for r in records], "o-", label=name)
-    axes[2].plot(sizes, [r["peak_rss_gib"] for r in records], "o-", label="peak RSS")
-    axes[2].plot(sizes, [r["ingest_tokens_per_s"] for r in records], "s--", label="ingest tokens/s")
-    titles = ["query latency, ms (search+fetch+1st token)", "disk bytes per token", "peak RSS GiB / ingest tok/s"]
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in requery or []:
+        for name, b in r["banks"].items():
+            label = f"{name}, top-{r.get('top_k')}, head {r.get('kv_reencode_head', 0)} (back to back)"
+            series.setdefault(label, []).append((r["tokens"], b["latency_s_median"] * 1e3))
+    for label, points in series.items():
+        points.sort()
+        axes[0].plot([x for x, _ in points], [y for _, y in points], "s-", label=label)
+    axes[2].plot(sizes, [r["peak_rss_gib"] for r in records], "o-", label="peak RSS (VmHWM)")
+    axes[2].axhline(6, color="grey", ls="--", label="6 GiB target")
+    axes[2].set_ylim(0, 8)
+    titles = ["query latency, ms (search+fetch+1st token)", "disk bytes per token", "peak RSS, GiB"]
     for ax, title in zip(axes, titles):
         ax.set_xscale("log")
         ax.set_xlabel("corpus tokens")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
