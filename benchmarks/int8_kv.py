@@ -29,14 +29,17 @@ from pathlib import Path
 import torch
 
 
-def mirror(src, dst, namespace: str) -> dict[str, str]:
-    """Copy every chunk of ``namespace``; returns source id -> copy id."""
-    ids = src.chunk_ids(namespace)
+def mirror(src, dst, namespace: str, chunk_ids: list[str] | None = None) -> dict[str, str]:
+    """Copy chunks (text, span, tokens, K-V; every chunk of ``namespace`` by default) from ``src`` into ``dst``
+    (which quantizes them as it is set to); returns source id -> copy id. K-V are read with ``fetch``, which lets
+    a disk bank's pages go again. The copy embeds the texts again (a bank's embeddings are not public)."""
+    ids = src.chunk_ids(namespace) if chunk_ids is None else list(chunk_ids)
     chunks = [src.get(c, namespace=namespace) for c in ids]
-    return dict(zip(ids, dst.add_chunks([c.text for c in chunks], keys=[c.keys for c in chunks],
-                                        values=[c.values for c in chunks],
-                   namespace=namespace, doc_ids=[c.doc_id for c in chunks], spans=[c.span for c in chunks],
-                   tokens=[c.tokens for c in chunks], atomic=True)))
+    kv = [src.fetch([c], namespace=namespace) for c in ids]
+    copies = dst.add_chunks([c.text for c in chunks], keys=[k for k, _ in kv], values=[v for _, v in kv],
+                            namespace=namespace, doc_ids=[c.doc_id for c in chunks], spans=[c.span for c in chunks],
+                            tokens=[c.tokens for c in chunks], atomic=True)
+    return dict(zip(ids, copies))
 
 
 def with_bank(ml, bank, fn):
@@ -87,7 +90,7 @@ def facts(ml, q8, args) -> dict:
 
 def passkey(ml, q8, args) -> dict:
     """Paired passkey trials; every haystack is asked at each ``--passkey-top-k`` (ingestion is the cost)."""
-    from memlong.evaluation import shakespeare_text
+    from memlong.evaluation import fact_rank, shakespeare_text
 
     filler = ml.tokenize(shakespeare_text("hamlet"))
     rng = random.Random(args.seed)
@@ -110,8 +113,8 @@ def passkey(ml, q8, args) -> dict:
         prompt = ml.encode_prompt(f"\nQuestion: {question}\nAnswer: The pass key is")
         for k in ks:
             hits = [h.chunk_id for h in ml.bank.search(question, namespace=ns, k=k, count=False)]
-            ranks = [i for i, c in enumerate(hits, 1) if key in ml.bank.get(c, namespace=ns).text]
-            retrieved[k] += bool(ranks)
+            rank = fact_rank([ml.bank.get(c, namespace=ns).text for c in hits], key)
+            retrieved[k] += rank is not None
             answers = {}
             for name, bank, ids in (("fp16", ml.bank, hits), ("int8", q8, [copy[c] for c in hits])):
                 answers[name] = with_bank(ml, bank, lambda: ml.decode(prompt, ml.memory_for(ids, ns),  # noqa: B023
@@ -120,7 +123,7 @@ def passkey(ml, q8, args) -> dict:
                 right[k, name] += int(found is not None and found.group() == key)
             same[k] += answers["fp16"] == answers["int8"]
             trials.append({"trial": trial, "top_k": k, "depth": cut / len(body), "key": key,
-                           "key_rank": ranks[0] if ranks else None, **answers})
+                           "key_rank": rank, **answers})
         ml.bank.reset(ns)
         q8.reset(ns)
     n = args.passkey_trials
