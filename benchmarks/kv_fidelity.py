@@ -7,8 +7,9 @@ are read two ways by the default model,
   for the planted-fact corpus, ``"\\nQ: ...\\nA: <prefix>"`` for the gazetteer);
 * ``kv``: ``[sink] + stored chunk-alone K-V + tail``, read with one *method*: a ``+``-joined list of
   ``refresh=R`` (``kv_refresh``), ``head=N`` (``kv_reencode_head``, EPIC), ``ape=T/S`` (``memory_temperature``
-  / ``memory_scale``, APE) or ``kv`` (as stored). ``refresh=1`` re-encodes every retrieved token (the pasted
-  reading; the other end of the frontier).
+  / ``memory_scale``, APE), ``reader`` (read through the reader adapter given by ``--reader``,
+  :mod:`memlong.reader`; every other method reads with the base model) or ``kv`` (as stored). ``refresh=1``
+  re-encodes every retrieved token (the pasted reading; the other end of the frontier).
 
 Per (top-k, method): KL(paste || kv) of the first answer token's distribution, how often the first token and the
 greedy answer agree (``memlong.evaluation.answer_key``), both sides' accuracy, tokens encoded and re-encoded
@@ -44,6 +45,7 @@ class Method:
     kv_reencode_head: int = 0
     memory_temperature: float = 1.0
     memory_scale: float = 1.0
+    memory_reader: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> Method:
@@ -53,6 +55,9 @@ class Method:
             key, _, value = part.partition("=")
             if key == "kv" and not value:
                 continue
+            if key == "reader" and not value:
+                fields["memory_reader"] = True
+                continue
             if key == "refresh":
                 fields["kv_refresh"] = float(value)
             elif key == "head":
@@ -61,7 +66,8 @@ class Method:
                 t, _, s = value.partition("/")
                 fields["memory_temperature"], fields["memory_scale"] = float(t), float(s or t)
             else:
-                raise ValueError(f"unknown method part {part!r}: use kv, refresh=R, head=N or ape=T/S joined by '+'.")
+                raise ValueError(f"unknown method part {part!r}: use kv, reader, refresh=R, head=N or ape=T/S joined "
+                                 "by '+'.")
         return cls(name=spec, **fields)
 
 
@@ -77,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refresh", default="0,0.25,0.5,1",
                    help="comma-separated kv_refresh shares, used when --methods is not given (default 0,0.25,0.5,1)")
     p.add_argument("--methods", help="comma-separated methods (see above), e.g. kv,head=16,ape=0.9/0.9,refresh=1")
+    p.add_argument("--reader", metavar="ADAPTER", help="a reader adapter (folder or packaged name) for the `reader` "
+                                                       "methods (memlong.reader)")
     p.add_argument("--window", type=int, default=2048, help="local_window of the model (default 2048: 8 pasted chunks fit)")
     p.add_argument("--paste-as", choices=("text", "llama-index"), default="text",
                    help="how the chunks are pasted: their texts joined as stored (default; what create_memlong_rag_chain "
@@ -91,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.top_k = [int(x) for x in args.top_k.split(",")]
     specs = args.methods.split(",") if args.methods else [f"refresh={x}" for x in args.refresh.split(",")]
     args.methods = [Method.parse(s) for s in specs]
+    if any(m.memory_reader for m in args.methods) and not args.reader:
+        p.error("a `reader` method needs --reader ADAPTER (a folder written by `memlong train-reader`, or 'reader')")
     return args
 
 
@@ -139,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
     docs, questions = corpus(args)
     ml = MemLong.from_pretrained(args.model, memory_capacity=131_072, local_window=args.window)
+    if args.reader:
+        from memlong.reader import attach_reader
+
+        attach_reader(ml, args.reader)
     t0 = time.perf_counter()
     ml.ingest(docs, namespace=NS, context="chunk", progress=False)
     print(f"ingested {ml.bank.num_tokens(NS)} tokens in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -204,7 +218,8 @@ def run_top_k(ml, args: argparse.Namespace, questions: list, k: int) -> tuple[li
         stored = ml.memory_for(hits, NS)
         for m in args.methods:
             ml.config = dataclasses.replace(base, kv_refresh=m.kv_refresh, kv_reencode_head=m.kv_reencode_head,
-                                            memory_temperature=m.memory_temperature, memory_scale=m.memory_scale)
+                                            memory_temperature=m.memory_temperature, memory_scale=m.memory_scale,
+                                            memory_reader=m.memory_reader)
             t1 = time.perf_counter()
             with torch.no_grad():
                 memory, n = ml.refresh(stored, hits, NS) if m.kv_refresh or m.kv_reencode_head else (stored, 0)

@@ -174,6 +174,8 @@ class AttentionContext:
     ``cos``/``sin``: rotary tables of the new tokens, needed to undo RoPE for capture.
     ``memory_len[layer]``: how many of that layer's prefix keys are retrieved memory (they come first);
     ``ape``: ``(temperature, scale)`` to read them with (:func:`ape_attention`), ``None`` for the joint softmax.
+    ``reads_memory``: an answer-time read of retrieved memory (``run``, decoding, scoring with memory; nothing is
+    stored and no stream cache is attended): the forwards a reader adapter (:mod:`memlong.reader`) applies to.
     """
 
     prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -187,6 +189,7 @@ class AttentionContext:
     blend: Blend | None = None
     memory_len: dict[int, int] = field(default_factory=dict)
     ape: tuple[float, float] | None = None
+    reads_memory: bool = False
 
 
 @dataclass

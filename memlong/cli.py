@@ -22,6 +22,8 @@ import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
+from memlong import cli_args
+from memlong.adapter import PACKAGED_ADAPTERS
 from memlong.cli_args import MODES, int_at_least, int_list, layers, modes_list, positive_float, readable_file, writable
 from memlong.config import MemLongConfig
 from memlong.icl import DEFAULTS as ICL_DEFAULTS
@@ -226,6 +228,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_reader(args: argparse.Namespace) -> int:
+    from memlong.reader import ReaderConfig, train_reader
+
+    ml = _model(args)
+    config = ReaderConfig(output_dir=args.output, steps=args.steps, rank=args.lora_rank, alpha=args.lora_alpha,
+                          lr=args.lr, seed=args.seed)
+    print(f"memlong train-reader: {config.steps} examples over {len(config.plays)} plays; model: {ml}")
+    folder = train_reader(ml, config, progress=not args.no_progress, command="memlong " + " ".join(args.argv))
+    record = {"output": str(folder), **json.loads((folder / "adapter.json").read_text())["training"]}
+    for key, value in record.items():
+        print(f"  {key:22s} {_fmt(value)}")
+    _write_json(args.json, [record])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="memlong", description="MemLong: long documents through a bounded window plus a chunk-level K-V memory.",
@@ -256,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval_commands(sub, common)
     _add_train_command(sub, common)
+    cli_args.add_train_reader_command(sub, common, cmd_train_reader)
     return parser
 
 
@@ -368,8 +386,9 @@ def _validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N.") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device} needs CUDA, which this machine lacks; use --device cpu.")
-    if args.adapter is not None and not Path(args.adapter).is_dir():
-        raise ValueError(f"--adapter {args.adapter!r} is not a folder; give a folder written by memlong train.")
+    if args.adapter is not None and not Path(args.adapter).is_dir() and args.adapter not in PACKAGED_ADAPTERS:
+        raise ValueError(f"--adapter {args.adapter!r} is not a folder; give a folder written by memlong train or "
+                         f"train-reader, or a packaged adapter ({', '.join(sorted(PACKAGED_ADAPTERS))}).")
     if args.json:
         writable(args.json, "--json")
     if getattr(args, "filler", None):
@@ -389,12 +408,12 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--load-memory {args.load_memory!r} {what}; give a folder written by --save-memory.")
     if getattr(args, "save_memory", None):
         writable(args.save_memory, "--save-memory", folder=True)
-    if args.command == "train":
+    if args.command in ("train", "train-reader"):
         if args.adapter:
-            raise ValueError("memlong train starts from the base model; drop --adapter (an adapter trained on top "
+            raise ValueError(f"memlong {args.command} starts from the base model; drop --adapter (an adapter trained on top "
                              "of another would not load on the base model).")
         writable(args.output, "--output", folder=True)
-        for path in [*(args.data or []), *(args.eval_data or [])]:
+        for path in [*(getattr(args, "data", None) or []), *(getattr(args, "eval_data", None) or [])]:
             if not Path(path).exists():
                 raise ValueError(f"Training data path {path!r} does not exist; pass text files or folders of them.")
 

@@ -91,3 +91,20 @@ def writable(path: str, flag: str, folder: bool = False) -> None:
     if not (target.is_dir() or target == p) or not os.access(target, os.W_OK):
         raise ValueError(f"{flag} {path!r} cannot be written ({str(target)!r} is not a writable "
                          f"{'folder' if target != p else 'path'}); give a writable path.")
+
+
+def add_train_reader_command(sub: Any, common: argparse.ArgumentParser, func: Any) -> None:
+    """``memlong train-reader``: distil a reader adapter (memlong.reader) for the model."""
+    tr = sub.add_parser("train-reader", parents=[common], help="train a reader adapter: chunk-alone K-V read as pasted text",
+                        description="Distil a reader (memlong.reader): a LoRA active only where retrieved memory is "
+                                    "read at answer time, trained so that several chunk-alone K-V answer like the same "
+                                    "chunks pasted as text (teacher: the base model reading the text). Data: invented "
+                                    "facts planted in Shakespeare plays that no benchmark reads. Writes an adapter "
+                                    "folder for --adapter / MemLong.from_pretrained(adapter=).")
+    tr.add_argument("--output", required=True, metavar="DIR", help="adapter folder (written every 200 examples)")
+    tr.add_argument("--steps", type=int_at_least(1), default=600, help="training examples, one per step (default 600)")
+    tr.add_argument("--lora-rank", type=int_at_least(1), default=16)
+    tr.add_argument("--lora-alpha", type=positive_float, default=32.0)
+    tr.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=func)

@@ -101,6 +101,9 @@ class MemLongConfig:
             answer at top-k 4 and 8 and lowered first-token KL to pasted text on two corpora, but turned the
             README quickstart's and the LangChain example's right answers wrong, so the library default stays 0
             (``memlong demo`` uses 32).
+        memory_reader: read retrieved memory at answer time through the reader adapter attached to the model
+            (:mod:`memlong.reader`, ``from_pretrained(adapter=...)`` with a reader), if one is; ``False``: the base
+            model's reading, exactly. No effect without a reader.
         memory_quantization: how stored K-V are kept: ``"none"`` (in ``memory_dtype``, exact) or ``"int8"`` (the
             KIVI layout: per-channel key and per-token value scales, dequantized on fetch; about half the bytes of
             float16; measured in docs/disk.md).
@@ -141,6 +144,7 @@ class MemLongConfig:
     memory_temperature: float = 1.0
     memory_scale: float = 1.0
     kv_reencode_head: int = 0
+    memory_reader: bool = True
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -111,6 +111,11 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
     trained = read_adapter_config(adapter)["memlong_config"]
     trained = {k: tuple(v) if isinstance(v, list) else v for k, v in trained.items() if k in ADAPTER_CONFIG_FIELDS}
     ml = cls(model, tokenizer, MemLongConfig(**{**trained, **config}), embedder=embedder)
+    if read_adapter_config(adapter)["method"] == "reader":  # LoRA kept apart, active when memory is read
+        from memlong.reader import attach_reader
+
+        attach_reader(ml, adapter)
+        return ml
     load_adapter(model, adapter)
     ml.weights_changed()
     return ml

@@ -29,7 +29,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -42,6 +42,9 @@ from memlong.loading import SUPPORTED_ARCHITECTURES
 from memlong.memory import MemoryBank
 from memlong.positions import KV, Memory, build_context
 from memlong.streaming import IngestStats, Stream
+
+if TYPE_CHECKING:
+    from memlong.reader import Reader
 
 __all__ = ["GenerationStats", "IngestStats", "MemLong", "RunOutput", "SUPPORTED_ARCHITECTURES"]
 
@@ -88,6 +91,7 @@ class MemLong:
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._sink_ids = [int(bos)] if (self.config.attention_sink and bos is not None) else []
         self._sink_cache: KV | None = None  # the sink's K-V (memlong.positions.sink_kv)
+        self.reader: Reader | None = None  # an attached reader adapter (memlong.reader.attach_reader)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -139,8 +143,7 @@ class MemLong:
 
     @property
     def attention_backend(self) -> str:
-        """The attention kernel ``config.attention_backend`` resolves to (``"auto"``: sdpa, as flex measured 2x
-        slower for ingest on an H100, results/bench-gpu-h100-run1.json)."""
+        """The kernel ``config.attention_backend`` resolves to (``"auto"``: sdpa; flex measured 2x slower on an H100)."""
         return "sdpa" if self.config.attention_backend == "auto" else self.config.attention_backend
 
     @functools.cached_property

@@ -85,8 +85,9 @@ def build_context(ml: MemLong, memory: Memory | None = None, cache: KV | None = 
     cache_len = cache[0][0].shape[2] if cache else 0
     mem_start, cache_start = _starts(cfg.position_layout, bool(sink), n_mem)
     ctx = AttentionContext(capture=capture, grow=grow, backend=ml.attention_backend)
-    # APE reads memory at answer time (run/decode/score): not in contexts that store K-V (streams, refresh)
-    if n_mem and not (capture or cache_len) and (cfg.memory_temperature, cfg.memory_scale) != (1.0, 1.0):
+    # answer-time reads (run/decode/score): not contexts that store K-V (streams, refresh); APE and a reader apply
+    ctx.reads_memory = bool(n_mem) and not (capture or cache_len)
+    if ctx.reads_memory and (cfg.memory_temperature, cfg.memory_scale) != (1.0, 1.0):
         ctx.ape = (float(cfg.memory_temperature), float(cfg.memory_scale))
     tables = {}
     if n_mem:

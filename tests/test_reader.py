@@ -1,0 +1,103 @@
+"""Reader adapters (memlong.reader): active only where retrieved memory is read, exact when off, saved and loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from memlong import MemLong
+from memlong.reader import READER_EXCLUDED, ReaderConfig, attach_reader, reader_corpus, train_reader
+
+TEXT = ("The lighthouse keeper of Orlen is Mabel Crisp. She rows to the mainland every Tuesday for flour. "
+        "Her brother Teodor mends the nets and sings on the pier. ") * 6
+
+
+def _tiny(tmp_path, steps: int = 3) -> ReaderConfig:
+    return ReaderConfig(output_dir=str(tmp_path / "reader"), steps=steps, rank=4, alpha=8.0, lr=5e-2, chars=1500,
+                        facts_per_play=2, plays=("julius_caesar", "henry_v"), top_k=(1, 2), save_every=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A base model with a (tiny, barely trained) reader attached, its folder, and a bank to read."""
+    ml = MemLong.from_pretrained("default", memory_capacity=8192)
+    folder = train_reader(ml, _tiny(tmp_path_factory.mktemp("r")), progress=False)
+    ml.ingest([TEXT, TEXT.replace("Mabel", "Irma")], namespace="docs", context="chunk", progress=False)
+    return ml, folder
+
+
+def _logits(ml, ids, chunk_ids=None):
+    memory = ml.memory_for(chunk_ids, "docs") if chunk_ids else None
+    with torch.no_grad():
+        return ml.run(ids, memory=memory).logits
+
+
+def test_reader_reads_memory_only_and_is_exact_when_off(trained):
+    ml, _ = trained
+    ids = ml.encode_prompt("\nQuestion: Who keeps the lighthouse of Orlen?\nAnswer:")
+    hits = ml.bank.chunk_ids("docs")[:3]
+    with_reader = _logits(ml, ids, hits)
+    base_cfg = ml.config
+    ml.config = dataclasses.replace(base_cfg, memory_reader=False)
+    try:
+        off = _logits(ml, ids, hits)
+        no_memory_off = _logits(ml, ids)
+    finally:
+        ml.config = base_cfg
+    no_memory_on = _logits(ml, ids)
+    assert not torch.allclose(with_reader, off, atol=1e-4), "the trained reader changed nothing"
+    assert torch.equal(no_memory_on, no_memory_off), "the reader must not act without memory"
+    # off = the base model without any reader, bit for bit, on the same bank
+    base = MemLong.from_pretrained("default")
+    base.bank = ml.bank
+    assert torch.equal(_logits(base, ids, hits), off)
+    assert torch.equal(_logits(base, ids), no_memory_on)
+
+
+def test_stored_kv_do_not_depend_on_the_reader(trained, tmp_path):
+    ml, _ = trained
+    ml.ingest(TEXT, namespace="again", context="document", progress=False)
+    keys, _ = ml.bank.fetch(ml.bank.chunk_ids("again"), namespace="again")
+    base = MemLong.from_pretrained("default", memory_capacity=8192)
+    base.ingest(TEXT, namespace="again", context="document", progress=False)
+    keys_base, _ = base.bank.fetch(base.bank.chunk_ids("again"), namespace="again")
+    assert torch.equal(keys, keys_base)
+
+
+def test_saved_reader_loads_and_reads_the_same(trained):
+    ml, folder = trained
+    meta = json.loads((folder / "adapter.json").read_text())
+    assert meta["method"] == "reader" and meta["training"]["steps"] == 3
+    assert len(json.loads((folder / "losses.json").read_text())) == 3
+    loaded = MemLong.from_pretrained("default", adapter=folder, memory_capacity=8192)
+    assert loaded.reader is not None and ml.reader is not None
+    loaded.bank = ml.bank
+    ids = ml.encode_prompt("\nQ: Who mends the nets?\nA:")
+    hits = ml.bank.chunk_ids("docs")[-2:]
+    assert torch.allclose(_logits(loaded, ids, hits), _logits(ml, ids, hits), atol=1e-5)
+    g = loaded.generate("Who keeps the lighthouse of Orlen?", namespace="docs", max_new_tokens=4)
+    assert isinstance(g, str) and g.strip()
+
+
+def test_bad_reader_input(trained, tmp_path):
+    ml, folder = trained
+    with pytest.raises(ValueError, match="already has a reader"):
+        attach_reader(ml, folder)
+    with pytest.raises(ValueError, match="read by the benchmarks"):
+        ReaderConfig(output_dir=str(tmp_path), plays=("hamlet",)).validate()
+    with pytest.raises(ValueError, match="copy_share"):
+        ReaderConfig(output_dir=str(tmp_path), copy_share=1.5).validate()
+    with pytest.raises(ValueError, match="not a reader"):
+        attach_reader(MemLong.from_pretrained("default"), "shakespeare")
+    assert set(READER_EXCLUDED) >= {"hamlet", "macbeth", "tempest"}
+
+
+def test_reader_corpus_plants_every_fact():
+    cfg = ReaderConfig(output_dir="unused", chars=3000, facts_per_play=3, plays=("julius_caesar", "henry_v"))
+    docs, facts = reader_corpus(cfg)
+    assert len(docs) == 2 and len(facts) == 6
+    for sentence, question, _prefix, answer in facts:
+        assert any(sentence in d for d in docs) and answer in sentence and question.endswith("?")
