@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help=f"{TINY_CHARS:,}-character slices instead of whole plays")
     p.add_argument("--top-k", type=int, default=None, help="override the demo's top-k (default: the CLI's demo default)")
     p.add_argument("--kv-reencode-head", type=int, default=None, help="override the demo's kv_reencode_head")
+    p.add_argument("--adapter", default=None, help="an adapter to load, e.g. a reader (memlong train-reader) or 'reader'")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer budget (default 24, the demo's)")
     p.add_argument("--json", metavar="OUT", help="write config, summary and per-fact records (rewritten after each fact)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while ingesting")
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kv_reencode_head is not None:
         settings["kv_reencode_head"] = args.kv_reencode_head
     t0 = time.perf_counter()
-    ml = MemLong.from_pretrained("default", **settings)
+    ml = MemLong.from_pretrained("default", adapter=args.adapter, **settings)
     config = {**{k: v for k, v in vars(args).items() if k != "json"}, "settings": settings, "memlong": repr(ml),
               "torch_threads": torch.get_num_threads(), "load_s": round(time.perf_counter() - t0, 2),
               "date": time.strftime("%Y-%m-%d", time.gmtime())}

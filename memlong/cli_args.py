@@ -105,6 +105,6 @@ def add_train_reader_command(sub: Any, common: argparse.ArgumentParser, func: An
     tr.add_argument("--steps", type=int_at_least(1), default=600, help="training examples, one per step (default 600)")
     tr.add_argument("--lora-rank", type=int_at_least(1), default=16)
     tr.add_argument("--lora-alpha", type=positive_float, default=32.0)
-    tr.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    tr.add_argument("--lr", type=positive_float, default=3e-4, help="learning rate (default 3e-4)")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=func)

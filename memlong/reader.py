@@ -18,7 +18,8 @@ Training (:func:`train_reader`, ``memlong train-reader``) is distillation from t
 * an example is ``k`` chunks (``k`` drawn from ``top_k``) and a *tail*: a question about a planted fact with its
   answer (the chunks are what dense search retrieves for it), or a line copied from one of ``k`` random chunks;
 * teacher: the base model over ``[sink] + the chunks' texts + tail``; student: the reader over ``[sink] + the
-  chunks' stored K-V + tail``; loss: KL(teacher || student) of the next-token distributions over the tail.
+  chunks' stored K-V + tail``; loss: KL(teacher || student) of the next-token distributions, averaged over the
+  tail plus averaged over the positions that predict the answer.
 
 The result is an adapter folder (:mod:`memlong.adapter`'s format, ``method: "reader"``) that
 ``MemLong.from_pretrained(..., adapter=PATH)`` attaches instead of merging.
@@ -70,7 +71,7 @@ class ReaderConfig:
     steps: int = 600
     rank: int = 16
     alpha: float = 32.0
-    lr: float = 1e-3
+    lr: float = 3e-4
     top_k: tuple[int, ...] = (1, 2, 3, 4, 4, 6, 8)
     copy_share: float = 0.4
     chars: int = 20_000
@@ -190,8 +191,9 @@ def reader_corpus(config: ReaderConfig) -> tuple[list[str], list[tuple[str, str,
 
 
 def reader_examples(ml: MemLong, namespace: str, facts: Sequence[tuple[str, str, str, str]], n: int,
-                    config: ReaderConfig) -> list[tuple[list[str], str]]:
-    """``n`` examples ``(chunk ids in document order, tail text)`` over the chunk-context memory in ``namespace``."""
+                    config: ReaderConfig) -> list[tuple[list[str], str, str]]:
+    """``n`` examples ``(chunk ids in document order, prompt, answer)`` over the chunk-context memory in
+    ``namespace``; the tail is the prompt followed by its answer."""
     rng = random.Random(config.seed + 1)
     order = {c: i for i, c in enumerate(ml.bank.chunk_ids(namespace))}
     ids = list(order)
@@ -202,27 +204,31 @@ def reader_examples(ml: MemLong, namespace: str, facts: Sequence[tuple[str, str,
             _, question, prefix, answer = rng.choice(facts)
             hits = [h.chunk_id for h in ml.bank.search(question, namespace=namespace, k=k, count=False)]
             ask, reply = rng.choice(_FORMS)
-            tail = f"{ask}{question}{reply}{prefix} {answer}."
+            prompt, answer = f"{ask}{question}{reply}{prefix}", f" {answer}."
         else:
             hits = rng.sample(ids, k)
             text = ml.bank.get(rng.choice(hits), namespace=namespace).text
             lines = [x.strip() for x in text.split("\n") if len(x.split()) >= 4] or [text[:80].strip()]
-            tail = "\n" + rng.choice(["Quote: ", "Repeat the line: ", ""]) + rng.choice(lines)
-        out.append((sorted(hits, key=order.__getitem__), tail))
+            prompt, answer = "\n" + rng.choice(["Quote:", "Repeat the line:", ""]), " " + rng.choice(lines)
+        out.append((sorted(hits, key=order.__getitem__), prompt, answer))
     return out
 
 
-def distill_loss(ml: MemLong, reader: Reader, hits: Sequence[str], tail: str, namespace: str) -> torch.Tensor:
-    """KL(base model over pasted chunks + tail || reader over stored K-V + tail), mean over the tail's tokens."""
+def distill_loss(ml: MemLong, reader: Reader, hits: Sequence[str], prompt: str, answer: str,
+                 namespace: str) -> torch.Tensor:
+    """KL(base model over pasted chunks + tail || reader over stored K-V + tail) of the next-token distributions,
+    mean over the tail's positions plus mean over the positions that predict the answer (tail: prompt + answer)."""
     text = "".join(ml.bank.get(c, namespace=namespace).text for c in hits)
-    context, tail_ids = ml.encode_prompt(text), ml.strip_sink(ml.tokenize(tail))
+    prompt_ids = ml.strip_sink(ml.tokenize(prompt))
+    context, tail_ids = ml.encode_prompt(text), prompt_ids + ml.strip_sink(ml.tokenize(answer))
     reader.active = False
     with torch.no_grad():
         teacher = ml.run(context + tail_ids, logits_for=slice(len(context), None)).logits[0].log_softmax(-1)
         memory = ml.memory_for(list(hits), namespace)
     # the decoder's pre-hook switches the reader on: this forward reads memory at answer time
     student = ml.run(tail_ids, memory=memory).logits[0].log_softmax(-1)
-    return (teacher.exp() * (teacher - student)).sum(-1)[:-1].mean()
+    kl = (teacher.exp() * (teacher - student)).sum(-1)[:-1]
+    return kl.mean() + kl[len(prompt_ids) - 1:].mean()
 
 
 def train_reader(ml: MemLong, config: ReaderConfig, *, progress: bool = True, command: str = "") -> Path:
@@ -243,6 +249,11 @@ def train_reader(ml: MemLong, config: ReaderConfig, *, progress: bool = True, co
     if cfg.kv_source != "per_layer" or cfg.position_layout != "continual":
         raise ValueError("A reader is trained on chunk-context memory read per layer in the continual layout: use "
                          "kv_source='per_layer', position_layout='continual' (the defaults).")
+    need = max(config.top_k) * cfg.chunk_size + 128
+    if cfg.local_window < need:
+        raise ValueError(f"The teacher pastes up to {max(config.top_k)} chunks of {cfg.chunk_size} tokens plus the "
+                         f"question: local_window must be at least {need}, got {cfg.local_window}. Load the model "
+                         f"with local_window={need} or more (memlong train-reader --local-window 2048).")
     torch.manual_seed(config.seed)
     ns, t0 = "_reader_train", time.perf_counter()
     docs, facts = reader_corpus(config)
@@ -266,8 +277,8 @@ def train_reader(ml: MemLong, config: ReaderConfig, *, progress: bool = True, co
     losses: list[float] = []
     bar = tqdm(examples, desc="train reader", disable=not progress)
     try:
-        for i, (hits, tail) in enumerate(bar, 1):
-            loss = distill_loss(ml, reader, hits, tail, ns)
+        for i, (hits, prompt, answer) in enumerate(bar, 1):
+            loss = distill_loss(ml, reader, hits, prompt, answer, ns)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -59,6 +59,8 @@ def assert_one_line_error(code, err, *needles):
     (["eval", "passkey", "--lengths=-100,0"], ["--lengths", "-100"]),
     (["eval", "passkey", "--lengths", "4096,"], ["--lengths"]),
     (["train", "--output", "EMPTY"], ["--output", "is a file"]),
+    (["train-reader", "--output", "EMPTY"], ["--output", "is a file"]),
+    (["train-reader", "--output", "MISSING", "--adapter", "shakespeare"], ["--adapter", "base model"]),
     (["demo", "--load-memory", "MISSING"], ["--load-memory"]),
     (["eval", "ppl", "--modes", "window,everything"], ["--modes"]),
 ])
@@ -114,17 +116,19 @@ def test_config_flags_come_from_memlong_config():
 
 # ------------------------------------------------------------------ fuzz: every command, bounded
 COMMANDS = {"demo": ["demo"], "passkey": ["eval", "passkey"], "ppl": ["eval", "ppl"], "icl": ["eval", "icl"],
-            "train": ["train", "--output", "OUT"]}
+            "train": ["train", "--output", "OUT"], "train-reader": ["train-reader", "--output", "OUT"]}
 ZERO_OK = {"--top-k", "--ingest-top-k", "--shots", "--memory-demos", "--memory-k", "--eval-tokens", "--held-out-docs",
            "--warmup-steps"}
 INT_FLAGS = ["--top-k", "--ingest-top-k", "--local-window", "--memory-capacity"]
 PER_COMMAND_INTS = {"demo": ["--max-new-tokens"], "passkey": ["--trials"], "ppl": ["--score-last"],
                     "icl": ["--n-test", "--shots", "--memory-demos", "--memory-k"],
                     "train": ["--lora-rank", "--grad-accum", "--max-steps", "--epochs", "--save-every",
-                              "--eval-tokens", "--held-out-docs", "--warmup-steps", "--max-document-tokens"]}
+                              "--eval-tokens", "--held-out-docs", "--warmup-steps", "--max-document-tokens"],
+                    "train-reader": ["--lora-rank", "--steps"]}
 PATH_FLAGS = {"demo": ["--load-memory", "--json", "--adapter", "--model"],
               "passkey": ["--filler", "--json", "--adapter"], "ppl": ["--file", "--json", "--model"],
-              "icl": ["--json", "--adapter", "--data"], "train": ["--data", "--eval-data", "--json", "--model"]}
+              "icl": ["--json", "--adapter", "--data"], "train": ["--data", "--eval-data", "--json", "--model"],
+              "train-reader": ["--json", "--model", "--adapter"]}
 BAD_PATHS = {  # per flag: values that flag must refuse
     "--load-memory": ["MISSING", "EMPTY", "/dev/null"], "--adapter": ["MISSING", "EMPTY", "/dev/null"],
     "--model": ["EMPTY", "/dev/null", "MISSING/child"], "--filler": ["MISSING", "DIR", "EMPTY", "/dev/null", "/"],

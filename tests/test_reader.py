@@ -93,6 +93,9 @@ def test_bad_reader_input(trained, tmp_path):
     with pytest.raises(ValueError, match="not a reader"):
         attach_reader(MemLong.from_pretrained("default"), "shakespeare")
     assert set(READER_EXCLUDED) >= {"hamlet", "macbeth", "tempest"}
+    small = MemLong.from_pretrained("default", local_window=512)
+    with pytest.raises(ValueError, match="local_window must be at least 1152"):
+        train_reader(small, ReaderConfig(output_dir=str(tmp_path / "r"), top_k=(8,)), progress=False)
 
 
 def test_reader_corpus_plants_every_fact():
