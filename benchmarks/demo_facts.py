@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help=f"{TINY_CHARS:,}-character slices instead of whole plays")
     p.add_argument("--top-k", type=int, default=None, help="override the demo's top-k (default: the CLI's demo default)")
     p.add_argument("--kv-reencode-head", type=int, default=None, help="override the demo's kv_reencode_head")
+    p.add_argument("--retrieve-next", type=int, default=None, help="override the demo's retrieve_next")
     p.add_argument("--adapter", default=None, help="an adapter to load, e.g. a reader (memlong train-reader) or 'reader'")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer budget (default 24, the demo's)")
     p.add_argument("--json", metavar="OUT", help="write config, summary and per-fact records (rewritten after each fact)")
@@ -145,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**CLI_DEFAULTS, **COMMAND_DEFAULTS["demo"]}  # what `memlong demo` runs with on the default model
     if args.top_k is not None:
         settings["top_k"] = args.top_k
-    if args.kv_reencode_head is not None:
-        settings["kv_reencode_head"] = args.kv_reencode_head
+    for name in ("kv_reencode_head", "retrieve_next"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
     t0 = time.perf_counter()
     ml = MemLong.from_pretrained("default", adapter=args.adapter, **settings)
     config = {**{k: v for k, v in vars(args).items() if k != "json"}, "settings": settings, "memlong": repr(ml),

@@ -47,6 +47,32 @@ class BankViews:
                 docs.setdefault(chunk.doc_id, []).append(chunk.id)
         return docs
 
+    def following(self, chunk_ids: list[str], *, namespace: str = "default", n: int = 1) -> list[str]:
+        """``chunk_ids`` with, after each, up to ``n`` chunks that continue it in its document (the chunk whose span
+        starts where the previous one ends), without repeats; :class:`UnknownChunkError` for an unknown id.
+
+        Example:
+            >>> ids = bank.chunk_ids("docs")
+            >>> bank.following([ids[3]], namespace="docs", n=1) == ids[3:5]      # one document, in order
+            True
+        """
+        with self._lock.read():
+            chunks = [self._get(c, namespace) for c in chunk_ids]
+            if n < 1 or not chunks:
+                return list(dict.fromkeys(chunk_ids))
+            space = self._spaces[namespace]
+            starts = {(c.doc_id, c.span[0]): c.id for c in (self._chunks[i] for i in space.ids)}
+            out: dict[str, None] = {}
+            for chunk in chunks:
+                out[chunk.id] = None
+                for _ in range(n):
+                    nxt = starts.get((chunk.doc_id, chunk.span[1]))
+                    if nxt is None:
+                        break
+                    out[nxt] = None
+                    chunk = self._chunks[nxt]
+            return list(out)
+
     def namespaces(self) -> list[str]:
         with self._lock.read():
             return list(self._spaces)

@@ -35,7 +35,7 @@ __all__ = ["build_parser", "main"]
 # MemLongConfig fields offered as flags of every command: names, types, choices, defaults and help all come
 # from the dataclass (its field types and its docstring), so the CLI cannot drift from the library.
 CONFIG_FLAGS = ("top_k", "ingest_top_k", "local_window", "kv_source", "retrieval_layers", "position_layout",
-                "memory_capacity", "search_mode")
+                "memory_capacity", "search_mode", "retrieve_next")
 # Where the CLI deliberately departs from the library's defaults, and why (both shown in --help).
 CLI_DEFAULTS = {"memory_capacity": 65_536}  # a 32k-token evaluation document (Hamlet: ~53k) is never evicted
 COMMAND_DEFAULTS = {
@@ -85,7 +85,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif args and all(isinstance(a, str) for a in args):  # a Literal
             options["choices"] = args
         else:  # int or int | None
-            options["type"] = int_at_least(0 if field.name.endswith("top_k") else 1)
+            options["type"] = int_at_least(0 if field.name.endswith("top_k") or field.name == "retrieve_next" else 1)
         parser.add_argument(flag, **options)
 
 

@@ -104,6 +104,9 @@ class MemLongConfig:
         memory_reader: read retrieved memory at answer time through the reader adapter attached to the model
             (:mod:`memlong.reader`, ``from_pretrained(adapter=...)`` with a reader), if one is; ``False``: the base
             model's reading, exactly. No effect without a reader.
+        retrieve_next: with retrieval by search (``generate`` without ``chunk_ids``), also read the ``n`` (0..4)
+            chunks that follow each retrieved chunk in its document, so that a sentence cut by a chunk boundary is
+            read whole (text RAG's "next node" expansion); up to ``(1 + n) * top_k`` chunks are read. ``0``: off.
         memory_quantization: how stored K-V are kept: ``"none"`` (in ``memory_dtype``, exact) or ``"int8"`` (the
             KIVI layout: per-channel key and per-token value scales, dequantized on fetch; about half the bytes of
             float16; measured in docs/disk.md).
@@ -145,6 +148,7 @@ class MemLongConfig:
     memory_scale: float = 1.0
     kv_reencode_head: int = 0
     memory_reader: bool = True
+    retrieve_next: int = 0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -277,6 +281,8 @@ def _check_reading(cfg: MemLongConfig) -> None:
         value = getattr(cfg, name)
         _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
                f"{name} must be a number > 0 (1 = plain attention, APE uses 0.9), got {value!r}.")
+    _check(type(cfg.retrieve_next) is int and 0 <= cfg.retrieve_next <= 4,
+           f"retrieve_next must be an integer chunk count in 0..4 (0 = off), got {cfg.retrieve_next!r}.")
     head = cfg.kv_reencode_head
     _check(type(head) is int and 0 <= head <= 32,
            f"kv_reencode_head must be an integer token count in 0..32 (0 = off), got {head!r}.")

@@ -231,8 +231,10 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
         temperature: 0 = greedy; otherwise sampling with this temperature.
         stop: strings that end generation (not included in the output).
 
-    With ``config.kv_refresh = r > 0`` the share ``r`` of the retrieved tokens is re-encoded first, next to the
-    chunks retrieved with them (:meth:`MemLong.refresh`; counted in ``stats.refreshed_tokens``).
+    With ``config.retrieve_next = n`` the ``n`` chunks that follow each retrieved one in its document are read
+    too (``stats.chunk_ids`` lists them after their hit). With ``config.kv_refresh = r > 0`` the share ``r`` of the
+    retrieved tokens is re-encoded first, next to the chunks retrieved with them (:meth:`MemLong.refresh`; counted
+    in ``stats.refreshed_tokens``).
     ``MemLong.generate(..., stream=False)`` returns ``Generation.text()``; ``stream=True`` this object.
 
     Raises:
@@ -247,6 +249,8 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
     if chunk_ids is None and retrieve and ml.config.top_k > 0 and namespace in ml.bank.namespaces():
         chunk_ids = [h.chunk_id for h in ml.bank.search(query or prompt, namespace=namespace, k=ml.config.top_k)]
+        if ml.config.retrieve_next:  # the chunks that continue each hit (a fact cut by a chunk boundary)
+            chunk_ids = ml.bank.following(chunk_ids, namespace=namespace, n=ml.config.retrieve_next)
     chunk_ids = list(chunk_ids or [])
     memory = ml.memory_for(chunk_ids, namespace)  # raises UnknownChunkError before any work
     refreshed = 0

@@ -118,8 +118,8 @@ def test_config_flags_come_from_memlong_config():
 COMMANDS = {"demo": ["demo"], "passkey": ["eval", "passkey"], "ppl": ["eval", "ppl"], "icl": ["eval", "icl"],
             "train": ["train", "--output", "OUT"], "train-reader": ["train-reader", "--output", "OUT"]}
 ZERO_OK = {"--top-k", "--ingest-top-k", "--shots", "--memory-demos", "--memory-k", "--eval-tokens", "--held-out-docs",
-           "--warmup-steps"}
-INT_FLAGS = ["--top-k", "--ingest-top-k", "--local-window", "--memory-capacity"]
+           "--warmup-steps", "--retrieve-next"}
+INT_FLAGS = ["--top-k", "--retrieve-next", "--ingest-top-k", "--local-window", "--memory-capacity"]
 PER_COMMAND_INTS = {"demo": ["--max-new-tokens"], "passkey": ["--trials"], "ppl": ["--score-last"],
                     "icl": ["--n-test", "--shots", "--memory-demos", "--memory-k"],
                     "train": ["--lora-rank", "--grad-accum", "--max-steps", "--epochs", "--save-every",

@@ -1,5 +1,6 @@
 """Options for reading several retrieved chunks (issue 15): APE temperature/scale and EPIC boundary re-encode."""
 
+import dataclasses
 import math
 
 import pytest
@@ -137,13 +138,15 @@ def test_head_re_encode_touches_chunk_starts_and_composes_with_the_share(make_ti
     ({"kv_reencode_head": 8, "kv_source": "memory_layer", "retrieval_layers": "upper"},
      "kv_reencode_head=8 re-encodes retrieved tokens in every layer"),
     ({"kv_reencode_head": 8, "position_layout": "zero"}, "position_layout='continual'"),
+    ({"retrieve_next": 5}, "retrieve_next must be an integer chunk count in 0..4"),
+    ({"retrieve_next": -1}, "retrieve_next must be"),
+    ({"retrieve_next": True}, "retrieve_next must be"),
 ])
 def test_reading_options_are_checked(kwargs, message):
     from memlong import MemLongConfig
 
     with pytest.raises(ValueError, match=message):
         MemLongConfig(**kwargs).resolve(num_layers=4)
-
 
 
 def test_reading_options_are_off_by_default():
@@ -164,3 +167,29 @@ def test_demo_command_re_encodes_chunk_starts_where_the_model_can():
     assert "kv_reencode_head" not in _config(parser.parse_args(["demo", "--position-layout", "zero"]))
     assert "kv_reencode_head" not in _config(parser.parse_args(["demo", "--adapter", "some/folder"]))
     assert "kv_reencode_head" not in _config(parser.parse_args(["eval", "passkey"]))
+
+
+def test_retrieve_next_reads_the_chunks_that_continue_each_hit(make_tiny):
+    """A sentence cut by a chunk boundary: search finds its first half, retrieve_next=1 adds the second half (the
+    chunk whose span starts where the hit ends, same document); explicit chunk_ids are never expanded."""
+    from memlong.memory import UnknownChunkError
+
+    ml, _ = make_tiny(local_window=512, top_k=2)
+    a = ml.ingest(SHIP_TEXT, namespace="doc", progress=False, doc_ids=["a"]).chunk_ids
+    b = ml.ingest(SHIP_TEXT, namespace="doc", progress=False, doc_ids=["b"]).chunk_ids
+    assert len(a) >= 3
+    bank = ml.bank
+    assert bank.following([a[0]], namespace="doc", n=1) == a[:2]
+    assert bank.following([a[0], a[1]], namespace="doc", n=2) == a[:4]  # a[1], a[2] once
+    assert bank.following([a[-1]], namespace="doc", n=3) == [a[-1]]  # a document's last chunk: nothing follows
+    assert bank.following([b[0]], namespace="doc", n=1) == b[:2]  # never crosses into another document
+    assert bank.following([a[1]], namespace="doc", n=0) == [a[1]]
+    with pytest.raises(UnknownChunkError):
+        bank.following(["nope"], namespace="doc")
+    hits = [h.chunk_id for h in bank.search("Where does the red ship sail?", namespace="doc", k=2, count=False)]
+    ml.config = dataclasses.replace(ml.config, retrieve_next=1)
+    ml.generate("Where does the red ship sail?", namespace="doc", max_new_tokens=1)
+    assert ml.last_generation.chunk_ids == bank.following(hits, namespace="doc", n=1)
+    assert len(ml.last_generation.chunk_ids) > len(hits)
+    ml.generate("Where?", namespace="doc", chunk_ids=a[:1], max_new_tokens=1)
+    assert ml.last_generation.chunk_ids == a[:1]
