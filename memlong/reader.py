@@ -25,7 +25,7 @@ The result is an adapter folder (:mod:`memlong.adapter`'s format, ``method: "rea
 ``MemLong.from_pretrained(..., adapter=PATH)`` attaches instead of merging.
 
 Example:
-    >>> ml = MemLong.from_pretrained("default", adapter="reader")          # the packaged reader
+    >>> ml = MemLong.from_pretrained("default", adapter="runs/reader")     # memlong train-reader --output runs/reader
     >>> ml.generate("Who keeps the abbey bell?", namespace="docs")          # memory read through the reader
     >>> ml.config = dataclasses.replace(ml.config, memory_reader=False)     # the base model's reading again
 """
@@ -65,7 +65,7 @@ _FORMS = (("\nQuestion: ", "\nAnswer: "), ("\nQ: ", "\nA: "), ("\nUser: ", "\nAs
 
 @dataclass(frozen=True)
 class ReaderConfig:
-    """How :func:`train_reader` trains. Defaults: what the packaged ``reader`` adapter was trained with."""
+    """How :func:`train_reader` trains. Defaults: the run measured in docs/rag-fidelity.md ("A reader adapter")."""
 
     output_dir: str
     steps: int = 600

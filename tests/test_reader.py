@@ -29,8 +29,8 @@ def trained(tmp_path_factory):
     return ml, folder
 
 
-def _logits(ml, ids, chunk_ids=None):
-    memory = ml.memory_for(chunk_ids, "docs") if chunk_ids else None
+def _logits(ml, ids, chunk_ids=None, namespace="docs"):
+    memory = ml.memory_for(chunk_ids, namespace) if chunk_ids else None
     with torch.no_grad():
         return ml.run(ids, memory=memory).logits
 
@@ -112,3 +112,4 @@ def test_reader_corpus_plants_every_fact():
     assert len(docs) == 2 and len(facts) == 6
     for sentence, question, _prefix, answer in facts:
         assert any(sentence in d for d in docs) and answer in sentence and question.endswith("?")
+
