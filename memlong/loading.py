@@ -108,10 +108,11 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
         return cls(model, tokenizer, MemLongConfig(**config), embedder=embedder)
     from memlong.adapter import ADAPTER_CONFIG_FIELDS, load_adapter, read_adapter_config
 
-    trained = read_adapter_config(adapter)["memlong_config"]
-    trained = {k: tuple(v) if isinstance(v, list) else v for k, v in trained.items() if k in ADAPTER_CONFIG_FIELDS}
+    meta = read_adapter_config(adapter)
+    trained = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["memlong_config"].items()
+               if k in ADAPTER_CONFIG_FIELDS}
     ml = cls(model, tokenizer, MemLongConfig(**{**trained, **config}), embedder=embedder)
-    if read_adapter_config(adapter)["method"] == "reader":  # LoRA kept apart, active when memory is read
+    if meta["method"] == "reader":  # LoRA kept apart, active when memory is read
         from memlong.reader import attach_reader
 
         attach_reader(ml, adapter)
