@@ -257,6 +257,11 @@ def train_reader(ml: MemLong, config: ReaderConfig, *, progress: bool = True, co
     torch.manual_seed(config.seed)
     ns, t0 = "_reader_train", time.perf_counter()
     docs, facts = reader_corpus(config)
+    tokens = sum(len(ml.tokenize(d)) for d in docs)
+    if tokens > ml.bank.capacity:  # eviction would silently drop planted facts' chunks
+        raise ValueError(f"The reader's training text is {tokens} tokens, more than the bank's capacity of "
+                         f"{ml.bank.capacity} per namespace: load the model with memory_capacity={2 * tokens} "
+                         "(memlong train-reader uses the CLI's 65,536) or lower ReaderConfig.chars.")
     ml.reset(ns)
     ml.ingest(docs, namespace=ns, context="chunk", progress=progress)
     examples = reader_examples(ml, ns, facts, config.steps, config)

@@ -101,6 +101,9 @@ def test_bad_reader_input(trained, tmp_path):
     with pytest.raises(ValueError, match="not a reader"):
         attach_reader(MemLong.from_pretrained("default"), "shakespeare")
     assert set(READER_EXCLUDED) >= {"hamlet", "macbeth", "tempest"}
+    with pytest.raises(ValueError, match="more than the bank's capacity"):  # the default 32,768 < 62k tokens
+        train_reader(MemLong.from_pretrained("default", local_window=2048), ReaderConfig(output_dir=str(tmp_path)),
+                     progress=False)
     small = MemLong.from_pretrained("default", local_window=512)
     with pytest.raises(ValueError, match="local_window must be at least 1152"):
         train_reader(small, ReaderConfig(output_dir=str(tmp_path / "r"), top_k=(8,)), progress=False)
