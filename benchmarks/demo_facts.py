@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None, help="override the demo's top-k (default: the CLI's demo default)")
     p.add_argument("--kv-reencode-head", type=int, default=None, help="override the demo's kv_reencode_head")
     p.add_argument("--retrieve-next", type=int, default=None, help="override the demo's retrieve_next")
-    p.add_argument("--adapter", default=None, help="an adapter to load, e.g. a reader (memlong train-reader) or 'reader'")
+    p.add_argument("--adapter", default=None, help="an adapter folder, e.g. a reader written by memlong train-reader")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer budget (default 24, the demo's)")
     p.add_argument("--json", metavar="OUT", help="write config, summary and per-fact records (rewritten after each fact)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while ingesting")

@@ -83,8 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refresh", default="0,0.25,0.5,1",
                    help="comma-separated kv_refresh shares, used when --methods is not given (default 0,0.25,0.5,1)")
     p.add_argument("--methods", help="comma-separated methods (see above), e.g. kv,head=16,ape=0.9/0.9,refresh=1")
-    p.add_argument("--reader", metavar="ADAPTER", help="a reader adapter (folder or packaged name) for the `reader` "
-                                                       "methods (memlong.reader)")
+    p.add_argument("--reader", metavar="DIR", help="a reader adapter folder (memlong train-reader) for the `reader` "
+                                                   "methods (memlong.reader)")
     p.add_argument("--window", type=int, default=2048, help="local_window of the model (default 2048: 8 pasted chunks fit)")
     p.add_argument("--paste-as", choices=("text", "llama-index"), default="text",
                    help="how the chunks are pasted: their texts joined as stored (default; what create_memlong_rag_chain "
@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     specs = args.methods.split(",") if args.methods else [f"refresh={x}" for x in args.refresh.split(",")]
     args.methods = [Method.parse(s) for s in specs]
     if any(m.memory_reader for m in args.methods) and not args.reader:
-        p.error("a `reader` method needs --reader ADAPTER (a folder written by `memlong train-reader`, or 'reader')")
+        p.error("a `reader` method needs --reader DIR, a folder written by `memlong train-reader`")
     return args
 
 

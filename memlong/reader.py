@@ -101,7 +101,7 @@ class Reader:
     def __init__(self, ml: MemLong, layers: dict[str, LoRALinear], meta: dict[str, Any]) -> None:
         self.layers, self.meta = layers, meta
         self._active = True
-        self.active = False
+        self.active = False  # switches every layer off (the setter only acts on a change)
 
         def switch(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
             ctx = kwargs.get("memlong_context")
@@ -214,15 +214,13 @@ def reader_examples(ml: MemLong, namespace: str, facts: Sequence[tuple[str, str,
     return out
 
 
-def distill_loss(ml: MemLong, reader: Reader, hits: Sequence[str], prompt: str, answer: str,
-                 namespace: str) -> torch.Tensor:
+def distill_loss(ml: MemLong, hits: Sequence[str], prompt: str, answer: str, namespace: str) -> torch.Tensor:
     """KL(base model over pasted chunks + tail || reader over stored K-V + tail) of the next-token distributions,
     mean over the tail's positions plus mean over the positions that predict the answer (tail: prompt + answer)."""
     text = "".join(ml.bank.get(c, namespace=namespace).text for c in hits)
     prompt_ids = ml.strip_sink(ml.tokenize(prompt))
     context, tail_ids = ml.encode_prompt(text), prompt_ids + ml.strip_sink(ml.tokenize(answer))
-    reader.active = False
-    with torch.no_grad():
+    with torch.no_grad():  # no memory: the decoder's pre-hook keeps the reader off for the teacher
         teacher = ml.run(context + tail_ids, logits_for=slice(len(context), None)).logits[0].log_softmax(-1)
         memory = ml.memory_for(list(hits), namespace)
     # the decoder's pre-hook switches the reader on: this forward reads memory at answer time
@@ -283,7 +281,7 @@ def train_reader(ml: MemLong, config: ReaderConfig, *, progress: bool = True, co
     bar = tqdm(examples, desc="train reader", disable=not progress)
     try:
         for i, (hits, prompt, answer) in enumerate(bar, 1):
-            loss = distill_loss(ml, reader, hits, prompt, answer, ns)
+            loss = distill_loss(ml, hits, prompt, answer, ns)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
