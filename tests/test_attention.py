@@ -21,7 +21,7 @@ def naive(q, k, v, n_visible, scaling):
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
-@pytest.mark.parametrize("lq, n_visible", [(7, 0), (7, 5), (1, 9), (16, 32)])
+@pytest.mark.parametrize("lq, n_visible", [(7, 0), (7, 5), (1, 9), (16, 32), (16, 1), (16, 8)])
 def test_backends_equal_exact_joint_softmax(backend, lq, n_visible):
     torch.manual_seed(lq + n_visible)
     q = torch.randn(1, 6, lq, 16)
@@ -73,3 +73,26 @@ def test_lower_right_causal_bias_is_the_same_mask(heads, kv_heads):
         torch.testing.assert_close(a, b)
     reference = joint_attention(q, k, v, 20, 0.25, backend="eager")
     torch.testing.assert_close(outs[1], reference, atol=1e-5, rtol=1e-5)  # the reference runs in float32
+
+
+@pytest.mark.parametrize("lq, n_visible", [(16, 1), (16, 8), (9, 4)])
+def test_short_prefix_padded_causal_is_the_same_mask(lq, n_visible):
+    """A short visible prefix runs as plain causal SDPA over zero-padded queries (the CPU fast path of one-window
+    ingest steps): same outputs and gradients as the boolean mask, with and without GQA."""
+    from memlong.attention import _attention_sdpa, _causal_padded
+
+    torch.manual_seed(lq)
+    for kv_heads in (4, 2):
+        q = torch.randn(1, 4, lq, 16, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(1, kv_heads, n_visible + lq, 16, dtype=torch.float64, requires_grad=True)
+        v = torch.randn(1, kv_heads, n_visible + lq, 16, dtype=torch.float64, requires_grad=True)
+        padded = _attention_sdpa(q, k, v, n_visible, 0.25)  # 2 * n_visible <= lq: the padded path
+        direct = _causal_padded(q, k, v, n_visible, 0.25, 0.0, 4 // kv_heads)
+        torch.testing.assert_close(padded, direct)
+        masked = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(lq, n_visible + lq, dtype=torch.bool).tril(n_visible), scale=0.25,
+            enable_gqa=kv_heads != 4)
+        torch.testing.assert_close(padded, masked)
+        for a, b in zip(torch.autograd.grad(padded.square().sum(), (q, k, v)),
+                        torch.autograd.grad(masked.square().sum(), (q, k, v))):
+            torch.testing.assert_close(a, b)
