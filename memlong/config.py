@@ -62,8 +62,13 @@ class MemLongConfig:
             over retrieved K-V in every layer is most of what ingestion costs beyond a plain prefill.
             With ``kv_source="memory_layer"`` the stored K-V never depend on it.
         local_window: tokens of local attention (the bounded cache while streaming).
-        ingest_step: tokens processed per streaming step (``None``: half the local window); the
-            cache keeps the last ``local_window - ingest_step`` tokens between steps.
+        ingest_step: tokens processed per streaming step; the cache keeps the last ``local_window -
+            ingest_step`` tokens between steps. ``None`` (default): ``ingest`` with document context and nothing
+            retrieved while storing (``ingest_top_k=0``) takes whole-window steps (``store_step``: no cache
+            carried, each window a plain prefill after the sink, 0.8x+ of plain prefill's speed; its stored K-V
+            scored as well as half-window steps on four plays and a 32k passkey, docs/benchmarks-cpu.md);
+            scoring (``perplexity``), training and ``ingest`` with ``ingest_top_k > 0`` take half-window steps
+            (``step``), so every scored token sees at least half a window before it.
         attention_sink: keep one shared sink token (the tokenizer's BOS) at position 0 of every
             window, stream and generation; without one, retrieved K-V collapsed perplexity in our
             prototype (README).
@@ -164,6 +169,14 @@ class MemLongConfig:
     def step(self) -> int:
         """Tokens per streaming step (resolved ``ingest_step``)."""
         return self.ingest_step if self.ingest_step is not None else max(self.chunk_size, self.local_window // 2)
+
+    @property
+    def store_step(self) -> int:
+        """Tokens per step of ``ingest`` with document context: ``ingest_step`` if set; else the whole local window
+        (rounded down to whole chunks) when nothing is retrieved while storing, ``step`` otherwise."""
+        if self.ingest_step is not None or self.ingest_k > 0:
+            return self.step
+        return max(self.chunk_size, self.local_window // self.chunk_size * self.chunk_size)
 
     @property
     def source_layers(self) -> tuple[int, ...]:

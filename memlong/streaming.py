@@ -1,13 +1,14 @@
 """Streaming a document through the model window by window: :class:`Stream`, ``ingest`` and ``perplexity``.
 
-A :class:`Stream` is one document on its way into memory. Each :meth:`Stream.step` (``config.step`` tokens)
+A :class:`Stream` is one document on its way into memory. Each :meth:`Stream.step` (``Stream.step_size`` tokens:
+``config.step`` unless given; ``ingest`` gives ``config.store_step``)
 
 1. retrieves ``k`` chunks (default ``ingest_top_k``; default 0: none) with the *previous* chunk as the query
    (never the step's own tokens), skipping chunks still in the local cache;
 2. runs the step over ``[retrieved K-V | sink | local cache | step]``;
 3. writes the step's chunks to the bank (pre-RoPE K-V of the source layers, computed with their real
    preceding context), after use;
-4. keeps only the last ``local_window - step`` tokens in the local cache.
+4. keeps only the last ``local_window - step_size`` tokens in the local cache.
 
 Memory is bounded by the bank's capacity, compute per step by the local window. ``ingest`` (below) streams
 whole documents; ``perplexity`` scores a document's tail; training (:mod:`memlong.train`) streams segments and
@@ -75,6 +76,7 @@ class Stream:
         store: write the steps' chunks to the bank (``False``: a local-window-only pass, nothing stored).
         batch_writes: embed chunks of steps that retrieve nothing in batches (written by the next full batch or
             :meth:`flush`); only for streams whose steps never retrieve, so that nothing can miss a pending chunk.
+        step_size: tokens per step (default ``config.step``); the cache keeps ``local_window - step_size`` tokens.
 
     Attributes:
         offset: document tokens consumed so far.
@@ -84,8 +86,11 @@ class Stream:
 
     def __init__(self, ml: MemLong, namespace: str, *, doc_id: str | None = None,
                  metadata: dict[str, Any] | None = None, isolated: bool = False, store: bool = True,
-                 batch_writes: bool = False) -> None:
+                 batch_writes: bool = False, step_size: int | None = None) -> None:
         self.ml = ml
+        self.step_size = ml.config.step if step_size is None else step_size
+        if not 0 < self.step_size <= ml.config.local_window:
+            raise ValueError(f"step_size ({self.step_size}) must be in 1..local_window ({ml.config.local_window}).")
         self.namespace = namespace
         self.doc_id = doc_id if doc_id is not None else f"doc-{time.time_ns()}"
         self.metadata = dict(metadata or {})
@@ -104,7 +109,7 @@ class Stream:
         """Process one step: retrieve ``k`` chunks (default ``ingest_top_k``), run, write its chunks, slide the cache.
 
         Args:
-            tokens: the step's token ids (at most ``config.step``).
+            tokens: the step's token ids (at most ``step_size``).
             k: chunks to retrieve for this step (0: none).
             logits: return the step's logits ``(1, T, V)`` (float32; differentiable outside ``no_grad``).
             span: the document span of a step whose tokens are not the document's own (a stripped chunk); the
@@ -191,9 +196,8 @@ class Stream:
         return embeddings
 
     def _slide(self, captured: KV) -> None:
-        """Keep the last ``local_window - step`` tokens in the local cache."""
-        cfg = self.ml.config
-        keep = 0 if self.isolated else cfg.local_window - cfg.step
+        """Keep the last ``local_window - step_size`` tokens in the local cache."""
+        keep = 0 if self.isolated else self.ml.config.local_window - self.step_size
         for layer in range(self.ml.num_layers):
             k_new, v_new = captured[layer]  # (1, Hkv, T, D)
             if keep and layer in self.cache:  # (with nothing kept, nothing to join)
@@ -284,12 +288,12 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(map(len, encoded)), unit="tok", desc=f"ingest[{namespace}]", disable=not progress)
-    size = ml.config.chunk_size if context == "chunk" else ml.config.step
+    size = ml.config.chunk_size if context == "chunk" else ml.config.store_step
     with torch.no_grad():
         for i, tokens in enumerate(encoded):
             stream = Stream(ml, namespace, doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}",
                             metadata=metadatas[i] if metadatas else None, isolated=context == "chunk",
-                            batch_writes=ml.config.ingest_k == 0)  # nothing retrieved: batch writes
+                            batch_writes=ml.config.ingest_k == 0, step_size=size)  # nothing retrieved: batch writes
             _ingest_one(ml, tokens, stream, size, strip, bar)
             stats.tokens += len(tokens)
             stats.chunk_ids += stream.chunk_ids

@@ -78,6 +78,40 @@ def test_ingest_streams_with_bounded_cache_and_previous_chunk_queries(make_tiny)
     assert spans[0] == (0, 128) and spans[-1][1] == len(tokens)
 
 
+def test_default_ingest_stores_whole_window_steps(make_tiny):
+    """Nothing retrieved while storing and no ingest_step: ``ingest`` steps a whole window with no cache carried
+    (the K-V of a stream of local_window-token steps, bit for bit; half-window steps store other K-V past the
+    first window); a document within one window stores the same K-V either way; scoring keeps half windows."""
+    from memlong.streaming import Stream
+
+    ml, _ = make_tiny(local_window=512)
+    assert (ml.config.store_step, ml.config.step) == (512, 256)
+    tokens = ml.tokenize(TEXT)
+    assert len(tokens) > 2 * 512
+    ids = ml.ingest(TEXT, namespace="default-steps", progress=False).chunk_ids
+
+    def streamed(namespace, step_size, toks):
+        stream = Stream(ml, namespace, doc_id="d", step_size=step_size)
+        with torch.no_grad():
+            for s in range(0, len(toks), step_size):
+                stream.step(toks[s:s + step_size])
+        stream.flush()
+        return stream.chunk_ids
+
+    whole, half = streamed("whole", 512, tokens), streamed("half", 256, tokens)
+    stored = {ns: ml.memory_for(c, ns)[0] for ns, c in [("default-steps", ids), ("whole", whole), ("half", half)]}
+    assert torch.equal(stored["default-steps"], stored["whole"])
+    first, rest = slice(None, 512), slice(512, None)  # keys (L_src, Hkv, tokens, D)
+    torch.testing.assert_close(stored["half"][:, :, first], stored["whole"][:, :, first], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(stored["half"][:, :, rest], stored["whole"][:, :, rest], atol=1e-3)
+    short = tokens[:400]  # within one window: every token sees all the tokens before it either way
+    a, b = streamed("short-whole", 512, short), streamed("short-half", 256, short)
+    torch.testing.assert_close(ml.memory_for(a, "short-whole")[1], ml.memory_for(b, "short-half")[1],
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="step_size"):
+        Stream(ml, "x", step_size=513)
+
+
 def test_ingest_does_not_retrieve_by_default(make_tiny):
     ml, _ = make_tiny(local_window=512, ingest_step=256, top_k=2)
     assert ml.config.ingest_top_k == 0
