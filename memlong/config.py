@@ -65,7 +65,7 @@ class MemLongConfig:
         ingest_step: tokens processed per streaming step; the cache keeps the last ``local_window -
             ingest_step`` tokens between steps. ``None`` (default): ``ingest`` with document context and nothing
             retrieved while storing (``ingest_top_k=0``) takes whole-window steps (``store_step``: no cache
-            carried, each window a plain prefill after the sink, 0.8x+ of plain prefill's speed; its stored K-V
+            carried, each window a plain prefill after the sink: 0.86-0.89x of plain prefill on the CPU; its stored K-V
             scored as well as half-window steps on four plays and a 32k passkey, docs/benchmarks-cpu.md);
             scoring (``perplexity``), training and ``ingest`` with ``ingest_top_k > 0`` take half-window steps
             (``step``), so every scored token sees at least half a window before it.
