@@ -7,6 +7,10 @@ lost it), whether the fact's chunk was retrieved and at which rank, the answer, 
 word, time to first token and the retrieved tokens re-encoded. A summary line splits the wrong answers into
 retrieval misses (fact's chunk not retrieved) and reading misses (retrieved, answer still wrong).
 
+Each fact is also asked with the same retrieved chunks pasted as text before the same prompt (re-encoded, no
+memory: what a text RAG pipeline gives the model). A reading miss whose pasted answer is right is a miss of
+reading K-V; one whose pasted answer is wrong too is the model's (issue 15 separates the two).
+
     python benchmarks/demo_facts.py --json results/demo-facts.json            # whole plays: ~15 min in all (2 cores)
     python benchmarks/demo_facts.py --tiny --json results/demo-facts-tiny.json  # 24,000-character slices
 
@@ -100,6 +104,7 @@ def run_fact(ml: Any, fact: Any, play: str, depth: float, args: argparse.Namespa
     stored = any(fact.contains(ml.bank.get(c, namespace=namespace).text) for c in ml.bank.chunk_ids(namespace))
     asked = ask_fact(ml, fact, namespace=namespace, max_new_tokens=args.max_new_tokens)
     gen = asked["stats"]
+    pasted = ask_pasted(ml, fact, namespace, gen.chunk_ids, args.max_new_tokens)
     ml.reset(namespace)
     return {"play": play, "depth": depth, "question": fact.question, "answer_word": fact.answer_word,
             "chars": len(text), "tokens": stats.tokens, "ingest_s": round(stats.seconds, 2),
@@ -107,7 +112,18 @@ def run_fact(ml: Any, fact: Any, play: str, depth: float, args: argparse.Namespa
             "fact_chunk_rank": asked["fact_chunk_rank"], "retrieved_chunks": len(gen.chunk_ids),
             "answer": asked["answer"], "answer_contains_fact": asked["answer_contains_fact"],
             "time_to_first_token_s": round(gen.time_to_first_token, 3), "reencoded_tokens": gen.refreshed_tokens,
-            "memory_tokens": gen.memory_tokens}
+            "memory_tokens": gen.memory_tokens, "pasted_answer": pasted,
+            "pasted_contains_fact": fact.contains(pasted)}
+
+
+def ask_pasted(ml: Any, fact: Any, namespace: str, chunk_ids: list[str], max_new_tokens: int) -> str:
+    """The answer with ``chunk_ids``' texts pasted in document order (the order their K-V are read in) before the
+    demo's prompt, re-encoded with no memory."""
+    from memlong.prompts import question_prompt
+
+    chunks = sorted((ml.bank.get(c, namespace=namespace) for c in chunk_ids), key=lambda c: c.order)
+    return ml.generate("".join(c.text for c in chunks) + question_prompt(fact.question), retrieve=False,
+                       answer_prefix=" " + fact.answer_prefix, max_new_tokens=max_new_tokens)
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -116,23 +132,26 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     misses = miss_counts([{"correct": r["answer_contains_fact"], "needle_seen": r["fact_chunk_retrieved"]}
                           for r in records])
     return {"facts": len(records), "answered": sum(r["answer_contains_fact"] for r in records),
+            "pasted_answered": sum(r["pasted_contains_fact"] for r in records),
             "retrieved": sum(r["fact_chunk_retrieved"] for r in records),
             "retrieval_misses": misses["retrieval"], "reading_misses": misses["reading"],
             "failed": describe_misses(misses)}
 
 
 def table(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    lines = ["| play | depth | tokens | fact's chunk (rank) | answer contains the fact | TTFT | answer |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| play | depth | tokens | fact's chunk (rank) | answer contains the fact | TTFT | answer | pasted text |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         rank = f"rank {r['fact_chunk_rank']} of {r['retrieved_chunks']}" if r["fact_chunk_retrieved"] else \
             ("not retrieved" if r["fact_chunk_stored"] else "not stored (evicted)")
         answer = " ".join(r["answer"].split())[:60].replace("|", "/")
         lines.append(f"| {r['play']} | {r['depth']:.2f} | {r['tokens']:,} | {rank} | "
                      f"{'yes' if r['answer_contains_fact'] else 'no'} ({r['answer_word']}) | "
-                     f"{r['time_to_first_token_s']:.2f} s | {answer} |")
-    lines.append(f"\nAnswered {summary['answered']} of {summary['facts']}; fact's chunk retrieved for "
-                 f"{summary['retrieved']}; failed: {summary['failed']}.")
+                     f"{r['time_to_first_token_s']:.2f} s | {answer} | "
+                     f"{'yes' if r['pasted_contains_fact'] else 'no'}: {' '.join(r['pasted_answer'].split())[:40]} |")
+    lines.append(f"\nAnswered {summary['answered']} of {summary['facts']} (the same chunks pasted as text: "
+                 f"{summary['pasted_answered']}); fact's chunk retrieved for {summary['retrieved']}; failed: "
+                 f"{summary['failed']}.")
     return "\n".join(lines)
 
 

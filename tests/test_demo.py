@@ -105,7 +105,9 @@ def test_demo_facts_tiny_run_records_and_checks_every_answer(tmp_path, capsys):
         assert r["fact_chunk_rank"] is None or 1 <= r["fact_chunk_rank"] <= r["retrieved_chunks"] == 4
         assert r["fact_chunk_stored"] and r["tokens"] > 4 * 1024 and r["time_to_first_token_s"] > 0
         assert 0 < r["reencoded_tokens"] <= 32 * r["retrieved_chunks"]  # each chunk's first 32 tokens (EPIC)
+        assert r["pasted_contains_fact"] == fact.contains(r["pasted_answer"]) and r["pasted_answer"].strip()
     summary = saved["summary"]
     assert summary["answered"] == sum(r["answer_contains_fact"] for r in records)
+    assert summary["pasted_answered"] == sum(r["pasted_contains_fact"] for r in records)
     assert summary["retrieval_misses"] + summary["reading_misses"] == 2 - summary["answered"]
     assert f"Answered {summary['answered']} of 2" in capsys.readouterr().out
