@@ -48,6 +48,52 @@ def tail_ppl(ml, tokens: list[int], step: int | None, tail: int) -> dict:
             **({"ingest_s": seconds, "ingested_tokens": len(tokens) - tail} if step is not None else {})}
 
 
+def planted_facts(ml, steps: list[int], trials: int, top_ks: list[int], seed: int = 0) -> list[dict]:
+    """Multi-chunk reading of document memory: ``trials`` slices of the plays (10,000 characters) each with one
+    invented fact planted at a random depth, ingested with each step and asked at each top-k (library defaults
+    otherwise, as in docs/how-it-works.md's tour). Per row: accuracy and the fact chunk's retrieval."""
+    import random
+
+    from demo_facts import PLAYS, facts
+
+    from memlong.demo import SAFFRON, DemoFact, ask_fact, plant_fact
+    from memlong.evaluation import shakespeare_text
+
+    pool = facts() + [SAFFRON, DemoFact("The keeper of the royal seal is Brannoc Vell.",
+                                        "Who is the keeper of the royal seal?", "The keeper of the royal seal is",
+                                        "Brannoc")]
+    rng = random.Random(seed)
+    cases = []
+    for i in range(trials):
+        text = shakespeare_text(PLAYS[i % len(PLAYS)])
+        start = rng.randrange(0, len(text) - 10_000)
+        cases.append((pool[i % len(pool)], plant_fact(text[start:start + 10_000], rng.uniform(0.1, 0.9),
+                                                      pool[i % len(pool)])))
+    base, out = ml.config, {}
+    try:
+        for step in steps:
+            for fact, text in cases:
+                ml.config = dataclasses.replace(base, ingest_step=step)
+                ml.reset("_facts")
+                ml.ingest(text, namespace="_facts", progress=False)
+                for k in top_ks:
+                    ml.config = dataclasses.replace(base, ingest_step=step, top_k=k)
+                    asked = ask_fact(ml, fact, namespace="_facts", echo=False)
+                    row = out.setdefault((step, k), {"bench": "facts", "ingest_step": step, "top_k": k,
+                                                     "trials": 0, "correct": 0, "retrieved": 0, "answers": []})
+                    row["trials"] += 1
+                    row["correct"] += int(asked["answer_contains_fact"])
+                    row["retrieved"] += int(asked["fact_chunk_rank"] is not None)
+                    row["answers"].append({"fact": fact.answer_word, "rank": asked["fact_chunk_rank"],
+                                           "answer": asked["answer"], "correct": asked["answer_contains_fact"]})
+    finally:
+        ml.config = base
+        ml.reset("_facts")
+    for row in out.values():
+        row["accuracy"] = row["correct"] / row["trials"]
+    return list(out.values())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +104,8 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=10, help="passkey trials per step (the same for each step)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-ppl", action="store_true", help="skip the perplexity rows (passkey only)")
+    p.add_argument("--facts", type=int, default=0, help="planted-fact trials per step (0: skip), asked at --fact-top-k")
+    p.add_argument("--fact-top-k", default="4,8", help="comma-separated top-k values for the planted facts")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,8 +128,16 @@ def main() -> None:
             rows.append({"bench": "passkey", "ingest_step": step, **{k: rec[k] for k in keep}})
             print(json.dumps(rows[-1]), flush=True)
         ml.config = base
+    if args.facts:
+        for row in planted_facts(ml, steps, args.facts, [int(k) for k in args.fact_top_k.split(",")]):
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "answers"}), flush=True)
     print("\n| bench | ingest_step | ppl / passkey accuracy | key NLL |\n| --- | --- | --- | --- |")
     for r in rows:
+        if r["bench"] == "facts":
+            print(f"| facts, top-k {r['top_k']} | {r['ingest_step']} | {r['correct']}/{r['trials']} "
+                  f"(fact's chunk retrieved {r['retrieved']}) | |")
+            continue
         value = f"{r['ppl']:.3f}" if r["bench"] == "ppl" else f"{r['accuracy']:.2f} ({r['trials']} trials)"
         print(f"| {r['bench']} | {r['ingest_step']} | {value} | {r.get('key_nll', ''):.4} |"
               if "key_nll" in r else f"| {r['bench']} | {r['ingest_step']} | {value} | |")

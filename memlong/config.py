@@ -64,11 +64,11 @@ class MemLongConfig:
         local_window: tokens of local attention (the bounded cache while streaming).
         ingest_step: tokens processed per streaming step; the cache keeps the last ``local_window -
             ingest_step`` tokens between steps. ``None`` (default): ``ingest`` with document context and nothing
-            retrieved while storing (``ingest_top_k=0``) takes whole-window steps (``store_step``: no cache
-            carried, each window a plain prefill after the sink: 0.86-0.89x of plain prefill on the CPU; its stored K-V
-            scored as well as half-window steps on four plays and a 32k passkey, docs/benchmarks-cpu.md);
-            scoring (``perplexity``), training and ``ingest`` with ``ingest_top_k > 0`` take half-window steps
-            (``step``), so every scored token sees at least half a window before it.
+            retrieved while storing (``ingest_top_k=0``) takes steps of the window less one chunk (``store_step``,
+            896 tokens: each step sees the previous step's last chunk; 0.84x of plain prefill on the CPU, and its
+            stored K-V answered planted facts as well as half-window steps, docs/benchmarks-cpu.md); scoring
+            (``perplexity``), training and ``ingest`` with ``ingest_top_k > 0`` take half-window steps (``step``),
+            so every scored token sees at least half a window before it.
         attention_sink: keep one shared sink token (the tokenizer's BOS) at position 0 of every
             window, stream and generation; without one, retrieved K-V collapsed perplexity in our
             prototype (README).
@@ -172,11 +172,11 @@ class MemLongConfig:
 
     @property
     def store_step(self) -> int:
-        """Tokens per step of ``ingest`` with document context: ``ingest_step`` if set; else the whole local window
-        (rounded down to whole chunks) when nothing is retrieved while storing, ``step`` otherwise."""
+        """Tokens per step of ``ingest`` with document context: ``ingest_step`` if set; ``step`` when retrieving while
+        storing; else the local window less one chunk (in whole chunks), so each step keeps one chunk of context."""
         if self.ingest_step is not None or self.ingest_k > 0:
             return self.step
-        return max(self.chunk_size, self.local_window // self.chunk_size * self.chunk_size)
+        return max(self.chunk_size, (self.local_window // self.chunk_size - 1) * self.chunk_size)
 
     @property
     def source_layers(self) -> tuple[int, ...]:

@@ -78,16 +78,16 @@ def test_ingest_streams_with_bounded_cache_and_previous_chunk_queries(make_tiny)
     assert spans[0] == (0, 128) and spans[-1][1] == len(tokens)
 
 
-def test_default_ingest_stores_whole_window_steps(make_tiny):
-    """Nothing retrieved while storing and no ingest_step: ``ingest`` steps a whole window with no cache carried
-    (the K-V of a stream of local_window-token steps, bit for bit; half-window steps store other K-V past the
-    first window); a document within one window stores the same K-V either way; scoring keeps half windows."""
+def test_default_ingest_steps_a_window_less_one_chunk(make_tiny):
+    """Nothing retrieved while storing and no ingest_step: ``ingest`` steps the window less one chunk, keeping one
+    chunk of cache (the K-V of a stream of such steps, bit for bit; half-window steps store other K-V past the
+    first step); a document within one step stores the same K-V either way; scoring keeps half windows."""
     from memlong.streaming import Stream
 
     ml, _ = make_tiny(local_window=512)
-    assert (ml.config.store_step, ml.config.step) == (512, 256)
+    assert (ml.config.store_step, ml.config.step, ml.config.chunk_size) == (384, 256, 128)
     tokens = ml.tokenize(TEXT)
-    assert len(tokens) > 2 * 512
+    assert len(tokens) > 3 * 384
     ids = ml.ingest(TEXT, namespace="default-steps", progress=False).chunk_ids
 
     def streamed(namespace, step_size, toks):
@@ -95,18 +95,19 @@ def test_default_ingest_stores_whole_window_steps(make_tiny):
         with torch.no_grad():
             for s in range(0, len(toks), step_size):
                 stream.step(toks[s:s + step_size])
+                assert stream.cache_len == min(512 - step_size, stream.offset)  # the cache keeps window - step
         stream.flush()
         return stream.chunk_ids
 
-    whole, half = streamed("whole", 512, tokens), streamed("half", 256, tokens)
-    stored = {ns: ml.memory_for(c, ns)[0] for ns, c in [("default-steps", ids), ("whole", whole), ("half", half)]}
-    assert torch.equal(stored["default-steps"], stored["whole"])
-    first, rest = slice(None, 512), slice(512, None)  # keys (L_src, Hkv, tokens, D)
-    torch.testing.assert_close(stored["half"][:, :, first], stored["whole"][:, :, first], atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(stored["half"][:, :, rest], stored["whole"][:, :, rest], atol=1e-3)
-    short = tokens[:400]  # within one window: every token sees all the tokens before it either way
-    a, b = streamed("short-whole", 512, short), streamed("short-half", 256, short)
-    torch.testing.assert_close(ml.memory_for(a, "short-whole")[1], ml.memory_for(b, "short-half")[1],
+    steps, half = streamed("steps", 384, tokens), streamed("half", 256, tokens)
+    stored = {ns: ml.memory_for(c, ns)[0] for ns, c in [("default-steps", ids), ("steps", steps), ("half", half)]}
+    assert torch.equal(stored["default-steps"], stored["steps"])
+    first, rest = slice(None, 384), slice(384, None)  # keys (L_src, Hkv, tokens, D)
+    torch.testing.assert_close(stored["half"][:, :, first], stored["steps"][:, :, first], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(stored["half"][:, :, rest], stored["steps"][:, :, rest], atol=1e-3)
+    short = tokens[:300]  # within one step: every token sees all the tokens before it either way
+    a, b = streamed("short-steps", 384, short), streamed("short-half", 256, short)
+    torch.testing.assert_close(ml.memory_for(a, "short-steps")[1], ml.memory_for(b, "short-half")[1],
                                atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="step_size"):
         Stream(ml, "x", step_size=513)
