@@ -77,8 +77,8 @@ def test_lower_right_causal_bias_is_the_same_mask(heads, kv_heads):
 
 @pytest.mark.parametrize("lq, n_visible", [(16, 1), (16, 8), (9, 4)])
 def test_short_prefix_padded_causal_is_the_same_mask(lq, n_visible):
-    """A short visible prefix runs as plain causal SDPA over zero-padded queries (the CPU fast path of one-window
-    ingest steps): same outputs and gradients as the boolean mask, with and without GQA."""
+    """A short visible prefix runs as plain causal SDPA over zero-padded queries (the CPU fast path of ingest
+    steps): same outputs and gradients as the boolean mask, with and without GQA."""
     from memlong.attention import _attention_sdpa, _causal_padded
 
     torch.manual_seed(lq)
