@@ -12,8 +12,11 @@ stored. This measures what that costs the stored K-V, read back the way a user r
 * ``passkey``: ``memlong.evaluation.passkey`` in memlong mode (the haystack ingested with the step, the question
   answered from retrieved K-V alone), the same haystacks and keys for every step (same seed): accuracy and the
   key's mean NLL, which moves before accuracy does.
+* ``facts`` (``--facts N``): N play slices, each with one invented fact planted at a random depth (the same slices
+  for every step), ingested with each step and asked at ``--fact-top-k`` (several chunks read at once).
 
     python benchmarks/ingest_steps.py --steps 512,768,1024 --json results/ingest-steps.json
+    python benchmarks/ingest_steps.py --steps 512,896,1024 --no-ppl --passkey-length 0 --facts 28
 """
 
 from __future__ import annotations
