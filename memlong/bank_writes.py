@@ -99,6 +99,11 @@ class BankWrites:
         # staging namespaces (memlong.upsert) hold a copy of what is being written: not counted twice
         others = sum(s.nbytes for n, s in self._spaces.items() if n != namespace and not n.startswith(STAGING_PREFIX))
         incoming = sum(sizes.values())
+        if incoming > self.max_bytes:
+            raise MemoryFullError(
+                f"One write of {incoming} bytes to namespace {namespace!r} is larger than the bank's whole "
+                f"max_bytes={self.max_bytes}; nothing was changed. Write fewer chunks at a time (an ingest writes one "
+                "step's chunks at once: lower MemLongConfig.ingest_step) or raise max_bytes.")
         if others + incoming > self.max_bytes:
             raise MemoryFullError(
                 f"Cannot add {incoming} bytes to namespace {namespace!r}: the other namespaces hold the rest of the "

@@ -22,8 +22,8 @@ Contract:
       ``capacity``.
     * Bytes (``max_bytes``, optional): K-V, embeddings, texts and metadata of the whole bank. An add that
       overflows it evicts in the namespace being written (same order as above) until the bank fits; an add
-      that cannot fit even then (other namespaces hold the bytes) raises :class:`MemoryFullError`, writing
-      nothing.
+      that cannot fit even then (other namespaces hold the bytes, or the add alone is larger than ``max_bytes``)
+      raises :class:`MemoryFullError`, writing nothing.
     * Atomic writes: an add either happens whole (with its evictions) or raises and changes nothing;
       ``add_chunks(..., replace=ids)`` swaps chunks in one step (an upsert) and never evicts what it writes.
     * Threads: any number of threads may search, fetch and read while others add, delete or evict. A

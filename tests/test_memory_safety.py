@@ -96,9 +96,12 @@ def test_byte_limit_evicts_only_the_writer_or_refuses(tmp_path):
     assert 0 < len(bank.chunk_ids("alice")) < 60
     assert bank.get(bank.chunk_ids("alice")[-1], namespace="alice").text == "alice line 059"
     # carol cannot fit beside the others without evicting them: refused, nothing written, nobody evicted
-    big = kv(2 * 60, dim=8)
+    essay = kv(28, dim=8)  # 7 kB: would fit an empty bank, not beside bob's 6 kB
     with pytest.raises(MemoryFullError, match="other namespaces hold"):
-        bank.add_chunks(["carol's essay"], keys=[big[0]], values=[big[1]], namespace="carol")
+        bank.add_chunks(["carol's essay"], keys=[essay[0]], values=[essay[1]], namespace="carol")
+    big = kv(2 * 60, dim=8)  # larger than the whole budget: told so, not blamed on the others
+    with pytest.raises(MemoryFullError, match="larger than the bank's whole max_bytes"):
+        bank.add_chunks(["carol's book"], keys=[big[0]], values=[big[1]], namespace="carol")
     assert "carol" not in bank.namespaces() and same(before, snapshot(bank, "bob"))
     with pytest.raises(ValueError, match="can never fit"):
         MemoryBank(embedder=emb, capacity=4).add_chunks(["long"], keys=[kv(5)[0]], values=[kv(5)[1]])
@@ -107,10 +110,16 @@ def test_byte_limit_evicts_only_the_writer_or_refuses(tmp_path):
 
 
 def test_memlong_config_bounds_bytes(make_tiny):
-    ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2, memory_max_bytes=40_000)
-    assert ml.bank.max_bytes == 40_000
-    ml.ingest(" ".join(f"Sentence number {i} of a document." for i in range(20)), namespace="d", progress=False)
-    assert 0 < ml.bank.nbytes() <= 40_000
+    text = " ".join(f"Sentence number {i} of a document." for i in range(20))
+    ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2, memory_max_bytes=60_000)
+    assert ml.bank.max_bytes == 60_000
+    ml.ingest(text, namespace="d", progress=False)  # several steps of 48 tokens: eviction keeps the bank in bounds
+    assert ml.bank.num_tokens("d") < len(ml.tokenize(text))
+    assert 0 < ml.bank.nbytes() <= 60_000
+    small, _ = make_tiny(chunk_size=16, local_window=64, top_k=2, memory_max_bytes=40_000)
+    with pytest.raises(MemoryFullError, match="One write of .* larger than the bank's whole max_bytes=40000.*ingest_step"):
+        small.ingest(text, namespace="d", progress=False)  # one 48-token step's K-V alone exceed the budget
+    assert small.bank.num_tokens() == 0  # nothing half-written
     with pytest.raises(ValueError, match="memory_max_bytes"):
         make_tiny(memory_max_bytes=-1)
 
