@@ -74,7 +74,7 @@ def bench_ingest(ml, text: str, tokens: int, ingest_ks: list[int], repeats: int 
         memlong_s, plain_s = statistics.median(memlong_runs), statistics.median(plain_runs)
         ratios = [p / m for p, m in zip(plain_runs, memlong_runs)]
         mid = sorted(range(repeats), key=memlong_runs.__getitem__)[(repeats - 1) // 2]  # the median run's split
-        rows.append({"bench": "ingest", "ingest_top_k": k, "ingest_step": ml.config.step, "tokens": len(ids),
+        rows.append({"bench": "ingest", "ingest_top_k": k, "ingest_step": ml.config.store_step, "tokens": len(ids),
                      "memlong_tok_s": len(ids) / memlong_s,
                      "plain_prefill_tok_s": len(ids) / plain_s, "ratio": plain_s / memlong_s,
                      "ratio_min": min(ratios), "ratio_max": max(ratios), "repeats": repeats,
@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingest-top-k", default="0,8",
                    help="ingest_top_k values to time (default 0,8: the default, and retrieving top_k while storing)")
     p.add_argument("--ingest-steps", default=None,
-                   help="comma-separated ingest_step values to time (default: the config's, half the local window)")
+                   help="comma-separated ingest_step values to time (default: the config's: whole-window steps when "
+                        "nothing is retrieved while storing, half-window steps otherwise)")
     p.add_argument("--ttft-chunks", default="8,16", help="retrieved 512-token chunks for the TTFT benchmark")
     p.add_argument("--faiss-sizes", default="1000,10000,100000,1000000", help="bank sizes (chunks)")
     p.add_argument("--bank-max", type=int, default=100_000, help="largest size also measured through MemoryBank")

@@ -14,9 +14,12 @@ stored. This measures what that costs the stored K-V, read back the way a user r
   key's mean NLL, which moves before accuracy does.
 * ``facts`` (``--facts N``): N play slices, each with one invented fact planted at a random depth (the same slices
   for every step), ingested with each step and asked at ``--fact-top-k`` (several chunks read at once).
+* ``quickstart`` (``--quickstart-cuts``): the README quickstart's fact planted at several places in its document,
+  asked as the quickstart asks it (how much a single documented answer depends on the step and the place).
 
     python benchmarks/ingest_steps.py --steps 512,768,1024 --json results/ingest-steps.json
     python benchmarks/ingest_steps.py --steps 512,896,1024 --no-ppl --passkey-length 0 --facts 28
+    python benchmarks/ingest_steps.py --steps 512,896,1024 --no-ppl --passkey-length 0 --quickstart-cuts 5000,6000
 """
 
 from __future__ import annotations
@@ -97,6 +100,35 @@ def planted_facts(ml, steps: list[int], trials: int, top_ks: list[int], seed: in
     return list(out.values())
 
 
+def quickstart_cuts(ml, steps: list[int], cuts: list[int], top_ks: list[int]) -> list[dict]:
+    """The README quickstart's fact (Macbeth's first 12,000 characters, the fact on its own line at the line break
+    before each of ``cuts`` characters), ingested with each step and asked as the quickstart asks it, at each top-k.
+    One row per cut, step and top-k: the answer and whether it names the fact."""
+    from memlong.evaluation import shakespeare_text
+
+    play = shakespeare_text("macbeth")[:12_000]
+    question = "Who is the keeper of the northern tower?"
+    base, rows = ml.config, []
+    try:
+        for at in cuts:
+            cut = play.rfind("\n", 0, at)
+            document = play[:cut] + "\nThe keeper of the northern tower is Halvora Quint.\n" + play[cut:]
+            for step in steps:
+                ml.config = dataclasses.replace(base, ingest_step=step)
+                ml.reset("_quickstart")
+                ml.ingest(document, namespace="_quickstart", progress=False)
+                for k in top_ks:
+                    ml.config = dataclasses.replace(base, ingest_step=step, top_k=k)
+                    answer = ml.generate(f"\nQuestion: {question}\nAnswer:", query=question, namespace="_quickstart",
+                                         answer_prefix=" The keeper of the northern tower is", max_new_tokens=8)
+                    rows.append({"bench": "quickstart", "cut": at, "fact_token": len(ml.tokenize(play[:cut])),
+                                 "ingest_step": step, "top_k": k, "answer": answer, "correct": "Halvora" in answer})
+    finally:
+        ml.config = base
+        ml.reset("_quickstart")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +141,10 @@ def main() -> None:
     p.add_argument("--no-ppl", action="store_true", help="skip the perplexity rows (passkey only)")
     p.add_argument("--facts", type=int, default=0, help="planted-fact trials per step (0: skip), asked at --fact-top-k")
     p.add_argument("--fact-top-k", default="4,8", help="comma-separated top-k values for the planted facts")
+    p.add_argument("--seed", type=int, default=0, help="seed of the planted facts' slices and depths")
+    p.add_argument("--quickstart-cuts", default="",
+                   help="comma-separated character offsets at which to plant the README quickstart's fact (asked at "
+                        "--fact-top-k; empty: skip)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -132,14 +168,22 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         ml.config = base
     if args.facts:
-        for row in planted_facts(ml, steps, args.facts, [int(k) for k in args.fact_top_k.split(",")]):
+        for row in planted_facts(ml, steps, args.facts, [int(k) for k in args.fact_top_k.split(",")], args.seed):
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "answers"}), flush=True)
+    if args.quickstart_cuts:
+        for row in quickstart_cuts(ml, steps, [int(c) for c in args.quickstart_cuts.split(",")],
+                                   [int(k) for k in args.fact_top_k.split(",")]):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     print("\n| bench | ingest_step | ppl / passkey accuracy | key NLL |\n| --- | --- | --- | --- |")
     for r in rows:
         if r["bench"] == "facts":
             print(f"| facts, top-k {r['top_k']} | {r['ingest_step']} | {r['correct']}/{r['trials']} "
                   f"(fact's chunk retrieved {r['retrieved']}) | |")
+            continue
+        if r["bench"] == "quickstart":
+            print(f"| quickstart, cut {r['cut']}, top-k {r['top_k']} | {r['ingest_step']} | {r['answer']!r} | |")
             continue
         value = f"{r['ppl']:.3f}" if r["bench"] == "ppl" else f"{r['accuracy']:.2f} ({r['trials']} trials)"
         print(f"| {r['bench']} | {r['ingest_step']} | {value} | {r.get('key_nll', ''):.4} |"

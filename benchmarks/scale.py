@@ -187,7 +187,7 @@ def measure(ml, other, needles: list[dict], size: int, state: dict, ns: str, arg
         banks[f"disk-{other.quantization}"] = other
     record = {"size": size, "tokens": state["done"], "ingest_tokens_per_s": state["done"] / state["ingest_s"],
               "chunks": len(ml.bank.chunk_ids(ns)), **rss(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": args.machine, "threads": args.threads, "ingest_step": ml.config.step, "banks": {}}
+              "machine": args.machine, "threads": args.threads, "ingest_step": ml.config.store_step, "banks": {}}
     for name, bank in banks.items():
         if bank.path is not None:
             bank.commit()

@@ -62,11 +62,14 @@ class MemLongConfig:
             over retrieved K-V in every layer is most of what ingestion costs beyond a plain prefill.
             With ``kv_source="memory_layer"`` the stored K-V never depend on it.
         local_window: tokens of local attention (the bounded cache while streaming).
-        ingest_step: tokens processed per streaming step (``None``: half the local window); the
-            cache keeps the last ``local_window - ingest_step`` tokens between steps. Larger steps ingest faster
-            (896: 0.84-0.88x of plain prefill on the CPU, 1024: 0.90-0.93x, against 0.74-0.78x) and answered
-            planted facts about as well in total, but each step changes which single answers come out right, so
-            the default stays (docs/benchmarks-cpu.md).
+        ingest_step: tokens processed per streaming step; the cache keeps the last ``local_window -
+            ingest_step`` tokens between steps. ``None`` (default): ``ingest`` with document context and nothing
+            retrieved while storing (``ingest_top_k=0``) takes steps of the window less one chunk (``store_step``,
+            896 tokens: each step sees the previous step's last chunk; 0.84-0.88x of plain prefill on the CPU
+            against 0.74-0.78x for half windows, with the same perplexity and passkey, and 81 of 100 planted facts
+            answered against 77; docs/benchmarks-cpu.md); scoring (``perplexity``), training and ``ingest`` with
+            ``ingest_top_k > 0`` take half-window steps (``step``), so every scored token sees at least half a
+            window before it.
         attention_sink: keep one shared sink token (the tokenizer's BOS) at position 0 of every
             window, stream and generation; without one, retrieved K-V collapsed perplexity in our
             prototype (README).
@@ -167,6 +170,14 @@ class MemLongConfig:
     def step(self) -> int:
         """Tokens per streaming step (resolved ``ingest_step``)."""
         return self.ingest_step if self.ingest_step is not None else max(self.chunk_size, self.local_window // 2)
+
+    @property
+    def store_step(self) -> int:
+        """Tokens per step of ``ingest`` with document context: ``ingest_step`` if set; ``step`` when retrieving while
+        storing; else the local window less one chunk (in whole chunks), so each step keeps one chunk of context."""
+        if self.ingest_step is not None or self.ingest_k > 0:
+            return self.step
+        return max(self.chunk_size, (self.local_window // self.chunk_size - 1) * self.chunk_size)
 
     @property
     def source_layers(self) -> tuple[int, ...]:

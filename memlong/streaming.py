@@ -1,7 +1,7 @@
 """Streaming a document through the model window by window: :class:`Stream`, ``ingest`` and ``perplexity``.
 
-A :class:`Stream` is one document on its way into memory. Each :meth:`Stream.step` (``Stream.step_size`` tokens,
-``config.step`` unless given)
+A :class:`Stream` is one document on its way into memory. Each :meth:`Stream.step` (``Stream.step_size`` tokens:
+``config.step`` unless given; ``ingest`` gives ``config.store_step``)
 
 1. retrieves ``k`` chunks (default ``ingest_top_k``; default 0: none) with the *previous* chunk as the query
    (never the step's own tokens), skipping chunks still in the local cache;
@@ -288,7 +288,7 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(map(len, encoded)), unit="tok", desc=f"ingest[{namespace}]", disable=not progress)
-    size = ml.config.chunk_size if context == "chunk" else ml.config.step
+    size = ml.config.chunk_size if context == "chunk" else ml.config.store_step
     with torch.no_grad():
         for i, tokens in enumerate(encoded):
             stream = Stream(ml, namespace, doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}",

@@ -19,6 +19,14 @@ def test_per_layer_default_and_named_layer_sets():
     assert cfg.source_index(17) == 2
 
 
+def test_ingest_steps_a_window_less_one_chunk_only_when_nothing_is_retrieved_while_storing():
+    assert (MemLongConfig().store_step, MemLongConfig().step) == (896, 512)  # ingest vs scoring/training
+    assert MemLongConfig(ingest_top_k=4).store_step == 512  # retrieving while storing: half-window steps
+    assert MemLongConfig(ingest_step=256).store_step == MemLongConfig(ingest_step=256).step == 256  # set: used
+    assert MemLongConfig(local_window=1000, chunk_size=128).store_step == 768  # whole chunks only
+    assert MemLongConfig(local_window=200, chunk_size=128).store_step == 128  # at least one chunk
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -78,16 +78,17 @@ def test_ingest_streams_with_bounded_cache_and_previous_chunk_queries(make_tiny)
     assert spans[0] == (0, 128) and spans[-1][1] == len(tokens)
 
 
-def test_ingest_step_sets_the_stream_step_and_the_cache(make_tiny):
-    """``ingest_step`` sets how many tokens each ingest step takes and the cache keeps ``local_window`` minus it: a
-    larger step stores the K-V of a stream of such steps, bit for bit; a document within one step stores the same
-    K-V with either step, and a longer one other K-V past the first step."""
+def test_default_ingest_steps_a_window_less_one_chunk(make_tiny):
+    """Nothing retrieved while storing and no ingest_step: ``ingest`` steps the window less one chunk, keeping one
+    chunk of cache (the K-V of a stream of such steps, bit for bit; half-window steps store other K-V past the
+    first step); a document within one step stores the same K-V either way; scoring keeps half windows."""
     from memlong.streaming import Stream
 
-    ml, _ = make_tiny(local_window=512, ingest_step=384)
+    ml, _ = make_tiny(local_window=512)
+    assert (ml.config.store_step, ml.config.step, ml.config.chunk_size) == (384, 256, 128)
     tokens = ml.tokenize(TEXT)
     assert len(tokens) > 3 * 384
-    ids = ml.ingest(TEXT, namespace="steps-384", progress=False).chunk_ids
+    ids = ml.ingest(TEXT, namespace="default-steps", progress=False).chunk_ids
 
     def streamed(namespace, step_size, toks):
         stream = Stream(ml, namespace, doc_id="d", step_size=step_size)
@@ -99,8 +100,8 @@ def test_ingest_step_sets_the_stream_step_and_the_cache(make_tiny):
         return stream.chunk_ids
 
     steps, half = streamed("steps", 384, tokens), streamed("half", 256, tokens)
-    stored = {ns: ml.memory_for(c, ns)[0] for ns, c in [("steps-384", ids), ("steps", steps), ("half", half)]}
-    assert torch.equal(stored["steps-384"], stored["steps"])
+    stored = {ns: ml.memory_for(c, ns)[0] for ns, c in [("default-steps", ids), ("steps", steps), ("half", half)]}
+    assert torch.equal(stored["default-steps"], stored["steps"])
     first, rest = slice(None, 384), slice(384, None)  # keys (L_src, Hkv, tokens, D)
     torch.testing.assert_close(stored["half"][:, :, first], stored["steps"][:, :, first], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(stored["half"][:, :, rest], stored["steps"][:, :, rest], atol=1e-3)
