@@ -116,3 +116,18 @@ def test_kv_fidelity_benchmark_methods_on_the_gazetteer(tmp_path):
     assert mixed["tokens_encoded_mean"] == stored["tokens_encoded_mean"] + 2 * 4  # 4 tokens of each of 2 chunks
     assert [set(t["kv_answers"]) for t in data["trials"]] == [{"kv", "head=4+ape=0.9/0.9"}] * 2
     assert png.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_kv_positions_benchmark_shared_is_continual_for_one_chunk(tmp_path):
+    import kv_positions
+
+    out = tmp_path / "positions.json"
+    assert kv_positions.main(["--facts", "2", "--plays", "macbeth", "--chars", "3000", "--top-k", "1,2",
+                              "--max-new-tokens", "3", "--json", str(out)]) == 0
+    rows = {(r["top_k"], r["layout"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(k, layout) for k in (1, 2) for layout in kv_positions.LAYOUTS}
+    # one chunk sits at 1..len either way: the shared layout is the continual one exactly
+    assert rows[(1, "shared")]["kl_mean"] == pytest.approx(rows[(1, "continual")]["kl_mean"], abs=1e-6)
+    # two chunks: the second one moves back to position 1, which changes what is read
+    assert rows[(2, "shared")]["kl_mean"] != pytest.approx(rows[(2, "continual")]["kl_mean"], abs=1e-6)
