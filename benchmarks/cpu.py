@@ -283,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingest-top-k", default="0,8",
                    help="ingest_top_k values to time (default 0,8: the default, and retrieving top_k while storing)")
     p.add_argument("--ingest-steps", default=None,
-                   help="comma-separated ingest_step values to time (default: the config's: whole-window steps when "
-                        "nothing is retrieved while storing, half-window steps otherwise)")
+                   help="comma-separated ingest_step values to time (default: the config's store_step: the window "
+                        "less one chunk when nothing is retrieved while storing, half-window steps otherwise)")
     p.add_argument("--ttft-chunks", default="8,16", help="retrieved 512-token chunks for the TTFT benchmark")
     p.add_argument("--faiss-sizes", default="1000,10000,100000,1000000", help="bank sizes (chunks)")
     p.add_argument("--bank-max", type=int, default=100_000, help="largest size also measured through MemoryBank")
