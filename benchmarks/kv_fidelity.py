@@ -8,8 +8,11 @@ are read two ways by the default model,
 * ``kv``: ``[sink] + stored chunk-alone K-V + tail``, read with one *method*: a ``+``-joined list of
   ``refresh=R`` (``kv_refresh``), ``head=N`` (``kv_reencode_head``, EPIC), ``ape=T/S`` (``memory_temperature``
   / ``memory_scale``, APE), ``reader`` (read through the reader adapter given by ``--reader``,
-  :mod:`memlong.reader`; every other method reads with the base model) or ``kv`` (as stored). ``refresh=1``
-  re-encodes every retrieved token (the pasted reading; the other end of the frontier).
+  :mod:`memlong.reader`; every other method reads with the base model), ``shared`` (every chunk at the positions
+  its chunk-alone K-V were computed at, ``1..len`` after the sink, and the question after the longest one: PCW /
+  APE positions instead of the library's consecutive ``continual`` layout; not a library option, built here by
+  :func:`shared_positions`) or ``kv`` (as stored). ``refresh=1`` re-encodes every retrieved token (the pasted
+  reading; the other end of the frontier).
 
 Per (top-k, method): KL(paste || kv) of the first answer token's distribution, how often the first token and the
 greedy answer agree (``memlong.evaluation.answer_key``), both sides' accuracy, tokens encoded and re-encoded
@@ -18,12 +21,14 @@ every trial (fact chunk retrieved?, both answers).
 
     python benchmarks/kv_fidelity.py --top-k 4 --methods kv,head=16,ape=0.9/0.9,refresh=1 \\
         --json results/kv-fidelity-frontier.json --plot results/kv-fidelity-frontier.png
+    python benchmarks/kv_fidelity.py --top-k 4,8 --methods kv,shared,shared+ape=0.9/0.9   # positions
     python benchmarks/kv_fidelity.py --replot results/a.json,results/b.json --plot both.png   # no model run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,6 +51,7 @@ class Method:
     memory_temperature: float = 1.0
     memory_scale: float = 1.0
     memory_reader: bool = False
+    shared_positions: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> Method:
@@ -58,6 +64,9 @@ class Method:
             if key == "reader" and not value:
                 fields["memory_reader"] = True
                 continue
+            if key == "shared" and not value:
+                fields["shared_positions"] = True
+                continue
             if key == "refresh":
                 fields["kv_refresh"] = float(value)
             elif key == "head":
@@ -66,8 +75,11 @@ class Method:
                 t, _, s = value.partition("/")
                 fields["memory_temperature"], fields["memory_scale"] = float(t), float(s or t)
             else:
-                raise ValueError(f"unknown method part {part!r}: use kv, reader, refresh=R, head=N or ape=T/S joined "
-                                 "by '+'.")
+                raise ValueError(f"unknown method part {part!r}: use kv, reader, shared, refresh=R, head=N or ape=T/S "
+                                 "joined by '+'.")
+        if fields.get("shared_positions") and (fields.get("kv_refresh") or fields.get("kv_reencode_head")):
+            raise ValueError(f"{spec!r}: `shared` cannot be combined with refresh/head, which re-encode tokens at "
+                             "the consecutive layout's positions.")
         return cls(name=spec, **fields)
 
 
@@ -186,6 +198,42 @@ def _read(ml, ids: list[int], memory, max_new_tokens: int, extra_s: float = 0.0)
     return logits.log_softmax(-1), answer, extra_s + g.stats.time_to_first_token
 
 
+@contextlib.contextmanager
+def shared_positions(lengths: list[int]):
+    """While inside: contexts with retrieved memory place chunk i (document order) at positions ``1..lengths[i]``,
+    the sink at 0, and the new tokens at ``1 + max(lengths)``; everything else as the library builds it (APE from
+    the config). With one chunk this is the ``continual`` layout exactly."""
+    import torch
+
+    import memlong.model as model
+    from memlong.attention import rotate
+    from memlong.positions import build_context, rope
+
+    def shared(ml, memory=None, cache=None, *, capture=False, grow=False):
+        if memory is None or cache:
+            return build_context(ml, memory, cache, capture=capture, grow=grow)
+        ctx, _ = build_context(ml, None, None, capture=capture, grow=grow)  # the sink alone
+        positions = torch.cat([torch.arange(n) + 1 for n in lengths])
+        if positions.numel() != memory[0].shape[2]:
+            raise ValueError(f"chunk lengths {lengths} do not add up to the {memory[0].shape[2]} memory tokens.")
+        cos, sin = rope(ml, positions)
+        for layer in ml.config.retrieval_layers:
+            src = ml.config.source_index(layer)
+            keys = rotate(memory[0][src].unsqueeze(0), cos, sin)
+            sink_k, sink_v = ctx.prefix[layer]
+            ctx.prefix[layer] = (torch.cat([keys, sink_k], 2), torch.cat([memory[1][src].unsqueeze(0), sink_v], 2))
+            ctx.memory_len[layer] = positions.numel()
+        ape = (float(ml.config.memory_temperature), float(ml.config.memory_scale))
+        ctx.reads_memory, ctx.ape = True, ape if ape != (1.0, 1.0) else None
+        return ctx, 1 + max(lengths)
+
+    model.build_context = shared
+    try:
+        yield
+    finally:
+        model.build_context = build_context
+
+
 def _paste_text(texts: list[str], paste_as: str) -> str:
     if paste_as == "llama-index":  # PromptHelper.repack: "\n\n".join(t.strip() for t in texts if t.strip())
         return "\n\n".join(t.strip() for t in texts if t.strip())
@@ -223,7 +271,10 @@ def run_top_k(ml, args: argparse.Namespace, questions: list, k: int) -> tuple[li
             t1 = time.perf_counter()
             with torch.no_grad():
                 memory, n = ml.refresh(stored, hits, NS) if m.kv_refresh or m.kv_reencode_head else (stored, 0)
-            kv_logp, kv_answer, ttft = _read(ml, prompt, memory, args.max_new_tokens, time.perf_counter() - t1)
+            layout = shared_positions([ml.bank.get(c, namespace=NS).n_tokens for c in hits]) \
+                if m.shared_positions else contextlib.nullcontext()
+            with layout:
+                kv_logp, kv_answer, ttft = _read(ml, prompt, memory, args.max_new_tokens, time.perf_counter() - t1)
             p = per[m.name]
             p["kl"].append(float(torch.sum(paste_logp.exp() * (paste_logp - kv_logp))))
             p["top1"] += int(kv_logp.argmax() == paste_logp.argmax())

@@ -65,7 +65,7 @@ class MemLongConfig:
         ingest_step: tokens processed per streaming step; the cache keeps the last ``local_window -
             ingest_step`` tokens between steps. ``None`` (default): ``ingest`` with document context and nothing
             retrieved while storing (``ingest_top_k=0``) takes steps of the window less one chunk (``store_step``,
-            896 tokens: each step sees the previous step's last chunk; 0.84-0.88x of plain prefill on the CPU
+            896 tokens: each step sees the previous step's last chunk; 0.84-0.92x of plain prefill on the CPU
             against 0.74-0.78x for half windows, with the same perplexity and passkey, and 81 of 100 planted facts
             answered against 77; docs/benchmarks-cpu.md); scoring (``perplexity``), training and ``ingest`` with
             ``ingest_top_k > 0`` take half-window steps (``step``), so every scored token sees at least half a

@@ -119,15 +119,17 @@ def test_kv_fidelity_benchmark_methods_on_the_gazetteer(tmp_path):
 
 
 @pytest.mark.slow
-def test_kv_positions_benchmark_shared_is_continual_for_one_chunk(tmp_path):
-    import kv_positions
+def test_kv_fidelity_shared_positions_equal_continual_for_one_chunk(tmp_path):
+    import kv_fidelity
 
     out = tmp_path / "positions.json"
-    assert kv_positions.main(["--facts", "2", "--plays", "macbeth", "--chars", "3000", "--top-k", "1,2",
-                              "--max-new-tokens", "3", "--json", str(out)]) == 0
-    rows = {(r["top_k"], r["layout"]): r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {(k, layout) for k in (1, 2) for layout in kv_positions.LAYOUTS}
+    assert kv_fidelity.main(["--facts", "2", "--plays", "macbeth", "--chars", "3000", "--top-k", "1,2",
+                             "--methods", "kv,shared", "--max-new-tokens", "3", "--json", str(out)]) == 0
+    rows = {(r["top_k"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(k, m) for k in (1, 2) for m in ("kv", "shared")}
     # one chunk sits at 1..len either way: the shared layout is the continual one exactly
-    assert rows[(1, "shared")]["kl_mean"] == pytest.approx(rows[(1, "continual")]["kl_mean"], abs=1e-6)
+    assert rows[(1, "shared")]["kl_mean"] == pytest.approx(rows[(1, "kv")]["kl_mean"], abs=1e-6)
     # two chunks: the second one moves back to position 1, which changes what is read
-    assert rows[(2, "shared")]["kl_mean"] != pytest.approx(rows[(2, "continual")]["kl_mean"], abs=1e-6)
+    assert rows[(2, "shared")]["kl_mean"] != pytest.approx(rows[(2, "kv")]["kl_mean"], abs=1e-6)
+    with pytest.raises(ValueError, match="shared.*cannot be combined"):
+        kv_fidelity.Method.parse("shared+head=16")
