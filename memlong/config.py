@@ -79,9 +79,16 @@ class MemLongConfig:
         evict_oldest: share of the oldest chunks always dropped on eviction (paper: 10 %).
         keep_newest: share of the newest chunks always kept on eviction (paper: 10 %).
         memory_dtype: dtype of stored K-V (``"float16"`` halves memory; ``"float32"`` is exact).
-        memory_device: where stored K-V lives: ``"cpu"`` (only retrieved chunks move to the model's
-            device), ``"pinned"`` (CPU page-locked memory: faster copies to a GPU; needs CUDA) or
-            ``"model"`` (same device as the model: fastest time to first token, costs GPU memory).
+        memory_device: where stored K-V lives: ``"auto"`` (default: ``"cpu"`` for a model on the CPU; for a
+            model on CUDA, pinned CPU memory (or ``memory_path``'s files) with the chunks read most recently kept
+            on the GPU, see ``memory_cache_bytes``), ``"cpu"`` (only retrieved chunks move to the model's
+            device), ``"pinned"`` (CPU page-locked memory: faster copies to a GPU; needs CUDA) or ``"model"``
+            (same device as the model: fastest time to first token, costs GPU memory for the whole bank).
+        memory_cache_bytes: bytes of recently read chunks' K-V kept on the model's device above the bank, least
+            recently read evicted first (:class:`memlong.kv_cache.DeviceCache`; it changes no result). ``None``
+            (default): 2 GiB with ``memory_device="auto"`` on CUDA, otherwise no cache; ``0``: no cache; an
+            integer > 0: that budget with ``"auto"``, ``"cpu"`` or ``"pinned"`` (``"model"`` has the whole bank
+            on the device already).
         search_mode: how the bank ranks chunks for a text query (``generate``'s own retrieval and the
             framework retrievers): ``"dense"`` (the paper's embedding retriever), ``"lexical"`` (BM25) or
             ``"hybrid"`` (both, fused by reciprocal rank). Retrieval while streaming a document stays dense.
@@ -140,7 +147,8 @@ class MemLongConfig:
     evict_oldest: float = 0.10
     keep_newest: float = 0.10
     memory_dtype: str = "float16"
-    memory_device: Literal["cpu", "pinned", "model"] = "cpu"
+    memory_device: Literal["auto", "cpu", "pinned", "model"] = "auto"
+    memory_cache_bytes: int | None = None
     # -- storage tier (issue 20): one block
     memory_quantization: Literal["none", "int8"] = "none"
     memory_path: str | None = None
@@ -218,8 +226,8 @@ class MemLongConfig:
         _check_storage(self)
         _check(self.search_mode in SEARCH_MODES,
                f"search_mode must be one of {', '.join(map(repr, SEARCH_MODES))}, got {self.search_mode!r}.")
-        _check(self.memory_device in ("cpu", "pinned", "model"),
-               f"memory_device must be 'cpu', 'pinned' or 'model', got {self.memory_device!r}.")
+        _check(self.memory_device in ("auto", "cpu", "pinned", "model"),
+               f"memory_device must be 'auto', 'cpu', 'pinned' or 'model', got {self.memory_device!r}.")
         for name in ("chunk_size", "local_window", "memory_capacity"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}.")
@@ -277,15 +285,22 @@ class MemLongConfig:
 
 
 def _check_storage(cfg: MemLongConfig) -> None:
-    """Validate the storage-tier options (``memory_quantization``, ``memory_path``, ``memory_ann_chunks``)."""
+    """Validate the storage-tier options (``memory_quantization``, ``memory_path``, ``memory_ann_chunks``,
+    ``memory_cache_bytes``)."""
     _check(cfg.memory_quantization in ("none", "int8"),
            f"memory_quantization must be 'none' or 'int8', got {cfg.memory_quantization!r}.")
     _check(cfg.memory_path is None or (isinstance(cfg.memory_path, (str, os.PathLike)) and str(cfg.memory_path)),
            f"memory_path must be a directory path or None, got {cfg.memory_path!r}.")
     _check(cfg.memory_ann_chunks is None or (type(cfg.memory_ann_chunks) is int and cfg.memory_ann_chunks >= 1000),
            f"memory_ann_chunks must be None or an integer >= 1000, got {cfg.memory_ann_chunks!r}.")
-    _check(cfg.memory_path is None or cfg.memory_device == "cpu",
-           f"memory_path keeps K-V in memory-mapped files on the CPU: use memory_device='cpu', not "
+    cache = cfg.memory_cache_bytes
+    _check(cache is None or (type(cache) is int and cache >= 0),
+           f"memory_cache_bytes must be None (automatic), 0 (off) or a byte count > 0, got {cache!r}.")
+    _check(not cache or cfg.memory_device != "model",
+           "memory_cache_bytes keeps chunks on the model's device above a bank elsewhere, but memory_device='model' "
+           "puts the whole bank there: drop memory_cache_bytes, or use memory_device='auto'.")
+    _check(cfg.memory_path is None or cfg.memory_device in ("auto", "cpu"),
+           f"memory_path keeps K-V in memory-mapped files on the CPU: use memory_device='auto' or 'cpu', not "
            f"{cfg.memory_device!r}.")
 
 

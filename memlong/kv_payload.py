@@ -43,7 +43,7 @@ def check_quantization(value: object) -> Quantization:
 class DenseKV:
     """K-V stored as they are: ``k``, ``v`` of shape ``(layers, kv_heads, tokens, head_dim)``."""
 
-    __slots__ = ("k", "v")
+    __slots__ = ("__weakref__", "k", "v")  # weakly referenced by memlong.kv_cache
     kind = "none"
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -70,7 +70,7 @@ class DenseKV:
 class Int8KV:
     """K-V as ``uint8`` codes: keys with a scale/min per channel ``(L, H, 1, D)``, values per token ``(L, H, T, 1)``."""
 
-    __slots__ = ("dtype", "kq", "km", "ks", "vm", "vq", "vs")
+    __slots__ = ("__weakref__", "dtype", "kq", "km", "ks", "vm", "vq", "vs")
     kind = "int8"
 
     def __init__(self, kq: torch.Tensor, ks: torch.Tensor, km: torch.Tensor, vq: torch.Tensor, vs: torch.Tensor,

@@ -261,7 +261,7 @@ def open_disk_store(path: Path, quantization: Quantization, dtype: torch.dtype, 
     """A store for a new disk bank in directory ``path``; ValueError naming the problem and the fix."""
     if device.type != "cpu":
         raise ValueError(f"a disk bank keeps K-V on the CPU (memory-mapped files), not on {device}; use "
-                         "memory_device='cpu' with memory_path.")
+                         "memory_device='auto' or 'cpu' with memory_path.")
     if path.exists() and not path.is_dir():
         raise ValueError(f"Cannot keep a disk bank in {path}: it is a file. Give a directory path.")
     if (path / "manifest.json").exists():

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ import torch
 from memlong.config import MemLongConfig
 from memlong.dtypes import to_dtype
 from memlong.embedder import Embedder, TextEmbedder
+from memlong.kv_cache import DeviceCache
 from memlong.memory import MemoryBank
 
 if TYPE_CHECKING:
@@ -76,7 +78,7 @@ def new_bank(ml: MemLong, embedder: TextEmbedder | str | None) -> MemoryBank:
     options: dict[str, Any] = dict(
         capacity=cfg.memory_capacity, evict_oldest=cfg.evict_oldest, keep_newest=cfg.keep_newest,
         dtype=cfg.torch_memory_dtype, max_bytes=cfg.memory_max_bytes, search_mode=cfg.search_mode,
-        device=ml.device if cfg.memory_device == "model" else "cpu", pin_memory=cfg.memory_device == "pinned",
+        device=ml.device if cfg.memory_device == "model" else "cpu", pin_memory=storage_tier(ml) == "pinned",
         quantization=cfg.memory_quantization, ann_min_chunks=cfg.memory_ann_chunks)
     if cfg.memory_path is not None and (Path(cfg.memory_path) / "manifest.json").exists():  # reopen a disk bank
         return MemoryBank.load(cfg.memory_path, embedder=emb, fingerprint=memory_fingerprint(ml), **options)
@@ -84,6 +86,27 @@ def new_bank(ml: MemLong, embedder: TextEmbedder | str | None) -> MemoryBank:
     if bank.path is not None:
         bank.commit(fingerprint=memory_fingerprint(ml))
     return bank
+
+
+AUTO_CACHE_BYTES = 2 << 30  # memory_cache_bytes=None with memory_device="auto" on CUDA
+
+
+def storage_tier(ml: MemLong) -> str:
+    """Where a new bank of ``ml`` keeps its K-V: ``"cpu"``, ``"pinned"`` or ``"model"``; ``memory_device="auto"``
+    is ``"pinned"`` for a model on CUDA without ``memory_path`` (a disk bank maps its files), else ``"cpu"``."""
+    cfg = ml.config
+    if cfg.memory_device != "auto":
+        return cfg.memory_device
+    return "pinned" if ml.device.type == "cuda" and cfg.memory_path is None else "cpu"
+
+
+def new_cache(ml: MemLong) -> DeviceCache | None:
+    """The device cache above ``ml``'s bank (``MemLongConfig.memory_cache_bytes``), or ``None`` for none."""
+    cfg = ml.config
+    size = cfg.memory_cache_bytes
+    if size is None:
+        size = AUTO_CACHE_BYTES if cfg.memory_device == "auto" and ml.device.type == "cuda" else 0
+    return DeviceCache(ml.device, size) if size > 0 else None
 
 
 def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: TextEmbedder | str | None,
@@ -130,6 +153,17 @@ def memory_fingerprint(ml: MemLong) -> dict[str, Any]:
             "kv_heads": ml.kv_heads, "head_dim": ml.head_dim, "vocab_size": int(cfg.vocab_size),
             "source_layers": list(ml.config.source_layers), "kv_source": ml.config.kv_source,
             "chunk_size": ml.config.chunk_size, "model": str(getattr(cfg, "_name_or_path", "") or "")}
+
+
+def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of :meth:`MemLong.memory_for` for a non-empty ``chunk_ids``: through ``ml.kv_cache`` when there is
+    one, else straight from the bank; checked against ``ml``'s shapes."""
+    if ml.kv_cache is not None:
+        keys, values = ml.kv_cache.fetch(ml.bank, chunk_ids, namespace, dtype=ml.dtype)
+    else:
+        keys, values = ml.bank.fetch(chunk_ids, namespace=namespace, device=ml.device, dtype=ml.dtype)
+    check_stored_kv(ml, keys)
+    return keys, values
 
 
 def check_stored_kv(ml: MemLong, keys: torch.Tensor) -> None:

@@ -71,6 +71,7 @@ class MemLong:
     Attributes:
         last_generation: the stats of the latest ``generate`` call, **not thread-safe** (concurrent calls overwrite
             it); per-call stats: ``generate(..., stream=True).stats``.
+        kv_cache: the :class:`~memlong.kv_cache.DeviceCache` above the bank (``memory_cache_bytes``), or ``None``.
     """
 
     def __init__(self, model: Any, tokenizer: Any, config: MemLongConfig | None = None, *,
@@ -87,6 +88,7 @@ class MemLong:
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         loading.check_sliding_window(model.config, self.config)
         self.bank = bank if bank is not None else loading.new_bank(self, embedder)
+        self.kv_cache = loading.new_cache(self)
         self.last_generation = GenerationStats()
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._sink_ids = [int(bos)] if (self.config.attention_sink and bos is not None) else []
@@ -230,9 +232,7 @@ class MemLong:
         """
         if not chunk_ids:
             return None
-        keys, values = self.bank.fetch(chunk_ids, namespace=namespace, device=self.device, dtype=self.dtype)
-        loading.check_stored_kv(self, keys)
-        return keys, values
+        return loading.fetch_memory(self, chunk_ids, namespace)
 
     def refresh(self, memory: Memory, chunk_ids: Sequence[str], namespace: str,
                 share: float | None = None, head: int | None = None) -> tuple[Memory, int]:

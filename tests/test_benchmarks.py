@@ -31,6 +31,8 @@ def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
     # K-V injection encodes only the question; re-encoding encodes the retrieved text too
     assert all(r["kv_tokens_encoded"] < 20 < r["reencode_tokens_encoded"] for r in ttft)
     assert all(r["kv_cpu_ttft_s"] > 0 and r["kv_gpu_ttft_s"] > 0 for r in ttft)
+    # the default memory_device ("auto") timed warm and cold; on a CPU model it has no cache
+    assert all(r["kv_auto_ttft_s"] > 0 and r["kv_auto_cold_ttft_s"] > 0 and r["kv_auto_cache_bytes"] == 0 for r in ttft)
     assert {r["chunks"] for r in records if r["bench"] == "search"} == {1000, 10_000}
     assert (tmp_path / "gpu.png").stat().st_size > 0
 
@@ -133,3 +135,4 @@ def test_kv_fidelity_shared_positions_equal_continual_for_one_chunk(tmp_path):
     assert rows[(2, "shared")]["kl_mean"] != pytest.approx(rows[(2, "kv")]["kl_mean"], abs=1e-6)
     with pytest.raises(ValueError, match="shared.*cannot be combined"):
         kv_fidelity.Method.parse("shared+head=16")
+
