@@ -86,9 +86,9 @@ class MemLongConfig:
             (same device as the model: fastest time to first token, costs GPU memory for the whole bank).
         memory_cache_bytes: bytes of recently read chunks' K-V kept on the model's device above the bank, least
             recently read evicted first (:class:`memlong.kv_cache.DeviceCache`; it changes no result). ``None``
-            (default): 2 GiB with ``memory_device="auto"`` on CUDA, otherwise no cache; ``0``: no cache; an
-            integer > 0: that budget with ``"auto"``, ``"cpu"`` or ``"pinned"`` (``"model"`` has the whole bank
-            on the device already).
+            (default): with ``memory_device="auto"`` on CUDA a quarter of the GPU memory free once the model is
+            loaded, otherwise no cache; ``0``: no cache; an integer > 0: that budget with ``"auto"``, ``"cpu"``
+            or ``"pinned"`` (``"model"`` has the whole bank on the device already).
         search_mode: how the bank ranks chunks for a text query (``generate``'s own retrieval and the
             framework retrievers): ``"dense"`` (the paper's embedding retriever), ``"lexical"`` (BM25) or
             ``"hybrid"`` (both, fused by reciprocal rank). Retrieval while streaming a document stays dense.

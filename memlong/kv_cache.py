@@ -4,7 +4,8 @@ A bank in CPU memory (pinned or not) or on disk copies every retrieved chunk to 
 32 x 1,024 retrieved tokens that copy made K-V injection slower than re-encoding the text on an H100
 (docs/benchmarks-gpu.md). :class:`DeviceCache` keeps the K-V of the chunks read most recently on the model's
 device, least recently read evicted first, within a byte budget, so a chunk read again (a follow-up question, a
-popular document) is not copied again. It is what ``MemLongConfig(memory_device="auto")`` (the default) sets up
+popular document) is not copied again; a read larger than the whole budget keeps its first chunks, so that
+repeating it copies only the rest. It is what ``MemLongConfig(memory_device="auto")`` (the default) sets up
 on CUDA: the bank in pinned CPU memory (or on disk with ``memory_path``) below, ``memory_cache_bytes`` on the GPU
 above. On a CPU-only model ``"auto"`` is ``"cpu"`` and there is no cache.
 
@@ -106,7 +107,7 @@ class DeviceCache:
                     self._put(key, entry)
                     self.misses += 1
                 parts.append((entry.keys, entry.values))
-            self._evict()
+            self._evict({(namespace, c.id) for c in chunks})
         # a new tensor even for one chunk, as bank.fetch returns: callers may write to it
         return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
 
@@ -121,10 +122,16 @@ class DeviceCache:
         self._entries[key] = entry
         self._nbytes += entry.nbytes
 
-    def _evict(self) -> None:
-        """Least recently read first, until the budget holds (the chunks just read are already assembled)."""
+    def _evict(self, reading: set[tuple[str, str]]) -> None:
+        """Until the budget holds: other chunks, least recently read first; then, for a read larger than the
+        budget, its own chunks from its last one back, so that a repeated read finds its first chunks cached
+        instead of each read evicting what the next one needs (the chunks just read are already assembled)."""
+        for key in [k for k in self._entries if k not in reading]:
+            if self._nbytes <= self.max_bytes:
+                return
+            self._nbytes -= self._entries.pop(key).nbytes
         while self._nbytes > self.max_bytes and self._entries:
-            _, entry = self._entries.popitem(last=False)
+            _, entry = self._entries.popitem(last=True)
             self._nbytes -= entry.nbytes
 
     def __repr__(self) -> str:

@@ -88,9 +88,6 @@ def new_bank(ml: MemLong, embedder: TextEmbedder | str | None) -> MemoryBank:
     return bank
 
 
-AUTO_CACHE_BYTES = 2 << 30  # memory_cache_bytes=None with memory_device="auto" on CUDA
-
-
 def storage_tier(ml: MemLong) -> str:
     """Where a new bank of ``ml`` keeps its K-V: ``"cpu"``, ``"pinned"`` or ``"model"``; ``memory_device="auto"``
     is ``"pinned"`` for a model on CUDA without ``memory_path`` (a disk bank maps its files), else ``"cpu"``."""
@@ -104,9 +101,9 @@ def new_cache(ml: MemLong) -> DeviceCache | None:
     """The device cache above ``ml``'s bank (``MemLongConfig.memory_cache_bytes``), or ``None`` for none."""
     cfg = ml.config
     size = cfg.memory_cache_bytes
-    if size is None:
-        size = AUTO_CACHE_BYTES if cfg.memory_device == "auto" and ml.device.type == "cuda" else 0
-    return DeviceCache(ml.device, size) if size > 0 else None
+    if size is None and cfg.memory_device == "auto" and ml.device.type == "cuda":
+        size = torch.cuda.mem_get_info(ml.device)[0] // 4  # a quarter of the GPU memory free with the model loaded
+    return DeviceCache(ml.device, size) if size else None
 
 
 def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: TextEmbedder | str | None,

@@ -121,6 +121,10 @@ def test_a_read_larger_than_the_budget_is_still_exact():
     want = bank.fetch(ids, namespace="ns")
     assert torch.equal(keys, want[0]) and torch.equal(values, want[1])
     assert cache.nbytes <= cache.max_bytes and len(cache) == 1
+    # the read keeps its first chunk rather than thrashing: read again, that chunk is a hit
+    keys, _ = cache.fetch(bank, ids, "ns")
+    assert torch.equal(keys, want[0]) and (cache.hits, cache.misses) == (1, 5)
+    assert [k[1] for k in cache._entries] == ids[:1]
 
 
 def test_a_replaced_chunk_is_never_served_stale():
