@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-refresh", type=float, default=0.0,
                    help="share of retrieved tokens re-encoded with the chunks before them (MemLongConfig.kv_refresh; "
                         "default 0: K-V used as stored); counted in the kv row's tokens encoded")
+    p.add_argument("--kv-reencode-head", type=int, default=0,
+                   help="tokens re-encoded at the start of every retrieved chunk (MemLongConfig.kv_reencode_head, "
+                        "EPIC; default 0; `memlong demo` uses 32); counted in the K-V rows' tokens encoded")
     p.add_argument("--max-new-tokens", type=int, default=12, help="answer budget (default 12)")
     p.add_argument("--modes", default="kv,paste,kv-chat,none", help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--dense", action="store_true",
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                                          distinct=not args.dense)
     warnings.simplefilter("error", MemoryEvictionWarning)  # an evicted fact would make the comparison meaningless
     ml = MemLong.from_pretrained(args.model, top_k=args.top_k, memory_capacity=args.memory_capacity,
-                                 chunk_size=args.chunk_size, kv_refresh=args.kv_refresh)
+                                 chunk_size=args.chunk_size, kv_refresh=args.kv_refresh,
+                                 kv_reencode_head=args.kv_reencode_head)
     namespace = "rag-langchain"
     store = MemLongVectorStore(ml, namespace=namespace, progress=not args.no_progress, chunk_context=args.chunk_context)
     t0 = time.perf_counter()

@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-refresh", type=float, default=0.0,
                    help="share of retrieved tokens the K-V pipeline re-encodes with the chunks before them "
                         "(MemLongConfig.kv_refresh; counted in its tokens encoded)")
+    p.add_argument("--kv-reencode-head", type=int, default=0,
+                   help="tokens re-encoded at the start of every retrieved chunk (MemLongConfig.kv_reencode_head, "
+                        "EPIC; default 0; `memlong demo` uses 32); counted in the K-V rows' tokens encoded")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--split", action="store_true",
                    help="split documents with LlamaIndex's default SentenceSplitter (default: one node per document, "
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                                          distinct=not args.dense)
     warnings.simplefilter("error", MemoryEvictionWarning)  # an evicted fact would make the comparison meaningless
     ml = MemLong.from_pretrained(args.model, top_k=args.top_k, memory_capacity=args.memory_capacity,
-                                 chunk_size=args.chunk_size, kv_refresh=args.kv_refresh)
+                                 chunk_size=args.chunk_size, kv_refresh=args.kv_refresh,
+                                 kv_reencode_head=args.kv_reencode_head)
     namespace = "rag-llama-index"
     ml.reset(namespace)
     store = MemLongVectorStore(ml, namespace=namespace, show_progress=not args.no_progress,
