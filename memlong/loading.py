@@ -98,10 +98,11 @@ def storage_tier(ml: MemLong) -> str:
 
 
 def new_cache(ml: MemLong) -> DeviceCache | None:
-    """The device cache above ``ml``'s bank (``MemLongConfig.memory_cache_bytes``), or ``None`` for none."""
+    """The device cache above ``ml``'s bank (``MemLongConfig.memory_cache_bytes``), or ``None`` for none (also
+    for ``"auto"`` when a shared bank already lives on the model's device)."""
     cfg = ml.config
     size = cfg.memory_cache_bytes
-    if size is None and cfg.memory_device == "auto" and ml.device.type == "cuda":
+    if size is None and cfg.memory_device == "auto" and ml.device.type == "cuda" and ml.bank.device != ml.device:
         size = torch.cuda.mem_get_info(ml.device)[0] // 4  # a quarter of the GPU memory free with the model loaded
     return DeviceCache(ml.device, size) if size else None
 
