@@ -223,6 +223,8 @@ def distill_loss(ml: MemLong, hits: Sequence[str], prompt: str, answer: str, nam
     with torch.no_grad():  # no memory: the decoder's pre-hook keeps the reader off for the teacher
         teacher = ml.run(context + tail_ids, logits_for=slice(len(context), None)).logits[0].log_softmax(-1)
         memory = ml.memory_for(list(hits), namespace)
+        if ml.config.kv_refresh or ml.config.kv_reencode_head:  # trained on what it will read (base weights)
+            memory, _ = ml.refresh(memory, list(hits), namespace)
     # the decoder's pre-hook switches the reader on: this forward reads memory at answer time
     student = ml.run(tail_ids, memory=memory).logits[0].log_softmax(-1)
     kl = (teacher.exp() * (teacher - student)).sum(-1)[:-1]

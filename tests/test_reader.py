@@ -116,3 +116,26 @@ def test_reader_corpus_plants_every_fact():
     for sentence, question, _prefix, answer in facts:
         assert any(sentence in d for d in docs) and answer in sentence and question.endswith("?")
 
+
+
+def test_the_reader_is_trained_on_memory_read_as_configured(trained):
+    """distill_loss reads the retrieved K-V through kv_refresh / kv_reencode_head when they are set, as the reader
+    will at answer time: with every retrieved token re-encoded and the reader off, the student is (nearly) the
+    teacher, and re-encoding the chunk heads moves it part of the way."""
+    from memlong.reader import distill_loss
+
+    ml, _ = trained
+    hits = ml.bank.chunk_ids("docs")[:3]
+    base = ml.config
+    loss = {}
+    try:
+        for name, fields in {"stored": {}, "refresh=1": {"kv_refresh": 1.0}, "head=16": {"kv_reencode_head": 16}}.items():
+            ml.config = dataclasses.replace(base, memory_reader=False, **fields)
+            with torch.no_grad():
+                loss[name] = float(distill_loss(ml, hits, "\nQuestion: Who keeps the lighthouse?\nAnswer:",
+                                                " Mabel Crisp.", "docs"))
+    finally:
+        ml.config = base
+    # what is left at refresh=1 comes from the pasted text tokenizing differently where chunks join
+    assert loss["refresh=1"] < 0.05 * loss["stored"]
+    assert loss["refresh=1"] < loss["head=16"] < loss["stored"]
