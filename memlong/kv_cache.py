@@ -25,14 +25,15 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
     from memlong.memory import MemoryBank
+    from memlong.records import Chunk
 
 __all__ = ["DeviceCache"]
 
@@ -83,18 +84,20 @@ class DeviceCache:
 
     def fetch(self, bank: MemoryBank, chunk_ids: Sequence[str], namespace: str,
               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``bank.fetch(chunk_ids, namespace=namespace, device=self.device, dtype=dtype)``, served from the cache
+        """``bank.fetch(chunk_ids, namespace=namespace, dtype=dtype)`` on this cache's device, served from the cache
         where it can be: K-V of ``chunk_ids`` in document order, ``(n_source_layers, n_kv_heads, tokens,
-        head_dim)``.
+        head_dim)``, a new tensor (callers may write to it).
 
         Raises:
             memlong.memory.UnknownChunkError: an id not in ``namespace`` (nothing is cached or evicted).
         """
-        ids = list(dict.fromkeys(chunk_ids))
-        if not ids:
-            raise ValueError("fetch needs at least one chunk id.")
-        chunks = sorted((bank.get(c, namespace=namespace) for c in ids), key=lambda c: c.order)
-        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        return bank.fetch(chunk_ids, namespace=namespace, dtype=dtype, cache=self)
+
+    def read(self, namespace: str, chunks: Sequence[Chunk], dtype: torch.dtype | None,
+             copy: Callable[[Chunk], tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each of ``chunks``' K-V on this device in ``dtype``: the cached entry, else ``copy(chunk)`` (the bank's
+        copy to this device), converted and cached. Called by :meth:`MemoryBank.fetch` with the chunks it looked up."""
+        parts = []
         with self._lock:
             for chunk in chunks:
                 key = (namespace, chunk.id)
@@ -103,17 +106,14 @@ class DeviceCache:
                     self._entries.move_to_end(key)
                     self.hits += 1
                 else:
-                    entry = self._copy(bank, chunk, namespace, dtype)
+                    keys, values = copy(chunk)
+                    entry = _Entry(weakref.ref(chunk.kv), dtype, keys.to(dtype or keys.dtype),
+                                   values.to(dtype or values.dtype))
                     self._put(key, entry)
                     self.misses += 1
                 parts.append((entry.keys, entry.values))
             self._evict({(namespace, c.id) for c in chunks})
-        # a new tensor even for one chunk, as bank.fetch returns: callers may write to it
-        return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
-
-    def _copy(self, bank: MemoryBank, chunk: Any, namespace: str, dtype: torch.dtype | None) -> _Entry:
-        keys, values = bank.fetch([chunk.id], namespace=namespace, device=self.device, dtype=dtype)
-        return _Entry(weakref.ref(chunk.kv), dtype, keys, values)
+        return parts
 
     def _put(self, key: tuple[str, str], entry: _Entry) -> None:
         old = self._entries.pop(key, None)

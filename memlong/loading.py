@@ -154,12 +154,9 @@ def memory_fingerprint(ml: MemLong) -> dict[str, Any]:
 
 
 def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The body of :meth:`MemLong.memory_for` for a non-empty ``chunk_ids``: through ``ml.kv_cache`` when there is
-    one, else straight from the bank; checked against ``ml``'s shapes."""
-    if ml.kv_cache is not None:
-        keys, values = ml.kv_cache.fetch(ml.bank, chunk_ids, namespace, dtype=ml.dtype)
-    else:
-        keys, values = ml.bank.fetch(chunk_ids, namespace=namespace, device=ml.device, dtype=ml.dtype)
+    """The body of :meth:`MemLong.memory_for` for a non-empty ``chunk_ids``: from the bank through ``ml.kv_cache``
+    (when there is one), checked against ``ml``'s shapes."""
+    keys, values = ml.bank.fetch(chunk_ids, namespace=namespace, device=ml.device, dtype=ml.dtype, cache=ml.kv_cache)
     check_stored_kv(ml, keys)
     return keys, values
 

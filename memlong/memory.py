@@ -52,7 +52,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -75,6 +75,9 @@ from memlong.records import (
 from memlong.rwlock import RWLock as _RWLock
 from memlong.search import NamespaceIndex, SearchMode, check_ann_min, check_mode, depth, fuse
 from memlong.storage import MemoryFileError
+
+if TYPE_CHECKING:
+    from memlong.kv_cache import DeviceCache
 
 __all__ = ["Chunk", "MemoryBank", "MemoryEvictionWarning", "MemoryFileError", "MemoryFullError", "MemoryMismatchError",
            "SearchHit", "UnknownChunkError"]
@@ -318,8 +321,9 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
                     chunk.retrievals += 1
 
     def fetch(self, chunk_ids: Sequence[str], *, namespace: str = "default", device: str | torch.device | None = None,
-              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """K-V of ``chunk_ids`` concatenated in document order: ``(n_source_layers, n_kv_heads, tokens, head_dim)``."""
+              dtype: torch.dtype | None = None, cache: DeviceCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K-V of ``chunk_ids`` concatenated in document order: ``(n_source_layers, n_kv_heads, tokens, head_dim)``.
+        With a ``cache`` (:class:`memlong.kv_cache.DeviceCache`) on its device, chunks it holds are not copied again."""
         with self._lock.read():
             chunks = sorted((self._get(cid, namespace) for cid in dict.fromkeys(chunk_ids)), key=lambda c: c.order)
         if not chunks:
@@ -328,10 +332,14 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         # moves to the target device first and is concatenated there: one copy of the whole, not a CPU
         # concatenation and then a second copy. (non_blocking only towards a GPU, where the concatenation
         # is ordered after the copies on the same stream; towards the CPU it would read unfinished copies.)
-        device = torch.device(device) if device is not None else self.device
+        device = cache.device if cache is not None else torch.device(device) if device is not None else self.device
         nb = device.type == "cuda"
-        keys = torch.cat([c.keys.to(device, non_blocking=nb) for c in chunks], dim=2)
-        values = torch.cat([c.values.to(device, non_blocking=nb) for c in chunks], dim=2)
+
+        def copy(c: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+            return c.keys.to(device, non_blocking=nb), c.values.to(device, non_blocking=nb)
+
+        parts = cache.read(namespace, chunks, dtype, copy) if cache is not None else [copy(c) for c in chunks]
+        keys, values = torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
         self._store.release(chunks)  # a disk bank: the copied pages leave resident memory
         return keys.to(dtype or keys.dtype), values.to(dtype or values.dtype)
 
