@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-__all__ = ["ATTN_NAME", "AttentionContext", "Blend", "ape_attention", "joint_attention", "register", "rotate",
-           "unrotate"]
+__all__ = ["ATTN_NAME", "AttentionContext", "Blend", "ape_attention", "finish_capture", "joint_attention", "register",
+           "rotate", "unrotate"]
 
 ATTN_NAME = "memlong"
 
@@ -184,7 +184,10 @@ class AttentionContext:
     ``prefix[layer]``: (keys, values) ``(B, Hkv, P, D)``, rotated, visible to every query (memory, sink,
     streaming cache). ``local[layer]``: rotated K-V of earlier tokens of this context (decode cache),
     extended in place by every forward when ``grow`` is set. ``capture``: keep the new tokens'
-    pre-RoPE keys and values per layer in ``captured`` (what the bank and the streaming cache store).
+    pre-RoPE keys and values per layer in ``captured`` (what the bank and the streaming cache store), and all layers
+    stacked in ``stacked`` (``(L, Hkv, T, D)`` each; ``captured[layer]`` are views of it). The attention calls only
+    collect the rotated keys in ``pending``; :func:`finish_capture` (called by ``MemLong.run`` after the forward)
+    undoes RoPE for every layer at once, one batched call instead of one per layer.
     ``cos``/``sin``: rotary tables of the new tokens, needed to undo RoPE for capture.
     ``memory_len[layer]``: how many of that layer's prefix keys are retrieved memory (they come first);
     ``ape``: ``(temperature, scale)`` to read them with (:func:`ape_attention`), ``None`` for the joint softmax.
@@ -200,6 +203,8 @@ class AttentionContext:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     blend: Blend | None = None
     memory_len: dict[int, int] = field(default_factory=dict)
     ape: tuple[float, float] | None = None
@@ -231,7 +236,7 @@ def memlong_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         return _attention_sdpa(query, key, value, 0, scaling, dropout).transpose(1, 2).contiguous(), None
     layer = module.layer_idx
     if ctx.capture:
-        ctx.captured[layer] = (unrotate(key, ctx.cos, ctx.sin), value)
+        ctx.pending[layer] = (key, value)  # rotated: finish_capture undoes RoPE for all layers at once
     if ctx.blend is not None:
         return _blend_attention(query, key, value, ctx, layer, scaling), None
     parts_k, parts_v = [], []
@@ -251,6 +256,21 @@ def memlong_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     else:
         out = joint_attention(query, k, v, n_visible, scaling, ctx.backend, dropout if module.training else 0.0)
     return out.transpose(1, 2).contiguous(), None
+
+
+def finish_capture(ctx: AttentionContext) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Move the keys and values collected by the forward (``ctx.pending``) into ``ctx.captured`` / ``ctx.stacked``,
+    RoPE undone with one batched :func:`unrotate` over the layers (the same values as one call per layer: the
+    operations are elementwise). A forward stopped early (``memlong.refresh``'s probe) captures the layers it ran."""
+    if not ctx.pending:
+        return ctx.captured
+    layers = sorted(ctx.pending)
+    keys = unrotate(torch.cat([ctx.pending[i][0] for i in layers]), ctx.cos, ctx.sin)  # (L, Hkv, T, D)
+    values = torch.cat([ctx.pending[i][1] for i in layers])
+    ctx.pending = {}
+    ctx.stacked = (keys, values)
+    ctx.captured = dict(zip(layers, zip(keys.split(1), values.split(1))))
+    return ctx.captured
 
 
 def _blend_attention(query, key, value, ctx: AttentionContext, layer: int, scaling: float) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from memlong import generation, loading, refresh, streaming
-from memlong.attention import AttentionContext, register
+from memlong.attention import AttentionContext, finish_capture, register
 from memlong.config import MemLongConfig
 from memlong.embedder import TextEmbedder
 from memlong.generation import Generation, GenerationStats
@@ -219,7 +219,7 @@ class MemLong:
         hidden = self.decoder(input_ids=ids_t, position_ids=positions, use_cache=False,
                               memlong_context=context).last_hidden_state  # (1, T, H)
         logits = None if logits_for is None else self.model.lm_head(hidden[:, logits_for]).float()
-        return RunOutput(logits=logits, kv=context.captured if context.capture else None,
+        return RunOutput(logits=logits, kv=finish_capture(context) if context.capture else None,
                          next_position=int(positions[0, -1]) + 1)
 
     def memory_for(self, chunk_ids: Sequence[str], namespace: str) -> Memory | None:

@@ -26,7 +26,7 @@ from memlong.attention import AttentionContext, rotate
 if TYPE_CHECKING:
     from memlong.model import MemLong
 
-__all__ = ["KV", "Memory", "build_context", "rope", "sink_kv"]
+__all__ = ["KV", "Memory", "Stacked", "build_context", "rope", "sink_kv", "stacked"]
 
 KV = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> pre-RoPE (keys, values), each (1, Hkv, T, D)
 Memory = tuple[torch.Tensor, torch.Tensor]  # retrieved (keys, values), each (L_src, Hkv, M, D), pre-RoPE
@@ -62,55 +62,85 @@ def _starts(layout: str, has_sink: bool, n_mem: int) -> tuple[int, int]:
     return 0, 1  # "zero": memory keys unrotated at 0, local tokens re-based from 1
 
 
-def build_context(ml: MemLong, memory: Memory | None = None, cache: KV | None = None, *, capture: bool = False,
-                  grow: bool = False) -> tuple[AttentionContext, int]:
+# retrieved keys are rotated this many bytes of layers at a time: few calls for a usual read, and no full rotated copy
+# of a large one (32 x 1,024 tokens of a 3B model's every layer are several GB)
+_ROTATE_BYTES = 64 << 20
+
+Stacked = tuple[torch.Tensor, torch.Tensor]  # every layer's pre-RoPE (keys, values), each (L, Hkv, T, D)
+
+
+def stacked(kv: KV | Stacked | None) -> Stacked | None:
+    """``kv`` with its layers stacked along the first dimension (``None`` for none or empty)."""
+    if not kv:
+        return None
+    if isinstance(kv, tuple):
+        return kv
+    layers = sorted(kv)
+    return torch.cat([kv[i][0] for i in layers]), torch.cat([kv[i][1] for i in layers])
+
+
+def build_context(ml: MemLong, memory: Memory | None = None, cache: KV | Stacked | None = None, *,
+                  capture: bool = False, grow: bool = False) -> tuple[AttentionContext, int]:
     """The attention context whose prefix is ``[memory | sink | cache]`` in every layer, rotated to the layout.
 
     Args:
         ml: the model.
         memory: retrieved K-V (``MemLong.memory_for``); only retrieval layers see it.
-        cache: a stream's local cache (pre-RoPE, per layer); ``None`` or empty for none.
+        cache: a stream's local cache (pre-RoPE): per layer, or every layer stacked (:data:`Stacked`); ``None`` or
+            empty for none.
         capture: keep the new tokens' pre-RoPE K-V in ``ctx.captured``.
         grow: the context keeps the new tokens' K-V for the next call (token-by-token decoding).
 
     Without ``capture`` or ``cache`` (answer time: ``run``, decoding, scoring) retrieved memory is read with APE's
     ``config.memory_temperature`` / ``memory_scale`` when either is not 1 (:func:`memlong.attention.ape_attention`).
 
+    The layers are rotated together (every layer's K-V have one shape in the supported architectures): sink and
+    cache in one call, retrieved memory in blocks of layers of up to 64 MiB. A context costs a few dozen tensor
+    operations instead of a dozen per layer; on a GPU a streaming step is bound by such launches (issue 21).
+
     Returns:
         The context and the position of the first new token.
     """
     cfg = ml.config
-    sink = sink_kv(ml)
+    sink, cache = stacked(sink_kv(ml)), stacked(cache)
     n_mem = 0 if memory is None else memory[0].shape[2]
-    cache_len = cache[0][0].shape[2] if cache else 0
-    mem_start, cache_start = _starts(cfg.position_layout, bool(sink), n_mem)
+    cache_len = 0 if cache is None else cache[0].shape[2]
+    mem_start, cache_start = _starts(cfg.position_layout, sink is not None, n_mem)
     ctx = AttentionContext(capture=capture, grow=grow, backend=ml.attention_backend)
     # answer-time reads (run/decode/score): not contexts that store K-V (streams, refresh); APE and a reader apply
     ctx.reads_memory = bool(n_mem) and not (capture or cache_len)
     if ctx.reads_memory and (cfg.memory_temperature, cfg.memory_scale) != (1.0, 1.0):
         ctx.ape = (float(cfg.memory_temperature), float(cfg.memory_scale))
-    tables = {}
+    # [sink | cache] of every layer, rotated in one call: (L, Hkv, 1 + C, D)
+    local = [kv for kv in (sink, cache) if kv is not None]
+    keys = values = None
+    if local:
+        where = ([torch.zeros(1, dtype=torch.long)] if sink is not None else []) + [torch.arange(cache_len) + cache_start]
+        keys = rotate(torch.cat([k.to(ml.dtype) for k, _ in local], 2), *rope(ml, torch.cat(where)))
+        values = torch.cat([v.to(ml.dtype) for _, v in local], 2)
+    prefix = dict(enumerate(zip(keys.split(1), values.split(1)))) if local else {}
     if n_mem:
         zero = cfg.position_layout == "zero"
-        tables["mem"] = rope(ml, torch.zeros(n_mem, dtype=torch.long) if zero else torch.arange(n_mem) + mem_start)
-    if sink:
-        tables["sink"] = rope(ml, torch.zeros(1, dtype=torch.long))
-    if cache_len:
-        tables["cache"] = rope(ml, torch.arange(cache_len) + cache_start)
-    retrieval = set(cfg.retrieval_layers)
-    for layer in range(ml.num_layers):
-        ks, vs = [], []
-        if n_mem and layer in retrieval:
-            src = cfg.source_index(layer)
-            ks.append(rotate(memory[0][src].unsqueeze(0), *tables["mem"]))  # (1, Hkv, M, D)
-            vs.append(memory[1][src].unsqueeze(0))
-            ctx.memory_len[layer] = n_mem
-        if sink:
-            ks.append(rotate(sink[layer][0], *tables["sink"]).to(ml.dtype))  # (1, Hkv, 1, D)
-            vs.append(sink[layer][1].to(ml.dtype))
-        if cache_len:
-            ks.append(rotate(cache[layer][0], *tables["cache"]))  # (1, Hkv, C, D)
-            vs.append(cache[layer][1])
-        if ks:
-            ctx.prefix[layer] = (torch.cat(ks, 2), torch.cat(vs, 2))
+        table = rope(ml, torch.zeros(n_mem, dtype=torch.long) if zero else torch.arange(n_mem) + mem_start)
+        _add_memory(ml, memory, table, (keys, values) if local else None, prefix)
+        ctx.memory_len = dict.fromkeys(cfg.retrieval_layers, n_mem)
+    ctx.prefix = prefix
     return ctx, cache_start + cache_len
+
+
+def _add_memory(ml: MemLong, memory: Memory, table: tuple[torch.Tensor, torch.Tensor], local: Stacked | None,
+                prefix: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the retrieved K-V, rotated by ``table``, in front of ``local`` (rotated ``[sink | cache]``, every layer)
+    in the prefix of each retrieval layer; a block of layers per call."""
+    cfg = ml.config
+    retrieval = sorted(cfg.retrieval_layers)
+    block = max(1, _ROTATE_BYTES // max(1, memory[0][0].numel() * memory[0].element_size()))
+    for i in range(0, len(retrieval), block):
+        layers = retrieval[i:i + block]
+        src = torch.tensor([cfg.source_index(layer) for layer in layers], device=memory[0].device)
+        keys, values = rotate(memory[0].index_select(0, src), *table), memory[1].index_select(0, src)
+        if local is not None:
+            at = torch.tensor(layers, device=local[0].device)
+            keys = torch.cat([keys, local[0].index_select(0, at)], 2)
+            values = torch.cat([values, local[1].index_select(0, at)], 2)
+        prefix.update(zip(layers, zip(keys.split(1), values.split(1))))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memlong.attention import Blend
+from memlong.attention import Blend, finish_capture
 from memlong.positions import Memory
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def _rank(ml: MemLong, ids: torch.Tensor, keys: torch.Tensor, known: torch.Tenso
     try:
         ml.run(ids, positions=torch.arange(m) + pos, context=ctx, logits_for=None)
     except _Stop:
-        pass
+        finish_capture(ctx)  # the layers up to the probe ran
     finally:
         hook.remove()
     fresh = ctx.captured[probe_layer][0][0].float()  # (Hkv, M, D)

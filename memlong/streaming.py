@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from memlong.positions import KV
+from memlong.positions import Stacked
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -96,7 +96,7 @@ class Stream:
         self.metadata = dict(metadata or {})
         self.isolated = isolated
         self.store = store
-        self.cache: KV = {}  # layer -> pre-RoPE (1, Hkv, C, D)
+        self.cache: Stacked | None = None  # pre-RoPE (keys, values) of every layer, (L, Hkv, C, D) each
         self.cache_len = 0
         self.offset = 0
         self.chunk_ids: list[str] = []
@@ -124,10 +124,10 @@ class Stream:
                              f"{ml.max_positions}; lower top_k, chunk_size or local_window.")
         out = ml.run(tokens, positions=torch.arange(len(tokens)) + start, context=ctx,
                      logits_for=slice(None) if logits else None)
-        new = self._new_chunks(tokens, ctx.captured, span)
+        new = self._new_chunks(tokens, ctx.stacked, span)
         if self.store:
             self._store(new, k)
-        self._slide(ctx.captured)
+        self._slide(ctx.stacked)
         self.offset = span[1] if span else self.offset + len(tokens)
         return out.logits
 
@@ -145,23 +145,31 @@ class Stream:
         hits = self.ml.bank.search(self.last_query, namespace=self.namespace, k=k, exclude=in_cache, mode="dense")
         return [h.chunk_id for h in hits]
 
-    def _new_chunks(self, tokens: Sequence[int], captured: KV, span: tuple[int, int] | None) -> list[_NewChunk]:
-        """The step's chunks with their K-V; sets ``last_query`` to the step's last chunk's text."""
+    def _new_chunks(self, tokens: Sequence[int], captured: Stacked, span: tuple[int, int] | None) -> list[_NewChunk]:
+        """The step's chunks with their K-V; sets ``last_query`` to the step's last chunk's text.
+
+        The source layers' K-V of the whole step are copied to the bank's device and dtype at once (one transfer
+        per step from a GPU, not one per chunk and layer); each chunk is a slice of them (the bank copies it)."""
         ml = self.ml
         size = len(tokens) if span else ml.config.chunk_size  # a step given its span is one chunk
         last_start = size * ((len(tokens) - 1) // size)
         self.last_query = ml.tokenizer.decode(tokens[last_start:])
         if not self.store:
             return []
-        srcs = ml.config.source_layers
+        srcs = list(ml.config.source_layers)
+        keys, values = captured
+        if srcs != list(range(keys.shape[0])):
+            at = torch.tensor(srcs, device=keys.device)
+            keys, values = keys.index_select(0, at), values.index_select(0, at)
+        bank = ml.bank
+        keys, values = keys.detach().to(bank.device, bank.dtype), values.detach().to(bank.device, bank.dtype)
         new = []
         for s in range(0, len(tokens), size):
             e = min(s + size, len(tokens))
             text = self.last_query if s == last_start else ml.tokenizer.decode(tokens[s:e])
             if not text.strip():
                 continue  # whitespace-only chunk: nothing to retrieve it by
-            new.append((text, torch.stack([captured[layer][0][0, :, s:e] for layer in srcs]),
-                        torch.stack([captured[layer][1][0, :, s:e] for layer in srcs]),
+            new.append((text, keys.narrow(2, s, e - s), values.narrow(2, s, e - s),
                         span or (self.offset + s, self.offset + e), tokens[s:e]))
         return new
 
@@ -195,17 +203,15 @@ class Stream:
         self.recent = self.recent[-(cfg.local_window // cfg.chunk_size + 2):]
         return embeddings
 
-    def _slide(self, captured: KV) -> None:
+    def _slide(self, captured: Stacked) -> None:
         """Keep the last ``local_window - step_size`` tokens in the local cache."""
         keep = 0 if self.isolated else self.ml.config.local_window - self.step_size
-        for layer in range(self.ml.num_layers):
-            k_new, v_new = captured[layer]  # (1, Hkv, T, D)
-            if keep and layer in self.cache:  # (with nothing kept, nothing to join)
-                k_new = torch.cat([self.cache[layer][0], k_new], 2)
-                v_new = torch.cat([self.cache[layer][1], v_new], 2)
-            self.cache[layer] = (k_new[:, :, -keep:].detach(), v_new[:, :, -keep:].detach()) if keep else \
-                (k_new[:, :, :0].detach(), v_new[:, :, :0].detach())
-        self.cache_len = self.cache[0][0].shape[2]
+        keys, values = captured  # (L, Hkv, T, D)
+        if keep and self.cache is not None:  # (with nothing kept, nothing to join)
+            keys, values = torch.cat([self.cache[0], keys], 2), torch.cat([self.cache[1], values], 2)
+        start = keys.shape[2] - min(keep, keys.shape[2])
+        self.cache = keys[:, :, start:].detach(), values[:, :, start:].detach()
+        self.cache_len = self.cache[0].shape[2]
 
 
 def _stripped(ml: MemLong, tokens: Sequence[int]) -> list[int] | None:

@@ -313,3 +313,57 @@ def test_chunk_context_strip_stores_the_stripped_text_and_its_kv(make_tiny):
     assert changed > 0  # chunks of TEXT start with a space: stripping changed them
     with pytest.raises(ValueError, match="strip=True .* needs context='chunk'"):
         ml.ingest(TEXT, namespace="x", strip=True, progress=False)
+
+
+@pytest.mark.parametrize("kv_source", ["per_layer", "memory_layer"])
+def test_layers_rotated_together_give_the_bits_of_one_layer_at_a_time(make_tiny, monkeypatch, kv_source):
+    """build_context rotates [sink | cache] of every layer in one call and retrieved memory in blocks of layers
+    (``_ROTATE_BYTES``): the prefix is bit for bit the one built layer by layer, whatever the block size."""
+    import memlong.positions as positions
+    from memlong.attention import rotate
+
+    ml, _ = make_tiny(local_window=512, ingest_step=256, kv_source=kv_source, retrieval_layers="upper")
+    ids = ml.ingest(TEXT, namespace="doc", progress=False).chunk_ids
+    memory = ml.memory_for(ids[:3], "doc")
+    stream = ml.stream("cache", doc_id="d")
+    with torch.no_grad():
+        stream.step(ml.tokenize(TEXT)[:256])
+    cache = {layer: (k[None], v[None]) for layer, (k, v) in enumerate(zip(*stream.cache))}  # per layer, as callers give
+    m, c = memory[0].shape[2], stream.cache_len
+    sink = positions.sink_kv(ml)
+    expected = {}
+    for layer in range(ml.num_layers):
+        keys = [rotate(sink[layer][0], *positions.rope(ml, torch.zeros(1, dtype=torch.long))),
+                rotate(cache[layer][0], *positions.rope(ml, torch.arange(c) + 1 + m))]
+        values = [sink[layer][1], cache[layer][1]]
+        if layer in ml.config.retrieval_layers:
+            src = ml.config.source_index(layer)
+            keys.insert(0, rotate(memory[0][src][None], *positions.rope(ml, torch.arange(m) + 1)))
+            values.insert(0, memory[1][src][None])
+        expected[layer] = (torch.cat(keys, 2), torch.cat(values, 2))
+    for block_bytes in (positions._ROTATE_BYTES, 1, memory[0][0].numel() * memory[0].element_size() * 2):
+        monkeypatch.setattr(positions, "_ROTATE_BYTES", block_bytes)
+        for given in (cache, stream.cache):  # per layer or stacked
+            ctx, start = ml.context(memory, given)
+            assert start == 1 + m + c and sorted(ctx.prefix) == list(range(ml.num_layers))
+            for layer, (k, v) in expected.items():
+                assert torch.equal(ctx.prefix[layer][0], k) and torch.equal(ctx.prefix[layer][1], v), (block_bytes, layer)
+            assert ctx.memory_len == dict.fromkeys(ml.config.retrieval_layers, m)
+
+
+def test_captured_layers_are_unrotated_together_as_one_at_a_time(make_tiny):
+    from memlong.attention import finish_capture, unrotate
+    from memlong.positions import rope
+
+    ml, _ = make_tiny()
+    ctx = AttentionContext(capture=True)
+    ctx.cos, ctx.sin = rope(ml, torch.arange(7) + 40)
+    rotated = {layer: (torch.randn(1, ml.kv_heads, 7, ml.head_dim), torch.randn(1, ml.kv_heads, 7, ml.head_dim))
+               for layer in (2, 0, 3, 1)}
+    ctx.pending = dict(rotated)
+    captured = finish_capture(ctx)
+    assert list(captured) == [0, 1, 2, 3] and ctx.pending == {} and ctx.stacked[0].shape == (4, ml.kv_heads, 7, ml.head_dim)
+    for layer, (k, v) in rotated.items():
+        assert torch.equal(captured[layer][0], unrotate(k, ctx.cos, ctx.sin)) and torch.equal(captured[layer][1], v)
+        assert torch.equal(ctx.stacked[0][layer], captured[layer][0][0])
+    assert finish_capture(ctx) is captured  # nothing pending: unchanged
