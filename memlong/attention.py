@@ -24,6 +24,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +210,7 @@ class AttentionContext:
     memory_len: dict[int, int] = field(default_factory=dict)
     ape: tuple[float, float] | None = None
     reads_memory: bool = False
+    static: Any = None  # a memlong.static_kv.StaticKV: K-V in preallocated buffers (decode_mode "static"/"compiled")
 
 
 @dataclass
@@ -237,6 +239,8 @@ def memlong_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     layer = module.layer_idx
     if ctx.capture:
         ctx.pending[layer] = (key, value)  # rotated: finish_capture undoes RoPE for all layers at once
+    if ctx.static is not None:
+        return ctx.static.attend(layer, query, key, value, scaling).transpose(1, 2).contiguous(), None
     if ctx.blend is not None:
         return _blend_attention(query, key, value, ctx, layer, scaling), None
     parts_k, parts_v = [], []

@@ -130,6 +130,10 @@ class MemLongConfig:
             (retrained as they double; deletes stay exact); ``None``: exact search at any size.
         attention_backend: ``"auto"`` (SDPA; FlexAttention measured 2x slower on an H100), ``"sdpa"``,
             ``"flex"`` or ``"eager"`` (the exact float32 reference).
+        decode_mode: how ``decode``/``generate`` keep the tokens' K-V (:mod:`memlong.static_kv`): ``"static"``
+            (default: one preallocated buffer per layer and call, written in place), ``"dynamic"`` (joined anew at
+            every step), or ``"compiled"`` (static, the single-token step compiled with ``torch.compile``; on CUDA
+            replayed as a CUDA graph; the first call compiles). Same outputs to float rounding.
     """
 
     chunk_size: int = 128
@@ -155,6 +159,7 @@ class MemLongConfig:
     memory_ann_chunks: int | None = None
     # --
     attention_backend: AttentionBackend = "auto"
+    decode_mode: Literal["static", "dynamic", "compiled"] = "static"
     search_mode: SearchMode = "dense"
     kv_refresh: float = 0.0
     # ---- reading several retrieved chunks (issue 15; DESIGN.md section 5): all off by default
@@ -221,6 +226,8 @@ class MemLongConfig:
                f"position_layout must be 'zero' or 'continual', got {self.position_layout!r}.")
         _check(self.attention_backend in ("auto", "sdpa", "flex", "eager"),
                f"attention_backend must be one of auto, sdpa, flex, eager; got {self.attention_backend!r}.")
+        _check(self.decode_mode in ("static", "dynamic", "compiled"),
+               f"decode_mode must be one of static, dynamic, compiled; got {self.decode_mode!r}.")
         _check(self.memory_dtype in _MEMORY_DTYPES,
                f"memory_dtype must be one of {list(_MEMORY_DTYPES)}, got {self.memory_dtype!r}.")
         _check_storage(self)

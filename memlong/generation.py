@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memlong.positions import Memory
+from memlong.static_kv import compiled_step, start_static
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -119,6 +120,7 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
                  seed: int | None, stop: Sequence[str], stats: GenerationStats, t0: float) -> Iterator[str]:
     eos = ml.eos_ids
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    static = None
     try:
         # Grad mode is thread-global: no `with torch.no_grad()` may stay open across a `yield`, or the caller runs with
         # gradients off between pieces (and for good, if the generator is abandoned). Each model call gets its own.
@@ -127,7 +129,11 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
         if pos + len(ids) + max_new_tokens > ml.max_positions:
             raise ValueError(f"Prompt + memory + max_new_tokens need {pos + len(ids) + max_new_tokens} positions; "
                              f"the model has {ml.max_positions}. Lower max_new_tokens or top_k.")
+        mode = ml.config.decode_mode
+        static = start_static(ml, ctx, len(ids) + max_new_tokens) if mode != "dynamic" else None
         with torch.no_grad():
+            if static is not None:
+                static.advance(0, len(ids))
             logits = ml.run(ids, positions=torch.arange(len(ids)) + pos, context=ctx, logits_for=slice(-1, None)).logits
         pos += len(ids)
         out: list[int] = []
@@ -152,10 +158,18 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
             if len(out) == max_new_tokens:
                 break
             with torch.no_grad():
-                logits = ml.run([token], positions=torch.tensor([pos]), context=ctx, logits_for=slice(-1, None)).logits
+                if static is not None:
+                    static.advance(len(ids) + len(out) - 1, 1)
+                if static is not None and mode == "compiled":
+                    logits = compiled_step(ml, token, pos, ctx)
+                else:
+                    logits = ml.run([token], positions=torch.tensor([pos]), context=ctx,
+                                    logits_for=slice(-1, None)).logits
             pos += 1
     finally:  # also when the caller closes the generator early (an adapter's stop string)
         stats.seconds = time.perf_counter() - t0
+        if static is not None:
+            static.release()
 
 
 def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max_new_tokens: int = 64,

@@ -1,0 +1,114 @@
+"""decode_mode (memlong.static_kv): static buffers and the compiled step give the dynamic path's logits."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from memlong import generation, static_kv
+
+TEXT = " ".join(f"Line {i}: the {['red', 'blue', 'green'][i % 3]} ship sails to port {i * 7 % 11}." for i in range(60))
+
+
+def step_logits(ml, monkeypatch, mode, ids, memory, n=12):
+    """Every step's next-token scores and the text of a greedy decode in ``mode``."""
+    seen = []
+    real = generation._next_token
+
+    def spy(scores, temperature, generator):
+        seen.append(scores.clone())
+        return real(scores, temperature, generator)
+
+    monkeypatch.setattr(generation, "_next_token", spy)
+    base = ml.config
+    ml.config = dataclasses.replace(base, decode_mode=mode)
+    try:
+        text = ml.decode(ids, memory, max_new_tokens=n).text()
+    finally:
+        ml.config = base
+        monkeypatch.setattr(generation, "_next_token", real)
+    return torch.stack(seen), text
+
+
+CASES = {
+    "per_layer": {},
+    "memory_layer, upper layers": {"kv_source": "memory_layer", "retrieval_layers": "upper"},
+    "no sink": {"attention_sink": False},
+    "zero layout": {"position_layout": "zero", "kv_source": "memory_layer"},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_static_decode_gives_the_dynamic_logits(make_tiny, monkeypatch, case):
+    ml, _ = make_tiny(local_window=512, **CASES[case])
+    ids = ml.ingest(TEXT, namespace="doc", progress=False).chunk_ids
+    prompt = ml.encode_prompt("Where does the red ship sail?")
+    for memory in (ml.memory_for(ids[:3], "doc"), None):
+        dynamic, text = step_logits(ml, monkeypatch, "dynamic", prompt, memory)
+        static, static_text = step_logits(ml, monkeypatch, "static", prompt, memory)
+        assert static.shape == dynamic.shape == (12, ml.model.config.vocab_size)
+        torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=1e-5)
+        assert static_text == text
+
+
+def test_ape_reading_stays_dynamic(make_tiny, monkeypatch):
+    ml, _ = make_tiny(local_window=512, memory_temperature=0.8)
+    ids = ml.ingest(TEXT, namespace="doc", progress=False).chunk_ids
+    ctx, _ = ml.context(ml.memory_for(ids[:2], "doc"), grow=True)
+    assert ctx.ape is not None and static_kv.start_static(ml, ctx, 8) is None and ctx.grow
+    prompt = ml.encode_prompt("Which ship?")
+    memory = ml.memory_for(ids[:2], "doc")
+    torch.testing.assert_close(step_logits(ml, monkeypatch, "static", prompt, memory)[0],
+                               step_logits(ml, monkeypatch, "dynamic", prompt, memory)[0])
+
+
+def test_buffers_hold_exactly_what_was_asked(make_tiny):
+    ml, _ = make_tiny(local_window=512)
+    ids = ml.ingest(TEXT, namespace="doc", progress=False).chunk_ids
+    ctx, _ = ml.context(ml.memory_for(ids[:2], "doc"), grow=True)
+    static = static_kv.start_static(ml, ctx, 10)
+    assert ctx.prefix == {} and not ctx.grow and set(static.start.values()) == {257}  # memory + sink in every layer
+    assert all(length % static_kv._BUCKET == 0 and length >= 267 for length in static.length.values())
+    static.advance(0, 9)
+    static.advance(9, 1)
+    assert int(static.slots[0]) == 266 and static.masks[0][0, :267].all() and not static.masks[0][0, 267:].any()
+    with pytest.raises(ValueError, match="holds 10 tokens"):
+        static.advance(10, 1)
+
+
+def test_compiled_step_gives_the_dynamic_logits_and_compiles_once_per_shape(make_tiny, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    ml, _ = make_tiny(local_window=512)
+    ids = ml.ingest(TEXT, namespace="doc", progress=False).chunk_ids
+    memory = ml.memory_for(ids[:3], "doc")
+    torch._dynamo.reset()
+    static_kv._POOL.clear()
+    for prompt in ("Where does the red ship sail?", "Which ship sails to port 7, and when?"):
+        ids_ = ml.encode_prompt(prompt)
+        dynamic, text = step_logits(ml, monkeypatch, "dynamic", ids_, memory)
+        compiled, compiled_text = step_logits(ml, monkeypatch, "compiled", ids_, memory)
+        torch.testing.assert_close(compiled, dynamic, atol=1e-4, rtol=1e-4)
+        assert compiled_text == text
+        if prompt.startswith("Where"):
+            frames = counters["stats"]["unique_graphs"]
+            assert frames >= 1
+    # the second prompt (other length, same buffer bucket) and its 11 steps reused the first one's compiled step
+    assert counters["stats"]["unique_graphs"] == frames
+    assert len(static_kv._POOL) == 1  # its buffers went back to the pool and were taken again
+
+
+@pytest.mark.parametrize("mode", ["static", "compiled"])
+def test_interleaved_static_generations_keep_their_own_buffers(make_tiny, mode):
+    ml, _ = make_tiny(local_window=512, decode_mode=mode)
+    ids = ml.ingest(TEXT, namespace="doc", progress=False).chunk_ids
+    alone = [ml.generate(q, namespace="doc", chunk_ids=ids[:2], max_new_tokens=6) for q in ("Which ship?", "Port?")]
+    a, b = (ml.generate(q, namespace="doc", chunk_ids=ids[:2], max_new_tokens=6, stream=True)
+            for q in ("Which ship?", "Port?"))
+    pieces = [next(a), next(b)]
+    assert [pieces[0] + a.text(), pieces[1] + b.text()] == alone
+
+
+def test_decode_mode_is_checked(make_tiny):
+    with pytest.raises(ValueError, match="decode_mode must be one of static, dynamic, compiled"):
+        make_tiny(decode_mode="fast")
