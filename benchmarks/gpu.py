@@ -254,11 +254,7 @@ def bench_ingest_decode(ml, lengths: list[int], decode_at: int, decode_short: in
             print(rows[-1], file=sys.stderr, flush=True)
             continue
         # decode with this document's memory (window + retrieved chunks): its cost must not grow with n
-        ml.generate("Question: what happened next?\nAnswer:", namespace="doc", max_new_tokens=steps + 1)
-        g = ml.last_generation
-        per_step = (g.seconds - g.time_to_first_token) / max(g.new_tokens - 1, 1)
-        rows.append({"bench": "decode", "system": "memlong", "history_tokens": len(ids), "step_ms": 1e3 * per_step,
-                     "new_tokens": g.new_tokens, "memory_tokens": g.memory_tokens})
+        rows += decode_modes(ml, steps, len(ids), _sync if device.startswith("cuda") else None, device)
         ml.reset()
         full_s, peak, out = full_prefill(ml.model, ids, device)
         row.update(full_s=full_s, full_peak_gib=peak, ratio_tok_s=(full_s / seconds) if full_s else None)
@@ -273,6 +269,27 @@ def bench_ingest_decode(ml, lengths: list[int], decode_at: int, decode_short: in
     if out is not None:
         rows.append({"bench": "decode", "system": "full attention", "history_tokens": len(ids),
                      "step_ms": 1e3 * full_decode_step(ml.model, out, device, steps)})
+    return rows
+
+
+def decode_modes(ml, steps: int, history: int, sync, device: str) -> list[dict]:
+    """One answer per ``MemLongConfig.decode_mode`` (each after a warm-up answer, which compiles ``compiled``): ms per
+    decode step, and whether the tokens equal the dynamic path's."""
+    rows, base, texts = [], ml.config, {}
+    for mode in ("dynamic", "static", "compiled"):
+        ml.config = dataclasses.replace(base, decode_mode=mode)
+        for _ in range(2):
+            g = ml.generate("Question: what happened next?\nAnswer:", namespace="doc", max_new_tokens=steps + 1,
+                            stream=True)
+            texts[mode] = g.text()
+            if sync:
+                sync(device)
+        stats = g.stats
+        per_step = (stats.seconds - stats.time_to_first_token) / max(stats.new_tokens - 1, 1)
+        rows.append({"bench": "decode", "system": "memlong", "decode_mode": mode, "history_tokens": history,
+                     "step_ms": 1e3 * per_step, "new_tokens": stats.new_tokens, "memory_tokens": stats.memory_tokens,
+                     "same_tokens_as_dynamic": texts[mode] == texts["dynamic"]})
+    ml.config = base
     return rows
 
 
@@ -399,7 +416,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     axes[0].set_ylabel("peak GPU memory (GiB)")
     axes[0].legend()
     dec = sorted((r for r in rows if r["bench"] == "decode"), key=lambda r: (r["system"], r["history_tokens"]))
-    axes[1].bar([f"{'MemLong' if r['system'] == 'memlong' else 'full'}\n{r['history_tokens'] // 1024}k" for r in dec],
+    axes[1].bar([f"{r.get('decode_mode', 'full') if r['system'] == 'memlong' else 'full'}\n{r['history_tokens'] // 1024}k"
+                 for r in dec],
                 [r["step_ms"] for r in dec],
                 color=["#2171b5" if r["system"] == "memlong" else "#bbbbbb" for r in dec])
     axes[1].tick_params(axis="x", labelsize=8)

@@ -25,8 +25,11 @@ def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
                < 1e-6 for r in ingest)
     compared = [r for r in records if r["bench"] == "ingest" and r["backend"] == "eager"]
     assert [r["tokens"] for r in compared] == [2048]
-    decode = {(r["system"], r["history_tokens"]) for r in records if r["bench"] == "decode"}
-    assert decode == {("memlong", 2048), ("memlong", 4096), ("full attention", 4096), ("full attention", 1024)}
+    decode = {(r["system"], r.get("decode_mode"), r["history_tokens"]) for r in records if r["bench"] == "decode"}
+    assert decode == {("memlong", mode, n) for mode in ("dynamic", "static", "compiled") for n in (2048, 4096)} | {
+        ("full attention", None, 4096), ("full attention", None, 1024)}
+    # every decode mode answers with the dynamic path's tokens
+    assert all(r["same_tokens_as_dynamic"] for r in records if r.get("decode_mode"))
     ttft = [r for r in records if r["bench"] == "ttft"]
     # K-V injection encodes only the question; re-encoding encodes the retrieved text too
     assert all(r["kv_tokens_encoded"] < 20 < r["reencode_tokens_encoded"] for r in ttft)
@@ -53,6 +56,18 @@ def test_cpu_benchmark_smoke_run(tmp_path):
     assert len(ttft) == 1 and ttft[0]["kv_tokens_encoded"] < 30 < ttft[0]["reencode_tokens_encoded"]
     assert {r["chunks"] for r in records if r["bench"] == "faiss"} == {1000}
     assert all(r["lexical_ms"] > 0 and r["hybrid_ms"] > 0 for r in records if r["bench"] == "faiss")
+
+
+def test_step_profile_counts_operations_of_every_call(tmp_path):
+    import step_profile
+
+    out = tmp_path / "profile.json"
+    assert step_profile.main(["--device", "cpu", "--repeats", "1", "--decode-repeats", "2", "--memory-tokens", "256",
+                              "--decode-modes", "dynamic,static", "--json", str(out)]) == 0
+    rows = {r["row"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["stream step", "plain prefill", "decode step (dynamic)", "decode step (static)"]
+    assert all(r["ops"] > r["layers"] and r["seconds"] > 0 for r in rows.values())
+    assert rows["decode step (static)"]["memory_tokens"] == 256
 
 
 def test_gpu_attention_benchmark_smoke_run_on_cpu(tmp_path):
