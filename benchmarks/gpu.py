@@ -11,6 +11,8 @@ Measured, each MemLong figure beside its plain-transformers baseline on the same
   full-attention prefill (SDPA, with the KV cache a decode would need) of the same tokens; an OOM is a result.
   Each row splits MemLong's time into decoder forward, embedder, bank writes and the rest (synchronised);
   ``--compare-backend flex`` adds a row with another attention backend for the shortest document.
+  ``--stream-compile`` also ingests each document with ``MemLongConfig.stream_compile`` (``compiled_tok_s``,
+  ``compiled_ratio_tok_s``; the first, warm-up document pays the compilation: ``compiled_warmup_s``).
 * ``decode``: one decode step with memory after each ingest (MemLong ``generate``: window + top-k chunks)
   against plain full attention with a 4k and an 80k KV cache.
 * ``ttft``: time to first token with ``N x C`` retrieved tokens as stored K-V (only the question encoded;
@@ -218,7 +220,7 @@ def _cache(out):
 
 # ------------------------------------------------------------------ benchmarks
 def bench_ingest_decode(ml, lengths: list[int], decode_at: int, decode_short: int, steps: int, device: str,
-                        compare_backend: str | None = None) -> list[dict]:
+                        compare_backend: str | None = None, stream_compile: bool = False) -> list[dict]:
     # first-call costs (CUDA context, cuBLAS, FlexAttention's compile) out of the timings
     warm = document(ml.tokenizer, 4096, seed=7)
     ml.ingest(warm, namespace="warmup", progress=False)
@@ -256,8 +258,14 @@ def bench_ingest_decode(ml, lengths: list[int], decode_at: int, decode_short: in
         # decode with this document's memory (window + retrieved chunks): its cost must not grow with n
         rows += decode_modes(ml, steps, len(ids), _sync if device.startswith("cuda") else None, device)
         ml.reset()
+        if stream_compile:  # the same document through the compiled step (CUDA graphs on CUDA), after a warm-up
+            row.update(compiled_warmup_s=_ingest_compiled(ml, warm, "warmup", device),
+                       compiled_s=_ingest_compiled(ml, text, "doc", device))
+            row["compiled_tok_s"] = len(ids) / row["compiled_s"]
         full_s, peak, out = full_prefill(ml.model, ids, device)
         row.update(full_s=full_s, full_peak_gib=peak, ratio_tok_s=(full_s / seconds) if full_s else None)
+        if stream_compile and full_s:
+            row["compiled_ratio_tok_s"] = full_s / row["compiled_s"]
         rows.append(row)
         if n == decode_at and out is not None:
             rows.append({"bench": "decode", "system": "full attention", "history_tokens": len(ids),
@@ -270,6 +278,21 @@ def bench_ingest_decode(ml, lengths: list[int], decode_at: int, decode_short: in
         rows.append({"bench": "decode", "system": "full attention", "history_tokens": len(ids),
                      "step_ms": 1e3 * full_decode_step(ml.model, out, device, steps)})
     return rows
+
+
+def _ingest_compiled(ml, text: str, namespace: str, device: str) -> float:
+    """Seconds to ingest ``text`` with ``stream_compile`` (the namespace is reset before and after)."""
+    base = ml.config
+    ml.config = dataclasses.replace(base, stream_compile=True)
+    ml.reset(namespace)
+    try:
+        t0 = time.perf_counter()
+        ml.ingest(text, namespace=namespace, progress=False)
+        _sync(device)
+        return time.perf_counter() - t0
+    finally:
+        ml.config = base
+        ml.reset(namespace)
 
 
 def decode_modes(ml, steps: int, history: int, sync, device: str) -> list[dict]:
@@ -452,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--benches", default="ttft,search,ingest", help="comma-separated subset, run in this order")
     p.add_argument("--lengths", default=None, help="document tokens for ingest (default 32768,81920,131072)")
     p.add_argument("--attention-backend", default="auto", help="MemLong's attention backend (auto: flex on CUDA)")
+    p.add_argument("--stream-compile", action="store_true",
+                   help="also time each ingest with MemLongConfig.stream_compile (CUDA graphs on CUDA)")
     p.add_argument("--compare-backend", default=None,
                    help="also time the shortest ingest with this backend (e.g. sdpa), for comparison")
     p.add_argument("--decode-steps", type=int, default=16)
@@ -498,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                                    memory_capacity=max(lengths) + 4096, attention_backend=args.attention_backend)
             ml = MemLong(model, tokenizer, config, embedder=embedder)
             rows += bench_ingest_decode(ml, lengths, decode_at if decode_at in lengths else lengths[-1], decode_short,
-                                        args.decode_steps, args.device, args.compare_backend)
+                                        args.decode_steps, args.device, args.compare_backend, args.stream_compile)
             ml.reset()
             del ml
         elif bench == "ttft":

@@ -211,6 +211,7 @@ class AttentionContext:
     ape: tuple[float, float] | None = None
     reads_memory: bool = False
     static: Any = None  # a memlong.static_kv.StaticKV: K-V in preallocated buffers (decode_mode "static"/"compiled")
+    compiled: bool = False  # run through the compiled decoder (a streaming step with config.stream_compile)
 
 
 @dataclass

@@ -35,7 +35,7 @@ __all__ = ["build_parser", "main"]
 # MemLongConfig fields offered as flags of every command: names, types, choices, defaults and help all come
 # from the dataclass (its field types and its docstring), so the CLI cannot drift from the library.
 CONFIG_FLAGS = ("top_k", "ingest_top_k", "local_window", "kv_source", "retrieval_layers", "position_layout",
-                "memory_capacity", "search_mode", "retrieve_next")
+                "memory_capacity", "search_mode", "retrieve_next", "decode_mode")
 # Where the CLI deliberately departs from the library's defaults, and why (both shown in --help).
 CLI_DEFAULTS = {"memory_capacity": 65_536}  # a 32k-token evaluation document (Hamlet: ~53k) is never evicted
 COMMAND_DEFAULTS = {

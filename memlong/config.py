@@ -134,6 +134,9 @@ class MemLongConfig:
             (default: one preallocated buffer per layer and call, written in place), ``"dynamic"`` (joined anew at
             every step), or ``"compiled"`` (static, the single-token step compiled with ``torch.compile``; on CUDA
             replayed as a CUDA graph; the first call compiles). Same outputs to float rounding.
+        stream_compile: run streaming steps (``ingest``, ``perplexity``, ``Stream.step`` without gradients) through
+            the decoder compiled with ``torch.compile`` (on CUDA as CUDA graphs), for ingestion bound by kernel
+            launches on a GPU; the first steps of each shape compile (minutes on a CPU, where it gains nothing).
     """
 
     chunk_size: int = 128
@@ -160,6 +163,7 @@ class MemLongConfig:
     # --
     attention_backend: AttentionBackend = "auto"
     decode_mode: Literal["static", "dynamic", "compiled"] = "static"
+    stream_compile: bool = False
     search_mode: SearchMode = "dense"
     kv_refresh: float = 0.0
     # ---- reading several retrieved chunks (issue 15; DESIGN.md section 5): all off by default
@@ -228,6 +232,7 @@ class MemLongConfig:
                f"attention_backend must be one of auto, sdpa, flex, eager; got {self.attention_backend!r}.")
         _check(self.decode_mode in ("static", "dynamic", "compiled"),
                f"decode_mode must be one of static, dynamic, compiled; got {self.decode_mode!r}.")
+        _check(isinstance(self.stream_compile, bool), f"stream_compile must be True or False, got {self.stream_compile!r}.")
         _check(self.memory_dtype in _MEMORY_DTYPES,
                f"memory_dtype must be one of {list(_MEMORY_DTYPES)}, got {self.memory_dtype!r}.")
         _check_storage(self)

@@ -41,6 +41,7 @@ from memlong.generation import Generation, GenerationStats
 from memlong.loading import SUPPORTED_ARCHITECTURES
 from memlong.memory import MemoryBank
 from memlong.positions import KV, Memory, build_context
+from memlong.static_kv import compiled_decoder
 from memlong.streaming import IngestStats, Stream
 
 if TYPE_CHECKING:
@@ -114,8 +115,7 @@ class MemLong:
                                        adapter=adapter, config=config)
 
     def weights_changed(self) -> None:
-        """Decoder weights changed (training, a merged adapter): the sink's cached K-V are recomputed on next use
-        (the bank's K-V are the caller's business)."""
+        """Decoder weights changed (training, a merged adapter): the sink's K-V are recomputed on next use."""
         self._sink_cache = None
 
     # ------------------------------------------------------------------ properties
@@ -216,8 +216,9 @@ class MemLong:
         positions = positions.view(1, -1).to(self.device)
         if context.capture:
             context.cos, context.sin = self.decoder.rotary_emb(torch.zeros(1, device=self.device), positions)
-        hidden = self.decoder(input_ids=ids_t, position_ids=positions, use_cache=False,
-                              memlong_context=context).last_hidden_state  # (1, T, H)
+        decoder = compiled_decoder(self) if context.compiled else self.decoder  # config.stream_compile
+        hidden = decoder(input_ids=ids_t, position_ids=positions, use_cache=False,
+                         memlong_context=context).last_hidden_state  # (1, T, H)
         logits = None if logits_for is None else self.model.lm_head(hidden[:, logits_for]).float()
         return RunOutput(logits=logits, kv=finish_capture(context) if context.capture else None,
                          next_position=int(positions[0, -1]) + 1)

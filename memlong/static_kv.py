@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +30,7 @@ from memlong.attention import AttentionContext, joint_attention
 if TYPE_CHECKING:
     from memlong.model import MemLong
 
-__all__ = ["StaticKV", "compiled_step", "start_static"]
+__all__ = ["StaticKV", "compiled_decoder", "compiled_step", "start_static"]
 
 
 # buffer lengths are rounded up to a multiple of this: calls whose memory and prompt differ by a few tokens share
@@ -147,6 +148,7 @@ def start_static(ml: MemLong, ctx: AttentionContext, tokens: int) -> StaticKV | 
 
 
 _COMPILED: dict[str, object] = {}
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MemLong -> its compiled decoder
 
 
 def _forward(decoder, lm_head, ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -167,3 +169,18 @@ def compiled_step(ml: MemLong, token: int, position: int, ctx: AttentionContext)
     ids = torch.tensor([[token]], device=ml.device)
     positions = torch.tensor([[position]], device=ml.device)
     return _COMPILED[kind](ml.decoder, ml.model.lm_head, ids, positions, ctx)
+
+
+def compiled_decoder(ml: MemLong):
+    """``ml.decoder`` compiled for fixed-shape streaming steps (``MemLongConfig.stream_compile``; on CUDA
+    ``mode="reduce-overhead"``: each step replayed as CUDA graphs, not launched kernel by kernel).
+
+    Only full steps that read no memory run through it (``Stream.step``): they have one shape once the local
+    cache is full (``step_size`` tokens over sink + cache), so a corpus compiles twice: the first step of a
+    document and the steady state; its last, shorter step runs eagerly. The
+    captured K-V leave the compiled region through ``ctx.pending`` and are joined outside it (``finish_capture``),
+    so no output of one replay is read after the next."""
+    if ml not in _DECODERS:
+        _DECODERS[ml] = torch.compile(ml.decoder, mode="reduce-overhead" if ml.device.type == "cuda" else None,
+                                      dynamic=False)
+    return _DECODERS[ml]

@@ -119,6 +119,9 @@ class Stream:
         k = cfg.ingest_k if k is None else k
         memory = ml.memory_for(self._retrieve(k), self.namespace)
         ctx, start = ml.context(memory, self.cache, capture=True)
+        # compiled: full steps that read no memory (one shape per stream once its cache is full), without gradients
+        ctx.compiled = cfg.stream_compile and memory is None and len(tokens) == self.step_size and \
+            not torch.is_grad_enabled()
         if start + len(tokens) > ml.max_positions:
             raise ValueError(f"A step needs positions up to {start + len(tokens)} but the model has "
                              f"{ml.max_positions}; lower top_k, chunk_size or local_window.")

@@ -15,11 +15,12 @@ def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
 
     out = tmp_path / "gpu.json"
     assert gpu.main(["--tiny", "--device", "cpu", "--repeats", "1", "--decode-steps", "3", "--json", str(out),
-                     "--plot", str(tmp_path / "gpu.png"), "--compare-backend", "eager"]) == 0
+                     "--plot", str(tmp_path / "gpu.png"), "--compare-backend", "eager", "--stream-compile"]) == 0
     records = json.loads(out.read_text())["records"]
     ingest = [r for r in records if r["bench"] == "ingest" and r["backend"] == "auto"]
     assert [r["tokens"] for r in ingest] == [2048, 4096]  # documents of the asked length
     assert all(r["memlong_tok_s"] > 0 and r["full_s"] > 0 and r["forward_s"] > 0 for r in ingest)
+    assert all(r["compiled_tok_s"] > 0 and r["compiled_ratio_tok_s"] > 0 for r in ingest)  # --stream-compile
     # the time breakdown accounts for the whole ingest
     assert all(abs(sum(r[f"{p}_s"] for p in ("forward", "embed", "search", "bank_write", "other")) - r["memlong_s"])
                < 1e-6 for r in ingest)

@@ -112,3 +112,23 @@ def test_interleaved_static_generations_keep_their_own_buffers(make_tiny, mode):
 def test_decode_mode_is_checked(make_tiny):
     with pytest.raises(ValueError, match="decode_mode must be one of static, dynamic, compiled"):
         make_tiny(decode_mode="fast")
+
+
+def test_compiled_stream_steps_store_what_eager_steps_store_and_compile_twice(make_tiny):
+    from torch._dynamo.utils import counters
+
+    ml, _ = make_tiny(local_window=512)
+    docs = [TEXT + TEXT, TEXT + TEXT[: len(TEXT) // 2]]
+    assert all(len(ml.tokenize(d)) > 2 * ml.config.store_step for d in docs)
+    eager = ml.ingest(docs, namespace="eager", progress=False).chunk_ids
+    ml.config = dataclasses.replace(ml.config, stream_compile=True)
+    torch._dynamo.reset()
+    compiled = ml.ingest(docs, namespace="compiled", progress=False).chunk_ids
+    assert len(compiled) == len(eager)
+    for a, b in zip(eager, compiled):
+        ca, cb = ml.bank.get(a, namespace="eager"), ml.bank.get(b, namespace="compiled")
+        assert ca.span == cb.span and ca.text == cb.text
+        torch.testing.assert_close(cb.keys, ca.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cb.values, ca.values, atol=1e-4, rtol=1e-4)
+    # a document's first step (sink only) and the steady state (sink + full cache); last steps run eagerly
+    assert counters["stats"]["unique_graphs"] == 2
