@@ -259,12 +259,15 @@ def bench_ingest_decode(ml, lengths: list[int], decode_at: int, decode_short: in
         rows += decode_modes(ml, steps, len(ids), _sync if device.startswith("cuda") else None, device)
         ml.reset()
         if stream_compile:  # the same document through the compiled step (CUDA graphs on CUDA), after a warm-up
-            row.update(compiled_warmup_s=_ingest_compiled(ml, warm, "warmup", device),
-                       compiled_s=_ingest_compiled(ml, text, "doc", device))
-            row["compiled_tok_s"] = len(ids) / row["compiled_s"]
+            try:
+                row.update(compiled_warmup_s=_ingest_compiled(ml, warm, "warmup", device),
+                           compiled_s=_ingest_compiled(ml, text, "doc", device))
+                row["compiled_tok_s"] = len(ids) / row["compiled_s"]
+            except Exception as exc:  # a compiler failure is a result to report, not the end of the run
+                row["compiled_error"] = f"{type(exc).__name__}: {exc}"[:500]
         full_s, peak, out = full_prefill(ml.model, ids, device)
         row.update(full_s=full_s, full_peak_gib=peak, ratio_tok_s=(full_s / seconds) if full_s else None)
-        if stream_compile and full_s:
+        if stream_compile and full_s and "compiled_s" in row:
             row["compiled_ratio_tok_s"] = full_s / row["compiled_s"]
         rows.append(row)
         if n == decode_at and out is not None:
@@ -301,12 +304,19 @@ def decode_modes(ml, steps: int, history: int, sync, device: str) -> list[dict]:
     rows, base, texts = [], ml.config, {}
     for mode in ("dynamic", "static", "compiled"):
         ml.config = dataclasses.replace(base, decode_mode=mode)
-        for _ in range(2):
-            g = ml.generate("Question: what happened next?\nAnswer:", namespace="doc", max_new_tokens=steps + 1,
-                            stream=True)
-            texts[mode] = g.text()
-            if sync:
-                sync(device)
+        try:
+            for _ in range(2):
+                g = ml.generate("Question: what happened next?\nAnswer:", namespace="doc",
+                                max_new_tokens=steps + 1, stream=True)
+                texts[mode] = g.text()
+                if sync:
+                    sync(device)
+        except Exception as exc:  # a compiler failure is a result to report, not the end of the run
+            rows.append({"bench": "decode", "system": "memlong", "decode_mode": mode, "history_tokens": history,
+                         "error": f"{type(exc).__name__}: {exc}"[:500]})
+            continue
+        finally:
+            ml.config = base
         stats = g.stats
         per_step = (stats.seconds - stats.time_to_first_token) / max(stats.new_tokens - 1, 1)
         rows.append({"bench": "decode", "system": "memlong", "decode_mode": mode, "history_tokens": history,
@@ -438,7 +448,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     axes[0].set_xticks(x, [f"{r['tokens'] // 1024}k" for r in ing])
     axes[0].set_ylabel("peak GPU memory (GiB)")
     axes[0].legend()
-    dec = sorted((r for r in rows if r["bench"] == "decode"), key=lambda r: (r["system"], r["history_tokens"]))
+    dec = sorted((r for r in rows if r["bench"] == "decode" and "step_ms" in r),
+                 key=lambda r: (r["system"], r["history_tokens"]))
     axes[1].bar([f"{r.get('decode_mode', 'full') if r['system'] == 'memlong' else 'full'}\n{r['history_tokens'] // 1024}k"
                  for r in dec],
                 [r["step_ms"] for r in dec],
