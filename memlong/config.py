@@ -136,7 +136,8 @@ class MemLongConfig:
             replayed as a CUDA graph; the first call compiles). Same outputs to float rounding.
         stream_compile: run streaming steps (``ingest``, ``perplexity``, ``Stream.step`` without gradients) through
             the decoder compiled with ``torch.compile`` (on CUDA as CUDA graphs), for ingestion bound by kernel
-            launches on a GPU; the first steps of each shape compile (minutes on a CPU, where it gains nothing).
+            launches on a GPU; full steps that read no memory only, two compilations per corpus (tens of seconds
+            each for the default model on a CPU, where it gains nothing).
     """
 
     chunk_size: int = 128

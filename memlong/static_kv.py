@@ -2,12 +2,18 @@
 
 The dynamic path (``decode_mode="dynamic"``) joins ``[prefix | earlier tokens | new token]`` anew in every layer at
 every step: a copy of the whole prefix per layer per token, and shapes that change with each token. Here each layer
-gets one buffer of ``prefix + prompt + max_new_tokens`` slots when the call starts: the prefix (retrieved memory,
-sink) is copied in once, each forward writes its tokens' K-V in place at their slots, and attention runs over the
-whole buffer with a mask (slot ``j`` is visible to a token at slot ``s`` iff ``j <= s``: the prefix comes first, the
-slots not written yet come after). The single-token step then has the same shapes at every step, which is what
-``decode_mode="compiled"`` needs: the step compiled with ``torch.compile`` (on CUDA with ``mode="reduce-overhead"``,
-which replays it as a CUDA graph). Outputs equal the dynamic path's to float rounding (tests/test_static_decode.py).
+gets one buffer of ``prefix + prompt + max_new_tokens`` slots (rounded up to 256) when the call starts: the prefix
+(retrieved memory, sink) is copied in once and each forward writes its tokens' K-V in place at their slots.
+
+* ``"static"`` (the default) attends to the slots written so far with the dynamic path's kernels
+  (:func:`memlong.attention.joint_attention`), without its copies.
+* ``"compiled"`` attends to the whole buffer with a mask (slot ``j`` is visible to a token at slot ``s`` iff
+  ``j <= s``: the prefix comes first, the slots not written yet after), so the single-token step has the same
+  shapes at every step and in every call of one buffer size, and compiles it with ``torch.compile`` (on CUDA with
+  ``mode="reduce-overhead"``, which replays it as a CUDA graph; the buffers are pooled so that a graph finds them
+  where it recorded them).
+
+Both give the dynamic path's logits to float rounding (tests/test_static_decode.py compares every step).
 
 Not for contexts read with APE (``memory_temperature`` / ``memory_scale``, :func:`memlong.attention.ape_attention`):
 those decode on the dynamic path.
