@@ -64,7 +64,7 @@ def _starts(layout: str, has_sink: bool, n_mem: int) -> tuple[int, int]:
 
 # retrieved keys are rotated this many bytes of layers at a time: few calls for a usual read, and no full rotated copy
 # of a large one (32 x 1,024 tokens of a 3B model's every layer are several GB)
-_ROTATE_BYTES = 64 << 20
+_ROTATE_BYTES = 256 << 20
 
 Stacked = tuple[torch.Tensor, torch.Tensor]  # every layer's pre-RoPE (keys, values), each (L, Hkv, T, D)
 
@@ -95,7 +95,7 @@ def build_context(ml: MemLong, memory: Memory | None = None, cache: KV | Stacked
     ``config.memory_temperature`` / ``memory_scale`` when either is not 1 (:func:`memlong.attention.ape_attention`).
 
     The layers are rotated together (every layer's K-V have one shape in the supported architectures): sink and
-    cache in one call, retrieved memory in blocks of layers of up to 64 MiB. A context costs a few dozen tensor
+    cache in one call, retrieved memory in blocks of layers of up to 256 MiB. A context costs a few dozen tensor
     operations instead of a dozen per layer; on a GPU a streaming step is bound by such launches (issue 21).
 
     Returns:
