@@ -84,6 +84,7 @@ def test_compiled_step_gives_the_dynamic_logits_and_compiles_once_per_shape(make
     memory = ml.memory_for(ids[:3], "doc")
     torch._dynamo.reset()
     static_kv._POOL.clear()
+    before = counters["stats"]["unique_graphs"]  # counted since the process started
     for prompt in ("Where does the red ship sail?", "Which ship sails to port 7, and when?"):
         ids_ = ml.encode_prompt(prompt)
         dynamic, text = step_logits(ml, monkeypatch, "dynamic", ids_, memory)
@@ -92,7 +93,7 @@ def test_compiled_step_gives_the_dynamic_logits_and_compiles_once_per_shape(make
         assert compiled_text == text
         if prompt.startswith("Where"):
             frames = counters["stats"]["unique_graphs"]
-            assert frames >= 1
+            assert frames > before
     # the second prompt (other length, same buffer bucket) and its 11 steps reused the first one's compiled step
     assert counters["stats"]["unique_graphs"] == frames
     assert len(static_kv._POOL) == 1  # its buffers went back to the pool and were taken again
@@ -123,6 +124,7 @@ def test_compiled_stream_steps_store_what_eager_steps_store_and_compile_twice(ma
     eager = ml.ingest(docs, namespace="eager", progress=False).chunk_ids
     ml.config = dataclasses.replace(ml.config, stream_compile=True)
     torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]  # counted since the process started
     compiled = ml.ingest(docs, namespace="compiled", progress=False).chunk_ids
     assert len(compiled) == len(eager)
     for a, b in zip(eager, compiled):
@@ -131,4 +133,4 @@ def test_compiled_stream_steps_store_what_eager_steps_store_and_compile_twice(ma
         torch.testing.assert_close(cb.keys, ca.keys, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cb.values, ca.values, atol=1e-4, rtol=1e-4)
     # a document's first step (sink only) and the steady state (sink + full cache); last steps run eagerly
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] - before == 2
