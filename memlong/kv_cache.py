@@ -126,6 +126,8 @@ class DeviceCache:
         """Until the budget holds: other chunks, least recently read first; then, for a read larger than the
         budget, its own chunks from its last one back, so that a repeated read finds its first chunks cached
         instead of each read evicting what the next one needs (the chunks just read are already assembled)."""
+        if self._nbytes <= self.max_bytes:  # the usual case: no pass over every entry per read
+            return
         for key in [k for k in self._entries if k not in reading]:
             if self._nbytes <= self.max_bytes:
                 return
