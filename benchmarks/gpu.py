@@ -322,7 +322,6 @@ def decode_modes(ml, steps: int, history: int, sync, device: str) -> list[dict]:
         rows.append({"bench": "decode", "system": "memlong", "decode_mode": mode, "history_tokens": history,
                      "step_ms": 1e3 * per_step, "new_tokens": stats.new_tokens, "memory_tokens": stats.memory_tokens,
                      "same_tokens_as_dynamic": texts[mode] == texts["dynamic"]})
-    ml.config = base
     return rows
 
 

@@ -133,7 +133,7 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
         static = start_static(ml, ctx, len(ids) + max_new_tokens) if mode != "dynamic" else None
         with torch.no_grad():
             if static is not None:
-                static.advance(0, len(ids))
+                static.advance(len(ids))
             logits = ml.run(ids, positions=torch.arange(len(ids)) + pos, context=ctx, logits_for=slice(-1, None)).logits
         pos += len(ids)
         out: list[int] = []
@@ -159,7 +159,7 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
                 break
             with torch.no_grad():
                 if static is not None:
-                    static.advance(len(ids) + len(out) - 1, 1)
+                    static.advance(1)
                 if static is not None and mode == "compiled":
                     logits = compiled_step(ml, token, pos, ctx)
                 else:

@@ -59,63 +59,59 @@ class StaticKV:
             attended whole with a mask (fixed shapes); otherwise each forward attends to the slots written so far
             with the dynamic path's kernels (:func:`memlong.attention.joint_attention`), without its copies.
 
-    ``advance(first, n)`` sets the slots and masks of the next forward's ``n`` tokens (the ``first``-th token after
-    the prefix onwards); the attention call of each layer (``ctx.static``) writes their K-V there and attends.
+    ``advance(n)`` places the next forward's ``n`` tokens after those written so far; the attention call of each
+    layer (``ctx.static``) writes their K-V there and attends. Layers with one prefix length and buffer length
+    (retrieval layers, the others) form a group and share the slots and mask.
     """
 
     def __init__(self, ctx: AttentionContext, tokens: int, *, dtype: torch.dtype, device: torch.device,
                  shape: tuple[int, int], pooled: bool = False) -> None:
-        self.start = {layer: int(k.shape[2]) for layer, (k, _) in ctx.prefix.items()}  # slot of the first token
-        self.length = {layer: -(-(n + tokens) // _BUCKET) * _BUCKET for layer, n in self.start.items()}
-        self.tokens, self.device, self.masked, self.backend = tokens, device, pooled, ctx.backend
-        self.ends: dict[int, int] = {}  # layer -> slots written after this forward
-        self._key = (str(device), dtype, shape, tuple(sorted(self.length.items()))) if pooled else None
+        # layer -> (prefix length, buffer length): the slot of its first token, and its slots
+        self.group = {layer: (int(k.shape[2]), -(-(int(k.shape[2]) + tokens) // _BUCKET) * _BUCKET)
+                      for layer, (k, _) in ctx.prefix.items()}
+        self.tokens, self.written, self.device, self.masked, self.backend = tokens, 0, device, pooled, ctx.backend
+        self._key = (str(device), dtype, shape, tuple(sorted(self.group.items()))) if pooled else None
         free = _POOL.get(self._key) if pooled else None
         self.buffers = free.pop() if free else self._allocate(dtype, shape)
         for layer, (k, v) in ctx.prefix.items():
             self.buffers["keys"][layer][:, :, :k.shape[2]] = k
             self.buffers["values"][layer][:, :, :v.shape[2]] = v
         self.keys, self.values = self.buffers["keys"], self.buffers["values"]
-        # this forward's slots (T,) and mask (T, length) per layer; single-token ones are written in place
-        self.slots: dict[int, torch.Tensor] = dict(self.buffers["slot1"])
-        self.masks: dict[int, torch.Tensor] = dict(self.buffers["mask1"])
+        self.slots: dict[tuple[int, int], torch.Tensor] = {}  # group -> this forward's slots (T,)
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}  # group -> (T, length), masked (compiled) only
         ctx.prefix = {}
 
     def _allocate(self, dtype: torch.dtype, shape: tuple[int, int]) -> dict[str, dict]:
         heads, dim = shape
-        new = {name: {} for name in ("keys", "values", "slot1", "mask1")}
-        shared: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # one slot and mask per (start, length)
-        for layer, length in self.length.items():
+        new = {name: {} for name in ("keys", "values", "slot1", "mask1")}  # slot1/mask1: one-token forwards, per group
+        for layer, group in self.group.items():
             for name in ("keys", "values"):
-                new[name][layer] = torch.zeros(1, heads, length, dim, dtype=dtype, device=self.device)
-            group = (self.start[layer], length)
-            if group not in shared:
-                shared[group] = (torch.zeros(1, dtype=torch.long, device=self.device),
-                                 torch.zeros(1, length, dtype=torch.bool, device=self.device))
-            new["slot1"][layer], new["mask1"][layer] = shared[group]
+                new[name][layer] = torch.zeros(1, heads, group[1], dim, dtype=dtype, device=self.device)
+            if group not in new["slot1"]:
+                new["slot1"][group] = torch.zeros(1, dtype=torch.long, device=self.device)
+                new["mask1"][group] = torch.zeros(1, group[1], dtype=torch.bool, device=self.device)
         if self.device.type == "cuda":  # a CUDA graph reads and writes them where they are: no copy per replay
             for store in new.values():
-                for t in {id(t): t for t in store.values()}.values():
+                for t in store.values():
                     torch._dynamo.mark_static_address(t)
         return new
 
-    def advance(self, first: int, n: int) -> None:
-        """Place the next forward's ``n`` tokens at slots ``start + first ..`` of every layer."""
-        if first + n > self.tokens:
-            raise ValueError(f"the decode buffer holds {self.tokens} tokens after the prefix; {first + n} asked.")
-        made: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer, start in self.start.items():
-            group = (start, self.length[layer])
-            if group not in made:
-                slots = torch.arange(n, device=self.device) + (start + first)
-                made[group] = slots, torch.arange(group[1], device=self.device)[None, :] <= slots[:, None]
-                if n == 1:
-                    self.buffers["slot1"][layer].copy_(made[group][0])
-                    self.buffers["mask1"][layer].copy_(made[group][1])
-            self.ends[layer] = start + first + n
-            one = n == 1
-            self.slots[layer] = self.buffers["slot1"][layer] if one else made[group][0]
-            self.masks[layer] = self.buffers["mask1"][layer] if one else made[group][1]
+    def advance(self, n: int) -> None:
+        """Place the next forward's ``n`` tokens after the ``written`` ones, in every group's slots. One-token
+        forwards reuse the same slot and mask tensors, updated in place (what a compiled step reads)."""
+        if self.written + n > self.tokens:
+            raise ValueError(f"the decode buffer holds {self.tokens} tokens after the prefix; "
+                             f"{self.written + n} asked.")
+        for group in set(self.group.values()):
+            slots = torch.arange(n, device=self.device) + (group[0] + self.written)
+            if n == 1:
+                self.slots[group] = self.buffers["slot1"][group].copy_(slots)
+            else:
+                self.slots[group] = slots
+            if self.masked:
+                mask = torch.arange(group[1], device=self.device)[None, :] <= slots[:, None]
+                self.masks[group] = self.buffers["mask1"][group].copy_(mask) if n == 1 else mask
+        self.written += n
 
     def release(self) -> None:
         """The call is over: its buffers go back to the pool (``pooled`` calls only)."""
@@ -127,15 +123,16 @@ class StaticKV:
                scaling: float) -> torch.Tensor:
         """Write ``key``/``value`` ``(1, Hkv, T, D)`` at this forward's slots and attend over the buffer;
         returns ``(1, H, T, D)``."""
-        keys, values, slots = self.keys[layer], self.values[layer], self.slots[layer]
+        group = self.group[layer]
+        keys, values, slots = self.keys[layer], self.values[layer], self.slots[group]
         keys.index_copy_(2, slots, key.to(keys.dtype))
         values.index_copy_(2, slots, value.to(values.dtype))
         if not self.masked:
-            end = self.ends[layer]
+            end = group[0] + self.written
             return joint_attention(query, keys[:, :, :end].to(query.dtype), values[:, :, :end].to(query.dtype),
                                    end - query.shape[2], scaling, self.backend)
         return F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype),
-                                              attn_mask=self.masks[layer], scale=scaling,
+                                              attn_mask=self.masks[group], scale=scaling,
                                               enable_gqa=query.shape[1] != keys.shape[1])
 
 
@@ -153,40 +150,31 @@ def start_static(ml: MemLong, ctx: AttentionContext, tokens: int) -> StaticKV | 
     return ctx.static
 
 
-_COMPILED: dict[str, object] = {}
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MemLong -> its compiled decoder
 
 
-def _forward(decoder, lm_head, ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False, memlong_context=ctx).last_hidden_state
-    return lm_head(hidden).float()
-
-
-def compiled_step(ml: MemLong, token: int, position: int, ctx: AttentionContext) -> torch.Tensor:
-    """Logits ``(1, 1, V)`` of one token at ``position`` through the compiled decoder (``decode_mode="compiled"``).
-
-    One compiled function per device type, shared by every model and call: its inputs (token, position, the
-    buffers reached through ``ctx``) change, their shapes do not, so nothing recompiles between steps or calls of
-    one shape (tests/test_static_decode.py counts the compilations)."""
-    kind = ml.device.type
-    if kind not in _COMPILED:
-        mode = "reduce-overhead" if kind == "cuda" else None
-        _COMPILED[kind] = torch.compile(_forward, mode=mode, dynamic=False)
-    ids = torch.tensor([[token]], device=ml.device)
-    positions = torch.tensor([[position]], device=ml.device)
-    return _COMPILED[kind](ml.decoder, ml.model.lm_head, ids, positions, ctx)
-
-
 def compiled_decoder(ml: MemLong):
-    """``ml.decoder`` compiled for fixed-shape streaming steps (``MemLongConfig.stream_compile``; on CUDA
-    ``mode="reduce-overhead"``: each step replayed as CUDA graphs, not launched kernel by kernel).
+    """``ml.decoder`` compiled with ``torch.compile`` (on CUDA ``mode="reduce-overhead"``: each call replayed as CUDA
+    graphs, not launched kernel by kernel), for the two fixed-shape calls that use it:
 
-    Only full steps that read no memory run through it (``Stream.step``): they have one shape once the local
-    cache is full (``step_size`` tokens over sink + cache), so a corpus compiles twice: the first step of a
-    document and the steady state; its last, shorter step runs eagerly. The
-    captured K-V leave the compiled region through ``ctx.pending`` and are joined outside it (``finish_capture``),
-    so no output of one replay is read after the next."""
+    * streaming steps (``MemLongConfig.stream_compile``): only full steps that read no memory (``Stream.step``); they
+      have one shape once the local cache is full (``step_size`` tokens over sink + cache), so a corpus compiles
+      twice: the first step of a document and the steady state; its last, shorter step runs eagerly;
+    * one-token decode steps (``decode_mode="compiled"``, :func:`compiled_step`): one compilation per buffer size.
+
+    Captured K-V leave the compiled region through ``ctx.pending`` and are joined outside it (``finish_capture``),
+    and logits are computed from its output at once, so no output of one replay is read after the next."""
     if ml not in _DECODERS:
         _DECODERS[ml] = torch.compile(ml.decoder, mode="reduce-overhead" if ml.device.type == "cuda" else None,
                                       dynamic=False)
     return _DECODERS[ml]
+
+
+def compiled_step(ml: MemLong, token: int, position: int, ctx: AttentionContext) -> torch.Tensor:
+    """Logits ``(1, 1, V)`` of one token at ``position`` through :func:`compiled_decoder` (``decode_mode="compiled"``):
+    its inputs (token, position, the buffers reached through ``ctx``) change, their shapes do not, so nothing
+    recompiles between steps or calls of one buffer size (tests/test_static_decode.py counts the compilations)."""
+    hidden = compiled_decoder(ml)(input_ids=torch.tensor([[token]], device=ml.device),
+                                  position_ids=torch.tensor([[position]], device=ml.device), use_cache=False,
+                                  memlong_context=ctx).last_hidden_state
+    return ml.model.lm_head(hidden).float()

@@ -63,17 +63,21 @@ def test_ape_reading_stays_dynamic(make_tiny, monkeypatch):
 
 
 def test_buffers_hold_exactly_what_was_asked(make_tiny):
-    ml, _ = make_tiny(local_window=512)
+    ml, _ = make_tiny(local_window=512, decode_mode="compiled")  # masked buffers: slots and masks both set
     ids = ml.ingest(TEXT, namespace="doc", progress=False).chunk_ids
     ctx, _ = ml.context(ml.memory_for(ids[:2], "doc"), grow=True)
     static = static_kv.start_static(ml, ctx, 10)
-    assert ctx.prefix == {} and not ctx.grow and set(static.start.values()) == {257}  # memory + sink in every layer
-    assert all(length % static_kv._BUCKET == 0 and length >= 267 for length in static.length.values())
-    static.advance(0, 9)
-    static.advance(9, 1)
-    assert int(static.slots[0]) == 266 and static.masks[0][0, :267].all() and not static.masks[0][0, 267:].any()
+    starts = {start for start, _ in static.group.values()}
+    assert ctx.prefix == {} and not ctx.grow and starts == {257}  # memory + sink in every layer
+    assert all(length % static_kv._BUCKET == 0 and length >= 267 for _, length in static.group.values())
+    group = static.group[0]
+    static.advance(9)
+    static.advance(1)
+    assert int(static.slots[group]) == 266 and static.masks[group][0, :267].all()
+    assert not static.masks[group][0, 267:].any()
     with pytest.raises(ValueError, match="holds 10 tokens"):
-        static.advance(10, 1)
+        static.advance(1)
+    static.release()
 
 
 def test_compiled_step_gives_the_dynamic_logits_and_compiles_once_per_shape(make_tiny, monkeypatch):
