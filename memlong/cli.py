@@ -35,7 +35,8 @@ __all__ = ["build_parser", "main"]
 # MemLongConfig fields offered as flags of every command: names, types, choices, defaults and help all come
 # from the dataclass (its field types and its docstring), so the CLI cannot drift from the library.
 CONFIG_FLAGS = ("top_k", "ingest_top_k", "local_window", "kv_source", "retrieval_layers", "position_layout",
-                "memory_capacity", "search_mode", "retrieve_next", "decode_mode")
+                "memory_capacity", "memory_device", "search_mode", "retrieve_next", "kv_reencode_head", "kv_refresh",
+                "decode_mode")
 # Where the CLI deliberately departs from the library's defaults, and why (both shown in --help).
 CLI_DEFAULTS = {"memory_capacity": 65_536}  # a 32k-token evaluation document (Hamlet: ~53k) is never evicted
 COMMAND_DEFAULTS = {
@@ -84,8 +85,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             options["choices"] = SEARCH_MODES
         elif args and all(isinstance(a, str) for a in args):  # a Literal
             options["choices"] = args
+        elif kind is float:  # kv_refresh: a share
+            options.update(type=cli_args.share, metavar="SHARE")
         else:  # int or int | None
-            options["type"] = int_at_least(0 if field.name.endswith("top_k") or field.name == "retrieve_next" else 1)
+            low = 1 if field.name in ("local_window", "memory_capacity") else 0
+            options["type"] = int_at_least(low, 32 if field.name == "kv_reencode_head" else None)
         parser.add_argument(flag, **options)
 
 
@@ -95,7 +99,9 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     config.update({name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name, None) is not None})
     rereads = (config.get("kv_source", "per_layer") == "per_layer" and config.get("retrieval_layers") in (None, "all")
                and config.get("position_layout", "continual") == "continual" and not getattr(args, "adapter", None))
-    if not rereads:  # a command default of kv_reencode_head only applies where the model can re-encode chunk starts
+    if not rereads and getattr(args, "kv_reencode_head", None) is None:
+        # a command default of kv_reencode_head only applies where the model can re-encode chunk starts; one given on
+        # the command line is kept, and MemLongConfig says what it needs
         config.pop("kv_reencode_head", None)
     return config
 

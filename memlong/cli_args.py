@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODES", "int_at_least", "int_list", "layers", "modes_list", "positive_float", "readable_file", "writable"]
+__all__ = ["MODES", "int_at_least", "int_list", "layers", "modes_list", "positive_float", "readable_file", "share",
+           "writable"]
 
 MODES = ("window", "full", "memlong")
 
 
-def int_at_least(low: int) -> Any:
+def int_at_least(low: int, high: int | None = None) -> Any:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -26,9 +27,11 @@ def int_at_least(low: int) -> Any:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is above the maximum {high}")
         return value
 
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"integer >= {low}" if high is None else f"integer in {low}..{high}"
     return parse
 
 
@@ -39,6 +42,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
+    return value
+
+
+def share(text: str) -> float:
+    """A number in 0..1 (e.g. ``--kv-refresh 0.25``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be a share between 0 and 1, e.g. 0.25")
     return value
 
 

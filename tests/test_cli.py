@@ -110,6 +110,14 @@ def test_config_flags_come_from_memlong_config():
         assert "--" + name.replace("_", "-") in help_text
         if fields[name].default is not None:
             assert f"MemLongConfig default {fields[name].default}" in help_text  # read from the dataclass
+    # a command's default of kv_reencode_head is dropped where the model cannot re-encode chunk starts; one given on the
+    # command line is kept (MemLongConfig then says what it needs) and 0 turns the demo's default off
+    assert _config(parser.parse_args(["demo"]))["kv_reencode_head"] == 32
+    assert _config(parser.parse_args(["demo", "--kv-reencode-head", "0"]))["kv_reencode_head"] == 0
+    assert "kv_reencode_head" not in _config(parser.parse_args(["demo", "--kv-source", "memory_layer"]))
+    assert _config(parser.parse_args(["demo", "--kv-source", "memory_layer", "--kv-reencode-head", "8"]))[
+        "kv_reencode_head"] == 8
+    assert _config(parser.parse_args(["train-reader", "--output", "o", "--kv-refresh", "0.25"]))["kv_refresh"] == 0.25
     # both capacity defaults are stated, from their one source each (issue 17: they had drifted silently)
     assert f"MemLongConfig default {MemLongConfig().memory_capacity}; the CLI uses 65536" in help_text
 
@@ -118,8 +126,8 @@ def test_config_flags_come_from_memlong_config():
 COMMANDS = {"demo": ["demo"], "passkey": ["eval", "passkey"], "ppl": ["eval", "ppl"], "icl": ["eval", "icl"],
             "train": ["train", "--output", "OUT"], "train-reader": ["train-reader", "--output", "OUT"]}
 ZERO_OK = {"--top-k", "--ingest-top-k", "--shots", "--memory-demos", "--memory-k", "--eval-tokens", "--held-out-docs",
-           "--warmup-steps", "--retrieve-next"}
-INT_FLAGS = ["--top-k", "--retrieve-next", "--ingest-top-k", "--local-window", "--memory-capacity"]
+           "--warmup-steps", "--retrieve-next", "--kv-reencode-head"}
+INT_FLAGS = ["--top-k", "--retrieve-next", "--ingest-top-k", "--local-window", "--memory-capacity", "--kv-reencode-head"]
 PER_COMMAND_INTS = {"demo": ["--max-new-tokens"], "passkey": ["--trials"], "ppl": ["--score-last"],
                     "icl": ["--n-test", "--shots", "--memory-demos", "--memory-k"],
                     "train": ["--lora-rank", "--grad-accum", "--max-steps", "--epochs", "--save-every",
@@ -147,7 +155,9 @@ def _is_int(text):
 BAD_OTHER = st.sampled_from([["--modes", "bogus"], ["--modes", ""], ["--device", "toaster"], ["--play", "nothing"],
                              ["--kv-source", "both"], ["--search-mode", "psychic"], ["--retrieval-layers", "1,x"],
                              ["--position-layout", "zero,continual"], ["--bogus-flag"], ["--seeds", "a,b"],
-                             ["--lengths", "5,,6"], ["--method", "qlora"], ["--lr", "-1"], ["--max-minutes", "nan"]])
+                             ["--lengths", "5,,6"], ["--method", "qlora"], ["--lr", "-1"], ["--max-minutes", "nan"],
+                             ["--kv-refresh", "1.5"], ["--kv-refresh", "-0.1"], ["--kv-refresh", "x"],
+                             ["--kv-reencode-head", "33"], ["--memory-device", "gpu"]])
 GOOD = st.lists(st.sampled_from([["--no-progress"], ["--top-k", "2"], ["--seed", "3"], ["--local-window", "512"],
                                  ["--memory-capacity", "4096"]]), max_size=3)
 
