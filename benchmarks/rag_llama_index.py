@@ -102,12 +102,12 @@ def logging_llm(log: list[dict[str, Any]]) -> type:
     class LoggingMemLongLLM(MemLongLLM):
         def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
             response = super().complete(prompt, formatted, **kwargs)
-            log.append(dict(response.additional_kwargs))
+            log.append(dict(response.additional_kwargs, text=response.text))
             return response
 
         def chat(self, messages: Any, **kwargs: Any) -> Any:
             response = super().chat(messages, **kwargs)
-            log.append(dict(response.additional_kwargs))
+            log.append(dict(response.additional_kwargs, text=response.message.content or ""))
             return response
 
     return LoggingMemLongLLM
@@ -132,6 +132,9 @@ def summarise(records: list[dict[str, Any]], pipelines: list[str]) -> dict[str, 
         misses = miss_counts([{"correct": r[name]["correct"], "needle_seen": bool(r.get("fact_retrieved"))}
                               for r in records if name in r])
         out[name].update(retrieval_misses=misses["retrieval"], reading_misses=misses["reading"])
+        if any("first_call_correct" in r for r in rows):  # what the refine calls of a multi-call answer changed
+            out[name]["accuracy_of_first_call"] = statistics.fmean(r.get("first_call_correct", r["correct"])
+                                                                    for r in rows)
     both = [r for r in records if "kv" in r and "text" in r]
     if both:
         same = lambda r, clause=True: answer_key(r["kv"]["answer"], clause=clause) == answer_key(r["text"]["answer"],
@@ -184,6 +187,9 @@ def failure_lines(summary: dict[str, Any]) -> list[str]:
             wrong = s["retrieval_misses"] + s["reading_misses"]
             lines.append(f"{label}: {wrong}/{summary['questions']} wrong: " + describe_misses(
                 {"retrieval": s["retrieval_misses"], "reading": s["reading_misses"]}))
+        if s and s.get("llm_calls_mean", 1) > 1 and "accuracy_of_first_call" in s:
+            lines.append(f"{label}: accuracy of the first LLM call {s['accuracy_of_first_call']:.0%}, of the final "
+                         f"answer after the refine calls {s['accuracy']:.0%}")
     return lines
 
 
@@ -279,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                             "tokens_encoded": sum(c["prompt_tokens"] + c["refreshed_tokens"] for c in calls),
                             "memory_tokens": sum(c["memory_tokens"] for c in calls), "llm_calls": len(calls),
                             "time_to_first_token": calls[0]["time_to_first_token"], "query_seconds": seconds,
-                            "chunk_ids": ids}
+                            "chunk_ids": ids, "call_answers": [c["text"] for c in calls],
+                            "first_call_correct": fact.correct(calls[0]["text"])}
             if name == "kv":
                 record["fact_rank"] = fact_rank_of(list(response.source_nodes), fact.answer)
                 record["fact_retrieved"] = record["fact_rank"] is not None

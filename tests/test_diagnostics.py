@@ -103,6 +103,12 @@ def test_rag_summaries_split_failures_into_retrieval_and_reading_misses():
     summary = rag_llama_index.summarise(li, ["kv", "text"])
     assert (summary["kv"]["retrieval_misses"], summary["kv"]["reading_misses"]) == (1, 2)
     assert rag_llama_index.failure_lines(summary)[1].endswith("2/4 wrong: 1 retrieval miss, 1 reading miss")
+    # a refine call that turns a right first answer wrong is counted against the final answer, and said
+    li[2]["text"].update(llm_calls=2, first_call_correct=True)
+    summary = rag_llama_index.summarise(li, ["kv", "text"])
+    assert (summary["text"]["accuracy_of_first_call"], summary["text"]["accuracy"]) == (0.75, 0.5)
+    assert rag_llama_index.failure_lines(summary)[2].endswith("first LLM call 75%, of the final answer after the "
+                                                              "refine calls 50%")
 
 
 def test_llama_index_fact_rank_follows_the_retrieval_scores():
@@ -145,6 +151,9 @@ def test_rag_llama_index_records_the_facts_rank_and_answers(tmp_path, capsys):
     for record in saved["records"]:
         assert record["fact_retrieved"] == (record["fact_rank"] is not None) and record["fact_rank"] in (None, 1, 2)
     for name in ("kv", "text"):
+        for record in saved["records"]:  # each LLM call's own answer; the last one is the response
+            calls = record[name]["call_answers"]
+            assert len(calls) == record[name]["llm_calls"] and calls[-1].strip() == record[name]["answer"].strip()
         wrong = sum(not r[name]["correct"] for r in saved["records"])
         assert saved["summary"][name]["retrieval_misses"] + saved["summary"][name]["reading_misses"] == wrong
     assert "wrong:" in capsys.readouterr().out
