@@ -55,8 +55,8 @@ class StaticKV:
         ctx: the call's context (``ml.context(memory)``, a prefix in every layer); its prefix is copied into the
             buffers and dropped.
         tokens: slots for the tokens after the prefix (prompt + new tokens); lengths are rounded up to ``_BUCKET``.
-        pooled: the compiled step's buffers: taken from (and :meth:`release`\ d to) the pool of finished calls, and
-            attended whole with a mask (fixed shapes); otherwise each forward attends to the slots written so far
+        pooled: the compiled step's buffers: taken from the pool of finished calls (:meth:`release` gives them back),
+            and attended whole with a mask (fixed shapes); otherwise each forward attends to the slots written so far
             with the dynamic path's kernels (:func:`memlong.attention.joint_attention`), without its copies.
 
     ``advance(n)`` places the next forward's ``n`` tokens after those written so far; the attention call of each

@@ -460,6 +460,74 @@ def test_query_engine_from_args_falls_back_to_settings_llm(tiny_index):
             MemLongQueryEngine.from_args(index.as_retriever())
 
 
+def test_empty_question_is_called_empty(tiny_index):
+    """Review finding: a blank question was reported as 'too long for this model. The prompt is empty'."""
+    ml, index, _ = tiny_index
+    for blank in ("", "   ", "\n\t"):
+        with pytest.raises(ValueError, match="^The question is empty"):
+            index.as_retriever().retrieve(blank)
+        with pytest.raises(ValueError, match="^The question is empty"):
+            MemLongRetriever(ml, namespace="plays").retrieve(blank)
+
+
+def test_index_persists_and_reloads_with_its_memory(make_tiny, tmp_path):
+    """``index.storage_context.persist(DIR)`` saves the store's chunks too (it used to write nothing: an index
+    reloaded from DIR was empty); ``from_persist_dir`` restores them, so LlamaIndex's own reload, queries and
+    deletes work on the saved chunks. Many documents, odd metadata, a store beside another namespace."""
+    import fsspec
+    from llama_index.core import load_index_from_storage
+    from llama_index.core.vector_stores.types import VectorStoreQuery
+
+    from memlong_integrations.llama_index.vector_store import memory_folder
+
+    ml, _ = make_tiny(top_k=2, chunk_size=16)
+    text = shakespeare_text("macbeth")
+    docs = [Document(text=text[i * 300:(i + 1) * 300], doc_id=f"doc-{i} é/\\{{x}}",
+                     metadata={"i": i, "ünï": ["a", None, 1.5], "nested": {"k": str(i)}, "": "empty key"})
+            for i in range(9)]
+    index, store = build_index(ml, "plays", docs, whole=True)
+    build_index(ml, "other", docs[:2], whole=True)
+    embed = MemLongEmbedding.from_memlong(ml)
+    folder = memory_folder(str(tmp_path / "index" / "default__vector_store.json"))
+
+    def snapshot(namespace):
+        return [(c.text, c.doc_id, c.metadata) for c in (ml.bank.get(i, namespace=namespace)
+                                                         for i in ml.bank.chunk_ids(namespace))]
+
+    before, other = snapshot("plays"), snapshot("other")
+    question = text[320:400]
+    expected = [n.node.node_id for n in index.as_retriever(similarity_top_k=3).retrieve(question)]
+    index.storage_context.persist(str(tmp_path / "index"))
+    assert folder.is_dir()
+    ml.bank.reset("plays")  # as in a fresh process: the namespace is gone
+    fresh = MemLongVectorStore(ml, namespace="plays", show_progress=False)  # not how to reload: the error says how
+    with pytest.raises(ValueError, match="from_persist_dir"):
+        fresh.query(VectorStoreQuery(query_str="x", similarity_top_k=1))
+
+    loaded = MemLongVectorStore.from_persist_dir(str(tmp_path / "index"), ml, show_progress=False)
+    assert loaded.namespace == "plays" and snapshot("plays") == before and snapshot("other") == other
+    reloaded = load_index_from_storage(StorageContext.from_defaults(vector_store=loaded,
+                                                                    persist_dir=str(tmp_path / "index")),
+                                       embed_model=embed)
+    assert [n.node.node_id for n in reloaded.as_retriever(similarity_top_k=3).retrieve(question)] == expected
+    reloaded.delete_ref_doc(docs[4].doc_id)
+    assert docs[4].doc_id not in {c[1] for c in snapshot("plays")} and len(snapshot("plays")) < len(before)
+
+    # an emptied store persists as empty (its earlier save removed); loading then says there is nothing
+    loaded.clear()
+    reloaded.storage_context.persist(str(tmp_path / "index"))
+    assert not folder.exists()
+    with pytest.raises(FileNotFoundError, match="No MemLong memory at"):
+        MemLongVectorStore.from_persist_dir(str(tmp_path / "index"), ml)
+    # a namespace other than the saved one, and a remote file system, are refused with the fix
+    MemLongVectorStore(ml, namespace="other").persist(str(tmp_path / "b" / "default__vector_store.json"))
+    with pytest.raises(ValueError, match="other"):
+        MemLongVectorStore.from_persist_dir(str(tmp_path / "b"), ml, namespace="plays")
+    with pytest.raises(NotImplementedError, match="local file system"):
+        MemLongVectorStore(ml, namespace="other").persist("/x/default__vector_store.json",
+                                                          fs=fsspec.filesystem("memory"))
+
+
 def test_too_long_question_through_the_stock_engine_gets_memlongs_error(tiny_index):
     """Finding 7: not LlamaIndex's 'Calculated available context size -555 ...'."""
     ml, index, _ = tiny_index

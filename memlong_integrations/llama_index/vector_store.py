@@ -15,6 +15,8 @@ Contract:
       ``delete_nodes`` takes chunk ids or the node ids ``add`` returned, and/or filters.
     * Filters: ``==``, ``!=``, ``in``, ``nin`` on metadata, combined with ``and`` / ``or`` / ``not`` (nested
       ``MetadataFilters`` too); other operators raise ``ValueError``. ``doc_ids`` / ``node_ids`` restrict too.
+    * ``persist`` (``index.storage_context.persist(DIR)``) saves the namespace with ``MemLong.save_memory`` beside
+      LlamaIndex's files; :meth:`MemLongVectorStore.from_persist_dir` loads it back.
     * Querying an empty namespace raises ``ValueError`` (nothing was ingested, or everything was deleted) unless
       ``raise_on_empty=False``; a filter that matches nothing returns no nodes.
 
@@ -33,6 +35,9 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Literal
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
@@ -57,7 +62,7 @@ from memlong_integrations.llama_index._common import (
     user_metadata,
 )
 
-__all__ = ["MemLongVectorStore", "matches"]
+__all__ = ["MemLongVectorStore", "matches", "memory_folder"]
 
 _SUPPORTED = (FilterOperator.EQ, FilterOperator.NE, FilterOperator.IN, FilterOperator.NIN)
 _MISSING = object()
@@ -95,6 +100,18 @@ def matches(metadata: dict[str, Any], filters: MetadataFilters | None) -> bool:
         return not any(results)
     return all(results)
 
+
+
+def memory_folder(persist_path: str) -> Path:
+    """Where :meth:`MemLongVectorStore.persist` saves the memory for LlamaIndex's ``persist_path``:
+    ``DIR/default__vector_store.json`` -> ``DIR/default__vector_store.memlong``."""
+    return Path(persist_path).with_suffix(".memlong")
+
+
+def _local(what: str, fs: Any) -> None:
+    if fs is not None and "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        raise NotImplementedError(f"MemLongVectorStore.{what} works on the local file system only (MemLong memory "
+                                  "is safetensors + JSON in a folder); give no fs.")
 
 
 class MemLongVectorStore(BasePydanticVectorStore):
@@ -192,6 +209,50 @@ class MemLongVectorStore(BasePydanticVectorStore):
     async def aclear(self) -> None:
         self.clear()
 
+    # ------------------------------------------------------------------ saving
+    def persist(self, persist_path: str, fs: Any = None) -> None:
+        """Save the namespace's chunks (text, embeddings, K-V, metadata) with :meth:`MemLong.save_memory` to the
+        folder :func:`memory_folder` names beside ``persist_path``: ``index.storage_context.persist(DIR)`` calls
+        this, and :meth:`from_persist_dir` reads it back. Atomic: a save that dies midway leaves the previous one.
+        An empty namespace removes an earlier save there, as LlamaIndex's own stores overwrite theirs.
+
+        Raises:
+            NotImplementedError: ``fs`` is not the local file system.
+        """
+        _local("persist", fs)
+        folder = memory_folder(persist_path)
+        if self._memlong.bank.chunk_ids(self.namespace):
+            self._memlong.save_memory(folder, namespaces=[self.namespace])
+        elif folder.is_dir():
+            shutil.rmtree(folder)
+
+    @classmethod
+    def from_persist_dir(cls, persist_dir: str, memlong: MemLong, *, vector_store_name: str = "default",
+                         fs: Any = None, **kwargs: Any) -> MemLongVectorStore:
+        """The store ``index.storage_context.persist(persist_dir)`` saved, its namespace loaded into ``memlong``'s
+        bank (same-named namespaces there are replaced, others kept); ``kwargs`` as the constructor's.
+
+        Example:
+            >>> index.storage_context.persist("index")                          # writes index/ and its memory
+            >>> store = MemLongVectorStore.from_persist_dir("index", ml)
+            >>> index = load_index_from_storage(StorageContext.from_defaults(vector_store=store, persist_dir="index"),
+            ...                                 embed_model=MemLongEmbedding.from_memlong(ml))
+
+        Raises:
+            FileNotFoundError: no MemLong memory was saved there (named, with how to make one).
+            memlong.MemoryMismatchError: the memory was made by another model, config or embedder.
+            ValueError: ``namespace`` given and not the one saved (the saved one is named).
+        """
+        _local("from_persist_dir", fs)
+        folder = memory_folder(os.path.join(persist_dir, f"{vector_store_name}__vector_store.json"))
+        if not folder.is_dir():
+            raise FileNotFoundError(f"No MemLong memory at {str(folder)!r}: save the index with "
+                                    "index.storage_context.persist(DIR) from an index over a MemLongVectorStore that "
+                                    "holds chunks (an empty store saves none).")
+        loaded = memlong.load_memory(folder, namespaces=[kwargs["namespace"]] if "namespace" in kwargs else None)
+        kwargs.setdefault("namespace", loaded[0])
+        return cls(memlong, **kwargs)
+
     # ------------------------------------------------------------------ reading
     def get_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None) -> list[BaseNode]:
         """Chunks (as nodes) by chunk id or ingested node id, and/or filters; all chunks when neither is given."""
@@ -217,11 +278,15 @@ class MemLongVectorStore(BasePydanticVectorStore):
                 raise ValueError(f"The memory namespace {self.namespace!r} is empty: nothing was ingested (or every "
                                  "document was deleted), so there is nothing to retrieve. Build the index first, e.g. "
                                  "VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults("
-                                 "vector_store=store), embed_model=MemLongEmbedding.from_memlong(ml)).")
+                                 "vector_store=store), embed_model=MemLongEmbedding.from_memlong(ml)); an index saved "
+                                 "with index.storage_context.persist(DIR) is reloaded with "
+                                 "MemLongVectorStore.from_persist_dir(DIR, ml).")
             return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
         restricted = bool(query.filters and query.filters.filters) or bool(query.node_ids) or bool(query.doc_ids)
         allowed = set(self._select(node_ids=query.node_ids, doc_ids=query.doc_ids, filters=query.filters,
                                    everything=True)) if restricted else None
+        if query.query_str is not None and not query.query_str.strip():
+            raise ValueError("The question is empty: give the query engine or retriever some text to search for.")
         if query.query_str:
             probe: Any = query.query_str
             try:  # the question must fit the model's local window: say so here, before LlamaIndex packs a prompt
