@@ -311,6 +311,11 @@ class BankFiles:
             if total > self.max_bytes:
                 raise MemoryFullError(f"Loading {path} would make the bank hold {total} bytes, over its "
                                       f"max_bytes={self.max_bytes}. Reset namespaces first or raise max_bytes.")
+        victims = {name: capacity_victims(loaded[name][0], self.capacity, self.evict_oldest, self.keep_newest)
+                   for name in spaces}  # a smaller capacity than the saving bank's: the usual rule applies
+        for name, drop in victims.items():  # warned before anything changes (a warning raised as an error)
+            warn_evicted(name, len(drop), f"memory_capacity={self.capacity} tokens",
+                         "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))", stacklevel=4)
         for name, space in spaces.items():
             old = self._spaces.pop(name, None)
             self._store.drop(self._chunks[cid] for cid in (old.ids if old is not None else ()))
@@ -323,10 +328,7 @@ class BankFiles:
             for c in loaded[name][0]:
                 self._chunks[c.id] = c
                 self._sizes[c.id] = sizes[c.id]
-            drop = capacity_victims(loaded[name][0], self.capacity, self.evict_oldest, self.keep_newest)
-            warn_evicted(name, len(drop), f"memory_capacity={self.capacity} tokens",  # a smaller capacity than
-                         "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))", stacklevel=4)
-            self._remove(name, drop)  # the saving bank's: the usual rule applies
+            self._remove(name, victims[name])
         nxt = next(self._order)
         self._order = itertools.count(max(nxt, next_order))
 

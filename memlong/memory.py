@@ -213,6 +213,12 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
                 c.namespace, c.order = namespace, next(self._order)
             kept = [self._chunks[cid] for cid in (space.ids if space else ()) if cid not in drop]
             evict_cap, evict_bytes = self._plan(namespace, kept, new, sizes, protect=atomic or bool(replace))
+            # warned before anything changes: a warning turned into an error (warnings.simplefilter) leaves the bank
+            # as it was
+            warn_evicted(namespace, len(evict_cap), f"memory_capacity={self.capacity} tokens",
+                         "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))")
+            warn_evicted(namespace, len(evict_bytes), f"max_bytes={self.max_bytes}",
+                         "raise max_bytes or reset other namespaces")
             space = self._space(namespace, create=True)
             # an unprotected write may evict some of its own (older) new chunks: those are never stored
             victims = drop | evict_cap | evict_bytes
@@ -225,10 +231,6 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
                 space.nbytes += sizes[c.id]
             space.add([new[i].id for i in stored], vectors[stored], [new[i].text for i in stored])
             self._store.put(new[i] for i in stored)
-            warn_evicted(namespace, len(evict_cap), f"memory_capacity={self.capacity} tokens",
-                         "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))")
-            warn_evicted(namespace, len(evict_bytes), f"max_bytes={self.max_bytes}",
-                         "raise max_bytes or reset other namespaces")
             return [c.id for c in new]
 
     def delete(self, chunk_ids: Iterable[str] = (), *, namespace: str = "default", doc_id: str | None = None) -> int:

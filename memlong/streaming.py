@@ -282,9 +282,14 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
             its K-V from that text's tokens (the span stays the chunk's place in the document). LlamaIndex's
             synthesizers strip every chunk they paste, so its vector store does this, and the K-V then match
             what the stock text pipeline encodes (docs/integrations.md, "LlamaIndex").
+    Returns:
+        :class:`IngestStats`; its ``chunk_ids`` are the chunks still stored when the call returns (a document
+        longer than ``memory_capacity`` evicts its own first chunks, with a ``MemoryEvictionWarning``).
+
     Raises:
         ValueError: a document that is empty or only whitespace; an unknown ``context``; ``strip`` without
-            ``context="chunk"``.
+            ``context="chunk"``. An ingest that raises (or is interrupted, or meets an eviction warning turned
+            into an error) leaves none of its chunks in the bank.
 
     Example:
         >>> stats = ingest(ml, open("hamlet.txt").read(), namespace="hamlet")   # = ml.ingest(...)
@@ -298,15 +303,25 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
 
     bar = tqdm(total=sum(map(len, encoded)), unit="tok", desc=f"ingest[{namespace}]", disable=not progress)
     size = ml.config.chunk_size if context == "chunk" else ml.config.store_step
-    with torch.no_grad():
-        for i, tokens in enumerate(encoded):
-            stream = Stream(ml, namespace, doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}",
-                            metadata=metadatas[i] if metadatas else None, isolated=context == "chunk",
-                            batch_writes=ml.config.ingest_k == 0, step_size=size)  # nothing retrieved: batch writes
-            _ingest_one(ml, tokens, stream, size, strip, bar)
-            stats.tokens += len(tokens)
-            stats.chunk_ids += stream.chunk_ids
-    bar.close()
+    stream: Stream | None = None
+    try:
+        with torch.no_grad():
+            for i, tokens in enumerate(encoded):
+                stream = Stream(ml, namespace, doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}",
+                                metadata=metadatas[i] if metadatas else None, isolated=context == "chunk",
+                                batch_writes=ml.config.ingest_k == 0, step_size=size)  # nothing retrieved: batch
+                _ingest_one(ml, tokens, stream, size, strip, bar)
+                stats.tokens += len(tokens)
+                stats.chunk_ids += stream.chunk_ids
+                stream = None
+    except BaseException:  # a failed or interrupted ingest leaves none of its chunks (no half documents)
+        written = set(stats.chunk_ids) | set(stream.chunk_ids if stream is not None else ())
+        ml.bank.delete([c for c in ml.bank.chunk_ids(namespace) if c in written], namespace=namespace)
+        raise
+    finally:
+        bar.close()
+    stored = set(ml.bank.chunk_ids(namespace))  # a document over memory_capacity evicts its own first chunks
+    stats.chunk_ids = [c for c in stats.chunk_ids if c in stored]
     stats.chunks = len(stats.chunk_ids)
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -248,3 +248,34 @@ def test_doc_chunk_ids_groups_a_namespace_by_document_in_order(bank):
     bank.delete([a[1]], namespace="ns")
     assert bank.doc_chunk_ids("ns") == {"a": [a[0], a[2]], "b": b}
     assert bank.doc_chunk_ids("missing") == {}
+
+
+def test_eviction_warning_raised_as_an_error_changes_nothing(embedder, tmp_path):
+    """docs/errors.md: warnings.simplefilter("error", MemoryEvictionWarning) turns eviction into an exception
+    raised before anything is dropped. (It was raised after: the old chunks were gone and part of the refused
+    add stored, and a restore into a smaller bank left it over capacity, its old namespace lost.)"""
+    import warnings
+
+    def state(b):
+        return {ns: [(c, b.get(c, namespace=ns).text) for c in b.chunk_ids(ns)] for ns in b.namespaces()}
+
+    bank = MemoryBank(embedder=embedder, capacity=40, dtype=torch.float32)
+    add(bank, [f"old note {i}" for i in range(9)], namespace="e")  # 36 tokens
+    add(bank, ["precious"], namespace="other")
+    before = state(bank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MemoryEvictionWarning)
+        with pytest.raises(MemoryEvictionWarning, match="outgrew memory_capacity=40"):
+            add(bank, [f"new note {i}" for i in range(8)], namespace="e")
+        assert state(bank) == before
+        assert bank.search("old note 3", namespace="e", k=9) and bank.num_tokens("e") == 36
+
+        big = MemoryBank(embedder=embedder, capacity=1000, dtype=torch.float32)
+        add(big, [f"saved note {i}" for i in range(50)], namespace="e")
+        big.save(tmp_path / "big")
+        with pytest.raises(MemoryEvictionWarning):
+            bank.restore(tmp_path / "big")
+        assert state(bank) == before
+    with pytest.warns(MemoryEvictionWarning):  # as a warning, the same calls evict as before
+        add(bank, [f"new note {i}" for i in range(8)], namespace="e")
+    assert bank.num_tokens("e") <= 40 and state(bank)["other"] == before["other"]

@@ -238,6 +238,44 @@ def test_ingest_copies_document_metadata_onto_chunks(make_tiny):
         ml.ingest(["x y z"], namespace="m", metadatas=[{}, {}], progress=False)
 
 
+def test_a_failed_ingest_leaves_none_of_its_chunks(make_tiny, monkeypatch):
+    """An ingest that raises midway (an eviction warning turned into an error, any failure, an interrupt) leaves
+    no half document behind and the earlier documents as they were; a successful one lists only chunks still
+    stored (a document over capacity evicts its own first chunks)."""
+    import warnings
+
+    from memlong import MemoryEvictionWarning
+
+    ml, _ = make_tiny(chunk_size=16, local_window=64, memory_capacity=512)
+    first = ml.ingest("alpha beta gamma " * 30, namespace="m", doc_ids=["kept"], progress=False)
+    before = ml.bank.chunk_ids("m")
+    assert before == first.chunk_ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MemoryEvictionWarning)
+        with pytest.raises(MemoryEvictionWarning):
+            ml.ingest(["delta epsilon " * 20, "zeta eta theta " * 150], namespace="m", progress=False)
+    assert ml.bank.chunk_ids("m") == before
+    calls = []
+    real = ml.bank.add_chunks
+
+    def failing(*args, **kwargs):  # the second write of the call fails
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ml.bank, "add_chunks", failing)
+    with pytest.raises(KeyboardInterrupt):
+        ml.ingest(["delta epsilon " * 20, "iota kappa " * 60], namespace="m", progress=False)
+    monkeypatch.undo()
+    assert len(calls) == 2 and ml.bank.chunk_ids("m") == before
+    with pytest.warns(MemoryEvictionWarning):
+        stats = ml.ingest("zeta eta theta " * 250, namespace="m", progress=False)
+    stored = ml.bank.chunk_ids("m")
+    assert stats.chunk_ids and set(stats.chunk_ids) <= set(stored) and stats.chunks == len(stats.chunk_ids)
+    assert all(ml.bank.get(c, namespace="m").doc_id != "kept" for c in stored[-len(stats.chunk_ids):])
+
+
 def _answer_logits(ml, prompt_ids, memory):
     with torch.no_grad():
         return ml.run(prompt_ids, memory=memory).logits[0]
