@@ -56,8 +56,9 @@ class IngestStats:
     documents: int = 0
     tokens: int = 0
     chunks: int = 0
-    chunk_ids: list[str] = field(default_factory=list)
+    chunk_ids: list[str] = field(default_factory=list)  # the chunks it wrote that are still stored
     seconds: float = 0.0
+    evicted: int = 0  # chunks it wrote and evicted again (a document over memory_capacity loses its first chunks)
 
     @property
     def tokens_per_second(self) -> float:
@@ -321,8 +322,8 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
     finally:
         bar.close()
     stored = set(ml.bank.chunk_ids(namespace))  # a document over memory_capacity evicts its own first chunks
-    stats.chunk_ids = [c for c in stats.chunk_ids if c in stored]
-    stats.chunks = len(stats.chunk_ids)
+    kept = [c for c in stats.chunk_ids if c in stored]
+    stats.chunks, stats.evicted, stats.chunk_ids = len(kept), len(stats.chunk_ids) - len(kept), kept
     stats.seconds = time.perf_counter() - t0
     return stats
 

@@ -56,7 +56,7 @@ def ingest_entries(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_ids
         stats = ml.ingest(list(texts), namespace=staging, doc_ids=list(doc_ids), metadatas=metadatas,
                           **ingest_options)
         chunks = [bank.get(cid, namespace=staging) for cid in bank.chunk_ids(staging)]
-        if [c.id for c in chunks] != stats.chunk_ids:
+        if stats.evicted or [c.id for c in chunks] != stats.chunk_ids:
             raise ValueError(f"The entries ({stats.tokens} tokens) do not fit the bank's limits (capacity "
                              f"{bank.capacity} tokens per namespace, max_bytes={bank.max_bytes}); nothing was added. "
                              "Split them or raise the limits.")

@@ -273,6 +273,7 @@ def test_a_failed_ingest_leaves_none_of_its_chunks(make_tiny, monkeypatch):
         stats = ml.ingest("zeta eta theta " * 250, namespace="m", progress=False)
     stored = ml.bank.chunk_ids("m")
     assert stats.chunk_ids and set(stats.chunk_ids) <= set(stored) and stats.chunks == len(stats.chunk_ids)
+    assert stats.evicted > 0
     assert all(ml.bank.get(c, namespace="m").doc_id != "kept" for c in stored[-len(stats.chunk_ids):])
 
 
