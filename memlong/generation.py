@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,32 @@ def _next_token(scores: torch.Tensor, temperature: float, generator: torch.Gener
     return int(scores.argmax())
 
 
+def check_decoding(max_new_tokens: int, temperature: float, stop: str | Sequence[str]) -> tuple[str, ...]:
+    """The stop strings as a tuple (one string is one stop string, not its characters), after checking the
+    decoding arguments; ValueError / TypeError naming the argument and the fix."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be 0 (greedy) or a positive finite number, got {temperature!r}.")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    bad = [s for s in stops if not isinstance(s, str)]
+    if bad:
+        raise TypeError(f"stop must be a string or a list of strings, got {bad[0]!r} in it.")
+    return tuple(s for s in dict.fromkeys(stops) if s)
+
+
+def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that is the start of a stop string (text to hold back: the next
+    piece may complete the stop string, which is never part of the output, not even in part)."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
 def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tokens: int, temperature: float,
                  seed: int | None, stop: Sequence[str], stats: GenerationStats, t0: float) -> Iterator[str]:
     eos = ml.eos_ids
@@ -151,10 +178,11 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
             if cut >= 0:
                 if cut > len(emitted):
                     yield text[len(emitted):cut]
-                break
-            if not text.endswith("\ufffd") and len(text) > len(emitted):  # wait for complete characters
-                yield text[len(emitted):]
-                emitted = text
+                return
+            safe = len(text) - stop_prefix_len(text, stop)
+            if not text.endswith("\ufffd") and safe > len(emitted):  # wait for complete characters
+                yield text[len(emitted):safe]
+                emitted = text[:safe]
             if len(out) == max_new_tokens:
                 break
             with torch.no_grad():
@@ -166,6 +194,9 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
                     logits = ml.run([token], positions=torch.tensor([pos]), context=ctx,
                                     logits_for=slice(-1, None)).logits
             pos += 1
+        text = ml.tokenizer.decode(out, skip_special_tokens=True) if out else ""
+        if len(text.rstrip("\ufffd")) > len(emitted):  # held back for a stop string that never came
+            yield text.rstrip("\ufffd")[len(emitted):]
     finally:  # also when the caller closes the generator early (an adapter's stop string)
         stats.seconds = time.perf_counter() - t0
         if static is not None:
@@ -173,7 +204,7 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
 
 
 def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max_new_tokens: int = 64,
-           temperature: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
+           temperature: float = 0.0, seed: int | None = None, stop: str | Sequence[str] = (),
            stats: GenerationStats | None = None, t0: float | None = None) -> Generation:
     """Continue token ids ``ids`` (no sink; it is in the prefix) with ``memory`` in the retrieval layers.
 
@@ -183,15 +214,16 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
         memory: retrieved K-V (``ml.memory_for``), or ``None``.
         max_new_tokens: generation budget; it ends earlier at an EOS token or a ``stop`` string.
         temperature: 0 = greedy; otherwise sampling with this temperature (``seed`` fixes the draw).
-        stop: strings that end generation (not included in the output).
+        stop: a string or strings that end generation (not part of the output, not even in part: text that may
+            begin one is held back until the next token settles it).
         stats: where to count (default: a fresh :class:`GenerationStats`).
         t0: when the call started (``time.perf_counter()``; default: now), for the timings.
     """
+    stop = check_decoding(max_new_tokens, temperature, stop)
     stats = stats if stats is not None else GenerationStats(prompt_tokens=len(ids), memory_tokens=0 if memory is None
                                                             else int(memory[0].shape[2]))
     t0 = time.perf_counter() if t0 is None else t0
-    return Generation(_decode_loop(ml, list(ids), memory, max_new_tokens, temperature, seed, tuple(stop), stats, t0),
-                      stats)
+    return Generation(_decode_loop(ml, list(ids), memory, max_new_tokens, temperature, seed, stop, stats, t0), stats)
 
 
 def score(ml: MemLong, ids: Sequence[int], target: Sequence[int], memory: Memory | None = None) -> torch.Tensor:
@@ -230,7 +262,7 @@ def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tenso
 def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", chunk_ids: Sequence[str] | None = None,
                      max_new_tokens: int = 64, chat: bool = False, retrieve: bool = True, query: str | None = None,
                      answer_prefix: str = "", temperature: float = 0.0, seed: int | None = None,
-                     stop: Sequence[str] = ()) -> Generation:
+                     stop: str | Sequence[str] = ()) -> Generation:
     """The body of :meth:`memlong.MemLong.generate`: encode the prompt, retrieve (and refresh) memory eagerly;
     return the lazily decoded :class:`Generation`. Only the prompt is encoded.
 
@@ -260,6 +292,7 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
         >>> answer, stats = g.text(), g.stats
     """
     t0 = time.perf_counter()
+    check_decoding(max_new_tokens, temperature, stop)  # before any work
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
     if chunk_ids is None and retrieve and ml.config.top_k > 0 and namespace in ml.bank.namespaces():
         chunk_ids = [h.chunk_id for h in ml.bank.search(query or prompt, namespace=namespace, k=ml.config.top_k)]

@@ -298,7 +298,7 @@ class MemLong:
     def generate(self, prompt: str, *, namespace: str = "default", chunk_ids: Sequence[str] | None = None,
                  max_new_tokens: int = 64, stream: bool = False, chat: bool = False, retrieve: bool = True,
                  query: str | None = None, answer_prefix: str = "", temperature: float = 0.0,
-                 seed: int | None = None, stop: Sequence[str] = ()) -> str | Generation:
+                 seed: int | None = None, stop: str | Sequence[str] = ()) -> str | Generation:
         """Answer ``prompt`` with memory in the retrieval layers; only the prompt is encoded. Returns the text, or
         with ``stream=True`` a :class:`~memlong.generation.Generation` (text pieces + this call's own ``stats``;
         the stats are also left in ``last_generation``, not thread-safe). Arguments and errors:
@@ -315,7 +315,7 @@ class MemLong:
         return gen if stream else gen.text()
 
     def decode(self, ids: Sequence[int], memory: Memory | None = None, *, max_new_tokens: int = 64,
-               temperature: float = 0.0, seed: int | None = None, stop: Sequence[str] = ()) -> Generation:
+               temperature: float = 0.0, seed: int | None = None, stop: str | Sequence[str] = ()) -> Generation:
         """Continue prompt token ids ``ids`` (without the sink) with ``memory``: the decode loop ``generate`` uses,
         for callers that build their own ids and memory (evaluations, benchmarks).
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 
+from memlong.generation import stop_prefix_len
 from memlong.prompts import PLAIN_STOP  # re-exported: a plain-prompt answer ends at the next question or paragraph
 
 __all__ = ["KV_ANSWER_PREFIX", "PLAIN_STOP", "answer_pieces", "answer_text"]
@@ -49,17 +50,6 @@ def _label_end(text: str) -> int | None:
         if not body or _LABEL_ONLY.fullmatch(body) or any(f"{w}:".startswith(low) for w in _LABELS):
             return None
         return pos
-
-
-def _held(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
 
 
 def _first_stop(text: str, stops: Sequence[str], visible: int) -> int:
@@ -108,7 +98,7 @@ def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bo
                 if end > sent:
                     yield text[sent:end]
                 return
-            safe = len(text) - _held(text, stops)
+            safe = len(text) - stop_prefix_len(text, stops)
             if strip:
                 safe = min(safe, len(text[:safe].rstrip()))
             if safe > sent:

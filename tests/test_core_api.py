@@ -97,3 +97,32 @@ def test_a_generation_closed_early_still_records_its_time(make_tiny):
     next(g)
     g.close()
     assert g.stats.seconds >= g.stats.time_to_first_token > 0 and g.stats.new_tokens < 8
+
+
+def test_stop_strings_never_leak_even_in_part_and_one_string_is_one_stop(make_tiny):
+    """Review finding: ``generate(stop=...)`` yielded each token before a stop string completed, so its start stayed in
+    the output (``' Ophelia is'`` for stop ``'is a'``), and ``stop="princess"`` stopped at the first ``e``. Every stop
+    that starts inside the answer, for every cut position, streamed or not; one string is one stop string."""
+    import pytest
+
+    ml, _ = make_tiny(local_window=512)
+    prompt = "Line 7: the"
+    full = ml.generate(prompt, retrieve=False, max_new_tokens=12)
+    assert len(full) > 8
+    pieces = list(ml.generate(prompt, retrieve=False, max_new_tokens=12, stream=True))
+    assert "".join(pieces) == full and len(pieces) > 2
+    for start in range(1, len(full) - 2):
+        for length in (2, 3, 5):
+            stop = full[start:start + length]
+            if len(stop) < 2 or not stop.strip():
+                continue
+            want = full[:full.find(stop)]
+            assert ml.generate(prompt, retrieve=False, max_new_tokens=12, stop=[stop, "\x00never"]) == want
+            assert "".join(ml.generate(prompt, retrieve=False, max_new_tokens=12, stop=stop, stream=True)) == want
+    assert ml.generate(prompt, retrieve=False, max_new_tokens=12, stop=full[2:] + "?") == full  # never completed
+    assert ml.generate(prompt, retrieve=False, max_new_tokens=12, stop=["", full[3:5]]) == full[:full.find(full[3:5])]
+    for bad, error in ((dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+                       (dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-1.0), "temperature must be"),
+                       (dict(temperature=float("nan")), "temperature"), (dict(stop=["a", 3]), "stop must be")):
+        with pytest.raises((ValueError, TypeError), match=error):
+            ml.generate(prompt, retrieve=False, **bad)
