@@ -26,6 +26,7 @@ from memlong.dtypes import to_dtype
 from memlong.embedder import Embedder, TextEmbedder
 from memlong.kv_cache import DeviceCache
 from memlong.memory import MemoryBank
+from memlong.storage import is_disk_bank
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -81,6 +82,11 @@ def new_bank(ml: MemLong, embedder: TextEmbedder | str | None) -> MemoryBank:
         device=ml.device if cfg.memory_device == "model" else "cpu", pin_memory=storage_tier(ml) == "pinned",
         quantization=cfg.memory_quantization, ann_min_chunks=cfg.memory_ann_chunks)
     if cfg.memory_path is not None and (Path(cfg.memory_path) / "manifest.json").exists():  # reopen a disk bank
+        if not is_disk_bank(cfg.memory_path):
+            raise ValueError(f"memory_path {str(cfg.memory_path)!r} holds a memory bank saved with save_memory(), not a "
+                             "disk bank, so it would be read into RAM and nothing written later would reach the disk. "
+                             "Load it with ml.load_memory(path) on a model without memory_path, or move it to disk: "
+                             "give memory_path a new folder, then ml.load_memory(path) and ml.bank.commit().")
         return MemoryBank.load(cfg.memory_path, embedder=emb, fingerprint=memory_fingerprint(ml), **options)
     bank = MemoryBank(embedder=emb, path=cfg.memory_path, **options)
     if bank.path is not None:

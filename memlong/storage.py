@@ -45,7 +45,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["FORMAT", "SEGMENT_NAME", "VERSION", "MemoryFileError", "read_bank", "write_bank", "write_segment"]
+__all__ = ["FORMAT", "SEGMENT_NAME", "VERSION", "MemoryFileError", "is_disk_bank", "read_bank", "write_bank",
+           "write_segment"]
 
 FORMAT = "memlong-bank"
 VERSION = 1
@@ -266,6 +267,16 @@ def _manifest(path: Path) -> tuple[int, list[dict[str, Any]], list[dict[str, Any
     if segments is not None and len({e["name"] for e in segments}) != len(segments):
         raise _fail(path, f"{MANIFEST} names a segment twice.")
     return version, files, segments
+
+
+def is_disk_bank(path: str | os.PathLike) -> bool:
+    """Whether directory ``path`` holds a disk bank (K-V in segments, written by ``MemoryBank.commit``) rather than
+    a saved one (``MemoryBank.save``); reads only the manifest.
+
+    Raises:
+        MemoryFileError: no bank there, or a malformed manifest.
+    """
+    return _manifest(Path(path))[2] is not None
 
 
 def _verified(path: Path, entry: dict[str, Any], digest: bool = True) -> Path:

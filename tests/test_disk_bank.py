@@ -242,6 +242,23 @@ def test_memlong_on_a_disk_bank_is_exact_and_reopens(make_tiny, tmp_path):
         make_tiny(memory_path=str(tmp_path / "d"), chunk_size=64, **options)
 
 
+def test_memory_path_on_a_saved_bank_is_refused_with_the_way_to_move_it(make_tiny, tmp_path):
+    """Review finding: memory_path on a folder written by save_memory() loaded it into RAM without a word; later
+    ingests never reached the disk and commit() said to pass a path. Refused now, and the advice works."""
+    options = dict(local_window=512, ingest_step=256, top_k=2)
+    ml, _ = make_tiny(**options)
+    ml.ingest(TEXT, namespace="doc", progress=False)
+    ml.save_memory(tmp_path / "saved")
+    with pytest.raises(ValueError, match="saved with save_memory.*not a disk bank.*ml.bank.commit"):
+        make_tiny(memory_path=str(tmp_path / "saved"), **options)
+    disk, _ = make_tiny(memory_path=str(tmp_path / "disk"), **options)  # the advice: a new folder, load, commit
+    disk.load_memory(tmp_path / "saved")
+    disk.bank.commit()
+    reopened, _ = make_tiny(memory_path=str(tmp_path / "disk"), **options)
+    assert reopened.bank.path == tmp_path / "disk"
+    assert reopened.bank.chunk_ids("doc") == ml.bank.chunk_ids("doc")
+
+
 def test_int8_memlong_runs_close_to_float(make_tiny):
     options = dict(local_window=512, ingest_step=256, top_k=2)
     exact, _ = make_tiny(**options)
