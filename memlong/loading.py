@@ -126,6 +126,10 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
         from memlong.default_model import default_model_path
 
         path = str(default_model_path())
+    local = Path(path).expanduser()
+    if not local.is_dir() and (local.exists() or local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
+        raise ValueError(f"Model {path!r}: no such folder. Give 'default', a Hugging Face model id ('org/name'), or a "
+                         "folder with config.json and weights.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

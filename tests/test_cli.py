@@ -62,6 +62,7 @@ def assert_one_line_error(code, err, *needles):
     (["train-reader", "--output", "EMPTY"], ["--output", "is a file"]),
     (["train-reader", "--output", "MISSING", "--adapter", "shakespeare"], ["--adapter", "base model"]),
     (["demo", "--load-memory", "MISSING"], ["--load-memory"]),
+    (["demo", "--save-memory", "DIR"], ["--save-memory", "other files"]),  # was found after the whole ingest
     (["eval", "ppl", "--modes", "window,everything"], ["--modes"]),
 ])
 def test_bad_inputs_fail_in_one_line_before_any_model_loads(argv, needles, tmp_path, capsys, no_model):

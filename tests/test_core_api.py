@@ -126,3 +126,16 @@ def test_stop_strings_never_leak_even_in_part_and_one_string_is_one_stop(make_ti
                        (dict(temperature=float("nan")), "temperature"), (dict(stop=["a", 3]), "stop must be")):
         with pytest.raises((ValueError, TypeError), match=error):
             ml.generate(prompt, retrieve=False, **bad)
+
+
+def test_a_model_path_that_does_not_exist_is_named(tmp_path):
+    """Review finding: a missing local path reached Hugging Face, which answered 'Repo id must be in the form ...'."""
+    import pytest
+
+    from memlong import MemLong
+
+    a_file = tmp_path / "weights.bin"
+    a_file.write_bytes(b"")
+    for path in (str(tmp_path / "missing"), "./no-such-model", "~/no/such/model", "a/b/c", str(a_file)):
+        with pytest.raises(ValueError, match="no such folder.*'default', a Hugging Face model id"):
+            MemLong.from_pretrained(path)
