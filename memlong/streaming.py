@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from memlong.positions import Stacked
+from memlong.records import check_metadata
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -243,6 +244,8 @@ def _check_ingest(texts: str | Sequence[str], doc_ids: Sequence[str] | None,
     for i, doc in enumerate(docs):
         if not isinstance(doc, str) or not doc.strip():
             raise ValueError(f"Document {i} is empty: there is nothing to ingest. Pass non-empty text.")
+    for i, metadata in enumerate(metadatas or ()):  # before any work: the bank would refuse it after the forward
+        check_metadata(metadata, f"metadatas[{i}]")
     return docs
 
 
