@@ -155,6 +155,34 @@ def test_chat_stop_sequences_and_max_tokens(tiny):
     assert short.usage_metadata["output_tokens"] <= 2 and short.response_metadata["finish_reason"] == "length"
 
 
+def test_options_by_either_name_per_call_too_and_typos_refused(tiny):
+    """Review findings: ``max_new_tokens=2`` (the LlamaIndex name) was ignored and the answer ran to 256 tokens;
+    ``.bind(max_tokens=3)`` raised; typos (``temprature``) passed silently; MemLongLLM had no ``stop`` field. Now:
+    both names everywhere, per call too; LangChain's remote-only options accepted; anything else refused."""
+    from pydantic import ValidationError
+
+    for cls in (ChatMemLong, MemLongLLM):
+        assert cls(memlong=tiny, max_new_tokens=2).max_tokens == 2 == cls(memlong=tiny, max_tokens=2).max_tokens
+        assert cls(memlong=tiny, timeout=60, max_retries=2, api_key="x").max_tokens == 256
+        with pytest.raises(ValidationError, match="temprature"):
+            cls(memlong=tiny, temprature=0.5)
+    with pytest.raises(ValidationError, match="kk"):
+        MemLongRetriever(bank=tiny.bank, kk=3)
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=12, prompt_format="chat", retrieve=False)
+    for msg in (chat.invoke(QUESTION, max_tokens=2), chat.bind(max_tokens=2).invoke(QUESTION),
+                chat.invoke(QUESTION, max_new_tokens=2)):
+        assert msg.usage_metadata["output_tokens"] == 2 and msg.response_metadata["finish_reason"] == "length"
+    with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
+        chat.invoke(QUESTION, max_tokens=0)
+    llm = MemLongLLM(memlong=tiny, namespace="kb", max_tokens=12)
+    text = llm.invoke(plain(QUESTION))
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert MemLongLLM(memlong=tiny, max_tokens=12, stop=[stop]).invoke(plain(QUESTION)) == text[:text.find(stop)]
+    assert len(tiny.tokenize(llm.invoke(plain(QUESTION), max_tokens=1))) <= 2  # one new token (plus a BOS)
+    with pytest.raises(TypeError, match="takes k only.*search_kwargs=\\{'filter'"):
+        MemLongRetriever(bank=tiny.bank, namespace="kb").invoke(QUESTION, filter={"a": 1})
+
+
 def test_concurrent_calls_keep_their_own_chunks(tiny):
     ids = tiny.bank.chunk_ids("kb")
     chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4)
@@ -253,6 +281,10 @@ def test_vector_store_failed_upsert_loses_nothing(tiny):
         MemLongVectorStore.from_texts(["x"], embedding=object(), memlong=tiny)
     built = MemLongVectorStore.from_texts(["y z"], memlong=tiny, namespace="vs3")
     assert built.similarity_search("y", k=1)[0].page_content == "y z"
+    docs = [Document(page_content="u v w", metadata={"n": 1}, id="first"), Document(page_content="p q")]
+    built = MemLongVectorStore.from_documents(docs, memlong=tiny, namespace="vs4")  # no embedding argument needed
+    got = {d.page_content: d for d in built.similarity_search("u", k=2)}
+    assert got["u v w"].id == "first" and got["u v w"].metadata == {"n": 1} and got["p q"].id
 
 
 # ------------------------------------------------------------------ chains

@@ -528,6 +528,21 @@ def test_index_persists_and_reloads_with_its_memory(make_tiny, tmp_path):
                                                           fs=fsspec.filesystem("memory"))
 
 
+def test_llm_options_by_either_name_and_typos_refused(tiny_index):
+    """Review findings: ``MemLongLLM(ml, max_tokens=3)`` (the LangChain name) and typos were ignored silently;
+    ``complete(p, chunk_ids=ids)`` read no memory without a word."""
+    from pydantic import ValidationError
+
+    ml, _, _ = tiny_index
+    assert MemLongLLM(ml, max_tokens=3).max_new_tokens == 3 == MemLongLLM(ml, max_new_tokens=3).metadata.num_output
+    with pytest.raises(ValidationError, match="temprature"):
+        MemLongLLM(ml, temprature=0.5)
+    ids = ml.bank.chunk_ids("plays")[:1]
+    for wrong in ("chunk_ids", "namespace", "retrieve"):
+        with pytest.raises(TypeError, match=f"'{wrong}'.*memlong_chunk_ids"):
+            MemLongLLM(ml, namespace="plays").complete("Who?", **{wrong: ids})
+
+
 def test_too_long_question_through_the_stock_engine_gets_memlongs_error(tiny_index):
     """Finding 7: not LlamaIndex's 'Calculated available context size -555 ...'."""
     ml, index, _ = tiny_index

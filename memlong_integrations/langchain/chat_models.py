@@ -57,7 +57,7 @@ from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field
+from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import GenerationStats, MemLong
 from memlong.prompts import PLAIN_STOP, chat_prompt, plain_prompt
@@ -67,7 +67,8 @@ from memlong_integrations.langchain._common import not_supported
 __all__ = ["ChatMemLong", "PLAIN_STOP"]
 
 PromptFormat = Literal["auto", "chat", "plain"]
-_CALL_KEYWORDS = {"memlong_chunk_ids", "memlong_namespace", "model", "stream"}
+REMOTE_OPTIONS = ("timeout", "max_retries", "api_key", "base_url")  # LangChain standard options, no meaning locally
+_CALL_KEYWORDS = {"memlong_chunk_ids", "memlong_namespace", "model", "stream", "max_tokens", "max_new_tokens"}
 
 
 def _text(message: BaseMessage) -> str:
@@ -129,7 +130,7 @@ class ChatMemLong(BaseChatModel):
                                  #  'input_token_details': {'cache_read': 512}}
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, extra="forbid")
 
     memlong: MemLong = Field(exclude=True)
     """The MemLong model (decoder, tokenizer and memory bank)."""
@@ -139,8 +140,8 @@ class ChatMemLong(BaseChatModel):
     """Name reported in metadata; defaults to the decoder's name or path."""
     temperature: float = 0.0
     """0 = greedy decoding; otherwise sampling with this temperature."""
-    max_tokens: int = 256
-    """Most tokens to generate."""
+    max_tokens: int = Field(default=256, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
+    """Most tokens to generate (``max_new_tokens`` is accepted too; a call's ``max_tokens`` overrides it)."""
     stop: list[str] | None = None
     """Default stop sequences (combined with the per-call ``stop``)."""
     seed: int | None = None
@@ -158,6 +159,13 @@ class ChatMemLong(BaseChatModel):
     ``""`` turns it off."""
     prompt_format: PromptFormat = "auto"
     """``"plain"`` continuation prompt, ``"chat"`` template, or ``"auto"`` (plain with memory, chat without)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_remote_options(cls, values: Any) -> Any:
+        """LangChain's standard options that only a remote model has (``timeout``, ``max_retries``, ``api_key``,
+        ``base_url``) are accepted and have no effect; any other unknown option is an error (no silent typos)."""
+        return {k: v for k, v in values.items() if k not in REMOTE_OPTIONS} if isinstance(values, dict) else values
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
@@ -197,7 +205,10 @@ class ChatMemLong(BaseChatModel):
         unknown = set(kwargs) - _CALL_KEYWORDS
         if unknown:
             raise TypeError(f"ChatMemLong got unknown call keywords {sorted(unknown)}; it accepts "
-                            "memlong_chunk_ids (list of chunk ids) and memlong_namespace.")
+                            "memlong_chunk_ids (list of chunk ids), memlong_namespace and max_tokens.")
+        limit = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {limit!r}.")
         if kwargs.get("model") not in (None, self.model_name):
             raise ValueError(f"ChatMemLong serves one loaded model ({self.model_name!r}); it cannot switch to "
                              f"{kwargs['model']!r} per call. Build another ChatMemLong for another model.")
@@ -231,7 +242,7 @@ class ChatMemLong(BaseChatModel):
         else:
             prompt = chat_prompt(self.memlong.tokenizer, turns)
         return {"prompt": prompt, "namespace": namespace, "chunk_ids": chunk_ids, "answer_prefix": prefill,
-                "stop": tuple(stops), "query": question}
+                "stop": tuple(stops), "query": question, "max_tokens": limit}
 
     # ------------------------------------------------------------------ what a text model cannot do
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
@@ -247,23 +258,24 @@ class ChatMemLong(BaseChatModel):
                       "langchain_core.output_parsers.PydanticOutputParser.")
 
     def _start(self, messages: list[BaseMessage], stop: list[str] | None,
-               kwargs: dict[str, Any]) -> tuple[Iterator[str], GenerationStats, str]:
+               kwargs: dict[str, Any]) -> tuple[Iterator[str], GenerationStats, dict[str, Any]]:
         """Validate, retrieve and start decoding (the prompt is encoded on the first ``next``)."""
         args = self._prepare(messages, stop, kwargs)
         # stops are applied here, not by the core (it yields text before they complete); the Generation carries
         # this call's own stats, so concurrent calls (batch, async) never mix them up
         pieces = self.memlong.generate(args["prompt"], namespace=args["namespace"], chunk_ids=args["chunk_ids"],
                                        answer_prefix=args["answer_prefix"], query=args["query"],
-                                       max_new_tokens=self.max_tokens, stream=True,
+                                       max_new_tokens=args["max_tokens"], stream=True,
                                        temperature=self.temperature, seed=self.seed)
         stats = pieces.stats
-        return answer_pieces(pieces, args["stop"], strip=True), stats, args["namespace"]
+        return answer_pieces(pieces, args["stop"], strip=True), stats, args
 
-    def _metadata(self, stats: GenerationStats, namespace: str) -> tuple[UsageMetadata, dict[str, Any]]:
+    def _metadata(self, stats: GenerationStats, args: dict[str, Any]) -> tuple[UsageMetadata, dict[str, Any]]:
+        namespace = args["namespace"]
         usage = UsageMetadata(input_tokens=stats.prompt_tokens + stats.memory_tokens, output_tokens=stats.new_tokens,
                               total_tokens=stats.prompt_tokens + stats.memory_tokens + stats.new_tokens,
                               input_token_details={"cache_read": stats.memory_tokens - stats.refreshed_tokens})
-        finish = "length" if stats.new_tokens >= self.max_tokens else "stop"
+        finish = "length" if stats.new_tokens >= args["max_tokens"] else "stop"
         response = {"model_name": self.model_name, "model_provider": "memlong", "finish_reason": finish,
                     "memlong": {"namespace": namespace, "chunk_ids": list(stats.chunk_ids),
                                 "prompt_tokens": stats.prompt_tokens, "memory_tokens": stats.memory_tokens,
@@ -274,25 +286,25 @@ class ChatMemLong(BaseChatModel):
     # ------------------------------------------------------------------ generation
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        pieces, stats, namespace = self._start(messages, stop, kwargs)
+        pieces, stats, args = self._start(messages, stop, kwargs)
         text = ""
         for piece in pieces:
             text += piece
             if run_manager is not None and self.streaming:
                 run_manager.on_llm_new_token(piece)
-        usage, response = self._metadata(stats, namespace)
+        usage, response = self._metadata(stats, args)
         message = AIMessage(content=text, usage_metadata=usage, response_metadata=response)
         return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": self.model_name})
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        pieces, stats, namespace = self._start(messages, stop, kwargs)
+        pieces, stats, args = self._start(messages, stop, kwargs)
         for piece in pieces:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager is not None:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
-        usage, response = self._metadata(stats, namespace)
+        usage, response = self._metadata(stats, args)
         yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=response,
                                                          chunk_position="last"))
 

@@ -16,10 +16,11 @@ from typing import Any
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import GenerationChunk
-from pydantic import ConfigDict, Field
+from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import MemLong
 from memlong_integrations._answer import answer_pieces
+from memlong_integrations.langchain.chat_models import REMOTE_OPTIONS
 
 __all__ = ["MemLongLLM"]
 
@@ -44,7 +45,7 @@ class MemLongLLM(LLM):
             llm.invoke("The capital of France is", stop=["."])
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     memlong: MemLong = Field(exclude=True)
     """The MemLong model (decoder, tokenizer and memory bank)."""
@@ -52,10 +53,18 @@ class MemLongLLM(LLM):
     """Memory namespace read for explicit chunk ids (and retrieval with ``retrieve=True``)."""
     temperature: float = 0.0
     """0 = greedy decoding."""
-    max_tokens: int = 256
-    """Most tokens to generate."""
+    max_tokens: int = Field(default=256, gt=0, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
+    """Most tokens to generate (``max_new_tokens`` is accepted too; a call's ``max_tokens`` overrides it)."""
+    stop: list[str] | None = None
+    """Default stop strings (combined with a call's ``stop``)."""
     retrieve: bool = False
     """With no ``memlong_chunk_ids``, retrieve ``top_k`` chunks of the namespace with the prompt as query."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_remote_options(cls, values: Any) -> Any:
+        """As :class:`ChatMemLong`: LangChain's remote-only options are accepted with no effect; others raise."""
+        return {k: v for k, v in values.items() if k not in REMOTE_OPTIONS} if isinstance(values, dict) else values
 
     @property
     def _llm_type(self) -> str:
@@ -64,19 +73,22 @@ class MemLongLLM(LLM):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "temperature": self.temperature, "max_tokens": self.max_tokens,
-                "retrieve": self.retrieve}
+                "retrieve": self.retrieve, "stop": self.stop}
 
     def _stream(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[GenerationChunk]:
-        unknown = set(kwargs) - {"memlong_chunk_ids", "memlong_namespace"}
+        unknown = set(kwargs) - {"memlong_chunk_ids", "memlong_namespace", "max_tokens", "max_new_tokens"}
         if unknown:
-            raise TypeError(f"MemLongLLM got unknown call keywords {sorted(unknown)}; it accepts memlong_chunk_ids "
-                            "and memlong_namespace.")
+            raise TypeError(f"MemLongLLM got unknown call keywords {sorted(unknown)}; it accepts memlong_chunk_ids, "
+                            "memlong_namespace and max_tokens.")
+        limit = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {limit!r}.")
         ids = kwargs.get("memlong_chunk_ids")
         pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
                                        chunk_ids=list(ids) if ids is not None else None, retrieve=self.retrieve,
-                                       max_new_tokens=self.max_tokens, temperature=self.temperature, stream=True)
-        for piece in answer_pieces(pieces, stop or ()):
+                                       max_new_tokens=limit, temperature=self.temperature, stream=True)
+        for piece in answer_pieces(pieces, [*(self.stop or ()), *(stop or ())]):
             chunk = GenerationChunk(text=piece)
             if run_manager is not None:
                 run_manager.on_llm_new_token(piece, chunk=chunk)

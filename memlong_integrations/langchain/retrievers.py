@@ -64,7 +64,7 @@ class MemLongRetriever(BaseRetriever):
             ids = [d.metadata["memlong_chunk_id"] for d in docs]
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     bank: MemoryBank = Field(exclude=True)
     """The memory bank to search (``MemLong.bank``)."""
@@ -85,7 +85,10 @@ class MemLongRetriever(BaseRetriever):
         return cls(bank=memlong.bank, **kwargs)
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
-                                k: int | None = None) -> list[Document]:
+                                k: int | None = None, **kwargs: Any) -> list[Document]:
+        if kwargs:
+            raise TypeError(f"MemLongRetriever.invoke takes k only, not {sorted(kwargs)}. To filter by metadata, "
+                            "search a MemLongVectorStore: store.as_retriever(search_kwargs={'filter': {...}}).")
         k = self.k if k is None else k
         if not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be an integer >= 0, got {k!r}.")

@@ -275,3 +275,13 @@ class MemLongVectorStore(VectorStore):
         store.add_texts(texts, metadatas, ids=ids)
         return store
 
+    @classmethod
+    def from_documents(cls, documents: list[Document], embedding: Embeddings | None = None,
+                       **kwargs: Any) -> MemLongVectorStore:
+        """Build a store over ``memlong.bank`` (keyword ``memlong=``) and add ``documents`` (their ids kept, as
+        :meth:`add_documents` does); ``embedding`` must be None, as in :meth:`from_texts`."""
+        if "ids" not in kwargs and any(doc.id for doc in documents):
+            kwargs["ids"] = [doc.id for doc in documents]
+        return cls.from_texts([d.page_content for d in documents], embedding, [d.metadata for d in documents],
+                              **kwargs)
+

@@ -60,9 +60,10 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from pydantic import AliasChoices
 
 from memlong import GenerationStats, MemLong
 from memlong.prompts import chat_prompt, role_prompt
@@ -73,6 +74,7 @@ __all__ = ["CHUNK_IDS_KWARG", "TEXT_IN_MEMORY_KWARG", "MemLongLLM"]
 
 CHUNK_IDS_KWARG = "memlong_chunk_ids"  # explicit chunk ids (keyword or message additional_kwargs)
 TEXT_IN_MEMORY_KWARG = "memlong_text_in_memory"  # message whose text is already in the bank as K-V
+_CONFUSABLE = ("chunk_ids", "namespace", "retrieve", "query", "ids")  # call keywords meant for MemLong.generate
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "developer": "system"}
 
 
@@ -92,7 +94,10 @@ class MemLongLLM(CustomLLM):
     """
 
     namespace: str = Field(default="default", description="Memory namespace this LLM reads.")
-    max_new_tokens: int = Field(default=64, gt=0, description="Tokens generated per call.")
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
+
+    max_new_tokens: int = Field(default=64, gt=0, description="Tokens generated per call.",
+                                validation_alias=AliasChoices("max_new_tokens", "max_tokens"))
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
     retrieve: bool = Field(default=False, description="Retrieve from the namespace when no ids are given.")
     stop: list[str] = Field(default_factory=list, description="Strings that end generation.")
@@ -135,9 +140,10 @@ class MemLongLLM(CustomLLM):
         own ``GenerationStats`` (filled in as the pieces are read)."""
         if chunk_ids is not None and (isinstance(chunk_ids, str) or not all(isinstance(c, str) for c in chunk_ids)):
             raise TypeError(f"{CHUNK_IDS_KWARG} must be a list of chunk id strings, got {chunk_ids!r}.")
-        unknown = sorted(k for k in kwargs if k.startswith("memlong_"))
+        unknown = sorted(k for k in kwargs if k.startswith("memlong_") or k in _CONFUSABLE)
         if unknown:
-            raise TypeError(f"Unknown MemLong keyword(s) {unknown}; the chunk ids keyword is {CHUNK_IDS_KWARG!r}.")
+            raise TypeError(f"Unknown MemLong keyword(s) {unknown}; the chunk ids keyword is {CHUNK_IDS_KWARG!r} "
+                            "(the namespace and retrieval are set on the MemLongLLM).")
         max_new = int(kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)))
         pieces = self._memlong.generate(
             prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
