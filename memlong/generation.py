@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -294,6 +295,12 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
     t0 = time.perf_counter()
     check_decoding(max_new_tokens, temperature, stop)  # before any work
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
+    if chunk_ids is None and retrieve and ml.config.top_k > 0 and not ml.bank.num_tokens(namespace):
+        others = [n for n in ml.bank.namespaces() if ml.bank.num_tokens(n)]
+        if others:  # a misspelt namespace would otherwise answer from the prompt alone without a word
+            warnings.warn(f"Namespace {namespace!r} holds nothing to retrieve, so the answer reads no memory; the "
+                          f"bank's namespaces with chunks: {others[:10]}. Pass one of them as namespace=.",
+                          UserWarning, stacklevel=3)
     if chunk_ids is None and retrieve and ml.config.top_k > 0 and namespace in ml.bank.namespaces():
         chunk_ids = [h.chunk_id for h in ml.bank.search(query or prompt, namespace=namespace, k=ml.config.top_k)]
         if ml.config.retrieve_next:  # the chunks that continue each hit (a fact cut by a chunk boundary)

@@ -139,3 +139,24 @@ def test_a_model_path_that_does_not_exist_is_named(tmp_path):
     for path in (str(tmp_path / "missing"), "./no-such-model", "~/no/such/model", "a/b/c", str(a_file)):
         with pytest.raises(ValueError, match="no such folder.*'default', a Hugging Face model id"):
             MemLong.from_pretrained(path)
+
+
+def test_a_misspelt_namespace_is_warned_about(make_tiny):
+    """Review finding: generate() on a namespace that holds nothing answered from the prompt alone without a word.
+    With other namespaces holding chunks that is almost always a typo: warned, naming them. A model without any
+    memory (plain generation) is not warned."""
+    import warnings
+
+    import pytest
+
+    ml, _ = make_tiny(local_window=512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ml.generate("Which ship?", max_new_tokens=2)  # no memory at all: nothing to warn about
+    ml.ingest(TEXT, namespace="ships", progress=False)
+    with pytest.warns(UserWarning, match=r"Namespace 'shipz' holds nothing.*\['ships'\]"):
+        ml.generate("Which ship?", namespace="shipz", max_new_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ml.generate("Which ship?", namespace="ships", max_new_tokens=2)
+        ml.generate("Which ship?", namespace="shipz", retrieve=False, max_new_tokens=2)

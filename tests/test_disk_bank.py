@@ -294,3 +294,26 @@ def test_disk_full_at_commit_loses_nothing(tmp_path, monkeypatch):
     bank.commit()
     assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == before
     assert _only_named_files(tmp_path / "b")
+
+
+def test_disk_full_at_save_says_the_previous_save_is_intact(tmp_path, monkeypatch):
+    """Review finding: a save that the disk refused raised a bare 'File too large'; the previous save was intact
+    but nothing said so."""
+    import errno
+
+    import memlong.storage as storage
+
+    bank = MemoryBank(embedder=HashEmbedder(), dtype=torch.float32)
+    fill(bank, "ns", 3)
+    bank.save(tmp_path / "saved")
+    saved = digest(bank)
+    fill(bank, "ns", 2, seed=5)
+
+    def full(out, tensors):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(storage, "_write_safetensors", full)
+    with pytest.raises(OSError, match="File too large. A bank saved there before is still there and loadable"):
+        bank.save(tmp_path / "saved")
+    monkeypatch.undo()
+    assert digest(MemoryBank.load(tmp_path / "saved", embedder=HashEmbedder(), verify=True)) == saved
