@@ -290,7 +290,7 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                            description="Standard passkey retrieval: a 5-digit key hidden at a random depth of filler "
                                        "text; records {mode, length, accuracy, trials, key_nll, retrieval_misses, "
                                        "reading_misses, failed, per_trial} (per trial: depth, key, answer, correct, "
-                                       "needle_seen, needle_rank).")
+                                       "key_nll, needle_seen, needle_rank).")
     pk.add_argument("--lengths", type=int_list(1), default=[4096, 16384, 32768],
                     help="comma-separated document lengths in tokens (default 4096,16384,32768)")
     pk.add_argument("--trials", type=int_at_least(1), default=10, help="trials per length (random depths and keys)")

@@ -66,6 +66,12 @@ def test_run_demo_keeps_its_summary_and_says_whether_the_answer_contains_the_fac
                                   "ingest_tokens_per_s", "prompt_tokens_encoded", "memory_tokens_attended",
                                   "fact_chunk_retrieved", "answer_mentions_saffron", "time_to_first_token_s",
                                   "generate_s"]  # the keys `memlong demo --json` always wrote, in their order
+    import os
+    import re
+
+    cli_md = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "cli.md")).read()
+    documented = re.search(r"`\{([^}]*)\}` for the demo", " ".join(cli_md.split())).group(1)
+    assert [k.strip().strip('"') for k in documented.split(",")] == list(summary)  # docs/cli.md lists them all
     assert summary["answer_mentions_saffron"] == ("saffron" in summary["answer"].lower())
     assert summary["fact_chunk_retrieved"] == (summary["fact_chunk_rank"] is not None)
     out = capsys.readouterr().out
