@@ -162,6 +162,10 @@ def passkey(ml: MemLong, *, lengths: list[int], trials: int = 10, filler: str | 
     unknown = [m for m in modes if m not in ("window", "full", "memlong")]
     if unknown:
         raise ValueError(f"Unknown mode {unknown[0]!r}; use window, full or memlong.")
+    fixed = len(ml.tokenize(INSTRUCTION)) + len(ml.tokenize(NEEDLE.format(key="00000")))
+    if min(lengths) <= fixed:  # the record would name a length the haystack does not have
+        raise ValueError(f"passkey length {min(lengths)} leaves no room for filler: the instruction and the needle "
+                         f"alone take about {fixed} tokens. Use lengths of at least {fixed + 1}.")
     filler_tokens = ml.tokenize(filler if filler is not None else shakespeare_text("hamlet"))
     if not filler_tokens:  # the haystack wraps the filler around: with no tokens it would never fill
         raise ValueError("The passkey filler text has no tokens; give a non-empty text (default: Hamlet).")

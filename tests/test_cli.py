@@ -90,9 +90,9 @@ def test_an_empty_filler_is_refused_not_looped_on(make_tiny):
     from memlong.evaluation import passkey
 
     ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
-    for bad in (dict(filler=""), dict(lengths=[0]), dict(lengths=[-100]), dict(trials=0)):
+    for bad in (dict(filler=""), dict(lengths=[0]), dict(lengths=[-100]), dict(trials=0), dict(lengths=[128, 10])):
         kwargs = dict(lengths=[128], trials=1, filler="some filler text", progress=False) | bad
-        with pytest.raises(ValueError, match="filler|lengths|trials"):
+        with pytest.raises(ValueError, match="filler|lengths|trials|passkey length 10 leaves no room"):
             passkey(ml, **kwargs)
 
 
