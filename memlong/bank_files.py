@@ -86,12 +86,18 @@ class BankFiles:
         with self._lock.read(), self._count_lock:
             record, tensors = self._snapshot(namespaces, fingerprint, inline=True)
         # Stored tensors are never written in place, so the files are written outside the lock.
+        manifest = Path(path) / "manifest.json"
+        before = manifest.read_bytes() if manifest.is_file() else None
         try:
             return write_bank(path, record, tensors)
         except OSError as exc:
-            raise OSError(exc.errno, f"Cannot save the memory bank to {path}: {exc.strerror or exc}. A bank saved "
-                                     "there before is still there and loadable, and nothing in this bank was lost; "
-                                     "free space (or fix permissions) and save again.") from None
+            after = manifest.read_bytes() if manifest.is_file() else None
+            state = ("the new save is in place, but the disk could not confirm it" if after != before else
+                     "the bank saved there before is still there and loadable" if before is not None else
+                     "nothing loadable was written there")
+            raise OSError(exc.errno, f"Cannot save the memory bank to {path}: {exc.strerror or exc}. {state[0].upper()}"
+                                     f"{state[1:]}, and nothing in this bank was lost; free space (or fix permissions) "
+                                     "and save again.") from None
 
     def commit(self, *, fingerprint: dict[str, Any] | None = None) -> Path:
         """Make a disk bank durable in its directory: buffered K-V become a segment, then the record and a new

@@ -414,8 +414,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--load-memory {args.load_memory!r} {what}; give a folder written by --save-memory.")
     if getattr(args, "save_memory", None):
         writable(args.save_memory, "--save-memory", folder=True)
-        folder = Path(args.save_memory).expanduser()
-        if folder.is_dir() and any(folder.iterdir()) and not (folder / "manifest.json").is_file():
+        from memlong.storage import foreign_files
+
+        if foreign_files(Path(args.save_memory).expanduser()):  # the save would refuse it after the whole run
             raise ValueError(f"--save-memory {args.save_memory!r} is a folder with other files in it; give a new or "
                              "empty folder, or one written by --save-memory before (it is replaced).")
     if args.command in ("train", "train-reader"):

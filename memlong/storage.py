@@ -45,8 +45,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["FORMAT", "SEGMENT_NAME", "VERSION", "MemoryFileError", "is_disk_bank", "read_bank", "write_bank",
-           "write_segment"]
+__all__ = ["FORMAT", "SEGMENT_NAME", "VERSION", "MemoryFileError", "foreign_files", "is_disk_bank", "read_bank",
+           "write_bank", "write_segment"]
 
 FORMAT = "memlong-bank"
 VERSION = 1
@@ -168,6 +168,15 @@ def _locked(path: Path, exclusive: bool) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def foreign_files(path: str | os.PathLike) -> list[str]:
+    """Names of the files in directory ``path`` that keep a bank from being saved there: anything but a bank's own
+    files (of a finished or an interrupted save), in a directory without a bank manifest; sorted."""
+    path = Path(path)
+    if not path.is_dir() or (path / MANIFEST).exists():
+        return []
+    return sorted(p.name for p in path.iterdir() if p.name not in (MANIFEST, ".lock") and not _OURS.match(p.name))
+
+
 def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequence[tuple[str, torch.Tensor]],
                segments: Sequence[dict[str, Any]] | None = None) -> Path:
     """Atomically replace the bank stored in directory ``path`` with ``record`` (JSON-able) and ``tensors``.
@@ -183,8 +192,8 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
     if path.exists() and not path.is_dir():
         raise ValueError(f"Cannot save a memory bank to {path}: it is a file. Give a directory path.")
     path.mkdir(parents=True, exist_ok=True)
-    strangers = [p.name for p in path.iterdir() if p.name not in (MANIFEST, ".lock") and not _OURS.match(p.name)]
-    if strangers and not (path / MANIFEST).exists():
+    strangers = foreign_files(path)
+    if strangers:
         raise ValueError(f"Refusing to save a memory bank into {path}: it already holds other files "
                          f"({', '.join(sorted(strangers)[:3])}...). Give a new or empty directory.")
     odd = [p.name for p in path.iterdir() if (p.name == MANIFEST or _OURS.match(p.name))
@@ -211,11 +220,11 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
             if segments:
                 _fsync_dir(path)  # segments' directory entries are durable before a manifest names them
             os.replace(tmp, path / MANIFEST)  # the commit point
-            _fsync_dir(path)
         except BaseException:
             for name in names:
                 (path / name).unlink(missing_ok=True)
             raise
+        _fsync_dir(path)  # after the commit point: a failure here must not remove the files the manifest names
         for p in path.iterdir():  # files of older or interrupted saves
             keep = p.name in names or any(p.name == e["name"] for e in segments or ())
             if _OURS.match(p.name) and not keep and not p.is_symlink() and p.is_file():

@@ -313,7 +313,19 @@ def test_disk_full_at_save_says_the_previous_save_is_intact(tmp_path, monkeypatc
         raise OSError(errno.EFBIG, "File too large")
 
     monkeypatch.setattr(storage, "_write_safetensors", full)
-    with pytest.raises(OSError, match="File too large. A bank saved there before is still there and loadable"):
+    with pytest.raises(OSError, match="File too large. The bank saved there before is still there and loadable"):
         bank.save(tmp_path / "saved")
+    with pytest.raises(OSError, match="File too large. Nothing loadable was written there"):
+        bank.save(tmp_path / "first")
     monkeypatch.undo()
     assert digest(MemoryBank.load(tmp_path / "saved", embedder=HashEmbedder(), verify=True)) == saved
+
+    # a failure after the commit point (the directory fsync) must not remove the files the new manifest names
+    def no_fsync(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(storage, "_fsync_dir", no_fsync)
+    with pytest.raises(OSError, match="The new save is in place, but the disk could not confirm it"):
+        bank.save(tmp_path / "saved")
+    monkeypatch.undo()
+    assert digest(MemoryBank.load(tmp_path / "saved", embedder=HashEmbedder(), verify=True)) == digest(bank)
