@@ -21,8 +21,8 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -118,14 +118,14 @@ def _next_token(scores: torch.Tensor, temperature: float, generator: torch.Gener
     return int(scores.argmax())
 
 
-def check_decoding(max_new_tokens: int, temperature: float, stop: str | Sequence[str]) -> tuple[str, ...]:
-    """The stop strings as a tuple (one string is one stop string, not its characters), after checking the
-    decoding arguments; ValueError / TypeError naming the argument and the fix."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+def check_decoding(max_new_tokens: int, temperature: float, stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The stop strings as a tuple (one string is one stop string, not its characters; ``None``: none), after
+    checking the decoding arguments; ValueError / TypeError naming the argument and the fix."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be 0 (greedy) or a positive finite number, got {temperature!r}.")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
     bad = [s for s in stops if not isinstance(s, str)]
     if bad:
         raise TypeError(f"stop must be a string or a list of strings, got {bad[0]!r} in it.")
@@ -221,6 +221,7 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
         t0: when the call started (``time.perf_counter()``; default: now), for the timings.
     """
     stop = check_decoding(max_new_tokens, temperature, stop)
+    max_new_tokens, temperature = int(max_new_tokens), float(temperature)  # numpy scalars too
     stats = stats if stats is not None else GenerationStats(prompt_tokens=len(ids), memory_tokens=0 if memory is None
                                                             else int(memory[0].shape[2]))
     t0 = time.perf_counter() if t0 is None else t0
@@ -293,14 +294,8 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
         >>> answer, stats = g.text(), g.stats
     """
     t0 = time.perf_counter()
-    check_decoding(max_new_tokens, temperature, stop)  # before any work
+    stop = check_decoding(max_new_tokens, temperature, stop)  # before any work
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
-    if chunk_ids is None and retrieve and ml.config.top_k > 0 and not ml.bank.num_tokens(namespace):
-        others = [n for n in ml.bank.namespaces() if ml.bank.num_tokens(n)]
-        if others:  # a misspelt namespace would otherwise answer from the prompt alone without a word
-            warnings.warn(f"Namespace {namespace!r} holds nothing to retrieve, so the answer reads no memory; the "
-                          f"bank's namespaces with chunks: {others[:10]}. Pass one of them as namespace=.",
-                          UserWarning, stacklevel=3)
     if chunk_ids is None and retrieve and ml.config.top_k > 0 and namespace in ml.bank.namespaces():
         chunk_ids = [h.chunk_id for h in ml.bank.search(query or prompt, namespace=namespace, k=ml.config.top_k)]
         if ml.config.retrieve_next:  # the chunks that continue each hit (a fact cut by a chunk boundary)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from memlong.positions import Stacked
-from memlong.records import check_metadata
+from memlong.records import check_metadata, check_namespace
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -228,7 +228,7 @@ def _stripped(ml: MemLong, tokens: Sequence[int]) -> list[int] | None:
     return list(tokens) if text == text.strip() else ml.tokenize(text.strip())
 
 
-def _check_ingest(texts: str | Sequence[str], doc_ids: Sequence[str] | None,
+def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[str] | None,
                   metadatas: Sequence[dict[str, Any]] | None, context: str, strip: bool) -> list[str]:
     if context not in ("document", "chunk"):
         raise ValueError(f"context must be 'document' (K-V from the document's window) or 'chunk' (K-V from the "
@@ -244,7 +244,8 @@ def _check_ingest(texts: str | Sequence[str], doc_ids: Sequence[str] | None,
     for i, doc in enumerate(docs):
         if not isinstance(doc, str) or not doc.strip():
             raise ValueError(f"Document {i} is empty: there is nothing to ingest. Pass non-empty text.")
-    for i, metadata in enumerate(metadatas or ()):  # before any work: the bank would refuse it after the forward
+    check_namespace(namespace)  # before any work, as the metadata: the bank would refuse them after the forward
+    for i, metadata in enumerate(metadatas or ()):
         check_metadata(metadata, f"metadatas[{i}]")
     return docs
 
@@ -299,7 +300,7 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
         >>> stats = ingest(ml, open("hamlet.txt").read(), namespace="hamlet")   # = ml.ingest(...)
         >>> stats.chunks, stats.tokens_per_second
     """
-    docs = _check_ingest(texts, doc_ids, metadatas, context, strip)
+    docs = _check_ingest(texts, namespace, doc_ids, metadatas, context, strip)
     encoded = [ml.tokenize(doc) for doc in docs]
     stats = IngestStats(documents=len(docs))
     t0 = time.perf_counter()
@@ -319,13 +320,15 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
                 stats.chunk_ids += stream.chunk_ids
                 stream = None
     except BaseException:  # a failed or interrupted ingest leaves none of its chunks (no half documents)
-        written = set(stats.chunk_ids) | set(stream.chunk_ids if stream is not None else ())
-        ml.bank.delete([c for c in ml.bank.chunk_ids(namespace) if c in written], namespace=namespace)
+        written = stats.chunk_ids + (stream.chunk_ids if stream is not None else [])
+        try:
+            ml.bank.delete(ml.bank.stored(written, namespace=namespace), namespace=namespace)
+        except Exception:  # the undo must never hide why the ingest failed
+            pass
         raise
     finally:
         bar.close()
-    stored = set(ml.bank.chunk_ids(namespace))  # a document over memory_capacity evicts its own first chunks
-    kept = [c for c in stats.chunk_ids if c in stored]
+    kept = ml.bank.stored(stats.chunk_ids, namespace=namespace)  # a document over capacity evicts its first chunks
     stats.chunks, stats.evicted, stats.chunk_ids = len(kept), len(stats.chunk_ids) - len(kept), kept
     stats.seconds = time.perf_counter() - t0
     return stats

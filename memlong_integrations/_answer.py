@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from memlong.generation import stop_prefix_len
 from memlong.prompts import PLAIN_STOP  # re-exported: a plain-prompt answer ends at the next question or paragraph
 
-__all__ = ["KV_ANSWER_PREFIX", "PLAIN_STOP", "answer_pieces", "answer_text"]
+__all__ = ["KV_ANSWER_PREFIX", "PLAIN_STOP", "answer_pieces", "answer_text", "stop_strings"]
 
 # Prefilled after "Answer:" when retrieved chunks are attended: with no prefill the 135M default model often ends
 # at once (end of sequence) or answers "The answer is: <the question's subject>"; with it, it reads the chunks
@@ -50,6 +50,15 @@ def _label_end(text: str) -> int | None:
         if not body or _LABEL_ONLY.fullmatch(body) or any(f"{w}:".startswith(low) for w in _LABELS):
             return None
         return pos
+
+
+def stop_strings(*sources: str | Sequence[str] | None) -> list[str]:
+    """The stop strings of several sources (each ``None``, one string, or strings), in order, without repeats or
+    empty strings: one string is one stop string, not its characters."""
+    found: list[str] = []
+    for source in sources:
+        found += [] if source is None else [source] if isinstance(source, str) else list(source)
+    return list(dict.fromkeys(s for s in found if s))
 
 
 def _first_stop(text: str, stops: Sequence[str], visible: int) -> int:

@@ -1,5 +1,6 @@
 """The public core API: per-call generation stats, the run step, streams, decode/score, the sink helpers."""
 
+import numpy as np
 import torch
 
 from memlong.generation import Generation
@@ -120,6 +121,9 @@ def test_stop_strings_never_leak_even_in_part_and_one_string_is_one_stop(make_ti
             assert ml.generate(prompt, retrieve=False, max_new_tokens=12, stop=[stop, "\x00never"]) == want
             assert "".join(ml.generate(prompt, retrieve=False, max_new_tokens=12, stop=stop, stream=True)) == want
     assert ml.generate(prompt, retrieve=False, max_new_tokens=12, stop=full[2:] + "?") == full  # never completed
+    stop = full[3:6]
+    assert ml.generate(prompt, retrieve=False, max_new_tokens=12, stop=(s for s in [stop])) == full[:full.find(stop)]
+    assert ml.generate(prompt, retrieve=False, max_new_tokens=np.int64(12), stop=None, temperature=np.float32(0)) == full
     assert ml.generate(prompt, retrieve=False, max_new_tokens=12, stop=["", full[3:5]]) == full[:full.find(full[3:5])]
     for bad, error in ((dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
                        (dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-1.0), "temperature must be"),
@@ -139,24 +143,3 @@ def test_a_model_path_that_does_not_exist_is_named(tmp_path):
     for path in (str(tmp_path / "missing"), "./no-such-model", "~/no/such/model", "a/b/c", str(a_file)):
         with pytest.raises(ValueError, match="no such folder.*'default', a Hugging Face model id"):
             MemLong.from_pretrained(path)
-
-
-def test_a_misspelt_namespace_is_warned_about(make_tiny):
-    """Review finding: generate() on a namespace that holds nothing answered from the prompt alone without a word.
-    With other namespaces holding chunks that is almost always a typo: warned, naming them. A model without any
-    memory (plain generation) is not warned."""
-    import warnings
-
-    import pytest
-
-    ml, _ = make_tiny(local_window=512)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ml.generate("Which ship?", max_new_tokens=2)  # no memory at all: nothing to warn about
-    ml.ingest(TEXT, namespace="ships", progress=False)
-    with pytest.warns(UserWarning, match=r"Namespace 'shipz' holds nothing.*\['ships'\]"):
-        ml.generate("Which ship?", namespace="shipz", max_new_tokens=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ml.generate("Which ship?", namespace="ships", max_new_tokens=2)
-        ml.generate("Which ship?", namespace="shipz", retrieve=False, max_new_tokens=2)

@@ -285,6 +285,10 @@ def test_vector_store_failed_upsert_loses_nothing(tiny):
     built = MemLongVectorStore.from_documents(docs, memlong=tiny, namespace="vs4")  # no embedding argument needed
     got = {d.page_content: d for d in built.similarity_search("u", k=2)}
     assert got["u v w"].id == "first" and got["u v w"].metadata == {"n": 1} and got["p q"].id
+    import asyncio
+
+    built = asyncio.run(MemLongVectorStore.afrom_documents(docs, memlong=tiny, namespace="vs5"))
+    assert {d.id for d in built.similarity_search("u", k=2)} >= {"first"}
 
 
 # ------------------------------------------------------------------ chains
@@ -437,6 +441,7 @@ def test_stop_strings_never_leak_even_in_part(tiny):
     text = llm.invoke(plain(QUESTION))
     stop = text[len(text) // 2:len(text) // 2 + 3]
     assert llm.invoke(plain(QUESTION), stop=[stop]) == text[:text.find(stop)]
+    assert llm.invoke(plain(QUESTION), stop=stop) == text[:text.find(stop)]  # one string: one stop string
     assert "".join(llm.stream(plain(QUESTION), stop=[stop])) == text[:text.find(stop)]
 
 

@@ -431,6 +431,7 @@ def test_stop_strings_never_leak_even_in_part(tiny_index):
     assert "".join(streamed) == want and not any(stop[:2] in p for p in streamed[-1:])
     assert MemLongLLM(ml, namespace="plays", max_new_tokens=12, stop=[stop]).complete(
         prompt, memlong_chunk_ids=ids).text == want
+    assert free.complete(prompt, memlong_chunk_ids=ids, stop=stop).text == want  # one string: one stop string
 
 
 def test_stock_engine_reads_only_the_pasted_text(tiny_index):

@@ -237,6 +237,8 @@ def test_ingest_copies_document_metadata_onto_chunks(make_tiny):
     with pytest.raises(ValueError, match="metadatas"):
         ml.ingest(["x y z"], namespace="m", metadatas=[{}, {}], progress=False)
     ml.run = None  # unstorable metadata is refused before any forward (it was refused by the bank after them all)
+    with pytest.raises(ValueError, match="namespace"):
+        ml.ingest(["x y z"], namespace="", progress=False)
     for bad in ({"when": object()}, {"x": float("nan")}, {1: "int key"}):
         with pytest.raises(ValueError, match=r"metadatas\[1\] JSON cannot store"):
             ml.ingest(["x y z", "u v w"], namespace="m", metadatas=[{}, bad], progress=False)

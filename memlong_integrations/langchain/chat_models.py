@@ -61,7 +61,7 @@ from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import GenerationStats, MemLong
 from memlong.prompts import PLAIN_STOP, chat_prompt, plain_prompt
-from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces
+from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces, stop_strings
 from memlong_integrations.langchain._common import not_supported
 
 __all__ = ["ChatMemLong", "PLAIN_STOP"]
@@ -232,7 +232,7 @@ class ChatMemLong(BaseChatModel):
             chunk_ids = [h.chunk_id for h in self.memlong.bank.search(question, namespace=namespace, k=self._top_k())]
         chunk_ids = chunk_ids or []
         fmt = self.prompt_format if self.prompt_format != "auto" else ("plain" if chunk_ids else "chat")
-        stops = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
+        stops = stop_strings(self.stop, stop)
         if fmt == "plain":
             prompt = plain_prompt(turns, after_memory=bool(chunk_ids))
             stops.extend(s for s in PLAIN_STOP if s not in stops)

@@ -19,7 +19,7 @@ from langchain_core.outputs import GenerationChunk
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import MemLong
-from memlong_integrations._answer import answer_pieces
+from memlong_integrations._answer import answer_pieces, stop_strings
 from memlong_integrations.langchain.chat_models import REMOTE_OPTIONS
 
 __all__ = ["MemLongLLM"]
@@ -88,7 +88,7 @@ class MemLongLLM(LLM):
         pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
                                        chunk_ids=list(ids) if ids is not None else None, retrieve=self.retrieve,
                                        max_new_tokens=limit, temperature=self.temperature, stream=True)
-        for piece in answer_pieces(pieces, [*(self.stop or ()), *(stop or ())]):
+        for piece in answer_pieces(pieces, stop_strings(self.stop, stop)):
             chunk = GenerationChunk(text=piece)
             if run_manager is not None:
                 run_manager.on_llm_new_token(piece, chunk=chunk)

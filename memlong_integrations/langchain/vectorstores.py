@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
@@ -284,4 +285,10 @@ class MemLongVectorStore(VectorStore):
             kwargs["ids"] = [doc.id for doc in documents]
         return cls.from_texts([d.page_content for d in documents], embedding, [d.metadata for d in documents],
                               **kwargs)
+
+    @classmethod
+    async def afrom_documents(cls, documents: list[Document], embedding: Embeddings | None = None,
+                              **kwargs: Any) -> MemLongVectorStore:
+        """:meth:`from_documents` in a worker thread."""
+        return await asyncio.to_thread(cls.from_documents, documents, embedding, **kwargs)
 

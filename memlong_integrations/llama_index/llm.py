@@ -67,7 +67,7 @@ from pydantic import AliasChoices
 
 from memlong import GenerationStats, MemLong
 from memlong.prompts import chat_prompt, role_prompt
-from memlong_integrations._answer import answer_pieces
+from memlong_integrations._answer import answer_pieces, stop_strings
 from memlong_integrations.llama_index._common import checked_memlong
 
 __all__ = ["CHUNK_IDS_KWARG", "TEXT_IN_MEMORY_KWARG", "MemLongLLM"]
@@ -148,7 +148,7 @@ class MemLongLLM(CustomLLM):
         pieces = self._memlong.generate(
             prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
             max_new_tokens=max_new, temperature=float(kwargs.get("temperature", self.temperature)), stream=True)
-        stops = [*self.stop, *(kwargs.get("stop") or ())]  # applied here: the core yields text before they complete
+        stops = stop_strings(self.stop, kwargs.get("stop"))  # applied here: the core yields text before they complete
         return answer_pieces(pieces, stops, strip=True), pieces.stats
 
     def _prompt(self, prompt: str, formatted: bool) -> str:

@@ -221,7 +221,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
         """
         _local("persist", fs)
         folder = memory_folder(persist_path)
-        if self._memlong.bank.chunk_ids(self.namespace):
+        if self._memlong.bank.num_tokens(self.namespace):
             self._memlong.save_memory(folder, namespaces=[self.namespace])
         elif folder.is_dir():
             shutil.rmtree(folder)
