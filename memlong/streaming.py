@@ -294,7 +294,8 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
     Raises:
         ValueError: a document that is empty or only whitespace; an unknown ``context``; ``strip`` without
             ``context="chunk"``. An ingest that raises (or is interrupted, or meets an eviction warning turned
-            into an error) leaves none of its chunks in the bank.
+            into an error) leaves none of its chunks in the bank; chunks that its earlier steps evicted to make
+            room stay evicted (with warnings turned into errors, the first eviction raises, so there are none).
 
     Example:
         >>> stats = ingest(ml, open("hamlet.txt").read(), namespace="hamlet")   # = ml.ingest(...)
