@@ -157,6 +157,33 @@ def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     return folder
 
 
+def check_output_dir(path: str | Path, method: str) -> None:
+    """ValueError unless folder ``path`` can take a ``method`` adapter (``"lora"``/``"full"`` from ``memlong
+    train``, ``"reader"`` from ``train-reader``): missing, empty, or holding a memlong adapter (and a ``train``
+    checkpoint) of the same kind, which is then resumed or replaced. A folder with anything else is refused, so
+    training never overwrites or mixes with other files."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"Output {str(path)!r} is a file; give a new or empty folder.")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+
+    want = "reader" if method == "reader" else "train"
+    if (folder / CONFIG_NAME).exists():
+        try:
+            meta = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = None
+        ours = isinstance(meta, dict) and meta.get("format") == FORMAT
+        found = ("reader" if meta.get("method") == "reader" else "train") if ours else None
+    else:  # a run stopped before its first adapter save: its checkpoint (checked in full when resumed)
+        found = "train" if (folder / "checkpoint.json").exists() else None
+    if found != want:
+        what = "a reader adapter (memlong train-reader)" if want == "reader" else "an adapter of memlong train"
+        raise ValueError(f"Output folder {str(path)!r} is not empty and does not hold {what}; training would "
+                         "overwrite or mix with what is there. Give a new or empty folder.")
+
+
 def resolve_adapter(path: str | Path) -> Path:
     """The adapter folder for ``path``: a packaged adapter's name, a folder, or its ``adapter.json``."""
     if str(path) in PACKAGED_ADAPTERS:

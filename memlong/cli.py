@@ -424,9 +424,13 @@ def _validate(args: argparse.Namespace) -> None:
             raise ValueError(f"memlong {args.command} starts from the base model; drop --adapter (an adapter trained on top "
                              "of another would not load on the base model).")
         writable(args.output, "--output", folder=True)
-        for path in [*(getattr(args, "data", None) or []), *(getattr(args, "eval_data", None) or [])]:
-            if not Path(path).exists():
-                raise ValueError(f"Training data path {path!r} does not exist; pass text files or folders of them.")
+        from memlong.adapter import check_output_dir
+        check_output_dir(args.output, "reader" if args.command == "train-reader" else args.method)
+        for flag in ("data", "eval_data"):
+            for path in getattr(args, flag, None) or []:
+                if not Path(path).exists():
+                    raise ValueError(f"--{flag.replace('_', '-')} path {path!r} does not exist; pass text files or "
+                                     "folders of them.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,9 +85,14 @@ def readable_file(path: str, flag: str) -> str:
         what = "a directory" if p.is_dir() else "not a regular file" if p.exists() else "missing"
         raise ValueError(f"{flag} {path!r} is {what}; give a text file.")
     try:
-        return p.read_text(encoding="utf-8", errors="ignore")
+        text = p.read_bytes().decode("utf-8-sig")
     except OSError as exc:
         raise ValueError(f"{flag} {path!r} cannot be read ({exc.strerror}); give a readable text file.") from None
+    except UnicodeDecodeError as exc:  # read with errors ignored, a binary or UTF-16 file was scored as text
+        raise ValueError(f"{flag} {path!r} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8.") from None
+    if "\x00" in text:
+        raise ValueError(f"{flag} {path!r} holds NUL bytes, so it is not text (binary, or UTF-16); re-save it as UTF-8.")
+    return text
 
 
 def writable(path: str, flag: str, folder: bool = False) -> None:

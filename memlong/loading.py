@@ -140,6 +140,10 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
     from memlong.adapter import ADAPTER_CONFIG_FIELDS, load_adapter, read_adapter_config
 
     meta = read_adapter_config(adapter)
+    layers, name = meta.get("layers") or [], (meta.get("base_model") or {}).get("name", "another model")
+    if layers and max(layers) >= model.config.num_hidden_layers:  # before its config is read against this model
+        raise ValueError(f"Adapter {str(adapter)!r} was trained on {name!r} (layers up to {max(layers)}); this model "
+                         f"({path}) has {model.config.num_hidden_layers} layers. Load it on the model it was trained on.")
     trained = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["memlong_config"].items()
                if k in ADAPTER_CONFIG_FIELDS}
     ml = cls(model, tokenizer, MemLongConfig(**{**trained, **config}), embedder=embedder)

@@ -43,7 +43,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memlong.adapter import LoRALinear, add_lora, fingerprint, lora_state_dict, read_adapter_config, resolve_adapter
+from memlong.adapter import (
+    LoRALinear,
+    add_lora,
+    check_output_dir,
+    fingerprint,
+    lora_state_dict,
+    read_adapter_config,
+    resolve_adapter,
+)
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -243,6 +251,7 @@ def train_reader(ml: MemLong, config: ReaderConfig, *, progress: bool = True, co
     from tqdm.auto import tqdm
 
     config.validate()
+    check_output_dir(config.output_dir, "reader")
     if ml.reader is not None:
         raise ValueError("This model already has a reader; train from the base model.")
     cfg = ml.config

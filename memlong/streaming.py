@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -350,6 +351,10 @@ def perplexity(ml: MemLong, text: str | Sequence[int], *, score_last: int = 2048
     tokens = ml.tokenize(text) if isinstance(text, str) else list(text)
     if len(tokens) < 2:
         raise ValueError("Perplexity needs at least 2 tokens of text.")
+    if ml.reader is not None and use_memory:  # said, not silently the base model's score
+        warnings.warn("The reader adapter is not used by perplexity: it reads retrieved memory only in answer-time "
+                      "forwards without a local cache (run, generate, score), and streaming always has one. This "
+                      "scores the base weights.", UserWarning, stacklevel=3)
     score_last = min(score_last, len(tokens) - 1)
     scratch = namespace is None
     ns = namespace or f"_ppl-{time.time_ns()}"

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -45,10 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from memlong.adapter import fingerprint, save_adapter
+from memlong.adapter import check_output_dir, fingerprint, save_adapter
 from memlong.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from memlong.model import MemLong
-from memlong.train_loop import Trainer, planned_steps, prepare_parameters
+from memlong.train_loop import Trainer, planned_steps, prepare_parameters, segments
 
 __all__ = ["SHAKESPEARE_HELD_OUT", "TrainConfig", "TrainResult", "evaluate", "load_documents", "shakespeare_split",
            "train", "trainable_layers"]
@@ -154,7 +155,7 @@ def load_documents(paths: Sequence[str | Path], *, suffixes: tuple[str, ...] = (
     """``(name, text)`` of text files, and of the ``suffixes`` files found recursively in folders, sorted by path.
 
     Raises:
-        ValueError: a path that does not exist, or no non-empty document found.
+        ValueError: a path that does not exist, a file that is not UTF-8 text, or no non-empty document found.
     """
     files: list[Path] = []
     for p in map(Path, paths):
@@ -164,11 +165,26 @@ def load_documents(paths: Sequence[str | Path], *, suffixes: tuple[str, ...] = (
             files.append(p)
         else:
             raise ValueError(f"Training data path {str(p)!r} does not exist; pass text files or folders of them.")
-    docs = [(str(f), f.read_text(encoding="utf-8", errors="ignore")) for f in files]
+    docs = [(str(f), read_text_file(f)) for f in files]
     docs = [(n, t) for n, t in docs if t.strip()]
     if not docs:
         raise ValueError(f"No non-empty text documents ({', '.join(suffixes)}) under {[str(p) for p in paths]}.")
     return docs
+
+
+def read_text_file(path: str | Path) -> str:
+    """The text of a UTF-8 file; ValueError naming the file when it is not UTF-8 text (a binary file, UTF-16, Latin-1:
+    read with errors ignored, they trained and scored on byte garbage)."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8, or leave it out."
+                         ) from None
+    if "\x00" in text:
+        raise ValueError(f"{str(path)!r} holds NUL bytes, so it is not text (a binary file, or UTF-16); re-save it as "
+                         "UTF-8 text, or leave it out.")
+    return text
 
 
 def shakespeare_plays() -> list[str]:
@@ -258,12 +274,18 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
         ValueError: bad config, empty documents, a resume checkpoint for other data or settings.
     """
     config.validate()
+    check_output_dir(config.output_dir, config.method)
     docs = _named(documents)
     held_out = _named(eval_documents) if eval_documents else []
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     encoded = [ml.tokenize(text)[: config.max_document_tokens] for _, text in docs]
     layers = trainable_layers(ml)
+    found = sum(len(segments(t, ml.config.step)) for t in encoded) * config.epochs
+    if found < config.grad_accum:  # not one optimizer step: the adapter written would be the base model
+        raise ValueError(f"The documents make {found} training segment(s) of up to {ml.config.step} tokens over "
+                         f"{config.epochs} epoch(s), fewer than grad_accum={config.grad_accum}, so not one optimizer "
+                         "step would run. Add data, lower --grad-accum, or raise --max-document-tokens / --epochs.")
+    out.mkdir(parents=True, exist_ok=True)
     base_print = fingerprint(ml.model, layers)  # before any weight changes
     total_steps = planned_steps(config, encoded, ml.config.step)
     identity = _identity(ml, docs, config)
@@ -307,9 +329,10 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
 def _identity(ml: MemLong, docs: list[tuple[str, str]], config: TrainConfig) -> dict[str, Any]:
     """What a checkpoint must match to be resumed (max_steps may grow: a run can be extended), as a
     checkpoint's JSON gives it back (tuples become lists)."""
-    volatile = ("progress", "resume", "save_every", "max_steps", "max_seconds", "eval_tokens")
-    identity = {"documents": [n for n, _ in docs], "train_config": _jsonable(config, skip=volatile),
-                "memlong_config": ml.config.to_dict()}
+    volatile = ("progress", "resume", "save_every", "max_steps", "max_seconds")  # eval_tokens: eval_before is reused
+    identity = {"documents": [n for n, _ in docs],
+                "document_sha256": [hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest()[:16] for _, t in docs],
+                "train_config": _jsonable(config, skip=volatile), "memlong_config": ml.config.to_dict()}
     return json.loads(json.dumps(identity))
 
 
@@ -321,9 +344,27 @@ def _checkpoint_to_resume(out: Path, config: TrainConfig, identity: dict[str, An
     """
     ckpt = load_checkpoint(out) if config.resume else None
     if ckpt is not None and ckpt.get("identity") != identity:
-        raise ValueError(f"{out / CHECKPOINT_NAME} is a checkpoint of another run (different documents, train config "
-                         "or model config). Use another output_dir, or resume=False (--no-resume) to start over.")
+        why = _difference(ckpt.get("identity"), identity)
+        raise ValueError(f"{out / CHECKPOINT_NAME} is a checkpoint of another run ({why}). Use another output_dir, the "
+                         "same settings, or resume=False (--no-resume) to start over.")
     return ckpt
+
+
+def _difference(saved: Any, now: dict[str, Any]) -> str:
+    """What differs between a checkpoint's identity and this run's, in words."""
+    saved = saved if isinstance(saved, dict) else {}
+    if saved.get("documents") != now["documents"]:
+        return "other training documents"
+    if saved.get("document_sha256") != now["document_sha256"]:
+        changed = [n for n, a, b in zip(now["documents"], saved.get("document_sha256") or [], now["document_sha256"])
+                   if a != b]
+        return f"the text of {changed[0] if changed else 'a document'} changed"
+    for part in ("train_config", "memlong_config"):
+        old, new = saved.get(part) or {}, now[part]
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if keys:
+            return ", ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys[:3])
+    return "other settings"
 
 
 def _result_record(result: TrainResult) -> dict[str, Any]:

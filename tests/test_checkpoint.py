@@ -74,7 +74,7 @@ def test_a_planted_pickle_is_never_loaded(make_tiny, tokenizer, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "checkpoint.pt").write_bytes(pickle.dumps(_Planted(marker)))
     ml, _ = make_tiny(**TINY)
-    with pytest.raises(ValueError, match="never unpickles"):
+    with pytest.raises(ValueError, match="never unpickles|is not empty and does not hold an adapter"):
         train(ml, [_text(tokenizer, 0, 200)], TrainConfig(output_dir=tmp_path / "out", max_steps=1, progress=False,
                                                           eval_tokens=0))
     assert not marker.exists()

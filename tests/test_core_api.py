@@ -143,3 +143,16 @@ def test_a_model_path_that_does_not_exist_is_named(tmp_path):
     for path in (str(tmp_path / "missing"), "./no-such-model", "~/no/such/model", "a/b/c", str(a_file)):
         with pytest.raises(ValueError, match="no such folder.*'default', a Hugging Face model id"):
             MemLong.from_pretrained(path)
+
+
+def test_an_adapter_of_another_model_is_named_as_such(tiny_hf, tokenizer, tmp_path):
+    """Review finding: the packaged adapter on a 4-layer model said 'memory_layer must be in 0..3' (and a reader an
+    IndexError), not that the adapter belongs to another model."""
+    import pytest
+
+    from memlong import MemLong
+
+    tiny_hf.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    with pytest.raises(ValueError, match=f"trained on 'default' .*has {tiny_hf.config.num_hidden_layers} layers"):
+        MemLong.from_pretrained(str(tmp_path / "tiny"), adapter="shakespeare")

@@ -139,3 +139,16 @@ def test_the_reader_is_trained_on_memory_read_as_configured(trained):
     # what is left at refresh=1 comes from the pasted text tokenizing differently where chunks join
     assert loss["refresh=1"] < 0.05 * loss["stored"]
     assert loss["refresh=1"] < loss["head=16"] < loss["stored"]
+
+
+def test_perplexity_says_it_does_not_use_the_reader(trained):
+    """Review finding: `memlong eval ppl --adapter <reader>` scored the base weights without a word (streaming always
+    reads memory beside a local cache, where the reader is off)."""
+    ml, _ = trained
+    with pytest.warns(UserWarning, match="reader adapter is not used by perplexity"):
+        with_reader = ml.perplexity(TEXT, score_last=64)["ppl"]
+    ml.config.memory_reader = False
+    try:
+        assert ml.perplexity(TEXT, score_last=64)["ppl"] == with_reader  # the same: what the warning says
+    finally:
+        ml.config.memory_reader = True

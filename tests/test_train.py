@@ -121,6 +121,41 @@ def test_resume_from_checkpoint(make_tiny, tokenizer, tmp_path):
 
     with pytest.raises(ValueError, match="another run"):
         train(again, docs[:1], TrainConfig(max_steps=6, **cfg))
+    # review findings: a resume accepted changed text (documents were known by name only) and another eval_tokens
+    # (its before/after figures then scored different tokens); the refusal names the difference
+    with pytest.raises(ValueError, match="another run \\(the text of doc-1 changed\\)"):
+        train(again, [docs[0], _text(tokenizer, 5000, 200)], TrainConfig(max_steps=6, **cfg))
+    with pytest.raises(ValueError, match="eval_tokens: 0 then, 100 now"):
+        train(again, docs, TrainConfig(max_steps=6, **{**cfg, "eval_tokens": 100}))
+
+
+def test_training_refuses_what_would_lose_data_or_do_nothing(make_tiny, tokenizer, tmp_path):
+    """Review findings: ``--output`` with other files in it was overwritten (a user's adapter.json replaced; a reader
+    written over a trained adapter); a corpus too small for one optimizer step wrote a base-model adapter."""
+    from memlong.adapter import check_output_dir
+    from memlong.reader import ReaderConfig, train_reader
+
+    ml, _ = make_tiny(**TINY)
+    docs = [_text(tokenizer, 0, 200)]
+    cfg = dict(grad_accum=1, eval_tokens=0, progress=False, max_steps=1)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "adapter.json").write_text('{"mine": 1}')
+    with pytest.raises(ValueError, match="is not empty and does not hold an adapter of memlong train"):
+        train(ml, docs, TrainConfig(output_dir=mine, **cfg))
+    assert (mine / "adapter.json").read_text() == '{"mine": 1}'
+    (mine / "adapter.json").unlink()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="is not empty"):
+        check_output_dir(mine, "lora")
+    run = tmp_path / "run"
+    train(ml, docs, TrainConfig(output_dir=run, **cfg))
+    check_output_dir(run, "lora")  # its own folder: resumed or replaced
+    with pytest.raises(ValueError, match="does not hold a reader adapter"):
+        train_reader(ml, ReaderConfig(output_dir=str(run), steps=1))
+    with pytest.raises(ValueError, match="fewer than grad_accum=8, so not one optimizer step"):
+        train(ml, docs, TrainConfig(output_dir=tmp_path / "none", **{**cfg, "grad_accum": 8}))
+    assert not (tmp_path / "none").exists()
 
 
 def test_evaluation_before_after_and_gradient_checkpointing(make_tiny, tokenizer, tmp_path):
@@ -145,6 +180,19 @@ def test_data_loading_and_split(tmp_path):
     assert [t for _, t in docs] == ["first document", "second document"]
     with pytest.raises(ValueError, match="does not exist"):
         load_documents([tmp_path / "nope"])
+    # not UTF-8 text: refused by name (read with errors ignored, they were trained and scored on byte garbage)
+    (tmp_path / "u16.txt").write_text("A play in UTF-16.", encoding="utf-16")
+    (tmp_path / "model.txt").write_bytes(b"\x00\x01binary")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for name in ("u16.txt", "model.txt", "latin.txt"):
+        with pytest.raises(ValueError, match=f"{name}.*(not UTF-8 text|NUL bytes)"):
+            load_documents([tmp_path / name])
+    from memlong.cli_args import readable_file
+
+    with pytest.raises(ValueError, match="--file .*u16.txt.*re-save it as UTF-8"):
+        readable_file(str(tmp_path / "u16.txt"), "--file")
+    (tmp_path / "bom.txt").write_text("with a byte order mark", encoding="utf-8-sig")
+    assert load_documents([tmp_path / "bom.txt"])[0][1] == "with a byte order mark"
     train_docs, held_out = shakespeare_split()
     assert [n for n, _ in held_out] == ["hamlet", "macbeth", "tempest"]
     assert not {n for n, _ in train_docs} & {"hamlet", "macbeth", "tempest"} and len(train_docs) == 39
