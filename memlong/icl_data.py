@@ -105,9 +105,21 @@ def _rows(path: Path, text: str, fmt: str) -> tuple[list[str], list[tuple[int, d
             names.update(dict.fromkeys(record))
             rows.append((number, record))
         return list(names), rows
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
+    # TSV has no quoting: a field that starts with a quote keeps it (CSV quoting merged '"A" she said' into 'A she said')
+    quoting = csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t", quoting=quoting)
     names = [n for n in (reader.fieldnames or []) if n is not None]
-    return names, [(reader.line_num, row) for row in reader]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"The header of {path} names column {twice[0]!r} twice; give every column its own name.")
+    rows = []
+    for row in reader:
+        if None in row or any(v is None for v in row.values()):  # more or fewer fields than the header
+            quote = ' (quote a text that holds a comma: "..., ...")' if fmt == "csv" else ""
+            raise ValueError(f"Row at line {reader.line_num} of {path} has another number of fields than the header "
+                             f"({len(names)}); fix the row{quote}.")
+        rows.append((reader.line_num, row))
+    return names, rows
 
 
 def _value(record: dict[str, Any], column: str) -> str:
@@ -154,6 +166,9 @@ def load_labeled_file(path: str | Path, *, text_column: str = "text", label_colu
                              "remove the row.")
         pairs.append((text, label))
     labels = sorted({label for _, label in pairs})
+    if len(labels) > 20 and len(labels) > len(pairs) / 2:  # free text, not classes
+        raise ValueError(f"Column {label_column!r} of {path} has {len(labels)} different values in {len(pairs)} rows: "
+                         "it holds text, not labels. Pass the label column's name with --label-column.")
     if len(labels) < 2:
         raise ValueError(f"Column {label_column!r} of {path} has one class ({labels[0]!r}); classification needs "
                          "at least two labels: add examples of another class or pick another --label-column.")

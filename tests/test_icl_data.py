@@ -52,6 +52,12 @@ def test_columns_label_words_and_quoted_csv(tmp_path):
     (b"text,label\nx,a\ny,a\nz,a\n", ["one class", "'a'", "at least two"]),
     (b"text,label\nx,a\n ,b\n", ["line 3", "no text", "column 'text'"]),
     (b"text,label\nx,a\ny,\n", ["line 3", "no label"]),
+    # review findings: these were read wrongly without an error
+    (b"text,label,label\nx,a,b\ny,b,a\n", ["names column 'label' twice"]),
+    (b"text,label\nx,a\ngood, but long,b\n", ["line 3", "another number of fields", 'quote a text']),
+    (b"text,label\nx,a\ny\n", ["line 3", "another number of fields"]),
+    (("text,label\n" + "".join(f"sentence {i},word{i}\n" for i in range(30))).encode(), ["30 different values",
+                                                                                          "--label-column"]),
 ])
 def test_bad_files_get_one_line_errors_naming_the_fix(tmp_path, content, needles):
     path = tmp_path / "data.csv"
@@ -207,3 +213,8 @@ def test_cli_eval_icl_data_end_to_end(tiny_hf, tokenizer, tmp_path, capsys, monk
     argv_big = [a if a != "4" else "40" for a in argv]
     assert main(argv_big) == 2 and "larger than the data" in capsys.readouterr().err
     assert main(["eval", "icl", "--label-words", "a=b"]) == 2 and "--data" in capsys.readouterr().err
+
+
+def test_tsv_keeps_quotes_as_text(tmp_path):
+    (tmp_path / "d.tsv").write_text('text\tlabel\n"Brilliant," she said\tpos\nDull\tneg\n', encoding="utf-8")
+    assert load_labeled_file(tmp_path / "d.tsv").pairs[0][0] == '"Brilliant," she said'
