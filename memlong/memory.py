@@ -60,7 +60,7 @@ import torch
 
 from memlong.bank_files import DTYPE_NAMES, BankFiles
 from memlong.bank_views import BankViews
-from memlong.bank_writes import BankWrites
+from memlong.bank_writes import STAGING_PREFIX, BankWrites
 from memlong.embedder import TextEmbedder
 from memlong.eviction import MemoryEvictionWarning, MemoryFullError, warn_evicted
 from memlong.kv_payload import Quantization, check_quantization
@@ -215,10 +215,11 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             evict_cap, evict_bytes = self._plan(namespace, kept, new, sizes, protect=atomic or bool(replace))
             # warned before anything changes: a warning turned into an error (warnings.simplefilter) leaves the bank
             # as it was
-            warn_evicted(namespace, len(evict_cap), f"memory_capacity={self.capacity} tokens",
-                         "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))")
-            warn_evicted(namespace, len(evict_bytes), f"max_bytes={self.max_bytes}",
-                         "raise max_bytes or reset other namespaces")
+            if not namespace.startswith(STAGING_PREFIX):  # an upsert's staging: it raises its own clear error
+                warn_evicted(namespace, len(evict_cap), f"memory_capacity={self.capacity} tokens",
+                             "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))")
+                warn_evicted(namespace, len(evict_bytes), f"max_bytes={self.max_bytes}",
+                             "raise max_bytes or reset other namespaces")
             space = self._space(namespace, create=True)
             # an unprotected write may evict some of its own (older) new chunks: those are never stored
             victims = drop | evict_cap | evict_bytes

@@ -59,7 +59,8 @@ def test_an_upsert_under_eviction_is_whole_or_nothing(make_tiny):
     owned = [c for c in ml.bank.chunk_ids("vs") if ml.bank.get(c, namespace="vs").doc_id == "e5"]
     assert "".join(ml.bank.get(c, namespace="vs").text for c in owned).strip() == doc.page_content
     before = {c: ml.bank.get(c, namespace="vs").text for c in ml.bank.chunk_ids("vs")}
-    with pytest.raises(ValueError, match="capacity"):  # larger than the whole namespace: refused, nothing lost
+    with pytest.raises(ValueError, match="capacity"), warnings.catch_warnings():  # larger than the whole namespace
+        warnings.simplefilter("error", MemoryEvictionWarning)  # its clear error, not a warning about its staging space
         store.add_texts([LONG], ids=["e5"])
     assert {c: ml.bank.get(c, namespace="vs").text for c in ml.bank.chunk_ids("vs")} == before
     assert not [n for n in ml.bank.namespaces() if n.startswith("_memlong-staging")]
