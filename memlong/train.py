@@ -244,8 +244,9 @@ def evaluate(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], 
         ids = ml.tokenize(text)[:tokens]
         score = len(ids) - 1 - ml.config.local_window
         if score <= 0:
-            raise ValueError(f"Held-out document {name} has {len(ids)} tokens; evaluation needs more than the local "
-                             f"window ({ml.config.local_window}) + 1. Raise eval tokens or use longer documents.")
+            raise ValueError(f"Held-out document {name}: {len(ids)} tokens within eval_tokens={tokens}, and only tokens "
+                             f"after the local window ({ml.config.local_window}) are scored. Raise eval_tokens "
+                             f"(--eval-tokens) above {ml.config.local_window + 1}, or use a longer held-out document.")
         r = ml.perplexity(ids, score_last=score, progress=progress)
         per_doc[name] = r["ppl"]
         nll += math.log(r["ppl"]) * r["scored_tokens"]
@@ -294,7 +295,8 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
     result = TrainResult(adapter_path=str(out))
     evaluating = bool(held_out) and config.eval_tokens > 0
     if evaluating:
-        result.eval_before = ckpt["eval_before"] if ckpt else evaluate(ml, held_out, tokens=config.eval_tokens)
+        result.eval_before = ckpt["eval_before"] if ckpt else evaluate(ml, held_out, tokens=config.eval_tokens,
+                                                                             progress=config.progress)
     trainer = Trainer(ml, config, prepare_parameters(ml, config, layers), result, total_steps=total_steps, out=out,
                       identity=identity)
     if ckpt is not None:
@@ -320,7 +322,7 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
     }
     save_adapter(out, tensors, meta)  # written before the evaluation, which can be long
     if evaluating:
-        result.eval_after = evaluate(ml, held_out, tokens=config.eval_tokens)
+        result.eval_after = evaluate(ml, held_out, tokens=config.eval_tokens, progress=config.progress)
         meta["result"] = _result_record(result)
         save_adapter(out, tensors, meta)
     return result
