@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from memlong.checkpoint import CHECKPOINT_NAME
+
 __all__ = ["ADAPTER_CONFIG_FIELDS", "LoRALinear", "PACKAGED_ADAPTERS", "add_lora", "fingerprint", "load_adapter",
            "lora_state_dict", "merge_lora", "read_adapter_config", "resolve_adapter", "save_adapter"]
 
@@ -177,7 +179,7 @@ def check_output_dir(path: str | Path, method: str) -> None:
         ours = isinstance(meta, dict) and meta.get("format") == FORMAT
         found = ("reader" if meta.get("method") == "reader" else "train") if ours else None
     else:  # a run stopped before its first adapter save: its checkpoint (checked in full when resumed)
-        found = "train" if (folder / "checkpoint.json").exists() else None
+        found = "train" if (folder / CHECKPOINT_NAME).exists() else None
     if found != want:
         what = "a reader adapter (memlong train-reader)" if want == "reader" else "an adapter of memlong train"
         raise ValueError(f"Output folder {str(path)!r} is not empty and does not hold {what}; training would "

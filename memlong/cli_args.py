@@ -84,15 +84,14 @@ def readable_file(path: str, flag: str) -> str:
     if not p.is_file():
         what = "a directory" if p.is_dir() else "not a regular file" if p.exists() else "missing"
         raise ValueError(f"{flag} {path!r} is {what}; give a text file.")
+    from memlong.records import read_text_file
+
     try:
-        text = p.read_bytes().decode("utf-8-sig")
+        return read_text_file(p)
     except OSError as exc:
         raise ValueError(f"{flag} {path!r} cannot be read ({exc.strerror}); give a readable text file.") from None
-    except UnicodeDecodeError as exc:  # read with errors ignored, a binary or UTF-16 file was scored as text
-        raise ValueError(f"{flag} {path!r} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8.") from None
-    if "\x00" in text:
-        raise ValueError(f"{flag} {path!r} holds NUL bytes, so it is not text (binary, or UTF-16); re-save it as UTF-8.")
-    return text
+    except ValueError as exc:  # not UTF-8 text: read with errors ignored, it was scored as byte garbage
+        raise ValueError(f"{flag} {exc}") from None
 
 
 def writable(path: str, flag: str, folder: bool = False) -> None:

@@ -165,7 +165,7 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
             logits = ml.run(ids, positions=torch.arange(len(ids)) + pos, context=ctx, logits_for=slice(-1, None)).logits
         pos += len(ids)
         out: list[int] = []
-        emitted = ""
+        emitted = text = ""
         for _ in range(max_new_tokens):
             token = _next_token(logits[0, -1], temperature, generator)
             if token in eos:
@@ -195,8 +195,7 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
                     logits = ml.run([token], positions=torch.tensor([pos]), context=ctx,
                                     logits_for=slice(-1, None)).logits
             pos += 1
-        text = ml.tokenizer.decode(out, skip_special_tokens=True) if out else ""
-        if len(text.rstrip("\ufffd")) > len(emitted):  # held back for a stop string that never came
+        if len(text.rstrip("\ufffd")) > len(emitted):  # held back for a stop string that never came (text: all of out)
             yield text.rstrip("\ufffd")[len(emitted):]
     finally:  # also when the caller closes the generator early (an adapter's stop string)
         stats.seconds = time.perf_counter() - t0

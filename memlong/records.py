@@ -40,7 +40,7 @@ from memlong.storage import MemoryFileError
 
 __all__ = ["MAX_DEPTH", "Chunk", "MemoryMismatchError", "check_bank_config", "check_chunk", "check_compatible",
            "check_embeddings", "check_namespace", "check_text", "embedder_info", "metadata_nbytes",
-           "parse_namespaces"]
+           "parse_namespaces", "read_text_file"]
 
 MAX_DEPTH = 32  # metadata nesting levels (the JSON reader's recursion limit is far above this)
 MAX_INT = 2**63 - 1
@@ -354,3 +354,18 @@ def _parse_namespaces(record: dict[str, Any], tensors: dict[str, torch.Tensor], 
     if extra:
         raise ValueError(f"the tensor file holds unexpected tensors ({sorted(extra)[:3]}).")
     return out, next_order
+
+
+def read_text_file(path: str | Path) -> str:
+    """The text of a UTF-8 file; ValueError naming the file when it is not UTF-8 text (a binary file, UTF-16, Latin-1:
+    read with errors ignored, they trained and scored on byte garbage)."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8, or leave it out."
+                         ) from None
+    if "\x00" in text:
+        raise ValueError(f"{str(path)!r} holds NUL bytes, so it is not text (a binary file, or UTF-16); re-save it as "
+                         "UTF-8 text, or leave it out.")
+    return text

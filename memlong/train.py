@@ -49,6 +49,7 @@ from typing import Any, Literal
 from memlong.adapter import check_output_dir, fingerprint, save_adapter
 from memlong.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from memlong.model import MemLong
+from memlong.records import read_text_file
 from memlong.train_loop import Trainer, planned_steps, prepare_parameters, segments
 
 __all__ = ["SHAKESPEARE_HELD_OUT", "TrainConfig", "TrainResult", "evaluate", "load_documents", "shakespeare_split",
@@ -170,21 +171,6 @@ def load_documents(paths: Sequence[str | Path], *, suffixes: tuple[str, ...] = (
     if not docs:
         raise ValueError(f"No non-empty text documents ({', '.join(suffixes)}) under {[str(p) for p in paths]}.")
     return docs
-
-
-def read_text_file(path: str | Path) -> str:
-    """The text of a UTF-8 file; ValueError naming the file when it is not UTF-8 text (a binary file, UTF-16, Latin-1:
-    read with errors ignored, they trained and scored on byte garbage)."""
-    raw = Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8, or leave it out."
-                         ) from None
-    if "\x00" in text:
-        raise ValueError(f"{str(path)!r} holds NUL bytes, so it is not text (a binary file, or UTF-16); re-save it as "
-                         "UTF-8 text, or leave it out.")
-    return text
 
 
 def shakespeare_plays() -> list[str]:

@@ -174,6 +174,7 @@ def test_options_by_either_name_per_call_too_and_typos_refused(tiny):
         assert msg.usage_metadata["output_tokens"] == 2 and msg.response_metadata["finish_reason"] == "length"
     with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
         chat.invoke(QUESTION, max_tokens=0)
+    assert chat.bind(max_tokens=None).invoke(QUESTION).usage_metadata["output_tokens"] > 2  # None: the default
     llm = MemLongLLM(memlong=tiny, namespace="kb", max_tokens=12)
     text = llm.invoke(plain(QUESTION))
     stop = text[len(text) // 2:len(text) // 2 + 3]

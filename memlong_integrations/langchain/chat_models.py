@@ -62,12 +62,11 @@ from pydantic import AliasChoices, ConfigDict, Field, model_validator
 from memlong import GenerationStats, MemLong
 from memlong.prompts import PLAIN_STOP, chat_prompt, plain_prompt
 from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces, stop_strings
-from memlong_integrations.langchain._common import not_supported
+from memlong_integrations.langchain._common import call_max_tokens, drop_remote_options, not_supported
 
 __all__ = ["ChatMemLong", "PLAIN_STOP"]
 
 PromptFormat = Literal["auto", "chat", "plain"]
-REMOTE_OPTIONS = ("timeout", "max_retries", "api_key", "base_url")  # LangChain standard options, no meaning locally
 _CALL_KEYWORDS = {"memlong_chunk_ids", "memlong_namespace", "model", "stream", "max_tokens", "max_new_tokens"}
 
 
@@ -163,9 +162,8 @@ class ChatMemLong(BaseChatModel):
     @model_validator(mode="before")
     @classmethod
     def _drop_remote_options(cls, values: Any) -> Any:
-        """LangChain's standard options that only a remote model has (``timeout``, ``max_retries``, ``api_key``,
-        ``base_url``) are accepted and have no effect; any other unknown option is an error (no silent typos)."""
-        return {k: v for k, v in values.items() if k not in REMOTE_OPTIONS} if isinstance(values, dict) else values
+        """LangChain's remote-only standard options are accepted with no effect; other unknowns raise."""
+        return drop_remote_options(values)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
@@ -206,9 +204,7 @@ class ChatMemLong(BaseChatModel):
         if unknown:
             raise TypeError(f"ChatMemLong got unknown call keywords {sorted(unknown)}; it accepts "
                             "memlong_chunk_ids (list of chunk ids), memlong_namespace and max_tokens.")
-        limit = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {limit!r}.")
+        limit = call_max_tokens(kwargs, self.max_tokens)
         if kwargs.get("model") not in (None, self.model_name):
             raise ValueError(f"ChatMemLong serves one loaded model ({self.model_name!r}); it cannot switch to "
                              f"{kwargs['model']!r} per call. Build another ChatMemLong for another model.")

@@ -20,7 +20,7 @@ from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import MemLong
 from memlong_integrations._answer import answer_pieces, stop_strings
-from memlong_integrations.langchain.chat_models import REMOTE_OPTIONS
+from memlong_integrations.langchain._common import call_max_tokens, drop_remote_options
 
 __all__ = ["MemLongLLM"]
 
@@ -64,7 +64,7 @@ class MemLongLLM(LLM):
     @classmethod
     def _drop_remote_options(cls, values: Any) -> Any:
         """As :class:`ChatMemLong`: LangChain's remote-only options are accepted with no effect; others raise."""
-        return {k: v for k, v in values.items() if k not in REMOTE_OPTIONS} if isinstance(values, dict) else values
+        return drop_remote_options(values)
 
     @property
     def _llm_type(self) -> str:
@@ -81,9 +81,7 @@ class MemLongLLM(LLM):
         if unknown:
             raise TypeError(f"MemLongLLM got unknown call keywords {sorted(unknown)}; it accepts memlong_chunk_ids, "
                             "memlong_namespace and max_tokens.")
-        limit = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {limit!r}.")
+        limit = call_max_tokens(kwargs, self.max_tokens)
         ids = kwargs.get("memlong_chunk_ids")
         pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
                                        chunk_ids=list(ids) if ids is not None else None, retrieve=self.retrieve,

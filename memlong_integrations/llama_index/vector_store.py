@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.schema import BaseNode, Document, MetadataMode
+from llama_index.core.storage.storage_context import NAMESPACE_SEP, VECTOR_STORE_FNAME
 from llama_index.core.vector_stores.types import (
     BasePydanticVectorStore,
     FilterCondition,
@@ -244,7 +245,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
             ValueError: ``namespace`` given and not the one saved (the saved one is named).
         """
         _local("from_persist_dir", fs)
-        folder = memory_folder(os.path.join(persist_dir, f"{vector_store_name}__vector_store.json"))
+        folder = memory_folder(os.path.join(persist_dir, f"{vector_store_name}{NAMESPACE_SEP}{VECTOR_STORE_FNAME}"))
         if not folder.is_dir():
             raise FileNotFoundError(f"No MemLong memory at {str(folder)!r}: save the index with "
                                     "index.storage_context.persist(DIR) from an index over a MemLongVectorStore that "
