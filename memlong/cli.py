@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 import typing
@@ -58,18 +57,8 @@ def _one_line(message: Any) -> str:
     return " ".join(str(message).split())
 
 
-def _field_help() -> dict[str, str]:
-    """Per-field help from MemLongConfig's docstring (its ``Attributes:`` section), first sentence."""
-    doc = MemLongConfig.__doc__ or ""
-    found: dict[str, str] = {}
-    for match in re.finditer(r"^ {8}(\w+): (.+?)(?=^ {8}\w+: |\Z)", doc, re.S | re.M):
-        text = " ".join(match.group(2).replace("``", "").replace("%", "%%").split())
-        found[match.group(1)] = text.split(". ")[0].rstrip(".")
-    return found
-
-
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    helps = _field_help()
+    helps = cli_args.config_field_help()
     for field in (f for f in dataclasses.fields(MemLongConfig) if f.name in CONFIG_FLAGS):
         flag, kind = "--" + field.name.replace("_", "-"), typing.get_type_hints(MemLongConfig)[field.name]
         overrides = ", ".join(f"{cmd}: {d[field.name]}" for cmd, d in COMMAND_DEFAULTS.items() if field.name in d)
@@ -444,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         print(f"memlong: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # no traceback for Ctrl-C; `train` checkpointed its last finished step
+        resume = "; rerun the same command to resume from its last step" if args.command == "train" else ""
+        print(f"memlong: interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODES", "int_at_least", "int_list", "layers", "modes_list", "positive_float", "readable_file", "share",
-           "writable"]
+__all__ = ["MODES", "config_field_help", "int_at_least", "int_list", "layers", "modes_list", "positive_float",
+           "readable_file", "share", "writable"]
 
 MODES = ("window", "full", "memlong")
 
@@ -126,3 +127,16 @@ def add_train_reader_command(sub: Any, common: argparse.ArgumentParser, func: An
     tr.add_argument("--lr", type=positive_float, default=3e-4, help="learning rate (default 3e-4)")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=func)
+
+
+def config_field_help() -> dict[str, str]:
+    """Per-field help of the config flags from MemLongConfig's docstring (its ``Attributes:`` section), first
+    sentence, ``%`` escaped for argparse."""
+    from memlong.config import MemLongConfig
+
+    doc = MemLongConfig.__doc__ or ""
+    found: dict[str, str] = {}
+    for match in re.finditer(r"^ {8}(\w+): (.+?)(?=^ {8}\w+: |\Z)", doc, re.S | re.M):
+        text = " ".join(match.group(2).replace("``", "").replace("%", "%%").split())
+        found[match.group(1)] = text.split(". ")[0].rstrip(".")
+    return found
