@@ -136,6 +136,7 @@ class Trainer:
         self._t0 = self._call_start = self._restream = 0.0  # clocks of this call; restream: not training time
         self._done = False
         self._bar: Any = None
+        self._unsaved: tuple[int, int, int] | None = None  # next position after the last step, when not checkpointed
 
     def resume(self, ckpt: dict[str, Any]) -> None:
         """Continue from a checkpoint (:func:`memlong.checkpoint.load_checkpoint`) of this run."""
@@ -153,7 +154,8 @@ class Trainer:
 
     def run(self, documents: Sequence[tuple[str, list[int]]]) -> None:
         """Train on ``(name, tokens)`` documents from :attr:`position` until ``total_steps`` optimizer steps, or
-        the first step after ``max_seconds``; the model is left in eval mode, its scratch memory removed."""
+        the first step after ``max_seconds``; the model is left in eval mode, its scratch memory removed. A
+        ``KeyboardInterrupt`` (Ctrl-C) first checkpoints the last finished optimizer step, then propagates."""
         from tqdm.auto import tqdm
 
         ml, cfg, result = self.ml, self.config, self.result
@@ -171,6 +173,10 @@ class Trainer:
                 if self._done:
                     break
                 self._document(namespace, (epoch, d), *documents[doc])
+        except KeyboardInterrupt:  # Ctrl-C: keep the steps since the last checkpoint (a rerun resumes from here)
+            if self._unsaved is not None:
+                self._save(self._unsaved)
+            raise
         finally:
             self._bar.close()
             ml.bank.reset(namespace)
@@ -248,6 +254,7 @@ class Trainer:
     def _optimizer_step(self, next_position: tuple[int, int, int]) -> None:
         """Clip, step, log the mean loss since the last step; decide whether the run is done; checkpoint."""
         cfg, result = self.config, self.result
+        self._unsaved = None  # an interrupt within the step leaves the last checkpoint as the resume point
         torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -263,6 +270,8 @@ class Trainer:
             cfg.max_seconds is not None and time.perf_counter() - self._call_start >= cfg.max_seconds)
         if result.steps % cfg.save_every == 0 or self._done:
             self._save(next_position)
+        else:
+            self._unsaved = next_position
 
     def _save(self, next_position: tuple[int, int, int]) -> None:
         """A checkpoint: trainable weights, optimizer, schedule, counters and the next segment to train."""

@@ -101,3 +101,34 @@ def test_no_library_code_unpickles():
             for p in (ROOT / folder).rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
             if loads.search(line)]
     assert hits == []
+
+
+def test_ctrl_c_checkpoints_the_last_finished_step_and_a_rerun_resumes_it(tiny_hf, tokenizer, embedder, tmp_path,
+                                                                         monkeypatch):
+    from memlong.train_loop import Trainer
+
+    docs = [_text(tokenizer, 0, 200), _text(tokenizer, 4000, 200)]
+    cfg = dict(grad_accum=2, learning_rate=1e-3, eval_tokens=0, save_every=10, progress=False, max_steps=4)
+
+    def fresh():
+        torch.manual_seed(0)
+        return MemLong(copy.deepcopy(tiny_hf), tokenizer, MemLongConfig(**TINY, memory_dtype="float32"),
+                       embedder=embedder)
+
+    straight = train(fresh(), docs, TrainConfig(output_dir=tmp_path / "a", **cfg))
+    segment, calls = Trainer._train_segment, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 8:  # 3 optimizer steps done, the 4th half accumulated: no checkpoint since (save_every=10)
+            raise KeyboardInterrupt
+        return segment(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_segment", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(), docs, TrainConfig(output_dir=tmp_path / "b", **cfg))
+    monkeypatch.setattr(Trainer, "_train_segment", segment)
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 3
+    resumed = train(fresh(), docs, TrainConfig(output_dir=tmp_path / "b", **cfg))
+    assert resumed.resumed_from_step == 3
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-4)

@@ -72,6 +72,19 @@ def test_bad_inputs_fail_in_one_line_before_any_model_loads(argv, needles, tmp_p
     assert_one_line_error(*run(argv, capsys), *needles)
 
 
+@pytest.mark.parametrize("command, resume", [(["train"], True), (["eval", "ppl"], False)])
+def test_ctrl_c_ends_with_one_line_and_exit_code_130(command, resume, tmp_path, capsys, monkeypatch):
+    from memlong.model import MemLong
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MemLong, "from_pretrained", classmethod(interrupted))
+    code, err = run([*command, *(["--output", str(tmp_path / "run")] if resume else [])], capsys)
+    assert code == 130 and err.strip().splitlines() == [err.strip()] and "Traceback" not in err
+    assert "interrupted" in err and ("rerun the same command to resume" in err) == resume
+
+
 def test_an_unwritable_json_is_found_before_the_run(tmp_path, capsys, no_model):
     locked = tmp_path / "locked"
     locked.mkdir()
