@@ -79,6 +79,8 @@ class StaticKV:
         self.keys, self.values = self.buffers["keys"], self.buffers["values"]
         self.slots: dict[tuple[int, int], torch.Tensor] = {}  # group -> this forward's slots (T,)
         self.masks: dict[tuple[int, int], torch.Tensor] = {}  # group -> (T, length), masked (compiled) only
+        self._positions = {group: torch.arange(group[1], device=device)[None, :]  # (1, length): slot numbers
+                           for group in set(self.group.values())} if pooled else {}
         ctx.prefix = {}
 
     def _allocate(self, dtype: torch.dtype, shape: tuple[int, int]) -> dict[str, dict]:
@@ -103,14 +105,15 @@ class StaticKV:
             raise ValueError(f"the decode buffer holds {self.tokens} tokens after the prefix; "
                              f"{self.written + n} asked.")
         for group in set(self.group.values()):
-            slots = torch.arange(n, device=self.device) + (group[0] + self.written)
-            if n == 1:
-                self.slots[group] = self.buffers["slot1"][group].copy_(slots)
-            else:
-                self.slots[group] = slots
+            first = group[0] + self.written
+            if n == 1:  # one kernel each, no new tensors: the decode step's per-token bookkeeping
+                self.slots[group] = self.buffers["slot1"][group].fill_(first)
+                if self.masked:
+                    self.masks[group] = torch.le(self._positions[group], first, out=self.buffers["mask1"][group])
+                continue
+            self.slots[group] = slots = torch.arange(first, first + n, device=self.device)
             if self.masked:
-                mask = torch.arange(group[1], device=self.device)[None, :] <= slots[:, None]
-                self.masks[group] = self.buffers["mask1"][group].copy_(mask) if n == 1 else mask
+                self.masks[group] = self._positions[group] <= slots[:, None]
         self.written += n
 
     def release(self) -> None:
