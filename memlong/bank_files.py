@@ -246,6 +246,9 @@ class BankFiles:
         names loaded. Raises like :meth:`load`, plus :class:`MemoryFullError` when the result would exceed
         ``max_bytes``; on any error this bank is unchanged.
         """
+        if self.path is not None and Path(path).resolve() == self.path.resolve():
+            raise ValueError(f"{path} is this disk bank's own folder: the bank already holds it (and what was added "
+                             "since its last commit()). To open the committed state apart, use MemoryBank.load(path).")
         record, tensors, segments = read_bank(path)
         quantization = (record.get("config") or {}).get("quantization", "none")
         if quantization != self.quantization:

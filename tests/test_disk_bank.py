@@ -199,6 +199,20 @@ def test_disk_bank_bad_input(tmp_path):
         MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())
 
 
+def test_restoring_a_disk_bank_from_its_own_folder_is_refused_and_harms_nothing(tmp_path):
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fill(bank, "ns", 4)
+    bank.commit()
+    before = digest(bank)
+    for same in (tmp_path / "b", tmp_path / "b" / ".." / "b"):
+        with pytest.raises(ValueError, match="own folder.*MemoryBank.load"):
+            bank.restore(same)
+    assert digest(bank) == before
+    fill(bank, "ns", 2, seed=7)
+    bank.commit()  # raised KeyError: the refused restore had emptied the store's bookkeeping
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())) == digest(bank)
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
 def test_disk_bank_read_only_directory(tmp_path):
     (tmp_path / "ro").mkdir()
