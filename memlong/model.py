@@ -40,7 +40,7 @@ from memlong.embedder import TextEmbedder
 from memlong.generation import Generation, GenerationStats
 from memlong.loading import SUPPORTED_ARCHITECTURES
 from memlong.memory import MemoryBank
-from memlong.positions import KV, Memory, build_context
+from memlong.positions import KV, Memory, SinkKV, build_context
 from memlong.static_kv import compiled_decoder
 from memlong.streaming import IngestStats, Stream
 
@@ -93,7 +93,7 @@ class MemLong:
         self.last_generation = GenerationStats()
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._sink_ids = [int(bos)] if (self.config.attention_sink and bos is not None) else []
-        self._sink_cache: KV | None = None  # the sink's K-V (memlong.positions.sink_kv)
+        self.sink_cache = SinkKV(self)  # the sink's K-V, computed on first use (memlong.positions)
         self.reader: Reader | None = None  # an attached reader adapter (memlong.reader.attach_reader)
 
     # ------------------------------------------------------------------ loading
@@ -116,7 +116,7 @@ class MemLong:
 
     def weights_changed(self) -> None:
         """Decoder weights changed (training, a merged adapter): the sink's K-V are recomputed on next use."""
-        self._sink_cache = None
+        self.sink_cache.clear()
 
     # ------------------------------------------------------------------ properties
     @property

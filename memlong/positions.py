@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +27,7 @@ from memlong.attention import AttentionContext, rotate
 if TYPE_CHECKING:
     from memlong.model import MemLong
 
-__all__ = ["KV", "Memory", "Stacked", "build_context", "rope", "sink_kv", "stacked"]
+__all__ = ["KV", "Memory", "SinkKV", "Stacked", "build_context", "rope", "sink_kv", "stacked"]
 
 KV = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> pre-RoPE (keys, values), each (1, Hkv, T, D)
 Memory = tuple[torch.Tensor, torch.Tensor]  # retrieved (keys, values), each (L_src, Hkv, M, D), pre-RoPE
@@ -38,20 +39,47 @@ def rope(ml: MemLong, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return ml.decoder.rotary_emb(probe, positions.view(1, -1).to(ml.device))
 
 
-def sink_kv(ml: MemLong) -> KV:
-    """Pre-RoPE K-V of the sink token per layer (empty without a sink).
+class SinkKV:
+    """Pre-RoPE K-V of the sink token per layer, computed on first use once per weights (``ml.sink_cache``).
 
-    A lone first token attends only to itself, so its K-V are the same in every window: computed once per
-    weights (:meth:`MemLong.weights_changed` drops them).
+    A lone first token attends only to itself, so its K-V are the same in every window. Thread-safe: a caller
+    arriving while the first computes them waits for them; a first computation that raises (Ctrl-C, out of memory)
+    leaves nothing behind, and the next use computes them again. :meth:`MemLong.weights_changed` calls
+    :meth:`clear`.
     """
-    if ml._sink_cache is None:
-        ml._sink_cache = {}
-        if ml.sink_ids:
-            ctx = AttentionContext(capture=True, backend="eager")
-            with torch.no_grad():
-                ml.run(ml.sink_ids, positions=torch.zeros(1, dtype=torch.long), context=ctx, logits_for=None)
-            ml._sink_cache = ctx.captured
-    return ml._sink_cache
+
+    def __init__(self, ml: MemLong) -> None:
+        self._ml, self._kv, self._computing = ml, None, False
+        self._lock = threading.RLock()  # re-entered by the sink's own forward, which runs without a sink
+
+    def get(self) -> KV:
+        """The K-V (empty without a sink)."""
+        kv = self._kv
+        if kv is not None:
+            return kv
+        with self._lock:
+            if self._kv is not None or self._computing:  # computed meanwhile, or the sink's own forward
+                return self._kv if self._kv is not None else {}
+            ml, self._computing = self._ml, True
+            try:
+                ctx = AttentionContext(capture=True, backend="eager")
+                if ml.sink_ids:
+                    with torch.no_grad():
+                        ml.run(ml.sink_ids, positions=torch.zeros(1, dtype=torch.long), context=ctx, logits_for=None)
+                self._kv = ctx.captured
+            finally:
+                self._computing = False
+            return self._kv
+
+    def clear(self) -> None:
+        """The weights changed: compute the K-V again on next use."""
+        with self._lock:
+            self._kv = None
+
+
+def sink_kv(ml: MemLong) -> KV:
+    """Pre-RoPE K-V of the sink token per layer (empty without a sink); :class:`SinkKV`."""
+    return ml.sink_cache.get()
 
 
 def _starts(layout: str, has_sink: bool, n_mem: int) -> tuple[int, int]:

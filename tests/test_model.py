@@ -412,3 +412,50 @@ def test_captured_layers_are_unrotated_together_as_one_at_a_time(make_tiny):
         assert torch.equal(captured[layer][0], unrotate(k, ctx.cos, ctx.sin)) and torch.equal(captured[layer][1], v)
         assert torch.equal(ctx.stacked[0][layer], captured[layer][0][0])
     assert finish_capture(ctx) is captured  # nothing pending: unchanged
+
+
+def test_the_sink_survives_a_failed_first_use_and_concurrent_first_calls(make_tiny, monkeypatch):
+    """The sink's K-V are computed on first use; a first forward that raised (Ctrl-C, out of memory) left them
+    empty for good, and a second thread arriving meanwhile got none: both then answered without the sink."""
+    import threading
+
+    import memlong.positions as positions
+    from memlong.model import MemLong
+
+    ml, _ = make_tiny()
+    ids = ml.tokenize(TEXT)[:40]
+    with torch.no_grad():
+        expected = ml.run(ids).logits
+        assert ml.sink_ids and positions.sink_kv(ml)
+    ml.weights_changed()
+    run, failed = MemLong.run, []
+
+    def first_fails(self, *args, **kwargs):
+        if not failed:
+            failed.append(1)
+            raise KeyboardInterrupt
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemLong, "run", first_fails)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        run(ml, ids)
+    monkeypatch.setattr(MemLong, "run", run)
+    with torch.no_grad():
+        assert torch.allclose(ml.run(ids).logits, expected, atol=1e-5)
+
+    ml.weights_changed()
+    slow, results = run, []
+
+    def slow_sink(self, *args, **kwargs):  # the sink's forward takes a while: a second caller arrives meanwhile
+        if kwargs.get("logits_for", "x") is None:
+            threading.Event().wait(0.3)
+        return slow(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemLong, "run", slow_sink)
+    with torch.no_grad():
+        threads = [threading.Thread(target=lambda: results.append(ml.run(ids).logits)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(results) == 2 and all(torch.allclose(r, expected, atol=1e-5) for r in results)
