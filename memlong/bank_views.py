@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+import bisect
+
 from memlong.records import Chunk
 
 __all__ = ["BankViews"]
@@ -57,8 +59,9 @@ class BankViews:
         return docs
 
     def following(self, chunk_ids: list[str], *, namespace: str = "default", n: int = 1) -> list[str]:
-        """``chunk_ids`` with, after each, up to ``n`` chunks that continue it in its document (the chunk whose span
-        starts where the previous one ends), without repeats; :class:`UnknownChunkError` for an unknown id.
+        """``chunk_ids`` with, after each, up to ``n`` chunks that continue it in its document (the next chunk of its
+        ``doc_id`` stored after it, when its span starts where the previous one ends), without repeats;
+        :class:`UnknownChunkError` for an unknown id.
 
         Example:
             >>> ids = bank.chunk_ids("docs")
@@ -69,17 +72,20 @@ class BankViews:
             chunks = [self._get(c, namespace) for c in chunk_ids]
             if n < 1 or not chunks:
                 return list(dict.fromkeys(chunk_ids))
-            space = self._spaces[namespace]
-            starts = {(c.doc_id, c.span[0]): c.id for c in (self._chunks[i] for i in space.ids)}
+            wanted = {c.doc_id for c in chunks}  # each document's chunks in the order they were stored: ingests of
+            docs: dict[str, list] = {}  # one doc_id (LlamaIndex nodes, a re-ingest) each start their spans at 0
+            for chunk in sorted((self._chunks[i] for i in self._spaces[namespace].ids), key=lambda c: c.order):
+                if chunk.doc_id in wanted:
+                    docs.setdefault(chunk.doc_id, []).append(chunk)
             out: dict[str, None] = {}
             for chunk in chunks:
                 out[chunk.id] = None
-                for _ in range(n):
-                    nxt = starts.get((chunk.doc_id, chunk.span[1]))
-                    if nxt is None:
+                same = docs[chunk.doc_id]
+                at = bisect.bisect_right(same, chunk.order, key=lambda c: c.order)
+                for nxt in same[at: at + n]:
+                    if nxt.span[0] != chunk.span[1]:
                         break
-                    out[nxt] = None
-                    chunk = self._chunks[nxt]
+                    out[nxt.id], chunk = None, nxt
             return list(out)
 
     def namespaces(self) -> list[str]:

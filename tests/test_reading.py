@@ -186,6 +186,14 @@ def test_retrieve_next_reads_the_chunks_that_continue_each_hit(make_tiny):
     assert bank.following([a[1]], namespace="doc", n=0) == [a[1]]
     with pytest.raises(UnknownChunkError):
         bank.following(["nope"], namespace="doc")
+    # one doc_id ingested several times (a LlamaIndex document's nodes; each ingest's spans start at 0)
+    one = ml.ingest(SHIP_TEXT[:40], namespace="nodes", progress=False, doc_ids=["ref"]).chunk_ids
+    first = ml.ingest(SHIP_TEXT, namespace="nodes", progress=False, doc_ids=["ref"]).chunk_ids
+    second = ml.ingest(SHIP_TEXT, namespace="nodes", progress=False, doc_ids=["ref"]).chunk_ids
+    assert len(one) == 1 and bank.following(one, namespace="nodes", n=2) == one
+    assert bank.following([first[0]], namespace="nodes", n=2) == first[:3]
+    assert bank.following([second[0]], namespace="nodes", n=2) == second[:3]
+    assert bank.following([first[-1]], namespace="nodes", n=2) == [first[-1]]
     hits = [h.chunk_id for h in bank.search("Where does the red ship sail?", namespace="doc", k=2, count=False)]
     ml.config = dataclasses.replace(ml.config, retrieve_next=1)
     ml.generate("Where does the red ship sail?", namespace="doc", max_new_tokens=1)
