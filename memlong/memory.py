@@ -175,7 +175,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
                    metadata: Sequence[dict[str, Any]] | None = None,
                    tokens: Sequence[Sequence[int]] | None = None, replace: Iterable[str] = (),
                    doc_ids: Sequence[str] | None = None, atomic: bool = False) -> list[str]:
-        """Store chunks (in document order) and return their new ids; evicts if the namespace overflows.
+        """Store chunks (in document order) and return their new ids, one per text; evicts if the namespace overflows.
 
         ``keys[i]``/``values[i]``: ``(n_source_layers, n_kv_heads, tokens_i, head_dim)``, keys before RoPE.
         ``tokens[i]`` (optional): the ``tokens_i`` token ids the K-V were computed from (``MemLong`` records
@@ -183,7 +183,9 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         document id per chunk, to write several documents in one atomic add. ``replace``: ids of ``namespace``
         removed in the same step (an upsert). With ``replace`` or ``atomic=True`` the new chunks are never evicted
         by this add: if they cannot all fit the limits, nothing changes and the error says so. Every field is
-        checked by the rules the loader applies (:mod:`memlong.records`); an add that raises changes nothing.
+        checked by the rules the loader applies (:mod:`memlong.records`); an add that raises changes nothing. An add
+        larger than the namespace's room evicts its own oldest new chunks too (after a ``MemoryEvictionWarning``):
+        their ids are returned in place but not stored; :meth:`stored` filters them out.
 
         Raises:
             ValueError: a field that breaks the rules (named), a chunk larger than ``capacity``, a bad namespace.
