@@ -50,6 +50,13 @@ def ingest_entries(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_ids
         memlong.MemoryFullError: the entries do not fit the bank's ``max_bytes`` (nothing changes).
         memlong.UnknownChunkError: a ``replace`` id not in ``namespace`` (nothing changes).
     """
+    doc_ids = list(doc_ids)
+    for name, given in (("doc_ids", doc_ids), ("metadatas", metadatas), ("entry_metadata", entry_metadata)):
+        if given is not None and len(given) != len(texts):
+            raise ValueError(f"ingest_entries got {len(texts)} texts and {len(given)} {name}; give one per text.")
+    if len(set(doc_ids)) != len(doc_ids):
+        twice = next(d for d in doc_ids if doc_ids.count(d) > 1)
+        raise ValueError(f"doc_ids name {twice!r} twice; each entry needs its own id (nothing was added).")
     bank = ml.bank
     staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}"  # not counted twice against max_bytes while moved
     try:

@@ -100,3 +100,14 @@ def test_memory_blocks_without_a_namespace_do_not_share_one(tiny):
     a, b = MemLongMemoryBlock(memlong=tiny), MemLongMemoryBlock(memlong=tiny)
     assert a.namespace != b.namespace
     assert MemLongMemoryBlock(memlong=tiny, namespace="alice").namespace == "alice"
+
+
+def test_ingest_entries_refuses_one_id_twice_and_mismatched_lists(tiny):
+    from memlong.upsert import ingest_entries
+
+    for bad, needle in ((dict(doc_ids=["a", "a"]), "'a' twice"), (dict(doc_ids=["a"]), "2 texts and 1 doc_ids"),
+                        (dict(doc_ids=["a", "b"], entry_metadata=[{}]), "1 entry_metadata"),
+                        (dict(doc_ids=["a", "b"], metadatas=[{}, {}, {}]), "3 metadatas")):
+        with pytest.raises(ValueError, match=needle):  # "a" twice merged both entries into one
+            ingest_entries(tiny, ["first entry text", "second entry text"], namespace="e", progress=False, **bad)
+    assert tiny.bank.namespaces() == []
