@@ -198,10 +198,14 @@ class DiskKVStore(KVStore):
         if not victims:
             return 0
         moving = [c for s in victims for c in s.live.values()]
-        for c in moving:
-            del self.where[c.id]
         self.put(moving)  # payloads still read from the old maps, written again into the new segment
-        self.flush(force=True)
+        try:
+            self.flush(force=True)  # moves them (``where``) to the new segment once it is written
+        except BaseException:  # e.g. a full disk: they stay in their old segments, as if compact was not called
+            for c in moving:
+                if self.pending.pop(c.id, None) is not None:
+                    self.pending_bytes -= c.kv.nbytes
+            raise
         for s in victims:
             self.dead.add(s.path.name)
             del self.segments[s.path.name]

@@ -310,6 +310,33 @@ def test_disk_full_at_commit_loses_nothing(tmp_path, monkeypatch):
     assert _only_named_files(tmp_path / "b")
 
 
+def test_disk_full_at_compact_loses_nothing(tmp_path, monkeypatch):
+    """Review finding: a compact() whose new segment the disk refused forgot where the moved chunks live; later
+    deletes could never empty their old segments and the bookkeeping no longer matched the manifest."""
+    import errno
+
+    import memlong.storage as storage
+
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", segment_bytes=2000, dtype=torch.float32)
+    fill(bank, "ns", 8)
+    bank.commit()
+    bank.delete(bank.chunk_ids("ns")[::2], namespace="ns")
+    bank.commit()
+    before = digest(bank)
+    monkeypatch.setattr(storage, "_write_safetensors", lambda out, tensors: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(OSError, match="No space left on device"):
+        bank.compact(threshold=0.9)
+    monkeypatch.undo()
+    assert digest(bank) == before
+    bank.delete(bank.chunk_ids("ns"), namespace="ns")  # every segment emptied: all of them go at the next commit
+    bank.commit()
+    assert _only_named_files(tmp_path / "b") and not list((tmp_path / "b").glob("seg-*"))
+    fill(bank, "ns", 3, seed=4)
+    bank.compact(threshold=0.9)
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == digest(bank)
+
+
 def test_disk_full_at_save_says_the_previous_save_is_intact(tmp_path, monkeypatch):
     """Review finding: a save that the disk refused raised a bare 'File too large'; the previous save was intact
     but nothing said so."""
