@@ -43,8 +43,11 @@ class RWLock:
             try:
                 while self._writer or self._readers:
                     self._cond.wait()
-            finally:
+            except BaseException:  # interrupted while waiting (Ctrl-C): the readers held back for it may go on
                 self._writers_waiting -= 1
+                self._cond.notify_all()
+                raise
+            self._writers_waiting -= 1
             self._writer = True
         try:
             yield

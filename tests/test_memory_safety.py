@@ -1,5 +1,6 @@
 """Namespaces as hard boundaries, bounded memory, and many readers beside one writer."""
 
+import contextlib
 import random
 import re
 import threading
@@ -175,6 +176,48 @@ def test_readers_share_the_lock_and_a_writer_waits_for_them():
     for t in (t1, tw, t2):
         t.join(10)
     assert events == ["reader 1 out", "writer", "reader 2"]
+
+
+def test_a_writer_interrupted_while_waiting_lets_the_readers_it_held_back_in():
+    """Review finding: a writer whose wait was interrupted (KeyboardInterrupt) left the readers queued behind it
+    asleep until some unrelated release."""
+    lock = _RWLock()
+    held, release, entered = threading.Event(), threading.Event(), threading.Event()
+    wait = lock._cond.wait
+
+    def interrupted_wait(timeout=None):
+        if threading.current_thread().name == "writer":
+            wait(0.3)  # the late reader queues meanwhile
+            raise KeyboardInterrupt
+        return wait(timeout)
+
+    lock._cond.wait = interrupted_wait
+
+    def long_reader():
+        with lock.read():
+            held.set()
+            release.wait(10)
+
+    def writer():
+        with contextlib.suppress(KeyboardInterrupt), lock.write():
+            pass
+
+    def late_reader():
+        with lock.read():
+            entered.set()
+
+    threading.Thread(target=long_reader).start()
+    held.wait(10)
+    tw = threading.Thread(target=writer, name="writer")
+    tw.start()
+    while not lock._writers_waiting:
+        time.sleep(0.001)
+    threading.Thread(target=late_reader).start()
+    tw.join(10)
+    try:
+        assert entered.wait(3)  # while the first reader still holds the lock
+    finally:
+        release.set()
 
 
 def test_bank_searches_run_while_a_reader_holds_the_lock_and_writes_wait(embedder):
