@@ -71,7 +71,9 @@ def fuse(rankings: Sequence[Sequence[tuple[str, float]]], order_of: Callable[[st
 class Lexical:
     """BM25 (k1=1.2, b=0.75) over one namespace's chunk texts: an inverted index, updated with the namespace.
 
-    Every chunk gets a slot (insertion order; a removed chunk's slot stays empty). Postings are dicts for cheap
+    Every chunk gets a slot (insertion order; a removed chunk's slot stays empty until more than half of the
+    slots are empty, when the live ones are renumbered in order, so a namespace that keeps evicting does not grow
+    its index or its query cost). Postings are dicts for cheap
     updates and are turned into numpy arrays, cached per word until the word's postings change, so a query
     costs a few vector operations per query word (``benchmarks/cpu.py`` measures it)."""
 
@@ -115,6 +117,20 @@ class Lexical:
             self.total -= self.length_of[slot]
             self.length_of[slot] = 0
         self._lengths = None
+        if len(self.id_of) > 64 and 2 * len(self.slot_of) < len(self.id_of):
+            self._renumber()
+
+    def _renumber(self) -> None:
+        """Drop the empty slots; live chunks keep their order (ties in :meth:`top` are broken by slot)."""
+        live = [slot for slot, cid in enumerate(self.id_of) if cid is not None]
+        new_slot = {old: new for new, old in enumerate(live)}
+        self.postings = collections.defaultdict(dict, {
+            word: {new_slot[slot]: count for slot, count in post.items()} for word, post in self.postings.items()})
+        self.id_of = [self.id_of[slot] for slot in live]
+        self.words_of = [self.words_of[slot] for slot in live]
+        self.length_of = [self.length_of[slot] for slot in live]
+        self.slot_of = {cid: slot for slot, cid in enumerate(self.id_of)}
+        self._arrays.clear()
 
     def top(self, query: str, want: int, skip: set[str]) -> list[tuple[str, float]]:
         """The ``want`` best-scoring chunks sharing a word with ``query`` (not in ``skip``), best first."""

@@ -202,6 +202,35 @@ def test_lexical_search_is_bm25_over_words(bank):
     assert bank.search("xk7741", namespace="ns", k=3, mode="lexical") == []
 
 
+def test_lexical_index_of_a_namespace_that_keeps_evicting_stays_its_size():
+    """Review finding: removed chunks' BM25 slots were never reused, so a streaming namespace under eviction grew
+    its index (and every query's cost) with every chunk ever added. Scores must not change when it shrinks."""
+    import random
+
+    from memlong.search import Lexical
+
+    rng = random.Random(0)
+    vocabulary = [f"w{i}" for i in range(40)]
+    index, live = Lexical(), {}
+    for step in range(300):
+        ids = [f"c{step}-{j}" for j in range(4)]
+        texts = [" ".join(rng.choices(vocabulary, k=rng.randint(1, 12))) for _ in ids]
+        index.add(ids, texts)
+        live.update(zip(ids, texts))
+        drop = set(rng.sample(sorted(live), max(0, len(live) - 50)))
+        index.remove(drop)
+        for cid in drop:
+            del live[cid]
+        assert len(index.id_of) <= 2 * len(live) + 64  # was 1,200 slots for 50 chunks
+        if step % 50 == 49:  # the same ranking and scores as an index built from the live chunks alone
+            fresh = Lexical()
+            fresh.add(list(live), list(live.values()))
+            for query in ("w1 w2", "w7", "w3 w30 w31"):
+                got, want = index.top(query, 10, set()), fresh.top(query, 10, set())
+                assert [c for c, _ in got] == [c for c, _ in want]
+                assert [x for _, x in got] == pytest.approx([x for _, x in want], rel=1e-12)
+
+
 def test_hybrid_search_fuses_both_rankings(bank, embedder):
     ids = add(bank, TEXTS + ["Memo: the password of the east gate is Zephyrine Pollux."])
     query = "What is the password of the east gate?"
