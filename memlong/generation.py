@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from memlong.model import MemLong
 
 __all__ = ["Generation", "GenerationStats", "decode", "encode_prompt", "eos_ids", "score", "segment_forward",
-           "start_generation"]
+           "start_generation", "token_tensor"]
 
 
 @dataclass
@@ -220,6 +220,8 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
         t0: when the call started (``time.perf_counter()``; default: now), for the timings.
     """
     stop = check_decoding(max_new_tokens, temperature, stop)
+    if len(ids) == 0:
+        raise ValueError("decode needs at least one prompt token: e.g. ml.encode_prompt(text).")
     max_new_tokens, temperature = int(max_new_tokens), float(temperature)  # numpy scalars too
     stats = stats if stats is not None else GenerationStats(prompt_tokens=len(ids), memory_tokens=0 if memory is None
                                                             else int(memory[0].shape[2]))
@@ -227,8 +229,19 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
     return Generation(_decode_loop(ml, list(ids), memory, max_new_tokens, temperature, seed, stop, stats, t0), stats)
 
 
+def token_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``ids`` as a ``(1, T)`` long tensor on ``device``; ValueError for no ids (torch fails later, unclearly)."""
+    ids_t = torch.as_tensor(ids, device=device)
+    if ids_t.numel() == 0:
+        raise ValueError("No token ids to run (an empty prompt, step or document?); give at least one token.")
+    return ids_t.view(1, -1)
+
+
 def score(ml: MemLong, ids: Sequence[int], target: Sequence[int], memory: Memory | None = None) -> torch.Tensor:
     """Teacher-forced log-probabilities ``(len(target),)`` of ``target`` following ``ids``, with ``memory``."""
+    if len(ids) == 0:
+        raise ValueError("score needs at least one token before the target (the first target token's logits come "
+                         "from it): e.g. ml.encode_prompt(text).")
     seq = list(ids) + list(target)
     with torch.no_grad():
         logits = ml.run(seq, memory=memory, logits_for=slice(len(ids) - 1, len(seq) - 1)).logits  # (1, |target|, V)

@@ -212,7 +212,7 @@ class MemLong:
             positions = torch.arange(len(ids)) + start if positions is None else positions
         elif memory is not None or positions is None:
             raise ValueError("run(context=...) takes the memory from the context and needs positions.")
-        ids_t = torch.as_tensor(ids, device=self.device).view(1, -1)
+        ids_t = generation.token_tensor(ids, self.device)
         positions = positions.view(1, -1).to(self.device)
         if context.capture:
             context.cos, context.sin = self.decoder.rotary_emb(torch.zeros(1, device=self.device), positions)

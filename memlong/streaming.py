@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Sequence
@@ -346,8 +347,10 @@ def perplexity(ml: MemLong, text: str | Sequence[int], *, score_last: int = 2048
     "ppl"}``.
 
     Raises:
-        ValueError: fewer than 2 tokens.
+        ValueError: fewer than 2 tokens, or ``score_last`` not a positive integer.
     """
+    if isinstance(score_last, bool) or not isinstance(score_last, numbers.Integral) or score_last < 1:
+        raise ValueError(f"score_last must be a positive number of tokens to score, got {score_last!r}.")
     tokens = ml.tokenize(text) if isinstance(text, str) else list(text)
     if len(tokens) < 2:
         raise ValueError("Perplexity needs at least 2 tokens of text.")

@@ -459,3 +459,19 @@ def test_the_sink_survives_a_failed_first_use_and_concurrent_first_calls(make_ti
         for t in threads:
             t.join()
     assert len(results) == 2 and all(torch.allclose(r, expected, atol=1e-5) for r in results)
+
+
+def test_no_tokens_is_a_clear_error_everywhere(make_tiny):
+    """Review finding: empty token lists failed inside torch ('Size does not match', 'got torch.FloatTensor') and
+    perplexity(score_last=0) returned ppl 1.0 with nothing scored."""
+    ml, _ = make_tiny()
+    prompt, target = ml.tokenize("The pass key is")[1:], ml.tokenize(" 12345")[1:]
+    calls = [(lambda: ml.run([]), "No token ids"), (lambda: ml.score([], target), "at least one token before"),
+             (lambda: ml.decode([], max_new_tokens=2), "at least one prompt token"),
+             (lambda: ml.stream("s").step([]), "No token ids")]
+    calls += [(lambda bad=bad: ml.perplexity(TEXT, score_last=bad), "score_last must be a positive")
+              for bad in (0, -5, 2.5, True)]
+    for call, needle in calls:
+        with pytest.raises(ValueError, match=needle):
+            call()
+    assert ml.score(prompt, target).shape == (len(target),)
