@@ -241,11 +241,12 @@ class MemLongConfig:
                f"search_mode must be one of {', '.join(map(repr, SEARCH_MODES))}, got {self.search_mode!r}.")
         _check(self.memory_device in ("auto", "cpu", "pinned", "model"),
                f"memory_device must be 'auto', 'cpu', 'pinned' or 'model', got {self.memory_device!r}.")
-        for name in ("chunk_size", "local_window", "memory_capacity"):
+        for name in ("chunk_size", "local_window", "memory_capacity", "ingest_step"):  # ingest_step: None = default
             value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}.")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}.")
-        _check(self.ingest_top_k is None or (isinstance(self.ingest_top_k, int) and self.ingest_top_k >= 0),
+            _check((value is None and name == "ingest_step") or (_is_int(value) and value > 0),
+                   f"{name} must be a positive integer, got {value!r}.")
+        _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}.")
+        _check(self.ingest_top_k is None or (_is_int(self.ingest_top_k) and self.ingest_top_k >= 0),
                f"ingest_top_k must be None or an integer >= 0, got {self.ingest_top_k!r}.")
         step = self.step
         _check(step % self.chunk_size == 0 and 0 < step <= self.local_window,
@@ -255,10 +256,10 @@ class MemLongConfig:
                f"memory_max_bytes must be a positive integer or None, got {self.memory_max_bytes!r}.")
         _check(self.memory_capacity >= self.chunk_size,
                f"memory_capacity ({self.memory_capacity}) must hold at least one chunk ({self.chunk_size} tokens).")
-        _check(0.0 <= self.evict_oldest < 1.0 and 0.0 <= self.keep_newest < 1.0
-               and self.evict_oldest + self.keep_newest < 1.0,
+        _check(0.0 <= self.evict_oldest < 1.0 and 0.0 <= self.keep_newest < 1.0  # as MemoryBank checks them
+               and self.evict_oldest + self.keep_newest <= 1.0,
                f"evict_oldest ({self.evict_oldest}) and keep_newest ({self.keep_newest}) must be in [0, 1) "
-               "and sum to less than 1.")
+               "and sum to at most 1.")
 
         _check(isinstance(self.kv_refresh, (int, float)) and not isinstance(self.kv_refresh, bool)
                and 0.0 <= self.kv_refresh <= 1.0,
@@ -336,6 +337,11 @@ def _spread(memory_layer: int, num_layers: int, count: int = 4) -> tuple[int, ..
     if top == memory_layer:
         return (memory_layer,)
     return tuple(sorted({round(memory_layer + i * (top - memory_layer) / (count - 1)) for i in range(count)}))
+
+
+def _is_int(value: object) -> bool:
+    """A Python integer: not a bool, not a float such as 64.0 (the config is saved as JSON)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -38,7 +38,11 @@ def test_ingest_steps_a_window_less_one_chunk_only_when_nothing_is_retrieved_whi
         ({"chunk_size": 0}, "chunk_size"),
         ({"ingest_step": 100}, "multiple of chunk_size"),
         ({"memory_capacity": 64}, "at least one chunk"),
-        ({"evict_oldest": 0.6, "keep_newest": 0.5}, "sum to less than 1"),
+        ({"evict_oldest": 0.6, "keep_newest": 0.5}, "sum to at most 1"),
+        ({"ingest_step": 64.0}, "ingest_step must be a positive integer"),  # passed, then failed inside ingest
+        ({"chunk_size": True}, "chunk_size must be a positive integer"),
+        ({"top_k": 2.0}, "top_k must be an integer"),
+        ({"ingest_top_k": False}, "ingest_top_k must be None or an integer"),
         ({"memory_dtype": "int8"}, "memory_dtype"),
         ({"retrieval_layers": "middle"}, "retrieval_layers"),
     ],
@@ -46,6 +50,13 @@ def test_ingest_steps_a_window_less_one_chunk_only_when_nothing_is_retrieved_whi
 def test_invalid_configs_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MemLongConfig(**kwargs).resolve(26)
+
+
+def test_config_accepts_the_eviction_shares_the_bank_accepts():
+    from memlong import MemoryBank
+
+    MemoryBank(embedder=None, evict_oldest=0.5, keep_newest=0.5)
+    MemLongConfig(evict_oldest=0.5, keep_newest=0.5).resolve(26)  # was refused by the config only
 
 
 def test_resolve_does_not_mutate_and_step_default():
