@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from memlong.generation import stop_prefix_len
 from memlong.prompts import PLAIN_STOP  # re-exported: a plain-prompt answer ends at the next question or paragraph
 
-__all__ = ["KV_ANSWER_PREFIX", "PLAIN_STOP", "answer_pieces", "answer_text", "stop_strings"]
+__all__ = ["KV_ANSWER_PREFIX", "PLAIN_STOP", "answer_pieces", "answer_text", "call_max_tokens", "stop_strings"]
 
 # Prefilled after "Answer:" when retrieved chunks are attended: with no prefill the 135M default model often ends
 # at once (end of sequence) or answers "The answer is: <the question's subject>"; with it, it reads the chunks
@@ -128,3 +129,12 @@ def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bo
 def answer_text(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bool = False) -> str:
     """The whole answer (see :func:`answer_pieces`)."""
     return "".join(answer_pieces(pieces, stops, strip=strip))
+
+
+def call_max_tokens(kwargs: dict[str, Any], default: int) -> int:
+    """A call's token budget: its ``max_tokens`` (or ``max_new_tokens``), ``default`` when neither is given or is
+    ``None``; ValueError unless a positive integer."""
+    limit = next((kwargs[k] for k in ("max_tokens", "max_new_tokens") if kwargs.get(k) is not None), default)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ValueError(f"max_tokens must be a positive integer, got {limit!r}.")
+    return limit

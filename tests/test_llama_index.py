@@ -542,6 +542,12 @@ def test_llm_options_by_either_name_and_typos_refused(tiny_index):
     for wrong in ("chunk_ids", "namespace", "retrieve"):
         with pytest.raises(TypeError, match=f"'{wrong}'.*memlong_chunk_ids"):
             MemLongLLM(ml, namespace="plays").complete("Who?", **{wrong: ids})
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=2)
+    llm.complete("Who?", max_tokens=None)  # the default budget (raised TypeError: int(None))
+    assert ml.last_generation.new_tokens <= 2
+    for bad in (0, -1, 2.5, "3"):
+        with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
+            llm.complete("Who?", max_tokens=bad)
 
 
 def test_too_long_question_through_the_stock_engine_gets_memlongs_error(tiny_index):

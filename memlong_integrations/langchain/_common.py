@@ -10,7 +10,7 @@ from langchain_core.documents import Document
 from memlong import MemoryBank, UnknownChunkError
 from memlong_integrations.metadata import CHUNK_ID_KEY, chunk_id_of
 
-__all__ = ["REMOTE_OPTIONS", "call_max_tokens", "drop_remote_options", "memlong_chunk_ids_from_documents",
+__all__ = ["REMOTE_OPTIONS", "drop_remote_options", "memlong_chunk_ids_from_documents",
            "not_supported"]
 
 REMOTE_OPTIONS = ("timeout", "max_retries", "api_key", "base_url")  # LangChain standard options, no meaning locally
@@ -21,14 +21,6 @@ def drop_remote_options(values: Any) -> Any:
     that ``extra="forbid"`` refuses only real unknowns (typos)."""
     return {k: v for k, v in values.items() if k not in REMOTE_OPTIONS} if isinstance(values, dict) else values
 
-
-def call_max_tokens(kwargs: dict[str, Any], default: int) -> int:
-    """A call's token budget: its ``max_tokens`` (or ``max_new_tokens``), ``default`` when neither is given or is
-    ``None``; ValueError unless a positive integer."""
-    limit = next((kwargs[k] for k in ("max_tokens", "max_new_tokens") if kwargs.get(k) is not None), default)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-        raise ValueError(f"max_tokens must be a positive integer, got {limit!r}.")
-    return limit
 
 def not_supported(owner: str, feature: str, instead: str) -> NoReturn:
     """Raise ``NotImplementedError`` saying what ``owner`` cannot do and what to use instead."""

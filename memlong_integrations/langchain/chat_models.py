@@ -61,8 +61,8 @@ from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import GenerationStats, MemLong
 from memlong.prompts import PLAIN_STOP, chat_prompt, plain_prompt
-from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces, stop_strings
-from memlong_integrations.langchain._common import call_max_tokens, drop_remote_options, not_supported
+from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces, call_max_tokens, stop_strings
+from memlong_integrations.langchain._common import drop_remote_options, not_supported
 
 __all__ = ["ChatMemLong", "PLAIN_STOP"]
 

@@ -19,8 +19,8 @@ from langchain_core.outputs import GenerationChunk
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import MemLong
-from memlong_integrations._answer import answer_pieces, stop_strings
-from memlong_integrations.langchain._common import call_max_tokens, drop_remote_options
+from memlong_integrations._answer import answer_pieces, call_max_tokens, stop_strings
+from memlong_integrations.langchain._common import drop_remote_options
 
 __all__ = ["MemLongLLM"]
 

@@ -67,7 +67,7 @@ from pydantic import AliasChoices
 
 from memlong import GenerationStats, MemLong
 from memlong.prompts import chat_prompt, role_prompt
-from memlong_integrations._answer import answer_pieces, stop_strings
+from memlong_integrations._answer import answer_pieces, call_max_tokens, stop_strings
 from memlong_integrations.llama_index._common import checked_memlong
 
 __all__ = ["CHUNK_IDS_KWARG", "TEXT_IN_MEMORY_KWARG", "MemLongLLM"]
@@ -144,7 +144,7 @@ class MemLongLLM(CustomLLM):
         if unknown:
             raise TypeError(f"Unknown MemLong keyword(s) {unknown}; the chunk ids keyword is {CHUNK_IDS_KWARG!r} "
                             "(the namespace and retrieval are set on the MemLongLLM).")
-        max_new = int(kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)))
+        max_new = call_max_tokens(kwargs, self.max_new_tokens)
         pieces = self._memlong.generate(
             prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
             max_new_tokens=max_new, temperature=float(kwargs.get("temperature", self.temperature)), stream=True)
