@@ -39,9 +39,9 @@ import importlib.util
 import io
 import math
 import random
+import secrets
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Sequence
 from itertools import zip_longest
@@ -217,7 +217,7 @@ def icl_eval(ml: MemLong, *, task: str | ICLTask = "sentiment", shots: int = 4, 
     records = []
     for seed in seeds:
         test, prompt_demos, mem_demos = draw_sets(task, seed, n_test, shots, memory_demos)
-        ns = f"_icl-{seed}-{time.time_ns()}"
+        ns = f"_icl-{seed}-{secrets.token_hex(8)}"
         try:
             store = None
             if {"prompt+memory", "prompt+retrieved_text"} & set(conditions):

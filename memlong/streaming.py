@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -96,7 +97,7 @@ class Stream:
         if not 0 < self.step_size <= ml.config.local_window:
             raise ValueError(f"step_size ({self.step_size}) must be in 1..local_window ({ml.config.local_window}).")
         self.namespace = namespace
-        self.doc_id = doc_id if doc_id is not None else f"doc-{time.time_ns()}"
+        self.doc_id = doc_id if doc_id is not None else f"doc-{secrets.token_hex(8)}"
         self.metadata = dict(metadata or {})
         self.isolated = isolated
         self.store = store
@@ -315,7 +316,7 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
     try:
         with torch.no_grad():
             for i, tokens in enumerate(encoded):
-                stream = Stream(ml, namespace, doc_id=doc_ids[i] if doc_ids else f"doc-{time.time_ns()}-{i}",
+                stream = Stream(ml, namespace, doc_id=doc_ids[i] if doc_ids else f"doc-{secrets.token_hex(8)}",
                                 metadata=metadatas[i] if metadatas else None, isolated=context == "chunk",
                                 batch_writes=ml.config.ingest_k == 0, step_size=size)  # nothing retrieved: batch
                 _ingest_one(ml, tokens, stream, size, strip, bar)
@@ -360,7 +361,7 @@ def perplexity(ml: MemLong, text: str | Sequence[int], *, score_last: int = 2048
                       "scores the base weights.", UserWarning, stacklevel=3)
     score_last = min(score_last, len(tokens) - 1)
     scratch = namespace is None
-    ns = namespace or f"_ppl-{time.time_ns()}"
+    ns = namespace or f"_ppl-{secrets.token_hex(8)}"
     stream = Stream(ml, ns, doc_id="ppl", store=use_memory)
     first_scored = len(tokens) - score_last  # target index of the first scored token
     nll, count = 0.0, 0

@@ -29,6 +29,7 @@ import contextlib
 import math
 import random
 import resource
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -162,7 +163,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             set_checkpointing(ml.model, True)
         ml.model.train()  # no dropout in Llama-family models; needed for gradient checkpointing
-        namespace = f"_train-{time.time_ns()}"
+        namespace = f"_train-{secrets.token_hex(8)}"
         self._bar = tqdm(total=self.total_steps, initial=result.steps, desc="train", unit="step",
                          disable=not cfg.progress)
         self._t0 = time.perf_counter() - result.seconds  # result.seconds: training time of earlier (resumed) calls

@@ -156,3 +156,18 @@ def test_an_adapter_of_another_model_is_named_as_such(tiny_hf, tokenizer, tmp_pa
     tokenizer.save_pretrained(tmp_path / "tiny")
     with pytest.raises(ValueError, match=f"trained on 'default' .*has {tiny_hf.config.num_hidden_layers} layers"):
         MemLong.from_pretrained(str(tmp_path / "tiny"), adapter="shakespeare")
+
+
+def test_default_document_ids_do_not_depend_on_the_clock(make_tiny, monkeypatch):
+    """Review finding: default doc ids were ``doc-{time.time_ns()}``; on a coarse clock (Windows) two documents got
+    one id, and ``delete(doc_id=...)`` of one removed both."""
+    import time
+
+    ml, _ = make_tiny(local_window=512)
+    monkeypatch.setattr(time, "time_ns", lambda: 1)
+    ml.ingest([TEXT[:400], TEXT[400:800]], namespace="d", progress=False)
+    ml.ingest(TEXT[800:1200], namespace="d", progress=False)
+    docs = ml.bank.doc_chunk_ids("d")
+    assert len(docs) == 3
+    ml.bank.delete(namespace="d", doc_id=next(iter(docs)))
+    assert len(ml.bank.doc_chunk_ids("d")) == 2
