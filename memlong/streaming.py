@@ -122,6 +122,8 @@ class Stream:
         """
         ml, cfg = self.ml, self.ml.config
         k = cfg.ingest_k if k is None else k
+        if k > 0 and self.pending:  # batched chunks first: retrievable now, and stored in document order
+            self.flush()
         memory = ml.memory_for(self._retrieve(k), self.namespace)
         ctx, start = ml.context(memory, self.cache, capture=True)
         # compiled: full steps that read no memory (one shape per stream once its cache is full), without gradients

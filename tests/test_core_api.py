@@ -171,3 +171,18 @@ def test_default_document_ids_do_not_depend_on_the_clock(make_tiny, monkeypatch)
     assert len(docs) == 3
     ml.bank.delete(namespace="d", doc_id=next(iter(docs)))
     assert len(ml.bank.doc_chunk_ids("d")) == 2
+
+
+def test_a_batching_stream_writes_its_waiting_chunks_before_a_step_that_retrieves(make_tiny):
+    """Review finding: with ``batch_writes`` a step that retrieves was stored before the batched steps before it
+    (document order inverted) and could not retrieve them."""
+    from memlong.streaming import Stream
+
+    ml, _ = make_tiny(local_window=512, ingest_step=256)
+    tokens = ml.tokenize(TEXT)
+    stream = Stream(ml, "b", doc_id="d", batch_writes=True)
+    for s, k in zip(range(0, 4 * 256, 256), (0, 0, 0, 2)):
+        stream.step(tokens[s:s + 256], k=k)
+    stream.flush()
+    spans = [ml.bank.get(c, namespace="b").span for c in ml.bank.chunk_ids("b")]
+    assert spans == sorted(spans) and len(spans) == len(set(spans))
