@@ -122,7 +122,8 @@ def _trial_input(ml: MemLong, mode: str, doc_ids: list[int], question: list[int]
             return None
         return doc_ids + question, None, True, None
     if mode == "window":
-        ids = doc_ids[-(ml.config.local_window - len(question)):] + question
+        room = max(0, ml.config.local_window - len(question))  # a question that fills the window reads no document
+        ids = (doc_ids[-room:] if room else []) + question
         return ids, None, key in ml.tokenizer.decode(ids), None
     if mode == "memlong":
         ns = f"_passkey-{length}"

@@ -157,3 +157,14 @@ def test_rag_llama_index_records_the_facts_rank_and_answers(tmp_path, capsys):
         wrong = sum(not r[name]["correct"] for r in saved["records"])
         assert saved["summary"][name]["retrieval_misses"] + saved["summary"][name]["reading_misses"] == wrong
     assert "wrong:" in capsys.readouterr().out
+
+
+def test_a_window_trial_whose_question_fills_the_window_reads_no_document(make_tiny):
+    """Review finding: ``doc_ids[-(window - len(question)):]`` was ``doc_ids[-0:]`` (the whole document) when the
+    question filled the window."""
+    from memlong.evaluation import _trial_input
+
+    ml, _ = make_tiny(local_window=64, chunk_size=16)
+    doc, question = list(range(5, 500)), list(range(600, 664))
+    assert _trial_input(ml, "window", doc, question, 500, "12345")[0] == question
+    assert _trial_input(ml, "window", doc, question[:14], 500, "12345")[0] == doc[-50:] + question[:14]
