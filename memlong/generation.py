@@ -35,8 +35,8 @@ from memlong.static_kv import compiled_step, start_static
 if TYPE_CHECKING:
     from memlong.model import MemLong
 
-__all__ = ["Generation", "GenerationStats", "decode", "encode_prompt", "eos_ids", "score", "segment_forward",
-           "start_generation", "token_tensor"]
+__all__ = ["Generation", "GenerationStats", "decode", "encode_prompt", "eos_ids", "retrieve_ids", "score",
+           "segment_forward", "start_generation", "token_tensor"]
 
 
 @dataclass
@@ -273,6 +273,21 @@ def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tenso
     return out
 
 
+def retrieve_ids(ml: MemLong, query: str, namespace: str, k: int | None = None) -> list[str]:
+    """The chunk ids an answer reads for ``query``: the namespace's ``k`` (default ``config.top_k``) best hits and,
+    with ``config.retrieve_next = n``, the ``n`` chunks that continue each hit in its document (a fact cut by a
+    chunk boundary). ``[]`` for no namespace or ``k = 0``.
+
+    Example:
+        >>> retrieve_ids(ml, "Who killed Polonius?", "hamlet")     # what ml.generate(...) would read
+    """
+    k = ml.config.top_k if k is None else k
+    if k <= 0 or namespace not in ml.bank.namespaces():
+        return []
+    ids = [h.chunk_id for h in ml.bank.search(query, namespace=namespace, k=k)]
+    return ml.bank.following(ids, namespace=namespace, n=ml.config.retrieve_next) if ml.config.retrieve_next else ids
+
+
 def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", chunk_ids: Sequence[str] | None = None,
                      max_new_tokens: int = 64, chat: bool = False, retrieve: bool = True, query: str | None = None,
                      answer_prefix: str = "", temperature: float = 0.0, seed: int | None = None,
@@ -308,10 +323,8 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
     t0 = time.perf_counter()
     stop = check_decoding(max_new_tokens, temperature, stop)  # before any work
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
-    if chunk_ids is None and retrieve and ml.config.top_k > 0 and namespace in ml.bank.namespaces():
-        chunk_ids = [h.chunk_id for h in ml.bank.search(query or prompt, namespace=namespace, k=ml.config.top_k)]
-        if ml.config.retrieve_next:  # the chunks that continue each hit (a fact cut by a chunk boundary)
-            chunk_ids = ml.bank.following(chunk_ids, namespace=namespace, n=ml.config.retrieve_next)
+    if chunk_ids is None and retrieve:
+        chunk_ids = retrieve_ids(ml, query or prompt, namespace)
     chunk_ids = list(chunk_ids or [])
     memory = ml.memory_for(chunk_ids, namespace)  # raises UnknownChunkError before any work
     refreshed = 0

@@ -77,6 +77,18 @@ def test_chat_passes_chunk_ids_as_kv_and_reports_usage(tiny):
     assert tiny.last_generation.chunk_ids == ids[:1]
 
 
+def test_chat_retrieves_as_the_core_does_with_retrieve_next(tiny):
+    """Review finding: ChatMemLong searched the bank itself and ignored config.retrieve_next."""
+    import dataclasses
+
+    from memlong.generation import retrieve_ids
+
+    tiny.config = dataclasses.replace(tiny.config, retrieve_next=1)
+    ChatMemLong(memlong=tiny, namespace="kb", max_tokens=2, retrieve=True).invoke(QUESTION)
+    expected = retrieve_ids(tiny, QUESTION, "kb")
+    assert tiny.last_generation.chunk_ids == expected and len(expected) > tiny.config.top_k
+
+
 def test_chat_reads_memory_only_when_asked(tiny):
     """Issue 18, finding 3: with no ids the chat model reads only its messages (a stock LCEL chain pasting text
     must not also attend the bank); ``retrieve=True`` retrieves."""

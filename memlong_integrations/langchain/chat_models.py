@@ -60,6 +60,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import GenerationStats, MemLong
+from memlong.generation import retrieve_ids
 from memlong.prompts import PLAIN_STOP, chat_prompt, plain_prompt
 from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces, call_max_tokens, stop_strings
 from memlong_integrations.langchain._common import drop_remote_options, not_supported
@@ -224,8 +225,8 @@ class ChatMemLong(BaseChatModel):
                 raise TypeError("memlong_chunk_ids must be a list of chunk id strings (Document.metadata"
                                 "['memlong_chunk_id'] or memlong_chunk_ids_from_documents(docs)).")
             chunk_ids = list(chunk_ids)
-        elif self.retrieve and self._top_k() > 0 and namespace in self.memlong.bank.namespaces():
-            chunk_ids = [h.chunk_id for h in self.memlong.bank.search(question, namespace=namespace, k=self._top_k())]
+        elif self.retrieve:  # as MemLong.generate retrieves (config.retrieve_next included)
+            chunk_ids = retrieve_ids(self.memlong, question, namespace, k=self._top_k())
         chunk_ids = chunk_ids or []
         fmt = self.prompt_format if self.prompt_format != "auto" else ("plain" if chunk_ids else "chat")
         stops = stop_strings(self.stop, stop)
