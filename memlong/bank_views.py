@@ -45,6 +45,20 @@ class BankViews:
             space = self._spaces.get(namespace)
             return sorted(space.ids, key=lambda c: self._chunks[c].order) if space else []
 
+    def chunks(self, namespace: str = "default") -> list[Chunk]:
+        """Copies of every chunk of ``namespace`` in insertion order, read at one moment (a delete running in another
+        thread removes all of them or none; a loop of :meth:`get` over :meth:`chunk_ids` could meet an id it had
+        just removed). K-V tensors are shared, as with :meth:`get`.
+
+        Example:
+            >>> [c.text for c in bank.chunks("docs") if c.metadata.get("lang") == "en"]
+        """
+        with self._lock.read():
+            space = self._spaces.get(namespace)
+            ordered = sorted((self._chunks[c] for c in (space.ids if space else ())), key=lambda c: c.order)
+            with self._count_lock:
+                return [c.copy() for c in ordered]
+
     def doc_chunk_ids(self, namespace: str = "default") -> dict[str, list[str]]:
         """Document id -> its chunk ids in insertion order, for ``namespace`` (one read, no chunk copies).
 

@@ -231,6 +231,17 @@ def test_lexical_index_of_a_namespace_that_keeps_evicting_stays_its_size():
                 assert [x for _, x in got] == pytest.approx([x for _, x in want], rel=1e-12)
 
 
+def test_chunks_reads_a_namespace_at_once_as_copies(bank):
+    ids = add(bank, TEXTS)
+    bank.delete([ids[1]], namespace="ns")
+    chunks = bank.chunks("ns")
+    assert [c.id for c in chunks] == bank.chunk_ids("ns") == [i for i in ids if i != ids[1]]
+    assert [c.text for c in chunks] == [bank.get(i, namespace="ns").text for i in bank.chunk_ids("ns")]
+    chunks[0].metadata["changed"] = True
+    assert "changed" not in bank.get(chunks[0].id, namespace="ns").metadata
+    assert bank.chunks("absent") == []
+
+
 def test_hybrid_search_fuses_both_rankings(bank, embedder):
     ids = add(bank, TEXTS + ["Memo: the password of the east gate is Zephyrine Pollux."])
     query = "What is the password of the east gate?"

@@ -55,4 +55,4 @@ def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: Mem
             raise ValueError(f"A Document with neither metadata[{CHUNK_ID_KEY!r}] nor an id cannot be mapped to stored "
                              "K-V. Retrieve with MemLongRetriever or a MemLongVectorStore retriever.")
     order = {cid: i for i, cid in enumerate(bank.chunk_ids(namespace))}
-    return sorted(dict.fromkeys(ids), key=order.__getitem__)
+    return sorted(dict.fromkeys(ids), key=lambda c: order.get(c, -1))  # one deleted meanwhile: memory_for names it

@@ -61,8 +61,7 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
         bank, seen, out = self.memlong.bank, set(), []
-        for cid in bank.chunk_ids(self.namespace):
-            chunk = bank.get(cid, namespace=self.namespace)
+        for chunk in bank.chunks(self.namespace):
             # only turns this class wrote (adapters refuse reserved metadata keys from users' documents)
             if chunk.doc_id not in seen and chunk.doc_id.startswith("msg-") and _MESSAGE_KEY in chunk.metadata:
                 seen.add(chunk.doc_id)

@@ -317,8 +317,8 @@ class MemLongVectorStore(BasePydanticVectorStore):
         ids = set(node_ids or ())
         docs = set(map(str, doc_ids or ()))
         selected = []
-        for cid in bank.chunk_ids(self.namespace):
-            chunk = bank.get(cid, namespace=self.namespace)
+        for chunk in bank.chunks(self.namespace):  # one read: a delete in another thread cannot cut the loop
+            cid = chunk.id
             if ids and cid not in ids and chunk.metadata.get(NODE_ID_KEY) not in ids:
                 continue
             if docs and chunk.doc_id not in docs:
