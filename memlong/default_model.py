@@ -61,8 +61,8 @@ def default_model_path() -> Path:
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE)
     config = quantized.config
     config.quantization_config = None  # the weights are de-quantized fp32 now
-    if hasattr(config, "_name_or_path"):
-        config._name_or_path = CACHE_NAME
+    if hasattr(config, "name_or_path"):
+        config.name_or_path = CACHE_NAME
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(quantized.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -356,6 +356,6 @@ class MemLong:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"MemLong({getattr(self.model.config, '_name_or_path', '?')!r}, layers={self.num_layers}, "
+        return (f"MemLong({getattr(self.model.config, 'name_or_path', '?')!r}, layers={self.num_layers}, "
                 f"kv_source={c.kv_source!r}, retrieval_layers={c.retrieval_layers}, top_k={c.top_k}, "
                 f"local_window={c.local_window}, bank={self.bank!r})")

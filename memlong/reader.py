@@ -281,7 +281,7 @@ def train_reader(ml: MemLong, config: ReaderConfig, *, progress: bool = True, co
     meta = {"method": "reader", "lora": {"rank": config.rank, "alpha": config.alpha, "targets": list(targets)},
             "layers": layers, "memlong_config": {"kv_source": cfg.kv_source, "position_layout": cfg.position_layout,
                                                  "chunk_size": cfg.chunk_size, "attention_sink": cfg.attention_sink},
-            "base_model": {"name": str(getattr(ml.model.config, "_name_or_path", "")),
+            "base_model": {"name": str(getattr(ml.model.config, "name_or_path", "")),
                            "fingerprint": fingerprint(ml.model, layers)},
             "reader_config": dataclasses.asdict(config), "command": command}
     reader = ml.reader = Reader(ml, add_lora(ml.model, layers, rank=config.rank, alpha=config.alpha, targets=targets),

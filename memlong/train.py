@@ -256,7 +256,7 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
         config: :class:`TrainConfig`.
         eval_documents: held-out documents scored before and after (skipped when empty or ``eval_tokens=0``).
         command: the command line to record in the adapter (default: ``sys.argv``).
-        base_model: the base model's name to record (default: the model config's ``_name_or_path``).
+        base_model: the base model's name to record (default: the model config's ``name_or_path``).
     Raises:
         ValueError: bad config, empty documents, a resume checkpoint for other data or settings.
     """
@@ -297,7 +297,7 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
         if config.method == "lora" else None,
         "layers": layers,
         "memlong_config": ml.config.to_dict(),
-        "base_model": {"name": base_model or str(getattr(ml.model.config, "_name_or_path", "?")),
+        "base_model": {"name": base_model or str(getattr(ml.model.config, "name_or_path", "?")),
                        "fingerprint": base_print},
         "data": {"train": identity["documents"], "held_out": [n for n, _ in held_out],
                  "max_document_tokens": config.max_document_tokens, "eval_tokens": config.eval_tokens},

@@ -171,7 +171,7 @@ class ChatMemLong(BaseChatModel):
         if not isinstance(self.memlong, MemLong):
             raise TypeError(f"memlong must be a memlong.MemLong, got {type(self.memlong).__name__}.")
         if self.model_name is None:
-            self.model_name = Path(str(getattr(self.memlong.model.config, "_name_or_path", "") or "memlong")).name
+            self.model_name = Path(str(getattr(self.memlong.model.config, "name_or_path", "") or "memlong")).name
         if self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}.")
 

@@ -131,7 +131,7 @@ class MemLongLLM(CustomLLM):
         left = ml.max_positions - len(ml.sink_ids) - cfg.top_k * cfg.chunk_size
         return LLMMetadata(context_window=max(1, min(cfg.local_window + self.max_new_tokens, left)),
                            num_output=self.max_new_tokens, is_chat_model=False,
-                           model_name=str(getattr(ml.model.config, "_name_or_path", "memlong")))
+                           model_name=str(getattr(ml.model.config, "name_or_path", "memlong")))
 
     # ------------------------------------------------------------------ core
     def _stream(self, prompt: str, chunk_ids: Sequence[str] | None, query: str | None,
