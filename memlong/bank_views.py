@@ -103,10 +103,12 @@ class BankViews:
             return list(out)
 
     def namespaces(self) -> list[str]:
+        """Names of the bank's namespaces."""
         with self._lock.read():
             return list(self._spaces)
 
     def num_tokens(self, namespace: str | None = None) -> int:
+        """Tokens stored in ``namespace``, or in the whole bank (what ``capacity`` bounds per namespace)."""
         with self._lock.read():
             spaces = self._spaces.values() if namespace is None else [self._spaces.get(namespace)]
             return sum(s.tokens for s in spaces if s is not None)

@@ -91,6 +91,10 @@ class UnknownChunkError(KeyError):
 
 @dataclass(frozen=True)
 class SearchHit:
+    """One search result: a chunk id and its score (higher is better), comparable only within one search mode:
+    ``"dense"`` the inner product of unit embeddings (cosine, -1..1), ``"lexical"`` BM25 (>= 0), ``"hybrid"``
+    the reciprocal-rank fusion of both (sum of ``1 / (60 + rank)``, ranks from 1)."""
+
     chunk_id: str
     score: float
 

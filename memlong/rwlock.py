@@ -24,6 +24,7 @@ class RWLock:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
+        """Hold the lock shared (``with lock.read(): ...``); waits while a writer holds or waits for it."""
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
@@ -38,6 +39,7 @@ class RWLock:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
+        """Hold the lock alone (``with lock.write(): ...``); waits until the readers inside have left."""
         with self._cond:
             self._writers_waiting += 1
             try:
