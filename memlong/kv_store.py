@@ -271,9 +271,12 @@ def open_disk_store(path: Path, quantization: Quantization, dtype: torch.dtype, 
     if (path / "manifest.json").exists():
         raise ValueError(f"{path} already holds a memory bank; reopen it with MemoryBank.load({str(path)!r}) (or "
                          "MemLong.load_memory), or give a new directory.")
-    if path.is_dir() and any(p.name != ".lock" for p in path.iterdir()):
-        raise ValueError(f"Refusing to keep a disk bank in {path}: it holds other files. Give a new or empty "
-                         "directory.")
+    from memlong.storage import foreign_files
+
+    other = foreign_files(path)  # a bank's own leftovers (a process killed before its first commit) are fine:
+    if other:                    # the first commit removes them
+        raise ValueError(f"Refusing to keep a disk bank in {path}: it holds other files ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}). Give a new or empty directory.")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

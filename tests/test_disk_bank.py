@@ -199,6 +199,22 @@ def test_disk_bank_bad_input(tmp_path):
         MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())
 
 
+def test_a_folder_left_by_a_bank_killed_before_its_first_commit_can_be_used_again(tmp_path):
+    """Review finding: the segment files of a process killed before its first commit made the folder unusable
+    ("it holds other files"), though they are the bank's own; the first commit removes them."""
+    leftover = tmp_path / "b" / "seg-0123456789abcdef.safetensors"
+    leftover.parent.mkdir()
+    leftover.write_bytes(b"half a segment")
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fill(bank, "ns", 3)
+    bank.commit()
+    assert not leftover.exists() and _only_named_files(tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds other files \(notes.txt\)"):
+        MemoryBank(embedder=HashEmbedder(), path=tmp_path / "c")
+
+
 def test_restoring_a_disk_bank_from_its_own_folder_is_refused_and_harms_nothing(tmp_path):
     bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
     fill(bank, "ns", 4)
