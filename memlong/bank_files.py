@@ -89,7 +89,8 @@ class BankFiles:
         manifest = Path(path) / "manifest.json"
         before = manifest.read_bytes() if manifest.is_file() else None
         try:
-            return write_bank(path, record, tensors)
+            write_bank(path, record, tensors)
+            return Path(path)
         except OSError as exc:
             after = manifest.read_bytes() if manifest.is_file() else None
             state = ("the new save is in place, but the disk could not confirm it" if after != before else
@@ -121,7 +122,9 @@ class BankFiles:
             try:
                 self._store.flush(force=True)
                 record, tensors = self._snapshot(None, getattr(self, "_fingerprint", None), inline=False)
-                return write_bank(self.path, record, tensors, segments=self._store.entries())
+                self._store.committed = write_bank(self.path, record, tensors, segments=self._store.entries(),
+                                                   expect=self._store.committed)
+                return self.path
             except OSError as exc:
                 raise OSError(exc.errno, f"Cannot commit the disk bank at {self.path}: {exc.strerror or exc}. The "
                                          "directory still holds the last commit and nothing in this bank was lost; "
@@ -198,7 +201,7 @@ class BankFiles:
             MemoryFileError: missing, truncated, corrupted or unknown files (nothing is loaded).
             MemoryMismatchError: a bank made by another embedder or model (both are named).
         """
-        record, tensors, segments = read_bank(path, verify=verify)
+        record, tensors, segments, commit = read_bank(path, verify=verify)
         config = record.get("config")
         if not isinstance(config, dict):
             raise MemoryFileError(f"Cannot load the memory bank at {path}: its config is missing.")
@@ -228,6 +231,7 @@ class BankFiles:
                                  "with restore(path, namespaces=...).")
             store = DiskKVStore(path, quantization=bank.quantization, dtype=bank.dtype,
                                 segment_bytes=kwargs.get("segment_bytes", 64 << 20))
+            store.committed = commit  # what a commit of this bank expects to replace (one writer per directory)
             bank.path, bank._store, bank._fingerprint = Path(path), store, fingerprint
         try:
             bank._restore(Path(path), record, tensors, namespaces, fingerprint, segments)
@@ -249,7 +253,7 @@ class BankFiles:
         if self.path is not None and Path(path).resolve() == self.path.resolve():
             raise ValueError(f"{path} is this disk bank's own folder: the bank already holds it (and what was added "
                              "since its last commit()). To open the committed state apart, use MemoryBank.load(path).")
-        record, tensors, segments = read_bank(path)
+        record, tensors, segments, _ = read_bank(path)
         quantization = (record.get("config") or {}).get("quantization", "none")
         if quantization != self.quantization:
             raise MemoryMismatchError(f"The memory bank at {path} stores K-V with quantization={quantization!r}; "

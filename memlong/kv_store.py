@@ -153,6 +153,7 @@ class DiskKVStore(KVStore):
         self.pending: dict[str, Chunk] = {}  # chunks whose payloads are still in RAM
         self.pending_bytes = 0
         self.dead: set[str] = set()  # segments no live chunk uses: removed from the next commit
+        self.committed: str | None = None  # the directory's commit this store last opened or wrote (storage.committed)
 
     # ------------------------------------------------------------------ the bank's calls
     def put(self, chunks: Iterable[Chunk]) -> None:

@@ -26,7 +26,7 @@ segment's sha256 (reads them all). Every failure surfaces as
 
 Example:
     >>> write_bank("bank", {"namespaces": []}, [("e.0", torch.zeros(0, 384))])
-    >>> record, tensors = read_bank("bank")
+    >>> record, tensors, segments, commit = read_bank("bank")
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["FORMAT", "SEGMENT_NAME", "VERSION", "MemoryFileError", "foreign_files", "is_disk_bank", "read_bank",
-           "write_bank", "write_segment"]
+__all__ = ["FORMAT", "SEGMENT_NAME", "VERSION", "MemoryFileError", "committed", "foreign_files", "is_disk_bank",
+           "read_bank", "write_bank", "write_segment"]
 
 FORMAT = "memlong-bank"
 VERSION = 1
@@ -177,15 +177,33 @@ def foreign_files(path: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.name not in (MANIFEST, ".lock") and not _OURS.match(p.name))
 
 
+_ANY = object()  # write_bank(expect=...): replace whatever bank is there (a save)
+
+
+def committed(path: str | os.PathLike) -> str | None:
+    """The commit a bank directory holds: the name of the record file its manifest names (unique per save or
+    commit); None without a manifest, ``"?"`` for a manifest that cannot be read."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_bytes())["files"][0]["name"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "?"
+
+
 def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequence[tuple[str, torch.Tensor]],
-               segments: Sequence[dict[str, Any]] | None = None) -> Path:
-    """Atomically replace the bank stored in directory ``path`` with ``record`` (JSON-able) and ``tensors``.
+               segments: Sequence[dict[str, Any]] | None = None, *, expect: Any = _ANY) -> str:
+    """Atomically replace the bank stored in directory ``path`` with ``record`` (JSON-able) and ``tensors``;
+    returns the new commit (:func:`committed`).
 
     ``segments``: manifest entries of K-V segment files already written (fsynced) in ``path`` that the record
     refers to (a disk bank, format version 2); every other segment file there is removed after the commit.
+    ``expect``: the commit the writer last saw there (a disk bank's open or last commit; None: no bank yet); if
+    another writer committed since, nothing is written (its segments would be removed).
 
     Raises:
-        ValueError: ``path`` is a file, or a non-empty directory that holds no memory bank (never scribbled on).
+        ValueError: ``path`` is a file, a non-empty directory that holds no memory bank (never scribbled on), or
+            (with ``expect``) a bank another writer committed to since.
         OSError: the disk refused a write; the previous bank stays loadable and the partial files are removed.
     """
     path = Path(path)
@@ -207,6 +225,11 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
     token = secrets.token_hex(8)
     names = [f"bank-{token}.json", f"tensors-{token}.safetensors"]
     with _locked(path, exclusive=True):
+        if expect is not _ANY and committed(path) != expect:
+            raise ValueError(f"The disk bank at {path} was committed by another writer (another process, or another "
+                             "MemoryBank / MemLong on the same memory_path) since this bank opened it; committing "
+                             "now would delete what that writer stored. Nothing was written. Keep one writer per "
+                             "directory: reopen it with MemoryBank.load(path) and redo the changes there.")
         try:
             files = [_write_file(path / names[0], lambda out: out.write(body)),
                      _write_file(path / names[1], lambda out: _write_safetensors(out, tensors))]
@@ -229,7 +252,7 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
             keep = p.name in names or any(p.name == e["name"] for e in segments or ())
             if _OURS.match(p.name) and not keep and not p.is_symlink() and p.is_file():
                 p.unlink(missing_ok=True)
-    return path
+    return names[0]
 
 
 # ------------------------------------------------------------------ reading
@@ -310,10 +333,10 @@ def _verified(path: Path, entry: dict[str, Any], digest: bool = True) -> Path:
 
 
 def read_bank(path: str | os.PathLike, *, verify: bool = False
-              ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[dict[str, Any]] | None]:
-    """The JSON record, the tensors (on the CPU) and the K-V segment entries (None: a version-1 bank, all K-V
-    among the tensors) of the bank in directory ``path``, after integrity checks (segments: size only, unless
-    ``verify``).
+              ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[dict[str, Any]] | None, str]:
+    """The JSON record, the tensors (on the CPU), the K-V segment entries (None: a version-1 bank, all K-V
+    among the tensors) and the commit (:func:`committed`) of the bank in directory ``path``, after integrity
+    checks (segments: size only, unless ``verify``).
 
     Raises:
         MemoryFileError: no bank there, or any file missing, truncated, corrupted or of another format/version.
@@ -345,4 +368,4 @@ def read_bank(path: str | os.PathLike, *, verify: bool = False
         raise _fail(path, f"{type(exc).__name__}: {exc}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != version:
         raise _fail(path, f"{record_file.name} is not a {FORMAT!r} version {version} record.")
-    return record, tensors, segments
+    return record, tensors, segments, record_file.name

@@ -199,6 +199,35 @@ def test_disk_bank_bad_input(tmp_path):
         MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())
 
 
+def test_a_second_writer_cannot_commit_over_the_first(tmp_path):
+    """Review finding: two processes (or two MemLong on one memory_path) that opened one disk bank both committed
+    without error, and the second commit deleted the first one's new segment: its namespace was gone."""
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fill(bank, "base", 2)
+    bank.commit()
+    a = MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())
+    b = MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())
+    fill(a, "A", 3, seed=2)
+    a.commit()
+    fill(b, "B", 3, seed=3)
+    with pytest.raises(ValueError, match="committed by another writer.*Nothing was written.*MemoryBank.load"):
+        b.commit()
+    reopened = MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)
+    assert digest(reopened) == digest(a) and sorted(reopened.namespaces()) == ["A", "base"]
+    fill(a, "A", 1, seed=4)
+    a.commit()  # the first writer goes on committing
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())) == digest(a)
+    # two new banks on one new folder: the second to commit is refused too
+    one = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "n", dtype=torch.float32)
+    two = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "n", dtype=torch.float32)
+    fill(one, "x", 2)
+    fill(two, "y", 2)
+    one.commit()
+    with pytest.raises(ValueError, match="committed by another writer"):
+        two.commit()
+    assert MemoryBank.load(tmp_path / "n", embedder=HashEmbedder()).namespaces() == ["x"]
+
+
 def test_a_folder_left_by_a_bank_killed_before_its_first_commit_can_be_used_again(tmp_path):
     """Review finding: the segment files of a process killed before its first commit made the folder unusable
     ("it holds other files"), though they are the bank's own; the first commit removes them."""
