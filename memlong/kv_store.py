@@ -63,8 +63,6 @@ _NUMPY = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint
 class KVStore:
     """Payloads in RAM (or on the bank's device): today's behaviour, exact."""
 
-    on_disk = False
-
     def __init__(self, *, quantization: Quantization, dtype: torch.dtype) -> None:
         self.quantization = quantization
         self.dtype = dtype
@@ -83,6 +81,10 @@ class KVStore:
 
     def release(self, chunks: Iterable[Chunk]) -> None:
         """A fetch has copied ``chunks``' K-V: a disk store lets their pages go (resident memory stays bounded)."""
+
+    def read(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """``chunk``'s keys and values for a fetch (a disk store checks what it reads from its files)."""
+        return chunk.keys, chunk.values
 
 
 class Segment:
@@ -136,8 +138,6 @@ class Segment:
 
 class DiskKVStore(KVStore):
     """Payloads in append-only segment files under ``path`` (see the module docstring)."""
-
-    on_disk = True
 
     def __init__(self, path: str | os.PathLike, *, quantization: Quantization, dtype: torch.dtype,
                  segment_bytes: int = 64 << 20) -> None:
@@ -211,6 +211,15 @@ class DiskKVStore(KVStore):
             self.dead.add(s.path.name)
             del self.segments[s.path.name]
         return freed
+
+    def read(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = chunk.keys, chunk.values
+        if chunk.id in self.where and not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+            raise MemoryFileError(f"Chunk {chunk.id} of namespace {chunk.namespace!r} reads non-finite K-V from segment "
+                                  f"{self.where[chunk.id]} in {self.path}: the file is corrupted (every chunk added "
+                                  "is checked finite). MemoryBank.load(path, verify=True) checks every segment's "
+                                  "sha256; restore the directory from a copy, or re-ingest.")
+        return keys, values
 
     def release(self, chunks: Iterable[Chunk]) -> None:
         """Drop the resident pages of ``chunks``' segment data (after a fetch has copied them)."""

@@ -337,15 +337,15 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             chunks = sorted((self._get(cid, namespace) for cid in dict.fromkeys(chunk_ids)), key=lambda c: c.order)
         if not chunks:
             raise ValueError("fetch needs at least one chunk id.")
-        # Stored tensors are never written in place, so they can be concatenated outside the lock. Each chunk
-        # moves to the target device first and is concatenated there: one copy of the whole, not a CPU
-        # concatenation and then a second copy. (non_blocking only towards a GPU, where the concatenation
-        # is ordered after the copies on the same stream; towards the CPU it would read unfinished copies.)
+        # Stored tensors are never written in place: concatenated outside the lock. Each chunk moves to the target
+        # device first and is concatenated there (one copy, not a CPU concatenation and a second copy). non_blocking
+        # only towards a GPU, where the concatenation is ordered after the copies on the same stream.
         device = cache.device if cache is not None else torch.device(device) if device is not None else self.device
         nb = device.type == "cuda"
 
         def copy(c: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
-            return c.keys.to(device, non_blocking=nb), c.values.to(device, non_blocking=nb)
+            keys, values = self._store.read(c)  # a disk bank: MemoryFileError for corrupted (non-finite) pages
+            return keys.to(device, non_blocking=nb), values.to(device, non_blocking=nb)
 
         parts = cache.read(namespace, chunks, dtype, copy) if cache is not None else [copy(c) for c in chunks]
         keys, values = torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)

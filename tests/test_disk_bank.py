@@ -199,6 +199,25 @@ def test_disk_bank_bad_input(tmp_path):
         MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())
 
 
+def test_corrupted_segment_pages_are_an_error_at_fetch_not_nan_answers(tmp_path):
+    """Review finding: 0xFF bytes written over a segment's data (header intact) loaded silently; the fetched K-V
+    were NaN and generate answered '' without a word. verify=True finds it by checksum; a fetch now refuses what
+    reads as non-finite (int8 codes read as finite numbers whatever their bytes: only verify=True finds those)."""
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float16)
+    fill(bank, "ns", 4)
+    bank.commit()
+    seg = next((tmp_path / "b").glob("seg-*.safetensors"))
+    data = bytearray(seg.read_bytes())
+    data[-600:] = b"\xff" * 600  # the last tensors' bytes
+    seg.write_bytes(bytes(data))
+    with pytest.raises(MemoryFileError, match="sha256"):
+        MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)
+    reopened = MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())
+    ids = reopened.chunk_ids("ns")
+    with pytest.raises(MemoryFileError, match="non-finite K-V from segment .*corrupted.*verify=True"):
+        reopened.fetch(ids, namespace="ns")
+
+
 def test_a_second_writer_cannot_commit_over_the_first(tmp_path):
     """Review finding: two processes (or two MemLong on one memory_path) that opened one disk bank both committed
     without error, and the second commit deleted the first one's new segment: its namespace was gone."""
