@@ -120,7 +120,7 @@ class BankFiles:
             self._fingerprint = fingerprint
         with self._lock.write():
             try:
-                self._store.flush(force=True)
+                self._store.checkpoint()  # the buffer as a segment (small segments merged once there are many)
                 record, tensors = self._snapshot(None, getattr(self, "_fingerprint", None), inline=False)
                 self._store.committed = write_bank(self.path, record, tensors, segments=self._store.entries(),
                                                    expect=self._store.committed)

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import mmap
 import os
@@ -136,6 +137,10 @@ class Segment:
         return sum(c.kv.nbytes for c in self.live.values())
 
 
+# a commit merges the small segments (under a quarter of segment_bytes) once there would be this many
+MERGE_SMALL = 16
+
+
 class DiskKVStore(KVStore):
     """Payloads in append-only segment files under ``path`` (see the module docstring)."""
 
@@ -192,9 +197,28 @@ class DiskKVStore(KVStore):
             _TRIM(0)           # ~1 MB per chunk of the default model; malloc_trim gave it back, docs/disk.md)
 
     def compact(self, threshold: float = 0.5) -> int:
-        """Rewrite the live chunks of segments whose live share is below ``threshold`` into a new segment;
-        returns the bytes the next commit frees. The old files stay until a commit no longer names them."""
+        """Rewrite the live chunks of segments whose live share is below ``threshold``, and of the small segments
+        (under a quarter of ``segment_bytes``) when there are several, into a new segment; returns the bytes the
+        next commit frees. The old files stay until a commit no longer names them."""
         victims = [s for s in self.segments.values() if s.live_bytes < threshold * (s.entry["bytes"] - s.start)]
+        small = self._small()
+        victims += [s for s in small if s not in victims] if len(small) > 1 else []
+        return self._rewrite(victims)
+
+    def checkpoint(self) -> None:
+        """Before a commit: write the buffer as a segment, merged with the small segments once there are
+        ``MERGE_SMALL`` of them (each mapped segment holds a file descriptor: a commit per message would otherwise
+        exhaust them after about a thousand commits)."""
+        small = self._small()
+        if len(small) + bool(self.pending) >= MERGE_SMALL:
+            self._rewrite(small)
+        self.flush(force=True)
+
+    def _small(self) -> list[Segment]:
+        return [s for s in self.segments.values() if s.entry["bytes"] < self.segment_bytes // 4]
+
+    def _rewrite(self, victims: list[Segment]) -> int:
+        """Write the live chunks of ``victims`` (and the buffer) into one new segment; the bytes it frees."""
         freed = sum(s.entry["bytes"] for s in victims) - sum(s.live_bytes for s in victims)
         if not victims:
             return 0
@@ -240,7 +264,12 @@ class DiskKVStore(KVStore):
         for entry in entries:
             try:
                 opened[entry["name"]] = Segment(self.path / entry["name"], entry)
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
+            except OSError as exc:  # e.g. too many open files: each mapped segment holds a descriptor
+                cause = ("too many open files: raise the limit (ulimit -n), then load it and compact() it"
+                         if exc.errno == errno.EMFILE else "the file is corrupted or unreadable")
+                raise MemoryFileError(f"Cannot load the memory bank at {self.path}: segment {entry['name']} cannot "
+                                      f"be opened ({exc}); {cause}.") from None
+            except (ValueError, UnicodeDecodeError) as exc:
                 raise MemoryFileError(f"Cannot load the memory bank at {self.path}: segment {entry['name']} is "
                                       f"unreadable ({exc}); the file is corrupted.") from None
         self.segments.update(opened)

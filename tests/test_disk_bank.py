@@ -218,6 +218,26 @@ def test_corrupted_segment_pages_are_an_error_at_fetch_not_nan_answers(tmp_path)
         reopened.fetch(ids, namespace="ns")
 
 
+def test_a_commit_per_chunk_keeps_the_segment_files_and_descriptors_bounded(tmp_path):
+    """Review finding: a commit per chat message wrote one segment per commit, each mapped with its own file
+    descriptor; after ~1,000 commits (ulimit -n 1024) the bank could neither commit nor reopen, and compact()
+    merged nothing (every segment fully alive). A commit now merges the small segments once there are many."""
+    from memlong.kv_store import MERGE_SMALL
+
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for i in range(3 * MERGE_SMALL + 5):
+        fill(bank, "chat", 1, seed=i)
+        bank.commit()
+        assert len(list((tmp_path / "b").glob("seg-*"))) <= MERGE_SMALL
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) <= fds + MERGE_SMALL + 2
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == digest(bank)
+    bank.compact()  # merges the small segments into one
+    assert len(list((tmp_path / "b").glob("seg-*"))) == 1
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == digest(bank)
+
+
 def test_a_second_writer_cannot_commit_over_the_first(tmp_path):
     """Review finding: two processes (or two MemLong on one memory_path) that opened one disk bank both committed
     without error, and the second commit deleted the first one's new segment: its namespace was gone."""
