@@ -96,8 +96,7 @@ class BankWrites:
                              "fewer or smaller chunks, or raise the capacity.")
         if self.max_bytes is None:
             return cap, set()
-        # staging namespaces (memlong.upsert) hold a copy of what is being written: not counted twice
-        others = sum(s.nbytes for n, s in self._spaces.items() if n != namespace and not n.startswith(STAGING_PREFIX))
+        others = sum(s.nbytes for n, s in self._spaces.items() if n != namespace)
         incoming = sum(sizes.values())
         if incoming > self.max_bytes:
             raise MemoryFullError(

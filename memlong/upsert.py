@@ -58,11 +58,12 @@ def ingest_entries(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_ids
         twice = next(d for d in doc_ids if doc_ids.count(d) > 1)
         raise ValueError(f"doc_ids name {twice!r} twice; each entry needs its own id (nothing was added).")
     bank = ml.bank
-    staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}"  # not counted twice against max_bytes while moved
+    staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}"  # the entries are ingested here first, then moved in one add
     try:
         stats = ml.ingest(list(texts), namespace=staging, doc_ids=list(doc_ids), metadatas=metadatas,
                           **ingest_options)
-        chunks = [bank.get(cid, namespace=staging) for cid in bank.chunk_ids(staging)]
+        chunks = bank.chunks(staging)  # copies, their K-V kept: the staging space goes before the final add, so
+        bank.reset(staging)            # that add counts every namespace against max_bytes
         if stats.evicted or [c.id for c in chunks] != stats.chunk_ids:
             raise ValueError(f"The entries ({stats.tokens} tokens) do not fit the bank's limits (capacity "
                              f"{bank.capacity} tokens per namespace, max_bytes={bank.max_bytes}); nothing was added. "

@@ -111,3 +111,18 @@ def test_ingest_entries_refuses_one_id_twice_and_mismatched_lists(tiny):
         with pytest.raises(ValueError, match=needle):  # "a" twice merged both entries into one
             ingest_entries(tiny, ["first entry text", "second entry text"], namespace="e", progress=False, **bad)
     assert tiny.bank.namespaces() == []
+
+
+def test_a_namespace_named_like_an_upsert_staging_space_counts_against_max_bytes(embedder):
+    """Review finding: namespaces starting with memlong's staging prefix were left out of the max_bytes total, so a
+    user's namespace of that name let the bank grow past max_bytes without an error."""
+    import torch
+
+    from memlong.bank_writes import STAGING_PREFIX
+
+    bank = MemoryBank(embedder=embedder, max_bytes=60_000, dtype=torch.float32)
+    k = torch.zeros(2, 1, 64, 16)
+    bank.add_chunks([f"staged {i}" for i in range(3)], keys=[k] * 3, values=[k] * 3, namespace=STAGING_PREFIX + "x")
+    with pytest.raises(MemoryFullError, match="max_bytes"):
+        bank.add_chunks([f"a {i}" for i in range(3)], keys=[k] * 3, values=[k] * 3, namespace="a", atomic=True)
+    assert bank.nbytes() <= 60_000
