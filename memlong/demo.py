@@ -22,7 +22,7 @@ from typing import Any
 
 from memlong.evaluation import fact_rank, shakespeare_text
 from memlong.model import IngestStats, MemLong
-from memlong.prompts import question_prompt
+from memlong.prompts import PLAIN_STOP, question_prompt
 
 __all__ = ["ANSWER_PREFIX", "FACT", "QUESTION", "SAFFRON", "DemoFact", "ask_fact", "plant_fact", "run_demo"]
 
@@ -78,7 +78,8 @@ def ask_fact(ml: MemLong, fact: DemoFact = SAFFRON, *, namespace: str = "demo", 
     # A plain continuation prompt: retrieved chunks sit before it, so the play text flows straight into the
     # question (a chat header between them confuses a 135M model); the answer's form is forced.
     generation = ml.generate(question_prompt(fact.question), query=fact.question, namespace=namespace,
-                             answer_prefix=" " + fact.answer_prefix, max_new_tokens=max_new_tokens, stream=True)
+                             answer_prefix=" " + fact.answer_prefix, max_new_tokens=max_new_tokens, stream=True,
+                             stop=PLAIN_STOP)  # the answer ends at a blank line or the next question
     answer = ""
     for piece in generation:
         answer += piece
@@ -99,10 +100,14 @@ def run_demo(ml: MemLong, *, play: str = "hamlet", load_memory: str | None = Non
     print(f"model: {ml}")
     if load_memory:  # reuse a memory saved by an earlier `memlong demo --save-memory DIR`
         ml.load_memory(load_memory, namespaces=["demo"])
+        saved = {c.metadata.get("play") for c in ml.bank.chunks("demo")} - {None}  # None: saved before plays were
+        if saved and saved != {play}:                                               # recorded
+            raise ValueError(f"--load-memory {load_memory} holds the memory of {', '.join(sorted(saved))}, not {play}: "
+                             f"give --play {sorted(saved)[0]}, or drop --load-memory to read {play}.")
         stats = IngestStats()
         print(f"loaded memory from {load_memory}: {ml.bank!r}")
     else:
-        stats = ml.ingest(document, namespace="demo", progress=progress)
+        stats = ml.ingest(document, namespace="demo", progress=progress, metadatas=[{"play": play}])
     if save_memory:
         print(f"saved memory to {ml.save_memory(save_memory, namespaces=['demo'])}")
     asked = ask_fact(ml, SAFFRON, namespace="demo", max_new_tokens=max_new_tokens)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from memlong.demo import FACT, SAFFRON, DemoFact, ask_fact, plant_fact, run_demo
+from memlong.prompts import PLAIN_STOP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -51,9 +52,13 @@ def test_ask_fact_reports_the_rank_of_the_facts_chunk(make_tiny, top_k):
 def test_ask_fact_prints_the_question_and_streamed_answer(make_tiny, capsys):
     ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
     ml.ingest(plant_fact(TEXT, 0.5, HORSE), namespace="demo", progress=False)
+    calls, generate = [], ml.generate
+    ml.generate = lambda *a, **k: calls.append(k) or generate(*a, **k)
     asked = ask_fact(ml, HORSE, namespace="demo", max_new_tokens=4)
     out = capsys.readouterr().out
     assert f"Q: {HORSE.question}\nA: {HORSE.answer_prefix}{asked['answer']}" in out
+    # the answer ends at a blank line or the next question (it ran on into the play: "...Zanthe.\n\nQueen.")
+    assert calls[0]["stop"] == PLAIN_STOP
 
 
 def test_run_demo_keeps_its_summary_and_says_whether_the_answer_contains_the_fact(make_tiny, tmp_path, capsys):
@@ -77,6 +82,19 @@ def test_run_demo_keeps_its_summary_and_says_whether_the_answer_contains_the_fac
     out = capsys.readouterr().out
     verdict = "contains" if summary["answer_mentions_saffron"] else "does NOT contain"
     assert f"The answer {verdict} the planted fact ('saffron')" in out
+
+
+def test_run_demo_refuses_memory_saved_from_another_play(make_tiny, tmp_path):
+    """Review finding: `memlong demo --play hamlet --load-memory DIR` with DIR saved from another play announced
+    Hamlet and answered from the other play's memory."""
+    ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
+    ml.ingest(plant_fact(TEXT), namespace="demo", progress=False, metadatas=[{"play": "macbeth"}])  # as run_demo does
+    ml.save_memory(tmp_path / "memory", namespaces=["demo"])
+    ml.reset("demo")
+    with pytest.raises(ValueError, match="holds the memory of macbeth, not hamlet: give --play macbeth"):
+        run_demo(ml, play="hamlet", load_memory=str(tmp_path / "memory"), max_new_tokens=2, progress=False)
+    ml.reset("demo")
+    assert run_demo(ml, play="macbeth", load_memory=str(tmp_path / "memory"), max_new_tokens=2, progress=False)
 
 
 def test_demo_facts_slices_keep_the_fact_at_its_depth():
