@@ -43,6 +43,7 @@ COMMAND_DEFAULTS = {
     # chunk's first 32 tokens (EPIC) made the full-Hamlet demo answer at top-k 4 and 8 (docs/rag-fidelity.md)
     "demo": {"top_k": 4, "kv_reencode_head": 32},
     "train": {"kv_source": "memory_layer", "position_layout": "zero"},  # the paper's trained mode
+    "train-reader": {"local_window": 2048},  # its teacher pastes top_k=8 chunks of 128 tokens and the question
 }
 
 

@@ -125,8 +125,8 @@ def add_train_reader_command(sub: Any, common: argparse.ArgumentParser, func: An
     tr.add_argument("--lora-rank", type=int_at_least(1), default=16)
     tr.add_argument("--lora-alpha", type=positive_float, default=32.0)
     tr.add_argument("--lr", type=positive_float, default=3e-4, help="learning rate (default 3e-4)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.set_defaults(func=func)
+    tr.add_argument("--seed", type=int, default=0, help="seed of the planted facts and their order (default 0)")
+    tr.set_defaults(func=func, config_defaults="train-reader")
 
 
 def config_field_help() -> dict[str, str]:

@@ -75,6 +75,10 @@ def test_cli_per_command_top_k_defaults_do_not_leak_into_other_commands():
     assert resolved(["demo"]) == 4
     assert resolved(["eval", "icl"]) == 8  # ICL retrieves --memory-k demonstrations; top_k keeps the library default
     assert resolved(["eval", "ppl", "--top-k", "2"]) == 2
+    # train-reader runs with the window its teacher needs (it failed with its own defaults); nowhere else
+    window = lambda argv: _config(parser.parse_args(argv)).get("local_window", MemLongConfig().local_window)
+    assert window(["train-reader", "--output", "r"]) == 2048 and window(["demo"]) == window(["eval", "ppl"]) == 1024
+    assert window(["train-reader", "--output", "r", "--local-window", "4096"]) == 4096
 
 
 def test_module_docstring_examples_hold():
