@@ -203,7 +203,7 @@ class MemLong:
             logits_for: which positions get logits (``None``: none, e.g. when only K-V are wanted).
 
         Example:
-            >>> out = ml.run(ml.encode_prompt("Who is Hamlet?"), memory=ml.memory_for(ids, "hamlet"),
+            >>> out = ml.run(ml.encode_prompt("Who is Hamlet?"), memory=ml.memory_for(chunk_ids, "hamlet"),
             ...              logits_for=slice(-1, None))
             >>> out.logits.shape        # (1, 1, vocab)
         """
@@ -320,7 +320,7 @@ class MemLong:
         for callers that build their own ids and memory (evaluations, benchmarks).
 
         Example:
-            >>> ml.decode(ml.encode_prompt("The pass key is"), ml.memory_for(ids, "doc"), max_new_tokens=8).text()
+            >>> ml.decode(ml.encode_prompt("The pass key is"), ml.memory_for(chunk_ids, "doc"), max_new_tokens=8).text()
         """
         return generation.decode(self, ids, memory, max_new_tokens=max_new_tokens, temperature=temperature,
                                  seed=seed, stop=stop)

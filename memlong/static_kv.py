@@ -20,7 +20,7 @@ those decode on the dynamic path.
 
 Example:
     >>> ml = MemLong.from_pretrained("default", decode_mode="static")
-    >>> ml.decode(ml.encode_prompt("Who is Hamlet?"), ml.memory_for(ids, "hamlet"), max_new_tokens=16).text()
+    >>> ml.decode(ml.encode_prompt("Who is Hamlet?"), ml.memory_for(chunk_ids, "hamlet"), max_new_tokens=16).text()
 """
 
 from __future__ import annotations
