@@ -211,9 +211,11 @@ class BankFiles:
         stored = {"quantization": config.get("quantization", "none"), "dtype": kwargs["dtype"]}
         for key in ("quantization",) + (("dtype",) if segments is not None else ()):
             if key in options and options[key] != stored[key]:
+                config_value = DTYPE_NAMES.get(stored[key], stored[key]) if key == "dtype" else stored[key]
                 raise MemoryMismatchError(f"The memory bank at {path} stores K-V with {key}={stored[key]!r}, but it "
                                           f"is being opened with {key}={options[key]!r}. Open it with "
-                                          f"{key}={stored[key]!r} (memory_{key} in MemLongConfig), or re-ingest.")
+                                          f"{key}={stored[key]!r} (memory_{key}={config_value!r} in MemLongConfig), "
+                                          "or re-ingest.")
         kwargs.update(options, quantization=stored["quantization"])
         kwargs.pop("path", None)
         try:
@@ -328,7 +330,8 @@ class BankFiles:
             total -= sum(self._spaces[n].nbytes for n in spaces if n in self._spaces)
             if total > self.max_bytes:
                 raise MemoryFullError(f"Loading {path} would make the bank hold {total} bytes, over its "
-                                      f"max_bytes={self.max_bytes}. Reset namespaces first or raise max_bytes.")
+                                      f"max_bytes={self.max_bytes}. Raise max_bytes, load fewer namespaces "
+                                      "(namespaces=[...]), or reset namespaces of this bank first.")
         victims = {name: capacity_victims(loaded[name][0], self.capacity, self.evict_oldest, self.keep_newest)
                    for name in spaces}  # a smaller capacity than the saving bank's: the usual rule applies
         for name, drop in victims.items():  # warned before anything changes (a warning raised as an error)
