@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -325,6 +326,10 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
     if chunk_ids is None and retrieve:
         chunk_ids = retrieve_ids(ml, query or prompt, namespace)
+        others = ml.bank.namespaces() if not chunk_ids and ml.config.top_k > 0 else []
+        if others and namespace not in others:  # a misspelt namespace answered from no memory without a word
+            warnings.warn(f"Namespace {namespace!r} holds no memory (this bank has {', '.join(map(repr, others[:5]))}"
+                          f"{', ...' if len(others) > 5 else ''}); answering without memory.", UserWarning, stacklevel=3)
     chunk_ids = list(chunk_ids or [])
     memory = ml.memory_for(chunk_ids, namespace)  # raises UnknownChunkError before any work
     refreshed = 0

@@ -186,3 +186,20 @@ def test_a_batching_stream_writes_its_waiting_chunks_before_a_step_that_retrieve
     stream.flush()
     spans = [ml.bank.get(c, namespace="b").span for c in ml.bank.chunk_ids("b")]
     assert spans == sorted(spans) and len(spans) == len(set(spans))
+
+
+def test_a_namespace_that_holds_nothing_is_said_when_the_bank_has_others(make_tiny):
+    """Review finding: a misspelt namespace answered from no memory without a word."""
+    import warnings
+
+    import pytest
+
+    ml, _ = make_tiny(local_window=512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ml.generate("Where does the red ship sail?", max_new_tokens=1)  # an empty bank: nothing to say
+        ml.ingest(TEXT, namespace="ships", progress=False)
+        ml.generate("Where does the red ship sail?", namespace="ships", max_new_tokens=1)
+    with pytest.warns(UserWarning, match="'shipz' holds no memory \\(this bank has 'ships'\\)") as record:
+        ml.generate("Where does the red ship sail?", namespace="shipz", max_new_tokens=1)
+    assert record[0].filename == __file__  # points at the caller's line
