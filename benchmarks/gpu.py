@@ -168,11 +168,13 @@ def _peak_gib(device: str) -> float | None:
 @contextlib.contextmanager
 def _plain(model):
     """Run the HF model with plain SDPA attention inside the ``with`` block (MemLong registers its own)."""
-    old, model.config._attn_implementation = model.config._attn_implementation, "sdpa"
+    from memlong.attention import ATTN_NAME
+
+    model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
-        model.config._attn_implementation = old
+        model.set_attn_implementation(ATTN_NAME)
 
 
 def _is_oom(exc: BaseException) -> bool:
