@@ -168,13 +168,11 @@ def _peak_gib(device: str) -> float | None:
 @contextlib.contextmanager
 def _plain(model):
     """Run the HF model with plain SDPA attention inside the ``with`` block (MemLong registers its own)."""
-    from memlong.attention import ATTN_NAME
-
-    model.set_attn_implementation("sdpa")
+    old, model.config._attn_implementation = model.config._attn_implementation, "sdpa"
     try:
         yield
     finally:
-        model.set_attn_implementation(ATTN_NAME)
+        model.config._attn_implementation = old
 
 
 def _is_oom(exc: BaseException) -> bool:

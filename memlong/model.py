@@ -82,7 +82,8 @@ class MemLong:
         self.tokenizer = tokenizer
         self.num_layers = int(model.config.num_hidden_layers)
         self.config = (config or MemLongConfig()).resolve(self.num_layers)
-        model.set_attn_implementation(register())  # transformers' public switch to the registered "memlong"
+        register()
+        model.config._attn_implementation = "memlong"
         model.eval()
         self.decoder = model.model  # embeddings + layers + final norm
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
