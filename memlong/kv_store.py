@@ -312,10 +312,17 @@ def open_disk_store(path: Path, quantization: Quantization, dtype: torch.dtype, 
                          "MemLong.load_memory), or give a new directory.")
     from memlong.storage import foreign_files
 
-    other = foreign_files(path)  # a bank's own leftovers (a process killed before its first commit) are fine:
-    if other:                    # the first commit removes them
-        raise ValueError(f"Refusing to keep a disk bank in {path}: it holds other files ({', '.join(other[:3])}"
-                         f"{', ...' if len(other) > 3 else ''}). Give a new or empty directory.")
+    if path.is_dir():
+        other = sorted(p.name for p in path.iterdir() if p.name != ".lock")
+        ours = not foreign_files(path)  # only a bank's own segment files: a bank that never committed here
+        if other and ours:  # killed before its first commit, or still writing: which one cannot be told apart
+            raise ValueError(f"Refusing to keep a disk bank in {path}: it holds segment files of a disk bank that "
+                             f"never committed ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): one killed "
+                             "before its first commit, or one still writing there. If no process is writing there, "
+                             "delete them; or give a new or empty directory.")
+        if other:
+            raise ValueError(f"Refusing to keep a disk bank in {path}: it holds other files ({', '.join(other[:3])}"
+                             f"{', ...' if len(other) > 3 else ''}). Give a new or empty directory.")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

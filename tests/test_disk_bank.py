@@ -267,16 +267,19 @@ def test_a_second_writer_cannot_commit_over_the_first(tmp_path):
     assert MemoryBank.load(tmp_path / "n", embedder=HashEmbedder()).namespaces() == ["x"]
 
 
-def test_a_folder_left_by_a_bank_killed_before_its_first_commit_can_be_used_again(tmp_path):
-    """Review finding: the segment files of a process killed before its first commit made the folder unusable
-    ("it holds other files"), though they are the bank's own; the first commit removes them."""
+def test_a_folder_with_segments_of_a_bank_that_never_committed_is_refused_with_what_to_do(tmp_path):
+    """They may be a live writer's (a second bank accepting them would delete them at its first commit) or a
+    killed one's: the error says which files, both cases and the fix. A folder with other files names them."""
     leftover = tmp_path / "b" / "seg-0123456789abcdef.safetensors"
     leftover.parent.mkdir()
     leftover.write_bytes(b"half a segment")
+    with pytest.raises(ValueError, match="segment files of a disk bank that never committed.*still writing.*delete"):
+        MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b")
+    assert leftover.exists()
+    leftover.unlink()
     bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
     fill(bank, "ns", 3)
     bank.commit()
-    assert not leftover.exists() and _only_named_files(tmp_path / "b")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"holds other files \(notes.txt\)"):
