@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,7 @@ from memlong.records import (
     parse_namespaces,
 )
 from memlong.search import NamespaceIndex
-from memlong.storage import MemoryFileError, read_bank, write_bank
+from memlong.storage import MemoryFileError, committed, read_bank, write_bank
 
 if TYPE_CHECKING:
     from memlong.memory import MemoryBank
@@ -109,9 +110,11 @@ class BankFiles:
             >>> bank.add_chunks(texts, keys=keys, values=values); bank.commit()
 
         Raises:
-            ValueError: not a disk bank.
-            OSError: the disk refused a write (full, read-only): the directory still holds the last commit and
-                this bank is unchanged; free space and commit again.
+            ValueError: not a disk bank, or another writer (process, or bank on the same path) committed to the
+                directory since this bank opened it (nothing written; reopen it and redo the changes).
+            OSError: the disk refused a write (full, read-only): the directory still holds the last commit (or,
+                when the failure came after the commit point, the new one, as the message says) and this bank is
+                unchanged; free space and commit again.
         """
         if self.path is None:
             raise ValueError("commit() makes a disk bank durable; this bank keeps K-V in memory. Use save(path), "
@@ -119,20 +122,27 @@ class BankFiles:
         if fingerprint is not None:
             self._fingerprint = fingerprint
         with self._lock.write():
+            token = secrets.token_hex(8)
             try:
                 self._store.checkpoint()  # the buffer as a segment (small segments merged once there are many)
                 record, tensors = self._snapshot(None, getattr(self, "_fingerprint", None), inline=False)
                 self._store.committed = write_bank(self.path, record, tensors, segments=self._store.entries(),
-                                                   expect=self._store.committed)
+                                                   expect=self._store.committed, token=token)
                 return self.path
             except OSError as exc:
-                raise OSError(exc.errno, f"Cannot commit the disk bank at {self.path}: {exc.strerror or exc}. The "
-                                         "directory still holds the last commit and nothing in this bank was lost; "
-                                         "free space (or fix permissions) and commit again.") from None
+                landed = committed(self.path) == f"bank-{token}.json"  # failed after the commit point
+                if landed:
+                    self._store.committed = f"bank-{token}.json"
+                state = ("The new commit is in place, but the disk could not confirm it" if landed else
+                         "The directory still holds the last commit")
+                raise OSError(exc.errno, f"Cannot commit the disk bank at {self.path}: {exc.strerror or exc}. {state} "
+                                         "and nothing in this bank was lost; free space (or fix permissions) and "
+                                         "commit again.") from None
 
     def compact(self, threshold: float = 0.5) -> int:
-        """Reclaim disk space of deleted and evicted chunks: segments whose live share is below ``threshold`` are
-        rewritten (their live chunks only) and the bank commits; returns the bytes freed. Safe to kill: until
+        """Reclaim disk space of deleted and evicted chunks: segments whose live share is below ``threshold`` (and
+        the small segments, when there are several) are rewritten (their live chunks only) and the bank commits;
+        returns the bytes freed. Safe to kill: until
         the commit the old segments are what the manifest names.
 
         Example:

@@ -192,14 +192,17 @@ def committed(path: str | os.PathLike) -> str | None:
 
 
 def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequence[tuple[str, torch.Tensor]],
-               segments: Sequence[dict[str, Any]] | None = None, *, expect: Any = _ANY) -> str:
+               segments: Sequence[dict[str, Any]] | None = None, *, expect: Any = _ANY,
+               token: str | None = None) -> str:
     """Atomically replace the bank stored in directory ``path`` with ``record`` (JSON-able) and ``tensors``;
     returns the new commit (:func:`committed`).
 
     ``segments``: manifest entries of K-V segment files already written (fsynced) in ``path`` that the record
     refers to (a disk bank, format version 2); every other segment file there is removed after the commit.
     ``expect``: the commit the writer last saw there (a disk bank's open or last commit; None: no bank yet); if
-    another writer committed since, nothing is written (its segments would be removed).
+    another writer committed since, nothing is written (its segments would be removed). ``token``: 16 hex digits
+    naming the new files (default: random), so that a caller knows the new commit (``bank-<token>.json``) even when
+    the disk fails after the commit point.
 
     Raises:
         ValueError: ``path`` is a file, a non-empty directory that holds no memory bank (never scribbled on), or
@@ -222,7 +225,7 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
     version = VERSION if segments is None else SEGMENT_VERSION
     body = json.dumps({"format": FORMAT, "version": version, **record}, ensure_ascii=False, allow_nan=False,
                       separators=(",", ":")).encode()
-    token = secrets.token_hex(8)
+    token = token or secrets.token_hex(8)
     names = [f"bank-{token}.json", f"tensors-{token}.safetensors"]
     with _locked(path, exclusive=True):
         if expect is not _ANY and committed(path) != expect:

@@ -397,6 +397,35 @@ def test_disk_full_at_commit_loses_nothing(tmp_path, monkeypatch):
     assert _only_named_files(tmp_path / "b")
 
 
+def test_a_commit_that_fails_after_its_commit_point_can_commit_again(tmp_path, monkeypatch):
+    """Review finding: an error in the directory fsync after the new manifest went live left the bank expecting its
+    old commit, so every later commit was refused as another writer's; the message said the old commit was there."""
+    import errno
+
+    import memlong.storage as storage
+
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fill(bank, "ns", 2)
+    bank.commit()
+    fill(bank, "ns", 2, seed=3)
+    fsync_dir, calls = storage._fsync_dir, []
+
+    def fails_after_the_rename(path):
+        calls.append(1)
+        if not (Path(path) / "manifest.json.tmp").exists():  # the fsync after the commit point
+            raise OSError(errno.EIO, "Input/output error")
+        fsync_dir(path)
+
+    monkeypatch.setattr(storage, "_fsync_dir", fails_after_the_rename)
+    with pytest.raises(OSError, match="The new commit is in place, but the disk could not confirm it"):
+        bank.commit()
+    monkeypatch.undo()
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())) == digest(bank)
+    fill(bank, "ns", 1, seed=4)
+    bank.commit()  # was: ValueError "committed by another writer"
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == digest(bank)
+
+
 def test_disk_full_at_compact_loses_nothing(tmp_path, monkeypatch):
     """Review finding: a compact() whose new segment the disk refused forgot where the moved chunks live; later
     deletes could never empty their old segments and the bookkeeping no longer matched the manifest."""
