@@ -56,6 +56,12 @@ __all__ = ["DTYPE_NAMES", "BankFiles"]
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # the one table (memlong.dtypes), inverted
 
 
+def _refused(exc: OSError, action: str, state: str) -> OSError:
+    """The error of a save or commit the disk refused: what the directory holds now, and that nothing was lost."""
+    return OSError(exc.errno, f"Cannot {action}: {exc.strerror or exc}. {state[0].upper()}{state[1:]}, and nothing "
+                              f"in this bank was lost; free space (or fix permissions) and {action.split()[0]} again.")
+
+
 class BankFiles:
     """Persistence methods of :class:`~memlong.memory.MemoryBank` (see the module docstring)."""
 
@@ -97,9 +103,7 @@ class BankFiles:
             state = ("the new save is in place, but the disk could not confirm it" if after != before else
                      "the bank saved there before is still there and loadable" if before is not None else
                      "nothing loadable was written there")
-            raise OSError(exc.errno, f"Cannot save the memory bank to {path}: {exc.strerror or exc}. {state[0].upper()}"
-                                     f"{state[1:]}, and nothing in this bank was lost; free space (or fix permissions) "
-                                     "and save again.") from None
+            raise _refused(exc, f"save the memory bank to {path}", state) from None
 
     def commit(self, *, fingerprint: dict[str, Any] | None = None) -> Path:
         """Make a disk bank durable in its directory: buffered K-V become a segment, then the record and a new
@@ -112,9 +116,8 @@ class BankFiles:
         Raises:
             ValueError: not a disk bank, or another writer (process, or bank on the same path) committed to the
                 directory since this bank opened it (nothing written; reopen it and redo the changes).
-            OSError: the disk refused a write (full, read-only): the directory still holds the last commit (or,
-                when the failure came after the commit point, the new one, as the message says) and this bank is
-                unchanged; free space and commit again.
+            OSError: the disk refused a write (full, read-only): the directory holds the last commit (or the new
+                one, failing after the commit point; the message says which), this bank is unchanged.
         """
         if self.path is None:
             raise ValueError("commit() makes a disk bank durable; this bank keeps K-V in memory. Use save(path), "
@@ -130,20 +133,17 @@ class BankFiles:
                                                    expect=self._store.committed, token=token)
                 return self.path
             except OSError as exc:
-                landed = committed(self.path) == f"bank-{token}.json"  # failed after the commit point
-                if landed:
+                if committed(self.path) == f"bank-{token}.json":  # it failed after the commit point
                     self._store.committed = f"bank-{token}.json"
-                state = ("The new commit is in place, but the disk could not confirm it" if landed else
-                         "The directory still holds the last commit")
-                raise OSError(exc.errno, f"Cannot commit the disk bank at {self.path}: {exc.strerror or exc}. {state} "
-                                         "and nothing in this bank was lost; free space (or fix permissions) and "
-                                         "commit again.") from None
+                    raise _refused(exc, f"commit the disk bank at {self.path}", "the new commit is in place, but the "
+                                   "disk could not confirm it") from None
+                raise _refused(exc, f"commit the disk bank at {self.path}", "the directory still holds the last "
+                               "commit") from None
 
     def compact(self, threshold: float = 0.5) -> int:
         """Reclaim disk space of deleted and evicted chunks: segments whose live share is below ``threshold`` (and
         the small segments, when there are several) are rewritten (their live chunks only) and the bank commits;
-        returns the bytes freed. Safe to kill: until
-        the commit the old segments are what the manifest names.
+        returns the bytes freed. Safe to kill: until the commit the old segments are what the manifest names.
 
         Example:
             >>> bank.delete(doc_id="old"); bank.compact()
