@@ -137,7 +137,8 @@ class Trainer:
         self._t0 = self._call_start = self._restream = 0.0  # clocks of this call; restream: not training time
         self._done = False
         self._bar: Any = None
-        self._unsaved: tuple[int, int, int] | None = None  # next position after the last step, when not checkpointed
+        # (next position, counters) right after the last step, when it is not checkpointed: what Ctrl-C saves
+        self._unsaved: tuple[tuple[int, int, int], dict[str, Any]] | None = None
 
     def resume(self, ckpt: dict[str, Any]) -> None:
         """Continue from a checkpoint (:func:`memlong.checkpoint.load_checkpoint`) of this run."""
@@ -176,7 +177,7 @@ class Trainer:
                 self._document(namespace, (epoch, d), *documents[doc])
         except KeyboardInterrupt:  # Ctrl-C: keep the steps since the last checkpoint (a rerun resumes from here)
             if self._unsaved is not None:
-                self._save(self._unsaved)
+                self._save(*self._unsaved)
             raise
         finally:
             self._bar.close()
@@ -272,13 +273,14 @@ class Trainer:
         if result.steps % cfg.save_every == 0 or self._done:
             self._save(next_position)
         else:
-            self._unsaved = next_position
+            self._unsaved = next_position, {key: getattr(result, key) for key in COUNTERS}
 
-    def _save(self, next_position: tuple[int, int, int]) -> None:
-        """A checkpoint: trainable weights, optimizer, schedule, counters and the next segment to train."""
+    def _save(self, next_position: tuple[int, int, int], counters: dict[str, Any] | None = None) -> None:
+        """A checkpoint: trainable weights, optimizer, schedule, counters (default: the result's now) and the next
+        segment to train."""
         result = self.result
         result.peak_rss_mb = max(result.peak_rss_mb, _peak_rss_mb())
         save_checkpoint(self.out, self.params, self.optimizer, self.scheduler,
                         {"step": result.steps, "losses": result.losses, "position": list(next_position),
                          "identity": self.identity, "eval_before": result.eval_before,
-                         "counters": {key: getattr(result, key) for key in COUNTERS}})
+                         "counters": counters or {key: getattr(result, key) for key in COUNTERS}})

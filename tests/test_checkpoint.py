@@ -132,3 +132,6 @@ def test_ctrl_c_checkpoints_the_last_finished_step_and_a_rerun_resumes_it(tiny_h
     resumed = train(fresh(), docs, TrainConfig(output_dir=tmp_path / "b", **cfg))
     assert resumed.resumed_from_step == 3
     assert resumed.losses == pytest.approx(straight.losses, rel=1e-4)
+    # the counters too: the half-accumulated step's segments are trained again, not counted twice
+    assert (resumed.segments, resumed.tokens, resumed.segments_with_memory) == \
+        (straight.segments, straight.tokens, straight.segments_with_memory)
