@@ -15,6 +15,7 @@ Contract of :func:`answer_pieces` (shared by the LlamaIndex and LangChain adapte
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -132,9 +133,9 @@ def answer_text(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bool
 
 
 def call_max_tokens(kwargs: dict[str, Any], default: int) -> int:
-    """A call's token budget: its ``max_tokens`` (or ``max_new_tokens``), ``default`` when neither is given or is
-    ``None``; ValueError unless a positive integer."""
+    """A call's token budget: its ``max_tokens`` (or else ``max_new_tokens``), ``default`` when neither is given or
+    is ``None``; ValueError unless a positive integer (numpy's too)."""
     limit = next((kwargs[k] for k in ("max_tokens", "max_new_tokens") if kwargs.get(k) is not None), default)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit <= 0:
         raise ValueError(f"max_tokens must be a positive integer, got {limit!r}.")
-    return limit
+    return int(limit)

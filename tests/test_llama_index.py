@@ -545,6 +545,10 @@ def test_llm_options_by_either_name_and_typos_refused(tiny_index):
     llm = MemLongLLM(ml, namespace="plays", max_new_tokens=2)
     llm.complete("Who?", max_tokens=None)  # the default budget (raised TypeError: int(None))
     assert ml.last_generation.new_tokens <= 2
+    import numpy as np
+
+    llm.complete("Who?", max_tokens=np.int64(1))  # numpy integers as before
+    assert ml.last_generation.new_tokens == 1
     for bad in (0, -1, 2.5, "3"):
         with pytest.raises(ValueError, match="max_tokens must be a positive integer"):
             llm.complete("Who?", max_tokens=bad)
