@@ -438,7 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memlong: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # no traceback for Ctrl-C; `train` checkpointed its last finished step
-        resume = "; rerun the same command to resume from its last step" if args.command == "train" else ""
+        from memlong.checkpoint import CHECKPOINT_NAME
+
+        resumable = args.command == "train" and not args.no_resume and (Path(args.output) / CHECKPOINT_NAME).exists()
+        resume = "; rerun the same command to resume from its last step" if resumable else ""
         print(f"memlong: interrupted{resume}", file=sys.stderr)
         return 130
 

@@ -72,15 +72,22 @@ def test_bad_inputs_fail_in_one_line_before_any_model_loads(argv, needles, tmp_p
     assert_one_line_error(*run(argv, capsys), *needles)
 
 
-@pytest.mark.parametrize("command, resume", [(["train"], True), (["eval", "ppl"], False)])
-def test_ctrl_c_ends_with_one_line_and_exit_code_130(command, resume, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("command, checkpoint, resume", [
+    (["train"], True, True), (["train"], False, False), (["train", "--no-resume"], True, False),
+    (["eval", "ppl"], False, False)])
+def test_ctrl_c_ends_with_one_line_and_exit_code_130(command, checkpoint, resume, tmp_path, capsys, monkeypatch):
+    """One line, no traceback; 'rerun to resume' only where a rerun resumes (a checkpoint, no --no-resume)."""
+    from memlong.checkpoint import CHECKPOINT_NAME
     from memlong.model import MemLong
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(MemLong, "from_pretrained", classmethod(interrupted))
-    code, err = run([*command, *(["--output", str(tmp_path / "run")] if resume else [])], capsys)
+    if checkpoint:  # as a run interrupted after its first steps leaves it
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / CHECKPOINT_NAME).write_text("{}")
+    code, err = run([*command, *(["--output", str(tmp_path / "run")] if command[0] == "train" else [])], capsys)
     assert code == 130 and err.strip().splitlines() == [err.strip()] and "Traceback" not in err
     assert "interrupted" in err and ("rerun the same command to resume" in err) == resume
 
