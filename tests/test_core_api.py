@@ -188,7 +188,7 @@ def test_a_batching_stream_writes_its_waiting_chunks_before_a_step_that_retrieve
     assert spans == sorted(spans) and len(spans) == len(set(spans))
 
 
-def test_a_namespace_that_holds_nothing_is_said_when_the_bank_has_others(make_tiny):
+def test_a_misspelt_namespace_is_said(make_tiny):
     """Review finding: a misspelt namespace answered from no memory without a word."""
     import warnings
 
@@ -200,6 +200,9 @@ def test_a_namespace_that_holds_nothing_is_said_when_the_bank_has_others(make_ti
         ml.generate("Where does the red ship sail?", max_new_tokens=1)  # an empty bank: nothing to say
         ml.ingest(TEXT, namespace="ships", progress=False)
         ml.generate("Where does the red ship sail?", namespace="ships", max_new_tokens=1)
-    with pytest.warns(UserWarning, match="'shipz' holds no memory \\(this bank has 'ships'\\)") as record:
+    with pytest.warns(UserWarning, match="'shipz' holds no memory \\(did you mean 'ships'\\?\\)") as record:
         ml.generate("Where does the red ship sail?", namespace="shipz", max_new_tokens=1)
     assert record[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():  # a new tenant's first question is no typo
+        warnings.simplefilter("error")
+        ml.generate("Where does the red ship sail?", namespace="tenant-42", max_new_tokens=1)
