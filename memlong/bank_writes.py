@@ -23,9 +23,10 @@ import torch
 from memlong.eviction import MemoryFullError, bytes_victims, capacity_victims
 from memlong.records import Chunk, check_chunk, check_embeddings
 
-__all__ = ["STAGING_PREFIX", "BankWrites"]
+__all__ = ["STAGING", "STAGING_PREFIX", "BankWrites"]
 
 STAGING_PREFIX = "_memlong-staging-"  # transient namespaces of memlong.upsert.ingest_entries
+STAGING: set[str] = set()  # those in use now: an upsert raises its own clear error, so they evict without a warning
 
 
 class BankWrites:

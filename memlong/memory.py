@@ -60,7 +60,7 @@ import torch
 
 from memlong.bank_files import DTYPE_NAMES, BankFiles
 from memlong.bank_views import BankViews
-from memlong.bank_writes import STAGING_PREFIX, BankWrites
+from memlong.bank_writes import STAGING, BankWrites
 from memlong.embedder import TextEmbedder
 from memlong.eviction import MemoryEvictionWarning, MemoryFullError, warn_evicted
 from memlong.kv_payload import Quantization, check_quantization
@@ -221,7 +221,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             evict_cap, evict_bytes = self._plan(namespace, kept, new, sizes, protect=atomic or bool(replace))
             # warned before anything changes: a warning turned into an error (warnings.simplefilter) leaves the bank
             # as it was
-            if not namespace.startswith(STAGING_PREFIX):  # an upsert's staging: it raises its own clear error
+            if namespace not in STAGING:  # an upsert's staging: it raises its own clear error
                 warn_evicted(namespace, len(evict_cap), f"memory_capacity={self.capacity} tokens",
                              "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))")
                 warn_evicted(namespace, len(evict_bytes), f"max_bytes={self.max_bytes}",

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from memlong.bank_writes import STAGING_PREFIX
+from memlong.bank_writes import STAGING, STAGING_PREFIX
 from memlong.model import MemLong
 
 __all__ = ["RESERVED_PREFIXES", "check_user_metadata", "ingest_entries"]
@@ -59,6 +59,7 @@ def ingest_entries(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_ids
         raise ValueError(f"doc_ids name {twice!r} twice; each entry needs its own id (nothing was added).")
     bank = ml.bank
     staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}"  # the entries are ingested here first, then moved in one add
+    STAGING.add(staging)
     try:
         stats = ml.ingest(list(texts), namespace=staging, doc_ids=list(doc_ids), metadatas=metadatas,
                           **ingest_options)
@@ -82,3 +83,4 @@ def ingest_entries(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_ids
         return [by_entry[d] for d in doc_ids]
     finally:
         bank.reset(staging)
+        STAGING.discard(staging)

@@ -126,3 +126,6 @@ def test_a_namespace_named_like_an_upsert_staging_space_counts_against_max_bytes
     with pytest.raises(MemoryFullError, match="max_bytes"):
         bank.add_chunks([f"a {i}" for i in range(3)], keys=[k] * 3, values=[k] * 3, namespace="a", atomic=True)
     assert bank.nbytes() <= 60_000
+    small = MemoryBank(embedder=embedder, capacity=128, dtype=torch.float32)  # and it is warned of when it evicts
+    with pytest.warns(MemoryEvictionWarning):
+        small.add_chunks([f"s {i}" for i in range(3)], keys=[k] * 3, values=[k] * 3, namespace=STAGING_PREFIX + "y")
