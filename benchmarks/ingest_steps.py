@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def quickstart_cuts(ml, steps: list[int], cuts: list[int], top_ks: list[int]) ->
                     answer = ml.generate(f"\nQuestion: {question}\nAnswer:", query=question, namespace="_quickstart",
                                          answer_prefix=" The keeper of the northern tower is", max_new_tokens=8)
                     rows.append({"bench": "quickstart", "cut": at, "fact_token": len(ml.tokenize(play[:cut])),
-                                 "ingest_step": step, "top_k": k, "answer": answer, "correct": "Halvora" in answer})
+                                 "ingest_step": step, "top_k": k, "answer": answer,
+                                 "correct": re.search(r"Halvora\s+Quint", answer) is not None})  # not "Halvora\nCawdor"
     finally:
         ml.config = base
         ml.reset("_quickstart")
