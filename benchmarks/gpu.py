@@ -446,15 +446,19 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                 label="full attention (0 = OOM)", color="#bbbbbb")
     axes[0].set_xticks(x, [f"{r['tokens'] // 1024}k" for r in ing])
     axes[0].set_ylabel("peak GPU memory (GiB)")
+    axes[0].set_xlabel("document tokens")
     axes[0].legend()
     dec = sorted((r for r in rows if r["bench"] == "decode" and "step_ms" in r),
                  key=lambda r: (r["system"], r["history_tokens"]))
-    axes[1].bar([f"{r.get('decode_mode', 'full') if r['system'] == 'memlong' else 'full'}\n{r['history_tokens'] // 1024}k"
-                 for r in dec],
-                [r["step_ms"] for r in dec],
+    # numeric positions: equal labels (older records carry no decode_mode) must not stack their bars on one another
+    axes[1].bar(np.arange(len(dec)), [r["step_ms"] for r in dec],
                 color=["#2171b5" if r["system"] == "memlong" else "#bbbbbb" for r in dec])
+    axes[1].set_xticks(np.arange(len(dec)), [
+        f"{r.get('decode_mode') or 'MemLong' if r['system'] == 'memlong' else 'full'}\n{r['history_tokens'] // 1024}k"
+        for r in dec])
     axes[1].tick_params(axis="x", labelsize=8)
     axes[1].set_ylabel("ms per decode step")
+    axes[1].set_xlabel("MemLong (blue; its decode mode) or full attention (grey), history tokens")
     tt = [r for r in rows if r["bench"] == "ttft"]
     x = np.arange(len(tt))
     bars = [("kv_gpu_ttft_s", "K-V injection, K-V on GPU", "#08519c"),
@@ -468,6 +472,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         axes[2].bar(x + (i - (len(bars) - 1) / 2) * width, [r[key] for r in tt], width, label=label, color=color)
     axes[2].set_yscale("log")
     axes[2].set_xticks(x, [r["retrieved"] for r in tt])
+    axes[2].set_xlabel("retrieved chunks x tokens")
     axes[2].set_ylabel("time to first token (s)")
     axes[2].legend(fontsize=7, loc="upper left")
     fig.suptitle(title)
