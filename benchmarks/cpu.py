@@ -300,7 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     from memlong import MemLong
     from memlong.evaluation import shakespeare_text
 
-    benches = args.benches.split(",")
+    for flag in ("ttft_chunks", "faiss_sizes"):
+        values = getattr(args, flag).split(",")
+        if not all(v.strip().isdigit() and int(v) > 0 for v in values):
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: give comma-separated positive integers")
+    benches = [b for b in args.benches.split(",") if b]
+    if not benches or set(benches) - {"ingest", "ttft", "faiss", "bytes"}:
+        p.error(f"--benches {args.benches!r}: choose a comma-separated subset of ingest,ttft,faiss,bytes")
     text = shakespeare_text("hamlet")
     rows: list[dict] = []
     ml = None

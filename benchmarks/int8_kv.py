@@ -150,7 +150,7 @@ def ppl(args) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--benches", default="facts,passkey,ppl")
+    p.add_argument("--benches", default="facts,passkey,ppl", help="comma-separated subset of facts,passkey,ppl")
     p.add_argument("--facts", type=int, default=30)
     p.add_argument("--plays", default="hamlet,macbeth,othello,lear,romeo_and_juliet,twelfth_night")
     p.add_argument("--chars", type=int, default=8_000)
@@ -172,7 +172,9 @@ def main() -> int:
     result = {"benchmark": "int8-kv", "args": vars(args) | {"json": str(args.json)},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": "2-core CPU shared with other jobs (contended)"}
-    benches = args.benches.split(",")
+    benches = [b for b in args.benches.split(",") if b]
+    if not benches or set(benches) - {"facts", "passkey", "ppl"}:
+        p.error(f"--benches {args.benches!r}: choose a comma-separated subset of facts,passkey,ppl")
     if {"facts", "passkey"} & set(benches):
         ml = MemLong.from_pretrained("default", memory_capacity=131_072)
         q8 = MemoryBank(embedder=ml.bank.embedder, capacity=131_072, quantization="int8")

@@ -83,18 +83,23 @@ def throughput(bank, namespace: str, seconds: float, vectors, readers: int = 8) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--json", default="results/persistence.json")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens of Macbeth ingested (default 8192)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="seconds of each reader/writer run (default 10)")
+    ap.add_argument("--json", default=None, metavar="OUT",
+                    help="write the record as JSON (the README's: results/persistence.json)")
     args = ap.parse_args()
+    if args.tokens < 64 or args.seconds <= 0:
+        ap.error("--tokens must be at least 64 and --seconds positive")
     from memlong import MemLong, MemoryBank
     from memlong.evaluation import shakespeare_text
 
     out: dict = {"tokens": args.tokens}
 
     def dump() -> None:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
 
     ml = MemLong.from_pretrained("default", top_k=4)
     ids = ml.tokenize(shakespeare_text("macbeth"))[: args.tokens]

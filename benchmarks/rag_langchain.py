@@ -40,7 +40,8 @@ MODES = ("kv", "paste", "kv-chat", "none")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="MemLong model (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--facts", type=int, default=30, help="planted facts / questions (default 30)")
+    p.add_argument("--facts", type=_positive, default=30, metavar="N",
+                   help="planted facts / questions (default 30)")
     p.add_argument("--plays", default="hamlet,macbeth,othello,lear,romeo_and_juliet,twelfth_night",
                    help="comma-separated plays used as documents")
     p.add_argument("--chars", type=int, default=20_000, help="characters of each play (default 20000)")
@@ -119,6 +120,12 @@ def failure_lines(rows: list[dict]) -> list[str]:
     return [f"{r['mode']}: {r['retrieval_misses'] + r['reading_misses']}/{r['questions']} wrong: "
             + describe_misses({"retrieval": r["retrieval_misses"], "reading": r["reading_misses"]})
             for r in rows if "retrieval_misses" in r]
+
+
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
+    modes = [m for m in args.decode_modes.split(",") if m]
+    if set(modes) - {"dynamic", "static", "compiled"}:
+        p.error(f"--decode-modes {args.decode_modes!r}: choose from dynamic,static,compiled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     from memlong import MemLong
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ml = MemLong.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     tokens = ml.tokenize(shakespeare_text(args.play))
     rows = run(ml, tokens, args.repeats, args.device, args.memory_tokens,
-               [m for m in args.decode_modes.split(",") if m], args.decode_repeats)
+               modes, args.decode_repeats)
     print(table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
