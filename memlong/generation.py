@@ -20,11 +20,9 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -327,11 +325,6 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
     if chunk_ids is None and retrieve:
         chunk_ids = retrieve_ids(ml, query or prompt, namespace)
-        others = ml.bank.namespaces() if not chunk_ids and ml.config.top_k > 0 else []
-        near = [] if namespace in others else difflib.get_close_matches(namespace, [n for n in others if n[:1] != "_"])
-        if near:  # a misspelt namespace answered from no memory without a word (a new, empty one is not warned of)
-            warnings.warn(f"Namespace {namespace!r} holds no memory (did you mean {near[0]!r}?); answering without "
-                          "memory.", UserWarning, stacklevel=3)
     chunk_ids = list(chunk_ids or [])
     memory = ml.memory_for(chunk_ids, namespace)  # raises UnknownChunkError before any work
     refreshed = 0

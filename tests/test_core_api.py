@@ -188,21 +188,23 @@ def test_a_batching_stream_writes_its_waiting_chunks_before_a_step_that_retrieve
     assert spans == sorted(spans) and len(spans) == len(set(spans))
 
 
-def test_a_misspelt_namespace_is_said(make_tiny):
-    """Review finding: a misspelt namespace answered from no memory without a word."""
+def test_a_namespace_that_holds_nothing_reads_no_memory_and_says_so_in_its_stats_not_by_warning(make_tiny):
+    """A generate on a namespace that holds nothing reads no memory, and its stats say so (memory_tokens 0, no
+    chunk ids). No warning: one fired for every new tenant's first question (tenant-13 beside tenant-12 looks like a
+    typo) and named other tenants' namespaces, which are hard boundaries; session 14 dropped it for that, and a
+    difflib version of it came back in session 15 until the re-reading of the change."""
     import warnings
-
-    import pytest
 
     ml, _ = make_tiny(local_window=512)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ml.generate("Where does the red ship sail?", max_new_tokens=1)  # an empty bank: nothing to say
+        ml.generate("Where does the red ship sail?", max_new_tokens=1)  # an empty bank
         ml.ingest(TEXT, namespace="ships", progress=False)
-        ml.generate("Where does the red ship sail?", namespace="ships", max_new_tokens=1)
-    with pytest.warns(UserWarning, match="'shipz' holds no memory \\(did you mean 'ships'\\?\\)") as record:
-        ml.generate("Where does the red ship sail?", namespace="shipz", max_new_tokens=1)
-    assert record[0].filename == __file__  # points at the caller's line
-    with warnings.catch_warnings():  # a new tenant's first question is no typo
-        warnings.simplefilter("error")
-        ml.generate("Where does the red ship sail?", namespace="tenant-42", max_new_tokens=1)
+        ml.ingest(TEXT[:400], namespace="tenant-12", progress=False)
+        right = ml.generate("Where does the red ship sail?", namespace="ships", max_new_tokens=1, stream=True)
+        right.text()
+        assert right.stats.memory_tokens > 0 and right.stats.chunk_ids
+        for empty in ("shipz", "tenant-13"):
+            g = ml.generate("Where does the red ship sail?", namespace=empty, max_new_tokens=1, stream=True)
+            g.text()
+            assert g.stats.memory_tokens == 0 and g.stats.chunk_ids == []
