@@ -159,6 +159,7 @@ class DiskKVStore(KVStore):
         self.pending_bytes = 0
         self.dead: set[str] = set()  # segments no live chunk uses: removed from the next commit
         self.committed: str | None = None  # the directory's commit this store last opened or wrote (storage.committed)
+        self.finite: set[str] = set()  # mapped chunks whose K-V a fetch found finite (read)
 
     # ------------------------------------------------------------------ the bank's calls
     def put(self, chunks: Iterable[Chunk]) -> None:
@@ -168,6 +169,7 @@ class DiskKVStore(KVStore):
 
     def drop(self, chunks: Iterable[Chunk]) -> None:
         for c in chunks:
+            self.finite.discard(c.id)
             if self.pending.pop(c.id, None) is not None:
                 self.pending_bytes -= c.kv.nbytes
             name = self.where.pop(c.id, None)
@@ -238,7 +240,11 @@ class DiskKVStore(KVStore):
 
     def read(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = chunk.keys, chunk.values
-        if chunk.id in self.where and not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+        if chunk.id not in self.where or chunk.id in self.finite:  # in RAM (checked when added), or checked before
+            return keys, values
+        if torch.isfinite(keys).all() and torch.isfinite(values).all():
+            self.finite.add(chunk.id)  # a chunk's pages are checked on its first fetch only, not on every answer
+        else:
             raise MemoryFileError(f"Chunk {chunk.id} of namespace {chunk.namespace!r} reads non-finite K-V from segment "
                                   f"{self.where[chunk.id]} in {self.path}: the file is corrupted (every chunk added "
                                   "is checked finite). MemoryBank.load(path, verify=True) checks every segment's "
