@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memlong.cli_args import int_list
+
 
 def _median_time(fn, repeats: int) -> float:
     times = []
@@ -285,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingest-steps", default=None,
                    help="comma-separated ingest_step values to time (default: the config's store_step: the window "
                         "less one chunk when nothing is retrieved while storing, half-window steps otherwise)")
-    p.add_argument("--ttft-chunks", default="8,16", help="retrieved 512-token chunks for the TTFT benchmark")
-    p.add_argument("--faiss-sizes", default="1000,10000,100000,1000000", help="bank sizes (chunks)")
+    p.add_argument("--ttft-chunks", type=int_list(1), default=[8, 16],
+                   help="retrieved 512-token chunks for the TTFT benchmark (default 8,16)")
+    p.add_argument("--faiss-sizes", type=int_list(1), default=[1000, 10000, 100000, 1000000],
+                   help="bank sizes in chunks (default 1000,10000,100000,1000000)")
     p.add_argument("--bank-max", type=int, default=100_000, help="largest size also measured through MemoryBank")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median) per TTFT point")
     p.add_argument("--ingest-repeats", type=int, default=3,
@@ -300,10 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     from memlong import MemLong
     from memlong.evaluation import shakespeare_text
 
-    for flag in ("ttft_chunks", "faiss_sizes"):
-        values = getattr(args, flag).split(",")
-        if not all(v.strip().isdigit() and int(v) > 0 for v in values):
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: give comma-separated positive integers")
     benches = [b for b in args.benches.split(",") if b]
     if not benches or set(benches) - {"ingest", "ttft", "faiss", "bytes"}:
         p.error(f"--benches {args.benches!r}: choose a comma-separated subset of ingest,ttft,faiss,bytes")
@@ -321,11 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         ml_512 = MemLong.from_pretrained("default", chunk_size=512, local_window=2048)
         # 16 x 512 retrieved tokens + the question exceed the default model's 8,192 positions; RoPE is computed
         # for any position, so timing is unaffected (answers that far out would not be meaningful)
-        ml_512.max_positions = max(ml_512.max_positions, max(int(x) for x in args.ttft_chunks.split(",")) * 512 + 512)
-        rows += bench_ttft(ml_512, text, [int(x) for x in args.ttft_chunks.split(",")], args.repeats)
+        ml_512.max_positions = max(ml_512.max_positions, max(args.ttft_chunks) * 512 + 512)
+        rows += bench_ttft(ml_512, text, args.ttft_chunks, args.repeats)
         del ml_512
     if "faiss" in benches:
-        rows += bench_faiss([int(x) for x in args.faiss_sizes.split(",")], args.bank_max)
+        rows += bench_faiss(args.faiss_sizes, args.bank_max)
     if "bytes" in benches:
         rows += bench_bytes(ml)
     print(_table(rows))

@@ -34,13 +34,15 @@ import time
 import warnings
 from pathlib import Path
 
+from memlong.cli_args import int_at_least
+
 MODES = ("kv", "paste", "kv-chat", "none")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="MemLong model (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--facts", type=_positive, default=30, metavar="N",
+    p.add_argument("--facts", type=int_at_least(1), default=30, metavar="N",
                    help="planted facts / questions (default 30)")
     p.add_argument("--plays", default="hamlet,macbeth,othello,lear,romeo_and_juliet,twelfth_night",
                    help="comma-separated plays used as documents")
@@ -121,11 +123,6 @@ def failure_lines(rows: list[dict]) -> list[str]:
             + describe_misses({"retrieval": r["retrieval_misses"], "reading": r["reading_misses"]})
             for r in rows if "retrieval_misses" in r]
 
-
-def _positive(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

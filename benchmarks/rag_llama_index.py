@@ -38,6 +38,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from memlong.cli_args import int_at_least
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -46,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default", help="MemLong.from_pretrained name or path")
-    p.add_argument("--facts", type=_positive, default=30, metavar="N", help="planted facts = questions")
+    p.add_argument("--facts", type=int_at_least(1), default=30, metavar="N", help="planted facts = questions")
     p.add_argument("--plays", default="hamlet,macbeth,othello,lear,romeo_and_juliet,twelfth_night",
                    help="comma-separated plays (documents)")
     p.add_argument("--chars", type=int, default=20_000, help="characters of each play (default 20000)")
@@ -204,11 +206,6 @@ def fact_rank_of(nodes: list[Any], answer: str) -> int | None:
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.0%}"
 
-
-def _positive(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
