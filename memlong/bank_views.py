@@ -88,8 +88,8 @@ class BankViews:
                 return list(dict.fromkeys(chunk_ids))
             wanted = {c.doc_id for c in chunks}  # each document's chunks in the order they were stored: ingests of
             docs: dict[str, list] = {}  # one doc_id (LlamaIndex nodes, a re-ingest) each start their spans at 0
-            same = (self._chunks[i] for i in self._spaces[namespace].ids)
-            for chunk in sorted((c for c in same if c.doc_id in wanted), key=lambda c: c.order):
+            stored = (self._chunks[i] for i in self._spaces[namespace].ids)
+            for chunk in sorted((c for c in stored if c.doc_id in wanted), key=lambda c: c.order):
                 docs.setdefault(chunk.doc_id, []).append(chunk)
             out: dict[str, None] = {}
             for chunk in chunks:
