@@ -42,10 +42,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE: ``x`` (B, h, T, D) pre-RoPE, ``cos``/``sin`` (B, T, D) from the model's rotary module."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply RoPE: ``x`` (B, h, T, D) pre-RoPE, ``cos``/``sin`` (B, T, D) from the model's rotary module.
+
+    ``x * cos + rotate_half(x) * sin``, bit for bit, with temporaries of half its size instead of three of its size
+    (the retrieved memory of a question is rotated here: 8 x 512 tokens of the default model are 47 MB in float32);
+    ``out``: where to write it (a slice of a larger buffer; not for inputs that need gradients)."""
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    out = torch.mul(x, cos) if out is None else torch.mul(x, cos, out=out)
+    out[..., :half] -= x[..., half:] * sin[..., :half]  # not addcmul_: its fused rounding differs from the model's
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
 
 
 def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
