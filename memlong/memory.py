@@ -348,9 +348,9 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             return keys.to(device, non_blocking=nb), values.to(device, non_blocking=nb)
 
         parts = cache.read(namespace, chunks, dtype, copy) if cache is not None else [copy(c) for c in chunks]
-        keys, values = torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
+        keys, values = (_joined([part[i] for part in parts], dtype) for i in (0, 1))
         self._store.release(chunks)  # a disk bank: the copied pages leave resident memory
-        return keys.to(dtype or keys.dtype), values.to(dtype or values.dtype)
+        return keys, values
 
     def __len__(self) -> int:
         return len(self._chunks)
@@ -399,3 +399,15 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             space.tokens -= chunk.n_tokens
             space.nbytes -= self._sizes.pop(cid)
         space.remove(drop)
+
+
+def _joined(parts: list[torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:
+    """``parts`` concatenated along the token dimension into a new tensor of ``dtype`` (None: theirs), converted
+    while copied: one pass, not a concatenation and a conversion."""
+    first = parts[0]
+    out = first.new_empty((*first.shape[:2], sum(p.shape[2] for p in parts), first.shape[3]), dtype=dtype or first.dtype)
+    at = 0
+    for part in parts:
+        out[:, :, at:at + part.shape[2]] = part
+        at += part.shape[2]
+    return out
