@@ -88,7 +88,10 @@ class StaticKV:
         new = {name: {} for name in ("keys", "values", "slot1", "mask1")}  # slot1/mask1: one-token forwards, per group
         for layer, group in self.group.items():
             for name in ("keys", "values"):
-                new[name][layer] = torch.zeros(1, heads, group[1], dim, dtype=dtype, device=self.device)
+                # the masked step reads every slot (zero weight on the free ones: they must be finite); the unmasked
+                # one reads only slots written, so they need no zero fill
+                new[name][layer] = (torch.zeros if self.masked else torch.empty)(1, heads, group[1], dim, dtype=dtype,
+                                                                                 device=self.device)
             if group not in new["slot1"]:
                 new["slot1"][group] = torch.zeros(1, dtype=torch.long, device=self.device)
                 new["mask1"][group] = torch.zeros(1, group[1], dtype=torch.bool, device=self.device)
