@@ -6,6 +6,12 @@ Contract:
       removes ``replace`` (an upsert). The write either happens whole or raises with ``namespace`` unchanged:
       the chunks being written are never evicted by their own write, and the old version is removed only
       together with the new one's arrival. The staging namespace is always reset.
+    * ``replace`` may be a callable: it is called (under :func:`entry_lock`) just before that add, so that two
+      upserts of one id from two threads both see the other's write (the last one wins) instead of both keeping
+      their own old version. Adapters take :func:`entry_lock` around their deletes too.
+    * An entry whose first chunk a write evicted (it carries the entry's text and metadata) loses its other
+      chunks in the same call: an entry is read back whole or not at all (a :class:`MemoryEvictionWarning` has
+      named the eviction).
     * ``entry_metadata[i]`` is stored once, on the first chunk of entry ``i`` (not on every chunk);
       ``metadatas[i]`` is stored on each of its chunks.
     * Reserved metadata keys (:data:`RESERVED_PREFIXES`) belong to memlong and its adapters; :func:`check_user_metadata`
@@ -17,16 +23,28 @@ Example:
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from memlong.bank_writes import STAGING, STAGING_PREFIX
 from memlong.model import MemLong
 
-__all__ = ["RESERVED_PREFIXES", "check_user_metadata", "ingest_entries"]
+__all__ = ["RESERVED_PREFIXES", "check_user_metadata", "entry_lock", "ingest_entries", "ingest_replacing"]
 
 RESERVED_PREFIXES = ("memlong_", "_memlong")
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bank -> {namespace: lock}
+_LOCKS_LOCK = threading.Lock()
+
+
+def entry_lock(bank: Any, namespace: str) -> threading.RLock:
+    """The lock that orders entry writes (upserts, deletes by entry id) to ``namespace`` of ``bank`` in this
+    process: the adapters read which chunks an id owns and change them under it."""
+    with _LOCKS_LOCK:
+        return _LOCKS.setdefault(bank, {}).setdefault(namespace, threading.RLock())
 
 
 def check_user_metadata(metadata: Mapping[str, Any] | None, what: str = "metadata") -> dict[str, Any]:
@@ -41,9 +59,12 @@ def check_user_metadata(metadata: Mapping[str, Any] | None, what: str = "metadat
 
 def ingest_entries(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_ids: Sequence[str],
                    metadatas: Sequence[dict[str, Any]] | None = None,
-                   entry_metadata: Sequence[dict[str, Any]] | None = None, replace: Sequence[str] = (),
-                   **ingest_options: Any) -> list[list[str]]:
+                   entry_metadata: Sequence[dict[str, Any]] | None = None,
+                   replace: Iterable[str] | Callable[[], Iterable[str]] = (), **ingest_options: Any) -> list[list[str]]:
     """Write ``texts`` as entries ``doc_ids`` of ``namespace`` atomically; returns each entry's chunk ids.
+
+    ``replace``: chunk ids removed in the same add (an upsert), or a callable returning them, called under
+    :func:`entry_lock` just before the add.
 
     Raises:
         ValueError: bad input, or entries that cannot fit the namespace's capacity (nothing changes).
@@ -57,6 +78,24 @@ def ingest_entries(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_ids
     if len(set(doc_ids)) != len(doc_ids):
         twice = next(d for d in doc_ids if doc_ids.count(d) > 1)
         raise ValueError(f"doc_ids name {twice!r} twice; each entry needs its own id (nothing was added).")
+    extra = dict(zip(doc_ids, entry_metadata or [{}] * len(doc_ids)))
+    ids, chunks = ingest_replacing(ml, texts, namespace=namespace, doc_ids=doc_ids, metadatas=metadatas,
+                                   first_metadata=extra, replace=replace, whole_entries=True, **ingest_options)
+    by_entry: dict[str, list[str]] = {d: [] for d in doc_ids}
+    for cid, doc_id in zip(ids, chunks):
+        by_entry[doc_id].append(cid)
+    return [by_entry[d] for d in doc_ids]
+
+
+def ingest_replacing(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_ids: Sequence[str],
+                     metadatas: Sequence[dict[str, Any]] | None = None,
+                     first_metadata: Mapping[str, dict[str, Any]] | None = None,
+                     replace: Iterable[str] | Callable[[], Iterable[str]] = (), whole_entries: bool = False,
+                     **ingest_options: Any) -> tuple[list[str], list[str]]:
+    """:func:`ingest_entries` without its one-entry-per-id rule (LlamaIndex nodes of one document share their
+    ``doc_id``): returns the new chunk ids and each one's doc id. ``first_metadata[doc_id]`` is added to the first
+    chunk of that doc id only; ``whole_entries``: each doc id is an entry, deleted whole once its first chunk is
+    evicted."""
     bank = ml.bank
     staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}"  # the entries are ingested here first, then moved in one add
     STAGING.add(staging)
@@ -69,18 +108,28 @@ def ingest_entries(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_ids
             raise ValueError(f"The entries ({stats.tokens} tokens) do not fit the bank's limits (capacity "
                              f"{bank.capacity} tokens per namespace, max_bytes={bank.max_bytes}); nothing was added. "
                              "Split them or raise the limits.")
-        extra = dict(zip(doc_ids, entry_metadata or [{}] * len(doc_ids)))
+        extra = first_metadata or {}
         first = {c.doc_id: c.id for c in reversed(chunks)}
-        metadata = [{**c.metadata, **(extra[c.doc_id] if first[c.doc_id] == c.id else {})} for c in chunks]
-        ids = bank.add_chunks(  # one add: every entry, and the removal of the old versions, or nothing
-            [c.text for c in chunks], keys=[c.keys for c in chunks], values=[c.values for c in chunks],
-            namespace=namespace, doc_ids=[c.doc_id for c in chunks], spans=[c.span for c in chunks],
-            metadata=metadata, tokens=[c.tokens for c in chunks] if all(c.tokens for c in chunks) else None,
-            replace=replace, atomic=True)
-        by_entry: dict[str, list[str]] = {d: [] for d in doc_ids}
-        for cid, chunk in zip(ids, chunks):
-            by_entry[chunk.doc_id].append(cid)
-        return [by_entry[d] for d in doc_ids]
+        metadata = [{**c.metadata, **(extra.get(c.doc_id, {}) if first[c.doc_id] == c.id else {})} for c in chunks]
+        with entry_lock(bank, namespace):
+            heads = {d: ids[0] for d, ids in bank.doc_chunk_ids(namespace).items()} if whole_entries else {}
+            ids = bank.add_chunks(  # one add: every entry, and the removal of the old versions, or nothing
+                [c.text for c in chunks], keys=[c.keys for c in chunks], values=[c.values for c in chunks],
+                namespace=namespace, doc_ids=[c.doc_id for c in chunks], spans=[c.span for c in chunks],
+                metadata=metadata, tokens=[c.tokens for c in chunks] if all(c.tokens for c in chunks) else None,
+                replace=list(replace() if callable(replace) else replace), atomic=True)
+            if whole_entries:
+                _drop_beheaded(bank, namespace, heads, set(first))
+        return ids, [c.doc_id for c in chunks]
     finally:
         bank.reset(staging)
         STAGING.discard(staging)
+
+
+def _drop_beheaded(bank: Any, namespace: str, heads: dict[str, str], written: set[str]) -> None:
+    """Delete what is left of entries whose first chunk the last add evicted (``heads``: each entry's first chunk
+    before it; ``written``: the entries it wrote)."""
+    now = bank.doc_chunk_ids(namespace)
+    rest = [cid for d, ids in now.items() if d in heads and d not in written and ids[0] != heads[d] for cid in ids]
+    if rest:
+        bank.delete(rest, namespace=namespace)

@@ -129,3 +129,48 @@ def test_a_namespace_named_like_an_upsert_staging_space_counts_against_max_bytes
     small = MemoryBank(embedder=embedder, capacity=128, dtype=torch.float32)  # and it is warned of when it evicts
     with pytest.warns(MemoryEvictionWarning):
         small.add_chunks([f"s {i}" for i in range(3)], keys=[k] * 3, values=[k] * 3, namespace=STAGING_PREFIX + "y")
+
+
+def test_concurrent_upserts_of_one_id_leave_one_version(tiny):
+    """Two threads write id 'r' at once: the last write wins whole (both used to stay, and the model read both)."""
+    import threading
+
+    store = MemLongVectorStore(tiny, namespace="race")
+    store.add_texts(["The vault code is 0000, said the keeper."], ids=["r"])
+    for _ in range(3):
+        start = threading.Barrier(2)
+        errors = []
+
+        def write(text, start=start, errors=errors):
+            start.wait()
+            try:
+                store.add_texts([text], ids=["r"])
+            except Exception as e:  # noqa: BLE001 - the test reports any failure
+                errors.append(e)
+
+        threads = [threading.Thread(target=write, args=(f"The vault code is {n}, said the keeper.",))
+                   for n in ("1111", "2222")]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert errors == []
+        owned = tiny.bank.doc_chunk_ids("race")["r"]
+        text = store.get_by_ids(["r"])[0].page_content
+        assert "".join(tiny.bank.get(c, namespace="race").text for c in owned).strip() == text
+        assert sum(TEXT_KEY in tiny.bank.get(c, namespace="race").metadata for c in owned) == 1
+
+
+def test_an_entry_whose_first_chunk_is_evicted_goes_whole(make_tiny):
+    """Eviction takes an entry's oldest chunk first: the rest of it is removed with it, never read back as the
+    entry (it was: a tail fragment presented as the whole Document)."""
+    ml, _ = make_tiny(top_k=2, chunk_size=16, local_window=64, memory_capacity=160)
+    store = MemLongVectorStore(ml, namespace="ev")  # an entry is 5 chunks (68 tokens); two fit, a third evicts
+    texts = {f"f{i}": f"Filler entry {i}: " + " ".join(f"word{j}" for j in range(24)) for i in range(5)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryEvictionWarning)
+        for key, text in texts.items():
+            store.add_texts([text], ids=[key])
+            entries = ml.bank.doc_chunk_ids("ev")
+            for entry, chunk_ids in entries.items():  # after every write: each entry is whole
+                assert TEXT_KEY in ml.bank.get(chunk_ids[0], namespace="ev").metadata
+                assert store.get_by_ids([entry])[0].page_content == texts[entry]
+    assert set(entries) == {"f4"}  # with f3's tail: {f3: 1 chunk, f4: 5} before

@@ -40,7 +40,7 @@ from langchain_core.vectorstores import VectorStore
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
 
 from memlong import MemLong
-from memlong.upsert import RESERVED_PREFIXES, check_user_metadata, ingest_entries
+from memlong.upsert import RESERVED_PREFIXES, check_user_metadata, entry_lock, ingest_entries
 
 from ._common import memlong_chunk_ids_from_documents
 from .retrievers import TEXT_KEY
@@ -159,11 +159,13 @@ class MemLongVectorStore(VectorStore):
         if len(set(ids)) != len(ids):
             raise ValueError("The same id appears twice in one add; ids must be unique.")
         metas = [check_user_metadata(m, f"metadatas[{i}]") for i, m in enumerate(metadatas or [{}] * len(texts))]
-        old = self._entries()
+        def replaced() -> list[str]:  # read under entry_lock right before the add: concurrent upserts of an id
+            old = self._entries()      # replace each other (the last wins) instead of both keeping theirs
+            return [cid for i in ids for cid in old.get(i, [])]
+
         ingest_entries(self.memlong, texts, namespace=self.namespace, doc_ids=ids, metadatas=metas,
                        entry_metadata=[{TEXT_KEY: t} for t in texts],  # the entry's text once, not per chunk
-                       replace=[cid for i in ids for cid in old.get(i, [])], progress=self.progress,
-                       context=self.chunk_context)
+                       replace=replaced, progress=self.progress, context=self.chunk_context)
         return ids
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
@@ -172,10 +174,11 @@ class MemLongVectorStore(VectorStore):
         if ids is None:
             self.bank.reset(self.namespace)
             return True
-        entries = self._entries()
-        drop = [cid for i in ids for cid in entries.get(i, [])]
-        if drop:
-            self.bank.delete(drop, namespace=self.namespace)
+        with entry_lock(self.bank, self.namespace):
+            entries = self._entries()
+            drop = [cid for i in ids for cid in entries.get(i, [])]
+            if drop:
+                self.bank.delete(drop, namespace=self.namespace)
         return all(i in entries for i in ids)
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
