@@ -54,6 +54,7 @@ from llama_index.core.vector_stores.types import (
 )
 
 from memlong import MemLong
+from memlong.upsert import entry_lock, ingest_replacing
 from memlong_integrations.llama_index._common import (
     EXCLUDED_KEY,
     NODE_ID_KEY,
@@ -175,10 +176,11 @@ class MemLongVectorStore(BasePydanticVectorStore):
                               NODE_ID_KEY: node.node_id, REF_DOC_ID_KEY: str(ref),
                               EXCLUDED_KEY: {"llm": list(node.excluded_llm_metadata_keys),
                                              "embed": list(node.excluded_embed_metadata_keys)}})
-        if texts:
-            self._memlong.ingest(texts, namespace=self.namespace, doc_ids=doc_ids, metadatas=metadatas,
-                                 progress=self.show_progress, context=self.chunk_context,
-                                 strip=self.chunk_context == "chunk")
+        if texts:  # one add, replacing the chunks of nodes with these ids (as SimpleVectorStore replaces a node)
+            incoming = [node.node_id for node in nodes]
+            ingest_replacing(self._memlong, texts, namespace=self.namespace, doc_ids=doc_ids, metadatas=metadatas,
+                             replace=lambda: self._select(node_ids=incoming), progress=self.show_progress,
+                             context=self.chunk_context, strip=self.chunk_context == "chunk")
         return [node.node_id for node in nodes]
 
     async def async_add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
@@ -186,8 +188,9 @@ class MemLongVectorStore(BasePydanticVectorStore):
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         """Remove every chunk of document ``ref_doc_id`` (no error if it has none)."""
-        if self.namespace in self._memlong.bank.namespaces():
-            self._memlong.bank.delete(namespace=self.namespace, doc_id=str(ref_doc_id))
+        with entry_lock(self._memlong.bank, self.namespace):
+            if self.namespace in self._memlong.bank.namespaces():
+                self._memlong.bank.delete(namespace=self.namespace, doc_id=str(ref_doc_id))
 
     async def adelete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         await asyncio.to_thread(self.delete, ref_doc_id)
@@ -195,9 +198,10 @@ class MemLongVectorStore(BasePydanticVectorStore):
     def delete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
                      **delete_kwargs: Any) -> None:
         """Remove chunks by chunk id or ingested node id, and/or by filters (both given: chunks matching both)."""
-        drop = self._select(node_ids=node_ids, filters=filters)
-        if drop:
-            self._memlong.bank.delete(drop, namespace=self.namespace)
+        with entry_lock(self._memlong.bank, self.namespace):
+            drop = self._select(node_ids=node_ids, filters=filters)
+            if drop:
+                self._memlong.bank.delete(drop, namespace=self.namespace)
 
     async def adelete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
                             **delete_kwargs: Any) -> None:
