@@ -612,3 +612,28 @@ def test_documents_cannot_forge_memlongs_metadata_keys(make_tiny):
         assert hit.node.metadata[CHUNK_ID_KEY] in mine and hit.node.node_id in mine
         assert hit.node.metadata["memlong_namespace"] == "mine" and hit.node.metadata["play"] == "macbeth"
     assert all(CHUNK_ID_KEY not in ml.bank.get(c, namespace="mine").metadata for c in mine)
+
+
+def test_adding_a_node_id_again_replaces_it(make_tiny):
+    """As LlamaIndex's own SimpleVectorStore: a node added again under its id replaces the old one (both were kept,
+    and the stale text kept being retrieved and answered from); other nodes of its document stay."""
+    from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
+
+    ml, _ = make_tiny(top_k=2, chunk_size=16, local_window=64)
+    store = MemLongVectorStore(ml, namespace="up")
+    index = VectorStoreIndex([], storage_context=StorageContext.from_defaults(vector_store=store),
+                             embed_model=MemLongEmbedding.from_memlong(ml))
+    doc = {NodeRelationship.SOURCE: RelatedNodeInfo(node_id="manual")}
+    index.insert_nodes([TextNode(id_="n1", text="The password is marigold, said the porter.", relationships=doc),
+                        TextNode(id_="n2", text="The gate opens at dawn for the abbot.", relationships=doc)])
+    index.insert_nodes([TextNode(id_="n1", text="The password is tulip, said the porter.", relationships=doc)])
+    texts = [n.get_content() for n in store.get_nodes(node_ids=["n1"])]
+    assert "".join(texts).strip() == "The password is tulip, said the porter."
+    hits = index.as_retriever(similarity_top_k=5).retrieve("What is the password?")
+    assert not any("marigold" in h.node.get_content() for h in hits)
+    assert {n.metadata["memlong_node_id"] for n in store.get_nodes()} == {"n1", "n2"}
+    assert {ml.bank.get(c, namespace="up").doc_id for c in ml.bank.chunk_ids("up")} == {"manual"}
+    # MemLongEmbedding(ml) is the model's bank embedder, as from_memlong (it was an AttributeError on 'encode')
+    assert MemLongEmbedding(ml).get_query_embedding("x") == MemLongEmbedding.from_memlong(ml).get_query_embedding("x")
+    with pytest.raises(TypeError, match="from_memlong"):
+        MemLongEmbedding("all-MiniLM-L6-v2")

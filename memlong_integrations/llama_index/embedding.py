@@ -29,12 +29,18 @@ class MemLongEmbedding(BaseEmbedding):
     """A memlong ``TextEmbedder`` (``MemLong.bank.embedder``) as a LlamaIndex embed model.
 
     Args:
-        embedder: any object with ``dim`` and ``encode(list[str]) -> (N, dim)`` unit rows.
+        embedder: any object with ``dim`` and ``encode(list[str]) -> (N, dim)`` unit rows, or a ``MemLong``
+            (its bank's embedder, as :meth:`from_memlong`).
     """
 
     _embedder: TextEmbedder = PrivateAttr()
 
-    def __init__(self, embedder: TextEmbedder, **kwargs: Any) -> None:
+    def __init__(self, embedder: TextEmbedder | MemLong, **kwargs: Any) -> None:
+        if isinstance(embedder, MemLong):  # the natural first try: its bank's embedder is meant
+            embedder = embedder.bank.embedder
+        if not callable(getattr(embedder, "encode", None)) or not hasattr(embedder, "dim"):
+            raise TypeError(f"MemLongEmbedding needs a memlong TextEmbedder (ml.bank.embedder) or a MemLong, got "
+                            f"{type(embedder).__name__}; MemLongEmbedding.from_memlong(ml) is the usual way.")
         kwargs.setdefault("model_name", str(getattr(embedder, "name", type(embedder).__name__)))
         super().__init__(**kwargs)
         self._embedder = embedder
