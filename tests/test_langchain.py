@@ -630,3 +630,35 @@ def test_interleaved_streams_report_their_own_usage(tiny):
     assert meta_a["chunk_ids"] == ids[:1] and meta_b["chunk_ids"] == ids[1:3]
     assert meta_a["prompt_tokens"] < meta_b["prompt_tokens"]
     assert meta_a["memory_tokens"] == tiny.bank.get(ids[0], namespace="kb").n_tokens
+
+
+def test_token_counts_use_the_models_tokenizer_so_trim_messages_trims(tiny):
+    """get_num_tokens fell back to GPT-2's tokenizer, which offline counts nothing: trim_messages never trimmed."""
+    from langchain_core.messages import trim_messages
+
+    chat, llm = ChatMemLong(memlong=tiny), MemLongLLM(memlong=tiny)
+    text = "Hello there, how are you on this bright morning?"
+    assert chat.get_num_tokens(text) == llm.get_num_tokens(text) == len(tiny.tokenize(text)) > 0
+    history = [HumanMessage(text), AIMessage("Very well, thank you kindly."), HumanMessage("Where are the falcons?")]
+    kept = trim_messages(history, max_tokens=chat.get_num_tokens_from_messages(history[-1:]) + 2,
+                         token_counter=chat, strategy="last")
+    assert kept == history[-1:]
+
+
+def test_bad_call_input_is_refused_by_name(tiny):
+    store = MemLongVectorStore(tiny, namespace="bad")
+    with pytest.raises(ValueError, match="empty string"):
+        store.add_texts(["Clocks strike at noon."], ids=[""])  # it was stored, then broke every chain it reached
+    assert tiny.bank.namespaces() == [] or "bad" not in tiny.bank.namespaces()
+    store.add_texts(["Clocks strike at noon.", "Kites fly over the abbey."], ids=["c", "k"],
+                    metadatas=[{"t": (1, 2)}, {"t": [3]}])
+    for k in (2.0, -1, "2", True):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            store.similarity_search("clocks", k=k)
+    assert [d.id for d in store.similarity_search("clocks", k=2, filter={"t": (1, 2)})] == ["c"]  # stored as [1, 2]
+    with pytest.raises(ValueError, match="question .* is empty"):
+        ChatMemLong(memlong=tiny).invoke("   ", memlong_chunk_ids=tiny.bank.chunk_ids("bad"))
+    cid = tiny.bank.chunk_ids("bad")[0]
+    for model in (MemLongLLM(memlong=tiny, namespace="bad"), ChatMemLong(memlong=tiny, namespace="bad")):
+        with pytest.raises(TypeError, match="list of chunk id strings"):
+            model.invoke("Question: when do clocks strike?", memlong_chunk_ids=cid)  # was split into characters

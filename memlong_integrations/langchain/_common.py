@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 from langchain_core.documents import Document
@@ -10,7 +10,7 @@ from langchain_core.documents import Document
 from memlong import MemoryBank, UnknownChunkError
 from memlong_integrations.metadata import CHUNK_ID_KEY, chunk_id_of
 
-__all__ = ["REMOTE_OPTIONS", "drop_remote_options", "memlong_chunk_ids_from_documents",
+__all__ = ["REMOTE_OPTIONS", "chunk_id_list", "drop_remote_options", "memlong_chunk_ids_from_documents",
            "not_supported"]
 
 REMOTE_OPTIONS = ("timeout", "max_retries", "api_key", "base_url")  # LangChain standard options, no meaning locally
@@ -20,6 +20,22 @@ def drop_remote_options(values: Any) -> Any:
     """A model's constructor arguments without LangChain's remote-only standard options (accepted, no effect), so
     that ``extra="forbid"`` refuses only real unknowns (typos)."""
     return {k: v for k, v in values.items() if k not in REMOTE_OPTIONS} if isinstance(values, dict) else values
+
+
+def chunk_id_list(ids: Any) -> list[str] | None:
+    """The ``memlong_chunk_ids`` call keyword as a list (None stays None); TypeError for one string (it would be
+    read as one id per character) or non-string ids."""
+    if ids is None:
+        return None
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"memlong_chunk_ids must be a list of chunk id strings, got {type(ids).__name__} "
+                        f"{str(ids)[:60]!r} (Document.metadata['memlong_chunk_id'], or "
+                        "memlong_chunk_ids_from_documents(docs)).")
+    ids = list(ids)
+    if not all(isinstance(c, str) for c in ids):
+        raise TypeError("memlong_chunk_ids must be a list of chunk id strings (Document.metadata"
+                        "['memlong_chunk_id'] or memlong_chunk_ids_from_documents(docs)).")
+    return ids
 
 
 def not_supported(owner: str, feature: str, instead: str) -> NoReturn:

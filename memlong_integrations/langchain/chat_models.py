@@ -63,7 +63,7 @@ from memlong import GenerationStats, MemLong
 from memlong.generation import retrieve_ids
 from memlong.prompts import PLAIN_STOP, chat_prompt, plain_prompt
 from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces, call_max_tokens, stop_strings
-from memlong_integrations.langchain._common import drop_remote_options, not_supported
+from memlong_integrations.langchain._common import chunk_id_list, drop_remote_options, not_supported
 
 __all__ = ["ChatMemLong", "PLAIN_STOP"]
 
@@ -195,6 +195,11 @@ class ChatMemLong(BaseChatModel):
             params["ls_stop"] = list(stop or self.stop or [])
         return params
 
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` by the served model's own tokenizer (LangChain's default is GPT-2's, which counts
+        nothing offline): ``get_num_tokens``, ``get_num_tokens_from_messages`` and ``trim_messages`` use it."""
+        return self.memlong.tokenize(text)
+
     def _top_k(self) -> int:
         return self.memlong.config.top_k if self.top_k is None else self.top_k
 
@@ -219,13 +224,10 @@ class ChatMemLong(BaseChatModel):
         if not any(role == "user" for role, _ in turns):
             raise ValueError("No human message: give the model a question to answer.")
         question = next(text for role, text in reversed(turns) if role == "user")
-        chunk_ids = kwargs.get("memlong_chunk_ids")
-        if chunk_ids is not None:
-            if isinstance(chunk_ids, str) or not all(isinstance(c, str) for c in chunk_ids):
-                raise TypeError("memlong_chunk_ids must be a list of chunk id strings (Document.metadata"
-                                "['memlong_chunk_id'] or memlong_chunk_ids_from_documents(docs)).")
-            chunk_ids = list(chunk_ids)
-        elif self.retrieve:  # as MemLong.generate retrieves (config.retrieve_next included)
+        if not question.strip():
+            raise ValueError("The question (the last human message) is empty: give the model something to answer.")
+        chunk_ids = chunk_id_list(kwargs.get("memlong_chunk_ids"))
+        if chunk_ids is None and self.retrieve:  # as MemLong.generate retrieves (config.retrieve_next included)
             chunk_ids = retrieve_ids(self.memlong, question, namespace, k=self._top_k())
         chunk_ids = chunk_ids or []
         fmt = self.prompt_format if self.prompt_format != "auto" else ("plain" if chunk_ids else "chat")

@@ -20,7 +20,7 @@ from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import MemLong
 from memlong_integrations._answer import answer_pieces, call_max_tokens, stop_strings
-from memlong_integrations.langchain._common import drop_remote_options
+from memlong_integrations.langchain._common import chunk_id_list, drop_remote_options
 
 __all__ = ["MemLongLLM"]
 
@@ -75,6 +75,10 @@ class MemLongLLM(LLM):
         return {"namespace": self.namespace, "temperature": self.temperature, "max_tokens": self.max_tokens,
                 "retrieve": self.retrieve, "stop": self.stop}
 
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` by the served model's own tokenizer (as :meth:`ChatMemLong.get_token_ids`)."""
+        return self.memlong.tokenize(text)
+
     def _stream(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[GenerationChunk]:
         unknown = set(kwargs) - {"memlong_chunk_ids", "memlong_namespace", "max_tokens", "max_new_tokens"}
@@ -82,9 +86,8 @@ class MemLongLLM(LLM):
             raise TypeError(f"MemLongLLM got unknown call keywords {sorted(unknown)}; it accepts memlong_chunk_ids, "
                             "memlong_namespace and max_tokens.")
         limit = call_max_tokens(kwargs, self.max_tokens)
-        ids = kwargs.get("memlong_chunk_ids")
         pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
-                                       chunk_ids=list(ids) if ids is not None else None, retrieve=self.retrieve,
+                                       chunk_ids=chunk_id_list(kwargs.get("memlong_chunk_ids")), retrieve=self.retrieve,
                                        max_new_tokens=limit, temperature=self.temperature, stream=True)
         for piece in answer_pieces(pieces, stop_strings(self.stop, stop)):
             chunk = GenerationChunk(text=piece)

@@ -55,11 +55,20 @@ def _filter_fn(filter: MetadataFilter | None) -> Callable[[Document], bool] | No
     if filter is None or callable(filter):
         return filter
     if isinstance(filter, Mapping):
-        wanted = dict(filter)
+        wanted = {key: _as_stored(value) for key, value in filter.items()}  # (1, 2) finds the stored [1, 2]
         missing = object()
         return lambda doc: all(doc.metadata.get(key, missing) == value for key, value in wanted.items())
     raise TypeError(f"filter must be a dict of metadata values or a callable taking a Document, got "
                     f"{type(filter).__name__}.")
+
+
+def _as_stored(value: Any) -> Any:
+    """``value`` as metadata reads back once stored (JSON): tuples become lists, also inside lists and dicts."""
+    if isinstance(value, (list, tuple)):
+        return [_as_stored(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _as_stored(v) for k, v in value.items()}
+    return value
 
 
 def _query_text(query: str) -> str:
@@ -156,6 +165,9 @@ class MemLongVectorStore(VectorStore):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"Text {i} is empty: a vector store entry needs text to embed. Nothing was added.")
         ids = [str(i) if i is not None else str(uuid.uuid4()) for i in (ids or [None] * len(texts))]
+        if "" in ids:
+            raise ValueError(f"ids[{ids.index('')}] is the empty string; an entry id must be a non-empty string (or "
+                             "None for a new random id). Nothing was added.")
         if len(set(ids)) != len(ids):
             raise ValueError("The same id appears twice in one add; ids must be unique.")
         metas = [check_user_metadata(m, f"metadatas[{i}]") for i, m in enumerate(metadatas or [{}] * len(texts))]
@@ -235,6 +247,8 @@ class MemLongVectorStore(VectorStore):
 
     def _search(self, query: Any, k: int, filter: MetadataFilter | None = None,  # noqa: A002
                 *, count: bool = True) -> list[tuple[Document, float]]:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"k must be an integer >= 0, got {k!r}.")
         keep = _filter_fn(filter)
         total = len(self.bank.chunk_ids(self.namespace))
         if k <= 0 or total == 0:
