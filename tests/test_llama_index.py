@@ -637,3 +637,31 @@ def test_adding_a_node_id_again_replaces_it(make_tiny):
     assert MemLongEmbedding(ml).get_query_embedding("x") == MemLongEmbedding.from_memlong(ml).get_query_embedding("x")
     with pytest.raises(TypeError, match="from_memlong"):
         MemLongEmbedding("all-MiniLM-L6-v2")
+
+
+def test_async_calls_fire_one_llm_event_as_sync_calls_do(tiny_index):
+    """acomplete/achat/astream_* ran the decorated sync method in a thread: two LLM events, every token counted
+    twice by TokenCountingHandler."""
+    from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
+
+    ml, _, _ = tiny_index
+    debug = LlamaDebugHandler()
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=3, callback_manager=CallbackManager([debug]))
+    ids = ml.bank.chunk_ids("plays")[:2]
+    chat = [ChatMessage(role="user", content="who?")]
+
+    async def consume(stream):
+        return [r async for r in await stream]
+
+    calls = {"complete": lambda: llm.complete("Question: who?\nAnswer:", memlong_chunk_ids=ids),
+             "stream_complete": lambda: list(llm.stream_complete("Question: who?\nAnswer:", memlong_chunk_ids=ids)),
+             "chat": lambda: llm.chat(chat, memlong_chunk_ids=ids),
+             "acomplete": lambda: asyncio.run(llm.acomplete("Question: who?\nAnswer:", memlong_chunk_ids=ids)),
+             "achat": lambda: asyncio.run(llm.achat(chat, memlong_chunk_ids=ids)),
+             "astream_complete": lambda: asyncio.run(consume(llm.astream_complete("Question: who?\nAnswer:",
+                                                                                   memlong_chunk_ids=ids))),
+             "astream_chat": lambda: asyncio.run(consume(llm.astream_chat(chat, memlong_chunk_ids=ids)))}
+    for name, call in calls.items():
+        debug.flush_event_logs()
+        call()
+        assert len(debug.get_event_pairs(CBEventType.LLM)) == 1, name

@@ -186,6 +186,11 @@ class MemLongLLM(CustomLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """Complete ``prompt``; ``memlong_chunk_ids=[...]`` picks the chunks to attend to (see module doc)."""
+        return self._complete(prompt, formatted, **kwargs)
+
+    # the bodies are undecorated: the async methods run them in a worker thread under their own callback event
+    # (calling the decorated sync method there fired a second event and counted every token twice)
+    def _complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         ids = kwargs.pop(CHUNK_IDS_KWARG, None)
         pieces, stats = self._stream(self._prompt(prompt, formatted), ids, None, kwargs)
         text = "".join(pieces)
@@ -194,6 +199,9 @@ class MemLongLLM(CustomLLM):
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         """Stream the completion of ``prompt`` (``CompletionResponse.delta`` = new text)."""
+        return self._stream_complete(prompt, formatted, **kwargs)
+
+    def _stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         ids = kwargs.pop(CHUNK_IDS_KWARG, None)
         pieces, stats = self._stream(self._prompt(prompt, formatted), ids, None, kwargs)
 
@@ -211,6 +219,9 @@ class MemLongLLM(CustomLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Answer the conversation; ids from ``memlong_chunk_ids`` or the messages' ``additional_kwargs``."""
+        return self._chat(messages, **kwargs)
+
+    def _chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         prompt, ids, query = self._chat_prompt(messages, kwargs)
         pieces, stats = self._stream(prompt, ids, query, kwargs)
         text = "".join(pieces)
@@ -220,6 +231,9 @@ class MemLongLLM(CustomLLM):
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """Stream the answer to the conversation (``ChatResponse.delta`` = new text)."""
+        return self._stream_chat(messages, **kwargs)
+
+    def _stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         prompt, ids, query = self._chat_prompt(messages, kwargs)
         pieces, stats = self._stream(prompt, ids, query, kwargs)
 
@@ -238,20 +252,20 @@ class MemLongLLM(CustomLLM):
     # ------------------------------------------------------------------ async (the model runs in a worker thread)
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await asyncio.to_thread(self.complete, prompt, formatted, **kwargs)
+        return await asyncio.to_thread(self._complete, prompt, formatted, **kwargs)
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        responses = await asyncio.to_thread(self.stream_complete, prompt, formatted, **kwargs)
+        responses = await asyncio.to_thread(self._stream_complete, prompt, formatted, **kwargs)
         return _aiter(responses)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await asyncio.to_thread(self.chat, messages, **kwargs)
+        return await asyncio.to_thread(self._chat, messages, **kwargs)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        responses = await asyncio.to_thread(self.stream_chat, messages, **kwargs)
+        responses = await asyncio.to_thread(self._stream_chat, messages, **kwargs)
         return _aiter(responses)
 
 
