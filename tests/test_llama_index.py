@@ -665,3 +665,13 @@ def test_async_calls_fire_one_llm_event_as_sync_calls_do(tiny_index):
         debug.flush_event_logs()
         call()
         assert len(debug.get_event_pairs(CBEventType.LLM)) == 1, name
+
+
+def test_a_prompt_llama_index_packs_past_the_window_is_refused_with_what_to_change(tiny_index):
+    """The core's advice ('put long context into memory with ingest()') was wrong inside a query engine."""
+    ml, index, _ = tiny_index
+    llm = MemLongLLM(ml, namespace="plays", max_new_tokens=3)
+    assert llm.tokenize("Thunder and lightning.") == ml.tokenize("Thunder and lightning.")
+    for call in (lambda: llm.complete("why " * 1500), lambda: llm.chat([ChatMessage(role="user", content="why " * 1500)])):
+        with pytest.raises(ValueError, match="1[0-9]{3} tokens, longer than .* similarity_top_k.*Settings.tokenizer"):
+            call()

@@ -19,10 +19,12 @@ Contract:
       :class:`memlong.UnknownChunkError` before any generation; a prompt longer than the local window raises
       ``ValueError``.
     * ``metadata.context_window`` = ``local_window + max_new_tokens`` (capped by the positions the model has
-      left after the sink and ``top_k`` chunks): LlamaIndex subtracts ``num_output`` and packs at most
-      ``local_window`` tokens of prompt, which is exactly what the model encodes. Retrieved K-V does not count
-      against it. LlamaIndex counts with tiktoken (``cl100k_base``), which needs fewer tokens than most
-      Llama-family tokenizers for English; an over-full prompt is refused with a clear error, not truncated.
+      left after the sink and ``top_k`` chunks): LlamaIndex subtracts ``num_output`` and packs the rest with
+      prompt. Retrieved K-V does not count against it. LlamaIndex counts with tiktoken (``cl100k_base``) unless
+      ``Settings.tokenizer = llm.tokenize``, and counts packed chunks apart (``simple_summarize`` and
+      ``tree_summarize`` overshot by up to 74 model tokens at 12 chunks with the model's tokenizer); an over-full
+      prompt is refused with an error naming what to change (``similarity_top_k``, the response mode, the
+      tokenizer), never truncated. ``compact`` (the default) splits over-full context into several calls.
     * Prompting (measured on the 135M default model, README "LlamaIndex"): a plain continuation prompt
       (``"\\nQuestion: ...\\nAnswer:"``) uses memory well; the chat template between memory and question makes
       small models ignore it more often.
@@ -145,11 +147,29 @@ class MemLongLLM(CustomLLM):
             raise TypeError(f"Unknown MemLong keyword(s) {unknown}; the chunk ids keyword is {CHUNK_IDS_KWARG!r} "
                             "(the namespace and retrieval are set on the MemLongLLM).")
         max_new = call_max_tokens(kwargs, self.max_new_tokens)
+        self._check_fits(prompt)
         pieces = self._memlong.generate(
             prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
             max_new_tokens=max_new, temperature=float(kwargs.get("temperature", self.temperature)), stream=True)
         stops = stop_strings(self.stop, kwargs.get("stop"))  # applied here: the core yields text before they complete
         return answer_pieces(pieces, stops, strip=True), pieces.stats
+
+    def _check_fits(self, prompt: str) -> None:
+        """ValueError with what to change in LlamaIndex when a (packed) prompt is longer than the local window."""
+        ml = self._memlong
+        n, window = len(ml.strip_sink(ml.tokenize(prompt))), ml.config.local_window
+        if n > window:
+            raise ValueError(
+                f"The prompt is {n} tokens, longer than the local window ({window}) of the model. In a LlamaIndex "
+                "query engine it holds the retrieved text LlamaIndex pasted: lower similarity_top_k, use "
+                "response_mode='compact', set Settings.tokenizer = llm.tokenize (LlamaIndex counts with tiktoken "
+                "otherwise), or answer with MemLongQueryEngine (retrieved chunks as K-V: only the question is "
+                "encoded). A prompt you wrote: put long context into memory with ingest().")
+
+    def tokenize(self, text: str) -> list[int]:
+        """The model's token ids of ``text``: ``Settings.tokenizer = llm.tokenize`` makes LlamaIndex count prompts
+        as this model does."""
+        return self._memlong.tokenize(text)
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
         if not formatted and self.completion_to_prompt is not None:
