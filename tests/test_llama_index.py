@@ -119,6 +119,13 @@ def test_query_modes_map_to_bank_search_modes(tiny_index):
         assert [h.node.node_id for h in ours.retrieve(question)] == [h.chunk_id for h in expected]
     with pytest.raises(ValueError, match="supports the query modes"):
         index.as_retriever(vector_store_query_mode="mmr").retrieve(question)
+    # hybrid's alpha (0 = BM25, 1 = embeddings) was ignored: every alpha ranked as the fused hybrid
+    for alpha, bank_mode in ((0.0, "lexical"), (1.0, "dense"), (0.5, "hybrid"), (None, "hybrid")):
+        hits = index.as_retriever(similarity_top_k=3, vector_store_query_mode="hybrid", alpha=alpha).retrieve(question)
+        expected = ml.bank.search(question, namespace="plays", k=3, mode=bank_mode, count=False)
+        assert [h.node.node_id for h in hits] == [h.chunk_id for h in expected], alpha
+    with pytest.raises(ValueError, match="alpha=0.3.*equal weights"):
+        index.as_retriever(vector_store_query_mode="hybrid", alpha=0.3).retrieve(question)
     with pytest.raises(ValueError, match="not a LlamaIndex query mode; use 'default', 'hybrid'"):
         MemLongRetriever(ml, namespace="plays", vector_store_query_mode="bm25")
 

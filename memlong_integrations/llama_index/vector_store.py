@@ -276,6 +276,12 @@ class MemLongVectorStore(BasePydanticVectorStore):
             raise ValueError(f"MemLongVectorStore supports the query modes default (the bank's search_mode), hybrid, "
                              f"text_search and sparse (BM25), not {query.mode.value!r}.")
         mode = modes[query.mode]
+        if mode == "hybrid" and query.alpha is not None:  # LlamaIndex: 0 = BM25 only, 1 = embeddings only
+            if query.alpha not in (0, 0.5, 1):
+                raise ValueError(f"alpha={query.alpha!r}: MemLongVectorStore fuses its hybrid rankings by reciprocal "
+                                 "rank with equal weights, so alpha takes 0 (BM25 only), 1 (embeddings only), 0.5 "
+                                 "or None (both, fused).")
+            mode = {0: "lexical", 1: "dense"}.get(query.alpha, mode)
         bank = self._memlong.bank
         everything = bank.chunk_ids(self.namespace)
         if not everything:
