@@ -521,12 +521,21 @@ def test_index_persists_and_reloads_with_its_memory(make_tiny, tmp_path):
     reloaded.delete_ref_doc(docs[4].doc_id)
     assert docs[4].doc_id not in {c[1] for c in snapshot("plays")} and len(snapshot("plays")) < len(before)
 
-    # an emptied store persists as empty (its earlier save removed); loading then says there is nothing
+    # an emptied store persists as empty (its earlier save removed) and reloads as empty (it was FileNotFoundError)
     loaded.clear()
     reloaded.storage_context.persist(str(tmp_path / "index"))
     assert not folder.exists()
+    build_index(ml, "plays", docs[:1], whole=True)  # what the process holds is replaced by what was saved: nothing
+    empty = MemLongVectorStore.from_persist_dir(str(tmp_path / "index"), ml, show_progress=False, raise_on_empty=False)
+    assert empty.namespace == "plays" and "plays" not in ml.bank.namespaces() and snapshot("other") == other
+    again = load_index_from_storage(StorageContext.from_defaults(vector_store=empty, persist_dir=str(tmp_path / "index")),
+                                    embed_model=embed)
+    assert again.as_retriever(similarity_top_k=2).retrieve(question) == []
+    again.insert(docs[0])  # and is usable: saves with content again, the marker goes
+    again.storage_context.persist(str(tmp_path / "index"))
+    assert folder.is_dir() and not folder.with_name(folder.name + ".empty").exists()
     with pytest.raises(FileNotFoundError, match="No MemLong memory at"):
-        MemLongVectorStore.from_persist_dir(str(tmp_path / "index"), ml)
+        MemLongVectorStore.from_persist_dir(str(tmp_path / "nothing"), ml)
     # a namespace other than the saved one, and a remote file system, are refused with the fix
     MemLongVectorStore(ml, namespace="other").persist(str(tmp_path / "b" / "default__vector_store.json"))
     with pytest.raises(ValueError, match="other"):

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from pathlib import Path
@@ -108,6 +109,11 @@ def memory_folder(persist_path: str) -> Path:
     """Where :meth:`MemLongVectorStore.persist` saves the memory for LlamaIndex's ``persist_path``:
     ``DIR/default__vector_store.json`` -> ``DIR/default__vector_store.memlong``."""
     return Path(persist_path).with_suffix(".memlong")
+
+
+def _empty_marker(folder: Path) -> Path:
+    """The file :meth:`MemLongVectorStore.persist` writes instead of ``folder`` for an empty store."""
+    return folder.with_name(folder.name + ".empty")
 
 
 def _local(what: str, fs: Any) -> None:
@@ -219,17 +225,22 @@ class MemLongVectorStore(BasePydanticVectorStore):
         """Save the namespace's chunks (text, embeddings, K-V, metadata) with :meth:`MemLong.save_memory` to the
         folder :func:`memory_folder` names beside ``persist_path``: ``index.storage_context.persist(DIR)`` calls
         this, and :meth:`from_persist_dir` reads it back. Atomic: a save that dies midway leaves the previous one.
-        An empty namespace removes an earlier save there, as LlamaIndex's own stores overwrite theirs.
+        An empty namespace removes an earlier save there, as LlamaIndex's own stores overwrite theirs, and leaves
+        ``<folder>.empty`` naming the namespace, so that :meth:`from_persist_dir` reloads an emptied index as empty.
 
         Raises:
             NotImplementedError: ``fs`` is not the local file system.
         """
         _local("persist", fs)
         folder = memory_folder(persist_path)
+        empty = _empty_marker(folder)
         if self._memlong.bank.num_tokens(self.namespace):
             self._memlong.save_memory(folder, namespaces=[self.namespace])
-        elif folder.is_dir():
-            shutil.rmtree(folder)
+            empty.unlink(missing_ok=True)
+        else:
+            empty.write_text(json.dumps({"namespace": self.namespace}), encoding="utf-8")
+            if folder.is_dir():
+                shutil.rmtree(folder)
 
     @classmethod
     def from_persist_dir(cls, persist_dir: str, memlong: MemLong, *, vector_store_name: str = "default",
@@ -250,6 +261,10 @@ class MemLongVectorStore(BasePydanticVectorStore):
         """
         _local("from_persist_dir", fs)
         folder = memory_folder(os.path.join(persist_dir, f"{vector_store_name}{NAMESPACE_SEP}{VECTOR_STORE_FNAME}"))
+        if not folder.is_dir() and _empty_marker(folder).is_file():  # an index saved empty: reloads empty
+            kwargs.setdefault("namespace", json.loads(_empty_marker(folder).read_text(encoding="utf-8"))["namespace"])
+            memlong.bank.reset(kwargs["namespace"])  # as a load replaces the namespace with what was saved
+            return cls(memlong, **kwargs)
         if not folder.is_dir():
             raise FileNotFoundError(f"No MemLong memory at {str(folder)!r}: save the index with "
                                     "index.storage_context.persist(DIR) from an index over a MemLongVectorStore that "
