@@ -293,6 +293,10 @@ def test_query_engine_bad_input(tiny_index):
         MemLongSynthesizer(llm, "{context_str}\n{query_str}")
     with pytest.raises(TypeError, match="do not apply"):
         MemLongQueryEngine.from_args(index.as_retriever(), llm=llm, text_qa_template=PromptTemplate("{context_str}"))
+    with pytest.raises(TypeError, match="set them on the retriever"):  # was: 'does not paste text'
+        MemLongQueryEngine.from_args(index.as_retriever(), llm=llm, similarity_top_k=2)
+    with pytest.raises(ValueError, match="similarity_top_k must be an integer >= 0, got -1"):  # was: [] silently
+        index.as_retriever(similarity_top_k=-1).retrieve("Thunder")
     with pytest.raises(TypeError, match="MemLongLLM"):
         MemLongSynthesizer(object())
 

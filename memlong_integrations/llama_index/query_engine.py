@@ -47,6 +47,9 @@ from memlong_integrations.llama_index.llm import CHUNK_IDS_KWARG, MemLongLLM
 
 __all__ = ["DEFAULT_KV_PROMPT", "MemLongQueryEngine", "MemLongSynthesizer"]
 
+# retriever options a user may pass to from_args, as to index.as_query_engine(...)
+_RETRIEVAL_OPTIONS = {"similarity_top_k", "filters", "vector_store_query_mode", "alpha", "node_ids", "doc_ids"}
+
 # The plain continuation layout (memlong.prompts): the retrieved chunks (as K-V, in document order) flow straight
 # into it. It ends with the start of an answer (KV_ANSWER_PREFIX): without one small models often answer nothing.
 DEFAULT_KV_PROMPT = PromptTemplate(f"{question_prompt('{query_str}')} {KV_ANSWER_PREFIX}")
@@ -147,6 +150,10 @@ class MemLongQueryEngine(RetrieverQueryEngine):
         Text-pipeline options (``text_qa_template``, ``response_mode``, ...) have no meaning here and raise.
         """
         unused = sorted(k for k, v in kwargs.items() if v is not None)
+        retrieval = [k for k in unused if k in _RETRIEVAL_OPTIONS]
+        if retrieval:
+            raise TypeError(f"{retrieval} choose what is retrieved: set them on the retriever (index.as_retriever("
+                            f"{retrieval[0]}=...) or MemLongRetriever(...)), not on MemLongQueryEngine.from_args.")
         if unused:
             raise TypeError(f"MemLongQueryEngine does not paste text, so {unused} do not apply; "
                             "use prompt_template='...{query_str}...' for the question's prompt.")

@@ -291,6 +291,9 @@ class MemLongVectorStore(BasePydanticVectorStore):
             raise ValueError(f"MemLongVectorStore supports the query modes default (the bank's search_mode), hybrid, "
                              f"text_search and sparse (BM25), not {query.mode.value!r}.")
         mode = modes[query.mode]
+        top_k = query.similarity_top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"similarity_top_k must be an integer >= 0, got {top_k!r}.")
         if mode == "hybrid" and query.alpha is not None:  # LlamaIndex: 0 = BM25 only, 1 = embeddings only
             if query.alpha not in (0, 0.5, 1):
                 raise ValueError(f"alpha={query.alpha!r}: MemLongVectorStore fuses its hybrid rankings by reciprocal "
