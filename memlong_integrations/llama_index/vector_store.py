@@ -4,13 +4,15 @@ Contract:
     * ``add(nodes)`` streams every node's text through ``MemLong.ingest`` (one progress bar for the batch), so
       each node becomes one or more ``chunk_size``-token bank chunks with their K-V computed at insert time.
       Every chunk keeps the node's metadata plus ``memlong_node_id`` / ``memlong_ref_doc_id``; ``add`` returns
-      the node ids. Each node is streamed on its own (its K-V sees the node's own preceding text); to give the
+      the node ids, and adding a node id the store holds replaces that node. Each node is streamed on its own (its K-V sees the node's own preceding text); to give the
       K-V a whole document's context, pass the documents as the nodes: ``VectorStoreIndex(documents, ...)``
       (``from_documents(..., transformations=[])`` still splits: LlamaIndex treats ``[]`` as "the default").
     * ``query`` searches the bank with its own embedder and ``query.query_str`` (``is_embedding_query=False``:
       LlamaIndex does not embed the query), so retrieval is the bank's retrieval whatever embed model the index
       was given. It returns one node per chunk: ``node.id_`` = chunk id, ``metadata["memlong_chunk_id"]`` too
-      (hidden from LLM and embedding text), the ref doc as the SOURCE relationship.
+      (hidden from LLM and embedding text), the id the node was added with in ``metadata["memlong_node_id"]``
+      (chunk ids, because a node longer than a chunk is several chunks and LlamaIndex keeps one node per id in a
+      result), the ref doc as the SOURCE relationship.
     * ``delete(ref_doc_id)`` removes every chunk of that document (``MemoryBank.delete(doc_id=...)``);
       ``delete_nodes`` takes chunk ids or the node ids ``add`` returned, and/or filters.
     * Filters: ``==``, ``!=``, ``in``, ``nin`` on metadata, combined with ``and`` / ``or`` / ``not`` (nested
