@@ -186,7 +186,15 @@ class DiskKVStore(KVStore):
         chunks = list(self.pending.values())
         tensors = [(f"{suffix}.{c.id}", t) for c in chunks for suffix, t in c.kv.named().items()]
         name = f"seg-{secrets.token_hex(8)}.safetensors"
-        entry = write_segment(self.path / name, tensors)  # fsynced; OSError (e.g. a full disk) leaves it all in RAM
+        try:
+            entry = write_segment(self.path / name, tensors)  # fsynced; OSError (a full disk) leaves it all in RAM
+        except OSError as exc:
+            if force:  # a commit or compaction: it says what the directory holds
+                raise
+            raise OSError(exc.errno, f"Cannot add to the disk bank at {self.path}: writing its full K-V buffer as a "
+                                     f"segment failed ({exc.strerror or exc}). Nothing was added and nothing was lost "
+                                     "(the buffered chunks stay in RAM); free space (or fix permissions) and add "
+                                     "again.") from None
         seg = Segment(self.path / name, entry)
         for c in chunks:
             c.kv = self._mapped(seg, c.id)

@@ -397,6 +397,31 @@ def test_disk_full_at_commit_loses_nothing(tmp_path, monkeypatch):
     assert _only_named_files(tmp_path / "b")
 
 
+def test_disk_full_while_an_add_writes_the_buffer_says_nothing_was_added(tmp_path, monkeypatch):
+    """An add that fills segment_bytes writes the buffer first: ENOSPC there was a bare OSError naming a segment
+    file; now it says the add changed nothing, and the bank is unchanged and adds once there is space."""
+    import errno
+
+    import memlong.storage as storage
+
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32, segment_bytes=1)
+    fill(bank, "ns", 1)  # buffered; the next add writes it first
+    before = digest(bank)
+
+    def full(out, tensors):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "_write_safetensors", full)
+    with pytest.raises(OSError, match="Cannot add to the disk bank.*No space left on device.*Nothing was added") as e:
+        fill(bank, "ns", 1, seed=3)
+    assert e.value.errno == errno.ENOSPC and digest(bank) == before
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith("seg-")]
+    monkeypatch.undo()
+    fill(bank, "ns", 1, seed=3)
+    bank.commit()
+    assert len(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == 2
+
+
 def test_a_commit_that_fails_after_its_commit_point_can_commit_again(tmp_path, monkeypatch):
     """Review finding: an error in the directory fsync after the new manifest went live left the bank expecting its
     old commit, so every later commit was refused as another writer's; the message said the old commit was there."""
