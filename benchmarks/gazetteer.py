@@ -127,3 +127,20 @@ def gazetteer(n_islands: int = 24, *, paragraphs: int = 6, seed: int = 0) -> tup
         questions.append(GazetteerQuestion(document=d, question=question.format(i=island),
                                            answer_prefix=prefix.format(i=island), answer=values[asked]))
     return docs, questions
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print the invented-island corpus that benchmarks/kv_fidelity.py "
+                                                 "--corpus gazetteer reads (an entry and its question per island). "
+                                                 "It is a module; this only shows what it makes.")
+    parser.add_argument("--islands", type=int, default=2, help="entries to print, 1..24 (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="the corpus's seed (default 0, what the benchmark uses)")
+    args = parser.parse_args()
+    try:
+        documents, asked = gazetteer(args.islands, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    for document, question in zip(documents, asked, strict=True):
+        print(document + question.tail + f" [{question.answer}]\n")
