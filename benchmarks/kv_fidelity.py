@@ -297,7 +297,8 @@ def run_top_k(ml, args: argparse.Namespace, questions: list, k: int) -> tuple[li
                      "paste_tokens_encoded_mean": statistics.fmean(pasted),
                      "ttft_kv_median_s": statistics.median(p["ttft"]),
                      "ttft_paste_median_s": statistics.median(paste_ttft)})
-        print(f"top-k {k}, {m.name}: KL {rows[-1]['kl_mean']:.3f}, answers agree {p['agree']}/{nq}", file=sys.stderr)
+        print(f"top-k {k}, {m.name}: KL {max(rows[-1]['kl_mean'], 0.0):.3f}, answers agree {p['agree']}/{nq}",
+              file=sys.stderr)
     return rows, trials
 
 
@@ -307,7 +308,7 @@ def print_table(rows: list[dict]) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['corpus']} | {r['top_k']} | `{r['method']}` | {100 * r['reencoded_share_mean']:.0f} % | "
-              f"{r['tokens_encoded_mean']:.1f} ({r['paste_tokens_encoded_mean']:.0f}) | {r['kl_mean']:.3f} | "
+              f"{r['tokens_encoded_mean']:.1f} ({r['paste_tokens_encoded_mean']:.0f}) | {max(r['kl_mean'], 0.0):.3f} | "
               f"{100 * r['first_token_agreement']:.0f} % | {100 * r['answer_agreement']:.0f} % | "
               f"{100 * r['kv_accuracy']:.0f} % / {100 * r['paste_accuracy']:.0f} % | "
               f"{r['ttft_kv_median_s']:.2f} s / {r['ttft_paste_median_s']:.2f} s |")
