@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memlong.positions import Memory
+from memlong.records import as_list
 from memlong.static_kv import compiled_step, start_static
 
 if TYPE_CHECKING:
@@ -265,7 +266,7 @@ def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tenso
             query = ml.bank.get(stored[-1], namespace=namespace).text
             chunk_ids = [h.chunk_id for h in ml.bank.search(query, namespace=namespace, k=ml.config.top_k,
                                                             mode="dense")]
-    logits = ml.run(ids, memory=ml.memory_for(chunk_ids or [], namespace)).logits  # (1, T, V)
+    logits = ml.run(ids, memory=ml.memory_for([] if chunk_ids is None else chunk_ids, namespace)).logits  # (1, T, V)
     out = {"logits": logits}
     if labels is not None:  # shifted here, as in transformers
         out["loss"] = torch.nn.functional.cross_entropy(
@@ -325,7 +326,7 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
     if chunk_ids is None and retrieve:
         chunk_ids = retrieve_ids(ml, query or prompt, namespace)
-    chunk_ids = list(chunk_ids or [])
+    chunk_ids = [] if chunk_ids is None else as_list(chunk_ids, "chunk_ids")
     memory = ml.memory_for(chunk_ids, namespace)  # raises UnknownChunkError before any work
     refreshed = 0
     if memory is not None and (ml.config.kv_refresh > 0 or ml.config.kv_reencode_head > 0):

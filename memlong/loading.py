@@ -26,6 +26,7 @@ from memlong.dtypes import to_dtype
 from memlong.embedder import Embedder, TextEmbedder
 from memlong.kv_cache import DeviceCache
 from memlong.memory import MemoryBank
+from memlong.records import as_list
 from memlong.storage import is_disk_bank
 
 if TYPE_CHECKING:
@@ -167,9 +168,12 @@ def memory_fingerprint(ml: MemLong) -> dict[str, Any]:
             "chunk_size": ml.config.chunk_size, "model": str(getattr(cfg, "name_or_path", "") or "")}
 
 
-def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The body of :meth:`MemLong.memory_for` for a non-empty ``chunk_ids``: from the bank through ``ml.kv_cache``
-    (when there is one), checked against ``ml``'s shapes."""
+def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The body of :meth:`MemLong.memory_for`: from the bank through ``ml.kv_cache`` (when there is one), checked
+    against ``ml``'s shapes; ``None`` for no ids. ``chunk_ids``: any list-like of ids (one string is refused)."""
+    chunk_ids = as_list(chunk_ids, "chunk_ids")
+    if not chunk_ids:
+        return None
     keys, values = ml.bank.fetch(chunk_ids, namespace=namespace, device=ml.device, dtype=ml.dtype, cache=ml.kv_cache)
     check_stored_kv(ml, keys)
     return keys, values

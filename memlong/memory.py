@@ -68,6 +68,7 @@ from memlong.kv_store import new_store
 from memlong.records import (
     Chunk,
     MemoryMismatchError,
+    as_list,
     check_bank_config,
     check_namespace,
     metadata_nbytes,
@@ -196,7 +197,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             UnknownChunkError: a ``replace`` id that is not in ``namespace``.
             MemoryFullError: the chunks do not fit ``max_bytes`` beside the other namespaces.
         """
-        replace = list(replace)
+        replace, texts = as_list(replace, "replace"), as_list(texts, "texts")
         n = len(texts)
         check_namespace(namespace)
         if n == 0 and not replace:
@@ -246,7 +247,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         Raises:
             UnknownChunkError: an id not in ``namespace`` (nothing is deleted).
         """
-        chunk_ids = list(chunk_ids)
+        chunk_ids = as_list(chunk_ids, "chunk_ids")
         check_namespace(namespace)
         with self._lock.write():
             drop = {self._get(cid, namespace).id for cid in chunk_ids}
@@ -294,7 +295,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             if vector.shape[1] != self.embedder.dim:
                 raise ValueError(f"query vector has dimension {vector.shape[1]}, the bank's embedder {self.embedder.dim}.")
             faiss.normalize_L2(vector)
-        skip = set(exclude)
+        skip = set(as_list(exclude, "exclude"))
         with self._lock.read():
             space = self._spaces.get(namespace)
             if space is None or not space.ids:
@@ -334,7 +335,8 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         """K-V of ``chunk_ids`` concatenated in document order: ``(n_source_layers, n_kv_heads, tokens, head_dim)``.
         With a ``cache`` (:class:`memlong.kv_cache.DeviceCache`) on its device, chunks it holds are not copied again."""
         with self._lock.read():
-            chunks = sorted((self._get(cid, namespace) for cid in dict.fromkeys(chunk_ids)), key=lambda c: c.order)
+            chunks = sorted((self._get(cid, namespace) for cid in dict.fromkeys(as_list(chunk_ids, "chunk_ids"))),
+                            key=lambda c: c.order)
         if not chunks:
             raise ValueError("fetch needs at least one chunk id.")
         # Stored tensors are never written in place: concatenated outside the lock. Each chunk moves to the target
@@ -368,8 +370,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             if not create:
                 raise KeyError(f"Namespace {namespace!r} does not exist: nothing was ever stored in it, or it "
                                "was reset.")
-            space = self._spaces[namespace] = NamespaceIndex(self.embedder.dim, self.use_gpu_index,
-                                                                          self.ann_min_chunks)
+            space = self._spaces[namespace] = NamespaceIndex(self.embedder.dim, self.use_gpu_index, self.ann_min_chunks)
         return space
 
     def _get(self, chunk_id: str, namespace: str) -> Chunk:

@@ -231,8 +231,6 @@ class MemLong:
             memlong.memory.UnknownChunkError: an id not in ``namespace``.
             ValueError: K-V stored by another model or ``kv_source`` (the shapes do not match).
         """
-        if not chunk_ids:
-            return None
         return loading.fetch_memory(self, chunk_ids, namespace)
 
     def refresh(self, memory: Memory, chunk_ids: Sequence[str], namespace: str,

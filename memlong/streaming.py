@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from memlong.positions import Stacked
-from memlong.records import check_metadata, check_namespace
+from memlong.records import as_list, check_metadata, check_namespace
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -234,14 +234,18 @@ def _stripped(ml: MemLong, tokens: Sequence[int]) -> list[int] | None:
 
 
 def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[str] | None,
-                  metadatas: Sequence[dict[str, Any]] | None, context: str, strip: bool) -> list[str]:
+                  metadatas: Sequence[dict[str, Any]] | None, context: str, strip: bool
+                  ) -> tuple[list[str], list[str] | None, list[dict[str, Any]] | None]:
+    """The documents, doc ids and metadatas as lists, after checking every argument (before any work)."""
     if context not in ("document", "chunk"):
         raise ValueError(f"context must be 'document' (K-V from the document's window) or 'chunk' (K-V from the "
                          f"chunk alone); got {context!r}.")
     if strip and context != "chunk":
         raise ValueError("strip=True re-tokenizes each chunk on its own, which needs context='chunk' (in a "
                          "document's window the chunk's tokens are the document's).")
-    docs = [texts] if isinstance(texts, str) else list(texts)
+    docs = [texts] if isinstance(texts, str) else as_list(texts, "texts")
+    doc_ids = None if doc_ids is None else as_list(doc_ids, "doc_ids")
+    metadatas = None if metadatas is None else as_list(metadatas, "metadatas")
     if doc_ids is not None and len(doc_ids) != len(docs):
         raise ValueError(f"Got {len(docs)} documents but {len(doc_ids)} doc_ids.")
     if metadatas is not None and len(metadatas) != len(docs):
@@ -252,7 +256,7 @@ def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[
     check_namespace(namespace)  # before any work, as the metadata: the bank would refuse them after the forward
     for i, metadata in enumerate(metadatas or ()):
         check_metadata(metadata, f"metadatas[{i}]")
-    return docs
+    return docs, doc_ids, metadatas
 
 
 def _ingest_one(ml: MemLong, tokens: list[int], stream: Stream, size: int, strip: bool, bar: Any) -> None:
@@ -306,7 +310,7 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
         >>> stats = ingest(ml, open("hamlet.txt").read(), namespace="hamlet")   # = ml.ingest(...)
         >>> stats.chunks, stats.tokens_per_second
     """
-    docs = _check_ingest(texts, namespace, doc_ids, metadatas, context, strip)
+    docs, doc_ids, metadatas = _check_ingest(texts, namespace, doc_ids, metadatas, context, strip)
     encoded = [ml.tokenize(doc) for doc in docs]
     stats = IngestStats(documents=len(docs))
     t0 = time.perf_counter()

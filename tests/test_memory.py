@@ -319,3 +319,26 @@ def test_eviction_warning_raised_as_an_error_changes_nothing(embedder, tmp_path)
     with pytest.warns(MemoryEvictionWarning):  # as a warning, the same calls evict as before
         add(bank, [f"new note {i}" for i in range(8)], namespace="e")
     assert bank.num_tokens("e") <= 40 and state(bank)["other"] == before["other"]
+
+
+def test_one_string_where_a_list_is_expected_is_refused_not_split_into_characters(bank):
+    """Outside-in audit: a single id string was iterated character by character (delete/fetch/following raised an
+    unknown-chunk error for its first letter, search's exclude was silently ignored, add_chunks("abc") stored three
+    one-letter chunks). Every such argument refuses one string with a TypeError saying to pass a list, and takes
+    any other list-like (a numpy array of ids too)."""
+    ids = add(bank, TEXTS)
+    k, v = kv()
+    calls = {"chunk_ids": [lambda: bank.delete(ids[0], namespace="ns"), lambda: bank.fetch(ids[0], namespace="ns"),
+                           lambda: bank.following(ids[0], namespace="ns"), lambda: bank.stored(ids[0], namespace="ns")],
+             "exclude": [lambda: bank.search(TEXTS[2], namespace="ns", exclude=ids[2])],
+             "texts": [lambda: bank.add_chunks("abc", keys=[k] * 3, values=[v] * 3, namespace="ns")]}
+    for what, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(TypeError, match=rf"{what} takes a list, got one str .*pass a list"):
+                fn()
+    assert bank.chunk_ids("ns") == ids  # nothing deleted or added
+    as_array = np.array(ids[:2])
+    assert bank.fetch(as_array, namespace="ns")[0].shape[2] == 8
+    assert bank.following(as_array, namespace="ns", n=0) == ids[:2]
+    assert ids[2] not in [h.chunk_id for h in bank.search(TEXTS[2], namespace="ns", exclude=np.array([ids[2]]))]
+    assert bank.delete(as_array, namespace="ns") == 2 and bank.chunk_ids("ns") == ids[2:]
