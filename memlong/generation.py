@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from memlong.model import MemLong
 
 __all__ = ["Generation", "GenerationStats", "decode", "encode_prompt", "eos_ids", "retrieve_ids", "score",
-           "segment_forward", "start_generation", "token_tensor"]
+           "segment_forward", "start_generation", "token_tensor", "vocab_rows"]
 
 
 @dataclass
@@ -223,6 +223,7 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
     stop = check_decoding(max_new_tokens, temperature, stop)
     if len(ids) == 0:
         raise ValueError("decode needs at least one prompt token: e.g. ml.encode_prompt(text).")
+    ids = token_tensor(ids, "cpu", vocab_rows(ml))[0].tolist()  # checked now, not at the first piece
     max_new_tokens, temperature = int(max_new_tokens), float(temperature)  # numpy scalars too
     stats = stats if stats is not None else GenerationStats(prompt_tokens=len(ids), memory_tokens=0 if memory is None
                                                             else int(memory[0].shape[2]))
@@ -230,12 +231,32 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
     return Generation(_decode_loop(ml, list(ids), memory, max_new_tokens, temperature, seed, stop, stats, t0), stats)
 
 
-def token_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``ids`` as a ``(1, T)`` long tensor on ``device``; ValueError for no ids (torch fails later, unclearly)."""
-    ids_t = torch.as_tensor(ids, device=device)
+def token_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device | str, vocab: int | None = None
+                 ) -> torch.Tensor:
+    """``ids`` as a ``(1, T)`` long tensor on ``device``, checked (torch fails later, unclearly): at least one id,
+    integers, each in ``0..vocab - 1`` when ``vocab`` (the embedding's rows,
+    :func:`vocab_rows`) is given. TypeError for text or non-integers, ValueError for the rest, naming the problem."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"Token ids expected, got text {ids[:40]!r}: tokenize it first (ml.encode_prompt(text), "
+                        "ml.tokenize(text)).")
+    try:
+        ids_t = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"Token ids must be a list of integers or an integer tensor ({exc}).") from None
     if ids_t.numel() == 0:
         raise ValueError("No token ids to run (an empty prompt, step or document?); give at least one token.")
-    return ids_t.view(1, -1)
+    if ids_t.is_floating_point() or ids_t.is_complex() or ids_t.dtype == torch.bool:
+        raise TypeError(f"Token ids must be integers, got {ids_t.dtype} values; pass the tokenizer's ids.")
+    if vocab is not None and (int(ids_t.min()) < 0 or int(ids_t.max()) >= vocab):
+        bad = int(ids_t.min()) if int(ids_t.min()) < 0 else int(ids_t.max())
+        raise ValueError(f"Token id {bad} is outside the vocabulary 0..{vocab - 1}: pass ids from this model's "
+                         "tokenizer.")
+    return ids_t.to(device=device, dtype=torch.long).view(1, -1)
+
+
+def vocab_rows(ml: MemLong) -> int:
+    """Rows of the model's token embedding: the token ids it can run are ``0..vocab_rows(ml) - 1``."""
+    return int(ml.model.get_input_embeddings().num_embeddings)
 
 
 def score(ml: MemLong, ids: Sequence[int], target: Sequence[int], memory: Memory | None = None) -> torch.Tensor:

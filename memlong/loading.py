@@ -179,6 +179,21 @@ def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple
     return keys, values
 
 
+def check_memory(ml: MemLong, memory: Any) -> None:
+    """TypeError / ValueError unless ``memory`` is ``None`` or a ``(keys, values)`` pair of floating-point tensors of
+    one shape that fits ``ml`` (:func:`check_stored_kv`): what :meth:`MemLong.memory_for` returns."""
+    if memory is None:
+        return
+    if not (isinstance(memory, (tuple, list)) and len(memory) == 2 and all(isinstance(t, torch.Tensor) for t in memory)):
+        raise TypeError(f"memory must be a (keys, values) pair of tensors, as ml.memory_for(chunk_ids, namespace) "
+                        f"returns; got {type(memory).__name__}.")
+    keys, values = memory
+    if keys.dim() != 4 or keys.shape != values.shape or not (keys.is_floating_point() and values.is_floating_point()):
+        raise ValueError(f"memory keys and values must be floating-point (L_src, Hkv, M, D) tensors of one shape, got "
+                         f"{tuple(keys.shape)} {keys.dtype} and {tuple(values.shape)} {values.dtype}.")
+    check_stored_kv(ml, keys)
+
+
 def check_stored_kv(ml: MemLong, keys: torch.Tensor) -> None:
     """ValueError unless fetched ``keys`` ``(L_src, Hkv, M, D)`` fit ``ml``: K-V stored by another model or
     ``kv_source`` have other layer, head or channel counts."""

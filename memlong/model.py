@@ -207,12 +207,12 @@ class MemLong:
             ...              logits_for=slice(-1, None))
             >>> out.logits.shape        # (1, 1, vocab)
         """
+        ids_t = generation.token_tensor(ids, self.device, generation.vocab_rows(self))
         if context is None:
             context, start = self.context(memory, capture=capture)
-            positions = torch.arange(len(ids)) + start if positions is None else positions
+            positions = torch.arange(ids_t.shape[1]) + start if positions is None else positions
         elif memory is not None or positions is None:
             raise ValueError("run(context=...) takes the memory from the context and needs positions.")
-        ids_t = generation.token_tensor(ids, self.device)
         positions = positions.view(1, -1).to(self.device)
         if context.capture:
             context.cos, context.sin = self.decoder.rotary_emb(torch.zeros(1, device=self.device), positions)

@@ -475,3 +475,43 @@ def test_no_tokens_is_a_clear_error_everywhere(make_tiny):
         with pytest.raises(ValueError, match=needle):
             call()
     assert ml.score(prompt, target).shape == (len(target),)
+
+
+def test_token_ids_outside_the_vocabulary_or_not_integers_are_named(make_tiny):
+    """Outside-in audit: ids out of the vocabulary gave torch's 'IndexError: index out of range in self' (run,
+    decode, score, Stream.step, perplexity), float ids an embedding dtype error, text a 'new(): invalid data type'."""
+    ml, _ = make_tiny()
+    vocab = ml.model.get_input_embeddings().num_embeddings
+    prompt = ml.tokenize("The pass key is")[1:]
+    for call, bad in [(lambda: ml.run([vocab, 5]), vocab), (lambda: ml.run([5, -1]), -1),
+                      (lambda: ml.decode([vocab + 3], max_new_tokens=2), vocab + 3),
+                      (lambda: ml.score(prompt, [-1]), -1), (lambda: ml.stream("s").step([vocab] * 4), vocab),
+                      (lambda: ml.perplexity([vocab + 5, 2, 3], score_last=2), vocab + 5)]:
+        with pytest.raises(ValueError, match=rf"Token id {bad} is outside the vocabulary 0\.\.{vocab - 1}"):
+            call()
+    with pytest.raises(TypeError, match="Token ids must be integers, got torch.float32"):
+        ml.run([1.5, 2.5])
+    with pytest.raises(TypeError, match="got text 'hello': tokenize it first"):
+        ml.run("hello")
+    assert ml.bank.namespaces() == []  # the stream and perplexity stored nothing
+    assert ml.run(np.array(prompt)).logits.shape[1] == len(prompt)  # numpy ids still run
+
+
+def test_hand_built_memory_of_the_wrong_shape_is_named(make_tiny):
+    """Outside-in audit: run(ids, memory=(k, v)) with other layer/head counts, k/v of different lengths, a single
+    tensor or numpy arrays failed deep in positions.py with raw RuntimeError/IndexError/AttributeError."""
+    ml, _ = make_tiny(local_window=256, ingest_step=128)
+    stats = ml.ingest(TEXT, namespace="doc", progress=False)
+    keys, values = ml.memory_for(stats.chunk_ids[:2], "doc")
+    ids = ml.encode_prompt("Where?")
+    for memory, error, needle in [((keys[:2], values[:2]), ValueError, "expects"),
+                                  ((keys[:, :1], values[:, :1]), ValueError, "expects"),
+                                  ((keys, values[:, :, :10]), ValueError, "of one shape"),
+                                  ((keys.long(), values.long()), ValueError, "floating-point"),
+                                  ((keys[0], values[0]), ValueError, r"\(L_src, Hkv, M, D\)"),
+                                  (keys, TypeError, "pair of tensors"),
+                                  ((keys.numpy(), values.numpy()), TypeError, "pair of tensors")]:
+        with pytest.raises(error, match=needle):
+            ml.run(ids, memory=memory)
+    assert ml.run(ids, memory=(keys, values)).logits.shape[1] == len(ids)
+
