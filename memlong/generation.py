@@ -234,7 +234,7 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
 def token_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device | str, vocab: int | None = None
                  ) -> torch.Tensor:
     """``ids`` as a ``(1, T)`` long tensor on ``device``, checked (torch fails later, unclearly): at least one id,
-    integers, each in ``0..vocab - 1`` when ``vocab`` (the embedding's rows,
+    integers, one sequence (``(T,)`` or ``(1, T)``), each in ``0..vocab - 1`` when ``vocab`` (the embedding's rows,
     :func:`vocab_rows`) is given. TypeError for text or non-integers, ValueError for the rest, naming the problem."""
     if isinstance(ids, (str, bytes)):
         raise TypeError(f"Token ids expected, got text {ids[:40]!r}: tokenize it first (ml.encode_prompt(text), "
@@ -247,6 +247,9 @@ def token_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device | str, 
         raise ValueError("No token ids to run (an empty prompt, step or document?); give at least one token.")
     if ids_t.is_floating_point() or ids_t.is_complex() or ids_t.dtype == torch.bool:
         raise TypeError(f"Token ids must be integers, got {ids_t.dtype} values; pass the tokenizer's ids.")
+    if ids_t.dim() > 1 and ids_t.shape[:-1].numel() != 1:
+        raise ValueError(f"Token ids of shape {tuple(ids_t.shape)} are a batch of sequences: MemLong runs one "
+                         "sequence at a time ((T,) or (1, T)); run each sequence in its own call.")
     if vocab is not None and (int(ids_t.min()) < 0 or int(ids_t.max()) >= vocab):
         bad = int(ids_t.min()) if int(ids_t.min()) < 0 else int(ids_t.max())
         raise ValueError(f"Token id {bad} is outside the vocabulary 0..{vocab - 1}: pass ids from this model's "
@@ -278,7 +281,10 @@ def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tenso
     Memory: ``chunk_ids`` if given, else the namespace's ``top_k`` chunks found (dense search) with the most
     recently stored chunk's text as the query (the segment's own tokens are never the query).
     """
-    ids = input_ids.view(-1).tolist()
+    ids = token_tensor(input_ids, "cpu", vocab_rows(ml))[0].tolist()  # one sequence: a (2, T) batch is refused
+    if labels is not None and tuple(labels.shape) not in ((len(ids),), (1, len(ids))):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the segment's {len(ids)} tokens; give "
+                         f"(1, {len(ids)}) labels (-100 = ignore).")
     if len(ids) > ml.config.local_window:
         raise ValueError(f"Segment of {len(ids)} tokens exceeds local_window {ml.config.local_window}.")
     if chunk_ids is None and ml.config.top_k > 0:

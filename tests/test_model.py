@@ -515,3 +515,18 @@ def test_hand_built_memory_of_the_wrong_shape_is_named(make_tiny):
             ml.run(ids, memory=memory)
     assert ml.run(ids, memory=(keys, values)).logits.shape[1] == len(ids)
 
+
+def test_a_batch_of_several_sequences_is_refused_not_flattened_into_one(make_tiny):
+    """Outside-in audit: forward() of a (2, N) batch silently ran the two sequences as one of 2N tokens (view(-1));
+    run() of a 2-D tensor failed in the rotary embedding. MemLong runs one sequence at a time."""
+    ml, _ = make_tiny()
+    ids = torch.tensor([ml.tokenize(TEXT)[:20]])  # (1, 20)
+    batch = ids.view(2, 10)
+    for call in (lambda: ml.forward(batch, namespace="doc"), lambda: ml.run(batch),
+                 lambda: ml.forward(batch, labels=batch, namespace="doc")):
+        with pytest.raises(ValueError, match=r"shape \(2, 10\) are a batch of sequences.*one sequence at a time"):
+            call()
+    with pytest.raises(ValueError, match=r"labels of shape \(1, 5\) do not match the segment's 20 tokens"):
+        ml.forward(ids, labels=ids[:, :5], namespace="doc")
+    assert ml.forward(ids, labels=ids, namespace="doc")["logits"].shape[:2] == (1, 20)  # (1, T) as before
+    assert ml.run(ids).logits.shape[:2] == (1, 20)
