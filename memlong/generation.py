@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memlong.positions import Memory
-from memlong.records import as_list
+from memlong.records import as_list, check_string
 from memlong.static_kv import compiled_step, start_static
 
 if TYPE_CHECKING:
@@ -98,7 +98,9 @@ def encode_prompt(ml: MemLong, prompt: str, chat: bool = False, answer_prefix: s
     Raises:
         ValueError: an empty prompt, or one longer than ``local_window``.
     """
-    if not isinstance(prompt, str) or not prompt.strip():
+    check_string(prompt, "prompt")
+    check_string(answer_prefix, "answer_prefix")
+    if not prompt.strip():
         raise ValueError("The prompt is empty: give the model some text to answer.")
     if chat:
         prompt = ml.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -351,6 +353,8 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
     t0 = time.perf_counter()
     stop = check_decoding(max_new_tokens, temperature, stop)  # before any work
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
+    if query is not None:
+        check_string(query, "query")
     if chunk_ids is None and retrieve:
         chunk_ids = retrieve_ids(ml, query or prompt, namespace)
     chunk_ids = [] if chunk_ids is None else as_list(chunk_ids, "chunk_ids")

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -71,6 +72,7 @@ from memlong.records import (
     as_list,
     check_bank_config,
     check_namespace,
+    check_string,
     metadata_nbytes,
 )
 from memlong.rwlock import RWLock as _RWLock
@@ -288,13 +290,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         if mode != "dense" and not isinstance(query, str):
             raise ValueError(f"search mode {mode!r} matches words, so it needs the query text, not a vector; pass "
                              "the text or use mode='dense'.")
-        vector = None
-        if mode != "lexical":
-            vector = self.embedder.encode([query]) if isinstance(query, str) else np.asarray(query, np.float32)
-            vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
-            if vector.shape[1] != self.embedder.dim:
-                raise ValueError(f"query vector has dimension {vector.shape[1]}, the bank's embedder {self.embedder.dim}.")
-            faiss.normalize_L2(vector)
+        vector = None if mode == "lexical" else _query_vector(self.embedder, query)
         skip = set(as_list(exclude, "exclude"))
         with self._lock.read():
             space = self._spaces.get(namespace)
@@ -400,6 +396,26 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             space.tokens -= chunk.n_tokens
             space.nbytes -= self._sizes.pop(cid)
         space.remove(drop)
+
+
+def _query_vector(embedder: TextEmbedder, query: Any) -> np.ndarray:
+    """The unit ``(1, dim)`` float32 vector of a search query (its text embedded, or a vector); TypeError /
+    ValueError naming what is wrong with the query."""
+    if isinstance(query, str):
+        vector = embedder.encode([check_string(query, "query")])
+    else:
+        try:
+            if query is None or isinstance(query, (bytes, bytearray, numbers.Number)):
+                raise TypeError
+            vector = np.asarray(query, np.float32)
+        except (TypeError, ValueError):
+            raise TypeError(f"query must be text or a vector of dimension {embedder.dim}, got {type(query).__name__} "
+                            f"{str(query)[:50]!r}.") from None
+    vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
+    if vector.shape[1] != embedder.dim:
+        raise ValueError(f"query vector has dimension {vector.shape[1]}, the bank's embedder {embedder.dim}.")
+    faiss.normalize_L2(vector)
+    return vector
 
 
 def _joined(parts: list[torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:

@@ -41,8 +41,8 @@ from memlong.kv_payload import DenseKV, KVPayload, payload_from
 from memlong.storage import MemoryFileError
 
 __all__ = ["MAX_DEPTH", "Chunk", "MemoryMismatchError", "as_list", "check_bank_config", "check_chunk",
-           "check_compatible", "check_embeddings", "check_namespace", "check_text", "embedder_info", "metadata_nbytes",
-           "parse_namespaces", "read_text_file"]
+           "check_compatible", "check_embeddings", "check_namespace", "check_string", "check_text", "embedder_info",
+           "metadata_nbytes", "parse_namespaces", "read_text_file"]
 
 MAX_DEPTH = 32  # metadata nesting levels (the JSON reader's recursion limit is far above this)
 MAX_INT = 2**63 - 1
@@ -105,8 +105,9 @@ def check_text(value: Any, what: str, *, empty: bool = False) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{what} holds a lone surrogate character, which UTF-8 files cannot store; clean the "
-                         "text (e.g. text.encode('utf-8', 'replace').decode()).") from None
+        raise ValueError(f"{what} is not valid Unicode: it holds a lone surrogate character, which UTF-8 (files, the "
+                         "tokenizer) cannot store; clean the text (e.g. text.encode('utf-8', 'replace').decode())."
+                         ) from None
     return value
 
 
@@ -119,6 +120,15 @@ def as_list(value: Any, what: str) -> list[Any]:
     if isinstance(value, Mapping) or not isinstance(value, Iterable):
         raise TypeError(f"{what} takes a list, got {type(value).__name__} {str(value)[:60]!r}: pass a list.")
     return [str(v) if isinstance(v, np.str_) else v for v in value]
+
+
+def check_string(value: Any, what: str) -> str:
+    """``value`` if it is a string of valid Unicode (empty allowed); TypeError naming ``what`` for another type
+    (bytes: decode them first), ValueError for lone surrogates (:func:`check_text`)."""
+    if not isinstance(value, str):
+        hint = " (decode bytes first, e.g. data.decode('utf-8'))" if isinstance(value, (bytes, bytearray)) else ""
+        raise TypeError(f"{what} must be a string, got {type(value).__name__} {str(value)[:50]!r}{hint}.")
+    return check_text(value, what, empty=True)
 
 
 def check_namespace(namespace: Any) -> str:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from memlong.positions import Stacked
-from memlong.records import as_list, check_metadata, check_namespace
+from memlong.records import as_list, check_metadata, check_namespace, check_string
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -243,6 +243,8 @@ def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[
     if strip and context != "chunk":
         raise ValueError("strip=True re-tokenizes each chunk on its own, which needs context='chunk' (in a "
                          "document's window the chunk's tokens are the document's).")
+    if texts is None or isinstance(texts, (bytes, bytearray, numbers.Number)):
+        check_string(texts, "texts (one document, or a list of them)")
     docs = [texts] if isinstance(texts, str) else as_list(texts, "texts")
     doc_ids = None if doc_ids is None else as_list(doc_ids, "doc_ids")
     metadatas = None if metadatas is None else as_list(metadatas, "metadatas")
@@ -251,7 +253,8 @@ def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[
     if metadatas is not None and len(metadatas) != len(docs):
         raise ValueError(f"Got {len(docs)} documents but {len(metadatas)} metadatas.")
     for i, doc in enumerate(docs):
-        if not isinstance(doc, str) or not doc.strip():
+        check_string(doc, f"Document {i}")
+        if not doc.strip():
             raise ValueError(f"Document {i} is empty: there is nothing to ingest. Pass non-empty text.")
     check_namespace(namespace)  # before any work, as the metadata: the bank would refuse them after the forward
     for i, metadata in enumerate(metadatas or ()):

@@ -342,3 +342,13 @@ def test_one_string_where_a_list_is_expected_is_refused_not_split_into_character
     assert bank.following(as_array, namespace="ns", n=0) == ids[:2]
     assert ids[2] not in [h.chunk_id for h in bank.search(TEXTS[2], namespace="ns", exclude=np.array([ids[2]]))]
     assert bank.delete(as_array, namespace="ns") == 2 and bank.chunk_ids("ns") == ids[2:]
+
+
+def test_a_search_query_that_is_neither_text_nor_a_vector_is_named(bank):
+    """Outside-in audit: search(None) said 'query vector has dimension 1'; a lone surrogate failed in the tokenizer."""
+    add(bank, TEXTS)
+    for query in (None, 5, b"bread"):
+        with pytest.raises(TypeError, match="query must be text or a vector of dimension 384"):
+            bank.search(query, namespace="ns")
+    with pytest.raises(ValueError, match="query is not valid Unicode"):
+        bank.search("bread \udc80", namespace="ns")

@@ -530,3 +530,28 @@ def test_a_batch_of_several_sequences_is_refused_not_flattened_into_one(make_tin
         ml.forward(ids, labels=ids[:, :5], namespace="doc")
     assert ml.forward(ids, labels=ids, namespace="doc")["logits"].shape[:2] == (1, 20)  # (1, T) as before
     assert ml.run(ids).logits.shape[:2] == (1, 20)
+
+
+def test_text_arguments_of_the_wrong_type_or_invalid_unicode_are_named(make_tiny):
+    """Outside-in audit: ingest(None/123) failed in list(), ingest(b"bytes") said 'Document 0 is empty', generate(123)
+    called the prompt empty, answer_prefix=None / query=5 failed in the tokenizer or as 'query vector has dimension
+    1', and a lone surrogate ('abc \\udc80') gave a tokenizers TypeError."""
+    ml, _ = make_tiny(local_window=256, ingest_step=128)
+    ml.ingest(TEXT, namespace="doc", progress=False)
+    before = ml.bank.chunk_ids("doc")
+    for call, needle in [(lambda: ml.ingest(None, namespace="doc"), "texts .* must be a string, got NoneType"),
+                         (lambda: ml.ingest(123, namespace="doc"), "texts .* must be a string, got int"),
+                         (lambda: ml.ingest(b"bytes", namespace="doc"), r"got bytes .*decode bytes first"),
+                         (lambda: ml.ingest(["ok text", 5], namespace="doc"), "Document 1 must be a string, got int"),
+                         (lambda: ml.generate(123, namespace="doc"), "prompt must be a string, got int"),
+                         (lambda: ml.generate("Where?", namespace="doc", answer_prefix=None),
+                          "answer_prefix must be a string, got NoneType"),
+                         (lambda: ml.generate("Where?", namespace="doc", query=5), "query must be a string, got int")]:
+        with pytest.raises(TypeError, match=needle):
+            call()
+    surrogate = r"not valid Unicode.*encode\('utf-8', 'replace'\)\.decode\(\)"
+    for call, what in [(lambda: ml.ingest("abc \udc80 def", namespace="doc"), "Document 0"),
+                       (lambda: ml.generate("key \ud800 ?", namespace="doc"), "prompt")]:
+        with pytest.raises(ValueError, match=f"{what} is {surrogate}"):
+            call()
+    assert ml.bank.chunk_ids("doc") == before and ml.bank.namespaces() == ["doc"]
