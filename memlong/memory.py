@@ -284,8 +284,8 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         Example:
             >>> bank.search("Who keeps the iron key?", namespace="docs", k=4, mode="hybrid")
         """
-        mode = check_mode(self.search_mode if mode is None else mode)
-        if k <= 0:
+        mode, k = check_mode(self.search_mode if mode is None else mode), _check_k(k)
+        if k == 0:
             return []
         if mode != "dense" and not isinstance(query, str):
             raise ValueError(f"search mode {mode!r} matches words, so it needs the query text, not a vector; pass "
@@ -330,6 +330,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
               dtype: torch.dtype | None = None, cache: DeviceCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K-V of ``chunk_ids`` concatenated in document order: ``(n_source_layers, n_kv_heads, tokens, head_dim)``.
         With a ``cache`` (:class:`memlong.kv_cache.DeviceCache`) on its device, chunks it holds are not copied again."""
+        _check_dtype(dtype)
         with self._lock.read():
             chunks = sorted((self._get(cid, namespace) for cid in dict.fromkeys(as_list(chunk_ids, "chunk_ids"))),
                             key=lambda c: c.order)
@@ -411,11 +412,25 @@ def _query_vector(embedder: TextEmbedder, query: Any) -> np.ndarray:
         except (TypeError, ValueError):
             raise TypeError(f"query must be text or a vector of dimension {embedder.dim}, got {type(query).__name__} "
                             f"{str(query)[:50]!r}.") from None
+    if vector.size != embedder.dim or (vector.ndim == 2 and vector.shape[0] != 1) or vector.ndim > 2:
+        raise ValueError(f"query must be one vector of dimension {embedder.dim} (the bank's embedder), got an array of "
+                         f"shape {vector.shape}; search one query at a time.")
     vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
-    if vector.shape[1] != embedder.dim:
-        raise ValueError(f"query vector has dimension {vector.shape[1]}, the bank's embedder {embedder.dim}.")
     faiss.normalize_L2(vector)
     return vector
+
+
+def _check_k(k: Any) -> int:
+    """``k`` as an int; ValueError unless it is an integer >= 0 (2.5, "3" and None failed inside faiss before)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+        raise ValueError(f"k must be an integer >= 0 (the number of hits; 0 returns none), got {k!r}.")
+    return int(k)
+
+
+def _check_dtype(dtype: Any) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating-point torch dtype (K-V are floats; an integer dtype would "
+                         f"truncate them), got {dtype!r}.")
 
 
 def _joined(parts: list[torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:

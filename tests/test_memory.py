@@ -352,3 +352,19 @@ def test_a_search_query_that_is_neither_text_nor_a_vector_is_named(bank):
             bank.search(query, namespace="ns")
     with pytest.raises(ValueError, match="query is not valid Unicode"):
         bank.search("bread \udc80", namespace="ns")
+
+
+def test_search_k_query_shape_and_fetch_dtype_are_checked(bank, embedder):
+    """Outside-in audit: search(k=2.5 / "3" / None) failed inside faiss or Python, a (2, 384) query was reported as
+    'dimension 768', and fetch(dtype=torch.int8) silently truncated the K-V to integers."""
+    ids = add(bank, TEXTS)
+    for k in (2.5, "3", None, True, -1):
+        with pytest.raises(ValueError, match=r"k must be an integer >= 0"):
+            bank.search("bread", namespace="ns", k=k)
+    assert bank.search("bread", namespace="ns", k=0) == [] and len(bank.search("bread", namespace="ns", k=np.int64(2))) == 2
+    two = embedder.encode(["bread", "rocket"])
+    with pytest.raises(ValueError, match=r"one vector of dimension 384 .*shape \(2, 384\)"):
+        bank.search(two, namespace="ns")
+    assert bank.search(two[:1], namespace="ns", k=1)[0].chunk_id == ids[3]  # (1, dim) is one vector
+    with pytest.raises(ValueError, match="floating-point torch dtype .*got torch.int8"):
+        bank.fetch(ids[:1], namespace="ns", dtype=torch.int8)
