@@ -179,6 +179,17 @@ def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple
     return keys, values
 
 
+def resolve_config(config: Any, num_layers: int) -> MemLongConfig:
+    """``config`` (``None``: the defaults) resolved for a ``num_layers``-deep model; TypeError for anything but a
+    :class:`MemLongConfig` (a dict failed with AttributeError 'resolve')."""
+    if config is None:
+        return MemLongConfig().resolve(num_layers)
+    if not isinstance(config, MemLongConfig):
+        raise TypeError(f"config must be a MemLongConfig, got {type(config).__name__}: pass MemLongConfig(**options), "
+                        "or the options as keywords to MemLong.from_pretrained(name, **options).")
+    return config.resolve(num_layers)
+
+
 def check_memory(ml: MemLong, memory: Any) -> None:
     """TypeError / ValueError unless ``memory`` is ``None`` or a ``(keys, values)`` pair of floating-point tensors of
     one shape that fits ``ml`` (:func:`check_stored_kv`): what :meth:`MemLong.memory_for` returns."""

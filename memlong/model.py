@@ -81,7 +81,7 @@ class MemLong:
         self.model = model
         self.tokenizer = tokenizer
         self.num_layers = int(model.config.num_hidden_layers)
-        self.config = (config or MemLongConfig()).resolve(self.num_layers)
+        self.config = loading.resolve_config(config, self.num_layers)
         register()
         model.config._attn_implementation = "memlong"
         model.eval()
