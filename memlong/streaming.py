@@ -29,6 +29,7 @@ import numbers
 import secrets
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from memlong.bank_writes import STAGING
 from memlong.positions import Stacked
 from memlong.records import as_list, check_metadata, check_namespace, check_string
 
@@ -250,6 +252,10 @@ def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[
     metadatas = None if metadatas is None else as_list(metadatas, "metadatas")
     if doc_ids is not None and len(doc_ids) != len(docs):
         raise ValueError(f"Got {len(docs)} documents but {len(doc_ids)} doc_ids.")
+    twice = [d for d, n in Counter(d for d in doc_ids or () if isinstance(d, str)).items() if n > 1]
+    if twice and namespace not in STAGING:  # upsert.ingest_replacing stages nodes that share their document's id
+        raise ValueError(f"doc_ids name {twice[0]!r} twice; each document needs its own id (they would be merged into "
+                         "one document: deleted, grouped and read as one). Nothing was ingested.")
     if metadatas is not None and len(metadatas) != len(docs):
         raise ValueError(f"Got {len(docs)} documents but {len(metadatas)} metadatas.")
     for i, doc in enumerate(docs):

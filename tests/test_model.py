@@ -555,3 +555,14 @@ def test_text_arguments_of_the_wrong_type_or_invalid_unicode_are_named(make_tiny
         with pytest.raises(ValueError, match=f"{what} is {surrogate}"):
             call()
     assert ml.bank.chunk_ids("doc") == before and ml.bank.namespaces() == ["doc"]
+
+
+def test_two_documents_under_one_doc_id_are_refused_as_upsert_entries_are(make_tiny):
+    """Outside-in audit: ingest(["a b", "c d"], doc_ids=["x", "x"]) merged the two documents under one id silently
+    (memlong.upsert.ingest_entries refuses the same thing)."""
+    ml, _ = make_tiny(local_window=256, ingest_step=128)
+    with pytest.raises(ValueError, match="doc_ids name 'x' twice; each document needs its own id.*Nothing was ingested"):
+        ml.ingest(["one two three", "four five six"], namespace="d", doc_ids=["x", "x"], progress=False)
+    assert ml.bank.namespaces() == []
+    ml.ingest(["one two three", "four five six"], namespace="d", doc_ids=["x", "y"], progress=False)
+    assert sorted(ml.bank.doc_chunk_ids("d")) == ["x", "y"]
