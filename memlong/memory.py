@@ -262,7 +262,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
     def reset(self, namespace: str | None = None) -> None:
         """Forget one namespace, or everything when ``namespace`` is None."""
         with self._lock.write():
-            names = list(self._spaces) if namespace is None else [namespace]
+            names = list(self._spaces) if namespace is None else [check_namespace(namespace)]  # one name, not a list
             for name in names:
                 space = self._spaces.pop(name, None)
                 if space is not None:

@@ -39,7 +39,7 @@ import torch
 
 from memlong.bank_writes import STAGING
 from memlong.positions import Stacked
-from memlong.records import as_list, check_metadata, check_namespace, check_string
+from memlong.records import as_list, check_metadata, check_namespace, check_string, check_text
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -98,9 +98,9 @@ class Stream:
         self.step_size = ml.config.step if step_size is None else step_size
         if not 0 < self.step_size <= ml.config.local_window:
             raise ValueError(f"step_size ({self.step_size}) must be in 1..local_window ({ml.config.local_window}).")
-        self.namespace = namespace
-        self.doc_id = doc_id if doc_id is not None else f"doc-{secrets.token_hex(8)}"
-        self.metadata = dict(metadata or {})
+        self.namespace = check_namespace(namespace)  # checked now, not when the first step writes
+        self.doc_id = check_text(doc_id, "doc_id", empty=True) if doc_id is not None else f"doc-{secrets.token_hex(8)}"
+        self.metadata = check_metadata(metadata or {})
         self.isolated = isolated
         self.store = store
         self.cache: Stacked | None = None  # pre-RoPE (keys, values) of every layer, (L, Hkv, C, D) each

@@ -237,3 +237,24 @@ def test_one_string_where_a_list_is_expected_is_refused_and_numpy_ids_work(make_
     g = ml.generate("Which ship?", namespace="h", chunk_ids=ids, max_new_tokens=1, stream=True)
     g.text()
     assert g.stats.chunk_ids == stats.chunk_ids[:2] and all(type(c) is str for c in g.stats.chunk_ids)
+
+
+def test_reset_takes_one_namespace_and_a_stream_checks_its_arguments_when_created(make_tiny):
+    """Outside-in audit: ml.reset(["h"]) failed with "unhashable type: 'list'"; Stream("") / Stream(None) (and a bad
+    doc_id or metadata) were accepted when created and failed only when the first step wrote, after its forward."""
+    import pytest
+
+    ml, _ = make_tiny(local_window=512)
+    ml.ingest(TEXT[:600], namespace="h", progress=False)
+    with pytest.raises(ValueError, match=r"namespace must be a non-empty string, got \['h'\]"):
+        ml.reset(["h"])
+    for namespace in ("", None):
+        with pytest.raises(ValueError, match="namespace must be a non-empty string"):
+            ml.stream(namespace)
+    with pytest.raises(ValueError, match="doc_id must be a string, got int"):
+        ml.stream("s", doc_id=5)
+    with pytest.raises(ValueError, match="metadata JSON cannot store"):
+        ml.stream("s", metadata={"x": {1}})
+    assert ml.bank.namespaces() == ["h"]
+    ml.reset("h")
+    assert ml.bank.namespaces() == []
