@@ -39,6 +39,7 @@ from memlong.kv_store import DiskKVStore, Segment, segment_of
 from memlong.records import (
     Chunk,
     MemoryMismatchError,
+    as_list,
     check_bank_config,
     check_chunk,
     check_compatible,
@@ -62,6 +63,17 @@ def _refused(exc: OSError, action: str, state: str) -> OSError:
                               f"in this bank was lost; free space (or fix permissions) and {action.split()[0]} again.")
 
 
+def _chosen(path: Path, loaded: dict[str, Any], namespaces: Sequence[str] | None) -> dict[str, Any]:
+    """``loaded`` restricted to ``namespaces`` (``None``: all); MemoryFileError naming those it does not hold."""
+    if namespaces is None:
+        return loaded
+    names = as_list(namespaces, "namespaces")
+    absent = [n for n in names if n not in loaded]
+    if absent:
+        raise MemoryFileError(f"Cannot load namespaces {absent} from {path}: it holds {sorted(loaded)}.")
+    return {n: loaded[n] for n in names}
+
+
 class BankFiles:
     """Persistence methods of :class:`~memlong.memory.MemoryBank` (see the module docstring)."""
 
@@ -82,7 +94,7 @@ class BankFiles:
             ValueError: ``namespaces`` empty or naming namespaces that hold nothing (nothing is written), or
                 ``path`` is a file or a non-empty directory that is not a memory bank.
         """
-        if namespaces is not None and not list(namespaces):
+        if namespaces is not None and not (namespaces := as_list(namespaces, "namespaces")):
             raise ValueError(f"save(namespaces=[]) would replace the bank at {path} with an empty one; name the "
                              "namespaces to save, or pass namespaces=None to save them all.")
         if self.path is not None and Path(path).resolve() == self.path.resolve():
@@ -288,11 +300,7 @@ class BankFiles:
             every = (c for chunks, _ in loaded.values() for c in chunks)
             for n, c in enumerate(every):
                 self._store.adopt(c, where[n])
-        if namespaces is not None:
-            absent = [n for n in namespaces if n not in loaded]
-            if absent:
-                raise MemoryFileError(f"Cannot load namespaces {absent} from {path}: it holds {sorted(loaded)}.")
-            loaded = {n: loaded[n] for n in namespaces}
+        loaded = _chosen(path, loaded, namespaces)
         spaces: dict[str, NamespaceIndex] = {}
         sizes: dict[str, int] = {}
         for name, (chunks, vectors) in loaded.items():  # build everything before touching the live bank

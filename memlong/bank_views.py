@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 
-from memlong.records import Chunk
+from memlong.records import Chunk, as_list
 
 __all__ = ["BankViews"]
 
@@ -37,7 +37,8 @@ class BankViews:
             >>> bank.stored(stats.chunk_ids, namespace="docs")       # what an ingest wrote and is still there
         """
         with self._lock.read():
-            return [c for c in chunk_ids if (chunk := self._chunks.get(c)) is not None and chunk.namespace == namespace]
+            return [c for c in as_list(chunk_ids, "chunk_ids") if (chunk := self._chunks.get(c)) is not None
+                    and chunk.namespace == namespace]
 
     def chunk_ids(self, namespace: str = "default") -> list[str]:
         """Ids of ``namespace`` in insertion order."""
@@ -83,6 +84,7 @@ class BankViews:
             True
         """
         with self._lock.read():
+            chunk_ids = as_list(chunk_ids, "chunk_ids")
             chunks = [self._get(c, namespace) for c in chunk_ids]
             if n < 1 or not chunks:
                 return list(dict.fromkeys(chunk_ids))

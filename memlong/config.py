@@ -17,7 +17,10 @@ Example (a doctest, run by tests/test_config.py):
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -225,6 +228,7 @@ class MemLongConfig:
         """
         if num_layers < 2:
             raise ValueError(f"MemLong needs a model with at least 2 layers, got {num_layers}.")
+        _check_types(self)
         _check(self.kv_source in ("memory_layer", "per_layer"),
                f"kv_source must be 'memory_layer' or 'per_layer', got {self.kv_source!r}.")
         _check(self.position_layout in ("zero", "continual"),
@@ -260,7 +264,6 @@ class MemLongConfig:
                and self.evict_oldest + self.keep_newest <= 1.0,
                f"evict_oldest ({self.evict_oldest}) and keep_newest ({self.keep_newest}) must be in [0, 1) "
                "and sum to at most 1.")
-
         _check(isinstance(self.kv_refresh, (int, float)) and not isinstance(self.kv_refresh, bool)
                and 0.0 <= self.kv_refresh <= 1.0,
                f"kv_refresh must be a share between 0 and 1, got {self.kv_refresh!r}.")
@@ -298,6 +301,24 @@ class MemLongConfig:
         return dataclasses.replace(self, memory_layer=memory_layer, retrieval_layers=layers)
 
 
+def _check_types(cfg: MemLongConfig) -> None:
+    """The types the range checks of :meth:`MemLongConfig.resolve` take for granted (a string share failed with
+    a raw TypeError there, truthy strings passed as switches, ``retrieval_layers=(1.5, 2)`` became ``(1, 2)``)."""
+    layers = cfg.retrieval_layers
+    _check(layers is None or isinstance(layers, str)  # the strings are checked in resolve
+           or (isinstance(layers, Collection) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                      for i in layers)),
+           f"retrieval_layers must be a list of integer layer indices, 'upper' or 'all'; got {layers!r}.")
+    _check(cfg.memory_layer is None or _is_int(cfg.memory_layer),
+           f"memory_layer must be None (half the model depth) or an integer layer index, got {cfg.memory_layer!r}.")
+    for name in ("attention_sink", "memory_reader"):
+        _check(isinstance(getattr(cfg, name), bool), f"{name} must be True or False, got {getattr(cfg, name)!r}.")
+    for name in ("evict_oldest", "keep_newest"):
+        value = getattr(cfg, name)
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"{name} must be a share (a number) in [0, 1), got {value!r}.")
+
+
 def _check_storage(cfg: MemLongConfig) -> None:
     """Validate the storage-tier options (``memory_quantization``, ``memory_path``, ``memory_ann_chunks``,
     ``memory_cache_bytes``)."""
@@ -322,8 +343,8 @@ def _check_reading(cfg: MemLongConfig) -> None:
     """Validate the options for reading several retrieved chunks (``memory_temperature`` .. ``kv_reencode_head``)."""
     for name in ("memory_temperature", "memory_scale"):
         value = getattr(cfg, name)
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-               f"{name} must be a number > 0 (1 = plain attention, APE uses 0.9), got {value!r}.")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
+               f"{name} must be a number > 0 and finite (1 = plain attention, APE uses 0.9), got {value!r}.")
     _check(type(cfg.retrieve_next) is int and 0 <= cfg.retrieve_next <= 4,
            f"retrieve_next must be an integer chunk count in 0..4 (0 = off), got {cfg.retrieve_next!r}.")
     head = cfg.kv_reencode_head

@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from memlong.positions import Memory
+from memlong.records import as_list, check_string
 from memlong.static_kv import compiled_step, start_static
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
 
 __all__ = ["Generation", "GenerationStats", "decode", "encode_prompt", "eos_ids", "retrieve_ids", "score",
-           "segment_forward", "start_generation", "token_tensor"]
+           "segment_forward", "start_generation", "token_tensor", "vocab_rows"]
 
 
 @dataclass
@@ -97,7 +98,9 @@ def encode_prompt(ml: MemLong, prompt: str, chat: bool = False, answer_prefix: s
     Raises:
         ValueError: an empty prompt, or one longer than ``local_window``.
     """
-    if not isinstance(prompt, str) or not prompt.strip():
+    check_string(prompt, "prompt")
+    check_string(answer_prefix, "answer_prefix")
+    if not prompt.strip():
         raise ValueError("The prompt is empty: give the model some text to answer.")
     if chat:
         prompt = ml.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -222,6 +225,7 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
     stop = check_decoding(max_new_tokens, temperature, stop)
     if len(ids) == 0:
         raise ValueError("decode needs at least one prompt token: e.g. ml.encode_prompt(text).")
+    ids = token_tensor(ids, "cpu", vocab_rows(ml))[0].tolist()  # checked now, not at the first piece
     max_new_tokens, temperature = int(max_new_tokens), float(temperature)  # numpy scalars too
     stats = stats if stats is not None else GenerationStats(prompt_tokens=len(ids), memory_tokens=0 if memory is None
                                                             else int(memory[0].shape[2]))
@@ -229,12 +233,35 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
     return Generation(_decode_loop(ml, list(ids), memory, max_new_tokens, temperature, seed, stop, stats, t0), stats)
 
 
-def token_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``ids`` as a ``(1, T)`` long tensor on ``device``; ValueError for no ids (torch fails later, unclearly)."""
-    ids_t = torch.as_tensor(ids, device=device)
+def token_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device | str, vocab: int | None = None
+                 ) -> torch.Tensor:
+    """``ids`` as a ``(1, T)`` long tensor on ``device``, checked (torch fails later, unclearly): at least one id,
+    integers, one sequence (``(T,)`` or ``(1, T)``), each in ``0..vocab - 1`` when ``vocab`` (the embedding's rows,
+    :func:`vocab_rows`) is given. TypeError for text or non-integers, ValueError for the rest, naming the problem."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"Token ids expected, got text {ids[:40]!r}: tokenize it first (ml.encode_prompt(text), "
+                        "ml.tokenize(text)).")
+    try:
+        ids_t = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"Token ids must be a list of integers or an integer tensor ({exc}).") from None
     if ids_t.numel() == 0:
         raise ValueError("No token ids to run (an empty prompt, step or document?); give at least one token.")
-    return ids_t.view(1, -1)
+    if ids_t.is_floating_point() or ids_t.is_complex() or ids_t.dtype == torch.bool:
+        raise TypeError(f"Token ids must be integers, got {ids_t.dtype} values; pass the tokenizer's ids.")
+    if ids_t.dim() > 1 and ids_t.shape[:-1].numel() != 1:
+        raise ValueError(f"Token ids of shape {tuple(ids_t.shape)} are a batch of sequences: MemLong runs one "
+                         "sequence at a time ((T,) or (1, T)); run each sequence in its own call.")
+    if vocab is not None and (int(ids_t.min()) < 0 or int(ids_t.max()) >= vocab):
+        bad = int(ids_t.min()) if int(ids_t.min()) < 0 else int(ids_t.max())
+        raise ValueError(f"Token id {bad} is outside the vocabulary 0..{vocab - 1}: pass ids from this model's "
+                         "tokenizer.")
+    return ids_t.to(device=device, dtype=torch.long).view(1, -1)
+
+
+def vocab_rows(ml: MemLong) -> int:
+    """Rows of the model's token embedding: the token ids it can run are ``0..vocab_rows(ml) - 1``."""
+    return int(ml.model.get_input_embeddings().num_embeddings)
 
 
 def score(ml: MemLong, ids: Sequence[int], target: Sequence[int], memory: Memory | None = None) -> torch.Tensor:
@@ -256,7 +283,10 @@ def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tenso
     Memory: ``chunk_ids`` if given, else the namespace's ``top_k`` chunks found (dense search) with the most
     recently stored chunk's text as the query (the segment's own tokens are never the query).
     """
-    ids = input_ids.view(-1).tolist()
+    ids = token_tensor(input_ids, "cpu", vocab_rows(ml))[0].tolist()  # one sequence: a (2, T) batch is refused
+    if labels is not None and tuple(labels.shape) not in ((len(ids),), (1, len(ids))):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the segment's {len(ids)} tokens; give "
+                         f"(1, {len(ids)}) labels (-100 = ignore).")
     if len(ids) > ml.config.local_window:
         raise ValueError(f"Segment of {len(ids)} tokens exceeds local_window {ml.config.local_window}.")
     if chunk_ids is None and ml.config.top_k > 0:
@@ -265,7 +295,7 @@ def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tenso
             query = ml.bank.get(stored[-1], namespace=namespace).text
             chunk_ids = [h.chunk_id for h in ml.bank.search(query, namespace=namespace, k=ml.config.top_k,
                                                             mode="dense")]
-    logits = ml.run(ids, memory=ml.memory_for(chunk_ids or [], namespace)).logits  # (1, T, V)
+    logits = ml.run(ids, memory=ml.memory_for([] if chunk_ids is None else chunk_ids, namespace)).logits  # (1, T, V)
     out = {"logits": logits}
     if labels is not None:  # shifted here, as in transformers
         out["loss"] = torch.nn.functional.cross_entropy(
@@ -323,9 +353,11 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
     t0 = time.perf_counter()
     stop = check_decoding(max_new_tokens, temperature, stop)  # before any work
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
+    if query is not None:
+        check_string(query, "query")
     if chunk_ids is None and retrieve:
         chunk_ids = retrieve_ids(ml, query or prompt, namespace)
-    chunk_ids = list(chunk_ids or [])
+    chunk_ids = [] if chunk_ids is None else as_list(chunk_ids, "chunk_ids")
     memory = ml.memory_for(chunk_ids, namespace)  # raises UnknownChunkError before any work
     refreshed = 0
     if memory is not None and (ml.config.kv_refresh > 0 or ml.config.kv_reencode_head > 0):

@@ -73,10 +73,14 @@ def parse_label_words(spec: str | Mapping[str, str] | None) -> dict[str, str] | 
     return out
 
 
-def _read_text(path: Path) -> str:
+def _check_exists(path: Path) -> None:
     if not path.is_file():
         raise ValueError(f"Data file {path} does not exist (or is not a file); pass the path of a CSV, TSV or "
                          "JSONL file.")
+
+
+def _read_text(path: Path) -> str:
+    _check_exists(path)
     raw = path.read_bytes()
     if not raw.strip():
         raise ValueError(f"Data file {path} is empty; write a header row and one labeled example per row.")
@@ -144,6 +148,7 @@ def load_labeled_file(path: str | Path, *, text_column: str = "text", label_colu
         ValueError: one line naming the problem and the fix (see the module docstring).
     """
     path = Path(path)
+    _check_exists(path)  # before its extension: a missing file is not a format problem
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"Data file {path} has extension {path.suffix or '(none)'!r}; use .csv (header row), "

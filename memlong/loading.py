@@ -26,6 +26,7 @@ from memlong.dtypes import to_dtype
 from memlong.embedder import Embedder, TextEmbedder
 from memlong.kv_cache import DeviceCache
 from memlong.memory import MemoryBank
+from memlong.records import as_list
 from memlong.storage import is_disk_bank
 
 if TYPE_CHECKING:
@@ -167,12 +168,41 @@ def memory_fingerprint(ml: MemLong) -> dict[str, Any]:
             "chunk_size": ml.config.chunk_size, "model": str(getattr(cfg, "name_or_path", "") or "")}
 
 
-def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The body of :meth:`MemLong.memory_for` for a non-empty ``chunk_ids``: from the bank through ``ml.kv_cache``
-    (when there is one), checked against ``ml``'s shapes."""
+def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The body of :meth:`MemLong.memory_for`: from the bank through ``ml.kv_cache`` (when there is one), checked
+    against ``ml``'s shapes; ``None`` for no ids. ``chunk_ids``: any list-like of ids (one string is refused)."""
+    chunk_ids = as_list(chunk_ids, "chunk_ids")
+    if not chunk_ids:
+        return None
     keys, values = ml.bank.fetch(chunk_ids, namespace=namespace, device=ml.device, dtype=ml.dtype, cache=ml.kv_cache)
     check_stored_kv(ml, keys)
     return keys, values
+
+
+def resolve_config(config: Any, num_layers: int) -> MemLongConfig:
+    """``config`` (``None``: the defaults) resolved for a ``num_layers``-deep model; TypeError for anything but a
+    :class:`MemLongConfig` (a dict failed with AttributeError 'resolve')."""
+    if config is None:
+        return MemLongConfig().resolve(num_layers)
+    if not isinstance(config, MemLongConfig):
+        raise TypeError(f"config must be a MemLongConfig, got {type(config).__name__}: pass MemLongConfig(**options), "
+                        "or the options as keywords to MemLong.from_pretrained(name, **options).")
+    return config.resolve(num_layers)
+
+
+def check_memory(ml: MemLong, memory: Any) -> None:
+    """TypeError / ValueError unless ``memory`` is ``None`` or a ``(keys, values)`` pair of floating-point tensors of
+    one shape that fits ``ml`` (:func:`check_stored_kv`): what :meth:`MemLong.memory_for` returns."""
+    if memory is None:
+        return
+    if not (isinstance(memory, (tuple, list)) and len(memory) == 2 and all(isinstance(t, torch.Tensor) for t in memory)):
+        raise TypeError(f"memory must be a (keys, values) pair of tensors, as ml.memory_for(chunk_ids, namespace) "
+                        f"returns; got {type(memory).__name__}.")
+    keys, values = memory
+    if keys.dim() != 4 or keys.shape != values.shape or not (keys.is_floating_point() and values.is_floating_point()):
+        raise ValueError(f"memory keys and values must be floating-point (L_src, Hkv, M, D) tensors of one shape, got "
+                         f"{tuple(keys.shape)} {keys.dtype} and {tuple(values.shape)} {values.dtype}.")
+    check_stored_kv(ml, keys)
 
 
 def check_stored_kv(ml: MemLong, keys: torch.Tensor) -> None:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -68,8 +69,10 @@ from memlong.kv_store import new_store
 from memlong.records import (
     Chunk,
     MemoryMismatchError,
+    as_list,
     check_bank_config,
     check_namespace,
+    check_string,
     metadata_nbytes,
 )
 from memlong.rwlock import RWLock as _RWLock
@@ -196,7 +199,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             UnknownChunkError: a ``replace`` id that is not in ``namespace``.
             MemoryFullError: the chunks do not fit ``max_bytes`` beside the other namespaces.
         """
-        replace = list(replace)
+        replace, texts = as_list(replace, "replace"), as_list(texts, "texts")
         n = len(texts)
         check_namespace(namespace)
         if n == 0 and not replace:
@@ -246,7 +249,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         Raises:
             UnknownChunkError: an id not in ``namespace`` (nothing is deleted).
         """
-        chunk_ids = list(chunk_ids)
+        chunk_ids = as_list(chunk_ids, "chunk_ids")
         check_namespace(namespace)
         with self._lock.write():
             drop = {self._get(cid, namespace).id for cid in chunk_ids}
@@ -259,7 +262,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
     def reset(self, namespace: str | None = None) -> None:
         """Forget one namespace, or everything when ``namespace`` is None."""
         with self._lock.write():
-            names = list(self._spaces) if namespace is None else [namespace]
+            names = list(self._spaces) if namespace is None else [check_namespace(namespace)]  # one name, not a list
             for name in names:
                 space = self._spaces.pop(name, None)
                 if space is not None:
@@ -281,20 +284,14 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         Example:
             >>> bank.search("Who keeps the iron key?", namespace="docs", k=4, mode="hybrid")
         """
-        mode = check_mode(self.search_mode if mode is None else mode)
-        if k <= 0:
+        mode, k = check_mode(self.search_mode if mode is None else mode), _check_k(k)
+        if k == 0:
             return []
         if mode != "dense" and not isinstance(query, str):
             raise ValueError(f"search mode {mode!r} matches words, so it needs the query text, not a vector; pass "
                              "the text or use mode='dense'.")
-        vector = None
-        if mode != "lexical":
-            vector = self.embedder.encode([query]) if isinstance(query, str) else np.asarray(query, np.float32)
-            vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
-            if vector.shape[1] != self.embedder.dim:
-                raise ValueError(f"query vector has dimension {vector.shape[1]}, the bank's embedder {self.embedder.dim}.")
-            faiss.normalize_L2(vector)
-        skip = set(exclude)
+        vector = None if mode == "lexical" else _query_vector(self.embedder, query)
+        skip = set(as_list(exclude, "exclude"))
         with self._lock.read():
             space = self._spaces.get(namespace)
             if space is None or not space.ids:
@@ -333,8 +330,10 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
               dtype: torch.dtype | None = None, cache: DeviceCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K-V of ``chunk_ids`` concatenated in document order: ``(n_source_layers, n_kv_heads, tokens, head_dim)``.
         With a ``cache`` (:class:`memlong.kv_cache.DeviceCache`) on its device, chunks it holds are not copied again."""
+        _check_dtype(dtype)
         with self._lock.read():
-            chunks = sorted((self._get(cid, namespace) for cid in dict.fromkeys(chunk_ids)), key=lambda c: c.order)
+            chunks = sorted((self._get(cid, namespace) for cid in dict.fromkeys(as_list(chunk_ids, "chunk_ids"))),
+                            key=lambda c: c.order)
         if not chunks:
             raise ValueError("fetch needs at least one chunk id.")
         # Stored tensors are never written in place: concatenated outside the lock. Each chunk moves to the target
@@ -368,8 +367,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             if not create:
                 raise KeyError(f"Namespace {namespace!r} does not exist: nothing was ever stored in it, or it "
                                "was reset.")
-            space = self._spaces[namespace] = NamespaceIndex(self.embedder.dim, self.use_gpu_index,
-                                                                          self.ann_min_chunks)
+            space = self._spaces[namespace] = NamespaceIndex(self.embedder.dim, self.use_gpu_index, self.ann_min_chunks)
         return space
 
     def _get(self, chunk_id: str, namespace: str) -> Chunk:
@@ -399,6 +397,40 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             space.tokens -= chunk.n_tokens
             space.nbytes -= self._sizes.pop(cid)
         space.remove(drop)
+
+
+def _query_vector(embedder: TextEmbedder, query: Any) -> np.ndarray:
+    """The unit ``(1, dim)`` float32 vector of a search query (its text embedded, or a vector); TypeError /
+    ValueError naming what is wrong with the query."""
+    if isinstance(query, str):
+        vector = embedder.encode([check_string(query, "query")])
+    else:
+        try:
+            if query is None or isinstance(query, (bytes, bytearray, numbers.Number)):
+                raise TypeError
+            vector = np.asarray(query, np.float32)
+        except (TypeError, ValueError):
+            raise TypeError(f"query must be text or a vector of dimension {embedder.dim}, got {type(query).__name__} "
+                            f"{str(query)[:50]!r}.") from None
+    if vector.size != embedder.dim or (vector.ndim == 2 and vector.shape[0] != 1) or vector.ndim > 2:
+        raise ValueError(f"query must be one vector of dimension {embedder.dim} (the bank's embedder), got an array of "
+                         f"shape {vector.shape}; search one query at a time.")
+    vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
+    faiss.normalize_L2(vector)
+    return vector
+
+
+def _check_k(k: Any) -> int:
+    """``k`` as an int; ValueError unless it is an integer >= 0 (2.5, "3" and None failed inside faiss before)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+        raise ValueError(f"k must be an integer >= 0 (the number of hits; 0 returns none), got {k!r}.")
+    return int(k)
+
+
+def _check_dtype(dtype: Any) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating-point torch dtype (K-V are floats; an integer dtype would "
+                         f"truncate them), got {dtype!r}.")
 
 
 def _joined(parts: list[torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:

@@ -81,7 +81,7 @@ class MemLong:
         self.model = model
         self.tokenizer = tokenizer
         self.num_layers = int(model.config.num_hidden_layers)
-        self.config = (config or MemLongConfig()).resolve(self.num_layers)
+        self.config = loading.resolve_config(config, self.num_layers)
         register()
         model.config._attn_implementation = "memlong"
         model.eval()
@@ -207,12 +207,12 @@ class MemLong:
             ...              logits_for=slice(-1, None))
             >>> out.logits.shape        # (1, 1, vocab)
         """
+        ids_t = generation.token_tensor(ids, self.device, generation.vocab_rows(self))
         if context is None:
             context, start = self.context(memory, capture=capture)
-            positions = torch.arange(len(ids)) + start if positions is None else positions
+            positions = torch.arange(ids_t.shape[1]) + start if positions is None else positions
         elif memory is not None or positions is None:
             raise ValueError("run(context=...) takes the memory from the context and needs positions.")
-        ids_t = generation.token_tensor(ids, self.device)
         positions = positions.view(1, -1).to(self.device)
         if context.capture:
             context.cos, context.sin = self.decoder.rotary_emb(torch.zeros(1, device=self.device), positions)
@@ -231,8 +231,6 @@ class MemLong:
             memlong.memory.UnknownChunkError: an id not in ``namespace``.
             ValueError: K-V stored by another model or ``kv_source`` (the shapes do not match).
         """
-        if not chunk_ids:
-            return None
         return loading.fetch_memory(self, chunk_ids, namespace)
 
     def refresh(self, memory: Memory, chunk_ids: Sequence[str], namespace: str,

@@ -129,6 +129,9 @@ def build_context(ml: MemLong, memory: Memory | None = None, cache: KV | Stacked
     Returns:
         The context and the position of the first new token.
     """
+    from memlong.loading import check_memory  # (loading imports the bank, which needs nothing from here)
+
+    check_memory(ml, memory)
     cfg = ml.config
     sink, cache = stacked(sink_kv(ml)), stacked(cache)
     n_mem = 0 if memory is None else memory[0].shape[2]

@@ -7,7 +7,8 @@ Contract:
       always be saved and loaded again (and a file the rules refuse can never enter a bank).
     * :func:`check_bank_config` is the single validator of a bank's constructor settings (the constructor and
       the loader use it), :func:`check_embeddings` of retriever vectors, :func:`check_text` of every string
-      that is written to disk (namespaces, doc ids, texts, metadata).
+      that is written to disk (namespaces, doc ids, texts, metadata), :func:`as_list` of every argument that
+      takes a list of ids, namespaces or texts (one string is refused, not split into its characters).
     * :func:`parse_namespaces` turns a saved record plus its tensors back into chunks, naming the first
       problem as a :class:`~memlong.storage.MemoryFileError`; :func:`check_compatible` refuses a bank made by
       another embedder or model.
@@ -27,6 +28,7 @@ import math
 import numbers
 import re
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,9 @@ from memlong.embedder import TextEmbedder
 from memlong.kv_payload import DenseKV, KVPayload, payload_from
 from memlong.storage import MemoryFileError
 
-__all__ = ["MAX_DEPTH", "Chunk", "MemoryMismatchError", "check_bank_config", "check_chunk", "check_compatible",
-           "check_embeddings", "check_namespace", "check_text", "embedder_info", "metadata_nbytes",
-           "parse_namespaces", "read_text_file"]
+__all__ = ["MAX_DEPTH", "Chunk", "MemoryMismatchError", "as_list", "check_bank_config", "check_chunk",
+           "check_compatible", "check_embeddings", "check_namespace", "check_string", "check_text", "embedder_info",
+           "metadata_nbytes", "parse_namespaces", "read_text_file"]
 
 MAX_DEPTH = 32  # metadata nesting levels (the JSON reader's recursion limit is far above this)
 MAX_INT = 2**63 - 1
@@ -103,9 +105,30 @@ def check_text(value: Any, what: str, *, empty: bool = False) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{what} holds a lone surrogate character, which UTF-8 files cannot store; clean the "
-                         "text (e.g. text.encode('utf-8', 'replace').decode()).") from None
+        raise ValueError(f"{what} is not valid Unicode: it holds a lone surrogate character, which UTF-8 (files, the "
+                         "tokenizer) cannot store; clean the text (e.g. text.encode('utf-8', 'replace').decode())."
+                         ) from None
     return value
+
+
+def as_list(value: Any, what: str) -> list[Any]:
+    """``value`` (a list, tuple, set, numpy array, generator...) as a list, numpy strings as ``str``; TypeError
+    naming ``what`` for one string or bytes (iterating it would give its characters), a dict or a non-iterable."""
+    if isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"{what} takes a list, got one {type(value).__name__} {value[:60]!r}: pass a list, e.g. "
+                        f"{what}=[{value[:60]!r}].")
+    if isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise TypeError(f"{what} takes a list, got {type(value).__name__} {str(value)[:60]!r}: pass a list.")
+    return [str(v) if isinstance(v, np.str_) else v for v in value]
+
+
+def check_string(value: Any, what: str) -> str:
+    """``value`` if it is a string of valid Unicode (empty allowed); TypeError naming ``what`` for another type
+    (bytes: decode them first), ValueError for lone surrogates (:func:`check_text`)."""
+    if not isinstance(value, str):
+        hint = " (decode bytes first, e.g. data.decode('utf-8'))" if isinstance(value, (bytes, bytearray)) else ""
+        raise TypeError(f"{what} must be a string, got {type(value).__name__} {str(value)[:50]!r}{hint}.")
+    return check_text(value, what, empty=True)
 
 
 def check_namespace(namespace: Any) -> str:

@@ -29,6 +29,7 @@ import numbers
 import secrets
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,8 +37,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from memlong.bank_writes import STAGING
 from memlong.positions import Stacked
-from memlong.records import check_metadata, check_namespace
+from memlong.records import as_list, check_metadata, check_namespace, check_string, check_text
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -96,9 +98,9 @@ class Stream:
         self.step_size = ml.config.step if step_size is None else step_size
         if not 0 < self.step_size <= ml.config.local_window:
             raise ValueError(f"step_size ({self.step_size}) must be in 1..local_window ({ml.config.local_window}).")
-        self.namespace = namespace
-        self.doc_id = doc_id if doc_id is not None else f"doc-{secrets.token_hex(8)}"
-        self.metadata = dict(metadata or {})
+        self.namespace = check_namespace(namespace)  # checked now, not when the first step writes
+        self.doc_id = check_text(doc_id, "doc_id", empty=True) if doc_id is not None else f"doc-{secrets.token_hex(8)}"
+        self.metadata = check_metadata(metadata or {})
         self.isolated = isolated
         self.store = store
         self.cache: Stacked | None = None  # pre-RoPE (keys, values) of every layer, (L, Hkv, C, D) each
@@ -234,25 +236,36 @@ def _stripped(ml: MemLong, tokens: Sequence[int]) -> list[int] | None:
 
 
 def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[str] | None,
-                  metadatas: Sequence[dict[str, Any]] | None, context: str, strip: bool) -> list[str]:
+                  metadatas: Sequence[dict[str, Any]] | None, context: str, strip: bool
+                  ) -> tuple[list[str], list[str] | None, list[dict[str, Any]] | None]:
+    """The documents, doc ids and metadatas as lists, after checking every argument (before any work)."""
     if context not in ("document", "chunk"):
         raise ValueError(f"context must be 'document' (K-V from the document's window) or 'chunk' (K-V from the "
                          f"chunk alone); got {context!r}.")
     if strip and context != "chunk":
         raise ValueError("strip=True re-tokenizes each chunk on its own, which needs context='chunk' (in a "
                          "document's window the chunk's tokens are the document's).")
-    docs = [texts] if isinstance(texts, str) else list(texts)
+    if texts is None or isinstance(texts, (bytes, bytearray, numbers.Number)):
+        check_string(texts, "texts (one document, or a list of them)")
+    docs = [texts] if isinstance(texts, str) else as_list(texts, "texts")
+    doc_ids = None if doc_ids is None else as_list(doc_ids, "doc_ids")
+    metadatas = None if metadatas is None else as_list(metadatas, "metadatas")
     if doc_ids is not None and len(doc_ids) != len(docs):
         raise ValueError(f"Got {len(docs)} documents but {len(doc_ids)} doc_ids.")
+    twice = [d for d, n in Counter(d for d in doc_ids or () if isinstance(d, str)).items() if n > 1]
+    if twice and namespace not in STAGING:  # upsert.ingest_replacing stages nodes that share their document's id
+        raise ValueError(f"doc_ids name {twice[0]!r} twice; each document needs its own id (they would be merged into "
+                         "one document: deleted, grouped and read as one). Nothing was ingested.")
     if metadatas is not None and len(metadatas) != len(docs):
         raise ValueError(f"Got {len(docs)} documents but {len(metadatas)} metadatas.")
     for i, doc in enumerate(docs):
-        if not isinstance(doc, str) or not doc.strip():
+        check_string(doc, f"Document {i}")
+        if not doc.strip():
             raise ValueError(f"Document {i} is empty: there is nothing to ingest. Pass non-empty text.")
     check_namespace(namespace)  # before any work, as the metadata: the bank would refuse them after the forward
     for i, metadata in enumerate(metadatas or ()):
         check_metadata(metadata, f"metadatas[{i}]")
-    return docs
+    return docs, doc_ids, metadatas
 
 
 def _ingest_one(ml: MemLong, tokens: list[int], stream: Stream, size: int, strip: bool, bar: Any) -> None:
@@ -306,7 +319,7 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
         >>> stats = ingest(ml, open("hamlet.txt").read(), namespace="hamlet")   # = ml.ingest(...)
         >>> stats.chunks, stats.tokens_per_second
     """
-    docs = _check_ingest(texts, namespace, doc_ids, metadatas, context, strip)
+    docs, doc_ids, metadatas = _check_ingest(texts, namespace, doc_ids, metadatas, context, strip)
     encoded = [ml.tokenize(doc) for doc in docs]
     stats = IngestStats(documents=len(docs))
     t0 = time.perf_counter()

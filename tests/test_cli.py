@@ -64,6 +64,7 @@ def assert_one_line_error(code, err, *needles):
     (["demo", "--load-memory", "MISSING"], ["--load-memory"]),
     (["demo", "--save-memory", "DIR"], ["--save-memory", "other files"]),  # was found after the whole ingest
     (["eval", "ppl", "--modes", "window,everything"], ["--modes"]),
+    (["eval", "icl", "--data", "MISSING"], ["does not exist"]),  # said "has extension '(none)'"
 ])
 def test_bad_inputs_fail_in_one_line_before_any_model_loads(argv, needles, tmp_path, capsys, no_model):
     (tmp_path / "empty.txt").write_text("   \n")

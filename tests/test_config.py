@@ -91,3 +91,38 @@ def test_module_docstring_examples_hold():
     for module in (memlong.config, memlong.dtypes):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"retrieval_layers": ("a",)}, "retrieval_layers must be a list of integer layer indices"),
+        ({"retrieval_layers": 5}, "retrieval_layers must be a list of integer layer indices"),
+        ({"retrieval_layers": (1.5, 2)}, "retrieval_layers must be a list of integer layer indices"),  # was (1, 2)
+        ({"memory_layer": True}, "memory_layer must be None .* or an integer layer index"),  # was layer 1
+        ({"evict_oldest": "0.1"}, r"evict_oldest must be a share \(a number\) in \[0, 1\)"),  # raw TypeError
+        ({"keep_newest": None}, "keep_newest must be a share"),
+        ({"attention_sink": "no"}, "attention_sink must be True or False"),  # a truthy string was accepted
+        ({"memory_reader": "no"}, "memory_reader must be True or False"),
+        ({"memory_temperature": float("inf")}, "memory_temperature must be a number > 0 and finite"),
+        ({"memory_scale": float("inf")}, "memory_scale must be a number > 0 and finite"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_are_named(kwargs, message):
+    """Outside-in audit: these were accepted silently, or failed with a raw TypeError inside resolve."""
+    with pytest.raises(ValueError, match=message):
+        MemLongConfig(**kwargs).resolve(26)
+
+
+def test_layer_indices_as_lists_or_ranges_still_resolve():
+    assert MemLongConfig(retrieval_layers=[3, 1]).resolve(26).retrieval_layers == (1, 3)
+    assert MemLongConfig(retrieval_layers=range(24, 26)).resolve(26).retrieval_layers == (24, 25)
+    assert MemLongConfig(retrieval_layers=[2, 2], memory_layer=0).resolve(26).retrieval_layers == (2,)
+
+
+def test_a_dict_as_the_config_is_refused_with_the_fix(tiny_hf, tokenizer, embedder):
+    """Outside-in audit: MemLong(model, tokenizer, {...}) failed with AttributeError: 'dict' has no 'resolve'."""
+    from memlong import MemLong
+
+    with pytest.raises(TypeError, match=r"config must be a MemLongConfig, got dict: pass MemLongConfig\(\*\*options\)"):
+        MemLong(tiny_hf, tokenizer, {"top_k": 3}, embedder=embedder)

@@ -208,3 +208,53 @@ def test_a_namespace_that_holds_nothing_reads_no_memory_and_says_so_in_its_stats
             g = ml.generate("Where does the red ship sail?", namespace=empty, max_new_tokens=1, stream=True)
             g.text()
             assert g.stats.memory_tokens == 0 and g.stats.chunk_ids == []
+
+
+def test_one_string_where_a_list_is_expected_is_refused_and_numpy_ids_work(make_tiny, tmp_path):
+    """Outside-in audit: one string given for a list was split into characters (save_memory(namespaces="ha") saved
+    namespaces 'h' and 'a'; memory_for/generate(chunk_ids="<id>") failed on its first letter; ingest({"a": "b"})
+    ingested the key), and a numpy array of ids failed with numpy's "truth value ... is ambiguous"."""
+    import pytest
+
+    ml, _ = make_tiny(local_window=512)
+    stats = ml.ingest(TEXT[:1500], namespace="h", progress=False)
+    ml.ingest(TEXT[:300], namespace="a", progress=False)
+    one = stats.chunk_ids[0]
+    for fn, what in [(lambda: ml.memory_for(one, "h"), "chunk_ids"),
+                     (lambda: ml.generate("Which ship?", namespace="h", chunk_ids=one, max_new_tokens=1), "chunk_ids"),
+                     (lambda: ml.save_memory(tmp_path / "s", namespaces="ha"), "namespaces"),
+                     (lambda: ml.ingest({"a": "b"}, namespace="x", progress=False), "texts"),
+                     (lambda: ml.ingest(["a b", "c d"], namespace="x", doc_ids="xy", progress=False), "doc_ids")]:
+        with pytest.raises(TypeError, match=f"{what} takes a list.*pass a list"):
+            fn()
+    assert not (tmp_path / "s").exists() and ml.bank.namespaces() == ["h", "a"]
+    ml.save_memory(tmp_path / "s", namespaces=["h", "a"])
+    with pytest.raises(TypeError, match="namespaces takes a list, got one str 'h'"):
+        ml.load_memory(tmp_path / "s", namespaces="h")
+    assert ml.load_memory(tmp_path / "s", namespaces=np.array(["h"])) == ["h"]
+    ids = np.array(stats.chunk_ids[:2])
+    assert ml.memory_for(ids, "h")[0].shape[2] == 256
+    g = ml.generate("Which ship?", namespace="h", chunk_ids=ids, max_new_tokens=1, stream=True)
+    g.text()
+    assert g.stats.chunk_ids == stats.chunk_ids[:2] and all(type(c) is str for c in g.stats.chunk_ids)
+
+
+def test_reset_takes_one_namespace_and_a_stream_checks_its_arguments_when_created(make_tiny):
+    """Outside-in audit: ml.reset(["h"]) failed with "unhashable type: 'list'"; Stream("") / Stream(None) (and a bad
+    doc_id or metadata) were accepted when created and failed only when the first step wrote, after its forward."""
+    import pytest
+
+    ml, _ = make_tiny(local_window=512)
+    ml.ingest(TEXT[:600], namespace="h", progress=False)
+    with pytest.raises(ValueError, match=r"namespace must be a non-empty string, got \['h'\]"):
+        ml.reset(["h"])
+    for namespace in ("", None):
+        with pytest.raises(ValueError, match="namespace must be a non-empty string"):
+            ml.stream(namespace)
+    with pytest.raises(ValueError, match="doc_id must be a string, got int"):
+        ml.stream("s", doc_id=5)
+    with pytest.raises(ValueError, match="metadata JSON cannot store"):
+        ml.stream("s", metadata={"x": {1}})
+    assert ml.bank.namespaces() == ["h"]
+    ml.reset("h")
+    assert ml.bank.namespaces() == []

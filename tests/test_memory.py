@@ -319,3 +319,52 @@ def test_eviction_warning_raised_as_an_error_changes_nothing(embedder, tmp_path)
     with pytest.warns(MemoryEvictionWarning):  # as a warning, the same calls evict as before
         add(bank, [f"new note {i}" for i in range(8)], namespace="e")
     assert bank.num_tokens("e") <= 40 and state(bank)["other"] == before["other"]
+
+
+def test_one_string_where_a_list_is_expected_is_refused_not_split_into_characters(bank):
+    """Outside-in audit: a single id string was iterated character by character (delete/fetch/following raised an
+    unknown-chunk error for its first letter, search's exclude was silently ignored, add_chunks("abc") stored three
+    one-letter chunks). Every such argument refuses one string with a TypeError saying to pass a list, and takes
+    any other list-like (a numpy array of ids too)."""
+    ids = add(bank, TEXTS)
+    k, v = kv()
+    calls = {"chunk_ids": [lambda: bank.delete(ids[0], namespace="ns"), lambda: bank.fetch(ids[0], namespace="ns"),
+                           lambda: bank.following(ids[0], namespace="ns"), lambda: bank.stored(ids[0], namespace="ns")],
+             "exclude": [lambda: bank.search(TEXTS[2], namespace="ns", exclude=ids[2])],
+             "texts": [lambda: bank.add_chunks("abc", keys=[k] * 3, values=[v] * 3, namespace="ns")]}
+    for what, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(TypeError, match=rf"{what} takes a list, got one str .*pass a list"):
+                fn()
+    assert bank.chunk_ids("ns") == ids  # nothing deleted or added
+    as_array = np.array(ids[:2])
+    assert bank.fetch(as_array, namespace="ns")[0].shape[2] == 8
+    assert bank.following(as_array, namespace="ns", n=0) == ids[:2]
+    assert ids[2] not in [h.chunk_id for h in bank.search(TEXTS[2], namespace="ns", exclude=np.array([ids[2]]))]
+    assert bank.delete(as_array, namespace="ns") == 2 and bank.chunk_ids("ns") == ids[2:]
+
+
+def test_a_search_query_that_is_neither_text_nor_a_vector_is_named(bank):
+    """Outside-in audit: search(None) said 'query vector has dimension 1'; a lone surrogate failed in the tokenizer."""
+    add(bank, TEXTS)
+    for query in (None, 5, b"bread"):
+        with pytest.raises(TypeError, match="query must be text or a vector of dimension 384"):
+            bank.search(query, namespace="ns")
+    with pytest.raises(ValueError, match="query is not valid Unicode"):
+        bank.search("bread \udc80", namespace="ns")
+
+
+def test_search_k_query_shape_and_fetch_dtype_are_checked(bank, embedder):
+    """Outside-in audit: search(k=2.5 / "3" / None) failed inside faiss or Python, a (2, 384) query was reported as
+    'dimension 768', and fetch(dtype=torch.int8) silently truncated the K-V to integers."""
+    ids = add(bank, TEXTS)
+    for k in (2.5, "3", None, True, -1):
+        with pytest.raises(ValueError, match=r"k must be an integer >= 0"):
+            bank.search("bread", namespace="ns", k=k)
+    assert bank.search("bread", namespace="ns", k=0) == [] and len(bank.search("bread", namespace="ns", k=np.int64(2))) == 2
+    two = embedder.encode(["bread", "rocket"])
+    with pytest.raises(ValueError, match=r"one vector of dimension 384 .*shape \(2, 384\)"):
+        bank.search(two, namespace="ns")
+    assert bank.search(two[:1], namespace="ns", k=1)[0].chunk_id == ids[3]  # (1, dim) is one vector
+    with pytest.raises(ValueError, match="floating-point torch dtype .*got torch.int8"):
+        bank.fetch(ids[:1], namespace="ns", dtype=torch.int8)

@@ -475,3 +475,94 @@ def test_no_tokens_is_a_clear_error_everywhere(make_tiny):
         with pytest.raises(ValueError, match=needle):
             call()
     assert ml.score(prompt, target).shape == (len(target),)
+
+
+def test_token_ids_outside_the_vocabulary_or_not_integers_are_named(make_tiny):
+    """Outside-in audit: ids out of the vocabulary gave torch's 'IndexError: index out of range in self' (run,
+    decode, score, Stream.step, perplexity), float ids an embedding dtype error, text a 'new(): invalid data type'."""
+    ml, _ = make_tiny()
+    vocab = ml.model.get_input_embeddings().num_embeddings
+    prompt = ml.tokenize("The pass key is")[1:]
+    for call, bad in [(lambda: ml.run([vocab, 5]), vocab), (lambda: ml.run([5, -1]), -1),
+                      (lambda: ml.decode([vocab + 3], max_new_tokens=2), vocab + 3),
+                      (lambda: ml.score(prompt, [-1]), -1), (lambda: ml.stream("s").step([vocab] * 4), vocab),
+                      (lambda: ml.perplexity([vocab + 5, 2, 3], score_last=2), vocab + 5)]:
+        with pytest.raises(ValueError, match=rf"Token id {bad} is outside the vocabulary 0\.\.{vocab - 1}"):
+            call()
+    with pytest.raises(TypeError, match="Token ids must be integers, got torch.float32"):
+        ml.run([1.5, 2.5])
+    with pytest.raises(TypeError, match="got text 'hello': tokenize it first"):
+        ml.run("hello")
+    assert ml.bank.namespaces() == []  # the stream and perplexity stored nothing
+    assert ml.run(np.array(prompt)).logits.shape[1] == len(prompt)  # numpy ids still run
+
+
+def test_hand_built_memory_of_the_wrong_shape_is_named(make_tiny):
+    """Outside-in audit: run(ids, memory=(k, v)) with other layer/head counts, k/v of different lengths, a single
+    tensor or numpy arrays failed deep in positions.py with raw RuntimeError/IndexError/AttributeError."""
+    ml, _ = make_tiny(local_window=256, ingest_step=128)
+    stats = ml.ingest(TEXT, namespace="doc", progress=False)
+    keys, values = ml.memory_for(stats.chunk_ids[:2], "doc")
+    ids = ml.encode_prompt("Where?")
+    for memory, error, needle in [((keys[:2], values[:2]), ValueError, "expects"),
+                                  ((keys[:, :1], values[:, :1]), ValueError, "expects"),
+                                  ((keys, values[:, :, :10]), ValueError, "of one shape"),
+                                  ((keys.long(), values.long()), ValueError, "floating-point"),
+                                  ((keys[0], values[0]), ValueError, r"\(L_src, Hkv, M, D\)"),
+                                  (keys, TypeError, "pair of tensors"),
+                                  ((keys.numpy(), values.numpy()), TypeError, "pair of tensors")]:
+        with pytest.raises(error, match=needle):
+            ml.run(ids, memory=memory)
+    assert ml.run(ids, memory=(keys, values)).logits.shape[1] == len(ids)
+
+
+def test_a_batch_of_several_sequences_is_refused_not_flattened_into_one(make_tiny):
+    """Outside-in audit: forward() of a (2, N) batch silently ran the two sequences as one of 2N tokens (view(-1));
+    run() of a 2-D tensor failed in the rotary embedding. MemLong runs one sequence at a time."""
+    ml, _ = make_tiny()
+    ids = torch.tensor([ml.tokenize(TEXT)[:20]])  # (1, 20)
+    batch = ids.view(2, 10)
+    for call in (lambda: ml.forward(batch, namespace="doc"), lambda: ml.run(batch),
+                 lambda: ml.forward(batch, labels=batch, namespace="doc")):
+        with pytest.raises(ValueError, match=r"shape \(2, 10\) are a batch of sequences.*one sequence at a time"):
+            call()
+    with pytest.raises(ValueError, match=r"labels of shape \(1, 5\) do not match the segment's 20 tokens"):
+        ml.forward(ids, labels=ids[:, :5], namespace="doc")
+    assert ml.forward(ids, labels=ids, namespace="doc")["logits"].shape[:2] == (1, 20)  # (1, T) as before
+    assert ml.run(ids).logits.shape[:2] == (1, 20)
+
+
+def test_text_arguments_of_the_wrong_type_or_invalid_unicode_are_named(make_tiny):
+    """Outside-in audit: ingest(None/123) failed in list(), ingest(b"bytes") said 'Document 0 is empty', generate(123)
+    called the prompt empty, answer_prefix=None / query=5 failed in the tokenizer or as 'query vector has dimension
+    1', and a lone surrogate ('abc \\udc80') gave a tokenizers TypeError."""
+    ml, _ = make_tiny(local_window=256, ingest_step=128)
+    ml.ingest(TEXT, namespace="doc", progress=False)
+    before = ml.bank.chunk_ids("doc")
+    for call, needle in [(lambda: ml.ingest(None, namespace="doc"), "texts .* must be a string, got NoneType"),
+                         (lambda: ml.ingest(123, namespace="doc"), "texts .* must be a string, got int"),
+                         (lambda: ml.ingest(b"bytes", namespace="doc"), r"got bytes .*decode bytes first"),
+                         (lambda: ml.ingest(["ok text", 5], namespace="doc"), "Document 1 must be a string, got int"),
+                         (lambda: ml.generate(123, namespace="doc"), "prompt must be a string, got int"),
+                         (lambda: ml.generate("Where?", namespace="doc", answer_prefix=None),
+                          "answer_prefix must be a string, got NoneType"),
+                         (lambda: ml.generate("Where?", namespace="doc", query=5), "query must be a string, got int")]:
+        with pytest.raises(TypeError, match=needle):
+            call()
+    surrogate = r"not valid Unicode.*encode\('utf-8', 'replace'\)\.decode\(\)"
+    for call, what in [(lambda: ml.ingest("abc \udc80 def", namespace="doc"), "Document 0"),
+                       (lambda: ml.generate("key \ud800 ?", namespace="doc"), "prompt")]:
+        with pytest.raises(ValueError, match=f"{what} is {surrogate}"):
+            call()
+    assert ml.bank.chunk_ids("doc") == before and ml.bank.namespaces() == ["doc"]
+
+
+def test_two_documents_under_one_doc_id_are_refused_as_upsert_entries_are(make_tiny):
+    """Outside-in audit: ingest(["a b", "c d"], doc_ids=["x", "x"]) merged the two documents under one id silently
+    (memlong.upsert.ingest_entries refuses the same thing)."""
+    ml, _ = make_tiny(local_window=256, ingest_step=128)
+    with pytest.raises(ValueError, match="doc_ids name 'x' twice; each document needs its own id.*Nothing was ingested"):
+        ml.ingest(["one two three", "four five six"], namespace="d", doc_ids=["x", "x"], progress=False)
+    assert ml.bank.namespaces() == []
+    ml.ingest(["one two three", "four five six"], namespace="d", doc_ids=["x", "y"], progress=False)
+    assert sorted(ml.bank.doc_chunk_ids("d")) == ["x", "y"]
