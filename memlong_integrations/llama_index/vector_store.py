@@ -4,8 +4,9 @@ Contract:
     * ``add(nodes)`` streams every node's text through ``MemLong.ingest`` (one progress bar for the batch), so
       each node becomes one or more ``chunk_size``-token bank chunks with their K-V computed at insert time.
       Every chunk keeps the node's metadata plus ``memlong_node_id`` / ``memlong_ref_doc_id``; ``add`` returns
-      the node ids, and adding a node id the store holds replaces that node. Each node is streamed on its own (its K-V sees the node's own preceding text); to give the
-      K-V a whole document's context, pass the documents as the nodes: ``VectorStoreIndex(documents, ...)``
+      the node ids, and adding a node id the store holds replaces that node. Each node is streamed on its own
+      (its K-V sees the node's own preceding text); to give the K-V a whole document's context, pass the
+      documents as the nodes: ``VectorStoreIndex(documents, ...)``
       (``from_documents(..., transformations=[])`` still splits: LlamaIndex treats ``[]`` as "the default").
     * ``query`` searches the bank with its own embedder and ``query.query_str`` (``is_embedding_query=False``:
       LlamaIndex does not embed the query), so retrieval is the bank's retrieval whatever embed model the index
