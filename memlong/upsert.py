@@ -107,7 +107,7 @@ def ingest_replacing(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_i
         if stats.evicted or [c.id for c in chunks] != stats.chunk_ids:
             raise ValueError(f"The entries ({stats.tokens} tokens) do not fit the bank's limits (capacity "
                              f"{bank.capacity} tokens per namespace, max_bytes={bank.max_bytes}); nothing was added. "
-                             "Split them or raise the limits.")
+                             "Write fewer at a time, or raise memory_capacity (MemLongConfig) or max_bytes.")
         extra = first_metadata or {}
         first = {c.doc_id: c.id for c in reversed(chunks)}
         metadata = [{**c.metadata, **(extra.get(c.doc_id, {}) if first[c.doc_id] == c.id else {})} for c in chunks]

@@ -695,3 +695,17 @@ def test_a_prompt_llama_index_packs_past_the_window_is_refused_with_what_to_chan
     for call in (lambda: llm.complete("why " * 1500), lambda: llm.chat([ChatMessage(role="user", content="why " * 1500)])):
         with pytest.raises(ValueError, match="1[0-9]{3} tokens, longer than .* similarity_top_k.*Settings.tokenizer"):
             call()
+
+
+def test_an_add_larger_than_the_capacity_is_refused_whole(make_tiny):
+    """Nodes that do not fit memory_capacity together: nothing is added (the index would hold nodes the bank had
+    already evicted); the namespace keeps what it had."""
+    from llama_index.core.schema import TextNode
+
+    ml, _ = make_tiny(top_k=2, chunk_size=16, local_window=64, memory_capacity=64)
+    store = MemLongVectorStore(ml, namespace="cap")
+    store.add([TextNode(id_="small", text="The bell rings at noon.")])
+    before = ml.bank.chunk_ids("cap")
+    with pytest.raises(ValueError, match="do not fit .*capacity 64 tokens.*nothing was added.*raise memory_capacity"):
+        store.add([TextNode(id_="big", text=" ".join(f"word{i}" for i in range(80)))])
+    assert ml.bank.chunk_ids("cap") == before
