@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,15 @@ def _rank(ml: MemLong, ids: torch.Tensor, keys: torch.Tensor, known: torch.Tenso
     return deviation.topk(n).indices.sort().values
 
 
+def _check_amounts(share: Any, head: Any) -> None:
+    """ValueError unless ``share`` is a number in [0, 1] and ``head`` a token count in 0..32, as the config's
+    ``kv_refresh`` / ``kv_reencode_head`` (a share of -1 failed as 'no token ids to run', 2 and head=-1 passed)."""
+    if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0 <= share <= 1:
+        raise ValueError(f"share must be a number in [0, 1] (the share of retrieved tokens to re-encode), got {share!r}.")
+    if isinstance(head, bool) or not isinstance(head, numbers.Integral) or not 0 <= head <= 32:
+        raise ValueError(f"head must be an integer token count in 0..32 (as kv_reencode_head), got {head!r}.")
+
+
 def refresh(ml: MemLong, memory: Memory, chunk_ids: Sequence[str], namespace: str, share: float,
             probe_layer: int = 1, head: int = 0) -> tuple[Memory, int]:
     """Re-encode the first ``head`` tokens of every chunk and the ``share`` of the other retrieved tokens whose
@@ -117,8 +127,12 @@ def refresh(ml: MemLong, memory: Memory, chunk_ids: Sequence[str], namespace: st
     Returns:
         The refreshed memory (a copy; the bank is unchanged) and the number of tokens re-encoded.
     """
+    _check_amounts(share, head)
     keys, values = memory
     ids, known, heads = _retrieved_tokens(ml, chunk_ids, namespace, head)
+    if keys.shape[2] != len(ids):
+        raise ValueError(f"memory holds {keys.shape[2]} tokens but chunk_ids {len(ids)}: pass the memory of these "
+                         "chunk ids, ml.memory_for(chunk_ids, namespace).")
     rest = known & ~heads
     m, n_rest = len(ids), int(rest.sum())
     n = min(math.ceil(share * m), n_rest)
