@@ -252,6 +252,10 @@ def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[
     metadatas = None if metadatas is None else as_list(metadatas, "metadatas")
     if doc_ids is not None and len(doc_ids) != len(docs):
         raise ValueError(f"Got {len(docs)} documents but {len(doc_ids)} doc_ids.")
+    odd = next((i for i, d in enumerate(doc_ids or ()) if not isinstance(d, str)), None)
+    if odd is not None:  # the bank refuses it too, but only after the whole forward
+        raise ValueError(f"doc_ids[{odd}] must be a string, got {type(doc_ids[odd]).__name__} {doc_ids[odd]!r}; "
+                         "leave doc_ids out for random ids. Nothing was ingested.")
     twice = [d for d, n in Counter(d for d in doc_ids or () if isinstance(d, str)).items() if n > 1]
     if twice and namespace not in STAGING:  # upsert.ingest_replacing stages nodes that share their document's id
         raise ValueError(f"doc_ids name {twice[0]!r} twice; each document needs its own id (they would be merged into "

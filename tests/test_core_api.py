@@ -228,6 +228,9 @@ def test_one_string_where_a_list_is_expected_is_refused_and_numpy_ids_work(make_
         with pytest.raises(TypeError, match=f"{what} takes a list.*pass a list"):
             fn()
     assert not (tmp_path / "s").exists() and ml.bank.namespaces() == ["h", "a"]
+    for bad in ([None], [5]):  # refused before the forward (the bank refused them only after it)
+        with pytest.raises(ValueError, match=r"doc_ids\[0\] must be a string.*Nothing was ingested"):
+            ml.ingest(["a b"], namespace="x", doc_ids=bad, progress=False)
     ml.save_memory(tmp_path / "s", namespaces=["h", "a"])
     with pytest.raises(TypeError, match="namespaces takes a list, got one str 'h'"):
         ml.load_memory(tmp_path / "s", namespaces="h")
