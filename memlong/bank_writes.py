@@ -95,7 +95,7 @@ class BankWrites:
             raise ValueError(f"The {sum(c.n_tokens for c in new)} tokens written to namespace {namespace!r} in one "
                              f"replace do not fit its capacity of {self.capacity} tokens; nothing was changed. Write "
                              "fewer or smaller chunks, or raise the capacity.")
-        if self.max_bytes is None:
+        if self.max_bytes is None or namespace in STAGING:  # a staging space is checked by the add that empties it
             return cap, set()
         others = sum(s.nbytes for n, s in self._spaces.items() if n != namespace)
         incoming = sum(sizes.values())
