@@ -9,9 +9,11 @@ Contract:
     * ``replace`` may be a callable: it is called (under :func:`entry_lock`) just before that add, so that two
       upserts of one id from two threads both see the other's write (the last one wins) instead of both keeping
       their own old version. Adapters take :func:`entry_lock` around their deletes too.
-    * An entry whose first chunk a write evicted (it carries the entry's text and metadata) loses its other
-      chunks in the same call: an entry is read back whole or not at all (a :class:`MemoryEvictionWarning` has
-      named the eviction).
+    * An entry (its first chunk carries :data:`ENTRY_KEY`) that a write's eviction cut loses its other chunks in
+      the same call, with a :class:`MemoryEvictionWarning` counting them: an entry is read back whole or not at
+      all. Documents ingested into the namespace otherwise are evicted chunk by chunk, as always.
+    * The staging space is exempt from ``max_bytes`` (the final add counts the entries against it, evicting other
+      chunks to make room), so a bank near its byte limit keeps taking entries.
     * ``entry_metadata[i]`` is stored once, on the first chunk of entry ``i`` (not on every chunk);
       ``metadatas[i]`` is stored on each of its chunks.
     * Reserved metadata keys (:data:`RESERVED_PREFIXES`) belong to memlong and its adapters; :func:`check_user_metadata`
@@ -30,11 +32,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from memlong.bank_writes import STAGING, STAGING_PREFIX
+from memlong.eviction import warn_evicted
 from memlong.model import MemLong
 
-__all__ = ["RESERVED_PREFIXES", "check_user_metadata", "entry_lock", "ingest_entries", "ingest_replacing"]
+__all__ = ["ENTRY_KEY", "RESERVED_PREFIXES", "check_user_metadata", "entry_lock", "ingest_entries", "ingest_replacing"]
 
 RESERVED_PREFIXES = ("memlong_", "_memlong")
+ENTRY_KEY = "_memlong_entry"  # on an entry's first chunk: the doc id is a whole entry (evicted whole)
 
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bank -> {namespace: lock}
 _LOCKS_LOCK = threading.Lock()
@@ -78,7 +82,7 @@ def ingest_entries(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_ids
     if len(set(doc_ids)) != len(doc_ids):
         twice = next(d for d in doc_ids if doc_ids.count(d) > 1)
         raise ValueError(f"doc_ids name {twice!r} twice; each entry needs its own id (nothing was added).")
-    extra = dict(zip(doc_ids, entry_metadata or [{}] * len(doc_ids)))
+    extra = {d: {**m, ENTRY_KEY: True} for d, m in zip(doc_ids, entry_metadata or [{}] * len(doc_ids))}
     ids, chunks = ingest_replacing(ml, texts, namespace=namespace, doc_ids=doc_ids, metadatas=metadatas,
                                    first_metadata=extra, replace=replace, whole_entries=True, **ingest_options)
     by_entry: dict[str, list[str]] = {d: [] for d in doc_ids}
@@ -94,8 +98,8 @@ def ingest_replacing(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_i
                      **ingest_options: Any) -> tuple[list[str], list[str]]:
     """:func:`ingest_entries` without its one-entry-per-id rule (LlamaIndex nodes of one document share their
     ``doc_id``): returns the new chunk ids and each one's doc id. ``first_metadata[doc_id]`` is added to the first
-    chunk of that doc id only; ``whole_entries``: each doc id is an entry, deleted whole once its first chunk is
-    evicted."""
+    chunk of that doc id only; ``whole_entries``: an entry (first chunk with :data:`ENTRY_KEY`) that the add's
+    eviction cut is deleted whole."""
     bank = ml.bank
     staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}"  # the entries are ingested here first, then moved in one add
     STAGING.add(staging)
@@ -112,24 +116,35 @@ def ingest_replacing(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_i
         first = {c.doc_id: c.id for c in reversed(chunks)}
         metadata = [{**c.metadata, **(extra.get(c.doc_id, {}) if first[c.doc_id] == c.id else {})} for c in chunks]
         with entry_lock(bank, namespace):
-            heads = {d: ids[0] for d, ids in bank.doc_chunk_ids(namespace).items()} if whole_entries else {}
+            before = _entries(bank, namespace) if whole_entries else {}
             ids = bank.add_chunks(  # one add: every entry, and the removal of the old versions, or nothing
                 [c.text for c in chunks], keys=[c.keys for c in chunks], values=[c.values for c in chunks],
                 namespace=namespace, doc_ids=[c.doc_id for c in chunks], spans=[c.span for c in chunks],
                 metadata=metadata, tokens=[c.tokens for c in chunks] if all(c.tokens for c in chunks) else None,
                 replace=list(replace() if callable(replace) else replace), atomic=True)
             if whole_entries:
-                _drop_beheaded(bank, namespace, heads, set(first))
+                _drop_cut(bank, namespace, before, set(first))
         return ids, [c.doc_id for c in chunks]
     finally:
         bank.reset(staging)
         STAGING.discard(staging)
 
 
-def _drop_beheaded(bank: Any, namespace: str, heads: dict[str, str], written: set[str]) -> None:
-    """Delete what is left of entries whose first chunk the last add evicted (``heads``: each entry's first chunk
-    before it; ``written``: the entries it wrote)."""
+def _entries(bank: Any, namespace: str) -> dict[str, list[str]]:
+    """Entry id -> its chunk ids, for the doc ids of ``namespace`` whose first chunk carries :data:`ENTRY_KEY`."""
+    entries: dict[str, list[str]] = {}
+    for chunk in bank.chunks(namespace):  # one read, in insertion order
+        if chunk.doc_id in entries or chunk.metadata.get(ENTRY_KEY):
+            entries.setdefault(chunk.doc_id, []).append(chunk.id)
+    return entries
+
+
+def _drop_cut(bank: Any, namespace: str, before: dict[str, list[str]], written: set[str]) -> None:
+    """Delete what is left of entries (``before``: their chunks before the add) that the add's eviction cut (any
+    chunk, head or middle: eviction takes the least retrieved too); ``written``: the entries it wrote."""
     now = bank.doc_chunk_ids(namespace)
-    rest = [cid for d, ids in now.items() if d in heads and d not in written and ids[0] != heads[d] for cid in ids]
+    rest = [cid for d, ids in before.items() if d not in written and d in now and now[d] != ids for cid in now[d]]
     if rest:
         bank.delete(rest, namespace=namespace)
+        warn_evicted(namespace, len(rest), "memory_capacity / max_bytes (the rest of entries it cut)",
+                     "raise memory_capacity or max_bytes", stacklevel=4)

@@ -174,3 +174,59 @@ def test_an_entry_whose_first_chunk_is_evicted_goes_whole(make_tiny):
                 assert TEXT_KEY in ml.bank.get(chunk_ids[0], namespace="ev").metadata
                 assert store.get_by_ids([entry])[0].page_content == texts[entry]
     assert set(entries) == {"f4"}  # with f3's tail: {f3: 1 chunk, f4: 5} before
+
+
+def test_entries_near_max_bytes_keep_being_added_by_evicting_older_ones(make_tiny):
+    """The staging space was counted against max_bytes beside the full namespace: near the limit every add failed
+    ('do not fit') instead of evicting older entries/nodes, for both stores."""
+    from llama_index.core.schema import TextNode
+
+    from memlong_integrations.llama_index import MemLongVectorStore as IndexStore
+
+    ml, _ = make_tiny(top_k=2, chunk_size=16, local_window=64, memory_max_bytes=60_000)
+    lc, li = MemLongVectorStore(ml, namespace="lc"), IndexStore(ml, namespace="li", show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryEvictionWarning)
+        for i in range(10):
+            li.add([TextNode(id_=f"n{i}", text=f"Node {i}: the bell rings at noon in the abbey tower by the river.")])
+            lc.add_texts([f"Entry {i}: the lantern burns by the harbour gate until dawn."], ids=[f"e{i}"])
+            assert ml.bank.nbytes() <= 60_000
+    assert "n9" in {n.metadata["memlong_node_id"] for n in li.get_nodes()} and lc.get_by_ids(["e9"])
+    assert len(ml.bank.chunk_ids("li")) + len(ml.bank.chunk_ids("lc")) < 40  # older ones made room
+
+
+def test_only_entries_go_whole_documents_ingested_beside_them_lose_chunks_as_usual(make_tiny):
+    """A document ingested with MemLong.ingest into the store's namespace is not an entry: an add that evicts its
+    first chunks keeps the rest of it (it was deleted whole)."""
+    ml, _ = make_tiny(top_k=2, chunk_size=16, local_window=64, memory_capacity=320)
+    chronicle = " ".join(f"Line {i} of the long chronicle tells of the abbey bell." for i in range(20))
+    ml.ingest(chronicle, namespace="kb", doc_ids=["chronicle"], progress=False)
+    store = MemLongVectorStore(ml, namespace="kb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryEvictionWarning)
+        store.add_texts(["A longer note about the harbour lantern and the river, the falcons, the tower, the saffron "
+                         "fields and the noon bell that rings over the water every day."], ids=["note"])
+        store.add_texts(["Second note: the porter keeps the iron key beneath the stair, and the abbot walks at dawn by "
+                         "the gate."], ids=["note2"])
+    docs = ml.bank.doc_chunk_ids("kb")
+    assert {"note", "note2"} <= set(docs) and 0 < len(docs["chronicle"]) < 17
+
+
+def test_an_entry_whose_middle_chunks_are_evicted_goes_whole(make_tiny):
+    """Eviction takes the least retrieved chunks after the oldest share: an often-searched entry kept its first
+    chunk (its text) and lost its middle, and the model read only what was left of it."""
+    ml, _ = make_tiny(top_k=2, chunk_size=16, local_window=64, memory_capacity=400)
+    store = MemLongVectorStore(ml, namespace="ev")
+    words = ["falcon", "harbour", "saffron", "lantern", "abbey", "river"]
+    texts = {f"f{i}": f"Filler entry {i} about the {w}: " + " ".join(f"word{j}" for j in range(24))
+             for i, w in enumerate(words)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryEvictionWarning)
+        for i in range(5):
+            store.add_texts([texts[f"f{i}"]], ids=[f"f{i}"])
+        for _ in range(3):
+            store.similarity_search("Filler entry 1 about the harbour", k=1)
+        with pytest.warns(MemoryEvictionWarning, match="the rest of entries it cut"):
+            store.add_texts([texts["f5"]], ids=["f5"])
+    for entry, chunk_ids in ml.bank.doc_chunk_ids("ev").items():
+        assert "".join(ml.bank.get(c, namespace="ev").text for c in chunk_ids).strip() == texts[entry]
