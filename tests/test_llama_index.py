@@ -297,6 +297,9 @@ def test_query_engine_bad_input(tiny_index):
         MemLongQueryEngine.from_args(index.as_retriever(), llm=llm, similarity_top_k=2)
     with pytest.raises(ValueError, match="similarity_top_k must be an integer >= 0, got -1"):  # was: [] silently
         index.as_retriever(similarity_top_k=-1).retrieve("Thunder")
+    import numpy as np
+
+    assert len(index.as_retriever(similarity_top_k=np.int64(2)).retrieve("Thunder")) == 2
     with pytest.raises(TypeError, match="MemLongLLM"):
         MemLongSynthesizer(object())
 
@@ -535,6 +538,9 @@ def test_index_persists_and_reloads_with_its_memory(make_tiny, tmp_path):
     again = load_index_from_storage(StorageContext.from_defaults(vector_store=empty, persist_dir=str(tmp_path / "index")),
                                     embed_model=embed)
     assert again.as_retriever(similarity_top_k=2).retrieve(question) == []
+    with pytest.raises(ValueError, match="saved from namespace 'plays' .empty., not 'other'"):
+        MemLongVectorStore.from_persist_dir(str(tmp_path / "index"), ml, namespace="other")  # it reset 'other'
+    assert snapshot("other") == other
     again.insert(docs[0])  # and is usable: saves with content again, the marker goes
     again.storage_context.persist(str(tmp_path / "index"))
     assert folder.is_dir() and not folder.with_name(folder.name + ".empty").exists()

@@ -184,7 +184,8 @@ class MemLongVectorStore(VectorStore):
         """Delete entries by id (all entries when ``ids`` is None). Missing ids are ignored; returns whether all
         were found."""
         if ids is None:
-            self.bank.reset(self.namespace)
+            with entry_lock(self.bank, self.namespace):
+                self.bank.reset(self.namespace)
             return True
         with entry_lock(self.bank, self.namespace):
             entries = self._entries()

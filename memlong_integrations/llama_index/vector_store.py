@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import numbers
 import os
 import shutil
 from pathlib import Path
@@ -218,7 +219,8 @@ class MemLongVectorStore(BasePydanticVectorStore):
 
     def clear(self) -> None:
         """Forget the whole namespace."""
-        self._memlong.bank.reset(self.namespace)
+        with entry_lock(self._memlong.bank, self.namespace):
+            self._memlong.bank.reset(self.namespace)
 
     async def aclear(self) -> None:
         self.clear()
@@ -265,8 +267,11 @@ class MemLongVectorStore(BasePydanticVectorStore):
         _local("from_persist_dir", fs)
         folder = memory_folder(os.path.join(persist_dir, f"{vector_store_name}{NAMESPACE_SEP}{VECTOR_STORE_FNAME}"))
         if not folder.is_dir() and _empty_marker(folder).is_file():  # an index saved empty: reloads empty
-            kwargs.setdefault("namespace", json.loads(_empty_marker(folder).read_text(encoding="utf-8"))["namespace"])
-            memlong.bank.reset(kwargs["namespace"])  # as a load replaces the namespace with what was saved
+            saved = json.loads(_empty_marker(folder).read_text(encoding="utf-8"))["namespace"]
+            if kwargs.setdefault("namespace", saved) != saved:
+                raise ValueError(f"The index at {persist_dir!r} was saved from namespace {saved!r} (empty), not "
+                                 f"{kwargs['namespace']!r}; leave namespace out, or give {saved!r}. Nothing was loaded.")
+            memlong.bank.reset(saved)  # as a load replaces the namespace with what was saved
             return cls(memlong, **kwargs)
         if not folder.is_dir():
             raise FileNotFoundError(f"No MemLong memory at {str(folder)!r}: save the index with "
@@ -295,7 +300,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
                              f"text_search and sparse (BM25), not {query.mode.value!r}.")
         mode = modes[query.mode]
         top_k = query.similarity_top_k
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
             raise ValueError(f"similarity_top_k must be an integer >= 0, got {top_k!r}.")
         if mode == "hybrid" and query.alpha is not None:  # LlamaIndex: 0 = BM25 only, 1 = embeddings only
             if query.alpha not in (0, 0.5, 1):
