@@ -275,9 +275,9 @@ class MemLongConfig:
         layers = self.retrieval_layers
         if layers is None:
             layers = "all" if self.kv_source == "per_layer" else _spread(memory_layer, num_layers)
-        if layers == "all":
+        if isinstance(layers, str) and layers == "all":  # (a numpy array compared with a string is ambiguous)
             layers = tuple(range(num_layers))
-        elif layers == "upper":
+        elif isinstance(layers, str) and layers == "upper":
             layers = tuple(range(memory_layer, num_layers))
         elif isinstance(layers, str):
             raise ValueError(f"retrieval_layers must be a list of layer indices, 'upper' or 'all'; got {layers!r}.")
@@ -311,11 +311,13 @@ def _check_types(cfg: MemLongConfig) -> None:
            f"retrieval_layers must be a list of integer layer indices, 'upper' or 'all'; got {layers!r}.")
     _check(cfg.memory_layer is None or _is_int(cfg.memory_layer),
            f"memory_layer must be None (half the model depth) or an integer layer index, got {cfg.memory_layer!r}.")
-    for name in ("attention_sink", "memory_reader"):
-        _check(isinstance(getattr(cfg, name), bool), f"{name} must be True or False, got {getattr(cfg, name)!r}.")
+    for name in ("attention_sink", "memory_reader"):  # bools, numpy bools and 0 / 1 (truthy strings are refused)
+        value = getattr(cfg, name)
+        _check(type(value).__name__ in ("bool", "bool_") or (isinstance(value, numbers.Integral) and value in (0, 1)),
+               f"{name} must be True or False, got {value!r}.")
     for name in ("evict_oldest", "keep_newest"):
         value = getattr(cfg, name)
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+        _check(isinstance(value, numbers.Real) and not isinstance(value, bool),
                f"{name} must be a share (a number) in [0, 1), got {value!r}.")
 
 

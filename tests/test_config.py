@@ -118,6 +118,15 @@ def test_layer_indices_as_lists_or_ranges_still_resolve():
     assert MemLongConfig(retrieval_layers=[3, 1]).resolve(26).retrieval_layers == (1, 3)
     assert MemLongConfig(retrieval_layers=range(24, 26)).resolve(26).retrieval_layers == (24, 25)
     assert MemLongConfig(retrieval_layers=[2, 2], memory_layer=0).resolve(26).retrieval_layers == (2,)
+    # values that resolved before the type checks still do (a review of the checks' diff)
+    import fractions
+
+    import numpy as np
+
+    assert MemLongConfig(retrieval_layers=np.arange(24, 26)).resolve(26).retrieval_layers == (24, 25)
+    for fine in ({"memory_reader": 0}, {"memory_reader": 1}, {"attention_sink": np.True_},
+                 {"evict_oldest": np.float32(0.1)}, {"keep_newest": fractions.Fraction(1, 10)}):
+        MemLongConfig(**fine).resolve(26)
 
 
 def test_a_dict_as_the_config_is_refused_with_the_fix(tiny_hf, tokenizer, embedder):
