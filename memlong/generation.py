@@ -252,6 +252,7 @@ def token_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device | str, 
     if ids_t.dim() > 1 and ids_t.shape[:-1].numel() != 1:
         raise ValueError(f"Token ids of shape {tuple(ids_t.shape)} are a batch of sequences: MemLong runs one "
                          "sequence at a time ((T,) or (1, T)); run each sequence in its own call.")
+    ids_t = ids_t.to(torch.long)  # (min/max are not implemented for every integer dtype, e.g. numpy's uint16)
     if vocab is not None and (int(ids_t.min()) < 0 or int(ids_t.max()) >= vocab):
         bad = int(ids_t.min()) if int(ids_t.min()) < 0 else int(ids_t.max())
         raise ValueError(f"Token id {bad} is outside the vocabulary 0..{vocab - 1}: pass ids from this model's "

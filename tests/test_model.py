@@ -502,6 +502,7 @@ def test_token_ids_outside_the_vocabulary_or_not_integers_are_named(make_tiny):
         ml.run("hello")
     assert ml.bank.namespaces() == []  # the stream and perplexity stored nothing
     assert ml.run(np.array(prompt)).logits.shape[1] == len(prompt)  # numpy ids still run
+    assert ml.run(np.array(prompt, dtype=np.uint16)).logits.shape[1] == len(prompt)  # min/max of uint16 failed
 
 
 def test_hand_built_memory_of_the_wrong_shape_is_named(make_tiny):
