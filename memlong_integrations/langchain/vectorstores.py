@@ -171,6 +171,7 @@ class MemLongVectorStore(VectorStore):
         if len(set(ids)) != len(ids):
             raise ValueError("The same id appears twice in one add; ids must be unique.")
         metas = [check_user_metadata(m, f"metadatas[{i}]") for i, m in enumerate(metadatas or [{}] * len(texts))]
+
         def replaced() -> list[str]:  # read under entry_lock right before the add: concurrent upserts of an id
             old = self._entries()      # replace each other (the last wins) instead of both keeping theirs
             return [cid for i in ids for cid in old.get(i, [])]
