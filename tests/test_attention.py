@@ -96,3 +96,50 @@ def test_short_prefix_padded_causal_is_the_same_mask(lq, n_visible):
         for a, b in zip(torch.autograd.grad(padded.square().sum(), (q, k, v)),
                         torch.autograd.grad(masked.square().sum(), (q, k, v))):
             torch.testing.assert_close(a, b)
+
+
+def test_rotate_is_the_models_rope_formula_bit_for_bit_also_into_a_buffer():
+    """rotate() writes with half-size temporaries (and into ``out``); it must equal x*cos + rotate_half(x)*sin,
+    the formula transformers' Llama applies to the local tokens, exactly: stored and fresh keys meet in one softmax."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 40, 16, generator=g)
+    angles = torch.randn(1, 40, 8, generator=g)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    expected = x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    assert torch.equal(rotate(x, cos, sin), expected)
+    buffer = torch.full((3, 2, 50, 16), float("nan"))
+    rotate(x, cos, sin, out=buffer[:, :, :40])
+    assert torch.equal(buffer[:, :, :40], expected) and buffer[:, :, 40:].isnan().all()
+
+
+def test_memory_prefix_equals_rotating_each_layer_on_its_own():
+    """positions._add_memory writes every retrieval layer's rotated memory (one source rotated once in memory_layer
+    mode, a view of contiguous source layers in per_layer mode) in front of the local part; compared with the plain
+    per-layer computation, bit for bit."""
+    import types
+
+    from memlong import positions
+
+    g = torch.Generator().manual_seed(1)
+    memory = (torch.randn(4, 2, 24, 8, generator=g), torch.randn(4, 2, 24, 8, generator=g))
+    local = (torch.randn(6, 2, 3, 8, generator=g), torch.randn(6, 2, 3, 8, generator=g))
+    angles = torch.randn(1, 24, 4, generator=g)
+    table = (torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1))
+    for source_index, layers in ((lambda layer: layer - 2, [2, 3, 4, 5]), (lambda layer: 0, [3, 4, 5]),
+                                 (lambda layer: [0, 2, 3][layer - 3], [3, 4, 5])):
+        for with_local in (local, None):
+            ml = types.SimpleNamespace(config=types.SimpleNamespace(retrieval_layers=layers, source_index=source_index))
+            prefix = {}
+            with torch.no_grad():
+                positions._add_memory(ml, memory, table, with_local, prefix)
+            assert sorted(prefix) == layers
+            for layer in layers:
+                src = source_index(layer)
+                keys = rotate(memory[0][src:src + 1], *table)
+                values = memory[1][src:src + 1]
+                if with_local is not None:
+                    keys = torch.cat([keys, local[0][layer:layer + 1]], 2)
+                    values = torch.cat([values, local[1][layer:layer + 1]], 2)
+                assert torch.equal(prefix[layer][0], keys) and torch.equal(prefix[layer][1], values)
