@@ -102,12 +102,14 @@ def _rank(ml: MemLong, ids: torch.Tensor, keys: torch.Tensor, known: torch.Tenso
 
 
 def _check_amounts(share: Any, head: Any) -> None:
-    """ValueError unless ``share`` is a number in [0, 1] and ``head`` a token count in 0..32, as the config's
-    ``kv_refresh`` / ``kv_reencode_head`` (a share of -1 failed as 'no token ids to run', 2 and head=-1 passed)."""
+    """ValueError unless ``share`` is a number in [0, 1] and ``head`` a token count >= 0 (the config caps
+    ``kv_reencode_head`` at 32; a direct call may re-encode whole chunks). A share of -1 failed as 'no token ids to
+    run'; 2 and head=-1 passed silently."""
     if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0 <= share <= 1:
         raise ValueError(f"share must be a number in [0, 1] (the share of retrieved tokens to re-encode), got {share!r}.")
-    if isinstance(head, bool) or not isinstance(head, numbers.Integral) or not 0 <= head <= 32:
-        raise ValueError(f"head must be an integer token count in 0..32 (as kv_reencode_head), got {head!r}.")
+    if isinstance(head, bool) or not isinstance(head, numbers.Integral) or head < 0:
+        raise ValueError(f"head must be an integer token count >= 0 (tokens re-encoded at each chunk's start), "
+                         f"got {head!r}.")
 
 
 def refresh(ml: MemLong, memory: Memory, chunk_ids: Sequence[str], namespace: str, share: float,
