@@ -9,7 +9,7 @@ Contract:
     * ``replace`` may be a callable: it is called (under :func:`entry_lock`) just before that add, so that two
       upserts of one id from two threads both see the other's write (the last one wins) instead of both keeping
       their own old version. Adapters take :func:`entry_lock` around their deletes too.
-    * An entry (its first chunk carries :data:`ENTRY_KEY`) that a write's eviction cut loses its other chunks in
+    * An entry (its chunks carry :data:`ENTRY_KEY`) that a write's eviction cut loses its other chunks in
       the same call, with a :class:`MemoryEvictionWarning` counting them: an entry is read back whole or not at
       all. Documents ingested into the namespace otherwise are evicted chunk by chunk, as always.
     * The staging space is exempt from ``max_bytes`` (the final add counts the entries against it, evicting other
@@ -38,7 +38,7 @@ from memlong.model import MemLong
 __all__ = ["ENTRY_KEY", "RESERVED_PREFIXES", "check_user_metadata", "entry_lock", "ingest_entries", "ingest_replacing"]
 
 RESERVED_PREFIXES = ("memlong_", "_memlong")
-ENTRY_KEY = "_memlong_entry"  # on an entry's first chunk: the doc id is a whole entry (evicted whole)
+ENTRY_KEY = "_memlong_entry"  # on each chunk of an entry: the doc id is a whole entry (evicted whole)
 
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bank -> {namespace: lock}
 _LOCKS_LOCK = threading.Lock()
@@ -82,7 +82,8 @@ def ingest_entries(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_ids
     if len(set(doc_ids)) != len(doc_ids):
         twice = next(d for d in doc_ids if doc_ids.count(d) > 1)
         raise ValueError(f"doc_ids name {twice!r} twice; each entry needs its own id (nothing was added).")
-    extra = {d: {**m, ENTRY_KEY: True} for d, m in zip(doc_ids, entry_metadata or [{}] * len(doc_ids))}
+    extra = dict(zip(doc_ids, entry_metadata or [{}] * len(doc_ids)))
+    metadatas = [{**(m or {}), ENTRY_KEY: True} for m in (metadatas or [{}] * len(texts))]  # on every chunk
     ids, chunks = ingest_replacing(ml, texts, namespace=namespace, doc_ids=doc_ids, metadatas=metadatas,
                                    first_metadata=extra, replace=replace, whole_entries=True, **ingest_options)
     by_entry: dict[str, list[str]] = {d: [] for d in doc_ids}
@@ -98,7 +99,7 @@ def ingest_replacing(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_i
                      **ingest_options: Any) -> tuple[list[str], list[str]]:
     """:func:`ingest_entries` without its one-entry-per-id rule (LlamaIndex nodes of one document share their
     ``doc_id``): returns the new chunk ids and each one's doc id. ``first_metadata[doc_id]`` is added to the first
-    chunk of that doc id only; ``whole_entries``: an entry (first chunk with :data:`ENTRY_KEY`) that the add's
+    chunk of that doc id only; ``whole_entries``: an entry (chunks with :data:`ENTRY_KEY`) that the add's
     eviction cut is deleted whole."""
     bank = ml.bank
     staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}"  # the entries are ingested here first, then moved in one add
@@ -116,7 +117,7 @@ def ingest_replacing(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_i
         first = {c.doc_id: c.id for c in reversed(chunks)}
         metadata = [{**c.metadata, **(extra.get(c.doc_id, {}) if first[c.doc_id] == c.id else {})} for c in chunks]
         with entry_lock(bank, namespace):
-            before = _entries(bank, namespace) if whole_entries else {}
+            before = bank.doc_chunk_ids(namespace) if whole_entries else {}
             ids = bank.add_chunks(  # one add: every entry, and the removal of the old versions, or nothing
                 [c.text for c in chunks], keys=[c.keys for c in chunks], values=[c.values for c in chunks],
                 namespace=namespace, doc_ids=[c.doc_id for c in chunks], spans=[c.span for c in chunks],
@@ -130,20 +131,13 @@ def ingest_replacing(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_i
         STAGING.discard(staging)
 
 
-def _entries(bank: Any, namespace: str) -> dict[str, list[str]]:
-    """Entry id -> its chunk ids, for the doc ids of ``namespace`` whose first chunk carries :data:`ENTRY_KEY`."""
-    entries: dict[str, list[str]] = {}
-    for chunk in bank.chunks(namespace):  # one read, in insertion order
-        if chunk.doc_id in entries or chunk.metadata.get(ENTRY_KEY):
-            entries.setdefault(chunk.doc_id, []).append(chunk.id)
-    return entries
-
-
 def _drop_cut(bank: Any, namespace: str, before: dict[str, list[str]], written: set[str]) -> None:
-    """Delete what is left of entries (``before``: their chunks before the add) that the add's eviction cut (any
-    chunk, head or middle: eviction takes the least retrieved too); ``written``: the entries it wrote."""
+    """Delete what is left of entries (chunks with :data:`ENTRY_KEY`) that the add's eviction cut (any chunk, head
+    or middle: eviction takes the least retrieved too); ``before``: each doc id's chunks before the add (one read
+    without copies: an add to a namespace of thousands of chunks stays cheap); ``written``: the entries it wrote."""
     now = bank.doc_chunk_ids(namespace)
-    rest = [cid for d, ids in before.items() if d not in written and d in now and now[d] != ids for cid in now[d]]
+    cut = [d for d, ids in before.items() if d not in written and d in now and now[d] != ids]
+    rest = [cid for d in cut if bank.get(now[d][0], namespace=namespace).metadata.get(ENTRY_KEY) for cid in now[d]]
     if rest:
         bank.delete(rest, namespace=namespace)
         warn_evicted(namespace, len(rest), "memory_capacity / max_bytes (the rest of entries it cut)",
