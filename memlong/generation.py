@@ -253,11 +253,11 @@ def token_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device | str, 
         raise ValueError(f"Token ids of shape {tuple(ids_t.shape)} are a batch of sequences: MemLong runs one "
                          "sequence at a time ((T,) or (1, T)); run each sequence in its own call.")
     ids_t = ids_t.to(torch.long)  # (min/max are not implemented for every integer dtype, e.g. numpy's uint16)
-    if vocab is not None and (int(ids_t.min()) < 0 or int(ids_t.max()) >= vocab):
-        bad = int(ids_t.min()) if int(ids_t.min()) < 0 else int(ids_t.max())
-        raise ValueError(f"Token id {bad} is outside the vocabulary 0..{vocab - 1}: pass ids from this model's "
-                         "tokenizer.")
-    return ids_t.to(device=device, dtype=torch.long).view(1, -1)
+    lo, hi = (int(x) for x in torch.aminmax(ids_t))  # one reduction: this runs for every decoded token
+    if vocab is not None and (lo < 0 or hi >= vocab):
+        raise ValueError(f"Token id {lo if lo < 0 else hi} is outside the vocabulary 0..{vocab - 1}: pass ids from "
+                         "this model's tokenizer.")
+    return ids_t.to(device).view(1, -1)
 
 
 def vocab_rows(ml: MemLong) -> int:
