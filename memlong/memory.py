@@ -71,6 +71,7 @@ from memlong.records import (
     MemoryMismatchError,
     as_list,
     check_bank_config,
+    check_count,
     check_namespace,
     check_string,
     metadata_nbytes,
@@ -284,7 +285,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         Example:
             >>> bank.search("Who keeps the iron key?", namespace="docs", k=4, mode="hybrid")
         """
-        mode, k = check_mode(self.search_mode if mode is None else mode), _check_k(k)
+        mode, k = check_mode(self.search_mode if mode is None else mode), check_count(k, "k")
         if k == 0:
             return []
         if mode != "dense" and not isinstance(query, str):
@@ -418,13 +419,6 @@ def _query_vector(embedder: TextEmbedder, query: Any) -> np.ndarray:
     vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
     faiss.normalize_L2(vector)
     return vector
-
-
-def _check_k(k: Any) -> int:
-    """``k`` as an int; ValueError unless it is an integer >= 0 (2.5, "3" and None failed inside faiss before)."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
-        raise ValueError(f"k must be an integer >= 0 (the number of hits; 0 returns none), got {k!r}.")
-    return int(k)
 
 
 def _check_dtype(dtype: Any) -> None:

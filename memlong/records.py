@@ -41,8 +41,8 @@ from memlong.kv_payload import DenseKV, KVPayload, payload_from
 from memlong.storage import MemoryFileError
 
 __all__ = ["MAX_DEPTH", "Chunk", "MemoryMismatchError", "as_list", "check_bank_config", "check_chunk",
-           "check_compatible", "check_embeddings", "check_namespace", "check_string", "check_text", "embedder_info",
-           "metadata_nbytes", "parse_namespaces", "read_text_file"]
+           "check_compatible", "check_count", "check_embeddings", "check_namespace", "check_string", "check_text",
+           "embedder_info", "metadata_nbytes", "parse_namespaces", "read_text_file"]
 
 MAX_DEPTH = 32  # metadata nesting levels (the JSON reader's recursion limit is far above this)
 MAX_INT = 2**63 - 1
@@ -120,6 +120,14 @@ def as_list(value: Any, what: str) -> list[Any]:
     if isinstance(value, Mapping) or not isinstance(value, Iterable):
         raise TypeError(f"{what} takes a list, got {type(value).__name__} {str(value)[:60]!r}: pass a list.")
     return [str(v) if isinstance(v, np.str_) else v for v in value]
+
+
+def check_count(value: Any, what: str) -> int:
+    """``value`` as an int; ValueError naming ``what`` unless it is an integer >= 0 (numpy integers too, not bools):
+    a number of hits such as ``k`` or ``similarity_top_k`` (2.5, "3" and None failed inside faiss)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{what} must be an integer >= 0, got {value!r} (the number of hits; 0 returns none).")
+    return int(value)
 
 
 def check_string(value: Any, what: str) -> str:

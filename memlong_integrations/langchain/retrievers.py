@@ -89,9 +89,7 @@ class MemLongRetriever(BaseRetriever):
         if kwargs:
             raise TypeError(f"MemLongRetriever.invoke takes k only, not {sorted(kwargs)}. To filter by metadata, "
                             "search a MemLongVectorStore: store.as_retriever(search_kwargs={'filter': {...}}).")
-        k = self.k if k is None else k
-        if not isinstance(k, int) or k < 0:
-            raise ValueError(f"k must be an integer >= 0, got {k!r}.")
+        k = self.k if k is None else k  # the bank checks it (an integer >= 0)
         if not isinstance(query, str) or not query.strip():
             raise ValueError("The query is empty: give the retriever some text to search for.")
         hits = self.bank.search(query, namespace=self.namespace, k=k, count=self.count_retrievals,

@@ -40,6 +40,7 @@ from langchain_core.vectorstores import VectorStore
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
 
 from memlong import MemLong
+from memlong.records import check_count
 from memlong.upsert import RESERVED_PREFIXES, check_user_metadata, entry_lock, ingest_entries
 
 from ._common import memlong_chunk_ids_from_documents
@@ -249,8 +250,7 @@ class MemLongVectorStore(VectorStore):
 
     def _search(self, query: Any, k: int, filter: MetadataFilter | None = None,  # noqa: A002
                 *, count: bool = True) -> list[tuple[Document, float]]:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"k must be an integer >= 0, got {k!r}.")
+        k = check_count(k, "k")
         keep = _filter_fn(filter)
         total = len(self.bank.chunk_ids(self.namespace))
         if k <= 0 or total == 0:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import numbers
 import os
 import shutil
 from pathlib import Path
@@ -59,6 +58,7 @@ from llama_index.core.vector_stores.types import (
 )
 
 from memlong import MemLong
+from memlong.records import check_count
 from memlong.upsert import entry_lock, ingest_replacing
 from memlong_integrations.llama_index._common import (
     EXCLUDED_KEY,
@@ -299,9 +299,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
             raise ValueError(f"MemLongVectorStore supports the query modes default (the bank's search_mode), hybrid, "
                              f"text_search and sparse (BM25), not {query.mode.value!r}.")
         mode = modes[query.mode]
-        top_k = query.similarity_top_k
-        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-            raise ValueError(f"similarity_top_k must be an integer >= 0, got {top_k!r}.")
+        top_k = check_count(query.similarity_top_k, "similarity_top_k")  # named as the user set it
         if mode == "hybrid" and query.alpha is not None:  # LlamaIndex: 0 = BM25 only, 1 = embeddings only
             if query.alpha not in (0, 0.5, 1):
                 raise ValueError(f"alpha={query.alpha!r}: MemLongVectorStore fuses its hybrid rankings by reciprocal "
@@ -336,7 +334,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
             raise ValueError("MemLongVectorStore needs query.query_str (it embeds queries with the bank's embedder, "
                              "and lexical or hybrid search match its words).")
         exclude = [] if allowed is None else [cid for cid in everything if cid not in allowed]
-        hits = bank.search(probe, namespace=self.namespace, k=query.similarity_top_k, exclude=exclude, mode=mode)
+        hits = bank.search(probe, namespace=self.namespace, k=top_k, exclude=exclude, mode=mode)
         nodes = [chunk_node(bank, h.chunk_id, self.namespace, h.score).node for h in hits]
         return VectorStoreQueryResult(nodes=nodes, similarities=[h.score for h in hits], ids=[h.chunk_id for h in hits])
 
