@@ -24,6 +24,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from memlong.dtypes import DTYPES
@@ -313,7 +314,7 @@ def _check_types(cfg: MemLongConfig) -> None:
            f"memory_layer must be None (half the model depth) or an integer layer index, got {cfg.memory_layer!r}.")
     for name in ("attention_sink", "memory_reader"):  # bools, numpy bools and 0 / 1 (truthy strings are refused)
         value = getattr(cfg, name)
-        _check(type(value).__name__ in ("bool", "bool_") or (isinstance(value, numbers.Integral) and value in (0, 1)),
+        _check(isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)),
                f"{name} must be True or False, got {value!r}.")
     for name in ("evict_oldest", "keep_newest"):
         value = getattr(cfg, name)
