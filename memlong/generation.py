@@ -51,6 +51,7 @@ class GenerationStats:
     new_tokens: int = 0
     time_to_first_token: float = 0.0
     seconds: float = 0.0
+    finish_reason: str = ""  # "stop" (end of sequence or a stop string), "length" (max_new_tokens), "" (closed early)
 
 
 class Generation(Iterator[str]):
@@ -172,6 +173,7 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
         for _ in range(max_new_tokens):
             token = _next_token(logits[0, -1], temperature, generator)
             if token in eos:
+                stats.finish_reason = "stop"
                 break
             out.append(token)
             if stats.new_tokens == 0:
@@ -180,6 +182,7 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
             text = ml.tokenizer.decode(out, skip_special_tokens=True)
             cut = min((text.find(s) for s in stop if s in text), default=-1)
             if cut >= 0:
+                stats.finish_reason = "stop"
                 if cut > len(emitted):
                     yield text[len(emitted):cut]
                 return
@@ -188,6 +191,7 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
                 yield text[len(emitted):safe]
                 emitted = text[:safe]
             if len(out) == max_new_tokens:
+                stats.finish_reason = "length"
                 break
             with torch.no_grad():
                 if static is not None:

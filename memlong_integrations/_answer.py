@@ -84,7 +84,8 @@ def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bo
         stops: strings that end the answer.
         strip: drop leading and trailing whitespace.
 
-    The model's generator is closed when a stop string ends the answer (its stats then record the time so far).
+    The model's generator is closed when a stop string ends the answer (its stats then record the time so far and
+    ``finish_reason="stop"``).
     """
     stops = [s for s in dict.fromkeys(stops) if s]
     text, sent = "", 0  # everything generated so far; how much of it was yielded (or dropped as leading space)
@@ -105,6 +106,9 @@ def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bo
                     continue
             cut = _first_stop(text, stops, visible)
             if cut >= 0:
+                stats = getattr(pieces, "stats", None)
+                if stats is not None:  # the answer ended at a stop string, even on the last allowed token
+                    stats.finish_reason = "stop"
                 end = len(text[:cut].rstrip()) if strip else cut
                 if end > sent:
                     yield text[sent:end]

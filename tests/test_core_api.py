@@ -132,6 +132,26 @@ def test_stop_strings_never_leak_even_in_part_and_one_string_is_one_stop(make_ti
             ml.generate(prompt, retrieve=False, **bad)
 
 
+def test_finish_reason_says_why_the_answer_ended(make_tiny):
+    """``stats.finish_reason``: "length" when the budget ran out, "stop" at a stop string, even one that completes on
+    the last allowed token (the LangChain adapter reported "length" there), "" when the caller closed it early."""
+    ml, _ = make_tiny(local_window=512)
+    prompt = "Line 7: the"
+    g = ml.generate(prompt, retrieve=False, max_new_tokens=6, stream=True)
+    full = "".join(g)
+    assert g.stats.finish_reason == "length" and g.stats.new_tokens == 6
+    before = ml.generate(prompt, retrieve=False, max_new_tokens=5)
+    last = full[len(before):]
+    assert full.startswith(before) and last and last not in before, (before, last)
+    g = ml.generate(prompt, retrieve=False, max_new_tokens=6, stop=last, stream=True)
+    assert "".join(g) == before and g.stats.new_tokens == 6 and g.stats.finish_reason == "stop"
+    assert ml.last_generation.finish_reason == "stop"
+    g = ml.generate(prompt, retrieve=False, max_new_tokens=6, stream=True)
+    next(g)
+    g.close()
+    assert g.stats.finish_reason == ""
+
+
 def test_a_model_path_that_does_not_exist_is_named(tmp_path):
     """Review finding: a missing local path reached Hugging Face, which answered 'Repo id must be in the form ...'."""
     import pytest

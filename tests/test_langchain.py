@@ -167,6 +167,22 @@ def test_chat_stop_sequences_and_max_tokens(tiny):
     assert short.usage_metadata["output_tokens"] <= 2 and short.response_metadata["finish_reason"] == "length"
 
 
+def test_finish_reason_is_stop_when_a_stop_string_ends_on_the_last_token(tiny):
+    """Review finding: a stop string completed by the last allowed token was reported as "length"."""
+    chat = ChatMemLong(memlong=tiny, namespace="kb", prompt_format="chat", retrieve=False)
+    for n in range(2, 12):
+        before, after = (chat.invoke(QUESTION, max_tokens=m).content for m in (n - 1, n))
+        last = after[len(before):].strip()
+        if after.startswith(before) and len(last) >= 2 and last not in before:
+            break
+    else:
+        pytest.fail("no token of the tiny model's answer adds a new visible string")
+    msg = chat.invoke(QUESTION, max_tokens=n, stop=[last])
+    assert msg.usage_metadata["output_tokens"] == n and msg.content == before.rstrip()
+    assert msg.response_metadata["finish_reason"] == "stop"
+    assert chat.invoke(QUESTION, max_tokens=n).response_metadata["finish_reason"] == "length"
+
+
 def test_options_by_either_name_per_call_too_and_typos_refused(tiny):
     """Review findings: ``max_new_tokens=2`` (the LlamaIndex name) was ignored and the answer ran to 256 tokens;
     ``.bind(max_tokens=3)`` raised; typos (``temprature``) passed silently; MemLongLLM had no ``stop`` field. Now:

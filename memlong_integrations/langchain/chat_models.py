@@ -274,8 +274,7 @@ class ChatMemLong(BaseChatModel):
         usage = UsageMetadata(input_tokens=stats.prompt_tokens + stats.memory_tokens, output_tokens=stats.new_tokens,
                               total_tokens=stats.prompt_tokens + stats.memory_tokens + stats.new_tokens,
                               input_token_details={"cache_read": stats.memory_tokens - stats.refreshed_tokens})
-        finish = "length" if stats.new_tokens >= args["max_tokens"] else "stop"
-        response = {"model_name": self.model_name, "model_provider": "memlong", "finish_reason": finish,
+        response = {"model_name": self.model_name, "model_provider": "memlong", "finish_reason": stats.finish_reason,
                     "memlong": {"namespace": namespace, "chunk_ids": list(stats.chunk_ids),
                                 "prompt_tokens": stats.prompt_tokens, "memory_tokens": stats.memory_tokens,
                                 "refreshed_tokens": stats.refreshed_tokens,
