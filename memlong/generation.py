@@ -36,8 +36,8 @@ from memlong.static_kv import compiled_step, start_static
 if TYPE_CHECKING:
     from memlong.model import MemLong
 
-__all__ = ["Generation", "GenerationStats", "decode", "encode_prompt", "eos_ids", "retrieve_ids", "score",
-           "segment_forward", "start_generation", "token_tensor", "vocab_rows"]
+__all__ = ["Generation", "GenerationStats", "decode", "encode_prompt", "eos_ids", "position_tensor", "retrieve_ids",
+           "score", "segment_forward", "start_generation", "token_tensor", "vocab_rows"]
 
 
 @dataclass
@@ -235,6 +235,16 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
                                                             else int(memory[0].shape[2]))
     t0 = time.perf_counter() if t0 is None else t0
     return Generation(_decode_loop(ml, list(ids), memory, max_new_tokens, temperature, seed, stop, stats, t0), stats)
+
+
+def position_tensor(positions: Sequence[int] | torch.Tensor, count: int, device: torch.device | str) -> torch.Tensor:
+    """``positions`` as a ``(1, count)`` tensor on ``device``: one integer position per token (rotary embedding
+    fails later, unclearly, on another number)."""
+    t = torch.as_tensor(positions)
+    if t.numel() != count or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"positions must hold one integer position per token ({count}), got shape {tuple(t.shape)} "
+                         f"of {t.dtype}; leave positions out to place the tokens right after the memory prefix.")
+    return t.reshape(1, -1).to(device)
 
 
 def token_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device | str, vocab: int | None = None

@@ -213,7 +213,7 @@ class MemLong:
             positions = torch.arange(ids_t.shape[1]) + start if positions is None else positions
         elif memory is not None or positions is None:
             raise ValueError("run(context=...) takes the memory from the context and needs positions.")
-        positions = positions.view(1, -1).to(self.device)
+        positions = generation.position_tensor(positions, ids_t.shape[1], self.device)
         if context.capture:
             context.cos, context.sin = self.decoder.rotary_emb(torch.zeros(1, device=self.device), positions)
         decoder = compiled_decoder(self) if context.compiled else self.decoder  # config.stream_compile

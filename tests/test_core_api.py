@@ -1,6 +1,7 @@
 """The public core API: per-call generation stats, the run step, streams, decode/score, the sink helpers."""
 
 import numpy as np
+import pytest
 import torch
 
 from memlong.generation import Generation
@@ -69,6 +70,11 @@ def test_sink_helpers_and_shapes(make_tiny):
     assert out.logits is None and out.kv[0][0].shape == (1, 2, 3, 16) and out.next_position == 4  # after the sink
     ml.weights_changed()  # the sink's K-V are recomputed: same weights, same result
     torch.testing.assert_close(ml.run([5, 6, 7], capture=True, logits_for=None).kv[3][1], out.kv[3][1])
+    torch.testing.assert_close(ml.run([5, 6, 7], positions=[1, 2, 3], logits_for=None, capture=True).kv[3][1],
+                               out.kv[3][1])  # the default positions, given as a list
+    for bad in ([1, 2], torch.arange(4), torch.tensor([1.0, 2.0, 3.0])):  # was a raw rotary-embedding error
+        with pytest.raises(ValueError, match="one integer position per token"):
+            ml.run([5, 6, 7], positions=bad)
 
 
 def test_a_streamed_generation_never_turns_gradients_off_for_its_caller(make_tiny):
@@ -104,7 +110,6 @@ def test_stop_strings_never_leak_even_in_part_and_one_string_is_one_stop(make_ti
     """Review finding: ``generate(stop=...)`` yielded each token before a stop string completed, so its start stayed in
     the output (``' Ophelia is'`` for stop ``'is a'``), and ``stop="princess"`` stopped at the first ``e``. Every stop
     that starts inside the answer, for every cut position, streamed or not; one string is one stop string."""
-    import pytest
 
     ml, _ = make_tiny(local_window=512)
     prompt = "Line 7: the"
@@ -154,7 +159,6 @@ def test_finish_reason_says_why_the_answer_ended(make_tiny):
 
 def test_a_model_path_that_does_not_exist_is_named(tmp_path):
     """Review finding: a missing local path reached Hugging Face, which answered 'Repo id must be in the form ...'."""
-    import pytest
 
     from memlong import MemLong
 
@@ -168,7 +172,6 @@ def test_a_model_path_that_does_not_exist_is_named(tmp_path):
 def test_an_adapter_of_another_model_is_named_as_such(tiny_hf, tokenizer, tmp_path):
     """Review finding: the packaged adapter on a 4-layer model said 'memory_layer must be in 0..3' (and a reader an
     IndexError), not that the adapter belongs to another model."""
-    import pytest
 
     from memlong import MemLong
 
@@ -234,7 +237,6 @@ def test_one_string_where_a_list_is_expected_is_refused_and_numpy_ids_work(make_
     """Outside-in audit: one string given for a list was split into characters (save_memory(namespaces="ha") saved
     namespaces 'h' and 'a'; memory_for/generate(chunk_ids="<id>") failed on its first letter; ingest({"a": "b"})
     ingested the key), and a numpy array of ids failed with numpy's "truth value ... is ambiguous"."""
-    import pytest
 
     ml, _ = make_tiny(local_window=512)
     stats = ml.ingest(TEXT[:1500], namespace="h", progress=False)
@@ -265,7 +267,6 @@ def test_one_string_where_a_list_is_expected_is_refused_and_numpy_ids_work(make_
 def test_reset_takes_one_namespace_and_a_stream_checks_its_arguments_when_created(make_tiny):
     """Outside-in audit: ml.reset(["h"]) failed with "unhashable type: 'list'"; Stream("") / Stream(None) (and a bad
     doc_id or metadata) were accepted when created and failed only when the first step wrote, after its forward."""
-    import pytest
 
     ml, _ = make_tiny(local_window=512)
     ml.ingest(TEXT[:600], namespace="h", progress=False)
