@@ -15,6 +15,12 @@
 
     python benchmarks/cpu.py --json results/bench-cpu.json --plot results/bench-cpu.png
 
+Rows measured by separate runs go into one plot with ``--replot`` (no benchmark runs; a later file's records
+replace an earlier file's records of the same benchmark)::
+
+    python benchmarks/cpu.py --replot results/bench-cpu.json results/bench-cpu-ingest-step-896-idle.json \
+        results/bench-cpu-ttft.json results/bench-cpu-search.json --plot results/bench-cpu.png
+
 Run it alone: other jobs on the same cores change absolute times (the ratios are measured in one run).
 """
 
@@ -234,7 +240,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     ing = [r for r in rows if r["bench"] == "ingest"]
     if ing:
-        labels = [f"MemLong\nk={r['ingest_top_k']}, step={r.get('ingest_step', '')}" for r in ing] + ["plain\nprefill"]
+        labels = [f"MemLong\nk={r['ingest_top_k']}\nstep {r.get('ingest_step', '-')}" for r in ing] + ["plain\nprefill"]
         heights = [r["memlong_tok_s"] for r in ing] + [statistics.mean(r["plain_prefill_tok_s"] for r in ing)]
         axes[0].bar(labels, heights, color=["#2171b5"] * len(ing) + ["#bbbbbb"])
         axes[0].set_ylabel("tokens / s")
@@ -242,8 +248,10 @@ def plot(rows: list[dict], path: str) -> None:
     ttft = [r for r in rows if r["bench"] == "ttft"]
     if ttft:
         x = np.arange(len(ttft))
-        axes[1].bar(x - 0.2, [r["kv_ttft_s"] for r in ttft], 0.4, label="K-V injection", color="#2171b5")
-        axes[1].bar(x + 0.2, [r["reencode_ttft_s"] for r in ttft], 0.4, label="re-encode text", color="#bbbbbb")
+        kv = axes[1].bar(x - 0.2, [r["kv_ttft_s"] for r in ttft], 0.4, label="K-V injection", color="#2171b5")
+        re = axes[1].bar(x + 0.2, [r["reencode_ttft_s"] for r in ttft], 0.4, label="re-encode text", color="#bbbbbb")
+        for bars in (kv, re):
+            axes[1].bar_label(bars, fmt="%.2f s", fontsize=8)
         axes[1].set_xticks(x, [r["retrieved"] for r in ttft])
         axes[1].set_ylabel("seconds")
         axes[1].set_title("time to first token")
@@ -254,8 +262,10 @@ def plot(rows: list[dict], path: str) -> None:
         bank = [r for r in fa if "bank_ms" in r]
         axes[2].loglog([r["chunks"] for r in bank], [r["bank_ms"] for r in bank], "s-", label="MemoryBank.search")
         for mode, marker in (("lexical", "^-"), ("hybrid", "v-")):
-            axes[2].loglog([r["chunks"] for r in bank], [r[f"{mode}_ms"] for r in bank], marker,
-                           label=f"MemoryBank.search, {mode}")
+            timed = [r for r in bank if f"{mode}_ms" in r]  # measured since the lexical index exists
+            if timed:
+                axes[2].loglog([r["chunks"] for r in timed], [r[f"{mode}_ms"] for r in timed], marker,
+                               label=f"MemoryBank.search, {mode}")
         axes[2].set_xlabel("chunks in the bank")
         axes[2].set_ylabel("ms / query")
         axes[2].set_title("retrieval latency (k=8, 384-d)")
@@ -298,7 +308,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", metavar="OUT", help="write the records as JSON")
     p.add_argument("--plot", metavar="PNG", help="write a plot")
+    p.add_argument("--replot", nargs="+", metavar="JSON",
+                   help="run nothing: plot the records of these --json files into --plot (a later file's records "
+                        "replace an earlier file's records of the same benchmark)")
     args = p.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            p.error("--replot needs --plot PNG (the file to write)")
+        rows = []
+        for name in args.replot:
+            found = json.loads(Path(name).read_text())["records"]
+            rows = [r for r in rows if r["bench"] not in {f["bench"] for f in found}] + found
+        plot(rows, args.plot)
+        print(f"wrote {args.plot} from {len(rows)} records")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     from memlong import MemLong

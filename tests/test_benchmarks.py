@@ -57,6 +57,14 @@ def test_cpu_benchmark_smoke_run(tmp_path):
     assert len(ttft) == 1 and ttft[0]["kv_tokens_encoded"] < 30 < ttft[0]["reencode_tokens_encoded"]
     assert {r["chunks"] for r in records if r["bench"] == "faiss"} == {1000}
     assert all(r["lexical_ms"] > 0 and r["hybrid_ms"] > 0 for r in records if r["bench"] == "faiss")
+    # --replot: the committed result files of separate runs into one plot (the older file's search rows lack the
+    # lexical timings); a later file's records replace an earlier file's of the same benchmark
+    results = Path(__file__).resolve().parents[1] / "results"
+    png = tmp_path / "cpu.png"
+    assert cpu.main(["--replot", str(results / "bench-cpu.json"), str(out), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        cpu.main(["--replot", str(out)])  # no --plot
 
 
 def test_step_profile_counts_operations_of_every_call(tmp_path):
