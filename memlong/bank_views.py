@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 
+from memlong.bank_writes import is_staging
 from memlong.records import Chunk, as_list
 
 __all__ = ["BankViews"]
@@ -107,7 +108,7 @@ class BankViews:
     def namespaces(self) -> list[str]:
         """Names of the bank's namespaces."""
         with self._lock.read():
-            return list(self._spaces)
+            return [n for n in self._spaces if not is_staging(n)]  # an adapter's upsert in flight is not listed
 
     def num_tokens(self, namespace: str | None = None) -> int:
         """Tokens stored in ``namespace``, or in the whole bank (what ``capacity`` bounds per namespace)."""

@@ -23,10 +23,16 @@ import torch
 from memlong.eviction import MemoryFullError, bytes_victims, capacity_victims
 from memlong.records import Chunk, check_chunk, check_embeddings
 
-__all__ = ["STAGING", "STAGING_PREFIX", "BankWrites"]
+__all__ = ["STAGING", "STAGING_PREFIX", "BankWrites", "is_staging"]
 
 STAGING_PREFIX = "_memlong-staging-"  # transient namespaces of memlong.upsert.ingest_entries
 STAGING: set[str] = set()  # those in use now: an upsert raises its own clear error, so they evict without a warning
+
+
+def is_staging(namespace: str) -> bool:
+    """A namespace an upsert is staging its entries in right now (not a user's namespace of a similar name): it is
+    not listed, saved, reset with the rest, written to a disk bank's segments, or counted against other adds."""
+    return namespace in STAGING
 
 
 class BankWrites:
@@ -95,9 +101,9 @@ class BankWrites:
             raise ValueError(f"The {sum(c.n_tokens for c in new)} tokens written to namespace {namespace!r} in one "
                              f"replace do not fit its capacity of {self.capacity} tokens; nothing was changed. Write "
                              "fewer or smaller chunks, or raise the capacity.")
-        if self.max_bytes is None or namespace in STAGING:  # a staging space is checked by the add that empties it
+        if self.max_bytes is None or is_staging(namespace):  # a staging space is checked by the add that empties it
             return cap, set()
-        others = sum(s.nbytes for n, s in self._spaces.items() if n != namespace)
+        others = sum(s.nbytes for n, s in self._spaces.items() if n != namespace and not is_staging(n))
         incoming = sum(sizes.values())
         if incoming > self.max_bytes:
             raise MemoryFullError(

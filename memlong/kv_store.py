@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from memlong.bank_writes import is_staging
 from memlong.kv_payload import KVPayload, Quantization, encode, payload_from
 from memlong.storage import SEGMENT_NAME, MemoryFileError, write_segment
 
@@ -164,6 +165,8 @@ class DiskKVStore(KVStore):
     # ------------------------------------------------------------------ the bank's calls
     def put(self, chunks: Iterable[Chunk]) -> None:
         for c in chunks:
+            if is_staging(c.namespace):  # an upsert's staging space: kept in RAM, written by the add that moves it
+                continue
             self.pending[c.id] = c
             self.pending_bytes += c.kv.nbytes
 

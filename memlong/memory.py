@@ -61,7 +61,7 @@ import torch
 
 from memlong.bank_files import DTYPE_NAMES, BankFiles
 from memlong.bank_views import BankViews
-from memlong.bank_writes import STAGING, BankWrites
+from memlong.bank_writes import BankWrites, is_staging
 from memlong.embedder import TextEmbedder
 from memlong.eviction import MemoryEvictionWarning, MemoryFullError, warn_evicted
 from memlong.kv_payload import Quantization, check_quantization
@@ -225,7 +225,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             evict_cap, evict_bytes = self._plan(namespace, kept, new, sizes, protect=atomic or bool(replace))
             # warned before anything changes: a warning turned into an error (warnings.simplefilter) leaves the bank
             # as it was
-            if namespace not in STAGING:  # an upsert's staging: it raises its own clear error
+            if not is_staging(namespace):  # an upsert's staging: it raises its own clear error
                 warn_evicted(namespace, len(evict_cap), f"memory_capacity={self.capacity} tokens",
                              "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))")
                 warn_evicted(namespace, len(evict_bytes), f"max_bytes={self.max_bytes}",
@@ -263,7 +263,8 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
     def reset(self, namespace: str | None = None) -> None:
         """Forget one namespace, or everything when ``namespace`` is None."""
         with self._lock.write():
-            names = list(self._spaces) if namespace is None else [check_namespace(namespace)]  # one name, not a list
+            names = ([n for n in self._spaces if not is_staging(n)] if namespace is None  # not an upsert in flight
+                     else [check_namespace(namespace)])  # one name, not a list
             for name in names:
                 space = self._spaces.pop(name, None)
                 if space is not None:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from memlong.bank_writes import STAGING
+from memlong.bank_writes import is_staging
 from memlong.positions import Stacked
 from memlong.records import as_list, check_metadata, check_namespace, check_string, check_text
 
@@ -257,7 +257,7 @@ def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[
         raise ValueError(f"doc_ids[{odd}] must be a string, got {type(doc_ids[odd]).__name__} {doc_ids[odd]!r}; "
                          "leave doc_ids out for random ids. Nothing was ingested.")
     twice = [d for d, n in Counter(d for d in doc_ids or () if isinstance(d, str)).items() if n > 1]
-    if twice and namespace not in STAGING:  # upsert.ingest_replacing stages nodes that share their document's id
+    if twice and not is_staging(namespace):  # upsert.ingest_replacing stages nodes that share their document's id
         raise ValueError(f"doc_ids name {twice[0]!r} twice; each document needs its own id (they would be merged into "
                          "one document: deleted, grouped and read as one). Nothing was ingested.")
     if metadatas is not None and len(metadatas) != len(docs):

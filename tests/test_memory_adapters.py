@@ -230,3 +230,40 @@ def test_an_entry_whose_middle_chunks_are_evicted_goes_whole(make_tiny):
             store.add_texts([texts["f5"]], ids=["f5"])
     for entry, chunk_ids in ml.bank.doc_chunk_ids("ev").items():
         assert "".join(ml.bank.get(c, namespace="ev").text for c in chunk_ids).strip() == texts[entry]
+
+
+def test_an_upsert_in_flight_is_not_listed_saved_reset_or_written_twice_to_disk(make_tiny, tmp_path):
+    """Review finding: an adapter add stages its entries in a namespace of its own before moving them in one add.
+    A save or commit made meanwhile (another thread) persisted that staging space, which came back on load as a
+    namespace of junk; ``namespaces()`` listed it; ``reset()`` emptied it under the add; and on a disk bank its K-V
+    went to segment files, then again with the final add (dead bytes until compaction). Here the save, the commit,
+    the listing and the reset run inside the add, in the model's ingest of the staging space."""
+    options = dict(top_k=2, chunk_size=16, local_window=64)
+    ml, _ = make_tiny(memory_path=str(tmp_path / "disk"), **options)
+    ml.bank._store.segment_bytes = 2000  # under one chunk's K-V: each add writes what is buffered as a segment
+    store = MemLongVectorStore(ml, namespace="kb")
+    store.add_texts(["The harbour gate opens at dawn."], ids=["old"])
+    ml.bank.commit()
+    segments = lambda: sorted(p.name for p in (tmp_path / "disk").glob("seg-*"))  # noqa: E731
+    before, seen = segments(), {}
+    ingest = ml.ingest
+
+    def ingest_then_look(*args, **kwargs):
+        stats = ingest(*args, **kwargs)
+        seen["namespaces"], seen["segments"] = ml.bank.namespaces(), segments()
+        ml.save_memory(tmp_path / "saved")
+        ml.bank.commit()
+        ml.bank.reset()  # every namespace: the user's, not the add in flight
+        return stats
+
+    ml.ingest = ingest_then_look
+    store.add_texts([LONG], ids=["new"])
+    del ml.ingest
+    assert seen["namespaces"] == ["kb"] and seen["segments"] == before  # the staged K-V stayed in RAM
+    assert ml.bank.namespaces() == ["kb"] and store.get_by_ids(["new"])[0].page_content == LONG
+    assert store.get_by_ids(["old"]) == []  # reset during the add; the add landed after it
+    assert make_tiny(**options)[0].load_memory(tmp_path / "saved") == ["kb"]
+    ml.bank.commit()
+    reopened, _ = make_tiny(memory_path=str(tmp_path / "disk"), **options)
+    assert reopened.bank.namespaces() == ["kb"]
+    assert MemLongVectorStore(reopened, namespace="kb").get_by_ids(["new"])[0].page_content == LONG
