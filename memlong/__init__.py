@@ -2,7 +2,7 @@
 
 from memlong.config import MemLongConfig
 from memlong.embedder import Embedder
-from memlong.generation import Generation
+from memlong.generation import Generation, PromptTooLongError
 from memlong.memory import (
     Chunk,
     MemoryBank,
@@ -17,6 +17,6 @@ from memlong.storage import MemoryFileError
 from memlong.streaming import Stream
 
 __all__ = ["Chunk", "Embedder", "Generation", "GenerationStats", "IngestStats", "MemLong", "MemLongConfig", "MemoryBank",
-           "MemoryEvictionWarning", "MemoryFileError", "MemoryFullError", "MemoryMismatchError", "RunOutput",
-           "SearchHit", "Stream", "UnknownChunkError"]
+           "MemoryEvictionWarning", "MemoryFileError", "MemoryFullError", "MemoryMismatchError", "PromptTooLongError",
+           "RunOutput", "SearchHit", "Stream", "UnknownChunkError"]
 __version__ = "0.1.0"

@@ -36,8 +36,17 @@ from memlong.static_kv import compiled_step, start_static
 if TYPE_CHECKING:
     from memlong.model import MemLong
 
-__all__ = ["Generation", "GenerationStats", "decode", "encode_prompt", "eos_ids", "position_tensor", "retrieve_ids",
-           "score", "segment_forward", "start_generation", "token_tensor", "vocab_rows"]
+__all__ = ["Generation", "GenerationStats", "PromptTooLongError", "decode", "encode_prompt", "eos_ids",
+           "position_tensor", "retrieve_ids", "score", "segment_forward", "start_generation", "token_tensor", "vocab_rows"]
+
+
+class PromptTooLongError(ValueError):
+    """A prompt longer than the local window (``tokens`` > ``window``): catch it to shorten the prompt, or put its
+    long context into memory with ``ingest()``."""
+
+    def __init__(self, message: str, tokens: int, window: int) -> None:
+        super().__init__(message)
+        self.tokens, self.window = tokens, window
 
 
 @dataclass
@@ -97,7 +106,7 @@ def encode_prompt(ml: MemLong, prompt: str, chat: bool = False, answer_prefix: s
     """Token ids the decoder encodes for ``prompt`` (the leading sink/BOS token is shared, not re-encoded).
 
     Raises:
-        ValueError: an empty prompt, or one longer than ``local_window``.
+        ValueError: an empty prompt; PromptTooLongError (a ValueError): one longer than ``local_window``.
     """
     check_string(prompt, "prompt")
     check_string(answer_prefix, "answer_prefix")
@@ -108,9 +117,9 @@ def encode_prompt(ml: MemLong, prompt: str, chat: bool = False, answer_prefix: s
                                                   add_generation_prompt=True)
     ids = ml.strip_sink(ml.tokenize(prompt + answer_prefix))
     if len(ids) > ml.config.local_window:
-        raise ValueError(f"The prompt is {len(ids)} tokens, longer than the local window "
-                         f"({ml.config.local_window}). Put long context into memory with ingest() and ask a "
-                         "shorter question, or raise local_window.")
+        raise PromptTooLongError(f"The prompt is {len(ids)} tokens, longer than the local window "
+                                 f"({ml.config.local_window}). Put long context into memory with ingest() and ask a "
+                                 "shorter question, or raise local_window.", len(ids), ml.config.local_window)
     return ids
 
 
@@ -358,7 +367,7 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
     ``MemLong.generate(..., stream=False)`` returns ``Generation.text()``; ``stream=True`` this object.
 
     Raises:
-        ValueError: empty prompt or a prompt longer than ``local_window``.
+        ValueError: an empty prompt; :class:`PromptTooLongError` (a ValueError): longer than ``local_window``.
         memlong.memory.UnknownChunkError: a chunk id not in ``namespace``.
 
     Example:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from memlong import MemLong, MemLongConfig, UnknownChunkError
+from memlong import MemLong, MemLongConfig, PromptTooLongError, UnknownChunkError
 from memlong.attention import AttentionContext
 
 TEXT = " ".join(f"Line {i}: the {['red', 'blue', 'green'][i % 3]} ship sails to port {i * 7 % 11}." for i in range(120))
@@ -200,8 +200,10 @@ def test_bad_input_is_refused_without_losing_memory(make_tiny):
         ml.generate("Where?", namespace="other", chunk_ids=stats.chunk_ids[:1])
     with pytest.raises(UnknownChunkError):
         ml.generate("Where?", namespace="doc", chunk_ids=["0" * 24])
-    with pytest.raises(ValueError, match="longer than the local window"):
+    with pytest.raises(ValueError, match="longer than the local window") as caught:
         ml.generate(TEXT, namespace="doc")
+    assert isinstance(caught.value, PromptTooLongError)  # typed, with the numbers, so callers can shorten it
+    assert caught.value.tokens == len(ml.strip_sink(ml.tokenize(TEXT))) > caught.value.window == ml.config.local_window
     assert ml.bank.chunk_ids("doc") == before
 
 

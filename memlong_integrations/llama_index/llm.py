@@ -30,8 +30,7 @@ Contract:
       small models ignore it more often.
 
 Example:
-    >>> from memlong import GenerationStats, MemLong
-from memlong.prompts import chat_prompt, role_prompt
+    >>> from memlong import MemLong
     >>> from memlong_integrations.llama_index import MemLongLLM
     >>> ml = MemLong.from_pretrained("default", top_k=4)
     >>> stats = ml.ingest(long_text, namespace="docs")
@@ -67,7 +66,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import AliasChoices
 
-from memlong import GenerationStats, MemLong
+from memlong import GenerationStats, MemLong, PromptTooLongError
 from memlong.prompts import chat_prompt, role_prompt
 from memlong_integrations._answer import answer_pieces, call_max_tokens, stop_strings
 from memlong_integrations.llama_index._common import checked_memlong
@@ -147,24 +146,14 @@ class MemLongLLM(CustomLLM):
             raise TypeError(f"Unknown MemLong keyword(s) {unknown}; the chunk ids keyword is {CHUNK_IDS_KWARG!r} "
                             "(the namespace and retrieval are set on the MemLongLLM).")
         max_new = call_max_tokens(kwargs, self.max_new_tokens)
-        self._check_fits(prompt)
-        pieces = self._memlong.generate(
-            prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
-            max_new_tokens=max_new, temperature=float(kwargs.get("temperature", self.temperature)), stream=True)
+        try:
+            pieces = self._memlong.generate(
+                prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
+                max_new_tokens=max_new, temperature=float(kwargs.get("temperature", self.temperature)), stream=True)
+        except PromptTooLongError as exc:
+            raise _too_long(exc) from None
         stops = stop_strings(self.stop, kwargs.get("stop"))  # applied here: the core yields text before they complete
         return answer_pieces(pieces, stops, strip=True), pieces.stats
-
-    def _check_fits(self, prompt: str) -> None:
-        """ValueError with what to change in LlamaIndex when a (packed) prompt is longer than the local window."""
-        ml = self._memlong
-        n, window = len(ml.strip_sink(ml.tokenize(prompt))), ml.config.local_window
-        if n > window:
-            raise ValueError(
-                f"The prompt is {n} tokens, longer than the local window ({window}) of the model. In a LlamaIndex "
-                "query engine it holds the retrieved text LlamaIndex pasted: lower similarity_top_k, use "
-                "response_mode='compact', set Settings.tokenizer = llm.tokenize (LlamaIndex counts with tiktoken "
-                "otherwise), or answer with MemLongQueryEngine (retrieved chunks as K-V: only the question is "
-                "encoded). A prompt you wrote: put long context into memory with ingest().")
 
     def tokenize(self, text: str) -> list[int]:
         """The model's token ids of ``text``: ``Settings.tokenizer = llm.tokenize`` makes LlamaIndex count prompts
@@ -287,6 +276,16 @@ class MemLongLLM(CustomLLM):
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         responses = await asyncio.to_thread(self._stream_chat, messages, **kwargs)
         return _aiter(responses)
+
+
+def _too_long(exc: PromptTooLongError) -> PromptTooLongError:
+    """The core's error with what to change in LlamaIndex (a packed prompt longer than the local window)."""
+    return PromptTooLongError(
+        f"The prompt is {exc.tokens} tokens, longer than the local window ({exc.window}) of the model. In a LlamaIndex "
+        "query engine it holds the retrieved text LlamaIndex pasted: lower similarity_top_k, use "
+        "response_mode='compact', set Settings.tokenizer = llm.tokenize (LlamaIndex counts with tiktoken "
+        "otherwise), or answer with MemLongQueryEngine (retrieved chunks as K-V: only the question is "
+        "encoded). A prompt you wrote: put long context into memory with ingest().", exc.tokens, exc.window)
 
 
 async def _aiter(items: Iterator[Any]) -> AsyncIterator[Any]:
