@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import math
 import mmap
 import os
 import secrets
@@ -117,7 +118,7 @@ class Segment:
         if kind not in _NUMPY or not (0 <= a <= b <= len(self.map) - self.start):
             raise ValueError(f"tensor {name} has an unknown dtype or lies outside the file")
         raw = self.map[self.start + a:self.start + b].view(_NUMPY[kind])
-        t = torch.from_numpy(raw.reshape(shape)) if raw.size == int(np.prod(shape)) else None
+        t = torch.from_numpy(raw.reshape(shape)) if raw.size == math.prod(shape) else None  # (np.prod: 5 us a call)
         if t is None:
             raise ValueError(f"tensor {name} does not match its shape")
         return t.view(torch.bfloat16) if kind == "BF16" else t
