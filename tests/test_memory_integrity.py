@@ -48,6 +48,9 @@ BAD_INPUTS = [
     ("negative span", dict(spans=[(-1, 2)]), "span must be"),
     ("inverted span", dict(spans=[(5, 2)]), "span must be"),
     ("negative token id", dict(tokens=[[1, -2, 3]]), "non-negative"),
+    ("bool token id", dict(tokens=[[1, True, 3]]), "non-negative integers"),
+    ("float token id", dict(tokens=[[1, 2.0, 3]]), "non-negative integers"),
+    ("huge token id", dict(tokens=[[1, 10**30, 3]]), "non-negative integers"),
     ("zero embedding", dict(embeddings=np.zeros((1, 16))), "non-zero"),
     ("NaN embedding", dict(embeddings=np.full((1, 16), np.nan)), "finite"),
     ("NaN K-V", dict(kv=kv(value=float("nan"))), "NaN or infinite"),
@@ -101,6 +104,9 @@ def test_mixed_kv_shapes_in_one_namespace_are_refused(tmp_path):
     (lambda t: t.replace('"next_order":', '"next_order":' + "9" * 5000 + ",\"x\":"), "not valid JSON"),
     (lambda t: t.replace('"retrievals":0', '"retrievals":' + "1" * 200, 1), "order or retrieval count"),
     (lambda t: t.replace('chunk 0-0', 'chunk \\ud800', 1), "surrogate"),
+    (lambda t: t.replace('"tokens":[0,1,2]', '"tokens":[0,true,2]', 1), "non-negative integers"),
+    (lambda t: t.replace('"tokens":[0,1,2]', '"tokens":[0,-1,2]', 1), "non-negative integers"),
+    (lambda t: t.replace('"tokens":[0,1,2]', '"tokens":[0,1.5,2]', 1), "non-negative integers"),
 ])
 def test_hostile_records_fail_as_memory_file_errors(tmp_path, edit, message):
     bank = MemoryBank(embedder=HashEmbedder())
