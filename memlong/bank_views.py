@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import contextlib
 
 from memlong.bank_writes import is_staging
 from memlong.records import Chunk, as_list
@@ -22,6 +23,19 @@ __all__ = ["BankViews"]
 
 class BankViews:
     """Read-only views of :class:`MemoryBank` (see the module docstring)."""
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the bank still while several reads run in this thread: ``with bank.reading():`` a search and the
+        fetch (or ``get``) of its hits see one state; other threads' adds, deletes and evictions wait until the
+        block ends (their slow work, like computing K-V, does not), and searches of other threads go on. Changing
+        the bank inside the block raises RuntimeError.
+
+        Example:
+            >>> with bank.reading():
+            ...     hits = bank.search("iron key", namespace="docs", k=4)
+            ...     keys, values = bank.fetch([h.chunk_id for h in hits], namespace="docs")   # never a deleted id
+        """
+        return self._lock.read()
 
     def get(self, chunk_id: str, *, namespace: str = "default") -> Chunk:
         """A copy of chunk ``chunk_id`` of ``namespace`` (changing it changes nothing in the bank; its K-V tensors

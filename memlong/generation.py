@@ -379,14 +379,15 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
     if query is not None:
         check_string(query, "query")
-    if chunk_ids is None and retrieve:
-        chunk_ids = retrieve_ids(ml, query or prompt, namespace)
-    chunk_ids = [] if chunk_ids is None else as_list(chunk_ids, "chunk_ids")
-    memory = ml.memory_for(chunk_ids, namespace)  # raises UnknownChunkError before any work
-    refreshed = 0
-    if memory is not None and (ml.config.kv_refresh > 0 or ml.config.kv_reencode_head > 0):
-        with torch.no_grad():
-            memory, refreshed = ml.refresh(memory, chunk_ids, namespace)
+    with ml.bank.reading():  # what the search finds is still there when it is read (another thread may delete)
+        if chunk_ids is None and retrieve:
+            chunk_ids = retrieve_ids(ml, query or prompt, namespace)
+        chunk_ids = [] if chunk_ids is None else as_list(chunk_ids, "chunk_ids")
+        memory = ml.memory_for(chunk_ids, namespace)  # raises UnknownChunkError before any work
+        refreshed = 0
+        if memory is not None and (ml.config.kv_refresh > 0 or ml.config.kv_reencode_head > 0):
+            with torch.no_grad():
+                memory, refreshed = ml.refresh(memory, chunk_ids, namespace)
     stats = GenerationStats(prompt_tokens=len(ids), chunk_ids=chunk_ids, refreshed_tokens=refreshed,
                             memory_tokens=0 if memory is None else int(memory[0].shape[2]))
     return decode(ml, ids, memory, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop,

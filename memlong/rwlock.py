@@ -1,7 +1,9 @@
 """A reader-writer lock: many readers at once, or one writer; a waiting writer holds back new readers.
 
-The memory bank takes it once per public call (it is not reentrant): searches, fetches and reads share it,
-while adds, deletes, evictions and loads hold it alone, and only to publish (slow work happens before)."""
+The memory bank takes it once per public call: searches, fetches and reads share it, while adds, deletes,
+evictions and loads hold it alone, and only to publish (slow work happens before). Reads are reentrant per thread,
+so that :meth:`MemoryBank.reading` can hold one state across several reads (a search and the fetch of its hits);
+a thread that holds a read cannot write (RuntimeError: it would wait for itself)."""
 
 from __future__ import annotations
 
@@ -14,24 +16,36 @@ __all__ = ["RWLock"]
 
 class RWLock:
     """Many readers at once, or one writer. A waiting writer holds back new readers, so a stream of searches
-    cannot starve an ingest. Not reentrant."""
+    cannot starve an ingest. Reads nest within a thread; writes do not."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._held = threading.local()  # this thread's read depth
 
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
-        """Hold the lock shared (``with lock.read(): ...``); waits while a writer holds or waits for it."""
+        """Hold the lock shared (``with lock.read(): ...``); waits while a writer holds or waits for it, unless
+        this thread already reads (a nested read never waits: the waiting writer waits for this thread)."""
+        depth = getattr(self._held, "depth", 0)
+        if depth:
+            self._held.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._held.depth = depth
+            return
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
+        self._held.depth = 1
         try:
             yield
         finally:
+            self._held.depth = 0
             with self._cond:
                 self._readers -= 1
                 if not self._readers:
@@ -39,7 +53,14 @@ class RWLock:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
-        """Hold the lock alone (``with lock.write(): ...``); waits until the readers inside have left."""
+        """Hold the lock alone (``with lock.write(): ...``); waits until the readers inside have left.
+
+        Raises:
+            RuntimeError: this thread holds a read (within ``MemoryBank.reading()``); it would wait for itself.
+        """
+        if getattr(self._held, "depth", 0):
+            raise RuntimeError("A memory bank cannot be changed inside its own `with bank.reading():` block (the "
+                               "change would wait for the block to end); change it after the block.")
         with self._cond:
             self._writers_waiting += 1
             try:

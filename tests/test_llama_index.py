@@ -715,3 +715,29 @@ def test_an_add_larger_than_the_capacity_is_refused_whole(make_tiny):
     with pytest.raises(ValueError, match="do not fit .*capacity 64 tokens.*nothing was added.*raise memory_capacity"):
         store.add([TextNode(id_="big", text=" ".join(f"word{i}" for i in range(80)))])
     assert ml.bank.chunk_ids("cap") == before
+
+
+def test_a_filtered_query_never_returns_a_node_another_thread_inserts_meanwhile(make_tiny):
+    """Review finding: a query filtered to one user listed the chunks to exclude, then searched; a node another
+    thread inserted in between was not excluded, and another user's text came back (6 % of queries under load)."""
+    import threading
+
+    ml, _ = make_tiny(top_k=2, chunk_size=64)
+    index, store = build_index(ml, "kb", [Document(text="Alice's locker code is 1234.", metadata={"user": "alice"})])
+    search, threads = ml.bank.search, []
+
+    def insert_then_search(*args, **kwargs):
+        if not threads:  # another user's node arrives between the filter's listing and the search
+            bob = Document(text="Bob's locker code is 9876.", metadata={"user": "bob"})
+            threads.append(threading.Thread(target=index.insert, args=(bob,)))
+            threads[0].start()
+            threads[0].join(0.5)
+        return search(*args, **kwargs)
+
+    ml.bank.search = insert_then_search
+    only_alice = MetadataFilters(filters=[MetadataFilter(key="user", value="alice")])
+    hits = index.as_retriever(similarity_top_k=2, filters=only_alice).retrieve("What is the locker code?")
+    del ml.bank.search
+    threads[0].join(10)
+    assert [h.node.metadata["user"] for h in hits] == ["alice"]
+    assert len(index.as_retriever(similarity_top_k=2).retrieve("What is the locker code?")) == 2  # Bob's arrived

@@ -267,3 +267,35 @@ def test_an_upsert_in_flight_is_not_listed_saved_reset_or_written_twice_to_disk(
     reopened, _ = make_tiny(memory_path=str(tmp_path / "disk"), **options)
     assert reopened.bank.namespaces() == ["kb"]
     assert MemLongVectorStore(reopened, namespace="kb").get_by_ids(["new"])[0].page_content == LONG
+
+
+def _meanwhile(target):
+    """Run ``target`` in another thread and give it 0.5 s: it finishes unless the caller holds the bank still."""
+    import threading
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(0.5)
+    return t
+
+
+def test_a_search_during_a_re_add_of_its_entry_finds_the_entry_old_or_new(tiny):
+    """Review finding: while another thread re-added id 'gate', similarity_search returned [] (the entry snapshot,
+    the search and the documents were three reads) or raised UnknownChunkError. Here the re-add starts right after
+    the search: it waits until the search has read its documents, which are the old version, whole."""
+    store = MemLongVectorStore(tiny, namespace="docs")
+    store.add_texts(["The harbour gate opens at dawn."], ids=["gate"])
+    search, threads = tiny.bank.search, []
+
+    def search_then_re_add(*args, **kwargs):
+        hits = search(*args, **kwargs)
+        if not threads:
+            threads.append(_meanwhile(lambda: store.add_texts(["The harbour gate opens at noon."], ids=["gate"])))
+        return hits
+
+    tiny.bank.search = search_then_re_add
+    found = store.similarity_search("When does the harbour gate open?", k=1)
+    del tiny.bank.search
+    threads[0].join(10)
+    assert [d.page_content for d in found] == ["The harbour gate opens at dawn."]
+    assert [d.page_content for d in store.get_by_ids(["gate"])] == ["The harbour gate opens at noon."]

@@ -400,3 +400,61 @@ def test_concurrent_generate_and_ingest_on_one_memlong_match_sequential(make_tin
     assert not errors, errors
     assert [results[i] for i in range(len(prompts))] == alone
     assert len(ml.bank.chunk_ids("other")) > 0
+
+
+def test_a_nested_read_passes_a_waiting_writer_and_a_write_inside_a_read_is_refused():
+    """``bank.reading()`` nests the bank's own reads: a nested read must not queue behind a writer that waits for
+    this very thread (a deadlock), and a write inside it would wait for itself: RuntimeError instead."""
+    lock = _RWLock()
+    waiting, done = threading.Event(), []
+
+    def writer():
+        waiting.set()
+        with lock.write():
+            done.append("writer")
+
+    with lock.read():
+        t = threading.Thread(target=writer)
+        t.start()
+        waiting.wait(10)
+        while not lock._writers_waiting:
+            time.sleep(0.001)
+        with lock.read():  # nested: must not wait for the writer
+            done.append("nested read")
+        with pytest.raises(RuntimeError, match="inside its own"):
+            with lock.write():
+                pass
+    t.join(10)
+    assert done == ["nested read", "writer"]
+    with lock.write():  # the refused write left the lock as it was
+        pass
+
+
+def _meanwhile(target):
+    """Run ``target`` in another thread and give it 0.5 s: it finishes unless the caller holds the bank still."""
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(0.5)
+    return t
+
+
+def test_generate_reads_what_its_own_search_found_even_if_another_thread_deletes_it(make_tiny):
+    """Review finding: ``generate`` searched, then fetched, taking the bank's lock twice; a chunk another thread
+    deleted in between failed the call with UnknownChunkError (a chat service that deletes or evicts old turns).
+    Here the deletion is started right after the search: it now waits until the answer's memory is read."""
+    ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
+    ml.ingest("The keeper of the iron key is Tobias Wren. The harbour gate opens at dawn.", namespace="chat",
+              progress=False)
+    search, threads, found = ml.bank.search, [], []
+
+    def search_then_delete(*args, **kwargs):
+        hits = search(*args, **kwargs)
+        found.extend(h.chunk_id for h in hits)
+        threads.append(_meanwhile(lambda: ml.bank.delete([h.chunk_id for h in hits], namespace="chat")))
+        return hits
+
+    ml.bank.search = search_then_delete
+    ml.generate("Who keeps the iron key?", namespace="chat", max_new_tokens=2)  # was UnknownChunkError
+    del ml.bank.search
+    threads[0].join(10)
+    assert found and not threads[0].is_alive() and ml.bank.stored(found, namespace="chat") == []  # deleted after

@@ -259,13 +259,14 @@ class ChatMemLong(BaseChatModel):
     def _start(self, messages: list[BaseMessage], stop: list[str] | None,
                kwargs: dict[str, Any]) -> tuple[Iterator[str], GenerationStats, dict[str, Any]]:
         """Validate, retrieve and start decoding (the prompt is encoded on the first ``next``)."""
-        args = self._prepare(messages, stop, kwargs)
-        # stops are applied here, not by the core (it yields text before they complete); the Generation carries
-        # this call's own stats, so concurrent calls (batch, async) never mix them up
-        pieces = self.memlong.generate(args["prompt"], namespace=args["namespace"], chunk_ids=args["chunk_ids"],
-                                       answer_prefix=args["answer_prefix"], query=args["query"],
-                                       max_new_tokens=args["max_tokens"], stream=True,
-                                       temperature=self.temperature, seed=self.seed)
+        with self.memlong.bank.reading():  # what it retrieves is still there when the memory is read
+            args = self._prepare(messages, stop, kwargs)
+            # stops are applied here, not by the core (it yields text before they complete); the Generation carries
+            # this call's own stats, so concurrent calls (batch, async) never mix them up
+            pieces = self.memlong.generate(args["prompt"], namespace=args["namespace"], chunk_ids=args["chunk_ids"],
+                                           answer_prefix=args["answer_prefix"], query=args["query"],
+                                           max_new_tokens=args["max_tokens"], stream=True,
+                                           temperature=self.temperature, seed=self.seed)
         stats = pieces.stats
         return answer_pieces(pieces, args["stop"], strip=True), stats, args
 

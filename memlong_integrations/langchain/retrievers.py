@@ -92,6 +92,7 @@ class MemLongRetriever(BaseRetriever):
         k = self.k if k is None else k  # the bank checks it (an integer >= 0)
         if not isinstance(query, str) or not query.strip():
             raise ValueError("The query is empty: give the retriever some text to search for.")
-        hits = self.bank.search(query, namespace=self.namespace, k=k, count=self.count_retrievals,
-                                mode=self.search_mode)
-        return [chunk_document(self.bank, h.chunk_id, self.namespace, h.score) for h in hits]
+        with self.bank.reading():  # a hit deleted by another thread before it is read: never
+            hits = self.bank.search(query, namespace=self.namespace, k=k, count=self.count_retrievals,
+                                    mode=self.search_mode)
+            return [chunk_document(self.bank, h.chunk_id, self.namespace, h.score) for h in hits]

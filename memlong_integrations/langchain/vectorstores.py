@@ -198,8 +198,9 @@ class MemLongVectorStore(VectorStore):
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         """The stored entries among ``ids`` (missing ids are skipped)."""
-        entries = self._entries()
-        return [self._document(i, entries[i]) for i in dict.fromkeys(ids) if i in entries]
+        with self.bank.reading():  # one state: an entry replaced meanwhile is read whole, old or new
+            entries = self._entries()
+            return [self._document(i, entries[i]) for i in dict.fromkeys(ids) if i in entries]
 
     # ------------------------------------------------------------------ search
     def similarity_search_with_score(self, query: str, k: int = 4, filter: MetadataFilter | None = None,  # noqa: A002
@@ -250,6 +251,11 @@ class MemLongVectorStore(VectorStore):
 
     def _search(self, query: Any, k: int, filter: MetadataFilter | None = None,  # noqa: A002
                 *, count: bool = True) -> list[tuple[Document, float]]:
+        with self.bank.reading():  # the entries, the hits and their documents of one state (writers wait)
+            return self._search_held(query, k, filter, count)
+
+    def _search_held(self, query: Any, k: int, filter: MetadataFilter | None,  # noqa: A002
+                     count: bool) -> list[tuple[Document, float]]:
         k = check_count(k, "k")
         keep = _filter_fn(filter)
         total = len(self.bank.chunk_ids(self.namespace))

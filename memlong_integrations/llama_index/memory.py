@@ -83,11 +83,11 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
         """The memory message for the latest user message (empty list when nothing is stored or asked)."""
         bank = self._memlong.bank
         query = next((m.content for m in reversed(messages or []) if m.role == MessageRole.USER and m.content), None)
-        if not query or not bank.chunk_ids(self.namespace):
-            return []
-        hits = bank.search(query, namespace=self.namespace, k=self.top_k)
-        ids = [h.chunk_id for h in hits]
-        chunks = sorted((bank.get(cid, namespace=self.namespace) for cid in ids), key=lambda c: c.order)
+        with bank.reading():  # a hit deleted by another thread before it is read: never
+            if not query or not bank.chunk_ids(self.namespace):
+                return []
+            hits = bank.search(query, namespace=self.namespace, k=self.top_k)
+            chunks = sorted((bank.get(h.chunk_id, namespace=self.namespace) for h in hits), key=lambda c: c.order)
         text = "\n".join([self.header, *(c.text.strip() for c in chunks)])
         return [ChatMessage(role=MessageRole.SYSTEM, content=text,
                             additional_kwargs={CHUNK_IDS_KWARG: [c.id for c in chunks], TEXT_IN_MEMORY_KWARG: True})]

@@ -307,36 +307,37 @@ class MemLongVectorStore(BasePydanticVectorStore):
                                  "or None (both, fused).")
             mode = {0: "lexical", 1: "dense"}.get(query.alpha, mode)
         bank = self._memlong.bank
-        everything = bank.chunk_ids(self.namespace)
-        if not everything:
-            if self.raise_on_empty:
-                raise ValueError(f"The memory namespace {self.namespace!r} is empty: nothing was ingested (or every "
-                                 "document was deleted), so there is nothing to retrieve. Build the index first, e.g. "
-                                 "VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults("
-                                 "vector_store=store), embed_model=MemLongEmbedding.from_memlong(ml)); an index saved "
-                                 "with index.storage_context.persist(DIR) is reloaded with "
-                                 "MemLongVectorStore.from_persist_dir(DIR, ml).")
-            return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
-        restricted = bool(query.filters and query.filters.filters) or bool(query.node_ids) or bool(query.doc_ids)
-        allowed = set(self._select(node_ids=query.node_ids, doc_ids=query.doc_ids, filters=query.filters,
-                                   everything=True)) if restricted else None
-        if query.query_str is not None and not query.query_str.strip():
-            raise ValueError("The question is empty: give the query engine or retriever some text to search for.")
-        if query.query_str:
-            probe: Any = query.query_str
-            try:  # the question must fit the model's local window: say so here, before LlamaIndex packs a prompt
-                self._memlong.encode_prompt(query.query_str)
-            except ValueError as error:
-                raise ValueError(f"The question is too long for this model. {error}") from None
-        elif mode is None and query.query_embedding is not None and len(query.query_embedding) == bank.embedder.dim:
-            probe, mode = query.query_embedding, "dense"
-        else:
-            raise ValueError("MemLongVectorStore needs query.query_str (it embeds queries with the bank's embedder, "
-                             "and lexical or hybrid search match its words).")
-        exclude = [] if allowed is None else [cid for cid in everything if cid not in allowed]
-        hits = bank.search(probe, namespace=self.namespace, k=top_k, exclude=exclude, mode=mode)
-        nodes = [chunk_node(bank, h.chunk_id, self.namespace, h.score).node for h in hits]
-        return VectorStoreQueryResult(nodes=nodes, similarities=[h.score for h in hits], ids=[h.chunk_id for h in hits])
+        with bank.reading():  # one state: a chunk written or deleted meanwhile (another thread) is never half-seen
+            everything = bank.chunk_ids(self.namespace)
+            if not everything:
+                if self.raise_on_empty:
+                    raise ValueError(f"The memory namespace {self.namespace!r} is empty: nothing was ingested (or every "
+                                     "document was deleted), so there is nothing to retrieve. Build the index first, e.g. "
+                                     "VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults("
+                                     "vector_store=store), embed_model=MemLongEmbedding.from_memlong(ml)); an index saved "
+                                     "with index.storage_context.persist(DIR) is reloaded with "
+                                     "MemLongVectorStore.from_persist_dir(DIR, ml).")
+                return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
+            restricted = bool(query.filters and query.filters.filters) or bool(query.node_ids) or bool(query.doc_ids)
+            allowed = set(self._select(node_ids=query.node_ids, doc_ids=query.doc_ids, filters=query.filters,
+                                       everything=True)) if restricted else None
+            if query.query_str is not None and not query.query_str.strip():
+                raise ValueError("The question is empty: give the query engine or retriever some text to search for.")
+            if query.query_str:
+                probe: Any = query.query_str
+                try:  # the question must fit the model's local window: say so here, before LlamaIndex packs a prompt
+                    self._memlong.encode_prompt(query.query_str)
+                except ValueError as error:
+                    raise ValueError(f"The question is too long for this model. {error}") from None
+            elif mode is None and query.query_embedding is not None and len(query.query_embedding) == bank.embedder.dim:
+                probe, mode = query.query_embedding, "dense"
+            else:
+                raise ValueError("MemLongVectorStore needs query.query_str (it embeds queries with the bank's embedder, "
+                                 "and lexical or hybrid search match its words).")
+            exclude = [] if allowed is None else [cid for cid in everything if cid not in allowed]
+            hits = bank.search(probe, namespace=self.namespace, k=top_k, exclude=exclude, mode=mode)
+            nodes = [chunk_node(bank, h.chunk_id, self.namespace, h.score).node for h in hits]
+            return VectorStoreQueryResult(nodes=nodes, similarities=[h.score for h in hits], ids=[h.chunk_id for h in hits])
 
     async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         return await asyncio.to_thread(self.query, query, **kwargs)
