@@ -27,8 +27,10 @@ class BankViews:
     def reading(self) -> contextlib.AbstractContextManager[None]:
         """Hold the bank still while several reads run in this thread: ``with bank.reading():`` a search and the
         fetch (or ``get``) of its hits see one state; other threads' adds, deletes and evictions wait until the
-        block ends (their slow work, like computing K-V, does not), and searches of other threads go on. Changing
-        the bank inside the block raises RuntimeError.
+        block ends (their slow work, like computing K-V, does not), and searches of other threads go on until a
+        writer waits. Changing the bank inside the block raises RuntimeError; so does a callback run inside it (a
+        LangChain ``filter`` callable) that changes the bank. Keep the block short: no model work, and do not
+        hold it across a ``yield`` or ``await`` (writers wait for the whole of it).
 
         Example:
             >>> with bank.reading():
@@ -124,15 +126,19 @@ class BankViews:
         with self._lock.read():
             return [n for n in self._spaces if not is_staging(n)]  # an adapter's upsert in flight is not listed
 
+    def _visible(self) -> list:
+        """The namespaces' indexes, without an adapter's upsert in flight (its staging space)."""
+        return [s for n, s in self._spaces.items() if not is_staging(n)]
+
     def num_tokens(self, namespace: str | None = None) -> int:
         """Tokens stored in ``namespace``, or in the whole bank (what ``capacity`` bounds per namespace)."""
         with self._lock.read():
-            spaces = self._spaces.values() if namespace is None else [self._spaces.get(namespace)]
+            spaces = self._visible() if namespace is None else [self._spaces.get(namespace)]
             return sum(s.tokens for s in spaces if s is not None)
 
     def nbytes(self, namespace: str | None = None) -> int:
         """Bytes of stored K-V, embeddings, texts and metadata in one namespace or all (what ``max_bytes``
         bounds)."""
         with self._lock.read():
-            spaces = self._spaces.values() if namespace is None else [self._spaces.get(namespace)]
+            spaces = self._visible() if namespace is None else [self._spaces.get(namespace)]
             return sum(s.nbytes for s in spaces if s is not None)

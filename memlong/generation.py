@@ -313,13 +313,15 @@ def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tenso
                          f"(1, {len(ids)}) labels (-100 = ignore).")
     if len(ids) > ml.config.local_window:
         raise ValueError(f"Segment of {len(ids)} tokens exceeds local_window {ml.config.local_window}.")
-    if chunk_ids is None and ml.config.top_k > 0:
-        stored = ml.bank.chunk_ids(namespace)
-        if stored:
-            query = ml.bank.get(stored[-1], namespace=namespace).text
-            chunk_ids = [h.chunk_id for h in ml.bank.search(query, namespace=namespace, k=ml.config.top_k,
-                                                            mode="dense")]
-    logits = ml.run(ids, memory=ml.memory_for([] if chunk_ids is None else chunk_ids, namespace)).logits  # (1, T, V)
+    with ml.bank.reading():  # what the search finds is still there when it is read (another thread may delete)
+        if chunk_ids is None and ml.config.top_k > 0:
+            stored = ml.bank.chunk_ids(namespace)
+            if stored:
+                query = ml.bank.get(stored[-1], namespace=namespace).text
+                chunk_ids = [h.chunk_id for h in ml.bank.search(query, namespace=namespace, k=ml.config.top_k,
+                                                                mode="dense")]
+        memory = ml.memory_for([] if chunk_ids is None else chunk_ids, namespace)
+    logits = ml.run(ids, memory=memory).logits  # (1, T, V)
     out = {"logits": logits}
     if labels is not None:  # shifted here, as in transformers
         out["loss"] = torch.nn.functional.cross_entropy(

@@ -354,7 +354,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         return keys, values
 
     def __len__(self) -> int:
-        return len(self._chunks)
+        return sum(len(s.ids) for s in self._visible())
 
     def __repr__(self) -> str:
         limit = "" if self.max_bytes is None else f", max_bytes={self.max_bytes}"
@@ -387,7 +387,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
                 + len(chunk.doc_id.encode("utf-8")) + metadata_nbytes(chunk.metadata))
 
     def _total_bytes(self) -> int:
-        return sum(s.nbytes for s in self._spaces.values())
+        return sum(s.nbytes for s in self._visible())
 
     def _remove(self, namespace: str, drop: set[str]) -> None:
         if not drop:

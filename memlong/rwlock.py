@@ -1,9 +1,11 @@
 """A reader-writer lock: many readers at once, or one writer; a waiting writer holds back new readers.
 
-The memory bank takes it once per public call: searches, fetches and reads share it, while adds, deletes,
-evictions and loads hold it alone, and only to publish (slow work happens before). Reads are reentrant per thread,
-so that :meth:`MemoryBank.reading` can hold one state across several reads (a search and the fetch of its hits);
-a thread that holds a read cannot write (RuntimeError: it would wait for itself)."""
+The memory bank takes it in every public call: searches, fetches and reads share it, while adds, deletes,
+evictions and loads hold it alone, and only to publish (slow work happens before). Reads nest per thread, so that
+:meth:`MemoryBank.reading` can hold one state across several reads (a search and the fetch of its hits); a thread
+that holds a read cannot write (RuntimeError: it would wait for itself). Each thread's reads are counted by thread
+id under the lock's own mutex, so blocks that end out of order (generators, asyncio tasks sharing the loop's
+thread) or in another thread than they began (a generator closed elsewhere) leave the count right."""
 
 from __future__ import annotations
 
@@ -23,33 +25,29 @@ class RWLock:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
-        self._held = threading.local()  # this thread's read depth
+        self._depth: dict[int, int] = {}  # thread id -> its open read blocks (the lock is held once per thread)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
         """Hold the lock shared (``with lock.read(): ...``); waits while a writer holds or waits for it, unless
         this thread already reads (a nested read never waits: the waiting writer waits for this thread)."""
-        depth = getattr(self._held, "depth", 0)
-        if depth:
-            self._held.depth = depth + 1
-            try:
-                yield
-            finally:
-                self._held.depth = depth
-            return
+        me = threading.get_ident()
         with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        self._held.depth = 1
+            if not self._depth.get(me):
+                while self._writer or self._writers_waiting:
+                    self._cond.wait()
+                self._readers += 1
+            self._depth[me] = self._depth.get(me, 0) + 1
         try:
             yield
-        finally:
-            self._held.depth = 0
+        finally:  # ``me``, not the thread that ends the block: a generator may be closed in another thread
             with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+                self._depth[me] -= 1
+                if not self._depth[me]:
+                    del self._depth[me]
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -58,7 +56,7 @@ class RWLock:
         Raises:
             RuntimeError: this thread holds a read (within ``MemoryBank.reading()``); it would wait for itself.
         """
-        if getattr(self._held, "depth", 0):
+        if self._depth.get(threading.get_ident()):
             raise RuntimeError("A memory bank cannot be changed inside its own `with bank.reading():` block (the "
                                "change would wait for the block to end); change it after the block.")
         with self._cond:

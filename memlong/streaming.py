@@ -126,7 +126,8 @@ class Stream:
         k = cfg.ingest_k if k is None else k
         if k > 0 and self.pending:  # batched chunks first: retrievable now, and stored in document order
             self.flush()
-        memory = ml.memory_for(self._retrieve(k), self.namespace)
+        with ml.bank.reading():  # what the search finds is still there when it is read (another thread may delete)
+            memory = ml.memory_for(self._retrieve(k), self.namespace)
         ctx, start = ml.context(memory, self.cache, capture=True)
         # compiled: full steps that read no memory (one shape per stream once its cache is full), without gradients
         ctx.compiled = cfg.stream_compile and memory is None and len(tokens) == self.step_size and \

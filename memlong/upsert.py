@@ -127,8 +127,10 @@ def ingest_replacing(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_i
                 _drop_cut(bank, namespace, before, set(first))
         return ids, [c.doc_id for c in chunks]
     finally:
-        bank.reset(staging)
-        STAGING.discard(staging)
+        try:
+            bank.reset(staging)
+        finally:  # never left hidden for good
+            STAGING.discard(staging)
 
 
 def _drop_cut(bank: Any, namespace: str, before: dict[str, list[str]], written: set[str]) -> None:

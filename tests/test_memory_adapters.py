@@ -251,6 +251,8 @@ def test_an_upsert_in_flight_is_not_listed_saved_reset_or_written_twice_to_disk(
     def ingest_then_look(*args, **kwargs):
         stats = ingest(*args, **kwargs)
         seen["namespaces"], seen["segments"] = ml.bank.namespaces(), segments()
+        seen["sizes"] = (len(ml.bank), ml.bank.num_tokens(), ml.bank.nbytes())
+        seen["kb"] = (len(ml.bank.chunk_ids("kb")), ml.bank.num_tokens("kb"), ml.bank.nbytes("kb"))
         ml.save_memory(tmp_path / "saved")
         ml.bank.commit()
         ml.bank.reset()  # every namespace: the user's, not the add in flight
@@ -260,6 +262,7 @@ def test_an_upsert_in_flight_is_not_listed_saved_reset_or_written_twice_to_disk(
     store.add_texts([LONG], ids=["new"])
     del ml.ingest
     assert seen["namespaces"] == ["kb"] and seen["segments"] == before  # the staged K-V stayed in RAM
+    assert seen["sizes"] == seen["kb"]  # the bank's totals are those of its namespaces
     assert ml.bank.namespaces() == ["kb"] and store.get_by_ids(["new"])[0].page_content == LONG
     assert store.get_by_ids(["old"]) == []  # reset during the add; the add landed after it
     assert make_tiny(**options)[0].load_memory(tmp_path / "saved") == ["kb"]
@@ -299,3 +302,18 @@ def test_a_search_during_a_re_add_of_its_entry_finds_the_entry_old_or_new(tiny):
     threads[0].join(10)
     assert [d.page_content for d in found] == ["The harbour gate opens at dawn."]
     assert [d.page_content for d in store.get_by_ids(["gate"])] == ["The harbour gate opens at noon."]
+
+
+def test_a_filter_callable_that_changes_the_bank_is_refused_not_deadlocked(tiny):
+    """A LangChain filter callable runs while the search holds the bank still (bank.reading()): a change from it
+    would wait for the search that runs it. It raises RuntimeError naming the block instead."""
+    store = MemLongVectorStore(tiny, namespace="docs")
+    store.add_texts(["The harbour gate opens at dawn.", "Falcons nest in the tower."], ids=["gate", "falcon"])
+
+    def prune(doc):
+        store.delete(["falcon"])
+        return True
+
+    with pytest.raises(RuntimeError, match="inside its own"):
+        store.similarity_search("harbour gate", k=1, filter=prune)
+    assert sorted(d.id for d in store.get_by_ids(["gate", "falcon"])) == ["falcon", "gate"]  # nothing changed

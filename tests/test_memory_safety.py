@@ -430,6 +430,35 @@ def test_a_nested_read_passes_a_waiting_writer_and_a_write_inside_a_read_is_refu
         pass
 
 
+def test_read_blocks_that_end_out_of_order_or_in_another_thread_leave_the_lock_right():
+    """Review finding: the first reentrant read kept one depth per thread and restored it on exit, so read blocks
+    held by generators (or asyncio tasks) that ended out of order released the lock while one was still open and
+    left the thread marked as reading for good (its writes raised RuntimeError ever after)."""
+    lock = _RWLock()
+
+    def holding():
+        with lock.read():
+            yield
+
+    first, second = holding(), holding()
+    next(first), next(second)
+    first.close()  # the outer block ends first
+    assert lock._readers == 1  # the inner one still holds the lock
+    second.close()
+    assert lock._readers == 0
+    with lock.write():  # this thread reads no more
+        pass
+    g = holding()
+    t = threading.Thread(target=next, args=(g,))  # the block begins in another thread...
+    t.start()
+    t.join(10)
+    assert lock._readers == 1
+    g.close()  # ...and ends here
+    assert lock._readers == 0 and not lock._depth
+    with lock.write():
+        pass
+
+
 def _meanwhile(target):
     """Run ``target`` in another thread and give it 0.5 s: it finishes unless the caller holds the bank still."""
     t = threading.Thread(target=target)

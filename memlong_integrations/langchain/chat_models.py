@@ -258,7 +258,7 @@ class ChatMemLong(BaseChatModel):
 
     def _start(self, messages: list[BaseMessage], stop: list[str] | None,
                kwargs: dict[str, Any]) -> tuple[Iterator[str], GenerationStats, dict[str, Any]]:
-        """Validate, retrieve and start decoding (the prompt is encoded on the first ``next``)."""
+        """Validate, retrieve, encode the prompt and read the memory; decoding starts on the first ``next``."""
         with self.memlong.bank.reading():  # what it retrieves is still there when the memory is read
             args = self._prepare(messages, stop, kwargs)
             # stops are applied here, not by the core (it yields text before they complete); the Generation carries

@@ -12,7 +12,8 @@ Contract:
       :class:`ChatMemLong` as K-V through :meth:`chunk_ids` / :func:`memlong_chunk_ids_from_documents`. For
       chunk-level hits over long documents use :class:`MemLongRetriever`.
     * Searches take ``filter=``: a dict (every key equal in the entry's metadata) or a callable over the
-      ``Document``, as LangChain's ``InMemoryVectorStore``; ``max_marginal_relevance_search`` (and ``..._by_vector``,
+      ``Document``, as LangChain's ``InMemoryVectorStore`` (it runs while the bank is held still for the search:
+      it must not change the bank, RuntimeError); ``max_marginal_relevance_search`` (and ``..._by_vector``,
       their async forms, ``as_retriever(search_type="mmr")``) pick diverse entries the same way it does.
     * ``delete(ids)`` ignores ids that are not there (LangChain's contract) and returns whether all were found;
       ``get_by_ids`` returns the entries that exist. The bank's own embedder is used (no ``Embeddings`` object);
@@ -209,7 +210,8 @@ class MemLongVectorStore(VectorStore):
         lexical or hybrid ranking use :class:`MemLongRetriever` with ``search_mode``.)
 
         ``filter``: keep only entries whose ``metadata`` has every key of a dict with an equal value, or for
-        which a callable taking the ``Document`` returns true (as LangChain's ``InMemoryVectorStore``)."""
+        which a callable taking the ``Document`` returns true (as LangChain's ``InMemoryVectorStore``; it runs inside
+        ``bank.reading()`` and must not change the bank)."""
         return self._search(_query_text(query), k, filter)
 
     def similarity_search(self, query: str, k: int = 4, filter: MetadataFilter | None = None,  # noqa: A002
@@ -251,6 +253,8 @@ class MemLongVectorStore(VectorStore):
 
     def _search(self, query: Any, k: int, filter: MetadataFilter | None = None,  # noqa: A002
                 *, count: bool = True) -> list[tuple[Document, float]]:
+        if isinstance(query, str):  # embedded once, before the bank is held (each widening pass embedded it again)
+            query = self.bank.embedder.encode([query])[0]
         with self.bank.reading():  # the entries, the hits and their documents of one state (writers wait)
             return self._search_held(query, k, filter, count)
 

@@ -57,7 +57,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryResult,
 )
 
-from memlong import MemLong
+from memlong import MemLong, PromptTooLongError
 from memlong.records import check_count
 from memlong.upsert import entry_lock, ingest_replacing
 from memlong_integrations.llama_index._common import (
@@ -284,8 +284,9 @@ class MemLongVectorStore(BasePydanticVectorStore):
     # ------------------------------------------------------------------ reading
     def get_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None) -> list[BaseNode]:
         """Chunks (as nodes) by chunk id or ingested node id, and/or filters; all chunks when neither is given."""
-        return [chunk_node(self._memlong.bank, cid, self.namespace).node
-                for cid in self._select(node_ids=node_ids, filters=filters, everything=True)]
+        with self._memlong.bank.reading():  # a chunk another thread deletes meanwhile: listed and read, or neither
+            return [chunk_node(self._memlong.bank, cid, self.namespace).node
+                    for cid in self._select(node_ids=node_ids, filters=filters, everything=True)]
 
     async def aget_nodes(self, node_ids: list[str] | None = None,
                          filters: MetadataFilters | None = None) -> list[BaseNode]:
@@ -327,8 +328,9 @@ class MemLongVectorStore(BasePydanticVectorStore):
                 probe: Any = query.query_str
                 try:  # the question must fit the model's local window: say so here, before LlamaIndex packs a prompt
                     self._memlong.encode_prompt(query.query_str)
-                except ValueError as error:
-                    raise ValueError(f"The question is too long for this model. {error}") from None
+                except PromptTooLongError as error:
+                    raise PromptTooLongError(f"The question is too long for this model. {error}", error.tokens,
+                                             error.window) from None
             elif mode is None and query.query_embedding is not None and len(query.query_embedding) == bank.embedder.dim:
                 probe, mode = query.query_embedding, "dense"
             else:
