@@ -1,5 +1,7 @@
 """Small helpers shared by test files (imported as ``helpers``: pytest puts ``tests/`` on the path)."""
 
+import threading
+
 import pytest
 import torch
 
@@ -30,3 +32,12 @@ def three_chunks_pasted(ml, reference):
     with torch.no_grad():
         expected = reference(torch.tensor([ml.sink_ids + tokens + prompt])).logits[0, -len(prompt):]
     return picked, tokens, prompt, expected
+
+
+def meanwhile(target) -> threading.Thread:
+    """Run ``target`` in another thread and give it 0.5 s: it finishes unless the caller holds the bank still
+    (``bank.reading()``), as a write from another thread does between two reads of the caller."""
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(0.5)
+    return t

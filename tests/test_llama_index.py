@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import stop_across_pieces
+from helpers import meanwhile, stop_across_pieces
 from llama_index.core import Document, PromptTemplate, StorageContext, VectorStoreIndex
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.memory import Memory
@@ -720,8 +720,6 @@ def test_an_add_larger_than_the_capacity_is_refused_whole(make_tiny):
 def test_a_filtered_query_never_returns_a_node_another_thread_inserts_meanwhile(make_tiny):
     """Review finding: a query filtered to one user listed the chunks to exclude, then searched; a node another
     thread inserted in between was not excluded, and another user's text came back (6 % of queries under load)."""
-    import threading
-
     ml, _ = make_tiny(top_k=2, chunk_size=64)
     index, store = build_index(ml, "kb", [Document(text="Alice's locker code is 1234.", metadata={"user": "alice"})])
     search, threads = ml.bank.search, []
@@ -729,9 +727,7 @@ def test_a_filtered_query_never_returns_a_node_another_thread_inserts_meanwhile(
     def insert_then_search(*args, **kwargs):
         if not threads:  # another user's node arrives between the filter's listing and the search
             bob = Document(text="Bob's locker code is 9876.", metadata={"user": "bob"})
-            threads.append(threading.Thread(target=index.insert, args=(bob,)))
-            threads[0].start()
-            threads[0].join(0.5)
+            threads.append(meanwhile(lambda: index.insert(bob)))
         return search(*args, **kwargs)
 
     ml.bank.search = insert_then_search

@@ -5,6 +5,7 @@ LlamaIndex classes, the tiny random-weight model."""
 import warnings
 
 import pytest
+from helpers import meanwhile
 from langchain_core.documents import Document
 from langchain_core.messages import HumanMessage
 
@@ -272,16 +273,6 @@ def test_an_upsert_in_flight_is_not_listed_saved_reset_or_written_twice_to_disk(
     assert MemLongVectorStore(reopened, namespace="kb").get_by_ids(["new"])[0].page_content == LONG
 
 
-def _meanwhile(target):
-    """Run ``target`` in another thread and give it 0.5 s: it finishes unless the caller holds the bank still."""
-    import threading
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join(0.5)
-    return t
-
-
 def test_a_search_during_a_re_add_of_its_entry_finds_the_entry_old_or_new(tiny):
     """Review finding: while another thread re-added id 'gate', similarity_search returned [] (the entry snapshot,
     the search and the documents were three reads) or raised UnknownChunkError. Here the re-add starts right after
@@ -293,7 +284,7 @@ def test_a_search_during_a_re_add_of_its_entry_finds_the_entry_old_or_new(tiny):
     def search_then_re_add(*args, **kwargs):
         hits = search(*args, **kwargs)
         if not threads:
-            threads.append(_meanwhile(lambda: store.add_texts(["The harbour gate opens at noon."], ids=["gate"])))
+            threads.append(meanwhile(lambda: store.add_texts(["The harbour gate opens at noon."], ids=["gate"])))
         return hits
 
     tiny.bank.search = search_then_re_add

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import meanwhile
 from test_persistence import HashEmbedder
 
 from memlong import MemoryBank, MemoryFullError, UnknownChunkError
@@ -459,14 +460,6 @@ def test_read_blocks_that_end_out_of_order_or_in_another_thread_leave_the_lock_r
         pass
 
 
-def _meanwhile(target):
-    """Run ``target`` in another thread and give it 0.5 s: it finishes unless the caller holds the bank still."""
-    t = threading.Thread(target=target)
-    t.start()
-    t.join(0.5)
-    return t
-
-
 def test_generate_reads_what_its_own_search_found_even_if_another_thread_deletes_it(make_tiny):
     """Review finding: ``generate`` searched, then fetched, taking the bank's lock twice; a chunk another thread
     deleted in between failed the call with UnknownChunkError (a chat service that deletes or evicts old turns).
@@ -479,7 +472,7 @@ def test_generate_reads_what_its_own_search_found_even_if_another_thread_deletes
     def search_then_delete(*args, **kwargs):
         hits = search(*args, **kwargs)
         found.extend(h.chunk_id for h in hits)
-        threads.append(_meanwhile(lambda: ml.bank.delete([h.chunk_id for h in hits], namespace="chat")))
+        threads.append(meanwhile(lambda: ml.bank.delete([h.chunk_id for h in hits], namespace="chat")))
         return hits
 
     ml.bank.search = search_then_delete
