@@ -215,3 +215,14 @@ def test_train_gpu_comparison_smoke_run_on_cpu(tmp_path):
     for r in (trained, baseline):
         assert r["passkey_mode"] == "memlong" and r["passkey_trials"] == 1 and len(r["passkey_per_trial"]) == 1
     assert png.stat().st_size > 0
+
+
+def test_bank_io_benchmark_smoke_run(tmp_path):
+    import bank_io
+
+    out = tmp_path / "io.json"
+    assert bank_io.main(["--sizes", "30,60", "--tokens", "4", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["records"]
+    assert [r["chunks"] for r in rows] == [31, 61]
+    assert all(r["commit_one_chunk_s"] > 0 and r["reopen_s"] > 0 for r in rows)
+    assert rows[1]["record_and_embeddings_bytes"] > rows[0]["record_and_embeddings_bytes"]

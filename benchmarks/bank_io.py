@@ -1,0 +1,95 @@
+"""What a disk bank's commit and reopen cost as the bank grows: both read or write the whole record (texts, metadata,
+counters, token ids) and every embedding, so they are O(bank), not O(change).
+
+For each ``--sizes`` N: a disk bank of N chunks (``--tokens`` token ids each, a short metadata dict, ~400-character
+texts, 384-d unit embeddings from a seeded random stand-in embedder; K-V kept tiny, since segments are written once
+and only memory-mapped on reopen), then one chunk added and committed (median of ``--repeats``), and the bank
+reopened with ``MemoryBank.load`` (median of ``--repeats``). One torch thread unless ``--threads``.
+
+    python benchmarks/bank_io.py --sizes 1000,10000,50000 --json results/bank-io.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memlong import MemoryBank  # noqa: E402
+from memlong.cli_args import int_at_least, int_list  # noqa: E402
+
+
+class RandomEmbedder:
+    """Seeded random unit vectors per text: the bank's costs without a model (MiniLM's dimension)."""
+
+    name, dim = "random-384", 384
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        rows = [np.random.default_rng(zlib.crc32(t.encode())).standard_normal(self.dim) for t in texts]
+        v = np.asarray(rows, dtype=np.float32).reshape(len(texts), self.dim)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def measure(n: int, tokens: int, repeats: int, root: Path) -> dict:
+    path = root / f"bank-{n}"
+    bank = MemoryBank(embedder=RandomEmbedder(), path=path, dtype=torch.float16, capacity=10**12)
+    kv = torch.zeros(2, 1, tokens, 8)
+    ids = list(range(1000, 1000 + tokens))
+    for start in range(0, n, 5000):
+        m = min(5000, n - start)
+        bank.add_chunks([f"chunk {start + i} " + "word " * 80 for i in range(m)], keys=[kv] * m, values=[kv] * m,
+                        metadata=[{"source": "bench", "page": start + i} for i in range(m)], tokens=[ids] * m)
+    bank.commit()
+    commits = []
+    for r in range(repeats):
+        bank.add_chunks([f"one more message {r}"], keys=[kv], values=[kv], tokens=[ids])
+        t = time.perf_counter()
+        bank.commit()
+        commits.append(time.perf_counter() - t)
+    opens = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        MemoryBank.load(path, embedder=RandomEmbedder())
+        opens.append(time.perf_counter() - t)
+    return {"chunks": n + repeats, "tokens_per_chunk": tokens, "commit_one_chunk_s": statistics.median(commits),
+            "reopen_s": statistics.median(opens),
+            "record_and_embeddings_bytes": sum(p.stat().st_size for p in path.iterdir()
+                                               if p.name.startswith(("bank-", "tensors-")))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int_list(1), default=[1000, 10000, 50000], help="bank sizes in chunks")
+    p.add_argument("--tokens", type=int_at_least(1), default=128, help="token ids per chunk (default 128)")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed commits and reopens per size")
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads (default 1)")
+    p.add_argument("--json", metavar="OUT", help="write the records as JSON")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for n in args.sizes:
+            rows.append(measure(n, args.tokens, args.repeats, Path(root)))
+            r = rows[-1]
+            print(f"{r['chunks']:>8} chunks: commit of one chunk {r['commit_one_chunk_s']:.3f} s, reopen "
+                  f"{r['reopen_s']:.2f} s, record + embeddings {r['record_and_embeddings_bytes'] / 1e6:.1f} MB",
+                  flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"benchmark": "bank-io", "args": vars(args), "threads": args.threads,
+                                               "records": rows}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
