@@ -84,7 +84,7 @@ if TYPE_CHECKING:
     from memlong.kv_cache import DeviceCache
 
 __all__ = ["Chunk", "MemoryBank", "MemoryEvictionWarning", "MemoryFileError", "MemoryFullError", "MemoryMismatchError",
-           "SearchHit", "UnknownChunkError"]
+           "SearchHit", "UnknownChunkError", "query_vector"]
 
 class UnknownChunkError(KeyError):
     """A chunk id that does not exist in the caller's namespace (never created, deleted, evicted, or another's)."""
@@ -292,7 +292,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         if mode != "dense" and not isinstance(query, str):
             raise ValueError(f"search mode {mode!r} matches words, so it needs the query text, not a vector; pass "
                              "the text or use mode='dense'.")
-        vector = None if mode == "lexical" else _query_vector(self.embedder, query)
+        vector = None if mode == "lexical" else query_vector(self.embedder, query)
         skip = set(as_list(exclude, "exclude"))
         with self._lock.read():
             space = self._spaces.get(namespace)
@@ -401,9 +401,10 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         space.remove(drop)
 
 
-def _query_vector(embedder: TextEmbedder, query: Any) -> np.ndarray:
+def query_vector(embedder: TextEmbedder, query: Any) -> np.ndarray:
     """The unit ``(1, dim)`` float32 vector of a search query (its text embedded, or a vector); TypeError /
-    ValueError naming what is wrong with the query."""
+    ValueError naming what is wrong with the query. ``MemoryBank.search`` takes either; callers that search one query
+    several times embed it once with this."""
     if isinstance(query, str):
         vector = embedder.encode([check_string(query, "query")])
     else:

@@ -308,3 +308,13 @@ def test_a_filter_callable_that_changes_the_bank_is_refused_not_deadlocked(tiny)
     with pytest.raises(RuntimeError, match="inside its own"):
         store.similarity_search("harbour gate", k=1, filter=prune)
     assert sorted(d.id for d in store.get_by_ids(["gate", "falcon"])) == ["falcon", "gate"]  # nothing changed
+
+
+def test_a_store_search_embeds_its_query_with_the_banks_checks(tiny):
+    """Review of the diff: the store embedded its query itself (once, before holding the bank) and skipped the bank's
+    query checks, so a lone surrogate reached the tokenizer; it now embeds through memlong.memory.query_vector."""
+    store = MemLongVectorStore(tiny, namespace="docs")
+    store.add_texts(["The harbour gate opens at dawn."], ids=["gate"])
+    with pytest.raises(ValueError, match="surrogate"):
+        store.similarity_search("half \ud800 a pair", k=1)
+    assert store.similarity_search("harbour gate", k=1)[0].id == "gate"

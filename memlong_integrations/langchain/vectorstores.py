@@ -41,6 +41,7 @@ from langchain_core.vectorstores import VectorStore
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
 
 from memlong import MemLong
+from memlong.memory import query_vector
 from memlong.records import check_count
 from memlong.upsert import RESERVED_PREFIXES, check_user_metadata, entry_lock, ingest_entries
 
@@ -253,8 +254,7 @@ class MemLongVectorStore(VectorStore):
 
     def _search(self, query: Any, k: int, filter: MetadataFilter | None = None,  # noqa: A002
                 *, count: bool = True) -> list[tuple[Document, float]]:
-        if isinstance(query, str):  # embedded once, before the bank is held (each widening pass embedded it again)
-            query = self.bank.embedder.encode([query])[0]
+        query = query_vector(self.bank.embedder, query)  # once, before the bank is held (not on each widening pass)
         with self.bank.reading():  # the entries, the hits and their documents of one state (writers wait)
             return self._search_held(query, k, filter, count)
 
