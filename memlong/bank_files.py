@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from memlong.bank_writes import is_staging
 from memlong.dtypes import DTYPES
 from memlong.embedder import TextEmbedder
 from memlong.eviction import MemoryFullError, capacity_victims, warn_evicted
@@ -172,7 +171,7 @@ class BankFiles:
                   inline: bool) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
         """The record and tensors of a save (under a lock): K-V inline, or (a disk bank's commit) by segment."""
         # an adapter's upsert in flight (its staging space) is not saved: it lands whole in its namespace, or not
-        names = [n for n in self._spaces if not is_staging(n)] if namespaces is None else list(dict.fromkeys(namespaces))
+        names = list(self._visible()) if namespaces is None else list(dict.fromkeys(namespaces))
         missing = [n for n in names if n not in self._spaces]
         if missing:
             raise ValueError(f"Cannot save namespaces {missing}: they hold no chunks.")

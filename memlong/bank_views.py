@@ -126,21 +126,22 @@ class BankViews:
     def namespaces(self) -> list[str]:
         """Names of the bank's namespaces."""
         with self._lock.read():
-            return [n for n in self._spaces if not is_staging(n)]  # an adapter's upsert in flight is not listed
+            return list(self._visible())
 
-    def _visible(self) -> list:
-        """The namespaces' indexes, without an adapter's upsert in flight (its staging space)."""
-        return [s for n, s in self._spaces.items() if not is_staging(n)]
+    def _visible(self) -> dict:
+        """Name -> index of the bank's namespaces, without an adapter's upsert in flight (its staging space): what
+        is listed, counted, saved and reset as the bank."""
+        return {n: s for n, s in self._spaces.items() if not is_staging(n)}
 
     def num_tokens(self, namespace: str | None = None) -> int:
         """Tokens stored in ``namespace``, or in the whole bank (what ``capacity`` bounds per namespace)."""
         with self._lock.read():
-            spaces = self._visible() if namespace is None else [self._spaces.get(namespace)]
+            spaces = self._visible().values() if namespace is None else [self._spaces.get(namespace)]
             return sum(s.tokens for s in spaces if s is not None)
 
     def nbytes(self, namespace: str | None = None) -> int:
         """Bytes of stored K-V, embeddings, texts and metadata in one namespace or all (what ``max_bytes``
         bounds)."""
         with self._lock.read():
-            spaces = self._visible() if namespace is None else [self._spaces.get(namespace)]
+            spaces = self._visible().values() if namespace is None else [self._spaces.get(namespace)]
             return sum(s.nbytes for s in spaces if s is not None)

@@ -103,7 +103,7 @@ class BankWrites:
                              "fewer or smaller chunks, or raise the capacity.")
         if self.max_bytes is None or is_staging(namespace):  # a staging space is checked by the add that empties it
             return cap, set()
-        others = sum(s.nbytes for n, s in self._spaces.items() if n != namespace and not is_staging(n))
+        others = sum(s.nbytes for n, s in self._visible().items() if n != namespace)
         incoming = sum(sizes.values())
         if incoming > self.max_bytes:
             raise MemoryFullError(

@@ -263,8 +263,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
     def reset(self, namespace: str | None = None) -> None:
         """Forget one namespace, or everything when ``namespace`` is None."""
         with self._lock.write():
-            names = ([n for n in self._spaces if not is_staging(n)] if namespace is None  # not an upsert in flight
-                     else [check_namespace(namespace)])  # one name, not a list
+            names = list(self._visible()) if namespace is None else [check_namespace(namespace)]  # one name, not a list
             for name in names:
                 space = self._spaces.pop(name, None)
                 if space is not None:
@@ -354,7 +353,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         return keys, values
 
     def __len__(self) -> int:
-        return sum(len(s.ids) for s in self._visible())
+        return sum(len(s.ids) for s in self._visible().values())
 
     def __repr__(self) -> str:
         limit = "" if self.max_bytes is None else f", max_bytes={self.max_bytes}"
@@ -387,7 +386,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
                 + len(chunk.doc_id.encode("utf-8")) + metadata_nbytes(chunk.metadata))
 
     def _total_bytes(self) -> int:
-        return sum(s.nbytes for s in self._visible())
+        return sum(s.nbytes for s in self._visible().values())
 
     def _remove(self, namespace: str, drop: set[str]) -> None:
         if not drop:
