@@ -226,3 +226,12 @@ def test_bank_io_benchmark_smoke_run(tmp_path):
     assert [r["chunks"] for r in rows] == [31, 61]
     assert all(r["commit_one_chunk_s"] > 0 and r["reopen_s"] > 0 for r in rows)
     assert rows[1]["record_and_embeddings_bytes"] > rows[0]["record_and_embeddings_bytes"]
+
+
+@pytest.mark.slow
+def test_ttft_kv_benchmark_smoke_run(capsys):
+    import ttft_kv
+
+    assert ttft_kv.main(["--chunks", "1", "--repeats", "1", "--threads", "1", "--label", "smoke"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("smoke 1 x 512 as K-V: time to first token median")
