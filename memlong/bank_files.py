@@ -284,11 +284,11 @@ class BankFiles:
             raise MemoryMismatchError(f"The memory bank at {path} stores K-V with quantization={quantization!r}; "
                                       f"this bank uses {self.quantization!r}. Restore into a bank with the same "
                                       "setting, or re-ingest.")
-        return self._restore(Path(path), record, tensors, namespaces, fingerprint, segments)
+        return self._restore(Path(path), record, tensors, namespaces, fingerprint, segments, renumber=True)
 
     def _restore(self, path: Path, record: dict[str, Any], tensors: dict[str, torch.Tensor],
                  namespaces: Sequence[str] | None, fingerprint: dict[str, Any] | None,
-                 segments: list[dict[str, Any]] | None = None) -> list[str]:
+                 segments: list[dict[str, Any]] | None = None, renumber: bool = False) -> list[str]:
         check_compatible(path, record, self.embedder, fingerprint)
         in_place = segments is not None and self.path is not None and self.path == path  # a disk bank reopening
         where: dict[int, str] = {}
@@ -315,7 +315,7 @@ class BankFiles:
             space.add([c.id for c in chunks], vectors, [c.text for c in chunks])
             spaces[name] = space
         with self._lock.write():
-            self._publish(path, loaded, spaces, sizes, next_order)
+            self._publish(path, loaded, spaces, sizes, next_order, renumber)
         return list(spaces)
 
     def _adopt_payload(self, kv: KVPayload, path: Path, cid: str, copy: bool) -> KVPayload:
@@ -336,8 +336,11 @@ class BankFiles:
         return placed.clone() if copy and placed.data_ptr() == t.data_ptr() else placed
 
     def _publish(self, path: Path, loaded: dict[str, tuple[list[Chunk], np.ndarray]], spaces: dict[str, NamespaceIndex],
-                 sizes: dict[str, int], next_order: int) -> None:
-        """Swap loaded namespaces in (under the write lock), or raise with the bank unchanged."""
+                 sizes: dict[str, int], next_order: int, renumber: bool = False) -> None:
+        """Swap loaded namespaces in (under the write lock), or raise with the bank unchanged. ``renumber``
+        (``restore``): the chunks get new insertion orders after this bank's own, in their saved order; their saved
+        ones may be those of chunks this bank holds, and two chunks of one order made the bank's next save
+        unloadable."""
         for name, (chunks, _) in loaded.items():
             clash = [c.id for c in chunks if c.id in self._chunks and self._chunks[c.id].namespace != name]
             if clash:
@@ -351,6 +354,9 @@ class BankFiles:
                 raise MemoryFullError(f"Loading {path} would make the bank hold {total} bytes, over its "
                                       f"max_bytes={self.max_bytes}. Raise max_bytes, load fewer namespaces "
                                       "(namespaces=[...]), or reset namespaces of this bank first.")
+        if renumber:
+            for c in sorted((c for chunks, _ in loaded.values() for c in chunks), key=lambda c: c.order):
+                c.order = next(self._order)
         victims = {name: capacity_victims(loaded[name][0], self.capacity, self.evict_oldest, self.keep_newest)
                    for name in spaces}  # a smaller capacity than the saving bank's: the usual rule applies
         for name, drop in victims.items():  # warned before anything changes (a warning raised as an error)

@@ -116,6 +116,24 @@ def test_restore_replaces_namespaces_in_place(tmp_path):
     assert len(small) == 0
 
 
+def test_a_bank_that_restored_chunks_saves_loadably(tmp_path):
+    """Found by the journal's random walk: restored chunks kept their saved insertion orders, which a fresh or
+    reopened bank had already given to its own chunks; the bank then saved fine and never loaded again ("order 0
+    appears twice"). Restored chunks now come after this bank's own, in their saved order."""
+    first = MemoryBank(embedder=HashEmbedder())
+    fill(first, "alice", 3, seed=1)  # orders 0, 1, 2
+    first.save(tmp_path / "alice")
+    bank = MemoryBank(embedder=HashEmbedder())
+    fill(bank, "bob", 2, seed=2)  # orders 0, 1 as well
+    bank.restore(tmp_path / "alice")
+    bank.restore(tmp_path / "alice")  # again, over itself
+    orders = [bank.get(c, namespace=ns).order for ns in ("bob", "alice") for c in bank.chunk_ids(ns)]
+    assert orders == sorted(set(orders))  # unique; alice's after bob's, in alice's own order
+    assert bank.chunk_ids("alice") == first.chunk_ids("alice")
+    bank.save(tmp_path / "both")
+    assert_same_bank(bank, MemoryBank.load(tmp_path / "both", embedder=HashEmbedder()))
+
+
 def test_memlong_save_and_load_memory(tmp_path, make_tiny, tiny_hf):
     ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
     text = " ".join(f"Line {i}: the keeper of key {i * 37 % 101} walks the hall." for i in range(20))
