@@ -368,7 +368,7 @@ def perplexity(ml: MemLong, text: str | Sequence[int], *, score_last: int = 2048
     "ppl"}``.
 
     Raises:
-        ValueError: fewer than 2 tokens, or ``score_last`` not a positive integer.
+        ValueError: fewer than 2 tokens, ``score_last`` not a positive integer, or an empty ``namespace``.
     """
     if isinstance(score_last, bool) or not isinstance(score_last, numbers.Integral) or score_last < 1:
         raise ValueError(f"score_last must be a positive number of tokens to score, got {score_last!r}.")
@@ -381,7 +381,7 @@ def perplexity(ml: MemLong, text: str | Sequence[int], *, score_last: int = 2048
                       "scores the base weights.", UserWarning, stacklevel=3)
     score_last = min(score_last, len(tokens) - 1)
     scratch = namespace is None
-    ns = namespace or f"_ppl-{secrets.token_hex(8)}"
+    ns = f"_ppl-{secrets.token_hex(8)}" if scratch else check_namespace(namespace)  # "": an error, not a scratch left
     stream = Stream(ml, ns, doc_id="ppl", store=use_memory)
     first_scored = len(tokens) - score_last  # target index of the first scored token
     nll, count = 0.0, 0

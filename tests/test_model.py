@@ -486,6 +486,16 @@ def test_no_tokens_is_a_clear_error_everywhere(make_tiny):
     assert ml.score(prompt, target).shape == (len(target),)
 
 
+def test_perplexity_into_an_empty_namespace_name_is_refused_and_leaves_nothing(make_tiny):
+    """Outside-in review: perplexity(namespace="") streamed into a scratch namespace it never reset (namespace
+    ``""`` counted as "not given" for the name, as given for the cleanup), which the next save wrote to disk."""
+    ml, _ = make_tiny()
+    with pytest.raises(ValueError, match="namespace must be a non-empty string"):
+        ml.perplexity(TEXT, score_last=16, namespace="")
+    ml.perplexity(TEXT, score_last=16)  # a scratch namespace, reset afterwards
+    assert ml.bank.namespaces() == [] and len(ml.bank) == 0
+
+
 def test_token_ids_outside_the_vocabulary_or_not_integers_are_named(make_tiny):
     """Outside-in audit: ids out of the vocabulary gave torch's 'IndexError: index out of range in self' (run,
     decode, score, Stream.step, perplexity), float ids an embedding dtype error, text a 'new(): invalid data type'."""
