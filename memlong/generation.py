@@ -25,7 +25,7 @@ import numbers
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -126,14 +126,20 @@ def encode_prompt(ml: MemLong, prompt: str, chat: bool = False, answer_prefix: s
 def _next_token(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
     """Greedy (``temperature`` 0) or sampled next token from the last position's ``scores`` ``(V,)``."""
     if temperature and temperature > 0:
-        probs = torch.softmax(scores / temperature, -1).cpu()
+        # shifted by the maximum first: scores / 1e-300 overflowed to inf and softmax gave NaN; now the best token
+        # scores 0 and the rest go towards -inf, i.e. greedy in the limit
+        probs = torch.softmax((scores.double() - scores.max()) / temperature, -1).cpu()
         return int(torch.multinomial(probs, 1, generator=generator))
     return int(scores.argmax())
 
 
-def check_decoding(max_new_tokens: int, temperature: float, stop: str | Sequence[str] | None) -> tuple[str, ...]:
+def check_decoding(max_new_tokens: int, temperature: float, stop: str | Sequence[str] | None,
+                   seed: Any = None) -> tuple[str, ...]:
     """The stop strings as a tuple (one string is one stop string, not its characters; ``None``: none), after
     checking the decoding arguments; ValueError / TypeError naming the argument and the fix."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed < 2 ** 64):
+        raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
@@ -235,11 +241,12 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
         stats: where to count (default: a fresh :class:`GenerationStats`).
         t0: when the call started (``time.perf_counter()``; default: now), for the timings.
     """
-    stop = check_decoding(max_new_tokens, temperature, stop)
+    stop = check_decoding(max_new_tokens, temperature, stop, seed)
     if len(ids) == 0:
         raise ValueError("decode needs at least one prompt token: e.g. ml.encode_prompt(text).")
     ids = token_tensor(ids, "cpu", vocab_rows(ml))[0].tolist()  # checked now, not at the first piece
     max_new_tokens, temperature = int(max_new_tokens), float(temperature)  # numpy scalars too
+    seed = None if seed is None else int(seed)
     stats = stats if stats is not None else GenerationStats(prompt_tokens=len(ids), memory_tokens=0 if memory is None
                                                             else int(memory[0].shape[2]))
     t0 = time.perf_counter() if t0 is None else t0
@@ -377,7 +384,7 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
         >>> answer, stats = g.text(), g.stats
     """
     t0 = time.perf_counter()
-    stop = check_decoding(max_new_tokens, temperature, stop)  # before any work
+    stop = check_decoding(max_new_tokens, temperature, stop, seed)  # before any work
     ids = encode_prompt(ml, prompt, chat, answer_prefix)
     if query is not None:
         check_string(query, "query")
@@ -390,7 +397,7 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
         if memory is not None and (ml.config.kv_refresh > 0 or ml.config.kv_reencode_head > 0):
             with torch.no_grad():
                 memory, refreshed = ml.refresh(memory, chunk_ids, namespace)
-    stats = GenerationStats(prompt_tokens=len(ids), chunk_ids=chunk_ids, refreshed_tokens=refreshed,
+    stats = GenerationStats(prompt_tokens=len(ids), chunk_ids=list(dict.fromkeys(chunk_ids)), refreshed_tokens=refreshed,
                             memory_tokens=0 if memory is None else int(memory[0].shape[2]))
     return decode(ml, ids, memory, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop,
                   stats=stats, t0=t0)

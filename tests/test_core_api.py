@@ -137,6 +137,25 @@ def test_stop_strings_never_leak_even_in_part_and_one_string_is_one_stop(make_ti
             ml.generate(prompt, retrieve=False, **bad)
 
 
+def test_seed_and_temperature_edges_sample_or_say_what_is_wrong(make_tiny):
+    """Outside-in fuzz: a numpy seed raised TypeError, seed=1.5 / "7" / 2**64 torch's RuntimeError or an overflow;
+    temperature=1e-300 (allowed: positive and finite) overflowed the logits and torch.multinomial refused the NaNs."""
+    ml, _ = make_tiny(local_window=512)
+    prompt = "Line 7: the"
+    greedy = ml.generate(prompt, retrieve=False, max_new_tokens=6)
+    assert ml.generate(prompt, retrieve=False, max_new_tokens=6, temperature=1e-300, seed=np.int64(3)) == greedy
+    a, b = (ml.generate(prompt, retrieve=False, max_new_tokens=6, temperature=1.5, seed=seed)
+            for seed in (np.uint64(2**64 - 1), 2**64 - 1))
+    assert a == b
+    for bad in (1.5, "7", 2**64, -1, True):
+        with pytest.raises(ValueError, match="seed must be None or an integer"):
+            ml.generate(prompt, retrieve=False, temperature=1.0, seed=bad)
+    shape = (len(ml.config.source_layers), ml.kv_heads, 2, ml.head_dim)
+    ids = ml.bank.add_chunks(["x"], keys=[torch.zeros(shape)], values=[torch.zeros(shape)])
+    g = ml.generate(prompt, chunk_ids=ids * 3, max_new_tokens=1, stream=True)
+    assert g.stats.chunk_ids == ids and g.stats.memory_tokens == 2  # the memory read once, and said so
+
+
 def test_finish_reason_says_why_the_answer_ended(make_tiny):
     """``stats.finish_reason``: "length" when the budget ran out, "stop" at a stop string, even one that completes on
     the last allowed token (the LangChain adapter reported "length" there), "" when the caller closed it early."""
