@@ -1,10 +1,19 @@
-"""What a disk bank's commit and reopen cost as the bank grows: both read or write the whole record (texts, metadata,
-counters, token ids) and every embedding, so they are O(bank), not O(change).
+"""What a disk bank's commit and reopen cost as the bank grows. A commit writes a delta (what changed since the last
+commit, :mod:`memlong.journal`), and the whole record (texts, metadata, counters, token ids, every embedding) only
+every ``MAX_DELTAS`` commits or once the deltas hold changes to half the bank; a reopen reads the whole record and
+replays the deltas.
 
 For each ``--sizes`` N: a disk bank of N chunks (``--tokens`` token ids each, a short metadata dict, ~400-character
 texts, 384-d unit embeddings from a seeded random stand-in embedder; K-V kept tiny, since segments are written once
-and only memory-mapped on reopen), then one chunk added and committed (median of ``--repeats``), and the bank
-reopened with ``MemoryBank.load`` (median of ``--repeats``). One torch thread unless ``--threads``.
+and only memory-mapped on reopen), committed whole; then, medians of ``--repeats``:
+
+* ``commit_one_chunk_s``: one chunk added and committed (a delta);
+* ``commit_whole_s``: the same, the whole record written (what every commit cost before the journal);
+* ``reopen_s``: ``MemoryBank.load`` right after a whole commit (no journal);
+* ``reopen_full_journal_s``: ``MemoryBank.load`` with ``MAX_DELTAS - 1`` deltas of one chunk to replay (the most a
+  journal holds before a commit writes the whole record).
+
+One torch thread unless ``--threads``.
 
     python benchmarks/bank_io.py --sizes 1000,10000,50000 --json results/bank-io.json
 """
@@ -24,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memlong import MemoryBank  # noqa: E402
+from memlong import MemoryBank, journal  # noqa: E402
 from memlong.cli_args import int_at_least, int_list  # noqa: E402
 
 
@@ -49,21 +58,36 @@ def measure(n: int, tokens: int, repeats: int, root: Path) -> dict:
         bank.add_chunks([f"chunk {start + i} " + "word " * 80 for i in range(m)], keys=[kv] * m, values=[kv] * m,
                         metadata=[{"source": "bench", "page": start + i} for i in range(m)], tokens=[ids] * m)
     bank.commit()
-    commits = []
-    for r in range(repeats):
-        bank.add_chunks([f"one more message {r}"], keys=[kv], values=[kv], tokens=[ids])
+    added = 0
+
+    def commit_one() -> float:
+        nonlocal added
+        added += 1
+        bank.add_chunks([f"one more message {added}"], keys=[kv], values=[kv], tokens=[ids])
         t = time.perf_counter()
         bank.commit()
-        commits.append(time.perf_counter() - t)
-    opens = []
-    for _ in range(repeats):
+        return time.perf_counter() - t
+
+    def reopen() -> float:
         t = time.perf_counter()
         MemoryBank.load(path, embedder=RandomEmbedder())
-        opens.append(time.perf_counter() - t)
-    return {"chunks": n + repeats, "tokens_per_chunk": tokens, "commit_one_chunk_s": statistics.median(commits),
-            "reopen_s": statistics.median(opens),
-            "record_and_embeddings_bytes": sum(p.stat().st_size for p in path.iterdir()
-                                               if p.name.startswith(("bank-", "tensors-")))}
+        return time.perf_counter() - t
+
+    deltas = [commit_one() for _ in range(repeats)]
+    max_deltas, journal.MAX_DELTAS = journal.MAX_DELTAS, 0  # every commit writes the whole record
+    try:
+        wholes = [commit_one() for _ in range(repeats)]
+    finally:
+        journal.MAX_DELTAS = max_deltas
+    opens = [reopen() for _ in range(repeats)]
+    whole_bytes = sum(p.stat().st_size for p in path.iterdir() if p.name.startswith(("bank-", "tensors-")))
+    for _ in range(journal.MAX_DELTAS - 1):
+        commit_one()
+    journal_opens = [reopen() for _ in range(repeats)]
+    return {"chunks": n + added, "tokens_per_chunk": tokens, "commit_one_chunk_s": statistics.median(deltas),
+            "commit_whole_s": statistics.median(wholes), "reopen_s": statistics.median(opens),
+            "reopen_full_journal_s": statistics.median(journal_opens), "journal_deltas": journal.MAX_DELTAS - 1,
+            "record_and_embeddings_bytes": whole_bytes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sizes:
             rows.append(measure(n, args.tokens, args.repeats, Path(root)))
             r = rows[-1]
-            print(f"{r['chunks']:>8} chunks: commit of one chunk {r['commit_one_chunk_s']:.3f} s, reopen "
-                  f"{r['reopen_s']:.2f} s, record + embeddings {r['record_and_embeddings_bytes'] / 1e6:.1f} MB",
-                  flush=True)
+            print(f"{r['chunks']:>8} chunks: commit of one chunk {r['commit_one_chunk_s']:.3f} s (whole record "
+                  f"{r['commit_whole_s']:.3f} s), reopen {r['reopen_s']:.2f} s ({r['journal_deltas']} deltas to "
+                  f"replay: {r['reopen_full_journal_s']:.2f} s), record + embeddings "
+                  f"{r['record_and_embeddings_bytes'] / 1e6:.1f} MB", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"benchmark": "bank-io", "args": vars(args), "threads": args.threads,
                                                "records": rows}, indent=1))

@@ -31,9 +31,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from memlong.dtypes import DTYPES
 from memlong.embedder import TextEmbedder
 from memlong.eviction import MemoryFullError, capacity_victims, warn_evicted
+from memlong.journal import DTYPE_NAMES, chunk_record, header
+from memlong.journal import committed as now_committed
+from memlong.journal import loaded as reopened
+from memlong.journal import prepare as prepare_commit
 from memlong.kv_payload import DenseKV, Int8KV, KVPayload, check_quantization
 from memlong.kv_store import DiskKVStore, Segment, segment_of
 from memlong.records import (
@@ -43,18 +46,16 @@ from memlong.records import (
     check_bank_config,
     check_chunk,
     check_compatible,
-    embedder_info,
     parse_namespaces,
 )
 from memlong.search import NamespaceIndex
-from memlong.storage import MemoryFileError, committed, read_bank, write_bank
+from memlong.storage import MemoryFileError, committed, read_bank, record_name, write_bank
 
 if TYPE_CHECKING:
     from memlong.memory import MemoryBank
 
 __all__ = ["DTYPE_NAMES", "BankFiles"]
 
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # the one table (memlong.dtypes), inverted
 
 
 def _refused(exc: OSError, action: str, state: str) -> OSError:
@@ -137,16 +138,18 @@ class BankFiles:
         if fingerprint is not None:
             self._fingerprint = fingerprint
         with self._lock.write():
-            token = secrets.token_hex(8)
+            token, change = secrets.token_hex(8), None
             try:
                 self._store.checkpoint()  # the buffer as a segment (small segments merged once there are many)
-                record, tensors = self._snapshot(None, getattr(self, "_fingerprint", None), inline=False)
-                self._store.committed = write_bank(self.path, record, tensors, segments=self._store.entries(),
-                                                   expect=self._store.committed, token=token)
+                # what changed since the last commit (memlong.journal), or the whole record
+                change = prepare_commit(self, getattr(self, "_fingerprint", None))
+                name = write_bank(self.path, change.record, change.tensors, segments=self._store.entries(),
+                                  expect=self._store.committed, token=token, delta=change.delta)
+                now_committed(self._store, change, name)
                 return self.path
             except OSError as exc:
-                if committed(self.path) == f"bank-{token}.json":  # it failed after the commit point
-                    self._store.committed = f"bank-{token}.json"
+                if change is not None and committed(self.path) == record_name(token, change.delta is not None):
+                    now_committed(self._store, change, committed(self.path))  # it failed after the commit point
                     raise _refused(exc, f"commit the disk bank at {self.path}", "the new commit is in place, but the "
                                    "disk could not confirm it") from None
                 raise _refused(exc, f"commit the disk bank at {self.path}", "the directory still holds the last "
@@ -187,23 +190,12 @@ class BankFiles:
                 i, n_chunk = n_chunk, n_chunk + 1
                 if inline:  # K-V are numbered across namespaces, as the loader reads them
                     tensors += [(f"{suffix}.{i}", t) for suffix, t in c.kv.named().items()]
-                chunks.append({"id": c.id, "doc_id": c.doc_id, "text": c.text, "span": list(c.span),
-                               "order": c.order, "retrievals": c.retrievals, "metadata": c.metadata,
-                               "tokens": None if c.tokens is None else list(c.tokens)})
+                chunks.append(chunk_record(c))
                 if not inline:
                     chunks[-1]["segment"] = self._store.where[c.id]
             records.append({"name": name, "chunks": chunks})
             embeddings.append((f"e.{j}", torch.from_numpy(space.embeddings.copy())))
-        record = {
-            "config": {"capacity": self.capacity, "evict_oldest": self.evict_oldest,
-                       "keep_newest": self.keep_newest, "dtype": DTYPE_NAMES[self.dtype],
-                       "max_bytes": self.max_bytes, "quantization": self.quantization},
-            "embedder": embedder_info(self.embedder),
-            "fingerprint": fingerprint,
-            "next_order": max((c.order for c in self._chunks.values()), default=-1) + 1,
-            "namespaces": records,
-        }
-        return record, tensors + embeddings
+        return {**header(self, fingerprint), "namespaces": records}, tensors + embeddings
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, embedder: TextEmbedder, namespaces: Sequence[str] | None = None,
@@ -258,6 +250,8 @@ class BankFiles:
                                 segment_bytes=kwargs.get("segment_bytes", 64 << 20))
             store.committed = commit  # what a commit of this bank expects to replace (one writer per directory)
             bank.path, bank._store, bank._fingerprint = Path(path), store, fingerprint
+            journal = record.get("journal") or {"deltas": 0, "changes": 0}  # what read_bank replayed
+            store.journal = (journal["deltas"], journal["changes"])
         try:
             bank._restore(Path(path), record, tensors, namespaces, fingerprint, segments)
         except MemoryFullError as exc:
@@ -298,9 +292,10 @@ class BankFiles:
         loaded, next_order = parse_namespaces(path, record, tensors, self.embedder.dim, self.dtype,
                                               mapped=segments is not None)
         if in_place:
-            every = (c for chunks, _ in loaded.values() for c in chunks)
-            for n, c in enumerate(every):
-                self._store.adopt(c, where[n])
+            every = [(c, where[n]) for n, c in enumerate(c for chunks, _ in loaded.values() for c in chunks)]
+            for c, segment in every:
+                self._store.adopt(c, segment)
+            reopened(self._store, every)
         loaded = _chosen(path, loaded, namespaces)
         spaces: dict[str, NamespaceIndex] = {}
         sizes: dict[str, int] = {}

@@ -161,6 +161,8 @@ class DiskKVStore(KVStore):
         self.pending_bytes = 0
         self.dead: set[str] = set()  # segments no live chunk uses: removed from the next commit
         self.committed: str | None = None  # the directory's commit this store last opened or wrote (storage.committed)
+        self.view: dict | None = None  # what that commit holds, chunk by chunk (memlong.journal: the next delta's base)
+        self.journal = (0, 0)  # deltas written since the whole record, and the chunk changes they hold
         self.finite: set[str] = set()  # mapped chunks whose K-V a fetch found finite (read)
 
     # ------------------------------------------------------------------ the bank's calls

@@ -10,6 +10,11 @@ A bank directory (format ``"memlong-bank"``, version 1; version 2 adds K-V segme
     DIR/seg-<id>.safetensors       (version 2: a disk bank, :mod:`memlong.kv_store`) K-V segments; tensors
                                    "<suffix>.<chunk id>"; the record names each chunk's segment and the
                                    manifest names every segment with its size and sha256
+    DIR/delta-<id>.json            (version 3: a disk bank's journal) what one commit changed: chunks added,
+    DIR/delta-<id>.safetensors     removed, retrieval counters and segments changed, the namespaces' order, the
+                                   config and counters; "e.<j>": embeddings of the chunks added to namespace j. The
+                                   manifest lists them in commit order after the two files above, each pair with
+                                   size and sha256; :mod:`memlong.journal` writes and replays them
     DIR/.lock                      advisory lock (POSIX): one writer at a time, and readers never see a cleanup
 
 Saving writes the two data files under fresh names, fsyncs them, writes ``manifest.json.tmp``, fsyncs it,
@@ -46,15 +51,18 @@ from typing import Any, BinaryIO
 import torch
 
 __all__ = ["FORMAT", "SEGMENT_NAME", "VERSION", "MemoryFileError", "committed", "foreign_files", "is_disk_bank",
-           "read_bank", "write_bank", "write_segment"]
+           "read_bank", "record_name", "write_bank", "write_segment"]
 
 FORMAT = "memlong-bank"
 VERSION = 1
 SEGMENT_VERSION = 2  # a manifest that also names K-V segments (a disk bank)
+JOURNAL_VERSION = 3  # a disk bank's manifest that also lists deltas (commits written as what changed)
 MANIFEST = "manifest.json"
 _MANIFEST_LIMIT = 1 << 20  # a manifest is a few hundred bytes; never read more than this
 _DATA_NAME = re.compile(r"^(bank-[0-9a-f]{16}\.json|tensors-[0-9a-f]{16}\.safetensors)$")
-_OURS = re.compile(r"^(bank-[0-9a-f]{16}\.json|(tensors|seg)-[0-9a-f]{16}\.safetensors|manifest\.json\.tmp)$")
+_DELTA_NAME = re.compile(r"^delta-[0-9a-f]{16}\.(json|safetensors)$")
+_OURS = re.compile(r"^((bank|delta)-[0-9a-f]{16}\.json|(tensors|seg|delta)-[0-9a-f]{16}\.safetensors|"
+                   r"manifest\.json\.tmp)$")
 SEGMENT_NAME = re.compile(r"^seg-[0-9a-f]{16}\.safetensors$")
 _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
            torch.uint8: "U8"}
@@ -180,11 +188,18 @@ def foreign_files(path: str | os.PathLike) -> list[str]:
 _ANY = object()  # write_bank(expect=...): replace whatever bank is there (a save)
 
 
+def record_name(token: str, delta: bool = False) -> str:
+    """The record file a save or commit named ``token`` writes (what :func:`committed` returns once it is in)."""
+    return f"{'delta' if delta else 'bank'}-{token}.json"
+
+
 def committed(path: str | os.PathLike) -> str | None:
-    """The commit a bank directory holds: the name of the record file its manifest names (unique per save or
-    commit); None without a manifest, ``"?"`` for a manifest that cannot be read."""
+    """The commit a bank directory holds: the name of the newest record file its manifest names (its last delta's,
+    or the whole record's; unique per save or commit); None without a manifest, ``"?"`` for a manifest that cannot
+    be read."""
     try:
-        return json.loads((Path(path) / MANIFEST).read_bytes())["files"][0]["name"]
+        manifest = json.loads((Path(path) / MANIFEST).read_bytes())
+        return (manifest.get("journal") or [{"record": manifest["files"][0]}])[-1]["record"]["name"]
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, IndexError, TypeError):
@@ -193,9 +208,14 @@ def committed(path: str | os.PathLike) -> str | None:
 
 def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequence[tuple[str, torch.Tensor]],
                segments: Sequence[dict[str, Any]] | None = None, *, expect: Any = _ANY,
-               token: str | None = None) -> str:
+               token: str | None = None, delta: dict[str, Any] | None = None) -> str:
     """Atomically replace the bank stored in directory ``path`` with ``record`` (JSON-able) and ``tensors``;
     returns the new commit (:func:`committed`).
+
+    ``delta`` (a disk bank's commit of what changed, :mod:`memlong.journal`): ``record`` and ``tensors`` are a delta,
+    written as ``delta-<token>.*`` and appended to the journal of the bank there (``expect`` must be given); the
+    manifest keeps its whole record and earlier deltas, and its journal entry is ``delta`` (counts it carries) plus
+    the two files.
 
     ``segments``: manifest entries of K-V segment files already written (fsynced) in ``path`` that the record
     refers to (a disk bank, format version 2); every other segment file there is removed after the commit.
@@ -222,23 +242,29 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
     if odd:  # found now, not after the commit when the old files are cleaned up
         raise ValueError(f"Refusing to save a memory bank into {path}: {odd[0]} is not a regular file (a folder or "
                          "link named like a bank file). Remove it, or give another directory.")
-    version = VERSION if segments is None else SEGMENT_VERSION
+    if delta is not None and (segments is None or expect is _ANY):
+        raise ValueError("a delta is a disk bank's commit: it needs the segments and the commit it follows.")
+    version = VERSION if segments is None else SEGMENT_VERSION if delta is None else JOURNAL_VERSION
     body = json.dumps({"format": FORMAT, "version": version, **record}, ensure_ascii=False, allow_nan=False,
                       separators=(",", ":")).encode()
     token = token or secrets.token_hex(8)
-    names = [f"bank-{token}.json", f"tensors-{token}.safetensors"]
+    names = [record_name(token, delta is not None), f"{'delta' if delta is not None else 'tensors'}-{token}.safetensors"]
     with _locked(path, exclusive=True):
         if expect is not _ANY and committed(path) != expect:
             raise ValueError(f"The disk bank at {path} was committed by another writer (another process, or another "
                              "MemoryBank / MemLong on the same memory_path) since this bank opened it; committing "
                              "now would delete what that writer stored. Nothing was written. Keep one writer per "
                              "directory: reopen it with MemoryBank.load(path) and redo the changes there.")
+        base = _manifest(path)[1:] if delta is not None else None  # (files, segments, journal) it extends
         try:
             files = [_write_file(path / names[0], lambda out: out.write(body)),
                      _write_file(path / names[1], lambda out: _write_safetensors(out, tensors))]
             head: dict[str, Any] = {"format": FORMAT, "version": VERSION, "files": files}
             if segments is not None:
                 head.update(version=SEGMENT_VERSION, segments=list(segments))
+            if delta is not None:
+                head.update(version=JOURNAL_VERSION, files=base[0],
+                            journal=[*base[2], {"record": files[0], "tensors": files[1], **delta}])
             manifest = json.dumps(head, indent=1).encode()
             tmp = path / (MANIFEST + ".tmp")
             tmp.unlink(missing_ok=True)
@@ -251,8 +277,11 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
                 (path / name).unlink(missing_ok=True)
             raise
         _fsync_dir(path)  # after the commit point: a failure here must not remove the files the manifest names
+        kept = set(names) | {e["name"] for e in segments or ()}
+        if base is not None:
+            kept |= {e["name"] for e in base[0]} | {d[k]["name"] for d in base[2] for k in ("record", "tensors")}
         for p in path.iterdir():  # files of older or interrupted saves
-            keep = p.name in names or any(p.name == e["name"] for e in segments or ())
+            keep = p.name in kept
             if _OURS.match(p.name) and not keep and not p.is_symlink() and p.is_file():
                 p.unlink(missing_ok=True)
     return names[0]
@@ -263,8 +292,9 @@ def _fail(path: Path, problem: str) -> MemoryFileError:
     return MemoryFileError(f"Cannot load the memory bank at {path}: {problem}")
 
 
-def _manifest(path: Path) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """The manifest's version, its two data files and (version 2) its segments, all checked for shape."""
+def _manifest(path: Path) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]] | None, list[dict[str, Any]]]:
+    """The manifest's version, its two data files, (version 2 and 3) its segments and (version 3) its journal (the
+    deltas, oldest first: ``{"record": entry, "tensors": entry, "changes": n}``), all checked for shape."""
     file = path / MANIFEST
     if not file.is_file():
         raise _fail(path, f"there is no {MANIFEST}. Point at a directory written by MemoryBank.save() / "
@@ -280,28 +310,37 @@ def _manifest(path: Path) -> tuple[int, list[dict[str, Any]], list[dict[str, Any
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _fail(path, f"{MANIFEST} does not describe a {FORMAT!r} directory.")
     version = manifest.get("version")
-    if version not in (VERSION, SEGMENT_VERSION) or isinstance(version, bool):
-        newer = isinstance(version, int) and not isinstance(version, bool) and version > SEGMENT_VERSION
-        raise _fail(path, f"format version {version!r} is not supported (this memlong reads versions {VERSION} and "
-                          f"{SEGMENT_VERSION})" + ("; upgrade memlong to read it." if newer else "."))
+    if version not in (VERSION, SEGMENT_VERSION, JOURNAL_VERSION) or isinstance(version, bool):
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > JOURNAL_VERSION
+        raise _fail(path, f"format version {version!r} is not supported (this memlong reads versions {VERSION} to "
+                          f"{JOURNAL_VERSION})" + ("; upgrade memlong to read it." if newer else "."))
     files = manifest.get("files")
     if not isinstance(files, list) or len(files) != 2:
         raise _fail(path, f"{MANIFEST} must list exactly two files.")
-    segments = manifest.get("segments") if version == SEGMENT_VERSION else None
-    if version == SEGMENT_VERSION and not isinstance(segments, list):
-        raise _fail(path, f"{MANIFEST} of version {SEGMENT_VERSION} must list its K-V segments.")
-    for entry in files + (segments or []):
-        pattern = _DATA_NAME if entry in files else SEGMENT_NAME
+    segments = manifest.get("segments") if version != VERSION else None
+    if version != VERSION and not isinstance(segments, list):
+        raise _fail(path, f"{MANIFEST} of version {version} must list its K-V segments.")
+    journal = manifest.get("journal") if version == JOURNAL_VERSION else []
+    if not isinstance(journal, list) or not all(
+            isinstance(d, dict) and set(d) == {"record", "tensors", "changes"} and type(d["changes"]) is int
+            and d["changes"] >= 0 for d in journal):
+        raise _fail(path, f"{MANIFEST} of version {JOURNAL_VERSION} has a malformed journal.")
+    deltas = [d[k] for d in journal for k in ("record", "tensors")]
+    for entry in files + (segments or []) + deltas:
+        pattern = _DATA_NAME if entry in files else _DELTA_NAME if any(entry is e for e in deltas) else SEGMENT_NAME
         ok = (isinstance(entry, dict) and isinstance(entry.get("name"), str) and pattern.match(entry["name"])
               and type(entry.get("bytes")) is int and entry["bytes"] >= 0
               and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]))
         if not ok:
             raise _fail(path, f"{MANIFEST} has a malformed file entry {str(entry)[:200]}.")
-    if not (files[0]["name"].endswith(".json") and files[1]["name"].endswith(".safetensors")):
+    if not all(a["name"].endswith(".json") and b["name"].endswith(".safetensors")
+               for a, b in [files] + [(d["record"], d["tensors"]) for d in journal]):
         raise _fail(path, f"{MANIFEST} must name a bank JSON file and then a safetensors file.")
     if segments is not None and len({e["name"] for e in segments}) != len(segments):
         raise _fail(path, f"{MANIFEST} names a segment twice.")
-    return version, files, segments
+    if len({e["name"] for e in deltas}) != len(deltas):
+        raise _fail(path, f"{MANIFEST} names a delta file twice.")
+    return version, files, segments, journal
 
 
 def is_disk_bank(path: str | os.PathLike) -> bool:
@@ -335,40 +374,65 @@ def _verified(path: Path, entry: dict[str, Any], digest: bool = True) -> Path:
     return file
 
 
+def _read_pair(path: Path, files: Sequence[dict[str, Any]], version: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON record and the tensors of a record file and its safetensors file (checked against their entries)."""
+    from safetensors.torch import load_file
+
+    record_file, tensor_file = (_verified(path, f) for f in files)
+    try:
+        record = json.loads(record_file.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, an integer of >4300 digits
+        raise _fail(path, f"{record_file.name} is not valid JSON ({exc}).") from None
+    try:
+        tensors = load_file(tensor_file, device="cpu")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # SafetensorError, and a Rust panic surfaces as a BaseException
+        raise _fail(path, f"{tensor_file.name} is not a valid safetensors file ({exc}).") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != version:
+        raise _fail(path, f"{record_file.name} is not a {FORMAT!r} version {version} record.")
+    return record, tensors
+
+
 def read_bank(path: str | os.PathLike, *, verify: bool = False
               ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[dict[str, Any]] | None, str]:
     """The JSON record, the tensors (on the CPU), the K-V segment entries (None: a version-1 bank, all K-V
     among the tensors) and the commit (:func:`committed`) of the bank in directory ``path``, after integrity
-    checks (segments: size only, unless ``verify``).
+    checks (segments: size only, unless ``verify``; deltas: always by sha256).
+
+    A journal (version 3) is replayed onto the whole record (:class:`memlong.journal.Replay`): the record returned is
+    the bank as of its last commit, with ``record["journal"] = {"deltas": n, "changes": m}`` (what was replayed).
 
     Raises:
         MemoryFileError: no bank there, or any file missing, truncated, corrupted or of another format/version.
     """
+    from memlong.journal import Replay
+
     path = Path(path)
     if not path.is_dir():
         raise _fail(path, "no such directory. Save a bank there first with MemoryBank.save() / MemLong.save_memory().")
-    from safetensors.torch import load_file
-
     try:
         with _locked(path, exclusive=False):
-            version, files, segments = _manifest(path)
-            record_file, tensor_file = (_verified(path, f) for f in files)
+            version, files, segments, journal = _manifest(path)
             for entry in segments or ():
                 _verified(path, entry, digest=verify)
-            try:
-                record = json.loads(record_file.read_bytes().decode("utf-8"))
-            except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, an integer of >4300 digits
-                raise _fail(path, f"{record_file.name} is not valid JSON ({exc}).") from None
-            try:
-                tensors = load_file(tensor_file, device="cpu")
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # SafetensorError, and a Rust panic surfaces as a BaseException
-                raise _fail(path, f"{tensor_file.name} is not a valid safetensors file ({exc}).") from None
+            record, tensors = _read_pair(path, files, min(version, SEGMENT_VERSION))
+            if journal:
+                name = files[0]["name"]
+                try:
+                    replay = Replay(record, tensors)
+                    for delta in journal:
+                        name = delta["record"]["name"]
+                        replay.apply(*_read_pair(path, [delta["record"], delta["tensors"]], JOURNAL_VERSION))
+                    record, tensors = replay.result()
+                except ValueError as exc:
+                    if isinstance(exc, MemoryFileError):
+                        raise
+                    raise _fail(path, f"{name} does not apply to the bank ({exc}); the files are corrupted or were "
+                                      "not written by memlong.") from None
+                record["journal"] = {"deltas": len(journal), "changes": sum(d["changes"] for d in journal)}
     except MemoryFileError:
         raise
     except (OSError, MemoryError, RecursionError) as exc:
         raise _fail(path, f"{type(exc).__name__}: {exc}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != version:
-        raise _fail(path, f"{record_file.name} is not a {FORMAT!r} version {version} record.")
-    return record, tensors, segments, record_file.name
+    return record, tensors, segments, (journal[-1]["record"] if journal else files[0])["name"]

@@ -41,3 +41,13 @@ def meanwhile(target) -> threading.Thread:
     t.start()
     t.join(0.5)
     return t
+
+
+def named_by_manifest(path) -> set[str]:
+    """The files a bank directory's manifest names: its record and tensors, its segments and its journal's deltas."""
+    import json
+    from pathlib import Path
+
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    deltas = [d[k] for d in manifest.get("journal", []) for k in ("record", "tensors")]
+    return {e["name"] for e in manifest["files"] + manifest.get("segments", []) + deltas}

@@ -12,7 +12,6 @@ Invariants after every step:
 Bounded for CI: ``max_examples`` x ``stateful_step_count`` steps, no deadline, derandomized (no flaky timing).
 """
 
-import json
 import shutil
 import tempfile
 import warnings
@@ -22,11 +21,12 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
+from helpers import named_by_manifest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from test_persistence import HashEmbedder, assert_same_bank
 
-from memlong import MemoryBank, MemoryEvictionWarning, MemoryFullError, UnknownChunkError
+from memlong import MemoryBank, MemoryEvictionWarning, MemoryFullError, UnknownChunkError, journal
 
 NAMESPACES = ("alice", "bob", "carol")
 CAPACITY, MAX_BYTES = 60, 40_000
@@ -47,7 +47,7 @@ def snapshot(bank):
 
 
 def same(a, b):
-    return a.keys() == b.keys() and all(
+    return list(a) == list(b) and all(  # namespaces in the same order
         len(a[n]) == len(b[n]) and all(x[:6] == y[:6] and torch.equal(x[6], y[6]) for x, y in zip(a[n], b[n]))
         for n in a)
 
@@ -114,8 +114,10 @@ class BankMachine(RuleBasedStateMachine):
         self.bank.delete(namespace=ns, doc_id=doc)
         assert all(self.bank.get(c, namespace=ns).doc_id != doc for c in self.bank.chunk_ids(ns))
 
-    @rule(ns=st.sampled_from(NAMESPACES), query=st.text(max_size=20), mode=st.sampled_from(["dense", "hybrid"]))
-    def search(self, ns, query, mode):
+    @rule(data=st.data(), query=st.text(max_size=20), mode=st.sampled_from(["dense", "hybrid"]))
+    def search(self, data, query, mode):
+        held = [n for n in NAMESPACES if self.bank.chunk_ids(n)]  # mostly a namespace with chunks: counters change
+        ns = data.draw(st.sampled_from(held if held and data.draw(st.integers(0, 3)) else NAMESPACES))
         hits = self.bank.search(query or "x", namespace=ns, k=3, mode=mode)
         assert {h.chunk_id for h in hits} <= set(self.bank.chunk_ids(ns))
 
@@ -202,24 +204,34 @@ class DiskBankMachine(BankMachine):
         self.saved = None
         self.committed = None
         self.step = 0
+        # mostly deltas (memlong.journal), a whole record every few commits: both paths, and deltas on deltas
+        self._journal = journal.MAX_DELTAS, journal.MAX_SHARE
+        journal.MAX_DELTAS, journal.MAX_SHARE = 4, 100.0
+
+    def teardown(self):
+        journal.MAX_DELTAS, journal.MAX_SHARE = self._journal
+        super().teardown()
 
     def _on_disk(self):
         """The directory holds the manifest's files and nothing else (leftovers go at each commit)."""
-        manifest = json.loads((self.dir / "live" / "manifest.json").read_text())
-        named = {e["name"] for e in manifest["files"] + manifest["segments"]}
+        named = named_by_manifest(self.dir / "live")
         assert {p.name for p in (self.dir / "live").iterdir()} == named | {"manifest.json", ".lock"}
+
+    def _reopens_as_committed(self):
+        """Every commit (a delta or the whole record) reads back as exactly the bank that made it."""
+        self.committed = snapshot(self.bank)
+        self._on_disk()
+        assert same(snapshot(MemoryBank.load(self.dir / "live", embedder=HashEmbedder())), self.committed)
 
     @rule()
     def commit(self):
         self.bank.commit()
-        self.committed = snapshot(self.bank)
-        self._on_disk()
+        self._reopens_as_committed()
 
     @rule()
     def compact(self):
         self.bank.compact(threshold=0.7)
-        self.committed = snapshot(self.bank)
-        self._on_disk()
+        self._reopens_as_committed()
         live = {cid for ns in self.bank.namespaces() for cid in self.bank.chunk_ids(ns)}
         for seg in self.bank._store.segments.values():  # every kept segment is mostly live
             assert set(seg.live) <= live and seg.live_bytes >= 0.7 * (seg.entry["bytes"] - seg.start)

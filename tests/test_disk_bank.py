@@ -4,7 +4,6 @@ A child process builds a disk bank, commits, and is killed (``os._exit`` inside 
 random moment); the bank reopened afterwards must be exactly its last committed state, and the next commit must
 leave only the files its manifest names."""
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import named_by_manifest
 from test_persistence import HashEmbedder, digest, fill
 
 from memlong import MemoryBank, MemoryFileError, MemoryMismatchError
@@ -96,9 +96,7 @@ def _child(path, point, kill_after=None):
 
 
 def _only_named_files(path):
-    manifest = json.loads((path / "manifest.json").read_text())
-    named = {e["name"] for e in manifest["files"] + manifest["segments"]}
-    return {p.name for p in path.iterdir()} == named | {"manifest.json", ".lock"}
+    return {p.name for p in path.iterdir()} == named_by_manifest(path) | {"manifest.json", ".lock"}
 
 
 @pytest.mark.parametrize("point, committed", [
