@@ -242,9 +242,15 @@ def memlong_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     ctx = memlong_context
     if ctx is None:  # a plain call (no memory, e.g. a full-attention baseline): ordinary causal attention
-        if attention_mask is not None:
-            raise ValueError("memlong attention builds its own mask; padded batches are not supported.")
+        if attention_mask is not None:  # a padded batch (_mask_for_padding): the stock SDPA path, mask and all
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, **kwargs)
         return _attention_sdpa(query, key, value, 0, scaling, dropout).transpose(1, 2).contiguous(), None
+    if attention_mask is not None:
+        raise ValueError("A forward with memory attends to one sequence: padded batches (an attention_mask with "
+                         "zeros) are not supported. Run the rows one at a time.")
     layer = module.layer_idx
     if ctx.capture:
         ctx.pending[layer] = (key, value)  # rotated: finish_capture undoes RoPE for all layers at once
@@ -305,8 +311,17 @@ def _blend_attention(query, key, value, ctx: AttentionContext, layer: int, scali
     return out.transpose(1, 2).contiguous()
 
 
-def _no_mask(*args, **kwargs):
-    return None  # the attention function builds its own mask
+def _mask_for_padding(*args, **kwargs):
+    """The mask builder registered for ``"memlong"``: none (the attention function builds its own) unless the batch is
+    padded. Then SDPA's mask: ``MemLong(model)`` switches the caller's own model object to this attention, and its
+    plain padded forwards (batched generation, say) silently attended to the padding before; a forward with memory
+    refuses a padded batch."""
+    padding = kwargs.get("attention_mask")
+    if padding is None or bool(padding.all()):
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
 
 
 _registered = False
@@ -320,6 +335,6 @@ def register() -> str:
         from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface.register(ATTN_NAME, memlong_attention_forward)
-        AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+        AttentionMaskInterface.register(ATTN_NAME, _mask_for_padding)
         _registered = True
     return ATTN_NAME

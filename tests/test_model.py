@@ -486,6 +486,23 @@ def test_no_tokens_is_a_clear_error_everywhere(make_tiny):
     assert ml.score(prompt, target).shape == (len(target),)
 
 
+def test_the_wrapped_model_still_runs_padded_batches_like_stock_attention(make_tiny, tokenizer):
+    """Outside-in review: MemLong(model) switches that model object to memlong's attention, whose mask builder
+    returned no mask, so the caller's own padded batches attended to the padding (logits off by 0.8, no error).
+    Now a padded plain forward gets SDPA's mask; a forward with memory refuses padding."""
+    ml, reference = make_tiny()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    long, short = ml.tokenize("Hello there, my friend, how are you"), ml.tokenize("Hi")
+    ids = torch.tensor([long, [pad] * (len(long) - len(short)) + short])
+    mask = torch.tensor([[1] * len(long), [0] * (len(long) - len(short)) + [1] * len(short)])
+    with torch.no_grad():
+        batched = ml.model(input_ids=ids, attention_mask=mask).logits
+        want = [reference(input_ids=torch.tensor([row])).logits[0, -1] for row in (long, short)]
+        assert torch.allclose(batched[0, -1], want[0], atol=1e-4) and torch.allclose(batched[1, -1], want[1], atol=1e-4)
+        with pytest.raises(ValueError, match="padded batches"):
+            ml.model(input_ids=ids, attention_mask=mask, memlong_context=ml.context(None)[0])
+
+
 def test_perplexity_into_an_empty_namespace_name_is_refused_and_leaves_nothing(make_tiny):
     """Outside-in review: perplexity(namespace="") streamed into a scratch namespace it never reset (namespace
     ``""`` counted as "not given" for the name, as given for the cleanup), which the next save wrote to disk."""
