@@ -333,9 +333,9 @@ class BankFiles:
     def _publish(self, path: Path, loaded: dict[str, tuple[list[Chunk], np.ndarray]], spaces: dict[str, NamespaceIndex],
                  sizes: dict[str, int], next_order: int, renumber: bool = False) -> None:
         """Swap loaded namespaces in (under the write lock), or raise with the bank unchanged. ``renumber``
-        (``restore``): the chunks get new insertion orders after this bank's own, in their saved order; their saved
-        ones may be those of chunks this bank holds, and two chunks of one order made the bank's next save
-        unloadable."""
+        (``restore``): when a saved insertion order is that of a chunk this bank keeps (two chunks of one order made
+        the bank's next save unloadable), the loaded chunks get new orders after this bank's own, in their saved
+        order."""
         for name, (chunks, _) in loaded.items():
             clash = [c.id for c in chunks if c.id in self._chunks and self._chunks[c.id].namespace != name]
             if clash:
@@ -349,8 +349,9 @@ class BankFiles:
                 raise MemoryFullError(f"Loading {path} would make the bank hold {total} bytes, over its "
                                       f"max_bytes={self.max_bytes}. Raise max_bytes, load fewer namespaces "
                                       "(namespaces=[...]), or reset namespaces of this bank first.")
-        if renumber:
-            for c in sorted((c for chunks, _ in loaded.values() for c in chunks), key=lambda c: c.order):
+        every = [c for chunks, _ in loaded.values() for c in chunks]
+        if renumber and {c.order for c in self._chunks.values() if c.namespace not in spaces} & {c.order for c in every}:
+            for c in sorted(every, key=lambda c: c.order):
                 c.order = next(self._order)
         victims = {name: capacity_victims(loaded[name][0], self.capacity, self.evict_oldest, self.keep_newest)
                    for name in spaces}  # a smaller capacity than the saving bank's: the usual rule applies
