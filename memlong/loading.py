@@ -165,7 +165,8 @@ def memory_fingerprint(ml: MemLong) -> dict[str, Any]:
     return {"architecture": cfg.model_type, "num_layers": ml.num_layers, "hidden_size": int(cfg.hidden_size),
             "kv_heads": ml.kv_heads, "head_dim": ml.head_dim, "vocab_size": int(cfg.vocab_size),
             "source_layers": list(ml.config.source_layers), "kv_source": ml.config.kv_source,
-            "chunk_size": ml.config.chunk_size, "model": str(getattr(cfg, "name_or_path", "") or "")}
+            "chunk_size": ml.config.chunk_size, "sink_ids": list(ml.sink_ids),  # every stored K-V attended to it
+            "model": str(getattr(cfg, "name_or_path", "") or "")}
 
 
 def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor] | None:

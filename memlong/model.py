@@ -88,11 +88,11 @@ class MemLong:
         self.decoder = model.model  # embeddings + layers + final norm
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         loading.check_sliding_window(model.config, self.config)
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self._sink_ids = [int(bos)] if (self.config.attention_sink and bos is not None) else []  # (in the fingerprint)
         self.bank = bank if bank is not None else loading.new_bank(self, embedder)
         self.kv_cache = loading.new_cache(self)
         self.last_generation = GenerationStats()
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self._sink_ids = [int(bos)] if (self.config.attention_sink and bos is not None) else []
         self.sink_cache = SinkKV(self)  # the sink's K-V, computed on first use (memlong.positions)
         self.reader: Reader | None = None  # an attached reader adapter (memlong.reader.attach_reader)
 

@@ -49,6 +49,7 @@ MAX_INT = 2**63 - 1
 CHUNK_ID = re.compile(r"^[0-9a-f]{24}$")
 # Fingerprint keys recorded for information only: paths differ between machines holding the same model.
 _INFO_KEYS = ("model",)
+_LATER_KEYS = ("sink_ids",)  # fingerprint keys added after banks were saved without them: absent is not compared
 
 
 class MemoryMismatchError(MemoryFileError):
@@ -304,7 +305,8 @@ def check_compatible(path: Path, record: dict[str, Any], embedder: TextEmbedder,
                                   f"model is {_describe(fingerprint)}: it was not saved by MemLong.save_memory, so "
                                   "its K-V cannot be checked. Load it with MemoryBank.load instead.")
     keys = sorted(set(stored) | set(fingerprint), key=lambda k: (k in _INFO_KEYS, k))
-    differ = [k for k in keys if k not in _INFO_KEYS and stored.get(k) != fingerprint.get(k)]
+    differ = [k for k in keys if k not in _INFO_KEYS and stored.get(k) != fingerprint.get(k)
+              and not (k in _LATER_KEYS and k not in stored)]
     if differ:
         raise MemoryMismatchError(
             f"The memory bank at {path} was made by a different model or config: "

@@ -324,6 +324,29 @@ def test_banks_saved_without_token_ids_still_load(tmp_path):
                         tokens=[[1, 2]])
 
 
+def test_memory_made_with_another_sink_is_refused_and_older_memory_still_loads(tmp_path, make_tiny):
+    """Outside-in review: memory ingested with the attention sink loaded silently into a model without one (its K-V
+    attended to a token this model never sees: keys off by 0.18 at a scale of 0.56). The fingerprint now records
+    the sink; memory saved before it did (no "sink_ids") still loads."""
+    text = "The iron key is in the blue box. The harbour gate opens at dawn. " * 12
+    with_sink, _ = make_tiny(chunk_size=16, local_window=64)
+    with_sink.ingest(text, namespace="n", progress=False)
+    with_sink.save_memory(tmp_path / "mem")
+    without, _ = make_tiny(chunk_size=16, local_window=64, attention_sink=False)
+    with pytest.raises(MemoryMismatchError, match=r"sink_ids: saved \[\d+\], this model \[\]"):
+        without.load_memory(tmp_path / "mem")
+    manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
+    record_file = tmp_path / "mem" / manifest["files"][0]["name"]
+    record = json.loads(record_file.read_text())
+    del record["fingerprint"]["sink_ids"]  # as saved before the key existed
+    data = json.dumps(record).encode()
+    record_file.write_bytes(data)
+    manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (tmp_path / "mem" / "manifest.json").write_text(json.dumps(manifest))
+    again, _ = make_tiny(chunk_size=16, local_window=64)
+    assert again.load_memory(tmp_path / "mem") == ["n"]
+
+
 def test_tampered_content_with_valid_checksums_is_refused(tmp_path):
     """Checksums catch accidents; the loader also validates what the files say (fuzzed at length in
     test_persistence_fuzz.py; these are the cases it found or that matter most)."""
