@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +33,8 @@ from memlong.storage import is_disk_bank
 if TYPE_CHECKING:
     from memlong.model import MemLong
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "check_architecture", "check_sliding_window", "check_stored_kv",
-           "load_pretrained", "memory_fingerprint", "new_bank"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "check_architecture", "check_model", "check_rope", "check_sliding_window",
+           "check_stored_kv", "load_pretrained", "memory_fingerprint", "new_bank", "warn_model"]
 
 # Decoders whose attention is q/k/v/o projections (Qwen2: with biases) + standard RoPE + the transformers attention
 # registry, each tested for exactness on a tiny random-weight model (tests/test_architectures.py). Sliding windows
@@ -48,6 +49,20 @@ def check_architecture(model_type: str | None) -> None:
                          "(Llama-family decoders with standard RoPE attention). Pick a model of one of these types.")
 
 
+def check_model(model: Any) -> None:
+    """Raise unless ``model`` is a causal LM of a supported architecture, with its language-model head."""
+    check_architecture(getattr(getattr(model, "config", None), "model_type", None))
+    if not (hasattr(model, "model") and hasattr(model, "lm_head")):
+        raise TypeError(f"MemLong needs a causal language model with its head (AutoModelForCausalLM, e.g. "
+                        f"LlamaForCausalLM), got a {type(model).__name__}.")
+
+
+def warn_model(model_config: Any, cfg: MemLongConfig) -> None:
+    """The warnings of :func:`check_sliding_window` and :func:`check_rope` (what MemLong's attention cannot match)."""
+    check_sliding_window(model_config, cfg)
+    check_rope(model_config)
+
+
 def check_sliding_window(model_config: Any, cfg: MemLongConfig) -> None:
     """Warn when a query may see more than a sliding-window model's window (Mistral; Qwen2 with sliding layers).
 
@@ -59,12 +74,25 @@ def check_sliding_window(model_config: Any, cfg: MemLongConfig) -> None:
     layer_types = getattr(model_config, "layer_types", None)
     if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
         return
-    span = 1 + cfg.top_k * cfg.chunk_size + cfg.local_window
+    span = 1 + cfg.top_k * (1 + cfg.retrieve_next) * cfg.chunk_size + cfg.local_window
     if span > window:
         warnings.warn(f"This model was trained with a sliding window of {window} tokens, but a query may see up to "
-                      f"{span} (sink + top_k * chunk_size + local_window); MemLong applies no sliding window, so "
-                      "outputs differ from the stock model's beyond it. Lower top_k or local_window to stay exact.",
-                      UserWarning, stacklevel=3)  # the caller of MemLong(...)
+                      f"{span} (sink + top_k * (1 + retrieve_next) * chunk_size + local_window); MemLong applies no "
+                      "sliding window, so outputs differ from the stock model's beyond it. Lower top_k, retrieve_next "
+                      "or local_window to stay exact.", UserWarning, stacklevel=4)  # the caller of MemLong(...)
+
+
+def check_rope(model_config: Any) -> None:
+    """Warn for RoPE whose frequencies change with the sequence length (``rope_type="dynamic"``): stored keys are
+    rotated at answer time with the frequencies of the current call, so memory read past
+    ``max_position_embeddings`` no longer matches what the model computes for the same text in one pass."""
+    scaling = getattr(model_config, "rope_scaling", None) or getattr(model_config, "rope_parameters", None) or {}
+    if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) == "dynamic":
+        warnings.warn("This model uses dynamic RoPE scaling (rope_type='dynamic'), whose frequencies change once a "
+                      "sequence passes max_position_embeddings; memory read beyond that is approximate (max |diff| "
+                      "2e-3 against full attention on a tiny model, exact within it). Use a model with static RoPE "
+                      "scaling (default, linear, llama3, yarn) for exact memory at any length.", UserWarning,
+                      stacklevel=4)
 
 
 def new_bank(ml: MemLong, embedder: TextEmbedder | str | None) -> MemoryBank:
@@ -120,21 +148,34 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
     """The body of :meth:`MemLong.from_pretrained` (see there): resolve ``"default"``, pick device and dtype
     (CUDA + bf16 when available, else CPU + fp32), load tokenizer and model, and merge ``adapter`` with the
     config it was trained with as defaults (``config`` keywords override them)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"from_pretrained takes a model name or folder, got a {type(name_or_path).__name__}; to use a "
+                        "model object you already have, wrap it: MemLong(model, tokenizer, config).")
     path = str(name_or_path)
     if path == "default":
         from memlong.default_model import default_model_path
 
         path = str(default_model_path())
     local = Path(path).expanduser()
-    if not local.is_dir() and (local.exists() or local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
+    if local.is_dir():
+        path = str(local)  # "~" expanded: transformers takes "~/model" for a hub id
+    elif local.exists() or local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
         raise ValueError(f"Model {path!r}: no such folder. Give 'default', a Hugging Face model id ('org/name'), or a "
                          "folder with config.json and weights.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        check_architecture(getattr(AutoConfig.from_pretrained(path), "model_type", None))  # before the weights load
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        if local.is_dir():
+            raise
+        raise OSError(f"Model {path!r}: there is no folder of that name in {Path.cwd()}, and as a Hugging Face model "
+                      f"id it could not be loaded ({str(exc).splitlines()[0][:200]}). Check the path, or give "
+                      "'default' or a model id that is in the local Hugging Face cache.") from None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=to_dtype(dtype)).to(device)
     if adapter is None:
         return cls(model, tokenizer, MemLongConfig(**config), embedder=embedder)

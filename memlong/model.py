@@ -77,7 +77,7 @@ class MemLong:
 
     def __init__(self, model: Any, tokenizer: Any, config: MemLongConfig | None = None, *,
                  embedder: TextEmbedder | str | None = None, bank: MemoryBank | None = None) -> None:
-        loading.check_architecture(getattr(model.config, "model_type", None))
+        loading.check_model(model)
         self.model = model
         self.tokenizer = tokenizer
         self.num_layers = int(model.config.num_hidden_layers)
@@ -87,7 +87,7 @@ class MemLong:
         model.eval()
         self.decoder = model.model  # embeddings + layers + final norm
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-        loading.check_sliding_window(model.config, self.config)
+        loading.warn_model(model.config, self.config)
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._sink_ids = [int(bos)] if (self.config.attention_sink and bos is not None) else []  # (in the fingerprint)
         self.bank = bank if bank is not None else loading.new_bank(self, embedder)

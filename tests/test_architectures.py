@@ -6,6 +6,10 @@ empty memory == the stock model, memory of exactly the preceding chunks == full 
 attention within the window, and kv_refresh=1 == encoding the retrieved text.
 """
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import SHIP_TEXT, three_chunks_pasted
@@ -138,3 +142,42 @@ def test_a_window_beyond_the_sliding_window_is_flagged(tokenizer, embedder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MemLong(model, tokenizer, MemLongConfig(local_window=1024, top_k=8), embedder=embedder)
+
+
+def test_retrieve_next_and_dynamic_rope_are_flagged(tokenizer, embedder):
+    """Outside-in review: the sliding-window warning ignored the chunks retrieve_next adds to a query's view
+    (1,802 memory tokens seen against a window of 1,024, no warning), and dynamic RoPE, whose frequencies change
+    past max_position_embeddings (memory off by 2e-3 there), said nothing."""
+    import warnings
+
+    model, _ = _tiny("mistral", tokenizer, sliding_window=1536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MemLong(model, tokenizer, MemLongConfig(local_window=1024, top_k=2), embedder=embedder)  # 1,281 visible
+    with pytest.warns(UserWarning, match=r"up to 1793 \(sink \+ top_k \* \(1 \+ retrieve_next\)"):
+        MemLong(model, tokenizer, MemLongConfig(local_window=1024, top_k=2, retrieve_next=2), embedder=embedder)
+    model, _ = _tiny("llama", tokenizer, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0))
+    with pytest.warns(UserWarning, match="dynamic RoPE scaling"):
+        MemLong(model, tokenizer, embedder=embedder)
+
+
+def test_a_model_without_its_head_or_not_a_name_is_named(tokenizer, embedder, tmp_path):
+    """Outside-in review: MemLong(model.model) (no language-model head) failed with AttributeError 'model';
+    from_pretrained(model object) with 'File name too long'; '~/folder' with a hub repo-id error although the folder
+    existed; a mistyped 'dir/name' with a failed hub connection that never said no such folder exists here."""
+    model, _ = _tiny("llama", tokenizer)
+    with pytest.raises(TypeError, match="causal language model with its head .* got a LlamaModel"):
+        MemLong(model.model, tokenizer, embedder=embedder)
+    with pytest.raises(TypeError, match=r"wrap it: MemLong\(model, tokenizer, config\)"):
+        MemLong.from_pretrained(model)
+    with pytest.raises(OSError, match="no folder of that name in .* as a Hugging Face model id"):
+        MemLong.from_pretrained("models/llama-typo")
+    home = Path.home()
+    folder = Path(tempfile.mkdtemp(dir=home, prefix=".memlong-test-"))
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        ml = MemLong.from_pretrained(f"~/{folder.name}", embedder=embedder)
+        assert ml.num_layers == 4
+    finally:
+        shutil.rmtree(folder)
