@@ -315,9 +315,8 @@ def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tenso
     recently stored chunk's text as the query (the segment's own tokens are never the query).
     """
     ids = token_tensor(input_ids, "cpu", vocab_rows(ml))[0].tolist()  # one sequence: a (2, T) batch is refused
-    if labels is not None and tuple(labels.shape) not in ((len(ids),), (1, len(ids))):
-        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the segment's {len(ids)} tokens; give "
-                         f"(1, {len(ids)}) labels (-100 = ignore).")
+    if labels is not None:
+        _check_labels(labels, len(ids), vocab_rows(ml))
     if len(ids) > ml.config.local_window:
         raise ValueError(f"Segment of {len(ids)} tokens exceeds local_window {ml.config.local_window}.")
     with ml.bank.reading():  # what the search finds is still there when it is read (another thread may delete)
@@ -334,6 +333,20 @@ def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tenso
         out["loss"] = torch.nn.functional.cross_entropy(
             logits[0, :-1], labels.view(-1)[1:].to(logits.device), ignore_index=-100)
     return out
+
+
+def _check_labels(labels: Any, n: int, vocab: int) -> None:
+    """ValueError naming what is wrong with a segment's ``labels``: (1, n) or (n,) integer token ids or -100."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+            or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor of token ids (-100 = ignore), got {type(labels).__name__}"
+                         f"{'' if not isinstance(labels, torch.Tensor) else ' of ' + str(labels.dtype)}.")
+    if tuple(labels.shape) not in ((n,), (1, n)):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the segment's {n} tokens; give "
+                         f"(1, {n}) labels (-100 = ignore).")
+    bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab))]
+    if bad.numel():
+        raise ValueError(f"label {int(bad[0])} is not a token id of this model (0..{vocab - 1}) nor -100 (ignore).")
 
 
 def retrieve_ids(ml: MemLong, query: str, namespace: str, k: int | None = None) -> list[str]:

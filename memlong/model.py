@@ -41,6 +41,7 @@ from memlong.generation import Generation, GenerationStats
 from memlong.loading import SUPPORTED_ARCHITECTURES
 from memlong.memory import MemoryBank
 from memlong.positions import KV, Memory, SinkKV, build_context
+from memlong.records import check_string
 from memlong.static_kv import compiled_decoder
 from memlong.streaming import IngestStats, Stream
 
@@ -155,8 +156,8 @@ class MemLong:
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text`` without special tokens added."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of ``text`` without special tokens added (TypeError or ValueError: not a string, lone surrogates)."""
+        return self.tokenizer(check_string(text, "text"), add_special_tokens=False)["input_ids"]
 
     def strip_sink(self, ids: Sequence[int]) -> list[int]:
         """``ids`` without a leading sink/BOS token: the sink is shared in the prefix, never encoded again.

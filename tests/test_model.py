@@ -503,6 +503,28 @@ def test_the_wrapped_model_still_runs_padded_batches_like_stock_attention(make_t
             ml.model(input_ids=ids, attention_mask=mask, memlong_context=ml.context(None)[0])
 
 
+def test_forward_labels_and_tokenize_input_are_checked(make_tiny):
+    """Outside-in fuzz: forward() labels out of the vocabulary gave cross_entropy's IndexError, float labels a dtype
+    RuntimeError; tokenize() of a lone surrogate a tokenizers TypeError, of bytes a transformers ValueError."""
+    ml, _ = make_tiny()
+    ids = torch.tensor([ml.tokenize("The pass key is 12345.")])
+    vocab = ml.model.get_input_embeddings().num_embeddings
+    for bad, needle in ((torch.full_like(ids, vocab), f"label {vocab} is not a token id"),
+                        (torch.full_like(ids, -5), "label -5 is not a token id"),
+                        (ids.float(), "labels must be an integer tensor"), (ids.tolist(), "labels must be an integer"),
+                        (ids[:, 1:], "do not match the segment")):
+        with pytest.raises(ValueError, match=needle):
+            ml.forward(ids, labels=bad)
+    masked = ids.clone()
+    masked[0, :3] = -100
+    assert torch.isfinite(ml.forward(ids, labels=masked)["loss"])
+    with pytest.raises(ValueError, match="surrogate"):
+        ml.tokenize("a\udc80b")
+    for bad in (None, b"bytes"):
+        with pytest.raises(TypeError, match="text must be a string"):
+            ml.tokenize(bad)
+
+
 def test_perplexity_into_an_empty_namespace_name_is_refused_and_leaves_nothing(make_tiny):
     """Outside-in review: perplexity(namespace="") streamed into a scratch namespace it never reset (namespace
     ``""`` counted as "not given" for the name, as given for the cleanup), which the next save wrote to disk."""
