@@ -16,7 +16,7 @@ import bisect
 import contextlib
 
 from memlong.bank_writes import is_staging
-from memlong.records import Chunk, as_list
+from memlong.records import Chunk, as_list, check_count, check_namespace
 
 __all__ = ["BankViews"]
 
@@ -61,6 +61,7 @@ class BankViews:
 
     def chunk_ids(self, namespace: str = "default") -> list[str]:
         """Ids of ``namespace`` in insertion order."""
+        check_namespace(namespace)
         with self._lock.read():
             space = self._spaces.get(namespace)
             return sorted(space.ids, key=lambda c: self._chunks[c].order) if space else []
@@ -73,6 +74,7 @@ class BankViews:
         Example:
             >>> [c.text for c in bank.chunks("docs") if c.metadata.get("lang") == "en"]
         """
+        check_namespace(namespace)
         with self._lock.read():
             space = self._spaces.get(namespace)
             ordered = sorted((self._chunks[c] for c in (space.ids if space else ())), key=lambda c: c.order)
@@ -85,6 +87,7 @@ class BankViews:
         Example:
             >>> bank.doc_chunk_ids("docs")["intro"]     # every chunk of the document stored as "intro"
         """
+        check_namespace(namespace)
         docs: dict[str, list[str]] = {}
         with self._lock.read():
             space = self._spaces.get(namespace)
@@ -102,6 +105,7 @@ class BankViews:
             >>> bank.following([ids[3]], namespace="docs", n=1) == ids[3:5]      # one document, in order
             True
         """
+        n = check_count(n, "n")  # 1.5 and None failed inside; -1 meant 0
         with self._lock.read():
             chunk_ids = as_list(chunk_ids, "chunk_ids")
             chunks = [self._get(c, namespace) for c in chunk_ids]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memlong.positions import Memory
-from memlong.records import as_list, check_string
+from memlong.records import as_list, check_namespace, check_string
 from memlong.static_kv import compiled_step, start_static
 
 if TYPE_CHECKING:
@@ -358,7 +358,7 @@ def retrieve_ids(ml: MemLong, query: str, namespace: str, k: int | None = None) 
         >>> retrieve_ids(ml, "Who killed Polonius?", "hamlet")     # what ml.generate(...) would read
     """
     k = ml.config.top_k if k is None else k
-    if k <= 0 or namespace not in ml.bank.namespaces():
+    if k <= 0 or check_namespace(namespace) not in ml.bank.namespaces():  # None or "": an error, not no memory
         return []
     ids = [h.chunk_id for h in ml.bank.search(query, namespace=namespace, k=k)]
     return ml.bank.following(ids, namespace=namespace, n=ml.config.retrieve_next) if ml.config.retrieve_next else ids

@@ -252,6 +252,8 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         """
         chunk_ids = as_list(chunk_ids, "chunk_ids")
         check_namespace(namespace)
+        if doc_id is not None and not isinstance(doc_id, str):
+            raise ValueError(f"doc_id must be a string, got {type(doc_id).__name__} {str(doc_id)[:50]!r}.")
         with self._lock.write():
             drop = {self._get(cid, namespace).id for cid in chunk_ids}
             space = self._spaces.get(namespace)
@@ -286,6 +288,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             >>> bank.search("Who keeps the iron key?", namespace="docs", k=4, mode="hybrid")
         """
         mode, k = check_mode(self.search_mode if mode is None else mode), check_count(k, "k")
+        check_namespace(namespace)  # None or "" found nothing, silently (an answer without memory)
         if k == 0:
             return []
         if mode != "dense" and not isinstance(query, str):
@@ -317,8 +320,9 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         For callers that search with ``count=False`` and then keep only some hits (e.g. one chunk per stored
         entry). Ids no longer in ``namespace`` (deleted or evicted meanwhile) are skipped.
         """
+        chunk_ids = as_list(chunk_ids, "chunk_ids")  # one string is one id, not its characters
         with self._lock.read():
-            self._bump(namespace, chunk_ids)
+            self._bump(check_namespace(namespace), chunk_ids)
 
     def _bump(self, namespace: str, chunk_ids: Iterable[str]) -> None:
         with self._count_lock:  # readers hold the read lock only: counters need their own

@@ -39,7 +39,7 @@ import torch
 
 from memlong.bank_writes import is_staging
 from memlong.positions import Stacked
-from memlong.records import as_list, check_metadata, check_namespace, check_string, check_text
+from memlong.records import as_list, check_count, check_metadata, check_namespace, check_string, check_text
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -123,7 +123,7 @@ class Stream:
                 step is then written as one chunk and the stream advances to the span's end.
         """
         ml, cfg = self.ml, self.ml.config
-        k = cfg.ingest_k if k is None else k
+        k = cfg.ingest_k if k is None else check_count(k, "k")  # -1 meant 0
         if k > 0 and self.pending:  # batched chunks first: retrievable now, and stored in document order
             self.flush()
         with ml.bank.reading():  # what the search finds is still there when it is read (another thread may delete)

@@ -368,3 +368,34 @@ def test_search_k_query_shape_and_fetch_dtype_are_checked(bank, embedder):
     assert bank.search(two[:1], namespace="ns", k=1)[0].chunk_id == ids[3]  # (1, dim) is one vector
     with pytest.raises(ValueError, match="floating-point torch dtype .*got torch.int8"):
         bank.fetch(ids[:1], namespace="ns", dtype=torch.int8)
+
+
+def test_a_missing_or_odd_namespace_or_count_is_named_not_an_empty_answer(bank):
+    """Outside-in fuzz: search / chunk_ids / chunks / doc_chunk_ids with namespace None or "" returned [] (and
+    generate answered without memory), delete(doc_id=5) deleted nothing, mark_retrieved("abc") counted three
+    one-letter ids, following(n=1.5) and Stream.step(k=-1) failed inside or meant 0."""
+    ids = add(bank, TEXTS)
+    for bad in (None, "", 5):
+        for call in (lambda: bank.search("ghost", namespace=bad), lambda: bank.chunk_ids(bad),
+                     lambda: bank.chunks(bad), lambda: bank.doc_chunk_ids(bad),
+                     lambda: bank.mark_retrieved(ids[:1], namespace=bad)):
+            with pytest.raises(ValueError, match="namespace must be a non-empty string"):
+                call()
+    with pytest.raises(ValueError, match="doc_id must be a string"):
+        bank.delete(namespace="ns", doc_id=5)
+    with pytest.raises(TypeError, match="chunk_ids takes a list"):
+        bank.mark_retrieved(ids[0], namespace="ns")
+    for n in (1.5, None, -1):
+        with pytest.raises(ValueError, match="n must be an integer >= 0"):
+            bank.following(ids[:1], namespace="ns", n=n)
+    assert len(bank) == len(TEXTS) and bank.following(ids[:1], namespace="ns", n=0) == ids[:1]
+
+
+def test_generate_and_stream_steps_name_a_missing_namespace_or_a_negative_k(make_tiny):
+    ml, _ = make_tiny(chunk_size=16, local_window=64)
+    ml.ingest("The silver key is in the tower. " * 8, namespace="docs", progress=False)
+    for bad in (None, ""):
+        with pytest.raises(ValueError, match="namespace must be a non-empty string"):
+            ml.generate("Where is the key?", namespace=bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match="k must be an integer >= 0"):
+        ml.stream("docs").step(ml.tokenize("More text."), k=-1)
