@@ -229,6 +229,7 @@ class MemLongConfig:
         """
         if num_layers < 2:
             raise ValueError(f"MemLong needs a model with at least 2 layers, got {num_layers}.")
+        self = _plain(self)
         _check_types(self)
         _check(self.kv_source in ("memory_layer", "per_layer"),
                f"kv_source must be 'memory_layer' or 'per_layer', got {self.kv_source!r}.")
@@ -238,7 +239,6 @@ class MemLongConfig:
                f"attention_backend must be one of auto, sdpa, flex, eager; got {self.attention_backend!r}.")
         _check(self.decode_mode in ("static", "dynamic", "compiled"),
                f"decode_mode must be one of static, dynamic, compiled; got {self.decode_mode!r}.")
-        _check(isinstance(self.stream_compile, bool), f"stream_compile must be True or False, got {self.stream_compile!r}.")
         _check(self.memory_dtype in _MEMORY_DTYPES,
                f"memory_dtype must be one of {list(_MEMORY_DTYPES)}, got {self.memory_dtype!r}.")
         _check_storage(self)
@@ -246,17 +246,7 @@ class MemLongConfig:
                f"search_mode must be one of {', '.join(map(repr, SEARCH_MODES))}, got {self.search_mode!r}.")
         _check(self.memory_device in ("auto", "cpu", "pinned", "model"),
                f"memory_device must be 'auto', 'cpu', 'pinned' or 'model', got {self.memory_device!r}.")
-        for name in ("chunk_size", "local_window", "memory_capacity", "ingest_step"):  # ingest_step: None = default
-            value = getattr(self, name)
-            _check((value is None and name == "ingest_step") or (_is_int(value) and value > 0),
-                   f"{name} must be a positive integer, got {value!r}.")
-        _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}.")
-        _check(self.ingest_top_k is None or (_is_int(self.ingest_top_k) and self.ingest_top_k >= 0),
-               f"ingest_top_k must be None or an integer >= 0, got {self.ingest_top_k!r}.")
-        step = self.step
-        _check(step % self.chunk_size == 0 and 0 < step <= self.local_window,
-               f"ingest_step ({step}) must be a multiple of chunk_size ({self.chunk_size}) and at most "
-               f"local_window ({self.local_window}).")
+        _check_sizes(self)
         _check(self.memory_max_bytes is None or (type(self.memory_max_bytes) is int and self.memory_max_bytes > 0),
                f"memory_max_bytes must be a positive integer or None, got {self.memory_max_bytes!r}.")
         _check(self.memory_capacity >= self.chunk_size,
@@ -302,6 +292,33 @@ class MemLongConfig:
         return dataclasses.replace(self, memory_layer=memory_layer, retrieval_layers=layers)
 
 
+def _plain(cfg: MemLongConfig) -> MemLongConfig:
+    """``cfg`` with numpy scalars as Python ones (``top_k=np.int64(4)`` was refused as "not an integer"; the config
+    is saved as JSON)."""
+    changes = {f.name: getattr(cfg, f.name).item() for f in dataclasses.fields(cfg)
+               if isinstance(getattr(cfg, f.name), np.generic)}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _check_sizes(cfg: MemLongConfig) -> None:
+    """Validate the token counts: chunk size, window, capacity, ingestion step, ``top_k``."""
+    for name in ("chunk_size", "local_window", "memory_capacity", "ingest_step"):  # ingest_step: None = default
+        value = getattr(cfg, name)
+        _check((value is None and name == "ingest_step") or (_is_int(value) and value > 0),
+               f"{name} must be a positive integer, got {value!r}.")
+    _check(_is_int(cfg.top_k) and cfg.top_k >= 0, f"top_k must be an integer >= 0, got {cfg.top_k!r}.")
+    _check(cfg.ingest_top_k is None or (_is_int(cfg.ingest_top_k) and cfg.ingest_top_k >= 0),
+           f"ingest_top_k must be None or an integer >= 0, got {cfg.ingest_top_k!r}.")
+    step, chunk, window = cfg.step, cfg.chunk_size, cfg.local_window
+    if cfg.ingest_step is None:  # the default step is half the window: say so, and how to fix it
+        _check(step % chunk == 0 and step <= window,
+               f"local_window ({window}) must be at least chunk_size ({chunk}) and half of it (the default "
+               f"ingest_step, {step}) a multiple of chunk_size: use a local_window that is a multiple of "
+               f"{2 * chunk} (e.g. {max(2, round(window / (2 * chunk))) * 2 * chunk}), or set ingest_step.")
+    _check(step % chunk == 0 and 0 < step <= window,
+           f"ingest_step ({step}) must be a multiple of chunk_size ({chunk}) and at most local_window ({window}).")
+
+
 def _check_types(cfg: MemLongConfig) -> None:
     """The types the range checks of :meth:`MemLongConfig.resolve` take for granted (a string share failed with
     a raw TypeError there, truthy strings passed as switches, ``retrieval_layers=(1.5, 2)`` became ``(1, 2)``)."""
@@ -312,7 +329,7 @@ def _check_types(cfg: MemLongConfig) -> None:
            f"retrieval_layers must be a list of integer layer indices, 'upper' or 'all'; got {layers!r}.")
     _check(cfg.memory_layer is None or _is_int(cfg.memory_layer),
            f"memory_layer must be None (half the model depth) or an integer layer index, got {cfg.memory_layer!r}.")
-    for name in ("attention_sink", "memory_reader"):  # bools, numpy bools and 0 / 1 (truthy strings are refused)
+    for name in ("attention_sink", "memory_reader", "stream_compile"):  # bools and 0 / 1 (truthy strings refused)
         value = getattr(cfg, name)
         _check(isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)),
                f"{name} must be True or False, got {value!r}.")

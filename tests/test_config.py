@@ -106,6 +106,10 @@ def test_module_docstring_examples_hold():
         ({"memory_reader": "no"}, "memory_reader must be True or False"),
         ({"memory_temperature": float("inf")}, "memory_temperature must be a number > 0 and finite"),
         ({"memory_scale": float("inf")}, "memory_scale must be a number > 0 and finite"),
+        ({"stream_compile": "no"}, "stream_compile must be True or False"),
+        ({"local_window": 10000}, r"half of it \(the default ingest_step, 5000\) a multiple of chunk_size: use a "
+                                  r"local_window that is a multiple of 256 \(e.g. 9984\)"),
+        ({"local_window": 100}, r"local_window \(100\) must be at least chunk_size \(128\)"),
     ],
 )
 def test_config_fields_of_the_wrong_type_are_named(kwargs, message):
@@ -135,3 +139,18 @@ def test_a_dict_as_the_config_is_refused_with_the_fix(tiny_hf, tokenizer, embedd
 
     with pytest.raises(TypeError, match=r"config must be a MemLongConfig, got dict: pass MemLongConfig\(\*\*options\)"):
         MemLong(tiny_hf, tokenizer, {"top_k": 3}, embedder=embedder)
+
+
+def test_numpy_scalars_are_plain_numbers_in_the_resolved_config():
+    """Outside-in fuzz: top_k=np.int64(4) was refused as "top_k must be an integer >= 0, got np.int64(4)" (so were
+    chunk_size, local_window, ...), while numpy floats and layer indices passed; stream_compile=0 was refused where
+    attention_sink=0 passed. Numpy scalars are now plain Python values (the config is saved as JSON)."""
+    import json
+
+    import numpy as np
+
+    cfg = MemLongConfig(top_k=np.int64(4), chunk_size=np.int32(64), local_window=np.int64(512),
+                        kv_refresh=np.float32(0.25), attention_sink=np.bool_(True), stream_compile=0).resolve(26)
+    assert (cfg.top_k, cfg.chunk_size, cfg.local_window) == (4, 64, 512) and type(cfg.top_k) is int
+    assert type(cfg.kv_refresh) is float and cfg.attention_sink is True
+    json.dumps(cfg.to_dict())
