@@ -95,6 +95,8 @@ class BankFiles:
             ValueError: ``namespaces`` empty or naming namespaces that hold nothing (nothing is written), or
                 ``path`` is a file or a non-empty directory that is not a memory bank.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a directory path (a str or Path), got {type(path).__name__} {path!r}.")
         if namespaces is not None and not (namespaces := as_list(namespaces, "namespaces")):
             raise ValueError(f"save(namespaces=[]) would replace the bank at {path} with an empty one; name the "
                              "namespaces to save, or pass namespaces=None to save them all.")

@@ -275,6 +275,9 @@ def token_tensor(ids: Sequence[int] | torch.Tensor, device: torch.device | str, 
         ids_t = torch.as_tensor(ids)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"Token ids must be a list of integers or an integer tensor ({exc}).") from None
+    if ids_t.dim() == 0:
+        raise TypeError(f"Token ids must be a list of integers or an integer tensor, got one {type(ids).__name__}: "
+                        "wrap it in a list.")
     if ids_t.numel() == 0:
         raise ValueError("No token ids to run (an empty prompt, step or document?); give at least one token.")
     if ids_t.is_floating_point() or ids_t.is_complex() or ids_t.dtype == torch.bool:
@@ -296,15 +299,25 @@ def vocab_rows(ml: MemLong) -> int:
 
 
 def score(ml: MemLong, ids: Sequence[int], target: Sequence[int], memory: Memory | None = None) -> torch.Tensor:
-    """Teacher-forced log-probabilities ``(len(target),)`` of ``target`` following ``ids``, with ``memory``."""
-    if len(ids) == 0:
+    """Teacher-forced log-probabilities ``(len(target),)`` of ``target`` following ``ids``, with ``memory``; each a
+    list of token ids or a ``(T,)`` / ``(1, T)`` tensor, checked as :func:`token_tensor` checks them."""
+    if _count(ids) == 0:
         raise ValueError("score needs at least one token before the target (the first target token's logits come "
                          "from it): e.g. ml.encode_prompt(text).")
-    seq = list(ids) + list(target)
+    ids = token_tensor(ids, "cpu", vocab_rows(ml))[0].tolist()  # a (1, T) tensor made a confusing TypeError
+    target = [] if _count(target) == 0 else token_tensor(target, "cpu", vocab_rows(ml))[0].tolist()
+    seq = ids + target
     with torch.no_grad():
         logits = ml.run(seq, memory=memory, logits_for=slice(len(ids) - 1, len(seq) - 1)).logits  # (1, |target|, V)
         target_t = torch.as_tensor(list(target), device=logits.device)
         return torch.log_softmax(logits[0], -1).gather(1, target_t[:, None])[:, 0]
+
+
+def _count(ids: Any) -> int | None:
+    """How many token ids ``ids`` holds, when that is known without converting it."""
+    if isinstance(ids, torch.Tensor):
+        return ids.numel()
+    return len(ids) if isinstance(ids, Sequence) and not isinstance(ids, (str, bytes)) else None
 
 
 def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,

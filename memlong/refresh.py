@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memlong.attention import Blend, finish_capture
+from memlong.loading import check_memory
 from memlong.positions import Memory
 
 if TYPE_CHECKING:
@@ -130,6 +131,9 @@ def refresh(ml: MemLong, memory: Memory, chunk_ids: Sequence[str], namespace: st
         The refreshed memory (a copy; the bank is unchanged) and the number of tokens re-encoded.
     """
     _check_amounts(share, head)
+    if memory is None:  # (check_memory lets None through: no memory is valid elsewhere)
+        raise TypeError("memory must be the (keys, values) that ml.memory_for(chunk_ids, namespace) returns, got None.")
+    check_memory(ml, memory)
     keys, values = memory
     ids, known, heads = _retrieved_tokens(ml, chunk_ids, namespace, head)
     if keys.shape[2] != len(ids):

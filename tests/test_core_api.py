@@ -301,3 +301,21 @@ def test_reset_takes_one_namespace_and_a_stream_checks_its_arguments_when_create
     assert ml.bank.namespaces() == ["h"]
     ml.reset("h")
     assert ml.bank.namespaces() == []
+
+
+def test_score_refresh_and_save_take_what_run_takes_or_say_what_is_wrong(make_tiny, tmp_path):
+    """Outside-in fuzz: score(ids, 5) failed with "'int' object is not iterable", score of a (1, T) tensor (which
+    run() takes) with a confusing TypeError, refresh(None, ...) with "cannot unpack", save_memory(None) with
+    pathlib's TypeError; a bare integer ran as a one-token prompt."""
+    ml, _ = make_tiny(local_window=512)
+    prompt, target = ml.encode_prompt("The pass key is"), ml.tokenize(" 12345")
+    expected = ml.score(prompt, target)
+    assert torch.equal(ml.score(torch.tensor([prompt]), torch.tensor(target)), expected)
+    assert ml.score(prompt, []).shape == (0,)
+    for call in (lambda: ml.score(prompt, 5), lambda: ml.run(5)):
+        with pytest.raises(TypeError, match="got one int: wrap it in a list"):
+            call()
+    with pytest.raises(TypeError, match="memory must be the .* that ml.memory_for"):
+        ml.refresh(None, [], "default", share=0.5)
+    with pytest.raises(TypeError, match="path must be a directory path"):
+        ml.save_memory(None)
