@@ -376,9 +376,9 @@ def test_a_missing_or_odd_namespace_or_count_is_named_not_an_empty_answer(bank):
     one-letter ids, following(n=1.5) and Stream.step(k=-1) failed inside or meant 0."""
     ids = add(bank, TEXTS)
     for bad in (None, "", 5):
-        for call in (lambda: bank.search("ghost", namespace=bad), lambda: bank.chunk_ids(bad),
-                     lambda: bank.chunks(bad), lambda: bank.doc_chunk_ids(bad),
-                     lambda: bank.mark_retrieved(ids[:1], namespace=bad)):
+        for call in (lambda bad=bad: bank.search("ghost", namespace=bad), lambda bad=bad: bank.chunk_ids(bad),
+                     lambda bad=bad: bank.chunks(bad), lambda bad=bad: bank.doc_chunk_ids(bad),
+                     lambda bad=bad: bank.mark_retrieved(ids[:1], namespace=bad)):
             with pytest.raises(ValueError, match="namespace must be a non-empty string"):
                 call()
     with pytest.raises(ValueError, match="doc_id must be a string"):
