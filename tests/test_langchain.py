@@ -678,3 +678,18 @@ def test_bad_call_input_is_refused_by_name(tiny):
     for model in (MemLongLLM(memlong=tiny, namespace="bad"), ChatMemLong(memlong=tiny, namespace="bad")):
         with pytest.raises(TypeError, match="list of chunk id strings"):
             model.invoke("Question: when do clocks strike?", memlong_chunk_ids=cid)  # was split into characters
+
+
+def test_a_tokenizer_without_a_chat_template_answers_in_plain_by_default(tiny):
+    """Outside-in review: a model whose tokenizer has no chat template (a base model) failed every ChatMemLong call
+    without retrieval ("use role_prompt() or plain_prompt()", which a ChatMemLong user cannot call); "auto" now
+    falls back to the plain layout, and asking for "chat" names ChatMemLong(prompt_format='plain')."""
+    tokenizer = tiny.tokenizer
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        reply = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=3).invoke("Who keeps the key?")
+        assert isinstance(reply.content, str) and reply.usage_metadata["output_tokens"] > 0
+        with pytest.raises(ValueError, match=r"prompt_format='plain'"):
+            ChatMemLong(memlong=tiny, namespace="kb", max_tokens=3, prompt_format="chat").invoke("Who keeps the key?")
+    finally:
+        tokenizer.chat_template = template

@@ -17,8 +17,8 @@ Contract:
       (``"According to the text,"``).
     * Prompt layout (``prompt_format``): ``"plain"`` renders a continuation prompt ``"\\nQuestion: ...\\nAnswer:"``
       right after the memory and stops at ``PLAIN_STOP`` (the next question or a blank line); ``"chat"`` uses
-      the tokenizer's chat template; ``"auto"`` (default) uses ``plain`` when chunks are attended and ``chat``
-      otherwise. Measured on the default 135M model: behind a chat
+      the tokenizer's chat template; ``"auto"`` (default) uses ``plain`` when chunks are attended or the tokenizer
+      has no chat template, and ``chat`` otherwise. Measured on the default 135M model: behind a chat
       template the model tends to ignore memory (README, "LangChain").
     * ``usage_metadata``: ``input_tokens`` = prompt tokens encoded + memory tokens attended, the latter also
       reported as ``input_token_details["cache_read"]`` (they were read from the bank, not encoded; with
@@ -230,7 +230,8 @@ class ChatMemLong(BaseChatModel):
         if chunk_ids is None and self.retrieve:  # as MemLong.generate retrieves (config.retrieve_next included)
             chunk_ids = retrieve_ids(self.memlong, question, namespace, k=self._top_k())
         chunk_ids = chunk_ids or []
-        fmt = self.prompt_format if self.prompt_format != "auto" else ("plain" if chunk_ids else "chat")
+        templated = bool(getattr(self.memlong.tokenizer, "chat_template", None))  # "auto": plain without a template
+        fmt = self.prompt_format if self.prompt_format != "auto" else ("plain" if chunk_ids or not templated else "chat")
         stops = stop_strings(self.stop, stop)
         if fmt == "plain":
             prompt = plain_prompt(turns, after_memory=bool(chunk_ids))
