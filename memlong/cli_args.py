@@ -75,7 +75,7 @@ def modes_list(text: str) -> tuple[str, ...]:
     modes = tuple(x.strip() for x in text.split(","))
     if not modes or any(m not in MODES for m in modes):
         raise argparse.ArgumentTypeError(f"{text!r} must be a comma-separated subset of {','.join(MODES)}")
-    return modes
+    return tuple(dict.fromkeys(modes))  # each once: "memlong,memlong" ran the memlong trials twice as one row
 
 
 def layers(text: str) -> str | tuple[int, ...]:

@@ -243,3 +243,10 @@ def test_fuzz_every_command_fails_cleanly_on_bad_input(command, data, good, tmp_
         bad = data.draw(BAD_OTHER)
     argv = [*map(sub, COMMANDS[command]), *(a for g in good for a in g), "=".join(bad)]
     assert_one_line_error(*run(argv, capsys))
+
+
+def test_a_repeated_mode_runs_once():
+    """Outside-in fuzz: `eval passkey --trials 1 --modes memlong,memlong` printed one memlong row of 2 trials."""
+    from memlong.cli_args import modes_list
+
+    assert modes_list("memlong,window,memlong") == ("memlong", "window")
