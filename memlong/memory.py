@@ -422,6 +422,9 @@ def query_vector(embedder: TextEmbedder, query: Any) -> np.ndarray:
         raise ValueError(f"query must be one vector of dimension {embedder.dim} (the bank's embedder), got an array of "
                          f"shape {vector.shape}; search one query at a time.")
     vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
+    if not np.isfinite(vector).all() or not (isinstance(query, str) or vector.any()):  # NaN found nothing, silently
+        raise ValueError("query vector must be finite and not all zeros (it has no direction to search); check the "
+                         "embedding that produced it.")
     faiss.normalize_L2(vector)
     return vector
 

@@ -399,3 +399,14 @@ def test_generate_and_stream_steps_name_a_missing_namespace_or_a_negative_k(make
             ml.generate("Where is the key?", namespace=bad, max_new_tokens=2)
     with pytest.raises(ValueError, match="k must be an integer >= 0"):
         ml.stream("docs").step(ml.tokenize("More text."), k=-1)
+
+
+def test_a_query_vector_without_a_direction_is_named(bank):
+    """Outside-in fuzz: a NaN query vector returned [] (faiss scores NaN), as if nothing matched."""
+    import numpy as np
+
+    add(bank, TEXTS)
+    for bad in (np.full(bank.embedder.dim, np.nan), np.full(bank.embedder.dim, np.inf), np.zeros(bank.embedder.dim)):
+        with pytest.raises(ValueError, match="query vector must be finite and not all zeros"):
+            bank.search(bad, namespace="ns")
+    assert bank.search(np.ones(bank.embedder.dim), namespace="ns", k=1)
