@@ -33,8 +33,8 @@ from memlong.storage import is_disk_bank
 if TYPE_CHECKING:
     from memlong.model import MemLong
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "check_architecture", "check_model", "check_rope", "check_sliding_window",
-           "check_stored_kv", "load_pretrained", "memory_fingerprint", "new_bank", "warn_model"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "check_architecture", "check_model", "check_positions", "check_rope",
+           "check_sliding_window", "check_stored_kv", "load_pretrained", "memory_fingerprint", "new_bank", "warn_model"]
 
 # Decoders whose attention is q/k/v/o projections (Qwen2: with biases) + standard RoPE + the transformers attention
 # registry, each tested for exactness on a tiny random-weight model (tests/test_architectures.py). Sliding windows
@@ -58,9 +58,29 @@ def check_model(model: Any) -> None:
 
 
 def warn_model(model_config: Any, cfg: MemLongConfig) -> None:
-    """The warnings of :func:`check_sliding_window` and :func:`check_rope` (what MemLong's attention cannot match)."""
+    """The warnings of :func:`check_sliding_window` and :func:`check_rope` (what MemLong's attention cannot match), and
+    of :func:`check_positions` (a config the model has too few positions for)."""
     check_sliding_window(model_config, cfg)
     check_rope(model_config)
+    check_positions(model_config, cfg)
+
+
+def check_positions(model_config: Any, cfg: MemLongConfig) -> None:
+    """ValueError when the local window (and the sink) cannot fit the model's positions (found at the first long
+    ingest before); a warning when answers with ``top_k`` retrieved chunks in the ``continual`` layout may not
+    (``generate`` refuses them, after a whole ingest)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    if 1 + cfg.local_window > limit:
+        raise ValueError(f"local_window ({cfg.local_window}) and the sink need {1 + cfg.local_window} positions; the "
+                         f"model has {limit}. Lower local_window to at most {limit - 1}.")
+    need = 1 + cfg.top_k * (1 + cfg.retrieve_next) * cfg.chunk_size + cfg.local_window
+    if cfg.position_layout == "continual" and need > limit:
+        warnings.warn(f"An answer may need up to {need} positions (sink + top_k * (1 + retrieve_next) * chunk_size + "
+                      f"a prompt of local_window tokens) in the continual layout; the model has {limit}, and generate "
+                      "refuses what does not fit. Lower top_k, chunk_size or local_window, or use "
+                      "position_layout='zero'.", UserWarning, stacklevel=4)
 
 
 def check_sliding_window(model_config: Any, cfg: MemLongConfig) -> None:

@@ -134,7 +134,8 @@ class Stream:
             not torch.is_grad_enabled()
         if start + len(tokens) > ml.max_positions:
             raise ValueError(f"A step needs positions up to {start + len(tokens)} but the model has "
-                             f"{ml.max_positions}; lower top_k, chunk_size or local_window.")
+                             f"{ml.max_positions}; lower local_window (or ingest_top_k / chunk_size when chunks "
+                             "are read while ingesting).")
         out = ml.run(tokens, positions=torch.arange(len(tokens)) + start, context=ctx,
                      logits_for=slice(None) if logits else None)
         new = self._new_chunks(tokens, ctx.stacked, span)

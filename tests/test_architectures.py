@@ -29,9 +29,10 @@ def _tiny(arch: str, tokenizer, **extra):
              "mistral": ("MistralConfig", "MistralForCausalLM")}
     config_cls, model_cls = (getattr(transformers, n) for n in names[arch])
     torch.manual_seed(0)
+    extra = {"max_position_embeddings": 4096, **extra}
     config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+                        num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, **extra)
     model = model_cls(config).eval()
     if arch == "qwen2":  # HF initialises biases to zero: make them matter
         with torch.no_grad():
@@ -181,3 +182,20 @@ def test_a_model_without_its_head_or_not_a_name_is_named(tokenizer, embedder, tm
         assert ml.num_layers == 4
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_config_the_model_has_too_few_positions_for_is_said_at_once(tokenizer, embedder):
+    """Outside-in review: on a model of 512 positions, local_window=256 with top_k=8 needs 1,281 positions per
+    answer; it loaded fine, ingested a whole document, then every generate refused. A window past the model's
+    positions was found only at the first long ingest."""
+    import warnings
+
+    model, _ = _tiny("llama", tokenizer, max_position_embeddings=512)
+    with pytest.raises(ValueError, match=r"local_window \(1024\) and the sink need 1025 positions; the model has 512"):
+        MemLong(model, tokenizer, MemLongConfig(local_window=1024, chunk_size=128), embedder=embedder)
+    with pytest.warns(UserWarning, match="An answer may need up to 1281 positions"):
+        MemLong(model, tokenizer, MemLongConfig(local_window=256, top_k=8), embedder=embedder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MemLong(model, tokenizer, MemLongConfig(local_window=256, top_k=8, position_layout="zero"), embedder=embedder)
+        MemLong(model, tokenizer, MemLongConfig(local_window=256, top_k=1), embedder=embedder)
