@@ -180,7 +180,8 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
         path = str(default_model_path())
     local = Path(path).expanduser()
     if local.is_dir():
-        path = str(local)  # "~" expanded: transformers takes "~/model" for a hub id
+        path = str(local.resolve())  # "~" expanded (transformers took it for a hub id), absolute: the fingerprint
+        # names one folder however it was typed (a relative path warned "saved from another model" when loaded absolute)
     elif local.exists() or local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
         raise ValueError(f"Model {path!r}: no such folder. Give 'default', a Hugging Face model id ('org/name'), or a "
                          "folder with config.json and weights.")

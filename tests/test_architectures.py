@@ -179,7 +179,7 @@ def test_a_model_without_its_head_or_not_a_name_is_named(tokenizer, embedder, tm
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         ml = MemLong.from_pretrained(f"~/{folder.name}", embedder=embedder)
-        assert ml.num_layers == 4
+        assert ml.num_layers == 4 and ml.memory_fingerprint()["model"] == str(folder.resolve())
     finally:
         shutil.rmtree(folder)
 
