@@ -163,8 +163,9 @@ def _spaces(items: Any, tensors: dict[str, torch.Tensor], what: str) -> list[tup
                                                       for c in space["chunks"]):
             raise ValueError(f"entry {j} of its {what} is malformed")
         emb = tensors.get(f"e.{j}")
-        if emb is None or emb.dim() != 2 or emb.shape[0] != len(space["chunks"]):
-            raise ValueError(f"the embeddings of entry {j} of its {what} are missing or of the wrong shape")
+        if emb is None or emb.dim() != 2 or emb.shape[0] != len(space["chunks"]) or emb.dtype != torch.float32:
+            raise ValueError(f"the embeddings of entry {j} of its {what} are missing or not ({len(space['chunks'])}, "
+                             "dim) float32")
         out.append((space["name"], space["chunks"], emb))
     return out
 
@@ -173,16 +174,18 @@ class Replay:
     """The bank a whole record and its deltas describe: ``Replay(record, tensors)``, :meth:`apply` each delta in
     order (ValueError naming what does not fit; the caller names the file), then :meth:`result`.
 
-    Chunks are kept as references (record, embedding source, row) while the deltas apply, and the embeddings are
-    joined once at the end, so a journal of many deltas costs about one pass over the bank. Only the shape of the
-    deltas is checked here: the result goes through the same checks as a whole record
+    Chunks are kept as entries (record, embedding source, row) while the deltas apply: a removal forgets an entry, a
+    counter or segment change edits it in place, and the namespaces' lists and the embeddings are built once at the
+    end, so replaying costs one pass over the bank plus the changes (a compaction's delta moves many chunks). Only
+    the shape of the deltas is checked here: the result goes through the same checks as a whole record
     (:func:`memlong.records.parse_namespaces`)."""
 
     def __init__(self, record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.record, self.sources = record, []
         self.rest = {k: t for k, t in tensors.items() if not k.startswith("e.")}  # a disk bank has none
-        self.spaces: dict[str, list[tuple[dict, int, int]]] = {}  # name -> [(chunk record, source, row)]
-        self.home: dict[str, str] = {}  # chunk id -> its namespace
+        self.spaces: dict[str, list[tuple[dict, int, int, str]]] = {}  # name -> entries, live or not, in order
+        self.alive: dict[str, tuple[dict, int, int, str]] = {}  # chunk id -> its live entry
+        self.live: dict[str, int] = {}  # name -> live chunks
         self._add(record.get("namespaces"), tensors, "namespaces")
 
     def _add(self, items: Any, tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -190,29 +193,29 @@ class Replay:
             self.sources.append(emb)
             rows = self.spaces.setdefault(name, [])
             for row, c in enumerate(chunks):
-                if c["id"] in self.home:
+                if c["id"] in self.alive:
                     raise ValueError(f"chunk id {c['id'][:100]!r} appears twice")
-                self.home[c["id"]] = name
-                rows.append((c, len(self.sources) - 1, row))
+                entry = self.alive[c["id"]] = (c, len(self.sources) - 1, row, name)
+                rows.append(entry)
+            self.live[name] = self.live.get(name, 0) + len(chunks)
 
     def apply(self, change: dict[str, Any], added: dict[str, torch.Tensor]) -> None:
         """Apply one delta (its record ``change``, its embeddings ``added``)."""
         order, removed = _names(change.get("order"), "namespaces"), set(_names(change.get("removed"), "removed ids"))
         retrievals = _mapping(change.get("retrievals"), int, "retrieval counters")
         segments = _mapping(change.get("segments"), str, "segments")
-        unknown = (removed | set(retrievals) | set(segments)) - set(self.home)
+        unknown = removed - set(self.alive)
+        unknown |= {*retrievals, *segments} - (set(self.alive) - removed)  # kept chunks only
         if unknown:
             raise ValueError(f"it names chunk {sorted(unknown)[0][:100]!r}, which the bank does not hold")
-        for name in {self.home.pop(cid) for cid in removed}:
-            self.spaces[name] = [e for e in self.spaces[name] if e[0]["id"] not in removed]
-        by_id = {e[0]["id"]: e[0] for cid in {*retrievals, *segments} for e in self.spaces[self.home[cid]]
-                 if e[0]["id"] == cid} if retrievals or segments else {}
+        for cid in removed:
+            self.live[self.alive.pop(cid)[3]] -= 1
         for cid, n in retrievals.items():
-            by_id[cid]["retrievals"] = n
+            self.alive[cid][0]["retrievals"] = n
         for cid, seg in segments.items():
-            by_id[cid]["segment"] = seg
+            self.alive[cid][0]["segment"] = seg
         self._add(change.get("added"), added, "added chunks")
-        if len(set(order)) != len(order) or any(self.spaces[n] for n in set(self.spaces) - set(order)):
+        if len(set(order)) != len(order) or any(self.live.get(n) for n in set(self.spaces) - set(order)):
             raise ValueError("its namespace order repeats a name or leaves out a namespace that holds chunks")
         embedder = change.get("embedder")
         if not isinstance(embedder, dict) or type(embedder.get("dim")) is not int or embedder["dim"] < 1:
@@ -225,8 +228,9 @@ class Replay:
         tensors, merged = dict(self.rest), []
         dim = self.record["embedder"]["dim"]
         for j, (name, entries) in enumerate(self.spaces.items()):
+            entries = [e for e in entries if self.alive.get(e[0]["id"]) is e]  # removed ones, and replaced ids, go
             runs: list[tuple[int, list[int]]] = []  # (source, rows): consecutive entries of one source
-            for _, src, row in entries:
+            for _, src, row, _ in entries:
                 if runs and runs[-1][0] == src:
                     runs[-1][1].append(row)
                 else:

@@ -417,6 +417,7 @@ def read_bank(path: str | os.PathLike, *, verify: bool = False
             for entry in segments or ():
                 _verified(path, entry, digest=verify)
             record, tensors = _read_pair(path, files, min(version, SEGMENT_VERSION))
+            record.pop("journal", None)  # only the manifest says what was replayed (a record's own key is not trusted)
             if journal:
                 name = files[0]["name"]
                 try:
