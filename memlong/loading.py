@@ -66,16 +66,20 @@ def warn_model(model_config: Any, cfg: MemLongConfig) -> None:
 
 
 def check_positions(model_config: Any, cfg: MemLongConfig) -> None:
-    """ValueError when the local window (and the sink) cannot fit the model's positions (found at the first long
-    ingest before); a warning when answers with ``top_k`` retrieved chunks in the ``continual`` layout may not
-    (``generate`` refuses them, after a whole ingest)."""
+    """Warn when a full local window (and the sink) cannot fit the model's positions (a long ingest fails at its
+    first full step; short texts still work), or when answers with ``top_k`` retrieved chunks in the ``continual``
+    layout may not (``generate`` refuses them, after a whole ingest)."""
     limit = getattr(model_config, "max_position_embeddings", None)
     if not isinstance(limit, int):
         return
-    if 1 + cfg.local_window > limit:
-        raise ValueError(f"local_window ({cfg.local_window}) and the sink need {1 + cfg.local_window} positions; the "
-                         f"model has {limit}. Lower local_window to at most {limit - 1}.")
-    need = 1 + cfg.top_k * (1 + cfg.retrieve_next) * cfg.chunk_size + cfg.local_window
+    sink = 1 if cfg.attention_sink else 0
+    if sink + cfg.local_window > limit:
+        warnings.warn(f"A full local_window ({cfg.local_window}){' and the sink' if sink else ''} need "
+                      f"{sink + cfg.local_window} positions; the model has {limit}, so ingesting a long text will "
+                      f"fail at its first full window. Set local_window to at most {limit - sink}.", UserWarning,
+                      stacklevel=4)
+        return
+    need = sink + cfg.top_k * (1 + cfg.retrieve_next) * cfg.chunk_size + cfg.local_window
     if cfg.position_layout == "continual" and need > limit:
         warnings.warn(f"An answer may need up to {need} positions (sink + top_k * (1 + retrieve_next) * chunk_size + "
                       f"a prompt of local_window tokens) in the continual layout; the model has {limit}, and generate "
