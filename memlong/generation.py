@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from memlong.positions import Memory
@@ -128,7 +129,7 @@ def _next_token(scores: torch.Tensor, temperature: float, generator: torch.Gener
     if temperature and temperature > 0:
         # shifted by the maximum first: scores / 1e-300 overflowed to inf and softmax gave NaN; now the best token
         # scores 0 and the rest go towards -inf, i.e. greedy in the limit
-        probs = torch.softmax((scores.double() - scores.max()) / temperature, -1).cpu()
+        probs = torch.softmax((scores.double() - scores.max()) / temperature, -1).cpu()  # float32: 1e-300 is 0
         return int(torch.multinomial(probs, 1, generator=generator))
     return int(scores.argmax())
 
@@ -138,8 +139,8 @@ def check_decoding(max_new_tokens: int, temperature: float, stop: str | Sequence
     """The stop strings as a tuple (one string is one stop string, not its characters; ``None``: none), after
     checking the decoding arguments; ValueError / TypeError naming the argument and the fix."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                             or not 0 <= seed < 2 ** 64):
-        raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}.")
+                             or not -2 ** 63 <= seed < 2 ** 64):  # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
@@ -315,8 +316,8 @@ def score(ml: MemLong, ids: Sequence[int], target: Sequence[int], memory: Memory
 
 def _count(ids: Any) -> int | None:
     """How many token ids ``ids`` holds, when that is known without converting it."""
-    if isinstance(ids, torch.Tensor):
-        return ids.numel()
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        return ids.numel() if isinstance(ids, torch.Tensor) else ids.size
     return len(ids) if isinstance(ids, Sequence) and not isinstance(ids, (str, bytes)) else None
 
 
@@ -329,7 +330,7 @@ def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tenso
     """
     ids = token_tensor(input_ids, "cpu", vocab_rows(ml))[0].tolist()  # one sequence: a (2, T) batch is refused
     if labels is not None:
-        _check_labels(labels, len(ids), vocab_rows(ml))
+        labels = _check_labels(labels, len(ids), vocab_rows(ml))
     if len(ids) > ml.config.local_window:
         raise ValueError(f"Segment of {len(ids)} tokens exceeds local_window {ml.config.local_window}.")
     with ml.bank.reading():  # what the search finds is still there when it is read (another thread may delete)
@@ -348,8 +349,9 @@ def segment_forward(ml: MemLong, input_ids: torch.Tensor, *, labels: torch.Tenso
     return out
 
 
-def _check_labels(labels: Any, n: int, vocab: int) -> None:
-    """ValueError naming what is wrong with a segment's ``labels``: (1, n) or (n,) integer token ids or -100."""
+def _check_labels(labels: Any, n: int, vocab: int) -> torch.Tensor:
+    """``labels`` as int64 (what cross_entropy takes), or ValueError naming what is wrong with a segment's labels:
+    (1, n) or (n,) integer token ids or -100."""
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
             or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor of token ids (-100 = ignore), got {type(labels).__name__}"
@@ -357,9 +359,11 @@ def _check_labels(labels: Any, n: int, vocab: int) -> None:
     if tuple(labels.shape) not in ((n,), (1, n)):
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the segment's {n} tokens; give "
                          f"(1, {n}) labels (-100 = ignore).")
+    labels = labels.long()  # int32 failed in cross_entropy, and uint8 / int16 wrapped the vocabulary size below
     bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab))]
     if bad.numel():
         raise ValueError(f"label {int(bad[0])} is not a token id of this model (0..{vocab - 1}) nor -100 (ignore).")
+    return labels
 
 
 def retrieve_ids(ml: MemLong, query: str, namespace: str, k: int | None = None) -> list[str]:
