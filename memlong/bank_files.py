@@ -351,15 +351,15 @@ class BankFiles:
                 raise MemoryFullError(f"Loading {path} would make the bank hold {total} bytes, over its "
                                       f"max_bytes={self.max_bytes}. Raise max_bytes, load fewer namespaces "
                                       "(namespaces=[...]), or reset namespaces of this bank first.")
-        every = [c for chunks, _ in loaded.values() for c in chunks]
-        if renumber and {c.order for c in self._chunks.values() if c.namespace not in spaces} & {c.order for c in every}:
-            for c in sorted(every, key=lambda c: c.order):
-                c.order = next(self._order)
         victims = {name: capacity_victims(loaded[name][0], self.capacity, self.evict_oldest, self.keep_newest)
                    for name in spaces}  # a smaller capacity than the saving bank's: the usual rule applies
         for name, drop in victims.items():  # warned before anything changes (a warning raised as an error)
             warn_evicted(name, len(drop), f"memory_capacity={self.capacity} tokens",
                          "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))", stacklevel=4)
+        every = [c for chunks, _ in loaded.values() for c in chunks]  # (the same relative order: the victims stand)
+        if renumber and {c.order for c in self._chunks.values() if c.namespace not in spaces} & {c.order for c in every}:
+            for c in sorted(every, key=lambda c: c.order):
+                c.order = next(self._order)
         for name, space in spaces.items():
             old = self._spaces.pop(name, None)
             self._store.drop(self._chunks[cid] for cid in (old.ids if old is not None else ()))

@@ -310,11 +310,11 @@ def _check_sizes(cfg: MemLongConfig) -> None:
     _check(cfg.ingest_top_k is None or (_is_int(cfg.ingest_top_k) and cfg.ingest_top_k >= 0),
            f"ingest_top_k must be None or an integer >= 0, got {cfg.ingest_top_k!r}.")
     step, chunk, window = cfg.step, cfg.chunk_size, cfg.local_window
-    if cfg.ingest_step is None:  # the default step is half the window: say so, and how to fix it
-        _check(step % chunk == 0 and step <= window,
-               f"local_window ({window}) must be at least chunk_size ({chunk}) and half of it (the default "
-               f"ingest_step, {step}) a multiple of chunk_size: use a local_window that is a multiple of "
-               f"{2 * chunk} (e.g. {max(2, round(window / (2 * chunk))) * 2 * chunk}), or set ingest_step.")
+    if cfg.ingest_step is None:  # the default step is half the window (at least a chunk): say so, and the fix
+        _check(window >= chunk, f"local_window ({window}) must be at least chunk_size ({chunk}).")
+        _check(step % chunk == 0, f"The default ingest_step is half of local_window ({window} // 2 = {step}), which "
+               f"must be a multiple of chunk_size ({chunk}): use a local_window that is a multiple of {2 * chunk} "
+               f"(e.g. {max(1, round(window / (2 * chunk))) * 2 * chunk}), or set ingest_step.")
     _check(step % chunk == 0 and 0 < step <= window,
            f"ingest_step ({step}) must be a multiple of chunk_size ({chunk}) and at most local_window ({window}).")
 

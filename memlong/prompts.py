@@ -91,7 +91,6 @@ def chat_prompt(tokenizer: Any, turns: Sequence[Turn]) -> str:
     _check(turns)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("This tokenizer has no chat template: use a plain prompt (ChatMemLong(prompt_format='plain'), "
-                         "the LlamaIndex MemLongLLM(chat_template=False), or memlong.prompts.plain_prompt() / "
-                         "role_prompt()).")
+                         "or memlong.prompts.plain_prompt() / role_prompt()).")
     return tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in turns], tokenize=False,
                                          add_generation_prompt=True)

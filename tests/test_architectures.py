@@ -6,9 +6,6 @@ empty memory == the stock model, memory of exactly the preceding chunks == full 
 attention within the window, and kv_refresh=1 == encoding the retrieved text.
 """
 
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -162,7 +159,7 @@ def test_retrieve_next_and_dynamic_rope_are_flagged(tokenizer, embedder):
         MemLong(model, tokenizer, embedder=embedder)
 
 
-def test_a_model_without_its_head_or_not_a_name_is_named(tokenizer, embedder, tmp_path):
+def test_a_model_without_its_head_or_not_a_name_is_named(tokenizer, embedder, tmp_path, monkeypatch):
     """Outside-in review: MemLong(model.model) (no language-model head) failed with AttributeError 'model';
     from_pretrained(model object) with 'File name too long'; '~/folder' with a hub repo-id error although the folder
     existed; a mistyped 'dir/name' with a failed hub connection that never said no such folder exists here."""
@@ -173,15 +170,12 @@ def test_a_model_without_its_head_or_not_a_name_is_named(tokenizer, embedder, tm
         MemLong.from_pretrained(model)
     with pytest.raises(OSError, match="no folder of that name in .* as a Hugging Face model id"):
         MemLong.from_pretrained("models/llama-typo")
-    home = Path.home()
-    folder = Path(tempfile.mkdtemp(dir=home, prefix=".memlong-test-"))
-    try:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        ml = MemLong.from_pretrained(f"~/{folder.name}", embedder=embedder)
-        assert ml.num_layers == 4 and ml.memory_fingerprint()["model"] == str(folder.resolve())
-    finally:
-        shutil.rmtree(folder)
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~" is a temporary home, not the real one
+    folder = tmp_path / "mymodel"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    ml = MemLong.from_pretrained("~/mymodel", embedder=embedder)
+    assert ml.num_layers == 4 and ml.memory_fingerprint()["model"] == str(folder.resolve())
 
 
 def test_a_config_the_model_has_too_few_positions_for_is_said_at_once(tokenizer, embedder):

@@ -107,9 +107,11 @@ def test_module_docstring_examples_hold():
         ({"memory_temperature": float("inf")}, "memory_temperature must be a number > 0 and finite"),
         ({"memory_scale": float("inf")}, "memory_scale must be a number > 0 and finite"),
         ({"stream_compile": "no"}, "stream_compile must be True or False"),
-        ({"local_window": 10000}, r"half of it \(the default ingest_step, 5000\) a multiple of chunk_size: use a "
-                                  r"local_window that is a multiple of 256 \(e.g. 9984\)"),
-        ({"local_window": 100}, r"local_window \(100\) must be at least chunk_size \(128\)"),
+        ({"local_window": 10000}, r"The default ingest_step is half of local_window \(10000 // 2 = 5000\), which "
+                                  r"must be a multiple of chunk_size \(128\): use a local_window that is a multiple of "
+                                  r"256 \(e.g. 9984\)"),
+        ({"local_window": 300}, r"half of local_window \(300 // 2 = 150\), .* \(e.g. 256\)"),
+        ({"local_window": 100}, r"local_window \(100\) must be at least chunk_size \(128\)\.$"),
     ],
 )
 def test_config_fields_of_the_wrong_type_are_named(kwargs, message):
