@@ -216,23 +216,28 @@ def test_corrupted_segment_pages_are_an_error_at_fetch_not_nan_answers(tmp_path)
         reopened.fetch(ids, namespace="ns")
 
 
-def test_a_commit_per_chunk_keeps_the_segment_files_and_descriptors_bounded(tmp_path):
+@pytest.mark.parametrize("segment_bytes", [64 << 20, 2000])
+def test_a_commit_per_chunk_keeps_the_segment_files_and_descriptors_bounded(tmp_path, segment_bytes):
     """Review finding: a commit per chat message wrote one segment per commit, each mapped with its own file
     descriptor; after ~1,000 commits (ulimit -n 1024) the bank could neither commit nor reopen, and compact()
-    merged nothing (every segment fully alive). A commit now merges the small segments once there are many."""
+    merged nothing (every segment fully alive). A commit now merges the small segments once there are many.
+    Adversarial review of the journal: segments of a quarter to a whole segment_bytes (a document per commit; here
+    ~1 kB each against 2,000) were never merged, one file per commit: now every segment under segment_bytes is."""
     from memlong.kv_store import MERGE_SMALL
 
-    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32, segment_bytes=segment_bytes)
     fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
-    for i in range(3 * MERGE_SMALL + 5):
+    commits = 3 * MERGE_SMALL + 5
+    for i in range(commits):
         fill(bank, "chat", 1, seed=i)
         bank.commit()
-        assert len(list((tmp_path / "b").glob("seg-*"))) <= MERGE_SMALL
+        assert len(list((tmp_path / "b").glob("seg-*"))) <= MERGE_SMALL + i // MERGE_SMALL  # merged ones stay
     if fds is not None:
-        assert len(os.listdir("/proc/self/fd")) <= fds + MERGE_SMALL + 2
+        assert len(os.listdir("/proc/self/fd")) <= fds + MERGE_SMALL + commits // MERGE_SMALL + 2
     assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == digest(bank)
-    bank.compact()  # merges the small segments into one
-    assert len(list((tmp_path / "b").glob("seg-*"))) == 1
+    bank.compact()  # merges the small segments (under a quarter of segment_bytes) into one
+    if segment_bytes == 64 << 20:  # (segments over a quarter of segment_bytes are not small: compact keeps them)
+        assert len(list((tmp_path / "b").glob("seg-*"))) == 1
     assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == digest(bank)
 
 
