@@ -5,13 +5,16 @@ replays the deltas.
 
 For each ``--sizes`` N: a disk bank of N chunks (``--tokens`` token ids each, a short metadata dict, ~400-character
 texts, 384-d unit embeddings from a seeded random stand-in embedder; K-V kept tiny, since segments are written once
-and only memory-mapped on reopen), committed whole; then, medians of ``--repeats``:
+and only memory-mapped on reopen, in segments of ``--segment-bytes`` (2 MiB: 256 chunks, so that the bank sits in
+full segments as a bank of real K-V does in 64 MiB ones), committed whole; then, medians of ``--repeats``:
 
 * ``commit_one_chunk_s``: one chunk added and committed (a delta);
 * ``commit_whole_s``: the same, the whole record written (what every commit cost before the journal);
 * ``reopen_s``: ``MemoryBank.load`` right after a whole commit (no journal);
-* ``reopen_full_journal_s``: ``MemoryBank.load`` with ``MAX_DELTAS - 1`` deltas of one chunk to replay (the most a
-  journal holds before a commit writes the whole record).
+* ``reopen_full_journal_s``: ``MemoryBank.load`` after ``MAX_DELTAS - 1`` more commits of one chunk each, with the
+  deltas the journal then holds to replay (``journal_deltas``, read from the manifest: up to ``MAX_DELTAS - 1``; fewer
+  where a merge of small segments moved most of the bank and a commit wrote the whole record, as in a bank whose
+  K-V all sit in segments under ``segment_bytes``).
 
 One torch thread unless ``--threads``.
 
@@ -48,9 +51,10 @@ class RandomEmbedder:
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def measure(n: int, tokens: int, repeats: int, root: Path) -> dict:
+def measure(n: int, tokens: int, repeats: int, root: Path, segment_bytes: int = 2 << 20) -> dict:
     path = root / f"bank-{n}"
-    bank = MemoryBank(embedder=RandomEmbedder(), path=path, dtype=torch.float16, capacity=10**12)
+    bank = MemoryBank(embedder=RandomEmbedder(), path=path, dtype=torch.float16, capacity=10**12,
+                      segment_bytes=segment_bytes)
     kv = torch.zeros(2, 1, tokens, 8)
     ids = list(range(1000, 1000 + tokens))
     for start in range(0, n, 5000):
@@ -70,7 +74,7 @@ def measure(n: int, tokens: int, repeats: int, root: Path) -> dict:
 
     def reopen() -> float:
         t = time.perf_counter()
-        MemoryBank.load(path, embedder=RandomEmbedder())
+        MemoryBank.load(path, embedder=RandomEmbedder(), segment_bytes=segment_bytes)
         return time.perf_counter() - t
 
     deltas = [commit_one() for _ in range(repeats)]
@@ -83,10 +87,11 @@ def measure(n: int, tokens: int, repeats: int, root: Path) -> dict:
     whole_bytes = sum(p.stat().st_size for p in path.iterdir() if p.name.startswith(("bank-", "tensors-")))
     for _ in range(journal.MAX_DELTAS - 1):
         commit_one()
+    replayed = len(json.loads((path / "manifest.json").read_text()).get("journal", []))
     journal_opens = [reopen() for _ in range(repeats)]
     return {"chunks": n + added, "tokens_per_chunk": tokens, "commit_one_chunk_s": statistics.median(deltas),
             "commit_whole_s": statistics.median(wholes), "reopen_s": statistics.median(opens),
-            "reopen_full_journal_s": statistics.median(journal_opens), "journal_deltas": journal.MAX_DELTAS - 1,
+            "reopen_full_journal_s": statistics.median(journal_opens), "journal_deltas": replayed,
             "record_and_embeddings_bytes": whole_bytes}
 
 
@@ -97,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int_at_least(1), default=128, help="token ids per chunk (default 128)")
     p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed commits and reopens per size")
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads (default 1)")
+    p.add_argument("--segment-bytes", type=int_at_least(1024), default=2 << 20, help="segment size (default 2 MiB)")
     p.add_argument("--json", metavar="OUT", help="write the records as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for n in args.sizes:
-            rows.append(measure(n, args.tokens, args.repeats, Path(root)))
+            rows.append(measure(n, args.tokens, args.repeats, Path(root), args.segment_bytes))
             r = rows[-1]
             print(f"{r['chunks']:>8} chunks: commit of one chunk {r['commit_one_chunk_s']:.3f} s (whole record "
                   f"{r['commit_whole_s']:.3f} s), reopen {r['reopen_s']:.2f} s ({r['journal_deltas']} deltas to "
