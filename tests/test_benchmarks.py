@@ -223,8 +223,11 @@ def test_bank_io_benchmark_smoke_run(tmp_path):
     out = tmp_path / "io.json"
     assert bank_io.main(["--sizes", "30,60", "--tokens", "4", "--repeats", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["records"]
-    extra = 2 + rows[0]["journal_deltas"]  # a delta commit, a whole one, then deltas up to a full journal
+    from memlong import journal
+
+    extra = 2 + journal.MAX_DELTAS - 1  # a delta commit, a whole one, then commits up to a full journal
     assert [r["chunks"] for r in rows] == [30 + extra, 60 + extra]
+    assert all(0 < r["journal_deltas"] < journal.MAX_DELTAS for r in rows)
     assert all(r[k] > 0 for r in rows for k in ("commit_one_chunk_s", "commit_whole_s", "reopen_s",
                                                 "reopen_full_journal_s"))
     assert rows[1]["record_and_embeddings_bytes"] > rows[0]["record_and_embeddings_bytes"]
