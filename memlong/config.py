@@ -81,7 +81,8 @@ class MemLongConfig:
         memory_max_bytes: bytes (K-V + embeddings + texts) the whole bank may hold; ``None``: no byte limit
             beyond ``memory_capacity`` per namespace (see :class:`memlong.memory.MemoryFullError`).
         evict_oldest: share of the oldest chunks always dropped on eviction (paper: 10 %).
-        keep_newest: share of the newest chunks always kept on eviction (paper: 10 %).
+        keep_newest: share of the newest chunks always kept on eviction (paper: 10 %; at least the newest chunk
+            when > 0).
         memory_dtype: dtype of stored K-V (``"float16"`` halves memory; ``"float32"`` is exact).
         memory_device: where stored K-V lives: ``"auto"`` (default: ``"cpu"`` for a model on the CPU; for a
             model on CUDA, pinned CPU memory (or ``memory_path``'s files) with the chunks read most recently kept

@@ -2,7 +2,8 @@
 
 Contract:
     * Order of a namespace's chunks for eviction: the oldest ``evict_oldest`` share first, then the middle
-      least-retrieved first (oldest first on ties), then the newest ``keep_newest`` share (oldest first).
+      least-retrieved first (oldest first on ties), then the newest ``keep_newest`` share (oldest first; at least
+      the newest chunk when ``keep_newest > 0``).
     * Capacity (tokens): the oldest share goes, then middle chunks until at most half the capacity is used;
       if the namespace is still over ``capacity`` (a large ``keep_newest``), the newest share goes too,
       oldest first, until it fits: a namespace never stays above ``capacity``.
@@ -38,7 +39,9 @@ def eviction_order(chunks: Iterable[Chunk], evict_oldest: float,
     chunks = sorted(chunks, key=lambda c: c.order)
     n = len(chunks)
     n_old = int(round(n * evict_oldest))
-    n_new = min(int(round(n * keep_newest)), n - n_old)
+    # at least the newest chunk when any share is kept: with a capacity of about one chunk, evicting the middle to
+    # half the capacity emptied the namespace (the smallest allowed memory_capacity kept nothing of a 451-token text)
+    n_new = min(max(int(round(n * keep_newest)), int(keep_newest > 0)), n - n_old)
     middle = sorted(chunks[n_old:n - n_new], key=lambda c: (c.retrievals, c.order))
     return chunks[:n_old], middle, chunks[n - n_new:]
 

@@ -410,3 +410,24 @@ def test_a_query_vector_without_a_direction_is_named(bank):
         with pytest.raises(ValueError, match="query vector must be finite and not all zeros"):
             bank.search(bad, namespace="ns")
     assert bank.search(np.ones(bank.embedder.dim), namespace="ns", k=1)
+
+
+def test_a_capacity_of_about_one_chunk_keeps_the_newest_chunk(embedder):
+    """Outside-in fuzz: with memory_capacity=128 (the smallest the config takes) a 451-token text kept nothing: the
+    rule evicts the middle down to half the capacity, and no chunk is under 64 tokens. The newest chunk now stays
+    in the kept share whenever keep_newest > 0."""
+    import warnings
+
+    bank = MemoryBank(embedder=embedder, capacity=128, dtype=torch.float32)
+    sizes = [128, 128, 128, 67]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = bank.add_chunks([f"part {i}" for i in range(4)], keys=[torch.ones(2, 2, n, 8) for n in sizes],
+                              values=[torch.ones(2, 2, n, 8) for n in sizes], namespace="n")
+    assert bank.chunk_ids("n") == ids[-1:]
+    strict = MemoryBank(embedder=embedder, capacity=128, keep_newest=0.0, dtype=torch.float32)  # the paper's rule
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strict.add_chunks([f"part {i}" for i in range(4)], keys=[torch.ones(2, 2, n, 8) for n in sizes],
+                          values=[torch.ones(2, 2, n, 8) for n in sizes], namespace="n")
+    assert strict.chunk_ids("n") == []
