@@ -222,20 +222,22 @@ class DiskKVStore(KVStore):
         return self._rewrite(victims)
 
     def checkpoint(self) -> None:
-        """Before a commit: write the buffer as a segment, merged with the segments under ``segment_bytes`` once
-        there are ``MERGE_SMALL`` of them (each mapped segment holds a file descriptor: a commit per message would
-        otherwise exhaust them after about a thousand commits; messages of a quarter to a whole ``segment_bytes``
-        each, a document per commit, were never merged). The merged segment is at least four quarters' worth, so
-        it is merged again only while it is small."""
-        below = self._small(self.segment_bytes)
-        if len(below) + bool(self.pending) >= MERGE_SMALL:
-            self._rewrite(below)
+        """Before a commit: write the buffer as a segment, merged with the small segments (under a quarter of
+        ``segment_bytes``) once there are ``MERGE_SMALL`` of them; and merge the mid-sized ones (a quarter to a whole
+        ``segment_bytes``: a document per commit) once there are ``MERGE_SMALL`` of those. Each mapped segment holds
+        a file descriptor: a commit per message would otherwise exhaust them after about a thousand commits. Small
+        segments may be merged again while their merge stays small; a merge of mid-sized ones is at least four
+        times ``segment_bytes`` and is never merged again, so each of their bytes is rewritten once."""
+        small = self._small()
+        if len(small) + bool(self.pending) >= MERGE_SMALL:
+            self._rewrite(small)
+        mid = [s for s in self.segments.values() if self.segment_bytes // 4 <= s.entry["bytes"] < self.segment_bytes]
+        if len(mid) >= MERGE_SMALL:
+            self._rewrite(mid)
         self.flush(force=True)
 
-    def _small(self, limit: int | None = None) -> list[Segment]:
-        """Segments under ``limit`` bytes (default: a quarter of ``segment_bytes``, what compaction merges)."""
-        limit = self.segment_bytes // 4 if limit is None else limit
-        return [s for s in self.segments.values() if s.entry["bytes"] < limit]
+    def _small(self) -> list[Segment]:
+        return [s for s in self.segments.values() if s.entry["bytes"] < self.segment_bytes // 4]
 
     def _rewrite(self, victims: list[Segment]) -> int:
         """Write the live chunks of ``victims`` (and the buffer) into one new segment; the bytes it frees."""
