@@ -249,7 +249,7 @@ class BankFiles:
                 raise ValueError(f"{path} is a disk bank: it reopens whole. Copy some namespaces into another bank "
                                  "with restore(path, namespaces=...).")
             store = DiskKVStore(path, quantization=bank.quantization, dtype=bank.dtype,
-                                segment_bytes=kwargs.get("segment_bytes", 64 << 20))
+                                segment_bytes=kwargs.get("segment_bytes", _segment_bytes(config)))
             store.committed = commit  # what a commit of this bank expects to replace (one writer per directory)
             bank.path, bank._store, bank._fingerprint = Path(path), store, fingerprint
             journal = record.get("journal") or {"deltas": 0, "changes": 0}  # what read_bank replayed
@@ -378,6 +378,13 @@ class BankFiles:
 
 
 _SUFFIXES = ("k", "v", "ks", "km", "vs", "vm")
+
+
+def _segment_bytes(config: dict[str, Any]) -> int:
+    """The segment size a disk bank was made with (64 MiB if not recorded, or not a size): reopened with another, its
+    segments could all count as mid-sized and be merged at the next commit (a rewrite of the whole bank)."""
+    saved = config.get("segment_bytes")
+    return saved if type(saved) is int and saved > 0 else 64 << 20
 
 
 def _segment_tensors(path: Path, record: dict[str, Any], opened: dict[str, Segment],

@@ -58,9 +58,12 @@ def chunk_record(c: Chunk) -> dict[str, Any]:
 
 def header(bank: MemoryBank, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
     """The part of a record that is not chunks: the bank's config, embedder, model fingerprint and next order."""
+    config = {"capacity": bank.capacity, "evict_oldest": bank.evict_oldest, "keep_newest": bank.keep_newest,
+              "dtype": DTYPE_NAMES[bank.dtype], "max_bytes": bank.max_bytes, "quantization": bank.quantization}
+    if getattr(bank._store, "segment_bytes", None) is not None:  # a disk bank reopens with the size it was made with
+        config["segment_bytes"] = bank._store.segment_bytes
     return {
-        "config": {"capacity": bank.capacity, "evict_oldest": bank.evict_oldest, "keep_newest": bank.keep_newest,
-                   "dtype": DTYPE_NAMES[bank.dtype], "max_bytes": bank.max_bytes, "quantization": bank.quantization},
+        "config": config,
         "embedder": embedder_info(bank.embedder),
         "fingerprint": fingerprint,
         "next_order": max((c.order for c in bank._chunks.values()), default=-1) + 1,
@@ -204,8 +207,8 @@ class Replay:
         order, removed = _names(change.get("order"), "namespaces"), set(_names(change.get("removed"), "removed ids"))
         retrievals = _mapping(change.get("retrievals"), int, "retrieval counters")
         segments = _mapping(change.get("segments"), str, "segments")
-        unknown = removed - set(self.alive)
-        unknown |= {*retrievals, *segments} - (set(self.alive) - removed)  # kept chunks only
+        unknown = {cid for cid in removed if cid not in self.alive}  # per id: no pass over the bank per delta
+        unknown |= {cid for cid in (*retrievals, *segments) if cid not in self.alive or cid in removed}  # kept ones
         if unknown:
             raise ValueError(f"it names chunk {sorted(unknown)[0][:100]!r}, which the bank does not hold")
         for cid in removed:

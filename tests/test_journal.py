@@ -288,3 +288,20 @@ def test_a_newer_format_asks_for_a_newer_memlong(tmp_path):
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(MemoryFileError, match="version 4 is not supported .* upgrade memlong"):
         reopen(tmp_path / "b")
+
+
+def test_a_disk_bank_reopens_with_the_segment_size_it_was_made_with(tmp_path):
+    """Second diff review: segment_bytes was not saved, so a bank of 20 kB segments reopened with the 64 MiB
+    default; its segments then counted as mid-sized and the next one-chunk commit merged the whole bank into one
+    file (and wrote the whole record)."""
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32, segment_bytes=20_000)
+    for seed in range(20):
+        fill(bank, "ns", 25, tokens=3, seed=seed)  # ~23 kB per add: a full segment each
+    bank.commit()
+    before = sorted(p.name for p in (tmp_path / "b").glob("seg-*"))
+    again = MemoryBank.load(tmp_path / "b", embedder=HashEmbedder())
+    assert again._store.segment_bytes == 20_000
+    fill(again, "ns", 1, seed=99)
+    again.commit()
+    assert set(before) <= {p.name for p in (tmp_path / "b").glob("seg-*")} and committed(tmp_path / "b").startswith("delta-")
+    assert MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), segment_bytes=1 << 20)._store.segment_bytes == 1 << 20
