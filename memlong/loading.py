@@ -76,9 +76,8 @@ def check_positions(model_config: Any, cfg: MemLongConfig) -> None:
     if sink + cfg.local_window > limit:
         warnings.warn(f"A full local_window ({cfg.local_window}){' and the sink' if sink else ''} need "
                       f"{sink + cfg.local_window} positions; the model has {limit}, so ingesting a long text will "
-                      f"fail at its first full window. Set local_window to at most {limit - sink}.", UserWarning,
-                      stacklevel=4)
-        return
+                      f"fail once a step's positions pass {limit}. Set local_window to at most {limit - sink}.",
+                      UserWarning, stacklevel=4)
     need = sink + cfg.top_k * (1 + cfg.retrieve_next) * cfg.chunk_size + cfg.local_window
     if cfg.position_layout == "continual" and need > limit:
         warnings.warn(f"An answer may need up to {need} positions (sink + top_k * (1 + retrieve_next) * chunk_size + "
