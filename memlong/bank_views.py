@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import numbers
 
 from memlong.bank_writes import is_staging
-from memlong.records import Chunk, as_list, check_namespace
+from memlong.records import Chunk, as_list, check_count, check_namespace
 
 __all__ = ["BankViews"]
 
@@ -106,8 +105,7 @@ class BankViews:
             >>> bank.following([ids[3]], namespace="docs", n=1) == ids[3:5]      # one document, in order
             True
         """
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:  # 1.5 and None failed inside; -1 meant 0
-            raise ValueError(f"n must be an integer >= 0 (chunks to add after each; 0 adds none), got {n!r}.")
+        n = check_count(n, "n", "chunks to add after each; 0 adds none")  # 1.5 and None failed inside; -1 meant 0
         with self._lock.read():
             chunk_ids = as_list(chunk_ids, "chunk_ids")
             chunks = [self._get(c, namespace) for c in chunk_ids]

@@ -305,12 +305,13 @@ def score(ml: MemLong, ids: Sequence[int], target: Sequence[int], memory: Memory
     if _count(ids) == 0:
         raise ValueError("score needs at least one token before the target (the first target token's logits come "
                          "from it): e.g. ml.encode_prompt(text).")
-    ids = token_tensor(ids, "cpu", vocab_rows(ml))[0].tolist()  # a (1, T) tensor made a confusing TypeError
-    target = [] if _count(target) == 0 else token_tensor(target, "cpu", vocab_rows(ml))[0].tolist()
+    vocab = vocab_rows(ml)
+    ids = token_tensor(ids, "cpu", vocab)[0].tolist()  # a (1, T) tensor made a confusing TypeError
+    target = [] if _count(target) == 0 else token_tensor(target, "cpu", vocab)[0].tolist()
     seq = ids + target
     with torch.no_grad():
         logits = ml.run(seq, memory=memory, logits_for=slice(len(ids) - 1, len(seq) - 1)).logits  # (1, |target|, V)
-        target_t = torch.as_tensor(list(target), device=logits.device)
+        target_t = torch.as_tensor(target, device=logits.device)
         return torch.log_softmax(logits[0], -1).gather(1, target_t[:, None])[:, 0]
 
 

@@ -65,9 +65,14 @@ def warn_model(model_config: Any, cfg: MemLongConfig) -> None:
     check_positions(model_config, cfg)
 
 
+def _memory_span(cfg: MemLongConfig) -> int:
+    """The most retrieved tokens an answer reads: ``top_k`` chunks and ``retrieve_next`` after each."""
+    return cfg.top_k * (1 + cfg.retrieve_next) * cfg.chunk_size
+
+
 def check_positions(model_config: Any, cfg: MemLongConfig) -> None:
-    """Warn when a full local window (and the sink) cannot fit the model's positions (a long ingest fails at its
-    first full step; short texts still work), or when answers with ``top_k`` retrieved chunks in the ``continual``
+    """Warn when a full local window (and the sink) cannot fit the model's positions (a long ingest fails once a
+    step's positions pass them; short texts still work), or when answers with ``top_k`` retrieved chunks in the ``continual``
     layout may not (``generate`` refuses them, after a whole ingest)."""
     limit = getattr(model_config, "max_position_embeddings", None)
     if not isinstance(limit, int):
@@ -78,7 +83,7 @@ def check_positions(model_config: Any, cfg: MemLongConfig) -> None:
                       f"{sink + cfg.local_window} positions; the model has {limit}, so ingesting a long text will "
                       f"fail once a step's positions pass {limit}. Set local_window to at most {limit - sink}.",
                       UserWarning, stacklevel=4)
-    need = sink + cfg.top_k * (1 + cfg.retrieve_next) * cfg.chunk_size + cfg.local_window
+    need = sink + _memory_span(cfg) + cfg.local_window
     if cfg.position_layout == "continual" and need > limit:
         warnings.warn(f"An answer may need up to {need} positions (sink + top_k * (1 + retrieve_next) * chunk_size + "
                       f"a prompt of local_window tokens) in the continual layout; the model has {limit}, and generate "
@@ -97,7 +102,7 @@ def check_sliding_window(model_config: Any, cfg: MemLongConfig) -> None:
     layer_types = getattr(model_config, "layer_types", None)
     if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
         return
-    span = 1 + cfg.top_k * (1 + cfg.retrieve_next) * cfg.chunk_size + cfg.local_window
+    span = 1 + _memory_span(cfg) + cfg.local_window
     if span > window:
         warnings.warn(f"This model was trained with a sliding window of {window} tokens, but a query may see up to "
                       f"{span} (sink + top_k * (1 + retrieve_next) * chunk_size + local_window); MemLong applies no "

@@ -139,11 +139,11 @@ def as_list(value: Any, what: str) -> list[Any]:
     return [str(v) if isinstance(v, np.str_) else v for v in value]
 
 
-def check_count(value: Any, what: str) -> int:
-    """``value`` as an int; ValueError naming ``what`` unless it is an integer >= 0 (numpy integers too, not bools):
-    a number of hits such as ``k`` or ``similarity_top_k`` (2.5, "3" and None failed inside faiss)."""
+def check_count(value: Any, what: str, meaning: str = "the number of hits; 0 returns none") -> int:
+    """``value`` as an int; ValueError naming ``what`` (and ``meaning``) unless it is an integer >= 0 (numpy integers
+    too, not bools): a number of hits such as ``k`` or ``similarity_top_k`` (2.5, "3" and None failed inside faiss)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{what} must be an integer >= 0, got {value!r} (the number of hits; 0 returns none).")
+        raise ValueError(f"{what} must be an integer >= 0, got {value!r} ({meaning}).")
     return int(value)
 
 
