@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from memlong.model import MemLong
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "check_architecture", "check_model", "check_positions", "check_rope",
-           "check_sliding_window", "check_stored_kv", "load_pretrained", "memory_fingerprint", "new_bank", "warn_model"]
+           "check_sliding_window", "check_stored_kv", "describe", "load_pretrained", "memory_fingerprint", "new_bank",
+           "sink_ids", "warn_model"]
 
 # Decoders whose attention is q/k/v/o projections (Qwen2: with biases) + standard RoPE + the transformers attention
 # registry, each tested for exactness on a tiny random-weight model (tests/test_architectures.py). Sliding windows
@@ -121,6 +122,20 @@ def check_rope(model_config: Any) -> None:
                       "2e-3 against full attention on a tiny model, exact within it). Use a model with static RoPE "
                       "scaling (default, linear, llama3, yarn) for exact memory at any length.", UserWarning,
                       stacklevel=4)
+
+
+def sink_ids(tokenizer: Any, config: MemLongConfig) -> list[int]:
+    """The shared sink: ``[BOS]`` (the EOS for a tokenizer without one), ``[]`` without ``attention_sink`` or either."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [int(bos)] if (config.attention_sink and bos is not None) else []
+
+
+def describe(ml: MemLong) -> str:
+    """``repr(ml)``: the model's name and depth, and the memory settings that shape answers."""
+    c = ml.config
+    return (f"MemLong({getattr(ml.model.config, 'name_or_path', '?')!r}, layers={ml.num_layers}, "
+            f"kv_source={c.kv_source!r}, retrieval_layers={c.retrieval_layers}, top_k={c.top_k}, "
+            f"local_window={c.local_window}, bank={ml.bank!r})")
 
 
 def new_bank(ml: MemLong, embedder: TextEmbedder | str | None) -> MemoryBank:

@@ -29,7 +29,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 import torch
 
@@ -46,9 +46,27 @@ from memlong.static_kv import compiled_decoder
 from memlong.streaming import IngestStats, Stream
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from memlong.reader import Reader
 
 __all__ = ["GenerationStats", "IngestStats", "MemLong", "RunOutput", "SUPPORTED_ARCHITECTURES"]
+
+
+class GenerateOptions(TypedDict, total=False):
+    """The keywords of :meth:`MemLong.generate` besides ``stream`` (for type checkers: ``stream=True`` returns a
+    :class:`~memlong.generation.Generation`, otherwise a ``str``)."""
+
+    namespace: str
+    chunk_ids: Sequence[str] | None
+    max_new_tokens: int
+    chat: bool
+    retrieve: bool
+    query: str | None
+    answer_prefix: str
+    temperature: float
+    seed: int | None
+    stop: str | Sequence[str]
 
 
 @dataclass
@@ -89,8 +107,7 @@ class MemLong:
         self.decoder = model.model  # embeddings + layers + final norm
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         loading.warn_model(model.config, self.config)
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self._sink_ids = [int(bos)] if (self.config.attention_sink and bos is not None) else []  # (in the fingerprint)
+        self._sink_ids = loading.sink_ids(tokenizer, self.config)  # (in the fingerprint)
         self.bank = bank if bank is not None else loading.new_bank(self, embedder)
         self.kv_cache = loading.new_cache(self)
         self.last_generation = GenerationStats()
@@ -294,6 +311,12 @@ class MemLong:
         return generation.score(self, ids, target, memory)
 
     # ------------------------------------------------------------------ generation
+    @overload
+    def generate(self, prompt: str, *, stream: Literal[False] = False, **options: Unpack[GenerateOptions]) -> str: ...
+    @overload
+    def generate(self, prompt: str, *, stream: Literal[True], **options: Unpack[GenerateOptions]) -> Generation: ...
+    @overload
+    def generate(self, prompt: str, *, stream: bool, **options: Unpack[GenerateOptions]) -> str | Generation: ...
     def generate(self, prompt: str, *, namespace: str = "default", chunk_ids: Sequence[str] | None = None,
                  max_new_tokens: int = 64, stream: bool = False, chat: bool = False, retrieve: bool = True,
                  query: str | None = None, answer_prefix: str = "", temperature: float = 0.0,
@@ -354,7 +377,4 @@ class MemLong:
         return self.bank.restore(path, namespaces=namespaces, fingerprint=self.memory_fingerprint())
 
     def __repr__(self) -> str:
-        c = self.config
-        return (f"MemLong({getattr(self.model.config, 'name_or_path', '?')!r}, layers={self.num_layers}, "
-                f"kv_source={c.kv_source!r}, retrieval_layers={c.retrieval_layers}, top_k={c.top_k}, "
-                f"local_window={c.local_window}, bank={self.bank!r})")
+        return loading.describe(self)

@@ -147,8 +147,8 @@ class MemLongVectorStore(VectorStore):
         return memlong_chunk_ids_from_documents(documents, bank=self.bank, namespace=self.namespace)
 
     # ------------------------------------------------------------------ writing
-    def add_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *, ids: list[str | None] | None = None,
-                  **kwargs: Any) -> list[str]:
+    def add_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *,
+                  ids: Sequence[str | None] | None = None, **kwargs: Any) -> list[str]:
         """Ingest ``texts`` (K-V computed by the model); returns their ids. Existing ids are replaced. The add is
         atomic: all entries (and the removal of the versions they replace) or, on any error, nothing.
 

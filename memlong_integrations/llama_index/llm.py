@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -288,7 +288,7 @@ def _too_long(exc: PromptTooLongError) -> PromptTooLongError:
         "encoded). A prompt you wrote: put long context into memory with ingest().", exc.tokens, exc.window)
 
 
-async def _aiter(items: Iterator[Any]) -> AsyncIterator[Any]:
+async def _aiter(items: Iterator[Any]) -> AsyncGenerator[Any, None]:
     """Drive a blocking iterator from worker threads, one item at a time (grad mode is per thread: keep it off)."""
     done = object()
 

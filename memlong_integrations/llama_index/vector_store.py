@@ -41,6 +41,7 @@ import asyncio
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,7 +173,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
         return self._memlong
 
     # ------------------------------------------------------------------ writing
-    def add(self, nodes: list[BaseNode], **add_kwargs: Any) -> list[str]:
+    def add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
         """Ingest ``nodes`` into the bank (chunk K-V computed now); returns their node ids."""
         texts, doc_ids, metadatas = [], [], []
         for node in nodes:
@@ -193,7 +194,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
                              context=self.chunk_context, strip=self.chunk_context == "chunk")
         return [node.node_id for node in nodes]
 
-    async def async_add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
+    async def async_add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
         return await asyncio.to_thread(self.add, nodes, **kwargs)
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
