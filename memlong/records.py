@@ -23,12 +23,13 @@ Integers stay below ``2**63`` (what other JSON readers can hold).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import numbers
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,7 @@ def _parse_namespaces(record: dict[str, Any], tensors: dict[str, torch.Tensor], 
     seen_orders: set[int] = set()
     used = set()
     n_chunk = 0
+    shift = _first_release_shift(spaces, tensors)
     for j, space in enumerate(spaces):
         if not isinstance(space, dict) or not isinstance(space.get("name"), str) or not space["name"]:
             raise ValueError(f"namespace entry {j} is malformed.")
@@ -378,7 +380,8 @@ def _parse_namespaces(record: dict[str, Any], tensors: dict[str, torch.Tensor], 
             raise ValueError(f"namespace {name[:100]!r} is duplicated or malformed.")
         chunks = []
         for c in items:
-            chunk = _parse_chunk(c, name, n_chunk, next_order, tensors, dtype, mapped)
+            index = n_chunk + shift(j)  # the chunk's K-V tensors are "k.<index>", "v.<index>"
+            chunk = _parse_chunk(c, name, index, next_order, tensors, dtype, mapped)
             if chunk.id in seen_ids or chunk.order in seen_orders:
                 raise ValueError(f"chunk id {chunk.id} or its order {chunk.order} appears twice.")
             shape, first = chunk.kv.shape, chunks[0].kv.shape if chunks else None
@@ -387,7 +390,7 @@ def _parse_namespaces(record: dict[str, Any], tensors: dict[str, torch.Tensor], 
                                  f"chunks of namespace {name[:100]!r} ({tuple(first)}).")
             seen_ids.add(chunk.id)
             seen_orders.add(chunk.order)
-            used |= {f"{suffix}.{n_chunk}" for suffix in chunk.kv.named()}
+            used |= {f"{suffix}.{index}" for suffix in chunk.kv.named()}
             chunks.append(chunk)
             n_chunk += 1
         emb = tensors.get(f"e.{j}")
@@ -405,6 +408,20 @@ def _parse_namespaces(record: dict[str, Any], tensors: dict[str, torch.Tensor], 
     if extra:
         raise ValueError(f"the tensor file holds unexpected tensors ({sorted(extra)[:3]}).")
     return out, next_order
+
+
+def _first_release_shift(spaces: list[Any], tensors: dict[str, torch.Tensor]) -> Callable[[int], int]:
+    """How far the K-V tensors of the ``j``-th namespace are numbered past their chunks' count: 0, except in saves of
+    three or more namespaces by memlong before 5 December 2026, which numbered chunk ``n`` of namespace ``j``
+    ``k.<n + j // 2>`` (the count included the earlier namespaces' embedding tensors). Those files hold every
+    tensor, so they are read by that numbering when it, and not today's, matches the file exactly."""
+    counts = [len(s["chunks"]) if isinstance(s, dict) and isinstance(s.get("chunks"), list) else 0 for s in spaces]
+    keys = {name for name in tensors if name.startswith("k.")}
+    if len(spaces) < 3 or keys == {f"k.{n}" for n in range(sum(counts))}:
+        return lambda j: 0
+    starts = itertools.accumulate(counts, initial=0)
+    old = {f"k.{start + i + j // 2}" for j, (start, count) in enumerate(zip(starts, counts)) for i in range(count)}
+    return (lambda j: j // 2) if keys == old else (lambda j: 0)
 
 
 def read_text_file(path: str | Path) -> str:

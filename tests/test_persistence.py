@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from memlong import MemLong, MemoryBank, MemoryFileError, MemoryFullError, MemoryMismatchError
 
@@ -389,3 +391,44 @@ def test_demo_load_memory_reports_a_missing_directory(tmp_path, capsys):
     assert main(["demo", "--load-memory", str(tmp_path / "none"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "memlong: error: --load-memory" in err and "no such directory" in err  # found before the model loads
+
+
+def _legacy_copy(tmp_path: Path) -> Path:
+    path = tmp_path / "first-release"
+    shutil.copytree(ROOT / "tests" / "data" / "first-release-4ns", path)
+    return path
+
+
+def test_a_first_release_save_of_four_namespaces_loads(tmp_path, embedder):
+    """The first release numbered the K-V of saves of 3+ namespaces past their chunks (tests/data/README.md): every
+    chunk must come back with its own K-V (keys hold 10 * namespace + chunk), and save again in today's numbering."""
+    bank = MemoryBank.load(_legacy_copy(tmp_path), embedder=embedder)
+    sizes = {"alpha": 2, "beta": 1, "gamma": 3, "delta": 2}
+    assert bank.namespaces() == list(sizes)
+    for j, (ns, n) in enumerate(sizes.items()):
+        chunks = bank.chunks(ns)
+        assert [c.metadata for c in chunks] == [{"ns": ns, "i": i, "odd": ["é", None, 1.5]} for i in range(n)]
+        for i, c in enumerate(chunks):
+            assert c.text.startswith(f"{ns} chunk {i}:") and c.doc_id == f"{ns}-doc"
+            assert torch.equal(c.keys, torch.full((2, 2, 3, 8), 10.0 * j + i, dtype=c.keys.dtype))
+            assert torch.equal(c.values, -c.keys)
+    hit = bank.search("the gold key of gamma", namespace="gamma", k=1)[0]
+    assert bank.get(hit.chunk_id, namespace="gamma").text == "gamma chunk 2: the gold key of gamma"
+    partial = MemoryBank.load(_legacy_copy(tmp_path / "p"), embedder=embedder, namespaces=["delta"])
+    assert float(partial.chunks("delta")[1].keys.flatten()[0]) == 31.0
+    bank.save(tmp_path / "again")
+    assert_same_bank(bank, MemoryBank.load(tmp_path / "again", embedder=embedder))
+
+
+def test_a_file_numbered_neither_way_is_still_refused(tmp_path, embedder):
+    path = _legacy_copy(tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    entry = next(f for f in manifest["files"] if f["name"].endswith(".safetensors"))
+    tensors = load_file(path / entry["name"])
+    tensors["k.9"], tensors["v.9"] = tensors.pop("k.8"), tensors.pop("v.8")  # the last chunk's K-V renumbered
+    save_file(tensors, path / entry["name"])
+    data = (path / entry["name"]).read_bytes()
+    entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MemoryFileError, match="K-V of chunk .* missing or malformed"):
+        MemoryBank.load(path, embedder=embedder)
