@@ -242,7 +242,7 @@ class BankFiles:
             check_bank_config(kwargs["capacity"], kwargs["evict_oldest"], kwargs["keep_newest"], kwargs["max_bytes"])
         except ValueError as exc:
             raise MemoryFileError(f"Cannot load the memory bank at {path}: its config {str(config)[:300]} is invalid "
-                                  f"({exc}).") from None
+                                  f"({exc}). Pass valid values to load() (e.g. keep_newest=0.1) to override.") from None
         bank = cls(embedder=embedder, **kwargs)
         if segments is not None:
             if namespaces is not None:
@@ -259,8 +259,8 @@ class BankFiles:
         except MemoryFullError as exc:
             if "max_bytes" in options:
                 raise
-            raise MemoryFileError(f"Cannot load the memory bank at {path}: it holds more than its own saved "
-                                  f"max_bytes ({exc}); the file is inconsistent. Pass max_bytes= to override.") from None
+            raise MemoryFileError(f"Cannot load the memory bank at {path}: it holds more than its saved max_bytes ({exc}): "
+                                  "an old save (metadata counts since 6 Dec 2026). Pass max_bytes= to override.") from None
         return bank
 
     def restore(self, path: str | os.PathLike, *, namespaces: Sequence[str] | None = None,

@@ -17,7 +17,7 @@ Rules in brief: texts are non-empty UTF-8 strings (no lone surrogates); doc ids 
 ``0 <= start <= end`` integers; token ids are non-negative integers, one per K-V position; metadata is a dict
 of JSON values (string keys, finite numbers, at most :data:`MAX_DEPTH` levels); K-V are finite floating-point
 ``(layers, kv_heads, tokens >= 1, head_dim)`` tensors of equal shape; embeddings are finite, non-zero vectors.
-Integers stay below ``2**63`` (what other JSON readers can hold).
+Integers are 64-bit: orders, counts and token ids below ``2**63``, metadata integers in ``[-2**63, 2**64)``.
 """
 
 from __future__ import annotations
@@ -168,9 +168,10 @@ def _json_check(value: Any, depth: int) -> None:
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     if value is None or isinstance(value, bool):
         return
-    if isinstance(value, int):
-        if not _is_int(value):
-            raise ValueError(f"integer {str(value)[:20]}... is outside +-2**63")
+    if isinstance(value, int):  # signed and unsigned 64-bit integers (hashes), which the first release saved too
+        if not -2**63 <= value < 2**64:
+            shown = value if value.bit_length() < 128 else f"of {value.bit_length()} bits"  # str() refuses 4300+ digits
+            raise ValueError(f"integer {shown} is outside [-2**63, 2**64)")
         return
     if isinstance(value, str):
         check_text(value, "a string", empty=True)

@@ -432,3 +432,37 @@ def test_a_file_numbered_neither_way_is_still_refused(tmp_path, embedder):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(MemoryFileError, match="K-V of chunk .* missing or malformed"):
         MemoryBank.load(path, embedder=embedder)
+
+
+def test_unsigned_64_bit_metadata_round_trips(tmp_path):
+    """The first release saved metadata integers of any size; a 64-bit unsigned hash refused the whole bank later."""
+    bank = MemoryBank(embedder=HashEmbedder())
+    fill(bank, "ns", 1)
+    bank.add_chunks(["hashed"], keys=[torch.zeros(2, 2, 3, 8)], values=[torch.zeros(2, 2, 3, 8)], namespace="ns",
+                    metadata=[{"hash": 2**64 - 1, "low": -2**63, "nested": [2**63]}])
+    bank.save(tmp_path / "bank")
+    loaded = MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
+    assert loaded.chunks("ns")[-1].metadata == {"hash": 2**64 - 1, "low": -2**63, "nested": [2**63]}
+    for bad in (2**64, -2**63 - 1, 10**5000):
+        with pytest.raises(ValueError, match=r"outside \[-2\*\*63, 2\*\*64\)"):
+            bank.add_chunks(["x"], keys=[torch.zeros(2, 2, 3, 8)], values=[torch.zeros(2, 2, 3, 8)], namespace="ns",
+                            metadata=[{"n": bad}])
+    assert len(bank.chunk_ids("ns")) == 2
+
+
+def test_a_saved_config_that_is_refused_says_how_to_override(tmp_path):
+    """The first release accepted evict_oldest + keep_newest > 1; the refusal names the fix, and the fix loads."""
+    bank = MemoryBank(embedder=HashEmbedder())
+    fill(bank, "ns", 2)
+    bank.save(tmp_path / "bank")
+    manifest = json.loads((tmp_path / "bank" / "manifest.json").read_text())
+    record_file = tmp_path / "bank" / manifest["files"][0]["name"]
+    record = json.loads(record_file.read_text())
+    record["config"].update(evict_oldest=0.9, keep_newest=0.5)
+    data = json.dumps(record).encode()
+    record_file.write_bytes(data)
+    manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (tmp_path / "bank" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MemoryFileError, match=r"0\.9 \+ 0\.5.*Pass valid values to load\(\) \(e\.g\. keep_newest"):
+        MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
+    assert MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder(), keep_newest=0.1).keep_newest == 0.1
