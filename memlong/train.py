@@ -343,6 +343,8 @@ def _difference(saved: Any, now: dict[str, Any]) -> str:
     saved = saved if isinstance(saved, dict) else {}
     if saved.get("documents") != now["documents"]:
         return "other training documents"
+    if "document_sha256" not in saved:  # memlong before 6 December 2026, 23:00 (its config lacks later fields too)
+        return "written by an older memlong, which did not record what the documents held: this one cannot resume it"
     if saved.get("document_sha256") != now["document_sha256"]:
         changed = [n for n, a, b in zip(now["documents"], saved.get("document_sha256") or [], now["document_sha256"])
                    if a != b]

@@ -228,3 +228,14 @@ def test_cli_train(tiny_hf, tokenizer, tmp_path, capsys):
     meta = json.loads((out / "adapter.json").read_text())
     assert meta["data"]["held_out"] == [str(tmp_path / "doc2.txt")]
     assert meta["memlong_config"]["kv_source"] == "memory_layer" and meta["command"].startswith("memlong train")
+
+
+def test_a_checkpoint_of_an_older_memlong_is_named_as_such():
+    """Upgrade review: a checkpoint written before document hashes joined the identity was refused as 'the text of
+    doc-0 changed' although the documents were the same."""
+    from memlong.train import _difference
+
+    now = {"documents": ["doc-0"], "document_sha256": ["ab"], "train_config": {"a": 1}, "memlong_config": {"b": 2}}
+    old = {k: v for k, v in now.items() if k != "document_sha256"}
+    assert "written by an older memlong" in _difference(old, now)
+    assert _difference({**now, "document_sha256": ["cd"]}, now) == "the text of doc-0 changed"
