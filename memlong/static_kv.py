@@ -43,9 +43,11 @@ __all__ = ["StaticKV", "compiled_decoder", "compiled_step", "start_static"]
 # buffer shapes, so a compiled step (decode_mode="compiled") is compiled once for all of them
 _BUCKET = 256
 
-# decode_mode="compiled": buffers of finished calls, kept for the next call of the same shapes (a CUDA graph replays
-# reading and writing them where they are; new buffers would be recorded again). key: (device, dtype, lengths)
-_POOL: dict[tuple, list[dict[str, dict]]] = {}
+# decode_mode="compiled": per MemLong, buffers of finished calls, kept for the next call of the same shapes (a CUDA
+# graph replays reading and writing them where they are; new buffers would be recorded again). key: (device, dtype,
+# head shape, each layer's group and buffer length); prefix lengths are not in it: they only set the first slot
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MemLong -> {key: buffers}, newest shape last
+_POOL_SHAPES = 4  # buffer shapes a MemLong keeps (e.g. answers of other lengths); the oldest is dropped beyond
 
 
 class StaticKV:
@@ -55,9 +57,9 @@ class StaticKV:
         ctx: the call's context (``ml.context(memory)``, a prefix in every layer); its prefix is copied into the
             buffers and dropped.
         tokens: slots for the tokens after the prefix (prompt + new tokens); lengths are rounded up to ``_BUCKET``.
-        pooled: the compiled step's buffers: taken from the pool of finished calls (:meth:`release` gives them back),
-            and attended whole with a mask (fixed shapes); otherwise each forward attends to the slots written so far
-            with the dynamic path's kernels (:func:`memlong.attention.joint_attention`), without its copies.
+        pool: the compiled step's buffers: taken from this pool of the model's finished calls (:meth:`release`
+            gives them back), and attended whole with a mask (fixed shapes); without one, each forward attends to the
+            slots written so far with the dynamic path's kernels (:func:`memlong.attention.joint_attention`).
 
     ``advance(n)`` places the next forward's ``n`` tokens after those written so far; the attention call of each
     layer (``ctx.static``) writes their K-V there and attends. Layers with one prefix length and buffer length
@@ -65,22 +67,25 @@ class StaticKV:
     """
 
     def __init__(self, ctx: AttentionContext, tokens: int, *, dtype: torch.dtype, device: torch.device,
-                 shape: tuple[int, int], pooled: bool = False) -> None:
+                 shape: tuple[int, int], pool: dict[tuple, dict[str, dict]] | None = None) -> None:
         # layer -> (prefix length, buffer length): the slot of its first token, and its slots
         self.group = {layer: (int(k.shape[2]), -(-(int(k.shape[2]) + tokens) // _BUCKET) * _BUCKET)
                       for layer, (k, _) in ctx.prefix.items()}
-        self.tokens, self.written, self.device, self.masked, self.backend = tokens, 0, device, pooled, ctx.backend
-        self._key = (str(device), dtype, shape, tuple(sorted(self.group.items()))) if pooled else None
-        free = _POOL.get(self._key) if pooled else None
-        self.buffers = free.pop() if free else self._allocate(dtype, shape)
+        groups = sorted(set(self.group.values()))  # layer -> its group's number: what the compiled step reads, so
+        self.gid = {layer: groups.index(group) for layer, group in self.group.items()}  # prefixes never recompile it
+        self.tokens, self.written, self.device, self.backend = tokens, 0, device, ctx.backend
+        self.masked, self._pool = pool is not None, pool
+        self._key = (str(device), dtype, shape, tuple((layer, self.gid[layer], group[1])
+                                                      for layer, group in sorted(self.group.items())))
+        self.buffers = (pool.pop(self._key, None) if pool is not None else None) or self._allocate(dtype, shape)
         for layer, (k, v) in ctx.prefix.items():
             self.buffers["keys"][layer][:, :, :k.shape[2]] = k
             self.buffers["values"][layer][:, :, :v.shape[2]] = v
         self.keys, self.values = self.buffers["keys"], self.buffers["values"]
-        self.slots: dict[tuple[int, int], torch.Tensor] = {}  # group -> this forward's slots (T,)
-        self.masks: dict[tuple[int, int], torch.Tensor] = {}  # group -> (T, length), masked (compiled) only
-        self._positions = {group: torch.arange(group[1], device=device)[None, :]  # (1, length): slot numbers
-                           for group in set(self.group.values())} if pooled else {}
+        self.slots: dict[int, torch.Tensor] = {}  # group number -> this forward's slots (T,)
+        self.masks: dict[int, torch.Tensor] = {}  # group number -> (T, length), masked (compiled) only
+        self._positions = {g: torch.arange(group[1], device=device)[None, :]  # (1, length): slot numbers
+                           for g, group in enumerate(groups)} if self.masked else {}
         ctx.prefix = {}
 
     def _allocate(self, dtype: torch.dtype, shape: tuple[int, int]) -> dict[str, dict]:
@@ -92,9 +97,9 @@ class StaticKV:
                 # one reads only slots written, so they need no zero fill
                 new[name][layer] = (torch.zeros if self.masked else torch.empty)(1, heads, group[1], dim, dtype=dtype,
                                                                                  device=self.device)
-            if group not in new["slot1"]:
-                new["slot1"][group] = torch.zeros(1, dtype=torch.long, device=self.device)
-                new["mask1"][group] = torch.zeros(1, group[1], dtype=torch.bool, device=self.device)
+            if self.gid[layer] not in new["slot1"]:
+                new["slot1"][self.gid[layer]] = torch.zeros(1, dtype=torch.long, device=self.device)
+                new["mask1"][self.gid[layer]] = torch.zeros(1, group[1], dtype=torch.bool, device=self.device)
         if self.device.type == "cuda":  # a CUDA graph reads and writes them where they are: no copy per replay
             for store in new.values():
                 for t in store.values():
@@ -107,38 +112,42 @@ class StaticKV:
         if self.written + n > self.tokens:
             raise ValueError(f"the decode buffer holds {self.tokens} tokens after the prefix; "
                              f"{self.written + n} asked.")
-        for group in set(self.group.values()):
+        for group, g in {self.group[layer]: g for layer, g in self.gid.items()}.items():
             first = group[0] + self.written
             if n == 1:  # one kernel each, no new tensors: the decode step's per-token bookkeeping
-                self.slots[group] = self.buffers["slot1"][group].fill_(first)
+                self.slots[g] = self.buffers["slot1"][g].fill_(first)
                 if self.masked:
-                    self.masks[group] = torch.le(self._positions[group], first, out=self.buffers["mask1"][group])
+                    self.masks[g] = torch.le(self._positions[g], first, out=self.buffers["mask1"][g])
                 continue
-            self.slots[group] = slots = torch.arange(first, first + n, device=self.device)
+            self.slots[g] = slots = torch.arange(first, first + n, device=self.device)
             if self.masked:
-                self.masks[group] = self._positions[group] <= slots[:, None]
+                self.masks[g] = self._positions[g] <= slots[:, None]
         self.written += n
 
     def release(self) -> None:
-        """The call is over: its buffers go back to the pool (``pooled`` calls only)."""
-        if self._key is not None and self.buffers is not None:
-            _POOL.setdefault(self._key, [])[:] = [self.buffers]  # one set per shape: the newest
+        """The call is over: its buffers go back to the model's pool (compiled calls only), newest shape last; the
+        pool keeps :data:`_POOL_SHAPES` shapes."""
+        if self._pool is not None and self.buffers is not None:
+            self._pool.pop(self._key, None)
+            self._pool[self._key] = self.buffers  # one set per shape: the newest
+            while len(self._pool) > _POOL_SHAPES:
+                del self._pool[next(iter(self._pool))]
         self.buffers = None
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
         """Write ``key``/``value`` ``(1, Hkv, T, D)`` at this forward's slots and attend over the buffer;
         returns ``(1, H, T, D)``."""
-        group = self.group[layer]
-        keys, values, slots = self.keys[layer], self.values[layer], self.slots[group]
+        g = self.gid[layer]
+        keys, values, slots = self.keys[layer], self.values[layer], self.slots[g]
         keys.index_copy_(2, slots, key.to(keys.dtype))
         values.index_copy_(2, slots, value.to(values.dtype))
         if not self.masked:
-            end = group[0] + self.written
+            end = self.group[layer][0] + self.written
             return joint_attention(query, keys[:, :, :end].to(query.dtype), values[:, :, :end].to(query.dtype),
                                    end - query.shape[2], scaling, self.backend)
         return F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype),
-                                              attn_mask=self.masks[group], scale=scaling,
+                                              attn_mask=self.masks[g], scale=scaling,
                                               enable_gqa=query.shape[1] != keys.shape[1])
 
 
@@ -150,8 +159,8 @@ def start_static(ml: MemLong, ctx: AttentionContext, tokens: int) -> StaticKV | 
     if missing:  # no sink and no memory in some layers: a zero-width prefix keeps one code path
         empty = torch.zeros(1, ml.kv_heads, 0, ml.head_dim, dtype=ml.dtype, device=ml.device)
         ctx.prefix.update(dict.fromkeys(missing, (empty, empty)))
-    ctx.static = StaticKV(ctx, tokens, dtype=ml.dtype, device=ml.device, shape=(ml.kv_heads, ml.head_dim),
-                          pooled=ml.config.decode_mode == "compiled")
+    pool = _POOLS.setdefault(ml, {}) if ml.config.decode_mode == "compiled" else None
+    ctx.static = StaticKV(ctx, tokens, dtype=ml.dtype, device=ml.device, shape=(ml.kv_heads, ml.head_dim), pool=pool)
     ctx.grow = False
     return ctx.static
 

@@ -70,11 +70,11 @@ def test_buffers_hold_exactly_what_was_asked(make_tiny):
     starts = {start for start, _ in static.group.values()}
     assert ctx.prefix == {} and not ctx.grow and starts == {257}  # memory + sink in every layer
     assert all(length % static_kv._BUCKET == 0 and length >= 267 for _, length in static.group.values())
-    group = static.group[0]
+    g = static.gid[0]
     static.advance(9)
     static.advance(1)
-    assert int(static.slots[group]) == 266 and static.masks[group][0, :267].all()
-    assert not static.masks[group][0, 267:].any()
+    assert int(static.slots[g]) == 266 and static.masks[g][0, :267].all()
+    assert not static.masks[g][0, 267:].any()
     with pytest.raises(ValueError, match="holds 10 tokens"):
         static.advance(1)
     static.release()
@@ -87,7 +87,7 @@ def test_compiled_step_gives_the_dynamic_logits_and_compiles_once_per_shape(make
     ids = ml.ingest(TEXT, namespace="doc", progress=False).chunk_ids
     memory = ml.memory_for(ids[:3], "doc")
     torch._dynamo.reset()
-    static_kv._POOL.clear()
+    static_kv._POOLS.clear()
     before = counters["stats"]["unique_graphs"]  # counted since the process started
     for prompt in ("Where does the red ship sail?", "Which ship sails to port 7, and when?"):
         ids_ = ml.encode_prompt(prompt)
@@ -100,7 +100,38 @@ def test_compiled_step_gives_the_dynamic_logits_and_compiles_once_per_shape(make
             assert frames > before
     # the second prompt (other length, same buffer bucket) and its 11 steps reused the first one's compiled step
     assert counters["stats"]["unique_graphs"] == frames
-    assert len(static_kv._POOL) == 1  # its buffers went back to the pool and were taken again
+    assert len(static_kv._POOLS[ml]) == 1  # its buffers went back to the pool and were taken again
+
+
+def test_compiled_step_is_shared_by_memories_of_other_lengths_and_its_buffers_are_bounded(make_tiny, monkeypatch):
+    """Service review: the pool (global) and the compiled step's guards took each call's exact prefix length, so every
+    other total length of retrieved chunks kept one more set of buffers for good, and compiled the step again."""
+    import gc
+
+    from torch._dynamo.utils import counters
+
+    ml, _ = make_tiny(local_window=512)
+    ids = ml.ingest(TEXT, namespace="doc", progress=False).chunk_ids
+    memories = [ml.memory_for(chunks, "doc") for chunks in (ids[:1], ids[-1:], ids[-2:-1])]
+    lengths = [m[0].shape[2] for m in memories]
+    assert lengths[1] < lengths[0] and max(lengths) + 32 <= static_kv._BUCKET  # the last chunk is short; one bucket
+    torch._dynamo.reset()
+    static_kv._POOLS.clear()
+    prompt = ml.encode_prompt("Which ship sails to port 7?")
+    for i, memory in enumerate(memories):
+        compiled, text = step_logits(ml, monkeypatch, "compiled", prompt, memory)
+        dynamic, dynamic_text = step_logits(ml, monkeypatch, "dynamic", prompt, memory)
+        torch.testing.assert_close(compiled, dynamic, atol=1e-4, rtol=1e-4)
+        assert text == dynamic_text
+        if i == 0:
+            frames = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == frames and len(static_kv._POOLS[ml]) == 1
+    for n in range(1, 7):  # other answer lengths: other buffer sizes; the pool keeps the newest few
+        step_logits(ml, monkeypatch, "compiled", prompt, memories[0], n=n * static_kv._BUCKET)
+    assert len(static_kv._POOLS[ml]) == static_kv._POOL_SHAPES
+    del ml
+    gc.collect()
+    assert len(static_kv._POOLS) == 0  # the buffers go with their model
 
 
 @pytest.mark.parametrize("mode", ["static", "compiled"])
