@@ -12,6 +12,7 @@ Every command runs offline on the default model (``--model`` takes any HF id or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -79,8 +80,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             options.update(type=cli_args.share, metavar="SHARE")
         else:  # int or int | None
             low = 1 if field.name in ("local_window", "memory_capacity") else 0
-            options["type"] = int_at_least(low, 32 if field.name == "kv_reencode_head" else None,
+            options["type"] = int_at_least(low, {"kv_reencode_head": 32, "retrieve_next": 4}.get(field.name),
                                            none=type(None) in args)
+            if type(None) in args:
+                options["help"] += "; 'none' for None"
         parser.add_argument(flag, **options)
 
 
@@ -285,9 +288,10 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                                        "key_nll, needle_seen, needle_rank).")
     pk.add_argument("--lengths", type=int_list(1), default=[4096, 16384, 32768],
                     help="comma-separated document lengths in tokens (default 4096,16384,32768)")
-    pk.add_argument("--trials", type=int_at_least(1), default=10, help="trials per length (random depths and keys)")
+    pk.add_argument("--trials", type=int_at_least(1), default=10, help="trials per length (random depths, keys; default 10)")
     pk.add_argument("--filler", metavar="FILE", default=None, help="filler text file (default: Hamlet)")
-    pk.add_argument("--modes", type=modes_list, default=MODES, help="comma-separated subset of window,full,memlong")
+    pk.add_argument("--modes", type=modes_list, default=MODES,
+                    help="comma-separated subset of window,full,memlong (default all three)")
     pk.add_argument("--seed", type=int, default=0, help="seed of the keys and depths (default 0)")
     pk.set_defaults(func=cmd_eval_passkey)
     ppl = ev_sub.add_parser("ppl", parents=[common], help="perplexity of the last tokens of a long text",
@@ -296,7 +300,8 @@ def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ppl.add_argument("--file", default=None, help="text file (default: a Shakespeare play, see --play)")
     ppl.add_argument("--play", default="macbeth", help="play used when --file is not given (default macbeth)")
     ppl.add_argument("--score-last", type=int_at_least(1), default=2048, help="tokens scored at the end (default 2048)")
-    ppl.add_argument("--modes", type=modes_list, default=MODES, help="comma-separated subset of window,full,memlong")
+    ppl.add_argument("--modes", type=modes_list, default=MODES,
+                     help="comma-separated subset of window,full,memlong (default all three)")
     ppl.set_defaults(func=cmd_eval_ppl)
     icl = ev_sub.add_parser("icl", parents=[common], help="in-context learning with demonstrations in memory",
                             description="Label-word classification on a built-in task or your own labeled file "
@@ -363,6 +368,8 @@ def _validate(args: argparse.Namespace) -> None:
         args.filler_text = None
     if getattr(args, "file", None):
         args.file_text = readable_file(args.file, "--file")
+        if not args.file_text.strip():
+            raise ValueError(f"--file {args.file!r} is empty; give a text file with some text in it.")
     if getattr(args, "play", None):
         from memlong.evaluation import shakespeare_text
 
@@ -394,11 +401,15 @@ def _validate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, or 2 with a one-line error naming the fix)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the defaults need ships in packages
-    args = build_parser().parse_args(argv)
+    args = cli_args.expand_user(build_parser().parse_args(argv))
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `train` in the adapter
     try:
         _validate(args)
         return args.func(args)
+    except BrokenPipeError:  # `memlong ... | head`: the reader has gone; quiet, with a SIGPIPE death's status
+        with contextlib.suppress(OSError, ValueError):  # the exit's flush must not fail again (a real stdout only)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         print(f"memlong: error: {_one_line(exc)}", file=sys.stderr)
         return 2

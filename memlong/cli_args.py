@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODES", "add_train_command", "add_train_reader_command", "config_field_help", "int_at_least", "int_list",
-           "layers", "modes_list", "positive_float", "readable_file", "share", "writable"]
+__all__ = ["MODES", "PATH_FLAGS", "add_train_command", "add_train_reader_command", "config_field_help", "expand_user",
+           "int_at_least", "int_list", "layers", "modes_list", "positive_float", "readable_file", "share", "writable"]
 
 MODES = ("window", "full", "memlong")
 
@@ -80,6 +80,21 @@ def modes_list(text: str) -> tuple[str, ...]:
 
 def layers(text: str) -> str | tuple[int, ...]:
     return text if text in ("all", "upper") else tuple(int_list(0)(text))
+
+
+PATH_FLAGS = ("json", "save_memory", "load_memory", "output", "file", "filler", "adapter", "model", "data", "eval_data")
+
+
+def expand_user(args: argparse.Namespace) -> argparse.Namespace:
+    """``~`` expanded in every path flag, once, before any check or write: a shell leaves it in ``--json=~/x`` and
+    in quotes (scheduled jobs), and checking the expanded path but writing the literal one lost results."""
+    for name in PATH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
+    return args
 
 
 def readable_file(path: str, flag: str) -> str:

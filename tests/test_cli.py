@@ -65,6 +65,8 @@ def assert_one_line_error(code, err, *needles):
     (["demo", "--save-memory", "DIR"], ["--save-memory", "other files"]),  # was found after the whole ingest
     (["eval", "ppl", "--modes", "window,everything"], ["--modes"]),
     (["eval", "icl", "--data", "MISSING"], ["does not exist"]),  # said "has extension '(none)'"
+    (["eval", "ppl", "--file", "EMPTY"], ["--file", "empty"]),  # was refused after the model loaded
+    (["demo", "--retrieve-next", "10"], ["--retrieve-next", "maximum 4"]),  # likewise
 ])
 def test_bad_inputs_fail_in_one_line_before_any_model_loads(argv, needles, tmp_path, capsys, no_model):
     (tmp_path / "empty.txt").write_text("   \n")
@@ -250,3 +252,50 @@ def test_a_repeated_mode_runs_once():
     from memlong.cli_args import modes_list
 
     assert modes_list("memlong,window,memlong") == ("memlong", "window")
+
+
+def test_a_tilde_in_any_path_is_the_home_folder(tmp_path, capsys, monkeypatch, no_model):
+    """CLI review: '~' (quoted, or in --json=~/x) was expanded by the checks but not by the writes: a run's results
+    failed to save at the end, and --save-memory / train --output wrote into a folder literally named '~'."""
+    from memlong import cli_args
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "book.txt").write_text("Some text to read.")
+    args = cli_args.expand_user(build_parser().parse_args(
+        ["demo", "--save-memory", "~/mem", "--json", "~/out.json", "--adapter", "shakespeare"]))
+    assert (args.save_memory, args.json, args.adapter) == (str(tmp_path / "mem"), str(tmp_path / "out.json"),
+                                                           "shakespeare")
+    args = cli_args.expand_user(build_parser().parse_args(["train", "--output", "~/run", "--data", "~/a", "b"]))
+    assert args.output == str(tmp_path / "run") and args.data == [str(tmp_path / "a"), "b"]
+    with pytest.raises(ModelLoaded):  # the checks passed on the expanded paths; the run would start
+        main(["eval", "ppl", "--file", "~/book.txt", "--json", "~/out.json"])
+
+
+def test_a_closed_pipe_ends_quietly_with_sigpipes_status(tmp_path):
+    """CLI review: `memlong demo | head -1` said 'memlong: error: [Errno 32] Broken pipe' with exit 2 (bad input)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom memlong import cli\nfrom memlong.model import MemLong\n"
+              "def talk(*a, **k):\n    while True:\n        print('a line of output ' * 8)\n"
+              "MemLong.from_pretrained = classmethod(talk)\nsys.exit(cli.main(['eval', 'ppl']))\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=tmp_path)
+    assert child.stdout.readline().startswith(b"a line")
+    child.stdout.close()  # the reader goes away, as head does
+    assert child.wait(timeout=300) == 141
+    assert child.stderr.read().decode().strip() == ""
+
+
+def test_full_attention_beyond_the_models_positions_alone_is_an_error(make_tiny):
+    """CLI review: `eval passkey --modes full` at a length past the model's positions skipped every trial, and the
+    table of no records crashed with a TypeError traceback (exit 1, no JSON)."""
+    from memlong.evaluation import passkey
+
+    ml, _ = make_tiny(local_window=256)
+    length = ml.max_positions + 64
+    with pytest.raises(ValueError, match=f"Full attention cannot read {length} tokens: this model has "
+                                         f"{ml.max_positions} positions"):
+        passkey(ml, lengths=[length], trials=1, modes=("full",), progress=False)
+    assert [r["mode"] for r in passkey(ml, lengths=[length], trials=1, modes=("full", "window"), progress=False)] \
+        == ["window"]
