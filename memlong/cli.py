@@ -403,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the defaults need ships in packages
     args = cli_args.expand_user(build_parser().parse_args(argv))
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `train` in the adapter
+    if getattr(args, "no_progress", False):  # also the bars of transformers and the hub (loading weights)
+        import transformers
+
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        transformers.utils.logging.disable_progress_bar()
     try:
         _validate(args)
         return args.func(args)
