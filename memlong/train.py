@@ -274,7 +274,6 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
         raise ValueError(f"The documents make {found} training segment(s) of up to {ml.config.step} tokens over "
                          f"{config.epochs} epoch(s), fewer than grad_accum={config.grad_accum}, so not one optimizer "
                          "step would run. Add data, lower --grad-accum, or raise --max-document-tokens / --epochs.")
-    out.mkdir(parents=True, exist_ok=True)
     base_print = fingerprint(ml.model, layers)  # before any weight changes
     total_steps = planned_steps(config, encoded, ml.config.step)
     identity = _identity(ml, docs, config)
@@ -285,6 +284,7 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
     if evaluating:
         result.eval_before = ckpt["eval_before"] if ckpt else evaluate(ml, held_out, tokens=config.eval_tokens,
                                                                              progress=config.progress)
+    out.mkdir(parents=True, exist_ok=True)  # after every check (the evaluation's too), so a refusal leaves no folder
     trainer = Trainer(ml, config, prepare_parameters(ml, config, layers), result, total_steps=total_steps, out=out,
                       identity=identity)
     if ckpt is not None:

@@ -256,3 +256,14 @@ def test_max_steps_passes_over_the_documents_as_often_as_it_takes(make_tiny, tok
     assert result.steps == 2 * one_pass + 1 and len(result.losses) == result.steps
     assert train(make_tiny(**TINY)[0], docs, dataclasses.replace(cfg, output_dir=tmp_path / "e", epochs=2)).steps \
         == 2 * one_pass  # without max_steps, epochs still count
+
+
+def test_a_refused_evaluation_leaves_no_output_folder(make_tiny, tokenizer, tmp_path):
+    """CLI review: `train --eval-tokens 256` on held-out documents too short for it was refused, after creating an
+    empty --output folder."""
+    ml, _ = make_tiny(**TINY)
+    docs = [_text(tokenizer, 0, 200)]
+    config = TrainConfig(output_dir=tmp_path / "run", max_steps=1, grad_accum=1, eval_tokens=5000, progress=False)
+    with pytest.raises(ValueError, match="eval_tokens"):
+        train(ml, docs, config, eval_documents=[_text(tokenizer, 4000, 40)])
+    assert not (tmp_path / "run").exists()
