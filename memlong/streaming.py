@@ -109,6 +109,7 @@ class Stream:
         self.chunk_ids: list[str] = []
         self.recent: list[tuple[str, int]] = []  # (chunk id, end offset) of stored chunks
         self.last_query: str | np.ndarray | None = None  # the previous step's last chunk (text, or its embedding)
+        self.tail: list[int] = []  # the previous step's last tokens: where this step's first characters began
         self.pending: list[list[_NewChunk]] | None = [] if batch_writes else None
 
     def step(self, tokens: Sequence[int], *, k: int | None = None, logits: bool = False,
@@ -166,8 +167,9 @@ class Stream:
         per step from a GPU, not one per chunk and layer); each chunk is a slice of them (the bank copies it)."""
         ml = self.ml
         size = len(tokens) if span else ml.config.chunk_size  # a step given its span is one chunk
-        last_start = size * ((len(tokens) - 1) // size)
-        self.last_query = ml.tokenizer.decode(tokens[last_start:])
+        bounds = [(s, min(s + size, len(tokens))) for s in range(0, len(tokens), size)]
+        texts = [ml.tokenizer.decode(tokens)] if span else chunk_texts(ml.tokenizer, self.tail, tokens, bounds)
+        self.tail, self.last_query = ([] if span else list(tokens[-_CONTEXT:])), texts[-1]
         if not self.store:
             return []
         srcs = list(ml.config.source_layers)
@@ -178,9 +180,7 @@ class Stream:
         bank = ml.bank
         keys, values = keys.detach().to(bank.device, bank.dtype), values.detach().to(bank.device, bank.dtype)
         new = []
-        for s in range(0, len(tokens), size):
-            e = min(s + size, len(tokens))
-            text = self.last_query if s == last_start else ml.tokenizer.decode(tokens[s:e])
+        for (s, e), text in zip(bounds, texts):
             if not text.strip():
                 continue  # whitespace-only chunk: nothing to retrieve it by
             new.append((text, keys.narrow(2, s, e - s), values.narrow(2, s, e - s),
@@ -228,13 +228,39 @@ class Stream:
         self.cache_len = self.cache[0].shape[2]
 
 
-def _stripped(ml: MemLong, tokens: Sequence[int]) -> list[int] | None:
-    """The tokens of ``tokens``' text without surrounding whitespace (``None`` if nothing is left). Without
-    its leading space a first word can take a token more, so a stripped chunk may exceed ``chunk_size``."""
-    text = ml.tokenizer.decode(tokens)
+_CONTEXT = 8  # tokens decoded before a chunk to find where its first characters began (UTF-8: up to 4 bytes each)
+
+
+def chunk_texts(tokenizer: Any, before: Sequence[int], tokens: Sequence[int], bounds: list[tuple[int, int]]) -> list[str]:
+    """The text of each chunk ``tokens[s:e]`` for ``(s, e)`` in ``bounds``, after the tokens ``before`` them: joined
+    in order, the chunks of a document give its text. A character whose bytes are split between two chunks' tokens
+    (CJK, emoji, Devanagari with a byte-level tokenizer) belongs to the chunk that completes it; decoding each chunk
+    alone turned it into U+FFFD in both and lost it. A decoder that rewrites earlier text when more follows (space
+    clean-up) falls back to decoding the chunk alone."""
+    context = list(before[-_CONTEXT:])
+    while context and tokenizer.decode(context).startswith("\ufffd"):  # begin the context on a whole character
+        context = context[1:]
+    seq = [*context, *tokens]
+
+    def settled(end: int) -> str:  # seq[:end]'s text without the bytes of a character that later tokens complete
+        return tokenizer.decode(seq[:end]).rstrip("\ufffd")
+
+    texts, done = [], settled(len(context) + bounds[0][0])
+    for s, e in bounds:
+        upto = settled(len(context) + e)
+        texts.append(upto[len(done):] if upto.startswith(done) else tokenizer.decode(tokens[s:e]))
+        done = upto
+    return texts
+
+
+def _stripped(ml: MemLong, before: Sequence[int], tokens: Sequence[int]) -> list[int] | None:
+    """The tokens of ``tokens``' text (:func:`chunk_texts`) without surrounding whitespace (``None`` if nothing is
+    left). Without its leading space a first word can take a token more, so a stripped chunk may exceed
+    ``chunk_size``."""
+    text = chunk_texts(ml.tokenizer, before, tokens, [(0, len(tokens))])[0]
     if not text.strip():
         return None
-    return list(tokens) if text == text.strip() else ml.tokenize(text.strip())
+    return list(tokens) if ml.tokenizer.decode(tokens) == text.strip() else ml.tokenize(text.strip())
 
 
 def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[str] | None,
@@ -281,7 +307,7 @@ def _ingest_one(ml: MemLong, tokens: list[int], stream: Stream, size: int, strip
         if not strip:
             stream.step(step)
             continue
-        stripped = _stripped(ml, step)
+        stripped = _stripped(ml, tokens[max(0, s - _CONTEXT):s], step)
         if stripped is None:  # whitespace only: nothing to store
             stream.offset = s + len(step)
             continue
