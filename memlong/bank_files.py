@@ -75,6 +75,23 @@ def _chosen(path: Path, loaded: dict[str, Any], namespaces: Sequence[str] | None
     return {n: loaded[n] for n in names}
 
 
+def _check_loaded_config(path: Any, config: dict[str, Any], kwargs: dict[str, Any], name: Any) -> None:
+    """MemoryFileError unless a saved config (with load()'s options in ``kwargs``) makes a valid bank; the fields
+    load() can override (capacity, evict_oldest, keep_newest, max_bytes) are named as such."""
+    try:
+        if not isinstance(kwargs["dtype"], torch.dtype):
+            raise ValueError(f"unknown dtype {name!r}")
+        check_quantization(kwargs["quantization"])
+    except ValueError as exc:
+        raise MemoryFileError(f"Cannot load the memory bank at {path}: its config {str(config)[:300]} is invalid ({exc})."
+                              ) from None
+    try:
+        check_bank_config(kwargs["capacity"], kwargs["evict_oldest"], kwargs["keep_newest"], kwargs["max_bytes"])
+    except ValueError as exc:
+        raise MemoryFileError(f"Cannot load the memory bank at {path}: its config {str(config)[:300]} is invalid "
+                              f"({exc}). Pass valid values to load() (e.g. keep_newest=0.1) to override.") from None
+
+
 class BankFiles:
     """Persistence methods of :class:`~memlong.memory.MemoryBank` (see the module docstring)."""
 
@@ -235,14 +252,7 @@ class BankFiles:
                                           "or re-ingest.")
         kwargs.update(options, quantization=stored["quantization"])
         kwargs.pop("path", None)
-        try:
-            if not isinstance(kwargs["dtype"], torch.dtype):
-                raise ValueError(f"unknown dtype {name!r}")
-            check_quantization(kwargs["quantization"])
-            check_bank_config(kwargs["capacity"], kwargs["evict_oldest"], kwargs["keep_newest"], kwargs["max_bytes"])
-        except ValueError as exc:
-            raise MemoryFileError(f"Cannot load the memory bank at {path}: its config {str(config)[:300]} is invalid "
-                                  f"({exc}). Pass valid values to load() (e.g. keep_newest=0.1) to override.") from None
+        _check_loaded_config(path, config, kwargs, name)
         bank = cls(embedder=embedder, **kwargs)
         if segments is not None:
             if namespaces is not None:
@@ -259,8 +269,9 @@ class BankFiles:
         except MemoryFullError as exc:
             if "max_bytes" in options:
                 raise
-            raise MemoryFileError(f"Cannot load the memory bank at {path}: it holds more than its saved max_bytes ({exc}): "
-                                  "an old save (metadata counts since 6 Dec 2026). Pass max_bytes= to override.") from None
+            raise MemoryFileError(f"Cannot load the memory bank at {path}: it holds more than its saved max_bytes ({exc}). "
+                                  "Saves before 6 Dec 2026 did not count metadata, and load()'s options (dtype, ...) can "
+                                  "make chunks larger. Pass max_bytes= to override.") from None
         return bank
 
     def restore(self, path: str | os.PathLike, *, namespaces: Sequence[str] | None = None,

@@ -403,11 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the defaults need ships in packages
     args = cli_args.expand_user(build_parser().parse_args(argv))
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `train` in the adapter
-    if getattr(args, "no_progress", False):  # also the bars of transformers and the hub (loading weights)
-        import transformers
+    import transformers.utils.logging as hf_logging
 
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        transformers.utils.logging.disable_progress_bar()
+    quiet = getattr(args, "no_progress", False) and hf_logging.is_progress_bar_enabled()
+    if quiet:  # also the bars of transformers and the hub (loading weights), for this run only
+        hf_logging.disable_progress_bar()
     try:
         _validate(args)
         return args.func(args)
@@ -425,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         resume = "; rerun the same command to resume from its last step" if resumable else ""
         print(f"memlong: interrupted{resume}", file=sys.stderr)
         return 130
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -193,9 +193,10 @@ def passkey(ml: MemLong, *, lengths: list[int], trials: int = 10, filler: str | 
                 if mode == "memlong":
                     ml.reset(f"_passkey-{length}")
         records += [_record(mode, length, done) for mode, done in per_mode.items() if done]
-    if not records:  # full attention only, and no length fits the model's positions
-        raise ValueError(f"Full attention cannot read {min(lengths)} tokens: this model has {ml.max_positions} positions. "
-                         "Ask shorter lengths, or add the window or memlong mode.")
+    if not records and "full" in modes:  # full attention only, and no prompt fits the model's positions
+        raise ValueError(f"Full attention cannot read a passkey prompt of {min(lengths)} tokens plus the question and "
+                         f"answer: this model has {ml.max_positions} positions. Ask shorter lengths, or add the window "
+                         "or memlong mode.")
     return records
 
 

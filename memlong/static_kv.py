@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,7 @@ _BUCKET = 256
 # head shape, each layer's group and buffer length); prefix lengths are not in it: they only set the first slot
 _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # MemLong -> {key: buffers}, newest shape last
 _POOL_SHAPES = 4  # buffer shapes a MemLong keeps (e.g. answers of other lengths); the oldest is dropped beyond
+_POOL_LOCK = threading.Lock()  # concurrent calls (adapters' worker threads) take and give back buffers
 
 
 class StaticKV:
@@ -77,7 +79,9 @@ class StaticKV:
         self.masked, self._pool = pool is not None, pool
         self._key = (str(device), dtype, shape, tuple((layer, self.gid[layer], group[1])
                                                       for layer, group in sorted(self.group.items())))
-        self.buffers = (pool.pop(self._key, None) if pool is not None else None) or self._allocate(dtype, shape)
+        with _POOL_LOCK:
+            free = pool.pop(self._key, None) if pool is not None else None
+        self.buffers = free or self._allocate(dtype, shape)
         for layer, (k, v) in ctx.prefix.items():
             self.buffers["keys"][layer][:, :, :k.shape[2]] = k
             self.buffers["values"][layer][:, :, :v.shape[2]] = v
@@ -128,10 +132,11 @@ class StaticKV:
         """The call is over: its buffers go back to the model's pool (compiled calls only), newest shape last; the
         pool keeps :data:`_POOL_SHAPES` shapes."""
         if self._pool is not None and self.buffers is not None:
-            self._pool.pop(self._key, None)
-            self._pool[self._key] = self.buffers  # one set per shape: the newest
-            while len(self._pool) > _POOL_SHAPES:
-                del self._pool[next(iter(self._pool))]
+            with _POOL_LOCK:
+                self._pool.pop(self._key, None)
+                self._pool[self._key] = self.buffers  # one set per shape: the newest
+                while len(self._pool) > _POOL_SHAPES:  # (a shape dropped and met again is a new CUDA graph recording)
+                    del self._pool[next(iter(self._pool))]
         self.buffers = None
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -274,6 +275,8 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
         raise ValueError(f"The documents make {found} training segment(s) of up to {ml.config.step} tokens over "
                          f"{config.epochs} epoch(s), fewer than grad_accum={config.grad_accum}, so not one optimizer "
                          "step would run. Add data, lower --grad-accum, or raise --max-document-tokens / --epochs.")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     base_print = fingerprint(ml.model, layers)  # before any weight changes
     total_steps = planned_steps(config, encoded, ml.config.step)
     identity = _identity(ml, docs, config)
@@ -281,10 +284,15 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
 
     result = TrainResult(adapter_path=str(out))
     evaluating = bool(held_out) and config.eval_tokens > 0
-    if evaluating:
-        result.eval_before = ckpt["eval_before"] if ckpt else evaluate(ml, held_out, tokens=config.eval_tokens,
-                                                                             progress=config.progress)
-    out.mkdir(parents=True, exist_ok=True)  # after every check (the evaluation's too), so a refusal leaves no folder
+    try:
+        if evaluating:
+            result.eval_before = ckpt["eval_before"] if ckpt else evaluate(ml, held_out, tokens=config.eval_tokens,
+                                                                                 progress=config.progress)
+    except BaseException:  # refused (too short for eval_tokens) or interrupted: leave no empty folder behind
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     trainer = Trainer(ml, config, prepare_parameters(ml, config, layers), result, total_steps=total_steps, out=out,
                       identity=identity)
     if ckpt is not None:

@@ -2,7 +2,6 @@
 fix, exit code 2, no traceback, no model loaded; flags come from MemLongConfig (issue 17); a bounded fuzz."""
 
 import dataclasses
-import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -295,27 +294,34 @@ def test_full_attention_beyond_the_models_positions_alone_is_an_error(make_tiny)
 
     ml, _ = make_tiny(local_window=256)
     length = ml.max_positions + 64
-    with pytest.raises(ValueError, match=f"Full attention cannot read {length} tokens: this model has "
-                                         f"{ml.max_positions} positions"):
+    with pytest.raises(ValueError, match=f"Full attention cannot read a passkey prompt of {length} tokens plus the "
+                                         f"question and answer: this model has {ml.max_positions} positions"):
         passkey(ml, lengths=[length], trials=1, modes=("full",), progress=False)
     assert [r["mode"] for r in passkey(ml, lengths=[length], trials=1, modes=("full", "window"), progress=False)] \
         == ["window"]
+    assert passkey(ml, lengths=[length], trials=1, modes=(), progress=False) == []  # as before
 
 
 def test_no_progress_hides_the_bars_of_transformers_too(tmp_path, monkeypatch, no_model):
     """CLI review: with --no-progress, loading the model still drew transformers' 'Loading weights' bars."""
     import transformers
 
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # restored after the test, as the next line's setting
+    from memlong.model import MemLong
+
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(transformers.utils.logging.is_progress_bar_enabled())
+        raise ModelLoaded("loaded")
+
+    monkeypatch.setattr(MemLong, "from_pretrained", classmethod(load))
     transformers.utils.logging.enable_progress_bar()
     (tmp_path / "book.txt").write_text("Some text to read.")
     try:
-        with pytest.raises(ModelLoaded):
-            main(["eval", "ppl", "--file", str(tmp_path / "book.txt")])
-        assert transformers.utils.logging.is_progress_bar_enabled()
-        with pytest.raises(ModelLoaded):
-            main(["eval", "ppl", "--file", str(tmp_path / "book.txt"), "--no-progress"])
-        assert not transformers.utils.logging.is_progress_bar_enabled()
-        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        for flags in ([], ["--no-progress"]):
+            with pytest.raises(ModelLoaded):
+                main(["eval", "ppl", "--file", str(tmp_path / "book.txt"), *flags])
+        assert seen == [True, False]  # off while the model loads
+        assert transformers.utils.logging.is_progress_bar_enabled()  # and on again after the run (in-process callers)
     finally:
         transformers.utils.logging.enable_progress_bar()
