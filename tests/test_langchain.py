@@ -263,6 +263,17 @@ def test_retriever_documents_carry_chunk_ids(tiny):
         retriever.invoke("  ")
 
 
+async def test_retriever_async_takes_what_sync_takes(tiny):
+    """Async review: ainvoke(q, k=1) raised a bare TypeError (LangChain's default async twin takes no keywords)."""
+    retriever = MemLongRetriever(bank=tiny.bank, namespace="kb", count_retrievals=False)
+    assert [d.page_content for d in await retriever.ainvoke(QUESTION, k=1)] == \
+        [d.page_content for d in retriever.invoke(QUESTION, k=1)]
+    assert len(await retriever.bind(k=1).ainvoke(QUESTION)) == 1
+    assert len(await retriever.ainvoke(QUESTION)) == 4
+    with pytest.raises(TypeError, match="takes k only"):
+        await retriever.ainvoke(QUESTION, filter={"a": 1})
+
+
 def test_retriever_search_modes(tiny):
     for mode in ("dense", "lexical", "hybrid"):
         docs = MemLongRetriever(bank=tiny.bank, namespace="kb", k=2, search_mode=mode).invoke(QUESTION)

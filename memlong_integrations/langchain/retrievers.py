@@ -17,9 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
-from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
@@ -96,3 +97,9 @@ class MemLongRetriever(BaseRetriever):
             hits = self.bank.search(query, namespace=self.namespace, k=k, count=self.count_retrievals,
                                     mode=self.search_mode)
             return [chunk_document(self.bank, h.chunk_id, self.namespace, h.score) for h in hits]
+
+    async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun,
+                                       k: int | None = None, **kwargs: Any) -> list[Document]:
+        """As :meth:`_get_relevant_documents` (``ainvoke(q, k=2)`` too), in a worker thread."""
+        return await asyncio.to_thread(self._get_relevant_documents, query, run_manager=run_manager.get_sync(), k=k,
+                                       **kwargs)
