@@ -10,10 +10,11 @@ generated (leading space included).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import GenerationChunk
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
@@ -98,3 +99,22 @@ class MemLongLLM(LLM):
     def _call(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
               **kwargs: Any) -> str:
         return "".join(c.text for c in self._stream(prompt, stop=stop, run_manager=run_manager, **kwargs))
+
+    async def _astream(self, prompt: str, stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+        """Decoding runs in a worker thread one token step at a time: the event loop stays free, and a cancelled call
+        (a request's timeout) stops decoding within a token."""
+        chunks = self._stream(prompt, stop=stop, **kwargs)
+        done = object()
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, done)
+            if chunk is done:
+                break
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _acall(self, prompt: str, stop: list[str] | None = None,
+                     run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
+        return "".join([c.text async for c in self._astream(prompt, stop=stop, run_manager=run_manager, **kwargs)])

@@ -259,9 +259,14 @@ class MemLongLLM(CustomLLM):
         return gen()
 
     # ------------------------------------------------------------------ async (the model runs in a worker thread)
+    # the whole answers are collected token by token from worker threads too: a cancelled call (a request's timeout)
+    # stops decoding within a token; one thread call for the whole answer decoded to max_new_tokens after it
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await asyncio.to_thread(self._complete, prompt, formatted, **kwargs)
+        ids = kwargs.pop(CHUNK_IDS_KWARG, None)
+        pieces, stats = await asyncio.to_thread(self._stream, self._prompt(prompt, formatted), ids, None, kwargs)
+        text = "".join([piece async for piece in _aiter(pieces)])
+        return CompletionResponse(text=text, additional_kwargs=dataclasses.asdict(stats))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
@@ -270,7 +275,11 @@ class MemLongLLM(CustomLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await asyncio.to_thread(self._chat, messages, **kwargs)
+        prompt, ids, query = self._chat_prompt(messages, kwargs)
+        pieces, stats = await asyncio.to_thread(self._stream, prompt, ids, query, kwargs)
+        text = "".join([piece async for piece in _aiter(pieces)])
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
+                            additional_kwargs=dataclasses.asdict(stats))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
