@@ -4,8 +4,8 @@ Contract:
     * :data:`SearchMode` / :data:`SEARCH_MODES` / :func:`check_mode` are the one definition of the search
       modes; the bank, the model config, the CLI and both framework adapters use them.
     * ``"dense"``: inner product of unit embeddings (the paper's retriever). ``"lexical"``: BM25 (k1=1.2,
-      b=0.75) over lower-cased ``\\w+`` words; only chunks sharing a word with the query score. ``"hybrid"``:
-      reciprocal rank fusion of both rankings (:func:`fuse`), each looked at deeper than ``k``.
+      b=0.75) over :func:`words` (case-folded; each CJK character a word); only chunks sharing a word with the query
+      score. ``"hybrid"``: reciprocal rank fusion of both rankings (:func:`fuse`), each looked at deeper than ``k``.
     * Ties are broken by insertion order (document order), so rankings are deterministic.
 
 Example:
@@ -17,8 +17,10 @@ Example:
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
@@ -31,7 +33,28 @@ __all__ = ["RRF_K", "SEARCH_MODES", "Lexical", "NamespaceIndex", "SearchMode", "
 SearchMode = Literal["dense", "lexical", "hybrid"]
 SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
 RRF_K = 60  # reciprocal rank fusion: score = sum over rankings of 1 / (RRF_K + rank), the usual constant
-_WORD = re.compile(r"\w+")
+
+
+_ASCII_WORD = re.compile(r"\w+")
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"  # kana, ideographs, hangul
+
+
+@functools.cache
+def _word_patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """(a word, a CJK character, a CJK word's parts). A word is letters and digits with their combining marks
+    (Devanagari vowel signs, Arabic harakat, the accents of decomposed text: ``\\w`` alone cut words at them); in
+    it each CJK ideograph, kana or hangul syllable is a word of its own, as those scripts put no spaces between
+    words (``\\w+`` made a whole clause one word that no query matched). Built on first use (a scan of Unicode)."""
+    marks, start, last = [], None, -1
+    for code in [*range(0x30000), *range(0xE0000, 0xE1000), -1]:  # the planes that hold marks
+        mark = code >= 0 and unicodedata.category(chr(code)).startswith("M")
+        if mark and start is None:
+            start = code
+        elif not mark and start is not None:
+            marks.append(f"{re.escape(chr(start))}-{re.escape(chr(last))}")
+            start = None
+        last = code
+    return (re.compile(f"[\\w{''.join(marks)}]+"), re.compile(f"[{_CJK}]"), re.compile(f"[{_CJK}]|[^{_CJK}]+"))
 
 
 def check_mode(mode: Any) -> SearchMode:
@@ -50,7 +73,20 @@ def check_ann_min(value: Any) -> int | None:
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    """The words BM25 counts: NFKC-normalized (composed accents, ligatures and full-width forms as plain letters),
+    case-folded (``Straße`` = ``STRASSE``), split by :func:`_word_pattern`.
+
+    Example:
+        >>> words("Café, 北京! हिन्दी")
+        ['café', '北', '京', 'हिन्दी']
+    """
+    if text.isascii():  # (the same words, faster)
+        return _ASCII_WORD.findall(text.lower())
+    word, cjk, parts = _word_patterns()
+    found: list[str] = []
+    for w in word.findall(unicodedata.normalize("NFKC", text).casefold()):
+        found.extend(parts.findall(w) if cjk.search(w) else (w,))
+    return found
 
 
 def depth(mode: SearchMode, k: int) -> int:

@@ -5,6 +5,7 @@ and a chunk boundary can fall between them (found by a multilingual review: each
 character into U+FFFD in both chunks, and lost it from the text users retrieve, embed and paste)."""
 
 import pytest
+import torch
 
 from memlong.streaming import chunk_texts
 
@@ -42,3 +43,23 @@ def test_a_split_character_belongs_to_the_chunk_that_completes_it(tokenizer):
     before = tokenizer("首都", add_special_tokens=False)["input_ids"]
     for cut in range(1, len(before)):  # the previous step's tail starts mid-character: it is not read
         assert chunk_texts(tokenizer, before[cut:], tokens, [(0, len(tokens))]) == ["政治"]
+
+
+def test_lexical_search_finds_words_in_every_script(embedder):
+    """Multilingual review: BM25 split words at \\w+, so Chinese clauses were one word no query matched, Devanagari
+    words broke at their vowel signs (an unrelated sentence scored on a shared consonant), and NFD or upper-case
+    queries missed their words."""
+    from memlong import MemoryBank
+    from memlong.search import words
+
+    bank = MemoryBank(embedder=embedder)
+    texts = ["北塔的守护者是王小明，他每天早上六点开门。", "南门的钥匙在蓝色的盒子里。", "हिन्दी भारत की राजभाषा है।",
+             "हाथी जंगल में रहता है।", "Le café est ouvert.", "Die Straße ist lang.", "The iron key is in the box."]
+    ids = bank.add_chunks(texts, keys=[torch.zeros(1, 1, 2, 4)] * len(texts), values=[torch.zeros(1, 1, 2, 4)] * len(texts),
+                          namespace="w")
+    for query, want in [("守护者", 0), ("谁是北塔的守护者？", 0), ("蓝色盒子", 1), ("राजभाषा", 2), ("हाथी", 3),
+                        ("cafe\u0301", 4), ("STRASSE", 5), ("IRON KEY", 6)]:
+        hits = bank.search(query, namespace="w", k=1, mode="lexical", count=False)
+        assert [h.chunk_id for h in hits] == [ids[want]], query
+    assert [h.chunk_id for h in bank.search("हाथी", namespace="w", k=5, mode="lexical", count=False)] == [ids[3]]
+    assert words("The iron key.") == ["the", "iron", "key"] and words("ＡＢＣ ﬁne") == ["abc", "fine"]
