@@ -17,7 +17,7 @@ Rules in brief: texts are non-empty UTF-8 strings (no lone surrogates); doc ids 
 ``0 <= start <= end`` integers; token ids are non-negative integers, one per K-V position; metadata is a dict
 of JSON values (string keys, finite numbers, at most :data:`MAX_DEPTH` levels); K-V are finite floating-point
 ``(layers, kv_heads, tokens >= 1, head_dim)`` tensors of equal shape; embeddings are finite, non-zero vectors.
-Integers are 64-bit: orders, counts and token ids below ``2**63``, metadata integers in ``[-2**63, 2**64)``.
+Orders, counts and token ids are below ``2**63``; metadata integers take up to :data:`MAX_INT_BITS` bits.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ __all__ = ["MAX_DEPTH", "Chunk", "MemoryMismatchError", "as_list", "check_bank_c
 
 MAX_DEPTH = 32  # metadata nesting levels (the JSON reader's recursion limit is far above this)
 MAX_INT = 2**63 - 1
+MAX_INT_BITS = 4096  # metadata integers: about 1,200 digits in JSON
 CHUNK_ID = re.compile(r"^[0-9a-f]{24}$")
 # Fingerprint keys recorded for information only: paths differ between machines holding the same model.
 _INFO_KEYS = ("model",)
@@ -168,10 +169,10 @@ def _json_check(value: Any, depth: int) -> None:
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     if value is None or isinstance(value, bool):
         return
-    if isinstance(value, int):  # signed and unsigned 64-bit integers (hashes), which the first release saved too
-        if not -2**63 <= value < 2**64:
-            shown = value if value.bit_length() < 128 else f"of {value.bit_length()} bits"  # str() refuses 4300+ digits
-            raise ValueError(f"integer {shown} is outside [-2**63, 2**64)")
+    if isinstance(value, int):  # any size the first release saved (hashes, UUIDs as ints) that JSON writes as digits
+        if value.bit_length() > MAX_INT_BITS:  # (Python's str() refuses more than 4,300 digits)
+            raise ValueError(f"an integer of {value.bit_length()} bits is too large (at most {MAX_INT_BITS} bits; store "
+                             "it as a string)")
         return
     if isinstance(value, str):
         check_text(value, "a string", empty=True)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -434,17 +435,19 @@ def test_a_file_numbered_neither_way_is_still_refused(tmp_path, embedder):
         MemoryBank.load(path, embedder=embedder)
 
 
-def test_unsigned_64_bit_metadata_round_trips(tmp_path):
-    """The first release saved metadata integers of any size; a 64-bit unsigned hash refused the whole bank later."""
+def test_big_metadata_integers_round_trip(tmp_path):
+    """The first release saved metadata integers of any size; a 64-bit unsigned hash (or a UUID as an int) refused
+    the whole bank later, as corrupted."""
     bank = MemoryBank(embedder=HashEmbedder())
     fill(bank, "ns", 1)
+    meta = {"hash": 2**64 - 1, "low": -2**63 - 1, "nested": [uuid.UUID(int=2**128 - 7).int, -(2**4096 - 1)]}
     bank.add_chunks(["hashed"], keys=[torch.zeros(2, 2, 3, 8)], values=[torch.zeros(2, 2, 3, 8)], namespace="ns",
-                    metadata=[{"hash": 2**64 - 1, "low": -2**63, "nested": [2**63]}])
+                    metadata=[meta])
     bank.save(tmp_path / "bank")
     loaded = MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
-    assert loaded.chunks("ns")[-1].metadata == {"hash": 2**64 - 1, "low": -2**63, "nested": [2**63]}
-    for bad in (2**64, -2**63 - 1, 10**5000):
-        with pytest.raises(ValueError, match=r"outside \[-2\*\*63, 2\*\*64\)"):
+    assert loaded.chunks("ns")[-1].metadata == meta
+    for bad in (2**4096, -(2**5000), 10**5000):
+        with pytest.raises(ValueError, match=r"an integer of \d+ bits is too large \(at most 4096 bits"):
             bank.add_chunks(["x"], keys=[torch.zeros(2, 2, 3, 8)], values=[torch.zeros(2, 2, 3, 8)], namespace="ns",
                             metadata=[{"n": bad}])
     assert len(bank.chunk_ids("ns")) == 2
