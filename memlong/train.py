@@ -270,11 +270,12 @@ def train(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], con
     encoded = [ml.tokenize(text)[: config.max_document_tokens] for _, text in docs]
     layers = trainable_layers(ml)
     per_epoch = sum(len(segments(t, ml.config.step)) for t in encoded)
-    found = per_epoch * config.epochs if config.max_steps is None else per_epoch * config.grad_accum
-    if found < config.grad_accum:  # not one optimizer step: the adapter written would be the base model
-        raise ValueError(f"The documents make {found} training segment(s) of up to {ml.config.step} tokens over "
-                         f"{config.epochs} epoch(s), fewer than grad_accum={config.grad_accum}, so not one optimizer "
-                         "step would run. Add data, lower --grad-accum, or raise --max-document-tokens / --epochs.")
+    found = per_epoch * config.epochs if config.max_steps is None else per_epoch  # max_steps: passes until done
+    if found < (config.grad_accum if config.max_steps is None else 1):  # not one step: the base model as an adapter
+        over = "per pass" if config.max_steps is not None else f"over {config.epochs} epoch(s)"
+        raise ValueError(f"The documents make {found} training segment(s) of up to {ml.config.step} tokens {over}, "
+                         f"fewer than grad_accum={config.grad_accum}, so not one optimizer step would run. Add data, "
+                         "lower --grad-accum, or raise --max-document-tokens / --epochs.")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     base_print = fingerprint(ml.model, layers)  # before any weight changes
