@@ -269,17 +269,20 @@ class PlantedFact:
 
 def answer_key(answer: str, *, clause: bool = True) -> str:
     """What two short answers must share to count as *the same answer*: the first line (with ``clause``, only
-    up to its first ``. , ; : ! ?``), lower case, without punctuation or articles.
+    up to its first ``. , ; : ! ?``, or their CJK and Devanagari forms ``。，、；：！？।``), lower case, without
+    punctuation or articles.
 
     Example:
         >>> answer_key(" Matilda Crane, the old keeper.") == answer_key("matilda crane.")
         True
         >>> answer_key(" Matilda Crane, the old keeper.", clause=False) == answer_key("matilda crane.", clause=False)
         False
+        >>> answer_key("王小明。他每天早上六点开门") == answer_key("王小明")
+        True
     """
     line = answer.strip().split("\n")[0].lower()
     if clause:
-        line = re.split(r"[.,;:!?]", line, maxsplit=1)[0]
+        line = re.split(r"[.,;:!?。，、；：！？।]", line, maxsplit=1)[0]
     return " ".join(w for w in re.sub(r"[^\w\s]", " ", line).split() if w not in ("a", "an", "the"))
 
 

@@ -63,3 +63,10 @@ def test_lexical_search_finds_words_in_every_script(embedder):
         assert [h.chunk_id for h in hits] == [ids[want]], query
     assert [h.chunk_id for h in bank.search("हाथी", namespace="w", k=5, mode="lexical", count=False)] == [ids[3]]
     assert words("The iron key.") == ["the", "iron", "key"] and words("ＡＢＣ ﬁne") == ["abc", "fine"]
+
+
+def test_answer_key_cuts_clauses_at_cjk_and_devanagari_punctuation():
+    from memlong.evaluation import answer_key
+
+    assert answer_key("王小明。他每天早上六点开门") == answer_key("王小明，") == answer_key("王小明") == "王小明"
+    assert answer_key("राम। वह घर गया") == "राम"
