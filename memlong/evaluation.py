@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from memlong.model import MemLong
+from memlong.search import words
 
 __all__ = ["PlantedFact", "answer_key", "describe_misses", "fact_rank", "miss_counts", "passkey", "perplexity_modes",
            "planted_fact_documents", "shakespeare_text"]
@@ -283,7 +284,7 @@ def answer_key(answer: str, *, clause: bool = True) -> str:
     line = answer.strip().split("\n")[0].lower()
     if clause:
         line = re.split(r"[.,;:!?。，、；：！？।]", line, maxsplit=1)[0]
-    return " ".join(w for w in re.sub(r"[^\w\s]", " ", line).split() if w not in ("a", "an", "the"))
+    return " ".join(w for w in words(line) if w not in ("a", "an", "the"))  # (marks kept: Devanagari vowel signs)
 
 
 def planted_fact_documents(n_facts: int = 30, *, plays: tuple[str, ...] = ("hamlet", "macbeth", "othello"),
