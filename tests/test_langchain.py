@@ -348,6 +348,22 @@ def test_lcel_recipe_sends_retrieved_documents_as_kv(tiny):
     assert answer == "".join(chain.stream(QUESTION))
 
 
+@pytest.mark.parametrize("paste", [False, True])
+def test_rag_chain_answers_when_a_retrieved_chunk_is_deleted_meanwhile(tiny, paste):
+    """Async review: a chunk deleted (by another request) between the chain's retrieval and its answer raised
+    UnknownChunkError; the answer now reads the retrieved chunks still stored."""
+    class DeleteFirst(BaseCallbackHandler):
+        def on_retriever_end(self, documents, **kwargs):
+            tiny.bank.delete([documents[0].metadata[CHUNK_ID_KEY]], namespace="kb")
+
+    retriever = MemLongRetriever(bank=tiny.bank, namespace="kb", k=2)
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4, prompt_format="plain")
+    out = create_memlong_rag_chain(retriever, chat, paste=paste).invoke(QUESTION, config={"callbacks": [DeleteFirst()]})
+    ids = [d.metadata[CHUNK_ID_KEY] for d in out["context"]]
+    assert len(ids) == 2 and tiny.bank.stored(ids, namespace="kb") == ids[1:]
+    assert tiny.last_generation.chunk_ids == ([] if paste else ids[1:])
+
+
 def test_rag_chain_helper_kv_and_paste(tiny):
     retriever = MemLongRetriever(bank=tiny.bank, namespace="kb", k=2)
     chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=4, prompt_format="plain")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from langchain_core.documents import Document
 
@@ -43,11 +43,12 @@ def not_supported(owner: str, feature: str, instead: str) -> NoReturn:
     raise NotImplementedError(f"{owner} does not support {feature}. {instead}")
 
 
-def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: MemoryBank,
-                                     namespace: str = "default") -> list[str]:
+def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: MemoryBank, namespace: str = "default",
+                                     missing: Literal["raise", "skip"] = "raise") -> list[str]:
     """Chunk ids for ``documents``: a chunk Document (``metadata["memlong_chunk_id"]``, from
     :class:`MemLongRetriever`) gives its chunk; a :class:`MemLongVectorStore` entry (``Document.id``) gives all of
-    its chunks. Bank order (document order), no duplicates.
+    its chunks. Bank order (document order), no duplicates. ``missing="skip"`` leaves out chunks and entries that
+    are no longer stored (deleted by another thread since they were retrieved) instead of raising.
 
     Raises:
         memlong.UnknownChunkError: a chunk or entry that is not (or no longer) in ``namespace``.
@@ -58,10 +59,12 @@ def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: Mem
     for doc in documents:
         cid = chunk_id_of(doc.metadata, namespace=namespace)
         if cid is not None:
-            ids.append(bank.get(cid, namespace=namespace).id)  # validates
+            ids += bank.stored([cid], namespace=namespace) if missing == "skip" else [bank.get(cid, namespace=namespace).id]
         elif doc.id:
             if entries is None:
                 entries = bank.doc_chunk_ids(namespace)
+            if doc.id not in entries and missing == "skip":
+                continue
             if doc.id not in entries:
                 raise UnknownChunkError(
                     f"Document id {doc.id!r} has no chunks in namespace {namespace!r}: it was never added there, or "

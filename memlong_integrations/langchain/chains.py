@@ -27,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.documents import Document
 from langchain_core.output_parsers import StrOutputParser
@@ -57,8 +57,10 @@ def _bank_and_namespace(source: Any) -> tuple[MemoryBank, str]:
                     "MemLongVectorStore or its as_retriever().")
 
 
-def chunk_ids_runnable(source: BaseRetriever | MemLongVectorStore) -> Runnable[list[Document], list[str]]:
-    """A runnable mapping retrieved Documents to chunk ids of the bank ``source`` reads.
+def chunk_ids_runnable(source: BaseRetriever | MemLongVectorStore, *, missing: Literal["raise", "skip"] = "raise"
+                       ) -> Runnable[list[Document], list[str]]:
+    """A runnable mapping retrieved Documents to chunk ids of the bank ``source`` reads (``missing``: as
+    :func:`memlong_chunk_ids_from_documents`).
 
     Raises (when run) a ``ValueError`` if the namespace is empty: nothing was added to the store yet.
     """
@@ -68,7 +70,7 @@ def chunk_ids_runnable(source: BaseRetriever | MemLongVectorStore) -> Runnable[l
         if not documents and not bank.chunk_ids(namespace):
             raise ValueError(f"The MemLong store (namespace {namespace!r}) is empty: add documents "
                              "(MemLongVectorStore.add_documents or MemLong.ingest) before asking questions.")
-        return memlong_chunk_ids_from_documents(documents, bank=bank, namespace=namespace)
+        return memlong_chunk_ids_from_documents(documents, bank=bank, namespace=namespace, missing=missing)
 
     return RunnableLambda(to_ids, name="memlong_chunk_ids")
 
@@ -98,7 +100,7 @@ def create_memlong_rag_chain(retriever: BaseRetriever, chat: ChatMemLong, prompt
     if chat.namespace != namespace:
         raise ValueError(f"The chat model reads namespace {chat.namespace!r} but the retriever searches "
                          f"{namespace!r}. Give both the same namespace: ChatMemLong(memlong=ml, namespace={namespace!r}).")
-    to_ids = chunk_ids_runnable(retriever)
+    to_ids = chunk_ids_runnable(retriever, missing="skip")  # a chunk deleted since retrieval: answer from the others
     if prompt is None:
         prompt = ChatPromptTemplate.from_messages([("system", "{context}"), ("human", "{question}")] if paste
                                                   else [("human", "{question}")])
@@ -112,6 +114,8 @@ def create_memlong_rag_chain(retriever: BaseRetriever, chat: ChatMemLong, prompt
         return data
 
     def answer(data: dict[str, Any]) -> Runnable:
+        # another thread may delete a retrieved chunk before the answer reads it (a re-index while serving): the
+        # answer reads the others, as a search a moment later would have found them
         ids = to_ids.invoke(data["context"])
         if paste:
             text = "".join(bank.get(c, namespace=namespace).text for c in ids)
