@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memlong.checkpoint import CHECKPOINT_NAME
+from memlong.checkpoint import CHECKPOINT_NAME, write_new
 
 __all__ = ["ADAPTER_CONFIG_FIELDS", "LoRALinear", "PACKAGED_ADAPTERS", "add_lora", "fingerprint", "load_adapter",
            "lora_state_dict", "merge_lora", "read_adapter_config", "resolve_adapter", "save_adapter"]
@@ -149,13 +149,12 @@ def fingerprint(model: nn.Module, layers: Iterable[int]) -> str:
 
 def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write ``adapter.safetensors`` + ``adapter.json`` into folder ``path`` (created); returns the folder."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_NAME))
-    (folder / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, "version": 1, **meta}, indent=2) + "\n",
-                                      encoding="utf-8")
+    write_new(folder / WEIGHTS_NAME, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    write_new(folder / CONFIG_NAME, (json.dumps({"format": FORMAT, "version": 1, **meta}, indent=2) + "\n").encode())
     return folder
 
 
@@ -169,6 +168,10 @@ def check_output_dir(path: str | Path, method: str) -> None:
         raise ValueError(f"Output {str(path)!r} is a file; give a new or empty folder.")
     if not folder.is_dir() or not any(folder.iterdir()):
         return
+    links = sorted(p.name for p in folder.iterdir() if p.is_symlink())
+    if links:  # (written files replace links, but a link here is someone's arrangement training would undo)
+        raise ValueError(f"Output folder {str(path)!r} holds symbolic links ({', '.join(links[:3])}); training writes "
+                         "its own files there. Give a new or empty folder.")
 
     want = "reader" if method == "reader" else "train"
     if (folder / CONFIG_NAME).exists():

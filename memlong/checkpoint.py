@@ -5,8 +5,10 @@ Contract:
       the data, the run's identity, counters, the optimizer's hyper-parameters and non-tensor state, the
       scheduler's state, and the name and sha256 of the tensor file) and ``DIR/checkpoint-<id>.safetensors``
       (``param.<name>``: trainable weights; ``optim.<i>.<key>``: the optimizer's per-parameter tensors).
-    * Saving writes the tensor file under a fresh name, then ``checkpoint.json.tmp``, and ``os.replace``-s it
-      over ``checkpoint.json``; older tensor files are removed after. A save that dies leaves the old checkpoint.
+    * Saving writes the tensor file under a fresh name, then the JSON under another, and ``os.replace``-s it over
+      ``checkpoint.json``; older tensor files are removed after. A save that dies leaves the old checkpoint. Files
+      are only ever created fresh and renamed into place (:func:`write_new`), so a symbolic link in the folder is
+      replaced, never written through.
     * Loading reads the JSON (size-capped), checks the tensor file's sha256, and reads tensors with safetensors.
       Anything malformed raises ``ValueError`` naming the file and the fix. A ``checkpoint.pt`` left by an
       older memlong is a pickle: it is never loaded (the error says to delete it or start over).
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_NAME", "LEGACY_NAME", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "LEGACY_NAME", "load_checkpoint", "save_checkpoint", "write_new"]
 
 CHECKPOINT_NAME = "checkpoint.json"
 LEGACY_NAME = "checkpoint.pt"
@@ -36,10 +38,27 @@ _TENSORS = re.compile(r"^checkpoint-[0-9a-f]{16}\.safetensors$")
 _JSON_LIMIT = 64 << 20  # losses of a long run fit easily
 
 
+def write_new(path: Path, data: bytes) -> None:
+    """Write ``data`` as file ``path``: into a file created under a fresh name in its folder (never an existing file,
+    a link or a FIFO: ``O_EXCL | O_NOFOLLOW``), synced, then renamed over ``path``, which replaces a link there
+    instead of writing to what it points at (another run's adapter, a user's file)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(out: str | os.PathLike, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict[str, Any]) -> Path:
     """Write trainable ``params``, the optimizer and scheduler states and ``state`` (JSON-able) to ``out``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
     opt = optimizer.state_dict()
@@ -54,18 +73,12 @@ def save_checkpoint(out: str | os.PathLike, params: dict[str, torch.Tensor], opt
                 plain[key] = value
         per_param[str(i)] = plain
     name = f"checkpoint-{secrets.token_hex(8)}.safetensors"
-    save_file(tensors, out / name)
-    with open(out / name, "rb") as fh:
-        os.fsync(fh.fileno())
+    write_new(out / name, save(tensors))
     record = {"format": "memlong-checkpoint", "version": 1, "tensors": name,
               "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(),
               "optimizer": {"param_groups": opt["param_groups"], "state": per_param},
               "scheduler": scheduler.state_dict(), **state}
-    tmp = out / (CHECKPOINT_NAME + ".tmp")
-    tmp.write_text(json.dumps(record))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / CHECKPOINT_NAME)  # the commit point
+    write_new(out / CHECKPOINT_NAME, json.dumps(record).encode())  # the commit point
     for p in out.iterdir():
         if _TENSORS.match(p.name) and p.name != name and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)

@@ -312,6 +312,7 @@ def train_reader(ml: MemLong, config: ReaderConfig, *, progress: bool = True, co
 
 def _save(ml: MemLong, folder: str, meta: dict[str, Any], losses: list[float]) -> None:
     from memlong.adapter import save_adapter
+    from memlong.checkpoint import write_new
 
     save_adapter(folder, lora_state_dict(ml.model), meta)
-    (Path(folder) / "losses.json").write_text(json.dumps([round(x, 5) for x in losses]) + "\n", encoding="utf-8")
+    write_new(Path(folder) / "losses.json", (json.dumps([round(x, 5) for x in losses]) + "\n").encode())

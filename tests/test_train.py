@@ -267,3 +267,24 @@ def test_a_refused_evaluation_leaves_no_output_folder(make_tiny, tokenizer, tmp_
     with pytest.raises(ValueError, match="eval_tokens"):
         train(ml, docs, config, eval_documents=[_text(tokenizer, 4000, 40)])
     assert not (tmp_path / "run").exists()
+
+
+def test_training_never_writes_through_a_link_in_its_folder(tmp_path):
+    """Filesystem review: checkpoint.json.tmp and adapter.json were written with write_text, which follows a link:
+    a link in the output folder overwrote a user's file or another run's adapter (a wrong LoRA scale, loaded silently)."""
+    from memlong.adapter import check_output_dir, save_adapter
+    from memlong.checkpoint import write_new
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    save_adapter(run, {"w": torch.zeros(2)}, {"method": "lora"})
+    (run / "adapter.json").unlink()
+    (run / "adapter.json").symlink_to(victim)
+    with pytest.raises(ValueError, match="holds symbolic links \\(adapter.json\\)"):
+        check_output_dir(run, "lora")
+    write_new(run / "adapter.json", b"{}")  # were it reached anyway: the link is replaced, not written through
+    assert victim.read_text() == "precious" and not (run / "adapter.json").is_symlink()
+    assert (run / "adapter.json").read_text() == "{}" and not list(run.glob(".*.tmp"))
+    save_adapter(run, {"w": torch.ones(2)}, {"method": "lora"})
+    assert victim.read_text() == "precious"
