@@ -34,7 +34,8 @@ __all__ = ["CHECKPOINT_NAME", "LEGACY_NAME", "load_checkpoint", "save_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.json"
 LEGACY_NAME = "checkpoint.pt"
-_TENSORS = re.compile(r"^checkpoint-[0-9a-f]{16}\.safetensors$")
+_TENSORS = re.compile(r"^checkpoint-[0-9a-f]{16}\.safetensors\Z")
+_LEFT = re.compile(r"^\.(checkpoint[-.][0-9a-z.]+|adapter\.(json|safetensors)|losses\.json)\.[0-9a-f]{16}\.tmp\Z")
 _JSON_LIMIT = 64 << 20  # losses of a long run fit easily
 
 
@@ -79,8 +80,8 @@ def save_checkpoint(out: str | os.PathLike, params: dict[str, torch.Tensor], opt
               "optimizer": {"param_groups": opt["param_groups"], "state": per_param},
               "scheduler": scheduler.state_dict(), **state}
     write_new(out / CHECKPOINT_NAME, json.dumps(record).encode())  # the commit point
-    for p in out.iterdir():
-        if _TENSORS.match(p.name) and p.name != name and p.is_file() and not p.is_symlink():
+    for p in out.iterdir():  # older tensors, and what a killed save left under a fresh name
+        if (_TENSORS.match(p.name) and p.name != name or _LEFT.match(p.name)) and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
     return out / CHECKPOINT_NAME
 

@@ -55,7 +55,12 @@ def test_optimizer_and_scheduler_state_round_trip_exactly(tmp_path):
         (weights["w"].sum() * weights["b"].sum()).backward()
         optimizer.step()
         scheduler.step()
+    left = [tmp_path / ".checkpoint.json.0123456789abcdef.tmp", tmp_path / ".adapter.json.0123456789abcdef.tmp"]
+    for path in left:  # what a save killed before its rename leaves
+        path.write_text("partial")
+    (tmp_path / ".notes.0123456789abcdef.tmp").write_text("not ours")
     save_checkpoint(tmp_path, weights, optimizer, scheduler, {"step": 3, "note": "x"})
+    assert not any(p.exists() for p in left) and (tmp_path / ".notes.0123456789abcdef.tmp").exists()
     state = load_checkpoint(tmp_path)
     assert state["step"] == 3 and state["note"] == "x"
     assert all(torch.equal(state["params"][n], p.detach()) for n, p in weights.items())
