@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,44 +235,7 @@ class BankFiles:
             MemoryFileError: missing, truncated, corrupted or unknown files (nothing is loaded).
             MemoryMismatchError: a bank made by another embedder or model (both are named).
         """
-        record, tensors, segments, commit = read_bank(path, verify=verify)
-        config = record.get("config")
-        if not isinstance(config, dict):
-            raise MemoryFileError(f"Cannot load the memory bank at {path}: its config is missing.")
-        kwargs: dict[str, Any] = {k: config.get(k) for k in ("capacity", "evict_oldest", "keep_newest", "max_bytes")}
-        name = config.get("dtype")
-        kwargs["dtype"] = {v: k for k, v in DTYPE_NAMES.items()}.get(name) if isinstance(name, str) else None
-        stored = {"quantization": config.get("quantization", "none"), "dtype": kwargs["dtype"]}
-        for key in ("quantization",) + (("dtype",) if segments is not None else ()):
-            if key in options and options[key] != stored[key]:
-                config_value = DTYPE_NAMES.get(stored[key], stored[key]) if key == "dtype" else stored[key]
-                raise MemoryMismatchError(f"The memory bank at {path} stores K-V with {key}={stored[key]!r}, but it "
-                                          f"is being opened with {key}={options[key]!r}. Open it with "
-                                          f"{key}={stored[key]!r} (memory_{key}={config_value!r} in MemLongConfig), "
-                                          "or re-ingest.")
-        kwargs.update(options, quantization=stored["quantization"])
-        kwargs.pop("path", None)
-        _check_loaded_config(path, config, kwargs, name)
-        bank = cls(embedder=embedder, **kwargs)
-        if segments is not None:
-            if namespaces is not None:
-                raise ValueError(f"{path} is a disk bank: it reopens whole. Copy some namespaces into another bank "
-                                 "with restore(path, namespaces=...).")
-            store = DiskKVStore(path, quantization=bank.quantization, dtype=bank.dtype,
-                                segment_bytes=kwargs.get("segment_bytes", _segment_bytes(config)))
-            store.committed = commit  # what a commit of this bank expects to replace (one writer per directory)
-            bank.path, bank._store, bank._fingerprint = Path(path), store, fingerprint
-            journal = record.get("journal") or {"deltas": 0, "changes": 0}  # what read_bank replayed
-            store.journal = (journal["deltas"], journal["changes"])
-        try:
-            bank._restore(Path(path), record, tensors, namespaces, fingerprint, segments)
-        except MemoryFullError as exc:
-            if "max_bytes" in options:
-                raise
-            raise MemoryFileError(f"Cannot load the memory bank at {path}: it holds more than its saved max_bytes ({exc}). "
-                                  "Saves before 6 Dec 2026 did not count metadata, and load()'s options (dtype, ...) can "
-                                  "make chunks larger. Pass max_bytes= to override.") from None
-        return bank
+        return _retrying(path, lambda: _load(cls, path, embedder, namespaces, fingerprint, verify, options))
 
     def restore(self, path: str | os.PathLike, *, namespaces: Sequence[str] | None = None,
                 fingerprint: dict[str, Any] | None = None) -> list[str]:
@@ -285,13 +248,16 @@ class BankFiles:
         if self.path is not None and Path(path).resolve() == self.path.resolve():
             raise ValueError(f"{path} is this disk bank's own folder: the bank already holds it (and what was added "
                              "since its last commit()). To open the committed state apart, use MemoryBank.load(path).")
-        record, tensors, segments, _ = read_bank(path)
-        quantization = (record.get("config") or {}).get("quantization", "none")
-        if quantization != self.quantization:
-            raise MemoryMismatchError(f"The memory bank at {path} stores K-V with quantization={quantization!r}; "
-                                      f"this bank uses {self.quantization!r}. Restore into a bank with the same "
-                                      "setting, or re-ingest.")
-        return self._restore(Path(path), record, tensors, namespaces, fingerprint, segments, renumber=True)
+        def attempt() -> list[str]:
+            record, tensors, segments, _ = read_bank(path)
+            quantization = (record.get("config") or {}).get("quantization", "none")
+            if quantization != self.quantization:
+                raise MemoryMismatchError(f"The memory bank at {path} stores K-V with quantization={quantization!r}; "
+                                          f"this bank uses {self.quantization!r}. Restore into a bank with the same "
+                                          "setting, or re-ingest.")
+            return self._restore(Path(path), record, tensors, namespaces, fingerprint, segments, renumber=True)
+
+        return _retrying(path, attempt)
 
     def _restore(self, path: Path, record: dict[str, Any], tensors: dict[str, torch.Tensor],
                  namespaces: Sequence[str] | None, fingerprint: dict[str, Any] | None,
@@ -389,6 +355,63 @@ class BankFiles:
 
 
 _SUFFIXES = ("k", "v", "ks", "km", "vs", "vm")
+
+
+def _load(cls: type[MemoryBank], path: str | os.PathLike, embedder: TextEmbedder, namespaces: Sequence[str] | None,
+          fingerprint: dict[str, Any] | None, verify: bool, options: dict[str, Any]) -> MemoryBank:
+    """The body of :meth:`BankFiles.load` (one attempt)."""
+    record, tensors, segments, commit = read_bank(path, verify=verify)
+    config = record.get("config")
+    if not isinstance(config, dict):
+        raise MemoryFileError(f"Cannot load the memory bank at {path}: its config is missing.")
+    kwargs: dict[str, Any] = {k: config.get(k) for k in ("capacity", "evict_oldest", "keep_newest", "max_bytes")}
+    name = config.get("dtype")
+    kwargs["dtype"] = {v: k for k, v in DTYPE_NAMES.items()}.get(name) if isinstance(name, str) else None
+    stored = {"quantization": config.get("quantization", "none"), "dtype": kwargs["dtype"]}
+    for key in ("quantization",) + (("dtype",) if segments is not None else ()):
+        if key in options and options[key] != stored[key]:
+            config_value = DTYPE_NAMES.get(stored[key], stored[key]) if key == "dtype" else stored[key]
+            raise MemoryMismatchError(f"The memory bank at {path} stores K-V with {key}={stored[key]!r}, but it "
+                                      f"is being opened with {key}={options[key]!r}. Open it with "
+                                      f"{key}={stored[key]!r} (memory_{key}={config_value!r} in MemLongConfig), "
+                                      "or re-ingest.")
+    kwargs.update(options, quantization=stored["quantization"])
+    kwargs.pop("path", None)
+    _check_loaded_config(path, config, kwargs, name)
+    bank = cls(embedder=embedder, **kwargs)
+    if segments is not None:
+        if namespaces is not None:
+            raise ValueError(f"{path} is a disk bank: it reopens whole. Copy some namespaces into another bank "
+                             "with restore(path, namespaces=...).")
+        store = DiskKVStore(path, quantization=bank.quantization, dtype=bank.dtype,
+                            segment_bytes=kwargs.get("segment_bytes", _segment_bytes(config)))
+        store.committed = commit  # what a commit of this bank expects to replace (one writer per directory)
+        bank.path, bank._store, bank._fingerprint = Path(path), store, fingerprint
+        journal = record.get("journal") or {"deltas": 0, "changes": 0}  # what read_bank replayed
+        store.journal = (journal["deltas"], journal["changes"])
+    try:
+        bank._restore(Path(path), record, tensors, namespaces, fingerprint, segments)
+    except MemoryFullError as exc:
+        if "max_bytes" in options:
+            raise
+        raise MemoryFileError(f"Cannot load the memory bank at {path}: it holds more than its saved max_bytes ({exc}). "
+                              "Saves before 6 Dec 2026 did not count metadata, and load()'s options (dtype, ...) can "
+                              "make chunks larger. Pass max_bytes= to override.") from None
+    return bank
+
+
+def _retrying(path: str | os.PathLike, attempt: Callable[[], Any]) -> Any:
+    """``attempt()`` (a load that reads ``path`` and builds from it), again when it fails while another process
+    commits: a disk bank's segments are opened after its record was read, and a commit in between may have removed
+    one the record names (then the commit is read anew; up to 3 tries). Other failures raise at once."""
+    for tries in range(3):
+        before = committed(path)
+        try:
+            return attempt()
+        except MemoryFileError:
+            if tries == 2 or committed(path) == before:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _segment_bytes(config: dict[str, Any]) -> int:

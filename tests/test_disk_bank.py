@@ -514,3 +514,56 @@ def test_disk_full_at_save_says_the_previous_save_is_intact(tmp_path, monkeypatc
         bank.save(tmp_path / "saved")
     monkeypatch.undo()
     assert digest(MemoryBank.load(tmp_path / "saved", embedder=HashEmbedder(), verify=True)) == digest(bank)
+
+
+WRITER = textwrap.dedent("""
+    import sys, time, pathlib
+    sys.path.insert(0, {tests!r})
+    from test_persistence import HashEmbedder, fill
+    from memlong import MemoryBank
+
+    bank = MemoryBank.load(sys.argv[1], embedder=HashEmbedder())
+    print("ready", flush=True)
+    while not pathlib.Path(sys.argv[2]).exists():
+        time.sleep(0.01)
+    bank.delete(bank.chunk_ids("a"), namespace="a")
+    fill(bank, "a", 4, seed=1)
+    bank.commit()  # retires the segment the reader's record names
+    print("committed", flush=True)
+""")
+
+
+@pytest.mark.parametrize("how", ["load", "restore"])
+def test_opening_a_bank_while_another_process_commits_reads_the_new_commit(tmp_path, monkeypatch, how):
+    """Filesystem review: a disk bank's segments are opened after its record is read (under the shared lock); a commit
+    of another process in between retired a segment the record named, and the load failed as 'corrupted'."""
+    import memlong.kv_store as kv_store
+
+    path, go = tmp_path / "bank", tmp_path / "go"
+    bank = MemoryBank(embedder=HashEmbedder(), path=path, segment_bytes=1)
+    fill(bank, "a", 4)
+    bank.commit()
+    del bank
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    writer = subprocess.Popen([sys.executable, "-c", WRITER.format(tests=str(ROOT / "tests")), str(path), str(go)],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        attach, waited = kv_store.DiskKVStore.attach, []
+
+        def attach_after_a_commit(self, entries):  # the record is read; the other process commits now (once)
+            if not waited:
+                go.touch()
+                waited.append(writer.stdout.readline().strip())
+            return attach(self, entries)
+
+        monkeypatch.setattr(kv_store.DiskKVStore, "attach", attach_after_a_commit)
+        if how == "load":
+            loaded = MemoryBank.load(path, embedder=HashEmbedder())
+        else:
+            loaded = MemoryBank(embedder=HashEmbedder())
+            loaded.restore(path)
+    finally:
+        writer.wait(timeout=120)
+    assert waited == ["committed"]
+    assert [c.text for c in loaded.chunks("a")] == [f"a chunk 1-{i} about topic {i % 5}" for i in range(4)]
