@@ -48,7 +48,7 @@ __all__ = ["MAX_DEPTH", "Chunk", "MemoryMismatchError", "as_list", "check_bank_c
 MAX_DEPTH = 32  # metadata nesting levels (the JSON reader's recursion limit is far above this)
 MAX_INT = 2**63 - 1
 MAX_INT_BITS = 4096  # metadata integers: about 1,200 digits in JSON
-CHUNK_ID = re.compile(r"^[0-9a-f]{24}$")
+CHUNK_ID = re.compile(r"^[0-9a-f]{24}\Z")
 # Fingerprint keys recorded for information only: paths differ between machines holding the same model.
 _INFO_KEYS = ("model",)
 _LATER_KEYS = ("sink_ids",)  # fingerprint keys added after banks were saved without them: absent is not compared

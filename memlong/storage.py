@@ -59,11 +59,11 @@ SEGMENT_VERSION = 2  # a manifest that also names K-V segments (a disk bank)
 JOURNAL_VERSION = 3  # a disk bank's manifest that also lists deltas (commits written as what changed)
 MANIFEST = "manifest.json"
 _MANIFEST_LIMIT = 1 << 20  # a manifest is a few hundred bytes; never read more than this
-_DATA_NAME = re.compile(r"^(bank-[0-9a-f]{16}\.json|tensors-[0-9a-f]{16}\.safetensors)$")
-_DELTA_NAME = re.compile(r"^delta-[0-9a-f]{16}\.(json|safetensors)$")
+_DATA_NAME = re.compile(r"^(bank-[0-9a-f]{16}\.json|tensors-[0-9a-f]{16}\.safetensors)\Z")
+_DELTA_NAME = re.compile(r"^delta-[0-9a-f]{16}\.(json|safetensors)\Z")
 _OURS = re.compile(r"^((bank|delta)-[0-9a-f]{16}\.json|(tensors|seg|delta)-[0-9a-f]{16}\.safetensors|"
-                   r"manifest\.json\.tmp)$")
-SEGMENT_NAME = re.compile(r"^seg-[0-9a-f]{16}\.safetensors$")
+                   r"manifest\.json\.tmp)\Z")
+SEGMENT_NAME = re.compile(r"^seg-[0-9a-f]{16}\.safetensors\Z")
 _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
            torch.uint8: "U8"}
 

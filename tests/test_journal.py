@@ -305,3 +305,15 @@ def test_a_disk_bank_reopens_with_the_segment_size_it_was_made_with(tmp_path):
     again.commit()
     assert set(before) <= {p.name for p in (tmp_path / "b").glob("seg-*")} and committed(tmp_path / "b").startswith("delta-")
     assert MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), segment_bytes=1 << 20)._store.segment_bytes == 1 << 20
+
+
+def test_a_file_name_with_a_trailing_newline_is_refused(tmp_path):
+    """Filesystem review: names were checked with ^...$, and $ also matches before a final newline, so a manifest
+    naming 'seg-<id>.safetensors\\n' (a file renamed to match) loaded, and the next commit kept the odd file."""
+    from memlong.records import CHUNK_ID
+    from memlong.storage import _DATA_NAME, _DELTA_NAME, _OURS, SEGMENT_NAME
+
+    for pattern, name in [(SEGMENT_NAME, "seg-0123456789abcdef.safetensors"), (_OURS, "manifest.json.tmp"),
+                          (_DATA_NAME, "bank-0123456789abcdef.json"), (_DELTA_NAME, "delta-0123456789abcdef.json"),
+                          (CHUNK_ID, "0123456789abcdef01234567")]:
+        assert pattern.match(name) and not pattern.match(name + "\n")
