@@ -83,3 +83,10 @@ def test_user_code_type_checks(tmp_path: Path) -> None:
     for number, (line, name) in enumerate(MISTAKES.items(), start=5):
         found = [e for e in errors if re.search(rf"mistakes\.py:{number}: error:", e)]
         assert found and any(name in e for e in found), f"mypy did not refuse {line!r}:\n{run.stdout}"
+
+
+def test_the_license_ships():
+    """Wheel review: Apache-2.0 was declared, but no license text was in the repository, the wheel or the sdist."""
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'license = "Apache-2.0"' in pyproject and 'license-files = ["LICENSE"]' in pyproject
+    assert "Apache License\n                           Version 2.0, January 2004" in (ROOT / "LICENSE").read_text()
