@@ -122,6 +122,7 @@ def _fmt(value: Any) -> str:
 
 def _write_json(path: str | None, records: list[dict[str, Any]]) -> None:
     if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # `--json results/x.json` outside a checkout too
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(records, fh, indent=2)
         print(f"wrote {path}")

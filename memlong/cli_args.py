@@ -114,17 +114,17 @@ def readable_file(path: str, flag: str) -> str:
 
 
 def writable(path: str, flag: str, folder: bool = False) -> None:
-    """ValueError naming ``flag`` unless ``path`` can be written: a file in an existing writable folder, or a folder
-    (existing and writable, or creatable under its nearest existing parent)."""
+    """ValueError naming ``flag`` unless ``path`` can be written: a file or a folder, existing and writable, or
+    creatable (with the folders above it) under its nearest existing parent."""
     p = Path(path).expanduser()
     if folder and p.exists() and not p.is_dir():
         raise ValueError(f"{flag} {path!r} is a file, not a folder; give a new or existing folder.")
     if not folder and p.is_dir():
         raise ValueError(f"{flag} {path!r} is a directory; give a file path.")
-    if not folder and not p.parent.is_dir():
-        raise ValueError(f"{flag} {path!r}: the folder {str(p.parent)!r} does not exist; create it or give another "
-                         "path.")
-    target = p if p.exists() else next(q for q in p.parents if q.exists())
+    above = next(q for q in p.parents if q.exists())  # a file's missing folders are created, as a folder's are
+    if not folder and not above.is_dir():
+        raise ValueError(f"{flag} {path!r}: {str(above)!r} is a file, not a folder; give another path.")
+    target = p if p.exists() else above
     if not (target.is_dir() or target == p) or not os.access(target, os.W_OK):
         raise ValueError(f"{flag} {path!r} cannot be written ({str(target)!r} is not a writable "
                          f"{'folder' if target != p else 'path'}); give a writable path.")

@@ -51,7 +51,7 @@ def assert_one_line_error(code, err, *needles):
     (["eval", "ppl", "--model", "MISSING/x"], ["--model"]),
     (["eval", "ppl", "--model", "EMPTY"], ["--model", "not a model folder"]),
     (["eval", "ppl", "--json", "DIR"], ["--json", "directory"]),
-    (["eval", "ppl", "--json", "MISSING/out.json"], ["--json", "does not exist"]),
+    (["eval", "ppl", "--json", "EMPTY/out.json"], ["--json", "is a file, not a folder"]),
     (["eval", "ppl", "--score-last", "0"], ["--score-last", "minimum 1"]),
     (["eval", "ppl", "--score-last", "-5"], ["--score-last", "minimum 1"]),
     (["eval", "passkey", "--trials", "0"], ["--trials"]),
@@ -197,7 +197,7 @@ PATH_FLAGS = {"demo": ["--load-memory", "--json", "--adapter", "--model"],
 BAD_PATHS = {  # per flag: values that flag must refuse
     "--load-memory": ["MISSING", "EMPTY", "/dev/null"], "--adapter": ["MISSING", "EMPTY", "/dev/null"],
     "--model": ["EMPTY", "/dev/null", "MISSING/child"], "--filler": ["MISSING", "DIR", "EMPTY", "/dev/null", "/"],
-    "--file": ["MISSING", "DIR", "/dev/null", "/"], "--json": ["DIR", "/", "MISSING/child", "EMPTY/child"],
+    "--file": ["MISSING", "DIR", "/dev/null", "/"], "--json": ["DIR", "/", "EMPTY/child", "EMPTY/a/b"],
     "--data": ["MISSING", "MISSING/child"], "--eval-data": ["MISSING", "MISSING/child"]}
 BAD_INTS = st.one_of(st.sampled_from(["0", "-1", "-100", "1.5", "", "x", "1e3", "--", "0x10", "٣"]),
                      st.integers(max_value=-1).map(str), st.text(max_size=8).filter(lambda t: not _is_int(t)))
@@ -325,3 +325,15 @@ def test_no_progress_hides_the_bars_of_transformers_too(tmp_path, monkeypatch, n
         assert transformers.utils.logging.is_progress_bar_enabled()  # and on again after the run (in-process callers)
     finally:
         transformers.utils.logging.enable_progress_bar()
+
+
+def test_json_into_a_folder_that_does_not_exist_yet(tmp_path, no_model):
+    """Wheel review: the documented `--json results/x.json` failed anywhere but a checkout (which has results/)."""
+    from memlong.cli import _write_json
+
+    (tmp_path / "book.txt").write_text("Some text to read.")
+    out = tmp_path / "results" / "sub" / "ppl.json"
+    with pytest.raises(ModelLoaded):  # the checks pass; the run would start
+        main(["eval", "ppl", "--file", str(tmp_path / "book.txt"), "--json", str(out)])
+    _write_json(str(out), [{"ppl": 1.0}])
+    assert out.read_text().startswith("[")
