@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import secrets
@@ -169,7 +170,7 @@ class Stream:
         size = len(tokens) if span else ml.config.chunk_size  # a step given its span is one chunk
         bounds = [(s, min(s + size, len(tokens))) for s in range(0, len(tokens), size)]
         texts = [ml.tokenizer.decode(tokens)] if span else chunk_texts(ml.tokenizer, self.tail, tokens, bounds)
-        self.tail, self.last_query = ([] if span else list(tokens[-_CONTEXT:])), texts[-1]
+        self.tail, self.last_query = ([] if span else [*self.tail, *tokens][-_CONTEXT:]), texts[-1]
         if not self.store:
             return []
         srcs = list(ml.config.source_layers)
@@ -228,29 +229,52 @@ class Stream:
         self.cache_len = self.cache[0].shape[2]
 
 
-_CONTEXT = 8  # tokens decoded before a chunk to find where its first characters began (UTF-8: up to 4 bytes each)
+_CONTEXT = 8  # tokens kept before a chunk to find where its first characters began (UTF-8: up to 4 bytes each)
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): the character each byte is written as in a token, inverted."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in shown]
+    return {**{chr(b): b for b in shown}, **{chr(256 + i): b for i, b in enumerate(rest)}}
+
+
+_BYTE_OF = _byte_alphabet()
+
+
+def _char_start(data: bytes, at: int) -> int:
+    """The start of the character byte ``at`` of ``data`` belongs to (``at == len(data)``: the end, or the start of
+    an incomplete last character, which the next tokens complete)."""
+    if at < len(data):
+        back = 0
+        while back < 3 and at - back > 0 and data[at - back] & 0xC0 == 0x80:  # a continuation byte
+            back += 1
+        return at - back
+    for back in range(1, min(4, len(data)) + 1):
+        lead = data[-back]
+        if lead & 0xC0 != 0x80:
+            size = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
+            return len(data) - back if size > back else len(data)
+    return len(data)
 
 
 def chunk_texts(tokenizer: Any, before: Sequence[int], tokens: Sequence[int], bounds: list[tuple[int, int]]) -> list[str]:
     """The text of each chunk ``tokens[s:e]`` for ``(s, e)`` in ``bounds``, after the tokens ``before`` them: joined
-    in order, the chunks of a document give its text. A character whose bytes are split between two chunks' tokens
-    (CJK, emoji, Devanagari with a byte-level tokenizer) belongs to the chunk that completes it; decoding each chunk
-    alone turned it into U+FFFD in both and lost it. A decoder that rewrites earlier text when more follows (space
-    clean-up) falls back to decoding the chunk alone."""
+    in order, the chunks of a document give its text (whitespace-only chunks aside, which are not stored). A
+    character whose bytes are split between two chunks' tokens (CJK, emoji, Devanagari under a byte-level tokenizer)
+    belongs to the chunk that completes it; decoding each chunk alone turned it into U+FFFD in both and lost it.
+    Byte-level tokenizers are read byte by byte (a U+FFFD in the document stays); others by decoding each chunk
+    alone."""
     context = list(before[-_CONTEXT:])
-    while context and tokenizer.decode(context).startswith("\ufffd"):  # begin the context on a whole character
-        context = context[1:]
-    seq = [*context, *tokens]
-
-    def settled(end: int) -> str:  # seq[:end]'s text without the bytes of a character that later tokens complete
-        return tokenizer.decode(seq[:end]).rstrip("\ufffd")
-
-    texts, done = [], settled(len(context) + bounds[0][0])
-    for s, e in bounds:
-        upto = settled(len(context) + e)
-        texts.append(upto[len(done):] if upto.startswith(done) else tokenizer.decode(tokens[s:e]))
-        done = upto
-    return texts
+    pieces = tokenizer.convert_ids_to_tokens([*context, *tokens])
+    try:
+        sizes = [len(piece) for piece in pieces]
+        data = bytes(_BYTE_OF[ch] for piece in pieces for ch in piece)
+    except (KeyError, TypeError):  # not byte-level BPE (or a special token): each chunk decoded alone
+        return [tokenizer.decode(list(tokens[s:e])) for s, e in bounds]
+    offsets = list(itertools.accumulate(sizes, initial=0))  # token i's bytes start at offsets[i]
+    at = [_char_start(data, offsets[len(context) + i]) for i in range(len(tokens) + 1)]
+    return [data[at[s]:at[e]].decode("utf-8", errors="replace") for s, e in bounds]
 
 
 def _stripped(ml: MemLong, before: Sequence[int], tokens: Sequence[int]) -> list[int] | None:

@@ -70,3 +70,28 @@ def test_answer_key_cuts_clauses_at_cjk_and_devanagari_punctuation():
 
     assert answer_key("王小明。他每天早上六点开门") == answer_key("王小明，") == answer_key("王小明") != answer_key("王小")
     assert answer_key("राम। वह घर गया") == answer_key("राम") == "राम"  # its vowel sign kept
+
+
+@pytest.mark.parametrize("doc", ["Decoded badly: caf\ufffd, na\ufffdve. " * 12 + "end \ufffd",
+                                 ("x " + "\ufffd" * 40 + " y ") * 6])
+def test_u_fffd_in_the_document_stays(make_tiny, doc):
+    """Diff review: a U+FFFD the document holds was taken for half a character and dropped (at the end of the
+    document, or with a context of nothing else)."""
+    ml, _ = make_tiny(chunk_size=16, local_window=128)
+    ml.ingest(doc, namespace="t", progress=False)
+    assert "".join(c.text for c in ml.bank.chunks("t")) == doc
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_steps_of_a_few_tokens_keep_every_character(make_tiny, tokenizer, size):
+    """Diff review: Stream.step with slices shorter than a character's tokens lost the character (the context held
+    only the last step's tokens)."""
+    ml, _ = make_tiny(chunk_size=16, local_window=128)
+    doc = "北京是中华人民共和国的首都，也是全国的政治、文化中心。👨‍👩‍👧 " * 2
+    ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+    stream = ml.stream("t", doc_id="d")
+    for s in range(0, len(ids), size):
+        stream.step(ids[s:s + size], k=0)
+    stream.flush()
+    joined = "".join(c.text for c in ml.bank.chunks("t"))  # (a chunk of a space alone is not stored)
+    assert joined.replace(" ", "") == doc.replace(" ", "") and "\ufffd" not in joined
