@@ -54,6 +54,8 @@ def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: Mem
         memlong.UnknownChunkError: a chunk or entry that is not (or no longer) in ``namespace``.
         ValueError: a Document that carries neither a chunk id nor an id.
     """
+    if missing not in ("raise", "skip"):
+        raise ValueError(f"missing must be 'raise' or 'skip', got {missing!r}.")
     entries: dict[str, list[str]] | None = None
     ids: list[str] = []
     for doc in documents:
@@ -74,4 +76,6 @@ def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: Mem
             raise ValueError(f"A Document with neither metadata[{CHUNK_ID_KEY!r}] nor an id cannot be mapped to stored "
                              "K-V. Retrieve with MemLongRetriever or a MemLongVectorStore retriever.")
     order = {cid: i for i, cid in enumerate(bank.chunk_ids(namespace))}
+    if missing == "skip":  # deleted since the checks above (another thread)
+        ids = [c for c in ids if c in order]
     return sorted(dict.fromkeys(ids), key=lambda c: order.get(c, -1))  # one deleted meanwhile: memory_for names it
