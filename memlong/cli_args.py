@@ -121,9 +121,9 @@ def writable(path: str, flag: str, folder: bool = False) -> None:
         raise ValueError(f"{flag} {path!r} is a file, not a folder; give a new or existing folder.")
     if not folder and p.is_dir():
         raise ValueError(f"{flag} {path!r} is a directory; give a file path.")
-    above = next(q for q in p.parents if q.exists())  # a file's missing folders are created, as a folder's are
+    above = next(q for q in p.parents if os.path.lexists(q))  # a file's missing folders are created, as a folder's are
     if not folder and not above.is_dir():
-        raise ValueError(f"{flag} {path!r}: {str(above)!r} is a file, not a folder; give another path.")
+        raise ValueError(f"{flag} {path!r}: {str(above)!r} is not a folder; give another path.")
     target = p if p.exists() else above
     if not (target.is_dir() or target == p) or not os.access(target, os.W_OK):
         raise ValueError(f"{flag} {path!r} cannot be written ({str(target)!r} is not a writable "

@@ -74,7 +74,9 @@ def check_ann_min(value: Any) -> int | None:
 
 def words(text: str) -> list[str]:
     """The words BM25 counts: NFKC-normalized (composed accents, ligatures and full-width forms as plain letters),
-    case-folded (``Straße`` = ``STRASSE``), split by :func:`_word_pattern`.
+    case-folded (``Straße`` = ``STRASSE``), split by :func:`_word_patterns`. Scripts written without spaces
+    other than CJK (Thai, Lao, Khmer, Burmese) stay one word per run of letters, so lexical search does not serve them;
+    dense search does.
 
     Example:
         >>> words("Café, 北京! हिन्दी")

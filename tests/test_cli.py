@@ -51,7 +51,7 @@ def assert_one_line_error(code, err, *needles):
     (["eval", "ppl", "--model", "MISSING/x"], ["--model"]),
     (["eval", "ppl", "--model", "EMPTY"], ["--model", "not a model folder"]),
     (["eval", "ppl", "--json", "DIR"], ["--json", "directory"]),
-    (["eval", "ppl", "--json", "EMPTY/out.json"], ["--json", "is a file, not a folder"]),
+    (["eval", "ppl", "--json", "EMPTY/out.json"], ["--json", "is not a folder"]),
     (["eval", "ppl", "--score-last", "0"], ["--score-last", "minimum 1"]),
     (["eval", "ppl", "--score-last", "-5"], ["--score-last", "minimum 1"]),
     (["eval", "passkey", "--trials", "0"], ["--trials"]),
@@ -337,3 +337,5 @@ def test_json_into_a_folder_that_does_not_exist_yet(tmp_path, no_model):
         main(["eval", "ppl", "--file", str(tmp_path / "book.txt"), "--json", str(out)])
     _write_json(str(out), [{"ppl": 1.0}])
     assert out.read_text().startswith("[")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # a dangling link: refused up front, not after the run
+    assert main(["eval", "ppl", "--file", str(tmp_path / "book.txt"), "--json", str(tmp_path / "gone" / "x.json")]) == 2
