@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,21 @@ _LEFT = re.compile(r"^\.(checkpoint[-.][0-9a-z.]+|adapter\.(json|safetensors)|lo
 _JSON_LIMIT = 64 << 20  # losses of a long run fit easily
 
 
-def write_new(path: Path, data: bytes) -> None:
-    """Write ``data`` as file ``path``: into a file created under a fresh name in its folder (never an existing file,
-    a link or a FIFO: ``O_EXCL | O_NOFOLLOW``), synced, then renamed over ``path``, which replaces a link there
+def write_new(path: Path, data: bytes | Callable[[Path], None]) -> None:
+    """Write ``data`` (bytes, or a function that writes the file it is given, e.g. safetensors' ``save_file``, which
+    streams large tensors) as file ``path``: into a file created under a fresh name in its folder (never an existing
+    file, a link or a FIFO: ``O_EXCL | O_NOFOLLOW``), synced, then renamed over ``path``, which replaces a link there
     instead of writing to what it points at (another run's adapter, a user's file)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+            if callable(data):
+                data(tmp)  # into the file just created (the same inode: it was created empty, under a fresh name)
+            else:
+                fh.write(data)
+                fh.flush()
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -59,7 +65,7 @@ def write_new(path: Path, data: bytes) -> None:
 def save_checkpoint(out: str | os.PathLike, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict[str, Any]) -> Path:
     """Write trainable ``params``, the optimizer and scheduler states and ``state`` (JSON-able) to ``out``."""
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     out = Path(out)
     opt = optimizer.state_dict()
@@ -74,7 +80,7 @@ def save_checkpoint(out: str | os.PathLike, params: dict[str, torch.Tensor], opt
                 plain[key] = value
         per_param[str(i)] = plain
     name = f"checkpoint-{secrets.token_hex(8)}.safetensors"
-    write_new(out / name, save(tensors))
+    write_new(out / name, lambda tmp: save_file(tensors, tmp))  # streamed: a full-layer run's Adam state is large
     record = {"format": "memlong-checkpoint", "version": 1, "tensors": name,
               "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(),
               "optimizer": {"param_groups": opt["param_groups"], "state": per_param},
