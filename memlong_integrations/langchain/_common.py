@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any, Literal, NoReturn
 
 from langchain_core.documents import Document
@@ -11,7 +12,7 @@ from memlong import MemoryBank, UnknownChunkError
 from memlong_integrations.metadata import CHUNK_ID_KEY, chunk_id_of
 
 __all__ = ["REMOTE_OPTIONS", "chunk_id_list", "drop_remote_options", "memlong_chunk_ids_from_documents",
-           "not_supported"]
+           "not_supported", "stepped"]
 
 REMOTE_OPTIONS = ("timeout", "max_retries", "api_key", "base_url")  # LangChain standard options, no meaning locally
 
@@ -79,3 +80,17 @@ def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: Mem
     if missing == "skip":  # deleted since the checks above (another thread)
         ids = [c for c in ids if c in order]
     return sorted(dict.fromkeys(ids), key=lambda c: order.get(c, -1))  # one deleted meanwhile: memory_for names it
+
+
+async def stepped(chunks: Iterator[Any], run_manager: Any) -> AsyncIterator[Any]:
+    """The generation chunks of blocking iterator ``chunks``, each taken in a worker thread (the event loop stays
+    free; a cancelled caller stops decoding within a token), their text reported to ``run_manager``'s token
+    callback (an async callback manager, or ``None``)."""
+    done = object()
+    while True:
+        chunk = await asyncio.to_thread(next, chunks, done)
+        if chunk is done:
+            break
+        if run_manager is not None and chunk.text:
+            await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        yield chunk

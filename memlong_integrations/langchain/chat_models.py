@@ -44,7 +44,6 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -63,7 +62,7 @@ from memlong import GenerationStats, MemLong
 from memlong.generation import retrieve_ids
 from memlong.prompts import PLAIN_STOP, chat_prompt, plain_prompt
 from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces, call_max_tokens, stop_strings
-from memlong_integrations.langchain._common import chunk_id_list, drop_remote_options, not_supported
+from memlong_integrations.langchain._common import chunk_id_list, drop_remote_options, not_supported, stepped
 
 __all__ = ["ChatMemLong", "PLAIN_STOP"]
 
@@ -323,13 +322,6 @@ class ChatMemLong(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         """Decoding runs in a worker thread, one token step at a time, so the event loop stays free."""
-        chunks = self._stream(messages, stop=stop, **kwargs)
-        done = object()
-        while True:
-            chunk = await asyncio.to_thread(next, chunks, done)
-            if chunk is done:
-                break
-            if run_manager is not None and chunk.text:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        async for chunk in stepped(self._stream(messages, stop=stop, **kwargs), run_manager):
             yield chunk
 

@@ -10,7 +10,6 @@ generated (leading space included).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import MemLong
 from memlong_integrations._answer import answer_pieces, call_max_tokens, stop_strings
-from memlong_integrations.langchain._common import chunk_id_list, drop_remote_options
+from memlong_integrations.langchain._common import chunk_id_list, drop_remote_options, stepped
 
 __all__ = ["MemLongLLM"]
 
@@ -105,14 +104,7 @@ class MemLongLLM(LLM):
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         """Decoding runs in a worker thread one token step at a time: the event loop stays free, and a cancelled call
         (a request's timeout) stops decoding within a token."""
-        chunks = self._stream(prompt, stop=stop, **kwargs)
-        done = object()
-        while True:
-            chunk = await asyncio.to_thread(next, chunks, done)
-            if chunk is done:
-                break
-            if run_manager is not None:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        async for chunk in stepped(self._stream(prompt, stop=stop, **kwargs), run_manager):
             yield chunk
 
     async def _acall(self, prompt: str, stop: list[str] | None = None,
