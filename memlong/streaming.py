@@ -266,11 +266,13 @@ def chunk_texts(tokenizer: Any, before: Sequence[int], tokens: Sequence[int], bo
     Byte-level tokenizers are read byte by byte (a U+FFFD in the document stays); others by decoding each chunk
     alone."""
     context = list(before[-_CONTEXT:])
-    pieces = tokenizer.convert_ids_to_tokens([*context, *tokens])
-    try:
+    try:  # byte-level BPE writes a space as "Ġ" (SentencePiece as "▁", and its byte tokens as "<0xE5>")
+        if "Ġ" not in "".join(tokenizer.convert_ids_to_tokens(tokenizer.encode(" a", add_special_tokens=False))):
+            raise TypeError("not byte-level")
+        pieces = tokenizer.convert_ids_to_tokens([*context, *tokens])
         sizes = [len(piece) for piece in pieces]
         data = bytes(_BYTE_OF[ch] for piece in pieces for ch in piece)
-    except (KeyError, TypeError):  # not byte-level BPE (or a special token): each chunk decoded alone
+    except (KeyError, TypeError):  # another kind of tokenizer (or a special token): each chunk decoded alone
         return [tokenizer.decode(list(tokens[s:e])) for s, e in bounds]
     offsets = list(itertools.accumulate(sizes, initial=0))  # token i's bytes start at offsets[i]
     at = [_char_start(data, offsets[len(context) + i]) for i in range(len(tokens) + 1)]
