@@ -149,11 +149,12 @@ def fingerprint(model: nn.Module, layers: Iterable[int]) -> str:
 
 def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write ``adapter.safetensors`` + ``adapter.json`` into folder ``path`` (created); returns the folder."""
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    write_new(folder / WEIGHTS_NAME, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    weights = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_new(folder / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp))  # streamed: full upper layers are large
     write_new(folder / CONFIG_NAME, (json.dumps({"format": FORMAT, "version": 1, **meta}, indent=2) + "\n").encode())
     return folder
 
