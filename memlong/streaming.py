@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
 import secrets
@@ -41,6 +40,8 @@ import torch
 from memlong.bank_writes import is_staging
 from memlong.positions import Stacked
 from memlong.records import as_list, check_count, check_metadata, check_namespace, check_string, check_text
+from memlong.texts import CONTEXT as _CONTEXT
+from memlong.texts import chunk_texts
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -227,56 +228,6 @@ class Stream:
         start = keys.shape[2] - min(keep, keys.shape[2])
         self.cache = keys[:, :, start:].detach(), values[:, :, start:].detach()
         self.cache_len = self.cache[0].shape[2]
-
-
-_CONTEXT = 8  # tokens kept before a chunk to find where its first characters began (UTF-8: up to 4 bytes each)
-
-
-def _byte_alphabet() -> dict[str, int]:
-    """Byte-level BPE's alphabet (GPT-2's): the character each byte is written as in a token, inverted."""
-    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    rest = [b for b in range(256) if b not in shown]
-    return {**{chr(b): b for b in shown}, **{chr(256 + i): b for i, b in enumerate(rest)}}
-
-
-_BYTE_OF = _byte_alphabet()
-
-
-def _char_start(data: bytes, at: int) -> int:
-    """The start of the character byte ``at`` of ``data`` belongs to (``at == len(data)``: the end, or the start of
-    an incomplete last character, which the next tokens complete)."""
-    if at < len(data):
-        back = 0
-        while back < 3 and at - back > 0 and data[at - back] & 0xC0 == 0x80:  # a continuation byte
-            back += 1
-        return at - back
-    for back in range(1, min(4, len(data)) + 1):
-        lead = data[-back]
-        if lead & 0xC0 != 0x80:
-            size = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
-            return len(data) - back if size > back else len(data)
-    return len(data)
-
-
-def chunk_texts(tokenizer: Any, before: Sequence[int], tokens: Sequence[int], bounds: list[tuple[int, int]]) -> list[str]:
-    """The text of each chunk ``tokens[s:e]`` for ``(s, e)`` in ``bounds``, after the tokens ``before`` them: joined
-    in order, the chunks of a document give its text (whitespace-only chunks aside, which are not stored). A
-    character whose bytes are split between two chunks' tokens (CJK, emoji, Devanagari under a byte-level tokenizer)
-    belongs to the chunk that completes it; decoding each chunk alone turned it into U+FFFD in both and lost it.
-    Byte-level tokenizers are read byte by byte (a U+FFFD in the document stays); others by decoding each chunk
-    alone."""
-    context = list(before[-_CONTEXT:])
-    try:  # byte-level BPE writes a space as "Ġ" (SentencePiece as "▁", and its byte tokens as "<0xE5>")
-        if "Ġ" not in "".join(tokenizer.convert_ids_to_tokens(tokenizer.encode(" a", add_special_tokens=False))):
-            raise TypeError("not byte-level")
-        pieces = tokenizer.convert_ids_to_tokens([*context, *tokens])
-        sizes = [len(piece) for piece in pieces]
-        data = bytes(_BYTE_OF[ch] for piece in pieces for ch in piece)
-    except (KeyError, TypeError):  # another kind of tokenizer (or a special token): each chunk decoded alone
-        return [tokenizer.decode(list(tokens[s:e])) for s, e in bounds]
-    offsets = list(itertools.accumulate(sizes, initial=0))  # token i's bytes start at offsets[i]
-    at = [_char_start(data, offsets[len(context) + i]) for i in range(len(tokens) + 1)]
-    return [data[at[s]:at[e]].decode("utf-8", errors="replace") for s, e in bounds]
 
 
 def _stripped(ml: MemLong, before: Sequence[int], tokens: Sequence[int]) -> list[int] | None:

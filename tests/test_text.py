@@ -7,7 +7,7 @@ character into U+FFFD in both chunks, and lost it from the text users retrieve, 
 import pytest
 import torch
 
-from memlong.streaming import chunk_texts
+from memlong.texts import chunk_texts
 
 DOCUMENTS = {
     "chinese": "北京是中华人民共和国的首都，也是全国的政治、文化中心。" * 20,
