@@ -202,7 +202,7 @@ def committed(path: str | os.PathLike) -> str | None:
         return (manifest.get("journal") or [{"record": manifest["files"][0]}])[-1]["record"]["name"]
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):  # (JSON of another shape)
         return "?"
 
 
