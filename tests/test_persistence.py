@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import rewrite_saved
+from safetensors.torch import load_file, save
 
 from memlong import MemLong, MemoryBank, MemoryFileError, MemoryFullError, MemoryMismatchError
 
@@ -312,14 +313,10 @@ def test_banks_saved_without_token_ids_still_load(tmp_path):
     assert bank.get(bank.chunk_ids("ns")[0], namespace="ns").tokens == (0, 1, 2)
     bank.save(tmp_path / "bank")
     manifest = json.loads((tmp_path / "bank" / "manifest.json").read_text())
-    record_file = tmp_path / "bank" / manifest["files"][0]["name"]
-    record = json.loads(record_file.read_text())
+    record = json.loads((tmp_path / "bank" / manifest["files"][0]["name"]).read_text())
     for chunk in record["namespaces"][0]["chunks"]:
         del chunk["tokens"]
-    data = json.dumps(record).encode()
-    record_file.write_bytes(data)
-    manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (tmp_path / "bank" / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_saved(tmp_path / "bank", 0, json.dumps(record).encode())
     loaded = MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
     assert [loaded.get(c, namespace="ns").tokens for c in loaded.chunk_ids("ns")] == [None, None]
     with pytest.raises(ValueError, match="2 token ids but K-V for 3 tokens"):
@@ -423,14 +420,10 @@ def test_a_first_release_save_of_four_namespaces_loads(tmp_path, embedder):
 
 def test_a_file_numbered_neither_way_is_still_refused(tmp_path, embedder):
     path = _legacy_copy(tmp_path)
-    manifest = json.loads((path / "manifest.json").read_text())
-    entry = next(f for f in manifest["files"] if f["name"].endswith(".safetensors"))
-    tensors = load_file(path / entry["name"])
+    (tensor_file,) = path.glob("tensors-*.safetensors")
+    tensors = load_file(tensor_file)
     tensors["k.9"], tensors["v.9"] = tensors.pop("k.8"), tensors.pop("v.8")  # the last chunk's K-V renumbered
-    save_file(tensors, path / entry["name"])
-    data = (path / entry["name"]).read_bytes()
-    entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_saved(path, 1, save(tensors))
     with pytest.raises(MemoryFileError, match="K-V of chunk .* missing or malformed"):
         MemoryBank.load(path, embedder=embedder)
 
@@ -458,14 +451,10 @@ def test_a_saved_config_that_is_refused_says_how_to_override(tmp_path):
     bank = MemoryBank(embedder=HashEmbedder())
     fill(bank, "ns", 2)
     bank.save(tmp_path / "bank")
-    manifest = json.loads((tmp_path / "bank" / "manifest.json").read_text())
-    record_file = tmp_path / "bank" / manifest["files"][0]["name"]
+    (record_file,) = (tmp_path / "bank").glob("bank-*.json")
     record = json.loads(record_file.read_text())
     record["config"].update(evict_oldest=0.9, keep_newest=0.5)
-    data = json.dumps(record).encode()
-    record_file.write_bytes(data)
-    manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (tmp_path / "bank" / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_saved(tmp_path / "bank", 0, json.dumps(record).encode())
     with pytest.raises(MemoryFileError, match=r"0\.9 \+ 0\.5.*Pass valid values to load\(\) \(e\.g\. keep_newest"):
         MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
     assert MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder(), keep_newest=0.1).keep_newest == 0.1
