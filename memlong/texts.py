@@ -11,7 +11,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,15 +55,29 @@ def chunk_texts(tokenizer: Any, before: Sequence[int], tokens: Sequence[int], bo
     belongs to the chunk that completes it; decoding each chunk alone turned it into U+FFFD in both and lost it.
     Byte-level tokenizers are read byte by byte (a U+FFFD in the document stays); others by decoding each chunk
     alone."""
-    context = list(before[-CONTEXT:])
-    try:  # byte-level BPE writes a space as "Ġ" (SentencePiece as "▁", and its byte tokens as "<0xE5>")
-        if "Ġ" not in "".join(tokenizer.convert_ids_to_tokens(tokenizer.encode(" a", add_special_tokens=False))):
-            raise TypeError("not byte-level")
-        pieces = tokenizer.convert_ids_to_tokens([*context, *tokens])
-        sizes = [len(piece) for piece in pieces]
-        data = bytes(_BYTE_OF[ch] for piece in pieces for ch in piece)
-    except (KeyError, TypeError):  # another kind of tokenizer (or a special token): each chunk decoded alone
+    if not _byte_level(tokenizer):
         return [tokenizer.decode(list(tokens[s:e])) for s, e in bounds]
-    offsets = list(itertools.accumulate(sizes, initial=0))  # token i's bytes start at offsets[i]
-    at = [_char_start(data, offsets[len(context) + i]) for i in range(len(tokens) + 1)]
+    context = list(before[-CONTEXT:])
+    pieces = tokenizer.convert_ids_to_tokens([*context, *tokens])
+    try:
+        data = bytes(_BYTE_OF[ch] for piece in pieces for ch in piece)
+    except (KeyError, TypeError):  # a special token outside the byte alphabet: each chunk decoded alone
+        return [tokenizer.decode(list(tokens[s:e])) for s, e in bounds]
+    offsets = list(itertools.accumulate(map(len, pieces), initial=0))  # token i's bytes start at offsets[i]
+    at = {i: _char_start(data, offsets[len(context) + i]) for i in {b for bound in bounds for b in bound}}
     return [data[at[s]:at[e]].decode("utf-8", errors="replace") for s, e in bounds]
+
+
+_BYTE_LEVEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> is it byte-level BPE
+
+
+def _byte_level(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` is byte-level BPE: it writes a space as "Ġ" (SentencePiece as "▁", and its byte tokens
+    as "<0xE5>", which read as text would be wrong). Asked once per tokenizer."""
+    try:
+        return _BYTE_LEVEL[tokenizer]
+    except (KeyError, TypeError):
+        found = "Ġ" in "".join(tokenizer.convert_ids_to_tokens(tokenizer.encode(" a", add_special_tokens=False)))
+        with contextlib.suppress(TypeError):  # (an object that takes no weak reference is asked every time)
+            _BYTE_LEVEL[tokenizer] = found
+        return found
