@@ -126,6 +126,9 @@ class Stream:
                 step is then written as one chunk and the stream advances to the span's end.
         """
         ml, cfg = self.ml, self.ml.config
+        if span is None and len(tokens) > self.step_size:  # the cache keeps window - step_size: more overflows it
+            raise ValueError(f"A step of {len(tokens)} tokens is longer than this stream's step_size "
+                             f"({self.step_size}); split it, or open the stream with a larger step_size.")
         k = cfg.ingest_k if k is None else check_count(k, "k")  # -1 meant 0
         if k > 0 and self.pending:  # batched chunks first: retrievable now, and stored in document order
             self.flush()

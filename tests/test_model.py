@@ -111,6 +111,10 @@ def test_default_ingest_steps_a_window_less_one_chunk(make_tiny):
                                atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="step_size"):
         Stream(ml, "x", step_size=513)
+    stream = Stream(ml, "x", step_size=256)
+    with pytest.raises(ValueError, match="longer than this stream's step_size"):  # it read 257 tokens of context
+        stream.step(tokens[:257])
+    assert stream.offset == 0 and not ml.bank.chunk_ids("x")
 
 
 def test_ingest_does_not_retrieve_by_default(make_tiny):
