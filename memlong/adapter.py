@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from memlong.checkpoint import CHECKPOINT_NAME, write_new
+from memlong.choices import PACKAGED_ADAPTERS
 
 __all__ = ["ADAPTER_CONFIG_FIELDS", "LoRALinear", "PACKAGED_ADAPTERS", "add_lora", "fingerprint", "load_adapter",
            "lora_state_dict", "merge_lora", "read_adapter_config", "resolve_adapter", "save_adapter"]
@@ -43,9 +44,6 @@ FORMAT = "memlong-adapter"
 # MemLongConfig fields that shape what the upper layers were trained to read; carried by the adapter.
 ADAPTER_CONFIG_FIELDS = ("chunk_size", "memory_layer", "retrieval_layers", "kv_source", "position_layout",
                          "attention_sink")
-# Adapters shipped inside the package (``adapter="<name>"``); only adapters that measured better than the
-# training-free mode ship (README, "Fine-tuning the upper layers").
-PACKAGED_ADAPTERS: dict[str, str] = {"shakespeare": "smollm2-135m-shakespeare"}
 
 
 class LoRALinear(nn.Module):

@@ -23,12 +23,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from memlong import cli_args
-from memlong.adapter import PACKAGED_ADAPTERS
+from memlong.choices import ICL_DEFAULTS, PACKAGED_ADAPTERS, RETRIEVALS, SEARCH_MODES, STORAGES
 from memlong.cli_args import MODES, int_at_least, int_list, layers, modes_list, readable_file, writable
 from memlong.config import MemLongConfig
-from memlong.icl import DEFAULTS as ICL_DEFAULTS
-from memlong.icl_memory import RETRIEVALS, STORAGES
-from memlong.search import SEARCH_MODES
 
 __all__ = ["build_parser", "main"]
 

@@ -22,13 +22,14 @@ import numbers
 import os
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
-from memlong.dtypes import DTYPES
-from memlong.search import SEARCH_MODES, SearchMode
+from memlong.choices import MEMORY_DTYPES, SEARCH_MODES, SearchMode
+
+if TYPE_CHECKING:  # torch is imported when a dtype is asked for: the CLI parses its flags without it
+    import torch
 
 KVSource = Literal["memory_layer", "per_layer"]
 PositionLayout = Literal["zero", "continual"]
@@ -37,7 +38,6 @@ AttentionBackend = Literal["auto", "sdpa", "flex", "eager"]
 __all__ = ["MemLongConfig"]
 
 # dtypes stored K-V may have (the bank keeps them in memory; float64 would only waste it)
-_MEMORY_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(kw_only=True)
@@ -187,6 +187,8 @@ class MemLongConfig:
 
     @property
     def torch_memory_dtype(self) -> torch.dtype:
+        from memlong.dtypes import DTYPES
+
         return DTYPES[self.memory_dtype]
 
     @property
@@ -240,8 +242,8 @@ class MemLongConfig:
                f"attention_backend must be one of auto, sdpa, flex, eager; got {self.attention_backend!r}.")
         _check(self.decode_mode in ("static", "dynamic", "compiled"),
                f"decode_mode must be one of static, dynamic, compiled; got {self.decode_mode!r}.")
-        _check(self.memory_dtype in _MEMORY_DTYPES,
-               f"memory_dtype must be one of {list(_MEMORY_DTYPES)}, got {self.memory_dtype!r}.")
+        _check(self.memory_dtype in MEMORY_DTYPES,
+               f"memory_dtype must be one of {list(MEMORY_DTYPES)}, got {self.memory_dtype!r}.")
         _check_storage(self)
         _check(self.search_mode in SEARCH_MODES,
                f"search_mode must be one of {', '.join(map(repr, SEARCH_MODES))}, got {self.search_mode!r}.")

@@ -51,6 +51,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
+from memlong.choices import ICL_DEFAULTS
 from memlong.default_model import cache_dir
 from memlong.icl_conditions import ConditionRunner
 from memlong.icl_data import ICLTask, check_sizes, label_token_ids
@@ -60,8 +61,7 @@ from memlong.model import MemLong
 __all__ = ["CONDITIONS", "DEFAULTS", "TASKS", "draw_sets", "get_task", "icl_eval", "load_task", "summarize"]
 
 CONDITIONS = ("zero_shot", "prompt", "prompt+retrieved_text", "prompt+memory")
-# The memory setting icl_eval uses unless told otherwise (chosen by benchmarks/icl.py, docs/icl.md).
-DEFAULTS: dict[str, Any] = {"storage": "demo", "retrieval": "similar", "memory_k": 24}
+DEFAULTS = ICL_DEFAULTS  # the memory setting icl_eval uses unless told otherwise (memlong.choices)
 
 
 def _task(package: str, version: str, inner: str, parse, labels: dict[str, str], instruction: str,

@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from memlong.choices import RETRIEVALS, STORAGES
 from memlong.model import MemLong
 
 __all__ = ["RETRIEVALS", "STORAGES", "DemoStore", "demo_text", "store_demos"]
 
-STORAGES = ("demo", "aligned", "stream")
-RETRIEVALS = ("similar", "balanced")
 
 
 def demo_text(field_name: str, text: str, label: str | None) -> str:

@@ -22,16 +22,16 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import faiss
 import numpy as np
 
+from memlong.choices import SEARCH_MODES, SearchMode
+
 __all__ = ["RRF_K", "SEARCH_MODES", "Lexical", "NamespaceIndex", "SearchMode", "check_ann_min", "check_mode", "depth",
            "fuse", "words"]
 
-SearchMode = Literal["dense", "lexical", "hybrid"]
-SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
 RRF_K = 60  # reciprocal rank fusion: score = sum over rankings of 1 / (RRF_K + rank), the usual constant
 
 

@@ -136,6 +136,31 @@ def test_help_is_plain_text_and_describes_every_option():
     assert parser.parse_args(["eval", "ppl", "--ingest-top-k", "None"]).ingest_top_k is None
 
 
+def test_help_and_flag_errors_answer_without_importing_torch_or_faiss():
+    """`memlong --help` took 3 s on this CPU (memlong/__init__ imported the model, so torch and faiss, first)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom memlong import cli\n"
+              "for argv in (['--help'], ['demo', '--help'], ['eval', 'ppl', '--top-k', 'x']):\n"
+              "    try:\n        cli.main(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n"
+              "print(sorted(m for m in ('torch', 'faiss', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines()[-1] == "[]", out.stdout[-300:] + out.stderr[-300:]
+    assert out.stdout.count("exit 0") == 2 and "exit 2" in out.stdout and "--top-k" in out.stderr
+
+
+def test_every_public_name_imports_from_the_package():
+    import memlong
+
+    namespace: dict = {}
+    exec("from memlong import *", namespace)
+    assert set(memlong.__all__) <= set(namespace) and set(memlong.__all__) <= set(dir(memlong))
+    assert namespace["MemLong"] is __import__("memlong.model").model.MemLong
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        memlong.Nope  # noqa: B018
+
+
 def test_docs_cli_md_names_every_option_of_every_command():
     """Review finding: docs/cli.md left out --device, --search-mode, demo's --max-new-tokens, eval icl's --field,
     train's --epochs, --held-out-docs and --no-resume; a new option must be documented where users look."""

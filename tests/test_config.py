@@ -82,13 +82,14 @@ def test_cli_per_command_top_k_defaults_do_not_leak_into_other_commands():
 
 
 def test_module_docstring_examples_hold():
-    """The examples in memlong/config.py's and memlong/dtypes.py's docstrings are doctests."""
+    """The examples in memlong/config.py's, memlong/dtypes.py's and memlong/choices.py's docstrings are doctests."""
     import doctest
 
+    import memlong.choices
     import memlong.config
     import memlong.dtypes
 
-    for module in (memlong.config, memlong.dtypes):
+    for module in (memlong.config, memlong.dtypes, memlong.choices):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
