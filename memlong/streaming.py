@@ -24,9 +24,12 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import math
 import numbers
 import secrets
+import threading
 import time
 import warnings
 from collections import Counter
@@ -279,9 +282,20 @@ def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[
         check_metadata(metadata, f"metadatas[{i}]")
     return docs, doc_ids, metadatas
 
+# Set by the framework adapters' async writes (memlong_integrations._threads.in_thread) to an Event that a
+# cancelled await sets: the ingest running in the thread stops at its next step and rolls back.
+CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("memlong_cancel", default=None)
+
+
+def check_cancelled() -> None:
+    """Raise ``asyncio.CancelledError`` when the async call this thread runs for was cancelled (:data:`CANCEL`)."""
+    if (cancel := CANCEL.get()) is not None and cancel.is_set():
+        raise asyncio.CancelledError("The write was cancelled by its caller; nothing of it was kept.")
+
 
 def _ingest_one(ml: MemLong, tokens: list[int], stream: Stream, size: int, strip: bool, bar: Any) -> None:
     for s in range(0, len(tokens), size):
+        check_cancelled()
         step = tokens[s:s + size]
         bar.update(len(step))
         if not strip:
@@ -350,6 +364,7 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
                 stats.tokens += len(tokens)
                 stats.chunk_ids += stream.chunk_ids
                 stream = None
+        check_cancelled()  # cancelled while the last chunks were embedded: undone below, like any interrupt
     except BaseException:  # a failed or interrupted ingest leaves none of its chunks (no half documents)
         written = stats.chunk_ids + (stream.chunk_ids if stream is not None else [])
         try:

@@ -34,6 +34,7 @@ from typing import Any
 from memlong.bank_writes import STAGING, STAGING_PREFIX
 from memlong.eviction import warn_evicted
 from memlong.model import MemLong
+from memlong.streaming import check_cancelled
 
 __all__ = ["ENTRY_KEY", "RESERVED_PREFIXES", "check_user_metadata", "entry_lock", "ingest_entries", "ingest_replacing"]
 
@@ -113,6 +114,7 @@ def ingest_replacing(ml: MemLong, texts: Sequence[str], *, namespace: str, doc_i
             raise ValueError(f"The entries ({stats.tokens} tokens) do not fit the bank's limits (capacity "
                              f"{bank.capacity} tokens per namespace, max_bytes={bank.max_bytes}); nothing was added. "
                              "Write fewer at a time, or raise memory_capacity (MemLongConfig) or max_bytes.")
+        check_cancelled()  # the last point where a cancelled async write leaves nothing
         extra = first_metadata or {}
         first = {c.doc_id: c.id for c in reversed(chunks)}
         metadata = [{**c.metadata, **(extra.get(c.doc_id, {}) if first[c.doc_id] == c.id else {})} for c in chunks]

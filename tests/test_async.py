@@ -51,3 +51,66 @@ async def test_a_cancelled_call_stops_decoding(slow, call):
     stopped = slow.last_generation.new_tokens
     await asyncio.sleep(0.5)  # 25 more steps, were it still decoding
     assert slow.last_generation.new_tokens == stopped < STEPS // 4
+
+
+LONG = " ".join(f"Entry {i} of the ledger records {i * 7 % 13} barrels of salt." for i in range(300))
+
+
+class Steps(list):
+    fast = False
+
+
+@pytest.fixture()
+def slow_steps(make_tiny, monkeypatch):
+    """A tiny model whose ingest steps take 100 ms more until ``steps.fast`` is set, and the steps it ran."""
+    from memlong.streaming import Stream
+
+    ml, _ = make_tiny(chunk_size=16, local_window=512)
+    steps, real = Steps(), Stream.step
+
+    def slow_step(self, tokens, **kwargs):
+        time.sleep(0 if steps.fast else 0.1)
+        steps.append(len(tokens))
+        return real(self, tokens, **kwargs)
+
+    monkeypatch.setattr(Stream, "step", slow_step)
+    return ml, steps
+
+
+def _writes():
+    from langchain_core.documents import Document
+    from llama_index.core.schema import TextNode
+
+    from memlong_integrations.langchain import MemLongChatMessageHistory
+    from memlong_integrations.langchain import MemLongVectorStore as LangChainStore
+    from memlong_integrations.llama_index import MemLongMemoryBlock, MemLongVectorStore
+
+    return {
+        "llama_index async_add": lambda ml: MemLongVectorStore(ml, show_progress=False).async_add([TextNode(text=LONG)]),
+        "llama_index memory aput": lambda ml: MemLongMemoryBlock(ml, namespace="chat").aput(
+            [ChatMessage(role="user", content=LONG)]),
+        "langchain aadd_texts": lambda ml: LangChainStore(ml).aadd_texts([LONG], ids=["ledger"]),
+        "langchain aadd_documents": lambda ml: LangChainStore(ml).aadd_documents([Document(LONG, id="ledger")]),
+        "langchain afrom_texts": lambda ml: LangChainStore.afrom_texts([LONG], memlong=ml),
+        "langchain afrom_documents": lambda ml: LangChainStore.afrom_documents([Document(LONG)], memlong=ml),
+        "langchain history aadd_messages": lambda ml: MemLongChatMessageHistory(ml, "s").aadd_messages(
+            [HumanMessage(LONG)]),
+    }
+
+
+@pytest.mark.parametrize("write", list(_writes()))
+async def test_a_cancelled_write_stops_ingesting_and_keeps_nothing(slow_steps, write):
+    """Async review: a cancelled async add (asyncio.to_thread) went on ingesting and wrote every chunk, so a retry
+    after a timeout added the entries twice."""
+    ml, steps = slow_steps
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(_writes()[write](ml), timeout=0.4)
+    assert not [ns for ns in ml.bank.namespaces() if ml.bank.chunk_ids(ns)]  # the rollback is done already
+    ran = len(steps)
+    await asyncio.sleep(0.35)  # 3 more steps, were it still ingesting
+    assert len(steps) == ran and sum(steps) < len(ml.tokenize(LONG))
+    steps.fast = True
+    await _writes()[write](ml)  # the retry writes the whole text, once
+    written = [ns for ns in ml.bank.namespaces() if ml.bank.chunk_ids(ns)]
+    assert len(written) == 1 and len({c.doc_id for c in ml.bank.chunks(written[0])}) == 1
+    assert ml.bank.chunks(written[0])[-1].text.rstrip().endswith("records 0 barrels of salt.")  # to its end

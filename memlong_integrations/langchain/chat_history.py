@@ -35,6 +35,7 @@ from langchain_core.messages import BaseMessage, message_to_dict, messages_from_
 
 from memlong import MemLong
 from memlong.upsert import ingest_entries
+from memlong_integrations._threads import in_thread
 
 __all__ = ["MemLongChatMessageHistory"]
 
@@ -81,6 +82,10 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
             ingest_entries(self.memlong, texts, namespace=self.namespace, progress=False,
                            metadatas=[{"role": m["type"]} for m in (x[_MESSAGE_KEY] for x in metas)],
                            entry_metadata=metas, doc_ids=[f"msg-{uuid.uuid4()}" for _ in texts])
+
+    async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
+        """:meth:`add_messages` in a worker thread; cancelling the await stops the ingest and adds nothing."""
+        await in_thread(self.add_messages, messages)
 
     def chunk_ids(self) -> list[str]:
         """All chunk ids of this conversation (e.g. to attend to the whole history explicitly)."""

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
@@ -44,6 +43,7 @@ from memlong import MemLong
 from memlong.memory import query_vector
 from memlong.records import check_count
 from memlong.upsert import RESERVED_PREFIXES, check_user_metadata, entry_lock, ingest_entries
+from memlong_integrations._threads import in_thread
 
 from ._common import memlong_chunk_ids_from_documents
 from .retrievers import TEXT_KEY
@@ -184,6 +184,11 @@ class MemLongVectorStore(VectorStore):
                        replace=replaced, progress=self.progress, context=self.chunk_context)
         return ids
 
+    async def aadd_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *,
+                         ids: Sequence[str | None] | None = None, **kwargs: Any) -> list[str]:
+        """:meth:`add_texts` in a worker thread; cancelling the await stops the ingest and adds nothing."""
+        return await in_thread(self.add_texts, texts, metadatas, ids=ids, **kwargs)
+
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
         """Delete entries by id (all entries when ``ids`` is None). Missing ids are ignored; returns whether all
         were found."""
@@ -316,8 +321,15 @@ class MemLongVectorStore(VectorStore):
                               **kwargs)
 
     @classmethod
+    async def afrom_texts(cls, texts: list[str], embedding: Embeddings | None = None,
+                          metadatas: list[dict] | None = None, *, ids: list[str] | None = None,
+                          **kwargs: Any) -> MemLongVectorStore:
+        """:meth:`from_texts` in a worker thread (cancellable, as :meth:`aadd_texts` is)."""
+        return await in_thread(cls.from_texts, texts, embedding, metadatas, ids=ids, **kwargs)
+
+    @classmethod
     async def afrom_documents(cls, documents: list[Document], embedding: Embeddings | None = None,
                               **kwargs: Any) -> MemLongVectorStore:
         """:meth:`from_documents` in a worker thread."""
-        return await asyncio.to_thread(cls.from_documents, documents, embedding, **kwargs)
+        return await in_thread(cls.from_documents, documents, embedding, **kwargs)
 

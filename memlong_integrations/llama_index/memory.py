@@ -26,6 +26,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.memory.memory import BaseMemoryBlock
 
 from memlong import MemLong
+from memlong_integrations._threads import in_thread
 from memlong_integrations.llama_index._common import checked_memlong
 from memlong_integrations.llama_index.llm import CHUNK_IDS_KWARG, TEXT_IN_MEMORY_KWARG
 
@@ -77,7 +78,7 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
                                     progress=False).chunk_ids
 
     async def _aput(self, messages: list[ChatMessage]) -> None:
-        await asyncio.to_thread(self.put, messages)
+        await in_thread(self.put, messages)
 
     def get(self, messages: list[ChatMessage] | None = None) -> list[ChatMessage]:
         """The memory message for the latest user message (empty list when nothing is stored or asked)."""

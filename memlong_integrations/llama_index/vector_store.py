@@ -61,6 +61,7 @@ from llama_index.core.vector_stores.types import (
 from memlong import MemLong, PromptTooLongError
 from memlong.records import check_count
 from memlong.upsert import entry_lock, ingest_replacing
+from memlong_integrations._threads import in_thread
 from memlong_integrations.llama_index._common import (
     EXCLUDED_KEY,
     NODE_ID_KEY,
@@ -195,7 +196,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
         return [node.node_id for node in nodes]
 
     async def async_add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
-        return await asyncio.to_thread(self.add, nodes, **kwargs)
+        return await in_thread(self.add, nodes, **kwargs)
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         """Remove every chunk of document ``ref_doc_id`` (no error if it has none)."""
