@@ -97,11 +97,11 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
-def _model(args: argparse.Namespace):
+def _model(args: argparse.Namespace, dtype: str | None = None):
     from memlong import MemLong
 
     return MemLong.from_pretrained(args.model, device=args.device, adapter=getattr(args, "adapter", None),
-                                   **_config(args))
+                                   dtype=dtype, **_config(args))
 
 
 def _table(records: list[dict[str, Any]], columns: list[str]) -> str:
@@ -205,7 +205,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         docs, held_out = shakespeare_split()
         if args.eval_data:
             held_out = load_documents(args.eval_data)
-    ml = _model(args)  # the paper's trained mode unless told otherwise (COMMAND_DEFAULTS["train"])
+    # the paper's trained mode unless told otherwise (COMMAND_DEFAULTS["train"]); float32 weights, trained under
+    # bf16 autocast where --precision asks for it (bf16 weights of their own lose updates below their precision)
+    ml = _model(args, dtype="float32")
     config = TrainConfig(
         output_dir=args.output, method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         learning_rate=args.lr, grad_accum=args.grad_accum, max_steps=args.max_steps, epochs=args.epochs,

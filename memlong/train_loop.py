@@ -53,7 +53,18 @@ COUNTERS = ("segments", "segments_with_memory", "tokens", "seconds", "peak_rss_m
 
 
 def prepare_parameters(ml: MemLong, cfg: TrainConfig, layers: Sequence[int]) -> dict[str, torch.nn.Parameter]:
-    """Freeze everything, then make ``layers`` trainable (LoRA or full); returns ``{name: parameter}``."""
+    """Freeze everything, then make ``layers`` trainable (LoRA or full); returns ``{name: parameter}``.
+
+    Raises:
+        ValueError: ``method="full"`` on a bfloat16 or float16 model: the optimizer would update the half-precision
+            weights themselves, and every change below half a step of a weight's 8 or 11 bits rounds to nothing
+            (0 % of the norm weights and 60-80 % of the projection elements kept their values after a step).
+    """
+    if cfg.method == "full" and ml.dtype in (torch.bfloat16, torch.float16):
+        raise ValueError(f"method='full' trains the {ml.dtype} weights in place, which rounds most updates away; "
+                         "load the model in float32 (MemLong.from_pretrained(..., dtype=torch.float32); training "
+                         "still runs under bf16 autocast on a GPU, precision='auto'), or use method='lora' (its "
+                         "factors are float32).")
     for p in ml.model.parameters():
         p.requires_grad_(False)
     if cfg.method == "lora":

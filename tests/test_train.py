@@ -288,3 +288,31 @@ def test_training_never_writes_through_a_link_in_its_folder(tmp_path):
     assert (run / "adapter.json").read_text() == "{}" and not list(run.glob(".*.tmp"))
     save_adapter(run, {"w": torch.ones(2)}, {"method": "lora"})
     assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_full_training_of_a_half_precision_model_is_refused(make_tiny, tmp_path, dtype):
+    """Numerics review: method='full' on a bf16 model updated the bf16 weights in place: after 2 steps 0 % of the
+    norm weights and 1 % of q_proj had kept none of the update, silently; LoRA keeps float32 factors."""
+    ml, _ = make_tiny(**TINY)
+    ml.model.to(dtype)
+    before = {n: p.clone() for n, p in ml.model.named_parameters()}
+    with pytest.raises(ValueError, match="load the model in float32"):
+        train(ml, [_text(ml.tokenizer, 0, 300)], TrainConfig(output_dir=tmp_path, method="full", progress=False))
+    assert all(torch.equal(p, before[n]) for n, p in ml.model.named_parameters())
+    assert not (tmp_path / "checkpoint.json").exists()
+
+
+def test_cli_train_loads_float32_weights(tmp_path, monkeypatch):
+    from memlong.cli import main
+    from memlong.model import MemLong
+
+    asked = {}
+
+    def capture(cls, *args, **kwargs):
+        asked.update(kwargs)
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(MemLong, "from_pretrained", classmethod(capture))
+    assert main(["train", "--output", str(tmp_path / "run"), "--no-progress"]) == 130
+    assert asked["dtype"] == "float32"
