@@ -58,7 +58,8 @@ class BankWrites:
             if isinstance(k, torch.Tensor) and k.dim() == 4 and k.shape[2] > self.capacity:
                 raise ValueError(f"A chunk of {k.shape[2]} tokens can never fit this bank's capacity of "
                                  f"{self.capacity} tokens per namespace; use smaller chunks or a larger capacity.")
-            if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == v.dim() == 4:
+            if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == v.dim() == 4 and \
+                    k.is_floating_point() and v.is_floating_point():  # integer K-V are refused, not cast to 0/1
                 k, v = self._place(k.detach()), self._place(v.detach())  # checked in the bank's dtype
             try:
                 span, meta, ids = check_chunk(text=texts[i], doc_id=doc, keys=k, values=v,
@@ -71,6 +72,8 @@ class BankWrites:
                                 order=-1, kv=self._store.encode(k, v), metadata=meta, tokens=ids))  # id: 96 random bits
         if n and embeddings is None:
             embeddings = self.embedder.encode(list(texts))
+        if isinstance(embeddings, torch.Tensor):  # numpy cannot read a bfloat16 tensor
+            embeddings = embeddings.detach().float().cpu().numpy()
         vectors = np.ascontiguousarray(embeddings if n else np.zeros((0, self.embedder.dim)), dtype=np.float32)
         if vectors.size != n * self.embedder.dim:
             raise ValueError(f"embeddings hold {vectors.shape} values for {n} chunks of dimension "

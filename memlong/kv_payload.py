@@ -81,6 +81,9 @@ class Int8KV:
     def quantize(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> Int8KV:
         kq, ks, km = _quantize(k, dim=2)  # per channel: statistics over the tokens
         vq, vs, vm = _quantize(v, dim=3)  # per token: statistics over the head dimension
+        if not bool(torch.isfinite(ks).all() & torch.isfinite(vs).all()):  # a saved bank would not load again
+            raise ValueError("chunk K-V span a range wider than float32 holds (about 3.4e38), so they have no 8-bit "
+                             "scale; check the model's outputs, or use a bank without quantization.")
         return Int8KV(kq, ks, km, vq, vs, vm, dtype)
 
     def keys(self) -> torch.Tensor:

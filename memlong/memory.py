@@ -425,7 +425,10 @@ def query_vector(embedder: TextEmbedder, query: Any) -> np.ndarray:
     if not np.isfinite(vector).all() or not (isinstance(query, str) or vector.any()):  # NaN found nothing, silently
         raise ValueError("query vector must be finite and not all zeros (it has no direction to search); check the "
                          "embedding that produced it.")
+    wide = vector.astype(np.float64)
     faiss.normalize_L2(vector)
+    if not 0.99 < float(vector[0] @ vector[0]) < 1.01:  # its float32 sum of squares overflowed or underflowed
+        vector = (wide / np.linalg.norm(wide)).astype(np.float32)
     return vector
 
 

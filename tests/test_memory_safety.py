@@ -480,3 +480,30 @@ def test_generate_reads_what_its_own_search_found_even_if_another_thread_deletes
     del ml.bank.search
     threads[0].join(10)
     assert found and not threads[0].is_alive() and ml.bank.stored(found, namespace="chat") == []  # deleted after
+
+
+def test_numerically_extreme_inputs_are_searched_right_or_refused_before_they_are_stored(tmp_path):
+    """Numerics review: a query vector scaled by 1e20 or 1e-25 (float32 sums of squares overflow / underflow) ranked
+    by nothing or scored ~1e-25; int8 K-V spanning +-3e38 were stored as NaN and the saved bank refused to load;
+    integer K-V were stored as 0/1; a bfloat16 tensor of embeddings failed inside numpy."""
+    emb = HashEmbedder()
+    bank = MemoryBank(embedder=emb, dtype=torch.float32, quantization="int8")
+    texts = ["red ship", "blue boat", "green tree"]
+    bank.add_chunks(texts, keys=[kv(2, i)[0] for i in range(3)], values=[kv(2, i)[1] for i in range(3)])
+    unit = emb.encode(["red ship"])[0]
+    want = [(h.chunk_id, round(h.score, 5)) for h in bank.search(unit, k=3)]
+    for scale in (1e20, 1e-25):
+        assert [(h.chunk_id, round(h.score, 5)) for h in bank.search(unit * scale, k=3)] == want
+    before = snapshot(bank, "default")
+    huge = torch.full((2, 2, 2, 4), 3e38)
+    huge[:, :, 1] = -3e38
+    with pytest.raises(ValueError, match="wider than float32"):
+        bank.add_chunks(["huge"], keys=[huge], values=[huge.clone()])
+    with pytest.raises(ValueError, match="floating point"):
+        bank.add_chunks(["ints"], keys=[torch.ones(2, 2, 2, 4, dtype=torch.int64)], values=[kv(2)[1]])
+    assert same(snapshot(bank, "default"), before)
+    bank.save(tmp_path / "bank")
+    assert same(snapshot(MemoryBank.load(tmp_path / "bank", embedder=emb), "default"), before)
+    vectors = torch.from_numpy(emb.encode(["bf16 one"])).to(torch.bfloat16)
+    [cid] = bank.add_chunks(["bf16 one"], keys=[kv(2)[0]], values=[kv(2)[1]], embeddings=vectors)
+    assert bank.search(vectors.float().numpy()[0], k=1)[0].chunk_id == cid
