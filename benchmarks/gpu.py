@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="2-layer model, short documents: a smoke run of every path")
     p.add_argument("--benches", default="ttft,search,ingest", help="comma-separated subset, run in this order")
     p.add_argument("--lengths", default=None, help="document tokens for ingest (default 32768,81920,131072)")
-    p.add_argument("--attention-backend", default="auto", help="MemLong's attention backend (auto: flex on CUDA)")
+    p.add_argument("--attention-backend", default="auto", help="auto: sdpa; flex measured slower on an H100")
     p.add_argument("--stream-compile", action="store_true",
                    help="also time each ingest with MemLongConfig.stream_compile (CUDA graphs on CUDA)")
     p.add_argument("--compare-backend", default=None,

@@ -133,7 +133,7 @@ class MemLongConfig:
             already holds a disk bank is reopened (same model and settings); ``ml.bank.commit()`` makes it durable.
         memory_ann_chunks: namespaces with at least this many chunks (>= 1000) search an approximate IVF index
             (retrained as they double; deletes stay exact); ``None``: exact search at any size.
-        attention_backend: ``"auto"`` (SDPA; FlexAttention measured 2x slower on an H100), ``"sdpa"``,
+        attention_backend: ``"auto"`` (SDPA; FlexAttention measured 2.4x slower on an H100), ``"sdpa"``,
             ``"flex"`` or ``"eager"`` (the exact float32 reference).
         decode_mode: how ``decode``/``generate`` keep the tokens' K-V (:mod:`memlong.static_kv`): ``"static"``
             (default: one preallocated buffer per layer and call, written in place), ``"dynamic"`` (joined anew at
