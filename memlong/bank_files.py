@@ -238,18 +238,23 @@ class BankFiles:
         return _retrying(path, lambda: _load(cls, path, embedder, namespaces, fingerprint, verify, options))
 
     def restore(self, path: str | os.PathLike, *, namespaces: Sequence[str] | None = None,
-                fingerprint: dict[str, Any] | None = None) -> list[str]:
+                fingerprint: dict[str, Any] | None = None, single: bool = False) -> list[str]:
         """Load saved namespaces into this bank in place, replacing namespaces of the same name (others stay).
 
-        This bank's own config (capacity, max_bytes, dtype, device) applies to what is loaded. Returns the
-        names loaded. Raises like :meth:`load`, plus :class:`MemoryFullError` when the result would exceed
-        ``max_bytes``; on any error this bank is unchanged.
+        This bank's own config (capacity, max_bytes, dtype, device) applies to what is loaded. Returns the names
+        loaded. Raises like :meth:`load`, plus :class:`MemoryFullError` when the result would exceed ``max_bytes``,
+        and with ``single`` :class:`MemoryFileError` unless the file holds one namespace (as a store's ``persist``
+        writes); on any error this bank is unchanged.
         """
         if self.path is not None and Path(path).resolve() == self.path.resolve():
             raise ValueError(f"{path} is this disk bank's own folder: the bank already holds it (and what was added "
                              "since its last commit()). To open the committed state apart, use MemoryBank.load(path).")
         def attempt() -> list[str]:
             record, tensors, segments, _ = read_bank(path)
+            held = record.get("namespaces")
+            if single and not (isinstance(held, list) and len(held) == 1):  # it would replace other stores' memory
+                raise MemoryFileError(f"The memory at {path} holds {len(held) if isinstance(held, list) else 'no'} "
+                                      "namespaces, not one: a store's persist() did not write it. Nothing was loaded.")
             quantization = (record.get("config") or {}).get("quantization", "none")
             if quantization != self.quantization:
                 raise MemoryMismatchError(f"The memory bank at {path} stores K-V with quantization={quantization!r}; "

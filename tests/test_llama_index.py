@@ -555,6 +555,25 @@ def test_index_persists_and_reloads_with_its_memory(make_tiny, tmp_path):
                                                           fs=fsspec.filesystem("memory"))
 
 
+def test_a_persisted_folder_of_several_namespaces_replaces_none(make_tiny, tmp_path):
+    """Security review: from_persist_dir loaded every namespace of the file it was given, so an uploaded folder
+    holding 'attacker' and 'victim' replaced the victim's memory in the shared bank."""
+    from memlong import MemoryFileError
+    from memlong_integrations.llama_index.vector_store import memory_folder
+
+    ml, _ = make_tiny(chunk_size=16)
+    ml.ingest("Victim secret: the vault code is 4821.", namespace="victim", progress=False)
+    victim = [(c.text, c.id) for c in ml.bank.chunks("victim")]
+    forger, _ = make_tiny(chunk_size=16)
+    forger.ingest("Victim secret: the vault code is 0000.", namespace="victim", progress=False)
+    forger.ingest("Hello.", namespace="attacker", progress=False)
+    forger.save_memory(memory_folder(str(tmp_path / "up" / "default__vector_store.json")))
+    for kwargs in ({}, {"namespace": "attacker"}):
+        with pytest.raises(MemoryFileError, match="not one"):
+            MemLongVectorStore.from_persist_dir(str(tmp_path / "up"), ml, **kwargs)
+    assert [(c.text, c.id) for c in ml.bank.chunks("victim")] == victim and "attacker" not in ml.bank.namespaces()
+
+
 def test_llm_options_by_either_name_and_typos_refused(tiny_index):
     """Review findings: ``MemLongLLM(ml, max_tokens=3)`` (the LangChain name) and typos were ignored silently;
     ``complete(p, chunk_ids=ids)`` read no memory without a word."""

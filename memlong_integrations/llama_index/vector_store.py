@@ -253,7 +253,9 @@ class MemLongVectorStore(BasePydanticVectorStore):
     def from_persist_dir(cls, persist_dir: str, memlong: MemLong, *, vector_store_name: str = "default",
                          fs: Any = None, **kwargs: Any) -> MemLongVectorStore:
         """The store ``index.storage_context.persist(persist_dir)`` saved, its namespace loaded into ``memlong``'s
-        bank (same-named namespaces there are replaced, others kept); ``kwargs`` as the constructor's.
+        bank (same-named namespaces there are replaced, others kept); ``kwargs`` as the constructor's. The saved
+        namespace is used unless ``namespace=`` names it: a service that loads folders its users upload passes
+        ``namespace=`` (the user's own), so that no file can replace or empty another namespace.
 
         Example:
             >>> index.storage_context.persist("index")                          # writes index/ and its memory
@@ -265,6 +267,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
             FileNotFoundError: no MemLong memory was saved there (named, with how to make one).
             memlong.MemoryMismatchError: the memory was made by another model, config or embedder.
             ValueError: ``namespace`` given and not the one saved (the saved one is named).
+            memlong.MemoryFileError: the memory holds several namespaces (``persist`` writes one).
         """
         _local("from_persist_dir", fs)
         folder = memory_folder(os.path.join(persist_dir, f"{vector_store_name}{NAMESPACE_SEP}{VECTOR_STORE_FNAME}"))
@@ -279,7 +282,9 @@ class MemLongVectorStore(BasePydanticVectorStore):
             raise FileNotFoundError(f"No MemLong memory at {str(folder)!r}: save the index with "
                                     "index.storage_context.persist(DIR) from an index over a MemLongVectorStore that "
                                     "holds chunks (an empty store saves none).")
-        loaded = memlong.load_memory(folder, namespaces=[kwargs["namespace"]] if "namespace" in kwargs else None)
+        # one namespace, as persist() writes: a file of several would replace namespaces other stores use
+        loaded = memlong.bank.restore(folder, namespaces=[kwargs["namespace"]] if "namespace" in kwargs else None,
+                                      fingerprint=memlong.memory_fingerprint(), single=True)
         kwargs.setdefault("namespace", loaded[0])
         return cls(memlong, **kwargs)
 
