@@ -212,6 +212,10 @@ def perplexity_modes(ml: MemLong, text: str, *, score_last: int = 2048,
     tokens = ml.tokenize(text)
     if len(tokens) <= score_last:
         raise ValueError(f"The text has {len(tokens)} tokens; it needs more than score_last={score_last}.")
+    if "full" in modes and score_last > ml.max_positions - 1:  # it scored other tokens than the other modes
+        raise ValueError(f"Full attention can score at most {ml.max_positions - 1} tokens (this model has "
+                         f"{ml.max_positions} positions, one is the sink); lower score_last (--score-last) to "
+                         f"{ml.max_positions - 1}, or leave the full mode out.")
     records = []
     for mode in modes:
         if mode == "full":

@@ -414,7 +414,7 @@ def perplexity(ml: MemLong, text: str | Sequence[int], *, score_last: int = 2048
         with torch.no_grad():
             for s in tqdm(range(0, len(tokens), cfg.step), disable=not progress, desc="ppl"):
                 step = tokens[s:s + cfg.step]
-                want = s + len(step) > first_scored
+                want = s + len(step) >= first_scored  # its last logit predicts token s + len(step)
                 k = (cfg.top_k if want else cfg.ingest_k) if use_memory else 0
                 logits = stream.step(step, logits=want, k=k)
                 if not want:

@@ -542,6 +542,27 @@ def test_perplexity_into_an_empty_namespace_name_is_refused_and_leaves_nothing(m
     assert ml.bank.namespaces() == [] and len(ml.bank) == 0
 
 
+@pytest.mark.parametrize("score_last", [512, 300])
+def test_perplexity_scores_exactly_the_last_tokens_asked_for(make_tiny, score_last):
+    """Evaluation review: with len(tokens) - score_last a multiple of the step, the step whose last logit predicts
+    the first scored token was skipped: 511 tokens scored for 512 (every benchmark over 8,192 tokens or 3,072-token
+    tails hit it). The window here holds the whole text, so the figure equals full attention."""
+    from memlong.evaluation import perplexity_modes
+
+    ml, reference = make_tiny(local_window=1024)
+    tokens = (ml.tokenize(TEXT * 3))[:1024]
+    assert len(tokens) == 1024 and ml.config.step == 512
+    with torch.no_grad():
+        logits = reference(torch.tensor([ml.sink_ids + tokens])).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits[-score_last:], torch.tensor(tokens[-score_last:]))
+    got = ml.perplexity(tokens, score_last=score_last, use_memory=False)
+    assert got["scored_tokens"] == score_last
+    assert abs(got["ppl"] - float(torch.exp(nll))) < 1e-3 * got["ppl"]
+    # full attention cannot score more tokens than the model has positions: it scored other tokens than the rest
+    with pytest.raises(ValueError, match=f"Full attention can score at most {ml.max_positions - 1} tokens"):
+        perplexity_modes(ml, " word" * (ml.max_positions + 50), score_last=ml.max_positions, modes=("full",))
+
+
 def test_token_ids_outside_the_vocabulary_or_not_integers_are_named(make_tiny):
     """Outside-in audit: ids out of the vocabulary gave torch's 'IndexError: index out of range in self' (run,
     decode, score, Stream.step, perplexity), float ids an embedding dtype error, text a 'new(): invalid data type'."""
