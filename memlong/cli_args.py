@@ -65,7 +65,7 @@ def int_list(low: int) -> Any:
         items = [x.strip() for x in text.split(",")]
         if not items or any(not x for x in items):
             raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated integers, e.g. 4096,16384")
-        return [int_at_least(low)(x) for x in items]
+        return list(dict.fromkeys(int_at_least(low)(x) for x in items))  # each once: --seeds 0,0 counted twice
 
     parse.__name__ = "comma-separated integers"
     return parse

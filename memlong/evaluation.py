@@ -159,6 +159,8 @@ def passkey(ml: MemLong, *, lengths: list[int], trials: int = 10, filler: str | 
 
     if not lengths or any(type(n) is not int or n <= 0 for n in lengths):
         raise ValueError(f"passkey lengths must be positive token counts, got {lengths!r}.")
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(f"passkey lengths {lengths!r} repeat a length; give each length once.")
     if type(trials) is not int or trials <= 0:
         raise ValueError(f"passkey trials must be a positive integer, got {trials!r}.")
     unknown = [m for m in modes if m not in ("window", "full", "memlong")]

@@ -212,6 +212,8 @@ def icl_eval(ml: MemLong, *, task: str | ICLTask = "sentiment", shots: int = 4, 
                          f"{storage!r}, {retrieval!r}.")
     if retrieval == "balanced" and storage == "stream":
         raise ValueError("retrieval='balanced' needs one label per chunk: use storage='demo' or 'aligned'.")
+    if len(set(seeds)) != len(seeds):  # the summary would count the seed's sentences twice as independent
+        raise ValueError(f"seeds {list(seeds)} repeat a seed; give each seed once.")
     task = get_task(task)
     check_sizes(task, n_test=n_test, shots=shots, memory_demos=memory_demos)
     labels = task.labels

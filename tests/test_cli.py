@@ -364,3 +364,19 @@ def test_json_into_a_folder_that_does_not_exist_yet(tmp_path, no_model):
     assert out.read_text().startswith("[")
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # a dangling link: refused up front, not after the run
     assert main(["eval", "ppl", "--file", str(tmp_path / "book.txt"), "--json", str(tmp_path / "gone" / "x.json")]) == 2
+
+
+def test_a_repeated_seed_or_length_runs_once_and_the_library_refuses_it(make_tiny):
+    """Evaluation review: --seeds 0,0 ran seed 0 twice and the summary pooled both (n 40 for 20 sentences, a Wilson
+    interval as if twice the evidence); --lengths 4096,4096 printed duplicate rows."""
+    from memlong.evaluation import passkey
+    from memlong.icl import icl_eval
+
+    args = build_parser().parse_args(["eval", "icl", "--seeds", "0,0,1,0"])
+    assert args.seeds == [0, 1]
+    assert build_parser().parse_args(["eval", "passkey", "--lengths", "4096,4096"]).lengths == [4096]
+    ml, _ = make_tiny()
+    with pytest.raises(ValueError, match="repeat a seed"):
+        icl_eval(ml, task="sentiment", seeds=[0, 0])
+    with pytest.raises(ValueError, match="repeat a length"):
+        passkey(ml, lengths=[4096, 4096])
