@@ -157,7 +157,8 @@ def _balanced(pool: list[tuple[str, str]], n: int, labels: list[str], rng: rando
 
 
 def draw_sets(task: ICLTask, seed: int, n_test: int, shots: int, memory_demos: int) -> tuple[list, list, list]:
-    """Disjoint, label-balanced ``(test, prompt demonstrations, memory demonstrations)`` for one seed.
+    """Disjoint, label-balanced ``(test, prompt demonstrations, memory demonstrations)`` for one seed; no text is in
+    two of them, and a text the data gives twice (even under two labels) counts once, with its first label.
 
     The draws for a given seed do not depend on ``memory_demos`` beyond its size: the memory set of 50 is
     the first 50 of the memory set of 1,000 (a sweep over memory sizes adds demonstrations, it does not
@@ -165,7 +166,10 @@ def draw_sets(task: ICLTask, seed: int, n_test: int, shots: int, memory_demos: i
     """
     labels = task.labels
     rng = random.Random(f"icl-{task.name}-{seed}")
-    pool = list(dict.fromkeys(task.pairs))  # duplicates would leak a test sentence into the demonstrations
+    first: dict[str, tuple[str, str]] = {}
+    for text, label in task.pairs:  # one pair per text, the first: a repeated text (under any label) would put a
+        first.setdefault(text, (text, label))  # test sentence among the demonstrations, or in the test set twice
+    pool = list(first.values())
     test = _balanced(pool, n_test, labels, rng)
     taken = set(test)
     rest = [p for p in pool if p not in taken]

@@ -118,6 +118,20 @@ def test_sets_are_disjoint_balanced_and_memory_sets_nest():
     assert set(small) <= set(mem) and draw_sets(task, 0, 6, 2, 8)[0] == test  # nested; same test set
 
 
+def test_a_text_given_twice_is_never_both_tested_and_shown():
+    """Evaluation review: a noisy file with a text under two labels put it in the test set and, under the other
+    label, among the prompt demonstrations (74 of 200 seeds), or twice in the test set."""
+    clean = [(f"review {i}", "good" if i % 2 else "bad") for i in range(40)]
+    noisy = ICLTask("noisy", tuple(clean + [(t, "bad" if lab == "good" else "good") for t, lab in clean[:20]]),
+                    "Classify.", "Review")
+    for seed in range(60):
+        test, shots, mem = draw_sets(noisy, seed, 6, 4, 10)
+        texts = [t for t, _ in test + shots + mem]
+        assert len(texts) == len(set(texts)), seed
+    assert draw_sets(ICLTask("clean", tuple(clean), "Classify.", "Review"), 3, 6, 4, 10) == \
+        draw_sets(ICLTask("clean", tuple(clean + clean[:5]), "Classify.", "Review"), 3, 6, 4, 10)
+
+
 def _runner(ml, storage, k):
     task = ICLTask("mini", tuple(ROWS), "Classify each text: neg or pos.", "Text")
     test, shots, mem = draw_sets(task, 0, 2, 2, 6)
