@@ -60,7 +60,7 @@ from llama_index.core.vector_stores.types import (
 
 from memlong import MemLong, PromptTooLongError
 from memlong.records import check_count
-from memlong.upsert import entry_lock, ingest_replacing
+from memlong.upsert import check_user_metadata, entry_lock, ingest_replacing
 from memlong_integrations._threads import in_thread
 from memlong_integrations.llama_index._common import (
     EXCLUDED_KEY,
@@ -175,7 +175,12 @@ class MemLongVectorStore(BasePydanticVectorStore):
 
     # ------------------------------------------------------------------ writing
     def add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
-        """Ingest ``nodes`` into the bank (chunk K-V computed now); returns their node ids."""
+        """Ingest ``nodes`` into the bank (chunk K-V computed now); returns their node ids.
+
+        Raises:
+            ValueError: a node's metadata key that memlong reserves (``memlong_*``, ``_memlong*``; the keys this
+                store itself adds to retrieved nodes are dropped, not refused). Nothing is added.
+        """
         texts, doc_ids, metadatas = [], [], []
         for node in nodes:
             text = node.get_content(metadata_mode=MetadataMode.NONE)
@@ -184,7 +189,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
             ref = node.ref_doc_id or (node.node_id if isinstance(node, Document) else None) or node.node_id
             texts.append(text)
             doc_ids.append(str(ref))
-            metadatas.append({**user_metadata(node.metadata),
+            metadatas.append({**check_user_metadata(user_metadata(node.metadata), f"node {node.node_id!r} metadata"),
                               NODE_ID_KEY: node.node_id, REF_DOC_ID_KEY: str(ref),
                               EXCLUDED_KEY: {"llm": list(node.excluded_llm_metadata_keys),
                                              "embed": list(node.excluded_embed_metadata_keys)}})
