@@ -567,3 +567,50 @@ def test_opening_a_bank_while_another_process_commits_reads_the_new_commit(tmp_p
         writer.wait(timeout=120)
     assert waited == ["committed"]
     assert [c.text for c in loaded.chunks("a")] == [f"a chunk 1-{i} about topic {i % 5}" for i in range(4)]
+
+
+def _rewrite_segment_header(path, change) -> None:
+    """Rewrite the first segment's JSON header with ``change(header) -> header or raw bytes`` and fix the
+    manifest's size and sha256 for it (segments are checked by size when opened)."""
+    import hashlib
+    import json
+    import struct
+
+    manifest_file = path / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    entry = manifest["segments"][0]
+    data = (path / entry["name"]).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = change(json.loads(data[8:8 + n]))
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    new = struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+    (path / entry["name"]).write_bytes(new)
+    entry.update(bytes=len(new), sha256=hashlib.sha256(new).hexdigest())
+    manifest_file.write_text(json.dumps(manifest))
+
+
+def _alias(header):
+    keys = sorted(k for k in header if k.startswith("k."))
+    for other in keys[1:]:  # every chunk's keys read the first chunk's bytes
+        header[other]["data_offsets"] = header[keys[0]]["data_offsets"]
+    return header
+
+
+@pytest.mark.parametrize("change, message", [
+    (_alias, "shares bytes with another tensor"),
+    (lambda h: {k: ({kk: vv for kk, vv in v.items() if kk != "data_offsets"} if isinstance(v, dict) else v)
+                for k, v in h.items()}, "malformed entry"),
+    (lambda h: b"[" * 100_000 + b"]" * 100_000, "header"),
+])
+def test_a_crafted_segment_header_is_refused_as_corrupted(tmp_path, change, message):
+    """Security review: headers pointing 401 chunks at one chunk's bytes made a 1.3 MB upload cost 404 MB when
+    loaded (each alias copied and checked); a header entry without data_offsets raised KeyError and a deeply
+    nested one RecursionError, past callers that catch MemoryFileError."""
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fill(bank, "ns", 6)
+    bank.commit()
+    _rewrite_segment_header(tmp_path / "b", change)
+    for load in (lambda: MemoryBank.load(tmp_path / "b", embedder=HashEmbedder()),
+                 lambda: MemoryBank(embedder=HashEmbedder(), dtype=torch.float32).restore(tmp_path / "b")):
+        with pytest.raises(MemoryFileError, match=message):
+            load()
