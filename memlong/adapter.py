@@ -35,8 +35,8 @@ from torch import nn
 from memlong.checkpoint import CHECKPOINT_NAME, write_new
 from memlong.choices import PACKAGED_ADAPTERS
 
-__all__ = ["ADAPTER_CONFIG_FIELDS", "LoRALinear", "PACKAGED_ADAPTERS", "add_lora", "fingerprint", "load_adapter",
-           "lora_state_dict", "merge_lora", "read_adapter_config", "resolve_adapter", "save_adapter"]
+__all__ = ["ADAPTER_CONFIG_FIELDS", "LoRALinear", "PACKAGED_ADAPTERS", "add_lora", "check_lora_factors", "fingerprint",
+           "load_adapter", "lora_state_dict", "merge_lora", "read_adapter_config", "resolve_adapter", "save_adapter"]
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter.json"
@@ -211,6 +211,27 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def check_lora_factors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> float:
+    """The LoRA scaling (alpha / rank) of an adapter's ``meta`` after checking that each pair of factors in
+    ``tensors`` fits the weight of ``model`` it adapts; ValueError naming the first that does not (a crafted file of
+    300 bytes asked for a 4 TB product before any check)."""
+    lora, params = meta.get("lora") or {}, dict(model.named_parameters())
+    rank, alpha = lora.get("rank"), lora.get("alpha")
+    if type(rank) is not int or rank < 1 or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"The adapter's lora rank {rank!r} / alpha {alpha!r} are not a positive integer and a number.")
+    for name in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+        weight = params.get(f"{name}.weight")
+        if weight is None or weight.dim() != 2:
+            raise ValueError(f"The adapter adapts {name!r}, which this model does not have.")
+        a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
+        if a is None or b is None or tuple(a.shape) != (rank, weight.shape[1]) or \
+                tuple(b.shape) != (weight.shape[0], rank):
+            raise ValueError(f"The adapter's factors for {name!r} do not fit this model's weight "
+                             f"{tuple(weight.shape)} at rank {rank}: the adapter was made for another model, or the "
+                             "file is corrupted.")
+    return float(alpha) / rank
+
+
 def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool = True) -> dict[str, Any]:
     """Apply the adapter at ``path`` to ``model`` in place (LoRA merged into the weights); returns its metadata.
 
@@ -234,18 +255,18 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
     params = dict(model.named_parameters())
     with torch.no_grad():
         if meta["method"] == "lora":
-            scaling = float(meta["lora"]["alpha"]) / int(meta["lora"]["rank"])
-            names = sorted({k.rsplit(".", 1)[0] for k in tensors})
-            for name in names:
-                weight = params.get(f"{name}.weight")
-                if weight is None:
-                    raise ValueError(f"The adapter adapts {name!r}, which this model does not have.")
+            scaling = check_lora_factors(meta, tensors, model)
+            for name in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+                weight = params[f"{name}.weight"]
                 delta = (tensors[f"{name}.lora_B"] @ tensors[f"{name}.lora_A"]) * scaling
                 weight += delta.to(weight.device, weight.dtype)
         elif meta["method"] == "full":
             for name, value in tensors.items():
                 if name not in params:
                     raise ValueError(f"The adapter holds {name!r}, which this model does not have.")
+                if value.shape != params[name].shape:  # copy_ would broadcast a smaller tensor silently
+                    raise ValueError(f"The adapter's {name!r} is {tuple(value.shape)}; this model's is "
+                                     f"{tuple(params[name].shape)}: the adapter was made for another model.")
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
         else:
             raise ValueError(f"Unknown adapter method {meta['method']!r}; expected 'lora' or 'full'.")

@@ -316,3 +316,23 @@ def test_cli_train_loads_float32_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(MemLong, "from_pretrained", classmethod(capture))
     assert main(["train", "--output", str(tmp_path / "run"), "--no-progress"]) == 130
     assert asked["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("method", ["lora", "reader", "full"])
+def test_an_adapter_whose_tensors_do_not_fit_the_model_is_refused_before_any_allocation(make_tiny, tmp_path, method):
+    """Security review: a 303-byte LoRA adapter with factors (0, N) and (N, 0) made load_adapter allocate the N x N
+    product (4 TB asked) before any check; a reader declaring rank 10**11 made add_lora allocate 25.6 TB; a full
+    adapter's smaller tensor was broadcast over the weight by copy_."""
+    from memlong.adapter import load_adapter, save_adapter
+    from memlong.reader import attach_reader
+
+    ml, _ = make_tiny(**TINY)
+    name = "model.layers.3.self_attn.q_proj"
+    before = {n: p.clone() for n, p in ml.model.named_parameters()}
+    lora = {"rank": 10**11 if method == "reader" else 4, "alpha": 8, "targets": ["q_proj"]}
+    tensors = ({f"{name}.weight": torch.ones(1)} if method == "full" else
+               {f"{name}.lora_A": torch.zeros(0, 10**6), f"{name}.lora_B": torch.zeros(10**6, 0)})
+    folder = save_adapter(tmp_path / "a", tensors, {"method": method, "layers": [3], "lora": lora})
+    with pytest.raises(ValueError, match="do not fit|rank|made for another model"):
+        attach_reader(ml, folder) if method == "reader" else load_adapter(ml.model, folder)
+    assert all(torch.equal(p, before[n]) for n, p in ml.model.named_parameters()) and ml.reader is None
