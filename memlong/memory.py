@@ -221,8 +221,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             self._check_shapes(namespace, new, drop)
             for c in new:
                 c.namespace, c.order = namespace, next(self._order)
-            kept = [self._chunks[cid] for cid in (space.ids if space else ()) if cid not in drop]
-            evict_cap, evict_bytes = self._plan(namespace, kept, new, sizes, protect=atomic or bool(replace))
+            evict_cap, evict_bytes = self._plan(namespace, space, drop, new, sizes, protect=atomic or bool(replace))
             # warned before anything changes: a warning turned into an error (warnings.simplefilter) leaves the bank
             # as it was
             if not is_staging(namespace):  # an upsert's staging: it raises its own clear error

@@ -215,7 +215,7 @@ class NamespaceIndex:
         self.ann_min, self.ann_probe = ann_min, ann_probe
         self.lexical = Lexical()
         self.ids: list[str] = []
-        self.embeddings = np.zeros((0, dim), dtype=np.float32)
+        self._rows = np.zeros((0, dim), dtype=np.float32)  # embeddings in ids order, then spare rows
         self.tokens = 0
         self.nbytes = 0  # K-V + embeddings + texts + metadata of its chunks
         self.index: faiss.Index | None = self._new_index()
@@ -230,9 +230,20 @@ class NamespaceIndex:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         return index
 
+    @property
+    def embeddings(self) -> np.ndarray:
+        """``(chunks, dim)`` unit embeddings in ``ids`` order: a view of rows that grow by doubling (a copy of all
+        of them on every add made a long ingest quadratic)."""
+        return self._rows[:len(self.ids)]
+
     def add(self, ids: list[str], vectors: np.ndarray, texts: Sequence[str]) -> None:
+        n = len(self.ids)
         self.ids.extend(ids)
-        self.embeddings = np.concatenate([self.embeddings, vectors], axis=0)
+        if len(self.ids) > len(self._rows):
+            grown = np.zeros((max(len(self.ids), 2 * len(self._rows), 64), self.dim), dtype=np.float32)
+            grown[:n] = self._rows[:n]
+            self._rows = grown
+        self._rows[n:len(self.ids)] = vectors
         self.lexical.add(ids, texts)
         if self.ann is not None and len(self.ids) < 2 * self.trained_at:
             self._ann_add(ids, vectors)
@@ -244,8 +255,8 @@ class NamespaceIndex:
     def remove(self, drop: set[str]) -> None:
         self.lexical.remove(drop)
         keep = [i for i, cid in enumerate(self.ids) if cid not in drop]
+        self._rows = np.ascontiguousarray(self.embeddings[keep])
         self.ids = [self.ids[i] for i in keep]
-        self.embeddings = np.ascontiguousarray(self.embeddings[keep])
         if self.ann is not None:
             slots = np.array([self.slot_of.pop(c) for c in drop if c in self.slot_of], dtype=np.int64)
             for slot in slots.tolist():

@@ -225,10 +225,10 @@ def test_bank_io_benchmark_smoke_run(tmp_path):
     rows = json.loads(out.read_text())["records"]
     from memlong import journal
 
-    extra = 2 + journal.MAX_DELTAS - 1  # a delta commit, a whole one, then commits up to a full journal
+    extra = 7 + 2 + journal.MAX_DELTAS - 1  # a 7-chunk step, a delta commit, a whole one, commits to a full journal
     assert [r["chunks"] for r in rows] == [30 + extra, 60 + extra]
     assert all(0 < r["journal_deltas"] < journal.MAX_DELTAS for r in rows)
-    assert all(r[k] > 0 for r in rows for k in ("commit_one_chunk_s", "commit_whole_s", "reopen_s",
+    assert all(r[k] > 0 for r in rows for k in ("add_step_s", "commit_one_chunk_s", "commit_whole_s", "reopen_s",
                                                 "reopen_full_journal_s"))
     assert rows[1]["record_and_embeddings_bytes"] > rows[0]["record_and_embeddings_bytes"]
 
