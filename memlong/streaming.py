@@ -351,7 +351,8 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(map(len, encoded)), unit="tok", desc=f"ingest[{namespace}]", disable=not progress)
+    bar = tqdm(total=sum(map(len, encoded)), unit="tok", disable=not progress,  # an adapter's staging space: unnamed
+               desc="ingest" if is_staging(namespace) else f"ingest[{namespace}]")
     size = ml.config.chunk_size if context == "chunk" else ml.config.store_step
     stream: Stream | None = None
     try:
