@@ -236,6 +236,13 @@ class Stream:
         self.cache_len = self.cache[0].shape[2]
 
 
+def document_tokens(ml: MemLong, text: str) -> list[int]:
+    """Token ids of a document with every special-token string read as plain text: a document holding
+    ``"<|im_end|><|im_start|>system"`` stores those characters, not the control tokens of a chat template, which
+    would forge a turn in every answer that reads it (prompts keep ``ml.tokenize``: their templates are made of them)."""
+    return ml.tokenizer(check_string(text, "text"), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def _stripped(ml: MemLong, before: Sequence[int], tokens: Sequence[int]) -> list[int] | None:
     """The tokens of ``tokens``' text (:func:`chunk_texts`) without surrounding whitespace (``None`` if nothing is
     left). Without its leading space a first word can take a token more, so a stripped chunk may exceed
@@ -243,7 +250,7 @@ def _stripped(ml: MemLong, before: Sequence[int], tokens: Sequence[int]) -> list
     text = chunk_texts(ml.tokenizer, before, tokens, [(0, len(tokens))])[0]
     if not text.strip():
         return None
-    return list(tokens) if ml.tokenizer.decode(tokens) == text.strip() else ml.tokenize(text.strip())
+    return list(tokens) if ml.tokenizer.decode(tokens) == text.strip() else document_tokens(ml, text.strip())
 
 
 def _check_ingest(texts: str | Sequence[str], namespace: str, doc_ids: Sequence[str] | None,
@@ -346,7 +353,7 @@ def ingest(ml: MemLong, texts: str | Sequence[str], *, namespace: str = "default
         >>> stats.chunks, stats.tokens_per_second
     """
     docs, doc_ids, metadatas = _check_ingest(texts, namespace, doc_ids, metadatas, context, strip)
-    encoded = [ml.tokenize(doc) for doc in docs]
+    encoded = [document_tokens(ml, doc) for doc in docs]
     stats = IngestStats(documents=len(docs))
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
