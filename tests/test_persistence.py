@@ -458,3 +458,17 @@ def test_a_saved_config_that_is_refused_says_how_to_override(tmp_path):
     with pytest.raises(MemoryFileError, match=r"0\.9 \+ 0\.5.*Pass valid values to load\(\) \(e\.g\. keep_newest"):
         MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
     assert MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder(), keep_newest=0.1).keep_newest == 0.1
+
+
+def test_k_v_that_overflow_the_loading_banks_dtype_are_refused(tmp_path):
+    """A load checks each chunk's K-V once in the file's dtype and again only when it casts them: values of 1e6 saved
+    in float32 are infinite in a float16 bank, which refuses them; loaded as saved, they pass."""
+    bank = MemoryBank(embedder=HashEmbedder(), dtype=torch.float32)
+    big = torch.full((2, 2, 3, 4), 1e6)
+    bank.add_chunks(["big"], keys=[big], values=[big.clone()])
+    bank.save(tmp_path / "b")
+    for load in (lambda: MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), dtype=torch.float16),
+                 lambda: MemoryBank(embedder=HashEmbedder(), dtype=torch.float16).restore(tmp_path / "b")):
+        with pytest.raises(MemoryFileError, match="into this bank: chunk K-V hold NaN or infinite values"):
+            load()
+    assert torch.equal(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder()).chunks("default")[0].keys, big)
