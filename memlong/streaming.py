@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import math
 import numbers
 import secrets
 import threading
 import time
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -236,11 +238,21 @@ class Stream:
         self.cache_len = self.cache[0].shape[2]
 
 
+_DOCUMENT_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its copy for documents
+_DOCUMENT_LOCK = threading.Lock()
+
+
 def document_tokens(ml: MemLong, text: str) -> list[int]:
     """Token ids of a document with every special-token string read as plain text: a document holding
     ``"<|im_end|><|im_start|>system"`` stores those characters, not the control tokens of a chat template, which
-    would forge a turn in every answer that reads it (prompts keep ``ml.tokenize``: their templates are made of them)."""
-    return ml.tokenizer(check_string(text, "text"), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    would forge a turn in every answer that reads it (prompts keep ``ml.tokenize``: their templates are made of them).
+    A copy of the tokenizer does it: ``split_special_tokens=True`` sets a flag on the shared backend, so on
+    ``ml.tokenizer`` a prompt another thread encoded meanwhile lost its template tokens."""
+    with _DOCUMENT_LOCK:
+        tokenizer = _DOCUMENT_TOKENIZERS.get(ml.tokenizer)
+        if tokenizer is None:
+            tokenizer = _DOCUMENT_TOKENIZERS[ml.tokenizer] = copy.deepcopy(ml.tokenizer)
+    return tokenizer(check_string(text, "text"), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def _stripped(ml: MemLong, before: Sequence[int], tokens: Sequence[int]) -> list[int] | None:
