@@ -45,6 +45,7 @@ import torch
 
 from memlong.adapter import (
     LoRALinear,
+    _modules,
     add_lora,
     check_lora_factors,
     check_output_dir,
@@ -154,11 +155,12 @@ def attach_reader(ml: MemLong, path: str | Path, *, check_fingerprint: bool = Tr
                          f"(fingerprint {expected}); this model's weights differ. Load the base model it was "
                          "trained on.")
     tensors = load_file(str(folder / "adapter.safetensors"))
-    check_lora_factors(meta, tensors, ml.model)  # before add_lora allocates factors of the rank the file names
+    expected = {f"{name}.lora_{x}" for name in _modules(ml.model, meta["layers"], meta["lora"]["targets"]) for x in "AB"}
+    if expected != set(tensors):  # checked, with the shapes, before add_lora allocates factors of the file's rank
+        raise ValueError(f"The reader at {folder} holds factors for other layers than its adapter.json names.")
+    check_lora_factors(meta, tensors, ml.model)
     layers = add_lora(ml.model, meta["layers"], rank=int(meta["lora"]["rank"]), alpha=float(meta["lora"]["alpha"]),
                       targets=tuple(meta["lora"]["targets"]))
-    if {f"{name}.lora_{x}" for name in layers for x in "AB"} != set(tensors):
-        raise ValueError(f"The reader at {folder} holds factors for other layers than its adapter.json names.")
     with torch.no_grad():
         for name, module in layers.items():
             module.lora_A.copy_(tensors[f"{name}.lora_A"])

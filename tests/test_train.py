@@ -336,3 +336,21 @@ def test_an_adapter_whose_tensors_do_not_fit_the_model_is_refused_before_any_all
     with pytest.raises(ValueError, match="do not fit|rank|made for another model"):
         attach_reader(ml, folder) if method == "reader" else load_adapter(ml.model, folder)
     assert all(torch.equal(p, before[n]) for n, p in ml.model.named_parameters()) and ml.reader is None
+
+
+@pytest.mark.parametrize("tensors", ["none", "one layer of two"])
+def test_a_reader_missing_factors_is_refused_before_the_model_changes(make_tiny, tmp_path, tensors):
+    """Diff review: a reader with no factors passed the shape check and reached add_lora with the file's rank
+    (10**11); one with factors for one of its two layers was refused only after add_lora had wrapped both."""
+    from memlong.adapter import LoRALinear, save_adapter
+    from memlong.reader import attach_reader
+
+    ml, _ = make_tiny(**TINY)
+    one = {f"model.layers.3.self_attn.q_proj.lora_{x}": torch.zeros(*shape)
+           for x, shape in (("A", (4, 64)), ("B", (64, 4)))}
+    lora = {"rank": 10**11 if tensors == "none" else 4, "alpha": 8, "targets": ["q_proj"]}
+    folder = save_adapter(tmp_path / "r", {} if tensors == "none" else one,
+                          {"method": "reader", "layers": [2, 3], "lora": lora})
+    with pytest.raises(ValueError, match="factors for other layers"):
+        attach_reader(ml, folder)
+    assert not [m for m in ml.model.modules() if isinstance(m, LoRALinear)] and ml.reader is None
