@@ -7,6 +7,7 @@ The public names are imported on first use (``from memlong import MemLong`` work
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,7 +41,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
+    if name not in _WHERE:  # a submodule (``import memlong; memlong.memory``), as when the package imported them all
+        if not name.startswith("_") and importlib.util.find_spec(f"memlong.{name}") is not None:
+            return importlib.import_module(f"memlong.{name}")
         raise AttributeError(f"module 'memlong' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"memlong.{_WHERE[name]}"), name)
     globals()[name] = value  # later lookups are plain attribute reads

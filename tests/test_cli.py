@@ -159,6 +159,13 @@ def test_every_public_name_imports_from_the_package():
     assert namespace["MemLong"] is __import__("memlong.model").model.MemLong
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         memlong.Nope  # noqa: B018
+    import subprocess
+    import sys
+
+    # submodules as attributes of the package, as when it imported them all (diff review: AttributeError)
+    script = "import memlong\nprint(memlong.memory.MemoryBank.__name__, memlong.records.__name__, memlong.search.RRF_K)"
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout.split() \
+        == ["MemoryBank", "memlong.records", "60"]
 
 
 def test_docs_cli_md_names_every_option_of_every_command():
