@@ -205,9 +205,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         docs, held_out = shakespeare_split()
         if args.eval_data:
             held_out = load_documents(args.eval_data)
-    # the paper's trained mode unless told otherwise (COMMAND_DEFAULTS["train"]); float32 weights, trained under
-    # bf16 autocast where --precision asks for it (bf16 weights of their own lose updates below their precision)
-    ml = _model(args, dtype="float32")
+    # the paper's trained mode unless told otherwise (COMMAND_DEFAULTS["train"]); full training: float32 weights,
+    # under bf16 autocast where --precision asks for it (bf16 weights of their own lose updates below their precision)
+    ml = _model(args, dtype="float32" if args.method == "full" else None)
     config = TrainConfig(
         output_dir=args.output, method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         learning_rate=args.lr, grad_accum=args.grad_accum, max_steps=args.max_steps, epochs=args.epochs,

@@ -303,7 +303,7 @@ def test_full_training_of_a_half_precision_model_is_refused(make_tiny, tmp_path,
     assert not (tmp_path / "checkpoint.json").exists()
 
 
-def test_cli_train_loads_float32_weights(tmp_path, monkeypatch):
+def test_cli_full_training_loads_float32_weights(tmp_path, monkeypatch):
     from memlong.cli import main
     from memlong.model import MemLong
 
@@ -314,8 +314,10 @@ def test_cli_train_loads_float32_weights(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # stop before any training
 
     monkeypatch.setattr(MemLong, "from_pretrained", classmethod(capture))
-    assert main(["train", "--output", str(tmp_path / "run"), "--no-progress"]) == 130
+    assert main(["train", "--output", str(tmp_path / "run"), "--no-progress", "--method", "full"]) == 130
     assert asked["dtype"] == "float32"
+    assert main(["train", "--output", str(tmp_path / "lora"), "--no-progress"]) == 130
+    assert asked["dtype"] is None  # LoRA factors are float32 whatever the weights: the model's own dtype
 
 
 @pytest.mark.parametrize("method", ["lora", "reader", "full"])
