@@ -54,7 +54,7 @@ from typing import Any
 from memlong.choices import ICL_DEFAULTS
 from memlong.default_model import cache_dir
 from memlong.icl_conditions import ConditionRunner
-from memlong.icl_data import ICLTask, check_sizes, label_token_ids
+from memlong.icl_data import ICLTask, check_sizes, label_token_ids, unique_pairs
 from memlong.icl_memory import RETRIEVALS, STORAGES, store_demos
 from memlong.model import MemLong
 
@@ -166,10 +166,7 @@ def draw_sets(task: ICLTask, seed: int, n_test: int, shots: int, memory_demos: i
     """
     labels = task.labels
     rng = random.Random(f"icl-{task.name}-{seed}")
-    first: dict[str, tuple[str, str]] = {}
-    for text, label in task.pairs:  # one pair per text, the first: a repeated text (under any label) would put a
-        first.setdefault(text, (text, label))  # test sentence among the demonstrations, or in the test set twice
-    pool = list(first.values())
+    pool = unique_pairs(task.pairs)
     test = _balanced(pool, n_test, labels, rng)
     taken = set(test)
     rest = [p for p in pool if p not in taken]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ICLTask", "check_sizes", "label_token_ids", "load_labeled_file", "parse_label_words"]
+__all__ = ["ICLTask", "check_sizes", "label_token_ids", "load_labeled_file", "parse_label_words", "unique_pairs"]
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -213,9 +213,20 @@ def label_token_ids(tokenizer_ids: Any, labels: Sequence[str]) -> list[int]:
     return out
 
 
+def unique_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One ``(text, label)`` per text, the first (in order): a text the data gives twice, under any label, would be
+    both a test sentence and a demonstration, or tested twice."""
+    first: dict[str, tuple[str, str]] = {}
+    for text, label in pairs:
+        first.setdefault(text, (text, label))
+    return list(first.values())
+
+
 def check_sizes(task: ICLTask, *, n_test: int, shots: int, memory_demos: int) -> None:
-    """Refuse sets the data cannot fill: disjoint, label-balanced test, prompt and memory sets per seed."""
-    n = len(task.pairs)
+    """Refuse sets the data cannot fill: disjoint, label-balanced test, prompt and memory sets per seed (a text
+    given twice counts once, as :func:`unique_pairs` keeps it)."""
+    pool = unique_pairs(task.pairs)
+    n = len(pool)
     if n_test > n:
         raise ValueError(f"The test set ({n_test} sentences) is larger than the data ({task.name}: {n} examples); "
                          "lower --n-test.")
@@ -225,7 +236,7 @@ def check_sizes(task: ICLTask, *, n_test: int, shots: int, memory_demos: int) ->
                          f"{shots} + {memory_demos} = {need}; lower --n-test, --shots or --memory-demos.")
     labels = task.labels
     counts = {label: 0 for label in labels}
-    for _, label in task.pairs:
+    for _, label in pool:
         counts[label] += 1
     # balanced draws take the sorted labels in turn: label j gives len(range(j, size, k)) examples to a set
     need_per = {label: sum(len(range(j, size, len(labels))) for size in (n_test, shots, memory_demos))

@@ -130,6 +130,11 @@ def test_a_text_given_twice_is_never_both_tested_and_shown():
         assert len(texts) == len(set(texts)), seed
     assert draw_sets(ICLTask("clean", tuple(clean), "Classify.", "Review"), 3, 6, 4, 10) == \
         draw_sets(ICLTask("clean", tuple(clean + clean[:5]), "Classify.", "Review"), 3, 6, 4, 10)
+    # the size check counts what the draw can use: 6 + 6 texts, 4 of the second six repeating the first
+    tight = ICLTask("tight", tuple([(f"t{i}", "pos") for i in range(6)] + [(f"t{i}", "neg") for i in range(4)]
+                                   + [(f"u{i}", "neg") for i in range(2)]), "Classify.", "Review")
+    with pytest.raises(ValueError, match="has 8 examples but"):
+        check_sizes(tight, n_test=6, shots=2, memory_demos=2)  # draw_sets returned 5 / 1 / 2, unbalanced
 
 
 def _runner(ml, storage, k):
