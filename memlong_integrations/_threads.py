@@ -5,9 +5,10 @@ Contract of :func:`in_thread` (LlamaIndex ``async_add`` / ``aput``, LangChain ``
     * Like ``asyncio.to_thread``: ``fn`` runs in the loop's default executor with a copy of the caller's context.
     * Cancelling the await (``asyncio.wait_for`` timing out, a client disconnecting) asks the ingest inside ``fn``
       to stop at its next step (:data:`memlong.streaming.CANCEL`); the await then waits for the thread to roll back
-      before ``CancelledError`` reaches the caller, so a cancelled write has left nothing in the bank and a retry
-      does not add the entries twice. ``asyncio.to_thread`` alone kept ingesting and wrote everything.
-    * A cancel that arrives once the write's final, atomic add has started lets that add finish.
+      before ``CancelledError`` reaches the caller, so a write cancelled while it ingests has left nothing in the
+      bank. ``asyncio.to_thread`` alone kept ingesting and wrote everything.
+    * A cancel that arrives once the write's final, atomic add has started lets that add finish, and the caller still
+      sees ``CancelledError``: retrying is safe only for writes that name their entries (ids, node ids).
 """
 
 from __future__ import annotations
