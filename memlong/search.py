@@ -240,7 +240,7 @@ class NamespaceIndex:
         n = len(self.ids)
         self.ids.extend(ids)
         if len(self.ids) > len(self._rows):
-            grown = np.zeros((max(len(self.ids), 2 * len(self._rows), 64), self.dim), dtype=np.float32)
+            grown = np.zeros((max(len(self.ids), 2 * len(self._rows)), self.dim), dtype=np.float32)
             grown[:n] = self._rows[:n]
             self._rows = grown
         self._rows[n:len(self.ids)] = vectors
