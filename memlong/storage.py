@@ -197,8 +197,12 @@ def committed(path: str | os.PathLike) -> str | None:
     """The commit a bank directory holds: the name of the newest record file its manifest names (its last delta's,
     or the whole record's; unique per save or commit); None without a manifest, ``"?"`` for a manifest that cannot
     be read."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():  # read_bytes() of a FIFO waited forever
+        return "?" if os.path.lexists(file) else None
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_bytes())
+        with open(file, "rb") as fh:
+            manifest = json.loads(fh.read(_MANIFEST_LIMIT + 1))
         return (manifest.get("journal") or [{"record": manifest["files"][0]}])[-1]["record"]["name"]
     except FileNotFoundError:
         return None
@@ -296,9 +300,9 @@ def _manifest(path: Path) -> tuple[int, list[dict[str, Any]], list[dict[str, Any
     """The manifest's version, its two data files, (version 2 and 3) its segments and (version 3) its journal (the
     deltas, oldest first: ``{"record": entry, "tensors": entry, "changes": n}``), all checked for shape."""
     file = path / MANIFEST
-    if not file.is_file():
-        raise _fail(path, f"there is no {MANIFEST}. Point at a directory written by MemoryBank.save() / "
-                          "MemLong.save_memory().")
+    if not file.is_file():  # a folder, a FIFO (which open() would wait on forever) or a link to nothing
+        raise _fail(path, f"{MANIFEST} is not a regular file" if os.path.lexists(file) else f"there is no {MANIFEST}"
+                    ". Point at a directory written by MemoryBank.save() / MemLong.save_memory().")
     with open(file, "rb") as fh:
         raw = fh.read(_MANIFEST_LIMIT + 1)
     if len(raw) > _MANIFEST_LIMIT:

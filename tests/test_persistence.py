@@ -191,6 +191,12 @@ def test_bad_paths_and_unsaveable_metadata(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MemoryFileError, match="no manifest.json"):
         MemoryBank.load(tmp_path / "empty", embedder=emb)
+    for odd in ("fifo", "folder", "dangling"):  # a FIFO would block open() forever: refused by what it is
+        (tmp_path / odd).mkdir()
+        manifest = tmp_path / odd / "manifest.json"
+        os.mkfifo(manifest) if odd == "fifo" else manifest.mkdir() if odd == "folder" else manifest.symlink_to("gone")
+        with pytest.raises(MemoryFileError, match="manifest.json is not a regular file"):
+            MemoryBank.load(tmp_path / odd, embedder=emb)
     bank = MemoryBank(embedder=emb)
     fill(bank, "ns", 2)
     (tmp_path / "file").write_text("x")
