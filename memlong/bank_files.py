@@ -253,8 +253,8 @@ class BankFiles:
             record, tensors, segments, _ = read_bank(path)
             held = record.get("namespaces")
             if single and not (isinstance(held, list) and len(held) == 1):  # it would replace other stores' memory
-                raise MemoryFileError(f"The memory at {path} holds {len(held) if isinstance(held, list) else 'no'} "
-                                      "namespaces, not one: a store's persist() did not write it. Nothing was loaded.")
+                raise MemoryFileError(f"{path} holds {len(held) if isinstance(held, list) else 'no'} namespaces, not one "
+                                      "(persist() writes one); nothing was loaded. Load a bank you trust with load_memory.")
             quantization = (record.get("config") or {}).get("quantization", "none")
             if quantization != self.quantization:
                 raise MemoryMismatchError(f"The memory bank at {path} stores K-V with quantization={quantization!r}; "

@@ -141,15 +141,9 @@ class Segment:
         info = self.header.get(name)
         if not isinstance(info, dict) or self.map is None:
             return None
-        a, b = info["data_offsets"]
-        shape, kind = info["shape"], info["dtype"]
-        if kind not in _NUMPY or not (0 <= a <= b <= len(self.map) - self.start):
-            raise ValueError(f"tensor {name} has an unknown dtype or lies outside the file")
-        raw = self.map[self.start + a:self.start + b].view(_NUMPY[kind])
-        t = torch.from_numpy(raw.reshape(shape)) if raw.size == math.prod(shape) else None  # (np.prod: 5 us a call)
-        if t is None:
-            raise ValueError(f"tensor {name} does not match its shape")
-        return t.view(torch.bfloat16) if kind == "BF16" else t
+        a, b = info["data_offsets"]  # dtype, shape and offsets were checked against the file at open (_check_header)
+        t = torch.from_numpy(self.map[self.start + a:self.start + b].view(_NUMPY[info["dtype"]]).reshape(info["shape"]))
+        return t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
 
     def release(self, name: str) -> None:
         """Let the kernel drop the pages of tensor ``name`` from this process (they are read again from the file

@@ -157,7 +157,8 @@ def attach_reader(ml: MemLong, path: str | Path, *, check_fingerprint: bool = Tr
     tensors = load_file(str(folder / "adapter.safetensors"))
     expected = {f"{name}.lora_{x}" for name in _modules(ml.model, meta["layers"], meta["lora"]["targets"]) for x in "AB"}
     if expected != set(tensors):  # checked, with the shapes, before add_lora allocates factors of the file's rank
-        raise ValueError(f"The reader at {folder} holds factors for other layers than its adapter.json names.")
+        raise ValueError(f"The reader at {folder} holds factors for other layers than its adapter.json names: the folder "
+                         "was changed or is incomplete; train it again (memlong train-reader) or restore it.")
     check_lora_factors(meta, tensors, ml.model)
     layers = add_lora(ml.model, meta["layers"], rank=int(meta["lora"]["rank"]), alpha=float(meta["lora"]["alpha"]),
                       targets=tuple(meta["lora"]["targets"]))
