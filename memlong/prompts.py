@@ -27,11 +27,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["PLAIN_STOP", "ROLES", "Turn", "chat_prompt", "plain_prompt", "question_prompt", "role_prompt"]
+__all__ = ["PLAIN_STOP", "ROLES", "ROLE_STOP", "Turn", "chat_prompt", "plain_prompt", "question_prompt", "role_prompt"]
 
 Turn = tuple[str, str]  # (role, text); role: "system", "user" or "assistant"
 ROLES = ("system", "user", "assistant")
 PLAIN_STOP = ("\nQuestion:", "\n\n")  # a plain-layout answer ends at the next question or paragraph
+ROLE_STOP = ("\nUser:", "\nSystem:")  # a role-layout answer ends where the model writes the next turn itself
 
 
 def _check(turns: Sequence[Turn]) -> None:
@@ -73,7 +74,8 @@ def question_prompt(question: str) -> str:
 
 
 def role_prompt(turns: Sequence[Turn]) -> str:
-    """Role-labelled layout for chat without a template: ``\\nUser: ...\\nAssistant: ...\\nAssistant:``.
+    """Role-labelled layout for chat without a template: ``\\nUser: ...\\nAssistant: ...\\nAssistant:``; answers
+    end at :data:`ROLE_STOP` (a small model goes on to write the next turns itself).
 
     Raises:
         ValueError: an unknown role.

@@ -776,3 +776,19 @@ def test_a_filtered_query_never_returns_a_node_another_thread_inserts_meanwhile(
     threads[0].join(10)
     assert [h.node.metadata["user"] for h in hits] == ["alice"]
     assert len(index.as_retriever(similarity_top_k=2).retrieve("What is the locker code?")) == 2  # Bob's arrived
+
+
+@pytest.mark.slow
+def test_chat_without_template_stops_at_the_next_turn(default_memlong):
+    """``MemLongLLM(chat_template=False)`` lays the chat out as ``\\nUser: ...\\nAssistant:``; the default model goes
+    on to write the next turns itself ("Apple.\\nUser: Name a color.\\nAssistant: Red. ..."): the answer ends where
+    a turn begins, in chat, stream_chat and achat alike, as LangChain's plain layout ends at the next question."""
+    turns = [ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello!"),
+             ChatMessage(role="user", content="Name a color."), ChatMessage(role="assistant", content="Blue."),
+             ChatMessage(role="user", content="Name a fruit.")]
+    llm = MemLongLLM(default_memlong, max_new_tokens=40, chat_template=False)
+    answer = llm.chat(turns).message.content
+    streamed = [r.delta for r in llm.stream_chat(turns)]
+    assert answer and "User:" not in answer and "Assistant:" not in answer
+    assert "".join(streamed) == answer == asyncio.run(llm.achat(turns)).message.content
+    assert default_memlong.last_generation.new_tokens < 40  # stopped, not cut at the budget

@@ -11,7 +11,8 @@ Contract:
     * Answers carry no stop string, not even its start (streaming holds back text that may begin one), and no
       surrounding whitespace; a line break before the first word does not end the answer (small models often
       answer ``"Answer:"`` with ``"\nBartholomew Quince."``, which ``stop=["\n"]`` would otherwise cut to
-      nothing). Streaming an empty answer yields one empty response, as LlamaIndex expects.
+      nothing). Streaming an empty answer yields one empty response, as LlamaIndex expects. Chat without a template
+      (``chat_template=False``: ``\\nUser: ...\\nAssistant:``) also stops where the model begins another turn.
     * A chat message with ``additional_kwargs["memlong_text_in_memory"] = True`` (what
       :class:`~memlong_integrations.llama_index.MemLongMemoryBlock` produces) carries text that is already in
       the bank: its ids are used, its text is not encoded again. Other LLMs read its text as usual.
@@ -67,7 +68,7 @@ from llama_index.core.llms.custom import CustomLLM
 from pydantic import AliasChoices
 
 from memlong import GenerationStats, MemLong, PromptTooLongError
-from memlong.prompts import chat_prompt, role_prompt
+from memlong.prompts import ROLE_STOP, chat_prompt, role_prompt
 from memlong_integrations._answer import answer_pieces, call_max_tokens, stop_strings
 from memlong_integrations.llama_index._common import checked_memlong
 
@@ -136,9 +137,9 @@ class MemLongLLM(CustomLLM):
 
     # ------------------------------------------------------------------ core
     def _stream(self, prompt: str, chunk_ids: Sequence[str] | None, query: str | None,
-                kwargs: dict[str, Any]) -> tuple[Iterator[str], GenerationStats]:
+                kwargs: dict[str, Any], layout_stops: Sequence[str] = ()) -> tuple[Iterator[str], GenerationStats]:
         """Validate everything (ids, prompt length) eagerly, then return the text pieces (lazily) and this call's
-        own ``GenerationStats`` (filled in as the pieces are read)."""
+        own ``GenerationStats`` (filled in as the pieces are read). ``layout_stops``: the prompt layout's own."""
         if chunk_ids is not None and (isinstance(chunk_ids, str) or not all(isinstance(c, str) for c in chunk_ids)):
             raise TypeError(f"{CHUNK_IDS_KWARG} must be a list of chunk id strings, got {chunk_ids!r}.")
         unknown = sorted(k for k in kwargs if k.startswith("memlong_") or k in _CONFUSABLE)
@@ -153,6 +154,7 @@ class MemLongLLM(CustomLLM):
         except PromptTooLongError as exc:
             raise _too_long(exc) from None
         stops = stop_strings(self.stop, kwargs.get("stop"))  # applied here: the core yields text before they complete
+        stops.extend(s for s in layout_stops if s not in stops)
         return answer_pieces(pieces, stops, strip=True), pieces.stats
 
     def tokenize(self, text: str) -> list[int]:
@@ -166,8 +168,9 @@ class MemLongLLM(CustomLLM):
         return prompt
 
     def _chat_prompt(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
-                     ) -> tuple[str, list[str] | None, str | None]:
-        """Render messages to the prompt text; collect chunk ids; the last user message is the retrieval query."""
+                     ) -> tuple[str, list[str] | None, str | None, tuple[str, ...]]:
+        """Render messages to the prompt text; collect chunk ids; the last user message is the retrieval query; the
+        layout's stop strings (the role layout's next turn: small models write one, "\nUser: ..." and on)."""
         ids = kwargs.pop(CHUNK_IDS_KWARG, None)
         carried: list[str] = []
         turns = []
@@ -186,10 +189,8 @@ class MemLongLLM(CustomLLM):
         tokenizer = self._memlong.tokenizer
         pairs = [(t["role"], t["content"]) for t in turns]
         if self.chat_template and getattr(tokenizer, "chat_template", None):
-            prompt = chat_prompt(tokenizer, pairs)
-        else:
-            prompt = role_prompt(pairs)
-        return prompt, ids, query
+            return chat_prompt(tokenizer, pairs), ids, query, ()
+        return role_prompt(pairs), ids, query, ROLE_STOP
 
     # ------------------------------------------------------------------ completion
     @llm_completion_callback()
@@ -231,8 +232,8 @@ class MemLongLLM(CustomLLM):
         return self._chat(messages, **kwargs)
 
     def _chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        prompt, ids, query = self._chat_prompt(messages, kwargs)
-        pieces, stats = self._stream(prompt, ids, query, kwargs)
+        prompt, ids, query, layout_stops = self._chat_prompt(messages, kwargs)
+        pieces, stats = self._stream(prompt, ids, query, kwargs, layout_stops)
         text = "".join(pieces)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
                             additional_kwargs=dataclasses.asdict(stats))
@@ -243,8 +244,8 @@ class MemLongLLM(CustomLLM):
         return self._stream_chat(messages, **kwargs)
 
     def _stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        prompt, ids, query = self._chat_prompt(messages, kwargs)
-        pieces, stats = self._stream(prompt, ids, query, kwargs)
+        prompt, ids, query, layout_stops = self._chat_prompt(messages, kwargs)
+        pieces, stats = self._stream(prompt, ids, query, kwargs, layout_stops)
 
         def gen() -> ChatResponseGen:
             text = ""
@@ -275,8 +276,8 @@ class MemLongLLM(CustomLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        prompt, ids, query = self._chat_prompt(messages, kwargs)
-        pieces, stats = await asyncio.to_thread(self._stream, prompt, ids, query, kwargs)
+        prompt, ids, query, layout_stops = self._chat_prompt(messages, kwargs)
+        pieces, stats = await asyncio.to_thread(self._stream, prompt, ids, query, kwargs, layout_stops)
         text = "".join([piece async for piece in _aiter(pieces)])
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
                             additional_kwargs=dataclasses.asdict(stats))
