@@ -36,9 +36,10 @@ _LABEL = re.compile(rf"(?:{'|'.join(_LABELS)})[ \t]*:", re.IGNORECASE)
 _LABEL_ONLY = re.compile(rf"(?:{'|'.join(_LABELS)})\s*", re.IGNORECASE)
 
 
-def _label_end(text: str) -> int | None:
+def _label_end(text: str, final: bool = False) -> int | None:
     """Where the answer's body starts after leading whitespace and labels (``"A: The answer is:"``); ``None``
-    while the start could still turn into a label (or is only whitespace)."""
+    while the start could still turn into a label (or is only whitespace), unless ``final`` (the text is
+    complete: what is not a whole label is the body)."""
     pos = 0
     while True:
         rest = text[pos:]
@@ -49,6 +50,8 @@ def _label_end(text: str) -> int | None:
             pos += label.end()
             continue
         low = body.lower()
+        if final:
+            return pos
         if not body or _LABEL_ONLY.fullmatch(body) or any(f"{w}:".startswith(low) for w in _LABELS):
             return None
         return pos
@@ -119,8 +122,12 @@ def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bo
             if safe > sent:
                 yield text[sent:safe]
                 sent = safe
-        if strip:
-            rest = text.strip() if body is None else text[sent:].rstrip()
+        if strip and body is None:  # ended while the start could still become a label ("The answer"): settle it
+            sent = _label_end(text, final=True) or 0
+            cut = _first_stop(text, stops, sent)
+            rest = text[sent:cut if cut >= 0 else len(text)].strip()
+        elif strip:
+            rest = text[sent:].rstrip()
         else:
             rest = text[sent:]
         if rest:

@@ -517,6 +517,12 @@ def test_answer_pieces_hold_back_stops_and_whitespace():
     assert answer_text(iter(["user", ": The answer is:", " Tobias Wren."]), PLAIN_STOP, strip=True) == "Tobias Wren."
     assert answer_text(iter(["A", " cat"]), [], strip=True) == "A cat"
     assert answer_text(iter(["The answer is", " 42"]), [], strip=True) == "The answer is 42"
+    # an answer that ends while its start could still become a label: its label dropped, its stops applied (the
+    # default model streamed " the answer is:\n\nThe answer" whole, label and "\n\n" included)
+    assert answer_text(iter([" the", " answer", " is", ":", "\n", "\n", "The", " answer"]), PLAIN_STOP,
+                       strip=True) == "The answer"
+    assert answer_text(iter(["The", " answer\n\nQuestion: who?"]), PLAIN_STOP, strip=True) == "The answer"
+    assert answer_text(iter(["Answer", ":"]), PLAIN_STOP, strip=True) == ""
     closed = []
 
     def endless():
