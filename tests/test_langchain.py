@@ -726,3 +726,36 @@ def test_a_tokenizer_without_a_chat_template_answers_in_plain_by_default(tiny):
             ChatMemLong(memlong=tiny, namespace="kb", max_tokens=3, prompt_format="chat").invoke("Who keeps the key?")
     finally:
         tokenizer.chat_template = template
+
+
+def test_message_history_sessions_read_their_own_turns_and_stream(tiny):
+    """The per-session ``RunnableWithMessageHistory`` form of chat_history.py's docstring: each session's model
+    reads its own namespace (the documented form with one fixed namespace let "bob" retrieve "alice"'s turns);
+    streamed turns (``AIMessageChunk``) are stored as "Answer:" turns with role "ai" (they were stored as
+    "Aimessagechunk: ..."), and the configured model streams token by token (it answered in one piece)."""
+    from langchain_core.messages import AIMessageChunk, HumanMessageChunk
+    from langchain_core.runnables import ConfigurableField
+    from langchain_core.runnables.history import RunnableWithMessageHistory
+
+    chat = ChatMemLong(memlong=tiny, retrieve=True, max_tokens=6, prompt_format="plain", kv_answer_prefix="")
+    chain = RunnableWithMessageHistory(
+        ChatPromptTemplate.from_messages([("human", "{question}")])
+        | chat.configurable_fields(namespace=ConfigurableField(id="session_id")),
+        lambda session_id: MemLongChatMessageHistory(tiny, session_id, prefix=""),
+        input_messages_key="question", history_messages_key="history")
+    alice, bob = ({"configurable": {"session_id": f"chat:{who}"}} for who in ("alice", "bob"))
+    chain.invoke({"question": "My locker code is 4417."}, config=alice)
+    pieces = [c.content for c in chain.stream({"question": "What is my locker code?"}, config=alice)]
+    assert len([p for p in pieces if p]) == tiny.last_generation.new_tokens > 1
+    assert set(tiny.last_generation.chunk_ids) <= set(tiny.bank.chunk_ids("chat:alice"))
+    chain.invoke({"question": "What is my locker code?"}, config=bob)
+    assert not set(tiny.last_generation.chunk_ids) & set(tiny.bank.chunk_ids("chat:alice"))
+    turns = [c for c in tiny.bank.chunks("chat:alice") if c.metadata["role"] == "ai"]
+    assert len({c.doc_id for c in turns}) == 2 and all(c.text.startswith("\nAnswer: ") for c in turns)
+
+    history = MemLongChatMessageHistory(tiny, session_id="chunks")
+    streamed = [HumanMessageChunk(content="My code is 12."), AIMessageChunk(content="Noted.")]
+    history.add_messages(streamed)
+    assert [c.text for c in tiny.bank.chunks(history.namespace)] == ["\nQuestion: My code is 12.", "\nAnswer: Noted."]
+    assert [c.metadata["role"] for c in tiny.bank.chunks(history.namespace)] == ["human", "ai"]
+    assert history.messages == streamed

@@ -15,14 +15,18 @@ Example:
 
 With ``RunnableWithMessageHistory`` use the K-V-only form: the prompt holds only the question (no
 ``MessagesPlaceholder``: that would paste the past turns as text as well), the history writes each turn to the
-bank, and the model retrieves what it needs::
+bank, and the model retrieves what it needs. Each session reads its own namespace: the model's ``namespace``
+comes from the same ``session_id`` as the history's (a fixed namespace would let one session retrieve another's
+turns)::
 
+    chat = ChatMemLong(memlong=ml, retrieve=True).configurable_fields(namespace=ConfigurableField(id="session_id"))
     chain = RunnableWithMessageHistory(
-        ChatPromptTemplate.from_messages([("human", "{question}")]) | chat,   # chat: retrieve=True, as above
-        lambda session_id: history, input_messages_key="question", history_messages_key="history")
-    chain.invoke({"question": "What is my locker code?"}, config={"configurable": {"session_id": "alice"}})
+        ChatPromptTemplate.from_messages([("human", "{question}")]) | chat,
+        lambda session_id: MemLongChatMessageHistory(ml, session_id, prefix=""),  # namespace == session_id
+        input_messages_key="question", history_messages_key="history")
+    chain.invoke({"question": "What is my locker code?"}, config={"configurable": {"session_id": "chat:alice"}})
 
-One model can serve many sessions: ``chat.bind(memlong_namespace=history.namespace)`` per session.
+Without a runnable: ``chat.bind(memlong_namespace=history.namespace)`` per session.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import uuid
 from collections.abc import Sequence
 
 from langchain_core.chat_history import BaseChatMessageHistory
-from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, message_to_dict, messages_from_dict
 
 from memlong import MemLong
 from memlong.upsert import ingest_entries
@@ -41,6 +45,12 @@ __all__ = ["MemLongChatMessageHistory"]
 
 _MESSAGE_KEY = "_memlong_message"
 _ROLES = {"human": "Question", "ai": "Answer"}
+
+
+def _kind(message: BaseMessage) -> str:
+    """"human" / "ai" also for a streamed turn's chunk classes (``AIMessageChunk``'s type is "AIMessageChunk",
+    which was stored as "Aimessagechunk: ..."); other messages by their type."""
+    return "ai" if isinstance(message, AIMessage) else "human" if isinstance(message, HumanMessage) else message.type
 
 
 class MemLongChatMessageHistory(BaseChatMessageHistory):
@@ -71,17 +81,18 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Ingest the messages as K-V (one document per message, in order). Empty messages are refused."""
-        texts, metas = [], []
+        texts, roles, metas = [], [], []
         for message in messages:
             text = message.text
             if not text.strip():
                 raise ValueError(f"Cannot store an empty {message.type} message: it has no text to remember.")
-            texts.append(f"\n{_ROLES.get(message.type, message.type.capitalize())}: {text}")
+            roles.append(_kind(message))
+            texts.append(f"\n{_ROLES.get(roles[-1], roles[-1].capitalize())}: {text}")
             metas.append({_MESSAGE_KEY: message_to_dict(message)})
         if texts:  # atomic: every message or none; each message's dict stored once, on its first chunk
             ingest_entries(self.memlong, texts, namespace=self.namespace, progress=False,
-                           metadatas=[{"role": m["type"]} for m in (x[_MESSAGE_KEY] for x in metas)],
-                           entry_metadata=metas, doc_ids=[f"msg-{uuid.uuid4()}" for _ in texts])
+                           metadatas=[{"role": r} for r in roles], entry_metadata=metas,
+                           doc_ids=[f"msg-{uuid.uuid4()}" for _ in texts])
 
     async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
         """:meth:`add_messages` in a worker thread; cancelling the await stops the ingest and adds nothing."""

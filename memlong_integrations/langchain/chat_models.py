@@ -145,8 +145,10 @@ class ChatMemLong(BaseChatModel):
     """Default stop sequences (combined with the per-call ``stop``)."""
     seed: int | None = None
     """Sampling seed (``temperature > 0``)."""
-    streaming: bool = False
-    """Stream by default in ``invoke`` (tokens reach ``on_llm_new_token``)."""
+    streaming: bool | None = None
+    """``True``: stream in ``invoke`` too (tokens reach ``on_llm_new_token``); ``False``: never stream, not even in
+    ``stream()`` (LangChain's meaning of an explicit ``False``); ``None``: stream in ``stream()`` only. (A default of
+    ``False`` was explicit in the copies ``configurable_fields`` builds, so they never streamed.)"""
     retrieve: bool = False
     """With no ``memlong_chunk_ids``, retrieve ``top_k`` chunks of the namespace for the last human message.
     Off by default: used as a plain chat model (a stock LCEL chain that pastes text), it reads only its input."""
