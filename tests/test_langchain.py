@@ -553,6 +553,14 @@ def test_vector_store_filters_like_langchains_in_memory_store(tiny):
     assert store.similarity_search("gate", k=4, filter={"missing": None}) == []
     with pytest.raises(TypeError, match="filter must be"):
         store.similarity_search("gate", filter=["source"])
+    # Chroma / PGVector-style operators matched nothing, silently (a wrong answer): refused, naming the way
+    for flt in ({"n": {"$gt": 1}}, {"source": {"$in": ["b"]}}, {"$and": [{"source": "b"}]}, {"$or": []}):
+        with pytest.raises(ValueError, match=r"operator '\$.*pass a callable"):
+            store.similarity_search("gate", k=4, filter=flt)
+        with pytest.raises(ValueError, match="operator"):
+            store.as_retriever(search_kwargs={"filter": flt}).invoke("gate")
+    store.add_documents([Document("A nested gate.", metadata={"where": {"city": "x"}}, id="nested")])
+    assert [d.id for d in store.similarity_search("gate", k=4, filter={"where": {"city": "x"}})] == ["nested"]
 
 
 def test_vector_store_mmr_matches_in_memory_store(tiny):

@@ -11,7 +11,8 @@ Contract:
       ``Document`` you stored: same ``page_content``, ``metadata`` and ``id``. All of an entry's chunks reach
       :class:`ChatMemLong` as K-V through :meth:`chunk_ids` / :func:`memlong_chunk_ids_from_documents`. For
       chunk-level hits over long documents use :class:`MemLongRetriever`.
-    * Searches take ``filter=``: a dict (every key equal in the entry's metadata) or a callable over the
+    * Searches take ``filter=``: a dict (every key equal in the entry's metadata; ``$``-operators such as
+      ``{"year": {"$gt": 2004}}`` are refused, not matched against) or a callable over the
       ``Document``, as LangChain's ``InMemoryVectorStore`` (it runs while the bank is held still for the search:
       it must not change the bank, RuntimeError); ``max_marginal_relevance_search`` (and ``..._by_vector``,
       their async forms, ``as_retriever(search_type="mmr")``) pick diverse entries the same way it does.
@@ -58,11 +59,26 @@ def _filter_fn(filter: MetadataFilter | None) -> Callable[[Document], bool] | No
     if filter is None or callable(filter):
         return filter
     if isinstance(filter, Mapping):
+        operator = _operator_in(filter)
+        if operator is not None:  # a Chroma / PGVector-style filter matched nothing here, silently
+            raise ValueError(f"filter uses the operator {operator!r}: this store's dict filter matches metadata "
+                             "values exactly ({'topic': 'tower'}); for comparisons pass a callable taking a Document, "
+                             "e.g. filter=lambda doc: doc.metadata.get('year', 0) > 2004.")
         wanted = {key: _as_stored(value) for key, value in filter.items()}  # (1, 2) finds the stored [1, 2]
         missing = object()
         return lambda doc: all(doc.metadata.get(key, missing) == value for key, value in wanted.items())
     raise TypeError(f"filter must be a dict of metadata values or a callable taking a Document, got "
                     f"{type(filter).__name__}.")
+
+
+def _operator_in(filter: Mapping[str, Any]) -> str | None:  # noqa: A002
+    """The first ``$``-operator a dict filter uses (``{"$and": [...]}``, ``{"year": {"$gt": 2004}}``), or None."""
+    for key, value in filter.items():
+        if isinstance(key, str) and key.startswith("$"):
+            return key
+        if isinstance(value, Mapping) and value and all(isinstance(k, str) and k.startswith("$") for k in value):
+            return next(iter(value))
+    return None
 
 
 def _as_stored(value: Any) -> Any:
