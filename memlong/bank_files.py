@@ -164,15 +164,16 @@ class BankFiles:
                 change = prepare_commit(self, getattr(self, "_fingerprint", None))
                 name = write_bank(self.path, change.record, change.tensors, segments=self._store.entries(),
                                   expect=self._store.committed, token=token, delta=change.delta)
-                now_committed(self._store, change, name)
-                return self.path
-            except OSError as exc:
-                if change is not None and committed(self.path) == record_name(token, change.delta is not None):
-                    now_committed(self._store, change, committed(self.path))  # it failed after the commit point
-                    raise _refused(exc, f"commit the disk bank at {self.path}", "the new commit is in place, but the "
-                                   "disk could not confirm it") from None
-                raise _refused(exc, f"commit the disk bank at {self.path}", "the directory still holds the last "
-                               "commit") from None
+            except BaseException as exc:  # a disk error, or Ctrl-C, after the commit point: the commit is in
+                landed = change is not None and committed(self.path) == record_name(token, change.delta is not None)
+                if landed:  # (else every later commit was refused as "committed by another writer")
+                    now_committed(self._store, change, record_name(token, change.delta is not None))
+                if not isinstance(exc, OSError):
+                    raise
+                raise _refused(exc, f"commit the disk bank at {self.path}", "the new commit is in place, but the disk "
+                               "could not confirm it" if landed else "the directory still holds the last commit") from None
+            now_committed(self._store, change, name)
+            return self.path
 
     def compact(self, threshold: float = 0.5) -> int:
         """Reclaim disk space of deleted and evicted chunks: segments whose live share is below ``threshold`` (and
@@ -205,8 +206,7 @@ class BankFiles:
             space = self._spaces[name]
             chunks = []
             for cid in space.ids:  # index row order: the embeddings tensor lines up with this list
-                c = self._chunks[cid]
-                i, n_chunk = n_chunk, n_chunk + 1
+                c, i, n_chunk = self._chunks[cid], n_chunk, n_chunk + 1
                 if inline:  # K-V are numbered across namespaces, as the loader reads them
                     tensors += [(f"{suffix}.{i}", t) for suffix, t in c.kv.named().items()]
                 chunks.append(chunk_record(c))

@@ -276,9 +276,10 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
             if segments:
                 _fsync_dir(path)  # segments' directory entries are durable before a manifest names them
             os.replace(tmp, path / MANIFEST)  # the commit point
-        except BaseException:
-            for name in names:
-                (path / name).unlink(missing_ok=True)
+        except BaseException:  # also Ctrl-C: right after the commit point it would have deleted the new bank's files
+            if committed(path) != names[0]:
+                for name in names:
+                    (path / name).unlink(missing_ok=True)
             raise
         _fsync_dir(path)  # after the commit point: a failure here must not remove the files the manifest names
         kept = set(names) | {e["name"] for e in segments or ()}

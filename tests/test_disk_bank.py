@@ -516,6 +516,48 @@ def test_disk_full_at_save_says_the_previous_save_is_intact(tmp_path, monkeypatc
     assert digest(MemoryBank.load(tmp_path / "saved", embedder=HashEmbedder(), verify=True)) == digest(bank)
 
 
+@pytest.mark.parametrize("where", ["rename", "fsync"])
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_after_the_commit_point_keeps_the_new_bank(tmp_path, monkeypatch, where, interrupt):
+    """Review finding: Ctrl-C (or SystemExit from a SIGTERM handler) landing right after the manifest's rename, still
+    inside write_bank's cleanup handler, deleted the files the new manifest names: the bank no longer loaded (3 of
+    3 runs under random SIGINT). One landing in the fsync after it left the bank expecting its old commit, so every
+    later commit was refused as "committed by another writer"."""
+    import memlong.storage as storage
+
+    replace, fsync_dir = storage.os.replace, storage._fsync_dir
+
+    def interrupted_rename(src, dst):
+        replace(src, dst)
+        if Path(dst).name == "manifest.json":
+            raise interrupt()
+
+    def interrupted_fsync(path):
+        if not (Path(path) / "manifest.json.tmp").exists():  # the fsync after the commit point
+            raise interrupt()
+        fsync_dir(path)
+
+    disk = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "disk", dtype=torch.float32)
+    saved = MemoryBank(embedder=HashEmbedder(), dtype=torch.float32)
+    for bank in (disk, saved):
+        fill(bank, "ns", 2)
+        bank.commit() if bank is disk else bank.save(tmp_path / "saved")
+        fill(bank, "ns", 2, seed=3)
+        with monkeypatch.context() as patch:
+            if where == "rename":
+                patch.setattr(storage.os, "replace", interrupted_rename)
+            else:
+                patch.setattr(storage, "_fsync_dir", interrupted_fsync)
+            with pytest.raises(interrupt):
+                bank.commit() if bank is disk else bank.save(tmp_path / "saved")
+        folder = tmp_path / ("disk" if bank is disk else "saved")
+        assert digest(MemoryBank.load(folder, embedder=HashEmbedder(), verify=True)) == digest(bank)
+    fill(disk, "ns", 1, seed=4)
+    disk.commit()  # was: ValueError "committed by another writer"
+    assert digest(MemoryBank.load(tmp_path / "disk", embedder=HashEmbedder(), verify=True)) == digest(disk)
+    assert _only_named_files(tmp_path / "disk")
+
+
 WRITER = textwrap.dedent("""
     import sys, time, pathlib
     sys.path.insert(0, {tests!r})
