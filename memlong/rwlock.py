@@ -5,15 +5,21 @@ evictions and loads hold it alone, and only to publish (slow work happens before
 :meth:`MemoryBank.reading` can hold one state across several reads (a search and the fetch of its hits); a thread
 that holds a read cannot write (RuntimeError: it would wait for itself). Each thread's reads are counted by thread
 id under the lock's own mutex, so blocks that end out of order (generators, asyncio tasks sharing the loop's
-thread) or in another thread than they began (a generator closed elsewhere) leave the count right."""
+thread) or in another thread than they began (a generator closed elsewhere) leave the count right.
+
+:func:`dir_lock` is the same between processes sharing a bank directory: an advisory lock on ``DIR/.lock`` that
+saves and commits take alone and loads share (:mod:`memlong.storage`)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
-__all__ = ["RWLock"]
+__all__ = ["RWLock", "dir_lock"]
 
 
 class RWLock:
@@ -76,3 +82,44 @@ class RWLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+@contextlib.contextmanager
+def dir_lock(path: Path, exclusive: bool) -> Iterator[None]:
+    """Advisory flock on ``DIR/.lock`` (POSIX only; a read-only bank without a lock file is read unlocked).
+
+    The lock file is opened without following a symlink and without blocking, and must be a regular file: a
+    symlink there could make a save create a file elsewhere, a FIFO could make a load wait forever (MemoryFileError).
+    """
+    from memlong.storage import MemoryFileError  # (storage takes this lock)
+
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one writer per directory is then the caller's job
+        yield
+        return
+    lock = path / ".lock"
+    flags = (os.O_RDWR | os.O_CREAT) if exclusive else os.O_RDONLY
+    try:
+        fd = os.open(lock, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
+    except FileNotFoundError:
+        if exclusive:
+            raise
+        yield
+        return
+    except OSError:
+        if os.path.islink(lock) or (os.path.lexists(lock) and not os.path.isfile(lock)):
+            raise MemoryFileError(f"{lock} is a symbolic link or not a regular file; a memory bank's lock file must "
+                                  "be a regular file. Remove it.") from None
+        if exclusive:
+            raise
+        yield  # e.g. a read-only directory without permission to open it: read unlocked
+        return
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MemoryFileError(f"{lock} is not a regular file (a FIFO, device or directory?); a memory bank's "
+                                  "lock file must be a regular file. Remove it.")
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

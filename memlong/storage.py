@@ -36,19 +36,19 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import secrets
-import stat
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from memlong.rwlock import dir_lock
 
 __all__ = ["FORMAT", "SEGMENT_NAME", "VERSION", "MemoryFileError", "committed", "foreign_files", "is_disk_bank",
            "read_bank", "record_name", "write_bank", "write_segment"]
@@ -138,44 +138,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _locked(path: Path, exclusive: bool) -> Iterator[None]:
-    """Advisory flock on ``DIR/.lock`` (POSIX only; a read-only bank without a lock file is read unlocked).
-
-    The lock file is opened without following a symlink and without blocking, and must be a regular file: a
-    symlink there could make a save create a file elsewhere, a FIFO could make a load wait forever."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; one writer per directory is then the caller's job
-        yield
-        return
-    lock = path / ".lock"
-    flags = (os.O_RDWR | os.O_CREAT) if exclusive else os.O_RDONLY
-    try:
-        fd = os.open(lock, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
-    except FileNotFoundError:
-        if exclusive:
-            raise
-        yield
-        return
-    except OSError:
-        if os.path.islink(lock) or (os.path.lexists(lock) and not os.path.isfile(lock)):
-            raise MemoryFileError(f"{lock} is a symbolic link or not a regular file; a memory bank's lock file must "
-                                  "be a regular file. Remove it.") from None
-        if exclusive:
-            raise
-        yield  # e.g. a read-only directory without permission to open it: read unlocked
-        return
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise MemoryFileError(f"{lock} is not a regular file (a FIFO, device or directory?); a memory bank's "
-                                  "lock file must be a regular file. Remove it.")
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 def foreign_files(path: str | os.PathLike) -> list[str]:
     """Names of the files in directory ``path`` that keep a bank from being saved there: anything but a bank's own
     files (of a finished or an interrupted save), in a directory without a bank manifest; sorted."""
@@ -210,6 +172,22 @@ def committed(path: str | os.PathLike) -> str | None:
         return "?"
 
 
+def _check_target(path: Path) -> None:
+    """ValueError unless ``path`` can take a bank: a new or empty directory, or one holding only a bank's files."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Cannot save a memory bank to {path}: it is a file. Give a directory path.")
+    path.mkdir(parents=True, exist_ok=True)
+    strangers = foreign_files(path)
+    if strangers:
+        raise ValueError(f"Refusing to save a memory bank into {path}: it already holds other files "
+                         f"({', '.join(sorted(strangers)[:3])}...). Give a new or empty directory.")
+    odd = [p.name for p in path.iterdir() if (p.name == MANIFEST or _OURS.match(p.name))
+           and (p.is_symlink() or not p.is_file())]
+    if odd:  # found now, not after the commit when the old files are cleaned up
+        raise ValueError(f"Refusing to save a memory bank into {path}: {odd[0]} is not a regular file (a folder or "
+                         "link named like a bank file). Remove it, or give another directory.")
+
+
 def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequence[tuple[str, torch.Tensor]],
                segments: Sequence[dict[str, Any]] | None = None, *, expect: Any = _ANY,
                token: str | None = None, delta: dict[str, Any] | None = None) -> str:
@@ -234,18 +212,7 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
         OSError: the disk refused a write; the previous bank stays loadable and the partial files are removed.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"Cannot save a memory bank to {path}: it is a file. Give a directory path.")
-    path.mkdir(parents=True, exist_ok=True)
-    strangers = foreign_files(path)
-    if strangers:
-        raise ValueError(f"Refusing to save a memory bank into {path}: it already holds other files "
-                         f"({', '.join(sorted(strangers)[:3])}...). Give a new or empty directory.")
-    odd = [p.name for p in path.iterdir() if (p.name == MANIFEST or _OURS.match(p.name))
-           and (p.is_symlink() or not p.is_file())]
-    if odd:  # found now, not after the commit when the old files are cleaned up
-        raise ValueError(f"Refusing to save a memory bank into {path}: {odd[0]} is not a regular file (a folder or "
-                         "link named like a bank file). Remove it, or give another directory.")
+    _check_target(path)
     if delta is not None and (segments is None or expect is _ANY):
         raise ValueError("a delta is a disk bank's commit: it needs the segments and the commit it follows.")
     version = VERSION if segments is None else SEGMENT_VERSION if delta is None else JOURNAL_VERSION
@@ -253,7 +220,7 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
                       separators=(",", ":")).encode()
     token = token or secrets.token_hex(8)
     names = [record_name(token, delta is not None), f"{'delta' if delta is not None else 'tensors'}-{token}.safetensors"]
-    with _locked(path, exclusive=True):
+    with dir_lock(path, exclusive=True):
         if expect is not _ANY and committed(path) != expect:
             raise ValueError(f"The disk bank at {path} was committed by another writer (another process, or another "
                              "MemoryBank / MemLong on the same memory_path) since this bank opened it; committing "
@@ -417,7 +384,7 @@ def read_bank(path: str | os.PathLike, *, verify: bool = False
     if not path.is_dir():
         raise _fail(path, "no such directory. Save a bank there first with MemoryBank.save() / MemLong.save_memory().")
     try:
-        with _locked(path, exclusive=False):
+        with dir_lock(path, exclusive=False):
             version, files, segments, journal = _manifest(path)
             for entry in segments or ():
                 _verified(path, entry, digest=verify)
