@@ -379,11 +379,15 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--load-memory {args.load_memory!r} {what}; give a folder written by --save-memory.")
     if getattr(args, "save_memory", None):
         writable(args.save_memory, "--save-memory", folder=True)
-        from memlong.storage import foreign_files
+        from memlong.storage import check_not_disk_bank, foreign_files
 
         if foreign_files(Path(args.save_memory).expanduser()):  # the save would refuse it after the whole run
             raise ValueError(f"--save-memory {args.save_memory!r} is a folder with other files in it; give a new or "
                              "empty folder, or one written by --save-memory before (it is replaced).")
+        try:
+            check_not_disk_bank(Path(args.save_memory).expanduser())
+        except ValueError as exc:
+            raise ValueError(f"--save-memory: {exc}") from None
     if args.command in ("train", "train-reader"):
         if args.adapter:
             raise ValueError(f"memlong {args.command} starts from the base model; drop --adapter (an adapter trained on top "

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,7 +51,8 @@ import torch
 
 from memlong.rwlock import dir_lock
 
-__all__ = ["FORMAT", "SEGMENT_NAME", "VERSION", "MemoryFileError", "committed", "foreign_files", "is_disk_bank",
+__all__ = ["FORMAT", "SEGMENT_NAME", "VERSION", "MemoryFileError", "check_not_disk_bank", "committed", "foreign_files",
+           "is_disk_bank",
            "read_bank", "record_name", "write_bank", "write_segment"]
 
 FORMAT = "memlong-bank"
@@ -188,6 +190,15 @@ def _check_target(path: Path) -> None:
                          "link named like a bank file). Remove it, or give another directory.")
 
 
+def check_not_disk_bank(path: Path) -> None:
+    """ValueError where a save would replace a disk bank (and delete its segments); a corrupt bank may be replaced."""
+    with contextlib.suppress(MemoryFileError):
+        if committed(path) is not None and is_disk_bank(path):
+            raise ValueError(f"Refusing to save a memory bank into {path}: a disk bank (MemoryBank(path=...)) lives "
+                             "there; a save would replace it and delete its segments. Save to a new directory, or "
+                             "open that bank with MemoryBank.load(path) and add to it.")
+
+
 def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequence[tuple[str, torch.Tensor]],
                segments: Sequence[dict[str, Any]] | None = None, *, expect: Any = _ANY,
                token: str | None = None, delta: dict[str, Any] | None = None) -> str:
@@ -207,8 +218,8 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
     the disk fails after the commit point.
 
     Raises:
-        ValueError: ``path`` is a file, a non-empty directory that holds no memory bank (never scribbled on), or
-            (with ``expect``) a bank another writer committed to since.
+        ValueError: ``path`` is a file, a non-empty directory that holds no memory bank (never scribbled on), (a
+            save) a disk bank's, or (with ``expect``) a bank another writer committed to since.
         OSError: the disk refused a write; the previous bank stays loadable and the partial files are removed.
     """
     path = Path(path)
@@ -221,6 +232,8 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
     token = token or secrets.token_hex(8)
     names = [record_name(token, delta is not None), f"{'delta' if delta is not None else 'tensors'}-{token}.safetensors"]
     with dir_lock(path, exclusive=True):
+        if expect is _ANY and segments is None:
+            check_not_disk_bank(path)
         if expect is not _ANY and committed(path) != expect:
             raise ValueError(f"The disk bank at {path} was committed by another writer (another process, or another "
                              "MemoryBank / MemLong on the same memory_path) since this bank opened it; committing "

@@ -63,6 +63,7 @@ def assert_one_line_error(code, err, *needles):
     (["train-reader", "--output", "MISSING", "--adapter", "shakespeare"], ["--adapter", "base model"]),
     (["demo", "--load-memory", "MISSING"], ["--load-memory"]),
     (["demo", "--save-memory", "DIR"], ["--save-memory", "other files"]),  # was found after the whole ingest
+    (["demo", "--save-memory", "DISK"], ["--save-memory", "a disk bank", "lives there"]),  # was replaced, at the end
     (["eval", "ppl", "--modes", "window,everything"], ["--modes"]),
     (["eval", "icl", "--data", "MISSING"], ["does not exist"]),  # said "has extension '(none)'"
     (["eval", "ppl", "--file", "EMPTY"], ["--file", "empty"]),  # was refused after the model loaded
@@ -70,7 +71,14 @@ def assert_one_line_error(code, err, *needles):
 ])
 def test_bad_inputs_fail_in_one_line_before_any_model_loads(argv, needles, tmp_path, capsys, no_model):
     (tmp_path / "empty.txt").write_text("   \n")
-    paths = {"MISSING": str(tmp_path / "missing"), "DIR": str(tmp_path), "EMPTY": str(tmp_path / "empty.txt")}
+    paths = {"MISSING": str(tmp_path / "missing"), "DIR": str(tmp_path), "EMPTY": str(tmp_path / "empty.txt"),
+             "DISK": str(tmp_path / "disk")}
+    if "DISK" in argv:
+        from test_persistence import HashEmbedder, fill
+
+        from memlong import MemoryBank
+        fill(bank := MemoryBank(embedder=HashEmbedder(), path=tmp_path / "disk"), "ns", 2)
+        bank.commit()
     argv = [next((a.replace(k, v) for k, v in paths.items() if a.startswith(k)), a) for a in argv]
     assert_one_line_error(*run(argv, capsys), *needles)
 

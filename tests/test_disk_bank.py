@@ -558,6 +558,24 @@ def test_an_interrupt_after_the_commit_point_keeps_the_new_bank(tmp_path, monkey
     assert _only_named_files(tmp_path / "disk")
 
 
+def test_saving_into_a_disk_banks_folder_is_refused_and_harms_nothing(tmp_path):
+    """Review finding: ``other.save(dir)`` (or ``save_memory``, ``--save-memory``) over a disk bank's directory
+    replaced it and deleted its segments: 150 chunks reloaded as 3, and the writer's reopen advice found the
+    stranger's bank."""
+    disk = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "disk", dtype=torch.float32)
+    fill(disk, "ns", 6)
+    disk.commit()
+    other = MemoryBank(embedder=HashEmbedder(), dtype=torch.float32)
+    fill(other, "x", 2, seed=9)
+    with pytest.raises(ValueError, match="a disk bank .* lives there.*Save to a new directory"):
+        other.save(tmp_path / "disk")
+    assert digest(MemoryBank.load(tmp_path / "disk", embedder=HashEmbedder(), verify=True)) == digest(disk)
+    fill(disk, "ns", 1, seed=2)
+    disk.commit()  # its writer goes on
+    other.save(tmp_path / "saved")
+    other.save(tmp_path / "saved")  # a saved bank is replaced by a save, as before
+
+
 WRITER = textwrap.dedent("""
     import sys, time, pathlib
     sys.path.insert(0, {tests!r})
