@@ -792,3 +792,19 @@ def test_chat_without_template_stops_at_the_next_turn(default_memlong):
     assert answer and "User:" not in answer and "Assistant:" not in answer
     assert "".join(streamed) == answer == asyncio.run(llm.achat(turns)).message.content
     assert default_memlong.last_generation.new_tokens < 40  # stopped, not cut at the budget
+
+
+def test_misspelt_options_are_errors_not_silently_ignored(make_tiny):
+    """Review finding: ``MemLongVectorStore(ml, namespce="plays")`` wrote into the shared "default" namespace and
+    ``MemLongMemoryBlock(ml, namspace="x")`` into a random one, with no warning (namespaces are tenant boundaries);
+    ``MemLongLLM`` already refused typos."""
+    from pydantic import ValidationError
+
+    ml, _ = make_tiny()
+    for build in (lambda: MemLongVectorStore(ml, namespce="plays"), lambda: MemLongVectorStore(ml, show_progres=False),
+                  lambda: MemLongMemoryBlock(ml, namspace="x"), lambda: MemLongEmbedding.from_memlong(ml, batch=4)):
+        with pytest.raises(ValidationError, match="xtra"):
+            build()
+    assert MemLongVectorStore(ml, namespace="plays", show_progress=False).namespace == "plays"
+    assert MemLongMemoryBlock(ml, namespace="x", top_k=1).namespace == "x"
+    assert MemLongEmbedding.from_memlong(ml, embed_batch_size=4).embed_batch_size == 4

@@ -17,7 +17,7 @@ import asyncio
 from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, PrivateAttr
 
 from memlong import MemLong
 from memlong.embedder import TextEmbedder
@@ -33,6 +33,7 @@ class MemLongEmbedding(BaseEmbedding):
             (its bank's embedder, as :meth:`from_memlong`).
     """
 
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")  # a misspelt option is an error
     _embedder: TextEmbedder = PrivateAttr()
 
     def __init__(self, embedder: TextEmbedder | MemLong, **kwargs: Any) -> None:

@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.memory.memory import BaseMemoryBlock
 
 from memlong import MemLong
@@ -43,6 +43,7 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
         header: first line of the text the memory message carries for LLMs that read text.
     """
 
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")  # a misspelt option is an error
     name: str = Field(default="memlong_chat_memory", description="The name of the memory block.")
     namespace: str = Field(default_factory=lambda: f"chat-{uuid.uuid4().hex}",
                            description="Bank namespace holding the past turns (default: a new one per block, so "

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.schema import BaseNode, Document, MetadataMode
 from llama_index.core.storage.storage_context import NAMESPACE_SEP, VECTOR_STORE_FNAME
 from llama_index.core.vector_stores.types import (
@@ -143,6 +143,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
             chunk they paste, so the stock text pipeline then encodes the same tokens the K-V hold.
     """
 
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")  # a misspelt option is an error
     stores_text: bool = True
     is_embedding_query: bool = False  # the bank embeds query_str with its own embedder
     flat_metadata: bool = False
