@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
@@ -186,7 +187,7 @@ def new_cache(ml: MemLong) -> DeviceCache | None:
 
 
 def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: TextEmbedder | str | None,
-                    device: str | None, dtype: torch.dtype | str | None, adapter: str | Path | None,
+                    device: str | torch.device | None, dtype: torch.dtype | str | None, adapter: str | Path | None,
                     config: dict[str, Any]) -> MemLong:
     """The body of :meth:`MemLong.from_pretrained` (see there): resolve ``"default"``, pick device and dtype
     (CUDA + bf16 when available, else CPU + fp32), load tokenizer and model, and merge ``adapter`` with the
@@ -208,11 +209,15 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
     elif local.exists() or local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
         raise ValueError(f"Model {path!r}: no such folder. Give 'default', a Hugging Face model id ('org/name'), or a "
                          "folder with config.json and weights.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(device) if device is not None else "cuda" if torch.cuda.is_available() else "cpu"  # torch.device too
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but this torch ({torch.__version__}) sees no CUDA GPU; use device='cpu', "
+                         "or leave device out to pick one.")
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
-        check_architecture(getattr(AutoConfig.from_pretrained(path), "model_type", None))  # before the weights load
+        hf_config = AutoConfig.from_pretrained(path)
+        check_architecture(getattr(hf_config, "model_type", None))  # before the weights load
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         if local.is_dir():
@@ -220,27 +225,48 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
         raise OSError(f"Model {path!r}: there is no folder of that name in {Path.cwd()}, and as a Hugging Face model "
                       f"id it could not be loaded ({str(exc).splitlines()[0][:200]}). Check the path, or give "
                       "'default' or a model id that is in the local Hugging Face cache.") from None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=to_dtype(dtype)).to(device)
-    if adapter is None:
-        return cls(model, tokenizer, MemLongConfig(**config), embedder=embedder)
-    from memlong.adapter import ADAPTER_CONFIG_FIELDS, load_adapter, read_adapter_config
+    meta, settings = None, _checked_options(config)
+    if adapter is not None:
+        from memlong.adapter import ADAPTER_CONFIG_FIELDS, read_adapter_config
 
-    meta = read_adapter_config(adapter)
-    layers, name = meta.get("layers") or [], (meta.get("base_model") or {}).get("name", "another model")
-    if layers and max(layers) >= model.config.num_hidden_layers:  # before its config is read against this model
-        raise ValueError(f"Adapter {str(adapter)!r} was trained on {name!r} (layers up to {max(layers)}); this model "
-                         f"({path}) has {model.config.num_hidden_layers} layers. Load it on the model it was trained on.")
-    trained = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["memlong_config"].items()
-               if k in ADAPTER_CONFIG_FIELDS}
-    ml = cls(model, tokenizer, MemLongConfig(**{**trained, **config}), embedder=embedder)
+        meta = read_adapter_config(adapter)
+        layers, name = meta.get("layers") or [], (meta.get("base_model") or {}).get("name", "another model")
+        if layers and max(layers) >= hf_config.num_hidden_layers:  # before its config is read against this model
+            raise ValueError(f"Adapter {str(adapter)!r} was trained on {name!r} (layers up to {max(layers)}); this "
+                             f"model ({path}) has {hf_config.num_hidden_layers} layers. Load it on the model it was "
+                             "trained on.")
+        trained = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["memlong_config"].items()
+                   if k in ADAPTER_CONFIG_FIELDS}
+        settings = {**trained, **settings}
+    MemLongConfig(**settings).resolve(hf_config.num_hidden_layers)  # every option checked before the weights load
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=to_dtype(dtype)).to(device)
+    ml = cls(model, tokenizer, MemLongConfig(**settings), embedder=embedder)
+    if meta is None:
+        return ml
     if meta["method"] == "reader":  # LoRA kept apart, active when memory is read
         from memlong.reader import attach_reader
 
         attach_reader(ml, adapter)
         return ml
+    from memlong.adapter import load_adapter
+
     load_adapter(model, adapter)
     ml.weights_changed()
     return ml
+
+
+def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` unless one is not a :class:`MemLongConfig` field (TypeError naming the closest fields)."""
+    import difflib
+
+    fields = [f.name for f in dataclasses.fields(MemLongConfig)]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        hints = {u: difflib.get_close_matches(u, fields, n=1) for u in unknown}
+        near = "; ".join(f"{u!r}: did you mean {h[0]!r}?" for u, h in hints.items() if h)
+        raise TypeError(f"Unknown MemLong option(s) {unknown}{f' ({near})' if near else ''}. The options are "
+                        "MemLongConfig's fields (memlong.MemLongConfig); nothing was loaded.")
+    return dict(options)
 
 
 def memory_fingerprint(ml: MemLong) -> dict[str, Any]:

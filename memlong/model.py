@@ -117,11 +117,11 @@ class MemLong:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "default", *, embedder: TextEmbedder | str | None = None,
-                        device: str | None = None, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
                         adapter: str | Path | None = None, **config: Any) -> MemLong:
         """Load ``"default"`` (embedded SmolLM2-135M-Instruct), any HF model id, or a local path.
 
-        Extra keywords are :class:`MemLongConfig` fields, e.g. ``top_k=4, local_window=1024``.
+        Extra keywords are :class:`MemLongConfig` fields (``top_k=4, local_window=1024``), checked before the load.
         ``adapter``: a folder written by ``memlong train`` (:mod:`memlong.adapter`); its trained upper-layer
         weights are merged in and the config fields it was trained with (kv_source, position_layout, ...)
         become the defaults, which keywords still override.

@@ -201,6 +201,34 @@ def test_an_adapter_of_another_model_is_named_as_such(tiny_hf, tokenizer, tmp_pa
         MemLong.from_pretrained(str(tmp_path / "tiny"), adapter="shakespeare")
 
 
+def test_from_pretrained_checks_every_option_before_the_weights_load(tiny_hf, tokenizer, tmp_path, monkeypatch):
+    """Review finding: ``topk=4``, ``top_k=-1``, a missing adapter and ``device="cuda"`` without CUDA were found after
+    the weights loaded (seconds here, minutes for a 7B model; the CLI said "every input is checked before a model
+    loads"); ``device=torch.device("cpu")`` failed after the load with AttributeError 'startswith'."""
+    import transformers
+
+    from memlong import MemLong
+
+    tiny_hf.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    path, load = str(tmp_path / "tiny"), transformers.AutoModelForCausalLM.from_pretrained
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights loaded before the options were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    for options, error, message in [({"topk": 4}, TypeError, "'topk': did you mean 'top_k'"),
+                                    ({"top_k": -1}, ValueError, "top_k"),
+                                    ({"local_window": 8}, ValueError, "local_window"),
+                                    ({"adapter": str(tmp_path / "missing")}, Exception, "missing"),
+                                    *([({"device": "cuda"}, ValueError, "sees no CUDA GPU")]
+                                      if not torch.cuda.is_available() else [])]:
+        with pytest.raises(error, match=message):
+            MemLong.from_pretrained(path, **options)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load)
+    assert MemLong.from_pretrained(path, device=torch.device("cpu"), chunk_size=16, local_window=64).device.type == "cpu"
+
+
 def test_default_document_ids_do_not_depend_on_the_clock(make_tiny, monkeypatch):
     """Review finding: default doc ids were ``doc-{time.time_ns()}``; on a coarse clock (Windows) two documents got
     one id, and ``delete(doc_id=...)`` of one removed both."""
