@@ -76,20 +76,18 @@ def _chosen(path: Path, loaded: dict[str, Any], namespaces: Sequence[str] | None
 
 
 def _check_loaded_config(path: Any, config: dict[str, Any], kwargs: dict[str, Any], name: Any) -> None:
-    """MemoryFileError unless a saved config (with load()'s options in ``kwargs``) makes a valid bank; the fields
-    load() can override (capacity, evict_oldest, keep_newest, max_bytes) are named as such."""
+    """MemoryFileError unless a saved config (with load()'s options in ``kwargs``) makes a valid bank."""
     try:
         if not isinstance(kwargs["dtype"], torch.dtype):
             raise ValueError(f"unknown dtype {name!r}")
         check_quantization(kwargs["quantization"])
-    except ValueError as exc:
-        raise MemoryFileError(f"Cannot load the memory bank at {path}: its config {str(config)[:300]} is invalid ({exc})."
-                              ) from None
-    try:
         check_bank_config(kwargs["capacity"], kwargs["evict_oldest"], kwargs["keep_newest"], kwargs["max_bytes"])
     except ValueError as exc:
-        raise MemoryFileError(f"Cannot load the memory bank at {path}: its config {str(config)[:300]} is invalid "
-                              f"({exc}). Pass valid values to load() (e.g. keep_newest=0.1) to override.") from None
+        raise MemoryFileError(f"Cannot load the memory bank at {path}: its config {str(config)[:300]} is invalid ({exc})"
+                              f". load() can override {', '.join(_OVERRIDES)} (e.g. keep_newest=0.1).") from None
+
+
+_OVERRIDES = {"capacity": 1, "evict_oldest": 0.0, "keep_newest": 0.0, "max_bytes": None}  # (values that pass)
 
 
 class BankFiles:
@@ -365,11 +363,12 @@ _SUFFIXES = ("k", "v", "ks", "km", "vs", "vm")
 def _load(cls: type[MemoryBank], path: str | os.PathLike, embedder: TextEmbedder, namespaces: Sequence[str] | None,
           fingerprint: dict[str, Any] | None, verify: bool, options: dict[str, Any]) -> MemoryBank:
     """The body of :meth:`BankFiles.load` (one attempt)."""
+    check_bank_config(**{**_OVERRIDES, **{k: v for k, v in options.items() if k in _OVERRIDES}})  # the caller's own
     record, tensors, segments, commit = read_bank(path, verify=verify)
     config = record.get("config")
     if not isinstance(config, dict):
         raise MemoryFileError(f"Cannot load the memory bank at {path}: its config is missing.")
-    kwargs: dict[str, Any] = {k: config.get(k) for k in ("capacity", "evict_oldest", "keep_newest", "max_bytes")}
+    kwargs: dict[str, Any] = {k: config.get(k) for k in _OVERRIDES}
     name = config.get("dtype")
     kwargs["dtype"] = {v: k for k, v in DTYPE_NAMES.items()}.get(name) if isinstance(name, str) else None
     stored = {"quantization": config.get("quantization", "none"), "dtype": kwargs["dtype"]}

@@ -13,12 +13,13 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import numbers
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Embedder", "TextEmbedder", "default_embedder_path"]
+__all__ = ["Embedder", "TextEmbedder", "check_embedder", "default_embedder_path"]
 
 
 @runtime_checkable
@@ -29,6 +30,17 @@ class TextEmbedder(Protocol):
 
     def encode(self, texts: list[str]) -> np.ndarray:  # (N, dim) float32, rows L2-normalised
         ...
+
+
+def check_embedder(embedder: Any) -> TextEmbedder:
+    """``embedder`` if it is a :class:`TextEmbedder` (TypeError naming the fix otherwise: a model name, given
+    where ``MemLong.from_pretrained(embedder=...)`` takes one, was stored and failed at the first search)."""
+    if not callable(getattr(embedder, "encode", None)) or isinstance(embedder, (str, bytes)) \
+            or not isinstance(getattr(embedder, "dim", None), numbers.Integral):
+        raise TypeError(f"embedder must be a text embedder (an object with an int dim and encode(texts) -> unit "
+                        f"rows), got {type(embedder).__name__} {str(embedder)[:60]!r}; for a sentence-transformers "
+                        "model by name or path use memlong.Embedder(name).")
+    return embedder
 
 
 def default_embedder_path() -> Path:

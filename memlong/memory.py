@@ -62,7 +62,8 @@ import torch
 from memlong.bank_files import DTYPE_NAMES, BankFiles
 from memlong.bank_views import BankViews
 from memlong.bank_writes import BankWrites, is_staging
-from memlong.embedder import TextEmbedder
+from memlong.dtypes import to_dtype
+from memlong.embedder import TextEmbedder, check_embedder
 from memlong.eviction import MemoryEvictionWarning, MemoryFullError, warn_evicted
 from memlong.kv_payload import Quantization, check_quantization
 from memlong.kv_store import new_store
@@ -136,7 +137,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
     """
 
     def __init__(self, *, embedder: TextEmbedder, capacity: int = 32_768, evict_oldest: float = 0.10,
-                 keep_newest: float = 0.10, dtype: torch.dtype = torch.float16,
+                 keep_newest: float = 0.10, dtype: torch.dtype | str = torch.float16,
                  device: str | torch.device = "cpu", use_gpu_index: bool | None = None,
                  max_bytes: int | None = None, pin_memory: bool = False, search_mode: SearchMode = "dense",
                  quantization: Quantization = "none", path: str | os.PathLike | None = None,
@@ -144,9 +145,9 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         check_bank_config(capacity, evict_oldest, keep_newest, max_bytes)
         self.quantization = check_quantization(quantization)
         self.ann_min_chunks = check_ann_min(ann_min_chunks)
+        self.embedder, dtype = check_embedder(embedder), to_dtype(dtype)  # a dtype's name too
         if dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES.values())}, got {dtype!r}.")
-        self.embedder = embedder
         self.capacity = int(capacity)
         self.evict_oldest = float(evict_oldest)
         self.keep_newest = float(keep_newest)

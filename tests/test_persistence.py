@@ -461,9 +461,27 @@ def test_a_saved_config_that_is_refused_says_how_to_override(tmp_path):
     record = json.loads(record_file.read_text())
     record["config"].update(evict_oldest=0.9, keep_newest=0.5)
     rewrite_saved(tmp_path / "bank", 0, json.dumps(record).encode())
-    with pytest.raises(MemoryFileError, match=r"0\.9 \+ 0\.5.*Pass valid values to load\(\) \(e\.g\. keep_newest"):
+    with pytest.raises(MemoryFileError, match=r"0\.9 \+ 0\.5.*load\(\) can override capacity, .* \(e\.g\. keep_newest"):
         MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())
     assert MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder(), keep_newest=0.1).keep_newest == 0.1
+    # a bad override is the caller's error, not the file's (it said "its config ... is invalid (... got -1)")
+    for bad, message in (({"capacity": -1}, "capacity must be a positive integer"), ({"keep_newest": 2}, "keep_newest")):
+        with pytest.raises(ValueError, match=message) as caught:
+            MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder(), **bad)
+        assert not isinstance(caught.value, MemoryFileError)
+
+
+def test_a_bank_refuses_an_embedder_that_is_not_one_and_takes_a_dtypes_name():
+    """API review: ``MemoryBank(embedder="all-MiniLM")`` was stored and failed at the first search with "encode()
+    argument 'encoding' must be str, not list"; ``dtype="float16"`` said "dtype must be one of [..., 'float16', ...],
+    got 'float16'"."""
+    for wrong in ("all-MiniLM", None, object()):
+        with pytest.raises(TypeError, match="embedder must be a text embedder.*memlong.Embedder"):
+            MemoryBank(embedder=wrong)
+    assert MemoryBank(embedder=HashEmbedder(), dtype="bfloat16").dtype == torch.bfloat16
+    for bad in ("float17", torch.int8):
+        with pytest.raises(ValueError, match="dtype"):
+            MemoryBank(embedder=HashEmbedder(), dtype=bad)
 
 
 def test_k_v_that_overflow_the_loading_banks_dtype_are_refused(tmp_path):
