@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+from collections.abc import Sequence
 
 from memlong.bank_writes import is_staging
 from memlong.records import Chunk, as_list, check_count, check_namespace
@@ -49,7 +50,7 @@ class BankViews:
             with self._count_lock:  # a consistent retrieval counter
                 return chunk.copy()
 
-    def stored(self, chunk_ids: list[str], *, namespace: str = "default") -> list[str]:
+    def stored(self, chunk_ids: Sequence[str], *, namespace: str = "default") -> list[str]:
         """Those of ``chunk_ids`` that ``namespace`` holds (in the order given): one read, no sorting.
 
         Example:
@@ -95,7 +96,7 @@ class BankViews:
                 docs.setdefault(chunk.doc_id, []).append(chunk.id)
         return docs
 
-    def following(self, chunk_ids: list[str], *, namespace: str = "default", n: int = 1) -> list[str]:
+    def following(self, chunk_ids: Sequence[str], *, namespace: str = "default", n: int = 1) -> list[str]:
         """``chunk_ids`` with, after each, up to ``n`` chunks that continue it in its document (the next chunk of its
         ``doc_id`` stored after it, when its span starts where the previous one ends), without repeats;
         :class:`UnknownChunkError` for an unknown id.

@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 __all__ = ["ICL_DEFAULTS", "MEMORY_DTYPES", "PACKAGED_ADAPTERS", "RETRIEVALS", "SEARCH_MODES", "STORAGES",
-           "SearchMode"]
+           "MemoryDtype", "SearchMode"]
 
 SearchMode = Literal["dense", "lexical", "hybrid"]
 SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
-MEMORY_DTYPES = ("bfloat16", "float16", "float32")
+MemoryDtype = Literal["bfloat16", "float16", "float32"]
+MEMORY_DTYPES: tuple[str, ...] = get_args(MemoryDtype)
 # How the ICL benchmark stores memory demonstrations and picks them per test sentence (memlong.icl_memory).
 STORAGES = ("demo", "aligned", "stream")
 RETRIEVALS = ("similar", "balanced")

@@ -20,13 +20,13 @@ import dataclasses
 import math
 import numbers
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from memlong.choices import MEMORY_DTYPES, SEARCH_MODES, SearchMode
+from memlong.choices import MEMORY_DTYPES, SEARCH_MODES, MemoryDtype, SearchMode
 
 if TYPE_CHECKING:  # torch is imported when a dtype is asked for: the CLI parses its flags without it
     import torch
@@ -147,7 +147,7 @@ class MemLongConfig:
 
     chunk_size: int = 128
     memory_layer: int | None = None
-    retrieval_layers: tuple[int, ...] | Literal["upper", "all"] | None = None
+    retrieval_layers: Sequence[int] | Literal["upper", "all"] | None = None  # a tuple once resolved
     kv_source: KVSource = "per_layer"
     position_layout: PositionLayout = "continual"
     top_k: int = 8
@@ -159,12 +159,12 @@ class MemLongConfig:
     memory_max_bytes: int | None = None
     evict_oldest: float = 0.10
     keep_newest: float = 0.10
-    memory_dtype: str = "float16"
+    memory_dtype: MemoryDtype = "float16"
     memory_device: Literal["auto", "cpu", "pinned", "model"] = "auto"
     memory_cache_bytes: int | None = None
     # -- storage tier (issue 20): one block
     memory_quantization: Literal["none", "int8"] = "none"
-    memory_path: str | None = None
+    memory_path: str | os.PathLike[str] | None = None
     memory_ann_chunks: int | None = None
     # --
     attention_backend: AttentionBackend = "auto"
@@ -217,10 +217,12 @@ class MemLongConfig:
         """Index into the stored K-V that retrieval layer ``layer`` reads."""
         return 0 if self.kv_source == "memory_layer" else self.source_layers.index(layer)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if isinstance(data["retrieval_layers"], tuple):
-            data["retrieval_layers"] = list(data["retrieval_layers"])
+        if isinstance(data["retrieval_layers"], Sequence) and not isinstance(data["retrieval_layers"], str):
+            data["retrieval_layers"] = [int(i) for i in data["retrieval_layers"]]
+        if data["memory_path"] is not None:  # JSON (an adapter's config), also from a Path
+            data["memory_path"] = os.fspath(data["memory_path"])
         return data
 
     # --------------------------------------------------------------- validation

@@ -275,7 +275,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
                         del self._sizes[cid]
 
     # ------------------------------------------------------------------ reading
-    def search(self, query: str | np.ndarray, *, namespace: str = "default", k: int = 8,
+    def search(self, query: str | np.ndarray | torch.Tensor | Sequence[float], *, namespace: str = "default", k: int = 8,
                exclude: Iterable[str] = (), count: bool = True, mode: SearchMode | None = None) -> list[SearchHit]:
         """Top-``k`` chunks of ``namespace`` for the query (text, or a vector for dense search).
 

@@ -53,9 +53,11 @@ def test_invalid_configs_name_the_problem(kwargs, message):
 
 
 def test_config_accepts_the_eviction_shares_the_bank_accepts():
+    from test_persistence import HashEmbedder
+
     from memlong import MemoryBank
 
-    MemoryBank(embedder=None, evict_oldest=0.5, keep_newest=0.5)
+    MemoryBank(embedder=HashEmbedder(), evict_oldest=0.5, keep_newest=0.5)
     MemLongConfig(evict_oldest=0.5, keep_newest=0.5).resolve(26)  # was refused by the config only
 
 
@@ -157,3 +159,15 @@ def test_numpy_scalars_are_plain_numbers_in_the_resolved_config():
     assert (cfg.top_k, cfg.chunk_size, cfg.local_window) == (4, 64, 512) and type(cfg.top_k) is int
     assert type(cfg.kv_refresh) is float and cfg.attention_sink is True
     json.dumps(cfg.to_dict())
+
+
+def test_a_path_and_a_list_of_layers_are_saved_as_json(tmp_path):
+    """API review: ``memory_path=Path(...)`` was accepted but ``to_dict()`` (written into adapter.json at the end of
+    training) was not JSON; a list of retrieval layers (as the docs write it) stays a list of ints."""
+    import json
+    from pathlib import Path
+
+    cfg = MemLongConfig(memory_path=Path(tmp_path / "bank"), retrieval_layers=[3, 1, 2])
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["memory_path"] == str(tmp_path / "bank") and data["retrieval_layers"] == [3, 1, 2]
+    assert json.loads(json.dumps(cfg.resolve(4).to_dict()))["retrieval_layers"] == [1, 2, 3]

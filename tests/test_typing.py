@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from typing_extensions import assert_type
 
-from memlong import MemLong, MemoryBank
+from pathlib import Path
+
+from memlong import MemLong, MemLongConfig, MemoryBank
 from memlong.generation import Generation, GenerationStats
 from memlong.memory import SearchHit
 
@@ -44,6 +46,13 @@ def hits(bank: MemoryBank, question: str) -> list[str]:
     found = bank.search(question, namespace="hamlet", k=4)
     assert_type(found, list[SearchHit])
     return [h.chunk_id for h in found]
+
+
+def documented_calls(bank: MemoryBank, vector: list[float]) -> list[str]:  # (API review: each failed --strict)
+    MemLongConfig(retrieval_layers=[0, 1, 2], memory_path=Path("corpus.bank"), memory_dtype="bfloat16")
+    found = bank.search(vector, namespace="hamlet", k=2, mode="dense")
+    ids = tuple(h.chunk_id for h in found)
+    return bank.following(ids, namespace="hamlet") + bank.stored(ids, namespace="hamlet")
 '''
 
 MISTAKES = {  # a line a type checker must refuse -> what its message names
@@ -51,6 +60,7 @@ MISTAKES = {  # a line a type checker must refuse -> what its message names
     'ml.generate("q", max_new_tokens="8")': "No overload variant",
     'n: int = ml.generate("q")': "str",
     'ml.generate("q", stream=True).upper()': "upper",
+    'MemLongConfig(memory_dtype="float17")': "memory_dtype",
 }
 
 
@@ -67,8 +77,8 @@ def test_packages_ship_py_typed() -> None:
 def test_user_code_type_checks(tmp_path: Path) -> None:
     (tmp_path / "client.py").write_text(textwrap.dedent(CLIENT), encoding="utf-8")
     body = "".join(f"    {line}\n" for line in MISTAKES)
-    (tmp_path / "mistakes.py").write_text(f"from memlong import MemLong\n\n\ndef f(ml: MemLong) -> None:\n{body}",
-                                          encoding="utf-8")
+    head = "from memlong import MemLong, MemLongConfig\n\n\ndef f(ml: MemLong) -> None:\n"
+    (tmp_path / "mistakes.py").write_text(head + body, encoding="utf-8")
     examples = sorted(str(p) for p in (ROOT / "examples").glob("*.py"))
     assert examples
     env = {**os.environ, "MYPYPATH": str(ROOT)}  # the source tree, as an installed package would be seen
