@@ -56,6 +56,7 @@ class BankViews:
         Example:
             >>> bank.stored(stats.chunk_ids, namespace="docs")       # what an ingest wrote and is still there
         """
+        check_namespace(namespace)  # None or 5 found nothing, silently
         with self._lock.read():
             return [c for c in as_list(chunk_ids, "chunk_ids") if (chunk := self._chunks.get(c)) is not None
                     and chunk.namespace == namespace]
@@ -141,12 +142,12 @@ class BankViews:
     def num_tokens(self, namespace: str | None = None) -> int:
         """Tokens stored in ``namespace``, or in the whole bank (what ``capacity`` bounds per namespace)."""
         with self._lock.read():
-            spaces = self._visible().values() if namespace is None else [self._spaces.get(namespace)]
+            spaces = self._visible().values() if namespace is None else [self._spaces.get(check_namespace(namespace))]
             return sum(s.tokens for s in spaces if s is not None)
 
     def nbytes(self, namespace: str | None = None) -> int:
         """Bytes of stored K-V, embeddings, texts and metadata in one namespace or all (what ``max_bytes``
         bounds)."""
         with self._lock.read():
-            spaces = self._visible().values() if namespace is None else [self._spaces.get(namespace)]
+            spaces = self._visible().values() if namespace is None else [self._spaces.get(check_namespace(namespace))]
             return sum(s.nbytes for s in spaces if s is not None)

@@ -69,13 +69,18 @@ class GenerateOptions(TypedDict, total=False):
     stop: str | Sequence[str]
 
 
-@dataclass
+@dataclass(repr=False)
 class RunOutput:
     """What one :meth:`MemLong.run` computed."""
 
     logits: torch.Tensor | None  # (1, T', V) float32 for the positions selected by logits_for; None if none
     kv: KV | None  # with capture: the new tokens' pre-RoPE K-V per layer, (1, Hkv, T, D) each
     next_position: int  # the position a token after these would take
+
+    def __repr__(self) -> str:  # shapes, not values (the dataclass repr printed every layer's K-V: 347,000 characters)
+        kv = "None" if not self.kv else f"{len(self.kv)} layers of {tuple(next(iter(self.kv.values()))[0].shape)}"
+        logits = None if self.logits is None else tuple(self.logits.shape)
+        return f"RunOutput(logits={logits}, kv={kv}, next_position={self.next_position})"
 
 
 class MemLong:
@@ -298,8 +303,8 @@ class MemLong:
     def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None, namespace: str = "default",
                 chunk_ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """One segment (``(1, T)``, ``T <= local_window``) with retrieved memory; differentiable. ``labels``
-        (``(1, T)``, -100 = ignore) are shifted inside, as in transformers; returns ``{"logits", "loss"}``. Which
-        memory (``chunk_ids``, else retrieved): :func:`memlong.generation.segment_forward`."""
+        (``(1, T)``, -100 = ignore) are shifted inside, as in transformers; returns ``{"logits"}`` (``"loss"`` too
+        with ``labels``). Which memory (``chunk_ids``, else retrieved): :func:`memlong.generation.segment_forward`."""
         return generation.segment_forward(self, input_ids, labels=labels, namespace=namespace, chunk_ids=chunk_ids)
 
     def score(self, ids: Sequence[int], target: Sequence[int], memory: Memory | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ Contract:
 Example:
     >>> index = Lexical(); index.add(["a1", "a2"], ["the iron key", "a wooden door"])
     >>> index.top("iron key", want=1, skip=set())
-    [('a1', 1.2...)]
+    [('a1', 1.386...)]
 """
 
 from __future__ import annotations

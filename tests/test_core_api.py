@@ -348,3 +348,23 @@ def test_score_refresh_and_save_take_what_run_takes_or_say_what_is_wrong(make_ti
         ml.refresh(None, [], "default", share=0.5)
     with pytest.raises(TypeError, match="path must be a directory path"):
         ml.save_memory(None)
+
+
+def test_namespace_none_is_refused_everywhere_and_run_output_repr_is_short(make_tiny):
+    """API review: ``memory_for(ids, None)`` said "not in namespace None", ``stored(ids, namespace=None)`` returned
+    [] and ``num_tokens(5)`` 0 (a wrong answer, not an error); ``repr(RunOutput)`` printed every layer's K-V
+    (347,000 characters in a notebook); the search module's doctest expected another score."""
+    import doctest
+
+    import memlong.search
+
+    ml, _ = make_tiny(chunk_size=16, local_window=64)
+    ids = ml.ingest(TEXT[:300], namespace="d", progress=False).chunk_ids
+    for call in (lambda: ml.memory_for(ids, None), lambda: ml.bank.stored(ids, namespace=None),
+                 lambda: ml.bank.num_tokens(5), lambda: ml.bank.nbytes(""), lambda: ml.memory_for([], None)):
+        with pytest.raises(ValueError, match="namespace must be a non-empty string"):
+            call()
+    assert ml.bank.num_tokens("d") > 0 and ml.bank.stored(ids, namespace="d") == ids
+    out = ml.run(ml.tokenize("a b c"), memory=ml.memory_for(ids[:1], "d"), capture=True, logits_for=None)
+    assert len(repr(out)) < 200 and "layers of (1, " in repr(out)
+    assert doctest.testmod(memlong.search, optionflags=doctest.ELLIPSIS).failed == 0
