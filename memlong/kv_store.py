@@ -45,7 +45,7 @@ import torch
 
 from memlong.bank_writes import is_staging
 from memlong.kv_payload import KVPayload, Quantization, encode, payload_from
-from memlong.storage import SEGMENT_NAME, MemoryFileError, write_segment
+from memlong.storage import SEGMENT_NAME, MemoryFileError, committed, write_segment
 
 if TYPE_CHECKING:
     from memlong.records import Chunk
@@ -249,7 +249,14 @@ class DiskKVStore(KVStore):
         ``segment_bytes``: a document per commit) once there are ``MERGE_SMALL`` of those. Each mapped segment holds
         a file descriptor: a commit per message would otherwise exhaust them after about a thousand commits. Small
         segments may be merged again while their merge stays small; a merge of mid-sized ones is at least four
-        times ``segment_bytes`` and is never merged again, so each of their bytes is rewritten once."""
+        times ``segment_bytes`` and is never merged again, so each of their bytes is rewritten once.
+
+        ValueError when the bank's directory is gone since it was opened (a segment written now would fail with a
+        FileNotFoundError that said the directory still held the last commit)."""
+        if self.committed is not None and committed(self.path) is None:
+            raise ValueError(f"The disk bank at {self.path} is gone: its directory or manifest was deleted or moved "
+                             "since this bank opened it. Nothing was written; to keep what this bank holds, save it "
+                             "to another directory with save(path) while this process still has it open.")
         small = self._small()
         if len(small) + bool(self.pending) >= MERGE_SMALL:
             self._rewrite(small)

@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import numbers
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -136,6 +137,9 @@ def as_list(value: Any, what: str) -> list[Any]:
     if isinstance(value, (str, bytes, bytearray)):
         raise TypeError(f"{what} takes a list, got one {type(value).__name__} {value[:60]!r}: pass a list, e.g. "
                         f"{what}=[{value[:60]!r}].")
+    if isinstance(value, os.PathLike):  # ingest(Path("doc.txt")): its text was meant
+        raise TypeError(f"{what} takes text or a list, got the path {str(value)[:80]!r}: read the file first, e.g. "
+                        "Path(p).read_text().")
     if isinstance(value, Mapping) or not isinstance(value, Iterable):
         raise TypeError(f"{what} takes a list, got {type(value).__name__} {str(value)[:60]!r}: pass a list.")
     return [str(v) if isinstance(v, np.str_) else v for v in value]

@@ -395,7 +395,8 @@ def read_bank(path: str | os.PathLike, *, verify: bool = False
 
     path = Path(path)
     if not path.is_dir():
-        raise _fail(path, "no such directory. Save a bank there first with MemoryBank.save() / MemLong.save_memory().")
+        raise _fail(path, ("it is a file, not a bank's directory" if path.exists() else "no such directory") +
+                    ". Save a bank there first with MemoryBank.save() / MemLong.save_memory().")
     try:
         with dir_lock(path, exclusive=False):
             version, files, segments, journal = _manifest(path)

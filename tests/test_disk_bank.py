@@ -674,3 +674,25 @@ def test_a_crafted_segment_header_is_refused_as_corrupted(tmp_path, change, mess
                  lambda: MemoryBank(embedder=HashEmbedder(), dtype=torch.float32).restore(tmp_path / "b")):
         with pytest.raises(MemoryFileError, match=message):
             load()
+
+
+def test_messages_for_a_deleted_bank_a_file_and_a_path_say_what_happened(tmp_path, make_tiny):
+    """API review: a commit after the disk bank's directory was deleted blamed "another writer"; loading a file said
+    "no such directory"; ``ingest(Path("doc.txt"))`` said "pass a list" (its text was meant)."""
+    import shutil
+
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fill(bank, "ns", 3)
+    bank.commit()
+    shutil.rmtree(tmp_path / "b")
+    fill(bank, "ns", 1, seed=2)
+    with pytest.raises(ValueError, match="is gone: its directory or manifest was deleted or moved"):
+        bank.commit()
+    bank.save(tmp_path / "kept")  # what the message advises: the open maps still hold the K-V
+    assert digest(MemoryBank.load(tmp_path / "kept", embedder=HashEmbedder(), verify=True)) == digest(bank)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MemoryFileError, match="it is a file, not a bank's directory"):
+        MemoryBank.load(tmp_path / "file", embedder=HashEmbedder())
+    ml, _ = make_tiny()
+    with pytest.raises(TypeError, match="got the path .*read the file first"):
+        ml.ingest(tmp_path / "file", namespace="d", progress=False)
