@@ -344,6 +344,13 @@ def test_memlong_on_a_disk_bank_is_exact_and_reopens(make_tiny, tmp_path):
         make_tiny(memory_path=str(tmp_path / "d"), memory_quantization="int8", **options)
     with pytest.raises(MemoryMismatchError, match="different model or config"):
         make_tiny(memory_path=str(tmp_path / "d"), chunk_size=64, **options)
+    # matrix review: a smaller memory_capacity (the default 32,768 on a bank filled with more) evicted on open, with
+    # a warning that the namespace "outgrew" it, and the next commit deleted the chunks from the disk for good
+    tokens = disk.bank.num_tokens("doc")
+    with pytest.raises(MemoryMismatchError, match=f"memory_capacity={tokens // 2} .*would evict.*Nothing was changed"):
+        make_tiny(memory_path=str(tmp_path / "d"), memory_capacity=tokens // 2, **options)
+    again, _ = make_tiny(memory_path=str(tmp_path / "d"), memory_capacity=tokens, **options)
+    assert again.bank.chunk_ids("doc") == ids
 
 
 def test_memory_path_on_a_saved_bank_is_refused_with_the_way_to_move_it(make_tiny, tmp_path):
