@@ -121,7 +121,7 @@ class Stream:
 
     def step(self, tokens: Sequence[int], *, k: int | None = None, logits: bool = False,
              span: tuple[int, int] | None = None) -> torch.Tensor | None:
-        """Process one step: retrieve ``k`` chunks (default ``ingest_top_k``), run, write its chunks, slide the cache.
+        """Process one step: retrieve ``k`` chunks (``ingest_top_k``; isolated: 0), run, write its chunks, slide the cache.
 
         Args:
             tokens: the step's token ids (at most ``step_size``).
@@ -134,7 +134,7 @@ class Stream:
         if span is None and len(tokens) > self.step_size:  # the cache keeps window - step_size: more overflows it
             raise ValueError(f"A step of {len(tokens)} tokens is longer than this stream's step_size "
                              f"({self.step_size}); split it, or open the stream with a larger step_size.")
-        k = cfg.ingest_k if k is None else check_count(k, "k")  # -1 meant 0
+        k = (0 if self.isolated else cfg.ingest_k) if k is None else check_count(k, "k")  # isolated: the chunk alone
         if k > 0 and self.pending:  # batched chunks first: retrievable now, and stored in document order
             self.flush()
         with ml.bank.reading():  # what the search finds is still there when it is read (another thread may delete)

@@ -155,10 +155,12 @@ def test_batched_ingest_writes_store_what_per_step_writes_store(make_tiny, monke
                                                                                            namespace="b", k=5)]
 
 
-def test_chunk_context_stores_what_the_chunk_alone_computes(make_tiny):
+@pytest.mark.parametrize("ingest_top_k", [0, 3])
+def test_chunk_context_stores_what_the_chunk_alone_computes(make_tiny, ingest_top_k):
     """context="chunk": a chunk's K-V are those of [sink + the chunk] run on their own (what pasting it at the
-    start of a prompt computes); context="document" K-V of later chunks carry their document window."""
-    ml, _ = make_tiny(local_window=512)
+    start of a prompt computes), also with ``ingest_top_k`` set (matrix review: each chunk attended to the chunks it
+    retrieved, 0.35-0.58 off); context="document" K-V of later chunks carry their document window."""
+    ml, _ = make_tiny(local_window=512, ingest_top_k=ingest_top_k)
     alone = ml.ingest(TEXT, namespace="c", context="chunk", progress=False)
     streamed = ml.ingest(TEXT, namespace="d", progress=False)
     for cid in (alone.chunk_ids[0], alone.chunk_ids[5]):
