@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memlong.config import MemLongConfig
-from memlong.dtypes import to_dtype
+from memlong.dtypes import dtype_name, to_dtype
 from memlong.embedder import Embedder, TextEmbedder
 from memlong.eviction import MemoryEvictionWarning
 from memlong.kv_cache import DeviceCache
@@ -176,6 +176,26 @@ def new_bank(ml: MemLong, embedder: TextEmbedder | str | None) -> MemoryBank:
     bank = MemoryBank(embedder=emb, path=cfg.memory_path, **options)
     if bank.path is not None:
         bank.commit(fingerprint=memory_fingerprint(ml))
+    return bank
+
+
+def check_shared_bank(ml: MemLong, bank: MemoryBank) -> MemoryBank:
+    """``bank`` (given to ``MemLong(..., bank=)``, e.g. shared with another model) unless ``ml.config`` sets a storage
+    or search option the bank does not have (ValueError naming them): they were ignored, silently (a
+    ``memory_path`` user believed the K-V went to disk)."""
+    if not isinstance(bank, MemoryBank):
+        raise TypeError(f"bank must be a MemoryBank (e.g. another MemLong's .bank), got {type(bank).__name__}.")
+    cfg, default = ml.config, MemLongConfig()
+    path = None if bank.path is None else str(bank.path.resolve())
+    found = {"memory_path": path, "memory_quantization": bank.quantization, "memory_dtype": dtype_name(bank.dtype),
+             "search_mode": bank.search_mode, "memory_capacity": bank.capacity, "memory_max_bytes": bank.max_bytes}
+    mine = {**{k: getattr(cfg, k) for k in found},
+            "memory_path": None if cfg.memory_path is None else str(Path(cfg.memory_path).resolve())}
+    wrong = [f"{k}={getattr(cfg, k)!r} (the bank's: {found[k]!r})" for k in found
+             if getattr(cfg, k) != getattr(default, k) and mine[k] != found[k]]
+    if wrong:
+        raise ValueError(f"A MemLong given a bank uses it as it is, but its config sets {'; '.join(wrong)}. Drop "
+                         "those options (the bank's own apply), or let this model make its own bank (no bank=).")
     return bank
 
 

@@ -91,7 +91,7 @@ class MemLong:
         tokenizer: its tokenizer.
         config: a :class:`MemLongConfig` (layer defaults are resolved against the model depth).
         embedder: the retriever embedder (default: packaged all-MiniLM-L6-v2).
-        bank: an existing :class:`MemoryBank` to share; a new one otherwise.
+        bank: an existing :class:`MemoryBank` to share, as it is (config storage options it lacks: ValueError).
 
     Attributes:
         last_generation: the stats of the latest ``generate`` call, **not thread-safe** (concurrent calls overwrite
@@ -113,7 +113,7 @@ class MemLong:
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         loading.warn_model(model.config, self.config)
         self._sink_ids = loading.sink_ids(tokenizer, self.config)  # (in the fingerprint)
-        self.bank = bank if bank is not None else loading.new_bank(self, embedder)
+        self.bank = loading.check_shared_bank(self, bank) if bank is not None else loading.new_bank(self, embedder)
         self.kv_cache = loading.new_cache(self)
         self.last_generation = GenerationStats()
         self.sink_cache = SinkKV(self)  # the sink's K-V, computed on first use (memlong.positions)

@@ -1,5 +1,7 @@
 """The public core API: per-call generation stats, the run step, streams, decode/score, the sink helpers."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -368,3 +370,23 @@ def test_namespace_none_is_refused_everywhere_and_run_output_repr_is_short(make_
     out = ml.run(ml.tokenize("a b c"), memory=ml.memory_for(ids[:1], "d"), capture=True, logits_for=None)
     assert len(repr(out)) < 200 and "layers of (1, " in repr(out)
     assert doctest.testmod(memlong.search, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_a_shared_bank_refuses_storage_options_it_does_not_have(make_tiny, tiny_hf, tokenizer, embedder, tmp_path):
+    """Matrix review: ``MemLong(model, tok, MemLongConfig(memory_path=..., search_mode="lexical",
+    memory_quantization="int8"), bank=shared)`` kept the shared in-memory dense float bank without a word (the user
+    believed the K-V went to disk)."""
+    from memlong import MemLong, MemLongConfig
+
+    first, _ = make_tiny()
+    shared = first.bank
+    for options, named in (({"memory_path": str(tmp_path / "d")}, "memory_path"),
+                           ({"search_mode": "lexical"}, "search_mode='lexical' (the bank's: 'dense')"),
+                           ({"memory_quantization": "int8", "memory_capacity": 999}, "memory_quantization='int8'")):
+        with pytest.raises(ValueError, match=f"uses it as it is, but its config sets .*{re.escape(named)}"):
+            MemLong(tiny_hf, tokenizer, MemLongConfig(memory_dtype="float32", **options), bank=shared)
+    with pytest.raises(TypeError, match="bank must be a MemoryBank"):
+        MemLong(tiny_hf, tokenizer, MemLongConfig(), bank=first)
+    second = MemLong(tiny_hf, tokenizer, MemLongConfig(memory_dtype="float32", top_k=2), bank=shared)  # as it is
+    assert second.bank is shared
+    assert MemLong(tiny_hf, tokenizer, MemLongConfig(memory_dtype="float16"), bank=shared).bank is shared  # default
