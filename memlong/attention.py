@@ -13,7 +13,7 @@ Contract of one attention call (one layer, one forward):
 Backends computing the same function: ``eager`` (explicit float32 softmax; the reference used in
 tests), ``sdpa`` (one SDPA call with a boolean mask; fast enough on CPU and for decode), ``flex``
 (FlexAttention with a block mask; measured 2.4x slower than ``sdpa`` for ingestion on an H100, so ``"auto"`` is
-``sdpa`` everywhere).
+``sdpa`` everywhere; with gradients on a CPU, where FlexAttention has no backward, ``flex`` runs ``sdpa``).
 
 The model (`memlong.model`) sets a :class:`AttentionContext` on the forward call through the
 ``memlong_context`` keyword, which transformers forwards untouched to every attention call.
@@ -154,8 +154,8 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_visible
         raise ValueError(f"expected {n_visible} visible + {q.shape[2]} causal keys, got {k.shape[2]}.")
     if backend == "eager":
         return _attention_eager(q, k, v, n_visible, scaling)
-    if backend == "flex" and q.shape[2] > 1:
-        return _attention_flex(q, k, v, n_visible, scaling)
+    if backend == "flex" and q.shape[2] > 1 and not (q.device.type == "cpu" and (q.requires_grad or k.requires_grad)):
+        return _attention_flex(q, k, v, n_visible, scaling)  # (FlexAttention has no backward on a CPU: sdpa there)
     return _attention_sdpa(q, k, v, n_visible, scaling, dropout)
 
 

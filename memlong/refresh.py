@@ -113,6 +113,7 @@ def _check_amounts(share: Any, head: Any) -> None:
                          f"got {head!r}.")
 
 
+@torch.no_grad()  # what it computes is read as stored memory (refresh outside no_grad built an autograd graph)
 def refresh(ml: MemLong, memory: Memory, chunk_ids: Sequence[str], namespace: str, share: float,
             probe_layer: int = 1, head: int = 0) -> tuple[Memory, int]:
     """Re-encode the first ``head`` tokens of every chunk and the ``share`` of the other retrieved tokens whose

@@ -143,3 +143,24 @@ def test_memory_prefix_equals_rotating_each_layer_on_its_own():
                     keys = torch.cat([keys, local[0][layer:layer + 1]], 2)
                     values = torch.cat([values, local[1][layer:layer + 1]], 2)
                 assert torch.equal(prefix[layer][0], keys) and torch.equal(prefix[layer][1], values)
+
+
+def test_flex_trains_on_a_cpu_and_refresh_builds_no_graph(make_tiny):
+    """Matrix review: with ``attention_backend="flex"`` every forward with gradients on a CPU failed inside torch
+    ("FlexAttention does not support backward on CPU"; train() only after its eval); ``ml.refresh`` outside
+    ``no_grad`` (as docs/api.md writes it) built an autograd graph for nothing."""
+    ids = torch.randint(3, 5000, (1, 40))
+    losses = {}
+    for backend in ("flex", "sdpa"):
+        ml, _ = make_tiny(attention_backend=backend, chunk_size=16, local_window=64)
+        ml.ingest(" ".join(f"word{i}" for i in range(200)), namespace="d", progress=False)
+        loss = ml.forward(ids, labels=ids, namespace="d", chunk_ids=ml.bank.chunk_ids("d")[:2])["loss"]
+        loss.backward()
+        losses[backend] = loss.item()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ml.model.parameters())
+        ml.model.zero_grad()
+    assert abs(losses["flex"] - losses["sdpa"]) < 1e-4
+    ml, _ = make_tiny(chunk_size=16, local_window=64)
+    ids = ml.ingest(" ".join(f"word{i}" for i in range(200)), namespace="d", progress=False).chunk_ids[:2]
+    memory, count = ml.refresh(ml.memory_for(ids, "d"), ids, "d", share=0.5)
+    assert count > 0 and not memory[0].requires_grad and memory[0].grad_fn is None
