@@ -325,6 +325,9 @@ def test_memory_block_writes_turns_as_kv_and_hands_them_back_by_id(make_tiny):
     llm = MemLongLLM(ml, namespace="chat-alice", max_new_tokens=3)
     llm.chat(messages)
     assert ml.last_generation.chunk_ids == carriers[0].additional_kwargs["memlong_chunk_ids"]
+    # an LLM of another namespace: the error names the block's (it said only "not in namespace 'docs'")
+    with pytest.raises(ValueError, match="namespace 'chat-alice' \\(a MemLongMemoryBlock's\\).*reads 'docs'"):
+        MemLongLLM(ml, namespace="docs").chat(messages)
 
 
 # ---------------------------------------------------------------------------------------------- default model

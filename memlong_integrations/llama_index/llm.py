@@ -72,10 +72,11 @@ from memlong.prompts import ROLE_STOP, chat_prompt, role_prompt
 from memlong_integrations._answer import answer_pieces, call_max_tokens, stop_strings
 from memlong_integrations.llama_index._common import checked_memlong
 
-__all__ = ["CHUNK_IDS_KWARG", "TEXT_IN_MEMORY_KWARG", "MemLongLLM"]
+__all__ = ["CHUNK_IDS_KWARG", "NAMESPACE_KWARG", "TEXT_IN_MEMORY_KWARG", "MemLongLLM"]
 
 CHUNK_IDS_KWARG = "memlong_chunk_ids"  # explicit chunk ids (keyword or message additional_kwargs)
 TEXT_IN_MEMORY_KWARG = "memlong_text_in_memory"  # message whose text is already in the bank as K-V
+NAMESPACE_KWARG = "memlong_namespace"  # the namespace a message's chunk ids belong to (MemLongMemoryBlock's)
 _CONFUSABLE = ("chunk_ids", "namespace", "retrieve", "query", "ids")  # call keywords meant for MemLong.generate
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "developer": "system"}
 
@@ -176,6 +177,10 @@ class MemLongLLM(CustomLLM):
         turns = []
         for message in messages:
             extra = message.additional_kwargs or {}
+            if extra.get(CHUNK_IDS_KWARG) and extra.get(NAMESPACE_KWARG, self.namespace) != self.namespace:
+                raise ValueError(f"A memory message carries chunk ids of namespace {extra[NAMESPACE_KWARG]!r} (a "
+                                 f"MemLongMemoryBlock's), but this MemLongLLM reads {self.namespace!r}: build it "
+                                 f"with namespace={extra[NAMESPACE_KWARG]!r}, the block's namespace.")
             carried += list(extra.get(CHUNK_IDS_KWARG) or [])
             if extra.get(TEXT_IN_MEMORY_KWARG):
                 continue  # its text is in the bank as K-V: attend to it, do not re-encode it

@@ -28,7 +28,7 @@ from llama_index.core.memory.memory import BaseMemoryBlock
 from memlong import MemLong
 from memlong_integrations._threads import in_thread
 from memlong_integrations.llama_index._common import checked_memlong
-from memlong_integrations.llama_index.llm import CHUNK_IDS_KWARG, TEXT_IN_MEMORY_KWARG
+from memlong_integrations.llama_index.llm import CHUNK_IDS_KWARG, NAMESPACE_KWARG, TEXT_IN_MEMORY_KWARG
 
 __all__ = ["MemLongMemoryBlock"]
 
@@ -92,7 +92,8 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
             chunks = sorted((bank.get(h.chunk_id, namespace=self.namespace) for h in hits), key=lambda c: c.order)
         text = "\n".join([self.header, *(c.text.strip() for c in chunks)])
         return [ChatMessage(role=MessageRole.SYSTEM, content=text,
-                            additional_kwargs={CHUNK_IDS_KWARG: [c.id for c in chunks], TEXT_IN_MEMORY_KWARG: True})]
+                            additional_kwargs={CHUNK_IDS_KWARG: [c.id for c in chunks], TEXT_IN_MEMORY_KWARG: True,
+                                               NAMESPACE_KWARG: self.namespace})]
 
     async def _aget(self, messages: list[ChatMessage] | None = None, **block_kwargs: Any) -> list[ChatMessage]:
         return await asyncio.to_thread(self.get, messages)
