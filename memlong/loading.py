@@ -270,7 +270,11 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
         trained = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["memlong_config"].items()
                    if k in ADAPTER_CONFIG_FIELDS}
         settings = {**trained, **settings}
-    MemLongConfig(**settings).resolve(hf_config.num_hidden_layers)  # every option checked before the weights load
+    resolved = MemLongConfig(**settings).resolve(hf_config.num_hidden_layers)  # every option, before the weights load
+    if meta is not None and meta["method"] == "reader":
+        from memlong.reader import check_reader_layout
+
+        check_reader_layout(resolved)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=to_dtype(dtype)).to(device)
     ml = cls(model, tokenizer, MemLongConfig(**settings), embedder=embedder)
     if meta is None:

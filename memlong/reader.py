@@ -56,10 +56,11 @@ from memlong.adapter import (
 )
 
 if TYPE_CHECKING:
+    from memlong.config import MemLongConfig
     from memlong.model import MemLong
 
-__all__ = ["READER_EXCLUDED", "Reader", "ReaderConfig", "attach_reader", "reader_corpus", "reader_examples",
-           "train_reader"]
+__all__ = ["READER_EXCLUDED", "Reader", "ReaderConfig", "attach_reader", "check_reader_layout", "reader_corpus",
+           "reader_examples", "train_reader"]
 
 # Plays some benchmark, demo, evaluation or held-out split reads: never trained on by a reader.
 READER_EXCLUDED = ("hamlet", "macbeth", "othello", "lear", "romeo_and_juliet", "twelfth_night", "tempest")
@@ -134,6 +135,14 @@ class Reader:
         return f"Reader(rank={self.meta['lora']['rank']}, layers={len(self.meta['layers'])})"
 
 
+def check_reader_layout(cfg: MemLongConfig) -> None:
+    """ValueError unless ``cfg`` reads memory as a reader is trained to (per layer, continual layout)."""
+    if cfg.kv_source != "per_layer" or cfg.position_layout != "continual":
+        raise ValueError(f"A reader reads chunk-context memory per layer in the continual layout (as it is trained); "
+                         f"this config has kv_source={cfg.kv_source!r}, position_layout={cfg.position_layout!r}: use "
+                         "kv_source='per_layer', position_layout='continual' (the defaults).")
+
+
 def attach_reader(ml: MemLong, path: str | Path, *, check_fingerprint: bool = True) -> Reader:
     """Attach the reader adapter at ``path`` (a folder or a packaged name) to ``ml``; returns it (also ``ml.reader``).
 
@@ -149,6 +158,7 @@ def attach_reader(ml: MemLong, path: str | Path, *, check_fingerprint: bool = Tr
                          "MemLong.from_pretrained(adapter=...), which merges it.")
     if ml.reader is not None:
         raise ValueError("This model already has a reader attached; load a fresh model for another one.")
+    check_reader_layout(ml.config)  # (it loaded, silently, and changed the logits)
     expected = meta.get("base_model", {}).get("fingerprint")
     if check_fingerprint and expected and expected != fingerprint(ml.model, meta["layers"]):
         raise ValueError(f"The reader at {folder} was trained on base model {meta['base_model'].get('name')!r} "
@@ -261,10 +271,7 @@ def train_reader(ml: MemLong, config: ReaderConfig, *, progress: bool = True, co
     check_output_dir(config.output_dir, "reader")
     if ml.reader is not None:
         raise ValueError("This model already has a reader; train from the base model.")
-    cfg = ml.config
-    if cfg.kv_source != "per_layer" or cfg.position_layout != "continual":
-        raise ValueError("A reader is trained on chunk-context memory read per layer in the continual layout: use "
-                         "kv_source='per_layer', position_layout='continual' (the defaults).")
+    check_reader_layout(cfg := ml.config)
     need = max(config.top_k) * cfg.chunk_size + 128
     if cfg.local_window < need:
         raise ValueError(f"The teacher pastes up to {max(config.top_k)} chunks of {cfg.chunk_size} tokens plus the "

@@ -90,10 +90,19 @@ def test_saved_reader_loads_and_reads_the_same(trained):
     assert answer == ml.generate(question, namespace="docs", max_new_tokens=4)
 
 
-def test_bad_reader_input(trained, tmp_path):
+def test_bad_reader_input(trained, tmp_path, monkeypatch):
     ml, folder = trained
     with pytest.raises(ValueError, match="already has a reader"):
         attach_reader(ml, folder)
+    # matrix review: a reader loaded under settings it cannot read with (it changed the logits, silently); refused
+    # before the weights load
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: 1 / 0)
+    for wrong in ({"kv_source": "memory_layer"}, {"position_layout": "zero"}):
+        with pytest.raises(ValueError, match="A reader reads chunk-context memory per layer in the continual layout"):
+            MemLong.from_pretrained("default", adapter=str(folder), **wrong)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="read by the benchmarks"):
         ReaderConfig(output_dir=str(tmp_path), plays=("hamlet",)).validate()
     with pytest.raises(ValueError, match="copy_share"):
