@@ -270,7 +270,13 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
         trained = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["memlong_config"].items()
                    if k in ADAPTER_CONFIG_FIELDS}
         settings = {**trained, **settings}
-    resolved = MemLongConfig(**settings).resolve(hf_config.num_hidden_layers)  # every option, before the weights load
+    try:
+        resolved = MemLongConfig(**settings).resolve(hf_config.num_hidden_layers)  # every option, before the weights
+    except ValueError as exc:
+        if meta is None:
+            raise
+        raise ValueError(f"{exc} (The adapter {str(adapter)!r} was trained with {trained}: these are this model's "
+                         "defaults; a keyword overrides them.)") from None
     if meta is not None and meta["method"] == "reader":
         from memlong.reader import check_reader_layout
 

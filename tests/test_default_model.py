@@ -116,3 +116,16 @@ def test_packaged_shakespeare_adapter_loads_and_lowers_held_out_perplexity(defau
     with_adapter = trained.perplexity(text, score_last=1024)["ppl"]
     without = stock.perplexity(text, score_last=1024)["ppl"]
     assert with_adapter < 0.9 * without, (with_adapter, without)
+
+
+def test_an_option_that_conflicts_with_an_adapters_settings_names_the_adapter(monkeypatch):
+    """Matrix review: ``from_pretrained(adapter="shakespeare", kv_refresh=0.5)`` said to use per_layer / 'all' /
+    continual "(the defaults)": fields the user never set (the adapter did). Refused before the weights load."""
+    import transformers
+
+    from memlong import MemLong
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: 1 / 0)
+    with pytest.raises(ValueError, match="kv_refresh=0.5 .*The adapter 'shakespeare' was trained with .*'kv_source': "
+                                         "'memory_layer'.*a keyword overrides them"):
+        MemLong.from_pretrained("default", adapter="shakespeare", kv_refresh=0.5)
