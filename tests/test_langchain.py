@@ -559,6 +559,12 @@ def test_vector_store_filters_like_langchains_in_memory_store(tiny):
             store.similarity_search("gate", k=4, filter=flt)
         with pytest.raises(ValueError, match="operator"):
             store.as_retriever(search_kwargs={"filter": flt}).invoke("gate")
+    # a misspelt keyword was ignored, silently (InMemoryVectorStore does too; MemLongRetriever refused it already)
+    for search in (lambda: store.similarity_search("gate", filters={"source": "b"}),
+                   lambda: store.as_retriever(search_kwargs={"filters": {"source": "b"}}).invoke("gate"),
+                   lambda: store.max_marginal_relevance_search("gate", k=2, fetchk=8)):
+        with pytest.raises(TypeError, match="unknown keyword"):
+            search()
     store.add_documents([Document("A nested gate.", metadata={"where": {"city": "x"}}, id="nested")])
     assert [d.id for d in store.similarity_search("gate", k=4, filter={"where": {"city": "x"}})] == ["nested"]
 

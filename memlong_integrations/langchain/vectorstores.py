@@ -81,6 +81,12 @@ def _operator_in(filter: Mapping[str, Any]) -> str | None:  # noqa: A002
     return None
 
 
+def _no_other(kwargs: dict[str, Any], method: str) -> None:
+    if kwargs:
+        raise TypeError(f"MemLongVectorStore.{method} got unknown keyword(s) {sorted(kwargs)}; it takes k, filter (a "
+                        "dict of metadata values or a callable taking a Document) and, for MMR, fetch_k and lambda_mult.")
+
+
 def _as_stored(value: Any) -> Any:
     """``value`` as metadata reads back once stored (JSON): tuples become lists, also inside lists and dicts."""
     if isinstance(value, (list, tuple)):
@@ -233,15 +239,18 @@ class MemLongVectorStore(VectorStore):
 
         ``filter``: keep only entries whose ``metadata`` has every key of a dict with an equal value, or for
         which a callable taking the ``Document`` returns true (as LangChain's ``InMemoryVectorStore``; it runs inside
-        ``bank.reading()`` and must not change the bank)."""
+        ``bank.reading()`` and must not change the bank). Other keywords are refused (a misspelt ``filters=``
+        was ignored, silently)."""
+        _no_other(kwargs, "similarity_search")
         return self._search(_query_text(query), k, filter)
 
     def similarity_search(self, query: str, k: int = 4, filter: MetadataFilter | None = None,  # noqa: A002
                           **kwargs: Any) -> list[Document]:
-        return [doc for doc, _ in self.similarity_search_with_score(query, k, filter)]
+        return [doc for doc, _ in self.similarity_search_with_score(query, k, filter, **kwargs)]
 
     def similarity_search_by_vector(self, embedding: list[float], k: int = 4,
                                     filter: MetadataFilter | None = None, **kwargs: Any) -> list[Document]:  # noqa: A002
+        _no_other(kwargs, "similarity_search_by_vector")
         return [doc for doc, _ in self._search(embedding, k, filter)]
 
     def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
@@ -250,12 +259,13 @@ class MemLongVectorStore(VectorStore):
         1 = relevance only, 0 = diversity only), as LangChain's ``InMemoryVectorStore`` chooses them. ``filter``
         as in :meth:`similarity_search_with_score`. Also through ``as_retriever(search_type="mmr")``."""
         return self.max_marginal_relevance_search_by_vector(self._embed(_query_text(query)), k, fetch_k,
-                                                            lambda_mult, filter=filter)
+                                                            lambda_mult, filter=filter, **kwargs)
 
     def max_marginal_relevance_search_by_vector(self, embedding: list[float], k: int = 4, fetch_k: int = 20,
                                                 lambda_mult: float = 0.5, filter: MetadataFilter | None = None,  # noqa: A002
                                                 **kwargs: Any) -> list[Document]:
         """:meth:`max_marginal_relevance_search` for a query vector (of the bank's embedder)."""
+        _no_other(kwargs, "max_marginal_relevance_search")
         hits = self._search(embedding, max(fetch_k, k), filter, count=False)
         if not hits or k <= 0:
             return []
