@@ -81,6 +81,9 @@ class Generation(Iterator[str]):
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def __repr__(self) -> str:
+        return f"<Generation {self.stats}>"
+
     def close(self) -> None:
         """Stop decoding now (e.g. a caller's stop string completed); the stats keep what was done so far."""
         close = getattr(self._pieces, "close", None)

@@ -360,9 +360,9 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
         return sum(len(s.ids) for s in self._visible().values())
 
     def __repr__(self) -> str:
-        limit = "" if self.max_bytes is None else f", max_bytes={self.max_bytes}"
-        return (f"MemoryBank(chunks={len(self)}, tokens={self.num_tokens()}, namespaces={len(self._spaces)}, "
-                f"capacity={self.capacity} tokens/namespace{limit})")
+        extra = "".join(f", {k}={v!r}" for k, v in (("max_bytes", self.max_bytes), ("quantization", self.quantization),
+                                                    ("path", self.path and str(self.path))) if v not in (None, "none"))
+        return f"MemoryBank(chunks={len(self)}, tokens={self.num_tokens()}, capacity={self.capacity}{extra})"
 
     # ---------------------------------------------------------------- internals
     def _space(self, namespace: str, create: bool = False) -> NamespaceIndex:

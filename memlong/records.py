@@ -73,10 +73,10 @@ class Chunk:
     text: str
     span: tuple[int, int]  # token offsets [start, end) in its document
     order: int  # insertion order in the bank: document order within a document
-    kv: KVPayload
+    kv: KVPayload = field(repr=False)  # (a repr shows the text and where it lives; tokens and K-V are long)
     retrievals: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
-    tokens: tuple[int, ...] | None = None  # the token ids the K-V were computed from (None: not recorded)
+    tokens: tuple[int, ...] | None = field(default=None, repr=False)  # the token ids the K-V were computed from
 
     @property
     def keys(self) -> torch.Tensor:

@@ -390,3 +390,19 @@ def test_a_shared_bank_refuses_storage_options_it_does_not_have(make_tiny, tiny_
     second = MemLong(tiny_hf, tokenizer, MemLongConfig(memory_dtype="float32", top_k=2), bank=shared)  # as it is
     assert second.bank is shared
     assert MemLong(tiny_hf, tokenizer, MemLongConfig(memory_dtype="float16"), bank=shared).bank is shared  # default
+
+
+def test_reprs_say_what_an_object_is_without_dumping_it(make_tiny, tmp_path):
+    """API review: a disk bank's repr read as an in-memory bank's; a Chunk's repr printed its token ids and a
+    ``<DenseKV object at 0x...>``; a Generation's was ``<... object at 0x...>``."""
+    from memlong import MemoryBank
+
+    ml, _ = make_tiny(chunk_size=16, local_window=64)
+    ids = ml.ingest(TEXT[:300], namespace="d", progress=False).chunk_ids
+    chunk = repr(ml.bank.get(ids[0], namespace="d"))
+    assert "text=" in chunk and "tokens=" not in chunk and "object at" not in chunk
+    g = ml.generate("Where?", namespace="d", chunk_ids=ids[:1], max_new_tokens=2, stream=True)
+    g.text()
+    assert repr(g).startswith("<Generation GenerationStats(") and "new_tokens=2" in repr(g)
+    disk = MemoryBank(embedder=ml.bank.embedder, path=tmp_path / "b", quantization="int8", max_bytes=10**9)
+    assert repr(disk).endswith(f"max_bytes=1000000000, quantization='int8', path={str(tmp_path / 'b')!r})")
