@@ -773,3 +773,11 @@ def test_message_history_sessions_read_their_own_turns_and_stream(tiny):
     assert [c.text for c in tiny.bank.chunks(history.namespace)] == ["\nQuestion: My code is 12.", "\nAnswer: Noted."]
     assert [c.metadata["role"] for c in tiny.bank.chunks(history.namespace)] == ["human", "ai"]
     assert history.messages == streamed
+
+
+def test_text_llm_samples_reproducibly_with_a_seed(tiny):
+    """LCEL review: the LangChain MemLongLLM had no ``seed`` (ChatMemLong has one): sampled answers could not be
+    reproduced."""
+    draws = {seed: [MemLongLLM(memlong=tiny, max_tokens=8, temperature=1.5, seed=seed).invoke(plain(QUESTION))
+                    for _ in range(2)] for seed in (1, 2)}
+    assert draws[1][0] == draws[1][1] and draws[2][0] == draws[2][1] and draws[1][0] != draws[2][0]

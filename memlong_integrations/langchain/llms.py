@@ -53,6 +53,8 @@ class MemLongLLM(LLM):
     """Memory namespace read for explicit chunk ids (and retrieval with ``retrieve=True``)."""
     temperature: float = 0.0
     """0 = greedy decoding."""
+    seed: int | None = None
+    """Sampling seed (``temperature > 0``), as :class:`ChatMemLong`'s."""
     max_tokens: int = Field(default=256, gt=0, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
     """Most tokens to generate (``max_new_tokens`` is accepted too; a call's ``max_tokens`` overrides it)."""
     stop: list[str] | None = None
@@ -73,7 +75,7 @@ class MemLongLLM(LLM):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "temperature": self.temperature, "max_tokens": self.max_tokens,
-                "retrieve": self.retrieve, "stop": self.stop}
+                "retrieve": self.retrieve, "stop": self.stop, "seed": self.seed}
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` by the served model's own tokenizer (as :meth:`ChatMemLong.get_token_ids`)."""
@@ -88,7 +90,8 @@ class MemLongLLM(LLM):
         limit = call_max_tokens(kwargs, self.max_tokens)
         pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
                                        chunk_ids=chunk_id_list(kwargs.get("memlong_chunk_ids")), retrieve=self.retrieve,
-                                       max_new_tokens=limit, temperature=self.temperature, stream=True)
+                                       max_new_tokens=limit, temperature=self.temperature, seed=self.seed,
+                                       stream=True)
         for piece in answer_pieces(pieces, stop_strings(self.stop, stop)):
             chunk = GenerationChunk(text=piece)
             if run_manager is not None:
