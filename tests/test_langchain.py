@@ -559,6 +559,9 @@ def test_vector_store_filters_like_langchains_in_memory_store(tiny):
             store.similarity_search("gate", k=4, filter=flt)
         with pytest.raises(ValueError, match="operator"):
             store.as_retriever(search_kwargs={"filter": flt}).invoke("gate")
+    threshold = store.as_retriever(search_type="similarity_score_threshold",  # LangChain's own keywords still pass
+                                   search_kwargs={"score_threshold": -1.0, "k": 4, "filter": {"source": "b"}})
+    assert {d.id for d in threshold.invoke("gate")} == {"d1", "d3"}
     # a misspelt keyword was ignored, silently (InMemoryVectorStore does too; MemLongRetriever refused it already)
     for search in (lambda: store.similarity_search("gate", filters={"source": "b"}),
                    lambda: store.as_retriever(search_kwargs={"filters": {"source": "b"}}).invoke("gate"),
