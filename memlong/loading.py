@@ -259,7 +259,7 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
                       "'default' or a model id that is in the local Hugging Face cache.") from None
     meta, settings = None, _checked_options(config)
     if adapter is not None:
-        from memlong.adapter import ADAPTER_CONFIG_FIELDS, read_adapter_config, resolve_adapter
+        from memlong.adapter import ADAPTER_CONFIG_FIELDS, read_adapter_config
 
         meta = read_adapter_config(adapter)
         layers, name = meta.get("layers") or [], (meta.get("base_model") or {}).get("name", "another model")
@@ -282,9 +282,6 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
 
         check_reader_layout(resolved)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=to_dtype(dtype)).to(device)
-    merged = None if meta is None or meta["method"] == "reader" else f"adapter {resolve_adapter(adapter).name}"
-    if merged is not None:  # before the bank opens: a disk bank records (or is checked against) the merged weights
-        model.config.memlong_weights = merged
     ml = cls(model, tokenizer, MemLongConfig(**settings), embedder=embedder)
     if meta is None:
         return ml
@@ -296,7 +293,7 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
     from memlong.adapter import load_adapter
 
     load_adapter(model, adapter)
-    ml.weights_changed(str(merged))
+    ml.weights_changed(f"adapter {Path(adapter).name}")
     return ml
 
 

@@ -129,24 +129,3 @@ def test_an_option_that_conflicts_with_an_adapters_settings_names_the_adapter(mo
     with pytest.raises(ValueError, match="kv_refresh=0.5 .*The adapter 'shakespeare' was trained with .*'kv_source': "
                                          "'memory_layer'.*a keyword overrides them"):
         MemLong.from_pretrained("default", adapter="shakespeare", kv_refresh=0.5)
-
-
-@pytest.mark.slow
-def test_a_disk_bank_of_an_adapter_model_records_the_adapter(tmp_path, default_memlong):
-    """Diff re-read: the disk bank opened (and recorded its fingerprint) before the adapter was merged, so its own
-    model's reopen warned of other weights and the stock model's did not."""
-    import warnings
-
-    from memlong import MemLong
-
-    options = dict(adapter="shakespeare", memory_path=str(tmp_path / "bank"), embedder=default_memlong.bank.embedder)
-    ml = MemLong.from_pretrained("default", **options)
-    ml.ingest("The keeper of the tower is Halvora Quint. " * 20, namespace="n", progress=False)
-    ml.bank.commit()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*stored by weights")
-        assert MemLong.from_pretrained("default", **options).bank.chunk_ids("n") == ml.bank.chunk_ids("n")
-    with pytest.warns(UserWarning, match="stored by weights 'adapter smollm2-135m-shakespeare', this model's are "
-                                         "'as loaded'"):
-        MemLong.from_pretrained("default", memory_path=str(tmp_path / "bank"), kv_source="memory_layer",
-                                position_layout="zero", embedder=default_memlong.bank.embedder)

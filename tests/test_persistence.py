@@ -362,7 +362,7 @@ def test_memory_of_other_weights_loads_with_a_warning_naming_them(tmp_path, make
     ml.ingest("The iron key is in the blue box. " * 8, namespace="n", progress=False)
     ml.save_memory(tmp_path / "stock")
     try:
-        ml.weights_changed("adapter shakespeare")  # (as from_pretrained(adapter=...) records after the merge
+        ml.weights_changed("adapter shakespeare")  # what from_pretrained(adapter=...) records after the merge
         with pytest.warns(UserWarning, match="stored by weights 'as loaded', this model's are 'adapter shakespeare'"):
             ml.load_memory(tmp_path / "stock")
         ml.save_memory(tmp_path / "adapted")
