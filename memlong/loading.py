@@ -293,7 +293,7 @@ def load_pretrained(cls: type[MemLong], name_or_path: str | Path, *, embedder: T
     from memlong.adapter import load_adapter
 
     load_adapter(model, adapter)
-    ml.weights_changed(f"adapter {Path(adapter).name}")
+    ml.weights_changed()
     return ml
 
 
@@ -319,8 +319,7 @@ def memory_fingerprint(ml: MemLong) -> dict[str, Any]:
             "kv_heads": ml.kv_heads, "head_dim": ml.head_dim, "vocab_size": int(cfg.vocab_size),
             "source_layers": list(ml.config.source_layers), "kv_source": ml.config.kv_source,
             "chunk_size": ml.config.chunk_size, "sink_ids": list(ml.sink_ids),  # every stored K-V attended to it
-            "model": str(getattr(cfg, "name_or_path", "") or ""),
-            "weights": getattr(cfg, "memlong_weights", None)}  # an adapter merged in, or trained here (None: as loaded)
+            "model": str(getattr(cfg, "name_or_path", "") or "")}
 
 
 def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor] | None:

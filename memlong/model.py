@@ -137,10 +137,9 @@ class MemLong:
         return loading.load_pretrained(cls, name_or_path, embedder=embedder, device=device, dtype=dtype,
                                        adapter=adapter, config=config)
 
-    def weights_changed(self, how: str = "trained") -> None:
-        """Decoder weights changed (``how``: trained, an adapter): sink K-V recomputed; saved memory records ``how``."""
+    def weights_changed(self) -> None:
+        """Decoder weights changed (training, a merged adapter): the sink's K-V are recomputed on next use."""
         self.sink_cache.clear()
-        self.model.config.memlong_weights = how  # memory_fingerprint()'s "weights" (a saved model keeps it too)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -220,8 +219,9 @@ class MemLong:
             ids: ``T`` token ids (without the sink: see :meth:`strip_sink`).
             memory: retrieved K-V from :meth:`memory_for` (``None``: the sink only).
             positions: ``(T,)`` positions of the tokens (default: right after the prefix).
-            context: an :class:`~memlong.attention.AttentionContext` to run under instead of one built from ``memory``
-                (streams and decoding reuse theirs: :meth:`context`); needs ``positions``; captures if built to.
+            context: an :class:`~memlong.attention.AttentionContext` to run under instead of one built from
+                ``memory`` (streams and decoding reuse theirs: :meth:`context`); needs
+                ``positions``; it captures if it was built with ``capture``.
             capture: keep the tokens' pre-RoPE K-V (``RunOutput.kv``) when ``context`` is not given.
             logits_for: which positions get logits (``None``: none, e.g. when only K-V are wanted).
 

@@ -51,7 +51,7 @@ MAX_INT = 2**63 - 1
 MAX_INT_BITS = 4096  # metadata integers: about 1,200 digits in JSON
 CHUNK_ID = re.compile(r"^[0-9a-f]{24}\Z")
 # Fingerprint keys recorded for information only: paths differ between machines holding the same model.
-_INFO_KEYS = ("model", "weights")  # weights: an adapter merged in or training (K-V shift a little: a warning)
+_INFO_KEYS = ("model",)
 _LATER_KEYS = ("sink_ids",)  # fingerprint keys added after banks were saved without them: absent is not compared
 
 
@@ -320,14 +320,11 @@ def check_compatible(path: Path, record: dict[str, Any], embedder: TextEmbedder,
             + "; ".join(f"{k}: saved {stored.get(k)!r}, this model {fingerprint.get(k)!r}" for k in differ)
             + f". Saved: {_describe(stored)}. This model: {_describe(fingerprint)}. Load it with the model and "
             "config that built it, or re-ingest the documents with this one.")
-    if stored.get("model") != fingerprint.get("model"):
-        warnings.warn(f"The memory bank at {path} was saved from model {stored.get('model')!r}, loading into "
-                      f"{fingerprint.get('model')!r}; the shapes agree, so this is fine if both are the same weights.",
-                      stacklevel=4)
-    if stored.get("weights") != fingerprint.get("weights"):  # (None: the weights as loaded, no adapter)
-        warnings.warn(f"The memory bank at {path} was stored by weights {stored.get('weights') or 'as loaded'!r}, "
-                      f"this model's are {fingerprint.get('weights') or 'as loaded'!r}: its K-V differ a little "
-                      "from what this model computes. Re-ingest for exact reading.", stacklevel=4)
+    for k in _INFO_KEYS:
+        if stored.get(k) != fingerprint.get(k):
+            warnings.warn(f"The memory bank at {path} was saved from model {stored.get(k)!r}, loading into "
+                          f"{fingerprint.get(k)!r}; the shapes agree, so this is fine if both are the same weights.",
+                          stacklevel=4)
 
 
 def _parse_chunk(c: Any, name: str, n_chunk: int, next_order: int, tensors: dict[str, torch.Tensor],

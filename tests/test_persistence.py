@@ -353,29 +353,6 @@ def test_memory_made_with_another_sink_is_refused_and_older_memory_still_loads(t
     assert again.load_memory(tmp_path / "mem") == ["n"]
 
 
-def test_memory_of_other_weights_loads_with_a_warning_naming_them(tmp_path, make_tiny):
-    """Matrix review: memory stored by the stock model loaded silently into one with an adapter merged in (and back,
-    and after train()): the fingerprint recorded shapes and a path only, though the K-V differ (6e-3 at layer 3)."""
-    import warnings
-
-    ml, _ = make_tiny(chunk_size=16, local_window=64)
-    ml.ingest("The iron key is in the blue box. " * 8, namespace="n", progress=False)
-    ml.save_memory(tmp_path / "stock")
-    try:
-        ml.weights_changed("adapter shakespeare")  # what from_pretrained(adapter=...) records after the merge
-        with pytest.warns(UserWarning, match="stored by weights 'as loaded', this model's are 'adapter shakespeare'"):
-            ml.load_memory(tmp_path / "stock")
-        ml.save_memory(tmp_path / "adapted")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            ml.load_memory(tmp_path / "adapted")  # the same weights: silent
-        ml.weights_changed()  # training
-        with pytest.warns(UserWarning, match="'adapter shakespeare', this model's are 'trained'"):
-            ml.load_memory(tmp_path / "adapted")
-    finally:
-        del ml.model.config.memlong_weights  # (the tiny model is shared by the tests)
-
-
 def test_tampered_content_with_valid_checksums_is_refused(tmp_path):
     """Checksums catch accidents; the loader also validates what the files say (fuzzed at length in
     test_persistence_fuzz.py; these are the cases it found or that matter most)."""
