@@ -38,7 +38,7 @@ from memlong.journal import committed as now_committed
 from memlong.journal import loaded as reopened
 from memlong.journal import prepare as prepare_commit
 from memlong.kv_payload import DenseKV, Int8KV, KVPayload, check_quantization
-from memlong.kv_store import DiskKVStore, Segment, segment_of
+from memlong.kv_store import DiskKVStore, segment_tensors
 from memlong.records import (
     Chunk,
     MemoryMismatchError,
@@ -270,7 +270,7 @@ class BankFiles:
         where: dict[int, str] = {}
         if segments is not None:
             source = self._store if in_place else DiskKVStore(path, quantization=self.quantization, dtype=self.dtype)
-            tensors = {**tensors, **_segment_tensors(path, record, source.attach(segments), where)}
+            tensors = {**tensors, **segment_tensors(path, record, source.attach(segments), where)}
         loaded, next_order = parse_namespaces(path, record, tensors, self.embedder.dim, self.dtype,
                                               mapped=segments is not None)
         if in_place:
@@ -357,9 +357,6 @@ class BankFiles:
         self._order = itertools.count(max(nxt, next_order))
 
 
-_SUFFIXES = ("k", "v", "ks", "km", "vs", "vm")
-
-
 def _load(cls: type[MemoryBank], path: str | os.PathLike, embedder: TextEmbedder, namespaces: Sequence[str] | None,
           fingerprint: dict[str, Any] | None, verify: bool, options: dict[str, Any]) -> MemoryBank:
     """The body of :meth:`BankFiles.load` (one attempt)."""
@@ -423,27 +420,3 @@ def _segment_bytes(config: dict[str, Any]) -> int:
     segments could all count as mid-sized and be merged at the next commit (a rewrite of the whole bank)."""
     saved = config.get("segment_bytes")
     return saved if type(saved) is int and saved > 0 else 64 << 20
-
-
-def _segment_tensors(path: Path, record: dict[str, Any], opened: dict[str, Segment],
-                     where: dict[int, str]) -> dict[str, torch.Tensor]:
-    """Memory-mapped K-V of a disk bank's chunks, named as the loader reads them (``"k.<n>"``: chunk ``n`` in
-    record order); ``where[n]``: chunk ``n``'s segment. MemoryFileError names a chunk without its segment."""
-    tensors: dict[str, torch.Tensor] = {}
-    n = 0
-    try:
-        for space in record.get("namespaces") or ():
-            for c in space.get("chunks") or () if isinstance(space, dict) else ():
-                seg = opened.get(segment_of(c.get("segment") if isinstance(c, dict) else None))
-                if seg is None:
-                    raise ValueError(f"chunk record {n} names a segment the manifest does not list")
-                for suffix in _SUFFIXES:
-                    t = seg.tensor(f"{suffix}.{c.get('id')}")
-                    if t is not None:
-                        tensors[f"{suffix}.{n}"] = t
-                where[n] = seg.path.name
-                n += 1
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise MemoryFileError(f"Cannot load the memory bank at {path}: {exc}. The files are corrupted or were not "
-                              "written by memlong.") from None
-    return tensors

@@ -50,7 +50,7 @@ from memlong.storage import SEGMENT_NAME, MemoryFileError, committed, write_segm
 if TYPE_CHECKING:
     from memlong.records import Chunk
 
-__all__ = ["DiskKVStore", "KVStore", "Segment", "new_store", "open_disk_store", "segment_of"]
+__all__ = ["DiskKVStore", "KVStore", "Segment", "new_store", "open_disk_store", "segment_of", "segment_tensors"]
 
 def _libc_trim() -> Callable[[int], int] | None:
     try:  # glibc keeps freed tensor memory in its heap; malloc_trim hands it back to the OS
@@ -385,3 +385,30 @@ def open_disk_store(path: Path, quantization: Quantization, dtype: torch.dtype, 
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"Cannot keep a disk bank in {path}: the directory is read-only. Give a writable path.")
     return DiskKVStore(path, quantization=quantization, dtype=dtype, segment_bytes=segment_bytes)
+
+
+_SUFFIXES = ("k", "v", "ks", "km", "vs", "vm")  # a payload's tensors (kv_payload), by their name in a segment
+
+
+def segment_tensors(path: Path, record: dict[str, Any], opened: dict[str, Segment],
+                     where: dict[int, str]) -> dict[str, torch.Tensor]:
+    """Memory-mapped K-V of a disk bank's chunks, named as the loader reads them (``"k.<n>"``: chunk ``n`` in
+    record order); ``where[n]``: chunk ``n``'s segment. MemoryFileError names a chunk without its segment."""
+    tensors: dict[str, torch.Tensor] = {}
+    n = 0
+    try:
+        for space in record.get("namespaces") or ():
+            for c in space.get("chunks") or () if isinstance(space, dict) else ():
+                seg = opened.get(segment_of(c.get("segment") if isinstance(c, dict) else None))
+                if seg is None:
+                    raise ValueError(f"chunk record {n} names a segment the manifest does not list")
+                for suffix in _SUFFIXES:
+                    t = seg.tensor(f"{suffix}.{c.get('id')}")
+                    if t is not None:
+                        tensors[f"{suffix}.{n}"] = t
+                where[n] = seg.path.name
+                n += 1
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise MemoryFileError(f"Cannot load the memory bank at {path}: {exc}. The files are corrupted or were not "
+                              "written by memlong.") from None
+    return tensors
