@@ -334,6 +334,12 @@ class BankFiles:
         victims = {name: capacity_victims(loaded[name][0], self.capacity, self.evict_oldest, self.keep_newest)
                    for name in spaces}  # a smaller capacity than the saving bank's: the usual rule applies
         for name, drop in victims.items():  # warned before anything changes (a warning raised as an error)
+            if drop and self.path is not None and self.path == path:  # a disk bank: its next commit deletes them
+                raise MemoryMismatchError(
+                    f"Reopening the disk bank at {path} with capacity={self.capacity} tokens (memory_capacity in "
+                    f"MemLongConfig) would evict {len(drop)} chunks of namespace {name!r}, and its next commit would "
+                    "delete them. Nothing was changed. Reopen it with a capacity at least as large as the one it was "
+                    "filled with; to shrink it, delete chunks or namespaces.")
             warn_evicted(name, len(drop), f"memory_capacity={self.capacity} tokens",
                          "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))", stacklevel=4)
         every = [c for chunks, _ in loaded.values() for c in chunks]  # (the same relative order: the victims stand)

@@ -26,10 +26,9 @@ import torch
 from memlong.config import MemLongConfig
 from memlong.dtypes import dtype_name, to_dtype
 from memlong.embedder import Embedder, TextEmbedder
-from memlong.eviction import MemoryEvictionWarning
 from memlong.kv_cache import DeviceCache
 from memlong.memory import MemoryBank
-from memlong.records import MemoryMismatchError, as_list, check_namespace
+from memlong.records import as_list, check_namespace
 from memlong.storage import is_disk_bank
 
 if TYPE_CHECKING:
@@ -161,18 +160,7 @@ def new_bank(ml: MemLong, embedder: TextEmbedder | str | None) -> MemoryBank:
                              "disk bank, so it would be read into RAM and nothing written later would reach the disk. "
                              "Load it with ml.load_memory(path) on a model without memory_path, or move it to disk: "
                              "give memory_path a new folder, then ml.load_memory(path) and ml.bank.commit().")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", MemoryEvictionWarning)
-            bank = MemoryBank.load(cfg.memory_path, embedder=emb, fingerprint=memory_fingerprint(ml), **options)
-        for w in caught:
-            if issubclass(w.category, MemoryEvictionWarning):  # its next commit would delete them from the disk
-                raise MemoryMismatchError(
-                    f"Reopening the disk bank at {str(cfg.memory_path)!r} with memory_capacity={cfg.memory_capacity} "
-                    f"and memory_max_bytes={cfg.memory_max_bytes} would evict chunks it holds ({w.message}), and its "
-                    "next commit would delete them. Nothing was changed. Reopen it with limits at least as large as "
-                    "the ones it was filled with; to shrink it, delete chunks or namespaces.")
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return bank
+        return MemoryBank.load(cfg.memory_path, embedder=emb, fingerprint=memory_fingerprint(ml), **options)
     bank = MemoryBank(embedder=emb, path=cfg.memory_path, **options)
     if bank.path is not None:
         bank.commit(fingerprint=memory_fingerprint(ml))

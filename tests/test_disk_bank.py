@@ -347,8 +347,10 @@ def test_memlong_on_a_disk_bank_is_exact_and_reopens(make_tiny, tmp_path):
     # matrix review: a smaller memory_capacity (the default 32,768 on a bank filled with more) evicted on open, with
     # a warning that the namespace "outgrew" it, and the next commit deleted the chunks from the disk for good
     tokens = disk.bank.num_tokens("doc")
-    with pytest.raises(MemoryMismatchError, match=f"memory_capacity={tokens // 2} .*would evict.*Nothing was changed"):
+    with pytest.raises(MemoryMismatchError, match=f"capacity={tokens // 2} tokens .*would evict.*Nothing was changed"):
         make_tiny(memory_path=str(tmp_path / "d"), memory_capacity=tokens // 2, **options)
+    with pytest.raises(MemoryMismatchError, match="would evict"):  # MemoryBank.load: the same (diff review)
+        MemoryBank.load(tmp_path / "d", embedder=disk.bank.embedder, capacity=tokens // 2)
     again, _ = make_tiny(memory_path=str(tmp_path / "d"), memory_capacity=tokens, **options)
     assert again.bank.chunk_ids("doc") == ids
 
