@@ -154,7 +154,8 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_visible
         raise ValueError(f"expected {n_visible} visible + {q.shape[2]} causal keys, got {k.shape[2]}.")
     if backend == "eager":
         return _attention_eager(q, k, v, n_visible, scaling)
-    if backend == "flex" and q.shape[2] > 1 and not (q.device.type == "cpu" and (q.requires_grad or k.requires_grad)):
+    if backend == "flex" and q.shape[2] > 1 and not (q.device.type == "cpu" and torch.is_grad_enabled()
+                                                     and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _attention_flex(q, k, v, n_visible, scaling)  # (FlexAttention has no backward on a CPU: sdpa there)
     return _attention_sdpa(q, k, v, n_visible, scaling, dropout)
 

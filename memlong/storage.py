@@ -257,7 +257,7 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
                 _fsync_dir(path)  # segments' directory entries are durable before a manifest names them
             os.replace(tmp, path / MANIFEST)  # the commit point
         except BaseException:  # also Ctrl-C: right after the commit point it would have deleted the new bank's files
-            if committed(path) != names[0]:
+            if committed(path) not in (names[0], "?"):  # ("?": unreadable now; the next save removes leftovers)
                 for name in names:
                     (path / name).unlink(missing_ok=True)
             raise

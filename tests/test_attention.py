@@ -160,6 +160,10 @@ def test_flex_trains_on_a_cpu_and_refresh_builds_no_graph(make_tiny):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ml.model.parameters())
         ml.model.zero_grad()
     assert abs(losses["flex"] - losses["sdpa"]) < 1e-4
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 8, 8)  # only V trained (LoRA on v_proj): diff review
+    v = torch.randn(1, 2, 8, 8, requires_grad=True)
+    joint_attention(q, k, v, 3, 0.3, "flex").sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
     ml, _ = make_tiny(chunk_size=16, local_window=64)
     ids = ml.ingest(" ".join(f"word{i}" for i in range(200)), namespace="d", progress=False).chunk_ids[:2]
     memory, count = ml.refresh(ml.memory_for(ids, "d"), ids, "d", share=0.5)
