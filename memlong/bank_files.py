@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from memlong.dtypes import to_dtype
 from memlong.embedder import TextEmbedder
 from memlong.eviction import MemoryFullError, capacity_victims, warn_evicted
 from memlong.journal import DTYPE_NAMES, chunk_record, header
@@ -75,16 +76,26 @@ def _chosen(path: Path, loaded: dict[str, Any], namespaces: Sequence[str] | None
     return {n: loaded[n] for n in names}
 
 
-def _check_loaded_config(path: Any, config: dict[str, Any], kwargs: dict[str, Any], name: Any) -> None:
-    """MemoryFileError unless a saved config (with load()'s options in ``kwargs``) makes a valid bank."""
+def _check_loaded_config(path: Any, config: dict[str, Any], kwargs: dict[str, Any], name: Any,
+                         options: dict[str, Any]) -> None:
+    """MemoryFileError unless a saved config (with load()'s ``options`` in ``kwargs``) makes a valid bank; ValueError
+    where the saved config is valid and the options make it invalid (the caller's, not the file's)."""
+    problem = f"Cannot load the memory bank at {path}: its config {str(config)[:300]} is invalid"
+    if not isinstance(kwargs["dtype"], torch.dtype):
+        raise MemoryFileError(f"{problem} (unknown dtype {name!r}); load(dtype=...) can override it.")
     try:
-        if not isinstance(kwargs["dtype"], torch.dtype):
-            raise ValueError(f"unknown dtype {name!r}")
         check_quantization(kwargs["quantization"])
-        check_bank_config(kwargs["capacity"], kwargs["evict_oldest"], kwargs["keep_newest"], kwargs["max_bytes"])
     except ValueError as exc:
-        raise MemoryFileError(f"Cannot load the memory bank at {path}: its config {str(config)[:300]} is invalid ({exc})"
-                              f". load() can override {', '.join(_OVERRIDES)} (e.g. keep_newest=0.1).") from None
+        raise MemoryFileError(f"{problem} ({exc}).") from None
+    try:
+        check_bank_config(*(kwargs[k] for k in _OVERRIDES))
+    except ValueError as exc:
+        try:
+            check_bank_config(*(config.get(k) for k in _OVERRIDES))
+        except ValueError:
+            raise MemoryFileError(f"{problem} ({exc}). load() can override {', '.join(_OVERRIDES)} (e.g. "
+                                  "keep_newest=0.1).") from None
+        raise ValueError(f"load()'s options with the bank's saved config at {path}: {exc}") from None
 
 
 _OVERRIDES = {"capacity": 1, "evict_oldest": 0.0, "keep_newest": 0.0, "max_bytes": None}  # (values that pass)
@@ -367,6 +378,8 @@ def _load(cls: type[MemoryBank], path: str | os.PathLike, embedder: TextEmbedder
           fingerprint: dict[str, Any] | None, verify: bool, options: dict[str, Any]) -> MemoryBank:
     """The body of :meth:`BankFiles.load` (one attempt)."""
     check_bank_config(**{**_OVERRIDES, **{k: v for k, v in options.items() if k in _OVERRIDES}})  # the caller's own
+    if isinstance(options.get("dtype"), str):  # a dtype's name, as the constructor takes it
+        options = {**options, "dtype": to_dtype(options["dtype"])}
     record, tensors, segments, commit = read_bank(path, verify=verify)
     config = record.get("config")
     if not isinstance(config, dict):
@@ -384,7 +397,7 @@ def _load(cls: type[MemoryBank], path: str | os.PathLike, embedder: TextEmbedder
                                       "or re-ingest.")
     kwargs.update(options, quantization=stored["quantization"])
     kwargs.pop("path", None)
-    _check_loaded_config(path, config, kwargs, name)
+    _check_loaded_config(path, config, kwargs, name, options)
     bank = cls(embedder=embedder, **kwargs)
     if segments is not None:
         if namespaces is not None:

@@ -469,6 +469,14 @@ def test_a_saved_config_that_is_refused_says_how_to_override(tmp_path):
         with pytest.raises(ValueError, match=message) as caught:
             MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder(), **bad)
         assert not isinstance(caught.value, MemoryFileError)
+    # diff review: a combination only the caller's override breaks is the caller's too (saved evict_oldest 0.1)
+    good = tmp_path / "good"
+    fill(ok := MemoryBank(embedder=HashEmbedder(), dtype="float32"), "ns", 2)
+    ok.save(good)
+    with pytest.raises(ValueError, match="load\\(\\)'s options with the bank's saved config") as caught:
+        MemoryBank.load(good, embedder=HashEmbedder(), keep_newest=0.95)
+    assert not isinstance(caught.value, MemoryFileError)
+    assert MemoryBank.load(good, embedder=HashEmbedder(), dtype="float32").dtype == torch.float32  # a dtype's name
 
 
 def test_a_bank_refuses_an_embedder_that_is_not_one_and_takes_a_dtypes_name():
