@@ -568,8 +568,16 @@ def test_vector_store_filters_like_langchains_in_memory_store(tiny):
                    lambda: store.max_marginal_relevance_search("gate", k=2, fetchk=8)):
         with pytest.raises(TypeError, match="unknown keyword"):
             search()
+    n = len(store.get_by_ids(["d0", "d1", "d2", "d3"]))
+    for write in (lambda: store.add_texts(["x"], metadata=[{"a": 1}]), lambda: store.delete(id=["d0"]),
+                  lambda: store.add_documents([Document("y")], namespce="other")):
+        with pytest.raises(TypeError, match="unknown keyword"):  # delete(id=...) deleted every entry
+            write()
+    assert len(store.get_by_ids(["d0", "d1", "d2", "d3"])) == n
     store.add_documents([Document("A nested gate.", metadata={"where": {"city": "x"}}, id="nested")])
     assert [d.id for d in store.similarity_search("gate", k=4, filter={"where": {"city": "x"}})] == ["nested"]
+    store.add_documents([Document("A gate by reference.", metadata={"ref": {"$ref": "a"}}, id="ref")])
+    assert [d.id for d in store.similarity_search("gate", filter={"ref": {"$ref": "a"}})] == ["ref"]  # not an operator
 
 
 def test_vector_store_mmr_matches_in_memory_store(tiny):

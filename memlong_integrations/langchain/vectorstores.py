@@ -71,20 +71,28 @@ def _filter_fn(filter: MetadataFilter | None) -> Callable[[Document], bool] | No
                     f"{type(filter).__name__}.")
 
 
+_OPERATORS = frozenset(f"${op}" for op in ("eq", "ne", "gt", "gte", "lt", "lte", "in", "nin", "and", "or", "not",
+                                          "nor", "exists", "like", "ilike", "contains", "between", "all", "size"))
+
+
 def _operator_in(filter: Mapping[str, Any]) -> str | None:  # noqa: A002
-    """The first ``$``-operator a dict filter uses (``{"$and": [...]}``, ``{"year": {"$gt": 2004}}``), or None."""
+    """The first query operator a dict filter uses (``{"$and": [...]}``, ``{"year": {"$gt": 2004}}``), or None
+    (other ``$`` keys, e.g. a stored ``{"$ref": ...}``, are values compared as stored)."""
     for key, value in filter.items():
-        if isinstance(key, str) and key.startswith("$"):
+        if key in _OPERATORS:
             return key
-        if isinstance(value, Mapping) and value and all(isinstance(k, str) and k.startswith("$") for k in value):
+        if isinstance(value, Mapping) and value and all(k in _OPERATORS for k in value):
             return next(iter(value))
     return None
 
 
-def _no_other(kwargs: dict[str, Any], method: str) -> None:
+_SEARCH = "k, filter (a dict of metadata values or a callable taking a Document) and, for MMR, fetch_k and lambda_mult"
+
+
+def _no_other(kwargs: dict[str, Any], method: str, takes: str = _SEARCH) -> None:
+    """TypeError for keywords ``method`` does not take (a misspelt one was ignored, silently)."""
     if kwargs:
-        raise TypeError(f"MemLongVectorStore.{method} got unknown keyword(s) {sorted(kwargs)}; it takes k, filter (a "
-                        "dict of metadata values or a callable taking a Document) and, for MMR, fetch_k and lambda_mult.")
+        raise TypeError(f"MemLongVectorStore.{method} got unknown keyword(s) {sorted(kwargs)}; it takes {takes}.")
 
 
 def _as_stored(value: Any) -> Any:
@@ -179,6 +187,7 @@ class MemLongVectorStore(VectorStore):
                 reserved for memlong (``memlong_*``, ``_memlong*``), or entries larger than the capacity.
             memlong.MemoryFullError: the entries do not fit the bank's ``max_bytes``.
         """
+        _no_other(kwargs, "add_texts", "texts, metadatas and ids (the namespace is the store's)")
         texts = list(texts)
         if metadatas is not None and len(metadatas) != len(texts):
             raise ValueError(f"Got {len(texts)} texts but {len(metadatas)} metadatas.")
@@ -214,6 +223,7 @@ class MemLongVectorStore(VectorStore):
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
         """Delete entries by id (all entries when ``ids`` is None). Missing ids are ignored; returns whether all
         were found."""
+        _no_other(kwargs, "delete", "ids (None: every entry)")  # delete(id=[...]) deleted every entry
         if ids is None:
             with entry_lock(self.bank, self.namespace):
                 self.bank.reset(self.namespace)
