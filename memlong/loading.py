@@ -170,13 +170,15 @@ def new_bank(ml: MemLong, embedder: TextEmbedder | str | None) -> MemoryBank:
 def check_shared_bank(ml: MemLong, bank: MemoryBank) -> MemoryBank:
     """``bank`` (given to ``MemLong(..., bank=)``, e.g. shared with another model) unless ``ml.config`` sets a storage
     or search option the bank does not have (ValueError naming them): they were ignored, silently (a
-    ``memory_path`` user believed the K-V went to disk)."""
+    ``memory_path`` user believed the K-V went to disk). An option set to its default cannot be told from one left
+    out, so it is not compared (the bank's own applies)."""
     if not isinstance(bank, MemoryBank):
         raise TypeError(f"bank must be a MemoryBank (e.g. another MemLong's .bank), got {type(bank).__name__}.")
     cfg, default = ml.config, MemLongConfig()
     path = None if bank.path is None else str(bank.path.resolve())
     found = {"memory_path": path, "memory_quantization": bank.quantization, "memory_dtype": dtype_name(bank.dtype),
-             "search_mode": bank.search_mode, "memory_capacity": bank.capacity, "memory_max_bytes": bank.max_bytes}
+             "search_mode": bank.search_mode, "memory_capacity": bank.capacity, "memory_max_bytes": bank.max_bytes,
+             "evict_oldest": bank.evict_oldest, "keep_newest": bank.keep_newest, "memory_ann_chunks": bank.ann_min_chunks}
     mine = {**{k: getattr(cfg, k) for k in found},
             "memory_path": None if cfg.memory_path is None else str(Path(cfg.memory_path).resolve())}
     wrong = [f"{k}={getattr(cfg, k)!r} (the bank's: {found[k]!r})" for k in found

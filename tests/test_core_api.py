@@ -382,7 +382,8 @@ def test_a_shared_bank_refuses_storage_options_it_does_not_have(make_tiny, tiny_
     shared = first.bank
     for options, named in (({"memory_path": str(tmp_path / "d")}, "memory_path"),
                            ({"search_mode": "lexical"}, "search_mode='lexical' (the bank's: 'dense')"),
-                           ({"memory_quantization": "int8", "memory_capacity": 999}, "memory_quantization='int8'")):
+                           ({"memory_quantization": "int8", "memory_capacity": 999}, "memory_quantization='int8'"),
+                           ({"evict_oldest": 0.5, "keep_newest": 0.4}, "evict_oldest=0.5 (the bank's: 0.1)")):
         with pytest.raises(ValueError, match=f"uses it as it is, but its config sets .*{re.escape(named)}"):
             MemLong(tiny_hf, tokenizer, MemLongConfig(memory_dtype="float32", **options), bank=shared)
     with pytest.raises(TypeError, match="bank must be a MemoryBank"):
