@@ -253,7 +253,7 @@ class DiskKVStore(KVStore):
 
         ValueError when the bank's directory is gone since it was opened (a segment written now would fail with a
         FileNotFoundError that said the directory still held the last commit)."""
-        if self.committed is not None and committed(self.path) is None:
+        if not self.path.is_dir() or (self.committed is not None and committed(self.path) is None):
             raise ValueError(f"The disk bank at {self.path} is gone: its directory or manifest was deleted or moved "
                              "since this bank opened it. Nothing was written; to keep what this bank holds, save it "
                              "to another directory with save(path) while this process still has it open.")

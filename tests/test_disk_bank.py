@@ -700,6 +700,11 @@ def test_messages_for_a_deleted_bank_a_file_and_a_path_say_what_happened(tmp_pat
     with pytest.raises(ValueError, match="is gone: its directory or manifest was deleted or moved"):
         bank.commit()
     bank.save(tmp_path / "kept")  # what the message advises: the open maps still hold the K-V
+    never = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "never", dtype=torch.float32)  # never committed
+    fill(never, "ns", 2)
+    shutil.rmtree(tmp_path / "never")
+    with pytest.raises(ValueError, match="is gone"):  # (it said the directory still held the last commit)
+        never.commit()
     assert digest(MemoryBank.load(tmp_path / "kept", embedder=HashEmbedder(), verify=True)) == digest(bank)
     (tmp_path / "file").write_text("x")
     with pytest.raises(MemoryFileError, match="it is a file, not a bank's directory"):
