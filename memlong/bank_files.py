@@ -227,7 +227,8 @@ class BankFiles:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, embedder: TextEmbedder, namespaces: Sequence[str] | None = None,
-             fingerprint: dict[str, Any] | None = None, verify: bool = False, **options: Any) -> MemoryBank:
+             fingerprint: dict[str, Any] | None = None, verify: bool = False, evict: bool = True,
+             **options: Any) -> MemoryBank:
         """A new bank holding what :meth:`save` wrote to ``path``.
 
         ``embedder`` must be the one the bank was built with (same name and dimension); the faiss indexes are
@@ -235,7 +236,9 @@ class BankFiles:
         from the stored one raises :class:`MemoryMismatchError`. ``options`` override the saved constructor
         arguments (``capacity``, ``max_bytes``, ``dtype``, ``device``, ...). A disk bank (written by :meth:`commit`)
         reopens in place: its segments are memory-mapped, not read, and later commits go to the same directory;
-        ``verify=True`` also checks every segment's sha256 (reads them all once).
+        ``verify=True`` also checks every segment's sha256 (reads them all once). A smaller ``capacity`` than a
+        namespace holds evicts on load (a disk bank's next commit then deletes the evicted chunks); ``evict=False``
+        refuses such a load instead (:class:`MemoryMismatchError`), as a ``memory_path`` reopen does.
 
         Example:
             >>> bank = MemoryBank.load("memory/alice", embedder=Embedder())
@@ -244,7 +247,7 @@ class BankFiles:
             MemoryFileError: missing, truncated, corrupted or unknown files (nothing is loaded).
             MemoryMismatchError: a bank made by another embedder or model (both are named).
         """
-        return _retrying(path, lambda: _load(cls, path, embedder, namespaces, fingerprint, verify, options))
+        return _retrying(path, lambda: _load(cls, path, embedder, namespaces, fingerprint, verify, options, evict))
 
     def restore(self, path: str | os.PathLike, *, namespaces: Sequence[str] | None = None,
                 fingerprint: dict[str, Any] | None = None, single: bool = False) -> list[str]:
@@ -275,7 +278,7 @@ class BankFiles:
 
     def _restore(self, path: Path, record: dict[str, Any], tensors: dict[str, torch.Tensor],
                  namespaces: Sequence[str] | None, fingerprint: dict[str, Any] | None,
-                 segments: list[dict[str, Any]] | None = None, renumber: bool = False) -> list[str]:
+                 segments: list[dict[str, Any]] | None = None, renumber: bool = False, evict: bool = True) -> list[str]:
         check_compatible(path, record, self.embedder, fingerprint)
         in_place = segments is not None and self.path is not None and self.path == path  # a disk bank reopening
         where: dict[int, str] = {}
@@ -303,7 +306,7 @@ class BankFiles:
             space.add([c.id for c in chunks], vectors, [c.text for c in chunks])
             spaces[name] = space
         with self._lock.write():
-            self._publish(path, loaded, spaces, sizes, next_order, renumber)
+            self._publish(path, loaded, spaces, sizes, next_order, renumber, evict)
         return list(spaces)
 
     def _adopt_payload(self, kv: KVPayload, path: Path, cid: str, copy: bool) -> KVPayload:
@@ -324,7 +327,7 @@ class BankFiles:
         return placed.clone() if copy and placed.data_ptr() == t.data_ptr() else placed
 
     def _publish(self, path: Path, loaded: dict[str, tuple[list[Chunk], np.ndarray]], spaces: dict[str, NamespaceIndex],
-                 sizes: dict[str, int], next_order: int, renumber: bool = False) -> None:
+                 sizes: dict[str, int], next_order: int, renumber: bool = False, evict: bool = True) -> None:
         """Swap loaded namespaces in (under the write lock), or raise with the bank unchanged. ``renumber``
         (``restore``): when a saved insertion order is that of a chunk this bank keeps (two chunks of one order made
         the bank's next save unloadable), the loaded chunks get new orders after this bank's own, in their saved
@@ -345,12 +348,12 @@ class BankFiles:
         victims = {name: capacity_victims(loaded[name][0], self.capacity, self.evict_oldest, self.keep_newest)
                    for name in spaces}  # a smaller capacity than the saving bank's: the usual rule applies
         for name, drop in victims.items():  # warned before anything changes (a warning raised as an error)
-            if drop and self.path is not None and self.path == path:  # a disk bank: its next commit deletes them
+            if drop and not evict:  # (a disk bank's next commit would delete them)
                 raise MemoryMismatchError(
-                    f"Reopening the disk bank at {path} with capacity={self.capacity} tokens (memory_capacity in "
-                    f"MemLongConfig) would evict {len(drop)} chunks of namespace {name!r}, and its next commit would "
-                    "delete them. Nothing was changed. Reopen it with a capacity at least as large as the one it was "
-                    "filled with; to shrink it, delete chunks or namespaces.")
+                    f"Opening the memory bank at {path} with capacity={self.capacity} tokens (memory_capacity in "
+                    f"MemLongConfig) would evict {len(drop)} chunks of namespace {name!r} (a disk bank's next commit "
+                    "deletes them). Nothing was changed. Open it with a capacity at least as large as the one it was "
+                    "filled with; to shrink it, MemoryBank.load(path, capacity=..., evict=True).")
             warn_evicted(name, len(drop), f"memory_capacity={self.capacity} tokens",
                          "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))", stacklevel=4)
         every = [c for chunks, _ in loaded.values() for c in chunks]  # (the same relative order: the victims stand)
@@ -375,7 +378,7 @@ class BankFiles:
 
 
 def _load(cls: type[MemoryBank], path: str | os.PathLike, embedder: TextEmbedder, namespaces: Sequence[str] | None,
-          fingerprint: dict[str, Any] | None, verify: bool, options: dict[str, Any]) -> MemoryBank:
+          fingerprint: dict[str, Any] | None, verify: bool, options: dict[str, Any], evict: bool = True) -> MemoryBank:
     """The body of :meth:`BankFiles.load` (one attempt)."""
     check_bank_config(**{**_OVERRIDES, **{k: v for k, v in options.items() if k in _OVERRIDES}})  # the caller's own
     if isinstance(options.get("dtype"), str):  # a dtype's name, as the constructor takes it
@@ -410,7 +413,7 @@ def _load(cls: type[MemoryBank], path: str | os.PathLike, embedder: TextEmbedder
         journal = record.get("journal") or {"deltas": 0, "changes": 0}  # what read_bank replayed
         store.journal = (journal["deltas"], journal["changes"])
     try:
-        bank._restore(Path(path), record, tensors, namespaces, fingerprint, segments)
+        bank._restore(Path(path), record, tensors, namespaces, fingerprint, segments, evict=evict)
     except MemoryFullError as exc:
         if "max_bytes" in options:
             raise

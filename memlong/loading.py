@@ -160,7 +160,8 @@ def new_bank(ml: MemLong, embedder: TextEmbedder | str | None) -> MemoryBank:
                              "disk bank, so it would be read into RAM and nothing written later would reach the disk. "
                              "Load it with ml.load_memory(path) on a model without memory_path, or move it to disk: "
                              "give memory_path a new folder, then ml.load_memory(path) and ml.bank.commit().")
-        return MemoryBank.load(cfg.memory_path, embedder=emb, fingerprint=memory_fingerprint(ml), **options)
+        return MemoryBank.load(cfg.memory_path, embedder=emb, fingerprint=memory_fingerprint(ml), evict=False,
+                               **options)  # (memory_capacity is always given: its default evicted a larger bank)
     bank = MemoryBank(embedder=emb, path=cfg.memory_path, **options)
     if bank.path is not None:
         bank.commit(fingerprint=memory_fingerprint(ml))

@@ -349,8 +349,8 @@ def test_memlong_on_a_disk_bank_is_exact_and_reopens(make_tiny, tmp_path):
     tokens = disk.bank.num_tokens("doc")
     with pytest.raises(MemoryMismatchError, match=f"capacity={tokens // 2} tokens .*would evict.*Nothing was changed"):
         make_tiny(memory_path=str(tmp_path / "d"), memory_capacity=tokens // 2, **options)
-    with pytest.raises(MemoryMismatchError, match="would evict"):  # MemoryBank.load: the same (diff review)
-        MemoryBank.load(tmp_path / "d", embedder=disk.bank.embedder, capacity=tokens // 2)
+    with pytest.raises(MemoryMismatchError, match="would evict"):  # MemoryBank.load asked not to evict (diff review)
+        MemoryBank.load(tmp_path / "d", embedder=disk.bank.embedder, capacity=tokens // 2, evict=False)
     # a dtype's name is the dtype (it said "stores K-V with dtype=torch.float32, opened with dtype='float32'")
     assert MemoryBank.load(tmp_path / "d", embedder=disk.bank.embedder, dtype="float32").chunk_ids("doc") == ids
     again, _ = make_tiny(memory_path=str(tmp_path / "d"), memory_capacity=tokens, **options)
