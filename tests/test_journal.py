@@ -140,7 +140,7 @@ def test_a_reopened_bank_evicting_to_a_smaller_capacity_commits_the_eviction(tmp
     for seed in range(4):
         fill(bank, "ns", 10, seed=seed)
     bank.commit()
-    with pytest.warns(MemoryEvictionWarning):
+    with pytest.warns(MemoryEvictionWarning, match="capacity=105 tokens on load \\(it was saved larger\\)"):
         small = reopen(tmp_path / "b", capacity=105)  # 40 chunks of 3 tokens: the paper's rule evicts 23
     evicted = 40 - len(small)
     fill(small, "ns", 1, seed=9)
