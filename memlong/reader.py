@@ -158,7 +158,6 @@ def attach_reader(ml: MemLong, path: str | Path, *, check_fingerprint: bool = Tr
                          "MemLong.from_pretrained(adapter=...), which merges it.")
     if ml.reader is not None:
         raise ValueError("This model already has a reader attached; load a fresh model for another one.")
-    check_reader_layout(ml.config)  # (it loaded, silently, and changed the logits)
     expected = meta.get("base_model", {}).get("fingerprint")
     if check_fingerprint and expected and expected != fingerprint(ml.model, meta["layers"]):
         raise ValueError(f"The reader at {folder} was trained on base model {meta['base_model'].get('name')!r} "
@@ -170,6 +169,7 @@ def attach_reader(ml: MemLong, path: str | Path, *, check_fingerprint: bool = Tr
         raise ValueError(f"The reader at {folder} holds factors for other layers than its adapter.json names: the folder "
                          "was changed or is incomplete; train it again (memlong train-reader) or restore it.")
     check_lora_factors(meta, tensors, ml.model)
+    check_reader_layout(ml.config)  # (it loaded, silently, and changed the logits)
     layers = add_lora(ml.model, meta["layers"], rank=int(meta["lora"]["rank"]), alpha=float(meta["lora"]["alpha"]),
                       targets=tuple(meta["lora"]["targets"]))
     with torch.no_grad():
