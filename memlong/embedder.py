@@ -35,8 +35,7 @@ class TextEmbedder(Protocol):
 def check_embedder(embedder: Any) -> TextEmbedder:
     """``embedder`` if it is a :class:`TextEmbedder` (TypeError naming the fix otherwise: a model name, given
     where ``MemLong.from_pretrained(embedder=...)`` takes one, was stored and failed at the first search)."""
-    if not callable(getattr(embedder, "encode", None)) or isinstance(embedder, (str, bytes)) \
-            or not isinstance(getattr(embedder, "dim", None), numbers.Integral):
+    if not callable(getattr(embedder, "encode", None)) or not isinstance(getattr(embedder, "dim", None), numbers.Integral):
         raise TypeError(f"embedder must be a text embedder (an object with an int dim and encode(texts) -> unit "
                         f"rows), got {type(embedder).__name__} {str(embedder)[:60]!r}; for a sentence-transformers "
                         "model by name or path use memlong.Embedder(name).")

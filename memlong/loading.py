@@ -317,7 +317,7 @@ def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple
     """The body of :meth:`MemLong.memory_for`: from the bank through ``ml.kv_cache`` (when there is one), checked
     against ``ml``'s shapes; ``None`` for no ids. ``chunk_ids``: any list-like of ids (one string is refused)."""
     chunk_ids = as_list(chunk_ids, "chunk_ids")
-    check_namespace(namespace)  # (None said "not in namespace None")
+    check_namespace(namespace)  # also for no ids (bank.fetch checks it where there are)
     if not chunk_ids:
         return None
     keys, values = ml.bank.fetch(chunk_ids, namespace=namespace, device=ml.device, dtype=ml.dtype, cache=ml.kv_cache)

@@ -335,7 +335,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
               dtype: torch.dtype | None = None, cache: DeviceCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K-V of ``chunk_ids`` concatenated in document order: ``(n_source_layers, n_kv_heads, tokens, head_dim)``.
         With a ``cache`` (:class:`memlong.kv_cache.DeviceCache`) on its device, chunks it holds are not copied again."""
-        _check_dtype(dtype)
+        check_namespace(namespace), _check_dtype(dtype)  # (namespace None said "not in namespace None")
         with self._lock.read():
             chunks = sorted((self._get(cid, namespace) for cid in dict.fromkeys(as_list(chunk_ids, "chunk_ids"))),
                             key=lambda c: c.order)

@@ -363,7 +363,8 @@ def test_namespace_none_is_refused_everywhere_and_run_output_repr_is_short(make_
     ml, _ = make_tiny(chunk_size=16, local_window=64)
     ids = ml.ingest(TEXT[:300], namespace="d", progress=False).chunk_ids
     for call in (lambda: ml.memory_for(ids, None), lambda: ml.bank.stored(ids, namespace=None),
-                 lambda: ml.bank.num_tokens(5), lambda: ml.bank.nbytes(""), lambda: ml.memory_for([], None)):
+                 lambda: ml.bank.num_tokens(5), lambda: ml.bank.nbytes(""), lambda: ml.memory_for([], None),
+                 lambda: ml.bank.fetch(ids, namespace=None)):
         with pytest.raises(ValueError, match="namespace must be a non-empty string"):
             call()
     assert ml.bank.num_tokens("d") > 0 and ml.bank.stored(ids, namespace="d") == ids

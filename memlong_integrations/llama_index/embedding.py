@@ -20,7 +20,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import ConfigDict, PrivateAttr
 
 from memlong import MemLong
-from memlong.embedder import TextEmbedder
+from memlong.embedder import TextEmbedder, check_embedder
 
 __all__ = ["MemLongEmbedding"]
 
@@ -39,9 +39,11 @@ class MemLongEmbedding(BaseEmbedding):
     def __init__(self, embedder: TextEmbedder | MemLong, **kwargs: Any) -> None:
         if isinstance(embedder, MemLong):  # the natural first try: its bank's embedder is meant
             embedder = embedder.bank.embedder
-        if not callable(getattr(embedder, "encode", None)) or not hasattr(embedder, "dim"):
+        try:
+            embedder = check_embedder(embedder)
+        except TypeError:
             raise TypeError(f"MemLongEmbedding needs a memlong TextEmbedder (ml.bank.embedder) or a MemLong, got "
-                            f"{type(embedder).__name__}; MemLongEmbedding.from_memlong(ml) is the usual way.")
+                            f"{type(embedder).__name__}; MemLongEmbedding.from_memlong(ml) is the usual way.") from None
         kwargs.setdefault("model_name", str(getattr(embedder, "name", type(embedder).__name__)))
         super().__init__(**kwargs)
         self._embedder = embedder
