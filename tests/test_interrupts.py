@@ -1,0 +1,168 @@
+"""Ctrl-C at any line of a bank change (review finding): a ``KeyboardInterrupt`` raised
+between two lines of ``add_chunks``, ``delete``, ``reset`` or ``restore`` left the bank half-changed (chunks counted
+but not indexed) or its lock held for ever (the next call hung). Each test raises a real SIGINT at every line event
+inside memlong in turn (``sys.settrace``) and checks after each: the lock is free, the handler is restored, the
+bank's invariants hold (tests/test_bank_stateful.py), and the bank is as before the call or as after it."""
+
+import functools
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_bank_stateful import CAPACITY, BankMachine
+from test_persistence import HashEmbedder
+
+from memlong import MemoryBank
+from memlong.rwlock import interrupts_held
+
+
+def interrupt_at(n, call):
+    """Run ``call()`` with a SIGINT raised at the ``n``-th line executed inside memlong; True if it was raised
+    (the call ended in KeyboardInterrupt), False if the call has fewer lines (it ran to the end)."""
+    seen = 0
+
+    def tracer(frame, event, arg):
+        nonlocal seen
+        if "memlong" not in frame.f_code.co_filename.replace("\\", "/").split("/"):
+            return None
+        if event == "line":
+            seen += 1
+            if seen == n:
+                signal.raise_signal(signal.SIGINT)
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        call()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        sys.settrace(None)
+    assert seen < n, "the SIGINT was raised but no KeyboardInterrupt came"
+    return False
+
+
+def contents(bank):
+    """Every namespace's chunks as comparable values (ids left out: each run gives new ones)."""
+    out = {}
+    for ns in bank.namespaces():
+        chunks = [bank.get(i, namespace=ns) for i in bank.chunk_ids(ns)]
+        out[ns] = [(c.text, c.doc_id, c.span, c.metadata, c.keys.tolist()) for c in chunks]
+    return out
+
+
+def fresh_bank():
+    bank = MemoryBank(embedder=HashEmbedder(), capacity=CAPACITY, max_bytes=40_000, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    for i, ns in enumerate(["alice", "alice", "bob", "carol"]):
+        keys = torch.randn(2, 2, 6, 4, generator=gen)
+        bank.add_chunks([f"chunk {i} of {ns}"], keys=[keys], values=[keys * 2], namespace=ns, doc_id=f"d{i % 2}")
+    return bank
+
+
+def _add(n_tokens):
+    def add(bank):
+        keys = torch.ones(2, 2, n_tokens, 4)
+        bank.add_chunks(["new one", "new two"], keys=[keys] * 2, values=[keys * 2] * 2, namespace="alice",
+                        doc_id="d9", metadata=[{"k": 1}, {"k": 2}])
+    return add
+
+
+OPERATIONS = {
+    "add": _add(5),
+    "add-evicting": _add(24),  # 2 x 24 tokens + 12 stored > CAPACITY (60): older chunks are evicted
+    "delete-doc": lambda bank: bank.delete(namespace="alice", doc_id="d0"),
+    "reset": lambda bank: bank.reset("bob"),
+    "search": lambda bank: bank.search("chunk", namespace="alice", k=2, mode="hybrid"),
+}
+
+
+def check_lock_free(lock):
+    """(Takes the lock, not the bank: pytest's report of a failure would call the bank's repr, which waits for it.)"""
+    assert lock._cond.acquire(timeout=1), "the lock's mutex was left held: the next call would hang"
+    lock._cond.release()
+    assert not lock._writer and not lock._readers and not lock._writers_waiting and not lock._depth
+
+
+def check_after_interrupt(bank, before, after):
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    check_lock_free(bank._lock)
+    BankMachine.aligned_bounded_isolated(SimpleNamespace(bank=bank))
+    assert contents(bank) in (before, after)
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+def test_a_sigint_at_any_line_of_a_change_leaves_it_whole_or_undone(operation):
+    call = OPERATIONS[operation]
+    reference = fresh_bank()
+    before = contents(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the evicting add warns
+        call(reference)
+        after = contents(reference)
+        n, interrupted = 0, True
+        while interrupted:
+            n += 1
+            bank = fresh_bank()
+            interrupted = interrupt_at(n, functools.partial(call, bank))
+            check_lock_free(bank._lock)
+            check_after_interrupt(bank, before, after)
+    assert n > 20  # the change ran through many lines, each one interrupted once
+
+
+def test_restore_interrupted_at_any_line_leaves_the_bank_whole(tmp_path):
+    source = fresh_bank()
+    source.save(tmp_path / "saved", namespaces=["bob", "carol"])
+    target = MemoryBank(embedder=HashEmbedder(), capacity=CAPACITY, max_bytes=40_000, dtype=torch.float32)
+    keys = torch.zeros(2, 2, 3, 4)
+    target.add_chunks(["mine"], keys=[keys], values=[keys * 2], namespace="bob", doc_id="m")
+    before = contents(target)
+    target.restore(tmp_path / "saved", namespaces=["bob"])
+    after = contents(target)
+    n, interrupted = 0, True
+    while interrupted:
+        n += 1
+        bank = MemoryBank(embedder=HashEmbedder(), capacity=CAPACITY, max_bytes=40_000, dtype=torch.float32)
+        bank.add_chunks(["mine"], keys=[keys], values=[keys * 2], namespace="bob", doc_id="m")
+        interrupted = interrupt_at(n, functools.partial(bank.restore, tmp_path / "saved", namespaces=["bob"]))
+        check_lock_free(bank._lock)
+        check_after_interrupt(bank, before, after)
+    assert n > 50
+
+
+def test_a_held_interrupt_is_raised_when_the_block_ends_and_a_wait_stays_interruptible():
+    order = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.01)  # (signal handlers run between bytecodes: it would have raised by now)
+            order.append("block finished")
+    assert order == ["block finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    bank = fresh_bank()
+    inside, release = threading.Event(), threading.Event()
+
+    def reader():
+        with bank.reading():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    inside.wait(10)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))  # as Ctrl-C: to the process
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        bank.delete(namespace="alice", doc_id="d0")  # waits for the reader; Ctrl-C ends the wait
+    assert time.monotonic() - started < 5
+    release.set()
+    thread.join(10)
+    assert bank.delete(namespace="alice", doc_id="d0") == 1  # the lock is free again
