@@ -301,8 +301,43 @@ def test_vector_store_entries_round_trip_and_span_chunks(tiny):
     assert store.chunk_ids([long_doc]) == owned  # every chunk of the entry, in document order
     assert all(0.0 <= s <= 1.0 for _, s in store.similarity_search_with_relevance_scores(QUESTION, k=2))
     assert store.get_by_ids(["long", "missing"]) == [long_doc]
-    assert store.delete(["missing"]) is False and store.delete([ids[1]]) is True
+    assert store.delete(["missing"]) is True and store.delete([ids[1]]) is True
     assert [d.id for d in store.similarity_search(QUESTION, k=5)] == ["long"]
+
+
+def test_vector_store_under_langchains_indexing_api(tiny):
+    """Review finding: ``langchain_core.indexing.index`` / ``aindex`` crashed on their first call (``add_documents``
+    passes ``batch_size``, which add_texts refused), and once an entry was gone (evicted, or deleted by hand) every
+    later cleanup failed: ``delete`` returned False for the missing id, which LangChain reads as a failed delete."""
+    import asyncio
+
+    from langchain_core.indexing import InMemoryRecordManager, aindex, index
+
+    store = MemLongVectorStore(tiny, namespace="indexed")
+    manager = InMemoryRecordManager("memlong/indexed")
+    manager.create_schema()
+    docs = [Document("The harbour gate password is marigold.", metadata={"source": "gate"}),
+            Document("Falcons nest in the northern tower.", metadata={"source": "tower"}),
+            Document("The abbey bell rings at noon.", metadata={"source": "bell"})]
+
+    def sync(documents, cleanup="incremental"):
+        return index(documents, manager, store, cleanup=cleanup, source_id_key="source", key_encoder="sha256")
+
+    assert sync(docs) == {"num_added": 3, "num_updated": 0, "num_skipped": 0, "num_deleted": 0}
+    assert sync(docs)["num_skipped"] == 3
+    docs[0] = Document("The harbour gate password is thistle.", metadata={"source": "gate"})
+    assert sync(docs) == {"num_added": 1, "num_updated": 0, "num_skipped": 2, "num_deleted": 1}
+    texts = sorted(d.page_content for d in store.similarity_search("harbour gate password", k=5))
+    assert texts == sorted(d.page_content for d in docs)  # the old version is gone
+    tower = next(d.id for d in store.similarity_search("falcons tower", k=5) if d.metadata["source"] == "tower")
+    store.delete([tower])  # gone without the record manager knowing (as an eviction would)
+    assert store.delete([tower]) is True  # a missing id is no failure
+    assert sync(docs[:1] + docs[2:], cleanup="full")["num_deleted"] == 1  # was: IndexingException
+    assert sorted(d.metadata["source"] for d in store.similarity_search("gate bell", k=5)) == ["bell", "gate"]
+    result = asyncio.run(aindex(docs[:1] + [Document("Saffron is in the chest.", metadata={"source": "chest"})],
+                                manager, store, cleanup="full", source_id_key="source", key_encoder="sha256"))
+    assert result == {"num_added": 1, "num_updated": 0, "num_skipped": 1, "num_deleted": 1}
+    assert sorted(d.metadata["source"] for d in store.similarity_search("gate chest", k=5)) == ["chest", "gate"]
 
 
 def test_vector_store_failed_upsert_loses_nothing(tiny):

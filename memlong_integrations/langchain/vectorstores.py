@@ -178,16 +178,18 @@ class MemLongVectorStore(VectorStore):
 
     # ------------------------------------------------------------------ writing
     def add_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *,
-                  ids: Sequence[str | None] | None = None, **kwargs: Any) -> list[str]:
+                  ids: Sequence[str | None] | None = None, batch_size: int | None = None, **kwargs: Any) -> list[str]:
         """Ingest ``texts`` (K-V computed by the model); returns their ids. Existing ids are replaced. The add is
         atomic: all entries (and the removal of the versions they replace) or, on any error, nothing.
+        ``batch_size`` (passed by LangChain's indexing API, ``langchain_core.indexing.index``) is taken and
+        not used: the texts are streamed through the model one after the other, in one atomic add.
 
         Raises:
             ValueError: an empty text, ``metadatas`` / ``ids`` of another length than ``texts``, a metadata key
                 reserved for memlong (``memlong_*``, ``_memlong*``), or entries larger than the capacity.
             memlong.MemoryFullError: the entries do not fit the bank's ``max_bytes``.
         """
-        _no_other(kwargs, "add_texts", "texts, metadatas and ids (the namespace is the store's)")
+        _no_other(kwargs, "add_texts", "texts, metadatas, ids and batch_size (the namespace is the store's)")
         texts = list(texts)
         if metadatas is not None and len(metadatas) != len(texts):
             raise ValueError(f"Got {len(texts)} texts but {len(metadatas)} metadatas.")
@@ -221,8 +223,9 @@ class MemLongVectorStore(VectorStore):
         return await in_thread(self.add_texts, texts, metadatas, ids=ids, **kwargs)
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
-        """Delete entries by id (all entries when ``ids`` is None). Missing ids are ignored; returns whether all
-        were found."""
+        """Delete entries by id (all entries when ``ids`` is None); returns True: none of ``ids`` is stored any
+        more. Missing ids (deleted before, evicted, never added) are ignored, as LangChain's stores do; a False
+        made LangChain's indexing API fail every later cleanup that named an evicted entry."""
         _no_other(kwargs, "delete", "ids (None: every entry)")  # delete(id=[...]) deleted every entry
         if ids is None:
             with entry_lock(self.bank, self.namespace):
@@ -233,7 +236,7 @@ class MemLongVectorStore(VectorStore):
             drop = [cid for i in ids for cid in entries.get(i, [])]
             if drop:
                 self.bank.delete(drop, namespace=self.namespace)
-        return all(i in entries for i in ids)
+        return True
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         """The stored entries among ``ids`` (missing ids are skipped)."""
