@@ -60,7 +60,8 @@ VERSION = 1
 SEGMENT_VERSION = 2  # a manifest that also names K-V segments (a disk bank)
 JOURNAL_VERSION = 3  # a disk bank's manifest that also lists deltas (commits written as what changed)
 MANIFEST = "manifest.json"
-_MANIFEST_LIMIT = 1 << 20  # a manifest is a few hundred bytes; never read more than this
+_MANIFEST_LIMIT = 256 << 20  # about 150 bytes per segment: 1.7 million segments; never read more than this (it
+# was 1 MiB: a disk bank of 7,000 segments committed a manifest it then refused to reopen)
 _DATA_NAME = re.compile(r"^(bank-[0-9a-f]{16}\.json|tensors-[0-9a-f]{16}\.safetensors)\Z")
 _DELTA_NAME = re.compile(r"^delta-[0-9a-f]{16}\.(json|safetensors)\Z")
 _OURS = re.compile(r"^((bank|delta)-[0-9a-f]{16}\.json|(tensors|seg|delta)-[0-9a-f]{16}\.safetensors|"
@@ -250,6 +251,11 @@ def write_bank(path: str | os.PathLike, record: dict[str, Any], tensors: Sequenc
                 head.update(version=JOURNAL_VERSION, files=base[0],
                             journal=[*base[2], {"record": files[0], "tensors": files[1], **delta}])
             manifest = json.dumps(head, indent=1).encode()
+            if len(manifest) > _MANIFEST_LIMIT:  # (readers refuse it: the bank would not reopen)
+                raise ValueError(f"The memory bank at {path} would need a manifest of {len(manifest)} bytes for its "
+                                 f"{len(segments or ())} segment files, over the {_MANIFEST_LIMIT} bytes a manifest "
+                                 "may hold. Nothing was written: the directory holds its last commit. Split the "
+                                 "bank's namespaces across several disk banks.")
             tmp = path / (MANIFEST + ".tmp")
             tmp.unlink(missing_ok=True)
             _write_file(tmp, lambda out: out.write(manifest))

@@ -712,3 +712,25 @@ def test_messages_for_a_deleted_bank_a_file_and_a_path_say_what_happened(tmp_pat
     ml, _ = make_tiny()
     with pytest.raises(TypeError, match="got the path .*read the file first"):
         ml.ingest(tmp_path / "file", namespace="d", progress=False)
+
+
+def test_a_commit_whose_manifest_would_be_too_large_to_reopen_is_refused(tmp_path, monkeypatch):
+    """Review finding: the manifest's size limit was checked when a bank was read, never when it was written: a disk
+    bank of about 7,000 segments (150 bytes each in the manifest) committed a manifest over 1 MiB and then could
+    neither reopen (MemoryFileError) nor commit again. The limit is now 256 MiB and a commit over it is refused
+    before its commit point; here it is lowered to show that."""
+    import memlong.storage as storage
+
+    assert storage._MANIFEST_LIMIT >= 256 << 20
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32, segment_bytes=1)
+    for seed in range(4):
+        fill(bank, "ns", 1, seed=seed)  # one segment per add
+    bank.commit()
+    committed = digest(bank)
+    monkeypatch.setattr(storage, "_MANIFEST_LIMIT", (tmp_path / "b" / "manifest.json").stat().st_size + 100)
+    for seed in range(4, 10):
+        fill(bank, "ns", 1, seed=seed)
+    with pytest.raises(ValueError, match="manifest of .* bytes for its .* segment files.*Nothing was written"):
+        bank.commit()
+    assert digest(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == committed
+    assert named_by_manifest(tmp_path / "b") >= {p.name for p in (tmp_path / "b").iterdir() if p.name.startswith("bank-")}
