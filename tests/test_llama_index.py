@@ -701,6 +701,11 @@ def test_adding_a_node_id_again_replaces_it(make_tiny):
     assert not any("marigold" in h.node.get_content() for h in hits)
     assert {n.metadata["memlong_node_id"] for n in store.get_nodes()} == {"n1", "n2"}
     assert {ml.bank.get(c, namespace="up").doc_id for c in ml.bank.chunk_ids("up")} == {"manual"}
+    # a node updated to blank text: its old version goes, alone as in a batch (alone, it stayed and was answered from)
+    store.add([TextNode(id_="n1", text="  ", relationships=doc)])
+    assert {n.metadata["memlong_node_id"] for n in store.get_nodes()} == {"n2"}
+    store.add([TextNode(id_="n2", text="", relationships=doc), TextNode(id_="n3", text="Bells ring.", relationships=doc)])
+    assert {n.metadata["memlong_node_id"] for n in store.get_nodes()} == {"n3"}
     # MemLongEmbedding(ml) is the model's bank embedder, as from_memlong (it was an AttributeError on 'encode')
     assert MemLongEmbedding(ml).get_query_embedding("x") == MemLongEmbedding.from_memlong(ml).get_query_embedding("x")
     with pytest.raises(TypeError, match="from_memlong"):

@@ -176,7 +176,8 @@ class MemLongVectorStore(BasePydanticVectorStore):
 
     # ------------------------------------------------------------------ writing
     def add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
-        """Ingest ``nodes`` into the bank (chunk K-V computed now); returns their node ids.
+        """Ingest ``nodes`` into the bank (chunk K-V computed now); returns their node ids. A node id added again
+        replaces that node; a node without text is not stored (nothing to compute K-V of), but still replaces it.
 
         Raises:
             ValueError: a node's metadata key that memlong reserves (``memlong_*``, ``_memlong*``; the keys this
@@ -194,8 +195,10 @@ class MemLongVectorStore(BasePydanticVectorStore):
                               NODE_ID_KEY: node.node_id, REF_DOC_ID_KEY: str(ref),
                               EXCLUDED_KEY: {"llm": list(node.excluded_llm_metadata_keys),
                                              "embed": list(node.excluded_embed_metadata_keys)}})
-        if texts:  # one add, replacing the chunks of nodes with these ids (as SimpleVectorStore replaces a node)
-            incoming = [node.node_id for node in nodes]
+        incoming = [node.node_id for node in nodes]
+        if not texts and incoming:  # blank nodes only: their earlier versions go all the same (they stayed)
+            self.delete_nodes(node_ids=incoming)
+        elif texts:  # one add, replacing the chunks of nodes with these ids (as SimpleVectorStore replaces a node)
             ingest_replacing(self._memlong, texts, namespace=self.namespace, doc_ids=doc_ids, metadatas=metadatas,
                              replace=lambda: self._select(node_ids=incoming), progress=self.show_progress,
                              context=self.chunk_context, strip=self.chunk_context == "chunk")
