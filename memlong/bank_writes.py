@@ -24,10 +24,16 @@ from memlong.eviction import MemoryFullError, bytes_victims, capacity_victims
 from memlong.records import Chunk, check_chunk, check_embeddings
 from memlong.search import NamespaceIndex
 
-__all__ = ["STAGING", "STAGING_PREFIX", "BankWrites", "is_staging"]
+__all__ = ["STAGING", "STAGING_PREFIX", "BankWrites", "check_doc_id", "is_staging"]
 
 STAGING_PREFIX = "_memlong-staging-"  # transient namespaces of memlong.upsert.ingest_entries
 STAGING: set[str] = set()  # those in use now: an upsert raises its own clear error, so they evict without a warning
+
+
+def check_doc_id(doc_id: Any) -> None:
+    """ValueError unless ``doc_id`` is None or a string (``add_chunks`` / ``delete``)."""
+    if doc_id is not None and not isinstance(doc_id, str):
+        raise ValueError(f"doc_id must be a string, got {type(doc_id).__name__} {str(doc_id)[:50]!r}.")
 
 
 def is_staging(namespace: str) -> bool:

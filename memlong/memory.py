@@ -61,7 +61,7 @@ import torch
 
 from memlong.bank_files import DTYPE_NAMES, BankFiles
 from memlong.bank_views import BankViews
-from memlong.bank_writes import BankWrites, is_staging
+from memlong.bank_writes import BankWrites, check_doc_id, is_staging
 from memlong.dtypes import to_dtype
 from memlong.embedder import TextEmbedder, check_embedder
 from memlong.eviction import MemoryEvictionWarning, MemoryFullError, warn_evicted
@@ -208,8 +208,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             return []
         if doc_ids is not None and doc_id is not None:
             raise ValueError("add_chunks takes doc_id (one for all chunks) or doc_ids (one per chunk), not both.")
-        if doc_id is not None and not isinstance(doc_id, str):
-            raise ValueError(f"doc_id must be a string, got {type(doc_id).__name__} {str(doc_id)[:50]!r}.")
+        check_doc_id(doc_id)
         if doc_ids is not None and (isinstance(doc_ids, str) or not isinstance(doc_ids, Sequence)):
             raise ValueError("doc_ids must be a list with one string per chunk.")
         new, vectors = self._prepare(texts, keys, values, doc_ids if doc_ids is not None else doc_id, spans,
@@ -245,21 +244,22 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             return [c.id for c in new]
 
     def delete(self, chunk_ids: Iterable[str] = (), *, namespace: str = "default", doc_id: str | None = None) -> int:
-        """Delete chunks by id and/or all chunks of ``doc_id``; returns how many were removed.
+        """Delete chunks by id and/or all chunks of ``doc_id``; returns how many. A namespace left empty is gone.
 
         Raises:
             UnknownChunkError: an id not in ``namespace`` (nothing is deleted).
         """
         chunk_ids = as_list(chunk_ids, "chunk_ids")
         check_namespace(namespace)
-        if doc_id is not None and not isinstance(doc_id, str):
-            raise ValueError(f"doc_id must be a string, got {type(doc_id).__name__} {str(doc_id)[:50]!r}.")
+        check_doc_id(doc_id)
         with self._lock.write():
             drop = {self._get(cid, namespace).id for cid in chunk_ids}
             space = self._spaces.get(namespace)
             if doc_id is not None and space is not None:
                 drop |= {cid for cid in space.ids if self._chunks[cid].doc_id == doc_id}
             self._remove(namespace, drop)
+            if drop and not space.ids:  # emptied: gone as after reset (it stayed, per session)
+                del self._spaces[namespace]
             return len(drop)
 
     def reset(self, namespace: str | None = None) -> None:
