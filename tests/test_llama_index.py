@@ -328,6 +328,15 @@ def test_memory_block_writes_turns_as_kv_and_hands_them_back_by_id(make_tiny):
     # an LLM of another namespace: the error names the block's (it said only "not in namespace 'docs'")
     with pytest.raises(ValueError, match="namespace 'chat-alice' \\(a MemLongMemoryBlock's\\).*reads 'docs'"):
         MemLongLLM(ml, namespace="docs").chat(messages)
+    # the session ends: Memory.reset() clears LlamaIndex's own store only (the turns stayed in the bank, a namespace
+    # per session for ever); the block's reset forgets them
+    memory.reset()
+    assert ml.bank.chunk_ids("chat-alice") == stored
+    block.reset()
+    assert "chat-alice" not in ml.bank.namespaces() and block.get([ChatMessage(role="user", content="dog?")]) == []
+    asyncio.run(block.aput([ChatMessage(role="user", content="I moved to Porto.")]))
+    asyncio.run(block.areset())
+    assert "chat-alice" not in ml.bank.namespaces()
 
 
 # ---------------------------------------------------------------------------------------------- default model

@@ -86,7 +86,7 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
         bank = self._memlong.bank
         query = next((m.content for m in reversed(messages or []) if m.role == MessageRole.USER and m.content), None)
         with bank.reading():  # a hit deleted by another thread before it is read: never
-            if not query or not bank.chunk_ids(self.namespace):
+            if not query or not bank.num_tokens(self.namespace):  # (chunk_ids sorted the namespace to count it)
                 return []
             hits = bank.search(query, namespace=self.namespace, k=self.top_k)
             chunks = sorted((bank.get(h.chunk_id, namespace=self.namespace) for h in hits), key=lambda c: c.order)
@@ -97,3 +97,17 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
 
     async def _aget(self, messages: list[ChatMessage] | None = None, **block_kwargs: Any) -> list[ChatMessage]:
         return await asyncio.to_thread(self.get, messages)
+
+    def reset(self) -> None:
+        """Forget the turns this block stored (its namespace of the bank). LlamaIndex's ``Memory.reset()`` clears
+        only its own message store, not its blocks: call this too when a session ends, or the turns stay in the
+        bank (in memory, and in its ``max_bytes``) for as long as the model lives.
+
+        Example:
+            >>> memory.reset(); block.reset()
+        """
+        self._memlong.bank.reset(self.namespace)
+
+    async def areset(self) -> None:
+        """:meth:`reset` in a worker thread."""
+        await in_thread(self.reset)
