@@ -20,11 +20,11 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from memlong import cli_args
 from memlong.choices import ICL_DEFAULTS, PACKAGED_ADAPTERS, RETRIEVALS, SEARCH_MODES, STORAGES
-from memlong.cli_args import MODES, int_at_least, int_list, layers, modes_list, readable_file, writable
+from memlong.cli_args import MODES, Parser, int_at_least, int_list, layers, modes_list, one_line, readable_file, writable
 from memlong.config import MemLongConfig
 
 __all__ = ["build_parser", "main"]
@@ -43,17 +43,6 @@ COMMAND_DEFAULTS = {
     "train": {"kv_source": "memory_layer", "position_layout": "zero"},  # the paper's trained mode
     "train-reader": {"local_window": 2048},  # its teacher pastes top_k=8 chunks of 128 tokens and the question
 }
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``memlong <command>: error: <problem> (see --help)``, exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
-
-
-def _one_line(message: Any) -> str:
-    return " ".join(str(message).split())
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -244,19 +233,11 @@ def cmd_train_reader(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="memlong", description="MemLong: long documents through a bounded window plus a chunk-level K-V memory.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.replace("``", ""))
-    common = _Parser(add_help=False)
-    common.add_argument("--model", default="default",
-                        help="'default' (embedded SmolLM2-135M-Instruct), an HF model id or a local folder")
-    common.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    _add_config_flags(common)
-    common.add_argument("--adapter", default=None, metavar="PATH",
-                        help="an adapter folder (memlong train or train-reader) or a packaged adapter ("
+    common = _common_options("an adapter folder (memlong train or train-reader) or a packaged adapter ("
                              f"{', '.join(sorted(PACKAGED_ADAPTERS))}); its training config becomes the default")
-    common.add_argument("--json", metavar="OUT", default=None, help="also write the records as JSON to OUT")
-    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(config_defaults=None)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -273,9 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo, config_defaults="demo")
 
     _add_eval_commands(sub, common)
-    cli_args.add_train_command(sub, common, cmd_train)
-    cli_args.add_train_reader_command(sub, common, cmd_train_reader)
+    base = _common_options(argparse.SUPPRESS)  # train from the base model: --adapter is refused, so not offered
+    cli_args.add_train_command(sub, base, cmd_train)
+    cli_args.add_train_reader_command(sub, base, cmd_train_reader)
     return parser
+
+
+def _common_options(adapter_help: str) -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("--model", default="default",
+                        help="'default' (embedded SmolLM2-135M-Instruct), an HF model id or a local folder")
+    common.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_config_flags(common)
+    common.add_argument("--adapter", default=None, metavar="PATH", help=adapter_help)
+    common.add_argument("--json", metavar="OUT", default=None, help="also write the records as JSON to OUT")
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return common
 
 
 def _add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -420,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
-        print(f"memlong: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"memlong: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # no traceback for Ctrl-C; `train` checkpointed its last finished step
         from memlong.checkpoint import CHECKPOINT_NAME

@@ -12,10 +12,11 @@ import argparse
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["MODES", "PATH_FLAGS", "add_train_command", "add_train_reader_command", "config_field_help", "expand_user",
-           "int_at_least", "int_list", "layers", "modes_list", "positive_float", "readable_file", "share", "writable"]
+__all__ = ["MODES", "PATH_FLAGS", "Parser", "add_train_command", "add_train_reader_command", "config_field_help",
+           "expand_user", "int_at_least", "int_list", "layers", "modes_list", "one_line", "positive_float", "readable_file",
+           "share", "writable"]
 
 MODES = ("window", "full", "memlong")
 
@@ -197,3 +198,27 @@ def config_field_help() -> dict[str, str]:
         text = " ".join(text.replace("%", "%%").split())
         found[match.group(1)] = text.split(". ")[0].rstrip(".")
     return found
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``memlong <command>: error: <problem> (see --help)``, exit code 2."""
+
+    innermost: Parser | None = None  # the command's own parser, for the errors of the parse it ends
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        Parser.innermost = self  # (a subcommand's parser is called inside its parent's parse)
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # named by the command that was given them ("see memlong --help" did not list its options)
+            (Parser.innermost or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
+def one_line(message: Any) -> str:
+    """``message`` on one line (its whitespace runs as single spaces)."""
+    return " ".join(str(message).split())

@@ -395,3 +395,21 @@ def test_a_repeated_seed_or_length_runs_once_and_the_library_refuses_it(make_tin
         icl_eval(ml, task="sentiment", seeds=[0, 0])
     with pytest.raises(ValueError, match="repeat a length"):
         passkey(ml, lengths=[4096, 4096])
+
+
+def test_an_unknown_flag_points_to_its_commands_help_and_train_does_not_offer_adapter(capsys, no_model):
+    """Review findings: ``memlong demo --bogus`` said "(see memlong --help)", which does not list demo's options;
+    ``memlong train --help`` offered ``--adapter``, which train and train-reader always refuse."""
+    for argv, command in ((["demo", "--bogus"], "memlong demo"),
+                          (["eval", "passkey", "--bogus", "1"], "memlong eval passkey"),
+                          (["train-reader", "--output", "x", "--bogus"], "memlong train-reader")):
+        assert_one_line_error(*run(argv, capsys), f"{command}: error: unrecognized arguments: --bogus",
+                              f"(see {command} --help)")
+    for command in ("train", "train-reader"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--adapter PATH" not in capsys.readouterr().out
+        assert_one_line_error(*run([command, "--output", "x", "--adapter", "shakespeare"], capsys), "drop --adapter")
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "--adapter PATH" in capsys.readouterr().out
