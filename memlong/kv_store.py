@@ -362,10 +362,19 @@ def open_disk_store(path: Path, quantization: Quantization, dtype: torch.dtype, 
                          "memory_device='auto' or 'cpu' with memory_path.")
     if path.exists() and not path.is_dir():
         raise ValueError(f"Cannot keep a disk bank in {path}: it is a file. Give a directory path.")
+    from memlong.storage import MemoryFileError, foreign_files, is_disk_bank
+
     if (path / "manifest.json").exists():
-        raise ValueError(f"{path} already holds a memory bank; reopen it with MemoryBank.load({str(path)!r}) (or "
+        try:
+            disk = is_disk_bank(path)
+        except MemoryFileError:
+            disk = True
+        if not disk:  # (load reads a saved bank into RAM: it would not become a disk bank)
+            raise ValueError(f"{path} holds a memory bank saved with save(), not a disk bank. Move it to disk: "
+                             "MemoryBank(path=<a new directory>), then restore(path) and commit(); or read it into "
+                             f"RAM with MemoryBank.load({str(path)!r}).")
+        raise ValueError(f"{path} already holds a disk bank; reopen it with MemoryBank.load({str(path)!r}) (or "
                          "MemLong.load_memory), or give a new directory.")
-    from memlong.storage import foreign_files
 
     if path.is_dir():
         other = sorted(p.name for p in path.iterdir() if p.name != ".lock")

@@ -180,8 +180,18 @@ def test_disk_bank_bad_input(tmp_path):
     bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b")
     fill(bank, "ns", 3)
     bank.commit()
-    with pytest.raises(ValueError, match="already holds a memory bank; reopen it with MemoryBank.load"):
+    with pytest.raises(ValueError, match="already holds a disk bank; reopen it with MemoryBank.load"):
         MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b")
+    # a saved (not disk) bank: MemoryBank.load would read it into RAM, so the advice moves it to disk (review finding)
+    saved = MemoryBank(embedder=HashEmbedder(), dtype=torch.float32)
+    fill(saved, "ns", 2)
+    saved.save(tmp_path / "saved")
+    with pytest.raises(ValueError, match="saved with save\\(\\), not a disk bank.*restore\\(path\\) and commit"):
+        MemoryBank(embedder=HashEmbedder(), path=tmp_path / "saved")
+    moved = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "moved", dtype=torch.float32)
+    moved.restore(tmp_path / "saved")
+    moved.commit()
+    assert digest(MemoryBank.load(tmp_path / "moved", embedder=HashEmbedder())) == digest(saved)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="it is a file"):
         MemoryBank(embedder=HashEmbedder(), path=tmp_path / "file")
