@@ -92,8 +92,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(keys=st.lists(st.sampled_from(IDS), max_size=3))
     def delete(self, keys):
-        present = set(self.ml.bank.doc_chunk_ids("vs")) if "vs" in self.ml.bank.namespaces() else set()
-        assert self.store.delete(keys) == all(k in present for k in keys)
+        assert self.store.delete(keys) is True  # missing ids too: LangChain's indexing API reads False as a failure
         for k in keys:
             self.expected.pop(k, None)
 
