@@ -67,7 +67,7 @@ def main() -> None:
         x = unit(centres[rng.integers(0, args.clusters, hi - lo)] + noise)
         for name, index in (("flat", exact), ("ivf", approx)):
             t0 = time.perf_counter()
-            index.add(ids[lo:hi], x, [""] * (hi - lo))
+            index.add(ids[lo:hi], x, [""] * (hi - lo), [""] * (hi - lo))
             build[name] += time.perf_counter() - t0
     picks = rng.integers(0, args.n, args.queries)
     queries = unit(exact.embeddings[picks] + 0.3 * rng.standard_normal((args.queries, args.dim)) / args.dim ** 0.5)

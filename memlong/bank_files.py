@@ -303,7 +303,7 @@ class BankFiles:
                 sizes[c.id] = self._size_of(c)
                 space.tokens += c.n_tokens
                 space.nbytes += sizes[c.id]
-            space.add([c.id for c in chunks], vectors, [c.text for c in chunks])
+            space.add([c.id for c in chunks], vectors, [c.text for c in chunks], [c.doc_id for c in chunks])
             spaces[name] = space
         with self._lock.write():
             self._publish(path, loaded, spaces, sizes, next_order, renumber, evict)

@@ -84,19 +84,32 @@ class BankViews:
             with self._count_lock:
                 return [c.copy() for c in ordered]
 
-    def doc_chunk_ids(self, namespace: str = "default") -> dict[str, list[str]]:
-        """Document id -> its chunk ids in insertion order, for ``namespace`` (one read, no chunk copies).
+    def doc_chunk_ids(self, namespace: str = "default", doc_ids: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """Document id -> its chunk ids in insertion order, for ``namespace`` (one read, no chunk copies); with
+        ``doc_ids``, only those documents (the ones stored; each found without a scan of the namespace).
 
         Example:
             >>> bank.doc_chunk_ids("docs")["intro"]     # every chunk of the document stored as "intro"
+            >>> bank.doc_chunk_ids("docs", doc_ids=["intro", "gone"])   # {"intro": [...]}
         """
         check_namespace(namespace)
         docs: dict[str, list[str]] = {}
         with self._lock.read():
             space = self._spaces.get(namespace)
+            if space is not None and doc_ids is not None:
+                for doc in dict.fromkeys(as_list(doc_ids, "doc_ids")):
+                    if doc in space.docs:
+                        docs[doc] = sorted(space.docs[doc], key=lambda c: self._chunks[c].order)
+                return docs
             for chunk in sorted((self._chunks[c] for c in (space.ids if space else ())), key=lambda c: c.order):
                 docs.setdefault(chunk.doc_id, []).append(chunk.id)
         return docs
+
+    def num_chunks(self, namespace: str | None = None) -> int:
+        """Chunks stored in ``namespace``, or in the whole bank (without listing them)."""
+        with self._lock.read():
+            spaces = self._visible().values() if namespace is None else [self._spaces.get(check_namespace(namespace))]
+            return sum(len(s.ids) for s in spaces if s is not None)
 
     def following(self, chunk_ids: Sequence[str], *, namespace: str = "default", n: int = 1) -> list[str]:
         """``chunk_ids`` with, after each, up to ``n`` chunks that continue it in its document (the next chunk of its
@@ -115,10 +128,8 @@ class BankViews:
             if n < 1 or not chunks:
                 return list(dict.fromkeys(chunk_ids))
             wanted = {c.doc_id for c in chunks}  # each document's chunks in the order they were stored: ingests of
-            docs: dict[str, list] = {}  # one doc_id (LlamaIndex nodes, a re-ingest) each start their spans at 0
-            stored = (self._chunks[i] for i in self._spaces[namespace].ids)
-            for chunk in sorted((c for c in stored if c.doc_id in wanted), key=lambda c: c.order):
-                docs.setdefault(chunk.doc_id, []).append(chunk)
+            space = self._spaces[namespace]  # one doc_id (LlamaIndex nodes, a re-ingest) each start their spans at 0
+            docs = {d: sorted((self._chunks[c] for c in space.docs[d]), key=lambda c: c.order) for d in wanted}
             out: dict[str, None] = {}
             for chunk in chunks:
                 out[chunk.id] = None

@@ -222,8 +222,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             for c in new:
                 c.namespace, c.order = namespace, next(self._order)
             evict_cap, evict_bytes = self._plan(namespace, space, drop, new, sizes, protect=atomic or bool(replace))
-            # warned before anything changes: a warning turned into an error (warnings.simplefilter) leaves the bank
-            # as it was
+            # warned before anything changes: a warning made an error (warnings.simplefilter) leaves the bank as it was
             if not is_staging(namespace):  # an upsert's staging: it raises its own clear error
                 warn_evicted(namespace, len(evict_cap), f"memory_capacity={self.capacity} tokens",
                              "raise memory_capacity (MemLongConfig / MemoryBank(capacity=...))")
@@ -234,13 +233,14 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             victims = drop | evict_cap | evict_bytes
             stored = [i for i, c in enumerate(new) if c.id not in victims]
             self._remove(namespace, victims - {c.id for c in new})
-            for c in (new[i] for i in stored):
+            kept = [new[i] for i in stored]
+            for c in kept:
                 self._chunks[c.id] = c
                 self._sizes[c.id] = sizes[c.id]
                 space.tokens += c.n_tokens
                 space.nbytes += sizes[c.id]
-            space.add([new[i].id for i in stored], vectors[stored], [new[i].text for i in stored])
-            self._store.put(new[i] for i in stored)
+            space.add([c.id for c in kept], vectors[stored], [c.text for c in kept], [c.doc_id for c in kept])
+            self._store.put(kept)
             return [c.id for c in new]
 
     def delete(self, chunk_ids: Iterable[str] = (), *, namespace: str = "default", doc_id: str | None = None) -> int:

@@ -223,6 +223,8 @@ class NamespaceIndex:
         self.slot_of: dict[str, int] = {}  # with an IVF index: chunk id -> its id in the index
         self.id_at: dict[int, str] = {}
         self.trained_at = 0
+        self.docs: dict[str, set[str]] = {}  # document id -> its chunk ids (one document's chunks without a scan)
+        self.doc_of: dict[str, str] = {}
 
     def _new_index(self) -> faiss.Index:
         index = faiss.IndexFlatIP(self.dim)
@@ -236,9 +238,13 @@ class NamespaceIndex:
         of them on every add made a long ingest quadratic)."""
         return self._rows[:len(self.ids)]
 
-    def add(self, ids: list[str], vectors: np.ndarray, texts: Sequence[str]) -> None:
+    def add(self, ids: list[str], vectors: np.ndarray, texts: Sequence[str], docs: Sequence[str]) -> None:
+        """Index chunks ``ids`` (their unit embeddings ``vectors``, texts and document ids)."""
         n = len(self.ids)
         self.ids.extend(ids)
+        for cid, doc in zip(ids, docs, strict=True):
+            self.docs.setdefault(doc, set()).add(cid)
+            self.doc_of[cid] = doc
         if len(self.ids) > len(self._rows):
             grown = np.zeros((max(len(self.ids), 2 * len(self._rows)), self.dim), dtype=np.float32)
             grown[:n] = self._rows[:n]
@@ -254,6 +260,11 @@ class NamespaceIndex:
 
     def remove(self, drop: set[str]) -> None:
         self.lexical.remove(drop)
+        for cid in drop:
+            same = self.docs[doc := self.doc_of.pop(cid)]
+            same.discard(cid)
+            if not same:
+                del self.docs[doc]
         keep = [i for i, cid in enumerate(self.ids) if cid not in drop]
         self._rows = np.ascontiguousarray(self.embeddings[keep])
         self.ids = [self.ids[i] for i in keep]

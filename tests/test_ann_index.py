@@ -23,8 +23,8 @@ def test_ivf_index_recall_deletes_and_retraining():
     ids = [f"{i:024x}" for i in range(n)]
     exact, approx = NamespaceIndex(dim, False), NamespaceIndex(dim, False, ann_min=1000)
     for lo in range(0, n, 1500):
-        exact.add(ids[lo:lo + 1500], x[lo:lo + 1500], [""] * len(ids[lo:lo + 1500]))
-        approx.add(ids[lo:lo + 1500], x[lo:lo + 1500], [""] * len(ids[lo:lo + 1500]))
+        exact.add(ids[lo:lo + 1500], x[lo:lo + 1500], *[[""] * len(ids[lo:lo + 1500])] * 2)
+        approx.add(ids[lo:lo + 1500], x[lo:lo + 1500], *[[""] * len(ids[lo:lo + 1500])] * 2)
     # trained at 1500 chunks, retrained at 3000 and 6000
     assert approx.ann is not None and approx.index is None and approx.trained_at == 6000
     assert approx.ntotal == n == exact.ntotal

@@ -168,6 +168,11 @@ class BankMachine(RuleBasedStateMachine):
             assert sorted(ids) == sorted(space.ids) and len(set(ids)) == len(ids)
             assert space.index.ntotal == len(space.ids) == space.embeddings.shape[0]
             assert set(space.lexical.slot_of) == set(space.ids)
+            by_doc = {}  # the document index: each document's chunks, found without a scan
+            for c in ids:
+                by_doc.setdefault(bank.get(c, namespace=ns).doc_id, []).append(c)
+            assert space.docs == {d: set(v) for d, v in by_doc.items()} and bank.doc_chunk_ids(ns) == by_doc
+            assert bank.doc_chunk_ids(ns, doc_ids=[*by_doc, "absent"]) == by_doc and bank.num_chunks(ns) == len(ids)
             if space.ids:
                 want = HashEmbedder().encode([bank.get(c, namespace=ns).text for c in space.ids])
                 assert np.allclose(space.embeddings, want, atol=1e-5)  # row i is chunk ids[i]
@@ -184,7 +189,7 @@ class BankMachine(RuleBasedStateMachine):
                     with pytest.raises(UnknownChunkError):
                         bank.fetch(ids[:1], namespace=other)
         assert total == bank.nbytes() <= MAX_BYTES
-        assert len(bank) == sum(len(bank.chunk_ids(ns)) for ns in bank.namespaces())
+        assert len(bank) == sum(len(bank.chunk_ids(ns)) for ns in bank.namespaces()) == bank.num_chunks()
 
 
 BankMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=25, deadline=None, derandomize=True,

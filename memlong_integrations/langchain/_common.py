@@ -57,15 +57,14 @@ def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: Mem
     """
     if missing not in ("raise", "skip"):
         raise ValueError(f"missing must be 'raise' or 'skip', got {missing!r}.")
-    entries: dict[str, list[str]] | None = None
+    wanted = [doc.id for doc in documents if chunk_id_of(doc.metadata, namespace=namespace) is None and doc.id]
+    entries = bank.doc_chunk_ids(namespace, doc_ids=wanted) if wanted else {}  # (not every entry of the namespace)
     ids: list[str] = []
     for doc in documents:
         cid = chunk_id_of(doc.metadata, namespace=namespace)
         if cid is not None:
             ids += bank.stored([cid], namespace=namespace) if missing == "skip" else [bank.get(cid, namespace=namespace).id]
         elif doc.id:
-            if entries is None:
-                entries = bank.doc_chunk_ids(namespace)
             if doc.id not in entries and missing == "skip":
                 continue
             if doc.id not in entries:
@@ -76,7 +75,9 @@ def memlong_chunk_ids_from_documents(documents: Sequence[Document], *, bank: Mem
         else:
             raise ValueError(f"A Document with neither metadata[{CHUNK_ID_KEY!r}] nor an id cannot be mapped to stored "
                              "K-V. Retrieve with MemLongRetriever or a MemLongVectorStore retriever.")
-    order = {cid: i for i, cid in enumerate(bank.chunk_ids(namespace))}
+    with bank.reading():  # insertion order (document order) of the chunks asked for, not of the whole namespace
+        kept = bank.stored(list(dict.fromkeys(ids)), namespace=namespace)
+        order = {c: bank.get(c, namespace=namespace).order for c in kept}
     if missing == "skip":  # deleted since the checks above (another thread)
         ids = [c for c in ids if c in order]
     return sorted(dict.fromkeys(ids), key=lambda c: order.get(c, -1))  # one deleted meanwhile: memory_for names it

@@ -67,7 +67,7 @@ def chunk_ids_runnable(source: BaseRetriever | MemLongVectorStore, *, missing: L
     bank, namespace = _bank_and_namespace(source)
 
     def to_ids(documents: list[Document]) -> list[str]:
-        if not documents and not bank.chunk_ids(namespace):
+        if not documents and not bank.num_chunks(namespace):
             raise ValueError(f"The MemLong store (namespace {namespace!r}) is empty: add documents "
                              "(MemLongVectorStore.add_documents or MemLong.ingest) before asking questions.")
         return memlong_chunk_ids_from_documents(documents, bank=bank, namespace=namespace, missing=missing)

@@ -154,9 +154,10 @@ class MemLongVectorStore(VectorStore):
         return None  # the bank embeds with its own embedder
 
     # ------------------------------------------------------------------ entries
-    def _entries(self) -> dict[str, list[str]]:
-        """Entry id -> its chunk ids in document order."""
-        return self.bank.doc_chunk_ids(self.namespace)
+    def _entries(self, ids: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """Entry id -> its chunk ids in document order: of every entry, or of those of ``ids`` that are stored
+        (found without a scan of the namespace)."""
+        return self.bank.doc_chunk_ids(self.namespace, doc_ids=None if ids is None else list(ids))
 
     def _document(self, entry_id: str, chunk_ids: list[str]) -> Document:
         """The entry's Document: its text is kept once, on its first chunk (joined chunk texts if evicted)."""
@@ -209,7 +210,7 @@ class MemLongVectorStore(VectorStore):
         metas = [check_user_metadata(m, f"metadatas[{i}]") for i, m in enumerate(metadatas or [{}] * len(texts))]
 
         def replaced() -> list[str]:  # read under entry_lock right before the add: concurrent upserts of an id
-            old = self._entries()      # replace each other (the last wins) instead of both keeping theirs
+            old = self._entries(ids)   # replace each other (the last wins) instead of both keeping theirs
             return [cid for i in ids for cid in old.get(i, [])]
 
         ingest_entries(self.memlong, texts, namespace=self.namespace, doc_ids=ids, metadatas=metas,
@@ -232,7 +233,7 @@ class MemLongVectorStore(VectorStore):
                 self.bank.reset(self.namespace)
             return True
         with entry_lock(self.bank, self.namespace):
-            entries = self._entries()
+            entries = self._entries(ids)
             drop = [cid for i in ids for cid in entries.get(i, [])]
             if drop:
                 self.bank.delete(drop, namespace=self.namespace)
@@ -241,7 +242,7 @@ class MemLongVectorStore(VectorStore):
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
         """The stored entries among ``ids`` (missing ids are skipped)."""
         with self.bank.reading():  # one state: an entry replaced meanwhile is read whole, old or new
-            entries = self._entries()
+            entries = self._entries(ids)
             return [self._document(i, entries[i]) for i in dict.fromkeys(ids) if i in entries]
 
     # ------------------------------------------------------------------ search
@@ -286,7 +287,7 @@ class MemLongVectorStore(VectorStore):
         chosen = maximal_marginal_relevance(np.asarray(embedding, dtype=np.float32), list(vectors), k=k,
                                             lambda_mult=lambda_mult)
         docs = [hits[i][0] for i in chosen]
-        entries = self._entries()
+        entries = self._entries([doc.id for doc in docs])
         self.bank.mark_retrieved([cid for doc in docs for cid in entries.get(doc.id, [])[:1]],
                                  namespace=self.namespace)
         return docs
@@ -306,18 +307,20 @@ class MemLongVectorStore(VectorStore):
                      count: bool) -> list[tuple[Document, float]]:
         k = check_count(k, "k")
         keep = _filter_fn(filter)
-        total = len(self.bank.chunk_ids(self.namespace))
+        total = self.bank.num_chunks(self.namespace)
         if k <= 0 or total == 0:
             return []
-        entries = self._entries()
-        entry_of = {cid: entry for entry, ids in entries.items() for cid in ids}
+        entries: dict[str, list[str]] = {}  # of the entries hit so far (no read of every entry per search)
         want = min(total, 4 * k)
         while True:  # widen until k distinct entries that pass the filter (an entry may own several chunks)
             best: dict[str, tuple[str, float]] = {}
             rejected: set[str] = set()
-            for hit in self.bank.search(query, namespace=self.namespace, k=want, count=False, mode="dense"):
-                entry = entry_of.get(hit.chunk_id)  # None: written after the entries were read
-                if entry is None or entry in best or entry in rejected:
+            hits = self.bank.search(query, namespace=self.namespace, k=want, count=False, mode="dense")
+            of = {h.chunk_id: self.bank.get(h.chunk_id, namespace=self.namespace).doc_id for h in hits}
+            entries.update(self._entries([e for e in dict.fromkeys(of.values()) if e not in entries]))
+            for hit in hits:
+                entry = of[hit.chunk_id]
+                if entry in best or entry in rejected:
                     continue
                 if keep is None or keep(self._document(entry, entries[entry])):
                     best[entry] = (hit.chunk_id, hit.score)

@@ -325,8 +325,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
             mode = {0: "lexical", 1: "dense"}.get(query.alpha, mode)
         bank = self._memlong.bank
         with bank.reading():  # one state: a chunk written or deleted meanwhile (another thread) is never half-seen
-            everything = bank.chunk_ids(self.namespace)
-            if not everything:
+            if not bank.num_chunks(self.namespace):  # (not chunk_ids: that sorted the namespace on every query)
                 if self.raise_on_empty:
                     raise ValueError(f"The memory namespace {self.namespace!r} is empty: nothing was ingested (or every "
                                      "document was deleted), so there is nothing to retrieve. Build the index first, e.g. "
@@ -352,7 +351,7 @@ class MemLongVectorStore(BasePydanticVectorStore):
             else:
                 raise ValueError("MemLongVectorStore needs query.query_str (it embeds queries with the bank's embedder, "
                                  "and lexical or hybrid search match its words).")
-            exclude = [] if allowed is None else [cid for cid in everything if cid not in allowed]
+            exclude = [] if allowed is None else [cid for cid in bank.chunk_ids(self.namespace) if cid not in allowed]
             hits = bank.search(probe, namespace=self.namespace, k=top_k, exclude=exclude, mode=mode)
             nodes = [chunk_node(bank, h.chunk_id, self.namespace, h.score).node for h in hits]
             return VectorStoreQueryResult(nodes=nodes, similarities=[h.score for h in hits], ids=[h.chunk_id for h in hits])
