@@ -256,7 +256,7 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
             drop = {self._get(cid, namespace).id for cid in chunk_ids}
             space = self._spaces.get(namespace)
             if doc_id is not None and space is not None:
-                drop |= {cid for cid in space.ids if self._chunks[cid].doc_id == doc_id}
+                drop |= space.docs.get(doc_id, set())  # (the namespace's document index: no scan)
             self._remove(namespace, drop)
             if drop and not space.ids:  # emptied: gone as after reset (it stayed, per session)
                 del self._spaces[namespace]

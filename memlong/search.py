@@ -202,7 +202,7 @@ class NamespaceIndex:
     """One namespace's dense index, BM25 index, and totals (tokens, bytes). Changed only under the bank's write
     lock. ``embeddings`` row i is chunk ``ids[i]``.
 
-    Dense search is exact (faiss ``IndexFlatIP``, rebuilt from the kept embeddings on every removal) until the
+    Dense search is exact (faiss ``IndexFlatIP``; a removal compacts its rows in place, a GPU one is rebuilt) until the
     namespace holds ``ann_min`` chunks (``None``: always exact). From then on it is an inverted-file index
     (``IndexIVFFlat``, inner product) with ``nlist ~ 4 sqrt(n)`` lists, trained on the namespace's embeddings and
     trained again whenever the namespace has doubled since; each chunk is stored under a slot number, deletes
@@ -265,18 +265,23 @@ class NamespaceIndex:
             same.discard(cid)
             if not same:
                 del self.docs[doc]
-        keep = [i for i, cid in enumerate(self.ids) if cid not in drop]
-        self._rows = np.ascontiguousarray(self.embeddings[keep])
-        self.ids = [self.ids[i] for i in keep]
+        n = len(self.ids)
+        dead = np.fromiter((cid in drop for cid in self.ids), dtype=bool, count=n)
+        first = int(dead.argmax()) if n else 0  # rows before the first removed one stay where they are
+        kept = self._rows[first:n][~dead[first:]]  # (in place: the rows keep their spare room for the next add)
+        self._rows[first:first + len(kept)] = kept
+        self.ids = [cid for cid in self.ids if cid not in drop]
         if self.ann is not None:
             slots = np.array([self.slot_of.pop(c) for c in drop if c in self.slot_of], dtype=np.int64)
             for slot in slots.tolist():
                 del self.id_at[slot]
             self.ann.remove_ids(slots)
-            return
-        self.index = self._new_index()
-        if len(keep):
-            self.index.add(self.embeddings)
+        elif self.use_gpu:
+            self.index = self._new_index()
+            if self.ids:
+                self.index.add(self.embeddings)
+        else:  # rows compacted in place by faiss, in C (rebuilding the index copied every row twice, in Python)
+            self.index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(dead).astype(np.int64)))
 
     def dense(self, vector: np.ndarray, want: int) -> list[tuple[str, float]]:
         """The ``want`` chunks with the largest inner product with ``vector`` ``(1, dim)``, best first."""

@@ -167,6 +167,8 @@ class BankMachine(RuleBasedStateMachine):
             ids = bank.chunk_ids(ns)
             assert sorted(ids) == sorted(space.ids) and len(set(ids)) == len(ids)
             assert space.index.ntotal == len(space.ids) == space.embeddings.shape[0]
+            if space.ids:  # the dense index's rows are the embeddings, in ids order (removals compact both)
+                assert np.array_equal(space.index.reconstruct_n(0, space.index.ntotal), space.embeddings)
             assert set(space.lexical.slot_of) == set(space.ids)
             by_doc = {}  # the document index: each document's chunks, found without a scan
             for c in ids:
