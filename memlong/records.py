@@ -134,6 +134,9 @@ def check_text(value: Any, what: str, *, empty: bool = False) -> str:
 def as_list(value: Any, what: str) -> list[Any]:
     """``value`` (a list, tuple, set, numpy array, generator...) as a list, numpy strings as ``str``; TypeError
     naming ``what`` for one string or bytes (iterating it would give its characters), a dict or a non-iterable."""
+    if what == "namespaces" and (isinstance(value, os.PathLike) or (isinstance(value, str) and os.sep in value)):
+        raise TypeError(f"namespaces takes a list of namespace names, got the path {str(value)[:80]!r}: the folder is "
+                        "the first argument; namespaces=[...] picks namespaces of the bank saved there (or leave it out).")
     if isinstance(value, (str, bytes, bytearray)):
         raise TypeError(f"{what} takes a list, got one {type(value).__name__} {value[:60]!r}: pass a list, e.g. "
                         f"{what}=[{value[:60]!r}].")

@@ -306,6 +306,9 @@ def test_one_string_where_a_list_is_expected_is_refused_and_numpy_ids_work(make_
     ml.save_memory(tmp_path / "s", namespaces=["h", "a"])
     with pytest.raises(TypeError, match="namespaces takes a list, got one str 'h'"):
         ml.load_memory(tmp_path / "s", namespaces="h")
+    for path in (tmp_path / "s", str(tmp_path / "s")):  # a folder where namespaces go: its advice wrapped the path
+        with pytest.raises(TypeError, match="got the path .*the folder is the first argument"):
+            ml.load_memory(tmp_path / "s", namespaces=path)
     assert ml.load_memory(tmp_path / "s", namespaces=np.array(["h"])) == ["h"]
     ids = np.array(stats.chunk_ids[:2])
     assert ml.memory_for(ids, "h")[0].shape[2] == 256
