@@ -61,6 +61,7 @@ def _libc_trim() -> Callable[[int], int] | None:
 
 _TRIM = _libc_trim()
 _NUMPY = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "BF16": np.uint16}
+_ITEMSIZE = {kind: np.dtype(t).itemsize for kind, t in _NUMPY.items()}
 
 
 class KVStore:
@@ -100,12 +101,12 @@ def _check_header(header: Any, size: int) -> None:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        offsets, shape, kind = (info.get(k) for k in ("data_offsets", "shape", "dtype")) if isinstance(info, dict) \
-            else (None, None, None)
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= size and kind in _NUMPY and isinstance(shape, list)
+        offsets, shape, kind = (info.get("data_offsets"), info.get("shape"), info.get("dtype")) \
+            if isinstance(info, dict) else (None, None, None)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int
+                and 0 <= offsets[0] <= offsets[1] <= size and kind in _ITEMSIZE and isinstance(shape, list)
                 and all(type(x) is int and x >= 0 for x in shape)
-                and math.prod(shape) * np.dtype(_NUMPY[kind]).itemsize == offsets[1] - offsets[0]):
+                and math.prod(shape) * _ITEMSIZE[kind] == offsets[1] - offsets[0]):
             raise ValueError(f"tensor {name} has a malformed entry")
         spans.append((offsets[0], offsets[1], name))
     spans.sort()

@@ -128,13 +128,16 @@ class Lexical:
         self._lengths: np.ndarray | None = None
 
     def add(self, ids: Sequence[str], texts: Sequence[str]) -> None:
+        postings, arrays = self.postings, self._arrays  # (one loop per word of every chunk: a reopen runs it all)
         for cid, text in zip(ids, texts):
             found = words(text)
             slot = len(self.id_of)
             counts = collections.Counter(found)
             for word, count in counts.items():
-                self.postings[word][slot] = count
-                self._arrays.pop(word, None)
+                postings[word][slot] = count
+            if arrays:  # cached postings of these words are stale (none are cached while a bank loads)
+                for word in counts:
+                    arrays.pop(word, None)
             self.slot_of[cid] = slot
             self.id_of.append(cid)
             self.words_of.append(tuple(counts))
