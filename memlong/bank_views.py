@@ -31,10 +31,10 @@ class BankViews:
         block ends (their slow work, like computing K-V, does not), and searches of other threads go on until a
         writer waits. Changing the bank inside the block raises RuntimeError; so does a callback run inside it (a
         LangChain ``filter`` callable) that changes the bank. Keep the block short, and do not hold it across a
-        ``yield`` or ``await`` (writers wait for the whole of it); a Ctrl-C inside it raises when it ends, as in any
-        call that reads or changes the bank, which is never left half-changed. ``generate`` holds it from its
-        search to the read of the memory, and through the re-encoding of retrieved tokens when ``kv_refresh`` /
-        ``kv_reencode_head`` are on (a forward of those tokens).
+        ``yield`` or ``await``: writers wait for the whole of it, and so does a Ctrl-C in the main thread (as in any
+        call that reads or changes the bank, which is never left half-changed, it raises when the block ends).
+        ``generate`` holds it from its search to the read of the memory, and through the re-encoding of retrieved
+        tokens when ``kv_refresh`` / ``kv_reencode_head`` are on (a forward of those tokens).
 
         Example:
             >>> with bank.reading():

@@ -10,10 +10,10 @@ thread) or in another thread than they began (a generator closed elsewhere) leav
 :func:`dir_lock` is the same between processes sharing a bank directory: an advisory lock on ``DIR/.lock`` that
 saves and commits take alone and loads share (:mod:`memlong.storage`).
 
-:func:`interrupts_held` keeps Ctrl-C (and SIGTERM / SIGALRM handlers) out of the lock's bookkeeping and of a
-write's body: the signal's handler runs when the block ends. A ``KeyboardInterrupt`` raised between two lines of a
-change left the bank half-changed (counted but not indexed) or the lock held for ever (the next call hung). Waits
-for the lock stay interruptible."""
+:func:`interrupts_held` keeps Ctrl-C (and SIGTERM / SIGALRM handlers) out of every read and write the lock
+guards, bookkeeping included: the signal's handler runs when the block ends. A ``KeyboardInterrupt`` raised between
+two lines of a change left the bank half-changed (counted but not indexed) or the lock held for ever (the next call
+hung). Waits for this lock and for :func:`dir_lock` stay interruptible."""
 
 from __future__ import annotations
 
@@ -37,91 +37,103 @@ HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 
 class _Held:
-    """The main thread's held signals (only it runs Python signal handlers). Each field is set in one statement,
-    so that a signal between two lines leaves them consistent."""
-    depth = 0  # open interrupts_held blocks (stale if a signal cut the last one's restore: see _nested)
-    waiting = False  # inside an interruptible wait: a signal's handler runs at once
+    """The main thread's held signals (only it runs Python signal handlers). Fields that must change together are
+    set in one statement, so that a signal between two lines leaves them consistent."""
+    depth = 0  # open interrupts_held blocks on the main thread; 0: _hold passes a signal straight on
+    waiting = False  # inside an interruptible wait: the first signal's handler runs at once
     saved: dict[int, Any] = {}  # signal -> the handler _hold stands in for
-    swapped: tuple[int, ...] = ()  # the signals the open blocks hold
-    pending: list[tuple[int, Any]] = []
+    pending: list[tuple[Any, int, Any]] = []  # (the handler it stood in for, signal, frame), in arrival order
 
 
 def _hold(signum: int, frame: Any) -> None:
+    handler = _Held.saved.get(signum)
     if _Held.depth and not _Held.waiting:
-        _Held.pending.append((signum, frame))
-    elif callable(handler := _Held.saved.get(signum)):
+        _Held.pending.append((handler, signum, frame))
+        return
+    _Held.waiting = False  # (the wait is ending: its lock is taken back with later signals held)
+    if callable(handler):
         handler(signum, frame)
 
 
-def _swap() -> None:
-    swapped = []
-    for sig in HELD_SIGNALS:
-        handler = _sig.getsignal(sig)
-        if handler is _hold:  # still in place after a restore a signal cut short: its saved handler stands
-            swapped.append(sig)
-        elif callable(handler):  # not SIG_DFL / SIG_IGN / a handler set outside Python
-            _Held.saved[sig] = handler  # before the swap: with depth 0, _hold passes signals on to it
+def _deliver(pending: list[tuple[Any, int, Any]]) -> None:
+    """Run every held signal's handler in order (a SIGTERM's after a Ctrl-C's), then raise the first exception."""
+    error: BaseException | None = None
+    for handler, signum, frame in pending:
+        if callable(handler):
             try:
-                _sig.signal(sig, _hold)
-            except ValueError:  # not the main interpreter: nothing to hold
-                break
-            swapped.append(sig)
-    _Held.swapped = tuple(swapped)
-
-
-def _nested() -> bool:
-    """Inside an open block: depth counts one whose handlers are all still swapped."""
-    return bool(_Held.depth) and all(_sig.getsignal(sig) is _hold for sig in _Held.swapped)
-
-
-def _unswap() -> None:
-    for sig, handler in list(_Held.saved.items()):
-        if _sig.getsignal(sig) is _hold:
-            _sig.signal(sig, handler)
-
-
-_OFF, _NESTED, _OUTER = 0, 1, 2
+                handler(signum, frame)
+            except BaseException as exc:
+                error = error or exc
+    if error is not None:
+        raise error
 
 
 class _HeldBlock:
-    """One ``with interrupts_held():`` block (a class, not a generator: it runs on every call into a bank)."""
+    """One ``with interrupts_held():`` block (a class, not a generator: it runs on every call into a bank). It swaps
+    in :func:`_hold` for the handlers not already held (a handler set by the caller inside an open block too) and
+    puts back exactly those on exit; the outermost exit runs what was held."""
 
-    __slots__ = ("kind",)
+    __slots__ = ("swapped",)
 
     def __enter__(self) -> None:
-        self.kind = _OFF
+        self.swapped: list[tuple[int, Any, Any]] | None = None  # (signal, handler put back, saved before)
         if threading.current_thread() is not threading.main_thread():
             return
-        if _nested():  # already held
-            _Held.depth += 1
-            self.kind = _NESTED
-            return
+        if not _Held.depth:
+            _Held.waiting = False
+        swapped: list[tuple[int, Any, Any]] = []
         try:
-            _swap()  # (a signal until the next line is passed on: nothing is held yet)
-            _Held.pending, _Held.waiting, _Held.depth = [], False, 1
+            for sig in HELD_SIGNALS:
+                handler = _sig.getsignal(sig)
+                if handler is _hold:
+                    if _Held.depth:
+                        continue  # held by an open block
+                    handler = _Held.saved.get(sig)  # left by an exit a signal cut short: put it back this time
+                if callable(handler):  # not SIG_DFL / SIG_IGN / a handler set outside Python
+                    swapped.append((sig, handler, _Held.saved.get(sig)))
+                    _Held.saved[sig] = handler  # (before the swap: until the block counts, _hold passes signals on)
+                    try:
+                        _sig.signal(sig, _hold)
+                    except ValueError:  # not the main interpreter: nothing to hold
+                        swapped.pop()
+                        break
+            self.swapped, _Held.depth = swapped, _Held.depth + 1  # (one statement: counted, and undone on exit)
         except BaseException:
-            _unswap()
+            for sig, handler, _ in reversed(swapped):
+                if _sig.getsignal(sig) is _hold:
+                    _sig.signal(sig, handler)
             raise
-        self.kind = _OUTER
 
     def __exit__(self, *exc: object) -> None:
-        if self.kind == _NESTED:
+        if self.swapped is None:
+            return
+        if threading.current_thread() is not threading.main_thread():  # a generator closed in another thread: the
+            _Held.depth -= 1  # handlers stay swapped (passing signals on once depth is 0) until the next block
+            if not _Held.depth and hasattr(signal, "pthread_kill"):
+                pending, _Held.pending = _Held.pending, []
+                for signum in dict.fromkeys(s for _, s, _ in pending):  # raised in the main thread, where it runs
+                    signal.pthread_kill(threading.main_thread().ident or 0, signum)
+            return
+        pending: list[tuple[Any, int, Any]] = []
+        if _Held.depth == 1:
+            pending, _Held.pending, _Held.depth = _Held.pending, [], 0
+        else:
             _Held.depth -= 1
-        elif self.kind == _OUTER:
-            pending, main = _Held.pending, threading.current_thread() is threading.main_thread()
-            try:
-                if main:  # (not: a generator closed in another thread; the next block swaps again)
-                    _unswap()  # (a signal meanwhile: held while its handler is _hold, raised at once after)
-            finally:
-                _Held.depth = 0
-            for signum, frame in pending if main else ():
-                _Held.saved[signum](signum, frame)
+        try:
+            for sig, handler, before in reversed(self.swapped):
+                if _sig.getsignal(sig) is _hold:
+                    _sig.signal(sig, handler)
+                if before is not None:
+                    _Held.saved[sig] = before
+        finally:
+            _deliver(pending)
 
 
 def interrupts_held() -> contextlib.AbstractContextManager[None]:
     """Run the block with SIGINT, SIGTERM and SIGALRM handlers held (those set from Python: Ctrl-C's
-    ``KeyboardInterrupt``, a handler raising ``SystemExit``); a signal that came meanwhile is handled when the
-    block ends. Blocks nest; threads other than the main one (which never run signal handlers) are not affected.
+    ``KeyboardInterrupt``, a handler raising ``SystemExit``); the handlers of signals that came meanwhile run when
+    the outermost block ends, each once, in order, and the first exception is raised. Blocks nest; threads other
+    than the main one (which never run signal handlers) are not affected.
 
     Example:
         >>> with interrupts_held():
@@ -132,15 +144,13 @@ def interrupts_held() -> contextlib.AbstractContextManager[None]:
 
 @contextlib.contextmanager
 def _interruptible() -> Iterator[None]:
-    """Inside :func:`interrupts_held`: a wait that a signal may end (one held before it ends it at once)."""
+    """Inside :func:`interrupts_held`: a wait that a signal arriving during it may end (its handler runs at once;
+    signals held before the wait run when the block ends, not inside the caller's lock)."""
     if threading.current_thread() is not threading.main_thread() or not _Held.depth:
         yield
         return
-    _Held.waiting = True  # (a signal that ends the wait before the try leaves it set: the outer block resets it)
+    _Held.waiting = True
     try:
-        if _Held.pending:
-            signum, frame = _Held.pending.pop(0)
-            _Held.saved[signum](signum, frame)
         yield
     finally:
         _Held.waiting = False
@@ -249,7 +259,8 @@ def dir_lock(path: Path, exclusive: bool) -> Iterator[None]:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise MemoryFileError(f"{lock} is not a regular file (a FIFO, device or directory?); a memory bank's "
                                   "lock file must be a regular file. Remove it.")
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        with _interruptible():  # (a commit waiting for another process's lock: Ctrl-C ends the wait)
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -18,7 +18,7 @@ import torch
 from test_bank_stateful import CAPACITY, BankMachine
 from test_persistence import HashEmbedder
 
-from memlong import MemoryBank
+from memlong import MemoryBank, rwlock
 from memlong.rwlock import interrupts_held
 
 
@@ -91,8 +91,12 @@ def check_lock_free(lock):
 
 
 def check_after_interrupt(bank, before, after):
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     check_lock_free(bank._lock)
+    assert rwlock._Held.depth == 0 and not rwlock._Held.pending  # nothing held any more, nothing left to deliver
+    # a signal that cut a block's exit short leaves _hold in place, passing signals on: the next call puts it back
+    assert signal.getsignal(signal.SIGINT) in (signal.default_int_handler, rwlock._hold)
+    bank.num_chunks()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     BankMachine.aligned_bounded_isolated(SimpleNamespace(bank=bank))
     assert contents(bank) in (before, after)
 
@@ -166,3 +170,63 @@ def test_a_held_interrupt_is_raised_when_the_block_ends_and_a_wait_stays_interru
     release.set()
     thread.join(10)
     assert bank.delete(namespace="alice", doc_id="d0") == 1  # the lock is free again
+
+
+def test_held_signals_with_handlers_set_inside_and_several_signals():
+    """Review findings on the first version: a handler the caller set inside a held block became permanent after a
+    nested block; a signal held in the nested block was delivered twice, one held before it lost; a SIGTERM held
+    behind a Ctrl-C never reached its handler."""
+    seen = []
+
+    def mine(signum, frame):
+        seen.append(signum)
+
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)  # held for the default handler
+            old = signal.signal(signal.SIGINT, mine)  # the caller's own handler, set inside the block
+            with interrupts_held():  # (a bank call)
+                signal.raise_signal(signal.SIGINT)  # held for `mine`
+                time.sleep(0.01)
+            assert seen == [] and signal.getsignal(signal.SIGINT) is mine
+            signal.signal(signal.SIGINT, old)
+    assert seen == [signal.SIGINT]  # once; and the default handler's KeyboardInterrupt came too
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and rwlock._Held.depth == 0
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+                time.sleep(0.01)
+        assert seen == [signal.SIGINT, signal.SIGTERM]  # both, in order
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_commit_waiting_for_another_processs_lock_is_interruptible(tmp_path):
+    """Review finding on the first version: a commit waiting for another process's lock on the bank directory held
+    Ctrl-C for as long as that process kept it (the flock wait ran inside the held write)."""
+    import fcntl
+
+    from test_persistence import fill
+
+    bank = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fill(bank, "ns", 2)
+    bank.commit()
+    fill(bank, "ns", 1, seed=5)
+    other = os.open(tmp_path / "b" / ".lock", os.O_RDONLY)  # another open file: as another process's lock
+    try:
+        fcntl.flock(other, fcntl.LOCK_SH)
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            bank.commit()
+        assert time.monotonic() - started < 5
+    finally:
+        os.close(other)
+    bank.commit()  # the lock is free again; nothing was half-written
+    assert len(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == 3
