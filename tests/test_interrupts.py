@@ -230,3 +230,47 @@ def test_a_commit_waiting_for_another_processs_lock_is_interruptible(tmp_path):
         os.close(other)
     bank.commit()  # the lock is free again; nothing was half-written
     assert len(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == 3
+
+
+def test_held_handlers_run_outside_the_locks_and_a_block_closed_elsewhere_raises_in_the_main_thread():
+    """Review findings on the first version: a held SIGTERM whose handler reads another bank ran inside that bank's
+    lock wait, under its mutex, and hung; a read block opened by a generator in the main thread and closed in a
+    worker thread dropped the Ctrl-C held meanwhile."""
+    a, b = fresh_bank(), fresh_bank()
+    counted = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: counted.append(b.num_chunks()))
+    inside, release = threading.Event(), threading.Event()
+
+    def writer():
+        with b._lock.write():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    inside.wait(10)
+    threading.Timer(0.3, release.set).start()
+    try:
+        with a.reading():
+            os.kill(os.getpid(), signal.SIGTERM)  # held: a is being read
+            time.sleep(0.01)
+            b.search("chunk", namespace="alice")  # waits for b's writer (the held handler must not run in there)
+        assert counted == [4]  # ran once, when the read of a ended
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        release.set()
+        thread.join(10)
+
+    def reader():
+        with a.reading():
+            yield
+
+    opened = reader()
+    next(opened)  # a read block open in the main thread
+    signal.raise_signal(signal.SIGINT)  # held
+    with pytest.raises(KeyboardInterrupt):
+        closer = threading.Thread(target=opened.close)
+        closer.start()
+        closer.join(10)
+        time.sleep(0.5)  # the held Ctrl-C is raised in the main thread once the block is closed
+    assert rwlock._Held.depth == 0
