@@ -4,9 +4,10 @@ every ``MAX_DELTAS`` commits or once the deltas hold changes to half the bank; a
 replays the deltas.
 
 For each ``--sizes`` N: a disk bank of N chunks (``--tokens`` token ids each, a short metadata dict, ~400-character
-texts, 384-d unit embeddings from a seeded random stand-in embedder; K-V kept tiny, since segments are written once
-and only memory-mapped on reopen, in segments of ``--segment-bytes`` (2 MiB: 256 chunks, so that the bank sits in
-full segments as a bank of real K-V does in 64 MiB ones), committed whole; then, medians of ``--repeats``:
+texts from Shakespeare's plays (``--texts``), 384-d unit embeddings from a seeded random stand-in embedder; K-V kept
+tiny, since segments are written once and only memory-mapped on reopen, in segments of ``--segment-bytes`` (2 MiB:
+256 chunks, so that the bank sits in full segments as a bank of real K-V does in 64 MiB ones), committed whole;
+then, medians of ``--repeats``:
 
 * ``add_step_s``: one ingest step's chunks (7, embeddings given) added to the N-chunk bank, before any commit: an
   add reads the namespace's totals, not its chunks (it listed and summed them all: 49 ms at 40k chunks);
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,21 +55,35 @@ class RandomEmbedder:
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def measure(n: int, tokens: int, repeats: int, root: Path, segment_bytes: int = 2 << 20) -> dict:
+def texts_of(kind: str) -> Callable[[int], str]:
+    """Chunk ``i``'s ~400-character text: a window of Shakespeare's plays (``plays``: real vocabulary, what BM25
+    indexes on reopen) or ``"word " * 80`` (``repeated``: the texts of the first runs, whose one-word vocabulary made
+    the lexical index nearly free)."""
+    if kind == "repeated":
+        return lambda i: f"chunk {i} " + "word " * 80
+    from memlong.evaluation import shakespeare_text
+
+    corpus = " ".join(" ".join(shakespeare_text(p).split()) for p in ("hamlet", "macbeth", "othello", "lear"))
+    return lambda i: f"chunk {i} " + corpus[(i * 397) % (len(corpus) - 400):][:400]
+
+
+def measure(n: int, tokens: int, repeats: int, root: Path, segment_bytes: int = 2 << 20,
+            text_kind: str = "plays") -> dict:
     path = root / f"bank-{n}"
+    text = texts_of(text_kind)
     bank = MemoryBank(embedder=RandomEmbedder(), path=path, dtype=torch.float16, capacity=10**12,
                       segment_bytes=segment_bytes)
     kv = torch.zeros(2, 1, tokens, 8)
     ids = list(range(1000, 1000 + tokens))
     for start in range(0, n, 5000):
         m = min(5000, n - start)
-        bank.add_chunks([f"chunk {start + i} " + "word " * 80 for i in range(m)], keys=[kv] * m, values=[kv] * m,
+        bank.add_chunks([text(start + i) for i in range(m)], keys=[kv] * m, values=[kv] * m,
                         metadata=[{"source": "bench", "page": start + i} for i in range(m)], tokens=[ids] * m)
     added = 0
 
     def add_step() -> float:
         nonlocal added
-        texts = [f"step chunk {added + i} " + "word " * 80 for i in range(7)]
+        texts = [text(n + added + i) for i in range(7)]
         vectors = RandomEmbedder().encode(texts)
         t = time.perf_counter()
         bank.add_chunks(texts, keys=[kv] * 7, values=[kv] * 7, embeddings=vectors, tokens=[ids] * 7)
@@ -106,7 +122,7 @@ def measure(n: int, tokens: int, repeats: int, root: Path, segment_bytes: int = 
             "commit_one_chunk_s": statistics.median(deltas),
             "commit_whole_s": statistics.median(wholes), "reopen_s": statistics.median(opens),
             "reopen_full_journal_s": statistics.median(journal_opens), "journal_deltas": replayed,
-            "record_and_embeddings_bytes": whole_bytes}
+            "record_and_embeddings_bytes": whole_bytes, "texts": text_kind}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed commits and reopens per size")
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads (default 1)")
     p.add_argument("--segment-bytes", type=int_at_least(1024), default=2 << 20, help="segment size (default 2 MiB)")
+    p.add_argument("--texts", choices=["plays", "repeated"], default="plays",
+                   help="chunk texts: windows of Shakespeare's plays (default), or the first runs' 'word' * 80")
     p.add_argument("--json", metavar="OUT", help="write the records as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for n in args.sizes:
-            rows.append(measure(n, args.tokens, args.repeats, Path(root), args.segment_bytes))
+            rows.append(measure(n, args.tokens, args.repeats, Path(root), args.segment_bytes, args.texts))
             r = rows[-1]
             print(f"{r['chunks']:>8} chunks: add of a 7-chunk step {r['add_step_s'] * 1e3:.2f} ms, commit of one chunk "
                   f"{r['commit_one_chunk_s']:.3f} s (whole record "
