@@ -43,6 +43,7 @@ class _Held:
     waiting = False  # inside an interruptible wait: the first signal's handler runs at once
     saved: dict[int, Any] = {}  # signal -> the handler _hold stands in for
     pending: list[tuple[Any, int, Any]] = []  # (the handler it stood in for, signal, frame), in arrival order
+    deferred: list[tuple[int, Any, Any]] = []  # swaps of first blocks that ended before a later one (generators)
 
 
 def _hold(signum: int, frame: Any) -> None:
@@ -50,9 +51,12 @@ def _hold(signum: int, frame: Any) -> None:
     if _Held.depth and not _Held.waiting:
         _Held.pending.append((handler, signum, frame))
         return
-    _Held.waiting = False  # (the wait is ending: its lock is taken back with later signals held)
     if callable(handler):
-        handler(signum, frame)
+        try:
+            handler(signum, frame)
+        except BaseException:  # the wait ends: its lock is taken back with later signals held
+            _Held.waiting = False
+            raise
 
 
 def _deliver(pending: list[tuple[Any, int, Any]]) -> None:
@@ -62,8 +66,9 @@ def _deliver(pending: list[tuple[Any, int, Any]]) -> None:
         if callable(handler):
             try:
                 handler(signum, frame)
-            except BaseException as exc:
-                error = error or exc
+            except BaseException as exc:  # (a SIGTERM's SystemExit wins over a Ctrl-C held before it)
+                if error is None or (isinstance(exc, SystemExit) and not isinstance(error, SystemExit)):
+                    error = exc
     if error is not None:
         raise error
 
@@ -73,7 +78,7 @@ class _HeldBlock:
     in :func:`_hold` for the handlers not already held (a handler set by the caller inside an open block too) and
     puts back exactly those on exit; the outermost exit runs what was held."""
 
-    __slots__ = ("swapped",)
+    __slots__ = ("swapped", "first")
 
     def __enter__(self) -> None:
         self.swapped: list[tuple[int, Any, Any]] | None = None  # (signal, handler put back, saved before)
@@ -97,7 +102,7 @@ class _HeldBlock:
                     except ValueError:  # not the main interpreter: nothing to hold
                         swapped.pop()
                         break
-            self.swapped, _Held.depth = swapped, _Held.depth + 1  # (one statement: counted, and undone on exit)
+            self.swapped, self.first, _Held.depth = swapped, not _Held.depth, _Held.depth + 1  # (counted, at once)
         except BaseException:
             for sig, handler, _ in reversed(swapped):
                 if _sig.getsignal(sig) is _hold:
@@ -115,12 +120,16 @@ class _HeldBlock:
                     signal.pthread_kill(threading.main_thread().ident or 0, signum)
             return
         pending: list[tuple[Any, int, Any]] = []
+        restore = self.swapped[::-1]
         if _Held.depth == 1:
-            pending, _Held.pending, _Held.depth = _Held.pending, [], 0
+            pending, deferred, _Held.pending, _Held.deferred, _Held.depth = _Held.pending, _Held.deferred, [], [], 0
+            restore += deferred[::-1]
         else:
             _Held.depth -= 1
+            if self.first:  # ended before a block opened after it (generators): its handlers stay held until the last
+                _Held.deferred, restore = _Held.deferred + self.swapped, []
         try:
-            for sig, handler, before in reversed(self.swapped):
+            for sig, handler, before in restore:
                 if _sig.getsignal(sig) is _hold:
                     _sig.signal(sig, handler)
                 if before is not None:

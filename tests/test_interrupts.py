@@ -274,3 +274,56 @@ def test_held_handlers_run_outside_the_locks_and_a_block_closed_elsewhere_raises
         closer.join(10)
         time.sleep(0.5)  # the held Ctrl-C is raised in the main thread once the block is closed
     assert rwlock._Held.depth == 0
+
+
+def test_second_review_of_held_signals():
+    """Review findings on the second version: a Ctrl-C after a non-raising handler (a logging SIGTERM, asyncio's
+    first Ctrl-C) during a lock wait was held until the wait ended; a SIGTERM's SystemExit held behind a Ctrl-C was
+    dropped; a block that ended before a later one still open (generators) gave the handlers back too early."""
+    bank, inside, release, logged = fresh_bank(), threading.Event(), threading.Event(), []
+
+    def reader():
+        with bank.reading():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    inside.wait(10)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: logged.append(signum))
+    try:
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            bank.delete(namespace="alice", doc_id="d0")  # waits for the reader
+        assert time.monotonic() - started < 5 and logged == [signal.SIGTERM]
+    finally:
+        release.set()
+        thread.join(10)
+        signal.signal(signal.SIGTERM, previous)
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(3))
+    try:
+        with pytest.raises(SystemExit):
+            with interrupts_held():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    def reading():
+        with bank.reading():
+            yield
+
+    first, second = reading(), reading()
+    next(first)
+    next(second)
+    first.close()  # ends before the second: the second still holds Ctrl-C
+    assert signal.getsignal(signal.SIGINT) is rwlock._hold
+    signal.raise_signal(signal.SIGINT)
+    time.sleep(0.01)
+    with pytest.raises(KeyboardInterrupt):
+        second.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and rwlock._Held.depth == 0
