@@ -22,6 +22,15 @@ from memlong import MemoryBank, rwlock
 from memlong.rwlock import interrupts_held
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """Python's own SIGINT handler for each test: a runner started in the background (``cmd &`` in a script) starts
+    Python with SIGINT ignored, and then no Ctrl-C reaches it (these tests failed, and the commit one hung)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_at(n, call):
     """Run ``call()`` with a SIGINT raised at the ``n``-th line executed inside memlong; True if it was raised
     (the call ended in KeyboardInterrupt), False if the call has fewer lines (it ran to the end)."""
