@@ -60,7 +60,8 @@ def _hold(signum: int, frame: Any) -> None:
 
 
 def _deliver(pending: list[tuple[Any, int, Any]]) -> None:
-    """Run every held signal's handler in order (a SIGTERM's after a Ctrl-C's), then raise the first exception."""
+    """Run every held signal's handler in order (a SIGTERM's after a Ctrl-C's), then raise the first exception they
+    raised (a ``SystemExit`` before any other: a request to exit is not lost behind a Ctrl-C)."""
     error: BaseException | None = None
     for handler, signum, frame in pending:
         if callable(handler):
@@ -141,8 +142,9 @@ class _HeldBlock:
 def interrupts_held() -> contextlib.AbstractContextManager[None]:
     """Run the block with SIGINT, SIGTERM and SIGALRM handlers held (those set from Python: Ctrl-C's
     ``KeyboardInterrupt``, a handler raising ``SystemExit``); the handlers of signals that came meanwhile run when
-    the outermost block ends, each once, in order, and the first exception is raised. Blocks nest; threads other
-    than the main one (which never run signal handlers) are not affected.
+    the outermost block ends, each once, in order (see :func:`_deliver` for which exception is raised). Blocks
+    nest, and a first block may end before a later one (generators); threads other than the main one (which never
+    run signal handlers) are not affected.
 
     Example:
         >>> with interrupts_held():
