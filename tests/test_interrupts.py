@@ -92,6 +92,21 @@ OPERATIONS = {
 }
 
 
+def read_elsewhere(bank):
+    """Hold ``bank.reading()`` in another thread until the returned event is set; returns (thread, release)."""
+    inside, release = threading.Event(), threading.Event()
+
+    def reader():
+        with bank.reading():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    inside.wait(10)
+    return thread, release
+
+
 def check_lock_free(lock):
     """(Takes the lock, not the bank: pytest's report of a failure would call the bank's repr, which waits for it.)"""
     assert lock._cond.acquire(timeout=1), "the lock's mutex was left held: the next call would hang"
@@ -160,16 +175,7 @@ def test_a_held_interrupt_is_raised_when_the_block_ends_and_a_wait_stays_interru
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     bank = fresh_bank()
-    inside, release = threading.Event(), threading.Event()
-
-    def reader():
-        with bank.reading():
-            inside.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    inside.wait(10)
+    thread, release = read_elsewhere(bank)
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))  # as Ctrl-C: to the process
     timer.start()
     started = time.monotonic()
@@ -289,16 +295,8 @@ def test_second_review_of_held_signals():
     """Review findings on the second version: a Ctrl-C after a non-raising handler (a logging SIGTERM, asyncio's
     first Ctrl-C) during a lock wait was held until the wait ended; a SIGTERM's SystemExit held behind a Ctrl-C was
     dropped; a block that ended before a later one still open (generators) gave the handlers back too early."""
-    bank, inside, release, logged = fresh_bank(), threading.Event(), threading.Event(), []
-
-    def reader():
-        with bank.reading():
-            inside.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    inside.wait(10)
+    bank, logged = fresh_bank(), []
+    thread, release = read_elsewhere(bank)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: logged.append(signum))
     try:
         threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
