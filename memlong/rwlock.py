@@ -13,7 +13,8 @@ saves and commits take alone and loads share (:mod:`memlong.storage`).
 :func:`interrupts_held` keeps Ctrl-C (and SIGTERM / SIGALRM handlers) out of every read and write the lock
 guards, bookkeeping included: the signal's handler runs when the block ends. A ``KeyboardInterrupt`` raised between
 two lines of a change left the bank half-changed (counted but not indexed) or the lock held for ever (the next call
-hung). Waits for this lock and for :func:`dir_lock` stay interruptible."""
+hung). Waits for this lock and for :func:`dir_lock` stay interruptible: a handler runs there at once, and one that
+uses the bank whose call it interrupted reads it (a change of it is refused) instead of waiting for itself."""
 
 from __future__ import annotations
 
@@ -174,20 +175,26 @@ class RWLock:
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
+        self._writer = 0  # the writing thread's id (0: none)
+        self._writers_waiting: dict[int, int] = {}  # thread id -> its writes waiting
         self._depth: dict[int, int] = {}  # thread id -> its open read blocks (the lock is held once per thread)
+        self._in_write: set[int] = set()  # threads whose reads began inside their own write (not counted)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
         """Hold the lock shared (``with lock.read(): ...``); waits while a writer holds or waits for it, unless
-        this thread already reads (a nested read never waits: the waiting writer waits for this thread). The
-        body runs with interrupts held, as a write's does."""
+        this thread already reads (a nested read never waits: the waiting writer waits for this thread) or the
+        writer is this thread (a signal handler run in its wait: the read goes on, as does one in this thread's
+        own waiting write). The body runs with interrupts held, as a write's does."""
         me = threading.get_ident()
         with interrupts_held():
             with self._cond:
-                if not self._depth.get(me):
-                    while self._writer or self._writers_waiting:
+                if self._depth.get(me):
+                    pass
+                elif self._writer == me:  # a signal handler run in this thread's write: not counted, never waits
+                    self._in_write.add(me)
+                else:  # (this thread's own waiting write does not hold it back: a handler run in that wait)
+                    while self._writer or len(self._writers_waiting) > (me in self._writers_waiting):
                         with _interruptible():
                             self._cond.wait()
                     self._readers += 1
@@ -199,7 +206,10 @@ class RWLock:
                     self._depth[me] -= 1
                     if not self._depth[me]:
                         del self._depth[me]
-                        self._readers -= 1
+                        if me in self._in_write:
+                            self._in_write.discard(me)
+                        else:
+                            self._readers -= 1
                         if not self._readers:
                             self._cond.notify_all()
 
@@ -209,29 +219,38 @@ class RWLock:
         runs with interrupts held (:func:`interrupts_held`): a change is made whole, then Ctrl-C raises.
 
         Raises:
-            RuntimeError: this thread holds a read (within ``MemoryBank.reading()``); it would wait for itself.
+            RuntimeError: this thread holds a read (within ``MemoryBank.reading()``) or the write (a signal handler
+                run in a commit's wait for another process); it would wait for itself.
         """
-        if self._depth.get(threading.get_ident()):
+        me = threading.get_ident()
+        if self._depth.get(me):
             raise RuntimeError("A memory bank cannot be changed inside its own `with bank.reading():` block (the "
                                "change would wait for the block to end); change it after the block.")
+        if self._writer == me:
+            raise RuntimeError("A memory bank cannot be changed while this thread's change of it waits (a signal "
+                               "handler that changes, saves to its own directory or commits the bank ran while a "
+                               "commit waited for another process's lock); change it after that call returns.")
         with interrupts_held():
             with self._cond:
-                self._writers_waiting += 1
+                self._writers_waiting[me] = self._writers_waiting.get(me, 0) + 1  # (2: a handler in its own wait)
                 try:
                     while self._writer or self._readers:
                         with _interruptible():
                             self._cond.wait()
                 except BaseException:  # interrupted while waiting (Ctrl-C): the readers held back for it may go on
-                    self._writers_waiting -= 1
                     self._cond.notify_all()
                     raise
-                self._writers_waiting -= 1
-                self._writer = True
+                finally:
+                    if self._writers_waiting[me] == 1:
+                        del self._writers_waiting[me]
+                    else:
+                        self._writers_waiting[me] -= 1
+                self._writer = me
             try:
                 yield
             finally:
                 with self._cond:
-                    self._writer = False
+                    self._writer = 0
                     self._cond.notify_all()
 
 

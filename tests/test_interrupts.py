@@ -111,7 +111,7 @@ def check_lock_free(lock):
     """(Takes the lock, not the bank: pytest's report of a failure would call the bank's repr, which waits for it.)"""
     assert lock._cond.acquire(timeout=1), "the lock's mutex was left held: the next call would hang"
     lock._cond.release()
-    assert not lock._writer and not lock._readers and not lock._writers_waiting and not lock._depth
+    assert not lock._writer and not lock._readers and not lock._writers_waiting and not lock._depth and not lock._in_write
 
 
 def check_after_interrupt(bank, before, after):
@@ -334,3 +334,66 @@ def test_second_review_of_held_signals():
     with pytest.raises(KeyboardInterrupt):
         second.close()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and rwlock._Held.depth == 0
+
+
+@pytest.fixture
+def hang_alarm():
+    """A hang this test looks for raises AssertionError after 5 s instead (SIGALRM's handler runs in lock waits)."""
+    def hung(signum, frame):
+        raise AssertionError("hung: a signal handler's bank call waited for the call it interrupted")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_handler_using_the_bank_its_call_waits_for_does_not_hang(tmp_path, hang_alarm):
+    """Noticed after session 22's reviews: a signal handler runs at once in a lock wait, and one that used the same
+    bank hung for ever: a SIGTERM handler reading the bank while this thread's delete waited for a reader (the read
+    waited for that delete), or while a commit waited for another process's directory lock (it waited for the
+    commit's own write). The read now goes on; a change there is refused with a RuntimeError instead of a hang."""
+    import fcntl
+
+    from test_persistence import fill
+
+    bank, seen = fresh_bank(), []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(bank.num_chunks()))
+    thread, release = read_elsewhere(bank)
+    try:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        threading.Timer(0.6, release.set).start()
+        assert bank.delete(namespace="alice", doc_id="d0") == 1
+        assert seen == [4]  # read while the delete waited
+    finally:
+        release.set()
+        thread.join(10)
+        signal.signal(signal.SIGTERM, previous)
+    check_lock_free(bank._lock)
+
+    disk = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fill(disk, "ns", 2)
+    disk.commit()
+    fill(disk, "ns", 1, seed=5)
+    errors = []
+
+    def handler(signum, frame):
+        seen.append(disk.num_chunks())  # a read: goes on (the commit waits, its bank unchanged)
+        try:
+            disk.commit()  # a change: refused, not a hang
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    other = os.open(tmp_path / "b" / ".lock", os.O_RDONLY)  # another open file: as another process's lock
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        fcntl.flock(other, fcntl.LOCK_SH)
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        threading.Timer(0.6, os.close, (other,)).start()
+        disk.commit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [4, 3] and len(errors) == 1 and "while this thread's change of it waits" in errors[0]
+    check_lock_free(disk._lock)
+    assert len(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == 3
