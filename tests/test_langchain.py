@@ -1,6 +1,8 @@
 """LangChain adapters: chat model, LLM, retriever, vector store, chains and chat history (tiny random model), and one
 end-to-end RAG chain on the real default model."""
 
+import asyncio
+
 import pytest
 import torch
 from helpers import stop_across_pieces
@@ -827,3 +829,28 @@ def test_text_llm_samples_reproducibly_with_a_seed(tiny):
     draws = {seed: [MemLongLLM(memlong=tiny, max_tokens=8, temperature=1.5, seed=seed).invoke(plain(QUESTION))
                     for _ in range(2)] for seed in (1, 2)}
     assert draws[1][0] == draws[1][1] and draws[2][0] == draws[2][1] and draws[1][0] != draws[2][0]
+
+
+def test_text_llm_reports_token_usage_and_streams_an_empty_answer(tiny):
+    """Noticed in a review: the LangChain MemLongLLM reported no token usage (ChatMemLong does)."""
+    ids = tiny.bank.chunk_ids("kb")[:2]
+    llm = MemLongLLM(memlong=tiny, namespace="kb", max_tokens=4)
+    result = llm.generate([plain(QUESTION), "Once upon a time"], memlong_chunk_ids=ids)
+    infos = [g[0].generation_info for g in result.generations]
+    assert [i["chunk_ids"] for i in infos] == [ids, ids]
+    assert [i["completion_tokens"] for i in infos] == [4, 4] and infos[0]["finish_reason"] == "length"
+    assert infos[0]["memory_tokens"] == sum(len(tiny.bank.get(c, namespace="kb").tokens) for c in ids)
+    usage = result.llm_output["token_usage"]
+    assert usage["completion_tokens"] == 8
+    assert usage["prompt_tokens"] == sum(i["prompt_tokens"] + i["memory_tokens"] for i in infos)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 8
+    assert result.generations[0][0].text == llm.invoke(plain(QUESTION), memlong_chunk_ids=ids)
+
+    streamed = list(llm.stream(plain(QUESTION), memlong_chunk_ids=ids))  # the info rides on a last, empty chunk
+    assert "".join(streamed) == result.generations[0][0].text and streamed[-1] == ""
+    first = result.generations[0][0].text.split()[0]
+    cut = llm.generate([plain(QUESTION)], memlong_chunk_ids=ids, stop=[first]).generations[0][0]
+    assert cut.text.strip() == "" and cut.generation_info["finish_reason"] == "stop"
+    again = asyncio.run(llm.agenerate([plain(QUESTION)], memlong_chunk_ids=ids))
+    assert again.generations[0][0].generation_info == infos[0]
+    assert again.llm_output["token_usage"]["prompt_tokens"] == infos[0]["prompt_tokens"] + infos[0]["memory_tokens"]

@@ -5,7 +5,9 @@ K-V when given with the call keyword ``memlong_chunk_ids`` (``memlong_namespace`
 call); with none the model reads only the prompt, unless ``retrieve=True`` (then it retrieves ``top_k`` chunks of
 ``namespace`` with the prompt as the query). Stop strings are not part of the output, not even their start, and
 whitespace before the first visible character never triggers one; the completion is otherwise returned as
-generated (leading space included).
+generated (leading space included). Each completion's ``generation_info`` (on a last, empty streamed chunk) holds
+``finish_reason``, the chunk ids attended and the token counts; ``llm_output["token_usage"]`` sums the calls'
+``prompt_tokens`` (prompt encoded + memory attended), ``completion_tokens`` and ``total_tokens``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
-from langchain_core.outputs import GenerationChunk
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import MemLong
@@ -93,14 +95,29 @@ class MemLongLLM(LLM):
                                        max_new_tokens=limit, temperature=self.temperature, seed=self.seed,
                                        stream=True)
         for piece in answer_pieces(pieces, stop_strings(self.stop, stop)):
-            chunk = GenerationChunk(text=piece)
-            if run_manager is not None:
-                run_manager.on_llm_new_token(piece, chunk=chunk)
-            yield chunk
+            yield _chunk(piece, None, run_manager)
+        stats = pieces.stats
+        # a last, empty chunk carries the call's generation_info (and is the one chunk of an empty answer, without
+        # which LangChain's stream() raises "No generation chunks were returned")
+        yield _chunk("", {"finish_reason": stats.finish_reason, "chunk_ids": list(stats.chunk_ids),
+                          "prompt_tokens": stats.prompt_tokens, "memory_tokens": stats.memory_tokens,
+                          "refreshed_tokens": stats.refreshed_tokens, "completion_tokens": stats.new_tokens},
+                     run_manager)
 
     def _call(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
               **kwargs: Any) -> str:
         return "".join(c.text for c in self._stream(prompt, stop=stop, run_manager=run_manager, **kwargs))
+
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        return _result([list(self._stream(p, stop=stop, run_manager=run_manager, **kwargs)) for p in prompts])
+
+    async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        calls = []
+        for prompt in prompts:
+            calls.append([c async for c in self._astream(prompt, stop=stop, run_manager=run_manager, **kwargs)])
+        return _result(calls)
 
     async def _astream(self, prompt: str, stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
@@ -113,3 +130,22 @@ class MemLongLLM(LLM):
     async def _acall(self, prompt: str, stop: list[str] | None = None,
                      run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
         return "".join([c.text async for c in self._astream(prompt, stop=stop, run_manager=run_manager, **kwargs)])
+
+
+def _chunk(text: str, info: dict[str, Any] | None, run_manager: CallbackManagerForLLMRun | None) -> GenerationChunk:
+    chunk = GenerationChunk(text=text, generation_info=info)
+    if run_manager is not None and text:
+        run_manager.on_llm_new_token(text, chunk=chunk)
+    return chunk
+
+
+def _result(calls: list[list[GenerationChunk]]) -> LLMResult:
+    """One LLMResult for the streamed chunks of each prompt: its text, the last chunk's generation_info, and the
+    token usage of all the calls (``llm_output["token_usage"]``, as OpenAI-style LLMs report it)."""
+    generations = [[Generation(text="".join(c.text for c in chunks), generation_info=chunks[-1].generation_info)]
+                   for chunks in calls]
+    infos = [g[0].generation_info or {} for g in generations]
+    prompt = sum(i.get("prompt_tokens", 0) + i.get("memory_tokens", 0) for i in infos)
+    completion = sum(i.get("completion_tokens", 0) for i in infos)
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return LLMResult(generations=generations, llm_output={"token_usage": usage})
