@@ -831,7 +831,7 @@ def test_text_llm_samples_reproducibly_with_a_seed(tiny):
     assert draws[1][0] == draws[1][1] and draws[2][0] == draws[2][1] and draws[1][0] != draws[2][0]
 
 
-def test_text_llm_reports_token_usage_and_streams_an_empty_answer(tiny):
+def test_text_llm_reports_token_usage(tiny):
     """Noticed in a review: the LangChain MemLongLLM reported no token usage (ChatMemLong does)."""
     ids = tiny.bank.chunk_ids("kb")[:2]
     llm = MemLongLLM(memlong=tiny, namespace="kb", max_tokens=4)
@@ -854,3 +854,17 @@ def test_text_llm_reports_token_usage_and_streams_an_empty_answer(tiny):
     again = asyncio.run(llm.agenerate([plain(QUESTION)], memlong_chunk_ids=ids))
     assert again.generations[0][0].generation_info == infos[0]
     assert again.llm_output["token_usage"]["prompt_tokens"] == infos[0]["prompt_tokens"] + infos[0]["memory_tokens"]
+
+
+@pytest.mark.slow
+def test_text_llm_streams_an_empty_answer(default_memlong):
+    """Determinism review: the default model answers this bare prompt with end-of-sequence at once; MemLongLLM's
+    invoke returned "" but stream() / astream() raised LangChain's "No generation chunks were returned"."""
+    llm, prompt = MemLongLLM(memlong=default_memlong, max_tokens=24), "Who keeps the iron key?"
+    assert default_memlong.generate(prompt, max_new_tokens=24) == ""  # the case: an empty answer
+    assert llm.invoke(prompt) == "" and list(llm.stream(prompt)) == [""]
+
+    async def streamed():
+        return [c async for c in llm.astream(prompt)]
+
+    assert asyncio.run(streamed()) == [""]
