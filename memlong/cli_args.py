@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 from pathlib import Path
@@ -191,9 +192,9 @@ def config_field_help() -> dict[str, str]:
     sentence, ``%`` escaped for argparse."""
     from memlong.config import MemLongConfig
 
-    doc = MemLongConfig.__doc__ or ""
+    doc = inspect.cleandoc(MemLongConfig.__doc__ or "")  # (Python 3.13 strips the indentation itself; older ones not)
     found: dict[str, str] = {}
-    for match in re.finditer(r"^ {8}(\w+): (.+?)(?=^ {8}\w+: |\Z)", doc, re.S | re.M):
+    for match in re.finditer(r"^ {4}(\w+): (.+?)(?=^ {4}\w+: |\Z)", doc, re.S | re.M):
         text = re.sub(r":\w+:`~?([^`]+)`", r"\1", match.group(2).replace("``", ""))  # reST roles: plain names
         text = " ".join(text.replace("%", "%%").split())
         found[match.group(1)] = text.split(". ")[0].rstrip(".")

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from memlong import MemLongConfig
 from memlong.cli import CLI_DEFAULTS, CONFIG_FLAGS, build_parser, main
+from memlong.cli_args import config_field_help
 
 
 class ModelLoaded(BaseException):  # noqa: N818 - BaseException so that main() cannot swallow it
@@ -203,8 +204,10 @@ def test_config_flags_come_from_memlong_config():
     assert _config(parser.parse_args(["eval", "ppl", "--memory-capacity", "100", "--search-mode", "hybrid"])) == \
         {"memory_capacity": 100, "search_mode": "hybrid"}
     help_text = " ".join(parser._subparsers._group_actions[0].choices["demo"].format_help().split())
+    described = config_field_help()  # (Python 3.13 dedents docstrings: its help lost every description)
     for name in CONFIG_FLAGS:
         assert "--" + name.replace("_", "-") in help_text
+        assert len(described[name]) > 15 and " ".join(described[name].split()[:4]) in help_text
         if fields[name].default is not None:
             assert f"MemLongConfig default {fields[name].default}" in help_text  # read from the dataclass
     # a command's default of kv_reencode_head is dropped where the model cannot re-encode chunk starts; one given on the
