@@ -825,3 +825,23 @@ def test_misspelt_options_are_errors_not_silently_ignored(make_tiny):
     assert MemLongVectorStore(ml, namespace="plays", show_progress=False).namespace == "plays"
     assert MemLongMemoryBlock(ml, namespace="x", top_k=1).namespace == "x"
     assert MemLongEmbedding.from_memlong(ml, embed_batch_size=4).embed_batch_size == 4
+
+
+def test_llm_samples_reproducibly_with_a_seed_and_refuses_unknown_call_keywords(make_tiny):
+    """Determinism review: LlamaIndex's MemLongLLM had no ``seed`` (LangChain's classes have one), so a sampled answer
+    could not be reproduced, and an unknown call keyword was ignored (``temprature=1.0`` decoded greedily)."""
+    ml, _ = make_tiny(top_k=2, chunk_size=16, local_window=64)
+    prompt = "Once upon a time"
+    draws = {seed: [MemLongLLM(ml, temperature=1.5, seed=seed, max_new_tokens=8).complete(prompt).text
+                    for _ in range(2)] for seed in (1, 2)}
+    assert draws[1][0] == draws[1][1] and draws[2][0] == draws[2][1] and draws[1][0] != draws[2][0]
+    llm = MemLongLLM(ml, temperature=1.5, max_new_tokens=8)
+    assert llm.complete(prompt, seed=1).text == draws[1][0]  # a call's own seed
+    assert "".join(r.delta for r in llm.stream_complete(prompt, seed=2)) == draws[2][0]
+    assert llm.chat([ChatMessage(role="user", content=prompt)], seed=1).message.content == \
+        MemLongLLM(ml, temperature=1.5, seed=1, max_new_tokens=8).chat([ChatMessage(role="user", content=prompt)]
+                                                                          ).message.content
+    with pytest.raises(TypeError, match=r"unknown call keyword\(s\) \['temprature'\].*temperature, seed"):
+        llm.complete(prompt, temprature=1.0)
+    with pytest.raises(TypeError, match="temprature"):
+        asyncio.run(llm.achat([ChatMessage(role="user", content=prompt)], temprature=1.0))

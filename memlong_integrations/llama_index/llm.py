@@ -78,6 +78,7 @@ CHUNK_IDS_KWARG = "memlong_chunk_ids"  # explicit chunk ids (keyword or message 
 TEXT_IN_MEMORY_KWARG = "memlong_text_in_memory"  # message whose text is already in the bank as K-V
 NAMESPACE_KWARG = "memlong_namespace"  # the namespace a message's chunk ids belong to (MemLongMemoryBlock's)
 _CONFUSABLE = ("chunk_ids", "namespace", "retrieve", "query", "ids")  # call keywords meant for MemLong.generate
+_CALL_OPTIONS = ("max_new_tokens", "max_tokens", "temperature", "seed", "stop")  # a call's own settings
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "developer": "system"}
 
 
@@ -89,6 +90,8 @@ class MemLongLLM(CustomLLM):
         namespace: the memory namespace this LLM reads.
         max_new_tokens: generation budget per call (``metadata.num_output``).
         temperature: 0 = greedy decoding.
+        seed: sampling seed (``temperature > 0``): the same seed gives the same answer; ``None``: torch's global
+            generator.
         retrieve: with no explicit ids, retrieve ``top_k`` chunks from ``namespace`` with the prompt as query
             (default ``False``: the model reads only its prompt).
         stop: strings that end generation.
@@ -102,6 +105,7 @@ class MemLongLLM(CustomLLM):
     max_new_tokens: int = Field(default=64, gt=0, description="Tokens generated per call.",
                                 validation_alias=AliasChoices("max_new_tokens", "max_tokens"))
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
+    seed: int | None = Field(default=None, description="Sampling seed (temperature > 0).")
     retrieve: bool = Field(default=False, description="Retrieve from the namespace when no ids are given.")
     stop: list[str] = Field(default_factory=list, description="Strings that end generation.")
     chat_template: bool = Field(default=True, description="Render chat messages with the tokenizer's template.")
@@ -147,11 +151,16 @@ class MemLongLLM(CustomLLM):
         if unknown:
             raise TypeError(f"Unknown MemLong keyword(s) {unknown}; the chunk ids keyword is {CHUNK_IDS_KWARG!r} "
                             "(the namespace and retrieval are set on the MemLongLLM).")
+        unknown = sorted(k for k in kwargs if k not in _CALL_OPTIONS)
+        if unknown:  # (a misspelt option was ignored: ``temprature=1.0`` decoded greedily)
+            raise TypeError(f"MemLongLLM got unknown call keyword(s) {unknown}; a call takes {CHUNK_IDS_KWARG} "
+                            f"and {', '.join(_CALL_OPTIONS)}.")
         max_new = call_max_tokens(kwargs, self.max_new_tokens)
+        temperature = float(kwargs.get("temperature", self.temperature))
         try:
             pieces = self._memlong.generate(
                 prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
-                max_new_tokens=max_new, temperature=float(kwargs.get("temperature", self.temperature)), stream=True)
+                max_new_tokens=max_new, temperature=temperature, seed=kwargs.get("seed", self.seed), stream=True)
         except PromptTooLongError as exc:
             raise _too_long(exc) from None
         stops = stop_strings(self.stop, kwargs.get("stop"))  # applied here: the core yields text before they complete
