@@ -59,8 +59,8 @@ class GenerationStats:
     refreshed_tokens: int = 0  # retrieved tokens re-encoded (``kv_refresh``), on top of ``prompt_tokens``
     chunk_ids: list[str] = field(default_factory=list)
     new_tokens: int = 0
-    time_to_first_token: float = 0.0
-    seconds: float = 0.0
+    time_to_first_token: float = 0.0  # seconds from the call (retrieval, refresh and prompt included) to the first
+    seconds: float = 0.0  # new token, and to the end; a stream's wait before its first ``next`` is not counted
     finish_reason: str = ""  # "stop" (end of sequence or a stop string), "length" (max_new_tokens), "" (closed early)
 
 
@@ -168,7 +168,8 @@ def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tokens: int, temperature: float,
-                 seed: int | None, stop: Sequence[str], stats: GenerationStats, t0: float) -> Iterator[str]:
+                 seed: int | None, stop: Sequence[str], stats: GenerationStats, t0: float, ready: float) -> Iterator[str]:
+    t0 += time.perf_counter() - ready  # the caller's wait before the first ``next`` is not the generation's time
     eos = ml.eos_ids
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     static = None
@@ -254,7 +255,8 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
     stats = stats if stats is not None else GenerationStats(prompt_tokens=len(ids), memory_tokens=0 if memory is None
                                                             else int(memory[0].shape[2]))
     t0 = time.perf_counter() if t0 is None else t0
-    return Generation(_decode_loop(ml, list(ids), memory, max_new_tokens, temperature, seed, stop, stats, t0), stats)
+    loop = _decode_loop(ml, list(ids), memory, max_new_tokens, temperature, seed, stop, stats, t0, time.perf_counter())
+    return Generation(loop, stats)
 
 
 def position_tensor(positions: Sequence[int] | torch.Tensor, count: int, device: torch.device | str) -> torch.Tensor:

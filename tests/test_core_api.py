@@ -1,6 +1,7 @@
 """The public core API: per-call generation stats, the run step, streams, decode/score, the sink helpers."""
 
 import re
+import time
 
 import numpy as np
 import pytest
@@ -106,6 +107,13 @@ def test_a_generation_closed_early_still_records_its_time(make_tiny):
     next(g)
     g.close()
     assert g.stats.seconds >= g.stats.time_to_first_token > 0 and g.stats.new_tokens < 8
+
+    # determinism review: a stream handed on before it was read counted the wait before its first piece as its time
+    waited = ml.generate("Where does the red ship sail?", namespace="doc", chunk_ids=stats.chunk_ids[:2],
+                         max_new_tokens=8, stream=True)
+    time.sleep(1.0)
+    waited.text()
+    assert 0 < waited.stats.time_to_first_token <= waited.stats.seconds < 1.0
 
 
 def test_stop_strings_never_leak_even_in_part_and_one_string_is_one_stop(make_tiny):
