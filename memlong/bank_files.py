@@ -355,8 +355,7 @@ class BankFiles:
                     "deletes them). Nothing was changed. Open it with a capacity at least as large as the one it was "
                     "filled with; to shrink it, MemoryBank.load(path, capacity=..., evict=True).")
             warn_evicted(name, len(drop), f"memory_capacity={self.capacity} tokens on load (it was saved larger)",
-                         "give the bank a capacity at least the saved one (load(evict=False) refuses instead)",
-                         stacklevel=4)
+                         "give the bank a capacity at least the saved one (load(evict=False) refuses instead)")
         every = [c for chunks, _ in loaded.values() for c in chunks]  # (the same relative order: the victims stand)
         if renumber and {c.order for c in self._chunks.values() if c.namespace not in spaces} & {c.order for c in every}:
             for c in sorted(every, key=lambda c: c.order):

@@ -16,10 +16,10 @@ These are pure functions over lists of chunks: they choose victims, the bank rem
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 from memlong.records import Chunk
+from memlong.user_warning import warn
 
 __all__ = ["MemoryEvictionWarning", "MemoryFullError", "bytes_victims", "capacity_victims", "eviction_order", "warn_evicted"]
 
@@ -78,9 +78,8 @@ def bytes_victims(chunks: Sequence[Chunk], excess: int, size: Callable[[Chunk], 
     return drop
 
 
-def warn_evicted(namespace: str, n: int, limit: str, fix: str, stacklevel: int = 2) -> None:
-    """Warn that ``n`` chunks of ``namespace`` went for ``limit`` (``stacklevel`` as if the caller warned)."""
+def warn_evicted(namespace: str, n: int, limit: str, fix: str) -> None:
+    """Warn that ``n`` chunks of ``namespace`` went for ``limit`` (at the user's line: :mod:`memlong.user_warning`)."""
     if n:
-        warnings.warn(f"Namespace {namespace!r} outgrew {limit}: evicted {n} chunks (oldest share first, then the "
-                      f"least retrieved; the paper's rule). To keep every chunk, {fix}.",
-                      MemoryEvictionWarning, stacklevel=stacklevel + 1)
+        warn(f"Namespace {namespace!r} outgrew {limit}: evicted {n} chunks (oldest share first, then the least "
+             f"retrieved; the paper's rule). To keep every chunk, {fix}.", MemoryEvictionWarning)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from memlong.kv_cache import DeviceCache
 from memlong.memory import MemoryBank
 from memlong.records import as_list, check_namespace
 from memlong.storage import is_disk_bank
+from memlong.user_warning import warn
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -81,16 +81,14 @@ def check_positions(model_config: Any, cfg: MemLongConfig) -> None:
         return
     sink = 1 if cfg.attention_sink else 0
     if sink + cfg.local_window > limit:
-        warnings.warn(f"A full local_window ({cfg.local_window}){' and the sink' if sink else ''} need "
-                      f"{sink + cfg.local_window} positions; the model has {limit}, so ingesting a long text will "
-                      f"fail once a step's positions pass {limit}. Set local_window to at most {limit - sink}.",
-                      UserWarning, stacklevel=4)
+        warn(f"A full local_window ({cfg.local_window}){' and the sink' if sink else ''} need "
+             f"{sink + cfg.local_window} positions; the model has {limit}, so ingesting a long text will "
+             f"fail once a step's positions pass {limit}. Set local_window to at most {limit - sink}.")
     need = sink + _memory_span(cfg) + cfg.local_window
     if cfg.position_layout == "continual" and need > limit:
-        warnings.warn(f"An answer may need up to {need} positions (sink + top_k * (1 + retrieve_next) * chunk_size + "
-                      f"a prompt of local_window tokens) in the continual layout; the model has {limit}, and generate "
-                      "refuses what does not fit. Lower top_k, chunk_size or local_window, or use "
-                      "position_layout='zero'.", UserWarning, stacklevel=4)
+        warn(f"An answer may need up to {need} positions (sink + top_k * (1 + retrieve_next) * chunk_size + "
+             f"a prompt of local_window tokens) in the continual layout; the model has {limit}, and generate "
+             "refuses what does not fit. Lower top_k, chunk_size or local_window, or use position_layout='zero'.")
 
 
 def check_sliding_window(model_config: Any, cfg: MemLongConfig) -> None:
@@ -106,10 +104,10 @@ def check_sliding_window(model_config: Any, cfg: MemLongConfig) -> None:
         return
     span = 1 + _memory_span(cfg) + cfg.local_window
     if span > window:
-        warnings.warn(f"This model was trained with a sliding window of {window} tokens, but a query may see up to "
-                      f"{span} (sink + top_k * (1 + retrieve_next) * chunk_size + local_window); MemLong applies no "
-                      "sliding window, so outputs differ from the stock model's beyond it. Lower top_k, retrieve_next "
-                      "or local_window to stay exact.", UserWarning, stacklevel=4)  # the caller of MemLong(...)
+        warn(f"This model was trained with a sliding window of {window} tokens, but a query may see up to "
+             f"{span} (sink + top_k * (1 + retrieve_next) * chunk_size + local_window); MemLong applies no "
+             "sliding window, so outputs differ from the stock model's beyond it. Lower top_k, retrieve_next "
+             "or local_window to stay exact.")
 
 
 def check_rope(model_config: Any) -> None:
@@ -118,11 +116,10 @@ def check_rope(model_config: Any) -> None:
     ``max_position_embeddings`` no longer matches what the model computes for the same text in one pass."""
     scaling = getattr(model_config, "rope_scaling", None) or getattr(model_config, "rope_parameters", None) or {}
     if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) == "dynamic":
-        warnings.warn("This model uses dynamic RoPE scaling (rope_type='dynamic'), whose frequencies change once a "
-                      "sequence passes max_position_embeddings; memory read beyond that is approximate (max |diff| "
-                      "2e-3 against full attention on a tiny model, exact within it). Use a model with static RoPE "
-                      "scaling (default, linear, llama3, yarn) for exact memory at any length.", UserWarning,
-                      stacklevel=4)
+        warn("This model uses dynamic RoPE scaling (rope_type='dynamic'), whose frequencies change once a "
+             "sequence passes max_position_embeddings; memory read beyond that is approximate (max |diff| "
+             "2e-3 against full attention on a tiny model, exact within it). Use a model with static RoPE "
+             "scaling (default, linear, llama3, yarn) for exact memory at any length.")
 
 
 def sink_ids(tokenizer: Any, config: MemLongConfig) -> list[int]:

@@ -29,7 +29,6 @@ import math
 import numbers
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 from memlong.embedder import TextEmbedder
 from memlong.kv_payload import DenseKV, KVPayload, payload_from
 from memlong.storage import MemoryFileError
+from memlong.user_warning import warn
 
 __all__ = ["MAX_DEPTH", "Chunk", "MemoryMismatchError", "as_list", "check_bank_config", "check_chunk",
            "check_compatible", "check_count", "check_embeddings", "check_namespace", "check_string", "check_text",
@@ -325,9 +325,8 @@ def check_compatible(path: Path, record: dict[str, Any], embedder: TextEmbedder,
             "config that built it, or re-ingest the documents with this one.")
     for k in _INFO_KEYS:
         if stored.get(k) != fingerprint.get(k):
-            warnings.warn(f"The memory bank at {path} was saved from model {stored.get(k)!r}, loading into "
-                          f"{fingerprint.get(k)!r}; the shapes agree, so this is fine if both are the same weights.",
-                          stacklevel=4)
+            warn(f"The memory bank at {path} was saved from model {stored.get(k)!r}, loading into "
+                 f"{fingerprint.get(k)!r}; the shapes agree, so this is fine if both are the same weights.")
 
 
 def _parse_chunk(c: Any, name: str, n_chunk: int, next_order: int, tensors: dict[str, torch.Tensor],

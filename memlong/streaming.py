@@ -32,7 +32,6 @@ import numbers
 import secrets
 import threading
 import time
-import warnings
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ from memlong.positions import Stacked
 from memlong.records import as_list, check_count, check_metadata, check_namespace, check_string, check_text
 from memlong.texts import CONTEXT as _CONTEXT
 from memlong.texts import chunk_texts
+from memlong.user_warning import warn
 
 if TYPE_CHECKING:
     from memlong.model import MemLong
@@ -415,9 +415,8 @@ def perplexity(ml: MemLong, text: str | Sequence[int], *, score_last: int = 2048
     if len(tokens) < 2:
         raise ValueError("Perplexity needs at least 2 tokens of text.")
     if ml.reader is not None and use_memory:  # said, not silently the base model's score
-        warnings.warn("The reader adapter is not used by perplexity: it reads retrieved memory only in answer-time "
-                      "forwards without a local cache (run, generate, score), and streaming always has one. This "
-                      "scores the base weights.", UserWarning, stacklevel=3)
+        warn("The reader adapter is not used by perplexity: it reads retrieved memory only in answer-time forwards "
+             "without a local cache (run, generate, score), and streaming always has one. This scores the base weights.")
     score_last = min(score_last, len(tokens) - 1)
     scratch = namespace is None
     ns = f"_ppl-{secrets.token_hex(8)}" if scratch else check_namespace(namespace)  # "": an error, not a scratch left

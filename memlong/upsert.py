@@ -145,4 +145,4 @@ def _drop_cut(bank: Any, namespace: str, before: dict[str, list[str]], written: 
     if rest:
         bank.delete(rest, namespace=namespace)
         warn_evicted(namespace, len(rest), "memory_capacity / max_bytes (the rest of entries it cut)",
-                     "raise memory_capacity or max_bytes", stacklevel=4)
+                     "raise memory_capacity or max_bytes")

@@ -419,3 +419,32 @@ def test_reprs_say_what_an_object_is_without_dumping_it(make_tiny, tmp_path):
     assert repr(g).startswith("<Generation GenerationStats(") and "new_tokens=2" in repr(g)
     disk = MemoryBank(embedder=ml.bank.embedder, path=tmp_path / "b", quantization="int8", max_bytes=10**9)
     assert repr(disk).endswith(f"max_bytes=1000000000, quantization='int8', path={str(tmp_path / 'b')!r})")
+
+
+def test_warnings_point_at_the_callers_line_whatever_the_depth(make_tiny, tmp_path):
+    """Determinism review: warnings had fixed stack levels, right for one path only: an eviction pointed into
+    streaming.py through ``ingest``, into upsert.py through a LangChain store, into bank_files.py on a load; the
+    positions warning into loading.py through ``from_pretrained``."""
+    import warnings
+
+    from memlong import MemoryEvictionWarning
+    from memlong_integrations.langchain import MemLongVectorStore
+
+    ml, _ = make_tiny(local_window=512, memory_capacity=600)
+    kv = torch.zeros(2, 2, 200, 16)
+    store = MemLongVectorStore(ml, namespace="lc")
+    calls = {
+        "MemoryBank.add_chunks": lambda: ml.bank.add_chunks(["a"] * 4, keys=[kv] * 4, values=[kv] * 4,
+                                                            namespace="bank"),
+        "MemLong.ingest": lambda: ml.ingest(TEXT, namespace="doc", progress=False),
+        "LangChain add_texts": lambda: [store.add_texts([TEXT[:700]]) for _ in range(3)],
+        "MemoryBank.load(evict=True)": lambda: ml.bank.load(ml.bank.save(tmp_path / "bank"), embedder=ml.bank.embedder,
+                                                            capacity=300, evict=True),
+    }
+    for name, call in calls.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        evictions = [w for w in caught if issubclass(w.category, MemoryEvictionWarning)]
+        assert evictions, name
+        assert {w.filename for w in evictions} == {__file__}, (name, [(w.filename, w.lineno) for w in evictions])
