@@ -15,16 +15,25 @@ __all__ = ["warn"]
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OURS = tuple(os.path.join(_ROOT, name) + os.sep for name in ("memlong", "memlong_integrations"))
+_ROUTES = ("langchain_core", "llama_index")  # frameworks that call the adapters for the user (add_documents, index)
+
+
+def _skipped() -> tuple[str, ...]:
+    routes = [os.path.join(path, "") for name in _ROUTES if name in sys.modules
+              for path in getattr(sys.modules[name], "__path__", ())]
+    return _OURS + tuple(routes)
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn(message, category)`` with the stack level of the first frame outside memlong and
-    memlong_integrations (the outermost frame, if every one is ours: the ``memlong`` command).
+    """``warnings.warn(message, category)`` with the stack level of the first frame outside memlong,
+    memlong_integrations and the frameworks calling them (LangChain's ``add_documents`` calls the store's
+    ``add_texts``); the outermost frame, if every one is skipped (the ``memlong`` command, a worker thread).
 
     Example:
         >>> warn("Namespace 'docs' outgrew memory_capacity=32768 tokens: ...", MemoryEvictionWarning)
     """
+    skipped = _skipped()
     frame, level = sys._getframe(1), 2  # warn's caller is stack level 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_OURS):
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(skipped):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

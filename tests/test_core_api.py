@@ -427,6 +427,8 @@ def test_warnings_point_at_the_callers_line_whatever_the_depth(make_tiny, tmp_pa
     positions warning into loading.py through ``from_pretrained``."""
     import warnings
 
+    from langchain_core.documents import Document
+
     from memlong import MemoryEvictionWarning
     from memlong_integrations.langchain import MemLongVectorStore
 
@@ -438,6 +440,7 @@ def test_warnings_point_at_the_callers_line_whatever_the_depth(make_tiny, tmp_pa
                                                             namespace="bank"),
         "MemLong.ingest": lambda: ml.ingest(TEXT, namespace="doc", progress=False),
         "LangChain add_texts": lambda: [store.add_texts([TEXT[:700]]) for _ in range(3)],
+        "LangChain add_documents": lambda: [store.add_documents([Document(TEXT[:700])]) for _ in range(3)],
         "MemoryBank.load(evict=True)": lambda: ml.bank.load(ml.bank.save(tmp_path / "bank"), embedder=ml.bank.embedder,
                                                             capacity=300, evict=True),
     }
