@@ -20,7 +20,7 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from memlong import cli_args
 from memlong.choices import ICL_DEFAULTS, PACKAGED_ADAPTERS, RETRIEVALS, SEARCH_MODES, STORAGES
@@ -35,6 +35,7 @@ CONFIG_FLAGS = ("top_k", "ingest_top_k", "local_window", "kv_source", "retrieval
                 "memory_capacity", "memory_device", "search_mode", "retrieve_next", "kv_reencode_head", "kv_refresh",
                 "decode_mode")
 # Where the CLI deliberately departs from the library's defaults, and why (both shown in --help).
+_JSON_OUT: TextIO | None = None  # the real standard output while a command prints to standard error (--json -)
 CLI_DEFAULTS = {"memory_capacity": 65_536}  # a 32k-token evaluation document (Hamlet: ~53k) is never evicted
 COMMAND_DEFAULTS = {
     # with 8, seven chunks of verse around the one with the fact distract the 135M model; re-encoding each retrieved
@@ -107,7 +108,11 @@ def _fmt(value: Any) -> str:
 
 
 def _write_json(path: str | None, records: list[dict[str, Any]]) -> None:
-    if path:
+    if path == "-":  # standard output (main sent the human-readable output to standard error)
+        out = _JSON_OUT or sys.stdout
+        json.dump(records, out, indent=2)
+        print(file=out)
+    elif path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)  # `--json results/x.json` outside a checkout too
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(records, fh, indent=2)
@@ -267,7 +272,8 @@ def _common_options(adapter_help: str) -> Parser:
     common.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     _add_config_flags(common)
     common.add_argument("--adapter", default=None, metavar="PATH", help=adapter_help)
-    common.add_argument("--json", metavar="OUT", default=None, help="also write the records as JSON to OUT")
+    common.add_argument("--json", metavar="OUT", default=None, help="also write the records as JSON to OUT ('-': "
+                        "to standard output, the tables then going to standard error)")
     common.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return common
 
@@ -352,7 +358,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.adapter is not None and not Path(args.adapter).is_dir() and args.adapter not in PACKAGED_ADAPTERS:
         raise ValueError(f"--adapter {args.adapter!r} is not a folder; give a folder written by memlong train or "
                          f"train-reader, or a packaged adapter ({', '.join(sorted(PACKAGED_ADAPTERS))}).")
-    if args.json:
+    if args.json and args.json != "-":
         writable(args.json, "--json")
     if getattr(args, "filler", None):
         args.filler_text = readable_file(args.filler, "--filler")
@@ -406,9 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "no_progress", False) and hf_logging.is_progress_bar_enabled()
     if quiet:  # also the bars of transformers and the hub (loading weights), for this run only
         hf_logging.disable_progress_bar()
+    global _JSON_OUT
     try:
         _validate(args)
-        return args.func(args)
+        if getattr(args, "json", None) != "-":
+            return args.func(args)
+        _JSON_OUT = sys.stdout  # `--json - | jq`: only the records on standard output
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.func(args)
     except BrokenPipeError:  # `memlong ... | head`: the reader has gone; quiet, with a SIGPIPE death's status
         with contextlib.suppress(OSError, ValueError):  # the exit's flush must not fail again (a real stdout only)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -424,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memlong: interrupted{resume}", file=sys.stderr)
         return 130
     finally:
+        _JSON_OUT = None
         if quiet:
             hf_logging.enable_progress_bar()
 

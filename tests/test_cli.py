@@ -2,6 +2,7 @@
 fix, exit code 2, no traceback, no model loaded; flags come from MemLongConfig (issue 17); a bounded fuzz."""
 
 import dataclasses
+import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -416,3 +417,22 @@ def test_an_unknown_flag_points_to_its_commands_help_and_train_does_not_offer_ad
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "--adapter PATH" in capsys.readouterr().out
+
+
+def test_json_dash_writes_the_records_to_stdout_and_the_table_to_stderr(tmp_path, capsys, monkeypatch, make_tiny):
+    """Determinism review: ``--json -`` wrote a file named ``-``; ``memlong eval ... --json - | jq`` is the usual way to
+    pipe records. Now the records are standard output's only content."""
+    from memlong.model import MemLong
+
+    ml, _ = make_tiny(local_window=64, chunk_size=16)
+    monkeypatch.setattr(MemLong, "from_pretrained", classmethod(lambda cls, *args, **kwargs: ml))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "book.txt").write_text(" ".join(f"Line {i} of the book." for i in range(60)))
+    assert main(["eval", "ppl", "--file", "book.txt", "--modes", "window,memlong", "--score-last", "32",
+                 "--no-progress", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    records = json.loads(out)
+    assert [r["mode"] for r in records] == ["window", "memlong"] and all(r["ppl"] > 1 for r in records)
+    assert "| mode" in err and "| window" in err and not (tmp_path / "-").exists()
+    assert main(["eval", "ppl", "--file", "book.txt", "--modes", "window", "--score-last", "32", "--no-progress"]) == 0
+    assert "| window" in capsys.readouterr().out  # without it, the table stays on standard output
