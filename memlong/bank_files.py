@@ -163,9 +163,9 @@ class BankFiles:
         if self.path is None:
             raise ValueError("commit() makes a disk bank durable; this bank keeps K-V in memory. Use save(path), "
                              "or create it with MemoryBank(path=...).")
-        if fingerprint is not None:
-            self._fingerprint = fingerprint
         with self._lock.write():
+            if fingerprint is not None:  # (in the write: a commit refused there changes nothing)
+                self._fingerprint = fingerprint
             token, change = secrets.token_hex(8), None
             try:
                 self._store.checkpoint()  # the buffer as a segment (small segments merged once there are many)

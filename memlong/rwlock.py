@@ -13,8 +13,10 @@ saves and commits take alone and loads share (:mod:`memlong.storage`).
 :func:`interrupts_held` keeps Ctrl-C (and SIGTERM / SIGALRM handlers) out of every read and write the lock
 guards, bookkeeping included: the signal's handler runs when the block ends. A ``KeyboardInterrupt`` raised between
 two lines of a change left the bank half-changed (counted but not indexed) or the lock held for ever (the next call
-hung). Waits for this lock and for :func:`dir_lock` stay interruptible: a handler runs there at once, and one that
-uses the bank whose call it interrupted reads it (a change of it is refused) instead of waiting for itself."""
+hung). Waits for this lock and for :func:`dir_lock` stay interruptible: a handler runs there at once (its own bank
+calls held), never with the lock's mutex held. One that uses the bank whose call it interrupted does not wait for
+itself: a read goes on; a change waits its turn and is made before the interrupted call, except inside that
+thread's own write (a commit waiting for another process's lock), where it raises RuntimeError."""
 
 from __future__ import annotations
 
@@ -52,12 +54,23 @@ def _hold(signum: int, frame: Any) -> None:
     if _Held.depth and not _Held.waiting:
         _Held.pending.append((handler, signum, frame))
         return
-    if callable(handler):
-        try:
-            handler(signum, frame)
-        except BaseException:  # the wait ends: its lock is taken back with later signals held
-            _Held.waiting = False
-            raise
+    if not callable(handler):
+        return
+    if not _Held.depth:
+        handler(signum, frame)
+        return
+    # In a wait: the handler runs held (its own bank calls' bookkeeping must not be cut either), then the handlers of
+    # signals that came meanwhile, and the wait goes on interruptible. Raising: the wait ends, later signals held.
+    mark, _Held.waiting = len(_Held.pending), False
+    handler(signum, frame)
+    while True:
+        while len(_Held.pending) > mark:
+            late, _Held.pending = _Held.pending[mark:], _Held.pending[:mark]
+            _deliver(late)
+        _Held.waiting = True
+        if len(_Held.pending) <= mark:  # (one that came before the line above is run now, not left to the block)
+            return
+        _Held.waiting = False
 
 
 def _deliver(pending: list[tuple[Any, int, Any]]) -> None:
@@ -161,11 +174,11 @@ def _interruptible() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or not _Held.depth:
         yield
         return
-    _Held.waiting = True
+    was, _Held.waiting = _Held.waiting, True
     try:
         yield
-    finally:
-        _Held.waiting = False
+    finally:  # (the state before: a wait inside a handler run in another wait leaves that one interruptible)
+        _Held.waiting = was
 
 
 class RWLock:
@@ -173,7 +186,8 @@ class RWLock:
     cannot starve an ingest. Reads nest within a thread; writes do not."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()  # guards the fields below; never held while a signal's handler may run
+        self._waiters: list[Any] = []  # a locked lock per waiting thread, released to wake it (see _wait)
         self._readers = 0
         self._writer = 0  # the writing thread's id (0: none)
         self._writers_waiting: dict[int, int] = {}  # thread id -> its writes waiting
@@ -188,21 +202,20 @@ class RWLock:
         own waiting write). The body runs with interrupts held, as a write's does."""
         me = threading.get_ident()
         with interrupts_held():
-            with self._cond:
+            with self._mutex:
                 if self._depth.get(me):
                     pass
                 elif self._writer == me:  # a signal handler run in this thread's write: not counted, never waits
                     self._in_write.add(me)
                 else:  # (this thread's own waiting write does not hold it back: a handler run in that wait)
                     while self._writer or len(self._writers_waiting) > (me in self._writers_waiting):
-                        with _interruptible():
-                            self._cond.wait()
+                        self._wait()
                     self._readers += 1
                 self._depth[me] = self._depth.get(me, 0) + 1
             try:
                 yield
             finally:  # ``me``, not the thread that ends the block: a generator may be closed in another thread
-                with self._cond:
+                with self._mutex:
                     self._depth[me] -= 1
                     if not self._depth[me]:
                         del self._depth[me]
@@ -211,7 +224,7 @@ class RWLock:
                         else:
                             self._readers -= 1
                         if not self._readers:
-                            self._cond.notify_all()
+                            self._wake_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -220,25 +233,24 @@ class RWLock:
 
         Raises:
             RuntimeError: this thread holds a read (within ``MemoryBank.reading()``) or the write (a signal handler
-                run in a commit's wait for another process); it would wait for itself.
+                run in a commit's wait for another process, a warnings hook run in an add); it would wait for itself.
         """
         me = threading.get_ident()
         if self._depth.get(me):
             raise RuntimeError("A memory bank cannot be changed inside its own `with bank.reading():` block (the "
                                "change would wait for the block to end); change it after the block.")
         if self._writer == me:
-            raise RuntimeError("A memory bank cannot be changed while this thread's change of it waits (a signal "
-                               "handler that changes, saves to its own directory or commits the bank ran while a "
-                               "commit waited for another process's lock); change it after that call returns.")
+            raise RuntimeError("A memory bank cannot be changed from code that runs inside this thread's own change "
+                               "of it (a signal handler run while a commit waits for another process's lock, a "
+                               "warnings or logging hook run during an add); change it after that call returns.")
         with interrupts_held():
-            with self._cond:
+            with self._mutex:
                 self._writers_waiting[me] = self._writers_waiting.get(me, 0) + 1  # (2: a handler in its own wait)
                 try:
                     while self._writer or self._readers:
-                        with _interruptible():
-                            self._cond.wait()
+                        self._wait()
                 except BaseException:  # interrupted while waiting (Ctrl-C): the readers held back for it may go on
-                    self._cond.notify_all()
+                    self._wake_all()
                     raise
                 finally:
                     if self._writers_waiting[me] == 1:
@@ -249,9 +261,35 @@ class RWLock:
             try:
                 yield
             finally:
-                with self._cond:
+                with self._mutex:
+                    if me in self._in_write:  # a read begun in this write is still open (a generator): now counted
+                        self._in_write.discard(me)
+                        self._readers += 1
                     self._writer = 0
-                    self._cond.notify_all()
+                    self._wake_all()
+
+    def _wait(self, timeout: float = -1) -> None:
+        """Sleep until :meth:`_wake_all` (called with ``_mutex`` held, held again on return). Not
+        ``threading.Condition.wait``: a signal's handler runs there at once, in the wait, and could run with the
+        mutex held (in its last bytecodes before releasing it, or re-taking it), where a handler using the bank hung
+        and an exception left the mutex unheld. Here only the sleep itself is interruptible."""
+        waiter = threading.Lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        self._mutex.release()
+        try:
+            with _interruptible():
+                waiter.acquire(timeout=timeout)
+        finally:
+            self._mutex.acquire()  # (signals held again: a handler cannot cut this short)
+            if waiter in self._waiters:  # not woken: interrupted, or timed out
+                self._waiters.remove(waiter)
+
+    def _wake_all(self) -> None:
+        """Wake every waiting thread (with ``_mutex`` held); each checks its condition again."""
+        for waiter in self._waiters:
+            waiter.release()
+        self._waiters.clear()
 
 
 @contextlib.contextmanager

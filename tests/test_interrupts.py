@@ -4,6 +4,7 @@ but not indexed) or its lock held for ever (the next call hung). Each test raise
 inside memlong in turn (``sys.settrace``) and checks after each: the lock is free, the handler is restored, the
 bank's invariants hold (tests/test_bank_stateful.py), and the bank is as before the call or as after it."""
 
+import contextlib
 import functools
 import os
 import signal
@@ -109,9 +110,10 @@ def read_elsewhere(bank):
 
 def check_lock_free(lock):
     """(Takes the lock, not the bank: pytest's report of a failure would call the bank's repr, which waits for it.)"""
-    assert lock._cond.acquire(timeout=1), "the lock's mutex was left held: the next call would hang"
-    lock._cond.release()
-    assert not lock._writer and not lock._readers and not lock._writers_waiting and not lock._depth and not lock._in_write
+    assert lock._mutex.acquire(timeout=1), "the lock's mutex was left held: the next call would hang"
+    lock._mutex.release()
+    assert not lock._writer and not lock._readers and not lock._writers_waiting and not lock._depth
+    assert not lock._in_write and not lock._waiters
 
 
 def check_after_interrupt(bank, before, after):
@@ -394,6 +396,100 @@ def test_a_handler_using_the_bank_its_call_waits_for_does_not_hang(tmp_path, han
         disk.commit()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert seen == [4, 3] and len(errors) == 1 and "while this thread's change of it waits" in errors[0]
+    assert seen == [4, 3] and len(errors) == 1 and "inside this thread's own change" in errors[0]
     check_lock_free(disk._lock)
     assert len(MemoryBank.load(tmp_path / "b", embedder=HashEmbedder(), verify=True)) == 3
+
+
+def _ctrl_c_in_a_handlers_bank_call(n):
+    """A delete waits for a reader; a SIGTERM handler run in that wait reads the bank, and a SIGINT is raised at the
+    ``n``-th line inside memlong of that read. Returns (the bank, whether the read had an ``n``-th line)."""
+    bank, lines = fresh_bank(), []
+
+    def tracer(frame, event, arg):
+        if "memlong" not in frame.f_code.co_filename.replace("\\", "/").split("/"):
+            return None
+        if event == "line":
+            lines.append(1)
+            if len(lines) == n:
+                signal.raise_signal(signal.SIGINT)
+        return tracer
+
+    def handler(signum, frame):
+        sys.settrace(tracer)
+        try:
+            bank.num_chunks()
+        finally:
+            sys.settrace(None)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    thread, release = read_elsewhere(bank)
+    try:
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        threading.Timer(0.3, release.set).start()
+        with contextlib.suppress(KeyboardInterrupt):
+            bank.delete(namespace="alice", doc_id="d0")
+    finally:
+        release.set()
+        thread.join(10)
+        signal.signal(signal.SIGTERM, previous)
+    return bank, len(lines) >= n
+
+
+def test_review_of_handlers_that_use_the_bank_in_a_wait(tmp_path):
+    """Review findings on the version that let a handler in a wait use its bank: the handler ran with signals not
+    held, so a Ctrl-C inside its bank call left the lock's reader count or mutex held (the next write hung); after
+    a handler that itself waited, the rest of the outer wait ignored Ctrl-C; a read the handler left open (a
+    generator) stopped counting once the write it began in ended, so another thread's delete went through it."""
+    import fcntl
+
+    from test_persistence import fill
+
+    for n in range(1, 400):
+        bank, reached = _ctrl_c_in_a_handlers_bank_call(n)
+        check_lock_free(bank._lock)
+        assert rwlock._Held.depth == 0 and not rwlock._Held.pending and not rwlock._Held.waiting
+        if not reached:  # every line of the handler's call was tried
+            break
+    assert n > 20
+
+    disk = MemoryBank(embedder=HashEmbedder(), path=tmp_path / "b", dtype=torch.float32)
+    fill(disk, "ns", 3, doc_id="doc")
+    disk.commit()
+    fill(disk, "ns", 1, seed=5)
+    opened = []
+
+    def reading():
+        with disk.reading():
+            yield disk.chunk_ids("ns")
+            yield [disk.get(i, namespace="ns").text for i in disk.chunk_ids("ns")]
+
+    def handler(signum, frame):
+        disk.save(tmp_path / "elsewhere")  # passes through an interruptible wait of its own
+        opened.append(reading())
+        next(opened[0])  # a read left open
+
+    other = os.open(tmp_path / "b" / ".lock", os.O_RDONLY)  # another open file: as another process's lock
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        fcntl.flock(other, fcntl.LOCK_SH)
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        threading.Timer(0.4, os.kill, (os.getpid(), signal.SIGINT)).start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            disk.commit()  # waits for the other lock for as long as it is held: Ctrl-C ends the wait
+        assert time.monotonic() - started < 3
+    finally:
+        os.close(other)
+        signal.signal(signal.SIGTERM, previous)
+    assert disk._lock._readers == 1  # the handler's read, still open, counts now that the write has ended
+    deleter = threading.Thread(target=disk.delete, kwargs={"namespace": "ns", "doc_id": "doc"})
+    deleter.start()
+    deleter.join(0.5)
+    assert deleter.is_alive()  # waits for that read
+    assert len(next(opened[0])) == 4
+    opened[0].close()
+    deleter.join(10)
+    assert not deleter.is_alive() and disk.num_chunks("ns") == 1
+    disk.commit()
+    check_lock_free(disk._lock)

@@ -184,15 +184,15 @@ def test_a_writer_interrupted_while_waiting_lets_the_readers_it_held_back_in():
     asleep until some unrelated release."""
     lock = _RWLock()
     held, release, entered = threading.Event(), threading.Event(), threading.Event()
-    wait = lock._cond.wait
+    wait = lock._wait
 
-    def interrupted_wait(timeout=None):
+    def interrupted_wait(timeout=-1):
         if threading.current_thread().name == "writer":
             wait(0.3)  # the late reader queues meanwhile
             raise KeyboardInterrupt
         return wait(timeout)
 
-    lock._cond.wait = interrupted_wait
+    lock._wait = interrupted_wait
 
     def long_reader():
         with lock.read():
