@@ -14,7 +14,7 @@ Contract:
       older memlong is a pickle: it is never loaded (the error says to delete it or start over).
 
 Example:
-    >>> save_checkpoint(out, params, optimizer, scheduler, {"step": 3, "losses": [2.1, 2.0, 1.9]})
+    >>> save_checkpoint(out, params, optimizer, scheduler, {"step": 3, "losses": [2.1, 2.0, 1.9]})  # out: a folder
     >>> state = load_checkpoint(out)  # {"params": {...}, "optimizer": {...}, "scheduler": {...}, "step": 3, ...}
 """
 

@@ -416,8 +416,8 @@ def start_generation(ml: MemLong, prompt: str, *, namespace: str = "default", ch
         memlong.memory.UnknownChunkError: a chunk id not in ``namespace``.
 
     Example:
-        >>> g = start_generation(ml, "Who killed Polonius?", namespace="hamlet")   # = ml.generate(..., stream=True)
-        >>> answer, stats = g.text(), g.stats
+        >>> g = start_generation(ml, "Who killed Polonius?", namespace="hamlet")  # ml.generate(..., stream=True)
+        >>> answer, stats = g.text(), g.stats    # (ml.generate also sets ml.last_generation; this does not)
     """
     t0 = time.perf_counter()
     stop = check_decoding(max_new_tokens, temperature, stop, seed)  # before any work

@@ -23,7 +23,7 @@ result is checked by the same rules as a whole record. A reopened bank equals it
 Example:
     >>> bank = MemoryBank(embedder=Embedder(), path="corpus.bank")
     >>> bank.add_chunks(texts, keys=keys, values=values); bank.commit()   # the whole record
-    >>> bank.add_chunks(["one more"], keys=k1, values=v1); bank.commit()  # a delta of one chunk
+    >>> bank.add_chunks(["one more"], keys=[k1], values=[v1]); bank.commit()  # a delta of one chunk
 """
 
 from __future__ import annotations

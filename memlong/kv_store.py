@@ -20,9 +20,10 @@ Contract (the seam between the bank and its K-V, in the spirit of vLLM's KV-conn
       written last, is the one commit point, and it names the segments (size and sha256) the bank needs.
 
 Example:
+    >>> os.makedirs("bank.kv", exist_ok=True)   # the store writes into an existing directory (the bank's)
     >>> store = DiskKVStore("bank.kv", quantization="int8", dtype=torch.float16)
-    >>> chunk.kv = store.encode(keys, values); store.put([chunk]); store.flush()
-    >>> store.entries()  # what the manifest will name
+    >>> chunk.kv = store.encode(keys, values); store.put([chunk]); store.flush(force=True)  # (else: once 64 MiB wait)
+    >>> store.entries()  # what the manifest will name: [{'name': 'seg-....safetensors', 'bytes': ..., 'sha256': ...}]
 """
 
 from __future__ import annotations

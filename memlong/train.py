@@ -224,7 +224,7 @@ def evaluate(ml: MemLong, documents: Sequence[str] | Sequence[tuple[str, str]], 
 
     Example:
         >>> evaluate(ml, ["a long text ..."], tokens=4096)
-        {'ppl': 31.2, 'scored_tokens': 3072, 'documents': {'doc-0': 31.2}}
+        {'ppl': 31.2, 'scored_tokens': 3071, 'documents': {'doc-0': 31.2}}
     """
     docs = _named(documents)
     nll, count, per_doc = 0.0, 0, {}

@@ -16,6 +16,7 @@ The model-side helpers are functions: :func:`prepare_parameters` (freeze all, ma
 :func:`planned_steps`, :func:`segments`, :func:`autocast`, :func:`set_checkpointing`.
 
 Example:
+    >>> from memlong.train import TrainResult, trainable_layers
     >>> params = prepare_parameters(ml, config, trainable_layers(ml))
     >>> trainer = Trainer(ml, config, params, TrainResult(adapter_path="runs/x"), total_steps=100,
     ...                   out=Path("runs/x"), identity=identity)

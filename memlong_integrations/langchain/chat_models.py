@@ -23,8 +23,9 @@ Contract:
     * ``usage_metadata``: ``input_tokens`` = prompt tokens encoded + memory tokens attended, the latter also
       reported as ``input_token_details["cache_read"]`` (they were read from the bank, not encoded; with
       ``kv_refresh``, less the re-encoded ones);
-      ``output_tokens`` = generated tokens. ``response_metadata["memlong"]`` has the raw
-      :class:`memlong.GenerationStats` (chunk ids, time to first token).
+      ``output_tokens`` = generated tokens. ``response_metadata["memlong"]`` is a dict of the call's
+      :class:`memlong.GenerationStats`: ``namespace``, ``chunk_ids``, ``prompt_tokens``, ``memory_tokens``,
+      ``refreshed_tokens``, ``time_to_first_token``, ``seconds`` (``finish_reason`` is in ``response_metadata``).
     * Text only: ``bind_tools`` and ``with_structured_output`` raise ``NotImplementedError`` saying what to use
       instead; multimodal content raises ``ValueError``.
 

@@ -16,7 +16,7 @@ Contract:
       ``Document``, as LangChain's ``InMemoryVectorStore`` (it runs while the bank is held still for the search:
       it must not change the bank, RuntimeError); ``max_marginal_relevance_search`` (and ``..._by_vector``,
       their async forms, ``as_retriever(search_type="mmr")``) pick diverse entries the same way it does.
-    * ``delete(ids)`` ignores ids that are not there (LangChain's contract) and returns whether all were found;
+    * ``delete(ids)`` ignores ids that are not there (LangChain's contract) and returns True (none is stored now);
       ``get_by_ids`` returns the entries that exist. The bank's own embedder is used (no ``Embeddings`` object);
       a search bumps the retrieval counter (which eviction reads) of each returned entry's best chunk.
 

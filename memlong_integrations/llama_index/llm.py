@@ -10,7 +10,7 @@ Contract:
            last user message) as the query.
     * Answers carry no stop string, not even its start (streaming holds back text that may begin one), and no
       surrounding whitespace; a line break before the first word does not end the answer (small models often
-      answer ``"Answer:"`` with ``"\nBartholomew Quince."``, which ``stop=["\n"]`` would otherwise cut to
+      answer ``"Answer:"`` with ``"\\nBartholomew Quince."``, which ``stop=["\\n"]`` would otherwise cut to
       nothing). Streaming an empty answer yields one empty response, as LlamaIndex expects. Chat without a template
       (``chat_template=False``: ``\\nUser: ...\\nAssistant:``) also stops where the model begins another turn.
     * A chat message with ``additional_kwargs["memlong_text_in_memory"] = True`` (what
