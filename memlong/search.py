@@ -182,7 +182,7 @@ class Lexical:
             self._lengths = np.asarray(self.length_of, dtype=np.float64)
         norm = self.K1 * (1.0 - self.B + self.B * self._lengths / max(self.total / n, 1.0))
         scores = np.zeros(len(self.id_of))
-        for word in set(words(query)):
+        for word in dict.fromkeys(words(query)):  # (query order, not a set's: the same float sums in every process)
             post = self.postings.get(word)
             if not post:
                 continue

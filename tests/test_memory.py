@@ -202,6 +202,31 @@ def test_lexical_search_is_bm25_over_words(bank):
     assert bank.search("xk7741", namespace="ns", k=3, mode="lexical") == []
 
 
+def test_lexical_scores_are_the_same_in_every_process():
+    """Determinism review: BM25 summed the query's words in a set's order, which PYTHONHASHSEED changes, so the same
+    search scored differently (in the last bit) from one process to the next."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, torch
+from memlong import MemoryBank
+class Flat:
+    name, dim = "flat", 4
+    def encode(self, texts): return np.full((len(texts), 4), 0.5, np.float32)
+bank = MemoryBank(embedder=Flat(), search_mode="lexical")
+texts = ["apple banana cherry cherry filler filler", "apple apple banana cherry filler filler", "banana stone wood",
+         "banana river", "grape"]
+kv = [torch.zeros(1, 1, 1, 4)] * len(texts)
+bank.add_chunks(texts, keys=kv, values=kv, namespace="ns")
+print([h.score.hex() for h in bank.search("apple banana cherry grape river", namespace="ns", k=5, count=False)])
+"""
+    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert len(outputs) == 1, outputs
+
+
 def test_lexical_index_of_a_namespace_that_keeps_evicting_stays_its_size():
     """Review finding: removed chunks' BM25 slots were never reused, so a streaming namespace under eviction grew
     its index (and every query's cost) with every chunk ever added. Scores must not change when it shrinks."""
