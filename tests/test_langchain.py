@@ -449,7 +449,10 @@ def test_chat_history_stores_turns_as_kv(tiny):
     assert gen.chunk_ids and set(gen.chunk_ids) <= set(ids)
     assert gen.prompt_tokens == len(tiny.encode_prompt(plain("What is my locker code?"), answer_prefix=KV))  # not re-encoded
     with pytest.raises(ValueError, match="empty"):
-        history.add_messages([AIMessage("")])
+        history.add_messages([HumanMessage("")])
+    before = len(history.messages)
+    history.add_messages([AIMessage("")])  # an empty answer: not stored (nothing to read back), no error
+    assert len(history.messages) == before
     history.clear()
     assert history.messages == [] and history.namespace not in tiny.bank.namespaces()
 
@@ -868,3 +871,33 @@ def test_text_llm_streams_an_empty_answer(default_memlong):
         return [c async for c in llm.astream(prompt)]
 
     assert asyncio.run(streamed()) == [""]
+
+
+def test_chat_history_on_a_disk_bank_survives_a_restart_and_keeps_a_question_with_an_empty_answer(make_tiny,
+                                                                                                   tmp_path):
+    """Chat-memory review: on a disk bank the history reached disk only if the app committed, which no chat doc said
+    (a clean exit lost every turn); an empty AI answer raised, and RunnableWithMessageHistory's listener only logged
+    it, so the user's message was lost with it."""
+    from memlong import MemoryBank
+
+    ml, _ = make_tiny(top_k=2, chunk_size=16, local_window=64, memory_path=str(tmp_path / "bank"))
+
+    def reopened(namespace):  # as the next process would find it
+        bank = MemoryBank.load(tmp_path / "bank", embedder=ml.bank.embedder)
+        return [c.text for c in bank.chunks(namespace)] if namespace in bank.namespaces() else []
+
+    alice, bob = MemLongChatMessageHistory(ml, "alice"), MemLongChatMessageHistory(ml, "bob")
+    alice.add_messages([HumanMessage("My dog is called Pixel."), AIMessage("")])  # an empty answer: skipped
+    bob.add_messages([HumanMessage("I live in Porto."), AIMessage("Porto is lovely.")])
+    assert [m.content for m in alice.messages] == ["My dog is called Pixel."]
+    assert "".join(reopened(alice.namespace)) == "\nQuestion: My dog is called Pixel."
+    assert "Porto is lovely." in "".join(reopened(bob.namespace))
+    with pytest.raises(ValueError, match="empty human message"):
+        alice.add_messages([HumanMessage("  "), AIMessage("Hm.")])
+    alice.clear()
+    assert reopened(alice.namespace) == [] and reopened(bob.namespace)  # durably, and only alice's
+    manual = MemLongChatMessageHistory(ml, "carol", commit=False)
+    manual.add_messages([HumanMessage("Remember 42.")])
+    assert reopened(manual.namespace) == []  # the caller commits
+    ml.bank.commit()
+    assert reopened(manual.namespace)

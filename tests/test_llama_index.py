@@ -845,3 +845,20 @@ def test_llm_samples_reproducibly_with_a_seed_and_refuses_unknown_call_keywords(
         llm.complete(prompt, temprature=1.0)
     with pytest.raises(TypeError, match="temprature"):
         asyncio.run(llm.achat([ChatMessage(role="user", content=prompt)], temprature=1.0))
+
+
+def test_memory_block_on_a_disk_bank_commits_its_turns(make_tiny, tmp_path):
+    """Chat-memory review: the block wrote turns to a disk bank without committing; LlamaIndex's Memory had already
+    marked them archived, so after a restart they were in neither store."""
+    from memlong import MemoryBank
+
+    ml, _ = make_tiny(top_k=2, chunk_size=64, memory_path=str(tmp_path / "bank"))
+    block = MemLongMemoryBlock(ml, namespace="chat-alice")
+    assert block.put([ChatMessage(role="user", content="My dog is called Biscuit.")])
+    bank = MemoryBank.load(tmp_path / "bank", embedder=ml.bank.embedder)
+    assert "Biscuit" in "".join(c.text for c in bank.chunks("chat-alice"))
+    block.reset()
+    assert "chat-alice" not in MemoryBank.load(tmp_path / "bank", embedder=ml.bank.embedder).namespaces()
+    manual = MemLongMemoryBlock(ml, namespace="chat-bob", commit=False)
+    manual.put([ChatMessage(role="user", content="I live in Porto.")])
+    assert "chat-bob" not in MemoryBank.load(tmp_path / "bank", embedder=ml.bank.embedder).namespaces()

@@ -3,9 +3,15 @@
 Contract: every added message is ingested into the history's namespace (one bank document per message, its turn
 rendered as ``"\\nQuestion: ..."`` / ``"\\nAnswer: ..."`` so that retrieved turns read like the plain prompt of
 :class:`ChatMemLong`), with the serialized message in the chunks' metadata. ``messages`` returns them in order,
-exactly as added; ``clear()`` resets the namespace. A :class:`ChatMemLong` reading the same namespace retrieves
-the relevant past turns as K-V (``retrieve=True``), so a long conversation is never re-encoded: give the model only
-the new question.
+exactly as added (an empty AI answer is not stored: it has nothing to read back); ``clear()`` resets the namespace.
+A :class:`ChatMemLong` reading the same namespace retrieves the relevant past turns as K-V (``retrieve=True``), so a
+long conversation is never re-encoded: give the model only the new question.
+
+Durable: on a disk bank (``memory_path`` / ``MemoryBank(path=...)``) each ``add_messages`` and ``clear`` commits
+(``commit=False``: the caller commits, e.g. once per batch of sessions), so the history survives a restart or a
+crash after the call returns. A bank in memory is saved with ``ml.save_memory`` as usual. Past ``memory_capacity``
+tokens a session evicts messages by the bank's rule (oldest share, then the least retrieved): the history then has
+gaps, a question kept without its answer; give chat sessions a capacity that holds them.
 
 Example:
     >>> history = MemLongChatMessageHistory(memlong=ml, session_id="alice")
@@ -60,14 +66,16 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
         memlong: the MemLong model that computes the turns' K-V (and will read them).
         session_id: one conversation; its namespace is ``f"{prefix}{session_id}"``.
         prefix: namespace prefix.
+        commit: commit the bank after each change (default ``None``: when it is a disk bank).
     """
 
-    def __init__(self, memlong: MemLong, session_id: str, *, prefix: str = "chat:") -> None:
+    def __init__(self, memlong: MemLong, session_id: str, *, prefix: str = "chat:", commit: bool | None = None) -> None:
         if not isinstance(session_id, str) or not session_id:
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}.")
         self.memlong = memlong
         self.session_id = session_id
         self.namespace = f"{prefix}{session_id}"
+        self.commit = commit
 
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
@@ -80,11 +88,15 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
         return messages_from_dict(out)
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
-        """Ingest the messages as K-V (one document per message, in order). Empty messages are refused."""
+        """Ingest the messages as K-V (one document per message, in order), then commit a disk bank. An empty AI
+        answer is skipped (small models give some; refusing it lost the question with it); other empty messages are
+        refused, and then nothing is stored."""
         texts, roles, metas = [], [], []
         for message in messages:
             text = message.text
             if not text.strip():
+                if _kind(message) == "ai":
+                    continue
                 raise ValueError(f"Cannot store an empty {message.type} message: it has no text to remember.")
             roles.append(_kind(message))
             texts.append(f"\n{_ROLES.get(roles[-1], roles[-1].capitalize())}: {text}")
@@ -93,6 +105,7 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
             ingest_entries(self.memlong, texts, namespace=self.namespace, progress=False,
                            metadatas=[{"role": r} for r in roles], entry_metadata=metas,
                            doc_ids=[f"msg-{uuid.uuid4()}" for _ in texts])
+            self._committed()
 
     async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
         """:meth:`add_messages` in a worker thread; cancelling the await stops the ingest and adds nothing."""
@@ -104,3 +117,9 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
 
     def clear(self) -> None:
         self.memlong.bank.reset(self.namespace)
+        self._committed()
+
+    def _committed(self) -> None:
+        bank = self.memlong.bank
+        if self.commit or (self.commit is None and bank.path is not None):
+            bank.commit()

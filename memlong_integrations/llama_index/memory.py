@@ -7,6 +7,11 @@ is read, it searches those turns with the latest user message and hands back one
 :class:`MemLongLLM` attends to those turns' K-V and does not re-encode their text; any other LLM just reads
 the text, which the message also carries.
 
+Durable: on a disk bank (``memory_path``) each ``put`` and ``reset`` commits (``commit=False``: the caller does).
+LlamaIndex's ``Memory`` marks the turns it flushes as archived in its own store *before* it hands them to the block,
+so a crash between the two loses those turns from both (the window is one ingest and commit). Past
+``memory_capacity`` tokens old turns are evicted chunk by chunk by the bank's rule.
+
 Example:
     >>> from llama_index.core.memory import Memory
     >>> block = MemLongMemoryBlock(memlong=ml, namespace="chat-alice", top_k=2)
@@ -41,6 +46,7 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
         namespace: bank namespace for this conversation (or user).
         top_k: chunks of past turns handed back per read.
         header: first line of the text the memory message carries for LLMs that read text.
+        commit: commit the bank after each change (default ``None``: when it is a disk bank).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")  # a misspelt option is an error
@@ -50,6 +56,7 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
                                        "that blocks without a namespace never share one).")
     top_k: int = Field(default=2, gt=0, description="Past-turn chunks handed back per read.")
     header: str = Field(default="Earlier in this conversation:", description="Header of the memory message.")
+    commit: bool | None = Field(default=None, description="Commit the bank after each change (None: a disk bank).")
 
     _memlong: MemLong = PrivateAttr()
 
@@ -75,8 +82,10 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
         text = self._render(messages)
         if not text:
             return []
-        return self._memlong.ingest([text], namespace=self.namespace, metadatas=[{"memlong_kind": "chat"}],
-                                    progress=False).chunk_ids
+        ids = self._memlong.ingest([text], namespace=self.namespace, metadatas=[{"memlong_kind": "chat"}],
+                                   progress=False).chunk_ids
+        self._committed()
+        return ids
 
     async def _aput(self, messages: list[ChatMessage]) -> None:
         await in_thread(self.put, messages)
@@ -107,6 +116,12 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
             >>> memory.reset(); block.reset()
         """
         self._memlong.bank.reset(self.namespace)
+        self._committed()
+
+    def _committed(self) -> None:
+        bank = self._memlong.bank
+        if self.commit or (self.commit is None and bank.path is not None):
+            bank.commit()
 
     async def areset(self) -> None:
         """:meth:`reset` in a worker thread."""
