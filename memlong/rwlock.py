@@ -13,10 +13,12 @@ saves and commits take alone and loads share (:mod:`memlong.storage`).
 :func:`interrupts_held` keeps Ctrl-C (and SIGTERM / SIGALRM handlers) out of every read and write the lock
 guards, bookkeeping included: the signal's handler runs when the block ends. A ``KeyboardInterrupt`` raised between
 two lines of a change left the bank half-changed (counted but not indexed) or the lock held for ever (the next call
-hung). Waits for this lock and for :func:`dir_lock` stay interruptible: a handler runs there at once (its own bank
-calls held), never with the lock's mutex held. One that uses the bank whose call it interrupted does not wait for
-itself: a read goes on; a change waits its turn and is made before the interrupted call, except inside that
-thread's own write (a commit waiting for another process's lock), where it raises RuntimeError."""
+hung). Waits for this lock and for :func:`dir_lock` stay interruptible: a handler runs there at once, never with the
+lock's mutex held, and itself runs with signals held (a Ctrl-C while it runs comes after it, in the wait). One that
+uses the bank whose call it interrupted does not wait for itself: a read is not held back by this thread's own
+waiting write (only by another thread's); a change waits its turn and is made before the interrupted call, except
+inside that thread's own write (a commit waiting for another process's lock), where it raises RuntimeError, as
+does the interrupted write if the handler left a read open."""
 
 from __future__ import annotations
 
@@ -73,9 +75,10 @@ def _hold(signum: int, frame: Any) -> None:
         _Held.waiting = False
 
 
-def _deliver(pending: list[tuple[Any, int, Any]]) -> None:
+def _deliver(pending: list[tuple[Any, int, Any]], current: BaseException | None = None) -> None:
     """Run every held signal's handler in order (a SIGTERM's after a Ctrl-C's), then raise the first exception they
-    raised (a ``SystemExit`` before any other: a request to exit is not lost behind a Ctrl-C)."""
+    raised (a ``SystemExit`` before any other: a request to exit is not lost behind a Ctrl-C, not even one already
+    raised, ``current``, by a handler run in a wait)."""
     error: BaseException | None = None
     for handler, signum, frame in pending:
         if callable(handler):
@@ -84,7 +87,7 @@ def _deliver(pending: list[tuple[Any, int, Any]]) -> None:
             except BaseException as exc:  # (a SIGTERM's SystemExit wins over a Ctrl-C held before it)
                 if error is None or (isinstance(exc, SystemExit) and not isinstance(error, SystemExit)):
                     error = exc
-    if error is not None:
+    if error is not None and not (isinstance(current, SystemExit) and not isinstance(error, SystemExit)):
         raise error
 
 
@@ -135,22 +138,22 @@ class _HeldBlock:
                     signal.pthread_kill(threading.main_thread().ident or 0, signum)
             return
         pending: list[tuple[Any, int, Any]] = []
-        restore = self.swapped[::-1]
-        if _Held.depth == 1:
-            pending, deferred, _Held.pending, _Held.deferred, _Held.depth = _Held.pending, _Held.deferred, [], [], 0
-            restore += deferred[::-1]
-        else:
-            _Held.depth -= 1
-            if self.first:  # ended before a block opened after it (generators): its handlers stay held until the last
-                _Held.deferred, restore = _Held.deferred + self.swapped, []
-        try:
+        try:  # (a signal once the pending ones are taken must not skip their delivery)
+            restore = self.swapped[::-1]
+            if _Held.depth == 1:
+                pending, deferred, _Held.pending, _Held.deferred, _Held.depth = _Held.pending, _Held.deferred, [], [], 0
+                restore += deferred[::-1]
+            else:
+                _Held.depth -= 1
+                if self.first:  # ended before a block opened after it (generators): its handlers stay held until the
+                    _Held.deferred, restore = _Held.deferred + self.swapped, []  # last
             for sig, handler, before in restore:
                 if _sig.getsignal(sig) is _hold:
                     _sig.signal(sig, handler)
                 if before is not None:
                     _Held.saved[sig] = before
         finally:
-            _deliver(pending)
+            _deliver(pending, exc[1] if len(exc) > 1 and isinstance(exc[1], BaseException) else None)
 
 
 def interrupts_held() -> contextlib.AbstractContextManager[None]:
@@ -203,14 +206,20 @@ class RWLock:
         me = threading.get_ident()
         with interrupts_held():
             with self._mutex:
-                if self._depth.get(me):
-                    pass
-                elif self._writer == me:  # a signal handler run in this thread's write: not counted, never waits
-                    self._in_write.add(me)
-                else:  # (this thread's own waiting write does not hold it back: a handler run in that wait)
-                    while self._writer or len(self._writers_waiting) > (me in self._writers_waiting):
-                        self._wait()
-                    self._readers += 1
+                while True:  # (checked again after each wait: a handler run in it may have left a read open)
+                    if self._depth.get(me):
+                        break
+                    if self._writer == me:  # a signal handler run in this thread's write: not counted, never waits
+                        self._in_write.add(me)
+                        break
+                    # this thread's own waiting write does not hold it back (a handler run in that wait), and is
+                    # woken to see the read (one left open makes it raise: it would wait for it)
+                    if not (self._writer or len(self._writers_waiting) > (me in self._writers_waiting)):
+                        self._readers += 1
+                        if me in self._writers_waiting:
+                            self._wake_all()
+                        break
+                    self._wait()
                 self._depth[me] = self._depth.get(me, 0) + 1
             try:
                 yield
@@ -249,6 +258,10 @@ class RWLock:
                 try:
                     while self._writer or self._readers:
                         self._wait()
+                        if self._depth.get(me):  # a handler run in the wait left a read open: it would wait for it
+                            raise RuntimeError("A memory bank cannot be changed while this thread reads it (a signal "
+                                               "handler run while the change waited left a read of it open); "
+                                               "change it after that read ends.")
                 except BaseException:  # interrupted while waiting (Ctrl-C): the readers held back for it may go on
                     self._wake_all()
                     raise

@@ -20,7 +20,7 @@ from test_bank_stateful import CAPACITY, BankMachine
 from test_persistence import HashEmbedder
 
 from memlong import MemoryBank, rwlock
-from memlong.rwlock import interrupts_held
+from memlong.rwlock import RWLock, interrupts_held
 
 
 @pytest.fixture(autouse=True)
@@ -493,3 +493,67 @@ def test_review_of_handlers_that_use_the_bank_in_a_wait(tmp_path):
     assert not deleter.is_alive() and disk.num_chunks("ns") == 1
     disk.commit()
     check_lock_free(disk._lock)
+
+
+def test_second_review_of_handlers_in_a_wait():
+    """Second review: a handler run in a read's wait that left a read open (a generator) made the thread count twice
+    (every later write hung); one run in a write's wait made the write wait for itself; a SIGTERM handler's
+    ``SystemExit`` raised in a wait lost to a Ctrl-C held while it ran."""
+    lock, opened = RWLock(), []
+
+    def reading():
+        with lock.read():
+            yield
+
+    def leave_a_read_open(signum, frame):
+        opened.append(reading())
+        next(opened[-1])
+
+    def hold_elsewhere(how):
+        inside, release = threading.Event(), threading.Event()
+
+        def body():
+            with how():
+                inside.set()
+                release.wait(10)
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        inside.wait(10)
+        threading.Timer(0.3, release.set).start()
+        return thread
+
+    previous = signal.signal(signal.SIGTERM, leave_a_read_open)
+    try:
+        thread = hold_elsewhere(lock.write)
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with lock.read():  # waits for the writer; the handler's read waits too, then stays open
+            pass
+        thread.join(10)
+        opened.pop().close()
+        check_lock_free(lock)  # (the reader count was left at 1)
+
+        thread = hold_elsewhere(lock.read)
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(RuntimeError, match="while this thread reads it"):
+            with lock.write():  # waits for the reader; the handler's read goes on and stays open
+                pass
+        thread.join(10)
+        opened.pop().close()
+        check_lock_free(lock)
+
+        def exit_slowly(signum, frame):
+            time.sleep(0.3)  # (saving the bank, say) while the user presses Ctrl-C
+            raise SystemExit(3)
+
+        signal.signal(signal.SIGTERM, exit_slowly)
+        thread = hold_elsewhere(lock.read)
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(SystemExit):
+            with lock.write():
+                pass
+        thread.join(10)
+        check_lock_free(lock)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
