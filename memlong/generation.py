@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from memlong.positions import Memory
-from memlong.records import as_list, check_namespace, check_string
+from memlong.records import as_list, check_count, check_namespace, check_string
 from memlong.static_kv import compiled_step, start_static
 
 if TYPE_CHECKING:
@@ -380,7 +380,7 @@ def retrieve_ids(ml: MemLong, query: str, namespace: str, k: int | None = None) 
     Example:
         >>> retrieve_ids(ml, "Who killed Polonius?", "hamlet")     # what ml.generate(...) would read
     """
-    k = ml.config.top_k if k is None else k
+    k = ml.config.top_k if k is None else check_count(k, "k")  # (a negative k read no memory, silently)
     if k <= 0 or check_namespace(namespace) not in ml.bank.namespaces():  # None or "": an error, not no memory
         return []
     ids = [h.chunk_id for h in ml.bank.search(query, namespace=namespace, k=k)]

@@ -74,7 +74,7 @@ from memlong.records import (
     check_bank_config,
     check_count,
     check_namespace,
-    check_string,
+    check_text,
     metadata_nbytes,
 )
 from memlong.rwlock import RWLock as _RWLock
@@ -408,8 +408,8 @@ def query_vector(embedder: TextEmbedder, query: Any) -> np.ndarray:
     """The unit ``(1, dim)`` float32 vector of a search query (its text embedded, or a vector); TypeError /
     ValueError naming what is wrong with the query. ``MemoryBank.search`` takes either; callers that search one query
     several times embed it once with this."""
-    if isinstance(query, str):
-        vector = embedder.encode([check_string(query, "query")])
+    if isinstance(query, str):  # (not blank: "" returned hits, while every adapter refused it)
+        vector = embedder.encode([check_text(query, "search query")])
     else:
         try:
             if query is None or isinstance(query, (bytes, bytearray, numbers.Number)):

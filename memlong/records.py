@@ -121,7 +121,8 @@ def check_text(value: Any, what: str, *, empty: bool = False) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a string, got {type(value).__name__} {str(value)[:50]!r}.")
     if not empty and not value.strip():
-        raise ValueError(f"empty {what}: every chunk needs text to be retrieved by.")
+        raise ValueError(f"empty {what}: it has no text to embed or match (a chunk, to be retrieved by; a query, to "
+                         "search with).")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

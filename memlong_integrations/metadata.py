@@ -4,8 +4,10 @@ A retrieved chunk (a LangChain ``Document`` or a LlamaIndex node) carries in its
 
 * ``memlong_chunk_id`` (:data:`CHUNK_ID_KEY`): the bank chunk id, what the model attends to as K-V;
 * ``memlong_namespace`` (:data:`NAMESPACE_KEY`): the bank namespace the chunk lives in;
-* ``memlong_doc_id`` (:data:`DOC_ID_KEY`): the bank document (vector-store entry) the chunk belongs to;
-* ``memlong_score`` (:data:`SCORE_KEY`, LangChain; LlamaIndex has ``NodeWithScore.score``): the retrieval score.
+* LangChain: ``memlong_doc_id`` (:data:`DOC_ID_KEY`), the bank document (vector-store entry) the chunk belongs to,
+  and ``memlong_score`` (:data:`SCORE_KEY`), the retrieval score;
+* LlamaIndex: ``memlong_node_id`` and ``memlong_ref_doc_id``, the node ingested into the chunk and its document (the
+  score is ``NodeWithScore.score``).
 
 :func:`chunk_id_of` is the one check that a retrieved item can be read as K-V.
 """

@@ -839,9 +839,10 @@ def test_text_llm_reports_token_usage(tiny):
     ids = tiny.bank.chunk_ids("kb")[:2]
     llm = MemLongLLM(memlong=tiny, namespace="kb", max_tokens=4)
     result = llm.generate([plain(QUESTION), "Once upon a time"], memlong_chunk_ids=ids)
-    infos = [g[0].generation_info for g in result.generations]
-    assert [i["chunk_ids"] for i in infos] == [ids, ids]
-    assert [i["completion_tokens"] for i in infos] == [4, 4] and infos[0]["finish_reason"] == "length"
+    assert [g[0].generation_info["finish_reason"] for g in result.generations] == ["length", "length"]
+    infos = [g[0].generation_info["memlong"] for g in result.generations]
+    assert [i["chunk_ids"] for i in infos] == [ids, ids] and infos[0]["namespace"] == "kb"
+    assert [i["new_tokens"] for i in infos] == [4, 4] and infos[0]["time_to_first_token"] > 0
     assert infos[0]["memory_tokens"] == sum(len(tiny.bank.get(c, namespace="kb").tokens) for c in ids)
     usage = result.llm_output["token_usage"]
     assert usage["completion_tokens"] == 8
@@ -855,7 +856,9 @@ def test_text_llm_reports_token_usage(tiny):
     cut = llm.generate([plain(QUESTION)], memlong_chunk_ids=ids, stop=[first]).generations[0][0]
     assert cut.text.strip() == "" and cut.generation_info["finish_reason"] == "stop"
     again = asyncio.run(llm.agenerate([plain(QUESTION)], memlong_chunk_ids=ids))
-    assert again.generations[0][0].generation_info == infos[0]
+    timings = ("time_to_first_token", "seconds")
+    assert {k: v for k, v in again.generations[0][0].generation_info["memlong"].items() if k not in timings} == \
+        {k: v for k, v in infos[0].items() if k not in timings}
     assert again.llm_output["token_usage"]["prompt_tokens"] == infos[0]["prompt_tokens"] + infos[0]["memory_tokens"]
 
 
@@ -901,3 +904,21 @@ def test_chat_history_on_a_disk_bank_survives_a_restart_and_keeps_a_question_wit
     assert reopened(manual.namespace) == []  # the caller commits
     ml.bank.commit()
     assert reopened(manual.namespace)
+
+
+def test_consistency_review_mistakes_get_errors(tiny):
+    """Consistency review: ``ChatMemLong(top_k=-1, retrieve=True)`` answered with no memory and no error; the history
+    took anything as its model; ``bank.search("")`` returned hits where every adapter refused a blank query."""
+    from pydantic import ValidationError
+
+    from memlong.generation import retrieve_ids
+
+    with pytest.raises(ValidationError, match="top_k"):
+        ChatMemLong(memlong=tiny, top_k=-1, retrieve=True)
+    with pytest.raises(ValueError, match="k must be an integer >= 0"):
+        retrieve_ids(tiny, "harbour", "kb", k=-1)
+    with pytest.raises(TypeError, match="needs a memlong.MemLong"):
+        MemLongChatMessageHistory("not a model", "alice")
+    for mode in ("dense", "hybrid"):
+        with pytest.raises(ValueError, match="empty search query"):
+            tiny.bank.search("  ", namespace="kb", mode=mode)

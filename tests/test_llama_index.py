@@ -862,3 +862,12 @@ def test_memory_block_on_a_disk_bank_commits_its_turns(make_tiny, tmp_path):
     manual = MemLongMemoryBlock(ml, namespace="chat-bob", commit=False)
     manual.put([ChatMessage(role="user", content="I live in Porto.")])
     assert "chat-bob" not in MemoryBank.load(tmp_path / "bank", embedder=ml.bank.embedder).namespaces()
+
+
+def test_llm_refuses_a_chat_whose_last_user_message_is_blank(make_tiny):
+    """Consistency review: ``chat([user "   "])`` answered, while ``complete("")`` and LangChain's chat model refuse."""
+    ml, _ = make_tiny(top_k=2, chunk_size=16, local_window=64)
+    with pytest.raises(ValueError, match="last user message is empty"):
+        MemLongLLM(ml, max_new_tokens=2).chat([ChatMessage(role="user", content="Hi."),
+                                               ChatMessage(role="assistant", content="Hello."),
+                                               ChatMessage(role="user", content="   ")])

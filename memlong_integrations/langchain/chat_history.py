@@ -72,6 +72,8 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
     def __init__(self, memlong: MemLong, session_id: str, *, prefix: str = "chat:", commit: bool | None = None) -> None:
         if not isinstance(session_id, str) or not session_id:
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}.")
+        if not isinstance(memlong, MemLong):  # (anything was accepted; the first message failed, unclearly)
+            raise TypeError(f"MemLongChatMessageHistory needs a memlong.MemLong model, got {type(memlong).__name__}.")
         self.memlong = memlong
         self.session_id = session_id
         self.namespace = f"{prefix}{session_id}"

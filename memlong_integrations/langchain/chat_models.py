@@ -153,7 +153,7 @@ class ChatMemLong(BaseChatModel):
     retrieve: bool = False
     """With no ``memlong_chunk_ids``, retrieve ``top_k`` chunks of the namespace for the last human message.
     Off by default: used as a plain chat model (a stock LCEL chain that pastes text), it reads only its input."""
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, ge=0)
     """Chunks retrieved when no ids are given; ``None`` = the MemLong config's ``top_k``."""
     kv_answer_prefix: str = KV_ANSWER_PREFIX
     """Prefilled answer start in the plain layout when chunks are attended and the messages bring no prefill of

@@ -6,8 +6,9 @@ call); with none the model reads only the prompt, unless ``retrieve=True`` (then
 ``namespace`` with the prompt as the query). Stop strings are not part of the output, not even their start, and
 whitespace before the first visible character never triggers one; the completion is otherwise returned as
 generated (leading space included). Each completion's ``generation_info`` (on a last, empty streamed chunk) holds
-``finish_reason``, the chunk ids attended and the token counts; ``llm_output["token_usage"]`` sums the calls'
-``prompt_tokens`` (prompt encoded + memory attended), ``completion_tokens`` and ``total_tokens``.
+``finish_reason`` and, under ``"memlong"``, the call's statistics as :class:`ChatMemLong`'s ``response_metadata``
+has them (namespace, chunk ids, tokens encoded / attended / generated, timings); ``llm_output["token_usage"]`` sums
+the calls' ``prompt_tokens`` (prompt encoded + memory attended), ``completion_tokens`` and ``total_tokens``.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class MemLongLLM(LLM):
             raise TypeError(f"MemLongLLM got unknown call keywords {sorted(unknown)}; it accepts memlong_chunk_ids, "
                             "memlong_namespace and max_tokens.")
         limit = call_max_tokens(kwargs, self.max_tokens)
-        pieces = self.memlong.generate(prompt, namespace=kwargs.get("memlong_namespace") or self.namespace,
+        namespace = kwargs.get("memlong_namespace") or self.namespace
+        pieces = self.memlong.generate(prompt, namespace=namespace,
                                        chunk_ids=chunk_id_list(kwargs.get("memlong_chunk_ids")), retrieve=self.retrieve,
                                        max_new_tokens=limit, temperature=self.temperature, seed=self.seed,
                                        stream=True)
@@ -99,10 +101,11 @@ class MemLongLLM(LLM):
         stats = pieces.stats
         # a last, empty chunk carries the call's generation_info (and is the one chunk of an empty answer, without
         # which LangChain's stream() raises "No generation chunks were returned")
-        yield _chunk("", {"finish_reason": stats.finish_reason, "chunk_ids": list(stats.chunk_ids),
-                          "prompt_tokens": stats.prompt_tokens, "memory_tokens": stats.memory_tokens,
-                          "refreshed_tokens": stats.refreshed_tokens, "completion_tokens": stats.new_tokens},
-                     run_manager)
+        yield _chunk("", {"finish_reason": stats.finish_reason, "memlong": {  # (ChatMemLong's response_metadata)
+            "namespace": namespace, "chunk_ids": list(stats.chunk_ids), "prompt_tokens": stats.prompt_tokens,
+            "memory_tokens": stats.memory_tokens, "refreshed_tokens": stats.refreshed_tokens,
+            "new_tokens": stats.new_tokens, "time_to_first_token": stats.time_to_first_token,
+            "seconds": stats.seconds}}, run_manager)
 
     def _call(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
               **kwargs: Any) -> str:
@@ -144,8 +147,8 @@ def _result(calls: list[list[GenerationChunk]]) -> LLMResult:
     token usage of all the calls (``llm_output["token_usage"]``, as OpenAI-style LLMs report it)."""
     generations = [[Generation(text="".join(c.text for c in chunks), generation_info=chunks[-1].generation_info)]
                    for chunks in calls]
-    infos = [g[0].generation_info or {} for g in generations]
+    infos = [(g[0].generation_info or {}).get("memlong", {}) for g in generations]
     prompt = sum(i.get("prompt_tokens", 0) + i.get("memory_tokens", 0) for i in infos)
-    completion = sum(i.get("completion_tokens", 0) for i in infos)
+    completion = sum(i.get("new_tokens", 0) for i in infos)
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     return LLMResult(generations=generations, llm_output={"token_usage": usage})

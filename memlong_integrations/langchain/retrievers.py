@@ -1,10 +1,10 @@
 """`MemLongRetriever`: a LangChain retriever over one namespace of a :class:`memlong.MemoryBank`.
 
-Contract: ``invoke(query)`` returns the ``k`` best chunks (faiss inner product over the bank's embeddings) as
-``Document`` s in rank order: ``page_content`` = the chunk text, ``metadata`` = the metadata copied onto the chunk at
-ingest time plus ``memlong_chunk_id``, ``memlong_doc_id``, ``memlong_namespace`` and ``memlong_score``;
-``Document.id`` = the chunk id. Feed them to :class:`ChatMemLong` as K-V with
-``memlong_chunk_ids_from_documents(docs)`` (or :func:`create_memlong_rag_chain`). ``k`` is a field and an
+Contract: ``invoke(query)`` returns the ``k`` best chunks (ranked by its ``search_mode``, default the bank's; dense:
+faiss inner product over the bank's embeddings) as ``Document`` s in rank order: ``page_content`` = the chunk text,
+``metadata`` = the metadata copied onto the chunk at ingest time plus ``memlong_chunk_id``, ``memlong_doc_id``,
+``memlong_namespace`` and ``memlong_score``; ``Document.id`` = the chunk id. Feed them to :class:`ChatMemLong` as K-V
+with ``memlong_chunk_ids_from_documents(docs)`` (or :func:`create_memlong_rag_chain`). ``k`` is a field and an
 ``invoke`` keyword. An empty or unknown namespace gives ``[]``.
 
 Example:

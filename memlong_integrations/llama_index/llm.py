@@ -200,6 +200,8 @@ class MemLongLLM(CustomLLM):
         if not turns:
             raise ValueError("The chat has no message to answer (only memory messages). Add a user message.")
         query = next((t["content"] for t in reversed(turns) if t["role"] == "user"), turns[-1]["content"])
+        if not query.strip():  # (it was answered; complete("") and the LangChain chat model refuse it)
+            raise ValueError("The chat's last user message is empty; give it the question.")
         tokenizer = self._memlong.tokenizer
         pairs = [(t["role"], t["content"]) for t in turns]
         if self.chat_template and getattr(tokenizer, "chat_template", None):
