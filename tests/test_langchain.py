@@ -922,3 +922,16 @@ def test_consistency_review_mistakes_get_errors(tiny):
     for mode in ("dense", "hybrid"):
         with pytest.raises(ValueError, match="empty search query"):
             tiny.bank.search("  ", namespace="kb", mode=mode)
+
+
+def test_a_calls_temperature_and_seed_as_in_llamaindex(tiny):
+    """Consistency review: LangChain's ChatMemLong and MemLongLLM refused a call's ``temperature`` / ``seed`` (TypeError),
+    which LlamaIndex's MemLongLLM and ChatOpenAI take; code moved between the frameworks broke."""
+    built = MemLongLLM(memlong=tiny, max_tokens=8, temperature=1.5, seed=3).invoke(plain(QUESTION))
+    assert MemLongLLM(memlong=tiny, max_tokens=8).invoke(plain(QUESTION), temperature=1.5, seed=3) == built
+    chat = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=8)
+    sampled = ChatMemLong(memlong=tiny, namespace="kb", max_tokens=8, temperature=1.5, seed=3).invoke(QUESTION)
+    assert chat.invoke(QUESTION, temperature=1.5, seed=3).content == sampled.content
+    assert chat.bind(temperature=1.5, seed=3).invoke(QUESTION).content == sampled.content
+    with pytest.raises(ValueError, match="temperature"):
+        chat.invoke(QUESTION, temperature=-1.0)

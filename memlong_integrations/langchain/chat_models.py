@@ -68,7 +68,8 @@ from memlong_integrations.langchain._common import chunk_id_list, drop_remote_op
 __all__ = ["ChatMemLong", "PLAIN_STOP"]
 
 PromptFormat = Literal["auto", "chat", "plain"]
-_CALL_KEYWORDS = {"memlong_chunk_ids", "memlong_namespace", "model", "stream", "max_tokens", "max_new_tokens"}
+_CALL_KEYWORDS = {"memlong_chunk_ids", "memlong_namespace", "model", "stream", "max_tokens", "max_new_tokens",
+                  "temperature", "seed"}  # (a call's temperature and seed: as LlamaIndex's MemLongLLM, and ChatOpenAI)
 
 
 def _text(message: BaseMessage) -> str:
@@ -211,7 +212,8 @@ class ChatMemLong(BaseChatModel):
         unknown = set(kwargs) - _CALL_KEYWORDS
         if unknown:
             raise TypeError(f"ChatMemLong got unknown call keywords {sorted(unknown)}; it accepts "
-                            "memlong_chunk_ids (list of chunk ids), memlong_namespace and max_tokens.")
+                            "memlong_chunk_ids (list of chunk ids), memlong_namespace, max_tokens, temperature "
+                            "and seed.")
         limit = call_max_tokens(kwargs, self.max_tokens)
         if kwargs.get("model") not in (None, self.model_name):
             raise ValueError(f"ChatMemLong serves one loaded model ({self.model_name!r}); it cannot switch to "
@@ -244,7 +246,8 @@ class ChatMemLong(BaseChatModel):
         else:
             prompt = chat_prompt(self.memlong.tokenizer, turns)
         return {"prompt": prompt, "namespace": namespace, "chunk_ids": chunk_ids, "answer_prefix": prefill,
-                "stop": tuple(stops), "query": question, "max_tokens": limit}
+                "stop": tuple(stops), "query": question, "max_tokens": limit,
+                "temperature": kwargs.get("temperature", self.temperature), "seed": kwargs.get("seed", self.seed)}
 
     # ------------------------------------------------------------------ what a text model cannot do
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
@@ -269,7 +272,7 @@ class ChatMemLong(BaseChatModel):
             pieces = self.memlong.generate(args["prompt"], namespace=args["namespace"], chunk_ids=args["chunk_ids"],
                                            answer_prefix=args["answer_prefix"], query=args["query"],
                                            max_new_tokens=args["max_tokens"], stream=True,
-                                           temperature=self.temperature, seed=self.seed)
+                                           temperature=args["temperature"], seed=args["seed"])
         stats = pieces.stats
         return answer_pieces(pieces, args["stop"], strip=True), stats, args
 

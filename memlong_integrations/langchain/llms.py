@@ -86,15 +86,17 @@ class MemLongLLM(LLM):
 
     def _stream(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[GenerationChunk]:
-        unknown = set(kwargs) - {"memlong_chunk_ids", "memlong_namespace", "max_tokens", "max_new_tokens"}
+        unknown = set(kwargs) - {"memlong_chunk_ids", "memlong_namespace", "max_tokens", "max_new_tokens",
+                                 "temperature", "seed"}
         if unknown:
             raise TypeError(f"MemLongLLM got unknown call keywords {sorted(unknown)}; it accepts memlong_chunk_ids, "
-                            "memlong_namespace and max_tokens.")
+                            "memlong_namespace, max_tokens, temperature and seed.")
         limit = call_max_tokens(kwargs, self.max_tokens)
         namespace = kwargs.get("memlong_namespace") or self.namespace
         pieces = self.memlong.generate(prompt, namespace=namespace,
                                        chunk_ids=chunk_id_list(kwargs.get("memlong_chunk_ids")), retrieve=self.retrieve,
-                                       max_new_tokens=limit, temperature=self.temperature, seed=self.seed,
+                                       max_new_tokens=limit, temperature=kwargs.get("temperature", self.temperature),
+                                       seed=kwargs.get("seed", self.seed),
                                        stream=True)
         for piece in answer_pieces(pieces, stop_strings(self.stop, stop)):
             yield _chunk(piece, None, run_manager)
