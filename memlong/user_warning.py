@@ -15,19 +15,21 @@ __all__ = ["warn"]
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OURS = tuple(os.path.join(_ROOT, name) + os.sep for name in ("memlong", "memlong_integrations"))
-_ROUTES = ("langchain_core", "llama_index")  # frameworks that call the adapters for the user (add_documents, index)
+_ROUTES = ("langchain", "langgraph", "llama_index")  # frameworks calling the adapters for the user (add_documents,
+# index; langchain_classic's ParentDocumentRetriever): every loaded package whose name starts so
 
 
 def _skipped() -> tuple[str, ...]:
-    routes = [os.path.join(path, "") for name in _ROUTES if name in sys.modules
-              for path in getattr(sys.modules[name], "__path__", ())]
+    routes = [os.path.join(path, "") for name, module in list(sys.modules.items())
+              if "." not in name and name.startswith(_ROUTES) for path in getattr(module, "__path__", ())]
     return _OURS + tuple(routes)
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn(message, category)`` with the stack level of the first frame outside memlong,
     memlong_integrations and the frameworks calling them (LangChain's ``add_documents`` calls the store's
-    ``add_texts``); the outermost frame, if every one is skipped (the ``memlong`` command, a worker thread).
+    ``add_texts``); the outermost frame, if every one is skipped (the ``memlong`` command; in a worker thread, the
+    thread's own start, e.g. ``concurrent/futures/thread.py`` for ``asyncio.to_thread``).
 
     Example:
         >>> warn("Namespace 'docs' outgrew memory_capacity=32768 tokens: ...", MemoryEvictionWarning)

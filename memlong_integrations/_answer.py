@@ -23,7 +23,8 @@ from typing import Any
 from memlong.generation import stop_prefix_len
 from memlong.prompts import PLAIN_STOP  # re-exported: a plain-prompt answer ends at the next question or paragraph
 
-__all__ = ["KV_ANSWER_PREFIX", "PLAIN_STOP", "answer_pieces", "answer_text", "call_max_tokens", "stop_strings"]
+__all__ = ["KV_ANSWER_PREFIX", "PLAIN_STOP", "answer_pieces", "answer_text", "call_max_tokens", "call_option",
+           "stop_strings"]
 
 # Prefilled after "Answer:" when retrieved chunks are attended: with no prefill the 135M default model often ends
 # at once (end of sequence) or answers "The answer is: <the question's subject>"; with it, it reads the chunks
@@ -141,6 +142,12 @@ def answer_pieces(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bo
 def answer_text(pieces: Iterator[str], stops: Sequence[str] = (), *, strip: bool = False) -> str:
     """The whole answer (see :func:`answer_pieces`)."""
     return "".join(answer_pieces(pieces, stops, strip=strip))
+
+
+def call_option(kwargs: dict[str, Any], name: str, default: Any) -> Any:
+    """A call's ``name`` option, or ``default`` when it is not given or ``None`` (as for ``max_tokens``)."""
+    value = kwargs.get(name)
+    return default if value is None else value
 
 
 def call_max_tokens(kwargs: dict[str, Any], default: int) -> int:

@@ -935,3 +935,53 @@ def test_a_calls_temperature_and_seed_as_in_llamaindex(tiny):
     assert chat.bind(temperature=1.5, seed=3).invoke(QUESTION).content == sampled.content
     with pytest.raises(ValueError, match="temperature"):
         chat.invoke(QUESTION, temperature=-1.0)
+
+
+def test_a_chat_turn_whose_commit_fails_is_not_stored(make_tiny, tmp_path):
+    """Diff review: a history's commit refused (another writer committed to the directory) raised after the turn was
+    stored in memory, so a retry stored it twice; ``commit=True`` on a bank in memory failed on every turn; an AI
+    tool call (no text) was skipped while its tool result was kept."""
+    from langchain_core.messages import ToolMessage
+
+    from memlong import MemoryBank
+
+    ml, _ = make_tiny(top_k=2, chunk_size=16, local_window=64, memory_path=str(tmp_path / "bank"))
+    history = MemLongChatMessageHistory(ml, "alice")
+    history.add_messages([HumanMessage("My code is 1234."), AIMessage("Noted.")])
+    other = MemoryBank.load(tmp_path / "bank", embedder=ml.bank.embedder)  # a second writer (another process)
+    other.reset("chat:alice")
+    other.commit()
+    for _ in range(2):  # and a retry
+        with pytest.raises(ValueError, match="committed by another writer"):
+            history.add_messages([HumanMessage("My dog is Pixel."), AIMessage("Nice.")])
+        assert [m.content for m in history.messages] == ["My code is 1234.", "Noted."]  # nothing of the failed call
+    with pytest.raises(ValueError, match="needs a disk bank"):
+        MemLongChatMessageHistory(make_tiny()[0], "bob", commit=True)
+    with pytest.raises(ValueError, match="empty ai message"):
+        history.add_messages([AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "1"}]),
+                              ToolMessage("3", tool_call_id="1")])
+
+
+def test_warnings_skip_any_langchain_package_calling_the_store(tiny, tmp_path, monkeypatch):
+    """Diff review: only langchain_core's frames were skipped; an eviction through another LangChain package (e.g.
+    langchain_classic's ParentDocumentRetriever adding documents) pointed into that package."""
+    import sys
+    import warnings
+
+    from memlong import MemoryEvictionWarning
+
+    package = tmp_path / "langchain_elsewhere"
+    package.mkdir()
+    (package / "__init__.py").write_text("def add(store, texts):\n    return store.add_texts(texts)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import langchain_elsewhere
+
+    tiny.bank.capacity = 64
+    store = MemLongVectorStore(tiny, namespace="small")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            langchain_elsewhere.add(store, [TEXT[:300]])
+    files = {w.filename for w in caught if issubclass(w.category, MemoryEvictionWarning)}
+    sys.modules.pop("langchain_elsewhere")
+    assert files == {__file__}

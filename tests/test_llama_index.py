@@ -871,3 +871,25 @@ def test_llm_refuses_a_chat_whose_last_user_message_is_blank(make_tiny):
         MemLongLLM(ml, max_new_tokens=2).chat([ChatMessage(role="user", content="Hi."),
                                                ChatMessage(role="assistant", content="Hello."),
                                                ChatMessage(role="user", content="   ")])
+
+
+def test_memory_block_commit_refused_stores_nothing_and_a_calls_none_is_the_default(make_tiny, tmp_path):
+    """Diff review: a block's refused commit left the turns in memory (a retry stored them twice); ``commit=True`` on a
+    bank in memory failed on every put; a call's ``seed=None`` switched the LLM's seed off (``max_tokens=None`` means
+    the default)."""
+    from memlong import MemoryBank
+
+    ml, _ = make_tiny(top_k=2, chunk_size=64, memory_path=str(tmp_path / "bank"))
+    block = MemLongMemoryBlock(ml, namespace="chat-alice")
+    block.put([ChatMessage(role="user", content="My dog is called Biscuit.")])
+    other = MemoryBank.load(tmp_path / "bank", embedder=ml.bank.embedder)  # a second writer
+    other.reset("chat-alice")
+    other.commit()
+    before = ml.bank.chunk_ids("chat-alice")
+    with pytest.raises(ValueError, match="committed by another writer"):
+        block.put([ChatMessage(role="user", content="I live in Porto.")])
+    assert ml.bank.chunk_ids("chat-alice") == before
+    with pytest.raises(ValueError, match="needs a disk bank"):
+        MemLongMemoryBlock(make_tiny()[0], commit=True)
+    llm = MemLongLLM(ml, temperature=1.5, seed=3, max_new_tokens=8)
+    assert llm.complete("Once upon a time", seed=None, temperature=None).text == llm.complete("Once upon a time").text

@@ -9,7 +9,9 @@ long conversation is never re-encoded: give the model only the new question.
 
 Durable: on a disk bank (``memory_path`` / ``MemoryBank(path=...)``) each ``add_messages`` and ``clear`` commits
 (``commit=False``: the caller commits, e.g. once per batch of sessions), so the history survives a restart or a
-crash after the call returns. A bank in memory is saved with ``ml.save_memory`` as usual. Past ``memory_capacity``
+crash after the call returns; a commit that fails (another writer committed to the directory: one writer per
+directory) undoes the call's messages and raises. The commit saves all the bank holds, another thread's ingest in
+progress included. A bank in memory is saved with ``ml.save_memory`` as usual. Past ``memory_capacity``
 tokens a session evicts messages by the bank's rule (oldest share, then the least retrieved): the history then has
 gaps, a question kept without its answer; give chat sessions a capacity that holds them.
 
@@ -45,6 +47,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, messag
 
 from memlong import MemLong
 from memlong.upsert import ingest_entries
+from memlong_integrations._durable import check_commit, commit_change
 from memlong_integrations._threads import in_thread
 
 __all__ = ["MemLongChatMessageHistory"]
@@ -74,6 +77,7 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}.")
         if not isinstance(memlong, MemLong):  # (anything was accepted; the first message failed, unclearly)
             raise TypeError(f"MemLongChatMessageHistory needs a memlong.MemLong model, got {type(memlong).__name__}.")
+        check_commit(memlong.bank, commit, "MemLongChatMessageHistory")
         self.memlong = memlong
         self.session_id = session_id
         self.namespace = f"{prefix}{session_id}"
@@ -90,24 +94,24 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
         return messages_from_dict(out)
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
-        """Ingest the messages as K-V (one document per message, in order), then commit a disk bank. An empty AI
-        answer is skipped (small models give some; refusing it lost the question with it); other empty messages are
-        refused, and then nothing is stored."""
+        """Ingest the messages as K-V (one document per message, in order), then commit a disk bank: all of them,
+        or none if anything fails, the commit included. An empty AI answer is skipped (small models give some;
+        refusing it lost the question with it); other empty messages (an AI tool call among them) are refused."""
         texts, roles, metas = [], [], []
         for message in messages:
             text = message.text
             if not text.strip():
-                if _kind(message) == "ai":
+                if _kind(message) == "ai" and not getattr(message, "tool_calls", None):
                     continue
                 raise ValueError(f"Cannot store an empty {message.type} message: it has no text to remember.")
             roles.append(_kind(message))
             texts.append(f"\n{_ROLES.get(roles[-1], roles[-1].capitalize())}: {text}")
             metas.append({_MESSAGE_KEY: message_to_dict(message)})
         if texts:  # atomic: every message or none; each message's dict stored once, on its first chunk
-            ingest_entries(self.memlong, texts, namespace=self.namespace, progress=False,
-                           metadatas=[{"role": r} for r in roles], entry_metadata=metas,
-                           doc_ids=[f"msg-{uuid.uuid4()}" for _ in texts])
-            self._committed()
+            added = ingest_entries(self.memlong, texts, namespace=self.namespace, progress=False,
+                                   metadatas=[{"role": r} for r in roles], entry_metadata=metas,
+                                   doc_ids=[f"msg-{uuid.uuid4()}" for _ in texts])
+            commit_change(self.memlong.bank, self.commit, self.namespace, [c for ids in added for c in ids])
 
     async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
         """:meth:`add_messages` in a worker thread; cancelling the await stops the ingest and adds nothing."""
@@ -119,9 +123,4 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
 
     def clear(self) -> None:
         self.memlong.bank.reset(self.namespace)
-        self._committed()
-
-    def _committed(self) -> None:
-        bank = self.memlong.bank
-        if self.commit or (self.commit is None and bank.path is not None):
-            bank.commit()
+        commit_change(self.memlong.bank, self.commit, self.namespace)

@@ -62,7 +62,7 @@ from pydantic import AliasChoices, ConfigDict, Field, model_validator
 from memlong import GenerationStats, MemLong
 from memlong.generation import retrieve_ids
 from memlong.prompts import PLAIN_STOP, chat_prompt, plain_prompt
-from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces, call_max_tokens, stop_strings
+from memlong_integrations._answer import KV_ANSWER_PREFIX, answer_pieces, call_max_tokens, call_option, stop_strings
 from memlong_integrations.langchain._common import chunk_id_list, drop_remote_options, not_supported, stepped
 
 __all__ = ["ChatMemLong", "PLAIN_STOP"]
@@ -247,7 +247,8 @@ class ChatMemLong(BaseChatModel):
             prompt = chat_prompt(self.memlong.tokenizer, turns)
         return {"prompt": prompt, "namespace": namespace, "chunk_ids": chunk_ids, "answer_prefix": prefill,
                 "stop": tuple(stops), "query": question, "max_tokens": limit,
-                "temperature": kwargs.get("temperature", self.temperature), "seed": kwargs.get("seed", self.seed)}
+                "temperature": call_option(kwargs, "temperature", self.temperature),
+                "seed": call_option(kwargs, "seed", self.seed)}
 
     # ------------------------------------------------------------------ what a text model cannot do
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:

@@ -22,7 +22,7 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from memlong import MemLong
-from memlong_integrations._answer import answer_pieces, call_max_tokens, stop_strings
+from memlong_integrations._answer import answer_pieces, call_max_tokens, call_option, stop_strings
 from memlong_integrations.langchain._common import chunk_id_list, drop_remote_options, stepped
 
 __all__ = ["MemLongLLM"]
@@ -93,10 +93,10 @@ class MemLongLLM(LLM):
                             "memlong_namespace, max_tokens, temperature and seed.")
         limit = call_max_tokens(kwargs, self.max_tokens)
         namespace = kwargs.get("memlong_namespace") or self.namespace
+        temperature, seed = call_option(kwargs, "temperature", self.temperature), call_option(kwargs, "seed", self.seed)
         pieces = self.memlong.generate(prompt, namespace=namespace,
                                        chunk_ids=chunk_id_list(kwargs.get("memlong_chunk_ids")), retrieve=self.retrieve,
-                                       max_new_tokens=limit, temperature=kwargs.get("temperature", self.temperature),
-                                       seed=kwargs.get("seed", self.seed),
+                                       max_new_tokens=limit, temperature=temperature, seed=seed,
                                        stream=True)
         for piece in answer_pieces(pieces, stop_strings(self.stop, stop)):
             yield _chunk(piece, None, run_manager)

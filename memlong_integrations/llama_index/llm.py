@@ -69,7 +69,7 @@ from pydantic import AliasChoices
 
 from memlong import GenerationStats, MemLong, PromptTooLongError
 from memlong.prompts import ROLE_STOP, chat_prompt, role_prompt
-from memlong_integrations._answer import answer_pieces, call_max_tokens, stop_strings
+from memlong_integrations._answer import answer_pieces, call_max_tokens, call_option, stop_strings
 from memlong_integrations.llama_index._common import checked_memlong
 
 __all__ = ["CHUNK_IDS_KWARG", "NAMESPACE_KWARG", "TEXT_IN_MEMORY_KWARG", "MemLongLLM"]
@@ -156,11 +156,11 @@ class MemLongLLM(CustomLLM):
             raise TypeError(f"MemLongLLM got unknown call keyword(s) {unknown}; a call takes {CHUNK_IDS_KWARG} "
                             f"and {', '.join(_CALL_OPTIONS)}.")
         max_new = call_max_tokens(kwargs, self.max_new_tokens)
-        temperature = float(kwargs.get("temperature", self.temperature))
+        temperature, seed = call_option(kwargs, "temperature", self.temperature), call_option(kwargs, "seed", self.seed)
         try:
             pieces = self._memlong.generate(
                 prompt, namespace=self.namespace, chunk_ids=chunk_ids, retrieve=self.retrieve, query=query,
-                max_new_tokens=max_new, temperature=temperature, seed=kwargs.get("seed", self.seed), stream=True)
+                max_new_tokens=max_new, temperature=temperature, seed=seed, stream=True)
         except PromptTooLongError as exc:
             raise _too_long(exc) from None
         stops = stop_strings(self.stop, kwargs.get("stop"))  # applied here: the core yields text before they complete

@@ -31,6 +31,7 @@ from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.memory.memory import BaseMemoryBlock
 
 from memlong import MemLong
+from memlong_integrations._durable import check_commit, commit_change
 from memlong_integrations._threads import in_thread
 from memlong_integrations.llama_index._common import checked_memlong
 from memlong_integrations.llama_index.llm import CHUNK_IDS_KWARG, NAMESPACE_KWARG, TEXT_IN_MEMORY_KWARG
@@ -63,6 +64,7 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
     def __init__(self, memlong: MemLong, **kwargs: Any) -> None:
         memlong = checked_memlong("MemLongMemoryBlock", memlong)  # Memory counts tokens with tiktoken
         super().__init__(**kwargs)
+        check_commit(memlong.bank, self.commit, "MemLongMemoryBlock")
         self._memlong = memlong
 
     @staticmethod
@@ -84,7 +86,7 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
             return []
         ids = self._memlong.ingest([text], namespace=self.namespace, metadatas=[{"memlong_kind": "chat"}],
                                    progress=False).chunk_ids
-        self._committed()
+        commit_change(self._memlong.bank, self.commit, self.namespace, ids)
         return ids
 
     async def _aput(self, messages: list[ChatMessage]) -> None:
@@ -116,12 +118,7 @@ class MemLongMemoryBlock(BaseMemoryBlock[list[ChatMessage]]):
             >>> memory.reset(); block.reset()
         """
         self._memlong.bank.reset(self.namespace)
-        self._committed()
-
-    def _committed(self) -> None:
-        bank = self._memlong.bank
-        if self.commit or (self.commit is None and bank.path is not None):
-            bank.commit()
+        commit_change(self._memlong.bank, self.commit, self.namespace)
 
     async def areset(self) -> None:
         """:meth:`reset` in a worker thread."""
