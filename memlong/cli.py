@@ -34,8 +34,8 @@ __all__ = ["build_parser", "main"]
 CONFIG_FLAGS = ("top_k", "ingest_top_k", "local_window", "kv_source", "retrieval_layers", "position_layout",
                 "memory_capacity", "memory_device", "search_mode", "retrieve_next", "kv_reencode_head", "kv_refresh",
                 "decode_mode")
-# Where the CLI deliberately departs from the library's defaults, and why (both shown in --help).
 _JSON_OUT: TextIO | None = None  # the real standard output while a command prints to standard error (--json -)
+# Where the CLI deliberately departs from the library's defaults, and why (both shown in --help).
 CLI_DEFAULTS = {"memory_capacity": 65_536}  # a 32k-token evaluation document (Hamlet: ~53k) is never evicted
 COMMAND_DEFAULTS = {
     # with 8, seven chunks of verse around the one with the fact distract the 135M model; re-encoding each retrieved
