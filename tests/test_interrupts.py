@@ -108,6 +108,22 @@ def read_elsewhere(bank):
     return thread, release
 
 
+def held_elsewhere(hold):
+    """Hold ``hold()`` (a lock's read or write) in another thread for 0.3 s; returns the thread."""
+    inside, release = threading.Event(), threading.Event()
+
+    def body():
+        with hold():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    inside.wait(10)
+    threading.Timer(0.3, release.set).start()
+    return thread
+
+
 def check_lock_free(lock):
     """(Takes the lock, not the bank: pytest's report of a failure would call the bank's repr, which waits for it.)"""
     assert lock._mutex.acquire(timeout=1), "the lock's mutex was left held: the next call would hang"
@@ -256,17 +272,7 @@ def test_held_handlers_run_outside_the_locks_and_a_block_closed_elsewhere_raises
     a, b = fresh_bank(), fresh_bank()
     counted = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: counted.append(b.num_chunks()))
-    inside, release = threading.Event(), threading.Event()
-
-    def writer():
-        with b._lock.write():
-            inside.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    inside.wait(10)
-    threading.Timer(0.3, release.set).start()
+    thread = held_elsewhere(b._lock.write)
     try:
         with a.reading():
             os.kill(os.getpid(), signal.SIGTERM)  # held: a is being read
@@ -275,7 +281,6 @@ def test_held_handlers_run_outside_the_locks_and_a_block_closed_elsewhere_raises
         assert counted == [4]  # ran once, when the read of a ended
     finally:
         signal.signal(signal.SIGTERM, previous)
-        release.set()
         thread.join(10)
 
     def reader():
@@ -509,23 +514,9 @@ def test_second_review_of_handlers_in_a_wait():
         opened.append(reading())
         next(opened[-1])
 
-    def hold_elsewhere(how):
-        inside, release = threading.Event(), threading.Event()
-
-        def body():
-            with how():
-                inside.set()
-                release.wait(10)
-
-        thread = threading.Thread(target=body)
-        thread.start()
-        inside.wait(10)
-        threading.Timer(0.3, release.set).start()
-        return thread
-
     previous = signal.signal(signal.SIGTERM, leave_a_read_open)
     try:
-        thread = hold_elsewhere(lock.write)
+        thread = held_elsewhere(lock.write)
         threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
         with lock.read():  # waits for the writer; the handler's read waits too, then stays open
             pass
@@ -533,7 +524,7 @@ def test_second_review_of_handlers_in_a_wait():
         opened.pop().close()
         check_lock_free(lock)  # (the reader count was left at 1)
 
-        thread = hold_elsewhere(lock.read)
+        thread = held_elsewhere(lock.read)
         threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
         with pytest.raises(RuntimeError, match="while this thread reads it"):
             with lock.write():  # waits for the reader; the handler's read goes on and stays open
@@ -547,7 +538,7 @@ def test_second_review_of_handlers_in_a_wait():
             raise SystemExit(3)
 
         signal.signal(signal.SIGTERM, exit_slowly)
-        thread = hold_elsewhere(lock.read)
+        thread = held_elsewhere(lock.read)
         threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
         with pytest.raises(SystemExit):
