@@ -122,7 +122,7 @@ def check_text(value: Any, what: str, *, empty: bool = False) -> str:
         raise ValueError(f"{what} must be a string, got {type(value).__name__} {str(value)[:50]!r}.")
     if not empty and not value.strip():
         raise ValueError(f"empty {what}: it has no text to embed or match (a chunk, to be retrieved by; a query, to "
-                         "search with).")
+                         "search with); give it some text.")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -124,6 +124,14 @@ def held_elsewhere(hold):
     return thread
 
 
+def ctrl_c_then_sigterm_held():
+    """A SIGINT, then a SIGTERM, both raised inside one held block."""
+    with interrupts_held():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(0.01)  # (signal handlers run between bytecodes: they would have run by now)
+
+
 def check_lock_free(lock):
     """(Takes the lock, not the bank: pytest's report of a failure would call the bank's repr, which waits for it.)"""
     assert lock._mutex.acquire(timeout=1), "the lock's mutex was left held: the next call would hang"
@@ -229,10 +237,7 @@ def test_held_signals_with_handlers_set_inside_and_several_signals():
     previous = signal.signal(signal.SIGTERM, mine)
     try:
         with pytest.raises(KeyboardInterrupt):
-            with interrupts_held():
-                signal.raise_signal(signal.SIGINT)
-                signal.raise_signal(signal.SIGTERM)
-                time.sleep(0.01)
+            ctrl_c_then_sigterm_held()
         assert seen == [signal.SIGINT, signal.SIGTERM]  # both, in order
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
@@ -320,10 +325,7 @@ def test_second_review_of_held_signals():
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(3))
     try:
         with pytest.raises(SystemExit):
-            with interrupts_held():
-                signal.raise_signal(signal.SIGINT)
-                signal.raise_signal(signal.SIGTERM)
-                time.sleep(0.01)
+            ctrl_c_then_sigterm_held()
     finally:
         signal.signal(signal.SIGTERM, previous)
 

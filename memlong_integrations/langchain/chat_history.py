@@ -76,7 +76,8 @@ class MemLongChatMessageHistory(BaseChatMessageHistory):
         if not isinstance(session_id, str) or not session_id:
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}.")
         if not isinstance(memlong, MemLong):  # (anything was accepted; the first message failed, unclearly)
-            raise TypeError(f"MemLongChatMessageHistory needs a memlong.MemLong model, got {type(memlong).__name__}.")
+            raise TypeError(f"MemLongChatMessageHistory needs a memlong.MemLong model, got {type(memlong).__name__}. "
+                            "Load one with MemLong.from_pretrained(...).")
         check_commit(memlong.bank, commit, "MemLongChatMessageHistory")
         self.memlong = memlong
         self.session_id = session_id
