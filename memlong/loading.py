@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "check_architecture", "check_model", "check_positions", "check_rope",
            "check_sliding_window", "check_stored_kv", "describe", "load_pretrained", "memory_fingerprint", "new_bank",
-           "sink_ids", "warn_model"]
+           "sink_ids", "warn_model", "weights_hash"]
 
 # Decoders whose attention is q/k/v/o projections (Qwen2: with biases) + standard RoPE + the transformers attention
 # registry, each tested for exactness on a tiny random-weight model (tests/test_architectures.py). Sliding windows
@@ -300,14 +302,38 @@ def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def memory_fingerprint(ml: MemLong) -> dict[str, Any]:
-    """What ``ml``'s stored K-V depend on; saved with a memory and compared when it is loaded (``model`` only
-    warns). See :meth:`MemLong.save_memory`."""
+    """What ``ml``'s stored K-V depend on; saved with a memory and compared when it is loaded. ``model`` (a path
+    or hub id) only warns, and only for memory saved before ``weights`` (:func:`weights_hash`) existed. See
+    :meth:`MemLong.save_memory`."""
     cfg = ml.model.config
     return {"architecture": cfg.model_type, "num_layers": ml.num_layers, "hidden_size": int(cfg.hidden_size),
             "kv_heads": ml.kv_heads, "head_dim": ml.head_dim, "vocab_size": int(cfg.vocab_size),
             "source_layers": list(ml.config.source_layers), "kv_source": ml.config.kv_source,
             "chunk_size": ml.config.chunk_size, "sink_ids": list(ml.sink_ids),  # every stored K-V attended to it
-            "model": str(getattr(cfg, "name_or_path", "") or "")}
+            **weights_hash(ml), "model": str(getattr(cfg, "name_or_path", "") or "")}
+
+
+# Config values that change stored K-V without changing a weight (RoPE) or with weights that would look alike.
+_KV_CONFIG = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "rms_norm_eps", "hidden_act")
+
+
+def weights_hash(ml: MemLong) -> dict[str, str]:
+    """``{"weights": hash}``: a short sha256 of what the stored K-V are computed from — the token embeddings and
+    every weight of the decoder layers up to the highest source layer (every 16th row of each matrix; a fine-tune
+    or a merged adapter changes them all), plus the RoPE settings. Taken in bfloat16 on the CPU, so the same
+    checkpoint loaded in float32 or bfloat16, on a GPU or not, hashes alike. LoRA factors kept apart (a reader)
+    are left out: stored K-V never read them. ``{}`` for weights that are not materialized (meta tensors)."""
+    cfg, top = ml.model.config, max(ml.config.source_layers)
+    digest = hashlib.sha256(json.dumps([getattr(cfg, k, None) for k in _KV_CONFIG], sort_keys=True,
+                                       default=repr).encode())
+    modules = [ml.decoder.get_input_embeddings(), *ml.decoder.layers[: top + 1]]
+    for name, p in (item for m in modules for item in m.named_parameters()):
+        if p.is_meta:
+            return {}
+        if "lora_" not in name:  # (a LoRALinear's base weight comes in its place, under another name)
+            t = p.detach()[::16] if p.dim() > 1 else p.detach()
+            digest.update(t.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return {"weights": digest.hexdigest()[:16]}
 
 
 def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -358,7 +358,7 @@ class MemLong:
         self.bank.reset(namespace)
 
     def memory_fingerprint(self) -> dict[str, Any]:
-        """What stored K-V depend on: saved with the memory, compared when it is loaded (``model`` only warns)."""
+        """What stored K-V depend on (shapes, config, a weights hash): saved with the memory, checked on load."""
         return loading.memory_fingerprint(self)
 
     def save_memory(self, path: str | Path, *, namespaces: Sequence[str] | None = None) -> Path:

@@ -52,7 +52,7 @@ MAX_INT_BITS = 4096  # metadata integers: about 1,200 digits in JSON
 CHUNK_ID = re.compile(r"^[0-9a-f]{24}\Z")
 # Fingerprint keys recorded for information only: paths differ between machines holding the same model.
 _INFO_KEYS = ("model",)
-_LATER_KEYS = ("sink_ids",)  # fingerprint keys added after banks were saved without them: absent is not compared
+_LATER_KEYS = ("sink_ids", "weights")  # added after banks were saved without them: absent on either side, not compared
 
 
 class MemoryMismatchError(MemoryFileError):
@@ -317,15 +317,16 @@ def check_compatible(path: Path, record: dict[str, Any], embedder: TextEmbedder,
                                   "its K-V cannot be checked. Load it with MemoryBank.load instead.")
     keys = sorted(set(stored) | set(fingerprint), key=lambda k: (k in _INFO_KEYS, k))
     differ = [k for k in keys if k not in _INFO_KEYS and stored.get(k) != fingerprint.get(k)
-              and not (k in _LATER_KEYS and k not in stored)]
+              and not (k in _LATER_KEYS and (k not in stored or k not in fingerprint))]
     if differ:
         raise MemoryMismatchError(
             f"The memory bank at {path} was made by a different model or config: "
             + "; ".join(f"{k}: saved {stored.get(k)!r}, this model {fingerprint.get(k)!r}" for k in differ)
+            + (" (other weights: another checkpoint, an adapter merged or training since)" if "weights" in differ else "")
             + f". Saved: {_describe(stored)}. This model: {_describe(fingerprint)}. Load it with the model and "
             "config that built it, or re-ingest the documents with this one.")
-    for k in _INFO_KEYS:
-        if stored.get(k) != fingerprint.get(k):
+    for k in _INFO_KEYS:  # (the same weights hash: a model moved or renamed is the same model)
+        if stored.get(k) != fingerprint.get(k) and not ("weights" in stored and "weights" in fingerprint):
             warn(f"The memory bank at {path} was saved from model {stored.get(k)!r}, loading into "
                  f"{fingerprint.get(k)!r}; the shapes agree, so this is fine if both are the same weights.")
 

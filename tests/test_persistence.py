@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -344,13 +345,51 @@ def test_memory_made_with_another_sink_is_refused_and_older_memory_still_loads(t
     manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
     record_file = tmp_path / "mem" / manifest["files"][0]["name"]
     record = json.loads(record_file.read_text())
-    del record["fingerprint"]["sink_ids"]  # as saved before the key existed
+    del record["fingerprint"]["sink_ids"], record["fingerprint"]["weights"]  # as saved before the keys existed
     data = json.dumps(record).encode()
     record_file.write_bytes(data)
     manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     (tmp_path / "mem" / "manifest.json").write_text(json.dumps(manifest))
     again, _ = make_tiny(chunk_size=16, local_window=64)
     assert again.load_memory(tmp_path / "mem") == ["n"]
+
+
+def test_memory_from_other_weights_is_refused_and_the_same_weights_moved_load_quietly(tmp_path, make_tiny,
+                                                                                        tokenizer, embedder):
+    """Review (session 24): the fingerprint named the model and its shapes, not its weights. Memory ingested
+    before a fine-tune, or by another checkpoint of the same shape saved under the same name, loaded silently
+    though its K-V no longer matched the model's own; the same weights under another path warned."""
+    from transformers import LlamaForCausalLM
+
+    from memlong import MemLongConfig
+    from memlong.adapter import add_lora
+
+    ml, _ = make_tiny(chunk_size=16, local_window=64)
+    ml.ingest("The iron key is in the blue box. The harbour gate opens at dawn. " * 12, namespace="n", progress=False)
+    ml.save_memory(tmp_path / "mem")
+
+    def twin(change=None):
+        model = LlamaForCausalLM(ml.model.config).eval()
+        model.load_state_dict(ml.model.state_dict())
+        model.config.name_or_path = str(tmp_path / "elsewhere")  # moved, or saved under the same name
+        if change:
+            with torch.no_grad():
+                change(model)
+        return MemLong(model, tokenizer, MemLongConfig(chunk_size=16, local_window=64), embedder=embedder)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert twin(lambda m: m.to(torch.bfloat16)).load_memory(tmp_path / "mem") == ["n"]  # same weights
+        reader = twin(lambda m: [lora.lora_B.fill_(0.5) for lora in add_lora(m, [0, 3], rank=2, alpha=4).values()])
+        assert reader.load_memory(tmp_path / "mem") == ["n"]  # LoRA kept apart: stored K-V never read it
+    for layer in (0, 3):  # the first and the last source layer
+        tuned = twin(lambda m, i=layer: m.model.layers[i].mlp.down_proj.weight.mul_(1.01))
+        with pytest.raises(MemoryMismatchError, match=r"weights: saved '\w+', this model '\w+' \(other weights"):
+            tuned.load_memory(tmp_path / "mem")
+        assert len(tuned.bank) == 0
+    theta = twin(lambda m: setattr(m.config, "rope_parameters", {**m.config.rope_parameters, "rope_theta": 1234.0}))
+    with pytest.raises(MemoryMismatchError, match="weights: saved"):
+        theta.load_memory(tmp_path / "mem")
 
 
 def test_tampered_content_with_valid_checksums_is_refused(tmp_path):
