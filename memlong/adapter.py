@@ -56,7 +56,7 @@ class LoRALinear(nn.Module):
         torch.Size([2, 32])
     """
 
-    def __init__(self, base: nn.Linear, *, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
@@ -66,7 +66,7 @@ class LoRALinear(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
         self.enabled = True
         base.weight.requires_grad_(False)
         if base.bias is not None:
@@ -101,13 +101,19 @@ def _modules(model: nn.Module, layers: Iterable[int], targets: Sequence[str]) ->
 
 
 def add_lora(model: nn.Module, layers: Iterable[int], *, rank: int, alpha: float,
-             targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> dict[str, LoRALinear]:
-    """Wrap the attention projections ``targets`` of ``layers`` in :class:`LoRALinear`; returns them by name."""
-    wrapped = {}
+             targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+             seed: int | None = None) -> dict[str, LoRALinear]:
+    """Wrap the attention projections ``targets`` of ``layers`` in :class:`LoRALinear`; returns them by name.
+    ``seed``: draw the A factors from a generator of their own seeded with it (the values ``torch.manual_seed(seed)``
+    would give) and leave torch's global random state as it was; ``None``: draw from the global state."""
+    wrapped, generators = {}, {}
     for name, module in _modules(model, layers, targets).items():
         if isinstance(module, LoRALinear):
             raise ValueError(f"{name} already carries a LoRA adapter; merge it first (merge_lora).")
-        lora = LoRALinear(module, rank=rank, alpha=alpha)
+        device = module.weight.device
+        if seed is not None and device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed)
+        lora = LoRALinear(module, rank=rank, alpha=alpha, generator=generators.get(device))
         parent, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), attr, lora)
         wrapped[name] = lora

@@ -277,7 +277,6 @@ def train_reader(ml: MemLong, config: ReaderConfig, *, progress: bool = True, co
         raise ValueError(f"The teacher pastes up to {max(config.top_k)} chunks of {cfg.chunk_size} tokens plus the "
                          f"question: local_window must be at least {need}, got {cfg.local_window}. Load the model "
                          f"with local_window={need} or more (memlong train-reader --local-window 2048).")
-    torch.manual_seed(config.seed)
     ns, t0 = "_reader_train", time.perf_counter()
     docs, facts = reader_corpus(config)
     tokens = sum(len(ml.tokenize(d)) for d in docs)
@@ -298,8 +297,8 @@ def train_reader(ml: MemLong, config: ReaderConfig, *, progress: bool = True, co
             "base_model": {"name": str(getattr(ml.model.config, "name_or_path", "")),
                            "fingerprint": fingerprint(ml.model, layers)},
             "reader_config": dataclasses.asdict(config), "command": command}
-    reader = ml.reader = Reader(ml, add_lora(ml.model, layers, rank=config.rank, alpha=config.alpha, targets=targets),
-                                meta)
+    lora = add_lora(ml.model, layers, rank=config.rank, alpha=config.alpha, targets=targets, seed=config.seed)
+    reader = ml.reader = Reader(ml, lora, meta)
     params = [p for m in reader.layers.values() for p in (m.lora_A, m.lora_B)]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     losses: list[float] = []

@@ -69,8 +69,7 @@ def prepare_parameters(ml: MemLong, cfg: TrainConfig, layers: Sequence[int]) -> 
     for p in ml.model.parameters():
         p.requires_grad_(False)
     if cfg.method == "lora":
-        torch.manual_seed(cfg.seed)
-        add_lora(ml.model, layers, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+        add_lora(ml.model, layers, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, seed=cfg.seed)
         params = {n: p for n, p in ml.model.named_parameters() if ".lora_" in n}
     else:
         prefixes = tuple(f"model.layers.{i}." for i in layers)

@@ -1,5 +1,6 @@
 """Partial fine-tuning (memlong.train) and adapters (memlong.adapter) on the tiny random-weight Llama."""
 
+import copy
 import dataclasses
 import json
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from memlong import MemLong
+from memlong.adapter import add_lora
 from memlong.evaluation import shakespeare_text
 from memlong.train import TrainConfig, load_documents, shakespeare_split, train
 
@@ -74,8 +76,10 @@ def test_adapter_round_trip_and_fingerprint(make_tiny, tiny_hf, tokenizer, embed
     tokenizer.save_pretrained(base)
     ml, _ = make_tiny(**TINY)
     text = _text(tokenizer, 3000, 200)
+    rng = torch.get_rng_state()
     train(ml, [text], TrainConfig(output_dir=tmp_path / "adapter", max_steps=2, grad_accum=2, learning_rate=1e-2,
                                   warmup_steps=1, eval_tokens=0, progress=False), command="test")
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random state: training reseeded it
     meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
     assert meta["method"] == "lora" and meta["layers"] == [3] and meta["command"] == "test"
     assert (tmp_path / "adapter" / "adapter.safetensors").stat().st_size < 100_000  # LoRA factors only
@@ -104,6 +108,18 @@ def test_adapter_round_trip_and_fingerprint(make_tiny, tiny_hf, tokenizer, embed
         MemLong.from_pretrained(tmp_path / "other", adapter=tmp_path / "adapter", embedder=embedder, device="cpu")
     with pytest.raises(ValueError, match="No adapter"):
         MemLong.from_pretrained(base, adapter=tmp_path / "missing", embedder=embedder, device="cpu")
+
+
+def test_seeded_lora_draws_what_manual_seed_would_and_leaves_the_global_state_alone(tiny_hf):
+    """Review (session 24): train() and train_reader() called torch.manual_seed(seed), so a caller's random
+    stream restarted at the training seed afterwards. add_lora(seed=) draws from a generator of its own."""
+    torch.manual_seed(7)
+    expected = [m.lora_A.detach().clone() for m in add_lora(copy.deepcopy(tiny_hf), [2, 3], rank=2, alpha=4).values()]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    seeded = add_lora(tiny_hf, [2, 3], rank=2, alpha=4, seed=7).values()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(m.lora_A, e) for m, e in zip(seeded, expected, strict=True)) and len(expected) == 8
 
 
 def test_resume_from_checkpoint(make_tiny, tokenizer, tmp_path):
