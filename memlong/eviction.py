@@ -38,9 +38,10 @@ def eviction_order(chunks: Iterable[Chunk], evict_oldest: float,
     """(oldest share, middle sorted least-retrieved first, newest share) of one namespace's chunks."""
     chunks = sorted(chunks, key=lambda c: c.order)
     n = len(chunks)
-    n_old = int(round(n * evict_oldest))
     # at least the newest chunk when any share is kept: with a capacity of about one chunk, evicting the middle to
-    # half the capacity emptied the namespace (the smallest allowed memory_capacity kept nothing of a 451-token text)
+    # half the capacity emptied the namespace (the smallest allowed memory_capacity kept nothing of a 451-token text);
+    # and a large oldest share of a few chunks (round(4 * 0.9) = 4) is cut short of it, or it took every chunk
+    n_old = min(int(round(n * evict_oldest)), n - int(keep_newest > 0))
     n_new = min(max(int(round(n * keep_newest)), int(keep_newest > 0)), n - n_old)
     middle = sorted(chunks[n_old:n - n_new], key=lambda c: (c.retrievals, c.order))
     return chunks[:n_old], middle, chunks[n - n_new:]

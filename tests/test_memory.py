@@ -304,6 +304,19 @@ def test_one_add_larger_than_capacity_evicts_its_own_oldest_chunks(embedder):
         assert bank.search(chunk.text, namespace="ns", k=1, count=False)[0].chunk_id == cid
 
 
+@pytest.mark.parametrize("evict_oldest, keep_newest", [(0.9, 0.1), (0.5, 0.5), (0.75, 0.05), (0.1, 0.01)])
+def test_eviction_with_a_newest_share_never_empties_the_namespace(embedder, evict_oldest, keep_newest):
+    """Comments-vs-code audit (session 24): with evict_oldest=0.9 an add to a 3-chunk namespace over capacity
+    rounded the oldest share of 4 chunks up to all 4, and the namespace ended empty, the chunk just written
+    included, though eviction.py promises the newest chunk whenever keep_newest > 0."""
+    for existing in range(1, 12):
+        bank = MemoryBank(embedder=embedder, capacity=4 * existing, evict_oldest=evict_oldest, keep_newest=keep_newest)
+        add(bank, [f"old chunk {i}" for i in range(existing)])
+        with pytest.warns(MemoryEvictionWarning):
+            new = add(bank, ["the newest chunk"])
+        assert bank.chunk_ids("ns")[-1:] == new, (existing, bank.chunk_ids("ns"))
+
+
 def test_doc_chunk_ids_groups_a_namespace_by_document_in_order(bank):
     a = add(bank, ["alpha one", "alpha two"], doc_id="a")
     b = add(bank, ["beta one"], doc_id="b")
