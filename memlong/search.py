@@ -194,10 +194,10 @@ class Lexical:
             scores[slots] += idf * counts * (self.K1 + 1.0) / (counts + norm[slots])
         for cid in skip.intersection(self.slot_of):
             scores[self.slot_of[cid]] = 0.0
-        hits = np.flatnonzero(scores)
-        if len(hits) > want:
-            hits = hits[np.argpartition(-scores[hits], want - 1)[:want]]
-        hits = hits[np.argsort(-scores[hits], kind="stable")]
+        hits = np.flatnonzero(scores)  # (slots ascending: insertion order)
+        if len(hits) > want:  # every hit as good as the want-th, so that ties at the cut go by slot, not at random
+            hits = hits[scores[hits] >= -np.partition(-scores[hits], want - 1)[want - 1]]
+        hits = hits[np.argsort(-scores[hits], kind="stable")][:want]
         return [(self.id_of[i], float(scores[i])) for i in hits]
 
 
@@ -287,13 +287,27 @@ class NamespaceIndex:
             self.index.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(dead).astype(np.int64)))
 
     def dense(self, vector: np.ndarray, want: int) -> list[tuple[str, float]]:
-        """The ``want`` chunks with the largest inner product with ``vector`` ``(1, dim)``, best first."""
+        """The ``want`` chunks with the largest inner product with ``vector`` ``(1, dim)``, best first; equal scores
+        in insertion order, also across the cut (faiss returns ties in any order: the search goes on past a tie
+        there, doubling, until the score after the want-th differs)."""
+        total = self.ntotal
+        fetch = min(want + 1, total)
+        while True:
+            found = self._dense(vector, fetch)
+            if len(found) <= want or len(found) < fetch or found[-1][2] != found[want - 1][2] or fetch == total:
+                break
+            fetch = min(2 * fetch, total)
+        found.sort(key=lambda hit: (-hit[2], hit[0]))
+        return [(cid, score) for _, cid, score in found[:want]]
+
+    def _dense(self, vector: np.ndarray, want: int) -> list[tuple[int, str, float]]:
+        """``(row or slot, id, score)`` of faiss's ``want`` best (rows and slots grow with insertion order)."""
         if self.ann is not None:
             scores, slots = self.ann.search(vector, want)
-            return [(self.id_at[s], float(sc)) for sc, s in zip(scores[0], slots[0]) if s >= 0]
+            return [(int(s), self.id_at[s], float(sc)) for sc, s in zip(scores[0], slots[0]) if s >= 0]
         assert self.index is not None
         scores, rows = self.index.search(vector, want)
-        return [(self.ids[r], float(sc)) for sc, r in zip(scores[0], rows[0]) if r >= 0]
+        return [(int(r), self.ids[r], float(sc)) for sc, r in zip(scores[0], rows[0]) if r >= 0]
 
     @property
     def ntotal(self) -> int:

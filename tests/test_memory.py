@@ -317,6 +317,28 @@ def test_eviction_with_a_newest_share_never_empties_the_namespace(embedder, evic
         assert bank.chunk_ids("ns")[-1:] == new, (existing, bank.chunk_ids("ns"))
 
 
+@pytest.mark.parametrize("copies", [3, 50, 1000])
+@pytest.mark.parametrize("mode", ["dense", "lexical", "hybrid"])
+def test_equal_scores_rank_in_insertion_order_also_across_the_cut(copies, mode):
+    """Comments-vs-code audit (session 24): search.py promises ties broken by insertion order. Dense search
+    passed faiss's order through (tied copies came newest first) and the BM25 cut kept arbitrary tied hits
+    (1000 copies of one text: the 985th to 989th). Re-ingested or duplicated text now returns its first copies,
+    with an exact and an approximate (IVF) index alike."""
+    from test_persistence import HashEmbedder
+
+    for ann in (None, 1000):
+        bank = MemoryBank(embedder=HashEmbedder(), capacity=10**6, ann_min_chunks=ann, search_mode=mode)
+        others = add(bank, [f"unrelated text number {i}" for i in range(20)])
+        ids = add(bank, ["the iron key"] * copies)
+        hits = bank.search("the iron key", namespace="ns", k=5, count=False)
+        assert [h.chunk_id for h in hits][:min(5, copies)] == ids[:5], (ann, [ids.index(h.chunk_id) if h.chunk_id
+                                                                          in ids else others.index(h.chunk_id)
+                                                                          for h in hits])
+        bank.delete(ids[:2], namespace="ns")  # and still after removals (rows compacted, slots renumbered)
+        hits = bank.search("the iron key", namespace="ns", k=2, count=False)
+        assert [h.chunk_id for h in hits][:min(2, copies - 2)] == ids[2:4]
+
+
 def test_doc_chunk_ids_groups_a_namespace_by_document_in_order(bank):
     a = add(bank, ["alpha one", "alpha two"], doc_id="a")
     b = add(bank, ["beta one"], doc_id="b")
