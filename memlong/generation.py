@@ -167,7 +167,7 @@ def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tokens: int, temperature: float,
+def _decode_loop(ml: MemLong, ids: list[int], ctx: Any, pos: int, max_new_tokens: int, temperature: float,
                  seed: int | None, stop: Sequence[str], stats: GenerationStats, t0: float, ready: float) -> Iterator[str]:
     t0 += time.perf_counter() - ready  # the caller's wait before the first ``next`` is not the generation's time
     eos = ml.eos_ids
@@ -176,11 +176,6 @@ def _decode_loop(ml: MemLong, ids: list[int], memory: Memory | None, max_new_tok
     try:
         # Grad mode is thread-global: no `with torch.no_grad()` may stay open across a `yield`, or the caller runs with
         # gradients off between pieces (and for good, if the generator is abandoned). Each model call gets its own.
-        with torch.no_grad():
-            ctx, pos = ml.context(memory, grow=True)
-        if pos + len(ids) + max_new_tokens > ml.max_positions:
-            raise ValueError(f"Prompt + memory + max_new_tokens need {pos + len(ids) + max_new_tokens} positions; "
-                             f"the model has {ml.max_positions}. Lower max_new_tokens or top_k.")
         mode = ml.config.decode_mode
         static = start_static(ml, ctx, len(ids) + max_new_tokens) if mode != "dynamic" else None
         with torch.no_grad():
@@ -255,7 +250,13 @@ def decode(ml: MemLong, ids: Sequence[int], memory: Memory | None = None, *, max
     stats = stats if stats is not None else GenerationStats(prompt_tokens=len(ids), memory_tokens=0 if memory is None
                                                             else int(memory[0].shape[2]))
     t0 = time.perf_counter() if t0 is None else t0
-    loop = _decode_loop(ml, list(ids), memory, max_new_tokens, temperature, seed, stop, stats, t0, time.perf_counter())
+    with torch.no_grad():  # (now: a stream that cannot fit failed at its first next, after the call had returned)
+        ctx, pos = ml.context(memory, grow=True)
+    if pos + len(ids) + max_new_tokens > ml.max_positions:
+        raise ValueError(f"Prompt + memory + max_new_tokens need {pos + len(ids) + max_new_tokens} positions; "
+                         f"the model has {ml.max_positions}. Lower max_new_tokens or top_k.")
+    loop = _decode_loop(ml, list(ids), ctx, pos, max_new_tokens, temperature, seed, stop, stats, t0,
+                        time.perf_counter())
     return Generation(loop, stats)
 
 

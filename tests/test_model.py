@@ -194,6 +194,23 @@ def test_generate_uses_explicit_chunks_and_streams(make_tiny):
     assert len(ml.last_generation.chunk_ids) == 2  # automatic retrieval with the prompt as query
 
 
+def test_a_stream_that_cannot_fit_the_models_positions_fails_when_called(make_tiny):
+    """Comments-vs-code audit (session 24): Generation promises that everything that can fail on the input has
+    failed before it exists, but the position check ran at the first next(): a streaming server had already sent
+    its headers. generate(stream=True) now raises itself, as decode() does."""
+    ml, _ = make_tiny(top_k=2)
+    stats = ml.ingest(TEXT, namespace="doc", progress=False)
+    for stream in (True, False):
+        with pytest.raises(ValueError, match=r"need \d+ positions; the model has \d+"):
+            ml.generate("Hello there", max_new_tokens=ml.max_positions, stream=stream, retrieve=False)
+        with pytest.raises(ValueError, match="Lower max_new_tokens or top_k"):
+            ml.generate("Hello there", namespace="doc", chunk_ids=stats.chunk_ids[:2], stream=stream,
+                        max_new_tokens=ml.max_positions - 2 * 128)
+    with pytest.raises(ValueError, match="positions"):
+        ml.decode(ml.tokenize("Hello there")[1:], max_new_tokens=ml.max_positions)
+    assert ml.generate("Hello there", namespace="doc", chunk_ids=stats.chunk_ids[:2], max_new_tokens=3) is not None
+
+
 def test_bad_input_is_refused_without_losing_memory(make_tiny):
     ml, _ = make_tiny(local_window=256, ingest_step=128)
     stats = ml.ingest(TEXT, namespace="doc", progress=False)
