@@ -654,6 +654,19 @@ def test_vector_store_mmr_matches_in_memory_store(tiny):
     assert [d.id for d in retriever.invoke(query)] == want
 
 
+def test_mmr_counts_the_retrieval_of_each_chosen_entrys_best_chunk(tiny):
+    """Comments-vs-code audit (session 24): the store promises that a search bumps each returned entry's best
+    chunk (eviction reads the counters), but MMR bumped the entry's first chunk whatever matched."""
+    store = MemLongVectorStore(tiny, namespace="vs")
+    store.add_texts([TEXT], ids=["long"])
+    owned = tiny.bank.chunk_ids("vs")
+    best = tiny.bank.search(QUESTION, namespace="vs", k=1, count=False, mode="dense")[0].chunk_id
+    assert len(owned) > 2 and best != owned[0]  # the saffron sentence lies past the first chunk
+    assert [d.id for d in store.max_marginal_relevance_search(QUESTION, k=1, fetch_k=4)] == ["long"]
+    assert {c: tiny.bank.get(c, namespace="vs").retrievals for c in owned if tiny.bank.get(c, namespace="vs")
+            .retrievals} == {best: 1}
+
+
 def test_unsupported_features_say_what_to_use_instead(tiny):
     """Finding 6: ``NotImplementedError`` with a message naming the alternative, not a bare one."""
     from pydantic import BaseModel

@@ -256,7 +256,7 @@ class MemLongVectorStore(VectorStore):
         ``bank.reading()`` and must not change the bank). Other keywords are refused (a misspelt ``filters=``
         was ignored, silently)."""
         _no_other(kwargs, "similarity_search")
-        return self._search(_query_text(query), k, filter)
+        return [(doc, score) for doc, score, _ in self._search(_query_text(query), k, filter)]
 
     def similarity_search(self, query: str, k: int = 4, filter: MetadataFilter | None = None,  # noqa: A002
                           **kwargs: Any) -> list[Document]:
@@ -265,7 +265,7 @@ class MemLongVectorStore(VectorStore):
     def similarity_search_by_vector(self, embedding: list[float], k: int = 4,
                                     filter: MetadataFilter | None = None, **kwargs: Any) -> list[Document]:  # noqa: A002
         _no_other(kwargs, "similarity_search_by_vector")
-        return [doc for doc, _ in self._search(embedding, k, filter)]
+        return [doc for doc, _, _ in self._search(embedding, k, filter)]
 
     def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
                                       filter: MetadataFilter | None = None, **kwargs: Any) -> list[Document]:  # noqa: A002
@@ -283,14 +283,11 @@ class MemLongVectorStore(VectorStore):
         hits = self._search(embedding, max(fetch_k, k), filter, count=False)
         if not hits or k <= 0:
             return []
-        vectors = self._embed([doc.page_content for doc, _ in hits])
+        vectors = self._embed([doc.page_content for doc, _, _ in hits])
         chosen = maximal_marginal_relevance(np.asarray(embedding, dtype=np.float32), list(vectors), k=k,
                                             lambda_mult=lambda_mult)
-        docs = [hits[i][0] for i in chosen]
-        entries = self._entries([doc.id for doc in docs])
-        self.bank.mark_retrieved([cid for doc in docs for cid in entries.get(doc.id, [])[:1]],
-                                 namespace=self.namespace)
-        return docs
+        self.bank.mark_retrieved([hits[i][2] for i in chosen], namespace=self.namespace)  # each one's best chunk
+        return [hits[i][0] for i in chosen]
 
     def _embed(self, texts: str | list[str]) -> Any:
         """The bank embedder's vectors (one for a string, a matrix for a list)."""
@@ -298,13 +295,14 @@ class MemLongVectorStore(VectorStore):
         return vectors[0] if isinstance(texts, str) else vectors
 
     def _search(self, query: Any, k: int, filter: MetadataFilter | None = None,  # noqa: A002
-                *, count: bool = True) -> list[tuple[Document, float]]:
+                *, count: bool = True) -> list[tuple[Document, float, str]]:
+        """``(entry, score, best chunk id)`` of the ``k`` best entries, best first (:meth:`_search_held`)."""
         query = query_vector(self.bank.embedder, query)  # once, before the bank is held (not on each widening pass)
         with self.bank.reading():  # the entries, the hits and their documents of one state (writers wait)
             return self._search_held(query, k, filter, count)
 
     def _search_held(self, query: Any, k: int, filter: MetadataFilter | None,  # noqa: A002
-                     count: bool) -> list[tuple[Document, float]]:
+                     count: bool) -> list[tuple[Document, float, str]]:
         k = check_count(k, "k")
         keep = _filter_fn(filter)
         total = self.bank.num_chunks(self.namespace)
@@ -332,7 +330,7 @@ class MemLongVectorStore(VectorStore):
         chosen = list(best.items())[:k]
         if count:
             self.bank.mark_retrieved([cid for _, (cid, _) in chosen], namespace=self.namespace)
-        return [(self._document(entry, entries[entry]), score) for entry, (cid, score) in chosen]
+        return [(self._document(entry, entries[entry]), score, cid) for entry, (cid, score) in chosen]
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
         return lambda similarity: (1.0 + similarity) / 2.0  # cosine in [-1, 1] -> relevance in [0, 1]
