@@ -118,8 +118,8 @@ class BankWrites:
         rest = [c for c in [*kept, *new] if c.id not in cap]
         if sum(c.n_tokens for c in rest) > self.capacity:
             raise ValueError(f"The {sum(c.n_tokens for c in new)} tokens written to namespace {namespace!r} in one "
-                             f"replace do not fit its capacity of {self.capacity} tokens; nothing was changed. Write "
-                             "fewer or smaller chunks, or raise the capacity.")
+                             f"atomic write (replace= or atomic=True) do not fit its capacity of {self.capacity} "
+                             "tokens; nothing was changed. Write fewer or smaller chunks, or raise the capacity.")
         if self.max_bytes is None or is_staging(namespace):  # a staging space is checked by the add that empties it
             return cap, set()
         others = sum(s.nbytes for n, s in self._visible().items() if n != namespace)

@@ -13,13 +13,11 @@ Contract:
     * Namespaces are hard boundaries: each has its own faiss inner-product index, its own capacity
       and its own eviction; every call that takes chunk ids also takes the caller's namespace and
       refuses ids that live elsewhere (with the same message as for ids that never existed). Errors name
-      only the caller's namespace, and a namespace that does not exist behaves as an empty one.
-    * Row ``i`` of a namespace's faiss index is always chunk ``ids[i]``: every removal rebuilds the
-      index from the kept embeddings, so K-V, texts and index cannot drift apart.
-    * Eviction (:mod:`memlong.eviction`, when a namespace exceeds ``capacity`` tokens): drop the oldest
-      ``evict_oldest`` share, keep the newest ``keep_newest`` share, and between them evict the least-retrieved
-      chunks (oldest first on ties) until at most half the capacity is used; a namespace never stays above
-      ``capacity``.
+      only the caller's namespace; a namespace that does not exist behaves as an empty one, and one emptied is gone.
+    * Row ``i`` (slot) of a namespace's faiss index is always chunk ``ids[i]`` (:class:`memlong.search.NamespaceIndex`).
+    * Eviction (:mod:`memlong.eviction`, when a namespace exceeds ``capacity`` tokens): drop the oldest ``evict_oldest``
+      share, keep the newest ``keep_newest`` share, and between them evict the least-retrieved chunks (oldest first
+      on ties) until at most half the capacity is used; a namespace never stays above ``capacity``.
     * Bytes (``max_bytes``, optional): K-V, embeddings, texts and metadata of the whole bank. An add that
       overflows it evicts in the namespace being written (same order as above) until the bank fits; an add
       that cannot fit even then (other namespaces hold the bytes, or the add alone is larger than ``max_bytes``)
@@ -241,6 +239,8 @@ class MemoryBank(BankWrites, BankViews, BankFiles):
                 space.nbytes += sizes[c.id]
             space.add([c.id for c in kept], vectors[stored], [c.text for c in kept], [c.doc_id for c in kept])
             self._store.put(kept)
+            if not space.ids:  # emptied by its replace (or an add of nothing): gone, as after delete
+                del self._spaces[namespace]
             return [c.id for c in new]
 
     def delete(self, chunk_ids: Iterable[str] = (), *, namespace: str = "default", doc_id: str | None = None) -> int:

@@ -92,6 +92,24 @@ class BankMachine(RuleBasedStateMachine):
                 i = ids.index(cid)
                 assert stored.text == texts[i] and stored.span == spans[i] and torch.equal(stored.keys, kv[i])
 
+    @rule(ns=st.sampled_from(NAMESPACES), data=st.data(), chunks=st.lists(chunk, max_size=3))
+    def upsert(self, ns, data, chunks):
+        """An adapter's upsert: some (or all) of a namespace's chunks swapped for 0-3 new ones in one step."""
+        self.step += 1
+        held = self.bank.chunk_ids(ns)
+        old = data.draw(st.lists(st.sampled_from(held), unique=True)) if held else []
+        texts = [f"{text} #{self.step}-{i}" for i, (_, _, text) in enumerate(chunks)]
+        kv = [torch.randn(LAYERS, HEADS, n, DIM) for n, _, _ in chunks]
+        before = snapshot(self.bank)
+        try:
+            ids = self.bank.add_chunks(texts, keys=kv, values=[k * 2 for k in kv], namespace=ns, replace=old,
+                                       metadata=[m for _, m, _ in chunks], atomic=True)
+        except (MemoryFullError, ValueError):
+            assert same(before, snapshot(self.bank))  # refused whole
+            return
+        now = self.bank.chunk_ids(ns)  # what is left (eviction may take older chunks) in order, then every new one
+        assert now == [c for c in held if c not in old and c in now] + ids
+
     @rule(ns=st.sampled_from(NAMESPACES), bad=st.sampled_from(["span", "nan", "doc", "surrogate", "meta"]))
     def add_bad(self, ns, bad):
         before = snapshot(self.bank)
@@ -118,8 +136,11 @@ class BankMachine(RuleBasedStateMachine):
     def search(self, data, query, mode):
         held = [n for n in NAMESPACES if self.bank.chunk_ids(n)]  # mostly a namespace with chunks: counters change
         ns = data.draw(st.sampled_from(held if held and data.draw(st.integers(0, 3)) else NAMESPACES))
-        hits = self.bank.search(query or "x", namespace=ns, k=3, mode=mode)
-        assert {h.chunk_id for h in hits} <= set(self.bank.chunk_ids(ns))
+        order = {c: i for i, c in enumerate(self.bank.chunk_ids(ns))}
+        hits = self.bank.search(query if query.strip() else "x", namespace=ns, k=3, mode=mode)  # (blank: refused)
+        assert {h.chunk_id for h in hits} <= set(order)
+        for a, b in zip(hits, hits[1:]):  # best first; equal scores in insertion order
+            assert a.score > b.score or (a.score == b.score and order[a.chunk_id] < order[b.chunk_id])
 
     @rule(ns=st.one_of(st.none(), st.sampled_from(NAMESPACES)))
     def reset(self, ns):
@@ -165,6 +186,7 @@ class BankMachine(RuleBasedStateMachine):
         for ns in bank.namespaces():
             space = bank._spaces[ns]
             ids = bank.chunk_ids(ns)
+            assert ids  # a namespace emptied (delete, eviction, an upsert's replace) is gone
             assert sorted(ids) == sorted(space.ids) and len(set(ids)) == len(ids)
             assert space.index.ntotal == len(space.ids) == space.embeddings.shape[0]
             if space.ids:  # the dense index's rows are the embeddings, in ids order (removals compact both)
