@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-__all__ = ["ICL_DEFAULTS", "MEMORY_DTYPES", "PACKAGED_ADAPTERS", "RETRIEVALS", "SEARCH_MODES", "STORAGES",
+__all__ = ["ASK_LAYOUTS", "ICL_DEFAULTS", "MEMORY_DTYPES", "PACKAGED_ADAPTERS", "RETRIEVALS", "SEARCH_MODES", "STORAGES",
            "MemoryDtype", "SearchMode"]
 
 SearchMode = Literal["dense", "lexical", "hybrid"]
@@ -25,6 +25,8 @@ STORAGES = ("demo", "aligned", "stream")
 RETRIEVALS = ("similar", "balanced")
 # The memory setting icl_eval uses unless told otherwise (chosen by benchmarks/icl.py, docs/icl.md).
 ICL_DEFAULTS: dict[str, Any] = {"storage": "demo", "retrieval": "similar", "memory_k": 24}
+# How `memlong ask` puts a question (memlong.ask.prompt_for); the first is the default (benchmarks/ask_layouts.py).
+ASK_LAYOUTS = ("role", "chat", "plain")
 # Adapters shipped inside the package (``adapter="<name>"``); only adapters that measured better than the
 # training-free mode ship (README, "Fine-tuning the upper layers").
 PACKAGED_ADAPTERS: dict[str, str] = {"shakespeare": "smollm2-135m-shakespeare"}

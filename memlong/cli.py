@@ -1,6 +1,7 @@
 """The ``memlong`` command line.
 
     memlong demo                                   # the main job on the embedded default model
+    memlong ask --file book.txt --memory book.memory "Who keeps the abbey bell?"   # your file, kept in memory
     memlong eval passkey --lengths 4096,16384,32768 --trials 10 --json passkey.json
     memlong eval ppl --file book.txt --score-last 2048 --json ppl.json
     memlong eval icl --task sentiment --seeds 0,1,2 --json icl.json
@@ -41,6 +42,7 @@ COMMAND_DEFAULTS = {
     # with 8, seven chunks of verse around the one with the fact distract the 135M model; re-encoding each retrieved
     # chunk's first 32 tokens (EPIC) made the full-Hamlet demo answer at top-k 4 and 8 (docs/rag-fidelity.md)
     "demo": {"top_k": 4, "kv_reencode_head": 32},
+    "ask": {"top_k": 4, "kv_reencode_head": 32, "memory_capacity": 1 << 20},  # as demo; a book is never evicted
     "train": {"kv_source": "memory_layer", "position_layout": "zero"},  # the paper's trained mode
     "train-reader": {"local_window": 2048},  # its teacher pastes top_k=8 chunks of 128 tokens and the question
 }
@@ -87,11 +89,11 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
-def _model(args: argparse.Namespace, dtype: str | None = None):
+def _model(args: argparse.Namespace, dtype: str | None = None, **options: Any):
     from memlong import MemLong
 
     return MemLong.from_pretrained(args.model, device=args.device, adapter=getattr(args, "adapter", None),
-                                   dtype=dtype, **_config(args))
+                                   dtype=dtype, **_config(args), **options)
 
 
 def _table(records: list[dict[str, Any]], columns: list[str]) -> str:
@@ -130,6 +132,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for key, value in summary.items():
         print(f"  {key:26s} {value}")
     _write_json(args.json, [summary])
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from memlong.ask import run_ask
+
+    ml = _model(args, memory_path=args.memory)
+    records = run_ask(ml, args.file_texts, args.questions, namespace=args.namespace,
+                      max_new_tokens=args.max_new_tokens, layout=args.layout, progress=not args.no_progress)
+    _write_json(args.json, records)
     return 0
 
 
@@ -258,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     # action, i.e. every command's default)
     demo.set_defaults(func=cmd_demo, config_defaults="demo")
 
+    cli_args.add_ask_command(sub, common, cmd_ask)
     _add_eval_commands(sub, common)
     base = _common_options(argparse.SUPPRESS)  # train from the base model: --adapter is refused, so not offered
     cli_args.add_train_command(sub, base, cmd_train)
@@ -360,6 +373,8 @@ def _validate(args: argparse.Namespace) -> None:
                          f"train-reader, or a packaged adapter ({', '.join(sorted(PACKAGED_ADAPTERS))}).")
     if args.json and args.json != "-":
         writable(args.json, "--json")
+    if args.command == "ask":
+        cli_args.check_ask_args(args)
     if getattr(args, "filler", None):
         args.filler_text = readable_file(args.filler, "--filler")
         if not args.filler_text.strip():
@@ -389,17 +404,7 @@ def _validate(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise ValueError(f"--save-memory: {exc}") from None
     if args.command in ("train", "train-reader"):
-        if args.adapter:
-            raise ValueError(f"memlong {args.command} starts from the base model; drop --adapter (an adapter trained on top "
-                             "of another would not load on the base model).")
-        writable(args.output, "--output", folder=True)
-        from memlong.adapter import check_output_dir
-        check_output_dir(args.output, "reader" if args.command == "train-reader" else args.method)
-        for flag in ("data", "eval_data"):
-            for path in getattr(args, flag, None) or []:
-                if not Path(path).exists():
-                    raise ValueError(f"--{flag.replace('_', '-')} path {path!r} does not exist; pass text files or "
-                                     "folders of them.")
+        cli_args.check_train_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,10 @@ import re
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["MODES", "PATH_FLAGS", "Parser", "add_train_command", "add_train_reader_command", "config_field_help",
+from memlong.choices import ASK_LAYOUTS
+
+__all__ = ["MODES", "PATH_FLAGS", "Parser", "add_ask_command", "add_train_command", "add_train_reader_command",
+           "check_ask_args", "check_train_args", "config_field_help",
            "expand_user", "int_at_least", "int_list", "layers", "modes_list", "one_line", "positive_float", "readable_file",
            "share", "writable"]
 
@@ -84,7 +87,8 @@ def layers(text: str) -> str | tuple[int, ...]:
     return text if text in ("all", "upper") else tuple(int_list(0)(text))
 
 
-PATH_FLAGS = ("json", "save_memory", "load_memory", "output", "file", "filler", "adapter", "model", "data", "eval_data")
+PATH_FLAGS = ("json", "files", "memory", "save_memory", "load_memory", "output", "file", "filler", "adapter", "model",
+              "data", "eval_data")
 
 
 def expand_user(args: argparse.Namespace) -> argparse.Namespace:
@@ -185,6 +189,74 @@ def add_train_reader_command(sub: Any, common: argparse.ArgumentParser, func: An
     tr.add_argument("--lr", type=positive_float, default=3e-4, help="learning rate (default 3e-4)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the planted facts and their order (default 0)")
     tr.set_defaults(func=func, config_defaults="train-reader")
+
+
+def add_ask_command(sub: Any, common: argparse.ArgumentParser, func: Any) -> None:
+    """``memlong ask``: text files into memory (optionally a disk bank kept between runs), questions answered."""
+    ask = sub.add_parser("ask", parents=[common], help="ingest your text files and answer questions from memory",
+                         description="Ingest text files (one document each) into memory, then answer each question "
+                                     "from the retrieved chunks' K-V, streaming the answer and listing its sources. "
+                                     "With --memory DIR the memory is a disk bank kept in DIR: a later run reopens "
+                                     "it, skips files already in it unchanged (sha256), replaces changed ones, and "
+                                     "may give no --file at all. Records {question, answer, sources, prompt_tokens, "
+                                     "memory_tokens_attended, time_to_first_token_s, generate_s, files, "
+                                     "memory_chunks} (sources: {file, chunk_id, span, text}, best first).")
+    ask.add_argument("questions", nargs="+", metavar="QUESTION", help="questions, each answered on its own")
+    ask.add_argument("--file", dest="files", action="append", default=[], metavar="PATH",
+                     help="a UTF-8 text file to ingest (repeat for several)")
+    ask.add_argument("--memory", metavar="DIR", default=None,
+                     help="disk bank folder: created, or reopened with what earlier runs put in it")
+    ask.add_argument("--namespace", default="default", help="memory namespace to write and read (default default)")
+    ask.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="answer length budget (default 64)")
+    ask.add_argument("--layout", choices=ASK_LAYOUTS, default=ASK_LAYOUTS[0],
+                     help="how the question is put: role (User:/Assistant: lines; best on the default model), chat "
+                          "(the tokenizer's chat template; try it with larger instruct models), plain "
+                          "(Question:/Answer:) (default role)")
+    ask.set_defaults(func=func, config_defaults="ask")
+
+
+def check_train_args(args: argparse.Namespace) -> None:
+    """``memlong train`` / ``train-reader``'s inputs, before a model loads: no adapter, a writable new output folder,
+    data paths that exist."""
+    if args.adapter:
+        raise ValueError(f"memlong {args.command} starts from the base model; drop --adapter (an adapter trained on top "
+                         "of another would not load on the base model).")
+    writable(args.output, "--output", folder=True)
+    from memlong.adapter import check_output_dir
+    check_output_dir(args.output, "reader" if args.command == "train-reader" else args.method)
+    for flag in ("data", "eval_data"):
+        for path in getattr(args, flag, None) or []:
+            if not Path(path).exists():
+                raise ValueError(f"--{flag.replace('_', '-')} path {path!r} does not exist; pass text files or "
+                                 "folders of them.")
+
+
+def check_ask_args(args: argparse.Namespace) -> None:
+    """``memlong ask``'s inputs, before a model loads: the files' texts into ``args.file_texts``; ``--memory`` a new
+    or empty folder or a disk bank; something to answer from."""
+    from memlong.storage import foreign_files, is_disk_bank
+
+    args.file_texts = {}
+    for path in args.files:
+        text = args.file_texts[path] = readable_file(path, "--file")
+        if not text.strip():
+            raise ValueError(f"--file {path!r} is empty; give a text file with some text in it.")
+    if not any(q.strip() for q in args.questions) or not all(q.strip() for q in args.questions):
+        raise ValueError("a QUESTION is blank; give each question as text (quote it in the shell).")
+    bank = args.memory and Path(args.memory)
+    if bank and bank.exists():
+        writable(args.memory, "--memory", folder=True)
+        if foreign_files(bank):
+            raise ValueError(f"--memory {args.memory!r} is a folder with other files in it; give a new or empty "
+                             "folder, or one an earlier memlong ask --memory wrote.")
+        if (bank / "manifest.json").exists() and not is_disk_bank(bank):
+            raise ValueError(f"--memory {args.memory!r} holds a memory saved with save_memory / --save-memory, not a "
+                             "disk bank; give a new folder (a saved memory is loaded with MemLong.load_memory).")
+    elif bank:
+        writable(args.memory, "--memory", folder=True)
+    if not args.files and not (bank and (bank / "manifest.json").exists()):
+        raise ValueError("nothing to answer from: give --file PATH (a text file), or --memory DIR holding what an "
+                         "earlier run ingested.")
 
 
 def config_field_help() -> dict[str, str]:

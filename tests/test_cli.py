@@ -70,12 +70,27 @@ def assert_one_line_error(code, err, *needles):
     (["eval", "icl", "--data", "MISSING"], ["does not exist"]),  # said "has extension '(none)'"
     (["eval", "ppl", "--file", "EMPTY"], ["--file", "empty"]),  # was refused after the model loaded
     (["demo", "--retrieve-next", "10"], ["--retrieve-next", "maximum 4"]),  # likewise
+    (["ask", "Who?"], ["nothing to answer from", "--file"]),
+    (["ask", "--memory", "MISSING", "Who?"], ["nothing to answer from", "--memory"]),
+    (["ask", "--file", "MISSING", "Who?"], ["--file", "missing"]),
+    (["ask", "--file", "EMPTY", "Who?"], ["--file", "empty"]),
+    (["ask", "--file", "DISK/manifest.json", " "], ["QUESTION is blank"]),
+    (["ask", "--memory", "EMPTY", "Who?"], ["--memory", "is a file"]),
+    (["ask", "--memory", "DIR", "Who?"], ["--memory", "other files"]),
+    (["ask", "--memory", "SAVED", "Who?"], ["--memory", "saved with save_memory", "not a disk bank"]),
+    (["ask", "--file", "DISK/manifest.json", "--layout", "poem", "Who?"], ["--layout", "invalid choice"]),
 ])
 def test_bad_inputs_fail_in_one_line_before_any_model_loads(argv, needles, tmp_path, capsys, no_model):
     (tmp_path / "empty.txt").write_text("   \n")
     paths = {"MISSING": str(tmp_path / "missing"), "DIR": str(tmp_path), "EMPTY": str(tmp_path / "empty.txt"),
-             "DISK": str(tmp_path / "disk")}
-    if "DISK" in argv:
+             "DISK": str(tmp_path / "disk"), "SAVED": str(tmp_path / "saved")}
+    if "SAVED" in argv:
+        from test_persistence import HashEmbedder, fill
+
+        from memlong import MemoryBank
+        fill(bank := MemoryBank(embedder=HashEmbedder()), "ns", 2)
+        bank.save(tmp_path / "saved")
+    if any(a.startswith("DISK") for a in argv):
         from test_persistence import HashEmbedder, fill
 
         from memlong import MemoryBank
@@ -225,11 +240,13 @@ def test_config_flags_come_from_memlong_config():
 
 # ------------------------------------------------------------------ fuzz: every command, bounded
 COMMANDS = {"demo": ["demo"], "passkey": ["eval", "passkey"], "ppl": ["eval", "ppl"], "icl": ["eval", "icl"],
-            "train": ["train", "--output", "OUT"], "train-reader": ["train-reader", "--output", "OUT"]}
+            "train": ["train", "--output", "OUT"], "train-reader": ["train-reader", "--output", "OUT"],
+            "ask": ["ask", "--file", "BOOK", "Who?"]}
 ZERO_OK = {"--top-k", "--ingest-top-k", "--shots", "--memory-demos", "--memory-k", "--eval-tokens", "--held-out-docs",
            "--warmup-steps", "--retrieve-next", "--kv-reencode-head"}
 INT_FLAGS = ["--top-k", "--retrieve-next", "--ingest-top-k", "--local-window", "--memory-capacity", "--kv-reencode-head"]
-PER_COMMAND_INTS = {"demo": ["--max-new-tokens"], "passkey": ["--trials"], "ppl": ["--score-last"],
+PER_COMMAND_INTS = {"demo": ["--max-new-tokens"], "ask": ["--max-new-tokens"], "passkey": ["--trials"],
+                    "ppl": ["--score-last"],
                     "icl": ["--n-test", "--shots", "--memory-demos", "--memory-k"],
                     "train": ["--lora-rank", "--grad-accum", "--max-steps", "--epochs", "--save-every",
                               "--eval-tokens", "--held-out-docs", "--warmup-steps", "--max-document-tokens"],
@@ -237,12 +254,14 @@ PER_COMMAND_INTS = {"demo": ["--max-new-tokens"], "passkey": ["--trials"], "ppl"
 PATH_FLAGS = {"demo": ["--load-memory", "--json", "--adapter", "--model"],
               "passkey": ["--filler", "--json", "--adapter"], "ppl": ["--file", "--json", "--model"],
               "icl": ["--json", "--adapter", "--data"], "train": ["--data", "--eval-data", "--json", "--model"],
-              "train-reader": ["--json", "--model", "--adapter"]}
+              "train-reader": ["--json", "--model", "--adapter"],
+              "ask": ["--file", "--memory", "--json", "--model", "--adapter"]}
 BAD_PATHS = {  # per flag: values that flag must refuse
     "--load-memory": ["MISSING", "EMPTY", "/dev/null"], "--adapter": ["MISSING", "EMPTY", "/dev/null"],
     "--model": ["EMPTY", "/dev/null", "MISSING/child"], "--filler": ["MISSING", "DIR", "EMPTY", "/dev/null", "/"],
     "--file": ["MISSING", "DIR", "/dev/null", "/"], "--json": ["DIR", "/", "EMPTY/child", "EMPTY/a/b"],
-    "--data": ["MISSING", "MISSING/child"], "--eval-data": ["MISSING", "MISSING/child"]}
+    "--data": ["MISSING", "MISSING/child"], "--eval-data": ["MISSING", "MISSING/child"],
+    "--memory": ["EMPTY", "/dev/null", "DIR", "EMPTY/child"]}
 BAD_INTS = st.one_of(st.sampled_from(["0", "-1", "-100", "1.5", "", "x", "1e3", "--", "0x10", "٣"]),
                      st.integers(max_value=-1).map(str), st.text(max_size=8).filter(lambda t: not _is_int(t)))
 
@@ -270,8 +289,9 @@ def test_fuzz_every_command_fails_cleanly_on_bad_input(command, data, good, tmp_
     """Any command with one bad argument among good ones: exit 2, one line, no traceback, no model loaded.
     (Flags a command does not have are bad arguments too.)"""
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "book.txt").write_text("The abbey bell rings at noon.")
     paths = {"MISSING": str(tmp_path / "missing"), "DIR": str(tmp_path), "EMPTY": str(tmp_path / "empty.txt"),
-             "OUT": str(tmp_path / "out")}
+             "OUT": str(tmp_path / "out"), "BOOK": str(tmp_path / "book.txt")}
 
     def sub(value):
         head, slash, rest = value.partition("/")
