@@ -288,15 +288,18 @@ class NamespaceIndex:
 
     def dense(self, vector: np.ndarray, want: int) -> list[tuple[str, float]]:
         """The ``want`` chunks with the largest inner product with ``vector`` ``(1, dim)``, best first; equal scores
-        in insertion order, also across the cut (faiss returns ties in any order: the search goes on past a tie
-        there, doubling, until the score after the want-th differs)."""
-        total = self.ntotal
-        fetch = min(want + 1, total)
-        while True:
-            found = self._dense(vector, fetch)
-            if len(found) <= want or len(found) < fetch or found[-1][2] != found[want - 1][2] or fetch == total:
-                break
-            fetch = min(2 * fetch, total)
+        in insertion order, also across the cut: faiss returns ties in any order, so a tie there is searched again
+        with ``range_search`` for every chunk scoring at least as much (one more pass; not on a GPU index, which has
+        no range search: there ties across the cut come in faiss's order)."""
+        found = self._dense(vector, min(want + 1, self.ntotal))
+        if len(found) > want and found[want][2] == found[want - 1][2] and not self.use_gpu:
+            index = self.ann if self.ann is not None else self.index
+            assert index is not None
+            radius = float(np.nextafter(np.float32(found[want - 1][2]), np.float32(-np.inf)))
+            lims, scores, places = index.range_search(vector, radius)
+            names = self.id_at if self.ann is not None else self.ids
+            ranged = [(int(n), names[n], float(sc)) for sc, n in zip(scores[lims[0]:lims[1]], places[lims[0]:lims[1]])]
+            found = ranged if len(ranged) >= want else found  # (its scores are faiss's own: never fewer, but be sure)
         found.sort(key=lambda hit: (-hit[2], hit[0]))
         return [(cid, score) for _, cid, score in found[:want]]
 
