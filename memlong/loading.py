@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -313,27 +312,30 @@ def memory_fingerprint(ml: MemLong) -> dict[str, Any]:
             **weights_hash(ml), "model": str(getattr(cfg, "name_or_path", "") or "")}
 
 
-# Config values that change stored K-V without changing a weight (RoPE) or with weights that would look alike.
-_KV_CONFIG = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "rms_norm_eps", "hidden_act")
-
-
-def weights_hash(ml: MemLong) -> dict[str, str]:
-    """``{"weights": hash}``: a short sha256 of what the stored K-V are computed from — the token embeddings and
-    every weight of the decoder layers up to the highest source layer (every 16th row of each matrix; a fine-tune
-    or a merged adapter changes them all), plus the RoPE settings. Taken in bfloat16 on the CPU, so the same
-    checkpoint loaded in float32 or bfloat16, on a GPU or not, hashes alike. LoRA factors kept apart (a reader)
-    are left out: stored K-V never read them. ``{}`` for weights that are not materialized (meta tensors)."""
+def weights_hash(ml: MemLong) -> dict[str, Any]:
+    """``{"weights": [h1, h2], "rope": [...]}``: what the stored K-V are computed from. ``weights``: two short
+    sha256 of the token embeddings and every weight of the decoder layers up to the highest source layer (every 16th
+    row of each matrix; a fine-tune or a merged adapter changes them all), rounded to bfloat16 directly (``h1``) and
+    through float16 (``h2``), so that one checkpoint loaded in float32, bfloat16 or float16, on a GPU or not, shares a
+    hash with itself (a float32 checkpoint's bfloat16 and float16 roundings differ: they match its float32 load, not
+    each other). LoRA factors kept apart (a reader) are left out: stored K-V never read them. ``rope``: the RoPE
+    base, type and factor. The weights at the time of the call: save memory before changing weights in place.
+    No ``weights`` for weights that are not materialized (meta tensors)."""
     cfg, top = ml.model.config, max(ml.config.source_layers)
-    digest = hashlib.sha256(json.dumps([getattr(cfg, k, None) for k in _KV_CONFIG], sort_keys=True,
-                                       default=repr).encode())
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    out: dict[str, Any] = {"rope": [rope.get("rope_theta", getattr(cfg, "rope_theta", None)),
+                                    rope.get("rope_type", rope.get("type")), rope.get("factor")]}
+    digests = [hashlib.sha256(), hashlib.sha256()]
     modules = [ml.decoder.get_input_embeddings(), *ml.decoder.layers[: top + 1]]
     for name, p in (item for m in modules for item in m.named_parameters()):
         if p.is_meta:
-            return {}
+            return out
         if "lora_" not in name:  # (a LoRALinear's base weight comes in its place, under another name)
-            t = p.detach()[::16] if p.dim() > 1 else p.detach()
-            digest.update(t.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-    return {"weights": digest.hexdigest()[:16]}
+            t = (p.detach()[::16] if p.dim() > 1 else p.detach()).to("cpu")
+            for digest, rounded in zip(digests, (t.to(torch.bfloat16),
+                                                 t.clamp(-65504, 65504).to(torch.float16).to(torch.bfloat16))):
+                digest.update(rounded.contiguous().view(torch.int16).numpy().tobytes())
+    return {**out, "weights": [d.hexdigest()[:16] for d in digests]}
 
 
 def fetch_memory(ml: MemLong, chunk_ids: Sequence[str], namespace: str) -> tuple[torch.Tensor, torch.Tensor] | None:

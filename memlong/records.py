@@ -52,7 +52,7 @@ MAX_INT_BITS = 4096  # metadata integers: about 1,200 digits in JSON
 CHUNK_ID = re.compile(r"^[0-9a-f]{24}\Z")
 # Fingerprint keys recorded for information only: paths differ between machines holding the same model.
 _INFO_KEYS = ("model",)
-_LATER_KEYS = ("sink_ids", "weights")  # added after banks were saved without them: absent on either side, not compared
+_LATER_KEYS = ("sink_ids", "weights", "rope")  # added after banks were saved without them: absent on a side, not compared
 
 
 class MemoryMismatchError(MemoryFileError):
@@ -294,9 +294,7 @@ def embedder_info(embedder: TextEmbedder) -> dict[str, Any]:
 
 
 def _describe(info: Any) -> str:
-    if not isinstance(info, dict):
-        return repr(info)
-    return ", ".join(f"{k}={v}" for k, v in info.items())
+    return ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, dict) else repr(info)
 
 
 def check_compatible(path: Path, record: dict[str, Any], embedder: TextEmbedder,
@@ -316,13 +314,15 @@ def check_compatible(path: Path, record: dict[str, Any], embedder: TextEmbedder,
                                   f"model is {_describe(fingerprint)}: it was not saved by MemLong.save_memory, so "
                                   "its K-V cannot be checked. Load it with MemoryBank.load instead.")
     keys = sorted(set(stored) | set(fingerprint), key=lambda k: (k in _INFO_KEYS, k))
-    differ = [k for k in keys if k not in _INFO_KEYS and stored.get(k) != fingerprint.get(k)
-              and not (k in _LATER_KEYS and (k not in stored or k not in fingerprint))]
+    hashes = [set(map(str, d.get("weights") or ())) for d in (stored, fingerprint)]  # of two roundings: one shared
+    differ = [k for k in keys if k not in _INFO_KEYS and (not hashes[0] & hashes[1] if k == "weights" else stored.get(k)
+              != fingerprint.get(k)) and not (k in _LATER_KEYS and (k not in stored or k not in fingerprint))]
     if differ:
         raise MemoryMismatchError(
             f"The memory bank at {path} was made by a different model or config: "
             + "; ".join(f"{k}: saved {stored.get(k)!r}, this model {fingerprint.get(k)!r}" for k in differ)
-            + (" (other weights: another checkpoint, an adapter merged or training since)" if "weights" in differ else "")
+            + (" (other weights: another checkpoint, an adapter merged or training since; a float32 checkpoint in "
+               "bfloat16 against float16: load it in float32)" if "weights" in differ else "")
             + f". Saved: {_describe(stored)}. This model: {_describe(fingerprint)}. Load it with the model and "
             "config that built it, or re-ingest the documents with this one.")
     for k in _INFO_KEYS:  # (the same weights hash: a model moved or renamed is the same model)
