@@ -14,7 +14,7 @@ sources: the file and the first words of each retrieved chunk, best first.
 The question's layout (:data:`LAYOUTS`, :mod:`memlong.prompts`): ``"role"`` (``User: ... / Assistant:``, the
 default), ``"chat"`` (the tokenizer's chat template) or ``"plain"`` (``Question: ... / Answer:``, the demo's,
 which forces the answer's first words; here nothing is forced). On the default 135M model, 12 planted facts asked
-with no forced words: role 6 right, chat 5, plain 2 (``benchmarks/ask_layouts.py``, docs/cli.md).
+with no forced words: role 6 right, chat 5, plain 3 (``benchmarks/ask_layouts.py``, docs/cli.md).
 
 Example:
     >>> ml = MemLong.from_pretrained("default", top_k=4)
@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from memlong.choices import ASK_LAYOUTS
+from memlong.generation import PromptTooLongError
 from memlong.model import MemLong
 from memlong.prompts import PLAIN_STOP, ROLE_STOP, question_prompt, role_prompt
 
-__all__ = ["LAYOUTS", "add_files", "ask", "prompt_for", "run_ask"]
+__all__ = ["LAYOUTS", "add_files", "ask", "held_files", "prompt_for", "run_ask"]
 
 LAYOUTS = ASK_LAYOUTS
 
@@ -57,20 +58,24 @@ def prompt_for(question: str, layout: str = "role") -> tuple[str, tuple[str, ...
 
 
 def add_files(ml: MemLong, files: Mapping[str, str], *, namespace: str, progress: bool = True) -> list[dict[str, Any]]:
-    """Ingest ``files`` (path -> text) into ``namespace``, each under its absolute path as doc id; a file whose
-    sha256 the bank already holds for that path is skipped, one with another is replaced. Returns one record per
-    file: ``{"file", "tokens", "chunks", "ingested", "seconds"}`` (``tokens``: those ingested, 0 when skipped)."""
+    """Ingest ``files`` (path -> text) into ``namespace``, each under its absolute path as doc id. A file whose text
+    (sha256) the namespace already holds, under this path or another (a moved file), is skipped; a changed one is
+    replaced. Returns one record per file: ``{"file", "tokens", "chunks", "ingested", "seconds"}`` (``tokens``:
+    those ingested, 0 when skipped; ``chunks``: the document's)."""
+    held = {}  # sha256 -> chunk ids of the document holding that text
+    for ids in ml.bank.doc_chunk_ids(namespace).values():
+        held.setdefault(ml.bank.get(ids[0], namespace=namespace).metadata.get("sha256"), ids)
     records = []
     for path, text in files.items():
         doc_id, digest = str(Path(path).expanduser().resolve()), hashlib.sha256(text.encode()).hexdigest()
-        old = ml.bank.doc_chunk_ids(namespace, doc_ids=[doc_id]).get(doc_id, [])
-        if old and ml.bank.get(old[0], namespace=namespace).metadata.get("sha256") == digest:
-            records.append({"file": path, "tokens": 0, "chunks": len(old), "ingested": False, "seconds": 0.0})
+        if digest in held:
+            records.append({"file": path, "tokens": 0, "chunks": len(held[digest]), "ingested": False, "seconds": 0.0})
             continue
-        if old:  # the file changed: its old chunks go (on a disk bank, with the new ones, at the commit)
-            ml.bank.delete(doc_id=doc_id, namespace=namespace)
+        ml.bank.delete(doc_id=doc_id, namespace=namespace)  # a changed file's old text goes (on a disk bank: at the
+        # commit, with the new text in; an interrupted run leaves the last commit)
         stats = ml.ingest(text, namespace=namespace, doc_ids=[doc_id], progress=progress,
-                          metadatas=[{"file": Path(path).name, "sha256": digest}])
+                          metadatas=[{"file": path, "sha256": digest}])
+        held[digest] = stats.chunk_ids
         records.append({"file": path, "tokens": stats.tokens, "chunks": len(stats.chunk_ids), "ingested": True,
                         "seconds": round(stats.seconds, 2)})
     return records
@@ -89,13 +94,14 @@ def ask(ml: MemLong, question: str, *, namespace: str, max_new_tokens: int = 64,
         print(f"\nQ: {question}\nA: ", end="", flush=True)
     generation = ml.generate(prompt, query=question, namespace=namespace, max_new_tokens=max_new_tokens, chat=chat,
                              stream=True, stop=stop)
-    answer = ""
+    answer, shown = "", 0
     for piece in generation:
-        shown, answer = len(answer), (answer + piece).lstrip()
+        answer = (answer + piece).lstrip()
         end = answer.find("\n\n")
         answer = answer if end < 0 else answer[:end]
-        if echo:
-            print(answer[shown:], end="", flush=True)
+        if echo:  # (trailing white space waits: the answer may end there)
+            print(answer.rstrip()[shown:], end="", flush=True)
+            shown = len(answer.rstrip())
         if end >= 0:
             generation.close()
             break
@@ -104,23 +110,39 @@ def ask(ml: MemLong, question: str, *, namespace: str, max_new_tokens: int = 64,
     sources = [{"file": c.metadata.get("file", c.doc_id), "chunk_id": c.id, "span": list(c.span),
                 "text": " ".join(c.text.split())[:80]} for c in chunks]
     if echo:
-        print("" if answer else "(no answer)")
-        print("\n".join(f"   [{n}] {s['file']}: {s['text']}..." for n, s in enumerate(sources, 1)))
+        print(("" if answer else "(no answer)") + "\n   sources:" + ("" if sources else " none (nothing retrieved)"))
+        print("\n".join(f"   [{n}] {s['file']}: {s['text']}{'...' if len(' '.join(c.text.split())) > 80 else ''}"
+                        for n, (s, c) in enumerate(zip(sources, chunks), 1)))
     return {"question": question, "answer": answer, "layout": layout, "sources": sources,
             "prompt_tokens": stats.prompt_tokens, "memory_tokens_attended": stats.memory_tokens,
             "time_to_first_token_s": round(stats.time_to_first_token, 3), "generate_s": round(stats.seconds, 2)}
 
 
 def run_ask(ml: MemLong, files: Mapping[str, str], questions: Sequence[str], *, namespace: str = "default",
-            max_new_tokens: int = 64, layout: str = "role", progress: bool = True) -> list[dict[str, Any]]:
-    """``memlong ask``'s run: add ``files``, commit a disk bank, answer ``questions`` (printed as they stream).
-    Returns one record per question, each with the run's ``files`` records and ``memory_chunks``."""
+            max_new_tokens: int = 64, layout: str = "role", forget: Sequence[str] = (),
+            progress: bool = True) -> list[dict[str, Any]]:
+    """``memlong ask``'s run: check the questions fit the window, forget the files ``forget`` (paths, also of files
+    deleted since), add ``files``, commit a disk bank, answer ``questions`` (printed as they stream). Returns one
+    record per question, each with the run's ``files`` records and ``memory_chunks``."""
     t0 = time.perf_counter()
+    for n, question in enumerate(questions, 1):  # before any ingest: a long question failed after it
+        prompt, _, chat = prompt_for(question, layout)
+        try:
+            ml.encode_prompt(prompt, chat)
+        except PromptTooLongError as exc:
+            raise ValueError(f"QUESTION {n} is {exc.tokens} tokens with its layout, more than the local window of "
+                             f"{exc.window}: shorten it, or raise --local-window.") from None
+    for path in forget:
+        doc_id = str(Path(path).expanduser().resolve())
+        if not ml.bank.delete(doc_id=doc_id, namespace=namespace):
+            raise ValueError(f"--forget {path!r}: no file {doc_id} in namespace {namespace!r}; it holds "
+                             f"{', '.join(held_files(ml, namespace)) or 'nothing'}.")
+        print(f"forgot {path}")
     added = add_files(ml, files, namespace=namespace, progress=progress)
     for record in added:
         done = f"{record['tokens']:,} tokens in {record['seconds']} s" if record["ingested"] else "already in memory"
         print(f"{record['file']}: {record['chunks']} chunks ({done})")
-    if ml.bank.path is not None and any(r["ingested"] for r in added):
+    if ml.bank.path is not None and (forget or any(r["ingested"] for r in added)):
         ml.bank.commit()
         print(f"committed the memory to {ml.bank.path}")
     held = ml.bank.num_chunks(namespace)
@@ -128,6 +150,14 @@ def run_ask(ml: MemLong, files: Mapping[str, str], questions: Sequence[str], *, 
         others = ", ".join(repr(n) for n in ml.bank.namespaces())
         raise ValueError(f"The memory holds nothing in namespace {namespace!r} to answer from: give --file with a "
                          "text file" + (f", or a --namespace it holds ({others})" if others else "") + ".")
-    print(f"memory: {held} chunks in namespace {namespace!r} ({time.perf_counter() - t0:.1f} s)")
+    names = held_files(ml, namespace)
+    print(f"memory: {held} chunks of {len(names)} file(s) in namespace {namespace!r}: {', '.join(names[:10])}"
+          f"{', ...' if len(names) > 10 else ''} ({time.perf_counter() - t0:.1f} s)")
     return [{**ask(ml, q, namespace=namespace, max_new_tokens=max_new_tokens, layout=layout, echo=True),
              "files": added, "memory_chunks": held} for q in questions]
+
+
+def held_files(ml: MemLong, namespace: str) -> list[str]:
+    """The files ``namespace`` holds (as first given), in the order they were added."""
+    return [ml.bank.get(ids[0], namespace=namespace).metadata.get("file", doc)
+            for doc, ids in ml.bank.doc_chunk_ids(namespace).items()]

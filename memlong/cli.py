@@ -140,7 +140,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     ml = _model(args, memory_path=args.memory)
     records = run_ask(ml, args.file_texts, args.questions, namespace=args.namespace,
-                      max_new_tokens=args.max_new_tokens, layout=args.layout, progress=not args.no_progress)
+                      max_new_tokens=args.max_new_tokens, layout=args.layout, forget=args.forget,
+                      progress=not args.no_progress)
     _write_json(args.json, records)
     return 0
 

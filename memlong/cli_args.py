@@ -87,8 +87,8 @@ def layers(text: str) -> str | tuple[int, ...]:
     return text if text in ("all", "upper") else tuple(int_list(0)(text))
 
 
-PATH_FLAGS = ("json", "files", "memory", "save_memory", "load_memory", "output", "file", "filler", "adapter", "model",
-              "data", "eval_data")
+PATH_FLAGS = ("json", "files", "forget", "memory", "save_memory", "load_memory", "output", "file", "filler", "adapter",
+              "model", "data", "eval_data")
 
 
 def expand_user(args: argparse.Namespace) -> argparse.Namespace:
@@ -198,14 +198,17 @@ def add_ask_command(sub: Any, common: argparse.ArgumentParser, func: Any) -> Non
                                      "from the retrieved chunks' K-V, streaming the answer and listing its sources. "
                                      "With --memory DIR the memory is a disk bank kept in DIR: a later run reopens "
                                      "it, skips files already in it unchanged (sha256), replaces changed ones, and "
-                                     "may give no --file at all. Records {question, answer, sources, prompt_tokens, "
-                                     "memory_tokens_attended, time_to_first_token_s, generate_s, files, "
+                                     "may give no --file at all. Records {question, answer, layout, sources, "
+                                     "prompt_tokens, memory_tokens_attended, time_to_first_token_s, generate_s, files, "
                                      "memory_chunks} (sources: {file, chunk_id, span, text}, best first).")
     ask.add_argument("questions", nargs="+", metavar="QUESTION", help="questions, each answered on its own")
     ask.add_argument("--file", dest="files", action="append", default=[], metavar="PATH",
                      help="a UTF-8 text file to ingest (repeat for several)")
     ask.add_argument("--memory", metavar="DIR", default=None,
                      help="disk bank folder: created, or reopened with what earlier runs put in it")
+    ask.add_argument("--forget", action="append", default=[], metavar="PATH",
+                     help="remove a file (also one deleted since) from the memory before anything else (repeat for "
+                          "several)")
     ask.add_argument("--namespace", default="default", help="memory namespace to write and read (default default)")
     ask.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="answer length budget (default 64)")
     ask.add_argument("--layout", choices=ASK_LAYOUTS, default=ASK_LAYOUTS[0],
@@ -254,6 +257,10 @@ def check_ask_args(args: argparse.Namespace) -> None:
                              "disk bank; give a new folder (a saved memory is loaded with MemLong.load_memory).")
     elif bank:
         writable(args.memory, "--memory", folder=True)
+    if args.forget and not args.memory:
+        raise ValueError("--forget removes files from a --memory bank; give --memory DIR too.")
+    if args.top_k == 0:
+        raise ValueError("--top-k 0 reads no memory, so the answer could not come from your files; give 1 or more.")
     if not args.files and not (bank and (bank / "manifest.json").exists()):
         raise ValueError("nothing to answer from: give --file PATH (a text file), or --memory DIR holding what an "
                          "earlier run ingested.")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from memlong.ask import LAYOUTS, add_files, ask, prompt_for
+from memlong.ask import LAYOUTS, add_files, ask, held_files, prompt_for, run_ask
 from memlong.cli import main
 from memlong.demo import DemoFact, plant_fact
 from memlong.evaluation import shakespeare_text
@@ -27,7 +27,9 @@ def test_files_are_ingested_once_replaced_when_changed_and_kept_apart(make_tiny,
     assert all(r["tokens"] > 0 and r["chunks"] > 0 for r in first)
     held = ml.bank.doc_chunk_ids("n")
     assert set(held) == {str(a.resolve()), str(b.resolve())}
-    assert {ml.bank.get(c, namespace="n").metadata["file"] for c in ml.bank.chunk_ids("n")} == {"a.txt", "b.txt"}
+    assert {ml.bank.get(c, namespace="n").metadata["file"] for c in ml.bank.chunk_ids("n")} == {str(a), str(b)}
+    moved = add_files(ml, {str(tmp_path / "moved.txt"): TEXT}, namespace="n", progress=False)  # diff review: doubled
+    assert moved[0]["ingested"] is False and ml.bank.doc_chunk_ids("n") == held
 
     again = add_files(ml, {str(a): TEXT}, namespace="n", progress=False)  # unchanged: not read again
     assert again == [{"file": str(a), "tokens": 0, "chunks": first[0]["chunks"], "ingested": False, "seconds": 0.0}]
@@ -48,13 +50,33 @@ def test_ask_records_its_sources_and_cuts_the_answer_at_a_blank_line(make_tiny, 
         record = ask(ml, "Where does the red ship sail?", namespace="n", max_new_tokens=12, layout=layout, echo=True)
         assert record["layout"] == layout and "\n\n" not in record["answer"] and record["answer"] == \
             record["answer"].strip()
-        assert [s["file"] for s in record["sources"]] == ["ships.txt"] * 2
+        assert [s["file"] for s in record["sources"]] == ["ships.txt"] * 2  # the path as given
         assert all(ml.bank.get(s["chunk_id"], namespace="n").text.split()[0] in s["text"] for s in record["sources"])
     out = capsys.readouterr().out
     assert out.count("Q: Where does the red ship sail?") == 3 and out.count("[2] ships.txt:") == 3
     assert prompt_for("Who?")[1] == ROLE_STOP and prompt_for("Who?", "chat") == ("Who?", (), True)
     with pytest.raises(ValueError, match="layout must be one of"):
         prompt_for("Who?", "poem")
+
+
+def test_run_checks_questions_before_ingesting_and_forgets_files(make_tiny, tmp_path, capsys):
+    """Outside-in review of `memlong ask`: a question longer than the window failed after the whole ingest (and
+    after the earlier answers, whose --json was never written); a deleted file's chunks stayed for good."""
+    ml, _ = make_tiny(chunk_size=16, local_window=64, top_k=2)
+    with pytest.raises(ValueError, match="QUESTION 2 is .* tokens .* local window of 64: shorten it, or raise "
+                                         "--local-window"):
+        run_ask(ml, {"a.txt": TEXT}, ["Short?", "word " * 80], namespace="n", max_new_tokens=2, progress=False)
+    assert ml.bank.num_chunks("n") == 0  # nothing was ingested
+    records = run_ask(ml, {str(tmp_path / "a.txt"): TEXT, str(tmp_path / "b.txt"): "The abbey bell rings. " * 9},
+                      ["Which ship?"], namespace="n", max_new_tokens=2, progress=False)
+    assert records[0]["memory_chunks"] == ml.bank.num_chunks("n") and held_files(ml, "n") == [
+        str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    assert f"of 2 file(s) in namespace 'n': {tmp_path / 'a.txt'}, {tmp_path / 'b.txt'}" in capsys.readouterr().out
+    run_ask(ml, {}, ["Which ship?"], namespace="n", forget=[str(tmp_path / "a.txt")], max_new_tokens=2,
+            progress=False)  # a.txt was never written to disk: forgotten by its path all the same
+    assert held_files(ml, "n") == [str(tmp_path / "b.txt")] and "forgot" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"--forget .*: no file .* it holds .*b\.txt"):
+        run_ask(ml, {}, ["Which ship?"], namespace="n", forget=[str(tmp_path / "a.txt")], progress=False)
 
 
 @pytest.mark.slow
@@ -72,7 +94,7 @@ def test_cli_ask_answers_from_a_disk_bank_kept_between_runs(tmp_path, capsys):
     assert "committed the memory to" in printed and "already in memory" in printed
     first, second, third = (r[0] for r in runs)
     assert GATE.contains(first["answer"]), first["answer"]
-    assert [s["file"] for s in first["sources"]] == ["book.txt"] * 4  # top_k 4, the CLI's ask default
+    assert [s["file"] for s in first["sources"]] == [str(book)] * 4  # top_k 4, the CLI's ask default
     assert first["files"][0]["ingested"] and second["files"] == [] and not third["files"][0]["ingested"]
     assert first["answer"] == second["answer"] == third["answer"]  # the same memory, reopened
     assert first["memory_chunks"] == second["memory_chunks"] == third["memory_chunks"] > 20

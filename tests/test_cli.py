@@ -79,6 +79,8 @@ def assert_one_line_error(code, err, *needles):
     (["ask", "--memory", "DIR", "Who?"], ["--memory", "other files"]),
     (["ask", "--memory", "SAVED", "Who?"], ["--memory", "saved with save_memory", "not a disk bank"]),
     (["ask", "--file", "DISK/manifest.json", "--layout", "poem", "Who?"], ["--layout", "invalid choice"]),
+    (["ask", "--file", "DISK/manifest.json", "--top-k", "0", "Who?"], ["--top-k 0 reads no memory"]),
+    (["ask", "--file", "DISK/manifest.json", "--forget", "x.txt", "Who?"], ["--forget", "give --memory DIR"]),
 ])
 def test_bad_inputs_fail_in_one_line_before_any_model_loads(argv, needles, tmp_path, capsys, no_model):
     (tmp_path / "empty.txt").write_text("   \n")
@@ -255,7 +257,7 @@ PATH_FLAGS = {"demo": ["--load-memory", "--json", "--adapter", "--model"],
               "passkey": ["--filler", "--json", "--adapter"], "ppl": ["--file", "--json", "--model"],
               "icl": ["--json", "--adapter", "--data"], "train": ["--data", "--eval-data", "--json", "--model"],
               "train-reader": ["--json", "--model", "--adapter"],
-              "ask": ["--file", "--memory", "--json", "--model", "--adapter"]}
+              "ask": ["--file", "--memory", "--json", "--model", "--adapter"]}  # (--forget: a path deleted since is fine)
 BAD_PATHS = {  # per flag: values that flag must refuse
     "--load-memory": ["MISSING", "EMPTY", "/dev/null"], "--adapter": ["MISSING", "EMPTY", "/dev/null"],
     "--model": ["EMPTY", "/dev/null", "MISSING/child"], "--filler": ["MISSING", "DIR", "EMPTY", "/dev/null", "/"],
