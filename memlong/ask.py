@@ -62,20 +62,23 @@ def add_files(ml: MemLong, files: Mapping[str, str], *, namespace: str, progress
     (sha256) the namespace already holds, under this path or another (a moved file), is skipped; a changed one is
     replaced. Returns one record per file: ``{"file", "tokens", "chunks", "ingested", "seconds"}`` (``tokens``:
     those ingested, 0 when skipped; ``chunks``: the document's)."""
-    held = {}  # sha256 -> chunk ids of the document holding that text
-    for ids in ml.bank.doc_chunk_ids(namespace).values():
-        held.setdefault(ml.bank.get(ids[0], namespace=namespace).metadata.get("sha256"), ids)
+    held = {}  # sha256 -> (doc id, chunk ids) of the document holding that text
+    for doc, ids in ml.bank.doc_chunk_ids(namespace).items():
+        held.setdefault(ml.bank.get(ids[0], namespace=namespace).metadata.get("sha256"), (doc, ids))
     records = []
     for path, text in files.items():
         doc_id, digest = str(Path(path).expanduser().resolve()), hashlib.sha256(text.encode()).hexdigest()
+        if held.get(digest, (doc_id,))[0] != doc_id:  # its text is there under another path: what this path held
+            ml.bank.delete(doc_id=doc_id, namespace=namespace)  # before is not its text any more
         if digest in held:
-            records.append({"file": path, "tokens": 0, "chunks": len(held[digest]), "ingested": False, "seconds": 0.0})
+            records.append({"file": path, "tokens": 0, "chunks": len(held[digest][1]), "ingested": False,
+                            "seconds": 0.0})
             continue
         ml.bank.delete(doc_id=doc_id, namespace=namespace)  # a changed file's old text goes (on a disk bank: at the
         # commit, with the new text in; an interrupted run leaves the last commit)
         stats = ml.ingest(text, namespace=namespace, doc_ids=[doc_id], progress=progress,
                           metadatas=[{"file": path, "sha256": digest}])
-        held[digest] = stats.chunk_ids
+        held[digest] = (doc_id, stats.chunk_ids)
         records.append({"file": path, "tokens": stats.tokens, "chunks": len(stats.chunk_ids), "ingested": True,
                         "seconds": round(stats.seconds, 2)})
     return records

@@ -30,6 +30,12 @@ def test_files_are_ingested_once_replaced_when_changed_and_kept_apart(make_tiny,
     assert {ml.bank.get(c, namespace="n").metadata["file"] for c in ml.bank.chunk_ids("n")} == {str(a), str(b)}
     moved = add_files(ml, {str(tmp_path / "moved.txt"): TEXT}, namespace="n", progress=False)  # diff review: doubled
     assert moved[0]["ingested"] is False and ml.bank.doc_chunk_ids("n") == held
+    same = add_files(ml, {str(b): TEXT}, namespace="n", progress=False)  # b.txt now holds a.txt's text
+    assert same[0]["ingested"] is False and set(ml.bank.doc_chunk_ids("n")) == {str(a.resolve())}
+    add_files(ml, {str(b): "The abbey bell rings at noon. " * 8}, namespace="n", progress=False)  # and back
+    now = ml.bank.doc_chunk_ids("n")
+    assert list(now) == [str(a.resolve()), str(b.resolve())] and now[str(a.resolve())] == held[str(a.resolve())]
+    held = now
 
     again = add_files(ml, {str(a): TEXT}, namespace="n", progress=False)  # unchanged: not read again
     assert again == [{"file": str(a), "tokens": 0, "chunks": first[0]["chunks"], "ingested": False, "seconds": 0.0}]
