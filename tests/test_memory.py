@@ -339,6 +339,30 @@ def test_equal_scores_rank_in_insertion_order_also_across_the_cut(copies, mode):
         assert [h.chunk_id for h in hits][:min(2, copies - 2)] == ids[2:4]
 
 
+def test_replace_and_delete_do_what_their_arguments_say(embedder):
+    """Mutation testing (session 24) found these branches unpinned: an add of no texts with replace= removes
+    (and refuses unknown ids), replace= protects the new chunks from their own eviction, delete(ids, doc_id=)
+    removes both, and evict_oldest=1.0 (which emptied a namespace) is refused."""
+    bank = MemoryBank(embedder=embedder, capacity=1000)
+    ids = add(bank, ["old a", "old b"])
+    bank.add_chunks([], keys=[], values=[], namespace="ns", replace=[ids[0]])
+    assert bank.chunk_ids("ns") == [ids[1]]
+    with pytest.raises(UnknownChunkError):
+        bank.add_chunks([], keys=[], values=[], namespace="ns", replace=["0" * 24])
+    small = MemoryBank(embedder=embedder, capacity=10)
+    old = add(small, [f"old {i}" for i in range(2)])
+    small.mark_retrieved(old, namespace="ns")
+    with pytest.warns(MemoryEvictionWarning):
+        new = small.add_chunks(["new 1", "new 2"], keys=[kv()[0]] * 2, values=[kv()[1]] * 2, namespace="ns",
+                               replace=[old[0]])
+    assert small.stored(new, namespace="ns") == new  # never its own victims
+    a, b = add(bank, ["a1", "a2"], doc_id="A"), add(bank, ["b1", "b2"], doc_id="B")
+    assert bank.delete([b[0]], namespace="ns", doc_id="A") == 3
+    assert not {*a, b[0]} & set(bank.chunk_ids("ns")) and b[1] in bank.chunk_ids("ns")
+    with pytest.raises(ValueError, match=r"evict_oldest must be a share in \[0, 1\)"):
+        MemoryBank(embedder=embedder, evict_oldest=1.0, keep_newest=0.0)
+
+
 def test_doc_chunk_ids_groups_a_namespace_by_document_in_order(bank):
     a = add(bank, ["alpha one", "alpha two"], doc_id="a")
     b = add(bank, ["beta one"], doc_id="b")

@@ -185,6 +185,20 @@ def test_loading_into_another_model_or_config_names_both(tmp_path, make_tiny, to
     assert len(MemoryBank.load(bare, embedder=embedder)) == len(ml.bank)
 
 
+def test_an_empty_namespace_list_never_wipes_a_save_and_a_restore_over_itself_fits(tmp_path):
+    """Mutation testing (session 24): nothing pinned that save(namespaces=[]) refuses to replace a saved bank with
+    an empty one, or that restoring a namespace over itself does not count its bytes twice against max_bytes."""
+    bank = MemoryBank(embedder=HashEmbedder())
+    fill(bank, "a", 2)
+    bank.save(tmp_path / "bank")
+    with pytest.raises(ValueError, match=r"save\(namespaces=\[\]\) would replace the bank"):
+        bank.save(tmp_path / "bank", namespaces=[])
+    assert len(MemoryBank.load(tmp_path / "bank", embedder=HashEmbedder())) == 2
+    tight = MemoryBank(embedder=HashEmbedder(), max_bytes=bank.nbytes() + bank.nbytes() // 2)
+    tight.restore(tmp_path / "bank")
+    assert tight.restore(tmp_path / "bank") == ["a"] and len(tight) == 2
+
+
 def test_bad_paths_and_unsaveable_metadata(tmp_path):
     emb = HashEmbedder()
     with pytest.raises(MemoryFileError, match="no such directory"):
