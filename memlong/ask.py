@@ -110,12 +110,13 @@ def ask(ml: MemLong, question: str, *, namespace: str, max_new_tokens: int = 64,
             break
     stats, answer = generation.stats, answer.rstrip()
     chunks = [ml.bank.get(c, namespace=namespace) for c in stats.chunk_ids]
-    sources = [{"file": c.metadata.get("file", c.doc_id), "chunk_id": c.id, "span": list(c.span),
-                "text": " ".join(c.text.split())[:80]} for c in chunks]
+    texts = [" ".join(c.text.split()) for c in chunks]
+    sources = [{"file": c.metadata.get("file", c.doc_id), "chunk_id": c.id, "span": list(c.span), "text": text[:80]}
+               for c, text in zip(chunks, texts)]
     if echo:
         print(("" if answer else "(no answer)") + "\n   sources:" + ("" if sources else " none (nothing retrieved)"))
-        print("\n".join(f"   [{n}] {s['file']}: {s['text']}{'...' if len(' '.join(c.text.split())) > 80 else ''}"
-                        for n, (s, c) in enumerate(zip(sources, chunks), 1)))
+        print("\n".join(f"   [{n}] {s['file']}: {s['text']}{'...' if len(text) > 80 else ''}"
+                        for n, (s, text) in enumerate(zip(sources, texts), 1)))
     return {"question": question, "answer": answer, "layout": layout, "sources": sources,
             "prompt_tokens": stats.prompt_tokens, "memory_tokens_attended": stats.memory_tokens,
             "time_to_first_token_s": round(stats.time_to_first_token, 3), "generate_s": round(stats.seconds, 2)}

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from memlong import cli_args
 from memlong.choices import ICL_DEFAULTS, PACKAGED_ADAPTERS, RETRIEVALS, SEARCH_MODES, STORAGES
-from memlong.cli_args import MODES, Parser, int_at_least, int_list, layers, modes_list, one_line, readable_file, writable
+from memlong.cli_args import MODES, Parser, int_at_least, int_list, layers, modes_list, one_line, writable
 from memlong.config import MemLongConfig
 
 __all__ = ["build_parser", "main"]
@@ -376,16 +376,9 @@ def _validate(args: argparse.Namespace) -> None:
         writable(args.json, "--json")
     if args.command == "ask":
         cli_args.check_ask_args(args)
-    if getattr(args, "filler", None):
-        args.filler_text = readable_file(args.filler, "--filler")
-        if not args.filler_text.strip():
-            raise ValueError(f"--filler {args.filler!r} is empty; give a text file with some text in it.")
-    else:
-        args.filler_text = None
+    args.filler_text = cli_args.text_file(args.filler, "--filler") if getattr(args, "filler", None) else None
     if getattr(args, "file", None):
-        args.file_text = readable_file(args.file, "--file")
-        if not args.file_text.strip():
-            raise ValueError(f"--file {args.file!r} is empty; give a text file with some text in it.")
+        args.file_text = cli_args.text_file(args.file, "--file")
     if getattr(args, "play", None):
         from memlong.evaluation import shakespeare_text
 

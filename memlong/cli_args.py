@@ -20,7 +20,7 @@ from memlong.choices import ASK_LAYOUTS
 __all__ = ["MODES", "PATH_FLAGS", "Parser", "add_ask_command", "add_train_command", "add_train_reader_command",
            "check_ask_args", "check_train_args", "config_field_help",
            "expand_user", "int_at_least", "int_list", "layers", "modes_list", "one_line", "positive_float", "readable_file",
-           "share", "writable"]
+           "share", "text_file", "writable"]
 
 MODES = ("window", "full", "memlong")
 
@@ -117,6 +117,14 @@ def readable_file(path: str, flag: str) -> str:
         raise ValueError(f"{flag} {path!r} cannot be read ({exc.strerror}); give a readable text file.") from None
     except ValueError as exc:  # not UTF-8 text: read with errors ignored, it was scored as byte garbage
         raise ValueError(f"{flag} {exc}") from None
+
+
+def text_file(path: str, flag: str) -> str:
+    """:func:`readable_file`, refusing a file with no text (a blank filler was looped on, a blank file scored)."""
+    text = readable_file(path, flag)
+    if not text.strip():
+        raise ValueError(f"{flag} {path!r} is empty; give a text file with some text in it.")
+    return text
 
 
 def writable(path: str, flag: str, folder: bool = False) -> None:
@@ -239,24 +247,19 @@ def check_ask_args(args: argparse.Namespace) -> None:
     or empty folder or a disk bank; something to answer from."""
     from memlong.storage import foreign_files, is_disk_bank
 
-    args.file_texts = {}
-    for path in args.files:
-        text = args.file_texts[path] = readable_file(path, "--file")
-        if not text.strip():
-            raise ValueError(f"--file {path!r} is empty; give a text file with some text in it.")
-    if not any(q.strip() for q in args.questions) or not all(q.strip() for q in args.questions):
+    args.file_texts = {path: text_file(path, "--file") for path in args.files}
+    if not all(q.strip() for q in args.questions):
         raise ValueError("a QUESTION is blank; give each question as text (quote it in the shell).")
     bank = args.memory and Path(args.memory)
-    if bank and bank.exists():
+    if bank:
         writable(args.memory, "--memory", folder=True)
+    if bank and bank.exists():
         if foreign_files(bank):
             raise ValueError(f"--memory {args.memory!r} is a folder with other files in it; give a new or empty "
                              "folder, or one an earlier memlong ask --memory wrote.")
         if (bank / "manifest.json").exists() and not is_disk_bank(bank):
             raise ValueError(f"--memory {args.memory!r} holds a memory saved with save_memory / --save-memory, not a "
                              "disk bank; give a new folder (a saved memory is loaded with MemLong.load_memory).")
-    elif bank:
-        writable(args.memory, "--memory", folder=True)
     if args.forget and not args.memory:
         raise ValueError("--forget removes files from a --memory bank; give --memory DIR too.")
     if args.top_k == 0:
